@@ -1,0 +1,84 @@
+/* tilewise C ABI: a stable, exception-free surface over the C++ plan/run API for bindings (Python ctypes,
+ * other languages, C inference engines).
+ *
+ * Every call returns a tw_status. On failure nothing was written to outputs, and tw_last_error() (thread
+ * local) holds the message, e.g. "invalid kv_heads = 5: expected a divisor of q_heads = 24 (grouped-query
+ * attention)", and tw_last_error_argument() the argument's name ("kv_heads"). */
+#ifndef TILEWISE_TILEWISE_H
+#define TILEWISE_TILEWISE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum tw_status {
+  TW_OK = 0,
+  TW_ERROR_INVALID_ARGUMENT = 1, /* a bad argument: see tw_last_error() */
+  TW_ERROR_RUNTIME = 2,          /* a CUDA or other run-time failure */
+  TW_ERROR_INTERNAL = 3
+} tw_status;
+
+enum { TW_DTYPE_F32 = 0, TW_DTYPE_F64 = 1, TW_DTYPE_BF16 = 2, TW_DTYPE_F16 = 3 };
+enum { TW_DEVICE_CPU = 0, TW_DEVICE_CUDA = 1 };
+enum { TW_TEXT_LAST = 0, TW_TEXT_FIRST = 1 };
+enum { TW_ORDER_RASTER = 0, TW_ORDER_TILED = 1 };
+enum { TW_LAYOUT_BSHD = 0, TW_LAYOUT_BHSD = 1 };
+enum { TW_PATTERN_DENSE = 0, TW_PATTERN_SLIDING_TILE = 1, TW_PATTERN_ATTENTION_TILE = 2, TW_PATTERN_BLOCK_LIST = 3 };
+
+/* Mirrors tilewise::Problem. Strides are in elements: {batch, seq, head, dim}; {0,0,0,1} = contiguous in
+ * `layout`. Fill with tw_problem_init() first so that new fields keep their defaults. */
+typedef struct tw_problem {
+  int64_t batch, q_heads, kv_heads, head_dim;
+  int32_t dtype, text_position, order, layout;
+  int64_t latent[3]; /* T, H, W */
+  int64_t tile[3];   /* tt, th, tw */
+  int64_t text_capacity, seq_len, head_offset;
+  int64_t q_strides[4], k_strides[4], v_strides[4], o_strides[4];
+  double scale; /* 0 = 1/sqrt(head_dim) */
+} tw_problem;
+
+/* Mirrors tilewise::Pattern. Per-head tables hold `num_heads` entries (1 = the same for every head). */
+typedef struct tw_pattern {
+  int32_t kind;
+  int64_t num_heads;
+  const int64_t* windows;       /* sliding tile: [num_heads][3] (kt, kh, kw) */
+  const int64_t* global_frames; /* attention tile: [num_heads] */
+  const int64_t* radius;        /* attention tile: [num_heads], may be NULL (= 0) */
+  const int64_t* block_offsets; /* block list: CSR offsets, [heads * num_tiles + 1] */
+  int64_t num_block_offsets;
+  const int32_t* block_tiles;   /* block list: key tile indices */
+  int64_t num_block_tiles;
+} tw_pattern;
+
+typedef struct tw_plan tw_plan;
+
+void tw_problem_init(tw_problem* problem);
+void tw_pattern_init(tw_pattern* pattern);
+
+tw_status tw_plan_create(const tw_problem* problem, const tw_pattern* pattern, int32_t device, tw_plan** out);
+/* Pointers live on the plan's device; lse ([B,Hq,S] float) and text_len ([B] int32) may be NULL.
+ * stream: a cudaStream_t for CUDA plans (NULL = default stream), ignored for CPU plans. */
+tw_status tw_plan_run(const tw_plan* plan, const void* q, const void* k, const void* v, void* o, float* lse,
+                      const int32_t* text_len, void* stream);
+/* FLOPs of allowed pairs (4 * D * pairs); text_len_host may be NULL (= full capacity). */
+tw_status tw_plan_flops(const tw_plan* plan, const int32_t* text_len_host, double* flops);
+/* Allowed video-video pairs over all video-video pairs, averaged over heads. */
+tw_status tw_plan_density(const tw_plan* plan, double* density);
+void tw_plan_destroy(tw_plan* plan);
+
+/* Raster <-> tiled order of the video part of a contiguous [B,S,H,D] host tensor (H = q_heads). */
+tw_status tw_tile(const tw_problem* problem, const void* raster_in, void* tiled_out);
+tw_status tw_untile(const tw_problem* problem, const void* tiled_in, void* raster_out);
+
+const char* tw_last_error(void);
+const char* tw_last_error_argument(void);
+int32_t tw_cuda_available(void);
+const char* tw_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TILEWISE_TILEWISE_H */

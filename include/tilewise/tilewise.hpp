@@ -1,0 +1,152 @@
+// tilewise public C++ API, plan/run style.
+//
+//   tilewise::Problem problem{...};                       // shapes, dtype, latent grid, tile, text, strides
+//   auto pattern = tilewise::Pattern::sliding_tile({3, 3, 3});
+//   tilewise::Plan plan(problem, pattern, tilewise::Device::cuda);   // validates once, plans tables
+//   plan.run({q, k, v, o, lse, text_len}, stream);                    // only launches (CUDA-graph safe)
+//
+// What is computed is defined in docs/semantics.md. Every invalid argument throws tilewise::Error naming
+// the argument, the value and what was expected; nothing is written to outputs on error.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "tilewise/geometry.hpp"
+#include "tilewise/pattern.hpp"
+
+namespace tilewise {
+
+/// Error for any invalid argument: what() reads "invalid <argument> = <value>: expected <expected>".
+class Error : public std::invalid_argument {
+ public:
+  Error(std::string argument, const std::string& value, const std::string& expected);
+  const std::string& argument() const { return argument_; }
+
+ private:
+  std::string argument_;
+};
+
+enum class DType : int32_t { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };
+enum class Device : int32_t { cpu = 0, cuda = 1 };
+enum class Layout : int32_t { bshd = 0, bhsd = 1 };
+
+int64_t dtype_size(DType t);
+const char* to_string(DType t);
+const char* to_string(PatternKind k);
+const char* to_string(Device d);
+
+/// Element strides of a [B, S, H, D] view. `dim` must be 1 (the last dimension is contiguous).
+struct Strides {
+  int64_t batch = 0, seq = 0, head = 0, dim = 1;
+  static Strides contiguous(Layout layout, int64_t seq_len, int64_t heads, int64_t head_dim);
+  friend bool operator==(const Strides&, const Strides&) = default;
+};
+
+/// The problem: shapes, data type, latent grid, tiles, text and storage. Zero strides mean contiguous
+/// storage in `layout`.
+struct Problem {
+  int64_t batch = 1;
+  int64_t q_heads = 1;
+  int64_t kv_heads = 1;      // q_heads % kv_heads == 0 (GQA: query head h reads kv head h / (q_heads/kv_heads))
+  int64_t head_dim = 128;
+  DType dtype = DType::bf16;
+  Dim3 latent{1, 1, 1};      // (T, H, W) video tokens
+  Dim3 tile{6, 8, 8};        // (tt, th, tw)
+  int64_t text_capacity = 0; // L_text
+  TextPosition text_position = TextPosition::last;
+  TokenOrder order = TokenOrder::raster;
+  int64_t seq_len = 0;       // S of the tensors; 0 = derive as T*H*W + L_text, else must equal it
+  Layout layout = Layout::bshd;
+  Strides q{0, 0, 0, 1}, k{0, 0, 0, 1}, v{0, 0, 0, 1}, o{0, 0, 0, 1};
+  double scale = 0.0;        // 0 = 1/sqrt(head_dim)
+  int64_t head_offset = 0;   // global index of local head 0 (sequence parallelism): pattern tables are global
+
+  int64_t video_tokens() const { return latent.volume(); }
+  int64_t sequence_length() const { return latent.volume() + text_capacity; }
+};
+
+/// Which video keys each video query sees. `heads` holds one entry for all heads or one per global head.
+struct Pattern {
+  PatternKind kind = PatternKind::dense;
+  std::vector<HeadParams> heads = std::vector<HeadParams>(1);
+  // Explicit block list, CSR over (head, query tile): key tiles of query tile qt of head h are
+  // block_tiles[block_offsets[h * num_tiles + qt] .. block_offsets[h * num_tiles + qt + 1]).
+  // One head's table (broadcast) or one per global head, like `heads`.
+  std::vector<int64_t> block_offsets;
+  std::vector<int32_t> block_tiles;
+
+  static Pattern dense();
+  static Pattern sliding_tile(Dim3 window);
+  static Pattern sliding_tile(const std::vector<Dim3>& windows_per_head);
+  static Pattern attention_tile(int64_t global_frames, int64_t radius = 0);
+  static Pattern attention_tile(const std::vector<HeadParams>& per_head);
+  static Pattern block_list(std::vector<int64_t> offsets, std::vector<int32_t> tiles);
+};
+
+/// Tensors of one run. Pointers live on the plan's device. `text_len` ([B] int32, may be null = every text
+/// position valid) lives on the plan's device too; `lse` ([B, Hq, S] float32) is optional.
+struct Tensors {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;
+  float* lse = nullptr;
+  const int32_t* text_len = nullptr;
+};
+
+class Backend;  // one per device kind, created by the plan (src/backends)
+
+/// A validated problem + pattern with everything precomputed. `run` does no host planning, no allocation
+/// and (for CUDA) no host synchronisation; it runs on the given stream (cudaStream_t, null = default).
+class Plan {
+ public:
+  Plan(const Problem& problem, const Pattern& pattern, Device device = Device::cpu);
+  ~Plan();
+  Plan(Plan&&) noexcept;
+  Plan& operator=(Plan&&) noexcept;
+
+  void run(const Tensors& tensors, void* stream = nullptr) const;
+
+  const Problem& problem() const { return problem_; }   // normalised: strides and scale filled in
+  const Pattern& pattern() const { return pattern_; }   // normalised: one entry per global head
+  Device device() const { return device_; }
+  const TileGrid& grid() const { return map_.grid; }
+  const TokenMap& token_map() const { return map_; }
+
+  /// Pattern parameters of local head h (already offset by head_offset).
+  const HeadParams& head(int64_t h) const;
+  /// Key tiles of query tile `qt` of local head `h`, in ascending tile order. Boxes and block lists alike.
+  std::vector<int32_t> key_tiles(int64_t h, int64_t qt) const;
+  /// Whether the (query tile, key tile) block of local head h needs the token-level mask.
+  BlockKind block_kind(int64_t h, Dim3 cq, Dim3 ck) const;
+  /// Token level: may video query token q see video key token k under local head h.
+  bool video_pair_allowed(int64_t h, Dim3 q, Dim3 k) const;
+
+  /// Allowed (query, key) pairs summed over batch and heads; text_len (host, [B]) null = full capacity.
+  int64_t allowed_pairs(const int32_t* text_len_host = nullptr) const;
+  /// 4 * D * allowed_pairs: the FLOPs of QK^T and PV restricted to allowed pairs (effective TFLOP/s).
+  double flops(const int32_t* text_len_host = nullptr) const;
+  /// Allowed video-video pairs over all video-video pairs (1 - sparsity), averaged over heads.
+  double video_density() const;
+
+ private:
+  Problem problem_;
+  Pattern pattern_;
+  Device device_;
+  TokenMap map_;
+  std::unique_ptr<Backend> backend_;
+};
+
+/// tiled <-> raster reordering of the video part of a [B, S, H, D] tensor (text part copied through).
+/// Host pointers; elements of `dtype`; contiguous bshd storage.
+void tile(const Problem& problem, const void* raster_in, void* tiled_out);
+void untile(const Problem& problem, const void* tiled_in, void* raster_out);
+
+/// Whether a usable CUDA device is present (false when built without CUDA).
+bool cuda_available();
+
+}  // namespace tilewise

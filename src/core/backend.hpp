@@ -1,0 +1,22 @@
+// Internal: the interface every backend implements, and the factories the Plan calls.
+// A backend is built once from a validated Plan (it may check device-specific limits and precompute device
+// tables there) and `run` only executes.
+#pragma once
+
+#include <memory>
+
+#include "tilewise/tilewise.hpp"
+
+namespace tilewise {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual void run(const Plan& plan, const Tensors& tensors, void* stream) const = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend(const Plan& plan);
+/// Throws tilewise::Error (argument "device") when built without CUDA or when no usable GPU is present.
+std::unique_ptr<Backend> make_cuda_backend(const Plan& plan);
+
+}  // namespace tilewise
