@@ -21,47 +21,47 @@ struct HeadParams {
 };
 
 /// The key tiles of one query tile: `num_t` ranges along t (1 or 2, disjoint, ascending) crossed with one
-/// range along h and one along w.
-struct KeyBoxes {
+/// range along h and one along w. (Two named ranges rather than an array: kernels must not index at run time.)
+template <class I>
+struct KeyBoxesT {
   int32_t num_t = 1;
-  AxisRange t[2];
-  AxisRange h, w;
+  AxisRangeT<I> t0, t1;  // t1 only when num_t == 2
+  AxisRangeT<I> h, w;
 
-  TW_HD constexpr int64_t num_tiles() const {
-    int64_t nt = 0;
-    for (int i = 0; i < num_t; ++i) nt += t[i].size();
-    return nt * h.size() * w.size();
-  }
-  TW_HD constexpr bool contains(Dim3 c) const {
-    bool in_t = false;
-    for (int i = 0; i < num_t; ++i) in_t = in_t || t[i].contains(c.t);
-    return in_t && h.contains(c.h) && w.contains(c.w);
+  TW_HD constexpr I num_tiles() const { return (t0.size() + (num_t == 2 ? t1.size() : 0)) * h.size() * w.size(); }
+  TW_HD constexpr bool contains(Dim3T<I> c) const {
+    return (t0.contains(c.t) || (num_t == 2 && t1.contains(c.t))) && h.contains(c.h) && w.contains(c.w);
   }
 };
+using KeyBoxes = KeyBoxesT<int64_t>;
 
-/// Frames [lo, hi] (inclusive) covered by tile coordinate c along t.
-TW_HD constexpr AxisRange frames_of_tile(const TileGrid& g, int64_t c) {
-  return {c * g.tile.t, min64((c + 1) * g.tile.t, g.latent.t)};
+/// Frames [begin, end) covered by tile coordinate c along t (the last tile may hold fewer frames).
+template <class I>
+TW_HD constexpr AxisRangeT<I> frames_of_tile(const TileGridT<I>& g, I c) {
+  return {c * g.tile.t, imin<I>((c + 1) * g.tile.t, g.latent.t)};
 }
 
 /// Attention tile, frame level: may a query in frame fq see a key in frame fk?
-TW_HD constexpr bool frame_pair_allowed(int64_t fq, int64_t fk, int64_t g, int64_t r) {
-  const int64_t d = fq > fk ? fq - fk : fk - fq;
+template <class I>
+TW_HD constexpr bool frame_pair_allowed(I fq, Same<I> fk, Same<I> g, Same<I> r) {
+  const I d = fq > fk ? fq - fk : fk - fq;
   return fq < g || fk < g || d <= r;
 }
 
 /// Token level: may video query token q see video key token k under this head's pattern (spec formulas)?
 /// Not defined for block lists (their allowed set is a table).
-TW_HD constexpr bool video_pair_allowed(PatternKind kind, const HeadParams& p, const TileGrid& g, Dim3 q, Dim3 k) {
+template <class I>
+TW_HD constexpr bool video_pair_allowed(PatternKind kind, const HeadParams& p, const TileGridT<I>& g, Dim3T<I> q,
+                                        Dim3T<I> k) {
   switch (kind) {
     case PatternKind::sliding_tile: {
-      const Dim3 cq = g.tile_of(q), ck = g.tile_of(k);
-      return window_range(cq.t, p.window.t, g.tiles.t).contains(ck.t) &&
-             window_range(cq.h, p.window.h, g.tiles.h).contains(ck.h) &&
-             window_range(cq.w, p.window.w, g.tiles.w).contains(ck.w);
+      const Dim3T<I> cq = g.tile_of(q), ck = g.tile_of(k);
+      return window_range<I>(cq.t, static_cast<I>(p.window.t), g.tiles.t).contains(ck.t) &&
+             window_range<I>(cq.h, static_cast<I>(p.window.h), g.tiles.h).contains(ck.h) &&
+             window_range<I>(cq.w, static_cast<I>(p.window.w), g.tiles.w).contains(ck.w);
     }
     case PatternKind::attention_tile:
-      return frame_pair_allowed(q.t, k.t, p.global_frames, p.radius);
+      return frame_pair_allowed<I>(q.t, k.t, static_cast<I>(p.global_frames), static_cast<I>(p.radius));
     default:
       return true;
   }
@@ -69,46 +69,54 @@ TW_HD constexpr bool video_pair_allowed(PatternKind kind, const HeadParams& p, c
 
 /// Tile level: the key tiles of query tile `cq` (a superset of the tiles holding any allowed key; exact for
 /// sliding tile and dense). Not defined for block lists.
-TW_HD constexpr KeyBoxes key_boxes(PatternKind kind, const HeadParams& p, const TileGrid& g, Dim3 cq) {
-  KeyBoxes b;
+template <class I>
+TW_HD constexpr KeyBoxesT<I> key_boxes(PatternKind kind, const HeadParams& p, const TileGridT<I>& g, Dim3T<I> cq) {
+  KeyBoxesT<I> b;
+  b.t0 = {0, g.tiles.t};
   b.h = {0, g.tiles.h};
   b.w = {0, g.tiles.w};
-  b.t[0] = {0, g.tiles.t};
   if (kind == PatternKind::sliding_tile) {
-    b.t[0] = window_range(cq.t, p.window.t, g.tiles.t);
-    b.h = window_range(cq.h, p.window.h, g.tiles.h);
-    b.w = window_range(cq.w, p.window.w, g.tiles.w);
+    b.t0 = window_range<I>(cq.t, static_cast<I>(p.window.t), g.tiles.t);
+    b.h = window_range<I>(cq.h, static_cast<I>(p.window.h), g.tiles.h);
+    b.w = window_range<I>(cq.w, static_cast<I>(p.window.w), g.tiles.w);
   } else if (kind == PatternKind::attention_tile) {
-    const AxisRange fq = frames_of_tile(g, cq.t);
-    if (fq.begin < p.global_frames) return b;  // a global query frame sees every key
+    const I gf = static_cast<I>(p.global_frames), r = static_cast<I>(p.radius);
+    const AxisRangeT<I> fq = frames_of_tile<I>(g, cq.t);
+    if (fq.begin < gf) return b;  // a global query frame sees every key
     // Key tiles holding a global frame, then the tiles of the local band [fq.begin - r, fq.end - 1 + r].
-    const int64_t global_tiles = min64(ceil_div(p.global_frames, g.tile.t), g.tiles.t);
-    const int64_t lo = max64(fq.begin - p.radius, 0) / g.tile.t;
-    const int64_t hi = min64(ceil_div(fq.end + p.radius, g.tile.t), g.tiles.t);
+    const I global_tiles = imin<I>(ceil_div<I>(gf, g.tile.t), g.tiles.t);
+    const I lo = imax<I>(fq.begin - r, 0) / g.tile.t;
+    const I hi = imin<I>(ceil_div<I>(fq.end + r, g.tile.t), g.tiles.t);
     if (lo <= global_tiles) {
-      b.t[0] = {0, max64(hi, global_tiles)};
+      b.t0 = {0, imax<I>(hi, global_tiles)};
+    } else if (global_tiles > 0) {
+      b.num_t = 2;
+      b.t0 = {0, global_tiles};
+      b.t1 = {lo, hi};
     } else {
-      b.num_t = global_tiles > 0 ? 2 : 1;
-      b.t[0] = global_tiles > 0 ? AxisRange{0, global_tiles} : AxisRange{lo, hi};
-      b.t[1] = {lo, hi};
+      b.t0 = {lo, hi};
     }
   }
   return b;
 }
 
 /// Whether a (query tile, key tile) block is wholly allowed, or needs the token-level mask (attention tile
-/// with tt > 1 mixes allowed and forbidden frame pairs in one block). Key tiles outside key_boxes() are empty.
+/// with tt > 1 mixes allowed and forbidden frame pairs in one block). Only meaningful for key tiles inside
+/// key_boxes(); the others are empty.
 enum class BlockKind : int32_t { full = 0, masked = 1 };
 
-TW_HD constexpr BlockKind block_kind(PatternKind kind, const HeadParams& p, const TileGrid& g, Dim3 cq, Dim3 ck) {
+template <class I>
+TW_HD constexpr BlockKind block_kind(PatternKind kind, const HeadParams& p, const TileGridT<I>& g, Dim3T<I> cq,
+                                     Dim3T<I> ck) {
   if (kind != PatternKind::attention_tile) return BlockKind::full;
   // A forbidden pair needs fq >= g, fk >= g and |fq - fk| > r: look for the farthest such pair.
-  const AxisRange fq = frames_of_tile(g, cq.t), fk = frames_of_tile(g, ck.t);
-  const int64_t qlo = max64(fq.begin, p.global_frames), qhi = fq.end - 1;
-  const int64_t klo = max64(fk.begin, p.global_frames), khi = fk.end - 1;
+  const I gf = static_cast<I>(p.global_frames);
+  const AxisRangeT<I> fq = frames_of_tile<I>(g, cq.t), fk = frames_of_tile<I>(g, ck.t);
+  const I qlo = imax<I>(fq.begin, gf), qhi = fq.end - 1;
+  const I klo = imax<I>(fk.begin, gf), khi = fk.end - 1;
   if (qlo > qhi || klo > khi) return BlockKind::full;
-  const int64_t far = max64(qhi - klo, khi - qlo);
-  return far > p.radius ? BlockKind::masked : BlockKind::full;
+  const I far = imax<I>(qhi - klo, khi - qlo);
+  return far > static_cast<I>(p.radius) ? BlockKind::masked : BlockKind::full;
 }
 
 }  // namespace tilewise

@@ -21,7 +21,7 @@ typedef enum tw_status {
 } tw_status;
 
 enum { TW_DTYPE_F32 = 0, TW_DTYPE_F64 = 1, TW_DTYPE_BF16 = 2, TW_DTYPE_F16 = 3 };
-enum { TW_DEVICE_CPU = 0, TW_DEVICE_CUDA = 1 };
+enum { TW_DEVICE_CPU = 0, TW_DEVICE_CUDA = 1, TW_DEVICE_CUDA_REFERENCE = 2 };
 enum { TW_TEXT_LAST = 0, TW_TEXT_FIRST = 1 };
 enum { TW_ORDER_RASTER = 0, TW_ORDER_TILED = 1 };
 enum { TW_LAYOUT_BSHD = 0, TW_LAYOUT_BHSD = 1 };

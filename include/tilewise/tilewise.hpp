@@ -31,7 +31,9 @@ class Error : public std::invalid_argument {
 };
 
 enum class DType : int32_t { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };
-enum class Device : int32_t { cpu = 0, cuda = 1 };
+/// cpu: the reference backend; cuda: the Hopper kernel; cuda_reference: a simple fp32 GPU kernel (no tensor
+/// cores) used as the oracle for problems too large for the CPU.
+enum class Device : int32_t { cpu = 0, cuda = 1, cuda_reference = 2 };
 enum class Layout : int32_t { bshd = 0, bhsd = 1 };
 
 int64_t dtype_size(DType t);

@@ -18,5 +18,6 @@ class Backend {
 std::unique_ptr<Backend> make_cpu_backend(const Plan& plan);
 /// Throws tilewise::Error (argument "device") when built without CUDA or when no usable GPU is present.
 std::unique_ptr<Backend> make_cuda_backend(const Plan& plan);
+std::unique_ptr<Backend> make_cuda_reference_backend(const Plan& plan);
 
 }  // namespace tilewise

@@ -46,7 +46,14 @@ const char* to_string(PatternKind k) {
   return "?";
 }
 
-const char* to_string(Device d) { return d == Device::cuda ? "cuda" : "cpu"; }
+const char* to_string(Device d) {
+  switch (d) {
+    case Device::cpu: return "cpu";
+    case Device::cuda: return "cuda";
+    case Device::cuda_reference: return "cuda-reference";
+  }
+  return "?";
+}
 
 Strides Strides::contiguous(Layout layout, int64_t seq_len, int64_t heads, int64_t head_dim) {
   if (layout == Layout::bhsd) return {heads * seq_len * head_dim, head_dim, seq_len * head_dim, 1};
@@ -178,7 +185,14 @@ Plan::Plan(const Problem& problem, const Pattern& pattern, Device device) : devi
           require(hp.global_frames >= 0, "global_frames[" + str(g) + "]", hp.global_frames, ">= 0");
           require(hp.radius >= 0, "radius[" + str(g) + "]", hp.radius, ">= 0");
         }
-        n.heads.push_back(hp);
+        // Beyond the grid means the whole axis / every frame: clamp so no index arithmetic can overflow
+        // (the kernels compute in 32 bits).
+        HeadParams c = hp;
+        c.window = {imin<int64_t>(hp.window.t, grid.tiles.t), imin<int64_t>(hp.window.h, grid.tiles.h),
+                    imin<int64_t>(hp.window.w, grid.tiles.w)};
+        c.global_frames = imin<int64_t>(hp.global_frames, p.latent.t);
+        c.radius = imin<int64_t>(hp.radius, p.latent.t);
+        n.heads.push_back(c);
       }
       break;
     }
@@ -219,8 +233,11 @@ Plan::Plan(const Problem& problem, const Pattern& pattern, Device device) : devi
   problem_ = p;
   pattern_ = std::move(n);
   map_ = TokenMap{grid, SequenceLayout{p.latent.volume(), p.text_capacity, p.text_position}, p.order};
-  require(device == Device::cpu || device == Device::cuda, "device", static_cast<int>(device), "cpu or cuda");
-  backend_ = device == Device::cpu ? make_cpu_backend(*this) : make_cuda_backend(*this);
+  require(device == Device::cpu || device == Device::cuda || device == Device::cuda_reference, "device",
+          static_cast<int>(device), "cpu, cuda or cuda_reference");
+  backend_ = device == Device::cpu    ? make_cpu_backend(*this)
+             : device == Device::cuda ? make_cuda_backend(*this)
+                                      : make_cuda_reference_backend(*this);
 }
 
 Plan::~Plan() = default;
@@ -246,18 +263,20 @@ std::vector<int32_t> Plan::key_tiles(int64_t h, int64_t qt) const {
                pattern_.block_tiles.begin() + pattern_.block_offsets[i + 1]);
     return out;
   }
-  const KeyBoxes b = key_boxes(pattern_.kind, head(h), g, g.tile_coord(qt));
+  const KeyBoxes b = key_boxes<int64_t>(pattern_.kind, head(h), g, g.tile_coord(qt));
   out.reserve(b.num_tiles());
-  for (int i = 0; i < b.num_t; ++i)
-    for (int64_t ct = b.t[i].begin; ct < b.t[i].end; ++ct)
+  for (int i = 0; i < b.num_t; ++i) {
+    const AxisRange rt = i == 0 ? b.t0 : b.t1;
+    for (int64_t ct = rt.begin; ct < rt.end; ++ct)
       for (int64_t ch = b.h.begin; ch < b.h.end; ++ch)
         for (int64_t cw = b.w.begin; cw < b.w.end; ++cw) out.push_back(static_cast<int32_t>(g.tile_index({ct, ch, cw})));
+  }
   return out;
 }
 
 BlockKind Plan::block_kind(int64_t h, Dim3 cq, Dim3 ck) const {
   if (pattern_.kind == PatternKind::block_list) return BlockKind::full;
-  return tilewise::block_kind(pattern_.kind, head(h), map_.grid, cq, ck);
+  return tilewise::block_kind<int64_t>(pattern_.kind, head(h), map_.grid, cq, ck);
 }
 
 bool Plan::video_pair_allowed(int64_t h, Dim3 q, Dim3 k) const {
@@ -268,14 +287,14 @@ bool Plan::video_pair_allowed(int64_t h, Dim3 q, Dim3 k) const {
     const auto last = pattern_.block_tiles.begin() + pattern_.block_offsets[i + 1];
     return std::binary_search(first, last, static_cast<int32_t>(g.tile_index(g.tile_of(k))));
   }
-  return tilewise::video_pair_allowed(pattern_.kind, head(h), g, q, k);
+  return tilewise::video_pair_allowed<int64_t>(pattern_.kind, head(h), g, q, k);
 }
 
 namespace {
 
 /// Tokens along one axis covered by the tile range r (the last tile may be partial).
 int64_t range_tokens(AxisRange r, int64_t tile, int64_t extent) {
-  return r.size() == 0 ? 0 : min64(r.end * tile, extent) - r.begin * tile;
+  return r.size() == 0 ? 0 : imin<int64_t>(r.end * tile, extent) - r.begin * tile;
 }
 
 /// Allowed video-video pairs of one head.
@@ -292,9 +311,9 @@ int64_t video_pairs(const Plan& plan, int64_t h) {
         frames += T;
         continue;
       }
-      const int64_t globals = min64(hp.global_frames, T);
-      const int64_t lo = max64(fq - hp.radius, globals), hi = min64(fq + hp.radius, T - 1);
-      frames += globals + max64(hi - lo + 1, 0);
+      const int64_t globals = imin<int64_t>(hp.global_frames, T);
+      const int64_t lo = imax<int64_t>(fq - hp.radius, globals), hi = imin<int64_t>(fq + hp.radius, T - 1);
+      frames += globals + imax<int64_t>(hi - lo + 1, 0);
     }
     return frames * hw * hw;
   }
@@ -305,9 +324,9 @@ int64_t video_pairs(const Plan& plan, int64_t h) {
     if (kind == PatternKind::block_list) {
       for (int32_t kt : plan.key_tiles(h, qt)) keys += g.tile_tokens(g.tile_coord(kt));
     } else {
-      const KeyBoxes b = key_boxes(kind, hp, g, cq);
+      const KeyBoxes b = key_boxes<int64_t>(kind, hp, g, cq);
       int64_t kt_tokens = 0;
-      for (int i = 0; i < b.num_t; ++i) kt_tokens += range_tokens(b.t[i], g.tile.t, g.latent.t);
+      kt_tokens = range_tokens(b.t0, g.tile.t, g.latent.t) + (b.num_t == 2 ? range_tokens(b.t1, g.tile.t, g.latent.t) : 0);
       keys = kt_tokens * range_tokens(b.h, g.tile.h, g.latent.h) * range_tokens(b.w, g.tile.w, g.latent.w);
     }
     pairs += g.tile_tokens(cq) * keys;

@@ -9,5 +9,8 @@ bool cuda_available() { return false; }
 std::unique_ptr<Backend> make_cuda_backend(const Plan&) {
   detail::fail("device", "cuda", "cpu: this build of tilewise has no CUDA support (configure with TILEWISE_CUDA=ON)");
 }
+std::unique_ptr<Backend> make_cuda_reference_backend(const Plan&) {
+  detail::fail("device", "cuda_reference", "cpu: this build of tilewise has no CUDA support");
+}
 
 }  // namespace tilewise

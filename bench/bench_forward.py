@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Forward benchmark of tilewise's Hopper kernel against dense and sparse baselines, in one run, one table.
+
+Columns: median ms (triton do_bench), effective TFLOP/s (FLOPs of allowed pairs only; dense baselines count
+all pairs), speedup over cuDNN SDPA (dense), speedup over FlexAttention (compiled) with the same mask, and the
+max-abs difference between tilewise's and FlexAttention's outputs (a check that both ran the same mask).
+
+FlexAttention gets its best case: when the tile divides the latent the sequence is permuted to tiled order
+(so its 128-token blocks are whole sub-tiles); otherwise it runs on raster order with the same mask_mod.
+
+Usage: python3 bench/bench_forward.py [--lib build/libtilewise.so] [--rows 1,2] [--no-flex] [--out table.md]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+from tilewise import _capi  # noqa: E402
+
+
+@dataclass
+class Row:
+    group: int
+    name: str
+    latent: tuple
+    heads: int
+    head_dim: int
+    tile: tuple
+    pattern: str = "sliding_tile"
+    window: tuple = (3, 3, 3)
+    global_frames: int = 0
+    text: int = 0
+    text_len: int = 0
+    text_position: str = "last"
+    notes: list = field(default_factory=list)
+
+
+def rows() -> list[Row]:
+    r = []
+    for win in [(3, 3, 3), (3, 5, 5), (5, 6, 10)]:
+        for text, tl in [(0, 0), (256, 226)]:
+            r.append(Row(1, f"Hunyuan 30x48x80 w{'x'.join(map(str, win))}" + (" +text" if text else ""),
+                         (30, 48, 80), 24, 128, (6, 8, 8), window=win, text=text, text_len=tl))
+    r.append(Row(2, "Hunyuan 33x45x80 w3x3x3 (partial)", (33, 45, 80), 24, 128, (6, 8, 8)))
+    r.append(Row(3, "Wan2.1-14B 21x45x80 w3x3x3", (21, 45, 80), 40, 128, (6, 8, 8)))
+    r.append(Row(4, "OpenSoraPlan 24x45x80 attn-tile g3 D96", (24, 45, 80), 24, 96, (1, 8, 16),
+                 pattern="attention_tile", global_frames=3))
+    r.append(Row(5, "CogVideoX 13x30x45 w13x3x3 text-first D64", (13, 30, 45), 48, 64, (1, 8, 16),
+                 window=(13, 3, 3), text=226, text_len=226, text_position="first"))
+    return r
+
+
+def bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def window_range(c, k, n):
+    """Sliding-tile window along one axis (spec: start = clamp(c - k//2, 0, n - k)); torch version for the
+    FlexAttention baseline's mask_mod."""
+    if k >= n:
+        return torch.zeros_like(c), torch.full_like(c, n)
+    start = torch.clamp(c - k // 2, 0, n - k)
+    return start, start + k
+
+
+def flex_mask_mod(row: Row, tiled: bool, device):
+    T, H, W = row.latent
+    tt, th, tw = row.tile
+    nt, nh, nw = -(-T // tt), -(-H // th), -(-W // tw)
+    nv = T * H * W
+    video0 = row.text if row.text_position == "first" else 0
+    text0 = 0 if row.text_position == "first" else nv
+    vol = tt * th * tw
+
+    def coords(s):
+        i = s - video0
+        if tiled:
+            tile, r = i // vol, i % vol
+            ct, ch, cw = tile // (nh * nw), (tile // nw) % nh, tile % nw
+            return ct * tt + r // (th * tw), ch * th + (r // tw) % th, cw * tw + r % tw
+        return i // (H * W), (i // W) % H, i % W
+
+    def mask_mod(b, h, q, kv):
+        q_text = (q >= text0) & (q < text0 + row.text)
+        k_text = (kv >= text0) & (kv < text0 + row.text)
+        k_text_ok = k_text & (kv - text0 < row.text_len)
+        qt, qh, qw = coords(q)
+        kt, kh, kw = coords(kv)
+        if row.pattern == "sliding_tile":
+            ok = torch.ones_like(q, dtype=torch.bool)
+            for qc, kc, k, n, t in ((qt, kt, row.window[0], nt, tt), (qh, kh, row.window[1], nh, th),
+                                    (qw, kw, row.window[2], nw, tw)):
+                s, e = window_range(qc // t, k, n)
+                ok = ok & (kc // t >= s) & (kc // t < e)
+        else:
+            g = row.global_frames
+            ok = (qt < g) | (kt < g) | (qt == kt)
+        video_pair = ~q_text & ~k_text & ok
+        return video_pair | k_text_ok | (q_text & ~k_text)
+
+    return mask_mod
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lib", default=None, help="path to libtilewise.so")
+    ap.add_argument("--rows", default="1,2,3,4,5", help="row groups to run (1..5)")
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    ap.add_argument("--out", default=None, help="also write the table (markdown) here")
+    args = ap.parse_args()
+    _capi.lib(args.lib)
+    groups = {int(g) for g in args.rows.split(",")}
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+
+    flex = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+
+    table = []
+    for row in [r for r in rows() if r.group in groups]:
+        T, H, W = row.latent
+        nv = T * H * W
+        S = nv + row.text
+        B, Hh, D = 1, row.heads, row.head_dim
+        q, k, v = (torch.randn(B, S, Hh, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        o = torch.empty_like(q)
+        text_len = torch.full((B,), row.text_len, device=dev, dtype=torch.int32)
+        plan = _capi.Plan(batch=B, q_heads=Hh, kv_heads=Hh, head_dim=D, dtype="bf16", latent=row.latent,
+                          tile=row.tile, text_capacity=row.text, text_position=row.text_position,
+                          pattern=row.pattern, windows=(row.window,), global_frames=(row.global_frames,),
+                          radius=(0,), device="cuda")
+        flops = plan.flops([row.text_len] * B if row.text else None)
+        density = plan.density()
+        tl_ptr = text_len.data_ptr() if row.text else 0
+
+        def run_tw():
+            plan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), 0, tl_ptr,
+                     torch.cuda.current_stream().cuda_stream)
+
+        ms_tw = bench(run_tw)
+        qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, S, D] views for SDPA
+        dense_flops = 4.0 * B * Hh * S * S * D
+        res = {}
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            try:
+                with sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(qh, kh, vh)
+                    res[name] = bench(lambda: F.scaled_dot_product_attention(qh, kh, vh))
+            except RuntimeError as e:  # e.g. head dim not supported by a backend
+                res[name] = float("nan")
+                row.notes.append(f"{name}: {str(e).splitlines()[0][:60]}")
+        ms_flex, diff = float("nan"), float("nan")
+        if flex is not None:
+            tiled = T % row.tile[0] == 0 and H % row.tile[1] == 0 and W % row.tile[2] == 0
+            try:
+                bm = create_block_mask(flex_mask_mod(row, tiled, dev), None, None, S, S, device=dev, _compile=True)
+                if tiled:  # permute the video part to tiled order for FlexAttention (its best case)
+                    perm = _tiled_permutation(row, dev)
+                    qf, kf, vf = (x.transpose(1, 2)[:, :, perm] for x in (q, k, v))
+                else:
+                    perm, (qf, kf, vf) = None, (qh, kh, vh)
+                out_f = flex(qf, kf, vf, block_mask=bm)
+                ms_flex = bench(lambda: flex(qf, kf, vf, block_mask=bm))
+                run_tw()
+                ref = out_f if perm is None else torch.empty_like(out_f).index_copy_(2, perm, out_f)
+                diff = (ref.transpose(1, 2).float() - o.float()).abs().max().item()
+            except Exception as e:  # noqa: BLE001 - report and continue with the other baselines
+                row.notes.append(f"flex: {type(e).__name__}: {str(e).splitlines()[0][:60]}")
+        table.append((row.name, 1 - density, ms_tw, flops / ms_tw / 1e9, res["cudnn"], dense_flops / res["cudnn"] / 1e9,
+                      res["flash"], ms_flex, diff, row.notes))
+        print(f"  done: {row.name}: tilewise {ms_tw:.2f} ms, cudnn {res['cudnn']:.2f} ms, flex {ms_flex:.2f} ms",
+              flush=True)
+        del q, k, v, o
+        torch.cuda.empty_cache()
+
+    header = ("| row | sparsity | tilewise ms | eff TFLOP/s | cuDNN ms (dense) | cuDNN TFLOP/s | flash ms (dense) "
+              "| Flex ms (same mask) | x cuDNN | x Flex | max abs diff vs Flex |")
+    lines = [header, "|" + "---|" * 11]
+    for name, sp, ms, tf, cu, cutf, fl, fx, diff, notes in table:
+        lines.append(f"| {name} | {sp:.1%} | {ms:.2f} | {tf:.0f} | {cu:.2f} | {cutf:.0f} | {fl:.2f} | {fx:.2f} "
+                     f"| {cu / ms:.2f} | {fx / ms:.2f} | {diff:.3g} |")
+    notes = [f"- {name}: {n}" for name, *_, notes in table for n in notes]
+    text = "\n".join(lines + notes)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+def _tiled_permutation(row: Row, dev) -> torch.Tensor:
+    """perm[i] = raster index of the i-th token in tiled order (text positions map to themselves)."""
+    T, H, W = row.latent
+    tt, th, tw = row.tile
+    t = torch.arange(T, device=dev).view(T // tt, tt, 1, 1, 1, 1)
+    h = torch.arange(H, device=dev).view(1, 1, H // th, th, 1, 1)
+    w = torch.arange(W, device=dev).view(1, 1, 1, 1, W // tw, tw)
+    raster = (t * H + h) * W + w  # [nt, tt, nh, th, nw, tw]
+    video = raster.permute(0, 2, 4, 1, 3, 5).reshape(-1)
+    nv = T * H * W
+    if row.text_position == "first":
+        return torch.cat([torch.arange(row.text, device=dev), video + row.text])
+    return torch.cat([video, torch.arange(nv, nv + row.text, device=dev)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""ctypes binding of libtilewise's C ABI (include/tilewise/tilewise.h).
+
+Binding through the C ABI means nothing here is compiled against Python or PyTorch: the same shared library
+serves every Python version and framework. Structures mirror the C header field for field.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+I64 = ctypes.c_int64
+I32 = ctypes.c_int32
+
+DTYPES = {"f32": 0, "f64": 1, "bf16": 2, "f16": 3}
+DEVICES = {"cpu": 0, "cuda": 1, "cuda_reference": 2}
+TEXT_POSITIONS = {"last": 0, "first": 1}
+ORDERS = {"raster": 0, "tiled": 1}
+LAYOUTS = {"bshd": 0, "bhsd": 1}
+PATTERNS = {"dense": 0, "sliding_tile": 1, "attention_tile": 2, "block_list": 3}
+
+
+class Problem(ctypes.Structure):
+    _fields_ = [
+        ("batch", I64), ("q_heads", I64), ("kv_heads", I64), ("head_dim", I64),
+        ("dtype", I32), ("text_position", I32), ("order", I32), ("layout", I32),
+        ("latent", I64 * 3), ("tile", I64 * 3),
+        ("text_capacity", I64), ("seq_len", I64), ("head_offset", I64),
+        ("q_strides", I64 * 4), ("k_strides", I64 * 4), ("v_strides", I64 * 4), ("o_strides", I64 * 4),
+        ("scale", ctypes.c_double),
+    ]
+
+
+class Pattern(ctypes.Structure):
+    _fields_ = [
+        ("kind", I32), ("num_heads", I64),
+        ("windows", ctypes.POINTER(I64)), ("global_frames", ctypes.POINTER(I64)), ("radius", ctypes.POINTER(I64)),
+        ("block_offsets", ctypes.POINTER(I64)), ("num_block_offsets", I64),
+        ("block_tiles", ctypes.POINTER(I32)), ("num_block_tiles", I64),
+    ]
+
+
+class TilewiseError(ValueError):
+    """An invalid argument reported by libtilewise; `argument` names it."""
+
+    def __init__(self, message: str, argument: str):
+        super().__init__(message)
+        self.argument = argument
+
+
+def _find_library() -> str:
+    env = os.environ.get("TILEWISE_LIBRARY")
+    if env:
+        return env
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "libtilewise.so", here.parents[1] / "build" / "libtilewise.so"):
+        if candidate.exists():
+            return str(candidate)
+    raise OSError("libtilewise.so not found: build it (make build) or set TILEWISE_LIBRARY")
+
+
+_lib = None
+
+
+def lib(path: str | None = None):
+    """Loads (once) and returns the shared library with its signatures declared."""
+    global _lib
+    if _lib is None or path is not None:
+        L = ctypes.CDLL(path or _find_library())
+        L.tw_problem_init.argtypes = [ctypes.POINTER(Problem)]
+        L.tw_pattern_init.argtypes = [ctypes.POINTER(Pattern)]
+        L.tw_plan_create.argtypes = [ctypes.POINTER(Problem), ctypes.POINTER(Pattern), I32, ctypes.POINTER(ctypes.c_void_p)]
+        L.tw_plan_run.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        L.tw_plan_flops.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_double)]
+        L.tw_plan_density.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_double)]
+        L.tw_plan_destroy.argtypes = [ctypes.c_void_p]
+        L.tw_last_error.restype = ctypes.c_char_p
+        L.tw_last_error_argument.restype = ctypes.c_char_p
+        L.tw_cuda_available.restype = I32
+        L.tw_version.restype = ctypes.c_char_p
+        _lib = L
+    return _lib
+
+
+def check(status: int) -> None:
+    if status != 0:
+        L = lib()
+        message = L.tw_last_error().decode()
+        argument = (L.tw_last_error_argument() or b"").decode()
+        if status == 1:
+            raise TilewiseError(message, argument)
+        raise RuntimeError(message)
+
+
+class Plan:
+    """A planned problem: create once (validates, uploads tables), then run() only launches."""
+
+    def __init__(self, *, batch, q_heads, kv_heads, head_dim, dtype, latent, tile, text_capacity=0,
+                 text_position="last", order="raster", layout="bshd", strides=None, scale=0.0,
+                 pattern="sliding_tile", windows=((3, 3, 3),), global_frames=(0,), radius=(0,),
+                 block_offsets=None, block_tiles=None, device="cuda"):
+        L = lib()
+        p = Problem()
+        L.tw_problem_init(ctypes.byref(p))
+        p.batch, p.q_heads, p.kv_heads, p.head_dim = batch, q_heads, kv_heads, head_dim
+        p.dtype, p.text_position = DTYPES[dtype], TEXT_POSITIONS[text_position]
+        p.order, p.layout = ORDERS[order], LAYOUTS[layout]
+        p.latent[:], p.tile[:] = list(latent), list(tile)
+        p.text_capacity, p.scale = text_capacity, scale
+        if strides is not None:  # {"q": (b, s, h, d), ...}
+            for name, s in strides.items():
+                getattr(p, f"{name}_strides")[:] = list(s)
+        pat = Pattern()
+        L.tw_pattern_init(ctypes.byref(pat))
+        pat.kind = PATTERNS[pattern]
+        self._keep = []  # arrays referenced by the pattern must outlive plan creation only, but keep them simple
+        if pattern == "sliding_tile":
+            flat = (I64 * (3 * len(windows)))(*[x for w in windows for x in w])
+            pat.num_heads, pat.windows = len(windows), flat
+            self._keep.append(flat)
+        elif pattern == "attention_tile":
+            g = (I64 * len(global_frames))(*global_frames)
+            r = (I64 * len(radius))(*radius)
+            pat.num_heads, pat.global_frames, pat.radius = len(global_frames), g, r
+            self._keep += [g, r]
+        elif pattern == "block_list":
+            off = (I64 * len(block_offsets))(*block_offsets)
+            til = (I32 * len(block_tiles))(*block_tiles)
+            pat.block_offsets, pat.num_block_offsets = off, len(block_offsets)
+            pat.block_tiles, pat.num_block_tiles = til, len(block_tiles)
+            self._keep += [off, til]
+        handle = ctypes.c_void_p()
+        check(L.tw_plan_create(ctypes.byref(p), ctypes.byref(pat), DEVICES[device], ctypes.byref(handle)))
+        self._handle = handle
+
+    def run(self, q, k, v, o, lse=0, text_len=0, stream=0) -> None:
+        """Pointers as integers (e.g. tensor.data_ptr()); 0 for absent lse / text_len / default stream."""
+        check(lib().tw_plan_run(self._handle, q, k, v, o, lse or None, text_len or None, stream or None))
+
+    def flops(self, text_len_host=None) -> float:
+        out = ctypes.c_double()
+        arr = None if text_len_host is None else (I32 * len(text_len_host))(*text_len_host)
+        check(lib().tw_plan_flops(self._handle, arr, ctypes.byref(out)))
+        return out.value
+
+    def density(self) -> float:
+        out = ctypes.c_double()
+        check(lib().tw_plan_density(self._handle, ctypes.byref(out)))
+        return out.value
+
+    def __del__(self):
+        if getattr(self, "_handle", None) and _lib is not None:
+            _lib.tw_plan_destroy(self._handle)
+            self._handle = None

@@ -1,0 +1,56 @@
+// Internal helpers shared by the CUDA backends: error checking, device properties, owned device buffers and
+// the per-plan device tables (head parameters, block lists) that both kernels read.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "core/backend.hpp"
+#include "core/errors.hpp"
+
+namespace tilewise::cuda {
+
+inline void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("tilewise: CUDA error in ") + what + ": " + cudaGetErrorString(e));
+}
+
+/// A device allocation owned by a plan: allocated once when the plan is made, never during run().
+template <class T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  explicit DeviceArray(const std::vector<T>& host) {
+    if (host.empty()) return;
+    check(cudaMalloc(&ptr_, host.size() * sizeof(T)), "cudaMalloc");
+    check(cudaMemcpy(ptr_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy");
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  ~DeviceArray() {
+    if (ptr_) cudaFree(ptr_);
+  }
+  const T* get() const { return ptr_; }
+
+ private:
+  T* ptr_ = nullptr;
+};
+
+/// Device tables of a plan's pattern, uploaded once.
+struct PatternTables {
+  DeviceArray<HeadParams> heads;
+  DeviceArray<int64_t> block_offsets;
+  DeviceArray<int32_t> block_tiles;
+  explicit PatternTables(const Plan& plan)
+      : heads(plan.pattern().heads), block_offsets(plan.pattern().block_offsets), block_tiles(plan.pattern().block_tiles) {}
+};
+
+/// The current device's properties; throws tilewise::Error when there is no usable GPU.
+cudaDeviceProp require_device(const char* device_name);
+
+/// Checks that a pointer given to run() is device memory aligned to `alignment` bytes.
+void require_device_pointer(const void* p, const char* name, int alignment);
+
+}  // namespace tilewise::cuda

@@ -1,0 +1,85 @@
+// Epilogue: normalises O, writes it (as the output dtype) into the Q buffer in the swizzled TMA layout and
+// stores the box with TMA (rows outside the latent or text capacity are clipped by the hardware), and writes
+// the LSE of real rows.
+#pragma once
+
+#include "backends/cuda/hopper/kernel_traits.cuh"
+#include "backends/cuda/hopper/tile_scheduler.cuh"
+#include "backends/cuda/hopper/wgmma_ops.cuh"
+
+namespace tilewise::hopper {
+
+constexpr uint32_t kEpilogueBarrier = 1;  // named barrier of the consumer warpgroups
+
+template <class Traits, WgType kType>
+struct Epilogue {
+  static constexpr int D = Traits::D;
+  const FwdParams& p;
+  const typename Traits::Shared& s;
+  int wg, tid;
+
+  /// Sequence position of block row `r`, or -1 when the row is not a real token.
+  __device__ __forceinline__ int64_t position(const Block& q, int r) const {
+    if (q.text) {
+      const int64_t t = q.row0 + r;
+      return t < p.map.seq.text_capacity ? p.map.seq.text_offset() + t : -1;
+    }
+    if (r >= p.box.volume()) return -1;
+    const D3 o = q.origin(p), L = p.map.grid.latent;
+    const D3 c{o.t + r / (p.box.h * p.box.w), o.h + (r / p.box.w) % p.box.h, o.w + r % p.box.w};
+    if (c.t >= L.t || c.h >= L.h || c.w >= L.w) return -1;
+    return p.map.video_position(c);
+  }
+
+  __device__ void store(const WorkItem& item, float (&o)[D / 2], const float (&m)[2], const float (&l)[2]) const {
+    const int warp = tid / 32, lane = tid % 32;
+    float inv[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float sum = l[rr];
+      sum += __shfl_xor_sync(0xffffffff, sum, 1);
+      sum += __shfl_xor_sync(0xffffffff, sum, 2);
+      inv[rr] = sum > 0.f ? 1.f / sum : 0.f;
+      const int r = 64 * wg + 16 * warp + lane / 4 + 8 * rr;
+      if (p.lse != nullptr && lane % 4 == 0) {
+        const int64_t pos = position(item.q, r);
+        if (pos >= 0) {
+          const int64_t b = p.batch_base + item.batch;
+          p.lse[(b * p.q_heads + item.head) * p.seq_len + pos] = (m[rr] + __log2f(sum)) * 0.69314718055994531f;
+        }
+      }
+    }
+    // Registers -> swizzled shared memory (this warpgroup's own 64 rows of the Q buffer, which it alone read).
+#pragma unroll
+    for (int i = 0; i < D / 2; i += 2) {
+      const int rr = (i % 4) / 2;
+      const int r = 64 * wg + 16 * warp + lane / 4 + 8 * rr;
+      const int col = 8 * (i / 4) + 2 * (lane % 4);
+      const uint32_t off = (col / Traits::kPanelCols) * Traits::kPanelBytes +
+                           swizzled_offset(r, col % Traits::kPanelCols, Traits::kRowBytes);
+      *reinterpret_cast<uint32_t*>(s.q + off) =
+          pack_half2(o[i] * inv[rr], o[i + 1] * inv[rr], kType == WgType::bf16);
+    }
+    fence_proxy_async();
+    named_barrier_sync(kEpilogueBarrier, 128 * kConsumerWarpgroups);
+    if (wg == 0 && tid == 0) {
+      const Block& b = item.q;
+      const int c4 = p.o.c4(item.batch, item.head);
+      const D3 org = b.tma_origin(p);
+#pragma unroll
+      for (int panel = 0; panel < Traits::kPanels; ++panel) {
+        const int c0 = p.o.c0(item.head, panel * Traits::kPanelCols);
+        const uint8_t* src = s.q + panel * Traits::kPanelBytes;
+        if (b.text)
+          tma_store(&p.o_text, src, c0, b.row0, 0, 0, c4);
+        else
+          tma_store(&p.o_video, src, c0, static_cast<int>(org.w), static_cast<int>(org.h), static_cast<int>(org.t), c4);
+      }
+      tma_store_commit();
+      tma_store_wait_read();
+      s.q_empty->arrive();
+    }
+  }
+};
+
+}  // namespace tilewise::hopper

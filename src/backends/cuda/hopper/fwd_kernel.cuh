@@ -1,0 +1,55 @@
+// The Hopper forward kernel: a persistent, warp-specialised CTA of one producer warpgroup (TMA loads) and two
+// consumer warpgroups (wgmma + online softmax + epilogue) around a multi-stage shared-memory pipeline.
+#pragma once
+
+#include "backends/cuda/hopper/kernel_traits.cuh"
+#include "backends/cuda/hopper/mainloop_producer.cuh"
+#include "backends/cuda/hopper/mma_softmax_consumer.cuh"
+
+namespace tilewise::hopper {
+
+template <int kHeadDim, WgType kType>
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_constant__ FwdParams p) {
+  using Traits = KernelTraits<kHeadDim>;
+  extern __shared__ uint8_t smem_raw[];
+  const typename Traits::Shared s = Traits::carve(smem_raw);
+  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+
+  // Blocks of fewer than 128 tokens leave rows of each buffer that TMA never writes: zero them once so the
+  // masked columns/rows multiply zeros, never stale bits that could be NaN.
+  if (p.box.volume() < kBlockN) {
+    uint4* words = reinterpret_cast<uint4*>(s.q);
+    for (int i = threadIdx.x; i < Traits::kTileBytes * (1 + 2 * Traits::kStages) / 16; i += kThreads)
+      words[i] = make_uint4(0, 0, 0, 0);
+    fence_proxy_async();
+  }
+  if (threadIdx.x == 0) {
+    s.q_full->init(1);
+    s.q_empty->init(1);
+    for (int i = 0; i < Traits::kStages; ++i) {
+      s.k_full[i].init(1);
+      s.v_full[i].init(1);
+      s.k_empty[i].init(128 * kConsumerWarpgroups);
+      s.v_empty[i].init(128 * kConsumerWarpgroups);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  // The producer needs few registers; the consumers hold S, P and O fragments (ptxas allocates each branch
+  // within its setmaxnreg budget).
+  if (wg == 0) {
+    regs_decrease<24>();
+    if (tid == 0) {
+      prefetch_tensormap(&p.q_video);
+      prefetch_tensormap(&p.k_video);
+      prefetch_tensormap(&p.v_video);
+      Producer<Traits>{p, s}.run();
+    }
+  } else {
+    regs_increase<240>();
+    Consumer<Traits, kType>{p, s, wg - 1, tid}.run();
+  }
+}
+
+}  // namespace tilewise::hopper

@@ -1,0 +1,55 @@
+// Compile-time configuration of the forward kernel for one head dim, and its shared-memory layout.
+#pragma once
+
+#include "backends/cuda/hopper/params.cuh"
+#include "backends/cuda/hopper/ptx.cuh"
+
+namespace tilewise::hopper {
+
+template <int kHeadDim>
+struct KernelTraits {
+  static constexpr int D = kHeadDim;
+  // Head dims that are multiples of 64 use 64-column panels with the 128-byte swizzle; 96 uses 32-column panels
+  // with the 64-byte swizzle, so no panel ever reads past the head's last column.
+  static constexpr int kPanelCols = D % 64 == 0 ? 64 : 32;
+  static constexpr int kRowBytes = kPanelCols * 2;
+  static constexpr int kPanels = D / kPanelCols;
+  static constexpr int kPanelBytes = kBlockM * kRowBytes;  // one panel of a 128-row buffer
+  static constexpr int kTileBytes = kPanels * kPanelBytes;  // 128 rows x D
+  static constexpr int kStages = D >= 128 ? 2 : 3;
+  static_assert(kBlockM == kBlockN, "Q, K and V buffers share one panel geometry");
+
+  // Stage buffers are addressed arithmetically (k(stage)), never through an array indexed at run time, which
+  // would put the struct in local memory.
+  struct Shared {
+    uint8_t* q;
+    __device__ __forceinline__ uint8_t* k(int stage) const { return q + kTileBytes * (1 + stage); }
+    __device__ __forceinline__ uint8_t* v(int stage) const { return q + kTileBytes * (1 + kStages + stage); }
+    Barrier* q_full;
+    Barrier* q_empty;
+    Barrier* k_full;   // [kStages]
+    Barrier* k_empty;  // [kStages]
+    Barrier* v_full;
+    Barrier* v_empty;
+  };
+
+  static constexpr int kBarriers = 2 + 4 * kStages;
+  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kTileBytes * (1 + 2 * kStages) + kBarriers * 8;
+
+  /// Carves the dynamic shared memory: tiles first (1024-byte aligned, as the 128-byte swizzle requires).
+  static __device__ __forceinline__ Shared carve(uint8_t* raw) {
+    uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+    Shared s;
+    s.q = base;
+    Barrier* bars = reinterpret_cast<Barrier*>(base + kTileBytes * (1 + 2 * kStages));
+    s.q_full = bars;
+    s.q_empty = bars + 1;
+    s.k_full = bars + 2;
+    s.k_empty = bars + 2 + kStages;
+    s.v_full = bars + 2 + 2 * kStages;
+    s.v_empty = bars + 2 + 3 * kStages;
+    return s;
+  }
+};
+
+}  // namespace tilewise::hopper

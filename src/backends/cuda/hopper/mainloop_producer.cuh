@@ -1,0 +1,58 @@
+// Producer: one thread of the producer warpgroup walks the work items and their key blocks and issues TMA loads
+// of Q, K and V boxes straight from the user's tensors into the shared-memory pipeline.
+#pragma once
+
+#include "backends/cuda/hopper/kernel_traits.cuh"
+#include "backends/cuda/hopper/tile_scheduler.cuh"
+
+namespace tilewise::hopper {
+
+template <class Traits>
+struct Producer {
+  const FwdParams& p;
+  const typename Traits::Shared& s;
+
+  /// Loads one block (all panels) of a tensor into `dst`, completing on `bar`.
+  __device__ __forceinline__ void load(const CUtensorMap* video, const CUtensorMap* text, const TensorView& view,
+                                       const Block& b, int batch, int head, uint8_t* dst, Barrier* bar) const {
+    const int rows = b.text ? kBlockN : static_cast<int>(p.box.volume());
+    bar->arrive_expect_tx(static_cast<uint32_t>(rows * Traits::D * 2));
+    const int c4 = view.c4(batch, head);
+    const D3 o = b.tma_origin(p);
+#pragma unroll
+    for (int panel = 0; panel < Traits::kPanels; ++panel) {
+      const int c0 = view.c0(head, panel * Traits::kPanelCols);
+      uint8_t* d = dst + panel * Traits::kPanelBytes;
+      if (b.text)
+        tma_load(d, text, bar, c0, b.row0, 0, 0, c4);
+      else
+        tma_load(d, video, bar, c0, static_cast<int>(o.w), static_cast<int>(o.h), static_cast<int>(o.t), c4);
+    }
+  }
+
+  __device__ void run() const {
+    uint32_t kv_iter = 0, items = 0;
+    for (int32_t w = blockIdx.x; w < p.num_work; w += gridDim.x) {
+      const WorkItem item = decode_work(p, w);
+      if (item.empty) continue;
+      // The previous item's output store must have left the Q buffer before the next Q lands there.
+      s.q_empty->wait((items & 1) ^ 1);
+      load(&p.q_video, &p.q_text, p.q, item.q, item.batch, item.head, s.q, s.q_full);
+      ++items;
+      const int kv_head = item.head / p.kv_group;
+      KeyBlockCursor cursor(p, item);
+      Block kb;
+      while (cursor.next(kb)) {
+        const int stage = kv_iter % Traits::kStages;
+        const uint32_t phase = (kv_iter / Traits::kStages) & 1;
+        s.k_empty[stage].wait(phase ^ 1);
+        load(&p.k_video, &p.k_text, p.k, kb, item.batch, kv_head, s.k(stage), &s.k_full[stage]);
+        s.v_empty[stage].wait(phase ^ 1);
+        load(&p.v_video, &p.v_text, p.v, kb, item.batch, kv_head, s.v(stage), &s.v_full[stage]);
+        ++kv_iter;
+      }
+    }
+  }
+};
+
+}  // namespace tilewise::hopper

@@ -1,0 +1,58 @@
+// Parameters of the Hopper forward kernel, filled by the host plan (cuda_backend.cu) and passed by value.
+#pragma once
+
+#include <cuda.h>
+
+#include "tilewise/geometry.hpp"
+#include "tilewise/pattern.hpp"
+
+namespace tilewise::hopper {
+
+// Kernels index with 32 bits (the host checks every count fits); only memory offsets are 64-bit.
+using D3 = Dim3T<int32_t>;
+using Grid = TileGridT<int32_t>;
+
+constexpr int kBlockM = 128;  // query rows per work item (2 consumer warpgroups x 64)
+constexpr int kBlockN = 128;  // key rows per pipeline stage
+constexpr int kConsumerWarpgroups = 2;
+constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
+
+/// How a tensor's 5-D tensor maps are addressed: the maps are (D', W', H', T', X) for video and (D', L, 1, 1, X)
+/// for text, with the head folded into coordinate 0 (bshd-like storage: head stride == D) or into coordinate
+/// 4 (bhsd-like: batch stride == heads * head stride), or coordinate 4 = head for one launch per batch element.
+struct TensorView {
+  int32_t head_mult0 = 0;   // c0 = head * head_mult0 + column
+  int32_t batch_mult4 = 0;  // c4 = batch * batch_mult4 + head * head_mult4
+  int32_t head_mult4 = 0;
+  __device__ __forceinline__ int c0(int head, int column) const { return head * head_mult0 + column; }
+  __device__ __forceinline__ int c4(int batch, int head) const { return batch * batch_mult4 + head * head_mult4; }
+};
+
+struct FwdParams {  // CUtensorMap members carry their own 64-byte alignment
+  CUtensorMap q_video, k_video, v_video, o_video;
+  CUtensorMap q_text, k_text, v_text, o_text;  // unused without text
+  TensorView q, k, v, o;
+
+  TokenMapT<int32_t> map;  // grid, sequence layout and token order (the semantics core)
+  D3 box;              // token box of one block (divides the tile; volume <= 128)
+  int32_t batch = 1;     // batch elements in this launch
+  int32_t batch_base = 0;  // global index of this launch's first batch element (per-batch launches)
+  int32_t q_heads = 1;
+  int32_t kv_group = 1;  // q_heads / kv_heads
+  const int32_t* text_len = nullptr;  // [B] on device, null = full capacity
+
+  PatternKind kind = PatternKind::dense;
+  const HeadParams* heads = nullptr;     // [q_heads] (local heads)
+  const int64_t* block_offsets = nullptr;  // block list CSR over (local head, query tile)
+  const int32_t* block_tiles = nullptr;
+
+  float scale_log2 = 1.f;  // softmax scale * log2(e)
+  float* lse = nullptr;    // [B, Hq, S] float, or null
+  int64_t seq_len = 0;
+
+  int32_t video_items = 0;  // work items per (batch, head): query blocks of the video part
+  int32_t text_items = 0;   // and of the text part
+  int32_t num_work = 0;
+};
+
+}  // namespace tilewise::hopper

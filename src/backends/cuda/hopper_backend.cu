@@ -1,0 +1,252 @@
+// The Hopper backend's host side. Plan time: checks the device and every CUDA-specific limit, chooses the
+// block box, uploads the pattern tables and fixes the launch geometry. Run time: encodes the tensor maps for
+// the given pointers (host-only, no allocation, no sync) and launches one persistent kernel on the stream.
+#include <cuda.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "backends/cuda/cuda_common.hpp"
+#include "backends/cuda/hopper/forward.hpp"
+
+namespace tilewise {
+namespace cuda {
+
+using detail::fail;
+using detail::require;
+using detail::str;
+
+cudaDeviceProp require_device(const char* device_name) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    fail("device", device_name, "cpu: no CUDA device is present");
+  }
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
+  return prop;
+}
+
+void require_device_pointer(const void* p, const char* name, int alignment) {
+  require(reinterpret_cast<uintptr_t>(p) % alignment == 0, name, p,
+          "a device pointer aligned to " + str(alignment) + " bytes");
+  cudaPointerAttributes attr{};
+  const bool ok = cudaPointerGetAttributes(&attr, p) == cudaSuccess &&
+                  (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged);
+  if (!ok) cudaGetLastError();
+  require(ok, name, p, "device memory (the plan runs on cuda)");
+}
+
+namespace {
+
+using PFN_encodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                     const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                     CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+/// cuTensorMapEncodeTiled through the runtime's driver entry point, so libtilewise needs no libcuda at link
+/// time and loads on machines without a GPU driver.
+PFN_encodeTiled encode_fn() {
+  static PFN_encodeTiled fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q),
+          "cudaGetDriverEntryPointByVersion(cuTensorMapEncodeTiled)");
+    if (q != cudaDriverEntryPointSuccess) throw std::runtime_error("tilewise: cuTensorMapEncodeTiled not found");
+    return reinterpret_cast<PFN_encodeTiled>(f);
+  }();
+  return fn;
+}
+
+/// The largest box (bt, bh, bw) of at most 128 tokens that divides the tile, preferring long rows (w, then h),
+/// so that every block lies inside one tile and TMA reads long contiguous runs.
+Dim3 choose_box(const Dim3& tile) {
+  Dim3 best{1, 1, 1};
+  for (int64_t bw = tile.w; bw >= 1; --bw) {
+    if (tile.w % bw || bw > hopper::kBlockN) continue;
+    for (int64_t bh = tile.h; bh >= 1; --bh) {
+      if (tile.h % bh || bw * bh > hopper::kBlockN) continue;
+      for (int64_t bt = tile.t; bt >= 1; --bt) {
+        if (tile.t % bt || bt * bh * bw > hopper::kBlockN) continue;
+        if (bt * bh * bw > best.volume()) best = {bt, bh, bw};
+      }
+    }
+  }
+  return best;
+}
+
+enum class ViewMode { head_in_dim0, head_batch_merged, per_batch };
+
+ViewMode view_mode(const Strides& s, int64_t heads, int64_t D) {
+  if (s.head == D) return ViewMode::head_in_dim0;
+  if (s.batch == heads * s.head) return ViewMode::head_batch_merged;
+  return ViewMode::per_batch;
+}
+
+class HopperBackend final : public Backend {
+ public:
+  explicit HopperBackend(const Plan& plan) : tables_(plan) {
+    const Problem& p = plan.problem();
+    const cudaDeviceProp prop = require_device("cuda");
+    require(prop.major == 9, "device", std::string(prop.name) + " (sm_" + str(prop.major) + str(prop.minor) + ")",
+            "a Hopper GPU (sm_90) for Device::cuda; use Device::cuda_reference or cpu elsewhere");
+    require(p.dtype == DType::bf16 || p.dtype == DType::f16, "dtype", to_string(p.dtype), "bf16 or f16 on cuda");
+    require(hopper::forward_smem_bytes(static_cast<int>(p.head_dim)) > 0, "head_dim", p.head_dim,
+            "64, 96 or 128 on cuda");
+    require(p.scale > 0, "scale", p.scale, "a positive number on cuda");
+    const int64_t esize = dtype_size(p.dtype);
+    auto strides_ok = [&](const char* name, const Strides& s) {
+      for (int64_t v : {s.batch, s.seq, s.head})
+        require((v * esize) % 16 == 0, name, str(s.batch) + "," + str(s.seq) + "," + str(s.head),
+                "strides (batch, seq, head) that are multiples of 16 bytes (" + str(16 / esize) +
+                    " elements) for TMA");
+    };
+    strides_ok("q_strides", p.q);
+    strides_ok("k_strides", p.k);
+    strides_ok("v_strides", p.v);
+    strides_ok("o_strides", p.o);
+    constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+    require(p.latent.volume() <= kMax / 2 && p.text_capacity <= kMax / 2, "latent", str(p.latent),
+            "fewer than 2^30 video tokens per sequence on cuda");
+
+    box_ = choose_box(p.tile);
+    per_batch_ = view_mode(p.q, p.q_heads, p.head_dim) == ViewMode::per_batch ||
+                 view_mode(p.o, p.q_heads, p.head_dim) == ViewMode::per_batch ||
+                 view_mode(p.k, p.kv_heads, p.head_dim) == ViewMode::per_batch ||
+                 view_mode(p.v, p.kv_heads, p.head_dim) == ViewMode::per_batch;
+    num_sms_ = prop.multiProcessorCount;
+    const TileGrid& g = plan.grid();
+    const Dim3 subs{p.tile.t / box_.t, p.tile.h / box_.h, p.tile.w / box_.w};
+    video_items_ = static_cast<int32_t>(g.num_tiles() * subs.volume());
+    text_items_ = static_cast<int32_t>(ceil_div<int64_t>(p.text_capacity, hopper::kBlockM));
+    const int64_t launch_batch = per_batch_ ? 1 : p.batch;
+    const int64_t work = launch_batch * p.q_heads * (int64_t{video_items_} + text_items_);
+    require(work <= kMax, "problem size", work, "fewer than 2^31 work items per launch");
+  }
+
+  void run(const Plan& plan, const Tensors& t, void* stream) const override {
+    const Problem& p = plan.problem();
+    require_device_pointer(t.q, "q", 16);
+    require_device_pointer(t.k, "k", 16);
+    require_device_pointer(t.v, "v", 16);
+    require_device_pointer(t.o, "o", 16);
+    if (t.lse) require_device_pointer(t.lse, "lse", 4);
+    if (t.text_len) require_device_pointer(t.text_len, "text_len", 4);
+
+    hopper::FwdParams prm{};
+    const TileGrid& g = plan.grid();
+    prm.map = TokenMapT<int32_t>{TileGridT<int32_t>(g), plan.token_map().seq, p.order};
+    prm.box = dim3_cast<int32_t>(box_);
+    prm.batch = per_batch_ ? 1 : static_cast<int32_t>(p.batch);
+    prm.q_heads = static_cast<int32_t>(p.q_heads);
+    prm.kv_group = static_cast<int32_t>(p.q_heads / p.kv_heads);
+    prm.text_len = t.text_len;
+    prm.kind = plan.pattern().kind;
+    prm.heads = tables_.heads.get();
+    prm.block_offsets = tables_.block_offsets.get();
+    prm.block_tiles = tables_.block_tiles.get();
+    prm.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+    prm.lse = t.lse;
+    prm.seq_len = p.seq_len;
+    prm.video_items = video_items_;
+    prm.text_items = text_items_;
+    prm.num_work = prm.batch * prm.q_heads * (video_items_ + text_items_);
+    const int grid = std::min<int>(prm.num_work, num_sms_);
+    const int64_t esize = dtype_size(p.dtype);
+    for (int64_t b = 0; b < (per_batch_ ? p.batch : 1); ++b) {
+      prm.batch_base = static_cast<int32_t>(b);
+      encode(plan, t.q, p.q, p.q_heads, b, prm.q_video, prm.q_text, prm.q, esize);
+      encode(plan, t.k, p.k, p.kv_heads, b, prm.k_video, prm.k_text, prm.k, esize);
+      encode(plan, t.v, p.v, p.kv_heads, b, prm.v_video, prm.v_text, prm.v, esize);
+      encode(plan, t.o, p.o, p.q_heads, b, prm.o_video, prm.o_text, prm.o, esize);
+      check(hopper::launch_forward(prm, static_cast<int>(p.head_dim), p.dtype == DType::bf16, grid,
+                                   static_cast<cudaStream_t>(stream)),
+            "forward kernel launch");
+    }
+  }
+
+ private:
+  /// Tensor maps of one tensor: video (D', W', H', T', X) and text (D', L, 1, 1, X), where the physical video
+  /// view is the latent for raster order and (tiles * tt, th, tw) for tiled order.
+  void encode(const Plan& plan, const void* base, const Strides& s, int64_t heads, int64_t batch, CUtensorMap& video,
+              CUtensorMap& text, hopper::TensorView& view, int64_t esize) const {
+    const Problem& p = plan.problem();
+    const TileGrid& g = plan.grid();
+    const int64_t D = p.head_dim;
+    const int panel_cols = D % 64 == 0 ? 64 : 32;
+    const ViewMode mode = per_batch_ ? ViewMode::per_batch : view_mode(s, heads, D);
+    const char* ptr = static_cast<const char*>(base) + (per_batch_ ? batch * s.batch * esize : 0);
+    uint64_t dim0 = D, dim4 = heads, stride4 = s.head;
+    view = {};
+    if (mode == ViewMode::head_in_dim0) {
+      dim0 = heads * D;
+      dim4 = p.batch;
+      stride4 = s.batch;
+      view.head_mult0 = static_cast<int32_t>(D);
+      view.batch_mult4 = 1;
+    } else if (mode == ViewMode::head_batch_merged) {
+      dim4 = p.batch * heads;
+      view.batch_mult4 = static_cast<int32_t>(heads);
+      view.head_mult4 = 1;
+    } else {
+      view.head_mult4 = 1;
+    }
+    const Dim3 phys = p.order == TokenOrder::raster ? g.latent : Dim3{g.num_tiles() * g.tile.t, g.tile.h, g.tile.w};
+    const CUtensorMapDataType dtype =
+        p.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    const CUtensorMapSwizzle swizzle = panel_cols == 64 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+    const cuuint32_t ones[5] = {1, 1, 1, 1, 1};
+    {
+      const char* v0 = ptr + plan.token_map().seq.video_offset() * s.seq * esize;
+      const cuuint64_t dims[5] = {dim0, (cuuint64_t)phys.w, (cuuint64_t)phys.h, (cuuint64_t)phys.t, dim4};
+      const cuuint64_t strides[4] = {(cuuint64_t)(s.seq * esize), (cuuint64_t)(s.seq * phys.w * esize),
+                                     (cuuint64_t)(s.seq * phys.w * phys.h * esize), (cuuint64_t)(stride4 * esize)};
+      const cuuint32_t box[5] = {(cuuint32_t)panel_cols, (cuuint32_t)box_.w, (cuuint32_t)box_.h, (cuuint32_t)box_.t, 1};
+      encode_one(video, dtype, v0, dims, strides, box, ones, swizzle);
+    }
+    if (p.text_capacity > 0) {
+      const char* t0 = ptr + plan.token_map().seq.text_offset() * s.seq * esize;
+      const cuuint64_t dims[5] = {dim0, (cuuint64_t)p.text_capacity, 1, 1, dim4};
+      const cuuint64_t strides[4] = {(cuuint64_t)(s.seq * esize), (cuuint64_t)(s.seq * p.text_capacity * esize),
+                                     (cuuint64_t)(s.seq * p.text_capacity * esize), (cuuint64_t)(stride4 * esize)};
+      const cuuint32_t box[5] = {(cuuint32_t)panel_cols, (cuuint32_t)hopper::kBlockM, 1, 1, 1};
+      encode_one(text, dtype, t0, dims, strides, box, ones, swizzle);
+    } else {
+      text = video;  // never read
+    }
+  }
+
+  static void encode_one(CUtensorMap& map, CUtensorMapDataType dtype, const void* addr, const cuuint64_t* dims,
+                         const cuuint64_t* strides, const cuuint32_t* box, const cuuint32_t* elem_strides,
+                         CUtensorMapSwizzle swizzle) {
+    const CUresult r = encode_fn()(&map, dtype, 5, const_cast<void*>(addr), dims, strides, box, elem_strides,
+                                   CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS)
+      throw std::runtime_error("tilewise: cuTensorMapEncodeTiled failed (CUresult " + std::to_string(r) +
+                               ") for dims " + std::to_string(dims[0]) + "x" + std::to_string(dims[1]) + "x" +
+                               std::to_string(dims[2]) + "x" + std::to_string(dims[3]) + "x" + std::to_string(dims[4]));
+  }
+
+  PatternTables tables_;
+  Dim3 box_{};
+  bool per_batch_ = false;
+  int num_sms_ = 0;
+  int32_t video_items_ = 0, text_items_ = 0;
+};
+
+}  // namespace
+}  // namespace cuda
+
+bool cuda_available() {
+  int count = 0;
+  const bool ok = cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+  if (!ok) cudaGetLastError();
+  return ok;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(const Plan& plan) { return std::make_unique<cuda::HopperBackend>(plan); }
+
+}  // namespace tilewise

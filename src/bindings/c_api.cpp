@@ -1,0 +1,225 @@
+// The C ABI (include/tilewise/tilewise.h) over the C++ plan/run API.
+//
+// Every entry point runs its body inside guarded(): exceptions never cross the C boundary. tilewise::Error
+// becomes TW_ERROR_INVALID_ARGUMENT, other std::exceptions TW_ERROR_RUNTIME (allocation failures, CUDA
+// errors), anything else TW_ERROR_INTERNAL. The message and argument of the last failure are thread local,
+// so concurrent callers never read each other's errors; a successful call clears them.
+#include "tilewise/tilewise.h"
+
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "core/errors.hpp"
+#include "tilewise/tilewise.hpp"
+
+struct tw_plan {
+  tilewise::Plan plan;
+};
+
+namespace {
+
+using tilewise::detail::fail;
+using tilewise::detail::require;
+using tilewise::detail::str;
+
+thread_local std::string last_error;
+thread_local std::string last_argument;
+
+template <class F>
+tw_status guarded(F&& body) noexcept {
+  try {
+    body();
+    last_error.clear();
+    last_argument.clear();
+    return TW_OK;
+  } catch (const tilewise::Error& e) {
+    last_error = e.what();
+    last_argument = e.argument();
+    return TW_ERROR_INVALID_ARGUMENT;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    last_argument.clear();
+    return TW_ERROR_RUNTIME;
+  } catch (...) {
+    last_error = "unknown internal error";
+    last_argument.clear();
+    return TW_ERROR_INTERNAL;
+  }
+}
+
+/// Null checks for the pointers the C API itself dereferences; tensor pointers are checked by Plan::run.
+template <class T>
+const T& deref(const T* p, const char* argument, const char* expected) {
+  if (p == nullptr) fail(argument, "null", expected);
+  return *p;
+}
+
+tilewise::Strides to_strides(const int64_t s[4]) { return {s[0], s[1], s[2], s[3]}; }
+
+tilewise::Problem to_problem(const tw_problem& c) {
+  tilewise::Problem p;
+  p.batch = c.batch;
+  p.q_heads = c.q_heads;
+  p.kv_heads = c.kv_heads;
+  p.head_dim = c.head_dim;
+  // Enum values are passed through unchecked: Plan validates them (dtype = 7 names "dtype" in the error).
+  p.dtype = static_cast<tilewise::DType>(c.dtype);
+  p.text_position = static_cast<tilewise::TextPosition>(c.text_position);
+  p.order = static_cast<tilewise::TokenOrder>(c.order);
+  p.layout = static_cast<tilewise::Layout>(c.layout);
+  p.latent = {c.latent[0], c.latent[1], c.latent[2]};
+  p.tile = {c.tile[0], c.tile[1], c.tile[2]};
+  p.text_capacity = c.text_capacity;
+  p.seq_len = c.seq_len;
+  p.head_offset = c.head_offset;
+  p.q = to_strides(c.q_strides);
+  p.k = to_strides(c.k_strides);
+  p.v = to_strides(c.v_strides);
+  p.o = to_strides(c.o_strides);
+  p.scale = c.scale;
+  return p;
+}
+
+/// A per-head or CSR table that the pattern kind reads must be present when its count says it has entries.
+void require_table(const void* table, int64_t count, const char* argument, const std::string& expected) {
+  if (count > 0 && table == nullptr) fail(argument, "null", expected);
+}
+
+tilewise::Pattern to_pattern(const tw_pattern& c) {
+  const int64_t n = c.num_heads;
+  switch (c.kind) {
+    case TW_PATTERN_DENSE:
+      return tilewise::Pattern::dense();
+    case TW_PATTERN_SLIDING_TILE: {
+      require(n >= 1, "num_heads", n, ">= 1 (1 = one window for every head)");
+      require_table(c.windows, n, "windows", "num_heads x 3 window sizes (num_heads = " + str(n) + ")");
+      std::vector<tilewise::Dim3> windows;
+      for (int64_t h = 0; h < n; ++h) windows.push_back({c.windows[3 * h], c.windows[3 * h + 1], c.windows[3 * h + 2]});
+      return tilewise::Pattern::sliding_tile(windows);  // Plan checks the table length and window sizes
+    }
+    case TW_PATTERN_ATTENTION_TILE: {
+      require(n >= 1, "num_heads", n, ">= 1 (1 = the same parameters for every head)");
+      require_table(c.global_frames, n, "global_frames", "num_heads = " + str(n) + " values");
+      std::vector<tilewise::HeadParams> heads(n);
+      for (int64_t h = 0; h < n; ++h) {
+        heads[h].global_frames = c.global_frames[h];
+        heads[h].radius = c.radius ? c.radius[h] : 0;  // documented: NULL radius = 0 for every head
+      }
+      return tilewise::Pattern::attention_tile(heads);
+    }
+    case TW_PATTERN_BLOCK_LIST:
+      require(c.num_block_offsets >= 0, "num_block_offsets", c.num_block_offsets, ">= 0");
+      require(c.num_block_tiles >= 0, "num_block_tiles", c.num_block_tiles, ">= 0");
+      require_table(c.block_offsets, c.num_block_offsets, "block_offsets",
+                    "num_block_offsets = " + str(c.num_block_offsets) + " offsets");
+      require_table(c.block_tiles, c.num_block_tiles, "block_tiles",
+                    "num_block_tiles = " + str(c.num_block_tiles) + " tile indices");
+      // Plan checks the CSR structure (lengths, bounds, ordering) against the tile grid.
+      return tilewise::Pattern::block_list({c.block_offsets, c.block_offsets + c.num_block_offsets},
+                                           {c.block_tiles, c.block_tiles + c.num_block_tiles});
+    default:
+      fail("pattern.kind", str(c.kind), "TW_PATTERN_DENSE, _SLIDING_TILE, _ATTENTION_TILE or _BLOCK_LIST (0..3)");
+  }
+}
+
+const tilewise::Plan& plan_of(const tw_plan* plan) {
+  return deref(plan, "plan", "a plan from tw_plan_create").plan;
+}
+
+const tw_problem& problem_of(const tw_problem* problem) {
+  return deref(problem, "problem", "a tw_problem filled by tw_problem_init and then set");
+}
+
+}  // namespace
+
+extern "C" {
+
+void tw_problem_init(tw_problem* problem) {
+  if (problem == nullptr) return;
+  const tilewise::Problem d;  // the C defaults are the C++ defaults
+  *problem = tw_problem{};
+  problem->batch = d.batch;
+  problem->q_heads = d.q_heads;
+  problem->kv_heads = d.kv_heads;
+  problem->head_dim = d.head_dim;
+  problem->dtype = static_cast<int32_t>(d.dtype);
+  problem->text_position = static_cast<int32_t>(d.text_position);
+  problem->order = static_cast<int32_t>(d.order);
+  problem->layout = static_cast<int32_t>(d.layout);
+  for (int a = 0; a < 3; ++a) {
+    problem->latent[a] = d.latent[a];
+    problem->tile[a] = d.tile[a];
+  }
+  problem->text_capacity = d.text_capacity;
+  problem->seq_len = d.seq_len;
+  problem->head_offset = d.head_offset;
+  for (int64_t* s : {problem->q_strides, problem->k_strides, problem->v_strides, problem->o_strides}) {
+    s[0] = s[1] = s[2] = 0;
+    s[3] = 1;
+  }
+  problem->scale = d.scale;
+}
+
+void tw_pattern_init(tw_pattern* pattern) {
+  if (pattern == nullptr) return;
+  *pattern = tw_pattern{};
+  pattern->kind = TW_PATTERN_DENSE;
+  pattern->num_heads = 1;
+}
+
+tw_status tw_plan_create(const tw_problem* problem, const tw_pattern* pattern, int32_t device, tw_plan** out) {
+  return guarded([&] {
+    if (out == nullptr) fail("out", "null", "a tw_plan* to receive the plan");
+    *out = nullptr;
+    const tilewise::Problem p = to_problem(problem_of(problem));
+    const tilewise::Pattern pat = to_pattern(deref(pattern, "pattern", "a tw_pattern filled by tw_pattern_init"));
+    *out = new tw_plan{tilewise::Plan(p, pat, static_cast<tilewise::Device>(device))};
+  });
+}
+
+tw_status tw_plan_run(const tw_plan* plan, const void* q, const void* k, const void* v, void* o, float* lse,
+                      const int32_t* text_len, void* stream) {
+  return guarded([&] { plan_of(plan).run({q, k, v, o, lse, text_len}, stream); });
+}
+
+tw_status tw_plan_flops(const tw_plan* plan, const int32_t* text_len_host, double* flops) {
+  return guarded([&] {
+    const tilewise::Plan& p = plan_of(plan);
+    if (flops == nullptr) fail("flops", "null", "a double* to receive the FLOP count");
+    *flops = p.flops(text_len_host);
+  });
+}
+
+tw_status tw_plan_density(const tw_plan* plan, double* density) {
+  return guarded([&] {
+    const tilewise::Plan& p = plan_of(plan);
+    if (density == nullptr) fail("density", "null", "a double* to receive the density");
+    *density = p.video_density();
+  });
+}
+
+void tw_plan_destroy(tw_plan* plan) { delete plan; }
+
+tw_status tw_tile(const tw_problem* problem, const void* raster_in, void* tiled_out) {
+  return guarded([&] { tilewise::tile(to_problem(problem_of(problem)), raster_in, tiled_out); });
+}
+
+tw_status tw_untile(const tw_problem* problem, const void* tiled_in, void* raster_out) {
+  return guarded([&] { tilewise::untile(to_problem(problem_of(problem)), tiled_in, raster_out); });
+}
+
+const char* tw_last_error(void) { return last_error.c_str(); }
+const char* tw_last_error_argument(void) { return last_argument.c_str(); }
+
+int32_t tw_cuda_available(void) {
+  try {
+    return tilewise::cuda_available() ? 1 : 0;
+  } catch (...) {
+    return 0;  // a broken driver counts as "no usable device"
+  }
+}
+
+const char* tw_version(void) { return "0.1.0"; }
+
+}  // extern "C"
