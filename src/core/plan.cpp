@@ -234,7 +234,7 @@ Plan::Plan(const Problem& problem, const Pattern& pattern, Device device) : devi
   pattern_ = std::move(n);
   map_ = TokenMap{grid, SequenceLayout{p.latent.volume(), p.text_capacity, p.text_position}, p.order};
   require(device == Device::cpu || device == Device::cuda || device == Device::cuda_reference, "device",
-          static_cast<int>(device), "cpu, cuda or cuda_reference");
+          static_cast<int>(device), "cpu, cuda or cuda-reference");
   backend_ = device == Device::cpu    ? make_cpu_backend(*this)
              : device == Device::cuda ? make_cuda_backend(*this)
                                       : make_cuda_reference_backend(*this);

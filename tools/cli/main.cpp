@@ -144,7 +144,8 @@ int bench(const Config& c) {
 }
 
 /// "tilewise: error: invalid ..." on stderr; library errors also name the flag that set the argument.
-void print_failure(const std::string& what, const std::string& flag) {
+void print_failure(std::string what, const std::string& flag) {
+  if (what.rfind("tilewise: ", 0) == 0) what.erase(0, 10);  // some run-time errors carry their own prefix
   std::fprintf(stderr, "tilewise: error: %s%s\n", what.c_str(), flag.empty() ? "" : (" (set by " + flag + ")").c_str());
 }
 

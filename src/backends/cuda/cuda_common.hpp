@@ -33,22 +33,28 @@ class DeviceArray {
     if (ptr_) cudaFree(ptr_);
   }
   const T* get() const { return ptr_; }
+  T* mutable_get() const { return ptr_; }  // device scratch owned by the plan (e.g. the scheduler counter)
 
  private:
   T* ptr_ = nullptr;
 };
 
-/// Device tables of a plan's pattern, uploaded once.
+/// The current device's properties; throws tilewise::Error when there is no usable GPU.
+cudaDeviceProp require_device(const char* device_name);
+
+/// Device tables of a plan's pattern, uploaded once. Checks for a device first, so that a machine without
+/// one gets tilewise::Error("device") rather than a CUDA runtime error from the first allocation.
 struct PatternTables {
+  cudaDeviceProp device;
   DeviceArray<HeadParams> heads;
   DeviceArray<int64_t> block_offsets;
   DeviceArray<int32_t> block_tiles;
-  explicit PatternTables(const Plan& plan)
-      : heads(plan.pattern().heads), block_offsets(plan.pattern().block_offsets), block_tiles(plan.pattern().block_tiles) {}
+  PatternTables(const Plan& plan, Device kind)
+      : device(require_device(to_string(kind))),
+        heads(plan.pattern().heads),
+        block_offsets(plan.pattern().block_offsets),
+        block_tiles(plan.pattern().block_tiles) {}
 };
-
-/// The current device's properties; throws tilewise::Error when there is no usable GPU.
-cudaDeviceProp require_device(const char* device_name);
 
 /// Checks that a pointer given to run() is device memory aligned to `alignment` bytes.
 void require_device_pointer(const void* p, const char* name, int alignment);

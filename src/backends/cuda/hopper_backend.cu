@@ -87,11 +87,11 @@ ViewMode view_mode(const Strides& s, int64_t heads, int64_t D) {
 
 class HopperBackend final : public Backend {
  public:
-  explicit HopperBackend(const Plan& plan) : tables_(plan) {
+  explicit HopperBackend(const Plan& plan) : tables_(plan, Device::cuda) {
     const Problem& p = plan.problem();
-    const cudaDeviceProp prop = require_device("cuda");
+    const cudaDeviceProp& prop = tables_.device;
     require(prop.major == 9, "device", std::string(prop.name) + " (sm_" + str(prop.major) + str(prop.minor) + ")",
-            "a Hopper GPU (sm_90) for Device::cuda; use Device::cuda_reference or cpu elsewhere");
+            "a Hopper GPU (sm_90) for Device::cuda; use cuda-reference or cpu elsewhere");
     require(p.dtype == DType::bf16 || p.dtype == DType::f16, "dtype", to_string(p.dtype), "bf16 or f16 on cuda");
     require(hopper::forward_smem_bytes(static_cast<int>(p.head_dim)) > 0, "head_dim", p.head_dim,
             "64, 96 or 128 on cuda");
@@ -153,6 +153,7 @@ class HopperBackend final : public Backend {
     prm.video_items = video_items_;
     prm.text_items = text_items_;
     prm.num_work = prm.batch * prm.q_heads * (video_items_ + text_items_);
+    prm.work_counter = work_counter_.mutable_get();
     const int grid = std::min<int>(prm.num_work, num_sms_);
     const int64_t esize = dtype_size(p.dtype);
     for (int64_t b = 0; b < (per_batch_ ? p.batch : 1); ++b) {
@@ -161,6 +162,9 @@ class HopperBackend final : public Backend {
       encode(plan, t.k, p.k, p.kv_heads, b, prm.k_video, prm.k_text, prm.k, esize);
       encode(plan, t.v, p.v, p.kv_heads, b, prm.v_video, prm.v_text, prm.v, esize);
       encode(plan, t.o, p.o, p.q_heads, b, prm.o_video, prm.o_text, prm.o, esize);
+      // The scheduler's counter restarts on the stream: a memset node under graph capture, no host sync.
+      // (So one plan must not run concurrently on two streams; make one plan per stream for that.)
+      check(cudaMemsetAsync(prm.work_counter, 0, sizeof(int32_t), static_cast<cudaStream_t>(stream)), "cudaMemsetAsync");
       check(hopper::launch_forward(prm, static_cast<int>(p.head_dim), p.dtype == DType::bf16, grid,
                                    static_cast<cudaStream_t>(stream)),
             "forward kernel launch");
@@ -231,6 +235,7 @@ class HopperBackend final : public Backend {
   }
 
   PatternTables tables_;
+  DeviceArray<int32_t> work_counter_{std::vector<int32_t>{0}};
   Dim3 box_{};
   bool per_batch_ = false;
   int num_sms_ = 0;

@@ -10,7 +10,7 @@ std::unique_ptr<Backend> make_cuda_backend(const Plan&) {
   detail::fail("device", "cuda", "cpu: this build of tilewise has no CUDA support (configure with TILEWISE_CUDA=ON)");
 }
 std::unique_ptr<Backend> make_cuda_reference_backend(const Plan&) {
-  detail::fail("device", "cuda_reference", "cpu: this build of tilewise has no CUDA support");
+  detail::fail("device", "cuda-reference", "cpu: this build of tilewise has no CUDA support");
 }
 
 }  // namespace tilewise

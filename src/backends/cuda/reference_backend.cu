@@ -163,12 +163,11 @@ __global__ void __launch_bounds__(kThreads) reference_kernel(RefParams p) {
 
 class ReferenceBackend final : public Backend {
  public:
-  explicit ReferenceBackend(const Plan& plan) : tables_(plan) {
+  explicit ReferenceBackend(const Plan& plan) : tables_(plan, Device::cuda_reference) {
     const Problem& p = plan.problem();
-    require_device("cuda_reference");
     detail::require(p.dtype == DType::bf16 || p.dtype == DType::f16, "dtype", to_string(p.dtype),
-                    "bf16 or f16 on cuda_reference");
-    detail::require(p.head_dim <= kMaxD, "head_dim", p.head_dim, "<= " + detail::str(kMaxD) + " on cuda_reference");
+                    "bf16 or f16 on cuda-reference");
+    detail::require(p.head_dim <= kMaxD, "head_dim", p.head_dim, "<= " + detail::str(kMaxD) + " on cuda-reference");
   }
 
   void run(const Plan& plan, const Tensors& t, void* stream) const override {

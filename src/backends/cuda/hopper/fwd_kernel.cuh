@@ -6,6 +6,15 @@
 #include "backends/cuda/hopper/mainloop_producer.cuh"
 #include "backends/cuda/hopper/mma_softmax_consumer.cuh"
 
+// Register split between the producer warpgroup and the two consumer warpgroups (sum * 128 <= 65536).
+#ifndef TILEWISE_HOPPER_PRODUCER_REGS
+#define TILEWISE_HOPPER_PRODUCER_REGS 56
+#endif
+#ifndef TILEWISE_HOPPER_CONSUMER_REGS
+#define TILEWISE_HOPPER_CONSUMER_REGS 224
+#endif
+static_assert((TILEWISE_HOPPER_PRODUCER_REGS + 2 * TILEWISE_HOPPER_CONSUMER_REGS) * 128 <= 65536, "register file");
+
 namespace tilewise::hopper {
 
 template <int kHeadDim, WgType kType>
@@ -32,6 +41,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
       s.k_empty[i].init(128 * kConsumerWarpgroups);
       s.v_empty[i].init(128 * kConsumerWarpgroups);
     }
+    for (int i = 0; i < 2; ++i) {
+      s.work_full[i].init(1);
+      s.work_empty[i].init(128 * kConsumerWarpgroups);
+    }
     fence_barrier_init();
   }
   __syncthreads();
@@ -39,7 +52,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   // The producer needs few registers; the consumers hold S, P and O fragments (ptxas allocates each branch
   // within its setmaxnreg budget).
   if (wg == 0) {
-    regs_decrease<24>();
+    regs_decrease<TILEWISE_HOPPER_PRODUCER_REGS>();
     if (tid == 0) {
       prefetch_tensormap(&p.q_video);
       prefetch_tensormap(&p.k_video);
@@ -47,7 +60,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
       Producer<Traits>{p, s}.run();
     }
   } else {
-    regs_increase<240>();
+    regs_increase<TILEWISE_HOPPER_CONSUMER_REGS>();
     Consumer<Traits, kType>{p, s, wg - 1, tid}.run();
   }
 }

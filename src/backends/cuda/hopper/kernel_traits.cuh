@@ -4,6 +4,11 @@
 #include "backends/cuda/hopper/params.cuh"
 #include "backends/cuda/hopper/ptx.cuh"
 
+// K/V pipeline depth at head dim 128 (2 stages: 160 KB of shared memory, 3 stages: 224 KB).
+#ifndef TILEWISE_HOPPER_STAGES_D128
+#define TILEWISE_HOPPER_STAGES_D128 2
+#endif
+
 namespace tilewise::hopper {
 
 template <int kHeadDim>
@@ -16,7 +21,7 @@ struct KernelTraits {
   static constexpr int kPanels = D / kPanelCols;
   static constexpr int kPanelBytes = kBlockM * kRowBytes;  // one panel of a 128-row buffer
   static constexpr int kTileBytes = kPanels * kPanelBytes;  // 128 rows x D
-  static constexpr int kStages = D >= 128 ? 2 : 3;
+  static constexpr int kStages = D >= 128 ? TILEWISE_HOPPER_STAGES_D128 : 3;
   static_assert(kBlockM == kBlockN, "Q, K and V buffers share one panel geometry");
 
   // Stage buffers are addressed arithmetically (k(stage)), never through an array indexed at run time, which
@@ -31,10 +36,13 @@ struct KernelTraits {
     Barrier* k_empty;  // [kStages]
     Barrier* v_full;
     Barrier* v_empty;
+    Barrier* work_full;   // [2]: the scheduler's slot ring (producer -> consumers)
+    Barrier* work_empty;  // [2]
+    int32_t* work;        // [2]
   };
 
-  static constexpr int kBarriers = 2 + 4 * kStages;
-  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kTileBytes * (1 + 2 * kStages) + kBarriers * 8;
+  static constexpr int kBarriers = 2 + 4 * kStages + 4;
+  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kTileBytes * (1 + 2 * kStages) + kBarriers * 8 + 8;
 
   /// Carves the dynamic shared memory: tiles first (1024-byte aligned, as the 128-byte swizzle requires).
   static __device__ __forceinline__ Shared carve(uint8_t* raw) {
@@ -48,6 +56,9 @@ struct KernelTraits {
     s.k_empty = bars + 2 + kStages;
     s.v_full = bars + 2 + 2 * kStages;
     s.v_empty = bars + 2 + 3 * kStages;
+    s.work_full = bars + 2 + 4 * kStages;
+    s.work_empty = bars + 4 + 4 * kStages;
+    s.work = reinterpret_cast<int32_t*>(bars + kBarriers);
     return s;
   }
 };

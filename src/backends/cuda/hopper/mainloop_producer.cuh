@@ -32,7 +32,8 @@ struct Producer {
 
   __device__ void run() const {
     uint32_t kv_iter = 0, items = 0;
-    for (int32_t w = blockIdx.x; w < p.num_work; w += gridDim.x) {
+    WorkRing<typename Traits::Shared> ring{s};
+    for (int32_t w; (w = ring.produce(p.work_counter, p.num_work)) < p.num_work;) {
       const WorkItem item = decode_work(p, w);
       if (item.empty) continue;
       // The previous item's output store must have left the Q buffer before the next Q lands there.

@@ -1,9 +1,11 @@
-// Consumer: each of the two consumer warpgroups owns 64 query rows of the work item. Per key block it runs
-// S = Q K^T (wgmma, both operands in shared memory), masks only ragged or pattern-masked blocks, updates the
-// online softmax in registers, and accumulates O += P V (wgmma, P from registers, V MN-major in shared memory).
+// Consumer: each of the two consumer warpgroups owns 64 query rows of the work item. Per key block j it runs
+// S_j = Q K_j^T (wgmma, both operands in shared memory), masks only ragged or pattern-masked blocks, updates
+// the online softmax in registers, and accumulates O += P V (wgmma, P from registers, V MN-major in smem).
+//
+// Overlap (as in FlashAttention-3): S_j and P_{j-1} V_{j-1} are issued together, and the softmax of S_j runs
+// while P_{j-1} V_{j-1} is still on the tensor cores (intra-warpgroup); the two warpgroups take turns issuing
+// their GEMMs through a pair of named barriers, so one's softmax overlaps the other's GEMMs (ping-pong).
 #pragma once
-
-#include <cfloat>
 
 #include "backends/cuda/hopper/epilogue.cuh"
 #include "backends/cuda/hopper/kernel_traits.cuh"
@@ -18,6 +20,21 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+constexpr uint32_t kSchedulerBarrier = 2;  // + warpgroup index: "your turn to issue GEMMs"
+
+/// Which key columns of a block are real, allowed keys. Video columns are decided once per block by the
+/// whole warp (each lane checks 4 columns, __ballot_sync gathers 128 bits), so ragged blocks cost little.
+struct KeyMask {
+  bool active = false;  // false: every column is a real, allowed key (the common case: no work at all)
+  bool frames = false;  // attention tile block mixing allowed and forbidden frame pairs (token-level mask)
+  uint32_t valid[4] = {~0u, ~0u, ~0u, ~0u};  // bit c % 32 of word c / 32: column c is a real key
+};
+
+// Compile-time switch for experiments: 1 = FA3-style overlap (ping-pong + intra-warpgroup), 0 = sequential.
+#ifndef TILEWISE_HOPPER_OVERLAP
+#define TILEWISE_HOPPER_OVERLAP 0
+#endif
+
 template <class Traits, WgType kType>
 struct Consumer {
   static constexpr int D = Traits::D;
@@ -27,9 +44,9 @@ struct Consumer {
   int wg;    // consumer warpgroup: query rows [64 * wg, 64 * wg + 64)
   int tid;   // thread within the warpgroup
 
-  __device__ __forceinline__ int quad() const { return tid % 4; }
-  /// Row (within the 128-row block) of this thread's accumulator rows r = 0 (and r = 1: +8).
-  __device__ __forceinline__ int row(int r) const { return 64 * wg + 16 * (tid / 32) + (tid % 32) / 4 + 8 * r; }
+  __device__ __forceinline__ int lane() const { return tid % 32; }
+  /// Row (within the 128-row block) of this thread's accumulator rows rr = 0 and rr = 1 (+8).
+  __device__ __forceinline__ int row(int rr) const { return 64 * wg + 16 * (tid / 32) + lane() / 4 + 8 * rr; }
 
   __device__ __forceinline__ uint64_t q_desc(int panel, int kk) const {
     return make_desc(smem_addr(s.q) + panel * Traits::kPanelBytes + 64 * wg * Traits::kRowBytes + kk * 32, 16,
@@ -46,140 +63,213 @@ struct Consumer {
                      8 * Traits::kRowBytes, Traits::kRowBytes);
   }
 
-  /// Key column c (0..127) of block kb: is it a real, allowed key for query row `qrow`?
-  struct Mask {
-    bool active = false;          // false: every column is a valid, allowed key
-    bool text = false;
-    int32_t text_valid = 0;       // text: columns < text_valid are valid
-    D3 origin{}, limit{};       // video: key coordinate = origin + local(c); valid while < limit
-    int32_t volume = 0;
-    bool frames = false;          // attention tile block that mixes allowed and forbidden frame pairs
-    int32_t g = 0, r = 0;
-    int32_t qframe0 = 0, qframe1 = 0;
+  __device__ __forceinline__ void scheduler_sync() const { named_barrier_sync(kSchedulerBarrier + wg, 256); }
+  __device__ __forceinline__ void scheduler_arrive() const {
+    named_barrier_arrive(kSchedulerBarrier + (1 - wg), 256);
+  }
 
-    __device__ __forceinline__ bool allowed(int c, int rr, const D3& box) const {
-      if (text) return c < text_valid;
-      if (c >= volume) return false;
-      const int32_t hw = box.h * box.w;
-      const int32_t kt = origin.t + c / hw, kh = origin.h + (c / box.w) % box.h, kw = origin.w + c % box.w;
-      if (kt >= limit.t || kh >= limit.h || kw >= limit.w) return false;
-      return !frames || frame_pair_allowed<int32_t>(rr == 0 ? qframe0 : qframe1, kt, g, r);
-    }
-  };
-
-  __device__ __forceinline__ Mask make_mask(const WorkItem& item, const Block& kb, int32_t text_len) const {
-    Mask m;
+  __device__ __forceinline__ KeyMask make_mask(const WorkItem& item, const Block& kb, int32_t text_len) const {
+    KeyMask m;
     if (kb.text) {
-      m.text = true;
-      m.text_valid = text_len - kb.row0;
-      m.active = m.text_valid < kBlockN;
+      const int32_t n = text_len - kb.row0;  // columns [0, n) are valid text keys
+      m.active = n < kBlockN;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int32_t k = n - 32 * j;
+        m.valid[j] = k >= 32 ? ~0u : (k <= 0 ? 0u : (1u << k) - 1);
+      }
       return m;
     }
-    m.origin = kb.origin(p);
-    m.limit = p.map.grid.latent;
-    m.volume = static_cast<int32_t>(p.box.volume());
-    if (!item.q.text && p.kind == PatternKind::attention_tile) {
-      const HeadParams& hp = p.heads[item.head];
-      m.frames = block_kind<int32_t>(p.kind, hp, p.map.grid, item.q.tile, kb.tile) == BlockKind::masked;
-      m.g = static_cast<int32_t>(hp.global_frames);
-      m.r = static_cast<int32_t>(hp.radius);
-      const D3 qo = item.q.origin(p);
-      m.qframe0 = qo.t + row(0) / (p.box.h * p.box.w);
-      m.qframe1 = qo.t + row(1) / (p.box.h * p.box.w);
+    if (!item.q.text && p.kind == PatternKind::attention_tile)
+      m.frames = block_kind<int32_t>(p.kind, p.heads[item.head], p.map.grid, item.q.tile, kb.tile) ==
+                 BlockKind::masked;
+    const bool ragged = kb.ragged(p);
+    m.active = m.frames || ragged;
+    if (!m.active) return m;
+    const D3 o = kb.origin(p), L = p.map.grid.latent, b = p.box;
+    const int32_t hw = b.h * b.w, volume = b.t * hw;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int32_t c = 32 * j + lane();
+      const int32_t kt = o.t + c / hw, kh = o.h + (c / b.w) % b.h, kw = o.w + c % b.w;
+      m.valid[j] = __ballot_sync(0xffffffffu, c < volume && kt < L.t && kh < L.h && kw < L.w);
     }
-    m.active = m.frames || kb.ragged(p);
     return m;
+  }
+
+  /// The token-level frame rule on a masked attention-tile block (rare: only tt > 1 tiles straddling |fq-fk|=r).
+  __device__ __forceinline__ void mask_frames(float (&sc)[kBlockN / 2], const WorkItem& item, const Block& kb) const {
+    const HeadParams& hp = p.heads[item.head];
+    const int32_t g = static_cast<int32_t>(hp.global_frames), r = static_cast<int32_t>(hp.radius);
+    const int32_t hw = p.box.h * p.box.w, kt0 = kb.origin(p).t, qt0 = item.q.origin(p).t;
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) {
+      const int c = 8 * (i / 4) + 2 * (lane() % 4) + (i % 2);
+      if (!frame_pair_allowed<int32_t>(qt0 + row((i % 4) / 2) / hw, kt0 + c / hw, g, r)) sc[i] = -INFINITY;
+    }
+  }
+
+  /// Masks S (when needed) and runs one online-softmax step: S becomes P (unnormalised, base 2), the running
+  /// max and sum are updated, and the factor that rescales O is returned per row.
+  __device__ __forceinline__ void softmax(float (&sc)[kBlockN / 2], const KeyMask& mask, const WorkItem& item,
+                                          const Block& kb, float (&m_run)[2], float (&l_run)[2],
+                                          float (&corr)[2]) const {
+    if (mask.active) {
+#pragma unroll
+      for (int i = 0; i < kBlockN / 2; ++i) {
+        // Column c = 8 (i / 4) + 2 (lane % 4) + i % 2: word c / 32 = i / 16 is known at compile time.
+        const int c = 8 * (i / 4) + 2 * (lane() % 4) + (i % 2);
+        if (!((mask.valid[i / 16] >> (c % 32)) & 1u)) sc[i] = -INFINITY;
+      }
+      if (mask.frames) mask_frames(sc, item, kb);
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < kBlockN / 2; ++i)
+        if ((i % 4) / 2 == rr) mx = fmaxf(mx, sc[i]);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run[rr], mx * p.scale_log2);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no valid key yet stays at zero
+      corr[rr] = fast_exp2(m_run[rr] - m_use);
+      m_run[rr] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < kBlockN / 2; ++i)
+        if ((i % 4) / 2 == rr) {
+          sc[i] = fast_exp2(fmaf(sc[i], p.scale_log2, -m_use));
+          sum += sc[i];
+        }
+      l_run[rr] = l_run[rr] * corr[rr] + sum;
+    }
+  }
+
+  /// P as the A operand of the P V product: k16 step j covers accumulator chunks 2j and 2j+1.
+  __device__ __forceinline__ void to_operand(const float (&sc)[kBlockN / 2], uint32_t (&pa)[kSteps][4]) const {
+#pragma unroll
+    for (int j = 0; j < kSteps; ++j)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) pa[j][x] = pack_half2(sc[8 * j + 2 * x], sc[8 * j + 2 * x + 1], kType == WgType::bf16);
+  }
+
+  __device__ __forceinline__ void issue_s(float (&sc)[kBlockN / 2], int stage) const {
+#pragma unroll
+    for (int panel = 0; panel < Traits::kPanels; ++panel)
+#pragma unroll
+      for (int kk = 0; kk < Traits::kPanelCols / 16; ++kk)
+        Wgmma<kType, kBlockN>::template ss_impl<0>(sc, q_desc(panel, kk), k_desc(stage, panel, kk), panel + kk > 0);
+  }
+  __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pa)[kSteps][4], int stage) const {
+#pragma unroll
+    for (int j = 0; j < kSteps; ++j) WgmmaRS<kType, D>::template rs<1>(o, pa[j], v_desc(stage, j), 1);
   }
 
   __device__ void run() const {
     uint32_t kv_iter = 0, items = 0;
-    for (int32_t w = blockIdx.x; w < p.num_work; w += gridDim.x) {
+    WorkRing<typename Traits::Shared> ring{s};
+    if (TILEWISE_HOPPER_OVERLAP && wg == 1) scheduler_arrive();  // warpgroup 0 issues first
+    for (int32_t w; (w = ring.consume()) < p.num_work;) {
       const WorkItem item = decode_work(p, w);
       if (item.empty) continue;
       const int32_t text_len = text_len_of(p, item.batch);
       float o[D / 2];
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-      float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+      float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, corr[2];
+      float sc[kBlockN / 2];
+      uint32_t pa[kSteps][4];
 
+#if TILEWISE_HOPPER_OVERLAP
       s.q_full->wait(items & 1);
       KeyBlockCursor cursor(p, item);
       Block kb;
+      cursor.next(kb);  // every work item has at least one key block
+
+      // Block 0: S_0 alone.
+      int stage = kv_iter % Traits::kStages;
+      uint32_t phase = (kv_iter / Traits::kStages) & 1;
+      s.k_full[stage].wait(phase);
+      scheduler_sync();
+      wgmma_fence();
+      issue_s(sc, stage);
+      wgmma_commit();
+      scheduler_arrive();
+      wgmma_wait<0>();
+      fence_regs(sc);
+      s.k_empty[stage].arrive();
+      softmax(sc, make_mask(item, kb, text_len), item, kb, m_run, l_run, corr);
+      to_operand(sc, pa);
+
+      // Blocks 1..n-1: S_j together with P_{j-1} V_{j-1}; softmax of S_j while P V runs.
       while (cursor.next(kb)) {
+        const int prev = stage;
+        const uint32_t prev_phase = phase;
+        ++kv_iter;
+        stage = kv_iter % Traits::kStages;
+        phase = (kv_iter / Traits::kStages) & 1;
+        const KeyMask mask = make_mask(item, kb, text_len);
+        s.k_full[stage].wait(phase);
+        s.v_full[prev].wait(prev_phase);
+        scheduler_sync();
+        wgmma_fence();
+        issue_s(sc, stage);
+        wgmma_commit();
+        issue_pv(o, pa, prev);
+        wgmma_commit();
+        scheduler_arrive();
+        wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
+        fence_regs(sc);
+        s.k_empty[stage].arrive();
+        softmax(sc, mask, item, kb, m_run, l_run, corr);
+        wgmma_wait<0>();
+        fence_regs(o);
+        s.v_empty[prev].arrive();
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) o[i] *= corr[(i % 4) / 2];
+        to_operand(sc, pa);
+      }
+
+      // Last P V.
+      s.v_full[stage].wait(phase);
+      scheduler_sync();
+      wgmma_fence();
+      issue_pv(o, pa, stage);
+      wgmma_commit();
+      scheduler_arrive();
+      wgmma_wait<0>();
+      fence_regs(o);
+      s.v_empty[stage].arrive();
+      ++kv_iter;
+
+#else
+      s.q_full->wait(items & 1);
+      KeyBlockCursor cursor(p, item);
+      for (Block kb; cursor.next(kb); ++kv_iter) {
         const int stage = kv_iter % Traits::kStages;
         const uint32_t phase = (kv_iter / Traits::kStages) & 1;
-        ++kv_iter;
-
-        // S = Q K^T
-        float sc[kBlockN / 2];
+        const KeyMask mask = make_mask(item, kb, text_len);
         s.k_full[stage].wait(phase);
         wgmma_fence();
-#pragma unroll
-        for (int panel = 0; panel < Traits::kPanels; ++panel)
-#pragma unroll
-          for (int kk = 0; kk < Traits::kPanelCols / 16; ++kk)
-            Wgmma<kType, kBlockN>::template ss_impl<0>(sc, q_desc(panel, kk), k_desc(stage, panel, kk),
-                                                        panel + kk > 0);
+        issue_s(sc, stage);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(sc);
         s.k_empty[stage].arrive();
-
-        // Mask where the block is ragged or pattern-masked; full blocks skip this entirely.
-        const Mask mask = make_mask(item, kb, text_len);
-        if (mask.active) {
-#pragma unroll
-          for (int i = 0; i < kBlockN / 2; ++i) {
-            const int c = 8 * (i / 4) + 2 * quad() + (i % 2);
-            if (!mask.allowed(c, (i % 4) / 2, p.box)) sc[i] = -INFINITY;
-          }
-        }
-
-        // Online softmax (base 2). Each row's 128 scores live in the 4 threads of a quad.
-        float corr[2];
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int i = 0; i < kBlockN / 2; ++i)
-            if ((i % 4) / 2 == rr) mx = fmaxf(mx, sc[i]);
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-          const float m_new = fmaxf(m_run[rr], mx * p.scale_log2);
-          const float m_use = m_new == -INFINITY ? 0.f : m_new;
-          corr[rr] = fast_exp2(m_run[rr] - m_use);
-          m_run[rr] = m_new;
-          float sum = 0.f;
-#pragma unroll
-          for (int i = 0; i < kBlockN / 2; ++i)
-            if ((i % 4) / 2 == rr) {
-              sc[i] = fast_exp2(fmaf(sc[i], p.scale_log2, -m_use));
-              sum += sc[i];
-            }
-          l_run[rr] = l_run[rr] * corr[rr] + sum;
-        }
+        softmax(sc, mask, item, kb, m_run, l_run, corr);
 #pragma unroll
         for (int i = 0; i < D / 2; ++i) o[i] *= corr[(i % 4) / 2];
-
-        // P as the A operand: k16 step j covers accumulator chunks 2j and 2j+1.
-        uint32_t pa[kSteps][4];
-#pragma unroll
-        for (int j = 0; j < kSteps; ++j)
-#pragma unroll
-          for (int x = 0; x < 4; ++x)
-            pa[j][x] = pack_half2(sc[8 * j + 2 * x], sc[8 * j + 2 * x + 1], kType == WgType::bf16);
-
-        // O += P V
+        to_operand(sc, pa);
         s.v_full[stage].wait(phase);
         wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < kSteps; ++j) WgmmaRS<kType, D>::template rs<1>(o, pa[j], v_desc(stage, j), 1);
+        issue_pv(o, pa, stage);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(o);
         s.v_empty[stage].arrive();
       }
-
+#endif
       Epilogue<Traits, kType>{p, s, wg, tid}.store(item, o, m_run, l_run);
       ++items;
     }

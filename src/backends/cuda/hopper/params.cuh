@@ -53,6 +53,7 @@ struct FwdParams {  // CUtensorMap members carry their own 64-byte alignment
   int32_t video_items = 0;  // work items per (batch, head): query blocks of the video part
   int32_t text_items = 0;   // and of the text part
   int32_t num_work = 0;
+  int32_t* work_counter = nullptr;  // dynamic scheduler: next work item (zeroed on the stream before a launch)
 };
 
 }  // namespace tilewise::hopper

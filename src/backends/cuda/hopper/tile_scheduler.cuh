@@ -80,6 +80,35 @@ __device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w) {
   return it;
 }
 
+/// Dynamic scheduling: the producer thread takes the next work index from a global counter and hands it to
+/// the consumers through a two-slot ring in shared memory, so heavy items (text rows, global frames) never
+/// leave CTAs idle at the end. An index >= num_work tells everyone to stop.
+template <class Shared>
+struct WorkRing {
+  const Shared& s;
+  uint32_t n = 0;       // items passed through the ring so far
+  int32_t ahead = -1;   // producer: the next index, fetched one item early so the atomic's latency is hidden
+
+  __device__ __forceinline__ int32_t produce(int32_t* counter, int32_t num_work) {
+    const int32_t w = ahead >= 0 ? ahead : atomicAdd(counter, 1);
+    ahead = w < num_work ? atomicAdd(counter, 1) : w;  // in flight while this item's loads are issued
+    const uint32_t slot = n & 1;
+    s.work_empty[slot].wait(((n >> 1) & 1) ^ 1);
+    s.work[slot] = w;
+    s.work_full[slot].arrive();
+    ++n;
+    return w;
+  }
+  __device__ __forceinline__ int32_t consume() {
+    const uint32_t slot = n & 1;
+    s.work_full[slot].wait((n >> 1) & 1);
+    const int32_t w = *static_cast<volatile int32_t*>(&s.work[slot]);
+    s.work_empty[slot].arrive();
+    ++n;
+    return w;
+  }
+};
+
 __device__ __forceinline__ int32_t text_len_of(const FwdParams& p, int32_t batch) {
   const int32_t cap = static_cast<int32_t>(p.map.seq.text_capacity);
   if (p.text_len == nullptr) return cap;

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Builds kernel variants side by side (compile-time switches) and benchmarks them in one device call.
+# Usage: scripts/device_variants.sh "NAME:FLAGS" ... (FLAGS are CUDA defines, e.g. -DTILEWISE_HOPPER_OVERLAP=1)
+set -uo pipefail
+OUT=${OUT:-/tmp/tilewise-out}
+CUTLASS=${CUTLASS:-$PWD/.venv/lib/python3.11/site-packages/cutlass_library/source/include}
+ROWS=${ROWS:-1,2}
+for spec in "$@"; do
+  name=${spec%%:*}; flags=${spec#*:}
+  cmake -S . -B build-$name -DTILEWISE_CUTLASS_DIR="$CUTLASS" -DTILEWISE_TESTS=OFF -DCMAKE_CUDA_FLAGS="$flags" \
+    > "$OUT/cmake-$name.log" 2>&1 && cmake --build build-$name -j16 --target tilewise_lib > "$OUT/build-$name.log" 2>&1 \
+    || { echo "build $name failed"; tail -20 "$OUT/build-$name.log"; continue; }
+  echo "== $name ($flags): $(grep -E 'bytes stack' "$OUT/build-$name.log" | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
+  PYTHONUNBUFFERED=1 timeout 300 python3 bench/bench_forward.py --lib build-$name/libtilewise.so --rows "$ROWS" \
+    --no-flex --out "$OUT/bench-$name.md" > "$OUT/bench-$name.log" 2>&1
+  cut -d'|' -f2-5 "$OUT/bench-$name.md" | head -12
+done
