@@ -20,12 +20,9 @@ def ss(n, ty):
     ops = ", ".join(f'"+f"(d[{i}])' for i in range(acc))
     return f'''template <>
 struct Wgmma<WgType::{ty}, {n}> {{
-  /// d[64 x {n}] (+)= A[64 x 16] * B[16 x {n}], A and B from shared memory (descriptors).
-  static __device__ __forceinline__ void ss(float (&d)[{acc}], uint64_t a, uint64_t b, int accumulate, int trans_b) {{
-    if (trans_b) ss_impl<1>(d, a, b, accumulate); else ss_impl<0>(d, a, b, accumulate);
-  }}
+  /// d[64 x {n}] (+)= A[64 x 16] * B[16 x {n}], A and B from shared memory (descriptors, B MN-major when kTransB).
   template <int kTransB>
-  static __device__ __forceinline__ void ss_impl(float (&d)[{acc}], uint64_t a, uint64_t b, int accumulate) {{
+  static __device__ __forceinline__ void ss(float (&d)[{acc}], uint64_t a, uint64_t b, int accumulate) {{
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc + 2}, 0;\\n"
         "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{d}}}, %{acc}, %{acc + 1}, p, 1, 1, 0, %{acc + 3};\\n}}\\n"

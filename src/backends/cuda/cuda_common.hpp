@@ -59,4 +59,15 @@ struct PatternTables {
 /// Checks that a pointer given to run() is device memory aligned to `alignment` bytes.
 void require_device_pointer(const void* p, const char* name, int alignment);
 
+/// Checks every pointer of a run: q, k, v, o aligned to `tensor_alignment` bytes; lse and text_len, when given,
+/// to 4 bytes. All on the device.
+inline void require_device_tensors(const Tensors& t, int tensor_alignment) {
+  require_device_pointer(t.q, "q", tensor_alignment);
+  require_device_pointer(t.k, "k", tensor_alignment);
+  require_device_pointer(t.v, "v", tensor_alignment);
+  require_device_pointer(t.o, "o", tensor_alignment);
+  if (t.lse) require_device_pointer(t.lse, "lse", 4);
+  if (t.text_len) require_device_pointer(t.text_len, "text_len", 4);
+}
+
 }  // namespace tilewise::cuda

@@ -128,12 +128,7 @@ class HopperBackend final : public Backend {
 
   void run(const Plan& plan, const Tensors& t, void* stream) const override {
     const Problem& p = plan.problem();
-    require_device_pointer(t.q, "q", 16);
-    require_device_pointer(t.k, "k", 16);
-    require_device_pointer(t.v, "v", 16);
-    require_device_pointer(t.o, "o", 16);
-    if (t.lse) require_device_pointer(t.lse, "lse", 4);
-    if (t.text_len) require_device_pointer(t.text_len, "text_len", 4);
+    require_device_tensors(t, 16);  // TMA needs 16-byte aligned base addresses
 
     hopper::FwdParams prm{};
     const TileGrid& g = plan.grid();

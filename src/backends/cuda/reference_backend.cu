@@ -172,10 +172,7 @@ class ReferenceBackend final : public Backend {
 
   void run(const Plan& plan, const Tensors& t, void* stream) const override {
     const Problem& p = plan.problem();
-    require_device_pointer(t.q, "q", 2);
-    require_device_pointer(t.k, "k", 2);
-    require_device_pointer(t.v, "v", 2);
-    require_device_pointer(t.o, "o", 2);
+    require_device_tensors(t, 2);
     RefParams r{t.q, t.k, t.v, t.o, t.lse, p.q, p.k, p.v, p.o, plan.token_map(),
                 static_cast<int32_t>(p.q_heads), static_cast<int32_t>(p.q_heads / p.kv_heads),
                 static_cast<int32_t>(p.head_dim), p.text_capacity, t.text_len, plan.pattern().kind,

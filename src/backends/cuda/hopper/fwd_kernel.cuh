@@ -38,8 +38,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
     for (int i = 0; i < Traits::kStages; ++i) {
       s.k_full[i].init(1);
       s.v_full[i].init(1);
-      s.k_empty[i].init(128 * kConsumerWarpgroups);
-      s.v_empty[i].init(128 * kConsumerWarpgroups);
+      // One arrival per consumer warpgroup: wgmma.wait_group covers the whole warpgroup's operand reads,
+      // so a single signalling thread suffices (256 arrivals per stage would load the shared-memory pipe).
+      s.k_empty[i].init(kConsumerWarpgroups);
+      s.v_empty[i].init(kConsumerWarpgroups);
     }
     for (int i = 0; i < 2; ++i) {
       s.work_full[i].init(1);

@@ -63,6 +63,11 @@ struct Consumer {
                      8 * Traits::kRowBytes, Traits::kRowBytes);
   }
 
+  /// Frees a pipeline stage once this warpgroup's wgmma reading it has completed (one arrival per warpgroup).
+  __device__ __forceinline__ void release(Barrier& empty) const {
+    if (tid == 0) empty.arrive();
+  }
+
   __device__ __forceinline__ void scheduler_sync() const { named_barrier_sync(kSchedulerBarrier + wg, 256); }
   __device__ __forceinline__ void scheduler_arrive() const {
     named_barrier_arrive(kSchedulerBarrier + (1 - wg), 256);
@@ -159,7 +164,7 @@ struct Consumer {
     for (int panel = 0; panel < Traits::kPanels; ++panel)
 #pragma unroll
       for (int kk = 0; kk < Traits::kPanelCols / 16; ++kk)
-        Wgmma<kType, kBlockN>::template ss_impl<0>(sc, q_desc(panel, kk), k_desc(stage, panel, kk), panel + kk > 0);
+        Wgmma<kType, kBlockN>::template ss<0>(sc, q_desc(panel, kk), k_desc(stage, panel, kk), panel + kk > 0);
   }
   __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pa)[kSteps][4], int stage) const {
 #pragma unroll
@@ -198,7 +203,7 @@ struct Consumer {
       scheduler_arrive();
       wgmma_wait<0>();
       fence_regs(sc);
-      s.k_empty[stage].arrive();
+      release(s.k_empty[stage]);
       softmax(sc, make_mask(item, kb, text_len), item, kb, m_run, l_run, corr);
       to_operand(sc, pa);
 
@@ -221,11 +226,11 @@ struct Consumer {
         scheduler_arrive();
         wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
         fence_regs(sc);
-        s.k_empty[stage].arrive();
+        release(s.k_empty[stage]);
         softmax(sc, mask, item, kb, m_run, l_run, corr);
         wgmma_wait<0>();
         fence_regs(o);
-        s.v_empty[prev].arrive();
+        release(s.v_empty[prev]);
 #pragma unroll
         for (int i = 0; i < D / 2; ++i) o[i] *= corr[(i % 4) / 2];
         to_operand(sc, pa);
@@ -240,7 +245,7 @@ struct Consumer {
       scheduler_arrive();
       wgmma_wait<0>();
       fence_regs(o);
-      s.v_empty[stage].arrive();
+      release(s.v_empty[stage]);
       ++kv_iter;
 
 #else
@@ -256,7 +261,7 @@ struct Consumer {
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(sc);
-        s.k_empty[stage].arrive();
+        release(s.k_empty[stage]);
         softmax(sc, mask, item, kb, m_run, l_run, corr);
 #pragma unroll
         for (int i = 0; i < D / 2; ++i) o[i] *= corr[(i % 4) / 2];
@@ -267,7 +272,7 @@ struct Consumer {
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(o);
-        s.v_empty[stage].arrive();
+        release(s.v_empty[stage]);
       }
 #endif
       Epilogue<Traits, kType>{p, s, wg, tid}.store(item, o, m_run, l_run);

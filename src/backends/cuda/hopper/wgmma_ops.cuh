@@ -15,12 +15,9 @@ struct WgmmaRS;
 
 template <>
 struct Wgmma<WgType::bf16, 128> {
-  /// d[64 x 128] (+)= A[64 x 16] * B[16 x 128], A and B from shared memory (descriptors).
-  static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int accumulate, int trans_b) {
-    if (trans_b) ss_impl<1>(d, a, b, accumulate); else ss_impl<0>(d, a, b, accumulate);
-  }
+  /// d[64 x 128] (+)= A[64 x 16] * B[16 x 128], A and B from shared memory (descriptors, B MN-major when kTransB).
   template <int kTransB>
-  static __device__ __forceinline__ void ss_impl(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
+  static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, %67;\n}\n"
@@ -70,12 +67,9 @@ struct WgmmaRS<WgType::bf16, 128> {
 
 template <>
 struct Wgmma<WgType::f16, 128> {
-  /// d[64 x 128] (+)= A[64 x 16] * B[16 x 128], A and B from shared memory (descriptors).
-  static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int accumulate, int trans_b) {
-    if (trans_b) ss_impl<1>(d, a, b, accumulate); else ss_impl<0>(d, a, b, accumulate);
-  }
+  /// d[64 x 128] (+)= A[64 x 16] * B[16 x 128], A and B from shared memory (descriptors, B MN-major when kTransB).
   template <int kTransB>
-  static __device__ __forceinline__ void ss_impl(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
+  static __device__ __forceinline__ void ss(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, %67;\n}\n"
