@@ -32,6 +32,12 @@ struct KeyBoxesT {
   TW_HD constexpr bool contains(Dim3T<I> c) const {
     return (t0.contains(c.t) || (num_t == 2 && t1.contains(c.t))) && h.contains(c.h) && w.contains(c.w);
   }
+  /// The i-th key tile (0 <= i < num_tiles()), in ascending raster order of the tile grid.
+  TW_HD constexpr Dim3T<I> tile(I i) const {
+    const I it = i / (h.size() * w.size());
+    return {it < t0.size() ? t0.begin + it : t1.begin + (it - t0.size()), h.begin + (i / w.size()) % h.size(),
+            w.begin + i % w.size()};
+  }
 };
 using KeyBoxes = KeyBoxesT<int64_t>;
 

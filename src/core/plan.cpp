@@ -265,12 +265,7 @@ std::vector<int32_t> Plan::key_tiles(int64_t h, int64_t qt) const {
   }
   const KeyBoxes b = key_boxes<int64_t>(pattern_.kind, head(h), g, g.tile_coord(qt));
   out.reserve(b.num_tiles());
-  for (int i = 0; i < b.num_t; ++i) {
-    const AxisRange rt = i == 0 ? b.t0 : b.t1;
-    for (int64_t ct = rt.begin; ct < rt.end; ++ct)
-      for (int64_t ch = b.h.begin; ch < b.h.end; ++ch)
-        for (int64_t cw = b.w.begin; cw < b.w.end; ++cw) out.push_back(static_cast<int32_t>(g.tile_index({ct, ch, cw})));
-  }
+  for (int64_t i = 0; i < b.num_tiles(); ++i) out.push_back(static_cast<int32_t>(g.tile_index(b.tile(i))));
   return out;
 }
 

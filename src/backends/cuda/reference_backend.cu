@@ -128,10 +128,8 @@ __global__ void __launch_bounds__(kThreads) reference_kernel(RefParams p) {
       Dim3 ck;
       if (list) {
         ck = g.tile_coord(p.block_tiles[list_begin + i]);
-      } else {  // i-th tile of the boxes, in the same raster order as Plan::key_tiles
-        const int64_t hw = boxes.h.size() * boxes.w.size(), it = i / hw;
-        const int64_t ct = it < boxes.t0.size() ? boxes.t0.begin + it : boxes.t1.begin + (it - boxes.t0.size());
-        ck = {ct, boxes.h.begin + (i / boxes.w.size()) % boxes.h.size(), boxes.w.begin + i % boxes.w.size()};
+      } else {
+        ck = boxes.tile(i);
       }
       const bool masked = !text_query && !list && block_kind<int64_t>(p.kind, p.heads[h], g, cq, ck) == BlockKind::masked;
       const Dim3 o = g.tile_origin(ck), e = g.tile_extent(ck);
