@@ -316,6 +316,103 @@ TEST(CudaErrors, MisalignedStridesAndHostPointers) {
   EXPECT_THROW((void)Plan(d80, Pattern::dense(), Device::cuda), Error);
 }
 
+/// Device buffers for one problem, filled from host vectors; a tiny RAII holder for the two tests below.
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  explicit DeviceBuffer(size_t bytes) { EXPECT_EQ(cudaMalloc(&ptr, bytes), cudaSuccess); }
+  ~DeviceBuffer() { cudaFree(ptr); }
+};
+
+TEST(CudaGraph, CaptureAndReplayMatchEagerAndReadTextLenOnDevice) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device: GPU test skipped";
+  Problem p = base({8, 32, 40}, {2, 8, 8}, 2, 2, 128, 40);
+  p.batch = 2;
+  const Plan plan(p, Pattern::sliding_tile({3, 3, 3}), Device::cuda);
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const Buffers in = random_inputs(plan, {17, 40}, seed);
+  DeviceRun eager(plan, in);
+  const Result want = eager.run();
+
+  const size_t elems = in.q.size(), bytes = elems * 2;
+  DeviceBuffer q(bytes), k(bytes), v(bytes), o(bytes), len(2 * sizeof(int32_t));
+  CUDA_OK(cudaMemcpy(q.ptr, in.q.data(), bytes, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(k.ptr, in.k.data(), bytes, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(v.ptr, in.v.data(), bytes, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(len.ptr, in.text_len.data(), 2 * sizeof(int32_t), cudaMemcpyHostToDevice));
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreate(&stream));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  // Global capture mode: any allocation or synchronisation inside run() would invalidate the capture.
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  plan.run({q.ptr, k.ptr, v.ptr, o.ptr, nullptr, static_cast<const int32_t*>(len.ptr)}, stream);
+  CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  std::vector<uint16_t> got(elems);
+  for (int replay = 0; replay < 2; ++replay) {
+    CUDA_OK(cudaMemsetAsync(o.ptr, 0xFF, bytes, stream));
+    CUDA_OK(cudaGraphLaunch(exec, stream));
+    CUDA_OK(cudaStreamSynchronize(stream));
+    CUDA_OK(cudaMemcpy(got.data(), o.ptr, bytes, cudaMemcpyDeviceToHost));
+    EXPECT_EQ(0, std::memcmp(got.data(), want.o.data(), bytes)) << "replay " << replay << " differs from eager";
+  }
+  // The graph reads text_len from the device at replay time: new lengths, same graph, new result.
+  const std::vector<int32_t> other{0, 23};
+  CUDA_OK(cudaMemcpy(len.ptr, other.data(), 2 * sizeof(int32_t), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaGraphLaunch(exec, stream));
+  CUDA_OK(cudaStreamSynchronize(stream));
+  CUDA_OK(cudaMemcpy(got.data(), o.ptr, bytes, cudaMemcpyDeviceToHost));
+  Buffers in2 = in;
+  in2.text_len = other;
+  Result want2 = DeviceRun(plan, in2).run();
+  EXPECT_EQ(0, std::memcmp(got.data(), want2.o.data(), bytes)) << "replay with new device text_len";
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+TEST(CudaLarge, MoreThan2To31ElementsPerTensor) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device: GPU test skipped";
+  // HunyuanVideo 720p with batch 8: 2.83e9 elements per tensor (5.7 GB), beyond 32-bit offsets. The last
+  // batch element holds random data that is also run alone; its output must be bitwise identical.
+  Problem big = base({30, 48, 80}, {6, 8, 8}, 24, 24, 128, 256);
+  big.batch = 8;
+  Problem one = big;
+  one.batch = 1;
+  const Pattern pat = Pattern::sliding_tile({3, 3, 3});
+  const Plan plan_big(big, pat, Device::cuda), plan_one(one, pat, Device::cuda);
+  const size_t per = static_cast<size_t>(one.sequence_length()) * 24 * 128, total = per * 8;
+  ASSERT_GT(total, size_t{1} << 31);
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.f, 1.f);
+  std::vector<uint16_t> host(per);
+  DeviceBuffer qb(total * 2), kb(total * 2), vb(total * 2), ob(total * 2), q1(per * 2), k1(per * 2), v1(per * 2),
+      o1(per * 2);
+  for (auto [whole, single] : {std::pair{&qb, &q1}, std::pair{&kb, &k1}, std::pair{&vb, &v1}}) {
+    for (auto& e : host) e = detail::float_to_bf16(n(rng));
+    CUDA_OK(cudaMemset(whole->ptr, 0x3F, (total - per) * 2));  // other batch elements: any finite data
+    CUDA_OK(cudaMemcpy(static_cast<char*>(whole->ptr) + (total - per) * 2, host.data(), per * 2, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemcpy(single->ptr, host.data(), per * 2, cudaMemcpyHostToDevice));
+  }
+  const std::vector<int32_t> lens_big{226, 226, 226, 226, 226, 226, 226, 101}, lens_one{101};
+  DeviceBuffer lb(8 * 4), l1(4);
+  CUDA_OK(cudaMemcpy(lb.ptr, lens_big.data(), 8 * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(l1.ptr, lens_one.data(), 4, cudaMemcpyHostToDevice));
+  plan_big.run({qb.ptr, kb.ptr, vb.ptr, ob.ptr, nullptr, static_cast<const int32_t*>(lb.ptr)});
+  plan_one.run({q1.ptr, k1.ptr, v1.ptr, o1.ptr, nullptr, static_cast<const int32_t*>(l1.ptr)});
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<uint16_t> a(per), b(per);
+  CUDA_OK(cudaMemcpy(a.data(), static_cast<char*>(ob.ptr) + (total - per) * 2, per * 2, cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(b.data(), o1.ptr, per * 2, cudaMemcpyDeviceToHost));
+  EXPECT_EQ(0, std::memcmp(a.data(), b.data(), per * 2)) << "last batch element differs from the same data alone";
+  int64_t nonfinite = 0;
+  for (uint16_t x : a) nonfinite += !std::isfinite(detail::bf16_to_float(x));
+  EXPECT_EQ(nonfinite, 0);
+}
+
 #else
 
 TEST(Cuda, Skipped) { GTEST_SKIP() << "tilewise built without CUDA: GPU tests skipped"; }
