@@ -25,6 +25,7 @@ demo: build
 
 test: build
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+	TILEWISE_LIBRARY=$(CURDIR)/$(BUILD)/libtilewise.so PYTHONPATH=$(CURDIR)/python $(VENV)/bin/python -m pytest -q tests/python
 
 clean:
 	rm -rf $(BUILD)

@@ -78,6 +78,8 @@ def lib(path: str | None = None):
         L.tw_last_error_argument.restype = ctypes.c_char_p
         L.tw_cuda_available.restype = I32
         L.tw_version.restype = ctypes.c_char_p
+        L.tw_tile.argtypes = [ctypes.POINTER(Problem), ctypes.c_void_p, ctypes.c_void_p]
+        L.tw_untile.argtypes = [ctypes.POINTER(Problem), ctypes.c_void_p, ctypes.c_void_p]
         _lib = L
     return _lib
 
@@ -92,6 +94,35 @@ def check(status: int) -> None:
         raise RuntimeError(message)
 
 
+def _enum(table: dict, name: str, value) -> int:
+    if value not in table:
+        raise TilewiseError(f"invalid {name} = {value!r}: expected one of {', '.join(table)}", name)
+    return table[value]
+
+
+def make_problem(*, batch, q_heads, kv_heads, head_dim, dtype, latent, tile, text_capacity=0,
+                 text_position="last", order="raster", layout="bshd", strides=None, scale=0.0) -> Problem:
+    """A tw_problem from keyword arguments; strides: {"q": (batch, seq, head, dim), ...} in elements."""
+    p = Problem()
+    lib().tw_problem_init(ctypes.byref(p))
+    p.batch, p.q_heads, p.kv_heads, p.head_dim = batch, q_heads, kv_heads, head_dim
+    p.dtype = _enum(DTYPES, "dtype", dtype)
+    p.text_position = _enum(TEXT_POSITIONS, "text_position", text_position)
+    p.order = _enum(ORDERS, "order", order)
+    p.layout = _enum(LAYOUTS, "layout", layout)
+    p.latent[:], p.tile[:] = list(latent), list(tile)
+    p.text_capacity, p.scale = text_capacity, scale
+    for name, st in (strides or {}).items():
+        getattr(p, f"{name}_strides")[:] = list(st)
+    return p
+
+
+def reorder(problem: Problem, src: int, dst: int, to_tiled: bool) -> None:
+    """Raster <-> tiled order of a contiguous [B, S, H, D] host buffer (pointers as integers)."""
+    fn = lib().tw_tile if to_tiled else lib().tw_untile
+    check(fn(ctypes.byref(problem), ctypes.c_void_p(src), ctypes.c_void_p(dst)))
+
+
 class Plan:
     """A planned problem: create once (validates, uploads tables), then run() only launches."""
 
@@ -100,37 +131,27 @@ class Plan:
                  pattern="sliding_tile", windows=((3, 3, 3),), global_frames=(0,), radius=(0,),
                  block_offsets=None, block_tiles=None, device="cuda"):
         L = lib()
-        p = Problem()
-        L.tw_problem_init(ctypes.byref(p))
-        p.batch, p.q_heads, p.kv_heads, p.head_dim = batch, q_heads, kv_heads, head_dim
-        p.dtype, p.text_position = DTYPES[dtype], TEXT_POSITIONS[text_position]
-        p.order, p.layout = ORDERS[order], LAYOUTS[layout]
-        p.latent[:], p.tile[:] = list(latent), list(tile)
-        p.text_capacity, p.scale = text_capacity, scale
-        if strides is not None:  # {"q": (b, s, h, d), ...}
-            for name, s in strides.items():
-                getattr(p, f"{name}_strides")[:] = list(s)
+        p = make_problem(batch=batch, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+                         latent=latent, tile=tile, text_capacity=text_capacity, text_position=text_position,
+                         order=order, layout=layout, strides=strides, scale=scale)
         pat = Pattern()
         L.tw_pattern_init(ctypes.byref(pat))
-        pat.kind = PATTERNS[pattern]
-        self._keep = []  # arrays referenced by the pattern must outlive plan creation only, but keep them simple
+        pat.kind = _enum(PATTERNS, "pattern", pattern)
+        # The tables below only need to live until tw_plan_create returns: the plan copies them.
         if pattern == "sliding_tile":
             flat = (I64 * (3 * len(windows)))(*[x for w in windows for x in w])
             pat.num_heads, pat.windows = len(windows), flat
-            self._keep.append(flat)
         elif pattern == "attention_tile":
             g = (I64 * len(global_frames))(*global_frames)
             r = (I64 * len(radius))(*radius)
             pat.num_heads, pat.global_frames, pat.radius = len(global_frames), g, r
-            self._keep += [g, r]
         elif pattern == "block_list":
             off = (I64 * len(block_offsets))(*block_offsets)
             til = (I32 * len(block_tiles))(*block_tiles)
             pat.block_offsets, pat.num_block_offsets = off, len(block_offsets)
             pat.block_tiles, pat.num_block_tiles = til, len(block_tiles)
-            self._keep += [off, til]
         handle = ctypes.c_void_p()
-        check(L.tw_plan_create(ctypes.byref(p), ctypes.byref(pat), DEVICES[device], ctypes.byref(handle)))
+        check(L.tw_plan_create(ctypes.byref(p), ctypes.byref(pat), _enum(DEVICES, "device", device), ctypes.byref(handle)))
         self._handle = handle
 
     def run(self, q, k, v, o, lse=0, text_len=0, stream=0) -> None:
