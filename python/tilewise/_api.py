@@ -94,7 +94,7 @@ class Plan:
         self._plan = _capi.Plan(batch=g.batch, q_heads=g.q_heads, kv_heads=g.kv_heads, head_dim=g.head_dim,
                                 dtype=g.dtype, latent=latent, tile=tile, text_capacity=g.text_capacity,
                                 text_position=text_position, layout=layout,
-                                strides={n: (*s, ) for n, s in strides.items()}, scale=scale or 0.0,
+                                strides=strides, scale=scale or 0.0,
                                 pattern=pattern, windows=windows, global_frames=gf, radius=rr,
                                 block_offsets=block_offsets, block_tiles=block_tiles, device="cpu")
 
