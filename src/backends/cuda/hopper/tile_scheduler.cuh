@@ -174,7 +174,9 @@ class KeyBlockCursor {
     sub_ = {0, 0, 0};
   }
 
-  // Next live sub-block of the current tile, else the first of the next key tile.
+  // Next live sub-block of the current tile, else the first of the next key tile. The boxes are walked
+  // incrementally rather than through KeyBoxes::tile(i): its divisions per key tile cost ~6% on the dense
+  // (whole-grid) row when measured (docs/performance.md, v2.1 review).
   __device__ __forceinline__ void advance_video() {
     if (++sub_.w < live_.w) return;
     sub_.w = 0;
