@@ -10,12 +10,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstddef>
-#include <functional>
 #include <random>
-#include <thread>
 #include <vector>
 
 #include "core/numeric.hpp"
+#include "core/parallel.hpp"
 #include "device.hpp"
 #include "tilewise/tilewise.hpp"
 
@@ -40,16 +39,7 @@ inline void store(DType t, std::byte* base, int64_t i, float x) {
   }
 }
 
-/// Runs f(i) for i in [0, n) on all cores (inputs for HunyuanVideo are ~1e9 elements).
-inline void parallel_for(int64_t n, const std::function<void(int64_t)>& f) {
-  const int64_t threads = std::min<int64_t>(std::max(1u, std::thread::hardware_concurrency()), n);
-  std::vector<std::thread> pool;
-  for (int64_t t = 0; t < threads; ++t)
-    pool.emplace_back([&, t] {
-      for (int64_t i = t; i < n; i += threads) f(i);
-    });
-  for (auto& th : pool) th.join();
-}
+using detail::parallel_for;  // all cores (inputs for HunyuanVideo are ~1e9 elements)
 
 /// q, k, v on the host, contiguous in the problem's layout, standard normal values rounded to the dtype.
 struct Inputs {

@@ -2,22 +2,19 @@
 // multithreaded over (batch, head, query tile) work items. It visits only the key tiles of each query tile's
 // pattern, so its time scales with density. It is the oracle for the GPU tests and the demo's CPU path.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <exception>
 #include <limits>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #include "core/backend.hpp"
 #include "core/errors.hpp"
 #include "core/numeric.hpp"
+#include "core/parallel.hpp"
 
 namespace tilewise {
 namespace {
 
+using detail::parallel_for;
 using detail::require;
 using detail::str;
 
@@ -49,37 +46,6 @@ struct Element<f16_t> {
   static float load(const f16_t* p) { return detail::f16_to_float(p->bits); }
   static void store(f16_t* p, float x) { p->bits = detail::float_to_f16(x); }
 };
-
-int num_threads() {
-  if (const char* env = std::getenv("TILEWISE_NUM_THREADS")) {
-    const int n = std::atoi(env);
-    if (n > 0) return n;
-  }
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-/// Runs f(i) for i in [0, n) on a pool of threads; rethrows the first exception.
-template <class F>
-void parallel_for(int64_t n, F&& f) {
-  const int threads = static_cast<int>(std::min<int64_t>(num_threads(), n));
-  std::atomic<int64_t> next{0};
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  auto worker = [&] {
-    try {
-      for (int64_t i; (i = next.fetch_add(1)) < n;) f(i);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex);
-      if (!error) error = std::current_exception();
-      next = n;
-    }
-  };
-  std::vector<std::thread> pool;
-  for (int i = 1; i < threads; ++i) pool.emplace_back(worker);
-  worker();
-  for (auto& t : pool) t.join();
-  if (error) std::rethrow_exception(error);
-}
 
 /// One allowed key candidate of a work item: its sequence position, and for keys of masked blocks its
 /// coordinate (so the token-level pattern is evaluated per query).
