@@ -6,11 +6,12 @@ set -uo pipefail
 OUT=${OUT:-/tmp/tilewise-out}
 mkdir -p "$OUT"
 CUTLASS=${CUTLASS:-$PWD/.venv/lib/python3.11/site-packages/cutlass_library/source/include}
+[ -f "$CUTLASS/cute/tensor.hpp" ] && CUTLASS_FLAG=-DTILEWISE_CUTLASS_DIR="$CUTLASS" || CUTLASS_FLAG=  # optional
 BUILD=build-device
 steps=${*:-test sanitize bench}
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv > "$OUT/gpu.txt" 2>&1
-cmake -S . -B $BUILD -DTILEWISE_CUTLASS_DIR="$CUTLASS" -DCMAKE_BUILD_TYPE=Release > "$OUT/cmake.log" 2>&1 &&
+cmake -S . -B $BUILD $CUTLASS_FLAG -DCMAKE_BUILD_TYPE=Release > "$OUT/cmake.log" 2>&1 &&
   cmake --build $BUILD -j16 > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c | head -5
 

@@ -4,10 +4,11 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/tilewise-out}
 CUTLASS=${CUTLASS:-$PWD/.venv/lib/python3.11/site-packages/cutlass_library/source/include}
+[ -f "$CUTLASS/cute/tensor.hpp" ] && CUTLASS_FLAG=-DTILEWISE_CUTLASS_DIR="$CUTLASS" || CUTLASS_FLAG=  # optional
 ROWS=${ROWS:-1,2}
 for spec in "$@"; do
   name=${spec%%:*}; flags=${spec#*:}
-  cmake -S . -B build-$name -DTILEWISE_CUTLASS_DIR="$CUTLASS" -DTILEWISE_TESTS=OFF -DCMAKE_CUDA_FLAGS="$flags" \
+  cmake -S . -B build-$name $CUTLASS_FLAG -DTILEWISE_TESTS=OFF -DCMAKE_CUDA_FLAGS="$flags" \
     > "$OUT/cmake-$name.log" 2>&1 && cmake --build build-$name -j16 --target tilewise_lib > "$OUT/build-$name.log" 2>&1 \
     || { echo "build $name failed"; tail -20 "$OUT/build-$name.log"; continue; }
   echo "== $name ($flags): $(grep -E 'bytes stack' "$OUT/build-$name.log" | sort | uniq -c | tr -s ' ' | tr '\n' ';')"

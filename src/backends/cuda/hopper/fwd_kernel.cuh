@@ -6,14 +6,18 @@
 #include "backends/cuda/hopper/mainloop_producer.cuh"
 #include "backends/cuda/hopper/mma_softmax_consumer.cuh"
 
-// Register split between the producer warpgroup and the two consumer warpgroups (sum * 128 <= 65536).
+// Register split between the producer warpgroup and the two consumer warpgroups. The CTA is launched with 168
+// registers per thread (65536 / 384, rounded down to a multiple of 8), and setmaxnreg only redistributes that
+// pool: a split asking for more than 384 * 168 makes setmaxnreg.inc wait forever.
+// The overlapped consumer holds S, P and O at once and needs 216; the producer's walk then gets 72.
 #ifndef TILEWISE_HOPPER_PRODUCER_REGS
-#define TILEWISE_HOPPER_PRODUCER_REGS 56
+#define TILEWISE_HOPPER_PRODUCER_REGS (TILEWISE_HOPPER_OVERLAP ? 72 : 80)
 #endif
 #ifndef TILEWISE_HOPPER_CONSUMER_REGS
-#define TILEWISE_HOPPER_CONSUMER_REGS 224
+#define TILEWISE_HOPPER_CONSUMER_REGS (TILEWISE_HOPPER_OVERLAP ? 216 : 208)
 #endif
-static_assert((TILEWISE_HOPPER_PRODUCER_REGS + 2 * TILEWISE_HOPPER_CONSUMER_REGS) * 128 <= 65536, "register file");
+static_assert(TILEWISE_HOPPER_PRODUCER_REGS + 2 * TILEWISE_HOPPER_CONSUMER_REGS <= 3 * 168,
+              "the register split exceeds the CTA's allocation (setmaxnreg.inc would deadlock)");
 
 namespace tilewise::hopper {
 
@@ -22,7 +26,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   using Traits = KernelTraits<kHeadDim>;
   extern __shared__ uint8_t smem_raw[];
   const typename Traits::Shared s = Traits::carve(smem_raw);
-  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  // The shuffle tells the compiler the warpgroup index is warp-uniform, so descriptors derived from it live in
+  // uniform registers rather than being moved there before every wgmma.
+  const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0), tid = threadIdx.x % 128;
 
   // Blocks of fewer than 128 tokens leave rows of each buffer that TMA never writes: zero them once so the
   // masked columns/rows multiply zeros, never stale bits that could be NaN.
@@ -63,7 +69,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
     }
   } else {
     regs_increase<TILEWISE_HOPPER_CONSUMER_REGS>();
-    Consumer<Traits, kType>{p, s, wg - 1, tid}.run();
+    Consumer<Traits, kType>(p, s, wg - 1, tid).run();
   }
 }
 

@@ -39,10 +39,12 @@ struct KernelTraits {
     Barrier* work_full;   // [2]: the scheduler's slot ring (producer -> consumers)
     Barrier* work_empty;  // [2]
     int32_t* work;        // [2]
+    BlockInfo* info;      // [kStages]: what the key block in each stage is (written by the producer)
   };
 
   static constexpr int kBarriers = 2 + 4 * kStages + 4;
-  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kTileBytes * (1 + 2 * kStages) + kBarriers * 8 + 8;
+  static constexpr int kSmemBytes =
+      1024 /* alignment slack */ + kTileBytes * (1 + 2 * kStages) + kBarriers * 8 + 16 + kStages * sizeof(BlockInfo);
 
   /// Carves the dynamic shared memory: tiles first (1024-byte aligned, as the 128-byte swizzle requires).
   static __device__ __forceinline__ Shared carve(uint8_t* raw) {
@@ -59,6 +61,7 @@ struct KernelTraits {
     s.work_full = bars + 2 + 4 * kStages;
     s.work_empty = bars + 4 + 4 * kStages;
     s.work = reinterpret_cast<int32_t*>(bars + kBarriers);
+    s.info = reinterpret_cast<BlockInfo*>(bars + kBarriers + 2);  // 16-byte aligned: one 128-bit load each
     return s;
   }
 };

@@ -41,16 +41,20 @@ struct Producer {
       load(&p.q_video, &p.q_text, p.q, item.q, item.batch, item.head, s.q, s.q_full);
       ++items;
       const int kv_head = item.head / p.kv_group;
+      const int32_t text_len = text_len_of(p, item.batch);
       KeyBlockCursor cursor(p, item);
-      Block kb;
-      while (cursor.next(kb)) {
+      Block kb, next;
+      cursor.next(kb);  // every work item has at least one key block (the plan guarantees an allowed key)
+      for (bool more = true; more; kb = next, ++kv_iter) {
+        more = cursor.next(next);
         const int stage = kv_iter % Traits::kStages;
         const uint32_t phase = (kv_iter / Traits::kStages) & 1;
         s.k_empty[stage].wait(phase ^ 1);
+        // The consumers read the record after k_full completes; the arrive below releases this store.
+        s.info[stage] = describe(p, item, kb, text_len, !more);
         load(&p.k_video, &p.k_text, p.k, kb, item.batch, kv_head, s.k(stage), &s.k_full[stage]);
         s.v_empty[stage].wait(phase ^ 1);
         load(&p.v_video, &p.v_text, p.v, kb, item.batch, kv_head, s.v(stage), &s.v_full[stage]);
-        ++kv_iter;
       }
     }
   }

@@ -35,33 +35,47 @@ struct KeyMask {
 #define TILEWISE_HOPPER_OVERLAP 0
 #endif
 
+// Online softmax keeps a row's running max stale until a block raises it by more than this (log2 units), so P
+// stays below 2^8 and most blocks skip the rescale of O (exact: O and the row sum share the stale max).
+constexpr float kRescaleThreshold = 8.f;
+
 template <class Traits, WgType kType>
 struct Consumer {
   static constexpr int D = Traits::D;
   static constexpr int kSteps = kBlockN / 16;  // k16 steps of the P V product
+  static constexpr uint32_t kStageDesc = Traits::kTileBytes >> 4;  // descriptor units between two stages
   const FwdParams& p;
   const typename Traits::Shared& s;
-  int wg;    // consumer warpgroup: query rows [64 * wg, 64 * wg + 64)
+  int wg;    // consumer warpgroup: query rows [64 * wg, 64 * wg + 64) (warp-uniform, see fwd_kernel)
   int tid;   // thread within the warpgroup
+  // Descriptor words of the Q buffer (this warpgroup's rows) and of stage 0 of K and V. Each wgmma then adds a
+  // compile-time offset (plus the stage's) to the low word: no per-block descriptor arithmetic.
+  uint32_t q_lo, k_lo, v_lo, kq_hi, v_hi;
 
+  __device__ __forceinline__ Consumer(const FwdParams& p_, const typename Traits::Shared& s_, int wg_, int tid_)
+      : p(p_), s(s_), wg(wg_), tid(tid_) {
+    const uint64_t q = make_desc(smem_addr(s.q) + 64 * wg * Traits::kRowBytes, 16, 8 * Traits::kRowBytes,
+                                 Traits::kRowBytes);
+    const uint64_t k = make_desc(smem_addr(s.k(0)), 16, 8 * Traits::kRowBytes, Traits::kRowBytes);
+    // V is [keys x D] with D contiguous: an MN-major B operand. Leading offset = next panel of columns,
+    // stride offset = next 8 key rows.
+    const uint64_t v = make_desc(smem_addr(s.v(0)), Traits::kPanelBytes, 8 * Traits::kRowBytes, Traits::kRowBytes);
+    q_lo = static_cast<uint32_t>(q), k_lo = static_cast<uint32_t>(k), v_lo = static_cast<uint32_t>(v);
+    kq_hi = static_cast<uint32_t>(q >> 32), v_hi = static_cast<uint32_t>(v >> 32);
+  }
+
+  /// The producer's record of the block in `stage` (read before the stage is released).
+  __device__ __forceinline__ BlockInfo info(int stage) const {
+    const uint4 v = ld_shared_v4(s.info + stage);
+    return {v.x, static_cast<int32_t>(v.y), static_cast<int32_t>(v.z), static_cast<int32_t>(v.w)};
+  }
+
+  static __device__ __forceinline__ uint64_t desc(uint32_t lo, uint32_t hi) {
+    return (static_cast<uint64_t>(hi) << 32) | lo;
+  }
   __device__ __forceinline__ int lane() const { return tid % 32; }
   /// Row (within the 128-row block) of this thread's accumulator rows rr = 0 and rr = 1 (+8).
   __device__ __forceinline__ int row(int rr) const { return 64 * wg + 16 * (tid / 32) + lane() / 4 + 8 * rr; }
-
-  __device__ __forceinline__ uint64_t q_desc(int panel, int kk) const {
-    return make_desc(smem_addr(s.q) + panel * Traits::kPanelBytes + 64 * wg * Traits::kRowBytes + kk * 32, 16,
-                     8 * Traits::kRowBytes, Traits::kRowBytes);
-  }
-  __device__ __forceinline__ uint64_t k_desc(int stage, int panel, int kk) const {
-    return make_desc(smem_addr(s.k(stage)) + panel * Traits::kPanelBytes + kk * 32, 16, 8 * Traits::kRowBytes,
-                     Traits::kRowBytes);
-  }
-  // V is [keys x D] with D contiguous: an MN-major B operand. Leading offset = next panel of columns,
-  // stride offset = next 8 key rows.
-  __device__ __forceinline__ uint64_t v_desc(int stage, int step) const {
-    return make_desc(smem_addr(s.v(stage)) + step * 16 * Traits::kRowBytes, Traits::kPanelBytes,
-                     8 * Traits::kRowBytes, Traits::kRowBytes);
-  }
 
   /// Frees a pipeline stage once this warpgroup's wgmma reading it has completed (one arrival per warpgroup).
   __device__ __forceinline__ void release(Barrier& empty) const {
@@ -73,11 +87,13 @@ struct Consumer {
     named_barrier_arrive(kSchedulerBarrier + (1 - wg), 256);
   }
 
-  __device__ __forceinline__ KeyMask make_mask(const WorkItem& item, const Block& kb, int32_t text_len) const {
+  /// The key mask of a block the producer flagged (rare: ragged border blocks, text padding, frame-straddling).
+  __device__ __forceinline__ KeyMask make_mask(const BlockInfo& bi, int32_t text_len) const {
     KeyMask m;
-    if (kb.text) {
-      const int32_t n = text_len - kb.row0;  // columns [0, n) are valid text keys
-      m.active = n < kBlockN;
+    if (!(bi.flags & BlockInfo::kMasked)) return m;
+    m.active = true;
+    if (bi.flags & BlockInfo::kText) {
+      const int32_t n = text_len - bi.t;  // columns [0, n) are valid text keys
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int32_t k = n - 32 * j;
@@ -85,40 +101,37 @@ struct Consumer {
       }
       return m;
     }
-    if (!item.q.text && p.kind == PatternKind::attention_tile)
-      m.frames = block_kind<int32_t>(p.kind, p.heads[item.head], p.map.grid, item.q.tile, kb.tile) ==
-                 BlockKind::masked;
-    const bool ragged = kb.ragged(p);
-    m.active = m.frames || ragged;
-    if (!m.active) return m;
-    const D3 o = kb.origin(p), L = p.map.grid.latent, b = p.box;
+    m.frames = (bi.flags & BlockInfo::kFrames) != 0;
+    const D3 L = p.map.grid.latent, b = p.box;
     const int32_t hw = b.h * b.w, volume = b.t * hw;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int32_t c = 32 * j + lane();
-      const int32_t kt = o.t + c / hw, kh = o.h + (c / b.w) % b.h, kw = o.w + c % b.w;
+      const int32_t kt = bi.t + c / hw, kh = bi.h + (c / b.w) % b.h, kw = bi.w + c % b.w;
       m.valid[j] = __ballot_sync(0xffffffffu, c < volume && kt < L.t && kh < L.h && kw < L.w);
     }
     return m;
   }
 
   /// The token-level frame rule on a masked attention-tile block (rare: only tt > 1 tiles straddling |fq-fk|=r).
-  __device__ __forceinline__ void mask_frames(float (&sc)[kBlockN / 2], const WorkItem& item, const Block& kb) const {
+  __device__ __forceinline__ void mask_frames(float (&sc)[kBlockN / 2], const WorkItem& item, const BlockInfo& bi) const {
     const HeadParams& hp = p.heads[item.head];
     const int32_t g = static_cast<int32_t>(hp.global_frames), r = static_cast<int32_t>(hp.radius);
-    const int32_t hw = p.box.h * p.box.w, kt0 = kb.origin(p).t, qt0 = item.q.origin(p).t;
+    const int32_t hw = p.box.h * p.box.w, qt0 = item.q.origin(p).t;
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) {
       const int c = 8 * (i / 4) + 2 * (lane() % 4) + (i % 2);
-      if (!frame_pair_allowed<int32_t>(qt0 + row((i % 4) / 2) / hw, kt0 + c / hw, g, r)) sc[i] = -INFINITY;
+      if (!frame_pair_allowed<int32_t>(qt0 + row((i % 4) / 2) / hw, bi.t + c / hw, g, r)) sc[i] = -INFINITY;
     }
   }
 
-  /// Masks S (when needed) and runs one online-softmax step: S becomes P (unnormalised, base 2), the running
-  /// max and sum are updated, and the factor that rescales O is returned per row.
-  __device__ __forceinline__ void softmax(float (&sc)[kBlockN / 2], const KeyMask& mask, const WorkItem& item,
-                                          const Block& kb, float (&m_run)[2], float (&l_run)[2],
+  /// Masks S (when flagged) and runs one online-softmax step: S becomes P (unnormalised, base 2, relative to
+  /// the running max), and the row sums are updated. Returns whether any row of this warp raised its max past
+  /// the threshold; then O must be multiplied by `corr` (1 for the rows that kept theirs).
+  __device__ __forceinline__ bool softmax(float (&sc)[kBlockN / 2], const BlockInfo& bi, int32_t text_len,
+                                          const WorkItem& item, float (&m_run)[2], float (&l_run)[2],
                                           float (&corr)[2]) const {
+    const KeyMask mask = make_mask(bi, text_len);
     if (mask.active) {
 #pragma unroll
       for (int i = 0; i < kBlockN / 2; ++i) {
@@ -126,8 +139,9 @@ struct Consumer {
         const int c = 8 * (i / 4) + 2 * (lane() % 4) + (i % 2);
         if (!((mask.valid[i / 16] >> (c % 32)) & 1u)) sc[i] = -INFINITY;
       }
-      if (mask.frames) mask_frames(sc, item, kb);
+      if (mask.frames) mask_frames(sc, item, bi);
     }
+    bool rescale = false;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       float mx = -INFINITY;
@@ -136,10 +150,14 @@ struct Consumer {
         if ((i % 4) / 2 == rr) mx = fmaxf(mx, sc[i]);
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[rr], mx * p.scale_log2);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no valid key yet stays at zero
-      corr[rr] = fast_exp2(m_run[rr] - m_use);
-      m_run[rr] = m_new;
+      const float m_new = mx * p.scale_log2;
+      corr[rr] = 1.f;
+      if (m_new > m_run[rr] + kRescaleThreshold) {  // also true for the first finite max (m_run = -inf)
+        corr[rr] = fast_exp2(m_run[rr] - m_new);
+        m_run[rr] = m_new;
+        rescale = true;
+      }
+      const float m_use = m_run[rr] == -INFINITY ? 0.f : m_run[rr];  // a row with no valid key yet stays at zero
       float sum = 0.f;
 #pragma unroll
       for (int i = 0; i < kBlockN / 2; ++i)
@@ -149,6 +167,12 @@ struct Consumer {
         }
       l_run[rr] = l_run[rr] * corr[rr] + sum;
     }
+    return __any_sync(0xffffffffu, rescale);
+  }
+
+  __device__ __forceinline__ void rescale_o(float (&o)[D / 2], const float (&corr)[2]) const {
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] *= corr[(i % 4) / 2];
   }
 
   /// P as the A operand of the P V product: k16 step j covers accumulator chunks 2j and 2j+1.
@@ -160,15 +184,21 @@ struct Consumer {
   }
 
   __device__ __forceinline__ void issue_s(float (&sc)[kBlockN / 2], int stage) const {
+    const uint32_t k_stage = k_lo + stage * kStageDesc;
 #pragma unroll
     for (int panel = 0; panel < Traits::kPanels; ++panel)
 #pragma unroll
-      for (int kk = 0; kk < Traits::kPanelCols / 16; ++kk)
-        Wgmma<kType, kBlockN>::template ss<0>(sc, q_desc(panel, kk), k_desc(stage, panel, kk), panel + kk > 0);
+      for (int kk = 0; kk < Traits::kPanelCols / 16; ++kk) {
+        const uint32_t off = (panel * Traits::kPanelBytes + kk * 32) >> 4;
+        Wgmma<kType, kBlockN>::template ss<0>(sc, desc(q_lo + off, kq_hi), desc(k_stage + off, kq_hi),
+                                               panel + kk > 0);
+      }
   }
   __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pa)[kSteps][4], int stage) const {
+    const uint32_t v_stage = v_lo + stage * kStageDesc;
 #pragma unroll
-    for (int j = 0; j < kSteps; ++j) WgmmaRS<kType, D>::template rs<1>(o, pa[j], v_desc(stage, j), 1);
+    for (int j = 0; j < kSteps; ++j)
+      WgmmaRS<kType, D>::template rs<1>(o, pa[j], desc(v_stage + ((j * 16 * Traits::kRowBytes) >> 4), v_hi), 1);
   }
 
   __device__ void run() const {
@@ -185,17 +215,14 @@ struct Consumer {
       float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, corr[2];
       float sc[kBlockN / 2];
       uint32_t pa[kSteps][4];
+      s.q_full->wait(items & 1);
 
 #if TILEWISE_HOPPER_OVERLAP
-      s.q_full->wait(items & 1);
-      KeyBlockCursor cursor(p, item);
-      Block kb;
-      cursor.next(kb);  // every work item has at least one key block
-
-      // Block 0: S_0 alone.
+      // Block 0: S_0 alone (O is still zero: no rescale).
       int stage = kv_iter % Traits::kStages;
       uint32_t phase = (kv_iter / Traits::kStages) & 1;
       s.k_full[stage].wait(phase);
+      BlockInfo bi = info(stage);
       scheduler_sync();
       wgmma_fence();
       issue_s(sc, stage);
@@ -204,18 +231,18 @@ struct Consumer {
       wgmma_wait<0>();
       fence_regs(sc);
       release(s.k_empty[stage]);
-      softmax(sc, make_mask(item, kb, text_len), item, kb, m_run, l_run, corr);
+      softmax(sc, bi, text_len, item, m_run, l_run, corr);
       to_operand(sc, pa);
 
       // Blocks 1..n-1: S_j together with P_{j-1} V_{j-1}; softmax of S_j while P V runs.
-      while (cursor.next(kb)) {
+      while (!(bi.flags & BlockInfo::kLast)) {
         const int prev = stage;
         const uint32_t prev_phase = phase;
         ++kv_iter;
         stage = kv_iter % Traits::kStages;
         phase = (kv_iter / Traits::kStages) & 1;
-        const KeyMask mask = make_mask(item, kb, text_len);
         s.k_full[stage].wait(phase);
+        bi = info(stage);
         s.v_full[prev].wait(prev_phase);
         scheduler_sync();
         wgmma_fence();
@@ -227,12 +254,11 @@ struct Consumer {
         wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
         fence_regs(sc);
         release(s.k_empty[stage]);
-        softmax(sc, mask, item, kb, m_run, l_run, corr);
+        const bool rescale = softmax(sc, bi, text_len, item, m_run, l_run, corr);
         wgmma_wait<0>();
         fence_regs(o);
         release(s.v_empty[prev]);
-#pragma unroll
-        for (int i = 0; i < D / 2; ++i) o[i] *= corr[(i % 4) / 2];
+        if (rescale) rescale_o(o, corr);
         to_operand(sc, pa);
       }
 
@@ -249,22 +275,19 @@ struct Consumer {
       ++kv_iter;
 
 #else
-      s.q_full->wait(items & 1);
-      KeyBlockCursor cursor(p, item);
-      for (Block kb; cursor.next(kb); ++kv_iter) {
+      for (bool last = false; !last; ++kv_iter) {
         const int stage = kv_iter % Traits::kStages;
         const uint32_t phase = (kv_iter / Traits::kStages) & 1;
-        const KeyMask mask = make_mask(item, kb, text_len);
         s.k_full[stage].wait(phase);
+        const BlockInfo bi = info(stage);
+        last = bi.flags & BlockInfo::kLast;
         wgmma_fence();
         issue_s(sc, stage);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(sc);
         release(s.k_empty[stage]);
-        softmax(sc, mask, item, kb, m_run, l_run, corr);
-#pragma unroll
-        for (int i = 0; i < D / 2; ++i) o[i] *= corr[(i % 4) / 2];
+        if (softmax(sc, bi, text_len, item, m_run, l_run, corr)) rescale_o(o, corr);
         to_operand(sc, pa);
         s.v_full[stage].wait(phase);
         wgmma_fence();

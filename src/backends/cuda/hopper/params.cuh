@@ -28,6 +28,17 @@ struct TensorView {
   __device__ __forceinline__ int c4(int batch, int head) const { return batch * batch_mult4 + head * head_mult4; }
 };
 
+/// The producer's description of the key block it put in a pipeline stage, so the consumers need not walk the
+/// pattern themselves: they read 16 bytes per block and only compute a mask when `masked` is set.
+struct alignas(16) BlockInfo {
+  static constexpr uint32_t kLast = 1;    // the work item's last key block
+  static constexpr uint32_t kMasked = 2;  // some columns are not real, allowed keys (ragged, text padding, frames)
+  static constexpr uint32_t kText = 4;    // a block of text keys starting at row t
+  static constexpr uint32_t kFrames = 8;  // an attention-tile block mixing allowed and forbidden frame pairs
+  uint32_t flags;
+  int32_t t, h, w;  // video: the box origin (t, h, w) in the latent; text: t = first text row
+};
+
 struct FwdParams {  // CUtensorMap members carry their own 64-byte alignment
   CUtensorMap q_video, k_video, v_video, o_video;
   CUtensorMap q_text, k_text, v_text, o_text;  // unused without text

@@ -1,6 +1,6 @@
 // Tile scheduler and block enumeration: which query block a work item is, and the sequence of key blocks it
-// visits. The producer warp and the consumer warpgroups run the same enumeration, so they agree on the
-// pipeline's contents without exchanging any metadata.
+// visits. Only the producer thread walks the key blocks; it describes each one to the consumers in a 16-byte
+// BlockInfo beside the stage, so the consumers' instruction stream stays free of pattern arithmetic.
 //
 // A block is a box of `box` tokens inside one tile (box divides the tile), so every key block lies wholly
 // inside or outside a query tile's window. Blocks of border tiles may hang over the latent's edge: TMA
@@ -114,6 +114,24 @@ __device__ __forceinline__ int32_t text_len_of(const FwdParams& p, int32_t batch
   if (p.text_len == nullptr) return cap;
   const int32_t L = p.text_len[p.batch_base + batch];
   return L < 0 ? 0 : (L > cap ? cap : L);  // out-of-range lengths are clamped (no host sync to check them)
+}
+
+/// The consumers' view of key block `kb` of `item`: whether it is the last, and whether (and why) it needs a mask.
+__device__ __forceinline__ BlockInfo describe(const FwdParams& p, const WorkItem& item, const Block& kb,
+                                              int32_t text_len, bool last) {
+  BlockInfo bi{last ? BlockInfo::kLast : 0u, 0, 0, 0};
+  if (kb.text) {
+    bi.flags |= BlockInfo::kText | (kb.row0 + kBlockN > text_len ? BlockInfo::kMasked : 0u);
+    bi.t = kb.row0;
+    return bi;
+  }
+  const D3 o = kb.origin(p);
+  bi.t = o.t, bi.h = o.h, bi.w = o.w;
+  if (!item.q.text && p.kind == PatternKind::attention_tile &&
+      block_kind<int32_t>(p.kind, p.heads[item.head], p.map.grid, item.q.tile, kb.tile) == BlockKind::masked)
+    bi.flags |= BlockInfo::kFrames | BlockInfo::kMasked;
+  if (kb.ragged(p)) bi.flags |= BlockInfo::kMasked;
+  return bi;
 }
 
 /// The key blocks of one work item, in order: the video key tiles of the query's pattern (each split into its

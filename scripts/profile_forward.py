@@ -1,0 +1,37 @@
+#!/usr/bin/env python3
+"""One forward launch of a benchmark problem, for ncu: a warm-up run, then the profiled run.
+
+    ncu --launch-skip 1 --launch-count 1 -k regex:forward_kernel python3 scripts/profile_forward.py LIB [--heads 4]
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+from tilewise import _capi  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("lib")
+ap.add_argument("--latent", default="30x48x80")
+ap.add_argument("--tile", default="6x8x8")
+ap.add_argument("--window", default="3x3x3")
+ap.add_argument("--heads", type=int, default=4)
+ap.add_argument("--head-dim", type=int, default=128)
+ap.add_argument("--text", type=int, default=0)
+ap.add_argument("--runs", type=int, default=2)
+a = ap.parse_args()
+_capi.lib(a.lib)
+latent = tuple(int(x) for x in a.latent.split("x"))
+tile = tuple(int(x) for x in a.tile.split("x"))
+window = tuple(int(x) for x in a.window.split("x"))
+S = latent[0] * latent[1] * latent[2] + a.text
+q, k, v = (torch.randn(1, S, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+o = torch.empty_like(q)
+plan = _capi.Plan(batch=1, q_heads=a.heads, kv_heads=a.heads, head_dim=a.head_dim, dtype="bf16", latent=latent,
+                  tile=tile, text_capacity=a.text, pattern="sliding_tile", windows=[window], device="cuda")
+for _ in range(a.runs):
+    plan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), 0, 0)
+torch.cuda.synchronize()
+print("ok", tuple(o.shape), float(o.float().abs().mean()))
