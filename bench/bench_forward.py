@@ -159,6 +159,9 @@ def main() -> None:
     if not args.no_flex:
         from torch.nn.attention.flex_attention import flex_attention
 
+        # Every row is a new shape and mask: without a higher limit dynamo stops recompiling after 8 and falls
+        # back to the unfused eager path, which materialises the scores and runs out of memory.
+        torch._dynamo.config.recompile_limit = 64
         flex = torch.compile(flex_attention, dynamic=False)
 
     table = []

@@ -1,68 +1,12 @@
-"""The Python API on numpy arrays (CPU backend) against an independent oracle written from the spec: dense
-float64 attention whose mask is evaluated element by element from the spec's formulas."""
+"""The Python API on numpy arrays (CPU backend) against an independent oracle written from the spec
+(spec_oracle.py: dense float64 attention whose mask is evaluated element by element from the spec's formulas)."""
 import itertools
 
 import numpy as np
 import pytest
 
 import tilewise
-
-
-def window(c, k, n):
-    """Spec: k >= n -> [0, n); else start = clamp(c - k // 2, 0, n - k), tiles [start, start + k)."""
-    if k >= n:
-        return 0, n
-    s = min(max(c - k // 2, 0), n - k)
-    return s, s + k
-
-
-def oracle(q, k, v, latent, tile, allowed_video, text_len, text_first=False, scale=None):
-    """q, k, v: [B, S, H, D] float64; allowed_video(h, (t,h,w) query, (t,h,w) key) -> bool."""
-    B, S, Hq, D = q.shape
-    Hk = k.shape[2]
-    T, H, W = latent
-    nv = T * H * W
-    L = S - nv
-    v0, t0 = (L, 0) if text_first else (0, nv)
-    coords = [(i // (H * W), (i // W) % H, i % W) for i in range(nv)]
-    scale = scale or 1 / np.sqrt(D)
-    o = np.zeros_like(q)
-    lse = np.zeros((B, Hq, S))
-    for b in range(B):
-        n_text = L if text_len is None else int(np.broadcast_to(text_len, (B,))[b])
-        for h in range(Hq):
-            mask = np.zeros((S, S), dtype=bool)
-            for i in range(S):
-                qi_text = not (v0 <= i < v0 + nv)
-                for j in range(S):
-                    kj_text = not (v0 <= j < v0 + nv)
-                    if kj_text:
-                        mask[i, j] = j - t0 < n_text
-                    elif qi_text:
-                        mask[i, j] = True
-                    else:
-                        mask[i, j] = allowed_video(h, coords[i - v0], coords[j - v0])
-            s = scale * q[b, :, h] @ k[b, :, h // (Hq // Hk)].T
-            s[~mask] = -np.inf
-            m = s.max(axis=1, keepdims=True)
-            p = np.exp(s - m)
-            o[b, :, h] = (p @ v[b, :, h // (Hq // Hk)]) / p.sum(axis=1, keepdims=True)
-            lse[b, h] = (m + np.log(p.sum(axis=1, keepdims=True)))[:, 0]
-    return o, lse
-
-
-def sta_mask(latent, tile, windows):
-    n = [-(-latent[a] // tile[a]) for a in range(3)]
-
-    def allowed(h, qc, kc):
-        win = windows[h] if len(windows) > 1 else windows[0]
-        for a in range(3):
-            lo, hi = window(qc[a] // tile[a], win[a], n[a])
-            if not lo <= kc[a] // tile[a] < hi:
-                return False
-        return True
-
-    return allowed
+from spec_oracle import oracle, sta_mask
 
 
 @pytest.fixture

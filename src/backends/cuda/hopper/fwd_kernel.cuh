@@ -44,10 +44,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
     for (int i = 0; i < Traits::kStages; ++i) {
       s.k_full[i].init(1);
       s.v_full[i].init(1);
-      // One arrival per consumer warpgroup: wgmma.wait_group covers the whole warpgroup's operand reads,
-      // so a single signalling thread suffices (256 arrivals per stage would load the shared-memory pipe).
-      s.k_empty[i].init(kConsumerWarpgroups);
-      s.v_empty[i].init(kConsumerWarpgroups);
+      // One arrival per consumer warp (see Consumer::release); 256 per stage would load the shared pipe.
+      s.k_empty[i].init(4 * kConsumerWarpgroups);
+      s.v_empty[i].init(4 * kConsumerWarpgroups);
     }
     for (int i = 0; i < 2; ++i) {
       s.work_full[i].init(1);

@@ -77,9 +77,11 @@ struct Consumer {
   /// Row (within the 128-row block) of this thread's accumulator rows rr = 0 and rr = 1 (+8).
   __device__ __forceinline__ int row(int rr) const { return 64 * wg + 16 * (tid / 32) + lane() / 4 + 8 * rr; }
 
-  /// Frees a pipeline stage once this warpgroup's wgmma reading it has completed (one arrival per warpgroup).
+  /// Frees a pipeline stage once this warp's wgmma reading it has completed. One arrival per warp (not per
+  /// warpgroup): each warp also read the stage's BlockInfo, and its own arrival is what orders that read
+  /// before the producer's next write of the record (compute-sanitizer racecheck flags a per-warpgroup one).
   __device__ __forceinline__ void release(Barrier& empty) const {
-    if (tid == 0) empty.arrive();
+    if (lane() == 0) empty.arrive();
   }
 
   __device__ __forceinline__ void scheduler_sync() const { named_barrier_sync(kSchedulerBarrier + wg, 256); }

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The Python side on the GPU machine in one go: diffusers from local wheels (carry .whl), the library build, the
+# torch/diffusers/calibration tests (CUDA parts included) and the end-to-end transformer benchmark.
+# Usage (repo root, on the GPU machine): scripts/device_python.sh [test] [e2e]
+set -uo pipefail
+OUT=${OUT:-/tmp/tilewise-out}
+mkdir -p "$OUT"
+steps=${*:-test e2e}
+scripts/install_wheels.sh > "$OUT/wheels.log" 2>&1 || { tail -5 "$OUT/wheels.log"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD/python
+if [ ! -f build-device/libtilewise.so ]; then
+  cmake -S . -B build-device -DCMAKE_BUILD_TYPE=Release > /tmp/cmake.log 2>&1 &&
+    cmake --build build-device -j16 --target tilewise_lib > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
+fi
+export TILEWISE_LIBRARY=$PWD/build-device/libtilewise.so PYTHONUNBUFFERED=1
+for step in $steps; do
+  case $step in
+    test)
+      timeout 400 python3 -m pytest -q -rs --durations=6 tests/python > "$OUT/pytest_gpu.log" 2>&1
+      echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.log" | head -30
+      ;;
+    e2e)
+      timeout 420 python3 bench/bench_e2e.py --out "$OUT/e2e.md" > "$OUT/e2e.log" 2>&1
+      echo "e2e rc=$?"; tail -12 "$OUT/e2e.log"
+      ;;
+  esac
+done

@@ -1,0 +1,309 @@
+"""tilewise.diffusers on tiny, randomly initialised HunyuanVideo, Wan and CogVideoX transformers (built from
+configs, no weights): with windows that cover the grid the output equals the model's own attention; sparse
+windows change it; disable() restores it exactly; per-(step, layer, head) strategies follow the timestep; and
+the patched models run under torch.compile. CPU tests use the CPU backend (float32); the CUDA tests need a
+Hopper GPU."""
+import inspect
+import json
+import types
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (see requirements-torch.txt)")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (see requirements-torch.txt)")
+
+import tilewise  # noqa: E402
+import tilewise.diffusers as twd  # noqa: E402
+from diffusers import (  # noqa: E402
+    CogVideoXTransformer3DModel,
+    FlowMatchEulerDiscreteScheduler,
+    HunyuanVideoTransformer3DModel,
+    WanTransformer3DModel,
+)
+from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] == 9
+hopper = pytest.mark.skipif(not HOPPER, reason="needs a CUDA Hopper GPU (sm_90) for the tilewise kernel")
+
+LATENT = (3, 8, 8)  # after patch embedding, for every model below
+TILE = (1, 4, 4)    # grid 3 x 2 x 2 tiles
+COVER = (3, 2, 2)   # a window covering the whole grid
+FAMILIES = ["hunyuan", "wan", "cogvideox"]
+
+
+@pytest.fixture
+def seed():
+    s = int(np.random.SeedSequence().entropy % (1 << 62))
+    print("seed", s)
+    torch.manual_seed(s)
+    return s
+
+
+def build(family, head_dim=16, device="cpu", dtype=torch.float32):
+    """A tiny model of `family` and inputs for it: latent LATENT, batch 2, a few text tokens."""
+    B = 2
+    if family == "hunyuan":
+        d = head_dim // 4
+        model = HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=head_dim, num_layers=1,
+            num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16,
+            pooled_projection_dim=8, rope_axes_dim=(head_dim - 2 * (3 * d // 2), 3 * d // 2, 3 * d // 2))
+        inputs = dict(hidden_states=torch.randn(B, 4, *LATENT), timestep=torch.tensor([900.0, 900.0]),
+                      encoder_hidden_states=torch.randn(B, 6, 16),
+                      encoder_attention_mask=torch.tensor([[1] * 6, [1] * 3 + [0] * 3]),  # text padding in batch 1
+                      pooled_projections=torch.randn(B, 8), guidance=torch.tensor([3.0, 3.0]))
+    elif family == "wan":
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
+                                      in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                      num_layers=2, rope_max_seq_len=32)
+        inputs = dict(hidden_states=torch.randn(B, 4, LATENT[0], 16, 16), timestep=torch.tensor([900, 900]),
+                      encoder_hidden_states=torch.randn(B, 5, 16))
+    else:
+        model = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=head_dim, in_channels=4,
+                                            out_channels=4, time_embed_dim=8, text_embed_dim=16, num_layers=2,
+                                            sample_width=16, sample_height=16, patch_size=2, max_text_seq_length=7,
+                                            use_rotary_positional_embeddings=True)
+        rope = get_3d_rotary_pos_embed(head_dim, ((0, 0), (8, 8)), (8, 8), LATENT[0])
+        inputs = dict(hidden_states=torch.randn(B, LATENT[0], 4, 16, 16), timestep=torch.tensor([900, 900]),
+                      encoder_hidden_states=torch.randn(B, 7, 16), image_rotary_emb=rope)
+    model = model.eval().to(device=device)
+    if dtype != torch.float32:
+        model = model.to(dtype=dtype)
+    inputs = {k: (v.to(device=device, dtype=dtype if v.is_floating_point() and k != "timestep" else v.dtype)
+                  if isinstance(v, torch.Tensor) else tuple(x.to(device) for x in v)) for k, v in inputs.items()}
+    return model, inputs
+
+
+def run(model, inputs, **overrides):
+    with torch.no_grad():
+        return model(**dict(inputs, **overrides)).sample
+
+
+def num_attention(model):
+    return len(twd._family(model).attention_modules(model))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_covering_window_equals_model_attention_and_disable_restores(seed, family):
+    model, inputs = build(family)
+    ref = run(model, inputs)
+    ctrl = twd.enable(model, strategy={"window": COVER, "tile": TILE})
+    out = run(model, inputs)
+    assert ctrl.calls == {"tilewise": num_attention(model), "original": 0}
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+    twd.enable(model, strategy=(1, 1, 1), tile=TILE)  # re-enabling replaces the strategy
+    sparse = run(model, inputs)
+    assert (sparse - ref).abs().max() > 1e-3
+    twd.disable(model)
+    assert twd.controller(model) is None and model._forward_pre_hooks == {}
+    assert torch.equal(run(model, inputs), ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_windows_larger_than_the_grid_and_per_head_windows(seed, family):
+    model, inputs = build(family)
+    ref = run(model, inputs)
+    twd.enable(model, strategy=(100, 100, 100), tile=TILE)  # clamped by the core: dense
+    torch.testing.assert_close(run(model, inputs), ref, rtol=1e-5, atol=1e-5)
+    twd.enable(model, strategy=[(1, 1, 1), COVER], tile=TILE)  # head 0 sparse, head 1 dense
+    per_head = run(model, inputs)
+    twd.enable(model, strategy=[(1, 1, 1), (1, 1, 1)], tile=TILE)
+    both_sparse = run(model, inputs)
+    assert (per_head - ref).abs().max() > 1e-4 and (per_head - both_sparse).abs().max() > 1e-4
+    twd.disable(model)
+
+
+def test_hunyuan_text_padding_becomes_text_len(seed):
+    model, inputs = build("hunyuan")
+    twd.enable(model, strategy=COVER, tile=TILE)
+    padded = run(model, inputs)
+    # Changing the padding tokens' embeddings changes nothing: they are never attended to as keys (the
+    # padding rows themselves are computed, and the video output does not depend on them).
+    ehs = inputs["encoder_hidden_states"].clone()
+    ehs[1, 3:] = torch.randn(3, 16)
+    out = run(model, inputs, encoder_hidden_states=ehs)
+    torch.testing.assert_close(out[1], padded[1], rtol=1e-5, atol=1e-5)
+    twd.disable(model)
+    torch.testing.assert_close(run(model, inputs, encoder_hidden_states=ehs), out, rtol=1e-5, atol=1e-5)
+
+
+class Spy:
+    """Records the windows of each tilewise call (in layer order within a forward)."""
+
+    def __init__(self, monkeypatch):
+        self.windows, self.frames = [], []
+        real_sta, real_tile = tilewise.sliding_tile_attention, tilewise.attention_tile
+
+        def sta(*a, window, **kw):
+            self.windows.append(tuple(tuple(w) for w in window))
+            return real_sta(*a, window=window, **kw)
+
+        def frame(*a, global_frames, radius, **kw):
+            self.frames.append((global_frames, radius, kw["tile"]))
+            return real_tile(*a, global_frames=global_frames, radius=radius, **kw)
+
+        monkeypatch.setattr(tilewise, "sliding_tile_attention", sta)
+        monkeypatch.setattr(tilewise, "attention_tile", frame)
+
+    def take(self):
+        out, self.windows = self.windows, []
+        return out
+
+
+TABLE = {  # Wan has 2 layers of 2 heads
+    "0_0_0": [1, 1, 1], "0_0_1": [1, 2, 1],   # step 0: layer 0 per-head, layer 1 none (dense)
+    "1_1_1": [2, 1, 1],                       # step 1: layer 1 head 1 (head 0 missing: full window)
+}                                             # step 2: nothing (dense)
+FULL = twd.FULL_WINDOW
+
+
+def test_strategy_table_follows_the_timestep_not_the_call_count(seed, monkeypatch):
+    model, inputs = build("wan")
+    ref = {t: run(model, inputs, timestep=torch.tensor([t, t])) for t in (900, 600, 300)}
+    spy = Spy(monkeypatch)
+    ctrl = twd.enable(model, strategy=TABLE, tile=TILE, timesteps=[900.0, 600.0, 300.0])
+    # Out of order, repeated (CFG as two calls), and near but not equal (a bf16-rounded timestep).
+    for t, step, windows in [(600, 1, [((FULL), (2, 1, 1))]), (900, 0, [((1, 1, 1), (1, 2, 1))]),
+                             (300, 2, []), (600, 1, [(FULL, (2, 1, 1))]), (897.5, 0, [((1, 1, 1), (1, 2, 1))])]:
+        out = run(model, inputs, timestep=torch.tensor([t, t]))
+        assert ctrl.step == step
+        assert spy.take() == windows
+        if step == 2:
+            assert torch.equal(out, ref[300])  # every layer on the original processor
+        else:
+            assert (out - ref[900 if step == 0 else 600]).abs().max() > 1e-4
+    assert ctrl.calls == {"tilewise": 4, "original": 6}
+    twd.disable(model)
+
+
+def test_strategy_json_file_and_calibrated_format(seed, monkeypatch, tmp_path):
+    model, inputs = build("wan")
+    spy = Spy(monkeypatch)
+    path = tmp_path / "mask_strategy.json"
+    path.write_text(json.dumps(TABLE))
+    twd.enable(model, strategy=str(path), tile=TILE, timesteps=torch.tensor([900, 600, 300]))
+    run(model, inputs, timestep=torch.tensor([900, 900]))
+    assert spy.take() == [((1, 1, 1), (1, 2, 1))]
+
+    # tilewise.calibrate's format: explicit windows, a default for missing keys, frame patterns per layer.
+    calibrated = {"format": "tilewise-strategy", "version": 1, "latent": list(LATENT), "tile": list(TILE),
+                  "grid": [3, 2, 2], "default": None, "skip_steps": 1,
+                  "windows": {"0_0_0": [3, 2, 2], "0_0_1": [3, 2, 2], "0_1_0": [3, 2, 2], "0_1_1": [3, 2, 2],
+                              "1_0_0": [1, 2, 2], "1_0_1": [2, 2, 2]},
+                  "frame_patterns": {"1": [1, 0]}}
+    ctrl = twd.enable(model, strategy=calibrated, timesteps=[900, 600])
+    assert ctrl.strategy.tile == TILE
+    run(model, inputs, timestep=torch.tensor([900, 900]))  # step 0 (skip step): dense windows -> original
+    assert spy.take() == [] and spy.frames == [] and ctrl.calls["original"] == 2
+    run(model, inputs, timestep=torch.tensor([600, 600]))  # step 1: layer 0 windows, layer 1 frame pattern
+    assert spy.take() == [((1, 2, 2), (2, 2, 2))]
+    assert spy.frames == [(1, 0, (1, 4, 4))]
+    twd.disable(model)
+
+
+def test_enable_on_a_pipeline_hooks_its_scheduler(seed, monkeypatch):
+    model, inputs = build("wan")
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    pipe = types.SimpleNamespace(transformer=model, scheduler=scheduler)
+    spy = Spy(monkeypatch)
+    ctrl = twd.enable(pipe, strategy=TABLE, tile=TILE)
+    assert "sigmas" in inspect.signature(scheduler.set_timesteps).parameters  # pipelines inspect it
+    scheduler.set_timesteps(3)
+    assert ctrl.timesteps == pytest.approx(scheduler.timesteps.tolist())
+    run(model, inputs, timestep=scheduler.timesteps[1].expand(2))
+    assert ctrl.step == 1 and spy.take() == [(FULL, (2, 1, 1))]
+    twd.disable(pipe)
+    assert "set_timesteps" not in vars(scheduler) and twd.controller(model) is None
+
+
+def test_calls_that_do_not_match_stay_on_the_original_processor(seed):
+    model, inputs = build("wan")
+    ctrl = twd.enable(model, strategy=(1, 1, 1), tile=TILE)
+    attn = model.blocks[0].attn1
+    x = torch.randn(2, 10, attn.inner_dim)
+    with torch.no_grad():
+        before = ctrl.originals[0](attn, x)
+        assert ctrl.latent is None and torch.equal(attn(x), before)  # no latent recorded yet
+        run(model, inputs)
+        assert torch.equal(attn(x), before)  # 10 tokens, not 3*8*8
+    assert ctrl.calls["original"] == 2
+    twd.disable(model)
+
+
+def test_errors(seed):
+    model, inputs = build("wan")
+    with pytest.raises(ValueError, match="strategy key 'x_1_2'"):
+        twd.enable(model, strategy={"x_1_2": [1, 1, 1]})
+    with pytest.raises(ValueError, match="invalid strategy = 5"):
+        twd.enable(model, strategy=5)
+    with pytest.raises(ValueError, match="invalid strategy = 'missing.json'.*JSON strategy file"):
+        twd.enable(model, strategy="missing.json")
+    with pytest.raises(TypeError, match="WanTransformer3DModel"):
+        twd.enable(torch.nn.Linear(2, 2), strategy=(3, 3, 3))
+    with pytest.raises(ValueError, match="not enabled"):
+        twd.set_timesteps(model, [1.0])
+    twd.enable(model, strategy={"0_0_5": [1, 1, 1]}, tile=TILE, timesteps=[900])
+    with pytest.raises(ValueError, match="'0_0_5': layer 0 has 2 heads"):
+        run(model, inputs)
+    twd.enable(model, strategy={"0_0_0": [1, 1, 1]}, tile=TILE)
+    with pytest.raises(RuntimeError, match="timesteps are unknown"):
+        run(model, inputs)
+    twd.disable(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_compile_fullgraph(seed, family):
+    model, inputs = build(family)
+    twd.enable(model, strategy=[(1, 1, 1), (2, 1, 2)], tile=TILE)
+    eager = run(model, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(run(compiled, inputs), eager)
+    twd.disable(model)
+
+
+def test_torch_compile_with_a_per_step_table(seed):
+    model, inputs = build("wan")
+    twd.enable(model, strategy=TABLE, tile=TILE, timesteps=[900, 600, 300])
+    eager = {t: run(model, inputs, timestep=torch.tensor([t, t])) for t in (900, 600, 300)}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")  # the step read is a graph break; windows change per step
+    for t in (600, 900, 300, 600):
+        torch.testing.assert_close(run(compiled, inputs, timestep=torch.tensor([t, t])), eager[t])
+    twd.disable(model)
+
+
+@hopper
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_bf16(seed, family):
+    model, inputs = build(family, head_dim=64, device="cuda", dtype=torch.bfloat16)
+    ref = run(model, inputs)
+    ctrl = twd.enable(model, strategy=COVER, tile=TILE)
+    out = run(model, inputs)
+    assert ctrl.calls["tilewise"] == num_attention(model)
+    rel = float((out.float() - ref.float()).norm() / ref.float().norm())  # bf16 rounding only
+    assert rel < 2e-2
+    twd.enable(model, strategy=(1, 1, 1), tile=TILE)
+    sparse = run(model, inputs)
+    assert float((sparse.float() - ref.float()).norm() / ref.float().norm()) > 2 * rel
+    torch._dynamo.reset()
+    compiled = run(torch.compile(model, fullgraph=True), inputs)
+    assert float((compiled.float() - sparse.float()).norm() / sparse.float().norm()) < 2e-2
+    twd.disable(model)
+    assert torch.equal(run(model, inputs), ref)
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_fused_qkv_projections(seed, family):
+    model, inputs = build(family)
+    model.fuse_qkv_projections()
+    ref = run(model, inputs)
+    ctrl = twd.enable(model, strategy=COVER, tile=TILE)
+    attn = ctrl.modules[0]
+    assert hasattr(attn, "to_qkv") and (getattr(attn, "fused_projections", False)
+                                        or type(ctrl.originals[0]).__name__.startswith("Fused"))
+    torch.testing.assert_close(run(model, inputs), ref, rtol=1e-5, atol=1e-5)
+    assert ctrl.calls["tilewise"] == num_attention(model)
+    twd.disable(model)
