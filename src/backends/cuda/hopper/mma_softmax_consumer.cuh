@@ -64,10 +64,14 @@ struct Consumer {
     kq_hi = static_cast<uint32_t>(q >> 32), v_hi = static_cast<uint32_t>(v >> 32);
   }
 
-  /// The producer's record of the block in `stage` (read before the stage is released).
+  /// The producer's record of the block in `stage`. Lane 0 reads it and broadcasts it: lane 0 is also the
+  /// thread whose arrival releases the stage, so the read is ordered before the producer's next write.
   __device__ __forceinline__ BlockInfo info(int stage) const {
-    const uint4 v = ld_shared_v4(s.info + stage);
-    return {v.x, static_cast<int32_t>(v.y), static_cast<int32_t>(v.z), static_cast<int32_t>(v.w)};
+    uint4 v{};
+    if (lane() == 0) v = ld_shared_v4(s.info + stage);
+    return {__shfl_sync(0xffffffffu, v.x, 0), static_cast<int32_t>(__shfl_sync(0xffffffffu, v.y, 0)),
+            static_cast<int32_t>(__shfl_sync(0xffffffffu, v.z, 0)),
+            static_cast<int32_t>(__shfl_sync(0xffffffffu, v.w, 0))};
   }
 
   static __device__ __forceinline__ uint64_t desc(uint32_t lo, uint32_t hi) {
@@ -78,8 +82,8 @@ struct Consumer {
   __device__ __forceinline__ int row(int rr) const { return 64 * wg + 16 * (tid / 32) + lane() / 4 + 8 * rr; }
 
   /// Frees a pipeline stage once this warp's wgmma reading it has completed. One arrival per warp (not per
-  /// warpgroup): each warp also read the stage's BlockInfo, and its own arrival is what orders that read
-  /// before the producer's next write of the record (compute-sanitizer racecheck flags a per-warpgroup one).
+  /// warpgroup): each warp's lane 0 also read the stage's BlockInfo, and its own arrival is what orders that
+  /// read before the producer's next write of the record (compute-sanitizer racecheck checks exactly this).
   __device__ __forceinline__ void release(Barrier& empty) const {
     if (lane() == 0) empty.arrive();
   }
