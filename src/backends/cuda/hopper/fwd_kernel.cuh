@@ -6,19 +6,6 @@
 #include "backends/cuda/hopper/mainloop_producer.cuh"
 #include "backends/cuda/hopper/mma_softmax_consumer.cuh"
 
-// Register split between the producer warpgroup and the two consumer warpgroups. The CTA is launched with 168
-// registers per thread (65536 / 384, rounded down to a multiple of 8), and setmaxnreg only redistributes that
-// pool: a split asking for more than 384 * 168 makes setmaxnreg.inc wait forever.
-// The overlapped consumer holds S, P and O at once and needs 216; the producer's walk then gets 72.
-#ifndef TILEWISE_HOPPER_PRODUCER_REGS
-#define TILEWISE_HOPPER_PRODUCER_REGS (TILEWISE_HOPPER_OVERLAP ? 72 : 80)
-#endif
-#ifndef TILEWISE_HOPPER_CONSUMER_REGS
-#define TILEWISE_HOPPER_CONSUMER_REGS (TILEWISE_HOPPER_OVERLAP ? 216 : 208)
-#endif
-static_assert(TILEWISE_HOPPER_PRODUCER_REGS + 2 * TILEWISE_HOPPER_CONSUMER_REGS <= 3 * 168,
-              "the register split exceeds the CTA's allocation (setmaxnreg.inc would deadlock)");
-
 namespace tilewise::hopper {
 
 template <int kHeadDim, WgType kType>
@@ -59,7 +46,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   // The producer needs few registers; the consumers hold S, P and O fragments (ptxas allocates each branch
   // within its setmaxnreg budget).
   if (wg == 0) {
-    regs_decrease<TILEWISE_HOPPER_PRODUCER_REGS>();
+    regs_decrease<Traits::kProducerRegs>();
     if (tid == 0) {
       prefetch_tensormap(&p.q_video);
       prefetch_tensormap(&p.k_video);
@@ -67,7 +54,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
       Producer<Traits>{p, s}.run();
     }
   } else {
-    regs_increase<TILEWISE_HOPPER_CONSUMER_REGS>();
+    regs_increase<Traits::kConsumerRegs>();
     Consumer<Traits, kType>(p, s, wg - 1, tid).run();
   }
 }

@@ -9,6 +9,13 @@
 #define TILEWISE_HOPPER_STAGES_D128 2
 #endif
 
+// Consumer schedule: 1 = FA3-style overlap (ping-pong + intra-warpgroup), 0 = sequential, -1 (default) = by head
+// dim: overlap at D 128, where it measured 1.5-5% faster, sequential at D 64/96, where it measured 4-5% slower
+// (docs/performance.md, v3.1).
+#ifndef TILEWISE_HOPPER_OVERLAP
+#define TILEWISE_HOPPER_OVERLAP -1
+#endif
+
 namespace tilewise::hopper {
 
 template <int kHeadDim>
@@ -22,6 +29,15 @@ struct KernelTraits {
   static constexpr int kPanelBytes = kBlockM * kRowBytes;  // one panel of a 128-row buffer
   static constexpr int kTileBytes = kPanels * kPanelBytes;  // 128 rows x D
   static constexpr int kStages = D >= 128 ? TILEWISE_HOPPER_STAGES_D128 : 3;
+  static constexpr bool kOverlap = TILEWISE_HOPPER_OVERLAP < 0 ? D == 128 : TILEWISE_HOPPER_OVERLAP != 0;
+  // Register split between the producer warpgroup and each consumer warpgroup. The CTA is launched with 168
+  // registers per thread (65536 / 384, rounded down to a multiple of 8), and setmaxnreg only redistributes that
+  // pool: a split asking for more than 384 * 168 makes setmaxnreg.inc wait forever. The overlapped consumer
+  // holds S, P and O at once and gets 216; the producer's pattern walk then gets 72.
+  static constexpr int kProducerRegs = kOverlap ? 72 : 80;
+  static constexpr int kConsumerRegs = kOverlap ? 216 : 208;
+  static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168,
+                "the register split exceeds the CTA's allocation (setmaxnreg.inc would deadlock)");
   static_assert(kBlockM == kBlockN, "Q, K and V buffers share one panel geometry");
 
   // Stage buffers are addressed arithmetically (k(stage)), never through an array indexed at run time, which

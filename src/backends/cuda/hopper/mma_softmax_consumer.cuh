@@ -30,10 +30,6 @@ struct KeyMask {
   uint32_t valid[4] = {~0u, ~0u, ~0u, ~0u};  // bit c % 32 of word c / 32: column c is a real key
 };
 
-// Compile-time switch for experiments: 1 = FA3-style overlap (ping-pong + intra-warpgroup), 0 = sequential.
-#ifndef TILEWISE_HOPPER_OVERLAP
-#define TILEWISE_HOPPER_OVERLAP 0
-#endif
 
 // Online softmax keeps a row's running max stale until a block raises it by more than this (log2 units), so P
 // stays below 2^8 and most blocks skip the rescale of O (exact: O and the row sum share the stale max).
@@ -207,10 +203,102 @@ struct Consumer {
       WgmmaRS<kType, D>::template rs<1>(o, pa[j], desc(v_stage + ((j * 16 * Traits::kRowBytes) >> 4), v_hi), 1);
   }
 
+  /// All key blocks of one work item, FA3-style: S_j and P_{j-1} V_{j-1} are issued together, the softmax of
+  /// S_j runs while P_{j-1} V_{j-1} is on the tensor cores, and the warpgroups take turns issuing.
+  __device__ __forceinline__ void mainloop_overlapped(const WorkItem& item, int32_t text_len, uint32_t& kv_iter,
+                                                      float (&o)[D / 2], float (&m_run)[2], float (&l_run)[2]) const {
+    float sc[kBlockN / 2], corr[2];
+    uint32_t pa[kSteps][4];
+    // Block 0: S_0 alone (O is still zero: no rescale).
+    int stage = kv_iter % Traits::kStages;
+    uint32_t phase = (kv_iter / Traits::kStages) & 1;
+    s.k_full[stage].wait(phase);
+    BlockInfo bi = info(stage);
+    scheduler_sync();
+    wgmma_fence();
+    issue_s(sc, stage);
+    wgmma_commit();
+    scheduler_arrive();
+    wgmma_wait<0>();
+    fence_regs(sc);
+    release(s.k_empty[stage]);
+    softmax(sc, bi, text_len, item, m_run, l_run, corr);
+    to_operand(sc, pa);
+
+    // Blocks 1..n-1: S_j together with P_{j-1} V_{j-1}; softmax of S_j while P V runs.
+    while (!(bi.flags & BlockInfo::kLast)) {
+      const int prev = stage;
+      const uint32_t prev_phase = phase;
+      ++kv_iter;
+      stage = kv_iter % Traits::kStages;
+      phase = (kv_iter / Traits::kStages) & 1;
+      s.k_full[stage].wait(phase);
+      bi = info(stage);
+      s.v_full[prev].wait(prev_phase);
+      scheduler_sync();
+      wgmma_fence();
+      issue_s(sc, stage);
+      wgmma_commit();
+      issue_pv(o, pa, prev);
+      wgmma_commit();
+      scheduler_arrive();
+      wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
+      fence_regs(sc);
+      release(s.k_empty[stage]);
+      const bool rescale = softmax(sc, bi, text_len, item, m_run, l_run, corr);
+      wgmma_wait<0>();
+      fence_regs(o);
+      release(s.v_empty[prev]);
+      if (rescale) rescale_o(o, corr);
+      to_operand(sc, pa);
+    }
+
+    // Last P V.
+    s.v_full[stage].wait(phase);
+    scheduler_sync();
+    wgmma_fence();
+    issue_pv(o, pa, stage);
+    wgmma_commit();
+    scheduler_arrive();
+    wgmma_wait<0>();
+    fence_regs(o);
+    release(s.v_empty[stage]);
+    ++kv_iter;
+  }
+
+  /// All key blocks of one work item, one GEMM at a time (the two warpgroups still overlap each other).
+  __device__ __forceinline__ void mainloop_sequential(const WorkItem& item, int32_t text_len, uint32_t& kv_iter,
+                                                      float (&o)[D / 2], float (&m_run)[2], float (&l_run)[2]) const {
+    float sc[kBlockN / 2], corr[2];
+    uint32_t pa[kSteps][4];
+    for (bool last = false; !last; ++kv_iter) {
+      const int stage = kv_iter % Traits::kStages;
+      const uint32_t phase = (kv_iter / Traits::kStages) & 1;
+      s.k_full[stage].wait(phase);
+      const BlockInfo bi = info(stage);
+      last = bi.flags & BlockInfo::kLast;
+      wgmma_fence();
+      issue_s(sc, stage);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(sc);
+      release(s.k_empty[stage]);
+      if (softmax(sc, bi, text_len, item, m_run, l_run, corr)) rescale_o(o, corr);
+      to_operand(sc, pa);
+      s.v_full[stage].wait(phase);
+      wgmma_fence();
+      issue_pv(o, pa, stage);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o);
+      release(s.v_empty[stage]);
+    }
+  }
+
   __device__ void run() const {
     uint32_t kv_iter = 0, items = 0;
     WorkRing<typename Traits::Shared> ring{s};
-    if (TILEWISE_HOPPER_OVERLAP && wg == 1) scheduler_arrive();  // warpgroup 0 issues first
+    if (Traits::kOverlap && wg == 1) scheduler_arrive();  // warpgroup 0 issues first
     for (int32_t w; (w = ring.consume()) < p.num_work;) {
       const WorkItem item = decode_work(p, w);
       if (item.empty) continue;
@@ -218,92 +306,13 @@ struct Consumer {
       float o[D / 2];
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-      float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, corr[2];
-      float sc[kBlockN / 2];
-      uint32_t pa[kSteps][4];
+      float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
       s.q_full->wait(items & 1);
 
-#if TILEWISE_HOPPER_OVERLAP
-      // Block 0: S_0 alone (O is still zero: no rescale).
-      int stage = kv_iter % Traits::kStages;
-      uint32_t phase = (kv_iter / Traits::kStages) & 1;
-      s.k_full[stage].wait(phase);
-      BlockInfo bi = info(stage);
-      scheduler_sync();
-      wgmma_fence();
-      issue_s(sc, stage);
-      wgmma_commit();
-      scheduler_arrive();
-      wgmma_wait<0>();
-      fence_regs(sc);
-      release(s.k_empty[stage]);
-      softmax(sc, bi, text_len, item, m_run, l_run, corr);
-      to_operand(sc, pa);
-
-      // Blocks 1..n-1: S_j together with P_{j-1} V_{j-1}; softmax of S_j while P V runs.
-      while (!(bi.flags & BlockInfo::kLast)) {
-        const int prev = stage;
-        const uint32_t prev_phase = phase;
-        ++kv_iter;
-        stage = kv_iter % Traits::kStages;
-        phase = (kv_iter / Traits::kStages) & 1;
-        s.k_full[stage].wait(phase);
-        bi = info(stage);
-        s.v_full[prev].wait(prev_phase);
-        scheduler_sync();
-        wgmma_fence();
-        issue_s(sc, stage);
-        wgmma_commit();
-        issue_pv(o, pa, prev);
-        wgmma_commit();
-        scheduler_arrive();
-        wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
-        fence_regs(sc);
-        release(s.k_empty[stage]);
-        const bool rescale = softmax(sc, bi, text_len, item, m_run, l_run, corr);
-        wgmma_wait<0>();
-        fence_regs(o);
-        release(s.v_empty[prev]);
-        if (rescale) rescale_o(o, corr);
-        to_operand(sc, pa);
-      }
-
-      // Last P V.
-      s.v_full[stage].wait(phase);
-      scheduler_sync();
-      wgmma_fence();
-      issue_pv(o, pa, stage);
-      wgmma_commit();
-      scheduler_arrive();
-      wgmma_wait<0>();
-      fence_regs(o);
-      release(s.v_empty[stage]);
-      ++kv_iter;
-
-#else
-      for (bool last = false; !last; ++kv_iter) {
-        const int stage = kv_iter % Traits::kStages;
-        const uint32_t phase = (kv_iter / Traits::kStages) & 1;
-        s.k_full[stage].wait(phase);
-        const BlockInfo bi = info(stage);
-        last = bi.flags & BlockInfo::kLast;
-        wgmma_fence();
-        issue_s(sc, stage);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(sc);
-        release(s.k_empty[stage]);
-        if (softmax(sc, bi, text_len, item, m_run, l_run, corr)) rescale_o(o, corr);
-        to_operand(sc, pa);
-        s.v_full[stage].wait(phase);
-        wgmma_fence();
-        issue_pv(o, pa, stage);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(o);
-        release(s.v_empty[stage]);
-      }
-#endif
+      if constexpr (Traits::kOverlap)
+        mainloop_overlapped(item, text_len, kv_iter, o, m_run, l_run);
+      else
+        mainloop_sequential(item, text_len, kv_iter, o, m_run, l_run);
       Epilogue<Traits, kType>{p, s, wg, tid}.store(item, o, m_run, l_run);
       ++items;
     }
