@@ -229,6 +229,8 @@ inline std::string help_text(std::optional<Command> command) {
     s << "usage: tilewise <command> [flags]      tilewise <command> --help\n\n"
       << "Tile-sparse attention for video diffusion transformers.\n\ncommands:\n";
     for (int c = 0; c < 3; ++c) s << "  " << names[c] << "  " << command_summary(static_cast<Command>(c)) << "\n";
+    s << "  calibrate  choose windows per (step, layer, head) from captured q/k/v (the pip-installed `tilewise`\n"
+         "             command or `python -m tilewise.calibrate`; see docs/calibration.md)\n";
   }
   s << "\nflags (--flag VALUE or --flag=VALUE). Unset problem flags come from the default problem: on the CPU\n"
        "latent 8x16x16, tile 2x4x4, window 3x3x3, 4 heads, head dim 64, text 20 of 32, bf16; on CUDA\n"
