@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Python side on the GPU machine in one go: diffusers from local wheels (carry .whl), the library build, the
 # torch/diffusers/calibration tests (CUDA parts included) and the end-to-end transformer benchmark.
-# Usage (repo root, on the GPU machine): scripts/device_python.sh [test] [e2e]
+# Usage (repo root, on the GPU machine): scripts/device_python.sh [test] [e2e] [calib]
 set -uo pipefail
 OUT=${OUT:-/tmp/tilewise-out}
 mkdir -p "$OUT"
@@ -22,6 +22,10 @@ for step in $steps; do
     e2e)
       timeout 420 python3 bench/bench_e2e.py --out "$OUT/e2e.md" > "$OUT/e2e.log" 2>&1
       echo "e2e rc=$?"; tail -12 "$OUT/e2e.log"
+      ;;
+    calib)
+      timeout 300 python3 bench/bench_calibrate.py --out "$OUT/calib.md" > "$OUT/calib.log" 2>&1
+      echo "calib rc=$?"; tail -15 "$OUT/calib.log"
       ;;
   esac
 done

@@ -43,6 +43,12 @@ with classifier-free guidance run as two calls, and with cache methods that skip
 Reading it costs one device-to-host copy per transformer call (not per attention call), and only for
 per-step tables.
 
+Tap (for calibration): `tap(model, hook, steps=, layers=)` installs the same processors, which at the selected
+(step, layer) call `hook(layer, step, q, k, v, geometry)` with the attention inputs after QK norms and RoPE
+([B, S, H, D], where the attention would run) and a `tilewise.calibrate.Geometry`, and use what it returns (a
+tensor like q; tilewise's dense attention when it returns None) as the attention output. Other calls run the
+original processors. `tilewise.calibrate.capture` is built on it.
+
 torch.compile: the processors trace without a graph break (`torch.compile(transformer, fullgraph=True)` works
 with a fixed strategy). With a per-step strategy the step is read eagerly (a graph break in the pre-hook),
 and the compiled code is specialised on the layers' windows: one recompilation per distinct set of windows
@@ -60,7 +66,7 @@ import torch
 import tilewise
 from tilewise import _api, _torch  # noqa: F401  (registers the custom op)
 
-__all__ = ["enable", "disable", "set_timesteps", "controller", "Controller"]
+__all__ = ["enable", "disable", "set_timesteps", "controller", "tap", "Controller"]
 
 FULL_WINDOW = (1 << 20, 1 << 20, 1 << 20)  # larger than any tile grid: clamped to the whole axis by the core
 _KEY = re.compile(r"^(\d+)_(\d+)_(\d+)$")
@@ -158,6 +164,23 @@ class _Strategy:
         return None
 
 
+class _Tap:
+    """The strategy of a tap: ("tap", None) at the selected (step, layer), None (the original processor)
+    elsewhere. steps / layers: indices (a range stays a range), None = all."""
+
+    per_step = True
+
+    def __init__(self, steps, layers, tile):
+        self.steps = steps if steps is None or isinstance(steps, range) else frozenset(int(s) for s in steps)
+        self.layers = None if layers is None else frozenset(int(l) for l in layers)
+        self.tile = (6, 8, 8) if tile is None else _api._triple("tile", tile)
+
+    def call(self, step, layer: int, heads: int):
+        if (self.steps is None or step in self.steps) and (self.layers is None or layer in self.layers):
+            return ("tap", None)
+        return None
+
+
 # --- model families ---
 
 class _Family:
@@ -247,6 +270,7 @@ class Controller:
         self.step = None
         self.timesteps = None
         self.calls = {"tilewise": 0, "original": 0}
+        self.tap = None     # hook(layer, step, q, k, v, geometry) of a tap (see tap())
         self.modules = family.attention_modules(model)
         self.originals = [m.processor for m in self.modules]
         self._hook = None
@@ -300,25 +324,65 @@ class Controller:
         return self._specs[key]
 
     def route(self, processor, attn, hidden_states, n_video: int):
-        """The pattern of this call (see _Strategy.call), or None to run the original processor."""
+        """The pattern of this call (see _Strategy.call), or None to run the original processor. A tapped call
+        that tilewise cannot run raises (a capture must not silently miss calls)."""
         latent = self.latent
         if latent is None or latent[0] * latent[1] * latent[2] != n_video:
             return None
-        if getattr(processor, "_parallel_config", None) is not None or \
-                getattr(processor.original, "_parallel_config", None) is not None:
-            return None
-        device, dtype = hidden_states.device, hidden_states.dtype
-        if device.type == "cuda":
-            if dtype not in (torch.bfloat16, torch.float16) or attn.inner_dim // attn.heads not in _CUDA_HEAD_DIMS \
-                    or not _is_hopper(device):
-                return None
-        elif device.type != "cpu" or dtype not in _torch._DTYPES:
-            return None
-        return self.specs[processor.layer]
+        spec = self.specs[processor.layer]
+        if spec is None or _supported(processor, attn, hidden_states):
+            return spec
+        if spec[0] == "tap":
+            raise RuntimeError(f"tilewise.diffusers: cannot tap layer {processor.layer} at step {self.step}: "
+                               f"{_unsupported_reason(processor, attn, hidden_states)}")
+        return None
+
+    def tap_attention(self, layer: int, q, k, v, text_len, text_position: str):
+        """A tapped call: hook(layer, step, q, k, v, geometry), whose result (or tilewise's dense attention when
+        it returns None) is the attention output."""
+        from tilewise.calibrate.capture import Geometry
+        lengths = None if text_len is None else tuple(int(x) for x in text_len.tolist())  # one small copy
+        geometry = Geometry(latent=self.latent, tile=self.strategy.tile, text_len=lengths,
+                            text_position=text_position)
+        out = self.tap(layer, self.step, q, k, v, geometry)
+        if out is None:
+            out = tilewise.dense_attention(q, k, v, text_len=text_len, **geometry.kwargs())
+        return out
 
     def count(self, route: str) -> None:
         if not torch.compiler.is_compiling():
             self.calls[route] += 1
+
+
+def _parallel(processor) -> bool:
+    return getattr(processor, "_parallel_config", None) is not None or \
+        getattr(processor.original, "_parallel_config", None) is not None
+
+
+def _supported(processor, attn, hidden_states) -> bool:
+    """Whether tilewise runs this call on its device: no context parallelism, and a dtype (and on CUDA a head
+    dim and a Hopper GPU) that the device's backend takes."""
+    if _parallel(processor):
+        return False
+    device, dtype = hidden_states.device, hidden_states.dtype
+    if device.type == "cuda":
+        return dtype in (torch.bfloat16, torch.float16) and attn.inner_dim // attn.heads in _CUDA_HEAD_DIMS \
+            and _is_hopper(device)
+    return device.type == "cpu" and dtype in _torch._DTYPES
+
+
+def _unsupported_reason(processor, attn, hidden_states) -> str:
+    device, dtype = hidden_states.device, hidden_states.dtype
+    if _parallel(processor):
+        return "context parallelism is enabled on it"
+    if device.type == "cuda":
+        if dtype not in (torch.bfloat16, torch.float16):
+            return f"it runs in {dtype}, and tilewise's CUDA backend takes torch.bfloat16 or torch.float16"
+        if attn.inner_dim // attn.heads not in _CUDA_HEAD_DIMS:
+            return f"its head dim is {attn.inner_dim // attn.heads}; tilewise's CUDA backend takes 64, 96 or 128"
+        return f"{device} is not a Hopper GPU (sm_90), which tilewise's CUDA kernel needs"
+    return f"it runs on {device} in {dtype}; tilewise runs on CPU ({', '.join(map(str, _torch._DTYPES))}) " \
+        "and CUDA tensors"
 
 
 @torch.compiler.disable
@@ -340,6 +404,8 @@ class _Processor:
 
     def _attention(self, q, k, v, spec, text_len, text_position):
         tile = self.ctrl.strategy.tile
+        if spec[0] == "tap":  # the hook point: q, k, v after norms and RoPE, where the attention runs
+            return self.ctrl.tap_attention(self.layer, q, k, v, text_len, text_position)
         if spec[0] == "sta":
             return tilewise.sliding_tile_attention(q, k, v, latent=self.ctrl.latent, tile=tile, window=spec[1],
                                                    text_len=text_len, text_position=text_position)
@@ -508,7 +574,29 @@ def enable(model, strategy, *, tile=None, timesteps=None):
     tile: (tt, th, tw), default (6, 8, 8) or the calibrated strategy's.
     timesteps: the denoising timesteps of the run, for per-step tables (not needed when `model` is a
     pipeline: its scheduler's set_timesteps is hooked)."""
-    parsed = _Strategy(strategy, tile)
+    return _enable(model, _Strategy(strategy, tile), timesteps)
+
+
+def tap(model, hook, *, steps=None, layers=None, tile=None, timesteps=None) -> Controller:
+    """Calls hook(layer, step, q, k, v, geometry) at each self-attention call of the selected denoising steps
+    and layers (indices, None = all) of a transformer or a pipeline's transformer(s): q, k, v are [B, S, H, D]
+    after QK norms and RoPE, geometry a tilewise.calibrate.Geometry (latent, tile, per-batch text_len, text
+    position). The hook returns the call's attention output (a tensor like q) or None for tilewise's dense
+    attention; every other call runs the model's own processor, so the model's output stays the dense one.
+    The step comes from the timestep as for per-step strategies (hence timesteps=, or a pipeline). A tapped call
+    that tilewise cannot run (e.g. float32 on CUDA) raises. Undo with disable(model). Used by
+    tilewise.calibrate.capture."""
+    for t in _transformers(model)[0]:
+        if controller(t) is not None:
+            raise ValueError(f"model: tilewise is enabled on this {type(t).__name__}: call "
+                             "tilewise.diffusers.disable() first (a tap needs the model's dense attention)")
+    ctrl = _enable(model, _Tap(steps, layers, tile), timesteps)
+    for t in _transformers(model)[0]:
+        controller(t).tap = hook
+    return ctrl
+
+
+def _enable(model, parsed, timesteps) -> Controller:
     transformers, pipe = _transformers(model)
     ctrls = []
     for t in transformers:

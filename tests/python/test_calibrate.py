@@ -536,6 +536,26 @@ def test_torch_reduction_matches_numpy(rng):
     np.testing.assert_allclose(ev_t.mse, ev_n.mse, rtol=1e-6)
 
 
+def test_torch_reduction_over_many_chunks_leaves_its_inputs_alone(rng, monkeypatch):
+    torch = pytest.importorskip("torch", reason="torch is not installed: the torch reduction path is untested here")
+    from tilewise.calibrate import _backend
+
+    monkeypatch.setattr(_backend, "CHUNK_ELEMENTS", 100)  # 4 rows of [2, s, 3, 8] per chunk: 9 chunks
+    for dtype in (np.float32, np.float64):
+        a, b = (rng.standard_normal((2, 3, 33, 8)).astype(dtype) for _ in range(2))  # bhsd
+        ta, tb = torch.from_numpy(a.copy()), torch.from_numpy(b.copy())
+        sq_t, ab_t = _backend.TorchOps().diff_sums(ta, tb, "bhsd")
+        sq_n, ab_n = _backend.NumpyOps().diff_sums(a, b, "bhsd")
+        assert torch.equal(ta, torch.from_numpy(a)) and torch.equal(tb, torch.from_numpy(b))
+        np.testing.assert_allclose(sq_t.numpy(), sq_n, rtol=1e-5)
+        np.testing.assert_allclose(ab_t.numpy(), ab_n, rtol=1e-5)
+        np.testing.assert_allclose(_backend.TorchOps().square_sums(ta, "bhsd").numpy(),
+                                   _backend.NumpyOps().square_sums(a, "bhsd"), rtol=1e-5)
+    x = torch.from_numpy(rng.standard_normal((2, 33, 3, 8)).astype(np.float32)).bfloat16()
+    np.testing.assert_allclose(_backend.TorchOps().square_sums(x, "bshd").numpy(),
+                               _backend.NumpyOps().square_sums(x.float().numpy(), "bshd"), rtol=1e-5)
+
+
 def test_torch_cuda_evaluate_matches_cpu(rng):
     torch = pytest.importorskip("torch", reason="torch is not installed: the CUDA search path is untested here")
     if not torch.cuda.is_available():

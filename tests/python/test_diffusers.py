@@ -7,81 +7,25 @@ import inspect
 import json
 import types
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (see requirements-torch.txt)")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (see requirements-torch.txt)")
 
-import tilewise  # noqa: E402
 import tilewise.diffusers as twd  # noqa: E402
-from diffusers import (  # noqa: E402
-    CogVideoXTransformer3DModel,
-    FlowMatchEulerDiscreteScheduler,
-    HunyuanVideoTransformer3DModel,
-    WanTransformer3DModel,
+from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
+from tiny_models import (  # noqa: E402,F401  (seed is a fixture)
+    COVER,
+    FAMILIES,
+    LATENT,
+    TILE,
+    Spy,
+    build,
+    hopper,
+    num_attention,
+    run,
+    seed,
 )
-from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
-
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] == 9
-hopper = pytest.mark.skipif(not HOPPER, reason="needs a CUDA Hopper GPU (sm_90) for the tilewise kernel")
-
-LATENT = (3, 8, 8)  # after patch embedding, for every model below
-TILE = (1, 4, 4)    # grid 3 x 2 x 2 tiles
-COVER = (3, 2, 2)   # a window covering the whole grid
-FAMILIES = ["hunyuan", "wan", "cogvideox"]
-
-
-@pytest.fixture
-def seed():
-    s = int(np.random.SeedSequence().entropy % (1 << 62))
-    print("seed", s)
-    torch.manual_seed(s)
-    return s
-
-
-def build(family, head_dim=16, device="cpu", dtype=torch.float32):
-    """A tiny model of `family` and inputs for it: latent LATENT, batch 2, a few text tokens."""
-    B = 2
-    if family == "hunyuan":
-        d = head_dim // 4
-        model = HunyuanVideoTransformer3DModel(
-            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=head_dim, num_layers=1,
-            num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16,
-            pooled_projection_dim=8, rope_axes_dim=(head_dim - 2 * (3 * d // 2), 3 * d // 2, 3 * d // 2))
-        inputs = dict(hidden_states=torch.randn(B, 4, *LATENT), timestep=torch.tensor([900.0, 900.0]),
-                      encoder_hidden_states=torch.randn(B, 6, 16),
-                      encoder_attention_mask=torch.tensor([[1] * 6, [1] * 3 + [0] * 3]),  # text padding in batch 1
-                      pooled_projections=torch.randn(B, 8), guidance=torch.tensor([3.0, 3.0]))
-    elif family == "wan":
-        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
-                                      in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
-                                      num_layers=2, rope_max_seq_len=32)
-        inputs = dict(hidden_states=torch.randn(B, 4, LATENT[0], 16, 16), timestep=torch.tensor([900, 900]),
-                      encoder_hidden_states=torch.randn(B, 5, 16))
-    else:
-        model = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=head_dim, in_channels=4,
-                                            out_channels=4, time_embed_dim=8, text_embed_dim=16, num_layers=2,
-                                            sample_width=16, sample_height=16, patch_size=2, max_text_seq_length=7,
-                                            use_rotary_positional_embeddings=True)
-        rope = get_3d_rotary_pos_embed(head_dim, ((0, 0), (8, 8)), (8, 8), LATENT[0])
-        inputs = dict(hidden_states=torch.randn(B, LATENT[0], 4, 16, 16), timestep=torch.tensor([900, 900]),
-                      encoder_hidden_states=torch.randn(B, 7, 16), image_rotary_emb=rope)
-    model = model.eval().to(device=device)
-    if dtype != torch.float32:
-        model = model.to(dtype=dtype)
-    inputs = {k: (v.to(device=device, dtype=dtype if v.is_floating_point() and k != "timestep" else v.dtype)
-                  if isinstance(v, torch.Tensor) else tuple(x.to(device) for x in v)) for k, v in inputs.items()}
-    return model, inputs
-
-
-def run(model, inputs, **overrides):
-    with torch.no_grad():
-        return model(**dict(inputs, **overrides)).sample
-
-
-def num_attention(model):
-    return len(twd._family(model).attention_modules(model))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -127,29 +71,6 @@ def test_hunyuan_text_padding_becomes_text_len(seed):
     torch.testing.assert_close(out[1], padded[1], rtol=1e-5, atol=1e-5)
     twd.disable(model)
     torch.testing.assert_close(run(model, inputs, encoder_hidden_states=ehs), out, rtol=1e-5, atol=1e-5)
-
-
-class Spy:
-    """Records the windows of each tilewise call (in layer order within a forward)."""
-
-    def __init__(self, monkeypatch):
-        self.windows, self.frames = [], []
-        real_sta, real_tile = tilewise.sliding_tile_attention, tilewise.attention_tile
-
-        def sta(*a, window, **kw):
-            self.windows.append(tuple(tuple(w) for w in window))
-            return real_sta(*a, window=window, **kw)
-
-        def frame(*a, global_frames, radius, **kw):
-            self.frames.append((global_frames, radius, kw["tile"]))
-            return real_tile(*a, global_frames=global_frames, radius=radius, **kw)
-
-        monkeypatch.setattr(tilewise, "sliding_tile_attention", sta)
-        monkeypatch.setattr(tilewise, "attention_tile", frame)
-
-    def take(self):
-        out, self.windows = self.windows, []
-        return out
 
 
 TABLE = {  # Wan has 2 layers of 2 heads

@@ -160,7 +160,9 @@ def metric_of(metric: str, mse, l1, energy):
 
 
 def _evaluate(q, k, v, geometry: Geometry, kind: str, candidates: list, cost: Optional[CostModel],
-              tick: Optional[Callable] = None) -> Evaluation:
+              tick: Optional[Callable] = None, return_dense: bool = False):
+    """The Evaluation, and with return_dense also the dense output (a numpy array for numpy and CPU torch
+    inputs, a tensor for CUDA ones), so that a live capture can return it as the call's output."""
     (q, k, v), ops = _backend.prepare(q, k, v)
     B, S, H, D = shape_bshd(q, geometry.layout)
     if cost is None or cost.key() != (geometry, B, S, H, shape_bshd(k, geometry.layout)[2], D):
@@ -198,8 +200,9 @@ def _evaluate(q, k, v, geometry: Geometry, kind: str, candidates: list, cost: Op
                 tick()
     values = ops.to_numpy([energy, *sq, *ab])
     C = len(candidates)
-    return Evaluation(kind, list(candidates), values[1:1 + C] / count, values[1 + C:] / count, values[0] / count,
-                      np.array(density), np.array(flops), cost.dense_flops)
+    e = Evaluation(kind, list(candidates), values[1:1 + C] / count, values[1 + C:] / count, values[0] / count,
+                   np.array(density), np.array(flops), cost.dense_flops)
+    return (e, dense) if return_dense else e
 
 
 def evaluate(q, k, v, geometry: Geometry, candidates: Sequence, *, cost: Optional[CostModel] = None,
