@@ -42,7 +42,7 @@ struct Producer {
       ++items;
       const int kv_head = item.head / p.kv_group;
       const int32_t text_len = text_len_of(p, item.batch);
-      KeyBlockCursor cursor(p, item);
+      KeyBlockCursor cursor(p, item, text_len);
       Block kb, next;
       cursor.next(kb);  // every work item has at least one key block (the plan guarantees an allowed key)
       for (bool more = true; more; kb = next, ++kv_iter) {

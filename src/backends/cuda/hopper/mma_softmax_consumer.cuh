@@ -30,7 +30,6 @@ struct KeyMask {
   uint32_t valid[4] = {~0u, ~0u, ~0u, ~0u};  // bit c % 32 of word c / 32: column c is a real key
 };
 
-
 // Online softmax keeps a row's running max stale until a block raises it by more than this (log2 units), so P
 // stays below 2^8 and most blocks skip the rescale of O (exact: O and the row sum share the stale max).
 constexpr float kRescaleThreshold = 8.f;

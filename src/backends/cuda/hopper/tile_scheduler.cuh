@@ -135,12 +135,12 @@ __device__ __forceinline__ BlockInfo describe(const FwdParams& p, const WorkItem
 }
 
 /// The key blocks of one work item, in order: the video key tiles of the query's pattern (each split into its
-/// live sub-blocks), then the valid text rows in blocks of kBlockN.
+/// live sub-blocks), then the valid text rows (`text_len`, from text_len_of) in blocks of kBlockN.
 class KeyBlockCursor {
  public:
-  __device__ __forceinline__ KeyBlockCursor(const FwdParams& p, const WorkItem& w) : p_(p) {
+  __device__ __forceinline__ KeyBlockCursor(const FwdParams& p, const WorkItem& w, int32_t text_len) : p_(p) {
     const Grid& g = p.map.grid;
-    text_end_ = text_len_of(p, w.batch);
+    text_end_ = text_len;
     if (w.q.text || p.kind == PatternKind::dense) {
       boxes_ = KeyBoxesT<int32_t>{};
       boxes_.t0 = {0, g.tiles.t};
