@@ -14,10 +14,14 @@ def regs(n, start):
     return ", ".join(f"%{i}" for i in range(start, start + n))
 
 
-def ss(n, ty):
+def fragment(n):
+    """(accumulator registers per thread, their PTX operand list, their asm constraints) for N = n."""
     acc = n // 2
-    d = regs(acc, 0)
-    ops = ", ".join(f'"+f"(d[{i}])' for i in range(acc))
+    return acc, regs(acc, 0), ", ".join(f'"+f"(d[{i}])' for i in range(acc))
+
+
+def ss(n, ty):
+    acc, d, ops = fragment(n)
     return f'''template <>
 struct Wgmma<WgType::{ty}, {n}> {{
   /// d[64 x {n}] (+)= A[64 x 16] * B[16 x {n}], A and B from shared memory (descriptors, B MN-major when kTransB).
@@ -34,9 +38,7 @@ struct Wgmma<WgType::{ty}, {n}> {{
 
 
 def rs(n, ty):
-    acc = n // 2
-    d = regs(acc, 0)
-    ops = ", ".join(f'"+f"(d[{i}])' for i in range(acc))
+    acc, d, ops = fragment(n)
     return f'''template <>
 struct WgmmaRS<WgType::{ty}, {n}> {{
   /// d[64 x {n}] += A[64 x 16] (registers, 4 x 32-bit) * B[16 x {n}] (shared memory, MN-major when trans_b).

@@ -422,6 +422,12 @@ def _rope_prefix(x, n: int, emb):
     return torch.cat([apply_rotary_emb(x[:, :n], emb, sequence_dim=1), x[:, n:]], dim=1)
 
 
+def _project_heads(attn, x, projections, norm_q, norm_k):
+    """q, k, v of `x` as [B, S, heads, D] through three projections, with the optional q/k norms applied."""
+    q, k, v = (proj(x).unflatten(2, (attn.heads, -1)) for proj in projections)
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
+
+
 class HunyuanVideoProcessor(_Processor):
     """HunyuanVideo's joint attention ([video | text], text padding from the attention mask) on tilewise."""
 
@@ -438,24 +444,13 @@ class HunyuanVideoProcessor(_Processor):
 
         single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
         x = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single_stream else hidden_states
-        q = attn.to_q(x).unflatten(2, (attn.heads, -1))
-        k = attn.to_k(x).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(x).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _project_heads(attn, x, (attn.to_q, attn.to_k, attn.to_v), attn.norm_q, attn.norm_k)
         if image_rotary_emb is not None:  # RoPE on the video positions only
             q = _rope_prefix(q, n_video, image_rotary_emb)
             k = _rope_prefix(k, n_video, image_rotary_emb)
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            ev = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
+            added = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            eq, ek, ev = _project_heads(attn, encoder_hidden_states, added, attn.norm_added_q, attn.norm_added_k)
             q, k, v = torch.cat([q, eq], dim=1), torch.cat([k, ek], dim=1), torch.cat([v, ev], dim=1)
 
         # The mask keeps the first n_video + text_len[b] keys: its text part counts the valid text tokens.
