@@ -8,7 +8,8 @@ max-abs difference between tilewise's and FlexAttention's outputs (a check that 
 FlexAttention gets its best case: when the tile divides the latent the sequence is permuted to tiled order
 (so its 128-token blocks are whole sub-tiles); otherwise it runs on raster order with the same mask_mod.
 
-Usage: python3 bench/bench_forward.py [--lib build/libtilewise.so] [--rows 1,2] [--no-flex] [--out table.md]
+Usage: python3 bench/bench_forward.py [--lib build/libtilewise.so] [--rows 1,2] [--only w3x3x3,partial]
+       [--no-flex] [--no-dense] [--out table.md]
 """
 from __future__ import annotations
 
@@ -58,10 +59,13 @@ def rows() -> list[Row]:
     return r
 
 
-def bench(fn) -> float:
+def bench(fn, warmup_ms: float = 1000, rep_ms: float = 2000) -> float:
+    """Median ms at the card's sustained state. Under this load an H100 SXM sits at its 700 W cap and the clock
+    swings between about 1.4 and 1.6 GHz with a period near a second (docs/performance.md, v4), so a short
+    window lands on a random phase of that swing: 1 s of warm-up and 2 s of timed runs average over it."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
 def window_range(c, k, n):
@@ -147,6 +151,8 @@ def main() -> None:
     ap.add_argument("--lib", default=None, help="path to libtilewise.so")
     ap.add_argument("--rows", default="1,2,3,4,5", help="row groups to run (1..5)")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baselines (kernel variant runs)")
+    ap.add_argument("--only", default=None, help="run only rows whose name contains one of these ','-separated strings")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = ap.parse_args()
     _capi.lib(args.lib)
@@ -165,7 +171,10 @@ def main() -> None:
         flex = torch.compile(flex_attention, dynamic=False)
 
     table = []
-    for row in [r for r in rows() if r.group in groups]:
+    selected = [r for r in rows() if r.group in groups]
+    if args.only:
+        selected = [r for r in selected if any(k in r.name for k in args.only.split(","))]
+    for row in selected:
         T, H, W = row.latent
         nv = T * H * W
         S = nv + row.text
@@ -190,6 +199,9 @@ def main() -> None:
         dense_flops = 4.0 * B * Hh * S * S * D
         res = {}
         for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            if args.no_dense:
+                res[name] = float("nan")
+                continue
             try:
                 with sdpa_kernel(backend):
                     F.scaled_dot_product_attention(qh, kh, vh)

@@ -26,7 +26,7 @@ for step in $steps; do
       echo "== compute-sanitizer (memcheck, racecheck, synccheck) on small problems"
       for tool in memcheck racecheck synccheck; do
         timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 \
-          $BUILD/tilewise_tests --gtest_filter='Cases/CudaSmall.*/sta_partial*:Cases/CudaSmall.*/text_first*' \
+          $BUILD/tilewise_tests --gtest_filter='Cases/CudaSmall.*/sta_partial*:Cases/CudaSmall.*/text_first*:Cases/CudaSmall.*/partial_tile_classes_all*' \
           > "$OUT/sanitize_$tool.log" 2>&1
         echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
       done

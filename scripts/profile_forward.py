@@ -20,6 +20,7 @@ ap.add_argument("--window", default="3x3x3")
 ap.add_argument("--heads", type=int, default=4)
 ap.add_argument("--head-dim", type=int, default=128)
 ap.add_argument("--text", type=int, default=0)
+ap.add_argument("--text-len", type=int, default=-1, help="valid text rows (device array); -1 = the capacity")
 ap.add_argument("--runs", type=int, default=2)
 a = ap.parse_args()
 _capi.lib(a.lib)
@@ -31,7 +32,9 @@ q, k, v = (torch.randn(1, S, a.heads, a.head_dim, device="cuda", dtype=torch.bfl
 o = torch.empty_like(q)
 plan = _capi.Plan(batch=1, q_heads=a.heads, kv_heads=a.heads, head_dim=a.head_dim, dtype="bf16", latent=latent,
                   tile=tile, text_capacity=a.text, pattern="sliding_tile", windows=[window], device="cuda")
+text_len = torch.full((1,), a.text_len, device="cuda", dtype=torch.int32)
+tl = text_len.data_ptr() if a.text_len >= 0 else 0
 for _ in range(a.runs):
-    plan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), 0, 0)
+    plan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), 0, tl)
 torch.cuda.synchronize()
 print("ok", tuple(o.shape), float(o.float().abs().mean()))

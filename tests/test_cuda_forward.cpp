@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -207,6 +208,23 @@ std::vector<Case> small_cases() {
     c.push_back({"attention_tile_masked_blocks", p, Pattern::attention_tile(std::vector<HeadParams>{{{1, 1, 1}, 1, 0}, {{1, 1, 1}, 0, 1}}),
                  {}});
   }
+  // Tiles cut short on every axis: each of the 8 tile classes gets its own box (2x8x8, 3x8x5, 3x5x8, ...), so
+  // blocks of 128, 120 and fewer tokens share the pipeline stages.
+  {
+    Problem p = base({15, 21, 20}, {6, 8, 8}, 2, 1, 64, 40);
+    p.batch = 2;
+    c.push_back({"partial_tile_classes_all_axes_gqa_d64_text", p, Pattern::sliding_tile({2, 2, 2}), {33, 0}});
+  }
+  {
+    Problem p = base({9, 13, 12}, {6, 8, 8}, 2, 2, 96);
+    p.dtype = DType::f16;
+    c.push_back({"partial_tile_classes_f16_d96", p, Pattern::sliding_tile({1, 2, 1}), {}});
+  }
+  {
+    Problem p = base({9, 13, 8}, {6, 8, 8}, 2, 2, 128, 16);
+    c.push_back({"partial_tile_classes_attention_tile_masked_frames", p,
+                 Pattern::attention_tile(std::vector<HeadParams>{{{1, 1, 1}, 1, 0}, {{1, 1, 1}, 0, 1}}), {}});
+  }
   c.push_back({"window_larger_than_grid_one_tile_axis", base({2, 16, 16}, {2, 8, 8}, 2, 2, 64),
                Pattern::sliding_tile({5, 5, 5}), {}});
   c.push_back({"small_tiles_ragged_blocks", base({8, 12, 12}, {4, 4, 4}, 2, 2, 128), Pattern::sliding_tile({1, 3, 3}), {}});
@@ -286,6 +304,49 @@ TEST(CudaFullSize, HunyuanShapesMatchGpuReference) {
     DeviceRun a(fast, in), b(ref, in);
     expect_close(fast, a.run(), b.run(), 1e-2);
   }
+}
+
+// Blocks of partial tiles hold fewer than 128 tokens, and the rows past them in a pipeline stage may keep
+// another block's keys and values. NaNs in one tile's K and V must stay in the rows whose window holds that
+// tile, as in the reference: a stale NaN value times a zero probability would spread them.
+TEST(CudaPartialTiles, NonFiniteKeysStayInTheRowsThatSeeThem) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device: GPU test skipped";
+  const Pattern pat = Pattern::sliding_tile({1, 2, 2});
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const Plan plan(base({15, 21, 20}, {6, 8, 8}, 2, 2, 128), pat, Device::cuda);
+  const Problem& p = plan.problem();  // strides and sequence length resolved
+  Buffers in = random_inputs(plan, {}, seed);
+  const uint16_t nan = to_bits(std::numeric_limits<float>::quiet_NaN(), p.dtype);
+  for (int64_t t = 0; t < 6; ++t)  // every token of tile (0, 0, 0)
+    for (int64_t h = 0; h < 8; ++h)
+      for (int64_t w = 0; w < 8; ++w)
+        for (int64_t head = 0; head < p.kv_heads; ++head)
+          for (int64_t d = 0; d < p.head_dim; ++d) {
+            const int64_t pos = (t * p.latent.h + h) * p.latent.w + w;
+            in.k[pos * p.k.seq + head * p.k.head + d] = nan;
+            in.v[pos * p.v.seq + head * p.v.head + d] = nan;
+          }
+  const Result got = DeviceRun(plan, in).run(), ref = cpu_reference(p, pat, in);
+  int64_t finite_rows = 0, nan_rows = 0, leaked = 0;
+  double err2 = 0, ref2 = 0;
+  for (int64_t s = 0; s < p.seq_len; ++s)
+    for (int64_t head = 0; head < p.q_heads; ++head) {
+      const int64_t i0 = s * p.o.seq + head * p.o.head;
+      const bool row_finite = std::isfinite(from_bits(ref.o[i0], p.dtype));
+      (row_finite ? finite_rows : nan_rows)++;
+      if (!row_finite) continue;
+      for (int64_t d = 0; d < p.head_dim; ++d) {
+        const float x = from_bits(got.o[i0 + d], p.dtype), y = from_bits(ref.o[i0 + d], p.dtype);
+        if (!std::isfinite(x)) ++leaked;
+        err2 += (double(x) - y) * (double(x) - y);
+        ref2 += double(y) * y;
+      }
+    }
+  EXPECT_GT(nan_rows, 0) << "the oracle should see the NaN tile in some rows";
+  EXPECT_GT(finite_rows, nan_rows) << "most rows' windows should not hold the NaN tile";
+  EXPECT_EQ(leaked, 0) << "non-finite outputs in rows whose window does not hold the NaN tile";
+  EXPECT_LE(std::sqrt(err2 / ref2), 1e-2) << "relative L2 error over the finite rows";
 }
 
 TEST(CudaErrors, MisalignedStridesAndHostPointers) {

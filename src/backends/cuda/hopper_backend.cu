@@ -77,6 +77,57 @@ Dim3 choose_box(const Dim3& tile) {
   return best;
 }
 
+/// The box of a class of partial tiles of extent `e` (<= tile): along axes where the tile is whole the box
+/// divides it (a block never crosses into the next tile); along cut axes it may be any size up to the tile,
+/// since what it covers past the latent's edge is zero-filled by TMA. Fewest blocks first, then the largest
+/// box (no tail to zero when it has 128 tokens), then long rows (w, then h) for TMA.
+Dim3 choose_partial_box(const Dim3& tile, const Dim3& e) {
+  Dim3 best{1, 1, 1};
+  int64_t best_blocks = std::numeric_limits<int64_t>::max();
+  auto fits = [](int64_t b, int64_t t, int64_t ext) { return ext == t ? t % b == 0 : true; };
+  for (int64_t bw = tile.w; bw >= 1; --bw) {
+    if (!fits(bw, tile.w, e.w) || bw > hopper::kBlockN) continue;
+    for (int64_t bh = tile.h; bh >= 1; --bh) {
+      if (!fits(bh, tile.h, e.h) || bw * bh > hopper::kBlockN) continue;
+      for (int64_t bt = tile.t; bt >= 1; --bt) {
+        if (!fits(bt, tile.t, e.t) || bt * bh * bw > hopper::kBlockN) continue;
+        const Dim3 b{bt, bh, bw};
+        const int64_t blocks = ceil_div(e.t, bt) * ceil_div(e.h, bh) * ceil_div(e.w, bw);
+        if (blocks < best_blocks || (blocks == best_blocks && b.volume() > best.volume())) best = b, best_blocks = blocks;
+      }
+    }
+  }
+  return best;
+}
+
+/// The block box of every tile class (see hopper::TileClass): class 0 takes choose_box(tile), a class of tiles
+/// cut short by the latent's edge takes choose_partial_box of its extent.
+struct TileClasses {
+  hopper::TileClass cls[hopper::kTileClasses];
+  int32_t partial_axes = 0;
+  int32_t slots = 1;        // the most blocks of any class
+  int64_t max_volume = 0;   // of any class's box
+
+  TileClasses() = default;
+  explicit TileClasses(const TileGrid& g) {
+    const Dim3 rem{g.latent.t % g.tile.t, g.latent.h % g.tile.h, g.latent.w % g.tile.w};
+    partial_axes = (rem.t ? 4 : 0) | (rem.h ? 2 : 0) | (rem.w ? 1 : 0);
+    for (int c = 0; c < hopper::kTileClasses; ++c) {
+      if (c & ~partial_axes) continue;
+      const Dim3 e{c & 4 ? rem.t : g.tile.t, c & 2 ? rem.h : g.tile.h, c & 1 ? rem.w : g.tile.w};
+      const Dim3 box = c == 0 ? choose_box(g.tile) : choose_partial_box(g.tile, e);
+      const Dim3 subs{ceil_div(e.t, box.t), ceil_div(e.h, box.h), ceil_div(e.w, box.w)};
+      cls[c].box = dim3_cast<int32_t>(box);
+      cls[c].subs = dim3_cast<int32_t>(subs);
+      slots = std::max<int32_t>(slots, static_cast<int32_t>(subs.volume()));
+      max_volume = std::max(max_volume, box.volume());
+    }
+    for (int c = 0; c < hopper::kTileClasses; ++c)
+      if (!(c & ~partial_axes)) cls[c].tail = static_cast<int32_t>(max_volume - cls[c].box.volume());
+  }
+  bool exists(int c) const { return !(c & ~partial_axes); }
+};
+
 enum class ViewMode { head_in_dim0, head_batch_merged, per_batch };
 
 ViewMode view_mode(const Strides& s, int64_t heads, int64_t D) {
@@ -111,15 +162,14 @@ class HopperBackend final : public Backend {
     require(p.latent.volume() <= kMax / 2 && p.text_capacity <= kMax / 2, "latent", str(p.latent),
             "fewer than 2^30 video tokens per sequence on cuda");
 
-    box_ = choose_box(p.tile);
     per_batch_ = view_mode(p.q, p.q_heads, p.head_dim) == ViewMode::per_batch ||
                  view_mode(p.o, p.q_heads, p.head_dim) == ViewMode::per_batch ||
                  view_mode(p.k, p.kv_heads, p.head_dim) == ViewMode::per_batch ||
                  view_mode(p.v, p.kv_heads, p.head_dim) == ViewMode::per_batch;
     num_sms_ = prop.multiProcessorCount;
     const TileGrid& g = plan.grid();
-    const Dim3 subs{p.tile.t / box_.t, p.tile.h / box_.h, p.tile.w / box_.w};
-    video_items_ = static_cast<int32_t>(g.num_tiles() * subs.volume());
+    classes_ = TileClasses(g);
+    video_items_ = static_cast<int32_t>(g.num_tiles() * classes_.slots);
     text_items_ = static_cast<int32_t>(ceil_div<int64_t>(p.text_capacity, hopper::kBlockM));
     const int64_t launch_batch = per_batch_ ? 1 : p.batch;
     const int64_t work = launch_batch * p.q_heads * (int64_t{video_items_} + text_items_);
@@ -133,7 +183,10 @@ class HopperBackend final : public Backend {
     hopper::FwdParams prm{};
     const TileGrid& g = plan.grid();
     prm.map = TokenMapT<int32_t>{TileGridT<int32_t>(g), plan.token_map().seq, p.order};
-    prm.box = dim3_cast<int32_t>(box_);
+    std::copy(std::begin(classes_.cls), std::end(classes_.cls), std::begin(prm.cls));
+    prm.partial_axes = classes_.partial_axes;
+    prm.slots_per_tile = classes_.slots;
+    prm.zero_init = classes_.max_volume < hopper::kBlockN;
     prm.batch = per_batch_ ? 1 : static_cast<int32_t>(p.batch);
     prm.q_heads = static_cast<int32_t>(p.q_heads);
     prm.kv_group = static_cast<int32_t>(p.q_heads / p.kv_heads);
@@ -167,9 +220,9 @@ class HopperBackend final : public Backend {
   }
 
  private:
-  /// Tensor maps of one tensor: video (D', W', H', T', X) and text (D', L, 1, 1, X), where the physical video
-  /// view is the latent for raster order and (tiles * tt, th, tw) for tiled order.
-  void encode(const Plan& plan, const void* base, const Strides& s, int64_t heads, int64_t batch, CUtensorMap& video,
+  /// Tensor maps of one tensor: video (D', W', H', T', X), one per tile class (box), and text (D', L, 1, 1, X),
+  /// where the physical video view is the latent for raster order and (tiles * tt, th, tw) for tiled order.
+  void encode(const Plan& plan, const void* base, const Strides& s, int64_t heads, int64_t batch, CUtensorMap* video,
               CUtensorMap& text, hopper::TensorView& view, int64_t esize) const {
     const Problem& p = plan.problem();
     const TileGrid& g = plan.grid();
@@ -202,8 +255,12 @@ class HopperBackend final : public Backend {
       const cuuint64_t dims[5] = {dim0, (cuuint64_t)phys.w, (cuuint64_t)phys.h, (cuuint64_t)phys.t, dim4};
       const cuuint64_t strides[4] = {(cuuint64_t)(s.seq * esize), (cuuint64_t)(s.seq * phys.w * esize),
                                      (cuuint64_t)(s.seq * phys.w * phys.h * esize), (cuuint64_t)(stride4 * esize)};
-      const cuuint32_t box[5] = {(cuuint32_t)panel_cols, (cuuint32_t)box_.w, (cuuint32_t)box_.h, (cuuint32_t)box_.t, 1};
-      encode_one(video, dtype, v0, dims, strides, box, ones, swizzle);
+      for (int c = 0; c < hopper::kTileClasses; ++c) {
+        if (!classes_.exists(c)) continue;
+        const hopper::D3& b = classes_.cls[c].box;
+        const cuuint32_t box[5] = {(cuuint32_t)panel_cols, (cuuint32_t)b.w, (cuuint32_t)b.h, (cuuint32_t)b.t, 1};
+        encode_one(video[c], dtype, v0, dims, strides, box, ones, swizzle);
+      }
     }
     if (p.text_capacity > 0) {
       const char* t0 = ptr + plan.token_map().seq.text_offset() * s.seq * esize;
@@ -213,7 +270,7 @@ class HopperBackend final : public Backend {
       const cuuint32_t box[5] = {(cuuint32_t)panel_cols, (cuuint32_t)hopper::kBlockM, 1, 1, 1};
       encode_one(text, dtype, t0, dims, strides, box, ones, swizzle);
     } else {
-      text = video;  // never read
+      text = video[0];  // never read
     }
   }
 
@@ -231,7 +288,7 @@ class HopperBackend final : public Backend {
 
   PatternTables tables_;
   DeviceArray<int32_t> work_counter_{std::vector<int32_t>{0}};
-  Dim3 box_{};
+  TileClasses classes_;
   bool per_batch_ = false;
   int num_sms_ = 0;
   int32_t video_items_ = 0, text_items_ = 0;

@@ -1,4 +1,4 @@
-// Epilogue: normalises O, writes it (as the output dtype) into the Q buffer in the swizzled TMA layout and
+// Epilogue: normalises O, writes it (as the output dtype) into the O buffer in the swizzled TMA layout and
 // stores the box with TMA (rows outside the latent or text capacity are clipped by the hardware), and writes
 // the LSE of real rows.
 #pragma once
@@ -24,9 +24,10 @@ struct Epilogue {
       const int64_t t = q.row0 + r;
       return t < p.map.seq.text_capacity ? p.map.seq.text_offset() + t : -1;
     }
-    if (r >= p.box.volume()) return -1;
+    const D3 b = q.box(p);
+    if (r >= b.volume()) return -1;
     const D3 o = q.origin(p), L = p.map.grid.latent;
-    const D3 c{o.t + r / (p.box.h * p.box.w), o.h + (r / p.box.w) % p.box.h, o.w + r % p.box.w};
+    const D3 c{o.t + r / (b.h * b.w), o.h + (r / b.w) % b.h, o.w + r % b.w};
     if (c.t >= L.t || c.h >= L.h || c.w >= L.w) return -1;
     return p.map.video_position(c);
   }
@@ -49,7 +50,11 @@ struct Epilogue {
         }
       }
     }
-    // Registers -> swizzled shared memory (this warpgroup's own 64 rows of the Q buffer, which it alone read).
+    // The previous item's output store must have finished reading the O buffer before it is overwritten; the
+    // store thread waits for it here, an item later, rather than right after issuing it.
+    if (wg == 0 && tid == 0) tma_store_wait_read();
+    named_barrier_sync(kEpilogueBarrier, 128 * kConsumerWarpgroups);
+    // Registers -> swizzled shared memory (this warpgroup's own 64 rows of the O buffer).
 #pragma unroll
     for (int i = 0; i < D / 2; i += 2) {
       const int rr = (i % 4) / 2;
@@ -57,7 +62,7 @@ struct Epilogue {
       const int col = 8 * (i / 4) + 2 * (lane % 4);
       const uint32_t off = (col / Traits::kPanelCols) * Traits::kPanelBytes +
                            swizzled_offset(r, col % Traits::kPanelCols, Traits::kRowBytes);
-      *reinterpret_cast<uint32_t*>(s.q + off) =
+      *reinterpret_cast<uint32_t*>(s.o() + off) =
           pack_half2(o[i] * inv[rr], o[i + 1] * inv[rr], kType == WgType::bf16);
     }
     fence_proxy_async();
@@ -69,15 +74,13 @@ struct Epilogue {
 #pragma unroll
       for (int panel = 0; panel < Traits::kPanels; ++panel) {
         const int c0 = p.o.c0(item.head, panel * Traits::kPanelCols);
-        const uint8_t* src = s.q + panel * Traits::kPanelBytes;
+        const uint8_t* src = s.o() + panel * Traits::kPanelBytes;
         if (b.text)
           tma_store(&p.o_text, src, c0, b.row0, 0, 0, c4);
         else
-          tma_store(&p.o_video, src, c0, static_cast<int>(org.w), static_cast<int>(org.h), static_cast<int>(org.t), c4);
+          tma_store(&p.o_video[b.cls], src, c0, static_cast<int>(org.w), static_cast<int>(org.h), static_cast<int>(org.t), c4);
       }
       tma_store_commit();
-      tma_store_wait_read();
-      s.q_empty->arrive();
     }
   }
 };

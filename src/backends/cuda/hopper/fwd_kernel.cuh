@@ -17,17 +17,18 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   // uniform registers rather than being moved there before every wgmma.
   const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0), tid = threadIdx.x % 128;
 
-  // Blocks of fewer than 128 tokens leave rows of each buffer that TMA never writes: zero them once so the
-  // masked columns/rows multiply zeros, never stale bits that could be NaN.
-  if (p.box.volume() < kBlockN) {
+  // When every box has fewer than 128 tokens, rows past the largest are never written by TMA: zero them once so
+  // masked columns multiply zeros, never stale bits that could be NaN (rows between a smaller box and the largest
+  // are zeroed per load, see TileClass::tail).
+  if (p.zero_init) {
     uint4* words = reinterpret_cast<uint4*>(s.q);
-    for (int i = threadIdx.x; i < Traits::kTileBytes * (1 + 2 * Traits::kStages) / 16; i += kThreads)
+    for (int i = threadIdx.x; i < Traits::kTileBytes * Traits::kBuffers / 16; i += kThreads)
       words[i] = make_uint4(0, 0, 0, 0);
     fence_proxy_async();
   }
   if (threadIdx.x == 0) {
     s.q_full->init(1);
-    s.q_empty->init(1);
+    s.q_empty->init(4 * kConsumerWarpgroups);  // one arrival per consumer warp, as for K and V
     for (int i = 0; i < Traits::kStages; ++i) {
       s.k_full[i].init(1);
       s.v_full[i].init(1);
@@ -48,9 +49,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   if (wg == 0) {
     regs_decrease<Traits::kProducerRegs>();
     if (tid == 0) {
-      prefetch_tensormap(&p.q_video);
-      prefetch_tensormap(&p.k_video);
-      prefetch_tensormap(&p.v_video);
+      prefetch_tensormap(&p.q_video[0]);
+      prefetch_tensormap(&p.k_video[0]);
+      prefetch_tensormap(&p.v_video[0]);
       Producer<Traits>{p, s}.run();
     }
   } else {

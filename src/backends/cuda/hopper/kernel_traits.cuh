@@ -4,7 +4,7 @@
 #include "backends/cuda/hopper/params.cuh"
 #include "backends/cuda/hopper/ptx.cuh"
 
-// K/V pipeline depth at head dim 128 (2 stages: 160 KB of shared memory, 3 stages: 224 KB).
+// K/V pipeline depth at head dim 128 (2 stages: 192 KB of shared memory with the Q and O buffers; 3 do not fit).
 #ifndef TILEWISE_HOPPER_STAGES_D128
 #define TILEWISE_HOPPER_STAGES_D128 2
 #endif
@@ -42,12 +42,15 @@ struct KernelTraits {
 
   // Stage buffers are addressed arithmetically (k(stage)), never through an array indexed at run time, which
   // would put the struct in local memory.
+  // Q and O have buffers of their own, so the next work item's Q can land while this item's last blocks and its
+  // output store are still running (the item-boundary bubble).
   struct Shared {
     uint8_t* q;
-    __device__ __forceinline__ uint8_t* k(int stage) const { return q + kTileBytes * (1 + stage); }
-    __device__ __forceinline__ uint8_t* v(int stage) const { return q + kTileBytes * (1 + kStages + stage); }
+    __device__ __forceinline__ uint8_t* o() const { return q + kTileBytes; }
+    __device__ __forceinline__ uint8_t* k(int stage) const { return q + kTileBytes * (2 + stage); }
+    __device__ __forceinline__ uint8_t* v(int stage) const { return q + kTileBytes * (2 + kStages + stage); }
     Barrier* q_full;
-    Barrier* q_empty;
+    Barrier* q_empty;  // the consumers' last S GEMM of an item has read Q
     Barrier* k_full;   // [kStages]
     Barrier* k_empty;  // [kStages]
     Barrier* v_full;
@@ -58,16 +61,18 @@ struct KernelTraits {
     BlockInfo* info;      // [kStages]: what the key block in each stage is (written by the producer)
   };
 
+  static constexpr int kBuffers = 2 + 2 * kStages;  // Q, O, and K and V per stage
   static constexpr int kBarriers = 2 + 4 * kStages + 4;
   static constexpr int kSmemBytes =
-      1024 /* alignment slack */ + kTileBytes * (1 + 2 * kStages) + kBarriers * 8 + 16 + kStages * sizeof(BlockInfo);
+      1024 /* alignment slack */ + kTileBytes * kBuffers + kBarriers * 8 + 16 + kStages * sizeof(BlockInfo);
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KB an sm_90 CTA can have");
 
   /// Carves the dynamic shared memory: tiles first (1024-byte aligned, as the 128-byte swizzle requires).
   static __device__ __forceinline__ Shared carve(uint8_t* raw) {
     uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
     Shared s;
     s.q = base;
-    Barrier* bars = reinterpret_cast<Barrier*>(base + kTileBytes * (1 + 2 * kStages));
+    Barrier* bars = reinterpret_cast<Barrier*>(base + kTileBytes * kBuffers);
     s.q_full = bars;
     s.q_empty = bars + 1;
     s.k_full = bars + 2;

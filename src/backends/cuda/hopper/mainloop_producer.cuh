@@ -12,10 +12,10 @@ struct Producer {
   const FwdParams& p;
   const typename Traits::Shared& s;
 
-  /// Loads one block (all panels) of a tensor into `dst`, completing on `bar`.
+  /// Loads one block (all panels) of a tensor into `dst`, completing on `bar`. `video` holds a map per class.
   __device__ __forceinline__ void load(const CUtensorMap* video, const CUtensorMap* text, const TensorView& view,
                                        const Block& b, int batch, int head, uint8_t* dst, Barrier* bar) const {
-    const int rows = b.text ? kBlockN : static_cast<int>(p.box.volume());
+    const int rows = b.text ? kBlockN : static_cast<int>(b.box(p).volume());
     bar->arrive_expect_tx(static_cast<uint32_t>(rows * Traits::D * 2));
     const int c4 = view.c4(batch, head);
     const D3 o = b.tma_origin(p);
@@ -26,8 +26,21 @@ struct Producer {
       if (b.text)
         tma_load(d, text, bar, c0, b.row0, 0, 0, c4);
       else
-        tma_load(d, video, bar, c0, static_cast<int>(o.w), static_cast<int>(o.h), static_cast<int>(o.t), c4);
+        tma_load(d, video + b.cls, bar, c0, static_cast<int>(o.w), static_cast<int>(o.h), static_cast<int>(o.t), c4);
     }
+  }
+
+  /// Zeroes V rows [volume, volume + tail) of a stage, which a larger box loaded earlier may have filled: P is
+  /// zero there, but 0 * NaN would not be. Generic stores, so the proxy fence orders them before the wgmma reads.
+  __device__ __forceinline__ void zero_tail(const Block& b, uint8_t* dst) const {
+    const TileClass& c = p.cls[b.cls];
+    if (b.text || c.tail == 0) return;
+    const int first = c.box.volume() * Traits::kRowBytes / 16, count = c.tail * Traits::kRowBytes / 16;
+    for (int panel = 0; panel < Traits::kPanels; ++panel) {
+      uint4* words = reinterpret_cast<uint4*>(dst + panel * Traits::kPanelBytes) + first;
+      for (int i = 0; i < count; ++i) words[i] = make_uint4(0, 0, 0, 0);
+    }
+    fence_proxy_async();
   }
 
   __device__ void run() const {
@@ -36,9 +49,9 @@ struct Producer {
     for (int32_t w; (w = ring.produce(p.work_counter, p.num_work)) < p.num_work;) {
       const WorkItem item = decode_work(p, w);
       if (item.empty) continue;
-      // The previous item's output store must have left the Q buffer before the next Q lands there.
+      // The previous item's last S GEMM must have read Q; its remaining blocks and output store still run.
       s.q_empty->wait((items & 1) ^ 1);
-      load(&p.q_video, &p.q_text, p.q, item.q, item.batch, item.head, s.q, s.q_full);
+      load(p.q_video, &p.q_text, p.q, item.q, item.batch, item.head, s.q, s.q_full);
       ++items;
       const int kv_head = item.head / p.kv_group;
       const int32_t text_len = text_len_of(p, item.batch);
@@ -52,9 +65,10 @@ struct Producer {
         s.k_empty[stage].wait(phase ^ 1);
         // The consumers read the record after k_full completes; the arrive below releases this store.
         s.info[stage] = describe(p, item, kb, text_len, !more);
-        load(&p.k_video, &p.k_text, p.k, kb, item.batch, kv_head, s.k(stage), &s.k_full[stage]);
+        load(p.k_video, &p.k_text, p.k, kb, item.batch, kv_head, s.k(stage), &s.k_full[stage]);
         s.v_empty[stage].wait(phase ^ 1);
-        load(&p.v_video, &p.v_text, p.v, kb, item.batch, kv_head, s.v(stage), &s.v_full[stage]);
+        zero_tail(kb, s.v(stage));
+        load(p.v_video, &p.v_text, p.v, kb, item.batch, kv_head, s.v(stage), &s.v_full[stage]);
       }
     }
   }

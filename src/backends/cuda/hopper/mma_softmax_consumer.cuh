@@ -83,6 +83,11 @@ struct Consumer {
     if (lane() == 0) empty.arrive();
   }
 
+  /// After the item's last S GEMM, Q is free: the producer loads the next item's Q while this one finishes.
+  __device__ __forceinline__ void release_q_after(const BlockInfo& bi) const {
+    if (bi.flags & BlockInfo::kLast) release(*s.q_empty);
+  }
+
   __device__ __forceinline__ void scheduler_sync() const { named_barrier_sync(kSchedulerBarrier + wg, 256); }
   __device__ __forceinline__ void scheduler_arrive() const {
     named_barrier_arrive(kSchedulerBarrier + (1 - wg), 256);
@@ -103,7 +108,7 @@ struct Consumer {
       return m;
     }
     m.frames = (bi.flags & BlockInfo::kFrames) != 0;
-    const D3 L = p.map.grid.latent, b = p.box;
+    const D3 L = p.map.grid.latent, b = p.cls[bi.tile_class()].box;
     const int32_t hw = b.h * b.w, volume = b.t * hw;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -118,11 +123,12 @@ struct Consumer {
   __device__ __forceinline__ void mask_frames(float (&sc)[kBlockN / 2], const WorkItem& item, const BlockInfo& bi) const {
     const HeadParams& hp = p.heads[item.head];
     const int32_t g = static_cast<int32_t>(hp.global_frames), r = static_cast<int32_t>(hp.radius);
-    const int32_t hw = p.box.h * p.box.w, qt0 = item.q.origin(p).t;
+    const D3 qb = item.q.box(p), kb = p.cls[bi.tile_class()].box;
+    const int32_t q_hw = qb.h * qb.w, k_hw = kb.h * kb.w, qt0 = item.q.origin(p).t;
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) {
       const int c = 8 * (i / 4) + 2 * (lane() % 4) + (i % 2);
-      if (!frame_pair_allowed<int32_t>(qt0 + row((i % 4) / 2) / hw, bi.t + c / hw, g, r)) sc[i] = -INFINITY;
+      if (!frame_pair_allowed<int32_t>(qt0 + row((i % 4) / 2) / q_hw, bi.t + c / k_hw, g, r)) sc[i] = -INFINITY;
     }
   }
 
@@ -221,6 +227,7 @@ struct Consumer {
     wgmma_wait<0>();
     fence_regs(sc);
     release(s.k_empty[stage]);
+    release_q_after(bi);
     softmax(sc, bi, text_len, item, m_run, l_run, corr);
     to_operand(sc, pa);
 
@@ -244,6 +251,7 @@ struct Consumer {
       wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
       fence_regs(sc);
       release(s.k_empty[stage]);
+      release_q_after(bi);
       const bool rescale = softmax(sc, bi, text_len, item, m_run, l_run, corr);
       wgmma_wait<0>();
       fence_regs(o);
@@ -282,6 +290,7 @@ struct Consumer {
       wgmma_wait<0>();
       fence_regs(sc);
       release(s.k_empty[stage]);
+      release_q_after(bi);
       if (softmax(sc, bi, text_len, item, m_run, l_run, corr)) rescale_o(o, corr);
       to_operand(sc, pa);
       s.v_full[stage].wait(phase);

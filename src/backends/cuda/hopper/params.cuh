@@ -28,6 +28,17 @@ struct TensorView {
   __device__ __forceinline__ int c4(int batch, int head) const { return batch * batch_mult4 + head * head_mult4; }
 };
 
+/// Tiles fall into classes by the axes along which the latent's edge cuts them short: bit 2 = t, 1 = h, 0 = w
+/// (class 0: whole tiles). Each class has its own block box, so a partial tile is covered by as few blocks as a
+/// box of at most 128 tokens allows (e.g. a 6x5x8 tile by two 3x5x8 boxes, not three 2x8x8 ones).
+constexpr int kTileClasses = 8;
+
+struct TileClass {
+  D3 box;            // tokens of one block: a box inside the tile (along whole axes it divides the tile)
+  D3 subs;           // blocks per axis: ceil(tile extent / box)
+  int32_t tail = 0;  // V rows past this box's volume that other classes' loads may have left: zeroed on load
+};
+
 /// The producer's description of the key block it put in a pipeline stage, so the consumers need not walk the
 /// pattern themselves: they read 16 bytes per block and only compute a mask when `masked` is set.
 struct alignas(16) BlockInfo {
@@ -35,17 +46,22 @@ struct alignas(16) BlockInfo {
   static constexpr uint32_t kMasked = 2;  // some columns are not real, allowed keys (ragged, text padding, frames)
   static constexpr uint32_t kText = 4;    // a block of text keys starting at row t
   static constexpr uint32_t kFrames = 8;  // an attention-tile block mixing allowed and forbidden frame pairs
+  static constexpr int kClassShift = 8;   // bits 8-10: the tile class of a video block (its box)
   uint32_t flags;
+  __device__ __forceinline__ int tile_class() const { return (flags >> kClassShift) & (kTileClasses - 1); }
   int32_t t, h, w;  // video: the box origin (t, h, w) in the latent; text: t = first text row
 };
 
 struct FwdParams {  // CUtensorMap members carry their own 64-byte alignment
-  CUtensorMap q_video, k_video, v_video, o_video;
+  CUtensorMap q_video[kTileClasses], k_video[kTileClasses], v_video[kTileClasses], o_video[kTileClasses];
   CUtensorMap q_text, k_text, v_text, o_text;  // unused without text
   TensorView q, k, v, o;
 
   TokenMapT<int32_t> map;  // grid, sequence layout and token order (the semantics core)
-  D3 box;              // token box of one block (divides the tile; volume <= 128)
+  TileClass cls[kTileClasses];
+  int32_t partial_axes = 0;   // bit mask (as the class index) of the axes whose last tile is partial
+  int32_t slots_per_tile = 1;  // work items per query tile: the most blocks any class needs
+  bool zero_init = false;      // every box has fewer than 128 tokens: the rows past them are zeroed once
   int32_t batch = 1;     // batch elements in this launch
   int32_t batch_base = 0;  // global index of this launch's first batch element (per-batch launches)
   int32_t q_heads = 1;

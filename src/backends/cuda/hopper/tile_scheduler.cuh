@@ -2,47 +2,47 @@
 // visits. Only the producer thread walks the key blocks; it describes each one to the consumers in a 16-byte
 // BlockInfo beside the stage, so the consumers' instruction stream stays free of pattern arithmetic.
 //
-// A block is a box of `box` tokens inside one tile (box divides the tile), so every key block lies wholly
-// inside or outside a query tile's window. Blocks of border tiles may hang over the latent's edge: TMA
-// zero-fills those rows on load and clips them on store, and the consumers mask those keys.
+// A block is a box of tokens inside one tile (the box of the tile's class, see TileClass), so every key block
+// lies wholly inside or outside a query tile's window. Blocks of border tiles may hang over the latent's edge:
+// TMA zero-fills those rows on load and clips them on store, and the consumers mask those keys.
 #pragma once
 
 #include "backends/cuda/hopper/params.cuh"
 
 namespace tilewise::hopper {
 
-/// Sub-blocks per tile along each axis, and how many of them hold tokens for tile c.
-__device__ __forceinline__ D3 subs_per_tile(const FwdParams& p) {
-  const D3 t = p.map.grid.tile;
-  return {t.t / p.box.t, t.h / p.box.h, t.w / p.box.w};
-}
-__device__ __forceinline__ D3 live_subs(const FwdParams& p, D3 c) {
-  const D3 e = p.map.grid.tile_extent(c);
-  return {ceil_div(e.t, p.box.t), ceil_div(e.h, p.box.h), ceil_div(e.w, p.box.w)};
+/// The class of tile c: the axes along which it is the latent's last, partial tile (see TileClass).
+__device__ __forceinline__ int32_t tile_class(const FwdParams& p, D3 c) {
+  const D3 n = p.map.grid.tiles;
+  return ((c.t == n.t - 1 ? 4 : 0) | (c.h == n.h - 1 ? 2 : 0) | (c.w == n.w - 1 ? 1 : 0)) & p.partial_axes;
 }
 
-/// One block of tokens: video (a box inside tile `tile`, at sub-block `sub`) or text (rows [row0, row0+128)).
+/// One block of tokens: video (box `sub` of tile `tile`, in the box shape of the tile's class) or text (rows
+/// [row0, row0 + 128)).
 struct Block {
   bool text = false;
+  int32_t cls = 0;  // tile class (video)
   D3 tile{};
   D3 sub{};
   int32_t row0 = 0;
 
+  __device__ __forceinline__ const D3& box(const FwdParams& p) const { return p.cls[cls].box; }
   __device__ __forceinline__ D3 origin(const FwdParams& p) const {  // semantic (t, h, w) of the first token
-    const D3 o = p.map.grid.tile_origin(tile);
-    return {o.t + sub.t * p.box.t, o.h + sub.h * p.box.h, o.w + sub.w * p.box.w};
+    const D3 o = p.map.grid.tile_origin(tile), b = box(p);
+    return {o.t + sub.t * b.t, o.h + sub.h * b.h, o.w + sub.w * b.w};
   }
   /// TMA coordinates (w, h, t) of the box in the physical view: the latent itself for raster order, or
-  /// (tiles * tt, th, tw) for tiled order, where tile i is rows [i * tt, (i + 1) * tt).
+  /// (tiles * tt, th, tw) for tiled order (whole tiles only), where tile i is rows [i * tt, (i + 1) * tt).
   __device__ __forceinline__ D3 tma_origin(const FwdParams& p) const {
     if (p.map.order == TokenOrder::raster) return origin(p);
-    return {p.map.grid.tile_index(tile) * p.map.grid.tile.t + sub.t * p.box.t, sub.h * p.box.h, sub.w * p.box.w};
+    const D3 b = box(p);
+    return {p.map.grid.tile_index(tile) * p.map.grid.tile.t + sub.t * b.t, sub.h * b.h, sub.w * b.w};
   }
   /// Whether some of the block's rows are not real tokens (beyond the latent or beyond the box volume).
   __device__ __forceinline__ bool ragged(const FwdParams& p) const {
     if (text) return false;
-    const D3 o = origin(p), L = p.map.grid.latent;
-    return p.box.volume() < kBlockN || o.t + p.box.t > L.t || o.h + p.box.h > L.h || o.w + p.box.w > L.w;
+    const D3 o = origin(p), L = p.map.grid.latent, b = box(p);
+    return b.volume() < kBlockN || o.t + b.t > L.t || o.h + b.h > L.h || o.w + b.w > L.w;
   }
 };
 
@@ -50,7 +50,7 @@ struct WorkItem {
   int32_t batch = 0;  // index within this launch
   int32_t head = 0;   // local query head
   Block q;
-  bool empty = false;  // a sub-block wholly outside the latent: nothing to do
+  bool empty = false;  // a spare slot of a tile whose class needs fewer blocks: nothing to do
 };
 
 /// Work items are ordered text query blocks first (they see every key, so they are the longest), then video
@@ -69,14 +69,13 @@ __device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w) {
   w -= text_total;
   it.batch = w / (p.q_heads * p.video_items);
   it.head = (w / p.video_items) % p.q_heads;
-  const int32_t qb = w % p.video_items;
-  const D3 s = subs_per_tile(p);
-  const int32_t per_tile = s.volume();
-  it.q.tile = p.map.grid.tile_coord(qb / per_tile);
-  const int32_t r = qb % per_tile;
+  const int32_t index = w % p.video_items;
+  it.q.tile = p.map.grid.tile_coord(index / p.slots_per_tile);
+  it.q.cls = tile_class(p, it.q.tile);
+  const int32_t r = index % p.slots_per_tile;
+  const D3 s = p.cls[it.q.cls].subs;
   it.q.sub = {r / (s.h * s.w), (r / s.w) % s.h, r % s.w};
-  const D3 live = live_subs(p, it.q.tile);
-  it.empty = it.q.sub.t >= live.t || it.q.sub.h >= live.h || it.q.sub.w >= live.w;
+  it.empty = r >= s.volume();  // a class with fewer blocks than the most any class needs
   return it;
 }
 
@@ -126,6 +125,7 @@ __device__ __forceinline__ BlockInfo describe(const FwdParams& p, const WorkItem
     return bi;
   }
   const D3 o = kb.origin(p);
+  bi.flags |= static_cast<uint32_t>(kb.cls) << BlockInfo::kClassShift;
   bi.t = o.t, bi.h = o.h, bi.w = o.w;
   if (!item.q.text && p.kind == PatternKind::attention_tile &&
       block_kind<int32_t>(p.kind, p.heads[item.head], p.map.grid, item.q.tile, kb.tile) == BlockKind::masked)
@@ -159,7 +159,7 @@ class KeyBlockCursor {
     } else {
       tile_ = {boxes_.t0.begin, boxes_.h.begin, boxes_.w.begin};
       video_done_ = boxes_.num_tiles() == 0;
-      live_ = live_subs(p, tile_);
+      next_tile();
     }
   }
 
@@ -167,6 +167,7 @@ class KeyBlockCursor {
   __device__ __forceinline__ bool next(Block& b) {
     if (!video_done_) {
       b.text = false;
+      b.cls = cls_;
       b.tile = tile_;
       b.sub = sub_;
       advance_video();
@@ -188,7 +189,7 @@ class KeyBlockCursor {
       return;
     }
     tile_ = p_.map.grid.tile_coord(p_.block_tiles[list_pos_]);
-    live_ = live_subs(p_, tile_);
+    next_tile();
     sub_ = {0, 0, 0};
   }
 
@@ -219,7 +220,10 @@ class KeyBlockCursor {
     }
     video_done_ = true;
   }
-  __device__ __forceinline__ void next_tile() { live_ = live_subs(p_, tile_); }
+  __device__ __forceinline__ void next_tile() {
+    cls_ = tile_class(p_, tile_);
+    live_ = p_.cls[cls_].subs;
+  }
 
   const FwdParams& p_;
   KeyBoxesT<int32_t> boxes_{};
@@ -227,6 +231,7 @@ class KeyBlockCursor {
   int32_t list_pos_ = 0, list_end_ = 0;
   int32_t range_ = 0;
   D3 tile_{}, sub_{0, 0, 0}, live_{1, 1, 1};
+  int32_t cls_ = 0;
   bool video_done_ = false;
   int32_t text_row_ = 0, text_end_ = 0;
 };
