@@ -14,6 +14,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw -
 cmake -S . -B $BUILD $CUTLASS_FLAG -DCMAKE_BUILD_TYPE=Release > "$OUT/cmake.log" 2>&1 &&
   cmake --build $BUILD -j16 > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c | head -5
+# ptxas serialises every wgmma of a kernel when it cannot pipeline them (C7510-C7520): a silent 2x slowdown
+grep -E "wgmma.mma_async instructions are serialized" "$OUT/build.log" | sed 's/^/WARNING: /' | sort -u | head -3
 
 for step in $steps; do
   case $step in
@@ -37,7 +39,7 @@ for step in $steps; do
       ;;
     bench)
       echo "== benchmark"
-      PYTHONUNBUFFERED=1 timeout 420 python3 bench/bench_forward.py --lib $BUILD/libtilewise.so --out "$OUT/bench.md" \
+      PYTHONUNBUFFERED=1 timeout 480 python3 bench/bench_forward.py --lib $BUILD/libtilewise.so --out "$OUT/bench.md" \
         2>&1 | tee "$OUT/bench.log" | tail -40
       ;;
   esac

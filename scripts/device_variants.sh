@@ -18,6 +18,7 @@ for spec in "$@"; do
     > "$OUT/cmake-$name.log" 2>&1 && cmake --build build-$name -j16 --target tilewise_lib > "$OUT/build-$name.log" 2>&1 \
     || { echo "build $name failed"; tail -20 "$OUT/build-$name.log"; continue; }
   echo "== $name ($flags): $(grep -E 'bytes stack' "$OUT/build-$name.log" | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
+  grep -qE "wgmma.mma_async instructions are serialized" "$OUT/build-$name.log" && echo "WARNING: $name: ptxas serialised wgmma"
   PYTHONUNBUFFERED=1 timeout 300 python3 bench/bench_forward.py --lib build-$name/libtilewise.so --rows "$ROWS" "${EXTRA[@]}" \
     --no-flex --out "$OUT/bench-$name.md" > "$OUT/bench-$name.log" 2>&1
   cut -d'|' -f2-5 "$OUT/bench-$name.md" | head -12
