@@ -60,28 +60,12 @@ PFN_encodeTiled encode_fn() {
   return fn;
 }
 
-/// The largest box (bt, bh, bw) of at most 128 tokens that divides the tile, preferring long rows (w, then h),
-/// so that every block lies inside one tile and TMA reads long contiguous runs.
-Dim3 choose_box(const Dim3& tile) {
-  Dim3 best{1, 1, 1};
-  for (int64_t bw = tile.w; bw >= 1; --bw) {
-    if (tile.w % bw || bw > hopper::kBlockN) continue;
-    for (int64_t bh = tile.h; bh >= 1; --bh) {
-      if (tile.h % bh || bw * bh > hopper::kBlockN) continue;
-      for (int64_t bt = tile.t; bt >= 1; --bt) {
-        if (tile.t % bt || bt * bh * bw > hopper::kBlockN) continue;
-        if (bt * bh * bw > best.volume()) best = {bt, bh, bw};
-      }
-    }
-  }
-  return best;
-}
-
-/// The box of a class of partial tiles of extent `e` (<= tile): along axes where the tile is whole the box
-/// divides it (a block never crosses into the next tile); along cut axes it may be any size up to the tile,
-/// since what it covers past the latent's edge is zero-filled by TMA. Fewest blocks first, then the largest
-/// box (no tail to zero when it has 128 tokens), then long rows (w, then h) for TMA.
-Dim3 choose_partial_box(const Dim3& tile, const Dim3& e) {
+/// The block box of tiles of extent `e` (<= tile; e == tile for whole tiles): the fewest blocks of at most 128
+/// tokens. Along axes where the tile is whole the box divides it, so a block never crosses into the next tile;
+/// along axes the latent's edge cuts it may be any size up to the tile, since what it covers past the edge is
+/// zero-filled by TMA. Ties go to the largest box (no tail to zero when it has 128 tokens), then to long rows
+/// (w, then h), for long contiguous TMA runs. For a whole tile this is the largest box dividing it.
+Dim3 choose_box(const Dim3& tile, const Dim3& e) {
   Dim3 best{1, 1, 1};
   int64_t best_blocks = std::numeric_limits<int64_t>::max();
   auto fits = [](int64_t b, int64_t t, int64_t ext) { return ext == t ? t % b == 0 : true; };
@@ -100,8 +84,7 @@ Dim3 choose_partial_box(const Dim3& tile, const Dim3& e) {
   return best;
 }
 
-/// The block box of every tile class (see hopper::TileClass): class 0 takes choose_box(tile), a class of tiles
-/// cut short by the latent's edge takes choose_partial_box of its extent.
+/// The block box of every tile class (see hopper::TileClass), from choose_box on the class's tile extent.
 struct TileClasses {
   hopper::TileClass cls[hopper::kTileClasses];
   int32_t partial_axes = 0;
@@ -113,9 +96,9 @@ struct TileClasses {
     const Dim3 rem{g.latent.t % g.tile.t, g.latent.h % g.tile.h, g.latent.w % g.tile.w};
     partial_axes = (rem.t ? 4 : 0) | (rem.h ? 2 : 0) | (rem.w ? 1 : 0);
     for (int c = 0; c < hopper::kTileClasses; ++c) {
-      if (c & ~partial_axes) continue;
+      if (!exists(c)) continue;
       const Dim3 e{c & 4 ? rem.t : g.tile.t, c & 2 ? rem.h : g.tile.h, c & 1 ? rem.w : g.tile.w};
-      const Dim3 box = c == 0 ? choose_box(g.tile) : choose_partial_box(g.tile, e);
+      const Dim3 box = choose_box(g.tile, e);
       const Dim3 subs{ceil_div(e.t, box.t), ceil_div(e.h, box.h), ceil_div(e.w, box.w)};
       cls[c].box = dim3_cast<int32_t>(box);
       cls[c].subs = dim3_cast<int32_t>(subs);
@@ -123,7 +106,7 @@ struct TileClasses {
       max_volume = std::max(max_volume, box.volume());
     }
     for (int c = 0; c < hopper::kTileClasses; ++c)
-      if (!(c & ~partial_axes)) cls[c].tail = static_cast<int32_t>(max_volume - cls[c].box.volume());
+      if (exists(c)) cls[c].tail = static_cast<int32_t>(max_volume - cls[c].box.volume());
   }
   bool exists(int c) const { return !(c & ~partial_axes); }
 };

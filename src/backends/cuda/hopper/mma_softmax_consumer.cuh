@@ -83,8 +83,10 @@ struct Consumer {
     if (lane() == 0) empty.arrive();
   }
 
-  /// After the item's last S GEMM, Q is free: the producer loads the next item's Q while this one finishes.
-  __device__ __forceinline__ void release_q_after(const BlockInfo& bi) const {
+  /// Once S of the block in `stage` is computed, its K stage is free, and after the item's last block so is Q:
+  /// the producer loads the next item's Q while this one's last P V and output store still run.
+  __device__ __forceinline__ void release_s_operands(int stage, const BlockInfo& bi) const {
+    release(s.k_empty[stage]);
     if (bi.flags & BlockInfo::kLast) release(*s.q_empty);
   }
 
@@ -226,8 +228,7 @@ struct Consumer {
     scheduler_arrive();
     wgmma_wait<0>();
     fence_regs(sc);
-    release(s.k_empty[stage]);
-    release_q_after(bi);
+    release_s_operands(stage, bi);
     softmax(sc, bi, text_len, item, m_run, l_run, corr);
     to_operand(sc, pa);
 
@@ -250,8 +251,7 @@ struct Consumer {
       scheduler_arrive();
       wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
       fence_regs(sc);
-      release(s.k_empty[stage]);
-      release_q_after(bi);
+      release_s_operands(stage, bi);
       const bool rescale = softmax(sc, bi, text_len, item, m_run, l_run, corr);
       wgmma_wait<0>();
       fence_regs(o);
@@ -289,8 +289,7 @@ struct Consumer {
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(sc);
-      release(s.k_empty[stage]);
-      release_q_after(bi);
+      release_s_operands(stage, bi);
       if (softmax(sc, bi, text_len, item, m_run, l_run, corr)) rescale_o(o, corr);
       to_operand(sc, pa);
       s.v_full[stage].wait(phase);
