@@ -22,6 +22,7 @@ ap.add_argument("--head-dim", type=int, default=128)
 ap.add_argument("--text", type=int, default=0)
 ap.add_argument("--text-len", type=int, default=-1, help="valid text rows (device array); -1 = the capacity")
 ap.add_argument("--runs", type=int, default=2)
+ap.add_argument("--cudnn", action="store_true", help="run PyTorch SDPA (cuDNN backend, dense) on the same shape instead")
 a = ap.parse_args()
 _capi.lib(a.lib)
 latent = tuple(int(x) for x in a.latent.split("x"))
@@ -34,6 +35,15 @@ plan = _capi.Plan(batch=1, q_heads=a.heads, kv_heads=a.heads, head_dim=a.head_di
                   tile=tile, text_capacity=a.text, pattern="sliding_tile", windows=[window], device="cuda")
 text_len = torch.full((1,), a.text_len, device="cuda", dtype=torch.int32)
 tl = text_len.data_ptr() if a.text_len >= 0 else 0
+if a.cudnn:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        for _ in range(a.runs):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    torch.cuda.synchronize()
+    print("ok cudnn", tuple(o.shape))
+    sys.exit(0)
 for _ in range(a.runs):
     plan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), 0, tl)
 torch.cuda.synchronize()

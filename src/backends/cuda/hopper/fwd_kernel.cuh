@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
     }
     for (int i = 0; i < 2; ++i) {
       s.work_full[i].init(1);
-      s.work_empty[i].init(128 * kConsumerWarpgroups);
+      s.work_empty[i].init(128 * kConsumerWarpgroups + 1);  // the consumers and the V loader
     }
     fence_barrier_init();
   }
@@ -51,8 +51,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
     if (tid == 0) {
       prefetch_tensormap(&p.q_video[0]);
       prefetch_tensormap(&p.k_video[0]);
+      Producer<Traits>{p, s}.run_keys();
+    } else if (tid == 32) {
       prefetch_tensormap(&p.v_video[0]);
-      Producer<Traits>{p, s}.run();
+      Producer<Traits>{p, s}.run_values();
     }
   } else {
     regs_increase<Traits::kConsumerRegs>();

@@ -16,6 +16,17 @@
 #define TILEWISE_HOPPER_OVERLAP -1
 #endif
 
+// Registers of the producer warpgroup (setmaxnreg); 0 = by schedule (below). The consumers get the rest.
+#ifndef TILEWISE_HOPPER_PRODUCER_REGS
+#define TILEWISE_HOPPER_PRODUCER_REGS 0
+#endif
+
+// Overlapped schedule: wait for P_{j-1} V_{j-1} after the softmax of S_j (1), or before it (0: what ptxas made of
+// a plain wait there, see wgmma_wait_after).
+#ifndef TILEWISE_HOPPER_LATE_PV_WAIT
+#define TILEWISE_HOPPER_LATE_PV_WAIT 1
+#endif
+
 namespace tilewise::hopper {
 
 template <int kHeadDim>
@@ -33,9 +44,11 @@ struct KernelTraits {
   // Register split between the producer warpgroup and each consumer warpgroup. The CTA is launched with 168
   // registers per thread (65536 / 384, rounded down to a multiple of 8), and setmaxnreg only redistributes that
   // pool: a split asking for more than 384 * 168 makes setmaxnreg.inc wait forever. The overlapped consumer
-  // holds S, P and O at once and gets 216; the producer's pattern walk then gets 72.
-  static constexpr int kProducerRegs = kOverlap ? 72 : 80;
-  static constexpr int kConsumerRegs = kOverlap ? 216 : 208;
+  // holds S, P and O at once (ptxas serialises every wgmma when its fragments do not fit, C7512) and gets 216;
+  // the producer's pattern walk gets the rest.
+  static constexpr int kProducerRegs =
+      TILEWISE_HOPPER_PRODUCER_REGS > 0 ? TILEWISE_HOPPER_PRODUCER_REGS : (kOverlap ? 72 : 80);
+  static constexpr int kConsumerRegs = (3 * 168 - kProducerRegs) / 2 / 8 * 8;
   static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168,
                 "the register split exceeds the CTA's allocation (setmaxnreg.inc would deadlock)");
   static_assert(kBlockM == kBlockN, "Q, K and V buffers share one panel geometry");

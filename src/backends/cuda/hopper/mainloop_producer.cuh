@@ -1,5 +1,5 @@
-// Producer: one thread of the producer warpgroup walks the work items and their key blocks and issues TMA loads
-// of Q, K and V boxes straight from the user's tensors into the shared-memory pipeline.
+// Producer: two threads of the producer warpgroup walk the work items and their key blocks and issue TMA loads of
+// Q and K (one thread) and V (the other) straight from the user's tensors into the shared-memory pipeline.
 #pragma once
 
 #include "backends/cuda/hopper/kernel_traits.cuh"
@@ -43,7 +43,9 @@ struct Producer {
     fence_proxy_async();
   }
 
-  __device__ void run() const {
+  /// The Q and K loader (warp 0 of the producer warpgroup): takes work items from the scheduler, loads each
+  /// item's Q and its key blocks' K, and describes each block to the consumers (BlockInfo).
+  __device__ void run_keys() const {
     uint32_t kv_iter = 0, items = 0;
     WorkRing<typename Traits::Shared> ring{s};
     for (int32_t w; (w = ring.produce(p.work_counter, p.num_work)) < p.num_work;) {
@@ -56,17 +58,30 @@ struct Producer {
       const int kv_head = item.head / p.kv_group;
       const int32_t text_len = text_len_of(p, item.batch);
       KeyBlockCursor cursor(p, item, text_len);
-      Block kb, next;
-      cursor.next(kb);  // every work item has at least one key block (the plan guarantees an allowed key)
-      for (bool more = true; more; kb = next, ++kv_iter) {
-        more = cursor.next(next);
+      // Every work item has at least one key block (the plan guarantees an allowed key).
+      for (Block kb; cursor.next(kb); ++kv_iter) {
         const int stage = kv_iter % Traits::kStages;
-        const uint32_t phase = (kv_iter / Traits::kStages) & 1;
-        s.k_empty[stage].wait(phase ^ 1);
+        s.k_empty[stage].wait(((kv_iter / Traits::kStages) & 1) ^ 1);
         // The consumers read the record after k_full completes; the arrive below releases this store.
-        s.info[stage] = describe(p, item, kb, text_len, !more);
+        s.info[stage] = describe(p, item, kb, text_len, cursor.done());
         load(p.k_video, &p.k_text, p.k, kb, item.batch, kv_head, s.k(stage), &s.k_full[stage]);
-        s.v_empty[stage].wait(phase ^ 1);
+      }
+    }
+  }
+
+  /// The V loader (warp 1): walks the same items (read from the scheduler's ring, like a consumer) and blocks,
+  /// so a V stage that is released late never holds back the next K load.
+  __device__ void run_values() const {
+    uint32_t kv_iter = 0;
+    WorkRing<typename Traits::Shared> ring{s};
+    for (int32_t w; (w = ring.consume()) < p.num_work;) {
+      const WorkItem item = decode_work(p, w);
+      if (item.empty) continue;
+      const int kv_head = item.head / p.kv_group;
+      KeyBlockCursor cursor(p, item, text_len_of(p, item.batch));
+      for (Block kb; cursor.next(kb); ++kv_iter) {
+        const int stage = kv_iter % Traits::kStages;
+        s.v_empty[stage].wait(((kv_iter / Traits::kStages) & 1) ^ 1);
         zero_tail(kb, s.v(stage));
         load(p.v_video, &p.v_text, p.v, kb, item.batch, kv_head, s.v(stage), &s.v_full[stage]);
       }

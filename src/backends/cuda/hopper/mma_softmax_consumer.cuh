@@ -253,7 +253,11 @@ struct Consumer {
       fence_regs(sc);
       release_s_operands(stage, bi);
       const bool rescale = softmax(sc, bi, text_len, item, m_run, l_run, corr);
-      wgmma_wait<0>();
+      // Only now wait for P_{j-1} V_{j-1}: the row sums are the softmax's last result.
+      if constexpr (TILEWISE_HOPPER_LATE_PV_WAIT)
+        wgmma_wait_after<0>((__float_as_uint(l_run[0]) | __float_as_uint(l_run[1])) & p.opaque_zero);
+      else
+        wgmma_wait<0>();
       fence_regs(o);
       release(s.v_empty[prev]);
       if (rescale) rescale_o(o, corr);

@@ -74,6 +74,7 @@ struct FwdParams {  // CUtensorMap members carry their own 64-byte alignment
   const int32_t* block_tiles = nullptr;
 
   float scale_log2 = 1.f;  // softmax scale * log2(e)
+  uint32_t opaque_zero = 0;  // always 0, but ptxas cannot fold it (see wgmma_wait_after)
   float* lse = nullptr;    // [B, Hq, S] float, or null
   int64_t seq_len = 0;
 

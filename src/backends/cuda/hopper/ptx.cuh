@@ -107,6 +107,18 @@ template <int kPending>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
+/// wgmma.wait_group that cannot run before `dep` is computed: a branch on dep (always 0 at run time; both sides
+/// wait) puts the wait in a block of its own. ptxas otherwise hoists a wait above independent work, e.g. the whole softmax that is
+/// meant to overlap the wgmma being waited for.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait_after(uint32_t dep) {
+  asm volatile(
+      "{\n.reg .pred other;\nsetp.ne.b32 other, %0, 0;\n@other bra.uni WAIT_OTHER_%=;\n"
+      "wgmma.wait_group.sync.aligned %1;\nbra.uni WAIT_DONE_%=;\n"
+      "WAIT_OTHER_%=:\nwgmma.wait_group.sync.aligned %1;\nWAIT_DONE_%=:\n}\n" ::"r"(dep),
+      "n"(kPending)
+      : "memory");
+}
 /// Keeps the compiler from moving accumulator reads/writes across an asynchronous wgmma.
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&d)[N]) {

@@ -163,6 +163,9 @@ class KeyBlockCursor {
     }
   }
 
+  /// Whether the block last produced was the item's last (no look-ahead copy of a Block needed).
+  __device__ __forceinline__ bool done() const { return video_done_ && text_row_ >= text_end_; }
+
   /// Produces the next block; false when done.
   __device__ __forceinline__ bool next(Block& b) {
     if (!video_done_) {
