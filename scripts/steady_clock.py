@@ -44,7 +44,8 @@ def cudnn():
         F.scaled_dot_product_attention(qt, kt, vt)
 
 
-cases = [("tilewise row 1", tw, plan.flops([a.text_len] if a.text else None)), ("cuDNN SDPA dense", cudnn, 4.0 * D * S * S * heads)]
+cases = [("tilewise row 1", tw, plan.flops([a.text_len] if a.text else None)),
+         ("cuDNN SDPA dense", cudnn, 4.0 * D * S * S * heads)]
 smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader,nounits",
                         "-lms", "100"], stdout=subprocess.PIPE, text=True)
 spans = []
@@ -82,4 +83,5 @@ for name, t0, t1, ms, flops in spans:
     mhz = sum(c for c, _ in sel) / len(sel)
     watts = sum(p for _, p in sel) / len(sel)
     per_cycle = flops / (ms * 1e-3) / (132 * mhz * 1e6)
-    print(f"| {name} | {ms:.2f} | {flops / ms / 1e9:.0f} | {mhz:.0f} | {watts:.0f} | {per_cycle:.0f} ({per_cycle / 4096:.1%}) |")
+    print(f"| {name} | {ms:.2f} | {flops / ms / 1e9:.0f} | {mhz:.0f} | {watts:.0f} "
+          f"| {per_cycle:.0f} ({per_cycle / 4096:.1%}) |")

@@ -43,6 +43,17 @@ struct Producer {
     fence_proxy_async();
   }
 
+  /// Calls f(block, stage, parity of the stage's empty barrier to wait for, last) for each key block of `item`, in
+  /// pipeline order. Both loaders walk through here, so they always agree on which block each stage holds.
+  template <class F>
+  __device__ __forceinline__ void for_each_key_block(const WorkItem& item, int32_t text_len, uint32_t& kv_iter,
+                                                     F&& f) const {
+    KeyBlockCursor cursor(p, item, text_len);
+    // Every work item has at least one key block (the plan guarantees an allowed key).
+    for (Block kb; cursor.next(kb); ++kv_iter)
+      f(kb, static_cast<int>(kv_iter % Traits::kStages), ((kv_iter / Traits::kStages) & 1) ^ 1, cursor.done());
+  }
+
   /// The Q and K loader (warp 0 of the producer warpgroup): takes work items from the scheduler, loads each
   /// item's Q and its key blocks' K, and describes each block to the consumers (BlockInfo).
   __device__ void run_keys() const {
@@ -57,15 +68,12 @@ struct Producer {
       ++items;
       const int kv_head = item.head / p.kv_group;
       const int32_t text_len = text_len_of(p, item.batch);
-      KeyBlockCursor cursor(p, item, text_len);
-      // Every work item has at least one key block (the plan guarantees an allowed key).
-      for (Block kb; cursor.next(kb); ++kv_iter) {
-        const int stage = kv_iter % Traits::kStages;
-        s.k_empty[stage].wait(((kv_iter / Traits::kStages) & 1) ^ 1);
+      for_each_key_block(item, text_len, kv_iter, [&](const Block& kb, int stage, uint32_t parity, bool last) {
+        s.k_empty[stage].wait(parity);
         // The consumers read the record after k_full completes; the arrive below releases this store.
-        s.info[stage] = describe(p, item, kb, text_len, cursor.done());
+        s.info[stage] = describe(p, item, kb, text_len, last);
         load(p.k_video, &p.k_text, p.k, kb, item.batch, kv_head, s.k(stage), &s.k_full[stage]);
-      }
+      });
     }
   }
 
@@ -78,13 +86,12 @@ struct Producer {
       const WorkItem item = decode_work(p, w);
       if (item.empty) continue;
       const int kv_head = item.head / p.kv_group;
-      KeyBlockCursor cursor(p, item, text_len_of(p, item.batch));
-      for (Block kb; cursor.next(kb); ++kv_iter) {
-        const int stage = kv_iter % Traits::kStages;
-        s.v_empty[stage].wait(((kv_iter / Traits::kStages) & 1) ^ 1);
-        zero_tail(kb, s.v(stage));
-        load(p.v_video, &p.v_text, p.v, kb, item.batch, kv_head, s.v(stage), &s.v_full[stage]);
-      }
+      for_each_key_block(item, text_len_of(p, item.batch), kv_iter,
+                         [&](const Block& kb, int stage, uint32_t parity, bool) {
+                           s.v_empty[stage].wait(parity);
+                           zero_tail(kb, s.v(stage));
+                           load(p.v_video, &p.v_text, p.v, kb, item.batch, kv_head, s.v(stage), &s.v_full[stage]);
+                         });
     }
   }
 };

@@ -108,8 +108,8 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
 /// wgmma.wait_group that cannot run before `dep` is computed: a branch on dep (always 0 at run time; both sides
-/// wait) puts the wait in a block of its own. ptxas otherwise hoists a wait above independent work, e.g. the whole softmax that is
-/// meant to overlap the wgmma being waited for.
+/// wait) puts the wait in a block of its own. ptxas otherwise hoists a wait above independent work, e.g. the whole
+/// softmax that is meant to overlap the wgmma being waited for.
 template <int kPending>
 __device__ __forceinline__ void wgmma_wait_after(uint32_t dep) {
   asm volatile(
