@@ -2,6 +2,8 @@
 #include "backends/cuda/hopper/forward.hpp"
 #include "backends/cuda/hopper/fwd_kernel.cuh"
 
+#include <algorithm>
+
 namespace tilewise::hopper {
 namespace {
 
@@ -11,8 +13,21 @@ cudaError_t launch(const FwdParams& params, int grid, cudaStream_t stream) {
   static const cudaError_t attr =
       cudaFuncSetAttribute(forward_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr != cudaSuccess) return attr;
-  forward_kernel<D, T><<<grid, kThreads, smem, stream>>>(params);
-  return cudaGetLastError();
+  // A cluster of C CTAs takes C work items at a time (tile_scheduler.cuh): C times as many CTAs as units or SM
+  // groups, whichever is fewer.
+  constexpr int C = KernelTraits<D>::kCluster;
+  grid = C * std::max(1, std::min((params.num_work + C - 1) / C, grid / C));
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = C, cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, forward_kernel<D, T>, params);
 }
 
 template <WgType T>

@@ -29,20 +29,30 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   if (threadIdx.x == 0) {
     s.q_full->init(1);
     s.q_empty->init(4 * kConsumerWarpgroups);  // one arrival per consumer warp, as for K and V
-    for (int i = 0; i < Traits::kStages; ++i) {
+    // One arrival per consumer warp on the empty barriers (see Consumer::release); 256 would load the shared pipe.
+    // In a cluster, both CTAs' consumers release each stage (Consumer::release).
+    for (int i = 0; i < Traits::kKStages; ++i) {
       s.k_full[i].init(1);
-      s.v_full[i].init(1);
-      // One arrival per consumer warp (see Consumer::release); 256 per stage would load the shared pipe.
-      s.k_empty[i].init(4 * kConsumerWarpgroups);
-      s.v_empty[i].init(4 * kConsumerWarpgroups);
+      s.k_empty[i].init(4 * kConsumerWarpgroups * Traits::kCluster);
     }
+    for (int i = 0; i < Traits::kVStages; ++i) {
+      s.v_full[i].init(1);
+      s.v_empty[i].init(4 * kConsumerWarpgroups * Traits::kCluster);
+    }
+    // The readers of a ring slot: the consumers and the V loader of every CTA, and the K loaders of all but the
+    // first (which writes it); all arrive on the first CTA's work_empty.
     for (int i = 0; i < 2; ++i) {
       s.work_full[i].init(1);
-      s.work_empty[i].init(128 * kConsumerWarpgroups + 1);  // the consumers and the V loader
+      s.work_empty[i].init((128 * kConsumerWarpgroups + 1) * Traits::kCluster + Traits::kCluster - 1);
     }
+    s.k_sync->init(1);
+    s.v_sync->init(1);
     fence_barrier_init();
   }
   __syncthreads();
+  if constexpr (Traits::kCluster > 1) cluster_sync();  // the peer's barriers exist before anything arrives on them
+  // Warp-uniform for the compiler too (as wg below): a branch on it must not look divergent around wgmma.
+  const uint32_t rank = Traits::kCluster > 1 ? __shfl_sync(0xffffffffu, cluster_rank(), 0) : 0;
 
   // The producer needs few registers; the consumers hold S, P and O fragments (ptxas allocates each branch
   // within its setmaxnreg budget).
@@ -51,15 +61,17 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
     if (tid == 0) {
       prefetch_tensormap(&p.q_video[0]);
       prefetch_tensormap(&p.k_video[0]);
-      Producer<Traits>{p, s}.run_keys();
+      Producer<Traits>{p, s, rank}.run_keys();
     } else if (tid == 32) {
       prefetch_tensormap(&p.v_video[0]);
-      Producer<Traits>{p, s}.run_values();
+      Producer<Traits>{p, s, rank}.run_values();
     }
   } else {
     regs_increase<Traits::kConsumerRegs>();
-    Consumer<Traits, kType>(p, s, wg - 1, tid).run();
+    Consumer<Traits, kType>(p, s, wg - 1, tid, rank).run();
   }
+  // No CTA leaves while its peer may still arrive on its barriers or multicast into its shared memory.
+  if constexpr (Traits::kCluster > 1) cluster_sync();
 }
 
 }  // namespace tilewise::hopper

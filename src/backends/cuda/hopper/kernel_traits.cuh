@@ -4,9 +4,13 @@
 #include "backends/cuda/hopper/params.cuh"
 #include "backends/cuda/hopper/ptx.cuh"
 
-// K/V pipeline depth at head dim 128 (2 stages: 192 KB of shared memory with the Q and O buffers; 3 do not fit).
-#ifndef TILEWISE_HOPPER_STAGES_D128
-#define TILEWISE_HOPPER_STAGES_D128 2
+// K and V pipeline depths at head dim 128. Q, O and 2 + 2 stages take 192 KB of shared memory; one more stage of
+// either fits (224 KB), 3 + 3 do not.
+#ifndef TILEWISE_HOPPER_K_STAGES_D128
+#define TILEWISE_HOPPER_K_STAGES_D128 2
+#endif
+#ifndef TILEWISE_HOPPER_V_STAGES_D128
+#define TILEWISE_HOPPER_V_STAGES_D128 2
 #endif
 
 // Consumer schedule: 1 = FA3-style overlap (ping-pong + intra-warpgroup), 0 = sequential, -1 (default) = by head
@@ -27,7 +31,45 @@
 #define TILEWISE_HOPPER_LATE_PV_WAIT 1
 #endif
 
+// CTAs per cluster at head dim 128. With 2, the two CTAs of a cluster take two work items at a time, and when the
+// items have the same key blocks (two query blocks of one tile) each K and V block is read from L2 once and
+// multicast into both. It passes the GPU tests but measured 3-11% slower than 1 (docs/performance.md, v4.2: the
+// lockstep of the two CTAs costs more than the third of the L2 traffic it saves), so it is off.
+#ifndef TILEWISE_HOPPER_CLUSTER_D128
+#define TILEWISE_HOPPER_CLUSTER_D128 1
+#endif
+
+// Overlapped schedule: wait for V_{j-1} after issuing S_j (1) rather than before (0).
+#ifndef TILEWISE_HOPPER_V_WAIT_AFTER_S
+#define TILEWISE_HOPPER_V_WAIT_AFTER_S 1
+#endif
+
+// Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
+// ping-pong barriers (overlapped schedule), bit 16 the V loads, bit 32 the K loads
+// (in a cluster, the multicast ones). Timing what is left shows which part bounds the loop.
+#ifndef TILEWISE_HOPPER_ABLATE
+#define TILEWISE_HOPPER_ABLATE 0
+#endif
+
 namespace tilewise::hopper {
+
+/// A consumer's or loader's position in a ring of kRing stages: the stage its next key block uses and, per stage,
+/// the parity of that stage's full barrier for that use (its empty barrier's is the opposite). K and V have rings
+/// of their own depths. One word (stage in the low byte, parities above): the consumers are short of registers.
+template <int kRing>
+struct PipeState {
+  uint32_t bits = 0;
+  __device__ __forceinline__ int stage() const { return static_cast<int>(bits & 0xffu); }
+  __device__ __forceinline__ uint32_t phase_of(int st) const { return (bits >> (8 + st)) & 1; }
+  __device__ __forceinline__ uint32_t phase() const { return phase_of(stage()); }
+  __device__ __forceinline__ void advance() {
+    const uint32_t st = bits & 0xffu;
+    bits ^= 0x100u << st;                          // this stage's next use has the other parity
+    bits += st + 1 == kRing ? 0u - st : 1u;        // next stage, wrapping
+  }
+  /// Next block in stage 0, so that the CTAs of a cluster that walked different blocks agree again on stages.
+  __device__ __forceinline__ void restart() { bits &= ~0xffu; }
+};
 
 template <int kHeadDim>
 struct KernelTraits {
@@ -39,7 +81,10 @@ struct KernelTraits {
   static constexpr int kPanels = D / kPanelCols;
   static constexpr int kPanelBytes = kBlockM * kRowBytes;  // one panel of a 128-row buffer
   static constexpr int kTileBytes = kPanels * kPanelBytes;  // 128 rows x D
-  static constexpr int kStages = D >= 128 ? TILEWISE_HOPPER_STAGES_D128 : 3;
+  static constexpr int kKStages = D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : 3;
+  static constexpr int kVStages = D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : 3;
+  static constexpr int kCluster = D == 128 ? TILEWISE_HOPPER_CLUSTER_D128 : 1;
+  static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
   static constexpr bool kOverlap = TILEWISE_HOPPER_OVERLAP < 0 ? D == 128 : TILEWISE_HOPPER_OVERLAP != 0;
   // Register split between the producer warpgroup and each consumer warpgroup. The CTA is launched with 168
   // registers per thread (65536 / 384, rounded down to a multiple of 8), and setmaxnreg only redistributes that
@@ -61,23 +106,25 @@ struct KernelTraits {
     uint8_t* q;
     __device__ __forceinline__ uint8_t* o() const { return q + kTileBytes; }
     __device__ __forceinline__ uint8_t* k(int stage) const { return q + kTileBytes * (2 + stage); }
-    __device__ __forceinline__ uint8_t* v(int stage) const { return q + kTileBytes * (2 + kStages + stage); }
+    __device__ __forceinline__ uint8_t* v(int stage) const { return q + kTileBytes * (2 + kKStages + stage); }
     Barrier* q_full;
     Barrier* q_empty;  // the consumers' last S GEMM of an item has read Q
-    Barrier* k_full;   // [kStages]
-    Barrier* k_empty;  // [kStages]
-    Barrier* v_full;
-    Barrier* v_empty;
+    Barrier* k_full;   // [kKStages]
+    Barrier* k_empty;  // [kKStages]
+    Barrier* v_full;   // [kVStages]
+    Barrier* v_empty;  // [kVStages]
     Barrier* work_full;   // [2]: the scheduler's slot ring (producer -> consumers)
     Barrier* work_empty;  // [2]
+    Barrier* k_sync;      // the K loaders of a cluster meet here before multicasting into drained stages
+    Barrier* v_sync;      // the V loaders likewise
     int32_t* work;        // [2]
-    BlockInfo* info;      // [kStages]: what the key block in each stage is (written by the producer)
+    BlockInfo* info;      // [kKStages]: what the key block in each K stage is (written by the producer)
   };
 
-  static constexpr int kBuffers = 2 + 2 * kStages;  // Q, O, and K and V per stage
-  static constexpr int kBarriers = 2 + 4 * kStages + 4;
+  static constexpr int kBuffers = 2 + kKStages + kVStages;  // Q, O, and the K and V stages
+  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6;
   static constexpr int kSmemBytes =
-      1024 /* alignment slack */ + kTileBytes * kBuffers + kBarriers * 8 + 16 + kStages * sizeof(BlockInfo);
+      1024 /* alignment slack */ + kTileBytes * kBuffers + kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KB an sm_90 CTA can have");
 
   /// Carves the dynamic shared memory: tiles first (1024-byte aligned, as the 128-byte swizzle requires).
@@ -89,11 +136,13 @@ struct KernelTraits {
     s.q_full = bars;
     s.q_empty = bars + 1;
     s.k_full = bars + 2;
-    s.k_empty = bars + 2 + kStages;
-    s.v_full = bars + 2 + 2 * kStages;
-    s.v_empty = bars + 2 + 3 * kStages;
-    s.work_full = bars + 2 + 4 * kStages;
-    s.work_empty = bars + 4 + 4 * kStages;
+    s.k_empty = s.k_full + kKStages;
+    s.v_full = s.k_empty + kKStages;
+    s.v_empty = s.v_full + kVStages;
+    s.work_full = s.v_empty + kVStages;
+    s.work_empty = s.work_full + 2;
+    s.k_sync = s.work_empty + 2;
+    s.v_sync = s.k_sync + 1;
     s.work = reinterpret_cast<int32_t*>(bars + kBarriers);
     s.info = reinterpret_cast<BlockInfo*>(bars + kBarriers + 2);  // 16-byte aligned: one 128-bit load each
     return s;

@@ -9,24 +9,33 @@ namespace tilewise::hopper {
 
 template <class Traits>
 struct Producer {
+  static constexpr int kCluster = Traits::kCluster;
   const FwdParams& p;
   const typename Traits::Shared& s;
+  uint32_t rank;  // within the cluster
 
-  /// Loads one block (all panels) of a tensor into `dst`, completing on `bar`. `video` holds a map per class.
+  /// Announces one block (all panels) of a tensor on `bar`, and, when `issue`, loads it into `dst`: into this CTA
+  /// only, or (`multicast`) into the same offsets of every CTA of the cluster, each completing on its own `bar`.
+  /// `video` holds a map per class.
   __device__ __forceinline__ void load(const CUtensorMap* video, const CUtensorMap* text, const TensorView& view,
-                                       const Block& b, int batch, int head, uint8_t* dst, Barrier* bar) const {
+                                       const Block& b, int batch, int head, uint8_t* dst, Barrier* bar,
+                                       bool issue = true, bool multicast = false) const {
     const int rows = b.text ? kBlockN : static_cast<int>(b.box(p).volume());
     bar->arrive_expect_tx(static_cast<uint32_t>(rows * Traits::D * 2));
+    if (!issue) return;  // the peer CTA multicasts it
     const int c4 = view.c4(batch, head);
     const D3 o = b.tma_origin(p);
+    const CUtensorMap* map = b.text ? text : video + b.cls;
+    const int c1 = b.text ? b.row0 : static_cast<int>(o.w), c2 = b.text ? 0 : static_cast<int>(o.h),
+              c3 = b.text ? 0 : static_cast<int>(o.t);
 #pragma unroll
     for (int panel = 0; panel < Traits::kPanels; ++panel) {
       const int c0 = view.c0(head, panel * Traits::kPanelCols);
       uint8_t* d = dst + panel * Traits::kPanelBytes;
-      if (b.text)
-        tma_load(d, text, bar, c0, b.row0, 0, 0, c4);
+      if (multicast)
+        tma_load_multicast(d, map, bar, c0, c1, c2, c3, c4, (1u << kCluster) - 1);
       else
-        tma_load(d, video + b.cls, bar, c0, static_cast<int>(o.w), static_cast<int>(o.h), static_cast<int>(o.t), c4);
+        tma_load(d, map, bar, c0, c1, c2, c3, c4);
     }
   }
 
@@ -43,56 +52,83 @@ struct Producer {
     fence_proxy_async();
   }
 
-  /// Calls f(block, stage, parity of the stage's empty barrier to wait for, last) for each key block of `item`, in
-  /// pipeline order. Both loaders walk through here, so they always agree on which block each stage holds.
-  template <class F>
-  __device__ __forceinline__ void for_each_key_block(const WorkItem& item, int32_t text_len, uint32_t& kv_iter,
-                                                     F&& f) const {
-    KeyBlockCursor cursor(p, item, text_len);
-    // Every work item has at least one key block (the plan guarantees an allowed key).
-    for (Block kb; cursor.next(kb); ++kv_iter)
-      f(kb, static_cast<int>(kv_iter % Traits::kStages), ((kv_iter / Traits::kStages) & 1) ^ 1, cursor.done());
+  /// Walks the units of this CTA's cluster and, for each one with an item for this CTA, calls f(item, shared) and
+  /// then, for each key block, g(block, unit, text_len, stage, parity of the stage's empty barrier, last).
+  /// Both loaders walk through here, so they agree with each other (and with the consumers) on which stage holds
+  /// which block; after a unit whose CTAs walked different blocks, the rings restart at stage 0.
+  template <int kRing, class Ring, class F, class G>
+  __device__ __forceinline__ void for_each_unit(Ring& next_unit, Barrier* empty, Barrier* sync, F&& f, G&& g) const {
+    PipeState<kRing> pipe;
+    bool aligned = true;  // the cluster's CTAs agree on stages: the last unit had them walk the same blocks
+    uint32_t syncs = 0;
+    for (int32_t u; (u = next_unit()) < num_units<kCluster>(p);) {
+      const UnitWork uw = decode_unit<kCluster>(p, u, rank);
+      if (kCluster > 1 && uw.shared && !aligned) {
+        // This CTA's empty barriers have not seen the peer's releases since the last shared unit: wait until
+        // this CTA's own stages are all free, meet the peer, and only then multicast into either.
+        for (int st = 0; st < kRing; ++st) empty[st].wait(pipe.phase_of(st) ^ 1);
+        sync->arrive_remote(rank ^ 1);
+        sync->wait_cluster(syncs++ & 1);
+        pipe.restart();
+      }
+      aligned = uw.shared;
+      if (uw.item.empty) continue;
+      f(uw.item, uw.shared);
+      const int32_t text_len = text_len_of(p, uw.item.batch);
+      KeyBlockCursor cursor(p, uw.item, text_len);
+      // Every work item has at least one key block (the plan guarantees an allowed key).
+      for (Block kb; cursor.next(kb); pipe.advance())
+        g(kb, uw, text_len, pipe.stage(), pipe.phase() ^ 1, cursor.done());
+    }
   }
 
-  /// The Q and K loader (warp 0 of the producer warpgroup): takes work items from the scheduler, loads each
-  /// item's Q and its key blocks' K, and describes each block to the consumers (BlockInfo).
+  /// The Q and K loader (warp 0 of the producer warpgroup): takes units from the scheduler (the cluster's first
+  /// CTA) or from the ring (the others), loads each item's Q and its key blocks' K (multicast by the first CTA
+  /// when shared), and describes each block to the consumers (BlockInfo).
   __device__ void run_keys() const {
-    uint32_t kv_iter = 0, items = 0;
-    WorkRing<typename Traits::Shared> ring{s};
-    for (int32_t w; (w = ring.produce(p.work_counter, p.num_work)) < p.num_work;) {
-      const WorkItem item = decode_work(p, w);
-      if (item.empty) continue;
-      // The previous item's last S GEMM must have read Q; its remaining blocks and output store still run.
-      s.q_empty->wait((items & 1) ^ 1);
-      load(p.q_video, &p.q_text, p.q, item.q, item.batch, item.head, s.q, s.q_full);
-      ++items;
-      const int kv_head = item.head / p.kv_group;
-      const int32_t text_len = text_len_of(p, item.batch);
-      for_each_key_block(item, text_len, kv_iter, [&](const Block& kb, int stage, uint32_t parity, bool last) {
-        s.k_empty[stage].wait(parity);
-        // The consumers read the record after k_full completes; the arrive below releases this store.
-        s.info[stage] = describe(p, item, kb, text_len, last);
-        load(p.k_video, &p.k_text, p.k, kb, item.batch, kv_head, s.k(stage), &s.k_full[stage]);
-      });
-    }
+    uint32_t items = 0;
+    WorkRing<typename Traits::Shared, kCluster> ring{s, rank};
+    auto next_unit = [&] {
+      return rank == 0 ? ring.produce(p.work_counter, num_units<kCluster>(p)) : ring.consume();
+    };
+    for_each_unit<Traits::kKStages>(
+        next_unit, s.k_empty, s.k_sync,
+        [&](const WorkItem& item, bool) {
+          // The previous item's last S GEMM must have read Q; its remaining blocks and output store still run.
+          s.q_empty->wait((items & 1) ^ 1);
+          load(p.q_video, &p.q_text, p.q, item.q, item.batch, item.head, s.q, s.q_full);
+          ++items;
+        },
+        [&](const Block& kb, const UnitWork& uw, int32_t text_len, int stage, uint32_t parity, bool last) {
+          s.k_empty[stage].wait(parity);
+          // The consumers read the record after k_full completes; the arrive below releases this store.
+          s.info[stage] = describe(p, uw.item, kb, text_len, last);
+          if (TILEWISE_HOPPER_ABLATE & 32) {
+            s.k_full[stage].arrive();
+            return;
+          }
+          load(p.k_video, &p.k_text, p.k, kb, uw.item.batch, uw.item.head / p.kv_group, s.k(stage),
+               &s.k_full[stage], !uw.shared || rank == 0, uw.shared);
+        });
   }
 
-  /// The V loader (warp 1): walks the same items (read from the scheduler's ring, like a consumer) and blocks,
-  /// so a V stage that is released late never holds back the next K load.
+  /// The V loader (warp 1): walks the same units (read from the scheduler's ring, like a consumer) and blocks, so
+  /// a V stage that is released late never holds back the next K load. In a shared unit the last CTA multicasts V.
   __device__ void run_values() const {
-    uint32_t kv_iter = 0;
-    WorkRing<typename Traits::Shared> ring{s};
-    for (int32_t w; (w = ring.consume()) < p.num_work;) {
-      const WorkItem item = decode_work(p, w);
-      if (item.empty) continue;
-      const int kv_head = item.head / p.kv_group;
-      for_each_key_block(item, text_len_of(p, item.batch), kv_iter,
-                         [&](const Block& kb, int stage, uint32_t parity, bool) {
-                           s.v_empty[stage].wait(parity);
-                           zero_tail(kb, s.v(stage));
-                           load(p.v_video, &p.v_text, p.v, kb, item.batch, kv_head, s.v(stage), &s.v_full[stage]);
-                         });
-    }
+    WorkRing<typename Traits::Shared, kCluster> ring{s, rank};
+    auto next_unit = [&] { return ring.consume(); };
+    for_each_unit<Traits::kVStages>(
+        next_unit, s.v_empty, s.v_sync, [](const WorkItem&, bool) {},
+        [&](const Block& kb, const UnitWork& uw, int32_t, int stage, uint32_t parity, bool) {
+          s.v_empty[stage].wait(parity);
+          zero_tail(kb, s.v(stage));
+          if (TILEWISE_HOPPER_ABLATE & 16) {
+            s.v_full[stage].arrive();
+            return;
+          }
+          load(p.v_video, &p.v_text, p.v, kb, uw.item.batch, uw.item.head / p.kv_group, s.v(stage),
+               &s.v_full[stage], !uw.shared || rank == kCluster - 1, uw.shared);
+        });
   }
 };
 

@@ -43,12 +43,14 @@ struct Consumer {
   const typename Traits::Shared& s;
   int wg;    // consumer warpgroup: query rows [64 * wg, 64 * wg + 64) (warp-uniform, see fwd_kernel)
   int tid;   // thread within the warpgroup
+  uint32_t rank;  // CTA within the cluster
   // Descriptor words of the Q buffer (this warpgroup's rows) and of stage 0 of K and V. Each wgmma then adds a
   // compile-time offset (plus the stage's) to the low word: no per-block descriptor arithmetic.
   uint32_t q_lo, k_lo, v_lo, kq_hi, v_hi;
 
-  __device__ __forceinline__ Consumer(const FwdParams& p_, const typename Traits::Shared& s_, int wg_, int tid_)
-      : p(p_), s(s_), wg(wg_), tid(tid_) {
+  __device__ __forceinline__ Consumer(const FwdParams& p_, const typename Traits::Shared& s_, int wg_, int tid_,
+                                      uint32_t rank_)
+      : p(p_), s(s_), wg(wg_), tid(tid_), rank(rank_) {
     const uint64_t q = make_desc(smem_addr(s.q) + 64 * wg * Traits::kRowBytes, 16, 8 * Traits::kRowBytes,
                                  Traits::kRowBytes);
     const uint64_t k = make_desc(smem_addr(s.k(0)), 16, 8 * Traits::kRowBytes, Traits::kRowBytes);
@@ -79,15 +81,23 @@ struct Consumer {
   /// Frees a pipeline stage once this warp's wgmma reading it has completed. One arrival per warp (not per
   /// warpgroup): each warp's lane 0 also read the stage's BlockInfo, and its own arrival is what orders that
   /// read before the producer's next write of the record (compute-sanitizer racecheck checks exactly this).
-  __device__ __forceinline__ void release(Barrier& empty) const {
-    if (lane() == 0) empty.arrive();
+  /// In a cluster, a stage's empty barrier counts the releases of both CTAs: in a shared unit this warp arrives on
+  /// its own CTA's and on the peer's (whose loader multicasts into this CTA's stage), otherwise twice on its own.
+  __device__ __forceinline__ void release(Barrier& empty, bool shared) const {
+    if (lane() != 0) return;
+    if (Traits::kCluster > 1 && shared) {
+      empty.arrive();
+      empty.arrive_remote(rank ^ 1);
+    } else {
+      empty.arrive(Traits::kCluster);
+    }
   }
 
   /// Once S of the block in `stage` is computed, its K stage is free, and after the item's last block so is Q:
   /// the producer loads the next item's Q while this one's last P V and output store still run.
-  __device__ __forceinline__ void release_s_operands(int stage, const BlockInfo& bi) const {
-    release(s.k_empty[stage]);
-    if (bi.flags & BlockInfo::kLast) release(*s.q_empty);
+  __device__ __forceinline__ void release_s_operands(int stage, const BlockInfo& bi, bool shared) const {
+    release(s.k_empty[stage], shared);
+    if ((bi.flags & BlockInfo::kLast) && lane() == 0) s.q_empty->arrive();
   }
 
   __device__ __forceinline__ void scheduler_sync() const { named_barrier_sync(kSchedulerBarrier + wg, 256); }
@@ -210,108 +220,119 @@ struct Consumer {
       WgmmaRS<kType, D>::template rs<1>(o, pa[j], desc(v_stage + ((j * 16 * Traits::kRowBytes) >> 4), v_hi), 1);
   }
 
-  /// All key blocks of one work item, FA3-style: S_j and P_{j-1} V_{j-1} are issued together, the softmax of
-  /// S_j runs while P_{j-1} V_{j-1} is on the tensor cores, and the warpgroups take turns issuing.
-  __device__ __forceinline__ void mainloop_overlapped(const WorkItem& item, int32_t text_len, uint32_t& kv_iter,
-                                                      float (&o)[D / 2], float (&m_run)[2], float (&l_run)[2]) const {
+  using KPipe = PipeState<Traits::kKStages>;
+  using VPipe = PipeState<Traits::kVStages>;
+
+  /// All key blocks of one work item, FA3-style: S_j and P_{j-1} V_{j-1} are issued together, the softmax of S_j
+  /// runs while P_{j-1} V_{j-1} is on the tensor cores, and the warpgroups take turns issuing.
+  __device__ __forceinline__ void mainloop_overlapped(const WorkItem& item, int32_t text_len, bool shared, KPipe& ks,
+                                                      VPipe& vs, float (&o)[D / 2], float (&m_run)[2],
+                                                      float (&l_run)[2]) const {
     float sc[kBlockN / 2], corr[2];
     uint32_t pa[kSteps][4];
     // Block 0: S_0 alone (O is still zero: no rescale).
-    int stage = kv_iter % Traits::kStages;
-    uint32_t phase = (kv_iter / Traits::kStages) & 1;
-    s.k_full[stage].wait(phase);
-    BlockInfo bi = info(stage);
+    s.k_full[ks.stage()].wait(ks.phase());
+    BlockInfo bi = info(ks.stage());
     scheduler_sync();
     wgmma_fence();
-    issue_s(sc, stage);
+    issue_s(sc, ks.stage());
     wgmma_commit();
     scheduler_arrive();
     wgmma_wait<0>();
     fence_regs(sc);
-    release_s_operands(stage, bi);
+    release_s_operands(ks.stage(), bi, shared);
+    ks.advance();
     softmax(sc, bi, text_len, item, m_run, l_run, corr);
     to_operand(sc, pa);
 
     // Blocks 1..n-1: S_j together with P_{j-1} V_{j-1}; softmax of S_j while P V runs.
     while (!(bi.flags & BlockInfo::kLast)) {
-      const int prev = stage;
-      const uint32_t prev_phase = phase;
-      ++kv_iter;
-      stage = kv_iter % Traits::kStages;
-      phase = (kv_iter / Traits::kStages) & 1;
-      s.k_full[stage].wait(phase);
-      bi = info(stage);
-      s.v_full[prev].wait(prev_phase);
-      scheduler_sync();
+      s.k_full[ks.stage()].wait(ks.phase());
+      bi = info(ks.stage());
+      if (!TILEWISE_HOPPER_V_WAIT_AFTER_S) s.v_full[vs.stage()].wait(vs.phase());
+      if (!(TILEWISE_HOPPER_ABLATE & 8)) scheduler_sync();
       wgmma_fence();
-      issue_s(sc, stage);
+      if (!(TILEWISE_HOPPER_ABLATE & 4)) issue_s(sc, ks.stage());
       wgmma_commit();
-      issue_pv(o, pa, prev);
+      if (TILEWISE_HOPPER_V_WAIT_AFTER_S) s.v_full[vs.stage()].wait(vs.phase());  // V_{j-1} lands while S_j runs
+      if (!(TILEWISE_HOPPER_ABLATE & 2)) issue_pv(o, pa, vs.stage());
       wgmma_commit();
-      scheduler_arrive();
+      if (!(TILEWISE_HOPPER_ABLATE & 8)) scheduler_arrive();
       wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
       fence_regs(sc);
-      release_s_operands(stage, bi);
-      const bool rescale = softmax(sc, bi, text_len, item, m_run, l_run, corr);
+      release_s_operands(ks.stage(), bi, shared);
+      ks.advance();
+      const bool rescale =
+          (TILEWISE_HOPPER_ABLATE & 1) ? false : softmax(sc, bi, text_len, item, m_run, l_run, corr);
       // Only now wait for P_{j-1} V_{j-1}: the row sums are the softmax's last result.
       if constexpr (TILEWISE_HOPPER_LATE_PV_WAIT)
         wgmma_wait_after<0>((__float_as_uint(l_run[0]) | __float_as_uint(l_run[1])) & p.opaque_zero);
       else
         wgmma_wait<0>();
       fence_regs(o);
-      release(s.v_empty[prev]);
+      release(s.v_empty[vs.stage()], shared);
+      vs.advance();
       if (rescale) rescale_o(o, corr);
       to_operand(sc, pa);
     }
 
     // Last P V.
-    s.v_full[stage].wait(phase);
+    s.v_full[vs.stage()].wait(vs.phase());
     scheduler_sync();
     wgmma_fence();
-    issue_pv(o, pa, stage);
+    issue_pv(o, pa, vs.stage());
     wgmma_commit();
     scheduler_arrive();
     wgmma_wait<0>();
     fence_regs(o);
-    release(s.v_empty[stage]);
-    ++kv_iter;
+    release(s.v_empty[vs.stage()], shared);
+    vs.advance();
   }
 
   /// All key blocks of one work item, one GEMM at a time (the two warpgroups still overlap each other).
-  __device__ __forceinline__ void mainloop_sequential(const WorkItem& item, int32_t text_len, uint32_t& kv_iter,
-                                                      float (&o)[D / 2], float (&m_run)[2], float (&l_run)[2]) const {
+  __device__ __forceinline__ void mainloop_sequential(const WorkItem& item, int32_t text_len, bool shared, KPipe& ks,
+                                                      VPipe& vs, float (&o)[D / 2], float (&m_run)[2],
+                                                      float (&l_run)[2]) const {
     float sc[kBlockN / 2], corr[2];
     uint32_t pa[kSteps][4];
-    for (bool last = false; !last; ++kv_iter) {
-      const int stage = kv_iter % Traits::kStages;
-      const uint32_t phase = (kv_iter / Traits::kStages) & 1;
-      s.k_full[stage].wait(phase);
-      const BlockInfo bi = info(stage);
+    for (bool last = false; !last;) {
+      s.k_full[ks.stage()].wait(ks.phase());
+      const BlockInfo bi = info(ks.stage());
       last = bi.flags & BlockInfo::kLast;
       wgmma_fence();
-      issue_s(sc, stage);
+      issue_s(sc, ks.stage());
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(sc);
-      release_s_operands(stage, bi);
+      release_s_operands(ks.stage(), bi, shared);
+      ks.advance();
       if (softmax(sc, bi, text_len, item, m_run, l_run, corr)) rescale_o(o, corr);
       to_operand(sc, pa);
-      s.v_full[stage].wait(phase);
+      s.v_full[vs.stage()].wait(vs.phase());
       wgmma_fence();
-      issue_pv(o, pa, stage);
+      issue_pv(o, pa, vs.stage());
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(o);
-      release(s.v_empty[stage]);
+      release(s.v_empty[vs.stage()], shared);
+      vs.advance();
     }
   }
 
   __device__ void run() const {
-    uint32_t kv_iter = 0, items = 0;
-    WorkRing<typename Traits::Shared> ring{s};
+    uint32_t items = 0;
+    KPipe ks;
+    VPipe vs;
+    bool aligned = true;  // see Producer::for_each_unit: the pipes restart where the loaders' do
+    WorkRing<typename Traits::Shared, Traits::kCluster> ring{s, rank};
     if (Traits::kOverlap && wg == 1) scheduler_arrive();  // warpgroup 0 issues first
-    for (int32_t w; (w = ring.consume()) < p.num_work;) {
-      const WorkItem item = decode_work(p, w);
+    // The shuffle tells the compiler the unit (and all decoded from it) is warp-uniform: branches on it must not
+    // look divergent around wgmma (ptxas would serialise every wgmma, C7520).
+    for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < num_units<Traits::kCluster>(p);) {
+      const UnitWork uw = decode_unit<Traits::kCluster>(p, u, rank);
+      if (Traits::kCluster > 1 && uw.shared && !aligned) ks.restart(), vs.restart();
+      aligned = uw.shared;
+      const WorkItem& item = uw.item;
       if (item.empty) continue;
       const int32_t text_len = text_len_of(p, item.batch);
       float o[D / 2];
@@ -321,9 +342,9 @@ struct Consumer {
       s.q_full->wait(items & 1);
 
       if constexpr (Traits::kOverlap)
-        mainloop_overlapped(item, text_len, kv_iter, o, m_run, l_run);
+        mainloop_overlapped(item, text_len, uw.shared, ks, vs, o, m_run, l_run);
       else
-        mainloop_sequential(item, text_len, kv_iter, o, m_run, l_run);
+        mainloop_sequential(item, text_len, uw.shared, ks, vs, o, m_run, l_run);
       Epilogue<Traits, kType>{p, s, wg, tid}.store(item, o, m_run, l_run);
       ++items;
     }

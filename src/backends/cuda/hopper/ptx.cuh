@@ -13,7 +13,19 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+/// The shared::cluster address of the same shared-memory offset in cluster CTA `rank`.
+__device__ __forceinline__ uint32_t smem_addr_in(const void* p, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(p)), "r"(rank));
+  return remote;
+}
+
 // ---------------------------------------------------------------- mbarrier
+// A try_wait loop on the phase with parity %1 of the barrier at %0, with the given memory semantics.
+#define TILEWISE_MBARRIER_WAIT(SEM)                                                     \
+  "{\n.reg .pred done;\nWAIT_%=:\nmbarrier.try_wait.parity" SEM ".shared::cta.b64 done, [%0], %1;\n" \
+  "@!done bra WAIT_%=;\n}\n"
+
 struct Barrier {
   uint64_t word;
 
@@ -28,17 +40,46 @@ struct Barrier {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(&word)), "r"(bytes)
                  : "memory");
   }
+  /// Arrives `count` times at once (a CTA that does not share a stage with its cluster peer stands in for it).
+  __device__ __forceinline__ void arrive(uint32_t count) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(&word)), "r"(count) : "memory");
+  }
+  /// Arrives on the barrier at the same offset in cluster CTA `rank`. Default (CTA-scope) semantics: cheap, and
+  /// enough to say "this CTA's reads of a stage are done" (the reads are wgmma's, already waited for).
+  __device__ __forceinline__ void arrive_remote(uint32_t rank) {
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(smem_addr_in(&word, rank)) : "memory");
+  }
+  /// arrive_remote that also releases, at cluster scope, what this thread wrote before (e.g. with st_cluster):
+  /// a fence as costly as it sounds, so only for the once-per-unit scheduler ring.
+  __device__ __forceinline__ void arrive_remote_release(uint32_t rank) {
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(smem_addr_in(&word, rank))
+                 : "memory");
+  }
   /// Blocks until the phase with the given parity has completed.
   __device__ __forceinline__ void wait(uint32_t parity) {
-    asm volatile(
-        "{\n.reg .pred done;\n"
-        "WAIT_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT_%=;\n}\n" ::"r"(smem_addr(&word)),
-        "r"(parity)
-        : "memory");
+    asm volatile(TILEWISE_MBARRIER_WAIT("") ::"r"(smem_addr(&word)), "r"(parity) : "memory");
+  }
+  /// wait() that also acquires what other CTAs of the cluster wrote before arriving (arrive_remote_release).
+  __device__ __forceinline__ void wait_cluster(uint32_t parity) {
+    asm volatile(TILEWISE_MBARRIER_WAIT(".acquire.cluster") ::"r"(smem_addr(&word)), "r"(parity) : "memory");
   }
 };
+
+// ---------------------------------------------------------------- clusters
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+/// Stores a word at the same shared-memory offset in cluster CTA `rank`.
+__device__ __forceinline__ void st_cluster(const void* local, uint32_t rank, int32_t value) {
+  asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(smem_addr_in(local, rank)), "r"(value) : "memory");
+}
+/// Every thread of every CTA of the cluster (none may have exited): orders barrier initialisation before remote
+/// arrivals, and keeps a CTA's shared memory alive until its peer no longer writes to it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
 
 __device__ __forceinline__ void fence_barrier_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
 
@@ -63,6 +104,17 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, Barr
       "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6, %7}], [%2];\n" ::
           "r"(smem_addr(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(&bar->word)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
+      : "memory");
+}
+
+/// tma_load into the same offsets of every cluster CTA in `mask`, each completing on its own barrier there.
+__device__ __forceinline__ void tma_load_multicast(void* dst, const CUtensorMap* map, Barrier* bar, int c0, int c1,
+                                                   int c2, int c3, int c4, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%3, %4, %5, %6, %7}], [%2], %8;\n" ::
+          "r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(&bar->word)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4),
+      "h"(mask)
       : "memory");
 }
 

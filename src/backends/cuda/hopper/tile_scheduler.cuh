@@ -79,30 +79,73 @@ __device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w) {
   return it;
 }
 
-/// Dynamic scheduling: the producer thread takes the next work index from a global counter and hands it to
-/// the consumers through a two-slot ring in shared memory, so heavy items (text rows, global frames) never
-/// leave CTAs idle at the end. An index >= num_work tells everyone to stop.
-template <class Shared>
+/// One scheduled unit of work for one CTA of a cluster: its item (possibly empty), and whether every CTA of the
+/// cluster walks the same key blocks in this unit, so that each K and V block is loaded once and multicast.
+struct UnitWork {
+  WorkItem item;
+  bool shared = false;
+};
+
+/// Whether two items visit the same key blocks in the same order (see KeyBlockCursor): one batch (text length)
+/// and head (window), and both text rows or both query blocks of one tile.
+__device__ __forceinline__ bool same_key_blocks(const WorkItem& a, const WorkItem& b) {
+  return a.batch == b.batch && a.head == b.head && a.q.text == b.q.text && (a.q.text || a.q.tile == b.q.tile);
+}
+
+/// Unit u is work items [kCluster u, kCluster u + kCluster): consecutive items, so the query blocks of one tile
+/// mostly land in one unit (decode_work's order).
+template <int kCluster>
+__device__ __forceinline__ int32_t num_units(const FwdParams& p) {
+  return (p.num_work + kCluster - 1) / kCluster;
+}
+template <int kCluster>
+__device__ __forceinline__ UnitWork decode_unit(const FwdParams& p, int32_t u, uint32_t rank) {
+  if constexpr (kCluster == 1) {
+    return {decode_work(p, u), false};
+  } else {
+    WorkItem none;
+    none.empty = true;
+    const int32_t w = kCluster * u;
+    const WorkItem a = decode_work(p, w), b = w + 1 < p.num_work ? decode_work(p, w + 1) : none;
+    return {rank == 0 ? a : b, !a.empty && !b.empty && same_key_blocks(a, b)};
+  }
+}
+
+/// Dynamic scheduling: the producer thread of the cluster's first CTA takes the next unit index from a global
+/// counter and hands it to every thread that needs it, in all CTAs of the cluster, through a two-slot ring in
+/// shared memory, so heavy items (text rows, global frames) never leave CTAs idle at the end. The slot is free
+/// again when every reader of the cluster has arrived on the first CTA's work_empty. An index >= the number of
+/// units tells everyone to stop.
+template <class Shared, int kCluster>
 struct WorkRing {
   const Shared& s;
-  uint32_t n = 0;       // items passed through the ring so far
-  int32_t ahead = -1;   // producer: the next index, fetched one item early so the atomic's latency is hidden
+  uint32_t rank = 0;    // within the cluster
+  uint32_t n = 0;       // units passed through the ring so far
+  int32_t ahead = -1;   // producer: the next index, fetched one unit early so the atomic's latency is hidden
 
-  __device__ __forceinline__ int32_t produce(int32_t* counter, int32_t num_work) {
+  __device__ __forceinline__ int32_t produce(int32_t* counter, int32_t units) {
     const int32_t w = ahead >= 0 ? ahead : atomicAdd(counter, 1);
-    ahead = w < num_work ? atomicAdd(counter, 1) : w;  // in flight while this item's loads are issued
+    ahead = w < units ? atomicAdd(counter, 1) : w;  // in flight while this unit's loads are issued
     const uint32_t slot = n & 1;
     s.work_empty[slot].wait(((n >> 1) & 1) ^ 1);
     s.work[slot] = w;
+    if constexpr (kCluster > 1) st_cluster(&s.work[slot], 1, w);
     s.work_full[slot].arrive();
+    if constexpr (kCluster > 1) s.work_full[slot].arrive_remote_release(1);
     ++n;
     return w;
   }
   __device__ __forceinline__ int32_t consume() {
     const uint32_t slot = n & 1;
-    s.work_full[slot].wait((n >> 1) & 1);
+    if constexpr (kCluster > 1)
+      s.work_full[slot].wait_cluster((n >> 1) & 1);
+    else
+      s.work_full[slot].wait((n >> 1) & 1);
     const int32_t w = *static_cast<volatile int32_t*>(&s.work[slot]);
-    s.work_empty[slot].arrive();
+    if (kCluster == 1 || rank == 0)
+      s.work_empty[slot].arrive();
+    else
+      s.work_empty[slot].arrive_remote_release(0);
     ++n;
     return w;
   }
