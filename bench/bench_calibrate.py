@@ -28,6 +28,8 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import emit  # noqa: E402
 
 GOAL = 1.2
 
@@ -181,12 +183,9 @@ def main() -> int:
 
     table = (f"| problem | evaluate() ms | {1 + len(windows)} bare calls ms | ratio | goal |\n|---|---|---|---|---|\n"
              f"| {problem} | {t_eval:.1f} | {t_bare:.1f} | {ratio:.3f} | <= {GOAL} "
-             f"({'met' if ratio <= GOAL else 'NOT met'}) |\n")
+             f"({'met' if ratio <= GOAL else 'NOT met'}) |")
     print()
-    print(table, end="")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+    emit(table, args.out)
     return 0
 
 

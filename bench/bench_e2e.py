@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+sys.path.insert(0, os.path.dirname(__file__))
+from report import emit  # noqa: E402
 
 
 def timed(fn, iters: int) -> float:
@@ -160,11 +162,7 @@ def main() -> None:
     for title, td, ts, sp, share, ad, asp, rel in rows:
         lines.append(f"| {title} | {td:.2f} | {ts:.2f} | {sp:.2f}x | {100 * share:.0f}% | {ad:.2f} / {asp:.2f} | "
                      f"{rel:.3f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

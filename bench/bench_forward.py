@@ -26,6 +26,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from tilewise import _capi  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from report import emit  # noqa: E402
+
 
 @dataclass
 class Row:
@@ -245,11 +248,7 @@ def main() -> None:
         lines.append(f"| {name} | {sp:.1%} | {ms:.2f} | {tf:.0f} | {cu:.2f} | {cutf:.0f} | {fl:.2f} | {fx:.2f} "
                      f"| {cu / ms:.2f} | {fx / ms:.2f} | {diff:.3g} |")
     notes = [f"- {name}: {n}" for name, *_, notes in table for n in notes]
-    text = "\n".join(lines + notes)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines + notes), args.out)
 
 
 def _tiled_permutation(row: Row, dev) -> torch.Tensor:

@@ -26,6 +26,7 @@ from tilewise import _capi  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_forward import bench  # noqa: E402
+from report import emit  # noqa: E402
 
 
 def main() -> None:
@@ -63,11 +64,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     lines = ["| text | ms | eff TFLOP/s | extra ms (this step) | extra ms at the no-text rate |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {ms:.2f} | {tf:.0f} | {d:+.2f} | {e:+.2f} |" for n, ms, tf, d, e in rows]
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), a.out)
 
 
 if __name__ == "__main__":

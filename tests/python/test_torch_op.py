@@ -346,12 +346,18 @@ def test_opcheck_cuda(gen, return_lse):
     torch.library.opcheck(torch.ops.tilewise.attention_fwd.default, _op_args(q, k, v, None, [1, 2], return_lse))
 
 
-@hopper
-def test_cuda_torch_compile_fullgraph(gen):
+def _cuda_block(gen):
+    """_cuda_problem as a small model block with per-batch text lengths, for the torch.compile tests."""
     q, k, v, kw = _cuda_problem(gen)
     block = _Block(kw["latent"], kw["tile"], kw["window"])
     tl = torch.tensor([16, 7], dtype=torch.int32, device="cuda")
     torch._dynamo.reset()
+    return q, k, v, block, tl
+
+
+@hopper
+def test_cuda_torch_compile_fullgraph(gen):
+    q, k, v, block, tl = _cuda_block(gen)
     compiled = torch.compile(block, fullgraph=True)
     # inductor may compute the bf16 silu in float32: compare at bf16 precision.
     assert rel_l2(compiled(q, k, v, tl), block(q, k, v, tl)) < 1e-2
@@ -359,10 +365,7 @@ def test_cuda_torch_compile_fullgraph(gen):
 
 @hopper
 def test_cuda_torch_compile_reduce_overhead_cuda_graphs(gen):
-    q, k, v, kw = _cuda_problem(gen)
-    block = _Block(kw["latent"], kw["tile"], kw["window"])
-    tl = torch.tensor([16, 7], dtype=torch.int32, device="cuda")
-    torch._dynamo.reset()
+    q, _, _, block, tl = _cuda_block(gen)
     compiled = torch.compile(block, mode="reduce-overhead", fullgraph=True)  # cudagraph trees
     for _ in range(4):  # warm-up, recording, then replays with new inputs
         q2, k2, v2 = qkv(gen, 2, q.shape[1], 2, 2, 128, dtype=torch.bfloat16, device="cuda")

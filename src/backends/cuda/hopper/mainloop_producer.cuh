@@ -59,11 +59,11 @@ struct Producer {
   template <int kRing, class Ring, class F, class G>
   __device__ __forceinline__ void for_each_unit(Ring& next_unit, Barrier* empty, Barrier* sync, F&& f, G&& g) const {
     PipeState<kRing> pipe;
-    bool aligned = true;  // the cluster's CTAs agree on stages: the last unit had them walk the same blocks
+    StageAlignment<kCluster> alignment;
     uint32_t syncs = 0;
     for (int32_t u; (u = next_unit()) < num_units<kCluster>(p);) {
       const UnitWork uw = decode_unit<kCluster>(p, u, rank);
-      if (kCluster > 1 && uw.shared && !aligned) {
+      if (alignment.restart_before(uw)) {
         // This CTA's empty barriers have not seen the peer's releases since the last shared unit: wait until
         // this CTA's own stages are all free, meet the peer, and only then multicast into either.
         for (int st = 0; st < kRing; ++st) empty[st].wait(pipe.phase_of(st) ^ 1);
@@ -71,7 +71,6 @@ struct Producer {
         sync->wait_cluster(syncs++ & 1);
         pipe.restart();
       }
-      aligned = uw.shared;
       if (uw.item.empty) continue;
       f(uw.item, uw.shared);
       const int32_t text_len = text_len_of(p, uw.item.batch);

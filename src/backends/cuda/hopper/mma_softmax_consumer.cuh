@@ -323,15 +323,14 @@ struct Consumer {
     uint32_t items = 0;
     KPipe ks;
     VPipe vs;
-    bool aligned = true;  // see Producer::for_each_unit: the pipes restart where the loaders' do
+    StageAlignment<Traits::kCluster> alignment;  // the pipes restart where the loaders' do
     WorkRing<typename Traits::Shared, Traits::kCluster> ring{s, rank};
     if (Traits::kOverlap && wg == 1) scheduler_arrive();  // warpgroup 0 issues first
     // The shuffle tells the compiler the unit (and all decoded from it) is warp-uniform: branches on it must not
     // look divergent around wgmma (ptxas would serialise every wgmma, C7520).
     for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < num_units<Traits::kCluster>(p);) {
       const UnitWork uw = decode_unit<Traits::kCluster>(p, u, rank);
-      if (Traits::kCluster > 1 && uw.shared && !aligned) ks.restart(), vs.restart();
-      aligned = uw.shared;
+      if (alignment.restart_before(uw)) ks.restart(), vs.restart();
       const WorkItem& item = uw.item;
       if (item.empty) continue;
       const int32_t text_len = text_len_of(p, item.batch);

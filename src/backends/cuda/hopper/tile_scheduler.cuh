@@ -111,6 +111,19 @@ __device__ __forceinline__ UnitWork decode_unit(const FwdParams& p, int32_t u, u
   }
 }
 
+/// The rule by which every role (both loaders, the consumers) restarts its pipes at stage 0, so that all agree:
+/// in a cluster, before a shared unit that follows an unshared one, whose CTAs walked different blocks and may
+/// have left their rings at different stages. Called once per unit, empty items included.
+template <int kCluster>
+struct StageAlignment {
+  bool aligned = true;  // the cluster's CTAs agree on stages: the last unit had them walk the same blocks
+  __device__ __forceinline__ bool restart_before(const UnitWork& uw) {
+    const bool restart = kCluster > 1 && uw.shared && !aligned;
+    aligned = uw.shared;
+    return restart;
+  }
+};
+
 /// Dynamic scheduling: the producer thread of the cluster's first CTA takes the next unit index from a global
 /// counter and hands it to every thread that needs it, in all CTAs of the cluster, through a two-slot ring in
 /// shared memory, so heavy items (text rows, global frames) never leave CTAs idle at the end. The slot is free
