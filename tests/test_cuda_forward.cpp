@@ -225,6 +225,14 @@ std::vector<Case> small_cases() {
     c.push_back({"partial_tile_classes_attention_tile_masked_frames", p,
                  Pattern::attention_tile(std::vector<HeadParams>{{{1, 1, 1}, 1, 0}, {{1, 1, 1}, 0, 1}}), {}});
   }
+  // Head dim 128 runs 192 query rows per work item: whole 6x8x8 tiles are two 3x8x8 query blocks (three busy
+  // warpgroups), cut tiles get smaller query boxes whose last warpgroup has no rows and skips its GEMMs, and the
+  // 200 text rows are a full block and one of 8 rows (one busy warpgroup).
+  {
+    Problem p = base({9, 13, 12}, {6, 8, 8}, 2, 2, 128, 200);
+    p.batch = 2;
+    c.push_back({"partial_tile_classes_d128_text_idle_warpgroups", p, Pattern::sliding_tile({2, 2, 2}), {200, 150}});
+  }
   c.push_back({"window_larger_than_grid_one_tile_axis", base({2, 16, 16}, {2, 8, 8}, 2, 2, 64),
                Pattern::sliding_tile({5, 5, 5}), {}});
   c.push_back({"small_tiles_ragged_blocks", base({8, 12, 12}, {4, 4, 4}, 2, 2, 128), Pattern::sliding_tile({1, 3, 3}), {}});

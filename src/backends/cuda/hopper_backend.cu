@@ -60,49 +60,57 @@ PFN_encodeTiled encode_fn() {
   return fn;
 }
 
-/// The block box of tiles of extent `e` (<= tile; e == tile for whole tiles): the fewest blocks of at most 128
-/// tokens. Along axes where the tile is whole the box divides it, so a block never crosses into the next tile;
-/// along axes the latent's edge cuts it may be any size up to the tile, since what it covers past the edge is
-/// zero-filled by TMA. Ties go to the largest box (no tail to zero when it has 128 tokens), then to long rows
-/// (w, then h), for long contiguous TMA runs. For a whole tile this is the largest box dividing it.
-Dim3 choose_box(const Dim3& tile, const Dim3& e) {
+/// The block box of tiles of extent `e` (<= tile; e == tile for whole tiles), of at most `limit` tokens. Along axes
+/// where the tile is whole the box divides it, so a block never crosses into the next tile; along axes the latent's
+/// edge cuts it may be any size up to the tile, since what it covers past the edge is zero-filled by TMA.
+/// Key boxes (`query` false) are the fewest blocks: each costs one pipeline stage whatever its volume. Query boxes
+/// cost, per block, the K/V stream of a work item plus the GEMMs of its busy 64-row warpgroups (those with a row
+/// below the box volume; the others skip): 2 + 3 per busy warpgroup, the ratio measured between items of two and
+/// three busy warpgroups (docs/performance.md, v5). Ties go to the largest box (no tail to zero when a key box has
+/// 128 tokens), then to long rows (w, then h), for long contiguous TMA runs. For a whole tile this is the largest
+/// box dividing it.
+Dim3 choose_box(const Dim3& tile, const Dim3& e, int64_t limit, bool query) {
   Dim3 best{1, 1, 1};
-  int64_t best_blocks = std::numeric_limits<int64_t>::max();
+  int64_t best_cost = std::numeric_limits<int64_t>::max();
   auto fits = [](int64_t b, int64_t t, int64_t ext) { return ext == t ? t % b == 0 : true; };
   for (int64_t bw = tile.w; bw >= 1; --bw) {
-    if (!fits(bw, tile.w, e.w) || bw > hopper::kBlockN) continue;
+    if (!fits(bw, tile.w, e.w) || bw > limit) continue;
     for (int64_t bh = tile.h; bh >= 1; --bh) {
-      if (!fits(bh, tile.h, e.h) || bw * bh > hopper::kBlockN) continue;
+      if (!fits(bh, tile.h, e.h) || bw * bh > limit) continue;
       for (int64_t bt = tile.t; bt >= 1; --bt) {
-        if (!fits(bt, tile.t, e.t) || bt * bh * bw > hopper::kBlockN) continue;
+        if (!fits(bt, tile.t, e.t) || bt * bh * bw > limit) continue;
         const Dim3 b{bt, bh, bw};
         const int64_t blocks = ceil_div(e.t, bt) * ceil_div(e.h, bh) * ceil_div(e.w, bw);
-        if (blocks < best_blocks || (blocks == best_blocks && b.volume() > best.volume())) best = b, best_blocks = blocks;
+        const int64_t cost = query ? blocks * (2 + 3 * ceil_div<int64_t>(b.volume(), 64)) : blocks;
+        if (cost < best_cost || (cost == best_cost && b.volume() > best.volume())) best = b, best_cost = cost;
       }
     }
   }
   return best;
 }
 
-/// The block box of every tile class (see hopper::TileClass), from choose_box on the class's tile extent.
+/// The key and query block boxes of every tile class (see hopper::TileClass), from choose_box on the class's tile
+/// extent.
 struct TileClasses {
   hopper::TileClass cls[hopper::kTileClasses];
   int32_t partial_axes = 0;
-  int32_t slots = 1;        // the most blocks of any class
-  int64_t max_volume = 0;   // of any class's box
+  int32_t slots = 1;        // the most query blocks of any class
+  int64_t max_volume = 0;   // of any class's key box
 
   TileClasses() = default;
-  explicit TileClasses(const TileGrid& g) {
+  TileClasses(const TileGrid& g, int64_t query_rows) {
     const Dim3 rem{g.latent.t % g.tile.t, g.latent.h % g.tile.h, g.latent.w % g.tile.w};
     partial_axes = (rem.t ? 4 : 0) | (rem.h ? 2 : 0) | (rem.w ? 1 : 0);
     for (int c = 0; c < hopper::kTileClasses; ++c) {
       if (!exists(c)) continue;
       const Dim3 e{c & 4 ? rem.t : g.tile.t, c & 2 ? rem.h : g.tile.h, c & 1 ? rem.w : g.tile.w};
-      const Dim3 box = choose_box(g.tile, e);
-      const Dim3 subs{ceil_div(e.t, box.t), ceil_div(e.h, box.h), ceil_div(e.w, box.w)};
+      auto subs_of = [&](const Dim3& b) { return Dim3{ceil_div(e.t, b.t), ceil_div(e.h, b.h), ceil_div(e.w, b.w)}; };
+      const Dim3 box = choose_box(g.tile, e, hopper::kBlockN, false), qbox = choose_box(g.tile, e, query_rows, true);
       cls[c].box = dim3_cast<int32_t>(box);
-      cls[c].subs = dim3_cast<int32_t>(subs);
-      slots = std::max<int32_t>(slots, static_cast<int32_t>(subs.volume()));
+      cls[c].subs = dim3_cast<int32_t>(subs_of(box));
+      cls[c].qbox = dim3_cast<int32_t>(qbox);
+      cls[c].qsubs = dim3_cast<int32_t>(subs_of(qbox));
+      slots = std::max<int32_t>(slots, static_cast<int32_t>(subs_of(qbox).volume()));
       max_volume = std::max(max_volume, box.volume());
     }
     for (int c = 0; c < hopper::kTileClasses; ++c)
@@ -151,9 +159,10 @@ class HopperBackend final : public Backend {
                  view_mode(p.v, p.kv_heads, p.head_dim) == ViewMode::per_batch;
     num_sms_ = prop.multiProcessorCount;
     const TileGrid& g = plan.grid();
-    classes_ = TileClasses(g);
+    query_rows_ = hopper::query_block_rows(static_cast<int>(p.head_dim));
+    classes_ = TileClasses(g, query_rows_);
     video_items_ = static_cast<int32_t>(g.num_tiles() * classes_.slots);
-    text_items_ = static_cast<int32_t>(ceil_div<int64_t>(p.text_capacity, hopper::kBlockM));
+    text_items_ = static_cast<int32_t>(ceil_div<int64_t>(p.text_capacity, query_rows_));
     const int64_t launch_batch = per_batch_ ? 1 : p.batch;
     const int64_t work = launch_batch * p.q_heads * (int64_t{video_items_} + text_items_);
     require(work <= kMax, "problem size", work, "fewer than 2^31 work items per launch");
@@ -189,10 +198,10 @@ class HopperBackend final : public Backend {
     const int64_t esize = dtype_size(p.dtype);
     for (int64_t b = 0; b < (per_batch_ ? p.batch : 1); ++b) {
       prm.batch_base = static_cast<int32_t>(b);
-      encode(plan, t.q, p.q, p.q_heads, b, prm.q_video, prm.q_text, prm.q, esize);
-      encode(plan, t.k, p.k, p.kv_heads, b, prm.k_video, prm.k_text, prm.k, esize);
-      encode(plan, t.v, p.v, p.kv_heads, b, prm.v_video, prm.v_text, prm.v, esize);
-      encode(plan, t.o, p.o, p.q_heads, b, prm.o_video, prm.o_text, prm.o, esize);
+      encode(plan, t.q, p.q, p.q_heads, b, prm.q_video, prm.q_text, prm.q, esize, true);
+      encode(plan, t.k, p.k, p.kv_heads, b, prm.k_video, prm.k_text, prm.k, esize, false);
+      encode(plan, t.v, p.v, p.kv_heads, b, prm.v_video, prm.v_text, prm.v, esize, false);
+      encode(plan, t.o, p.o, p.q_heads, b, prm.o_video, prm.o_text, prm.o, esize, true);
       // The scheduler's counter restarts on the stream: a memset node under graph capture, no host sync.
       // (So one plan must not run concurrently on two streams; make one plan per stream for that.)
       check(cudaMemsetAsync(prm.work_counter, 0, sizeof(int32_t), static_cast<cudaStream_t>(stream)), "cudaMemsetAsync");
@@ -203,10 +212,11 @@ class HopperBackend final : public Backend {
   }
 
  private:
-  /// Tensor maps of one tensor: video (D', W', H', T', X), one per tile class (box), and text (D', L, 1, 1, X),
-  /// where the physical video view is the latent for raster order and (tiles * tt, th, tw) for tiled order.
+  /// Tensor maps of one tensor: video (D', W', H', T', X), one per tile class (its query or key box), and text
+  /// (D', L, 1, 1, X), where the physical video view is the latent for raster order and (tiles * tt, th, tw) for
+  /// tiled order. Q and O (`query`) move in query blocks, K and V in key blocks.
   void encode(const Plan& plan, const void* base, const Strides& s, int64_t heads, int64_t batch, CUtensorMap* video,
-              CUtensorMap& text, hopper::TensorView& view, int64_t esize) const {
+              CUtensorMap& text, hopper::TensorView& view, int64_t esize, bool query) const {
     const Problem& p = plan.problem();
     const TileGrid& g = plan.grid();
     const int64_t D = p.head_dim;
@@ -240,7 +250,7 @@ class HopperBackend final : public Backend {
                                      (cuuint64_t)(s.seq * phys.w * phys.h * esize), (cuuint64_t)(stride4 * esize)};
       for (int c = 0; c < hopper::kTileClasses; ++c) {
         if (!classes_.exists(c)) continue;
-        const hopper::D3& b = classes_.cls[c].box;
+        const hopper::D3& b = query ? classes_.cls[c].qbox : classes_.cls[c].box;
         const cuuint32_t box[5] = {(cuuint32_t)panel_cols, (cuuint32_t)b.w, (cuuint32_t)b.h, (cuuint32_t)b.t, 1};
         encode_one(video[c], dtype, v0, dims, strides, box, ones, swizzle);
       }
@@ -250,7 +260,8 @@ class HopperBackend final : public Backend {
       const cuuint64_t dims[5] = {dim0, (cuuint64_t)p.text_capacity, 1, 1, dim4};
       const cuuint64_t strides[4] = {(cuuint64_t)(s.seq * esize), (cuuint64_t)(s.seq * p.text_capacity * esize),
                                      (cuuint64_t)(s.seq * p.text_capacity * esize), (cuuint64_t)(stride4 * esize)};
-      const cuuint32_t box[5] = {(cuuint32_t)panel_cols, (cuuint32_t)hopper::kBlockM, 1, 1, 1};
+      const cuuint32_t rows = query ? static_cast<cuuint32_t>(query_rows_) : hopper::kBlockN;
+      const cuuint32_t box[5] = {(cuuint32_t)panel_cols, rows, 1, 1, 1};
       encode_one(text, dtype, t0, dims, strides, box, ones, swizzle);
     } else {
       text = video[0];  // never read
@@ -274,6 +285,7 @@ class HopperBackend final : public Backend {
   TileClasses classes_;
   bool per_batch_ = false;
   int num_sms_ = 0;
+  int query_rows_ = 128;  // query rows per work item of the kernel for this head dim
   int32_t video_items_ = 0, text_items_ = 0;
 };
 

@@ -53,20 +53,20 @@ struct Epilogue {
     // The previous item's output store must have finished reading the O buffer before it is overwritten; the
     // store thread waits for it here, an item later, rather than right after issuing it.
     if (wg == 0 && tid == 0) tma_store_wait_read();
-    named_barrier_sync(kEpilogueBarrier, 128 * kConsumerWarpgroups);
+    named_barrier_sync(kEpilogueBarrier, 128 * Traits::kConsumerWarpgroups);
     // Registers -> swizzled shared memory (this warpgroup's own 64 rows of the O buffer).
 #pragma unroll
     for (int i = 0; i < D / 2; i += 2) {
       const int rr = (i % 4) / 2;
       const int r = 64 * wg + 16 * warp + lane / 4 + 8 * rr;
       const int col = 8 * (i / 4) + 2 * (lane % 4);
-      const uint32_t off = (col / Traits::kPanelCols) * Traits::kPanelBytes +
+      const uint32_t off = (col / Traits::kPanelCols) * Traits::kQPanelBytes +
                            swizzled_offset(r, col % Traits::kPanelCols, Traits::kRowBytes);
       *reinterpret_cast<uint32_t*>(s.o() + off) =
           pack_half2(o[i] * inv[rr], o[i + 1] * inv[rr], kType == WgType::bf16);
     }
     fence_proxy_async();
-    named_barrier_sync(kEpilogueBarrier, 128 * kConsumerWarpgroups);
+    named_barrier_sync(kEpilogueBarrier, 128 * Traits::kConsumerWarpgroups);
     if (wg == 0 && tid == 0) {
       const Block& b = item.q;
       const int c4 = p.o.c4(item.batch, item.head);
@@ -74,7 +74,7 @@ struct Epilogue {
 #pragma unroll
       for (int panel = 0; panel < Traits::kPanels; ++panel) {
         const int c0 = p.o.c0(item.head, panel * Traits::kPanelCols);
-        const uint8_t* src = s.o() + panel * Traits::kPanelBytes;
+        const uint8_t* src = s.o() + panel * Traits::kQPanelBytes;
         if (b.text)
           tma_store(&p.o_text, src, c0, b.row0, 0, 0, c4);
         else

@@ -19,7 +19,7 @@ cudaError_t launch(const FwdParams& params, int grid, cudaStream_t stream) {
   grid = C * std::max(1, std::min((params.num_work + C - 1) / C, grid / C));
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(grid));
-  config.blockDim = dim3(kThreads);
+  config.blockDim = dim3(KernelTraits<D>::kThreads);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   cudaLaunchAttribute cluster{};
@@ -40,15 +40,25 @@ cudaError_t launch_dim(const FwdParams& params, int head_dim, int grid, cudaStre
   return cudaErrorInvalidValue;
 }
 
-}  // namespace
-
-int forward_smem_bytes(int head_dim) {
+/// f(KernelTraits<D>{}) for a supported head dim D, else 0.
+template <class F>
+int with_traits(int head_dim, F&& f) {
   switch (head_dim) {
-    case 64: return KernelTraits<64>::kSmemBytes;
-    case 96: return KernelTraits<96>::kSmemBytes;
-    case 128: return KernelTraits<128>::kSmemBytes;
+    case 64: return f(KernelTraits<64>{});
+    case 96: return f(KernelTraits<96>{});
+    case 128: return f(KernelTraits<128>{});
   }
   return 0;
+}
+
+}  // namespace
+
+int query_block_rows(int head_dim) {
+  return with_traits(head_dim, [](auto traits) { return decltype(traits)::kBlockM; });
+}
+
+int forward_smem_bytes(int head_dim) {
+  return with_traits(head_dim, [](auto traits) { return decltype(traits)::kSmemBytes; });
 }
 
 cudaError_t launch_forward(const FwdParams& params, int head_dim, bool bf16, int grid, cudaStream_t stream) {

@@ -1,5 +1,5 @@
-// The Hopper forward kernel: a persistent, warp-specialised CTA of one producer warpgroup (TMA loads) and two
-// consumer warpgroups (wgmma + online softmax + epilogue) around a multi-stage shared-memory pipeline.
+// The Hopper forward kernel: a persistent, warp-specialised CTA of one producer warpgroup (TMA loads) and two or
+// three consumer warpgroups (wgmma + online softmax + epilogue) around a multi-stage shared-memory pipeline.
 #pragma once
 
 #include "backends/cuda/hopper/kernel_traits.cuh"
@@ -9,7 +9,7 @@
 namespace tilewise::hopper {
 
 template <int kHeadDim, WgType kType>
-__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_constant__ FwdParams p) {
+__global__ void __launch_bounds__(KernelTraits<kHeadDim>::kThreads, 1) forward_kernel(const __grid_constant__ FwdParams p) {
   using Traits = KernelTraits<kHeadDim>;
   extern __shared__ uint8_t smem_raw[];
   const typename Traits::Shared s = Traits::carve(smem_raw);
@@ -22,28 +22,28 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const __grid_const
   // are zeroed per load, see TileClass::tail).
   if (p.zero_init) {
     uint4* words = reinterpret_cast<uint4*>(s.q);
-    for (int i = threadIdx.x; i < Traits::kTileBytes * Traits::kBuffers / 16; i += kThreads)
+    for (int i = threadIdx.x; i < Traits::kBufferBytes / 16; i += Traits::kThreads)
       words[i] = make_uint4(0, 0, 0, 0);
     fence_proxy_async();
   }
   if (threadIdx.x == 0) {
     s.q_full->init(1);
-    s.q_empty->init(4 * kConsumerWarpgroups);  // one arrival per consumer warp, as for K and V
+    s.q_empty->init(4 * Traits::kConsumerWarpgroups);  // one arrival per consumer warp, as for K and V
     // One arrival per consumer warp on the empty barriers (see Consumer::release); 256 would load the shared pipe.
     // In a cluster, both CTAs' consumers release each stage (Consumer::release).
     for (int i = 0; i < Traits::kKStages; ++i) {
       s.k_full[i].init(1);
-      s.k_empty[i].init(4 * kConsumerWarpgroups * Traits::kCluster);
+      s.k_empty[i].init(4 * Traits::kConsumerWarpgroups * Traits::kCluster);
     }
     for (int i = 0; i < Traits::kVStages; ++i) {
       s.v_full[i].init(1);
-      s.v_empty[i].init(4 * kConsumerWarpgroups * Traits::kCluster);
+      s.v_empty[i].init(4 * Traits::kConsumerWarpgroups * Traits::kCluster);
     }
     // The readers of a ring slot: the consumers and the V loader of every CTA, and the K loaders of all but the
     // first (which writes it); all arrive on the first CTA's work_empty.
     for (int i = 0; i < 2; ++i) {
       s.work_full[i].init(1);
-      s.work_empty[i].init((128 * kConsumerWarpgroups + 1) * Traits::kCluster + Traits::kCluster - 1);
+      s.work_empty[i].init((128 * Traits::kConsumerWarpgroups + 1) * Traits::kCluster + Traits::kCluster - 1);
     }
     s.k_sync->init(1);
     s.v_sync->init(1);

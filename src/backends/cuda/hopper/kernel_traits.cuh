@@ -4,8 +4,8 @@
 #include "backends/cuda/hopper/params.cuh"
 #include "backends/cuda/hopper/ptx.cuh"
 
-// K and V pipeline depths at head dim 128. Q, O and 2 + 2 stages take 192 KB of shared memory; one more stage of
-// either fits (224 KB), 3 + 3 do not.
+// K and V pipeline depths at head dim 128. With 128-row work items Q, O and 2 + 2 stages take 192 KB of shared
+// memory and one more stage of either fits (224 KB; measured no gain, v4.2); with 192 rows 2 + 2 take 224 KB.
 #ifndef TILEWISE_HOPPER_K_STAGES_D128
 #define TILEWISE_HOPPER_K_STAGES_D128 2
 #endif
@@ -13,9 +13,21 @@
 #define TILEWISE_HOPPER_V_STAGES_D128 2
 #endif
 
-// Consumer schedule: 1 = FA3-style overlap (ping-pong + intra-warpgroup), 0 = sequential, -1 (default) = by head
-// dim: overlap at D 128, where it measured 1.5-5% faster, sequential at D 64/96, where it measured 4-5% slower
-// (docs/performance.md, v3.1).
+// Query rows per work item (and CTA) at head dim 128: 192 = three consumer warpgroups of 64 rows, so a 6x8x8 tile
+// is two work items and each K/V block read from L2 serves 192 query rows instead of 128 (the loop is bound by
+// that traffic, docs/performance.md v4.2); 128 = two warpgroups (kernel v4.2).
+#ifndef TILEWISE_HOPPER_BLOCK_M_D128
+#define TILEWISE_HOPPER_BLOCK_M_D128 192
+#endif
+// The same at head dims 64 and 96.
+#ifndef TILEWISE_HOPPER_BLOCK_M_D64_D96
+#define TILEWISE_HOPPER_BLOCK_M_D64_D96 128
+#endif
+
+// Consumer schedule: 1 = FA3-style overlap (ping-pong + intra-warpgroup), 0 = sequential, -1 (default) = by shape:
+// overlap with two warpgroups at D 128, where it measured 1.5-5% faster, sequential at D 64/96, where it measured
+// 4-5% slower (docs/performance.md, v3.1), and with three warpgroups, whose 160 registers cannot hold S, P and O
+// at once.
 #ifndef TILEWISE_HOPPER_OVERLAP
 #define TILEWISE_HOPPER_OVERLAP -1
 #endif
@@ -33,8 +45,9 @@
 
 // CTAs per cluster at head dim 128. With 2, the two CTAs of a cluster take two work items at a time, and when the
 // items have the same key blocks (two query blocks of one tile) each K and V block is read from L2 once and
-// multicast into both. It passes the GPU tests but measured 3-11% slower than 1 (docs/performance.md, v4.2: the
-// lockstep of the two CTAs costs more than the third of the L2 traffic it saves), so it is off.
+// multicast into both. With 128-row items it passed the GPU tests but measured 3-11% slower than 1
+// (docs/performance.md, v4.2: the lockstep of the two CTAs costs more than the third of the L2 traffic it saves);
+// with 192-row items ptxas serialises its wgmma at 160 registers (v5). So it is off.
 #ifndef TILEWISE_HOPPER_CLUSTER_D128
 #define TILEWISE_HOPPER_CLUSTER_D128 1
 #endif
@@ -74,29 +87,40 @@ struct PipeState {
 template <int kHeadDim>
 struct KernelTraits {
   static constexpr int D = kHeadDim;
+  static constexpr int kBlockM = D == 128 ? TILEWISE_HOPPER_BLOCK_M_D128 : TILEWISE_HOPPER_BLOCK_M_D64_D96;  // query rows per work item
+  static_assert(kBlockM == 128 || kBlockM == 192, "two or three consumer warpgroups of 64 rows");
+  static constexpr int kConsumerWarpgroups = kBlockM / 64;
+  static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
   // Head dims that are multiples of 64 use 64-column panels with the 128-byte swizzle; 96 uses 32-column panels
   // with the 64-byte swizzle, so no panel ever reads past the head's last column.
   static constexpr int kPanelCols = D % 64 == 0 ? 64 : 32;
   static constexpr int kRowBytes = kPanelCols * 2;
   static constexpr int kPanels = D / kPanelCols;
-  static constexpr int kPanelBytes = kBlockM * kRowBytes;  // one panel of a 128-row buffer
-  static constexpr int kTileBytes = kPanels * kPanelBytes;  // 128 rows x D
+  static constexpr int kPanelBytes = kBlockN * kRowBytes;  // one panel of a K or V stage
+  static constexpr int kTileBytes = kPanels * kPanelBytes;  // a K or V stage: 128 rows x D
+  static constexpr int kQPanelBytes = kBlockM * kRowBytes;  // one panel of the Q or O buffer
+  static constexpr int kQTileBytes = kPanels * kQPanelBytes;
   static constexpr int kKStages = D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : 3;
   static constexpr int kVStages = D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : 3;
   static constexpr int kCluster = D == 128 ? TILEWISE_HOPPER_CLUSTER_D128 : 1;
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
-  static constexpr bool kOverlap = TILEWISE_HOPPER_OVERLAP < 0 ? D == 128 : TILEWISE_HOPPER_OVERLAP != 0;
-  // Register split between the producer warpgroup and each consumer warpgroup. The CTA is launched with 168
-  // registers per thread (65536 / 384, rounded down to a multiple of 8), and setmaxnreg only redistributes that
-  // pool: a split asking for more than 384 * 168 makes setmaxnreg.inc wait forever. The overlapped consumer
-  // holds S, P and O at once (ptxas serialises every wgmma when its fragments do not fit, C7512) and gets 216;
-  // the producer's pattern walk gets the rest.
-  static constexpr int kProducerRegs =
-      TILEWISE_HOPPER_PRODUCER_REGS > 0 ? TILEWISE_HOPPER_PRODUCER_REGS : (kOverlap ? 72 : 80);
-  static constexpr int kConsumerRegs = (3 * 168 - kProducerRegs) / 2 / 8 * 8;
-  static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168,
+  static constexpr bool kOverlap =
+      TILEWISE_HOPPER_OVERLAP < 0 ? D == 128 && kConsumerWarpgroups == 2 : TILEWISE_HOPPER_OVERLAP != 0;
+  static_assert(!kOverlap || kConsumerWarpgroups == 2, "the overlapped schedule is a two-warpgroup ping-pong");
+  // Register split between the producer warpgroup and each consumer warpgroup. The CTA is launched with
+  // 65536 / kThreads registers per thread, rounded down to a multiple of 8 (168 for 384 threads, 128 for 512), and
+  // setmaxnreg only redistributes that pool: a split asking for more makes setmaxnreg.inc wait forever. The
+  // overlapped consumer holds S, P and O at once (ptxas serialises every wgmma when its fragments do not fit,
+  // C7512) and gets 216; three sequential consumers get 160 each, which leaves 32 for the producer's pattern walk.
+  static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
+  static constexpr int kPool = kLaunchRegs * (1 + kConsumerWarpgroups);
+  static constexpr int kProducerRegs = TILEWISE_HOPPER_PRODUCER_REGS > 0 ? TILEWISE_HOPPER_PRODUCER_REGS
+                                       : kConsumerWarpgroups == 3   ? 32
+                                       : kOverlap                   ? 72
+                                                                    : 80;
+  static constexpr int kConsumerRegs = (kPool - kProducerRegs) / kConsumerWarpgroups / 8 * 8;
+  static_assert(kProducerRegs + kConsumerWarpgroups * kConsumerRegs <= kPool,
                 "the register split exceeds the CTA's allocation (setmaxnreg.inc would deadlock)");
-  static_assert(kBlockM == kBlockN, "Q, K and V buffers share one panel geometry");
 
   // Stage buffers are addressed arithmetically (k(stage)), never through an array indexed at run time, which
   // would put the struct in local memory.
@@ -104,9 +128,11 @@ struct KernelTraits {
   // output store are still running (the item-boundary bubble).
   struct Shared {
     uint8_t* q;
-    __device__ __forceinline__ uint8_t* o() const { return q + kTileBytes; }
-    __device__ __forceinline__ uint8_t* k(int stage) const { return q + kTileBytes * (2 + stage); }
-    __device__ __forceinline__ uint8_t* v(int stage) const { return q + kTileBytes * (2 + kKStages + stage); }
+    __device__ __forceinline__ uint8_t* o() const { return q + kQTileBytes; }
+    __device__ __forceinline__ uint8_t* k(int stage) const { return q + 2 * kQTileBytes + kTileBytes * stage; }
+    __device__ __forceinline__ uint8_t* v(int stage) const {
+      return q + 2 * kQTileBytes + kTileBytes * (kKStages + stage);
+    }
     Barrier* q_full;
     Barrier* q_empty;  // the consumers' last S GEMM of an item has read Q
     Barrier* k_full;   // [kKStages]
@@ -121,10 +147,10 @@ struct KernelTraits {
     BlockInfo* info;      // [kKStages]: what the key block in each K stage is (written by the producer)
   };
 
-  static constexpr int kBuffers = 2 + kKStages + kVStages;  // Q, O, and the K and V stages
+  static constexpr int kBufferBytes = 2 * kQTileBytes + kTileBytes * (kKStages + kVStages);  // Q, O, K, V
   static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6;
   static constexpr int kSmemBytes =
-      1024 /* alignment slack */ + kTileBytes * kBuffers + kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo);
+      1024 /* alignment slack */ + kBufferBytes + kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KB an sm_90 CTA can have");
 
   /// Carves the dynamic shared memory: tiles first (1024-byte aligned, as the 128-byte swizzle requires).
@@ -132,7 +158,7 @@ struct KernelTraits {
     uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
     Shared s;
     s.q = base;
-    Barrier* bars = reinterpret_cast<Barrier*>(base + kTileBytes * kBuffers);
+    Barrier* bars = reinterpret_cast<Barrier*>(base + kBufferBytes);
     s.q_full = bars;
     s.q_empty = bars + 1;
     s.k_full = bars + 2;

@@ -20,7 +20,8 @@ struct Producer {
   __device__ __forceinline__ void load(const CUtensorMap* video, const CUtensorMap* text, const TensorView& view,
                                        const Block& b, int batch, int head, uint8_t* dst, Barrier* bar,
                                        bool issue = true, bool multicast = false) const {
-    const int rows = b.text ? kBlockN : static_cast<int>(b.box(p).volume());
+    const int rows = b.text ? (b.query ? Traits::kBlockM : kBlockN) : static_cast<int>(b.box(p).volume());
+    const int panel_bytes = b.query ? Traits::kQPanelBytes : Traits::kPanelBytes;
     bar->arrive_expect_tx(static_cast<uint32_t>(rows * Traits::D * 2));
     if (!issue) return;  // the peer CTA multicasts it
     const int c4 = view.c4(batch, head);
@@ -31,7 +32,7 @@ struct Producer {
 #pragma unroll
     for (int panel = 0; panel < Traits::kPanels; ++panel) {
       const int c0 = view.c0(head, panel * Traits::kPanelCols);
-      uint8_t* d = dst + panel * Traits::kPanelBytes;
+      uint8_t* d = dst + panel * panel_bytes;
       if (multicast)
         tma_load_multicast(d, map, bar, c0, c1, c2, c3, c4, (1u << kCluster) - 1);
       else
@@ -62,7 +63,7 @@ struct Producer {
     StageAlignment<kCluster> alignment;
     uint32_t syncs = 0;
     for (int32_t u; (u = next_unit()) < num_units<kCluster>(p);) {
-      const UnitWork uw = decode_unit<kCluster>(p, u, rank);
+      const UnitWork uw = decode_unit<kCluster, Traits::kBlockM>(p, u, rank);
       if (alignment.restart_before(uw)) {
         // This CTA's empty barriers have not seen the peer's releases since the last shared unit: wait until
         // this CTA's own stages are all free, meet the peer, and only then multicast into either.

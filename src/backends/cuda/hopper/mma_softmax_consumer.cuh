@@ -1,4 +1,4 @@
-// Consumer: each of the two consumer warpgroups owns 64 query rows of the work item. Per key block j it runs
+// Consumer: each consumer warpgroup (two or three) owns 64 query rows of the work item. Per key block j it runs
 // S_j = Q K_j^T (wgmma, both operands in shared memory), masks only ragged or pattern-masked blocks, updates
 // the online softmax in registers, and accumulates O += P V (wgmma, P from registers, V MN-major in smem).
 //
@@ -75,7 +75,7 @@ struct Consumer {
     return (static_cast<uint64_t>(hi) << 32) | lo;
   }
   __device__ __forceinline__ int lane() const { return tid % 32; }
-  /// Row (within the 128-row block) of this thread's accumulator rows rr = 0 and rr = 1 (+8).
+  /// Row (within the query block) of this thread's accumulator rows rr = 0 and rr = 1 (+8).
   __device__ __forceinline__ int row(int rr) const { return 64 * wg + 16 * (tid / 32) + lane() / 4 + 8 * rr; }
 
   /// Frees a pipeline stage once this warp's wgmma reading it has completed. One arrival per warp (not per
@@ -208,8 +208,9 @@ struct Consumer {
     for (int panel = 0; panel < Traits::kPanels; ++panel)
 #pragma unroll
       for (int kk = 0; kk < Traits::kPanelCols / 16; ++kk) {
-        const uint32_t off = (panel * Traits::kPanelBytes + kk * 32) >> 4;
-        Wgmma<kType, kBlockN>::template ss<0>(sc, desc(q_lo + off, kq_hi), desc(k_stage + off, kq_hi),
+        const uint32_t q_off = (panel * Traits::kQPanelBytes + kk * 32) >> 4;
+        const uint32_t k_off = (panel * Traits::kPanelBytes + kk * 32) >> 4;
+        Wgmma<kType, kBlockN>::template ss<0>(sc, desc(q_lo + q_off, kq_hi), desc(k_stage + k_off, kq_hi),
                                                panel + kk > 0);
       }
   }
@@ -319,6 +320,22 @@ struct Consumer {
     }
   }
 
+  /// The key blocks of an item none of whose rows are this warpgroup's (a cut tile's box, the last text rows): no
+  /// GEMM, only the stage releases the producer counts on. Each stage is waited for first, so a release always
+  /// belongs to the stage's current use.
+  __device__ __forceinline__ void mainloop_idle(bool shared, KPipe& ks, VPipe& vs) const {
+    for (bool last = false; !last;) {
+      s.k_full[ks.stage()].wait(ks.phase());
+      const BlockInfo bi = info(ks.stage());
+      last = bi.flags & BlockInfo::kLast;
+      release_s_operands(ks.stage(), bi, shared);
+      ks.advance();
+      s.v_full[vs.stage()].wait(vs.phase());
+      release(s.v_empty[vs.stage()], shared);
+      vs.advance();
+    }
+  }
+
   __device__ void run() const {
     uint32_t items = 0;
     KPipe ks;
@@ -329,7 +346,7 @@ struct Consumer {
     // The shuffle tells the compiler the unit (and all decoded from it) is warp-uniform: branches on it must not
     // look divergent around wgmma (ptxas would serialise every wgmma, C7520).
     for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < num_units<Traits::kCluster>(p);) {
-      const UnitWork uw = decode_unit<Traits::kCluster>(p, u, rank);
+      const UnitWork uw = decode_unit<Traits::kCluster, Traits::kBlockM>(p, u, rank);
       if (alignment.restart_before(uw)) ks.restart(), vs.restart();
       const WorkItem& item = uw.item;
       if (item.empty) continue;
@@ -340,10 +357,15 @@ struct Consumer {
       float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
       s.q_full->wait(items & 1);
 
-      if constexpr (Traits::kOverlap)
+      if constexpr (Traits::kOverlap) {
         mainloop_overlapped(item, text_len, uw.shared, ks, vs, o, m_run, l_run);
-      else
-        mainloop_sequential(item, text_len, uw.shared, ks, vs, o, m_run, l_run);
+      } else {
+        // The sequential warpgroups run independently, so one with no real rows can skip its GEMMs.
+        if (64 * wg >= query_rows<Traits::kBlockM>(p, item.q))
+          mainloop_idle(uw.shared, ks, vs);
+        else
+          mainloop_sequential(item, text_len, uw.shared, ks, vs, o, m_run, l_run);
+      }
       Epilogue<Traits, kType>{p, s, wg, tid}.store(item, o, m_run, l_run);
       ++items;
     }

@@ -12,10 +12,7 @@ namespace tilewise::hopper {
 using D3 = Dim3T<int32_t>;
 using Grid = TileGridT<int32_t>;
 
-constexpr int kBlockM = 128;  // query rows per work item (2 consumer warpgroups x 64)
-constexpr int kBlockN = 128;  // key rows per pipeline stage
-constexpr int kConsumerWarpgroups = 2;
-constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
+constexpr int kBlockN = 128;  // key rows per pipeline stage (query rows per work item: KernelTraits::kBlockM)
 
 /// How a tensor's 5-D tensor maps are addressed: the maps are (D', W', H', T', X) for video and (D', L, 1, 1, X)
 /// for text, with the head folded into coordinate 0 (bshd-like storage: head stride == D) or into coordinate
@@ -34,8 +31,10 @@ struct TensorView {
 constexpr int kTileClasses = 8;
 
 struct TileClass {
-  D3 box;            // tokens of one block: a box inside the tile (along whole axes it divides the tile)
-  D3 subs;           // blocks per axis: ceil(tile extent / box)
+  D3 box;            // tokens of one key block: a box inside the tile (along whole axes it divides the tile)
+  D3 subs;           // key blocks per axis: ceil(tile extent / box)
+  D3 qbox;           // tokens of one query block (work item), likewise, up to KernelTraits::kBlockM of them
+  D3 qsubs;          // query blocks per axis
   int32_t tail = 0;  // V rows past this box's volume that other classes' loads may have left: zeroed on load
 };
 
@@ -60,7 +59,7 @@ struct FwdParams {  // CUtensorMap members carry their own 64-byte alignment
   TokenMapT<int32_t> map;  // grid, sequence layout and token order (the semantics core)
   TileClass cls[kTileClasses];
   int32_t partial_axes = 0;   // bit mask (as the class index) of the axes whose last tile is partial
-  int32_t slots_per_tile = 1;  // work items per query tile: the most blocks any class needs
+  int32_t slots_per_tile = 1;  // work items per query tile: the most query blocks any class needs
   bool zero_init = false;      // every box has fewer than 128 tokens: the rows past them are zeroed once
   int32_t batch = 1;     // batch elements in this launch
   int32_t batch_base = 0;  // global index of this launch's first batch element (per-batch launches)

@@ -17,16 +17,19 @@ __device__ __forceinline__ int32_t tile_class(const FwdParams& p, D3 c) {
   return ((c.t == n.t - 1 ? 4 : 0) | (c.h == n.h - 1 ? 2 : 0) | (c.w == n.w - 1 ? 1 : 0)) & p.partial_axes;
 }
 
-/// One block of tokens: video (box `sub` of tile `tile`, in the box shape of the tile's class) or text (rows
-/// [row0, row0 + 128)).
+/// One block of tokens: video (box `sub` of tile `tile`, in the key or query box shape of the tile's class) or
+/// text (rows [row0, row0 + kBlockN), or + kBlockM for a query block).
 struct Block {
   bool text = false;
+  bool query = false;  // a work item's query block (its class's qbox), not a key block (box)
   int32_t cls = 0;  // tile class (video)
   D3 tile{};
   D3 sub{};
   int32_t row0 = 0;
 
-  __device__ __forceinline__ const D3& box(const FwdParams& p) const { return p.cls[cls].box; }
+  __device__ __forceinline__ const D3& box(const FwdParams& p) const {
+    return query ? p.cls[cls].qbox : p.cls[cls].box;
+  }
   __device__ __forceinline__ D3 origin(const FwdParams& p) const {  // semantic (t, h, w) of the first token
     const D3 o = p.map.grid.tile_origin(tile), b = box(p);
     return {o.t + sub.t * b.t, o.h + sub.h * b.h, o.w + sub.w * b.w};
@@ -38,13 +41,22 @@ struct Block {
     const D3 b = box(p);
     return {p.map.grid.tile_index(tile) * p.map.grid.tile.t + sub.t * b.t, sub.h * b.h, sub.w * b.w};
   }
-  /// Whether some of the block's rows are not real tokens (beyond the latent or beyond the box volume).
+  /// Whether some of a key block's rows are not real tokens (beyond the latent or beyond the box volume).
   __device__ __forceinline__ bool ragged(const FwdParams& p) const {
     if (text) return false;
     const D3 o = origin(p), L = p.map.grid.latent, b = box(p);
     return b.volume() < kBlockN || o.t + b.t > L.t || o.h + b.h > L.h || o.w + b.w > L.w;
   }
 };
+
+/// Rows of a query block that can be real tokens: rows past them are neither loaded nor stored (rows inside the
+/// box but outside the latent are, and are clipped by TMA).
+template <int kBlockM>
+__device__ __forceinline__ int32_t query_rows(const FwdParams& p, const Block& q) {
+  if (!q.text) return q.box(p).volume();
+  const int32_t left = static_cast<int32_t>(p.map.seq.text_capacity) - q.row0;
+  return left < kBlockM ? left : kBlockM;
+}
 
 struct WorkItem {
   int32_t batch = 0;  // index within this launch
@@ -55,9 +67,11 @@ struct WorkItem {
 
 /// Work items are ordered text query blocks first (they see every key, so they are the longest), then video
 /// query blocks; within each, (batch, head) outer and block inner so that concurrently running CTAs share
-/// their key tiles in L2.
+/// their key tiles in L2. A query block has kBlockM rows.
+template <int kBlockM>
 __device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w) {
   WorkItem it;
+  it.q.query = true;
   const int32_t text_total = p.batch * p.q_heads * p.text_items;
   if (w < text_total) {
     it.batch = w / (p.q_heads * p.text_items);
@@ -73,7 +87,7 @@ __device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w) {
   it.q.tile = p.map.grid.tile_coord(index / p.slots_per_tile);
   it.q.cls = tile_class(p, it.q.tile);
   const int32_t r = index % p.slots_per_tile;
-  const D3 s = p.cls[it.q.cls].subs;
+  const D3 s = p.cls[it.q.cls].qsubs;
   it.q.sub = {r / (s.h * s.w), (r / s.w) % s.h, r % s.w};
   it.empty = r >= s.volume();  // a class with fewer blocks than the most any class needs
   return it;
@@ -98,15 +112,15 @@ template <int kCluster>
 __device__ __forceinline__ int32_t num_units(const FwdParams& p) {
   return (p.num_work + kCluster - 1) / kCluster;
 }
-template <int kCluster>
+template <int kCluster, int kBlockM>
 __device__ __forceinline__ UnitWork decode_unit(const FwdParams& p, int32_t u, uint32_t rank) {
   if constexpr (kCluster == 1) {
-    return {decode_work(p, u), false};
+    return {decode_work<kBlockM>(p, u), false};
   } else {
     WorkItem none;
     none.empty = true;
     const int32_t w = kCluster * u;
-    const WorkItem a = decode_work(p, w), b = w + 1 < p.num_work ? decode_work(p, w + 1) : none;
+    const WorkItem a = decode_work<kBlockM>(p, w), b = w + 1 < p.num_work ? decode_work<kBlockM>(p, w + 1) : none;
     return {rank == 0 ? a : b, !a.empty && !b.empty && same_key_blocks(a, b)};
   }
 }
