@@ -25,11 +25,11 @@ for step in $steps; do
       echo "rc=$?"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error|rel_l2|Expected|Which is|actual|seed" "$OUT/gpu_tests.log" | head -60
       ;;
     sanitize)
-      # One run per tool and case, each with its own time limit: racecheck takes about 2 minutes per case, so give
+      # One run per tool and case, each with its own time limit: racecheck takes up to 2 minutes per case, so give
       # this step a device call of its own.
       echo "== compute-sanitizer (memcheck, racecheck, synccheck) on small problems"
       for tool in memcheck racecheck synccheck; do
-        for case in sta_partial text_first partial_tile_classes_all partial_tile_classes_d128; do
+        for case in sta_partial text_first partial_tile_classes_all partial_tile_classes_d128 partial_tile_classes_f16_d96; do
           timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 \
             $BUILD/tilewise_tests --gtest_filter="Cases/CudaSmall.*/$case*" > "$OUT/sanitize_${tool}_$case.log" 2>&1
           echo "$tool $case rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_${tool}_$case.log" | tail -1)"

@@ -12,6 +12,10 @@
 #ifndef TILEWISE_HOPPER_V_STAGES_D128
 #define TILEWISE_HOPPER_V_STAGES_D128 2
 #endif
+// K and V pipeline depths at head dim 64 (96 has 3 + 3, the most that fits).
+#ifndef TILEWISE_HOPPER_STAGES_D64
+#define TILEWISE_HOPPER_STAGES_D64 3
+#endif
 
 // Query rows per work item (and CTA) at head dim 128: 192 = three consumer warpgroups of 64 rows, so a 6x8x8 tile
 // is two work items and each K/V block read from L2 serves 192 query rows instead of 128 (the loop is bound by
@@ -24,10 +28,10 @@
 #define TILEWISE_HOPPER_BLOCK_M_D64_D96 128
 #endif
 
-// Consumer schedule: 1 = FA3-style overlap (ping-pong + intra-warpgroup), 0 = sequential, -1 (default) = by shape:
-// overlap with two warpgroups at D 128, where it measured 1.5-5% faster, sequential at D 64/96, where it measured
-// 4-5% slower (docs/performance.md, v3.1), and with three warpgroups, whose 160 registers cannot hold S, P and O
-// at once.
+// Consumer schedule with two warpgroups: 1 = FA3-style overlap (ping-pong + intra-warpgroup), 0 = sequential,
+// -1 (default) = by head dim: overlap at D 96 (3.9% faster, v5) and at D 128 with two warpgroups (1.5-5%, v3.1),
+// sequential at D 64 (the overlap measured 1.3% slower, v5). Three warpgroups are always sequential: their 160
+// registers cannot hold S, P and O at once.
 #ifndef TILEWISE_HOPPER_OVERLAP
 #define TILEWISE_HOPPER_OVERLAP -1
 #endif
@@ -100,13 +104,12 @@ struct KernelTraits {
   static constexpr int kTileBytes = kPanels * kPanelBytes;  // a K or V stage: 128 rows x D
   static constexpr int kQPanelBytes = kBlockM * kRowBytes;  // one panel of the Q or O buffer
   static constexpr int kQTileBytes = kPanels * kQPanelBytes;
-  static constexpr int kKStages = D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : 3;
-  static constexpr int kVStages = D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : 3;
+  static constexpr int kKStages = D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : D == 64 ? TILEWISE_HOPPER_STAGES_D64 : 3;
+  static constexpr int kVStages = D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : D == 64 ? TILEWISE_HOPPER_STAGES_D64 : 3;
   static constexpr int kCluster = D == 128 ? TILEWISE_HOPPER_CLUSTER_D128 : 1;
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
   static constexpr bool kOverlap =
-      TILEWISE_HOPPER_OVERLAP < 0 ? D == 128 && kConsumerWarpgroups == 2 : TILEWISE_HOPPER_OVERLAP != 0;
-  static_assert(!kOverlap || kConsumerWarpgroups == 2, "the overlapped schedule is a two-warpgroup ping-pong");
+      kConsumerWarpgroups == 2 && (TILEWISE_HOPPER_OVERLAP < 0 ? D != 64 : TILEWISE_HOPPER_OVERLAP != 0);
   // Register split between the producer warpgroup and each consumer warpgroup. The CTA is launched with
   // 65536 / kThreads registers per thread, rounded down to a multiple of 8 (168 for 384 threads, 128 for 512), and
   // setmaxnreg only redistributes that pool: a split asking for more makes setmaxnreg.inc wait forever. The
