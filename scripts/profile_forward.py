@@ -21,6 +21,7 @@ ap.add_argument("--heads", type=int, default=4)
 ap.add_argument("--head-dim", type=int, default=128)
 ap.add_argument("--text", type=int, default=0)
 ap.add_argument("--text-len", type=int, default=-1, help="valid text rows (device array); -1 = the capacity")
+ap.add_argument("--text-first", action="store_true", help="text tokens before the video (CogVideoX)")
 ap.add_argument("--runs", type=int, default=2)
 ap.add_argument("--cudnn", action="store_true", help="run PyTorch SDPA (cuDNN backend, dense) on the same shape instead")
 a = ap.parse_args()
@@ -32,7 +33,8 @@ S = latent[0] * latent[1] * latent[2] + a.text
 q, k, v = (torch.randn(1, S, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 o = torch.empty_like(q)
 plan = _capi.Plan(batch=1, q_heads=a.heads, kv_heads=a.heads, head_dim=a.head_dim, dtype="bf16", latent=latent,
-                  tile=tile, text_capacity=a.text, pattern="sliding_tile", windows=[window], device="cuda")
+                  tile=tile, text_capacity=a.text, text_position="first" if a.text_first else "last",
+                  pattern="sliding_tile", windows=[window], device="cuda")
 text_len = torch.full((1,), a.text_len, device="cuda", dtype=torch.int32)
 tl = text_len.data_ptr() if a.text_len >= 0 else 0
 if a.cudnn:

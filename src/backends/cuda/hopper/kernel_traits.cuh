@@ -61,6 +61,16 @@
 #define TILEWISE_HOPPER_V_WAIT_AFTER_S 1
 #endif
 
+// Every N-th exponential of a softmax row is computed with FMAs (exp2_fma) instead of the MUFU unit; 0 = none.
+// At D 64 and 96 (TILEWISE_HOPPER_EXP_ON_FMA) and at D 128 (..._D128). Passes the GPU tests but measured slower
+// everywhere (docs/performance.md, v5.1: 1 in 4 made CogVideoX 4% and row 1 11% slower), so it is off.
+#ifndef TILEWISE_HOPPER_EXP_ON_FMA
+#define TILEWISE_HOPPER_EXP_ON_FMA 0
+#endif
+#ifndef TILEWISE_HOPPER_EXP_ON_FMA_D128
+#define TILEWISE_HOPPER_EXP_ON_FMA_D128 0
+#endif
+
 // Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
 // ping-pong barriers (overlapped schedule), bit 16 the V loads, bit 32 the K loads
 // (in a cluster, the multicast ones). Timing what is left shows which part bounds the loop.
@@ -107,6 +117,7 @@ struct KernelTraits {
   static constexpr int kKStages = D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : D == 64 ? TILEWISE_HOPPER_STAGES_D64 : 3;
   static constexpr int kVStages = D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : D == 64 ? TILEWISE_HOPPER_STAGES_D64 : 3;
   static constexpr int kCluster = D == 128 ? TILEWISE_HOPPER_CLUSTER_D128 : 1;
+  static constexpr int kExpOnFma = D == 128 ? TILEWISE_HOPPER_EXP_ON_FMA_D128 : TILEWISE_HOPPER_EXP_ON_FMA;
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
   static constexpr bool kOverlap =
       kConsumerWarpgroups == 2 && (TILEWISE_HOPPER_OVERLAP < 0 ? D != 64 : TILEWISE_HOPPER_OVERLAP != 0);
