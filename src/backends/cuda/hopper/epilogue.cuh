@@ -20,12 +20,9 @@ struct Epilogue {
 
   /// Sequence position of block row `r`, or -1 when the row is not a real token.
   __device__ __forceinline__ int64_t position(const Block& q, int r) const {
-    if (q.text) {
-      const int64_t t = q.row0 + r;
-      return t < p.map.seq.text_capacity ? p.map.seq.text_offset() + t : -1;
-    }
+    if (r >= query_rows<Traits::kBlockM>(p, q)) return -1;
+    if (q.text) return p.map.seq.text_offset() + q.row0 + r;
     const D3 b = q.box(p);
-    if (r >= b.volume()) return -1;
     const D3 o = q.origin(p), L = p.map.grid.latent;
     const D3 c{o.t + r / (b.h * b.w), o.h + (r / b.w) % b.h, o.w + r % b.w};
     if (c.t >= L.t || c.h >= L.h || c.w >= L.w) return -1;

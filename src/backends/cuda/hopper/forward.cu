@@ -30,40 +30,32 @@ cudaError_t launch(const FwdParams& params, int grid, cudaStream_t stream) {
   return cudaLaunchKernelEx(&config, forward_kernel<D, T>, params);
 }
 
-template <WgType T>
-cudaError_t launch_dim(const FwdParams& params, int head_dim, int grid, cudaStream_t stream) {
-  switch (head_dim) {
-    case 64: return launch<64, T>(params, grid, stream);
-    case 96: return launch<96, T>(params, grid, stream);
-    case 128: return launch<128, T>(params, grid, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-/// f(KernelTraits<D>{}) for a supported head dim D, else 0.
-template <class F>
-int with_traits(int head_dim, F&& f) {
+/// f(KernelTraits<D>{}) for a supported head dim D, else `unsupported`.
+template <class R, class F>
+R with_traits(int head_dim, R unsupported, F&& f) {
   switch (head_dim) {
     case 64: return f(KernelTraits<64>{});
     case 96: return f(KernelTraits<96>{});
     case 128: return f(KernelTraits<128>{});
   }
-  return 0;
+  return unsupported;
 }
 
 }  // namespace
 
 int query_block_rows(int head_dim) {
-  return with_traits(head_dim, [](auto traits) { return decltype(traits)::kBlockM; });
+  return with_traits(head_dim, 0, [](auto traits) { return decltype(traits)::kBlockM; });
 }
 
 int forward_smem_bytes(int head_dim) {
-  return with_traits(head_dim, [](auto traits) { return decltype(traits)::kSmemBytes; });
+  return with_traits(head_dim, 0, [](auto traits) { return decltype(traits)::kSmemBytes; });
 }
 
 cudaError_t launch_forward(const FwdParams& params, int head_dim, bool bf16, int grid, cudaStream_t stream) {
-  return bf16 ? launch_dim<WgType::bf16>(params, head_dim, grid, stream)
-              : launch_dim<WgType::f16>(params, head_dim, grid, stream);
+  return with_traits(head_dim, cudaErrorInvalidValue, [&](auto traits) {
+    constexpr int D = decltype(traits)::D;
+    return bf16 ? launch<D, WgType::bf16>(params, grid, stream) : launch<D, WgType::f16>(params, grid, stream);
+  });
 }
 
 }  // namespace tilewise::hopper

@@ -9,7 +9,8 @@
 namespace tilewise::hopper {
 
 template <int kHeadDim, WgType kType>
-__global__ void __launch_bounds__(KernelTraits<kHeadDim>::kThreads, 1) forward_kernel(const __grid_constant__ FwdParams p) {
+__global__ void __launch_bounds__(KernelTraits<kHeadDim>::kThreads, 1)
+    forward_kernel(const __grid_constant__ FwdParams p) {
   using Traits = KernelTraits<kHeadDim>;
   extern __shared__ uint8_t smem_raw[];
   const typename Traits::Shared s = Traits::carve(smem_raw);

@@ -101,7 +101,8 @@ struct PipeState {
 template <int kHeadDim>
 struct KernelTraits {
   static constexpr int D = kHeadDim;
-  static constexpr int kBlockM = D == 128 ? TILEWISE_HOPPER_BLOCK_M_D128 : TILEWISE_HOPPER_BLOCK_M_D64_D96;  // query rows per work item
+  // Query rows per work item.
+  static constexpr int kBlockM = D == 128 ? TILEWISE_HOPPER_BLOCK_M_D128 : TILEWISE_HOPPER_BLOCK_M_D64_D96;
   static_assert(kBlockM == 128 || kBlockM == 192, "two or three consumer warpgroups of 64 rows");
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
@@ -114,8 +115,9 @@ struct KernelTraits {
   static constexpr int kTileBytes = kPanels * kPanelBytes;  // a K or V stage: 128 rows x D
   static constexpr int kQPanelBytes = kBlockM * kRowBytes;  // one panel of the Q or O buffer
   static constexpr int kQTileBytes = kPanels * kQPanelBytes;
-  static constexpr int kKStages = D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : D == 64 ? TILEWISE_HOPPER_STAGES_D64 : 3;
-  static constexpr int kVStages = D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : D == 64 ? TILEWISE_HOPPER_STAGES_D64 : 3;
+  static constexpr int kStagesSmallD = D == 64 ? TILEWISE_HOPPER_STAGES_D64 : 3;
+  static constexpr int kKStages = D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : kStagesSmallD;
+  static constexpr int kVStages = D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD;
   static constexpr int kCluster = D == 128 ? TILEWISE_HOPPER_CLUSTER_D128 : 1;
   static constexpr int kExpOnFma = D == 128 ? TILEWISE_HOPPER_EXP_ON_FMA_D128 : TILEWISE_HOPPER_EXP_ON_FMA;
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
