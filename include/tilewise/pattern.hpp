@@ -3,7 +3,8 @@
 // A pattern answers at two levels:
 //  * tile level: the key tiles of a query tile, as up to two boxes of the tile grid (KeyBoxes), and for each
 //    (query tile, key tile) block whether it is fully allowed or needs an element mask (BlockKind);
-//  * token level: video_pair_allowed(), the spec's formula, used only inside blocks that need a mask.
+//  * token level: video_pair_allowed(), the spec's formula, used only inside blocks that need a mask;
+//  * the reverse question for the backward: the query tiles that see a key tile (query_boxes).
 // Header-only and host/device, like geometry.hpp. Explicit block lists are tables, handled by the Plan.
 #pragma once
 
@@ -103,6 +104,32 @@ TW_HD constexpr KeyBoxesT<I> key_boxes(PatternKind kind, const HeadParams& p, co
       b.t0 = {lo, hi};
     }
   }
+  return b;
+}
+
+/// The reverse of window_range: the query tiles along an axis of `n` tiles whose window of `k` tiles contains key
+/// tile `c`. Since a window's start is non-decreasing in the query coordinate, they form one range. Not symmetric
+/// at the borders: with n = 10, k = 5 key tile 0 is seen by query tiles [0, 3) and key tile 2 by [0, 5).
+template <class I>
+TW_HD constexpr AxisRangeT<I> window_range_reverse(I c, Same<I> k, Same<I> n) {
+  if (k >= n) return {0, n};
+  // start(q) = clamp(q - k/2, 0, n - k). q sees c iff start(q) <= c and start(q) + k > c.
+  const I hi = c >= n - k ? n : imin<I>(n, c + k / 2 + 1);  // start(q) <= c
+  const I lo = c - k + 1 <= 0 ? 0 : c - k + 1 + k / 2;       // start(q) >= c - k + 1
+  return {lo, hi};
+}
+
+/// Tile level, reverse question: the query tiles whose key_boxes() contain key tile `ck` (the backward walks them
+/// per key tile). Exact for sliding tile and dense; for attention tile the frame rule is symmetric in (fq, fk), so
+/// the same boxes as key_boxes() of `ck`, and block_kind() of each pair still says which blocks need the mask.
+/// Not defined for block lists (the Plan transposes their table).
+template <class I>
+TW_HD constexpr KeyBoxesT<I> query_boxes(PatternKind kind, const HeadParams& p, const TileGridT<I>& g, Dim3T<I> ck) {
+  if (kind != PatternKind::sliding_tile) return key_boxes<I>(kind, p, g, ck);
+  KeyBoxesT<I> b;
+  b.t0 = window_range_reverse<I>(ck.t, static_cast<I>(p.window.t), g.tiles.t);
+  b.h = window_range_reverse<I>(ck.h, static_cast<I>(p.window.h), g.tiles.h);
+  b.w = window_range_reverse<I>(ck.w, static_cast<I>(p.window.w), g.tiles.w);
   return b;
 }
 

@@ -62,6 +62,25 @@ tw_status tw_plan_create(const tw_problem* problem, const tw_pattern* pattern, i
  * stream: a cudaStream_t for CUDA plans (NULL = default stream), ignored for CPU plans. */
 tw_status tw_plan_run(const tw_plan* plan, const void* q, const void* k, const void* v, void* o, float* lse,
                       const int32_t* text_len, void* stream);
+/* Backward (docs/semantics.md, "Gradients"). Mirrors tilewise::GradTensors: q, k, v, o, lse (required, from
+ * the forward) and dout are read; dlse may be NULL (= zero); dq (q's strides), dk and dv (k's and v's strides)
+ * are written whole; text_len may be NULL. Fill with tw_grad_tensors_init() first. */
+typedef struct tw_grad_tensors {
+  const void *q, *k, *v, *o;
+  const float* lse;
+  const void* dout;
+  const float* dlse;
+  void *dq, *dk, *dv;
+  const int32_t* text_len;
+} tw_grad_tensors;
+
+void tw_grad_tensors_init(tw_grad_tensors* tensors);
+/* Device scratch bytes tw_plan_run_backward needs (0 for CPU plans). */
+tw_status tw_plan_backward_workspace_size(const tw_plan* plan, uint64_t* bytes);
+/* workspace: a device buffer of tw_plan_backward_workspace_size bytes, 256-byte aligned (NULL when that size is
+ * 0). deterministic != 0: bitwise reproducible dq. stream as for tw_plan_run. */
+tw_status tw_plan_run_backward(const tw_plan* plan, const tw_grad_tensors* tensors, void* workspace,
+                               int32_t deterministic, void* stream);
 /* FLOPs of allowed pairs (4 * D * pairs); text_len_host may be NULL (= full capacity). */
 tw_status tw_plan_flops(const tw_plan* plan, const int32_t* text_len_host, double* flops);
 /* Allowed video-video pairs over all video-video pairs, averaged over heads. */

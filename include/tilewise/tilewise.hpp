@@ -9,6 +9,7 @@
 // the argument, the value and what was expected; nothing is written to outputs on error.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -100,6 +101,24 @@ struct Tensors {
   const int32_t* text_len = nullptr;
 };
 
+/// Tensors of one backward run (docs/semantics.md, "Gradients"): the forward's inputs q, k, v, its outputs o and
+/// lse (required: the forward's [B, Hq, S] float32 log-sum-exp), the upstream gradients dout (o's strides) and
+/// dlse ([B, Hq, S] float32, null = zero), and the gradients written: dq with q's strides, dk and dv with k's and
+/// v's. Every element of dq, dk and dv is written (dk = dv = 0 for keys no query sees, such as text padding).
+struct GradTensors {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* o = nullptr;
+  const float* lse = nullptr;
+  const void* dout = nullptr;
+  const float* dlse = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  const int32_t* text_len = nullptr;
+};
+
 class Backend;  // one per device kind, created by the plan (src/backends)
 
 /// A validated problem + pattern with everything precomputed. `run` does no host planning, no allocation
@@ -113,6 +132,15 @@ class Plan {
 
   void run(const Tensors& tensors, void* stream = nullptr) const;
 
+  /// Device scratch bytes run_backward needs (fp32 dq accumulator, row statistics); 0 on the CPU.
+  size_t backward_workspace_bytes() const;
+  /// dq, dk, dv of the forward's output. Like run: no host planning, no allocation, no host synchronisation,
+  /// CUDA-graph capturable. `workspace` (on the plan's device, 256-byte aligned, backward_workspace_bytes()
+  /// long) is required when that size is non-zero; it may be reused between calls on one stream.
+  /// `deterministic`: dq bitwise reproducible run to run (no floating-point atomics), at some speed cost.
+  void run_backward(const GradTensors& tensors, void* stream = nullptr, void* workspace = nullptr,
+                    bool deterministic = false) const;
+
   const Problem& problem() const { return problem_; }   // normalised: strides and scale filled in
   const Pattern& pattern() const { return pattern_; }   // normalised: one entry per global head
   Device device() const { return device_; }
@@ -123,6 +151,9 @@ class Plan {
   const HeadParams& head(int64_t h) const;
   /// Key tiles of query tile `qt` of local head `h`, in ascending tile order. Boxes and block lists alike.
   std::vector<int32_t> key_tiles(int64_t h, int64_t qt) const;
+  /// Query tiles whose key_tiles() contain key tile `kt` for local head h, in ascending tile order (the reverse
+  /// question, for the backward; block lists read a table transposed once at plan time).
+  std::vector<int32_t> query_tiles(int64_t h, int64_t kt) const;
   /// Whether the (query tile, key tile) block of local head h needs the token-level mask.
   BlockKind block_kind(int64_t h, Dim3 cq, Dim3 ck) const;
   /// Token level: may video query token q see video key token k under local head h.
@@ -132,6 +163,9 @@ class Plan {
   int64_t allowed_pairs(const int32_t* text_len_host = nullptr) const;
   /// 4 * D * allowed_pairs: the FLOPs of QK^T and PV restricted to allowed pairs (effective TFLOP/s).
   double flops(const int32_t* text_len_host = nullptr) const;
+  /// 2.5 * flops(): the backward's five GEMMs (S, dP, dV, dK, dQ) against the forward's two, the convention
+  /// FlashAttention's benchmarks use for effective backward TFLOP/s.
+  double backward_flops(const int32_t* text_len_host = nullptr) const { return 2.5 * flops(text_len_host); }
   /// Allowed video-video pairs over all video-video pairs (1 - sparsity), averaged over heads.
   double video_density() const;
 
@@ -140,6 +174,9 @@ class Plan {
   Pattern pattern_;
   Device device_;
   TokenMap map_;
+  // Block lists only: the table transposed (CSR over (local head, key tile) -> query tiles), for query_tiles().
+  std::vector<int64_t> reverse_offsets_;
+  std::vector<int32_t> reverse_tiles_;
   std::unique_ptr<Backend> backend_;
 };
 

@@ -183,6 +183,28 @@ tw_status tw_plan_run(const tw_plan* plan, const void* q, const void* k, const v
   return guarded([&] { plan_of(plan).run({q, k, v, o, lse, text_len}, stream); });
 }
 
+void tw_grad_tensors_init(tw_grad_tensors* tensors) {
+  if (tensors != nullptr) *tensors = tw_grad_tensors{};
+}
+
+tw_status tw_plan_backward_workspace_size(const tw_plan* plan, uint64_t* bytes) {
+  return guarded([&] {
+    const tilewise::Plan& p = plan_of(plan);
+    if (bytes == nullptr) fail("bytes", "null", "a uint64_t* to receive the workspace size");
+    *bytes = p.backward_workspace_bytes();
+  });
+}
+
+tw_status tw_plan_run_backward(const tw_plan* plan, const tw_grad_tensors* tensors, void* workspace,
+                               int32_t deterministic, void* stream) {
+  return guarded([&] {
+    const tilewise::Plan& p = plan_of(plan);
+    const tw_grad_tensors& t = deref(tensors, "tensors", "a tw_grad_tensors filled by tw_grad_tensors_init");
+    p.run_backward({t.q, t.k, t.v, t.o, t.lse, t.dout, t.dlse, t.dq, t.dk, t.dv, t.text_len}, stream, workspace,
+                   deterministic != 0);
+  });
+}
+
 tw_status tw_plan_flops(const tw_plan* plan, const int32_t* text_len_host, double* flops) {
   return guarded([&] {
     const tilewise::Plan& p = plan_of(plan);

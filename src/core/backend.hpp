@@ -13,6 +13,11 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual void run(const Plan& plan, const Tensors& tensors, void* stream) const = 0;
+  /// Scratch bytes run_backward needs on the device (0: none).
+  virtual size_t backward_workspace_bytes(const Plan&) const { return 0; }
+  /// Throws tilewise::Error (argument "backward") where the backend has no backward for this plan.
+  virtual void run_backward(const Plan& plan, const GradTensors& tensors, void* stream, void* workspace,
+                            bool deterministic) const = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const Plan& plan);

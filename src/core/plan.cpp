@@ -232,6 +232,21 @@ Plan::Plan(const Problem& problem, const Pattern& pattern, Device device) : devi
 
   problem_ = p;
   pattern_ = std::move(n);
+  if (pattern_.kind == PatternKind::block_list) {
+    // Transpose the table once: the backward asks which query tiles see a key tile.
+    reverse_offsets_.assign(p.q_heads * num_tiles + 1, 0);
+    for (int64_t h = 0; h < p.q_heads; ++h)
+      for (int64_t i = pattern_.block_offsets[h * num_tiles]; i < pattern_.block_offsets[(h + 1) * num_tiles]; ++i)
+        ++reverse_offsets_[h * num_tiles + pattern_.block_tiles[i] + 1];
+    for (size_t i = 1; i < reverse_offsets_.size(); ++i) reverse_offsets_[i] += reverse_offsets_[i - 1];
+    reverse_tiles_.resize(pattern_.block_tiles.size());
+    std::vector<int64_t> fill(reverse_offsets_.begin(), reverse_offsets_.end() - 1);
+    for (int64_t h = 0; h < p.q_heads; ++h)
+      for (int64_t qt = 0; qt < num_tiles; ++qt)  // ascending qt, so every reverse list is sorted
+        for (int64_t i = pattern_.block_offsets[h * num_tiles + qt]; i < pattern_.block_offsets[h * num_tiles + qt + 1];
+             ++i)
+          reverse_tiles_[fill[h * num_tiles + pattern_.block_tiles[i]]++] = static_cast<int32_t>(qt);
+  }
   map_ = TokenMap{grid, SequenceLayout{p.latent.volume(), p.text_capacity, p.text_position}, p.order};
   require(device == Device::cpu || device == Device::cuda || device == Device::cuda_reference, "device",
           static_cast<int>(device), "cpu, cuda or cuda-reference");
@@ -252,7 +267,36 @@ void Plan::run(const Tensors& t, void* stream) const {
   backend_->run(*this, t, stream);
 }
 
+size_t Plan::backward_workspace_bytes() const { return backend_->backward_workspace_bytes(*this); }
+
+void Plan::run_backward(const GradTensors& t, void* stream, void* workspace, bool deterministic) const {
+  const std::pair<const void*, const char*> required[] = {{t.q, "q"},   {t.k, "k"},   {t.v, "v"},
+                                                          {t.o, "o"},   {t.lse, "lse"}, {t.dout, "dout"},
+                                                          {t.dq, "dq"}, {t.dk, "dk"}, {t.dv, "dv"}};
+  for (const auto& [ptr, name] : required)
+    require(ptr != nullptr, name, "null", std::string("a tensor pointer") +
+                                              (std::string(name) == "lse" ? " (the forward's log-sum-exp)" : ""));
+  const size_t bytes = backward_workspace_bytes();
+  require(bytes == 0 || workspace != nullptr, "workspace", "null",
+          "a device buffer of backward_workspace_bytes() = " + str(bytes) + " bytes");
+  require(reinterpret_cast<uintptr_t>(workspace) % 256 == 0, "workspace", workspace, "a 256-byte aligned pointer");
+  backend_->run_backward(*this, t, stream, workspace, deterministic);
+}
+
 const HeadParams& Plan::head(int64_t h) const { return pattern_.heads.at(h); }
+
+std::vector<int32_t> Plan::query_tiles(int64_t h, int64_t kt) const {
+  const TileGrid& g = map_.grid;
+  if (pattern_.kind == PatternKind::block_list) {
+    const int64_t i = h * g.num_tiles() + kt;
+    return {reverse_tiles_.begin() + reverse_offsets_[i], reverse_tiles_.begin() + reverse_offsets_[i + 1]};
+  }
+  const KeyBoxes b = query_boxes<int64_t>(pattern_.kind, head(h), g, g.tile_coord(kt));
+  std::vector<int32_t> out;
+  out.reserve(b.num_tiles());
+  for (int64_t i = 0; i < b.num_tiles(); ++i) out.push_back(static_cast<int32_t>(g.tile_index(b.tile(i))));
+  return out;
+}
 
 std::vector<int32_t> Plan::key_tiles(int64_t h, int64_t qt) const {
   std::vector<int32_t> out;

@@ -205,6 +205,9 @@ class CpuBackend final : public Backend {
       case DType::f16: CpuKernel<f16_t>(plan, t)(); break;
     }
   }
+  void run_backward(const Plan&, const GradTensors&, void*, void*, bool) const override {
+    detail::fail("backward", "cpu", "a backend with a backward pass (not implemented yet)");
+  }
 };
 
 }  // namespace

@@ -168,6 +168,10 @@ class HopperBackend final : public Backend {
     require(work <= kMax, "problem size", work, "fewer than 2^31 work items per launch");
   }
 
+  void run_backward(const Plan&, const GradTensors&, void*, void*, bool) const override {
+    detail::fail("backward", "cuda", "a backend with a backward pass (not implemented yet)");
+  }
+
   void run(const Plan& plan, const Tensors& t, void* stream) const override {
     const Problem& p = plan.problem();
     require_device_tensors(t, 16);  // TMA needs 16-byte aligned base addresses

@@ -168,6 +168,10 @@ class ReferenceBackend final : public Backend {
     detail::require(p.head_dim <= kMaxD, "head_dim", p.head_dim, "<= " + detail::str(kMaxD) + " on cuda-reference");
   }
 
+  void run_backward(const Plan&, const GradTensors&, void*, void*, bool) const override {
+    detail::fail("backward", "cuda", "a backend with a backward pass (not implemented yet)");
+  }
+
   void run(const Plan& plan, const Tensors& t, void* stream) const override {
     const Problem& p = plan.problem();
     require_device_tensors(t, 2);
