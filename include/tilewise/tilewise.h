@@ -81,6 +81,12 @@ tw_status tw_plan_backward_workspace_size(const tw_plan* plan, uint64_t* bytes);
  * 0). deterministic != 0: bitwise reproducible dq. stream as for tw_plan_run. */
 tw_status tw_plan_run_backward(const tw_plan* plan, const tw_grad_tensors* tensors, void* workspace,
                                int32_t deterministic, void* stream);
+/* Device scratch bytes of tw_plan_run_with_workspace (0 for CPU plans). */
+tw_status tw_plan_workspace_size(const tw_plan* plan, uint64_t* bytes);
+/* tw_plan_run with caller-owned scratch (NULL = the plan's own): one plan then runs on several streams at once,
+ * each with its own workspace (device memory, 256-byte aligned, tw_plan_workspace_size bytes). */
+tw_status tw_plan_run_with_workspace(const tw_plan* plan, const void* q, const void* k, const void* v, void* o,
+                                     float* lse, const int32_t* text_len, void* workspace, void* stream);
 /* FLOPs of allowed pairs (4 * D * pairs); text_len_host may be NULL (= full capacity). */
 tw_status tw_plan_flops(const tw_plan* plan, const int32_t* text_len_host, double* flops);
 /* Allowed video-video pairs over all video-video pairs, averaged over heads. */

@@ -130,7 +130,12 @@ class Plan {
   Plan(Plan&&) noexcept;
   Plan& operator=(Plan&&) noexcept;
 
-  void run(const Tensors& tensors, void* stream = nullptr) const;
+  /// Device scratch bytes run() uses (the scheduler's counter; 0 on the CPU).
+  size_t workspace_bytes() const;
+  /// `workspace`: null = the plan's own scratch, so such runs of one plan must not overlap on two streams;
+  /// give each stream its own workspace_bytes() buffer (on the device, 256-byte aligned) to run one plan on
+  /// several streams at once.
+  void run(const Tensors& tensors, void* stream = nullptr, void* workspace = nullptr) const;
 
   /// Device scratch bytes run_backward needs (fp32 dq accumulator, row statistics); 0 on the CPU.
   size_t backward_workspace_bytes() const;

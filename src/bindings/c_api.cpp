@@ -183,6 +183,19 @@ tw_status tw_plan_run(const tw_plan* plan, const void* q, const void* k, const v
   return guarded([&] { plan_of(plan).run({q, k, v, o, lse, text_len}, stream); });
 }
 
+tw_status tw_plan_workspace_size(const tw_plan* plan, uint64_t* bytes) {
+  return guarded([&] {
+    const tilewise::Plan& p = plan_of(plan);
+    if (bytes == nullptr) fail("bytes", "null", "a uint64_t* to receive the workspace size");
+    *bytes = p.workspace_bytes();
+  });
+}
+
+tw_status tw_plan_run_with_workspace(const tw_plan* plan, const void* q, const void* k, const void* v, void* o,
+                                     float* lse, const int32_t* text_len, void* workspace, void* stream) {
+  return guarded([&] { plan_of(plan).run({q, k, v, o, lse, text_len}, stream, workspace); });
+}
+
 void tw_grad_tensors_init(tw_grad_tensors* tensors) {
   if (tensors != nullptr) *tensors = tw_grad_tensors{};
 }

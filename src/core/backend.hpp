@@ -12,7 +12,9 @@ namespace tilewise {
 class Backend {
  public:
   virtual ~Backend() = default;
-  virtual void run(const Plan& plan, const Tensors& tensors, void* stream) const = 0;
+  /// Scratch bytes run needs on the device (0: none); `workspace` null = the backend's own.
+  virtual size_t workspace_bytes(const Plan&) const { return 0; }
+  virtual void run(const Plan& plan, const Tensors& tensors, void* stream, void* workspace) const = 0;
   /// Scratch bytes run_backward needs on the device (0: none).
   virtual size_t backward_workspace_bytes(const Plan&) const { return 0; }
   /// Throws tilewise::Error (argument "backward") where the backend has no backward for this plan.

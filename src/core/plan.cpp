@@ -259,12 +259,15 @@ Plan::~Plan() = default;
 Plan::Plan(Plan&&) noexcept = default;
 Plan& Plan::operator=(Plan&&) noexcept = default;
 
-void Plan::run(const Tensors& t, void* stream) const {
+size_t Plan::workspace_bytes() const { return backend_->workspace_bytes(*this); }
+
+void Plan::run(const Tensors& t, void* stream, void* workspace) const {
   require(t.q != nullptr, "q", "null", "a tensor pointer");
   require(t.k != nullptr, "k", "null", "a tensor pointer");
   require(t.v != nullptr, "v", "null", "a tensor pointer");
   require(t.o != nullptr, "o", "null", "a tensor pointer");
-  backend_->run(*this, t, stream);
+  require(reinterpret_cast<uintptr_t>(workspace) % 256 == 0, "workspace", workspace, "a 256-byte aligned pointer");
+  backend_->run(*this, t, stream, workspace);
 }
 
 size_t Plan::backward_workspace_bytes() const { return backend_->backward_workspace_bytes(*this); }

@@ -191,7 +191,7 @@ class CpuKernel {
 
 class CpuBackend final : public Backend {
  public:
-  void run(const Plan& plan, const Tensors& t, void*) const override {
+  void run(const Plan& plan, const Tensors& t, void*, void*) const override {
     const Problem& p = plan.problem();
     // Validate everything before the first write: outputs stay untouched on error.
     if (t.text_len)

@@ -172,7 +172,9 @@ class HopperBackend final : public Backend {
     detail::fail("backward", "cuda", "a backend with a backward pass (not implemented yet)");
   }
 
-  void run(const Plan& plan, const Tensors& t, void* stream) const override {
+  size_t workspace_bytes(const Plan&) const override { return 256; }
+
+  void run(const Plan& plan, const Tensors& t, void* stream, void* workspace) const override {
     const Problem& p = plan.problem();
     require_device_tensors(t, 16);  // TMA needs 16-byte aligned base addresses
 
@@ -197,7 +199,7 @@ class HopperBackend final : public Backend {
     prm.video_items = video_items_;
     prm.text_items = text_items_;
     prm.num_work = prm.batch * prm.q_heads * (video_items_ + text_items_);
-    prm.work_counter = work_counter_.mutable_get();
+    prm.work_counter = workspace ? static_cast<int32_t*>(workspace) : work_counter_.mutable_get();
     const int grid = std::min<int>(prm.num_work, num_sms_);
     const int64_t esize = dtype_size(p.dtype);
     for (int64_t b = 0; b < (per_batch_ ? p.batch : 1); ++b) {
@@ -207,7 +209,7 @@ class HopperBackend final : public Backend {
       encode(plan, t.v, p.v, p.kv_heads, b, prm.v_video, prm.v_text, prm.v, esize, false);
       encode(plan, t.o, p.o, p.q_heads, b, prm.o_video, prm.o_text, prm.o, esize, true);
       // The scheduler's counter restarts on the stream: a memset node under graph capture, no host sync.
-      // (So one plan must not run concurrently on two streams; make one plan per stream for that.)
+      // (So one plan must not run concurrently on two streams with its own counter: pass a workspace per stream.)
       check(cudaMemsetAsync(prm.work_counter, 0, sizeof(int32_t), static_cast<cudaStream_t>(stream)), "cudaMemsetAsync");
       check(hopper::launch_forward(prm, static_cast<int>(p.head_dim), p.dtype == DType::bf16, grid,
                                    static_cast<cudaStream_t>(stream)),

@@ -172,7 +172,7 @@ class ReferenceBackend final : public Backend {
     detail::fail("backward", "cuda", "a backend with a backward pass (not implemented yet)");
   }
 
-  void run(const Plan& plan, const Tensors& t, void* stream) const override {
+  void run(const Plan& plan, const Tensors& t, void* stream, void*) const override {
     const Problem& p = plan.problem();
     require_device_tensors(t, 2);
     RefParams r{t.q, t.k, t.v, t.o, t.lse, p.q, p.k, p.v, p.o, plan.token_map(),
