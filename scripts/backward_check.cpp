@@ -4,6 +4,7 @@
 //   -lcudart -Wl,-rpath,build-device (with CUDA's include and lib paths).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -50,7 +51,62 @@ static double rel_l2(const std::vector<uint16_t>& a, const std::vector<uint16_t>
   return std::sqrt(num / (den > 0 ? den : 1));
 }
 
+/// Times the forward and backward of the Hopper kernels on HunyuanVideo 720p (30x48x80, 24 heads, D128, 6x8x8).
+static void bench(Dim3 window, int64_t text, int32_t text_len) {
+  Problem p;
+  p.batch = 1, p.q_heads = 24, p.kv_heads = 24, p.head_dim = 128, p.dtype = DType::bf16;
+  p.latent = {30, 48, 80}, p.tile = {6, 8, 8}, p.text_capacity = text;
+  Plan plan(p, Pattern::sliding_tile(window), Device::cuda);
+  const Problem& n = plan.problem();
+  const size_t nq = n.seq_len * n.q_heads * n.head_dim, nl = n.q_heads * n.seq_len;
+  std::mt19937 rng(7);
+  auto upload = [&](size_t count) {
+    Buf b(count * 2);
+    std::vector<uint16_t> h(count);
+    std::normal_distribution<float> nd;
+    for (auto& x : h) x = to_bf16(nd(rng));
+    cudaMemcpy(b.d, h.data(), count * 2, cudaMemcpyHostToDevice);
+    return b;
+  };
+  Buf q = upload(nq), k = upload(nq), v = upload(nq), dout = upload(nq), o(nq * 2), lse(nl * 4), dq(nq * 2),
+      dk(nq * 2), dv(nq * 2), ws(plan.backward_workspace_bytes()), tl(4);
+  cudaMemcpy(tl.d, &text_len, 4, cudaMemcpyHostToDevice);
+  const int32_t* tlp = text ? static_cast<const int32_t*>(tl.d) : nullptr;
+  Tensors ft{q.d, k.d, v.d, o.d, static_cast<float*>(lse.d), tlp};
+  GradTensors g{q.d, k.d, v.d, o.d, static_cast<float*>(lse.d), dout.d, nullptr, dq.d, dk.d, dv.d, tlp};
+  auto time = [&](auto&& f) {
+    for (int i = 0; i < 3; ++i) f();
+    cudaEvent_t a, b;
+    cudaEventCreate(&a), cudaEventCreate(&b);
+    std::vector<float> ms;
+    for (int i = 0; i < 10; ++i) {
+      cudaEventRecord(a);
+      f();
+      cudaEventRecord(b);
+      cudaEventSynchronize(b);
+      float t;
+      cudaEventElapsedTime(&t, a, b);
+      ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+  };
+  const float fwd = time([&] { plan.run(ft); });
+  const float bwd = time([&] { plan.run_backward(g, nullptr, ws.d); });
+  const int32_t tlh = text_len;
+  const double flops = plan.flops(text ? &tlh : nullptr);
+  std::printf("bench w%ldx%ldx%ld text %ld: forward %.2f ms (%.0f TFLOP/s), backward %.2f ms (%.0f TFLOP/s eff.)  %s\n",
+              (long)window.t, (long)window.h, (long)window.w, (long)text, fwd, flops / fwd / 1e9, bwd,
+              2.5 * flops / bwd / 1e9, cudaGetErrorString(cudaDeviceSynchronize()));
+}
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "bench") == 0) {
+    bench({3, 3, 3}, 0, 0);
+    bench({3, 3, 3}, 256, 226);
+    bench({5, 6, 10}, 0, 0);
+    return 0;
+  }
   std::mt19937 rng(argc > 1 ? atoi(argv[1]) : 1);
   struct Case {
     const char* name;
