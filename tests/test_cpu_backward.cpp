@@ -151,7 +151,8 @@ void check_backward(const Case& c, oracle::Rng& rng, bool with_dlse = true) {
 oracle::HeadPattern window(int64_t kt, int64_t kh, int64_t kw) { return {kt, kh, kw, 0, 0}; }
 oracle::HeadPattern frames(int64_t g, int64_t r) { return {1, 1, 1, g, r}; }
 
-Case sta(std::vector<oracle::HeadPattern> windows, tilewise::Dim3 latent = {5, 6, 7}, tilewise::Dim3 tile = {2, 4, 3}) {
+/// Sliding tile on latent 3x6x7 in 2x4x3 tiles by default: a 2x2x3 grid with a partial last tile on every axis.
+Case sta(std::vector<oracle::HeadPattern> windows, tilewise::Dim3 latent = {3, 6, 7}, tilewise::Dim3 tile = {2, 4, 3}) {
   Case c;
   c.kind = Kind::sliding_tile;
   c.heads = std::move(windows);
@@ -181,7 +182,7 @@ TEST_F(CpuBackward, RandomProblemsEveryPatternAndDtype) {
 TEST_F(CpuBackward, PartialTilesOnEveryAxisOddAndEvenWindows) {
   // latent 5x6x7, tile 2x4x3: grid 3x2x3 with a partial last tile on every axis.
   for (auto w : {window(1, 1, 1), window(3, 1, 3), window(2, 2, 2), window(2, 1, 3), window(3, 2, 1)}) {
-    Case c = sta({w});
+    Case c = sta({w}, {5, 6, 7});  // grid 3x2x3
     c.text = 5;
     c.text_len = {3};
     check_backward(c, rng);

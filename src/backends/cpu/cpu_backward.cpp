@@ -77,7 +77,7 @@ class BackwardKernel {
     append_pattern_keys(plan_, h, qt, keys);
     append_text_keys(map_, valid_text(p_, t_.text_len, b), keys);
     std::vector<Acc> k, v;
-    gather_rows<T>(t_.k, p_.k, b, kv_head(h), D_, keys, k);
+    gather_rows<T>(t_.k, p_.k, b, kv_head(h), D_, keys, k);  // [keys, D], converted once per work item
     gather_rows<T>(t_.v, p_.v, b, kv_head(h), D_, keys, v);
     for_each_token(map_.grid, map_.grid.tile_coord(qt), [&](Dim3 q) {
       dq_row(b, h, map_.video_position(q), keys, k, v, [&](const KeyRef& key) { return sees(plan_, h, q, key); });
