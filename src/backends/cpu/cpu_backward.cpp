@@ -79,8 +79,10 @@ class BackwardKernel {
     std::vector<Acc> k, v;
     gather_rows<T>(t_.k, p_.k, b, kv_head(h), D_, keys, k);  // [keys, D], converted once per work item
     gather_rows<T>(t_.v, p_.v, b, kv_head(h), D_, keys, v);
+    RowScratch scratch(D_, keys.size());
     for_each_token(map_.grid, map_.grid.tile_coord(qt), [&](Dim3 q) {
-      dq_row(b, h, map_.video_position(q), keys, k, v, [&](const KeyRef& key) { return sees(plan_, h, q, key); });
+      dq_row(b, h, map_.video_position(q), keys, k, v, scratch,
+             [&](const KeyRef& key) { return sees(plan_, h, q, key); });
     });
   }
 
@@ -91,19 +93,30 @@ class BackwardKernel {
     std::vector<Acc> k, v;
     gather_rows<T>(t_.k, p_.k, b, kv_head(h), D_, keys, k);
     gather_rows<T>(t_.v, p_.v, b, kv_head(h), D_, keys, v);
+    RowScratch scratch(D_, keys.size());
     for (int64_t r = first; r < std::min(first + kTextRows, p_.text_capacity); ++r)
-      dq_row(b, h, map_.seq.text_offset() + r, keys, k, v, [](const KeyRef&) { return true; });
+      dq_row(b, h, map_.seq.text_offset() + r, keys, k, v, scratch, [](const KeyRef&) { return true; });
   }
+
+  /// Buffers of one query row in pass 1, allocated once per work item.
+  struct RowScratch {
+    std::vector<Acc> q, dout, o, dq;  // [D]
+    std::vector<Acc> p, dp;           // [keys]: exp(s_ij - shift) (0 where not allowed), dP_ij
+    RowScratch(int64_t D, size_t keys) : q(D), dout(D), o(D), dq(D), p(keys), dp(keys) {}
+  };
 
   /// dq_i = scale * sum_j dS_ij k_j over the allowed keys of row i; records the row's statistics.
   template <class Allowed>
   void dq_row(int64_t b, int64_t h, int64_t pos, const std::vector<KeyRef>& keys, const std::vector<Acc>& k,
-              const std::vector<Acc>& v, Allowed&& allowed) {
+              const std::vector<Acc>& v, RowScratch& row, Allowed&& allowed) {
     const int64_t n = static_cast<int64_t>(keys.size());
-    std::vector<Acc> q(D_), dout(D_), o(D_), dq(D_, Acc(0)), p(n, Acc(0)), dp(n, Acc(0));
-    load_row<T>(t_.q, p_.q, b, pos, h, D_, q.data());
-    load_row<T>(t_.dout, p_.o, b, pos, h, D_, dout.data());
-    load_row<T>(t_.o, p_.o, b, pos, h, D_, o.data());
+    Acc *q = row.q.data(), *dout = row.dout.data(), *o = row.o.data(), *dq = row.dq.data();
+    Acc *p = row.p.data(), *dp = row.dp.data();
+    std::fill_n(dq, D_, Acc(0));
+    std::fill_n(p, n, Acc(0));
+    load_row<T>(t_.q, p_.q, b, pos, h, D_, q);
+    load_row<T>(t_.dout, p_.o, b, pos, h, D_, dout);
+    load_row<T>(t_.o, p_.o, b, pos, h, D_, o);
     // The forward's lse is float32: it serves as the exponent shift, and the row sum renormalises so that P is
     // the softmax to working precision (for f64 inputs the f32 lse alone would limit accuracy to ~1e-7).
     const int64_t r = row_index(b, h, pos);
@@ -111,13 +124,13 @@ class BackwardKernel {
     Acc sum = 0;
     for (int64_t j = 0; j < n; ++j) {
       if (!allowed(keys[j])) continue;
-      p[j] = std::exp(scale_ * dot(q.data(), &k[j * D_], D_) - shift);
-      dp[j] = dot(dout.data(), &v[j * D_], D_);
+      p[j] = std::exp(scale_ * dot(q, &k[j * D_], D_) - shift);
+      dp[j] = dot(dout, &v[j * D_], D_);
       sum += p[j];
     }
     RowStats& stats = stats_[r];
     stats.lse = shift + std::log(sum);
-    stats.delta = dot(dout.data(), o.data(), D_) - (t_.dlse ? static_cast<Acc>(t_.dlse[r]) : Acc(0));
+    stats.delta = dot(dout, o, D_) - (t_.dlse ? static_cast<Acc>(t_.dlse[r]) : Acc(0));
     for (int64_t j = 0; j < n; ++j) {
       if (p[j] == 0) continue;  // not allowed (or underflowed: no contribution either way)
       const Acc ds = p[j] / sum * (dp[j] - stats.delta);
