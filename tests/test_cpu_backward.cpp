@@ -3,11 +3,11 @@
 // finite-difference check against the CPU forward; and determinism.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
-#include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "backward_oracle.hpp"
