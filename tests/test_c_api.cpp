@@ -191,6 +191,104 @@ TEST_F(CApiRun, LastErrorIsPerThread) {
   EXPECT_STREQ(tw_last_error_argument(), "q");
 }
 
+/// The backward through the C ABI: named errors that leave the gradients untouched, and on good inputs the same
+/// bits as the C++ API.
+class CApiBackward : public CApiRun {
+ protected:
+  void SetUp() override {
+    CApiRun::SetUp();
+    lse.resize(p.batch * p.q_heads * seq_len(p));
+    ASSERT_EQ(tw_plan_run(plan, in.q.data(), in.k.data(), in.v.data(), o.data(), lse.data(), text_len, nullptr), TW_OK)
+        << tw_last_error();
+    std::mt19937 rng(in.seed + 1);
+    std::normal_distribution<float> normal;
+    dout.resize(o.size());
+    for (auto& x : dout) x = tilewise::detail::float_to_bf16(normal(rng));
+    dlse.resize(lse.size());
+    for (auto& x : dlse) x = normal(rng);
+    dq.assign(in.q.size(), kSentinel);
+    dk.assign(in.k.size(), kSentinel);
+    dv.assign(in.v.size(), kSentinel);
+    tw_grad_tensors_init(&t);
+    t.q = in.q.data(), t.k = in.k.data(), t.v = in.v.data(), t.o = o.data(), t.lse = lse.data();
+    t.dout = dout.data(), t.dlse = dlse.data(), t.dq = dq.data(), t.dk = dk.data(), t.dv = dv.data();
+    t.text_len = text_len;
+  }
+  bool grads_untouched() const {
+    for (const std::vector<uint16_t>* g : {&dq, &dk, &dv})
+      for (uint16_t x : *g)
+        if (x != kSentinel) return false;
+    return true;
+  }
+
+  const int32_t text_len[2] = {5, 0};  // the forward's and the backward's
+  std::vector<float> lse, dlse;
+  std::vector<uint16_t> dout, dq, dk, dv;
+  tw_grad_tensors t;
+};
+
+TEST_F(CApiBackward, GradTensorsInitAndWorkspaceSize) {
+  tw_grad_tensors g;
+  std::memset(&g, 0x5a, sizeof g);  // init must set every field
+  tw_grad_tensors_init(&g);
+  for (const void* ptr : {g.q, g.k, g.v, g.o, static_cast<const void*>(g.lse), g.dout,
+                          static_cast<const void*>(g.dlse), static_cast<const void*>(g.dq), static_cast<const void*>(g.dk),
+                          static_cast<const void*>(g.dv), static_cast<const void*>(g.text_len)})
+    EXPECT_EQ(ptr, nullptr);
+  tw_grad_tensors_init(nullptr);  // a no-op
+  uint64_t bytes = 123;
+  ASSERT_EQ(tw_plan_backward_workspace_size(plan, &bytes), TW_OK) << tw_last_error();
+  EXPECT_EQ(bytes, 0u);  // the CPU needs no scratch
+  expect_invalid(tw_plan_backward_workspace_size(nullptr, &bytes), "plan", "null");
+  expect_invalid(tw_plan_backward_workspace_size(plan, nullptr), "bytes", "null");
+}
+
+TEST_F(CApiBackward, ErrorsAreNamedAndLeaveGradientsUntouched) {
+  expect_invalid(tw_plan_run_backward(nullptr, &t, nullptr, 0, nullptr), "plan", "null");
+  expect_invalid(tw_plan_run_backward(plan, nullptr, nullptr, 0, nullptr), "tensors", "null");
+  tw_grad_tensors bad = t;
+  bad.lse = nullptr;
+  expect_invalid(tw_plan_run_backward(plan, &bad, nullptr, 0, nullptr), "lse", "log-sum-exp");
+  bad = t;
+  bad.dout = nullptr;
+  expect_invalid(tw_plan_run_backward(plan, &bad, nullptr, 0, nullptr), "dout", "null");
+  bad = t;
+  bad.dk = nullptr;
+  expect_invalid(tw_plan_run_backward(plan, &bad, nullptr, 0, nullptr), "dk", "null");
+  bad = t;
+  const int32_t too_long[2] = {8, 9};
+  bad.text_len = too_long;
+  expect_invalid(tw_plan_run_backward(plan, &bad, nullptr, 0, nullptr), "text_len[1]",
+                 "invalid text_len[1] = 9: expected a value in [0, text capacity = 8]");
+  SCOPED_TRACE("seed " + std::to_string(in.seed));
+  EXPECT_TRUE(grads_untouched());
+}
+
+TEST_F(CApiBackward, MatchesCppBitForBit) {
+  SCOPED_TRACE("seed " + std::to_string(in.seed));
+  ASSERT_EQ(tw_plan_run_backward(plan, &t, nullptr, 1, nullptr), TW_OK) << tw_last_error();
+  EXPECT_STREQ(tw_last_error(), "");
+  for (const std::vector<uint16_t>* g : {&dq, &dk, &dv})
+    for (uint16_t x : *g) ASSERT_NE(x, kSentinel) << "a gradient element was not written";
+
+  tilewise::Problem cp;
+  cp.batch = p.batch;
+  cp.q_heads = p.q_heads;
+  cp.kv_heads = p.kv_heads;
+  cp.head_dim = p.head_dim;
+  cp.dtype = tilewise::DType::bf16;
+  cp.latent = {p.latent[0], p.latent[1], p.latent[2]};
+  cp.tile = {p.tile[0], p.tile[1], p.tile[2]};
+  cp.text_capacity = p.text_capacity;
+  const tilewise::Plan cpp(cp, tilewise::Pattern::sliding_tile({3, 3, 3}), tilewise::Device::cpu);
+  std::vector<uint16_t> dq_cpp(dq.size()), dk_cpp(dk.size()), dv_cpp(dv.size());
+  cpp.run_backward({in.q.data(), in.k.data(), in.v.data(), o.data(), lse.data(), dout.data(), dlse.data(),
+                    dq_cpp.data(), dk_cpp.data(), dv_cpp.data(), text_len});
+  EXPECT_EQ(dq, dq_cpp);
+  EXPECT_EQ(dk, dk_cpp);
+  EXPECT_EQ(dv, dv_cpp);
+}
+
 TEST(CApi, InitMatchesCppDefaults) {
   tw_problem c;
   std::memset(&c, 0x5a, sizeof c);  // init must set every field, not rely on zeroed memory

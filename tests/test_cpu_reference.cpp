@@ -7,48 +7,20 @@
 #include <limits>
 #include <vector>
 
+#include "buffer.hpp"
 #include "oracle_case.hpp"
 
 namespace {
 
+using oracle::Buffer;
 using oracle::Case;
 using oracle::Kind;
 using oracle::StorageKind;
+using oracle::for_each_element;
 using tilewise::DType;
 
 constexpr DType kAllDtypes[] = {DType::f64, DType::f32, DType::bf16, DType::f16};
 constexpr double kSentinel = 1234.5;
-
-/// A host buffer of one storage type, with the exact value of every element as a double.
-struct Buffer {
-  oracle::Storage st;
-  std::vector<unsigned char> raw;
-
-  Buffer(oracle::Storage s, int64_t n) : st(s), raw(n * oracle::storage_size(s)) {}
-  int64_t size() const { return static_cast<int64_t>(raw.size()) / oracle::storage_size(st); }
-  void* ptr(int64_t offset = 0) { return raw.data() + offset * oracle::storage_size(st); }
-  const void* ptr(int64_t offset = 0) const { return raw.data() + offset * oracle::storage_size(st); }
-  double at(int64_t i) const { return oracle::load(st, raw.data(), i); }
-  void set(int64_t i, double x) { oracle::store(st, raw.data(), i, x); }
-  std::vector<double> values() const {
-    std::vector<double> v(size());
-    for (int64_t i = 0; i < size(); ++i) v[i] = at(i);
-    return v;
-  }
-  void randomize(oracle::Rng& rng) {
-    std::uniform_real_distribution<double> dist(-2.0, 2.0);
-    for (int64_t i = 0; i < size(); ++i) set(i, dist(rng));
-  }
-};
-
-/// Visits the element index of every (b, s, h, d) of a view.
-template <class F>
-void for_each_element(const Case& c, const oracle::Strides3& s, int64_t heads, F&& f) {
-  for (int64_t b = 0; b < c.batch; ++b)
-    for (int64_t i = 0; i < c.seq_len(); ++i)
-      for (int64_t h = 0; h < heads; ++h)
-        for (int64_t d = 0; d < c.head_dim; ++d) f(b * s.batch + i * s.seq + h * s.head + d);
-}
 
 /// Library output and the oracle's, on the same inputs.
 struct Outputs {

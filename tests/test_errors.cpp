@@ -252,6 +252,83 @@ TEST(Errors, NullTensorPointers) {
   expect_error([&] { tilewise::tile(uneven, r.q.data(), out.data()); }, "order", "tiled", "multiple of the tile");
 }
 
+/// A backward on real buffers: the forward's o and lse from a valid run, gradients holding a sentinel that must
+/// survive any error.
+struct BackwardSentinelRun {
+  SentinelRun fwd;
+  std::vector<float> dout, dlse, dq, dk, dv;
+  explicit BackwardSentinelRun(const Plan& plan) {
+    plan.run(fwd.tensors());
+    dout.assign(fwd.o.size(), 0.5f);
+    dlse.assign(fwd.lse.size(), -0.25f);
+    dq.assign(fwd.q.size(), 7.0f);
+    dk.assign(fwd.k.size(), 7.0f);
+    dv.assign(fwd.v.size(), 7.0f);
+  }
+  tilewise::GradTensors tensors(const int32_t* text_len = nullptr) {
+    return {fwd.q.data(), fwd.k.data(), fwd.v.data(), fwd.o.data(), fwd.lse.data(), dout.data(), dlse.data(),
+            dq.data(),    dk.data(),    dv.data(),    text_len};
+  }
+  bool untouched() const {
+    for (const std::vector<float>* g : {&dq, &dk, &dv})
+      for (float x : *g)
+        if (x != 7.0f) return false;
+    return true;
+  }
+};
+
+TEST(Errors, BackwardNullTensorPointersAreNamed) {
+  const Plan plan(base(), Pattern::sliding_tile({3, 3, 3}), Device::cpu);
+  BackwardSentinelRun r(plan);
+  const std::pair<const char*, void (*)(tilewise::GradTensors&)> cases[] = {
+      {"q", [](tilewise::GradTensors& t) { t.q = nullptr; }},
+      {"k", [](tilewise::GradTensors& t) { t.k = nullptr; }},
+      {"v", [](tilewise::GradTensors& t) { t.v = nullptr; }},
+      {"o", [](tilewise::GradTensors& t) { t.o = nullptr; }},
+      {"lse", [](tilewise::GradTensors& t) { t.lse = nullptr; }},
+      {"dout", [](tilewise::GradTensors& t) { t.dout = nullptr; }},
+      {"dq", [](tilewise::GradTensors& t) { t.dq = nullptr; }},
+      {"dk", [](tilewise::GradTensors& t) { t.dk = nullptr; }},
+      {"dv", [](tilewise::GradTensors& t) { t.dv = nullptr; }},
+  };
+  for (const auto& [name, clear] : cases) {
+    tilewise::GradTensors t = r.tensors();
+    clear(t);
+    try {
+      plan.run_backward(t);
+      ADD_FAILURE() << "no error for null " << name;
+    } catch (const tilewise::Error& e) {
+      EXPECT_EQ(e.argument(), name);  // exactly: "q" must not be reported for "dq"
+      EXPECT_EQ(std::string(e.what()).rfind(std::string("invalid ") + name + " = null: expected a tensor pointer", 0),
+                0u)
+          << e.what();
+    }
+    EXPECT_TRUE(r.untouched()) << name;
+  }
+  expect_error([&] { plan.run_backward(r.tensors(), nullptr, reinterpret_cast<void*>(0x10)); }, "workspace", "",
+               "256-byte aligned");
+  EXPECT_TRUE(r.untouched());
+  // dlse and text_len are optional; the CPU needs no workspace.
+  EXPECT_EQ(plan.backward_workspace_bytes(), 0u);
+  tilewise::GradTensors t = r.tensors();
+  t.dlse = nullptr;
+  EXPECT_NO_THROW(plan.run_backward(t, nullptr, nullptr, true));
+  EXPECT_FALSE(r.untouched());
+}
+
+TEST(Errors, BackwardTextLenIsCheckedBeforeAnyWrite) {
+  const Plan plan(base(), Pattern::attention_tile(1, 0), Device::cpu);
+  BackwardSentinelRun r(plan);
+  const int32_t too_long[] = {1, 4}, negative[] = {-1, 3};
+  expect_error([&] { plan.run_backward(r.tensors(too_long)); }, "text_len[1]", "4", "text capacity = 3");
+  EXPECT_TRUE(r.untouched());
+  expect_error([&] { plan.run_backward(r.tensors(negative)); }, "text_len[0]", "-1", "[0, text capacity = 3]");
+  EXPECT_TRUE(r.untouched());
+  const int32_t ok[] = {0, 3};
+  plan.run_backward(r.tensors(ok));
+  EXPECT_FALSE(r.untouched());
+}
+
 TEST(Errors, DeviceWithoutCuda) {
   if (tilewise::cuda_available()) GTEST_SKIP() << "a CUDA device is present";
   // Without CUDA support or without a GPU the argument is "device"; the value is not specified.

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -338,6 +339,122 @@ TEST_F(Semantics, HugePatternParametersMeanWholeAxis) {
       expect_tiles_match_mask(c);  // also the int32 instantiation the CUDA kernels use
     }
   }
+}
+
+// ---- the reverse question (backward): query tiles of a key tile -----------------------------------------
+
+/// The reverse question: the query tiles whose window holds key tile c, by brute force over the spec's window.
+TEST_F(Semantics, WindowRangeReverseIsTheTransposeOfWindowRange) {
+  for (int64_t n = 1; n <= 12; ++n)
+    for (int64_t k = 1; k <= 14; ++k)
+      for (int64_t c = 0; c < n; ++c) {
+        SCOPED_TRACE("n=" + std::to_string(n) + " k=" + std::to_string(k) + " key tile " + std::to_string(c));
+        std::vector<int64_t> seeing;
+        for (int64_t q = 0; q < n; ++q)
+          if (oracle::in_window(q, c, k, n)) seeing.push_back(q);
+        ASSERT_FALSE(seeing.empty());  // every key tile is seen (at least by itself)
+        const tilewise::AxisRange r = tilewise::window_range_reverse(c, k, n);
+        EXPECT_EQ(r.begin, seeing.front());
+        EXPECT_EQ(r.end, seeing.back() + 1);
+        EXPECT_EQ(r.size(), static_cast<int64_t>(seeing.size())) << "not one contiguous range";
+        const tilewise::AxisRangeT<int32_t> r32 = tilewise::window_range_reverse<int32_t>(
+            static_cast<int32_t>(c), static_cast<int32_t>(k), static_cast<int32_t>(n));
+        EXPECT_EQ(r32.begin, r.begin);
+        EXPECT_EQ(r32.end, r.end);
+      }
+}
+
+/// Plan::query_tiles (and, for the formula patterns, query_boxes in both index types) must be exactly the
+/// transpose of Plan::key_tiles: query tile qt is listed for key tile kt iff kt is a key tile of qt.
+void expect_query_tiles_transpose_key_tiles(const Case& c) {
+  SCOPED_TRACE(oracle::describe(c));
+  const tilewise::Plan plan = make_plan(c);
+  const tilewise::TileGrid& g = plan.grid();
+  const tilewise::TileGridT<int32_t> g32(g);
+  const int64_t nt = g.num_tiles();
+  const bool formulas = c.kind != Kind::block_list;
+  Mismatches bad;
+  for (int64_t h = 0; h < c.q_heads; ++h) {
+    std::vector<std::vector<int32_t>> transposed(nt);
+    for (int64_t qt = 0; qt < nt; ++qt)
+      for (int32_t kt : plan.key_tiles(h, qt)) transposed[kt].push_back(static_cast<int32_t>(qt));
+    for (int64_t kt = 0; kt < nt; ++kt) {
+      auto where = [&] { return "head " + std::to_string(h) + " key tile " + std::to_string(kt); };
+      const std::vector<int32_t> queries = plan.query_tiles(h, kt);
+      bad.check(queries == transposed[kt], [&] {
+        return where() + ": query_tiles lists " + std::to_string(queries.size()) + " tiles, the transpose " +
+               std::to_string(transposed[kt].size());
+      });
+      if (!formulas) continue;
+      const tilewise::KeyBoxes boxes = tilewise::query_boxes(plan.pattern().kind, plan.head(h), g, g.tile_coord(kt));
+      const tilewise::KeyBoxesT<int32_t> boxes32 = tilewise::query_boxes<int32_t>(
+          plan.pattern().kind, plan.head(h), g32, tilewise::dim3_cast<int32_t>(g.tile_coord(kt)));
+      bad.check(boxes.num_tiles() == static_cast<int64_t>(transposed[kt].size()), [&] { return "query_boxes size, " + where(); });
+      bad.check(boxes32.num_tiles() == static_cast<int32_t>(transposed[kt].size()), [&] { return "int32 query_boxes size, " + where(); });
+      for (int64_t i = 0; i < boxes.num_tiles() && i < static_cast<int64_t>(transposed[kt].size()); ++i) {
+        bad.check(g.tile_index(boxes.tile(i)) == transposed[kt][i], [&] { return "query_boxes order, " + where(); });
+        bad.check(g32.tile_index(boxes32.tile(static_cast<int32_t>(i))) == transposed[kt][i],
+                  [&] { return "int32 query_boxes order, " + where(); });
+      }
+    }
+  }
+  EXPECT_EQ(bad.count, 0) << bad.first;
+}
+
+TEST_F(Semantics, QueryTilesAreTheTransposeOfKeyTiles) {
+  for (Kind kind : {Kind::sliding_tile, Kind::attention_tile, Kind::dense, Kind::block_list})
+    for (int rep = 0; rep < 25; ++rep) expect_query_tiles_transpose_key_tiles(oracle::random_case(rng, kind, tilewise::DType::f32));
+  for (int rep = 0; rep < 40; ++rep) {  // larger partial grids, windows odd, even and beyond the grid
+    Case c;
+    c.kind = Kind::sliding_tile;
+    c.latent = {uni(1, 30), uni(1, 30), uni(1, 30)};
+    c.tile = {uni(1, 6), uni(1, 6), uni(1, 6)};
+    c.q_heads = 2;
+    c.heads = {{uni(1, c.tiles(0) + 2), uni(1, c.tiles(1) + 2), uni(1, c.tiles(2) + 2), 0, 0},
+               {uni(1, 4), uni(1, 4), uni(1, 4), 0, 0}};
+    expect_query_tiles_transpose_key_tiles(c);
+  }
+  for (int rep = 0; rep < 30; ++rep) {  // attention tile on long frame axes
+    Case c;
+    c.kind = Kind::attention_tile;
+    c.latent = {uni(1, 20), uni(1, 2), uni(1, 2)};
+    c.tile = {uni(1, 4), uni(1, 2), 1};
+    c.heads = {oracle::HeadPattern{1, 1, 1, uni(0, c.latent.t + 1), uni(0, 4)}};
+    expect_query_tiles_transpose_key_tiles(c);
+  }
+  Case c;  // block lists: a per-global-head table read from head_offset
+  c.kind = Kind::block_list;
+  c.q_heads = 2;
+  c.head_offset = 2;
+  c.blocks = oracle::random_blocks(rng, 4, c.num_tiles());
+  expect_query_tiles_transpose_key_tiles(c);
+}
+
+TEST_F(Semantics, HunyuanGridKeyTileIsSeenBy8To80QueryTiles) {
+  // Window 3x3x3 on the 5x6x10 tile grid of a 30x48x80 latent in 6x8x8 tiles: each query tile sees 27 key tiles,
+  // but a key tile is seen by a varying number of query tiles (the inward shift at the borders piles windows up
+  // on the second and second-to-last tiles): per axis 2,3,5,3,2 / 2,3,4,4,3,2 / 2,3,4,3,3,3,3,4,3,2.
+  Case c = Case{};
+  c.kind = Kind::sliding_tile;
+  c.latent = {30, 48, 80};
+  c.tile = {6, 8, 8};
+  c.heads = {{3, 3, 3, 0, 0}};
+  const tilewise::Plan plan = make_plan(c);
+  ASSERT_EQ(plan.grid().tiles, (Dim3{5, 6, 10}));
+  size_t fewest = SIZE_MAX, most = 0, total = 0, at_most = 0;
+  for (int64_t kt = 0; kt < plan.grid().num_tiles(); ++kt) {
+    const size_t n = plan.query_tiles(0, kt).size();
+    fewest = std::min(fewest, n);
+    most = std::max(most, n);
+    total += n;
+    at_most += n == 80;
+  }
+  EXPECT_EQ(fewest, 8u);  // corner key tiles: 2 x 2 x 2
+  EXPECT_EQ(most, 80u);   // 5 x 4 x 4, at t = 2, h in {2, 3}, w in {2, 7}
+  EXPECT_EQ(at_most, 4u);
+  EXPECT_EQ(total, 300u * 27u);  // the transpose holds as many (query, key) tile pairs
+  EXPECT_EQ(plan.query_tiles(0, plan.grid().tile_index({2, 2, 2})).size(), 80u);
+  EXPECT_EQ(plan.query_tiles(0, 0).size(), 8u);
 }
 
 }  // namespace
