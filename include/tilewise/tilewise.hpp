@@ -159,6 +159,9 @@ class Plan {
   /// Query tiles whose key_tiles() contain key tile `kt` for local head h, in ascending tile order (the reverse
   /// question, for the backward; block lists read a table transposed once at plan time).
   std::vector<int32_t> query_tiles(int64_t h, int64_t kt) const;
+  /// Block lists only: query_tiles() as one CSR over (local head, key tile), for backends to upload.
+  const std::vector<int64_t>& query_tile_offsets() const { return reverse_offsets_; }
+  const std::vector<int32_t>& query_tile_list() const { return reverse_tiles_; }
   /// Whether the (query tile, key tile) block of local head h needs the token-level mask.
   BlockKind block_kind(int64_t h, Dim3 cq, Dim3 ck) const;
   /// Token level: may video query token q see video key token k under local head h.

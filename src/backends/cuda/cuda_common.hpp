@@ -49,11 +49,32 @@ struct PatternTables {
   DeviceArray<HeadParams> heads;
   DeviceArray<int64_t> block_offsets;
   DeviceArray<int32_t> block_tiles;
+  DeviceArray<int64_t> query_tile_offsets;  // block lists transposed (Plan::query_tiles), for the backward
+  DeviceArray<int32_t> query_tile_list;
   PatternTables(const Plan& plan, Device kind)
       : device(require_device(to_string(kind))),
         heads(plan.pattern().heads),
         block_offsets(plan.pattern().block_offsets),
-        block_tiles(plan.pattern().block_tiles) {}
+        block_tiles(plan.pattern().block_tiles),
+        query_tile_offsets(plan.query_tile_offsets()),
+        query_tile_list(plan.query_tile_list()) {}
+};
+
+/// Device memory of a plan's backward workspace, carved in 256-byte aligned pieces.
+class WorkspaceCarver {
+ public:
+  explicit WorkspaceCarver(void* base) : base_(static_cast<char*>(base)) {}
+  template <class T>
+  T* take(size_t count) {
+    T* p = reinterpret_cast<T*>(base_ ? base_ + used_ : nullptr);
+    used_ += (count * sizeof(T) + 255) / 256 * 256;
+    return p;
+  }
+  size_t used() const { return used_; }
+
+ private:
+  char* base_;
+  size_t used_ = 0;
 };
 
 /// Checks that a pointer given to run() is device memory aligned to `alignment` bytes.
@@ -67,6 +88,21 @@ inline void require_device_tensors(const Tensors& t, int tensor_alignment) {
   require_device_pointer(t.v, "v", tensor_alignment);
   require_device_pointer(t.o, "o", tensor_alignment);
   if (t.lse) require_device_pointer(t.lse, "lse", 4);
+  if (t.text_len) require_device_pointer(t.text_len, "text_len", 4);
+}
+
+/// Checks every pointer of a backward run, likewise.
+inline void require_device_tensors(const GradTensors& t, int tensor_alignment) {
+  require_device_pointer(t.q, "q", tensor_alignment);
+  require_device_pointer(t.k, "k", tensor_alignment);
+  require_device_pointer(t.v, "v", tensor_alignment);
+  require_device_pointer(t.o, "o", tensor_alignment);
+  require_device_pointer(t.dout, "dout", tensor_alignment);
+  require_device_pointer(t.dq, "dq", tensor_alignment);
+  require_device_pointer(t.dk, "dk", tensor_alignment);
+  require_device_pointer(t.dv, "dv", tensor_alignment);
+  require_device_pointer(t.lse, "lse", 4);
+  if (t.dlse) require_device_pointer(t.dlse, "dlse", 4);
   if (t.text_len) require_device_pointer(t.text_len, "text_len", 4);
 }
 

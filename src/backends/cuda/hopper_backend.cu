@@ -9,6 +9,7 @@
 
 #include "backends/cuda/cuda_common.hpp"
 #include "backends/cuda/hopper/forward.hpp"
+#include "backends/cuda/reference_backward.hpp"
 
 namespace tilewise {
 namespace cuda {
@@ -168,8 +169,11 @@ class HopperBackend final : public Backend {
     require(work <= kMax, "problem size", work, "fewer than 2^31 work items per launch");
   }
 
-  void run_backward(const Plan&, const GradTensors&, void*, void*, bool) const override {
-    detail::fail("backward", "cuda", "a backend with a backward pass (not implemented yet)");
+  size_t backward_workspace_bytes(const Plan& plan) const override { return reference_backward_workspace_bytes(plan); }
+
+  void run_backward(const Plan& plan, const GradTensors& t, void* stream, void* workspace, bool) const override {
+    require_device_tensors(t, 16);
+    launch_reference_backward(plan, tables_, t, static_cast<cudaStream_t>(stream), workspace);
   }
 
   size_t workspace_bytes(const Plan&) const override { return 256; }

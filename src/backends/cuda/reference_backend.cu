@@ -3,10 +3,9 @@
 // query of a tile has the same key tiles) and each thread keeps one query row's online softmax. It shares
 // only the semantics core (key_boxes, block_kind, video_pair_allowed) with the fast kernel, so it is the
 // oracle for problems too large for the CPU reference.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "backends/cuda/cuda_common.hpp"
+#include "backends/cuda/reference_backward.hpp"
+#include "backends/cuda/reference_common.cuh"
 
 namespace tilewise {
 namespace cuda {
@@ -34,19 +33,6 @@ struct RefParams {
   int64_t video_items, text_items;
 };
 
-template <class T>
-__device__ float to_f(T x);
-template <>
-__device__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ float to_f(__half x) { return __half2float(x); }
-template <class T>
-__device__ T from_f(float x);
-template <>
-__device__ __nv_bfloat16 from_f(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __half from_f(float x) { return __float2half(x); }
-
 /// One key tile (or the text part) of a query block's key list, visited in order by all threads.
 template <class T>
 __global__ void __launch_bounds__(kThreads) reference_kernel(RefParams p) {
@@ -65,20 +51,10 @@ __global__ void __launch_bounds__(kThreads) reference_kernel(RefParams p) {
   const Dim3 cq = text_query ? Dim3{} : g.tile_coord(item);
   const int64_t rows = text_query ? imin<int64_t>(cap - (item - p.video_items) * kThreads, kThreads) : g.tile_tokens(cq);
 
-  // Key tiles of this block: whole grid for text queries and dense, the pattern's boxes, or the block list.
-  KeyBoxes boxes{};
-  boxes.t0 = {0, g.tiles.t};
-  boxes.h = {0, g.tiles.h};
-  boxes.w = {0, g.tiles.w};
-  int64_t list_begin = 0, list_end = 0;
-  const bool list = !text_query && p.kind == PatternKind::block_list;
-  if (list) {
-    list_begin = p.block_offsets[h * g.num_tiles() + item];
-    list_end = p.block_offsets[h * g.num_tiles() + item + 1];
-  } else if (!text_query && p.kind != PatternKind::dense) {
-    boxes = key_boxes<int64_t>(p.kind, p.heads[h], g, cq);
-  }
-  const int64_t num_key_tiles = list ? list_end - list_begin : boxes.num_tiles();
+  // Key tiles of this block: the whole grid for text queries, else the pattern's (boxes or block list).
+  const TileList keys = text_query ? TileList::all(g)
+                                   : TileList::of(p.kind, p.heads[h], g, p.block_offsets, p.block_tiles, h, cq, false);
+  const int64_t num_key_tiles = keys.size();
 
   for (int64_t r0 = 0; r0 < rows; r0 += kThreads) {
     const int64_t r = r0 + threadIdx.x;
@@ -89,8 +65,7 @@ __global__ void __launch_bounds__(kThreads) reference_kernel(RefParams p) {
       if (text_query) {
         qpos = p.map.seq.text_offset() + (item - p.video_items) * kThreads + r;
       } else {
-        const Dim3 o = g.tile_origin(cq), e = g.tile_extent(cq);
-        qc = {o.t + r / (e.h * e.w), o.h + (r / e.w) % e.h, o.w + r % e.w};
+        qc = token_in_tile(g, cq, r);
         qpos = p.map.video_position(qc);
       }
     }
@@ -125,20 +100,14 @@ __global__ void __launch_bounds__(kThreads) reference_kernel(RefParams p) {
       }
     };
     for (int64_t i = 0; i < num_key_tiles; ++i) {
-      Dim3 ck;
-      if (list) {
-        ck = g.tile_coord(p.block_tiles[list_begin + i]);
-      } else {
-        ck = boxes.tile(i);
-      }
-      const bool masked = !text_query && !list && block_kind<int64_t>(p.kind, p.heads[h], g, cq, ck) == BlockKind::masked;
-      const Dim3 o = g.tile_origin(ck), e = g.tile_extent(ck);
-      const int64_t n = e.volume();
+      const Dim3 ck = keys.tile(g, i);
+      const bool masked = !text_query && block_kind<int64_t>(p.kind, p.heads[h], g, cq, ck) == BlockKind::masked;
+      const int64_t n = g.tile_tokens(ck);
       for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
         const int64_t count = imin<int64_t>(kChunk, n - c0);
         if (threadIdx.x < count) {
           const int64_t x = c0 + threadIdx.x;
-          const Dim3 kc{o.t + x / (e.h * e.w), o.h + (x / e.w) % e.h, o.w + x % e.w};
+          const Dim3 kc = token_in_tile(g, ck, x);
           kcoord[threadIdx.x] = kc;
           kpos[threadIdx.x] = p.map.video_position(kc);
           stage(threadIdx.x, kpos[threadIdx.x]);
@@ -168,8 +137,12 @@ class ReferenceBackend final : public Backend {
     detail::require(p.head_dim <= kMaxD, "head_dim", p.head_dim, "<= " + detail::str(kMaxD) + " on cuda-reference");
   }
 
-  void run_backward(const Plan&, const GradTensors&, void*, void*, bool) const override {
-    detail::fail("backward", "cuda", "a backend with a backward pass (not implemented yet)");
+  size_t backward_workspace_bytes(const Plan& plan) const override { return reference_backward_workspace_bytes(plan); }
+
+  /// Deterministic whatever the flag: the reference accumulates each gradient row in one thread.
+  void run_backward(const Plan& plan, const GradTensors& t, void* stream, void* workspace, bool) const override {
+    require_device_tensors(t, 2);
+    launch_reference_backward(plan, tables_, t, static_cast<cudaStream_t>(stream), workspace);
   }
 
   void run(const Plan& plan, const Tensors& t, void* stream, void*) const override {
