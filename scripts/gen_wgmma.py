@@ -5,7 +5,7 @@ Each wrapper binds the whole accumulator fragment as register operands, which is
 Run: python3 scripts/gen_wgmma.py > src/backends/cuda/hopper/wgmma_ops.cuh
 """
 
-SHAPES_SS = [128]          # S = Q K^T: N = kBlockN
+SHAPES_SS = [64, 128]      # S = Q K^T: N = kBlockN; the backward's S^T and dP^T: N = half a query block
 SHAPES_RS = [64, 96, 128]  # O += P V: N = head dim
 TYPES = {"bf16": "bf16", "f16": "f16"}
 

@@ -9,7 +9,7 @@
 
 #include "backends/cuda/cuda_common.hpp"
 #include "backends/cuda/hopper/forward.hpp"
-#include "backends/cuda/reference_backward.hpp"
+#include "backends/cuda/hopper/bwd/backward.hpp"
 
 namespace tilewise {
 namespace cuda {
@@ -167,13 +167,111 @@ class HopperBackend final : public Backend {
     const int64_t launch_batch = per_batch_ ? 1 : p.batch;
     const int64_t work = launch_batch * p.q_heads * (int64_t{video_items_} + text_items_);
     require(work <= kMax, "problem size", work, "fewer than 2^31 work items per launch");
+
+    // The backward's kernels own 128-row blocks and stream 128-row blocks (bwd/bwd_params.cuh).
+    bwd_classes_ = TileClasses(g, hopper::kBackwardOwnedRows);
+    for (int c = 0; c < hopper::kTileClasses; ++c)
+      if (bwd_classes_.exists(c))
+        stream_slots_ = std::max<int32_t>(stream_slots_, bwd_classes_.cls[c].subs.volume());
+    stats_entries_ = static_cast<int32_t>(g.num_tiles() * stream_slots_ + ceil_div<int64_t>(p.text_capacity, hopper::kBlockN));
   }
 
-  size_t backward_workspace_bytes(const Plan& plan) const override { return reference_backward_workspace_bytes(plan); }
+  /// Backward scratch: the two scheduler counters, D in sequence order, and the per-block statistics.
+  size_t backward_workspace_bytes(const Plan& plan) const override { return backward_layout(plan, nullptr).used(); }
 
-  void run_backward(const Plan& plan, const GradTensors& t, void* stream, void* workspace, bool) const override {
+  struct BackwardScratch {
+    int32_t* counters;
+    float* delta;
+    float* stats;
+    size_t bytes;
+    size_t used() const { return bytes; }
+  };
+  BackwardScratch backward_layout(const Plan& plan, void* base) const {
+    const Problem& p = plan.problem();
+    WorkspaceCarver w(base);
+    BackwardScratch b{};
+    b.counters = w.take<int32_t>(2);
+    b.delta = w.take<float>(p.batch * p.q_heads * p.seq_len);
+    b.stats = w.take<float>(p.batch * p.q_heads * int64_t{stats_entries_} * 2 * hopper::kBlockN);
+    b.bytes = w.used();
+    return b;
+  }
+
+  /// Preprocess (D and the streamed blocks' statistics), then the dQ kernel and the dK/dV kernel. Both are
+  /// deterministic (no atomics: each gradient row is accumulated by one warpgroup), so the flag changes nothing.
+  void run_backward(const Plan& plan, const GradTensors& t, void* stream_ptr, void* workspace, bool) const override {
+    const Problem& p = plan.problem();
     require_device_tensors(t, 16);
-    launch_reference_backward(plan, tables_, t, static_cast<cudaStream_t>(stream), workspace);
+    const auto stream = static_cast<cudaStream_t>(stream_ptr);
+    const BackwardScratch ws = backward_layout(plan, workspace);
+    const TileGrid& g = plan.grid();
+    hopper::BwdParams prm{};
+    prm.map = TokenMapT<int32_t>{TileGridT<int32_t>(g), plan.token_map().seq, p.order};
+    std::copy(std::begin(bwd_classes_.cls), std::end(bwd_classes_.cls), std::begin(prm.cls));
+    prm.partial_axes = bwd_classes_.partial_axes;
+    prm.slots_per_tile = bwd_classes_.slots;
+    prm.zero_init = bwd_classes_.max_volume < hopper::kBlockN;
+    prm.batch = per_batch_ ? 1 : static_cast<int32_t>(p.batch);
+    prm.q_heads = static_cast<int32_t>(p.q_heads);
+    prm.kv_heads = static_cast<int32_t>(p.kv_heads);
+    prm.kv_group = static_cast<int32_t>(p.q_heads / p.kv_heads);
+    prm.text_len = t.text_len;
+    prm.kind = plan.pattern().kind;
+    prm.heads = tables_.heads.get();
+    prm.block_offsets = tables_.block_offsets.get();
+    prm.block_tiles = tables_.block_tiles.get();
+    prm.query_offsets = tables_.query_tile_offsets.get();
+    prm.query_list = tables_.query_tile_list.get();
+    prm.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+    prm.scale_log2_lse = 1.4426950408889634f;
+    prm.lse = const_cast<float*>(t.lse);  // read only by the backward
+    prm.seq_len = p.seq_len;
+    prm.video_items = static_cast<int32_t>(g.num_tiles() * bwd_classes_.slots);
+    prm.text_items = static_cast<int32_t>(ceil_div<int64_t>(p.text_capacity, hopper::kBackwardOwnedRows));
+    prm.delta = ws.delta;
+    prm.stats = ws.stats;
+    prm.stream_slots = stream_slots_;
+    prm.stats_entries = stats_entries_;
+
+    hopper::PreprocessParams pre{t.o, t.dout, p.o, t.lse, t.dlse, ws.delta, ws.stats, static_cast<int32_t>(p.batch)};
+    const bool bf16 = p.dtype == DType::bf16;
+    const int D = static_cast<int>(p.head_dim);
+    check(hopper::launch_backward_preprocess(prm, pre, D, bf16, stream), "backward preprocess launch");
+
+    const int64_t esize = dtype_size(p.dtype);
+    const int rows = hopper::kBackwardOwnedRows;
+    for (int64_t b = 0; b < (per_batch_ ? p.batch : 1); ++b) {
+      prm.batch_base = static_cast<int32_t>(b);
+      // dQ: owned Q and dO, streamed K and V.
+      hopper::BwdParams dq = prm;
+      encode(plan, bwd_classes_, rows, t.q, p.q, p.q_heads, b, dq.q_video, dq.q_text, dq.q, esize, true);
+      encode(plan, bwd_classes_, rows, t.dout, p.o, p.q_heads, b, dq.o_video, dq.o_text, dq.o, esize, true);
+      encode(plan, bwd_classes_, rows, t.k, p.k, p.kv_heads, b, dq.k_video, dq.k_text, dq.k, esize, false);
+      encode(plan, bwd_classes_, rows, t.v, p.v, p.kv_heads, b, dq.v_video, dq.v_text, dq.v, esize, false);
+      dq.grad0 = t.dq;
+      dq.grad0_strides = p.q;
+      dq.grad0_scale = static_cast<float>(p.scale);
+      dq.num_work = dq.batch * dq.q_heads * (dq.video_items + dq.text_items);
+      dq.work_counter = ws.counters;
+      // dK, dV: owned K and V (per kv head), streamed Q and dO of each query head of the group.
+      hopper::BwdParams dkv = prm;
+      encode(plan, bwd_classes_, rows, t.k, p.k, p.kv_heads, b, dkv.q_video, dkv.q_text, dkv.q, esize, true);
+      encode(plan, bwd_classes_, rows, t.v, p.v, p.kv_heads, b, dkv.o_video, dkv.o_text, dkv.o, esize, true);
+      encode(plan, bwd_classes_, rows, t.q, p.q, p.q_heads, b, dkv.k_video, dkv.k_text, dkv.k, esize, false);
+      encode(plan, bwd_classes_, rows, t.dout, p.o, p.q_heads, b, dkv.v_video, dkv.v_text, dkv.v, esize, false);
+      dkv.grad0 = t.dk;
+      dkv.grad0_strides = p.k;
+      dkv.grad0_scale = static_cast<float>(p.scale);
+      dkv.grad1 = t.dv;
+      dkv.grad1_strides = p.v;
+      dkv.num_work = dkv.batch * dkv.kv_heads * (dkv.video_items + dkv.text_items);
+      dkv.work_counter = ws.counters + 1;
+
+      check(cudaMemsetAsync(ws.counters, 0, 2 * sizeof(int32_t), stream), "cudaMemsetAsync");
+      check(hopper::launch_backward(dq, D, bf16, true, std::min(dq.num_work, num_sms_), stream), "dQ kernel launch");
+      check(hopper::launch_backward(dkv, D, bf16, false, std::min(dkv.num_work, num_sms_), stream),
+            "dK/dV kernel launch");
+    }
   }
 
   size_t workspace_bytes(const Plan&) const override { return 256; }
@@ -227,6 +325,12 @@ class HopperBackend final : public Backend {
   /// tiled order. Q and O (`query`) move in query blocks, K and V in key blocks.
   void encode(const Plan& plan, const void* base, const Strides& s, int64_t heads, int64_t batch, CUtensorMap* video,
               CUtensorMap& text, hopper::TensorView& view, int64_t esize, bool query) const {
+    encode(plan, classes_, query_rows_, base, s, heads, batch, video, text, view, esize, query);
+  }
+  /// The same for any kernel's tile classes and owned (query) block rows.
+  void encode(const Plan& plan, const TileClasses& classes, int owned_rows, const void* base, const Strides& s,
+              int64_t heads, int64_t batch, CUtensorMap* video, CUtensorMap& text, hopper::TensorView& view,
+              int64_t esize, bool query) const {
     const Problem& p = plan.problem();
     const TileGrid& g = plan.grid();
     const int64_t D = p.head_dim;
@@ -259,8 +363,8 @@ class HopperBackend final : public Backend {
       const cuuint64_t strides[4] = {(cuuint64_t)(s.seq * esize), (cuuint64_t)(s.seq * phys.w * esize),
                                      (cuuint64_t)(s.seq * phys.w * phys.h * esize), (cuuint64_t)(stride4 * esize)};
       for (int c = 0; c < hopper::kTileClasses; ++c) {
-        if (!classes_.exists(c)) continue;
-        const hopper::D3& b = query ? classes_.cls[c].qbox : classes_.cls[c].box;
+        if (!classes.exists(c)) continue;
+        const hopper::D3& b = query ? classes.cls[c].qbox : classes.cls[c].box;
         const cuuint32_t box[5] = {(cuuint32_t)panel_cols, (cuuint32_t)b.w, (cuuint32_t)b.h, (cuuint32_t)b.t, 1};
         encode_one(video[c], dtype, v0, dims, strides, box, ones, swizzle);
       }
@@ -270,7 +374,7 @@ class HopperBackend final : public Backend {
       const cuuint64_t dims[5] = {dim0, (cuuint64_t)p.text_capacity, 1, 1, dim4};
       const cuuint64_t strides[4] = {(cuuint64_t)(s.seq * esize), (cuuint64_t)(s.seq * p.text_capacity * esize),
                                      (cuuint64_t)(s.seq * p.text_capacity * esize), (cuuint64_t)(stride4 * esize)};
-      const cuuint32_t rows = query ? static_cast<cuuint32_t>(query_rows_) : hopper::kBlockN;
+      const cuuint32_t rows = query ? static_cast<cuuint32_t>(owned_rows) : hopper::kBlockN;
       const cuuint32_t box[5] = {(cuuint32_t)panel_cols, rows, 1, 1, 1};
       encode_one(text, dtype, t0, dims, strides, box, ones, swizzle);
     } else {
@@ -293,6 +397,9 @@ class HopperBackend final : public Backend {
   PatternTables tables_;
   DeviceArray<int32_t> work_counter_{std::vector<int32_t>{0}};
   TileClasses classes_;
+  TileClasses bwd_classes_;      // the backward's: 128-row owned (qbox) and streamed (box) blocks
+  int32_t stream_slots_ = 1;     // the most streamed blocks of any tile class
+  int32_t stats_entries_ = 0;    // streamed blocks per (batch, head): tiles * stream_slots_ + text blocks
   bool per_batch_ = false;
   int num_sms_ = 0;
   int query_rows_ = 128;  // query rows per work item of the kernel for this head dim

@@ -98,11 +98,16 @@ struct PipeState {
   __device__ __forceinline__ void restart() { bits &= ~0xffu; }
 };
 
-template <int kHeadDim>
+/// kOwnedRows: 0 for the forward (its query rows per work item come from the switches above); the backward's
+/// kernels own 128 rows per work item (two warpgroups of 240 registers: S, dP and a D-wide accumulator, or the
+/// dK and dV accumulators with half-width S and dP) and keep per-stage row statistics beside the K ring.
+template <int kHeadDim, int kOwnedRows = 0>
 struct KernelTraits {
   static constexpr int D = kHeadDim;
-  // Query rows per work item.
-  static constexpr int kBlockM = D == 128 ? TILEWISE_HOPPER_BLOCK_M_D128 : TILEWISE_HOPPER_BLOCK_M_D64_D96;
+  static constexpr bool kBackward = kOwnedRows != 0;
+  // Query rows per work item (the backward's dK/dV kernel: key rows).
+  static constexpr int kBlockM =
+      kBackward ? kOwnedRows : (D == 128 ? TILEWISE_HOPPER_BLOCK_M_D128 : TILEWISE_HOPPER_BLOCK_M_D64_D96);
   static_assert(kBlockM == 128 || kBlockM == 192, "two or three consumer warpgroups of 64 rows");
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
@@ -118,11 +123,11 @@ struct KernelTraits {
   static constexpr int kStagesSmallD = D == 64 ? TILEWISE_HOPPER_STAGES_D64 : 3;
   static constexpr int kKStages = D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : kStagesSmallD;
   static constexpr int kVStages = D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD;
-  static constexpr int kCluster = D == 128 ? TILEWISE_HOPPER_CLUSTER_D128 : 1;
+  static constexpr int kCluster = D == 128 && !kBackward ? TILEWISE_HOPPER_CLUSTER_D128 : 1;
   static constexpr int kExpOnFma = D == 128 ? TILEWISE_HOPPER_EXP_ON_FMA_D128 : TILEWISE_HOPPER_EXP_ON_FMA;
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
-  static constexpr bool kOverlap =
-      kConsumerWarpgroups == 2 && (TILEWISE_HOPPER_OVERLAP < 0 ? D != 64 : TILEWISE_HOPPER_OVERLAP != 0);
+  static constexpr bool kOverlap = !kBackward && kConsumerWarpgroups == 2 &&
+                                   (TILEWISE_HOPPER_OVERLAP < 0 ? D != 64 : TILEWISE_HOPPER_OVERLAP != 0);
   // Register split between the producer warpgroup and each consumer warpgroup. The CTA is launched with
   // 65536 / kThreads registers per thread, rounded down to a multiple of 8 (168 for 384 threads, 128 for 512), and
   // setmaxnreg only redistributes that pool: a split asking for more makes setmaxnreg.inc wait forever. The
@@ -131,6 +136,7 @@ struct KernelTraits {
   static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
   static constexpr int kPool = kLaunchRegs * (1 + kConsumerWarpgroups);
   static constexpr int kProducerRegs = TILEWISE_HOPPER_PRODUCER_REGS > 0 ? TILEWISE_HOPPER_PRODUCER_REGS
+                                       : kBackward                  ? 24
                                        : kConsumerWarpgroups == 3   ? 32
                                        : kOverlap                   ? 72
                                                                     : 80;
@@ -161,12 +167,19 @@ struct KernelTraits {
     Barrier* v_sync;      // the V loaders likewise
     int32_t* work;        // [2]
     BlockInfo* info;      // [kKStages]: what the key block in each K stage is (written by the producer)
+    // Backward only: per K stage, the streamed block's row statistics (kBlockN values of each, see kStatsBytes).
+    __device__ __forceinline__ float* stats(int stage) const {
+      return reinterpret_cast<float*>(q + kBufferBytes) + stage * (kStatsBytes / 4);
+    }
   };
 
+  // The backward's dK/dV kernel streams, beside each query block, its rows' log2-domain LSE and D = rowsum(dO o)
+  // - dLSE: one bulk copy of 2 x 128 floats per stage.
+  static constexpr int kStatsBytes = kBackward ? 2 * kBlockN * 4 : 0;
   static constexpr int kBufferBytes = 2 * kQTileBytes + kTileBytes * (kKStages + kVStages);  // Q, O, K, V
   static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6;
-  static constexpr int kSmemBytes =
-      1024 /* alignment slack */ + kBufferBytes + kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo);
+  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kBufferBytes + kKStages * kStatsBytes +
+                                    kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KB an sm_90 CTA can have");
 
   /// Carves the dynamic shared memory: tiles first (1024-byte aligned, as the 128-byte swizzle requires).
@@ -174,7 +187,7 @@ struct KernelTraits {
     uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
     Shared s;
     s.q = base;
-    Barrier* bars = reinterpret_cast<Barrier*>(base + kBufferBytes);
+    Barrier* bars = reinterpret_cast<Barrier*>(base + kBufferBytes + kKStages * kStatsBytes);
     s.q_full = bars;
     s.q_empty = bars + 1;
     s.k_full = bars + 2;

@@ -9,6 +9,7 @@
 
 #include "backends/cuda/hopper/epilogue.cuh"
 #include "backends/cuda/hopper/kernel_traits.cuh"
+#include "backends/cuda/hopper/masks.cuh"
 #include "backends/cuda/hopper/tile_scheduler.cuh"
 #include "backends/cuda/hopper/wgmma_ops.cuh"
 
@@ -34,14 +35,6 @@ __device__ __forceinline__ float exp2_fma(float x) {
 }
 
 constexpr uint32_t kSchedulerBarrier = 2;  // + warpgroup index: "your turn to issue GEMMs"
-
-/// Which key columns of a block are real, allowed keys. Video columns are decided once per block by the
-/// whole warp (each lane checks 4 columns, __ballot_sync gathers 128 bits), so ragged blocks cost little.
-struct KeyMask {
-  bool active = false;  // false: every column is a real, allowed key (the common case: no work at all)
-  bool frames = false;  // attention tile block mixing allowed and forbidden frame pairs (token-level mask)
-  uint32_t valid[4] = {~0u, ~0u, ~0u, ~0u};  // bit c % 32 of word c / 32: column c is a real key
-};
 
 // Online softmax keeps a row's running max stale until a block raises it by more than this (log2 units), so P
 // stays below 2^8 and most blocks skip the rescale of O (exact: O and the row sum share the stale max).
@@ -119,60 +112,16 @@ struct Consumer {
     named_barrier_arrive(kSchedulerBarrier + (1 - wg), 256);
   }
 
-  /// The key mask of a block the producer flagged (rare: ragged border blocks, text padding, frame-straddling).
-  __device__ __forceinline__ KeyMask make_mask(const BlockInfo& bi, int32_t text_len) const {
-    KeyMask m;
-    if (!(bi.flags & BlockInfo::kMasked)) return m;
-    m.active = true;
-    if (bi.flags & BlockInfo::kText) {
-      const int32_t n = text_len - bi.t;  // columns [0, n) are valid text keys
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int32_t k = n - 32 * j;
-        m.valid[j] = k >= 32 ? ~0u : (k <= 0 ? 0u : (1u << k) - 1);
-      }
-      return m;
-    }
-    m.frames = (bi.flags & BlockInfo::kFrames) != 0;
-    const D3 L = p.map.grid.latent, b = p.cls[bi.tile_class()].box;
-    const int32_t hw = b.h * b.w, volume = b.t * hw;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int32_t c = 32 * j + lane();
-      const int32_t kt = bi.t + c / hw, kh = bi.h + (c / b.w) % b.h, kw = bi.w + c % b.w;
-      m.valid[j] = __ballot_sync(0xffffffffu, c < volume && kt < L.t && kh < L.h && kw < L.w);
-    }
-    return m;
-  }
-
-  /// The token-level frame rule on a masked attention-tile block (rare: only tt > 1 tiles straddling |fq-fk|=r).
-  __device__ __forceinline__ void mask_frames(float (&sc)[kBlockN / 2], const WorkItem& item, const BlockInfo& bi) const {
-    const HeadParams& hp = p.heads[item.head];
-    const int32_t g = static_cast<int32_t>(hp.global_frames), r = static_cast<int32_t>(hp.radius);
-    const D3 qb = item.q.box(p), kb = p.cls[bi.tile_class()].box;
-    const int32_t q_hw = qb.h * qb.w, k_hw = kb.h * kb.w, qt0 = item.q.origin(p).t;
-#pragma unroll
-    for (int i = 0; i < kBlockN / 2; ++i) {
-      const int c = 8 * (i / 4) + 2 * (lane() % 4) + (i % 2);
-      if (!frame_pair_allowed<int32_t>(qt0 + row((i % 4) / 2) / q_hw, bi.t + c / k_hw, g, r)) sc[i] = -INFINITY;
-    }
-  }
-
   /// Masks S (when flagged) and runs one online-softmax step: S becomes P (unnormalised, base 2, relative to
   /// the running max), and the row sums are updated. Returns whether any row of this warp raised its max past
   /// the threshold; then O must be multiplied by `corr` (1 for the rows that kept theirs).
   __device__ __forceinline__ bool softmax(float (&sc)[kBlockN / 2], const BlockInfo& bi, int32_t text_len,
                                           const WorkItem& item, float (&m_run)[2], float (&l_run)[2],
                                           float (&corr)[2]) const {
-    const KeyMask mask = make_mask(bi, text_len);
+    const KeyMask mask = KeyMask::of(p, bi, text_len, lane());
     if (mask.active) {
-#pragma unroll
-      for (int i = 0; i < kBlockN / 2; ++i) {
-        // Column c = 8 (i / 4) + 2 (lane % 4) + i % 2: word c / 32 = i / 16 is known at compile time.
-        const int c = 8 * (i / 4) + 2 * (lane() % 4) + (i % 2);
-        if (!((mask.valid[i / 16] >> (c % 32)) & 1u)) sc[i] = -INFINITY;
-      }
-      if (mask.frames) mask_frames(sc, item, bi);
+      mask.apply(sc, lane());
+      if (mask.frames) mask_frames(sc, p, item, bi, lane(), [&](int rr) { return row(rr); });
     }
     bool rescale = false;
 #pragma unroll

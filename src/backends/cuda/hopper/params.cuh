@@ -45,7 +45,9 @@ struct alignas(16) BlockInfo {
   static constexpr uint32_t kMasked = 2;  // some columns are not real, allowed keys (ragged, text padding, frames)
   static constexpr uint32_t kText = 4;    // a block of text keys starting at row t
   static constexpr uint32_t kFrames = 8;  // an attention-tile block mixing allowed and forbidden frame pairs
+  static constexpr uint32_t kEmpty = 16;  // backward: a placeholder stage with nothing loaded (an item with no blocks)
   static constexpr int kClassShift = 8;   // bits 8-10: the tile class of a video block (its box)
+  static constexpr int kHeadShift = 16;   // backward: bits 16-31, the streamed block's query head within its group
   uint32_t flags;
   __device__ __forceinline__ int tile_class() const { return (flags >> kClassShift) & (kTileClasses - 1); }
   int32_t t, h, w;  // video: the box origin (t, h, w) in the latent; text: t = first text row

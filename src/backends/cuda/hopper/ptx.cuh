@@ -40,6 +40,12 @@ struct Barrier {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(&word)), "r"(bytes)
                  : "memory");
   }
+  /// Announces `bytes` more of asynchronous traffic for the current phase without arriving (a second copy that
+  /// completes on the same barrier as a load whose arrive_expect_tx comes after it).
+  __device__ __forceinline__ void expect_tx(uint32_t bytes) {
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(&word)), "r"(bytes)
+                 : "memory");
+  }
   /// Arrives `count` times at once (a CTA that does not share a stage with its cluster peer stands in for it).
   __device__ __forceinline__ void arrive(uint32_t count) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(&word)), "r"(count) : "memory");
@@ -95,6 +101,15 @@ __device__ __forceinline__ uint4 ld_shared_v4(const void* ptr) {
 // ---------------------------------------------------------------- TMA
 __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+/// Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) from global into shared memory; completion is
+/// signalled on `bar` like a tensor load.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, Barrier* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_addr(dst)),
+               "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(smem_addr(&bar->word))
+               : "memory");
 }
 
 /// Loads one 5-D box into shared memory; completion is signalled on `bar` (bytes counted by expect_tx).

@@ -68,21 +68,22 @@ struct WorkItem {
 /// Work items are ordered text query blocks first (they see every key, so they are the longest), then video
 /// query blocks; within each, (batch, head) outer and block inner so that concurrently running CTAs share
 /// their key tiles in L2. A query block has kBlockM rows.
+/// `heads`: the heads of the items (the backward's dK/dV items are per kv head), q_heads for the forward.
 template <int kBlockM>
-__device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w) {
+__device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w, int32_t heads) {
   WorkItem it;
   it.q.query = true;
-  const int32_t text_total = p.batch * p.q_heads * p.text_items;
+  const int32_t text_total = p.batch * heads * p.text_items;
   if (w < text_total) {
-    it.batch = w / (p.q_heads * p.text_items);
-    it.head = (w / p.text_items) % p.q_heads;
+    it.batch = w / (heads * p.text_items);
+    it.head = (w / p.text_items) % heads;
     it.q.text = true;
     it.q.row0 = (w % p.text_items) * kBlockM;
     return it;
   }
   w -= text_total;
-  it.batch = w / (p.q_heads * p.video_items);
-  it.head = (w / p.video_items) % p.q_heads;
+  it.batch = w / (heads * p.video_items);
+  it.head = (w / p.video_items) % heads;
   const int32_t index = w % p.video_items;
   it.q.tile = p.map.grid.tile_coord(index / p.slots_per_tile);
   it.q.cls = tile_class(p, it.q.tile);
@@ -91,6 +92,10 @@ __device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w) {
   it.q.sub = {r / (s.h * s.w), (r / s.w) % s.h, r % s.w};
   it.empty = r >= s.volume();  // a class with fewer blocks than the most any class needs
   return it;
+}
+template <int kBlockM>
+__device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w) {
+  return decode_work<kBlockM>(p, w, p.q_heads);
 }
 
 /// One scheduled unit of work for one CTA of a cluster: its item (possibly empty), and whether every CTA of the
@@ -208,29 +213,44 @@ __device__ __forceinline__ BlockInfo describe(const FwdParams& p, const WorkItem
 /// live sub-blocks), then the valid text rows (`text_len`, from text_len_of) in blocks of kBlockN.
 class KeyBlockCursor {
  public:
-  __device__ __forceinline__ KeyBlockCursor(const FwdParams& p, const WorkItem& w, int32_t text_len) : p_(p) {
+  /// The forward's walk: the key blocks of query block `w`, then the valid text keys.
+  __device__ __forceinline__ KeyBlockCursor(const FwdParams& p, const WorkItem& w, int32_t text_len)
+      : KeyBlockCursor(p, text_len) {
     const Grid& g = p.map.grid;
-    text_end_ = text_len;
     if (w.q.text || p.kind == PatternKind::dense) {
-      boxes_ = KeyBoxesT<int32_t>{};
-      boxes_.t0 = {0, g.tiles.t};
-      boxes_.h = {0, g.tiles.h};
-      boxes_.w = {0, g.tiles.w};
+      start_boxes(all_tiles(g));
     } else if (p.kind == PatternKind::block_list) {
       const int32_t i = w.head * g.num_tiles() + g.tile_index(w.q.tile);
-      list_ = true;
-      list_pos_ = p.block_offsets[i];
-      list_end_ = p.block_offsets[i + 1];
+      start_list(p.block_tiles, p.block_offsets[i], p.block_offsets[i + 1]);
     } else {
-      boxes_ = key_boxes<int32_t>(p.kind, p.heads[w.head], g, w.q.tile);
+      start_boxes(key_boxes<int32_t>(p.kind, p.heads[w.head], g, w.q.tile));
     }
-    if (list_) {
-      load_list_tile();
-    } else {
-      tile_ = {boxes_.t0.begin, boxes_.h.begin, boxes_.w.begin};
-      video_done_ = boxes_.num_tiles() == 0;
-      next_tile();
-    }
+  }
+  /// Any walk (the backward streams query blocks through it): start with start_boxes or start_list; after the
+  /// tiles come text rows [0, text_end) in blocks of kBlockN.
+  __device__ __forceinline__ KeyBlockCursor(const FwdParams& p, int32_t text_end) : p_(p), text_end_(text_end) {}
+
+  static __device__ __forceinline__ KeyBoxesT<int32_t> all_tiles(const Grid& g) {
+    KeyBoxesT<int32_t> b{};
+    b.t0 = {0, g.tiles.t};
+    b.h = {0, g.tiles.h};
+    b.w = {0, g.tiles.w};
+    return b;
+  }
+  /// Walks the tiles of `boxes`, each split into its live blocks.
+  __device__ __forceinline__ void start_boxes(const KeyBoxesT<int32_t>& boxes) {
+    boxes_ = boxes;
+    tile_ = {boxes_.t0.begin, boxes_.h.begin, boxes_.w.begin};
+    video_done_ = boxes_.num_tiles() == 0;
+    next_tile();
+  }
+  /// Walks the tiles tiles[begin, end) of a CSR table, likewise.
+  __device__ __forceinline__ void start_list(const int32_t* tiles, int64_t begin, int64_t end) {
+    list_ = true;
+    list_tiles_ = tiles;
+    list_pos_ = static_cast<int32_t>(begin);
+    list_end_ = static_cast<int32_t>(end);
+    load_list_tile();
   }
 
   /// Whether the block last produced was the item's last (no look-ahead copy of a Block needed).
@@ -261,7 +281,7 @@ class KeyBlockCursor {
       video_done_ = true;
       return;
     }
-    tile_ = p_.map.grid.tile_coord(p_.block_tiles[list_pos_]);
+    tile_ = p_.map.grid.tile_coord(list_tiles_[list_pos_]);
     next_tile();
     sub_ = {0, 0, 0};
   }
@@ -301,6 +321,7 @@ class KeyBlockCursor {
   const FwdParams& p_;
   KeyBoxesT<int32_t> boxes_{};
   bool list_ = false;
+  const int32_t* list_tiles_ = nullptr;
   int32_t list_pos_ = 0, list_end_ = 0;
   int32_t range_ = 0;
   D3 tile_{}, sub_{0, 0, 0}, live_{1, 1, 1};

@@ -1,0 +1,136 @@
+// Quick device check of the backward during development: random problems, the forward on cuda-reference (o, lse),
+// then the backward on cuda (the Hopper kernels) and on cuda-reference (fp32, independent code), compared by
+// relative L2 per gradient. Build: g++ -std=c++20 -O2 -Iinclude scripts/backward_check.cpp -Lbuild-device -ltilewise
+//   -lcudart -Wl,-rpath,build-device (with CUDA's include and lib paths).
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "tilewise/tilewise.hpp"
+
+using namespace tilewise;
+
+static uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+static float from_bf16(uint16_t h) {
+  uint32_t u = uint32_t{h} << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct Buf {
+  void* d = nullptr;
+  size_t bytes = 0;
+  explicit Buf(size_t n) : bytes(n) { cudaMalloc(&d, n ? n : 16); cudaMemset(d, 0xff, n); }
+  ~Buf() { cudaFree(d); }
+  std::vector<uint16_t> half() const {
+    std::vector<uint16_t> h(bytes / 2);
+    cudaMemcpy(h.data(), d, bytes, cudaMemcpyDeviceToHost);
+    return h;
+  }
+};
+
+static double rel_l2(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b, int* nans) {
+  double num = 0, den = 0;
+  *nans = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double x = from_bf16(a[i]), y = from_bf16(b[i]);
+    if (!std::isfinite(x)) ++*nans;
+    num += (x - y) * (x - y);
+    den += y * y;
+  }
+  return std::sqrt(num / (den > 0 ? den : 1));
+}
+
+int main(int argc, char** argv) {
+  std::mt19937 rng(argc > 1 ? atoi(argv[1]) : 1);
+  struct Case {
+    const char* name;
+    Problem p;
+    Pattern pat;
+    std::vector<int32_t> text_len;
+  };
+  std::vector<Case> cases;
+  auto base = [](Dim3 latent, Dim3 tile, int64_t D, int64_t hq, int64_t hkv, int64_t text, TextPosition tp) {
+    Problem p;
+    p.batch = 2, p.q_heads = hq, p.kv_heads = hkv, p.head_dim = D, p.dtype = DType::bf16;
+    p.latent = latent, p.tile = tile, p.text_capacity = text, p.text_position = tp;
+    return p;
+  };
+  cases.push_back({"sta 6x8x8 w2x3x3 D128", base({12, 16, 16}, {6, 8, 8}, 128, 2, 2, 0, TextPosition::last),
+                   Pattern::sliding_tile({2, 3, 3}), {}});
+  cases.push_back({"sta partial w3x3x3 text D128 gqa", base({9, 13, 19}, {6, 8, 8}, 128, 4, 2, 100, TextPosition::last),
+                   Pattern::sliding_tile({3, 3, 3}), {37, 100}});
+  cases.push_back({"sta text-first D64", base({5, 12, 20}, {1, 8, 16}, 64, 2, 1, 70, TextPosition::first),
+                   Pattern::sliding_tile({3, 1, 1}), {0, 50}});
+  cases.push_back({"attn tile g1 tt2 D96", base({7, 8, 16}, {2, 8, 8}, 96, 2, 2, 0, TextPosition::last),
+                   Pattern::attention_tile(1, 1), {}});
+  cases.push_back({"dense D128 text", base({4, 8, 8}, {2, 8, 8}, 128, 2, 2, 64, TextPosition::last), Pattern::dense(),
+                   {64, 10}});
+  int failures = 0;
+  for (Case& c : cases) {
+    Plan ref(c.p, c.pat, Device::cuda_reference);
+    Plan fast(c.p, c.pat, Device::cuda);
+    const Problem& p = ref.problem();
+    const size_t nq = p.batch * p.seq_len * p.q_heads * p.head_dim, nk = p.batch * p.seq_len * p.kv_heads * p.head_dim;
+    const size_t nl = p.batch * p.q_heads * p.seq_len;
+    auto upload = [&](size_t n) {
+      Buf b(n * 2);
+      std::vector<uint16_t> h(n);
+      std::normal_distribution<float> nd;
+      for (auto& x : h) x = to_bf16(nd(rng));
+      cudaMemcpy(b.d, h.data(), n * 2, cudaMemcpyHostToDevice);
+      return b;
+    };
+    Buf q = upload(nq), k = upload(nk), v = upload(nk), dout = upload(nq), o(nq * 2), lse(nl * 4), dlse(nl * 4);
+    {
+      std::vector<float> h(nl);
+      std::normal_distribution<float> nd;
+      for (auto& x : h) x = 0.3f * nd(rng);
+      cudaMemcpy(dlse.d, h.data(), nl * 4, cudaMemcpyHostToDevice);
+    }
+    Buf tl(8);
+    const int32_t* tlp = nullptr;
+    if (!c.text_len.empty()) {
+      cudaMemcpy(tl.d, c.text_len.data(), 8, cudaMemcpyHostToDevice);
+      tlp = static_cast<const int32_t*>(tl.d);
+    }
+    ref.run({q.d, k.d, v.d, o.d, static_cast<float*>(lse.d), tlp});
+    Buf dq_r(nq * 2), dk_r(nk * 2), dv_r(nk * 2), dq_f(nq * 2), dk_f(nk * 2), dv_f(nk * 2);
+    Buf ws_r(ref.backward_workspace_bytes()), ws_f(fast.backward_workspace_bytes());
+    GradTensors g{q.d, k.d, v.d, o.d, static_cast<float*>(lse.d), dout.d, static_cast<float*>(dlse.d),
+                  dq_r.d, dk_r.d, dv_r.d, tlp};
+    ref.run_backward(g, nullptr, ws_r.d);
+    g.dq = dq_f.d, g.dk = dk_f.d, g.dv = dv_f.d;
+    try {
+      fast.run_backward(g, nullptr, ws_f.d);
+    } catch (const std::exception& e) {
+      std::printf("%-36s fast backward threw: %s\n", c.name, e.what());
+      ++failures;
+      continue;
+    }
+    const cudaError_t err = cudaDeviceSynchronize();
+    if (err != cudaSuccess) {
+      std::printf("%-36s CUDA error %s\n", c.name, cudaGetErrorString(err));
+      return 2;
+    }
+    int n1, n2, n3, m1, m2, m3;
+    const double e1 = rel_l2(dq_f.half(), dq_r.half(), &n1), e2 = rel_l2(dk_f.half(), dk_r.half(), &n2),
+                 e3 = rel_l2(dv_f.half(), dv_r.half(), &n3);
+    rel_l2(dq_r.half(), dq_r.half(), &m1), rel_l2(dk_r.half(), dk_r.half(), &m2), rel_l2(dv_r.half(), dv_r.half(), &m3);
+    const bool ok = e1 < 1e-2 && e2 < 1e-2 && e3 < 1e-2 && n1 + n2 + n3 + m1 + m2 + m3 == 0;
+    failures += !ok;
+    std::printf("%-36s dq %.2e dk %.2e dv %.2e  non-finite fast %d/%d/%d ref %d/%d/%d  %s\n", c.name, e1, e2, e3, n1,
+                n2, n3, m1, m2, m3, ok ? "ok" : "FAIL");
+  }
+  std::printf("%d failures\n", failures);
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,20 @@
+// Host-side entry points of the Hopper backward kernels (the only things the CUDA backend needs to see).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "backends/cuda/hopper/bwd/bwd_preprocess.cuh"
+
+namespace tilewise::hopper {
+
+/// Dynamic shared memory of the backward kernels for a head dim (0 when unsupported).
+int backward_smem_bytes(int head_dim);
+/// Rows of an owned block (query block of the dQ kernel, key block of the dK/dV kernel).
+constexpr int kBackwardOwnedRows = 128;
+/// The row-statistics preprocess over `entries` streamed blocks of every (batch, query head).
+cudaError_t launch_backward_preprocess(const BwdParams& params, const PreprocessParams& pre, int head_dim, bool bf16,
+                                       cudaStream_t stream);
+/// The dQ kernel (`dq`) or the dK/dV kernel, persistent on `grid` CTAs.
+cudaError_t launch_backward(const BwdParams& params, int head_dim, bool bf16, bool dq, int grid, cudaStream_t stream);
+
+}  // namespace tilewise::hopper

@@ -1,0 +1,253 @@
+// The backward kernels' consumers: two warpgroups, each owning 64 rows of the work item's owned block. They reuse
+// the forward consumer's pieces (stage records, releases, the S = Q K^T product, descriptors) and masks.
+//
+// dQ (per owned query block, per streamed key block j; P is recomputed from the forward's LSE, so there is no
+// online softmax):   S = Q K_j^T,  dP = dO V_j^T  (SS, N = 128)
+//                    P = exp2(S scale log2e - lse2),  dS = P (dP - D)
+//                    dQ += dS K_j  (RS, K MN-major)
+// dK/dV (per owned key block, per streamed query block j, in two halves of 64 queries: the 240 registers hold
+// the dK and dV accumulators beside half-width S and dP):
+//                    S^T = K Q_j^T,  dP^T = V dO_j^T  (SS, N = 64)
+//                    P^T = exp2(S^T scale log2e - lse2[col]),  dS^T = P^T (dP^T - D[col])
+//                    dV += P^T dO_j,  dK += dS^T Q_j  (RS, MN-major)
+// Both are written straight from registers (bwd_epilogue): dq and dk scaled by the softmax scale.
+#pragma once
+
+#include "backends/cuda/hopper/bwd/bwd_preprocess.cuh"
+#include "backends/cuda/hopper/mma_softmax_consumer.cuh"
+
+namespace tilewise::hopper {
+
+/// x (an accumulator of 8 kSteps columns) as the A operand of kSteps k16 wgmma steps.
+template <int kSteps>
+__device__ __forceinline__ void pack_operand(const float (&x)[8 * kSteps], uint32_t (&a)[kSteps][4], bool bf16) {
+#pragma unroll
+  for (int j = 0; j < kSteps; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[j][i] = pack_half2(x[8 * j + 2 * i], x[8 * j + 2 * i + 1], bf16);
+}
+
+template <class Traits, WgType kType>
+struct BwdConsumer : Consumer<Traits, kType> {
+  using Base = Consumer<Traits, kType>;
+  using Base::desc;
+  using Base::lane;
+  using Base::row;
+  static constexpr int D = Traits::D;
+  static constexpr uint32_t kStageDesc = Base::kStageDesc;
+  static constexpr uint32_t kRowDesc = Traits::kRowBytes >> 4;  // descriptor units per row of a panel
+  const BwdParams& bp;
+  // Descriptor words beside the forward's (q_lo: owned first operand, K-major; k_lo: K stage, K-major; v_lo: V
+  // stage, MN-major): the owned second operand (K-major), the V stage K-major and the K stage MN-major.
+  uint32_t o_lo, vk_lo, km_lo;
+
+  __device__ __forceinline__ BwdConsumer(const BwdParams& p_, const typename Traits::Shared& s_, int wg_, int tid_)
+      : Base(p_, s_, wg_, tid_, 0), bp(p_) {
+    constexpr uint32_t rb = Traits::kRowBytes;
+    o_lo = static_cast<uint32_t>(make_desc(smem_addr(s_.o()) + 64 * wg_ * rb, 16, 8 * rb, rb));
+    vk_lo = static_cast<uint32_t>(make_desc(smem_addr(s_.v(0)), 16, 8 * rb, rb));
+    km_lo = static_cast<uint32_t>(make_desc(smem_addr(s_.k(0)), Traits::kPanelBytes, 8 * rb, rb));
+  }
+
+  /// d[64 x N] = A[64 rows of an owned buffer, K-major] * B[N rows of a stage from row `b_row`, K-major]^T.
+  template <int N>
+  __device__ __forceinline__ void gemm_ss(float (&d)[N / 2], uint32_t a_lo, uint32_t b_lo) const {
+#pragma unroll
+    for (int panel = 0; panel < Traits::kPanels; ++panel)
+#pragma unroll
+      for (int kk = 0; kk < Traits::kPanelCols / 16; ++kk) {
+        const uint32_t a_off = (panel * Traits::kQPanelBytes + kk * 32) >> 4;
+        const uint32_t b_off = (panel * Traits::kPanelBytes + kk * 32) >> 4;
+        Wgmma<kType, N>::template ss<0>(d, desc(a_lo + a_off, this->kq_hi), desc(b_lo + b_off, this->kq_hi),
+                                        panel + kk > 0);
+      }
+  }
+  /// d[64 x D] += A (registers, kSteps k16 steps) * B[16 kSteps rows of a stage, MN-major].
+  template <int kSteps>
+  __device__ __forceinline__ void gemm_rs(float (&d)[D / 2], const uint32_t (&a)[kSteps][4], uint32_t b_lo) const {
+#pragma unroll
+    for (int j = 0; j < kSteps; ++j) WgmmaRS<kType, D>::template rs<1>(d, a[j], desc(b_lo + j * 16 * kRowDesc, this->v_hi), 1);
+  }
+
+  /// Sequence position of this thread's owned row rr (-1: not a real token).
+  __device__ __forceinline__ int64_t owned_position(const WorkItem& item, int rr) const {
+    return Epilogue<Traits, kType>{this->p, this->s, this->wg, this->tid}.position(item.q, row(rr));
+  }
+
+  /// Writes this thread's part of a D-wide accumulator of the owned rows to `base` (element strides `st`, head
+  /// `head`), times `scale`, straight from registers.
+  __device__ __forceinline__ void store(const WorkItem& item, int32_t head, const float (&acc)[D / 2], float scale,
+                                        void* base, const Strides& st) const {
+    const int64_t b = this->p.batch_base + item.batch;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int64_t pos = owned_position(item, rr);
+      if (pos < 0) continue;
+      uint16_t* dst = static_cast<uint16_t*>(base) + b * st.batch + pos * st.seq + head * st.head;
+#pragma unroll
+      for (int i = 2 * rr; i < D / 2; i += 4) {
+        const int col = 8 * (i / 4) + 2 * (lane() % 4);
+        *reinterpret_cast<uint32_t*>(dst + col) =
+            pack_half2(acc[i] * scale, acc[i + 1] * scale, kType == WgType::bf16);
+      }
+    }
+  }
+
+  /// Waits for the next K and V stages; returns the K stage's record.
+  __device__ __forceinline__ BlockInfo acquire(typename Base::KPipe& ks, typename Base::VPipe& vs) const {
+    this->s.k_full[ks.stage()].wait(ks.phase());
+    const BlockInfo bi = this->info(ks.stage());
+    this->s.v_full[vs.stage()].wait(vs.phase());
+    return bi;
+  }
+  /// Frees both stages (and the owned blocks after the item's last).
+  __device__ __forceinline__ void release_stages(const BlockInfo& bi, typename Base::KPipe& ks,
+                                                 typename Base::VPipe& vs) const {
+    this->release_s_operands(ks.stage(), bi, false);
+    ks.advance();
+    this->release(this->s.v_empty[vs.stage()], false);
+    vs.advance();
+  }
+
+  // ---------------------------------------------------------------- dQ
+  __device__ __forceinline__ void dq_item(const WorkItem& item, typename Base::KPipe& ks,
+                                          typename Base::VPipe& vs) const {
+    const BwdParams& p = bp;
+    const int32_t text_len = text_len_of(p, item.batch);
+    float lse2[2], delta[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int64_t pos = owned_position(item, rr);
+      const int64_t stat = (int64_t{p.batch_base + item.batch} * p.q_heads + item.head) * p.seq_len + pos;
+      lse2[rr] = pos < 0 ? INFINITY : p.lse[stat] * p.scale_log2_lse;
+      delta[rr] = pos < 0 ? 0.f : p.delta[stat];
+    }
+    float dq[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
+    for (bool last = false; !last;) {
+      const BlockInfo bi = acquire(ks, vs);
+      last = bi.flags & BlockInfo::kLast;
+      float sc[kBlockN / 2], dp[kBlockN / 2];
+      wgmma_fence();
+      this->issue_s(sc, ks.stage());
+      gemm_ss<kBlockN>(dp, o_lo, vk_lo + vs.stage() * kStageDesc);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(sc);
+      fence_regs(dp);
+      const KeyMask mask = KeyMask::of(p, bi, text_len, lane());
+      if (mask.active) {
+        mask.apply(sc, lane());
+        if (mask.frames) mask_frames(sc, p, item, bi, lane(), [&](int rr) { return row(rr); });
+      }
+#pragma unroll
+      for (int i = 0; i < kBlockN / 2; ++i) {
+        const int rr = (i % 4) / 2;
+        sc[i] = fast_exp2(fmaf(sc[i], p.scale_log2, -lse2[rr])) * (dp[i] - delta[rr]);
+      }
+      uint32_t ds[kBlockN / 16][4];
+      pack_operand<kBlockN / 16>(sc, ds, kType == WgType::bf16);
+      wgmma_fence();
+      gemm_rs<kBlockN / 16>(dq, ds, km_lo + ks.stage() * kStageDesc);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(dq);
+      release_stages(bi, ks, vs);
+    }
+    store(item, item.head, dq, p.grad0_scale, p.grad0, p.grad0_strides);
+  }
+
+  // ---------------------------------------------------------------- dK, dV
+  __device__ __forceinline__ void dkdv_item(const WorkItem& item, typename Base::KPipe& ks,
+                                            typename Base::VPipe& vs) const {
+    const BwdParams& p = bp;
+    // Owned key rows: text keys past the valid length are seen by no query (zero gradients); their frames, for
+    // the attention tile's token-level mask.
+    const int32_t text_len = text_len_of(p, item.batch);
+    const D3 kbox = item.q.box(p);
+    const int32_t k_frame0 = item.q.text ? 0 : item.q.origin(p).t;
+    bool seen[2];
+    int32_t k_frame[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      seen[rr] = !item.q.text || item.q.row0 + row(rr) < text_len;
+      k_frame[rr] = k_frame0 + row(rr) / (kbox.h * kbox.w);
+    }
+    float dk[D / 2], dv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
+    for (bool last = false; !last;) {
+      const BlockInfo bi = acquire(ks, vs);
+      last = bi.flags & BlockInfo::kLast;
+      if (!(bi.flags & BlockInfo::kEmpty)) {
+        const float* stats = this->s.stats(ks.stage());  // lse2[kBlockN], then D[kBlockN]
+        const bool frames = bi.flags & BlockInfo::kFrames;
+        const HeadParams& hp = p.heads[item.head * p.kv_group + (bi.flags >> BlockInfo::kHeadShift)];
+        const D3 qbox = p.cls[bi.tile_class()].box;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const uint32_t row_off = 64 * half * kRowDesc;
+          float sc[32], dp[32];
+          wgmma_fence();
+          gemm_ss<64>(sc, this->q_lo, this->k_lo + ks.stage() * kStageDesc + row_off);
+          gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc + row_off);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs(sc);
+          fence_regs(dp);
+#pragma unroll
+          for (int i = 0; i < 32; ++i) {
+            const int rr = (i % 4) / 2, c = 64 * half + accumulator_column(i, lane());
+            float pr = fast_exp2(fmaf(sc[i], p.scale_log2, -stats[c]));
+            if (!seen[rr] || (frames && !frame_pair_allowed<int32_t>(bi.t + c / (qbox.h * qbox.w), k_frame[rr],
+                                                                    static_cast<int32_t>(hp.global_frames),
+                                                                    static_cast<int32_t>(hp.radius))))
+              pr = 0.f;
+            sc[i] = pr;
+            dp[i] = pr * (dp[i] - stats[kBlockN + c]);
+          }
+          uint32_t pa[4][4], da[4][4];
+          pack_operand<4>(sc, pa, kType == WgType::bf16);
+          pack_operand<4>(dp, da, kType == WgType::bf16);
+          wgmma_fence();
+          gemm_rs<4>(dv, pa, this->v_lo + vs.stage() * kStageDesc + row_off);
+          gemm_rs<4>(dk, da, km_lo + ks.stage() * kStageDesc + row_off);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs(dv);
+          fence_regs(dk);
+        }
+      }
+      release_stages(bi, ks, vs);
+    }
+    store(item, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
+    store(item, item.head, dv, 1.f, p.grad1, p.grad1_strides);
+  }
+
+  /// The work loop of either kernel: `kDq` picks dq_item (items per query head) or dkdv_item (per kv head).
+  template <bool kDq>
+  __device__ void run() const {
+    typename Base::KPipe ks;
+    typename Base::VPipe vs;
+    WorkRing<typename Traits::Shared, 1> ring{this->s, 0};
+    uint32_t items = 0;
+    for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < bp.num_work;) {
+      const WorkItem item = decode_work<Traits::kBlockM>(bp, u, kDq ? bp.q_heads : bp.kv_heads);
+      if (item.empty) continue;
+      this->s.q_full->wait(items & 1);
+      ++items;
+      // A warpgroup none of whose rows are real (a small box) only releases the stages the producer counts on.
+      if (64 * this->wg >= query_rows<Traits::kBlockM>(bp, item.q)) {
+        this->mainloop_idle(false, ks, vs);
+        continue;
+      }
+      if constexpr (kDq)
+        dq_item(item, ks, vs);
+      else
+        dkdv_item(item, ks, vs);
+    }
+  }
+};
+
+}  // namespace tilewise::hopper

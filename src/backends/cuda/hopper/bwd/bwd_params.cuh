@@ -1,0 +1,38 @@
+// Parameters of the Hopper backward kernels. Both are built from the forward's parts (producer, tile scheduler,
+// key-block cursor, masks, pipelines), so their parameters extend the forward's, whose four tensor roles they
+// fill differently:
+//
+//   role (FwdParams maps)    | dQ kernel (per query block) | dK/dV kernel (per key block, all GQA query heads)
+//   q: owned, first operand  | Q                           | K
+//   o: owned, second operand | dO                          | V
+//   k: streamed, K ring      | K                           | Q (+ its rows' statistics, `stats`)
+//   v: streamed, V ring      | V                           | dO
+//
+// Owned blocks are the tile class's query box (`qbox`, up to 128 rows), streamed ones its key box (`box`).
+#pragma once
+
+#include "backends/cuda/hopper/params.cuh"
+#include "tilewise/tilewise.hpp"
+
+namespace tilewise::hopper {
+
+struct BwdParams : FwdParams {
+  // Gradients, written straight from registers with the element strides of the tensors they belong to.
+  void* grad0 = nullptr;  // dQ kernel: dq; dK/dV kernel: dk
+  void* grad1 = nullptr;  // dK/dV kernel: dv
+  Strides grad0_strides, grad1_strides;
+  float grad0_scale = 1.f;  // the softmax scale (dq and dk carry it; dv does not)
+  float scale_log2_lse = 1.f;  // log2(e): the forward's natural-log LSE to the kernels' base 2
+
+  const float* delta = nullptr;  // [B, Hq, S]: D_i = dO_i . o_i - dLSE_i (from the preprocess kernel)
+  // dK/dV kernel: per (batch, query head, streamed block) 2 x kBlockN floats: the rows' LSE in base 2 (+inf for
+  // rows that are not real tokens, so their probabilities are exactly zero) and D.
+  const float* stats = nullptr;
+  int32_t stream_slots = 1;     // streamed blocks per tile: the most key boxes any class needs
+  int32_t stats_entries = 0;    // per (batch, head): tiles * stream_slots video entries, then the text blocks
+  int32_t kv_heads = 1;
+  const int64_t* query_offsets = nullptr;  // block lists transposed (Plan::query_tile_offsets)
+  const int32_t* query_list = nullptr;
+};
+
+}  // namespace tilewise::hopper

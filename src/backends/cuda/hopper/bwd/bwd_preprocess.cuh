@@ -1,0 +1,85 @@
+// The backward's preprocess: the row statistic D_i = dO_i . o_i - dLSE_i, once per query row, written twice: in
+// sequence order (`delta`, read by the dQ kernel for its owned rows) and per streamed block beside the row's LSE
+// in base 2 (`stats`, which the dK/dV kernel's producer loads with one bulk copy per block). Rows of a streamed
+// block that are not real tokens get LSE +inf and D 0, so their probabilities and dS are exactly zero.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "backends/cuda/hopper/bwd/bwd_params.cuh"
+#include "backends/cuda/hopper/tile_scheduler.cuh"
+
+namespace tilewise::hopper {
+
+struct PreprocessParams {
+  const void* o = nullptr;
+  const void* dout = nullptr;
+  Strides so;  // o's and dout's element strides
+  const float* lse = nullptr;   // [B, Hq, S], natural log
+  const float* dlse = nullptr;  // [B, Hq, S] or null
+  float* delta = nullptr;       // [B, Hq, S]
+  float* stats = nullptr;       // [B, Hq, stats_entries, 2 x kBlockN]
+  int32_t batch = 1;            // every batch element (one launch)
+};
+
+/// The statistics entry (within a (batch, head)) of a streamed block: video entries per (tile, slot), then text.
+__device__ __forceinline__ int32_t stats_entry(const BwdParams& p, const Block& b) {
+  if (b.text) return p.map.grid.num_tiles() * p.stream_slots + b.row0 / kBlockN;
+  const D3 s = p.cls[b.cls].subs;
+  return p.map.grid.tile_index(b.tile) * p.stream_slots + (b.sub.t * s.h + b.sub.h) * s.w + b.sub.w;
+}
+
+template <class T>
+__device__ __forceinline__ float dot_rows(const T* a, const T* b, int D) {
+  float sum = 0.f;
+  for (int d = 0; d < D; d += 8) {  // rows are 16-byte aligned (the plan checks the strides)
+    const uint4 x = *reinterpret_cast<const uint4*>(a + d), y = *reinterpret_cast<const uint4*>(b + d);
+    const T* xs = reinterpret_cast<const T*>(&x);
+    const T* ys = reinterpret_cast<const T*>(&y);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum += static_cast<float>(xs[i]) * static_cast<float>(ys[i]);
+  }
+  return sum;
+}
+
+/// One CTA of kBlockN threads per (stats entry, batch x head): thread r is row r of the entry's block.
+template <class T>
+__global__ void __launch_bounds__(kBlockN) bwd_preprocess(const __grid_constant__ BwdParams p, PreprocessParams pre,
+                                                          int head_dim) {
+  const int32_t entry = blockIdx.x, bh = blockIdx.y, r = threadIdx.x;
+  const int32_t video_entries = p.map.grid.num_tiles() * p.stream_slots;
+  Block blk;
+  bool real = false;
+  int64_t pos = 0;
+  if (entry < video_entries) {
+    blk.tile = p.map.grid.tile_coord(entry / p.stream_slots);
+    blk.cls = tile_class(p, blk.tile);
+    const D3 s = p.cls[blk.cls].subs, box = p.cls[blk.cls].box;
+    const int32_t sub = entry % p.stream_slots;
+    blk.sub = {sub / (s.h * s.w), (sub / s.w) % s.h, sub % s.w};
+    const D3 o = blk.origin(p), L = p.map.grid.latent;
+    const D3 c{o.t + r / (box.h * box.w), o.h + (r / box.w) % box.h, o.w + r % box.w};
+    real = sub < s.volume() && r < box.volume() && c.t < L.t && c.h < L.h && c.w < L.w;
+    if (real) pos = p.map.video_position(c);
+  } else {
+    const int64_t row = int64_t{entry - video_entries} * kBlockN + r;
+    real = row < p.map.seq.text_capacity;
+    pos = p.map.seq.text_offset() + row;
+  }
+  const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
+  float lse2 = INFINITY, d = 0.f;
+  if (real) {
+    const int64_t stat = bh * p.seq_len + pos;
+    const int64_t off = b * pre.so.batch + pos * pre.so.seq + h * pre.so.head;
+    d = dot_rows(static_cast<const T*>(pre.o) + off, static_cast<const T*>(pre.dout) + off, head_dim) -
+        (pre.dlse ? pre.dlse[stat] : 0.f);
+    lse2 = pre.lse[stat] * p.scale_log2_lse;
+    pre.delta[stat] = d;
+  }
+  float* out = pre.stats + (int64_t{bh} * p.stats_entries + entry) * (2 * kBlockN);
+  out[r] = lse2;
+  out[kBlockN + r] = d;
+}
+
+}  // namespace tilewise::hopper
