@@ -9,7 +9,13 @@ the same shape, timed alone with the same backend) / (forward time).
 
 The GPU machine has no network: diffusers comes from local wheels (scripts/install_wheels.sh).
 
+A second row per model runs tilewise together with diffusers' FirstBlockCache (transformer.enable_cache(
+FirstBlockCacheConfig(threshold=...))): --cache-steps forwards at descending timesteps inside one cache context,
+as a denoising loop makes them; its time is seconds per step (the cache skips the remaining blocks of a step
+whose first block's output barely changed), against the same dense forward.
+
 Usage: python3 bench/bench_e2e.py [--lib build/libtilewise.so] [--models hunyuan,wan] [--window 3x3x3]
+       [--cache-steps 6] [--cache-threshold 0.05]
 """
 from __future__ import annotations
 
@@ -117,6 +123,30 @@ def attention_alone(shape, masked: bool, window, iters: int):
     return dense, sparse
 
 
+def with_first_block_cache(model, inputs, steps: int, threshold: float):
+    """Seconds per step of `steps` forwards at descending timesteps (one cache context, as a denoising loop
+    runs them) with FirstBlockCache on top of whatever attention the model has; and the first step's output
+    (which the cache always computes in full). The cache is removed afterwards."""
+    from diffusers import FirstBlockCacheConfig
+
+    model.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    timesteps = torch.linspace(999, 1, steps, device="cuda").round()
+    try:
+        def loop():
+            outs = []
+            with model.cache_context("cond"):
+                for t in timesteps:
+                    outs.append(model(**dict(inputs, timestep=t.reshape(1).to(inputs["timestep"].dtype)))[0])
+            return outs[0]
+
+        first = loop()  # warm-up (and the cache's state is reset by the next context)
+        model._reset_stateful_cache()
+        total = timed(loop, 1)
+    finally:
+        model.disable_cache()
+    return total / steps, first
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lib", default=None, help="path to libtilewise.so (else TILEWISE_LIBRARY or the package's)")
@@ -124,6 +154,8 @@ def main() -> None:
     ap.add_argument("--window", default="3x3x3")
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
+    ap.add_argument("--cache-steps", type=int, default=6, help="denoising steps of the FirstBlockCache row (0: no row)")
+    ap.add_argument("--cache-threshold", type=float, default=0.05)
     args = ap.parse_args()
     if args.lib:
         os.environ["TILEWISE_LIBRARY"] = os.path.abspath(args.lib)
@@ -148,20 +180,29 @@ def main() -> None:
             tilewise.diffusers.enable(model, strategy=window)
             sparse_out = model(**inputs)[0]
             t_sparse = timed(lambda: model(**inputs), args.iters)
+            t_cached = cached_out = None
+            if args.cache_steps > 0:
+                t_cached, cached_out = with_first_block_cache(model, inputs, args.cache_steps, args.cache_threshold)
             tilewise.diffusers.disable(model)
         rel = ((sparse_out.float() - dense_out.float()).norm() / dense_out.float().norm()).item()
         a_dense, a_sparse = attention_alone(shape, masked, window, 5)
         share = layers * a_dense / t_dense
         rows.append((title, t_dense, t_sparse, t_dense / t_sparse, share, layers * a_dense, layers * a_sparse, rel))
         print(f"{title}: dense {t_dense:.2f} s, tilewise {t_sparse:.2f} s, {t_dense / t_sparse:.2f}x", flush=True)
-        del model, inputs, dense_out, sparse_out
+        if t_cached is not None:
+            rel_c = ((cached_out.float() - dense_out.float()).norm() / dense_out.float().norm()).item()
+            rows.append((f"{title}, + FirstBlockCache (threshold {args.cache_threshold}, s per step over "
+                         f"{args.cache_steps} steps)", t_dense, t_cached, t_dense / t_cached, None, None, None, rel_c))
+            print(f"{title} + FirstBlockCache: {t_cached:.2f} s per step, {t_dense / t_cached:.2f}x", flush=True)
+        del model, inputs, dense_out, sparse_out, cached_out
     header = ("| model | forward, own attention (s) | forward, tilewise w" + args.window +
               " (s) | speedup | attention share of dense forward | attention per forward: dense / tilewise (s) "
               "| rel L2 sparse vs dense output |")
     lines = [header, "|" + "---|" * 7]
     for title, td, ts, sp, share, ad, asp, rel in rows:
-        lines.append(f"| {title} | {td:.2f} | {ts:.2f} | {sp:.2f}x | {100 * share:.0f}% | {ad:.2f} / {asp:.2f} | "
-                     f"{rel:.3f} |")
+        share_text = "-" if share is None else f"{100 * share:.0f}%"
+        attn_text = "-" if ad is None else f"{ad:.2f} / {asp:.2f}"
+        lines.append(f"| {title} | {td:.2f} | {ts:.2f} | {sp:.2f}x | {share_text} | {attn_text} | {rel:.3f} |")
     emit("\n".join(lines), args.out)
 
 

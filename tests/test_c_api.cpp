@@ -427,4 +427,87 @@ TEST(CApi, TileUntileRoundTrip) {
   EXPECT_EQ(out, std::vector<uint16_t>(in.q.size(), kSentinel));
 }
 
+
+// --- queries the bindings take facts from (grid, effective window, device support) ---
+
+TEST(CApi, TileGridAndEffectiveWindowFollowTheSpec) {
+  std::mt19937 rng(std::random_device{}());
+  std::uniform_int_distribution<int64_t> size(1, 40), tsize(1, 9), wsize(1, 12);
+  for (int trial = 0; trial < 50; ++trial) {
+    const int64_t latent[3] = {size(rng), size(rng), size(rng)}, tile[3] = {tsize(rng), tsize(rng), tsize(rng)};
+    const int64_t window[3] = {wsize(rng), wsize(rng), wsize(rng)};
+    int64_t tiles[3] = {-1, -1, -1}, eff[3] = {-1, -1, -1};
+    ASSERT_EQ(tw_tile_grid(latent, tile, tiles), TW_OK) << tw_last_error();
+    ASSERT_EQ(tw_effective_window(latent, tile, window, eff), TW_OK) << tw_last_error();
+    for (int a = 0; a < 3; ++a) {
+      EXPECT_EQ(tiles[a], (latent[a] + tile[a] - 1) / tile[a]);  // spec: ceil(T / tt)
+      // Spec: k >= n covers the axis (n tiles), else k tiles.
+      EXPECT_EQ(eff[a], window[a] >= tiles[a] ? tiles[a] : window[a]);
+    }
+  }
+}
+
+TEST(CApi, QueriesRefuseBadSizesAndLeaveOutputsAlone) {
+  const int64_t latent[3] = {4, 6, 8}, tile[3] = {2, 0, 4}, ok_tile[3] = {2, 3, 4}, window[3] = {1, -2, 1};
+  int64_t out[3] = {7, 7, 7};
+  expect_invalid(tw_tile_grid(latent, tile, out), "tile", "2x0x4");
+  expect_invalid(tw_effective_window(latent, ok_tile, window, out), "window", "1x-2x1");
+  expect_invalid(tw_tile_grid(nullptr, ok_tile, out), "latent", "null");
+  expect_invalid(tw_tile_grid(latent, ok_tile, nullptr), "tiles", "null");
+  EXPECT_EQ(out[0], 7);
+  EXPECT_EQ(out[1], 7);
+  EXPECT_EQ(out[2], 7);
+}
+
+TEST(CApi, PlanGridAndPerHeadWindows) {
+  tw_problem p = small_problem();  // 5x6x7 over 2x4x4: grid 3x2x2, 4 heads
+  const int64_t windows[4][3] = {{1, 1, 1}, {2, 5, 1}, {9, 9, 9}, {3, 2, 2}};
+  tw_pattern pat;
+  tw_pattern_init(&pat);
+  pat.kind = TW_PATTERN_SLIDING_TILE;
+  pat.num_heads = 4;
+  pat.windows = &windows[0][0];
+  tw_plan* plan = nullptr;
+  ASSERT_EQ(tw_plan_create(&p, &pat, TW_DEVICE_CPU, &plan), TW_OK) << tw_last_error();
+  int64_t tiles[3], w[3];
+  ASSERT_EQ(tw_plan_grid(plan, tiles), TW_OK);
+  EXPECT_EQ(std::vector<int64_t>(tiles, tiles + 3), (std::vector<int64_t>{3, 2, 2}));
+  const std::vector<std::vector<int64_t>> expected = {{1, 1, 1}, {2, 2, 1}, {3, 2, 2}, {3, 2, 2}};
+  for (int64_t h = 0; h < 4; ++h) {
+    ASSERT_EQ(tw_plan_window(plan, h, w), TW_OK) << tw_last_error();
+    EXPECT_EQ(std::vector<int64_t>(w, w + 3), expected[h]) << "head " << h;
+  }
+  expect_invalid(tw_plan_window(plan, 4, w), "head", "[0, 4)");
+  tw_plan_destroy(plan);
+
+  tw_pattern dense;
+  tw_pattern_init(&dense);
+  ASSERT_EQ(tw_plan_create(&p, &dense, TW_DEVICE_CPU, &plan), TW_OK) << tw_last_error();
+  expect_invalid(tw_plan_window(plan, 0, w), "plan", "sliding tile");
+  tw_plan_destroy(plan);
+}
+
+TEST(CApi, DeviceSupports) {
+  for (int32_t dtype : {TW_DTYPE_F32, TW_DTYPE_F64, TW_DTYPE_BF16, TW_DTYPE_F16})
+    for (int64_t d : {1, 16, 64, 80, 96, 128, 256}) EXPECT_EQ(tw_device_supports(TW_DEVICE_CPU, dtype, d), TW_OK);
+  expect_invalid(tw_device_supports(TW_DEVICE_CPU, 9, 64), "dtype", "9");
+  expect_invalid(tw_device_supports(TW_DEVICE_CPU, TW_DTYPE_BF16, 0), "head_dim", "0");
+  expect_invalid(tw_device_supports(7, TW_DTYPE_BF16, 64), "device", "7");
+  if (!tw_cuda_available()) {
+    EXPECT_EQ(tw_device_supports(TW_DEVICE_CUDA, TW_DTYPE_BF16, 64), TW_ERROR_INVALID_ARGUMENT);
+    EXPECT_EQ(std::string(tw_last_error_argument()), "device") << tw_last_error();
+    return;
+  }
+  // The Hopper backend: bf16/f16 at D 64, 96, 128 (on an sm_90 device; elsewhere "device" is named).
+  tw_status hopper = tw_device_supports(TW_DEVICE_CUDA, TW_DTYPE_BF16, 128);
+  if (hopper != TW_OK) {
+    EXPECT_EQ(std::string(tw_last_error_argument()), "device") << tw_last_error();
+    return;
+  }
+  for (int32_t dtype : {TW_DTYPE_BF16, TW_DTYPE_F16})
+    for (int64_t d : {64, 96, 128}) EXPECT_EQ(tw_device_supports(TW_DEVICE_CUDA, dtype, d), TW_OK) << tw_last_error();
+  expect_invalid(tw_device_supports(TW_DEVICE_CUDA, TW_DTYPE_F32, 64), "dtype", "f32");
+  expect_invalid(tw_device_supports(TW_DEVICE_CUDA, TW_DTYPE_BF16, 80), "head_dim", "80");
+}
+
 }  // namespace

@@ -97,6 +97,24 @@ void tw_plan_destroy(tw_plan* plan);
 tw_status tw_tile(const tw_problem* problem, const void* raster_in, void* tiled_out);
 tw_status tw_untile(const tw_problem* problem, const void* tiled_in, void* raster_out);
 
+/* Facts the bindings take from the library instead of re-deriving them. */
+/* Tiles per axis of a latent grid (T, H, W) under a tile (tt, th, tw): ceil(latent / tile). Each of the six
+ * sizes must be >= 1 (argument "latent" or "tile"). */
+tw_status tw_tile_grid(const int64_t latent[3], const int64_t tile[3], int64_t tiles[3]);
+/* The sliding-tile window (kt, kh, kw) as it acts on that grid: min(k, tiles) per axis (a window at least as
+ * large as an axis covers it whole). window must be >= 1 per axis (argument "window"). */
+tw_status tw_effective_window(const int64_t latent[3], const int64_t tile[3], const int64_t window[3],
+                              int64_t effective[3]);
+/* The tile grid of a plan, and the effective window of its local head `head` (sliding tile plans only). */
+tw_status tw_plan_grid(const tw_plan* plan, int64_t tiles[3]);
+tw_status tw_plan_window(const tw_plan* plan, int64_t head, int64_t window[3]);
+/* TW_OK when `device` can run attention in `dtype` with head dim `head_dim` here (the device's backend takes
+ * them and the device is present), else TW_ERROR_INVALID_ARGUMENT with tw_last_error() saying why and
+ * tw_last_error_argument() naming "device", "dtype" or "head_dim". It plans a one-tile problem, so it checks
+ * exactly what tw_plan_create checks (the CUDA backend: bf16/f16, D 64/96/128, sm_90; the CPU: every dtype
+ * and any D). Costs a plan creation: cache the answer. */
+tw_status tw_device_supports(int32_t device, int32_t dtype, int64_t head_dim);
+
 const char* tw_last_error(void);
 const char* tw_last_error_argument(void);
 int32_t tw_cuda_available(void);

@@ -2,13 +2,14 @@
 
 Functions take q, k, v as arrays of shape [B, S, H, D] (layout="bshd") or [B, H, S, D] (layout="bhsd"), with
 S = T*H*W video tokens (+ text positions). numpy arrays run on the CPU backend; torch tensors run on their
-device (CUDA tensors on the Hopper kernel) through the custom op torch.ops.tilewise.attention_fwd, which
-works under torch.compile and CUDA graphs. torch is optional: it is only loaded when a tensor is passed.
+device (CUDA tensors on the Hopper kernel) through the custom op torch.ops.tilewise.attention_fwd, which is
+differentiable (torch.ops.tilewise.attention_bwd) and works under torch.compile and CUDA graphs. torch is
+optional: it is only loaded when a tensor is passed.
 
     o = tilewise.sliding_tile_attention(q, k, v, latent=(30, 48, 80), tile=(6, 8, 8), window=(3, 3, 3))
 
-Bad arguments raise ValueError / TypeError naming the argument and the expected value. The diffusers
-integration is tilewise.diffusers (enable / disable).
+Bad arguments raise ValueError / TypeError naming the argument, the value and what was expected. The diffusers
+integration is tilewise.diffusers (enable / disable), the window search tilewise.calibrate.
 """
 from __future__ import annotations
 
@@ -19,13 +20,28 @@ from tilewise._api import (  # noqa: F401
     attention_tile,
     block_sparse_attention,
     dense_attention,
+    effective_window,
     sliding_tile_attention,
     tile,
+    tile_grid,
     untile,
 )
 from tilewise._capi import TilewiseError  # noqa: F401
 
 __version__ = "0.1.0"
+
+
+def cuda_available() -> bool:
+    """Whether the installed library has a usable Hopper backend: built with CUDA, and an sm_90 GPU present."""
+    from tilewise import _capi
+    return _capi.cuda_available()
+
+
+def supports(device: str, dtype: str, head_dim: int) -> bool:
+    """Whether `device` ("cpu" or "cuda") runs attention in `dtype` ("f32", "f64", "bf16", "f16") at `head_dim`
+    here, as the library answers it (the CUDA backend: bf16 / f16 at 64, 96, 128 on sm_90; the CPU: all)."""
+    from tilewise import _args, _capi
+    return _capi.device_support(device, dtype, _args.integer("head_dim", head_dim)) is None
 
 
 def clear_plan_cache() -> None:

@@ -40,6 +40,11 @@ class Pattern(ctypes.Structure):
     ]
 
 
+class GradTensors(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("q", "k", "v", "o", "lse", "dout", "dlse", "dq", "dk", "dv", "text_len")]
+
+
 class TilewiseError(ValueError):
     """An invalid argument reported by libtilewise; `argument` names it."""
 
@@ -80,6 +85,18 @@ def lib(path: str | None = None):
         L.tw_version.restype = ctypes.c_char_p
         L.tw_tile.argtypes = [ctypes.POINTER(Problem), ctypes.c_void_p, ctypes.c_void_p]
         L.tw_untile.argtypes = [ctypes.POINTER(Problem), ctypes.c_void_p, ctypes.c_void_p]
+        L.tw_plan_workspace_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64)]
+        L.tw_plan_run_with_workspace.argtypes = [ctypes.c_void_p] * 9
+        L.tw_grad_tensors_init.argtypes = [ctypes.POINTER(GradTensors)]
+        L.tw_plan_backward_workspace_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64)]
+        L.tw_plan_run_backward.argtypes = [ctypes.c_void_p, ctypes.POINTER(GradTensors), ctypes.c_void_p, I32,
+                                           ctypes.c_void_p]
+        dim3 = ctypes.POINTER(I64)
+        L.tw_tile_grid.argtypes = [dim3, dim3, dim3]
+        L.tw_effective_window.argtypes = [dim3, dim3, dim3, dim3]
+        L.tw_plan_grid.argtypes = [ctypes.c_void_p, dim3]
+        L.tw_plan_window.argtypes = [ctypes.c_void_p, I64, dim3]
+        L.tw_device_supports.argtypes = [I32, I32, I64]
         _lib = L
     return _lib
 
@@ -101,7 +118,8 @@ def _enum(table: dict, name: str, value) -> int:
 
 
 def make_problem(*, batch, q_heads, kv_heads, head_dim, dtype, latent, tile, text_capacity=0,
-                 text_position="last", order="raster", layout="bshd", strides=None, scale=0.0) -> Problem:
+                 text_position="last", order="raster", layout="bshd", strides=None, scale=0.0,
+                 head_offset=0) -> Problem:
     """A tw_problem from keyword arguments; strides: {"q": (batch, seq, head, dim), ...} in elements."""
     p = Problem()
     lib().tw_problem_init(ctypes.byref(p))
@@ -111,10 +129,50 @@ def make_problem(*, batch, q_heads, kv_heads, head_dim, dtype, latent, tile, tex
     p.order = _enum(ORDERS, "order", order)
     p.layout = _enum(LAYOUTS, "layout", layout)
     p.latent[:], p.tile[:] = list(latent), list(tile)
-    p.text_capacity, p.scale = text_capacity, scale
+    p.text_capacity, p.scale, p.head_offset = text_capacity, scale, head_offset
     for name, st in (strides or {}).items():
         getattr(p, f"{name}_strides")[:] = list(st)
     return p
+
+
+def _dim3(values) -> ctypes.Array:
+    return (I64 * 3)(*values)
+
+
+def tile_grid(latent, tile) -> tuple:
+    """Tiles per axis, ceil(latent / tile), from the library (tw_tile_grid)."""
+    out = _dim3((0, 0, 0))
+    check(lib().tw_tile_grid(_dim3(latent), _dim3(tile), out))
+    return tuple(out)
+
+
+def effective_window(latent, tile, window) -> tuple:
+    """The window as it acts on the grid of latent / tile: min(k, tiles) per axis (tw_effective_window)."""
+    out = _dim3((0, 0, 0))
+    check(lib().tw_effective_window(_dim3(latent), _dim3(tile), _dim3(window), out))
+    return tuple(out)
+
+
+_support: dict = {}
+
+
+def device_support(device: str, dtype: str, head_dim: int):
+    """None when `device` runs `dtype` at `head_dim` here, else the TilewiseError saying why (tw_device_supports,
+    which plans a one-tile problem: cached, one answer per process)."""
+    key = (device, dtype, int(head_dim))
+    if key not in _support:
+        try:
+            check(lib().tw_device_supports(_enum(DEVICES, "device", device), _enum(DTYPES, "dtype", dtype),
+                                           int(head_dim)))
+            _support[key] = None
+        except TilewiseError as e:
+            _support[key] = e
+    return _support[key]
+
+
+def cuda_available() -> bool:
+    """Whether the library was built with CUDA and a GPU its Hopper kernel runs on (sm_90) is present."""
+    return bool(lib().tw_cuda_available()) and device_support("cuda", "bf16", 128) is None
 
 
 def reorder(problem: Problem, src: int, dst: int, to_tiled: bool) -> None:
@@ -127,13 +185,13 @@ class Plan:
     """A planned problem: create once (validates, uploads tables), then run() only launches."""
 
     def __init__(self, *, batch, q_heads, kv_heads, head_dim, dtype, latent, tile, text_capacity=0,
-                 text_position="last", order="raster", layout="bshd", strides=None, scale=0.0,
+                 text_position="last", order="raster", layout="bshd", strides=None, scale=0.0, head_offset=0,
                  pattern="sliding_tile", windows=((3, 3, 3),), global_frames=(0,), radius=(0,),
                  block_offsets=None, block_tiles=None, device="cuda"):
         L = lib()
         p = make_problem(batch=batch, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
                          latent=latent, tile=tile, text_capacity=text_capacity, text_position=text_position,
-                         order=order, layout=layout, strides=strides, scale=scale)
+                         order=order, layout=layout, strides=strides, scale=scale, head_offset=head_offset)
         pat = Pattern()
         L.tw_pattern_init(ctypes.byref(pat))
         pat.kind = _enum(PATTERNS, "pattern", pattern)
@@ -154,9 +212,43 @@ class Plan:
         check(L.tw_plan_create(ctypes.byref(p), ctypes.byref(pat), _enum(DEVICES, "device", device), ctypes.byref(handle)))
         self._handle = handle
 
-    def run(self, q, k, v, o, lse=0, text_len=0, stream=0) -> None:
-        """Pointers as integers (e.g. tensor.data_ptr()); 0 for absent lse / text_len / default stream."""
-        check(lib().tw_plan_run(self._handle, q, k, v, o, lse or None, text_len or None, stream or None))
+    def run(self, q, k, v, o, lse=0, text_len=0, stream=0, workspace=0) -> None:
+        """Pointers as integers (e.g. tensor.data_ptr()); 0 for absent lse / text_len / default stream, and for
+        the plan's own workspace (then runs of this plan must not overlap on two streams)."""
+        check(lib().tw_plan_run_with_workspace(self._handle, q, k, v, o, lse or None, text_len or None,
+                                               workspace or None, stream or None))
+
+    def workspace_bytes(self) -> int:
+        out = ctypes.c_uint64()
+        check(lib().tw_plan_workspace_size(self._handle, ctypes.byref(out)))
+        return out.value
+
+    def backward_workspace_bytes(self) -> int:
+        out = ctypes.c_uint64()
+        check(lib().tw_plan_backward_workspace_size(self._handle, ctypes.byref(out)))
+        return out.value
+
+    def run_backward(self, *, q, k, v, o, lse, dout, dq, dk, dv, dlse=0, text_len=0, workspace=0,
+                     deterministic=False, stream=0) -> None:
+        """Gradients (pointers as integers): dq with q's strides, dk / dv with k's / v's; dout with o's."""
+        t = GradTensors()
+        lib().tw_grad_tensors_init(ctypes.byref(t))
+        for name, ptr in (("q", q), ("k", k), ("v", v), ("o", o), ("lse", lse), ("dout", dout), ("dlse", dlse),
+                          ("dq", dq), ("dk", dk), ("dv", dv), ("text_len", text_len)):
+            setattr(t, name, ptr or None)
+        check(lib().tw_plan_run_backward(self._handle, ctypes.byref(t), workspace or None, int(bool(deterministic)),
+                                         stream or None))
+
+    def grid(self) -> tuple:
+        out = _dim3((0, 0, 0))
+        check(lib().tw_plan_grid(self._handle, out))
+        return tuple(out)
+
+    def window(self, head: int) -> tuple:
+        """The effective window of local head `head` (sliding tile plans)."""
+        out = _dim3((0, 0, 0))
+        check(lib().tw_plan_window(self._handle, head, out))
+        return tuple(out)
 
     def flops(self, text_len_host=None) -> float:
         out = ctypes.c_double()

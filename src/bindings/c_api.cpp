@@ -244,6 +244,73 @@ tw_status tw_untile(const tw_problem* problem, const void* tiled_in, void* raste
   return guarded([&] { tilewise::untile(to_problem(problem_of(problem)), tiled_in, raster_out); });
 }
 
+namespace {
+
+tilewise::Dim3 to_dim3(const int64_t* d, const char* argument) {
+  if (d == nullptr) fail(argument, "null", "three sizes (t, h, w)");
+  const tilewise::Dim3 v{d[0], d[1], d[2]};
+  require(v.t >= 1 && v.h >= 1 && v.w >= 1, argument, str(v), "three sizes >= 1 (TxHxW)");
+  return v;
+}
+
+void write_dim3(const tilewise::Dim3& d, int64_t* out, const char* argument) {
+  if (out == nullptr) fail(argument, "null", "an int64_t[3] to receive the result");
+  out[0] = d.t;
+  out[1] = d.h;
+  out[2] = d.w;
+}
+
+/// The window formula of the spec (window_range) gives the extent: min(k, n) key tiles along each axis.
+tilewise::Dim3 effective_window(const tilewise::Dim3& window, const tilewise::Dim3& tiles) {
+  return {tilewise::window_range<int64_t>(0, window.t, tiles.t).size(),
+          tilewise::window_range<int64_t>(0, window.h, tiles.h).size(),
+          tilewise::window_range<int64_t>(0, window.w, tiles.w).size()};
+}
+
+}  // namespace
+
+tw_status tw_tile_grid(const int64_t latent[3], const int64_t tile[3], int64_t tiles[3]) {
+  return guarded([&] {
+    const tilewise::TileGrid grid(to_dim3(latent, "latent"), to_dim3(tile, "tile"));
+    write_dim3(grid.tiles, tiles, "tiles");
+  });
+}
+
+tw_status tw_effective_window(const int64_t latent[3], const int64_t tile[3], const int64_t window[3],
+                              int64_t effective[3]) {
+  return guarded([&] {
+    const tilewise::TileGrid grid(to_dim3(latent, "latent"), to_dim3(tile, "tile"));
+    write_dim3(effective_window(to_dim3(window, "window"), grid.tiles), effective, "effective");
+  });
+}
+
+tw_status tw_plan_grid(const tw_plan* plan, int64_t tiles[3]) {
+  return guarded([&] { write_dim3(plan_of(plan).grid().tiles, tiles, "tiles"); });
+}
+
+tw_status tw_plan_window(const tw_plan* plan, int64_t head, int64_t window[3]) {
+  return guarded([&] {
+    const tilewise::Plan& p = plan_of(plan);
+    require(p.pattern().kind == tilewise::PatternKind::sliding_tile, "plan", tilewise::to_string(p.pattern().kind),
+            "a sliding tile plan (only those have windows)");
+    require(head >= 0 && head < p.problem().q_heads, "head", head,
+            "a local head in [0, " + str(p.problem().q_heads) + ")");
+    write_dim3(effective_window(p.head(head).window, p.grid().tiles), window, "window");
+  });
+}
+
+tw_status tw_device_supports(int32_t device, int32_t dtype, int64_t head_dim) {
+  return guarded([&] {
+    // A one-tile problem: whatever it is refused for is about the device, the dtype or the head dim.
+    tilewise::Problem p;
+    p.dtype = static_cast<tilewise::DType>(dtype);
+    p.head_dim = head_dim;
+    p.latent = {1, 8, 8};
+    p.tile = {1, 8, 8};
+    const tilewise::Plan plan(p, tilewise::Pattern::dense(), static_cast<tilewise::Device>(device));
+  });
+}
+
 const char* tw_last_error(void) { return last_error.c_str(); }
 const char* tw_last_error_argument(void) { return last_argument.c_str(); }
 

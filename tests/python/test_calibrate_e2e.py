@@ -161,7 +161,7 @@ def test_capture_errors(seed, monkeypatch):
     cap = cal.capture(model, candidates=CANDIDATES, tile=TILE, timesteps=[900.0])
     with pytest.raises(ValueError, match="no attention call was captured"):
         cap.result()
-    monkeypatch.setattr(twd, "_supported", lambda *a: False)  # e.g. float32 on CUDA
+    monkeypatch.setattr(twd._controller, "_refusal", lambda *a: "it runs on cpu in torch.float32 (refused)")  # e.g. float32 on CUDA
     with pytest.raises(RuntimeError, match="cannot tap layer 0 at step 0: it runs on cpu in torch.float32"):
         with cap:
             denoise(model, inputs, FlowMatchEulerDiscreteScheduler(), 1)

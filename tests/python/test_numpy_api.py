@@ -116,3 +116,157 @@ def test_errors_name_the_argument(rng, call, exc, words):
         call(q, k, v)
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+# --- issue 14: every argument check of the Python layer, integers only, order, head_offset ---
+
+def _small(rng, dtype=np.float32):
+    return qkv(rng, 1, 2 * 4 * 4 + 4, 2, 2, 16, dtype)  # latent (2, 4, 4) + 4 text positions
+
+
+def _sta(q, k, v, **kw):
+    args = dict(latent=(2, 4, 4), tile=(1, 2, 2), window=(1, 1, 1))
+    args.update(kw)
+    return tilewise.sliding_tile_attention(q, k, v, **args)
+
+
+BAD_ARGUMENTS = [  # (keyword arguments, exception, words the message must contain)
+    (dict(window=(1.9, 1, 1)), TypeError, ["window[0]", "1.9", "integer"]),
+    (dict(window=(True, 1, 1)), TypeError, ["window[0]", "True"]),
+    (dict(window="111"), ValueError, ["window", "'111'", "3x3x3"]),
+    (dict(window="3x3"), ValueError, ["window", "'3x3'"]),
+    (dict(window=[(1, 1, 1), "1x1"]), ValueError, ["window[1]", "'1x1'"]),
+    (dict(window=3), TypeError, ["window", "three integers"]),
+    (dict(latent=(2.5, 4, 4)), TypeError, ["latent[0]", "2.5"]),
+    (dict(latent="244"), TypeError, ["latent", "'244'"]),
+    (dict(latent=(2, 4)), ValueError, ["latent", "three integers"]),
+    (dict(tile=(1, 2.0, 2)), TypeError, ["tile[1]", "2.0"]),
+    (dict(text_len=3.9), TypeError, ["text_len", "3.9"]),
+    (dict(text_len="3"), TypeError, ["text_len", "'3'"]),
+    (dict(text_len=[2.0]), TypeError, ["text_len[0]", "2.0"]),
+    (dict(text_len=np.array([2.0])), TypeError, ["text_len[0]", "2.0"]),
+    (dict(text_len=[1, 2]), ValueError, ["text_len", "2 values"]),
+    (dict(text_len=5), ValueError, ["text_len[0] = 5", "capacity 4"]),
+    (dict(text_len=-1), ValueError, ["text_len[0] = -1"]),
+    (dict(head_offset=0.0), TypeError, ["head_offset", "0.0"]),
+    (dict(head_offset=-1), ValueError, ["head_offset", "-1"]),
+    (dict(scale="0.5"), TypeError, ["scale", "'0.5'"]),
+    (dict(scale=True), TypeError, ["scale", "True"]),
+    (dict(order="zigzag"), ValueError, ["order", "'zigzag'", "'raster'", "'tiled'"]),
+    (dict(order="tiled", latent=(2, 4, 4), tile=(1, 3, 2)), ValueError, ["order", "multiple of the tile"]),
+    (dict(text_position="middle"), ValueError, ["text_position", "'middle'", "'first'"]),
+    (dict(layout="sbhd"), ValueError, ["layout", "'sbhd'", "'bshd'"]),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, words", BAD_ARGUMENTS)
+def test_bad_arguments_name_the_argument_and_value(rng, kwargs, exc, words):
+    q, k, v = _small(rng)
+    for make in (lambda: _sta(q, k, v, **kwargs),  # the function and Plan refuse alike
+                 lambda: tilewise.Plan(q, k, v, **{**dict(latent=(2, 4, 4), tile=(1, 2, 2), window=(1, 1, 1)),
+                                                   **{a: b for a, b in kwargs.items() if a != "text_len"}})(
+                     q, k, v, text_len=kwargs.get("text_len"))):
+        with pytest.raises(exc) as info:
+            make()
+        for w in words:
+            assert w in str(info.value), (w, str(info.value))
+
+
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda q, k, v: tilewise.attention_tile(q, k, v, latent=(2, 4, 4), global_frames=1.5), TypeError,
+     ["global_frames", "1.5"]),
+    (lambda q, k, v: tilewise.attention_tile(q, k, v, latent=(2, 4, 4), global_frames=[1, "0"]), TypeError,
+     ["global_frames[1]", "'0'"]),
+    (lambda q, k, v: tilewise.attention_tile(q, k, v, latent=(2, 4, 4), global_frames=1, radius=0.5), TypeError,
+     ["radius", "0.5"]),
+    (lambda q, k, v: tilewise.block_sparse_attention(q, k, v, latent=(2, 4, 4), tile=(1, 2, 2),
+                                                     block_offsets=[0, 1.0], block_tiles=[0]), TypeError,
+     ["block_offsets[1]", "1.0"]),
+    (lambda q, k, v: tilewise.block_sparse_attention(q, k, v, latent=(2, 4, 4), tile=(1, 2, 2), block_offsets=3,
+                                                     block_tiles=[0]), TypeError, ["block_offsets", "sequence"]),
+    (lambda q, k, v: tilewise.Plan(q, k, v, latent=(2, 4, 4), pattern="block_list"), ValueError,
+     ["block_offsets, block_tiles"]),
+    (lambda q, k, v: tilewise.Plan(q, k, v, latent=(2, 4, 4), pattern="stripes"), ValueError,
+     ["pattern", "'stripes'", "'sliding_tile'"]),
+    (lambda q, k, v: _sta(q, k.astype(np.float64), v), TypeError, ["k", "float64", "differs"]),
+    (lambda q, k, v: _sta(q[0], k[0], v[0]), ValueError, ["q.ndim = 3"]),
+    (lambda q, k, v: _sta(q, k, np.ndarray(v.shape, np.float32, np.zeros(2 * v.nbytes, np.uint8),
+                                           strides=(v.strides[0] + 2,) + v.strides[1:])),
+     ValueError, ["v", "strides"]),
+    (lambda q, k, v: _sta(q, k, v.tolist()), TypeError, ["v", "numpy array"]),
+    (lambda q, k, v: tilewise.tile(q[:, :, :1], latent=(2, 4, 4), tile=(1, 2, 2)), ValueError, ["x", "contiguous"]),
+    (lambda q, k, v: tilewise.tile(q.astype(np.int16), latent=(2, 4, 4), tile=(1, 2, 2)), TypeError,
+     ["x", "int16"]),
+    (lambda q, k, v: tilewise.tile(q, latent=(3, 4, 4), tile=(1, 2, 2)), ValueError, ["latent", "S = 36"]),
+    (lambda q, k, v: tilewise.tile(q, latent=(2, 4, 4), tile=(1, 2, 2), text_position="x"), ValueError,
+     ["text_position", "'x'"]),
+    (lambda q, k, v: tilewise.Plan(q, k, v, latent=(2, 4, 4), tile=(1, 2, 2), window=(1, 1, 1)).window(0.0),
+     TypeError, ["head", "0.0"]),
+    (lambda q, k, v: tilewise.Plan(q, k, v, latent=(2, 4, 4), tile=(1, 2, 2), window=(1, 1, 1)).window(2),
+     ValueError, ["head", "2"]),
+    (lambda q, k, v: tilewise.Plan(q, k, v, latent=(2, 4, 4), tile=(1, 2, 2), window=(1, 1, 1))(q[:, :35], k[:, :35],
+                                                                                             v[:, :35]),
+     ValueError, ["differ from the ones this Plan"]),
+    (lambda q, k, v: tilewise.effective_window("1x1", latent=(2, 4, 4), tile=(1, 2, 2)), ValueError,
+     ["window", "'1x1'"]),
+    (lambda q, k, v: tilewise.tile_grid((2, 4, 4), (1, 0, 2)), ValueError, ["tile", "1x0x2"]),
+    (lambda q, k, v: tilewise.supports("cpu", "f32", 64.0), TypeError, ["head_dim", "64.0"]),
+])
+def test_other_argument_checks(rng, call, exc, words):
+    q, k, v = _small(rng)
+    with pytest.raises(exc) as info:
+        call(q, k, v)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_integer_types_and_the_window_spelling_are_accepted(rng):
+    q, k, v = _small(rng)
+    ref, ref_lse = oracle(*(x.astype(np.float64) for x in (q, k, v)), (2, 4, 4), (1, 2, 2),
+                          sta_mask((2, 4, 4), (1, 2, 2), [(1, 3, 1)]), np.array([3]))
+    for kw in (dict(window=(1, 3, 1), text_len=3),
+               dict(window="1x3x1", text_len=np.int64(3)),
+               dict(window=np.array([1, 3, 1]), text_len=np.array([3], dtype=np.int16),
+                    latent=np.array([2, 4, 4]), tile=(np.int32(1), np.uint8(2), 2)),
+               dict(window=["1x3x1", (1, 3, 1)], text_len=np.array(3))):
+        o, lse = _sta(q, k, v, return_lse=True, **kw)
+        np.testing.assert_allclose(o, ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    plan = tilewise.Plan(q, k, v, latent=(2, 4, 4), tile=(1, 2, 2), window="1x3x1")
+    np.testing.assert_allclose(plan(q, k, v, text_len=3), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_grid_and_effective_windows_come_from_the_library(rng):
+    q, k, v = _small(rng)
+    assert tilewise.tile_grid((5, 6, 7), (2, 4, 4)) == (3, 2, 2)
+    assert tilewise.effective_window("9x1x2", latent=(5, 6, 7), tile=(2, 4, 4)) == (3, 1, 2)
+    plan = tilewise.Plan(q, k, v, latent=(2, 4, 4), tile=(1, 2, 2), window=[(5, 1, 1), (1, 2, 9)])
+    assert plan.grid() == (2, 2, 2)
+    assert [plan.window(h) for h in range(2)] == [(2, 1, 1), (1, 2, 2)]
+    assert tilewise.supports("cpu", "bf16", 80) and tilewise.supports("cpu", "f64", 1)
+    assert isinstance(tilewise.cuda_available(), bool)
+
+
+def test_tiled_order_equals_raster_order_reordered(rng):
+    latent, tile = (4, 4, 6), (2, 2, 3)
+    q, k, v = qkv(rng, 2, 96 + 5, 4, 2, 16)
+    raster = tilewise.sliding_tile_attention(q, k, v, latent=latent, tile=tile, window=[(1, 2, 1), (2, 1, 2)] * 2,
+                                             text_len=[5, 2])
+    tq, tk, tv = (tilewise.tile(x, latent=latent, tile=tile) for x in (q, k, v))
+    tiled = tilewise.sliding_tile_attention(tq, tk, tv, latent=latent, tile=tile, order="tiled",
+                                            window=[(1, 2, 1), (2, 1, 2)] * 2, text_len=[5, 2])
+    np.testing.assert_allclose(tilewise.untile(tiled, latent=latent, tile=tile), raster, rtol=1e-5, atol=1e-6)
+    plan = tilewise.Plan(tq, tk, tv, latent=latent, tile=tile, order="tiled", window=[(1, 2, 1), (2, 1, 2)] * 2)
+    np.testing.assert_allclose(plan(tq, tk, tv, text_len=[5, 2]), tiled, rtol=0, atol=0)
+
+
+def test_head_offset_indexes_the_global_window_table(rng):
+    latent, tile = (2, 4, 6), (1, 2, 2)
+    q, k, v = qkv(rng, 1, 48 + 3, 2, 1, 16)       # 2 local heads of 4 global ones (e.g. rank 1 of 2)
+    table = [(1, 1, 1), (2, 2, 2), (1, 1, 3), (2, 1, 1)]
+    o = tilewise.sliding_tile_attention(q, k, v, latent=latent, tile=tile, window=table, head_offset=2, text_len=2)
+    ref, _ = oracle(*(x.astype(np.float64) for x in (q, k, v)), latent, tile, sta_mask(latent, tile, table[2:]),
+                    np.array([2]))
+    np.testing.assert_allclose(o, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="window"):  # 4 global heads cannot hold local heads 3 and 4
+        tilewise.sliding_tile_attention(q, k, v, latent=latent, tile=tile, window=table, head_offset=3)

@@ -198,18 +198,17 @@ def test_plan_cache(gen):
     assert _torch.plan_cache_size() == 0
 
 
-def _op_args(q, k, v, text_len, values, return_lse, windows=(1, 2, 1), layout="bshd"):
+def _op_args(q, k, v, text_len, values, windows=(1, 2, 1), layout="bshd"):
     return (q, k, v, text_len, values, [2, 4, 4], [1, 2, 2], "sliding_tile", list(windows), [], [], [], [], "last",
-            layout, 0.0, return_lse)
+            "raster", layout, 0.0, 0, False)
 
 
-@pytest.mark.parametrize("return_lse", [False, True])
 @pytest.mark.parametrize("text", ["tensor", "values", "none"])
-def test_opcheck_cpu(gen, return_lse, text):
+def test_opcheck_forward_cpu(gen, text):
     q, k, v = qkv(gen, 2, 38, 2, 1, 16)
     tl = torch.tensor([3, 6], dtype=torch.int32) if text == "tensor" else None
     values = [2, 5] if text == "values" else []
-    torch.library.opcheck(torch.ops.tilewise.attention_fwd.default, _op_args(q, k, v, tl, values, return_lse))
+    torch.library.opcheck(torch.ops.tilewise.attention_fwd.default, _op_args(q, k, v, tl, values))
 
 
 class _Block(torch.nn.Module):
@@ -240,13 +239,44 @@ def test_torch_compile_fullgraph_no_graph_break(gen):
     torch.testing.assert_close(compiled(q2, k2, v2, tl), block(q2, k2, v2, tl))
 
 
-def test_autograd_raises_not_implemented(gen):
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda q, k, v: _call(q, k, v, window=torch.tensor([1.0, 1.0, 1.0])), TypeError, ["window[0]", "tensor(1."]),
+    (lambda q, k, v: _call(q, k, v, latent=(torch.tensor(2.0), 4, 4)), TypeError, ["latent[0]"]),
+    (lambda q, k, v: _call(q, k, v, text_len=torch.tensor([2.5])), TypeError, ["text_len", "integer tensor"]),
+    (lambda q, k, v: _call(q, k, v, text_len=torch.tensor([1], device="meta")), ValueError,
+     ["text_len: on device meta"]),
+    (lambda q, k, v: _call(q.to("meta"), k.to("meta"), v.to("meta")), ValueError, ["q: on device meta"]),
+    (lambda q, k, v: _call(q, k.to("meta"), v), ValueError, ["k: on device meta", "q's device cpu"]),
+    (lambda q, k, v: _call(q, k, v, window=(True, 1, 1)), TypeError, ["window[0]", "True"]),
+    (lambda q, k, v: _call(q, k, v, order="tiled", tile=(1, 3, 2)), ValueError, ["order"]),
+])
+def test_torch_argument_checks(gen, call, exc, words):
     q, k, v = qkv(gen, 1, 36, 2, 2, 16)
-    q.requires_grad_(True)
-    o = _call(q, k, v)
-    assert o.requires_grad
-    with pytest.raises(NotImplementedError, match="tilewise"):
-        o.sum().backward()
+    with pytest.raises(exc) as info:
+        call(q, k, v)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_integer_tensors_are_integers(gen):
+    q, k, v = qkv(gen, 1, 36, 2, 2, 16)
+    ref, _ = torch_oracle(q, k, v, (2, 4, 4), masks((2, 4, 4), (1, 2, 2), [(1, 2, 1)]), [3])
+    o = _call(q, k, v, latent=torch.tensor([2, 4, 4]), window=torch.tensor([1, 2, 1]), text_len=[torch.tensor(3)],
+              head_offset=torch.tensor(0))
+    torch.testing.assert_close(o.double(), ref, rtol=1e-4, atol=1e-5)
+    o = _call(q, k, v, window="1x2x1", text_len=torch.tensor([3], dtype=torch.int16))
+    torch.testing.assert_close(o.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_tiled_order_and_head_offset_on_tensors(gen):
+    latent, tile = (2, 4, 6), (1, 2, 3)
+    q, k, v = qkv(gen, 2, 48 + 4, 2, 1, 16)
+    table = [(1, 1, 1), (2, 2, 2), (1, 2, 1), (2, 1, 2)]
+    ref, _ = torch_oracle(q, k, v, latent, masks(latent, tile, table[2:]), [4, 1])
+    tq, tk, tv = (tilewise.tile(x, latent=latent, tile=tile) for x in (q, k, v))
+    o = tilewise.sliding_tile_attention(tq, tk, tv, latent=latent, tile=tile, window=table, head_offset=2,
+                                        order="tiled", text_len=[4, 1])
+    torch.testing.assert_close(tilewise.untile(o, latent=latent, tile=tile).double(), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_import_tilewise_without_torch():
@@ -333,17 +363,32 @@ def test_cuda_runs_on_the_current_stream(gen):
     side.synchronize()
     assert torch.equal(o, expected)
     assert _torch.plan_cache_size() == 1
-    tilewise.sliding_tile_attention(q, k, v, **kw)  # the default stream gets a plan of its own
-    assert _torch.plan_cache_size() == 2
+    tilewise.sliding_tile_attention(q, k, v, **kw)  # the same plan on the default stream (own workspace per run)
+    assert _torch.plan_cache_size() == 1
 
 
 @hopper
-@pytest.mark.parametrize("return_lse", [False, True])
-def test_opcheck_cuda(gen, return_lse):
+def test_cuda_one_plan_on_two_streams_at_once(gen):
+    q, k, v, kw = _cuda_problem(gen, B=1)
+    q2 = qkv(gen, 1, q.shape[1], 2, 2, 128, dtype=torch.bfloat16, device="cuda")[0]
+    expected = [tilewise.sliding_tile_attention(x, k, v, **kw) for x in (q, q2)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    outs = []
+    for s_, x in zip(streams, (q, q2)):
+        s_.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s_):
+            outs.append(tilewise.sliding_tile_attention(x, k, v, **kw))
+    torch.cuda.synchronize()
+    assert _torch.plan_cache_size() == 1
+    assert all(torch.equal(a, b) for a, b in zip(outs, expected))
+
+
+@hopper
+def test_opcheck_forward_cuda(gen):
     q, k, v = qkv(gen, 2, 2 * 4 * 4 + 6, 2, 1, 64, dtype=torch.bfloat16, device="cuda")
     tl = torch.tensor([3, 6], dtype=torch.int32, device="cuda")
-    torch.library.opcheck(torch.ops.tilewise.attention_fwd.default, _op_args(q, k, v, tl, [], return_lse))
-    torch.library.opcheck(torch.ops.tilewise.attention_fwd.default, _op_args(q, k, v, None, [1, 2], return_lse))
+    torch.library.opcheck(torch.ops.tilewise.attention_fwd.default, _op_args(q, k, v, tl, []))
+    torch.library.opcheck(torch.ops.tilewise.attention_fwd.default, _op_args(q, k, v, None, [1, 2]))
 
 
 def _cuda_block(gen):
@@ -378,6 +423,9 @@ def test_cuda_errors(gen):
     q, k, v, kw = _cuda_problem(gen, B=1)
     with pytest.raises(TypeError, match="bfloat16 or torch.float16 on CUDA"):
         tilewise.sliding_tile_attention(q.float(), k.float(), v.float(), **kw)
+    with pytest.raises(ValueError, match="head_dim"):
+        tilewise.sliding_tile_attention(q[..., :80], k[..., :80], v[..., :80], **kw)
+    assert tilewise.cuda_available() and tilewise.supports("cuda", "f16", 96) and not tilewise.supports("cuda", "f32", 64)
     with pytest.raises(ValueError, match="text_len: on device cpu"):
         tilewise.sliding_tile_attention(q, k, v, text_len=torch.tensor([3]), **kw)
     with pytest.raises(ValueError, match="k: on device cpu"):

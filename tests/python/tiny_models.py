@@ -68,7 +68,7 @@ def run(model, inputs, **overrides):
 
 
 def num_attention(model):
-    return len(twd._family(model).attention_modules(model))
+    return len(twd.family_of(model).attention_modules(model))
 
 
 def denoise(model, inputs, scheduler, num_steps, after_step=None):

@@ -27,6 +27,7 @@ from typing import Optional, Union
 import numpy as np
 
 from tilewise.calibrate import _backend
+from tilewise.geometry import Geometry  # noqa: F401  (re-exported: the captures' geometry)
 
 FORMAT = "tilewise-capture"
 VERSION = 1
@@ -42,67 +43,7 @@ def _triple(name, value) -> tuple:
     return t
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Where the video and text sit in a [B, S, H, D] sequence, as the tilewise functions take it.
-
-    latent: (T, H, W) latent tokens; tile: (tt, th, tw) tokens; text_len: valid text tokens (None = all of the
-    S - T*H*W text positions, an int for every batch element, or one per batch element); text_position: "last"
-    ([video | text]) or "first"; layout: "bshd" or "bhsd"; scale: None = 1/sqrt(D).
-    """
-
-    latent: tuple
-    tile: tuple = (6, 8, 8)
-    text_len: Union[None, int, tuple] = None
-    text_position: str = "last"
-    layout: str = "bshd"
-    scale: Optional[float] = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "latent", _triple("latent", self.latent))
-        object.__setattr__(self, "tile", _triple("tile", self.tile))
-        if self.text_len is not None and not isinstance(self.text_len, (int, np.integer)):
-            object.__setattr__(self, "text_len", tuple(int(x) for x in self.text_len))
-        elif self.text_len is not None:
-            object.__setattr__(self, "text_len", int(self.text_len))
-        if self.text_position not in ("last", "first"):
-            raise ValueError(f"invalid text_position = {self.text_position!r}: expected 'last' or 'first'")
-        if self.layout not in ("bshd", "bhsd"):
-            raise ValueError(f"invalid layout = {self.layout!r}: expected 'bshd' or 'bhsd'")
-
-    @property
-    def grid(self) -> tuple:
-        """Tiles per axis: ceil(latent / tile)."""
-        return tuple(-(-n // t) for n, t in zip(self.latent, self.tile))
-
-    @property
-    def video_tokens(self) -> int:
-        return int(np.prod(self.latent))
-
-    def text_len_list(self, batch: int):
-        """text_len as one int per batch element, or None (all text positions valid)."""
-        if self.text_len is None:
-            return None
-        if isinstance(self.text_len, int):
-            return [self.text_len] * batch
-        return list(self.text_len)
-
-    def kwargs(self) -> dict:
-        """Keyword arguments of the tilewise attention functions."""
-        return dict(latent=self.latent, tile=self.tile, text_position=self.text_position, layout=self.layout,
-                    scale=self.scale)
-
-    def to_json(self) -> dict:
-        return {"latent": list(self.latent), "tile": list(self.tile),
-                "text_len": self.text_len if self.text_len is None or isinstance(self.text_len, int)
-                else list(self.text_len),
-                "text_position": self.text_position, "layout": self.layout, "scale": self.scale}
-
-    @staticmethod
-    def from_json(d: dict) -> "Geometry":
-        return Geometry(latent=d["latent"], tile=d["tile"], text_len=d.get("text_len"),
-                        text_position=d.get("text_position", "last"), layout=d.get("layout", "bshd"),
-                        scale=d.get("scale"))
+# The geometry type is tilewise.geometry.Geometry (shared with tilewise.diffusers).
 
 
 def shape_bshd(x, layout: str) -> tuple:

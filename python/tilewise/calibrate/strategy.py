@@ -26,12 +26,16 @@ even windows smaller than the grid are refused in both directions, with the key 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from tilewise import _args, _capi
+
 FORMAT = "tilewise-strategy"
+FULL_WINDOW = (1 << 20, 1 << 20, 1 << 20)  # larger than any tile grid: the library clamps it to the whole axis
 VERSION = 1
 AXES = ("t", "h", "w")
 _KEY = re.compile(r"^(\d+)_(\d+)_(\d+)$")
@@ -47,10 +51,22 @@ def _window(value, where: str) -> tuple:
 def _opt_triple(value, name):
     if value is None:
         return None
-    t = tuple(int(x) for x in value)
-    if len(t) != 3 or min(t) < 1:
+    t = _args.triple(name, value)
+    if min(t) < 1:
         raise ValueError(f"invalid {name} = {value!r}: expected three integers >= 1")
     return t
+
+
+def _default_windows(value):
+    """`default`: None (dense), one window, or one window per head (a tuple of windows)."""
+    if value is None:
+        return None
+    windows = _args.windows(value, "default")
+    for h, w in enumerate(windows):
+        if min(w) < 1:
+            raise ValueError(f"invalid default = {value!r}: expected windows of three integers >= 1")
+    return windows[0] if len(windows) == 1 and not (_args.is_sequence(value) and value and
+                                                    _args.is_sequence(value[0])) else windows
 
 
 def parse_key(key: str, where: str = "strategy") -> tuple:
@@ -91,7 +107,7 @@ def _grid_of(grid, latent, tile):
     grid = _opt_triple(grid, "grid")
     latent, tile = _opt_triple(latent, "latent"), _opt_triple(tile, "tile")
     if grid is None and latent is not None and tile is not None:
-        grid = tuple(-(-n // t) for n, t in zip(latent, tile))
+        grid = _capi.tile_grid(latent, tile)
     return grid, latent, tile
 
 
@@ -108,16 +124,20 @@ class Strategy:
     grid: Optional[tuple] = None
     latent: Optional[tuple] = None
     tile: Optional[tuple] = None
-    default: Optional[tuple] = None               # None: dense (the grid window)
+    default: Optional[tuple] = None               # None: dense (the grid window); a window, or one per head
     skip_steps: int = 0
     frame_patterns: dict = field(default_factory=dict)  # layer -> (global_frames, radius)
     search: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.grid, self.latent, self.tile = _grid_of(self.grid, self.latent, self.tile)
-        self.default = _opt_triple(self.default, "default")
-        self.windows = {tuple(int(x) for x in k): tuple(int(x) for x in w) for k, w in self.windows.items()}
-        self.frame_patterns = {int(l): (int(g), int(r)) for l, (g, r) in self.frame_patterns.items()}
+        self.default = _default_windows(self.default)
+        self.windows = {tuple(_args.integer("windows key", x) for x in k): _args.window(f"window {k}", w)
+                        for k, w in self.windows.items()}
+        self.frame_patterns = {_args.integer("frame_patterns key", l): (_args.integer("global_frames", g),
+                                                                        _args.integer("radius", r))
+                               for l, (g, r) in self.frame_patterns.items()}
+        self.skip_steps = _args.integer("skip_steps", self.skip_steps)
 
     # --- lookups -------------------------------------------------------------------------------------------
     @property
@@ -133,7 +153,7 @@ class Strategy:
         if w is not None:
             return w
         if self.default is not None:
-            return self.default
+            return self._default_of(head)
         if self.grid is not None:
             return self.grid
         raise KeyError(f"no window for step {step}, layer {layer}, head {head}, and neither a default nor a grid "
@@ -143,6 +163,98 @@ class Strategy:
         """Per-head windows of one attention call (heads head_offset .. head_offset + num_heads - 1, for
         sequence parallelism), ready for tilewise.sliding_tile_attention(window=...)."""
         return [self.window(step, layer, head_offset + h) for h in range(num_heads)]
+
+    def _default_of(self, head: int) -> tuple:
+        if isinstance(self.default[0], tuple):  # one per head
+            if head >= len(self.default):
+                raise ValueError(f"invalid head {head}: the strategy's default has {len(self.default)} per-head "
+                                 "windows")
+            return self.default[head]
+        return self.default
+
+    def _by_call(self) -> dict:
+        """{(step, layer): {head: window}}, built once (windows are not meant to change after construction)."""
+        if getattr(self, "_calls", None) is None or self._calls[0] is not self.windows:
+            table: dict = {}
+            for (step, layer, head), w in self.windows.items():
+                table.setdefault((step, layer), {})[head] = w
+            self._calls = (self.windows, table)
+        return self._calls[1]
+
+    @property
+    def per_step(self) -> bool:
+        """Whether the windows depend on the denoising step or layer (else `default` holds for every call)."""
+        return bool(self.windows or self.frame_patterns)
+
+    def pattern(self, step: Optional[int], layer: int, num_heads: int, head_offset: int = 0):
+        """The pattern of one attention call: ("sta", windows) with one window (for every head) or one per head,
+        ("frame", (global_frames, radius)), or None where the call stays dense. Keys of the (step, layer) win;
+        then the layer's frame pattern from skip_steps on; then `default`. A head missing from a (step, layer)
+        that has keys gets `default`, or the whole grid (FULL_WINDOW when the grid is unknown)."""
+        heads = range(head_offset, head_offset + num_heads)
+        entry = None if step is None else self._by_call().get((step, layer))
+        if entry:
+            bad = [h for h in entry if h not in heads]
+            if bad:
+                raise ValueError(f"invalid strategy key '{format_key(step, layer, bad[0])}': layer {layer} has "
+                                 f"{num_heads} heads" + (f" (from head {head_offset})" if head_offset else ""))
+            fill = (lambda h: self._default_of(h)) if self.default is not None else \
+                (lambda h: self.grid or FULL_WINDOW)
+            return ("sta", tuple(entry.get(h) or fill(h) for h in heads))
+        frames = None if step is None else self.frame_pattern(step, layer)
+        if frames is not None:
+            return ("frame", frames)
+        if self.default is not None:
+            if isinstance(self.default[0], tuple):
+                return ("sta", tuple(self._default_of(h) for h in heads))
+            return ("sta", (self.default,))
+        return None
+
+    @classmethod
+    def coerce(cls, value, tile=None) -> "Strategy":
+        """A Strategy from any form tilewise takes (tilewise.diffusers.enable's `strategy`):
+        - a Strategy; a tilewise strategy dict or file ("format": "tilewise-strategy");
+        - one window for every call, (kt, kh, kw) or "KTxKHxKW", or one per head; {"window": ..., "tile": ...};
+        - a table {"<step>_<layer>_<head>": [kt, kh, kw]} (a dict or a JSON file) in tilewise's window semantics
+          (to read a FastVideo file with even windows, use Strategy.load(..., even_windows="widen")).
+        tile: overrides an unset tile, and must agree with a set one."""
+        s = cls._coerce(value)
+        if tile is not None:
+            tile = _opt_triple(tile, "tile")
+            if s.tile is not None and s.tile != tile:
+                raise ValueError(f"invalid tile = {tile}: the strategy was made for tile {s.tile}")
+            s = cls(windows=s.windows, grid=s.grid if s.latent else None, latent=s.latent, tile=tile,
+                    default=s.default, skip_steps=s.skip_steps, frame_patterns=s.frame_patterns, search=s.search)
+        return s
+
+    @classmethod
+    def _coerce(cls, value) -> "Strategy":
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, os.PathLike) or (isinstance(value, str) and not _args._WINDOW_TEXT.match(value)):
+            try:
+                value = json.loads(Path(value).read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise ValueError(f"invalid strategy = {str(value)!r}: expected a window, a table or the path of a "
+                                 f"JSON strategy file ({e})") from None
+        if isinstance(value, dict) and value.get("format") == FORMAT:
+            return cls.from_json(value)
+        if isinstance(value, dict) and "window" in value:
+            unknown = set(value) - {"window", "tile"}
+            if unknown:
+                raise ValueError(f"invalid strategy keys {sorted(unknown)}: expected 'window' and optionally 'tile'")
+            return cls(default=cls._coerce(value["window"]).default, tile=value.get("tile"))
+        if isinstance(value, dict):
+            windows = {}
+            for key, w in value.items():
+                windows[parse_key(key, "strategy")] = _args.window(f"strategy[{key!r}]", w)
+            return cls(windows=windows)
+        try:
+            return cls(default=value)
+        except (TypeError, ValueError):
+            raise ValueError(f"invalid strategy = {value!r}: expected a window (kt, kh, kw) or 'KTxKHxKW', one "
+                             "window per head, {'window': ..., 'tile': ...}, or a table (dict or JSON path) keyed "
+                             "'<step>_<layer>_<head>'") from None
 
     def frame_pattern(self, step: int, layer: int) -> Optional[tuple]:
         """(global_frames, radius) of layer at step, or None where the layer stays dense."""
@@ -172,7 +284,8 @@ class Strategy:
             "latent": list(self.latent) if self.latent else None,
             "tile": list(self.tile) if self.tile else None,
             "grid": list(self.grid) if self.grid else None,
-            "default": list(self.default) if self.default else None,
+            "default": None if self.default is None else
+            [list(w) for w in self.default] if isinstance(self.default[0], tuple) else list(self.default),
             "skip_steps": self.skip_steps,
             "search": self.search,
             "windows": {format_key(*k): list(w) for k, w in sorted(self.windows.items())},
@@ -180,14 +293,10 @@ class Strategy:
         }
 
     def save(self, path) -> None:
-        """Writes the tilewise format (one window per line)."""
-        d = self.to_json()
-        head = {k: v for k, v in d.items() if k not in ("windows", "frame_patterns")}
-        lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
-        lines += _table_lines("windows", d["windows"]) + [","]
-        lines += _table_lines("frame_patterns", d["frame_patterns"]) + ["}"]
-        text = "\n".join(lines).replace("\n,\n", ",\n") + "\n"
-        Path(path).write_text(text)
+        """Writes the tilewise format."""
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
 
     @classmethod
     def from_json(cls, d: dict, source: str = "strategy") -> "Strategy":
@@ -275,12 +384,6 @@ class Strategy:
 
     def save_fastvideo(self, path, num_steps=None, num_layers=None, num_heads=None) -> None:
         table = self.to_fastvideo(num_steps, num_layers, num_heads)
-        Path(path).write_text("\n".join(_table_lines(None, table)) + "\n")
-
-
-def _table_lines(name, table: dict) -> list:
-    items = [f"  {'  ' if name else ''}{json.dumps(k)}: {json.dumps(v)}" for k, v in table.items()]
-    body = [x + "," for x in items[:-1]] + items[-1:]
-    if name is None:
-        return ["{"] + body + ["}"]
-    return [f"  {json.dumps(name)}: {{"] + body + ["  }"]
+        with open(path, "w") as f:
+            json.dump(table, f, indent=1)
+            f.write("\n")

@@ -1,0 +1,313 @@
+"""The controller of tilewise.diffusers: per-transformer state (strategy, recorded latent grid and step, original
+processors), call routing, the processor base class, and enable / disable / tap. Model specifics live in one
+module per family (hunyuan_video.py, wan.py, cogvideox.py), registered in _family.FAMILIES."""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+import tilewise
+from tilewise import _capi, _torch  # noqa: F401  (_torch registers the custom ops)
+from tilewise.calibrate.strategy import FULL_WINDOW, Strategy
+from tilewise.diffusers._family import family_of
+from tilewise.geometry import Geometry
+
+
+class _Tap:
+    """The strategy of a tap: ("tap", None) at the selected (step, layer), None (the original processor)
+    elsewhere. steps / layers: indices (a range stays a range), None = all."""
+
+    per_step = True
+
+    def __init__(self, steps, layers, tile):
+        self.steps = steps if steps is None or isinstance(steps, range) else frozenset(int(s) for s in steps)
+        self.layers = None if layers is None else frozenset(int(l) for l in layers)
+        self.tile = (6, 8, 8) if tile is None else tilewise._args.triple("tile", tile)
+
+    def pattern(self, step, layer: int, heads: int):
+        if (self.steps is None or step in self.steps) and (self.layers is None or layer in self.layers):
+            return ("tap", None)
+        return None
+
+
+DEFAULT_TILE = (6, 8, 8)
+
+
+class Controller:
+    """tilewise's state on one transformer: strategy, recorded latent grid and step, original processors.
+
+    `calls` counts eager attention calls by route ("tilewise" or "original"); calls inside a torch.compile
+    graph are not counted."""
+
+    def __init__(self, model, family, strategy: Strategy, timesteps):
+        self.model, self.family, self.strategy = model, family, strategy
+        self.latent = None
+        self.step = None
+        self.timesteps = None
+        self.calls = {"tilewise": 0, "original": 0}
+        self.tap = None     # hook(layer, step, q, k, v, geometry) of a tap (see tap())
+        self.tile = strategy.tile or DEFAULT_TILE
+        self.modules = family.attention_modules(model)
+        self.originals = [m.processor for m in self.modules]
+        self._hook = None
+        self.specs = None   # the current pattern of each layer
+        self._specs = {}    # (step, latent) -> specs
+        if timesteps is not None:
+            self.set_timesteps(timesteps)
+
+    def set_timesteps(self, timesteps) -> None:
+        values = timesteps.detach().float().cpu().reshape(-1).tolist() if isinstance(timesteps, torch.Tensor) \
+            else [float(t) for t in timesteps]
+        if not values:
+            raise ValueError("timesteps: expected at least one timestep")
+        self.timesteps = values
+
+    def step_index(self, timestep) -> int:
+        if self.timesteps is None:
+            raise RuntimeError("tilewise.diffusers: the strategy has per-step windows but the denoising timesteps are "
+                               "unknown: pass timesteps=pipe.scheduler.timesteps to enable(), call "
+                               "tilewise.diffusers.set_timesteps(), or enable(pipe) on the pipeline")
+        if timestep is None:
+            raise ValueError("timestep: the transformer was called without a timestep, so the step index of the "
+                             "per-step strategy is unknown")
+        t = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
+        ts = self.timesteps
+        return min(range(len(ts)), key=lambda i: abs(ts[i] - t))  # nearest; the first one on ties
+
+    def _pre_hook(self, module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        latent = tuple(int(x) for x in self.family.latent(module.config, hidden.shape))
+        if self.strategy.per_step:
+            timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+            self.step, self.specs = _step_and_specs(self, timestep, latent)
+        elif self.specs is None:
+            self.specs = tuple(self.strategy.pattern(None, layer, m.heads) for layer, m in enumerate(self.modules))
+        self.latent = latent
+
+    def specs_for(self, step: int, latent) -> tuple:
+        """The pattern of every layer at `step` (None where dense: the model's own attention runs)."""
+        key = (step, latent)
+        if key not in self._specs:
+            grid = _capi.tile_grid(latent, self.tile)
+            specs = []
+            for layer, m in enumerate(self.modules):
+                spec = self.strategy.pattern(step, layer, m.heads)
+                if spec is not None and spec[0] == "sta" and \
+                        all(_capi.effective_window(latent, self.tile, w) == grid for w in spec[1]):
+                    spec = None  # every head dense (e.g. a calibrated skip step)
+                specs.append(spec)
+            self._specs[key] = tuple(specs)
+        return self._specs[key]
+
+    def route(self, processor, attn, hidden_states, n_video: int):
+        """The pattern of this call (see Strategy.pattern), or None to run the original processor. A tapped call
+        that tilewise cannot run raises (a capture must not silently miss calls)."""
+        latent = self.latent
+        if latent is None or latent[0] * latent[1] * latent[2] != n_video:
+            return None
+        spec = self.specs[processor.layer]
+        reason = None if spec is None else _unsupported_reason(processor, attn, hidden_states)
+        if reason is None:
+            return spec
+        if spec[0] == "tap":
+            raise RuntimeError(f"tilewise.diffusers: cannot tap layer {processor.layer} at step {self.step}: "
+                               f"{reason}")
+        return None
+
+    def tap_attention(self, layer: int, q, k, v, text_len, text_position: str):
+        """A tapped call: hook(layer, step, q, k, v, geometry), whose result (or tilewise's dense attention when
+        it returns None) is the attention output."""
+        lengths = None if text_len is None else tuple(int(x) for x in text_len.tolist())  # one small copy
+        geometry = Geometry(latent=self.latent, tile=self.tile, text_len=lengths,
+                            text_position=text_position)
+        out = self.tap(layer, self.step, q, k, v, geometry)
+        if out is None:
+            out = tilewise.dense_attention(q, k, v, text_len=text_len, **geometry.kwargs())
+        return out
+
+    def count(self, route: str) -> None:
+        if not torch.compiler.is_compiling():
+            self.calls[route] += 1
+
+
+def _parallel(processor) -> bool:
+    return getattr(processor, "_parallel_config", None) is not None or \
+        getattr(processor.original, "_parallel_config", None) is not None
+
+
+@torch.compiler.assume_constant_result
+def _refusal(device_type: str, dtype: str, head_dim: int) -> str:
+    """Why the library's backend for the device refuses this dtype / head dim ("" when it takes them): asked of
+    the library once, a constant for torch.compile."""
+    refused = _capi.device_support(device_type, dtype, head_dim)
+    return "" if refused is None else str(refused)
+
+
+def _unsupported_reason(processor, attn, hidden_states) -> Optional[str]:
+    """None when tilewise runs this call on its device, else why not: context parallelism, or a device / dtype
+    / head dim the library's backend does not take (e.g. float32 on CUDA, or a GPU other than Hopper)."""
+    if _parallel(processor):
+        return "context parallelism is enabled on it"
+    device, dtype = hidden_states.device, hidden_states.dtype
+    if device.type not in ("cpu", "cuda") or dtype not in _torch.DTYPES:
+        return f"it runs on {device} in {dtype}; tilewise runs CPU and CUDA tensors in " \
+            f"{', '.join(map(str, _torch.DTYPES))}"
+    refused = _refusal(device.type, _torch.DTYPES[dtype], attn.inner_dim // attn.heads)
+    return refused or None
+
+
+@torch.compiler.disable
+def _step_and_specs(ctrl: Controller, timestep, latent):
+    """Eager even under torch.compile (it reads the timestep on the host): the step and the layers' patterns,
+    so that compiled code depends on the patterns (guards on their values), not on the step number."""
+    step = ctrl.step_index(timestep)
+    return step, ctrl.specs_for(step, latent)
+
+
+class Processor:
+    """Base of the families' attention processors: the controller, the layer index and the original processor."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, ctrl: Controller, layer: int, original):
+        self.ctrl, self.layer, self.original = ctrl, layer, original
+
+    def _attention(self, q, k, v, spec, text_len, text_position):
+        tile = self.ctrl.tile
+        if spec[0] == "tap":  # the hook point: q, k, v after norms and RoPE, where the attention runs
+            return self.ctrl.tap_attention(self.layer, q, k, v, text_len, text_position)
+        if spec[0] == "sta":
+            return tilewise.sliding_tile_attention(q, k, v, latent=self.ctrl.latent, tile=tile, window=spec[1],
+                                                   text_len=text_len, text_position=text_position)
+        g, r = spec[1]  # frame pattern: one frame per tile, so that every block is dense or empty
+        return tilewise.attention_tile(q, k, v, latent=self.ctrl.latent, tile=(1, tile[1], tile[2]), global_frames=g,
+                                       radius=r, text_len=text_len, text_position=text_position)
+
+
+def _rope_prefix(x, n: int, emb):
+    """diffusers' apply_rotary_emb on the first n positions of a [B, S, H, D] tensor; the rest unchanged."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    if n == x.shape[1]:
+        return apply_rotary_emb(x, emb, sequence_dim=1)
+    return torch.cat([apply_rotary_emb(x[:, :n], emb, sequence_dim=1), x[:, n:]], dim=1)
+
+
+def _project_heads(attn, x, projections, norm_q, norm_k):
+    """q, k, v of `x` as [B, S, heads, D] through three projections, with the optional q/k norms applied."""
+    q, k, v = (proj(x).unflatten(2, (attn.heads, -1)) for proj in projections)
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
+
+
+
+
+def _transformers(model):
+    """(transformers, pipeline or None) of a transformer or a pipeline (Wan 2.2 has transformer_2 too)."""
+    if hasattr(model, "transformer") and not isinstance(model, torch.nn.Module):
+        found = [m for m in (getattr(model, "transformer", None), getattr(model, "transformer_2", None))
+                 if m is not None]
+        return found, model
+    return [model], None
+
+
+def controller(transformer) -> Controller | None:
+    """The Controller that enable() attached to a transformer, or None."""
+    return getattr(transformer, "_tilewise", None)
+
+
+def enable(model, strategy, *, tile=None, timesteps=None):
+    """Routes the self-attention of a diffusers video transformer (or of a pipeline's transformer(s)) through
+    tilewise. Returns the Controller (for a pipeline with two transformers, the first one's).
+
+    strategy: a window (kt, kh, kw), one window per head, {"window": ..., "tile": ...}, a table (dict or JSON
+    path) keyed "<step>_<layer>_<head>" -> [kt, kh, kw], or a calibrated strategy (tilewise.calibrate.Strategy,
+    or its JSON file / dict with "format": "tilewise-strategy").
+    tile: (tt, th, tw), default (6, 8, 8) or the calibrated strategy's.
+    timesteps: the denoising timesteps of the run, for per-step tables (not needed when `model` is a
+    pipeline: its scheduler's set_timesteps is hooked)."""
+    return _enable(model, Strategy.coerce(strategy, tile), timesteps)
+
+
+def tap(model, hook, *, steps=None, layers=None, tile=None, timesteps=None) -> Controller:
+    """Calls hook(layer, step, q, k, v, geometry) at each self-attention call of the selected denoising steps
+    and layers (indices, None = all) of a transformer or a pipeline's transformer(s): q, k, v are [B, S, H, D]
+    after QK norms and RoPE, geometry a tilewise.calibrate.Geometry (latent, tile, per-batch text_len, text
+    position). The hook returns the call's attention output (a tensor like q) or None for tilewise's dense
+    attention; every other call runs the model's own processor, so the model's output stays the dense one.
+    The step comes from the timestep as for per-step strategies (hence timesteps=, or a pipeline). A tapped call
+    that tilewise cannot run (e.g. float32 on CUDA) raises. Undo with disable(model). Used by
+    tilewise.calibrate.capture."""
+    for t in _transformers(model)[0]:
+        if controller(t) is not None:
+            raise ValueError(f"model: tilewise is enabled on this {type(t).__name__}: call "
+                             "tilewise.diffusers.disable() first (a tap needs the model's dense attention)")
+    ctrl = _enable(model, _Tap(steps, layers, tile), timesteps)
+    for t in _transformers(model)[0]:
+        controller(t).tap = hook
+    return ctrl
+
+
+def _enable(model, parsed, timesteps) -> Controller:
+    transformers, pipe = _transformers(model)
+    ctrls = []
+    for t in transformers:
+        family = family_of(t)
+        if controller(t) is not None:
+            disable(t)
+        ctrl = Controller(t, family, parsed, timesteps)
+        cls = family.processor
+        for layer, (module, original) in enumerate(zip(ctrl.modules, ctrl.originals)):
+            module.set_processor(cls(ctrl, layer, original))
+        ctrl._hook = t.register_forward_pre_hook(ctrl._pre_hook, with_kwargs=True)
+        t._tilewise = ctrl
+        ctrls.append(ctrl)
+    if pipe is not None and getattr(pipe, "scheduler", None) is not None:
+        _hook_scheduler(pipe.scheduler, ctrls)
+        if timesteps is None and getattr(pipe.scheduler, "timesteps", None) is not None:
+            for c in ctrls:
+                c.set_timesteps(pipe.scheduler.timesteps)
+    return ctrls[0]
+
+
+def disable(model) -> None:
+    """Puts back the original attention processors and removes tilewise's hooks (a no-op if not enabled)."""
+    transformers, pipe = _transformers(model)
+    for t in transformers:
+        ctrl = controller(t)
+        if ctrl is None:
+            continue
+        for module, original in zip(ctrl.modules, ctrl.originals):
+            module.set_processor(original)
+        ctrl._hook.remove()
+        del t._tilewise
+    if pipe is not None and getattr(pipe, "scheduler", None) is not None and \
+            "set_timesteps" in vars(pipe.scheduler) and hasattr(pipe.scheduler.set_timesteps, "_tilewise"):
+        del pipe.scheduler.set_timesteps
+
+
+def set_timesteps(model, timesteps) -> None:
+    """Sets the denoising timesteps (the step index of per-step strategies is the nearest one's index)."""
+    transformers, _ = _transformers(model)
+    for t in transformers:
+        ctrl = controller(t)
+        if ctrl is None:
+            raise ValueError(f"model: tilewise is not enabled on this {type(t).__name__}: call enable() first")
+        ctrl.set_timesteps(timesteps)
+
+
+def _hook_scheduler(scheduler, ctrls) -> None:
+    if "set_timesteps" in vars(scheduler) and hasattr(scheduler.set_timesteps, "_tilewise"):
+        del scheduler.set_timesteps
+    original = scheduler.set_timesteps
+
+    @functools.wraps(original)  # keeps the signature, which pipelines inspect for `timesteps` / `sigmas`
+    def set_timesteps_and_record(*args, **kwargs):
+        result = original(*args, **kwargs)
+        for c in ctrls:
+            c.set_timesteps(scheduler.timesteps)
+        return result
+
+    set_timesteps_and_record._tilewise = True
+    scheduler.set_timesteps = set_timesteps_and_record

@@ -1,0 +1,50 @@
+"""Model families: what tilewise.diffusers needs to know about one diffusers transformer class. Each family is
+one module of this package that subclasses Family and registers it with @register; the package imports every
+such module, so adding a model is adding one file."""
+from __future__ import annotations
+
+from typing import Callable
+
+FAMILIES: dict = {}  # name -> Family subclass
+
+
+class Family:
+    """name: the registry key (e.g. "Wan"); model_class: the diffusers class name it applies to (looked up in
+    diffusers lazily); processor: the attention processor class (a subclass of _controller.Processor)."""
+
+    name = ""
+    model_class = ""
+    processor: type = type(None)
+
+    @staticmethod
+    def latent(config, shape) -> tuple:
+        """(T, H, W) latent tokens after patch embedding, from the model config and hidden_states' shape."""
+        raise NotImplementedError
+
+    @staticmethod
+    def attention_modules(model) -> list:
+        """The self-attention modules tilewise runs, in layer order (layer i = list index i)."""
+        raise NotImplementedError
+
+
+def register(cls: type) -> type:
+    """Class decorator: makes a Family known by its name."""
+    if not cls.name or not cls.model_class:
+        raise ValueError(f"family {cls.__name__}: expected a name and a model_class")
+    FAMILIES[cls.name] = cls
+    return cls
+
+
+def family_of(model) -> type:
+    import diffusers
+
+    for fam in FAMILIES.values():
+        cls = getattr(diffusers, fam.model_class, None)
+        if cls is not None and isinstance(model, cls):
+            return fam
+    names = ", ".join(f.model_class for f in FAMILIES.values())
+    raise TypeError(f"model: expected one of {names}, or a pipeline holding one as .transformer, got "
+                    f"{type(model).__name__}")
+
+
+Hook = Callable  # hook(layer, step, q, k, v, geometry) -> tensor or None

@@ -1,0 +1,80 @@
+"""HunyuanVideo: joint attention over [video | text], the text padding from the attention mask."""
+from __future__ import annotations
+
+import torch
+
+from tilewise.diffusers._controller import Processor
+from tilewise.diffusers._family import Family, register
+
+
+def _rope_prefix(x, n: int, emb):
+    """diffusers' apply_rotary_emb on the first n positions of a [B, S, H, D] tensor; the rest unchanged."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    if n == x.shape[1]:
+        return apply_rotary_emb(x, emb, sequence_dim=1)
+    return torch.cat([apply_rotary_emb(x[:, :n], emb, sequence_dim=1), x[:, n:]], dim=1)
+
+
+def _project_heads(attn, x, projections, norm_q, norm_k):
+    """q, k, v of `x` as [B, S, heads, D] through three projections, with the optional q/k norms applied."""
+    q, k, v = (proj(x).unflatten(2, (attn.heads, -1)) for proj in projections)
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
+
+
+class HunyuanVideoProcessor(Processor):
+    """HunyuanVideo's joint attention ([video | text], text padding from the attention mask) on tilewise."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        n_video = hidden_states.shape[1]
+        n_text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        spec = self.ctrl.route(self, attn, hidden_states, n_video)
+        batch, seq = hidden_states.shape[0], n_video + n_text
+        mask_ok = attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.numel() == batch * seq)
+        if spec is None or not mask_ok or (encoder_hidden_states is not None and n_text == 0):
+            self.ctrl.count("original")
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        self.ctrl.count("tilewise")
+
+        single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
+        x = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single_stream else hidden_states
+        q, k, v = _project_heads(attn, x, (attn.to_q, attn.to_k, attn.to_v), attn.norm_q, attn.norm_k)
+        if image_rotary_emb is not None:  # RoPE on the video positions only
+            q = _rope_prefix(q, n_video, image_rotary_emb)
+            k = _rope_prefix(k, n_video, image_rotary_emb)
+        if attn.add_q_proj is not None and encoder_hidden_states is not None:
+            added = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            eq, ek, ev = _project_heads(attn, encoder_hidden_states, added, attn.norm_added_q, attn.norm_added_k)
+            q, k, v = torch.cat([q, eq], dim=1), torch.cat([k, ek], dim=1), torch.cat([v, ev], dim=1)
+
+        # The mask keeps the first n_video + text_len[b] keys: its text part counts the valid text tokens.
+        text_len = None if attention_mask is None or n_text == 0 else \
+            attention_mask.reshape(batch, seq)[:, n_video:].sum(dim=1, dtype=torch.int32)
+        out = self._attention(q, k, v, spec, text_len, "last").flatten(2, 3).to(q.dtype)
+
+        if encoder_hidden_states is None:
+            return out, None
+        out, text_out = out[:, :n_video], out[:, n_video:]
+        if getattr(attn, "to_out", None) is not None:
+            out = attn.to_out[1](attn.to_out[0](out))
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        return out, text_out
+
+
+
+@register
+class HunyuanVideo(Family):
+    """`transformer_blocks[i].attn`, then `single_transformer_blocks[i].attn`; video, then text; text_len from
+    the text padding mask, per batch, on the device."""
+
+    name = "HunyuanVideo"
+    model_class = "HunyuanVideoTransformer3DModel"
+    processor = HunyuanVideoProcessor
+
+    @staticmethod
+    def latent(config, shape):  # hidden_states [B, C, F, H, W]
+        return (shape[2] // config.patch_size_t, shape[3] // config.patch_size, shape[4] // config.patch_size)
+
+    @staticmethod
+    def attention_modules(model):
+        return [b.attn for b in model.transformer_blocks] + [b.attn for b in model.single_transformer_blocks]
