@@ -30,6 +30,7 @@ enum class Command { demo, check, bench };
 struct Options {
   std::optional<Command> command;
   bool help = false;
+  bool version = false;  // --version: print tw_version() and exit
   std::optional<Dim3> latent, tile;
   std::optional<std::vector<Dim3>> windows;  // --window (one entry) or --windows (one per head)
   std::string windows_flag;                  // which of the two set `windows`, for error messages
@@ -238,6 +239,7 @@ inline std::string help_text(std::optional<Command> command) {
   std::vector<std::pair<std::string, std::string>> rows;
   for (const Flag& f : flags()) rows.emplace_back(std::string(f.name) + " " + f.metavar, f.help);
   rows.emplace_back("--help, -h", "this text");
+  rows.emplace_back("--version", "the tilewise version");
   size_t width = 0;
   for (const auto& r : rows) width = std::max(width, r.first.size());
   for (auto& [head, help] : rows) s << "  " << head << std::string(width + 2 - head.size(), ' ') << help << "\n";
@@ -258,6 +260,10 @@ inline Options parse_args(int argc, char** argv) {
     const std::string& arg = args[i];
     if (arg == "--help" || arg == "-h") {
       o.help = true;
+      continue;
+    }
+    if (arg == "--version") {
+      o.version = true;
       continue;
     }
     const size_t eq = arg.find('=');
@@ -282,7 +288,7 @@ inline Options parse_args(int argc, char** argv) {
     o.given.push_back(name);
     o.raw.push_back(value);
   }
-  if (!o.command && !o.help) throw Error("command", "(missing)", "demo, check or bench (see tilewise --help)");
+  if (!o.command && !o.help && !o.version) throw Error("command", "(missing)", "demo, check or bench (see tilewise --help)");
   return o;
 }
 

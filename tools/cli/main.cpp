@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "args.hpp"
+#include "tilewise/tilewise.h"
 #include "resolve.hpp"
 #include "workload.hpp"
 
@@ -158,6 +159,10 @@ int main(int argc, char** argv) {
     const Options opts = parse_args(argc, argv);
     if (opts.help) {
       std::fputs(help_text(opts.command).c_str(), stdout);
+      return 0;
+    }
+    if (opts.version) {  // the library's version: the CLI is linked against it, and both come from VERSION
+      std::printf("tilewise %s\n", tw_version());
       return 0;
     }
     const Config config = resolve(opts);
