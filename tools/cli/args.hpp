@@ -25,6 +25,9 @@ namespace tilewise::cli {
 
 enum class Command { demo, check, bench };
 
+/// When long CPU runs print progress on stderr: auto = runs expected to take more than a few seconds.
+enum class ProgressMode { automatic, always, never };
+
 /// What the command line said. Unset optionals take the default problem's values (see resolve.hpp), which
 /// depend on the device, so they cannot be filled in here.
 struct Options {
@@ -35,6 +38,7 @@ struct Options {
   std::optional<std::vector<Dim3>> windows;  // --window (one entry) or --windows (one per head)
   std::string windows_flag;                  // which of the two set `windows`, for error messages
   std::optional<int64_t> heads, kv_heads, head_dim, text, batch, global_frames, radius, iters, ref_rows;
+  ProgressMode progress = ProgressMode::automatic;
   std::optional<std::vector<int64_t>> text_len;
   std::optional<TextPosition> text_position;
   std::optional<PatternKind> pattern;
@@ -200,6 +204,12 @@ inline const std::vector<Flag>& flags() {
        }},
       {"--ref-rows", "N", "sampled rows per (batch, head) for the reference; 0 = all (default unless slow)",
        [](Options& o, const auto& f, const auto& v) { o.ref_rows = parse_int(f, v, 0); }},
+      {"--progress", "auto|always|never",
+       "elapsed time and estimate on stderr during CPU runs (default auto: runs longer than a few seconds)",
+       [](Options& o, const auto& f, const auto& v) {
+         o.progress = parse_choice<ProgressMode>(
+             f, v, {{"auto", ProgressMode::automatic}, {"always", ProgressMode::always}, {"never", ProgressMode::never}});
+       }},
   };
   return table;
 }
