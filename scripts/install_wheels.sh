@@ -6,7 +6,7 @@
 #   on the GPU machine:   scripts/install_wheels.sh            # installs .whl/*.whl into $TILEWISE_SITE
 #                         export PYTHONPATH=/tmp/site:$PYTHONPATH   # (default /tmp/site), then checks imports
 #
-# filelock, fsspec and typing_extensions are left out: torch depends on them, so the GPU image has them.
+# torch and its dependencies (the first block of requirements-torch.txt) are left out: the GPU image has them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHL=.whl
@@ -16,7 +16,7 @@ case "${1:-install}" in
   download)
     PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
     mkdir -p "$WHL"
-    grep -vE '^(#|$)' requirements-torch.txt | grep -vE '^(filelock|fsspec|typing_extensions)==' > "$WHL/pins.txt"
+    sed -n '/^diffusers==/,$p' requirements-torch.txt | grep -vE '^(#|$)' > "$WHL/pins.txt"
     "$PY" -m pip download --quiet --no-deps --only-binary=:all: --implementation cp --python-version 3.12 \
       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
       -d "$WHL" -r "$WHL/pins.txt"

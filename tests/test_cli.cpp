@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "tilewise/tilewise.h"
+
 namespace {
 
 struct Result {
@@ -43,7 +45,8 @@ TEST_F(Cli, HelpMentionsEveryFlag) {
     EXPECT_EQ(r.code, 0) << args << "\n" << r.output;
     for (const char* flag : {"--latent", "--tile", "--window ", "--windows", "--heads", "--kv-heads", "--head-dim",
                              "--text ", "--text-len", "--text-position", "--pattern", "--global-frames", "--radius",
-                             "--dtype", "--batch", "--layout", "--order", "--seed", "--iters", "--device", "--help"})
+                             "--dtype", "--batch", "--layout", "--order", "--seed", "--iters", "--device", "--progress", "--help",
+                             "--version"})
       EXPECT_TRUE(contains(r.output, flag)) << args << " does not mention " << flag << ":\n" << r.output;
   }
   EXPECT_TRUE(contains(run_cli("--help").output, "demo"));
@@ -75,6 +78,7 @@ TEST_F(Cli, MalformedValuesAreUsageErrors) {
       {"demo --pattern dense --window 3x3x3", {"--window", "3x3x3", "--pattern sta"}},
       {"demo --pattern sparse", {"--pattern", "sparse", "sta, attention-tile or dense"}},
       {"demo --layout bsdh", {"--layout", "bsdh", "bshd or bhsd"}},
+      {"demo --progress sometimes", {"--progress", "sometimes", "auto, always or never"}},
       {"bench --device cpu,tpu", {"--device", "tpu", "cpu, cuda or cuda-reference"}},
       {"check --device cpu --device cpu", {"--device", "one device"}},
       {"demo --latent 100000x100000x1000 --tile 1x1x1", {"problem size", "host memory"}},
@@ -128,6 +132,32 @@ TEST_F(Cli, BenchPrintsATable) {
   ASSERT_EQ(r.code, 0) << r.output;
   for (const char* part : {"backend", "GFLOP/s", "speedup", "sta 1x1x1", "dense", "1.00x"})
     EXPECT_TRUE(contains(r.output, part)) << part << "\n" << r.output;
+}
+
+TEST_F(Cli, VersionIsTheLibrarysFromTheVersionFile) {
+  for (const char* args : {"--version", "demo --version"}) {
+    const Result r = run_cli(args, "2>/dev/null");
+    EXPECT_EQ(r.code, 0) << args;
+    EXPECT_EQ(r.output, std::string("tilewise ") + TILEWISE_EXPECTED_VERSION + "\n") << args;
+  }
+  EXPECT_STREQ(tw_version(), TILEWISE_EXPECTED_VERSION);
+}
+
+TEST_F(Cli, ProgressGoesToStderrAndLeavesStdoutAlone) {
+  const std::string problem = "check --device cpu --latent 4x8x8 --tile 2x4x4 --seed 3 ";
+  const Result quiet = run_cli(problem + "--progress never", "2>/dev/null");
+  const Result always = run_cli(problem + "--progress always", "2>&1 >/dev/null");
+  const Result stdout_only = run_cli(problem + "--progress always", "2>/dev/null");
+  ASSERT_EQ(quiet.code, 0) << quiet.output;
+  EXPECT_EQ(stdout_only.output, quiet.output);  // the same report: progress never mixes into stdout
+  EXPECT_TRUE(contains(always.output, "run: run 1 of 1, ")) << always.output;
+  EXPECT_TRUE(contains(always.output, "elapsed of about ")) << always.output;
+  EXPECT_TRUE(contains(always.output, "run: 1 run done in ")) << always.output;
+  // A small problem by default (auto): far below the threshold, so nothing on stderr.
+  EXPECT_EQ(run_cli(problem, "2>&1 >/dev/null").output, "");
+  const Result demo = run_cli("demo --device cpu --latent 4x8x8 --tile 2x4x4 --progress always", "2>&1 >/dev/null");
+  EXPECT_TRUE(contains(demo.output, "sparse: 1 run done in ")) << demo.output;
+  EXPECT_TRUE(contains(demo.output, "dense: 1 run done in ")) << demo.output;
 }
 
 }  // namespace

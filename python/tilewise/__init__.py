@@ -28,7 +28,7 @@ from tilewise._api import (  # noqa: F401
 )
 from tilewise._capi import TilewiseError  # noqa: F401
 
-__version__ = "0.1.0"
+from tilewise._version import __version__  # noqa: E402,F401  (the VERSION file)
 
 
 def cuda_available() -> bool:

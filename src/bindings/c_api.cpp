@@ -322,6 +322,6 @@ int32_t tw_cuda_available(void) {
   }
 }
 
-const char* tw_version(void) { return "0.1.0"; }
+const char* tw_version(void) { return TILEWISE_VERSION; }  // from the VERSION file (CMakeLists.txt)
 
 }  // extern "C"

@@ -3,11 +3,8 @@ planted locality, selection rules, frame-pattern search, file formats (tilewise,
 the CLI. Small latents keep the CPU backend fast."""
 import itertools
 import json
-import struct
 import subprocess
 import sys
-import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ import pytest
 import tilewise
 import tilewise.calibrate as cal
 from tilewise.calibrate import cli, report
+from tilewise.calibrate.capture import check_finite
 from tilewise.calibrate.strategy import Strategy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,32 +168,36 @@ def test_candidates_are_clamped_to_the_grid_and_the_grid_window_is_dense(rng):
         cal.evaluate(q, k, v, geometry(), [(1, 2, 1), (1, 7, 1)])
 
 
-def test_cost_goal_evaluate_costs_little_more_than_its_attention_calls(rng):
-    """One (step, layer) with 6 candidates: at most 1.2x the 7 bare attention calls (best of 5 each)."""
+def test_evaluate_runs_dense_once_and_each_sparse_candidate_once(rng, monkeypatch):
+    """The cost goal (one (step, layer) costs little more than its bare attention calls) in countable form:
+    dense attention once, each candidate sparser than dense once, a candidate equal to the grid never, and the
+    cost model's plans are made once per shape, not per call."""
     q, k, v = planted_qkv(rng, ALPHAS)
     g = geometry(text_len=5)
-    cands = CANDIDATES[:6]
+    calls = {"dense": 0, "sparse": [], "plans": 0}
+    dense, sparse, plan = tilewise.dense_attention, tilewise.sliding_tile_attention, tilewise.Plan
 
-    def bare():
-        tilewise.dense_attention(q, k, v, text_len=[5], **g.kwargs())
-        for w in cands:
-            tilewise.sliding_tile_attention(q, k, v, window=w, text_len=[5], **g.kwargs())
+    def count_dense(*a, **kw):
+        calls["dense"] += 1
+        return dense(*a, **kw)
 
-    def timed(f):
-        t = time.perf_counter()
-        f()
-        return time.perf_counter() - t
+    def count_sparse(*a, window, **kw):
+        calls["sparse"].append(tuple(window))
+        return sparse(*a, window=window, **kw)
 
-    cal.evaluate(q, k, v, g, cands)  # plans of the cost model are cached from here on, as in a search
-    for attempt in range(3):  # the machine may be busy: a noisy attempt is retried
-        t_bare, t_eval = [], []
-        for _ in range(5):
-            t_bare.append(timed(bare))
-            t_eval.append(timed(lambda: cal.evaluate(q, k, v, g, cands)))
-        print("bare", min(t_bare), "evaluate", min(t_eval))
-        if min(t_eval) <= 1.2 * min(t_bare):
-            break
-    assert min(t_eval) <= 1.2 * min(t_bare)
+    def count_plan(*a, **kw):
+        calls["plans"] += 1
+        return plan(*a, **kw)
+
+    monkeypatch.setattr(tilewise, "dense_attention", count_dense)
+    monkeypatch.setattr(tilewise, "sliding_tile_attention", count_sparse)
+    monkeypatch.setattr(tilewise, "Plan", count_plan)
+    cands = CANDIDATES[:5] + [(2, 2, 2)]
+    for repeat in range(3):
+        cal.evaluate(q, k, v, g, cands)
+        assert calls["dense"] == repeat + 1
+        assert calls["sparse"] == CANDIDATES[:5] * (repeat + 1)
+    assert calls["plans"] <= len(cands) + 1   # cost model: one plan per pattern, cached across calls
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -418,50 +420,76 @@ def test_capture_files_round_trip(rng, tmp_path):
 
 
 def read_png(path):
-    """Minimal independent reader: signature, chunk CRCs, IHDR, IDAT (8-bit RGB, filter 0 rows)."""
+    """The image as an [H, W, C] array, read with matplotlib (an independent PNG reader)."""
+    import matplotlib.image
+
     data = Path(path).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, ihdr = 8, b"", None
-    while pos < len(data):
-        n, = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body) & 0xFFFFFFFF
-        if kind == b"IHDR":
-            ihdr = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + n
-    w, h, depth, color = ihdr[:4]
-    assert (depth, color) == (8, 2)
-    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + 3 * w)
-    assert not rows[:, 0].any()
-    return rows[:, 1:].reshape(h, w, 3)
+    return matplotlib.image.imread(path)
 
 
-def test_png_writer(tmp_path, rng):
-    img = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
-    report.write_png(tmp_path / "x.png", img)
-    np.testing.assert_array_equal(read_png(tmp_path / "x.png"), img)
-    hm = report.heatmap_image(np.array([[0.0, 1.0], [0.5, 0.25]]), cell=4)
-    assert (hm[10:14, 10:14] == report.colormap(0.0)).all() and (hm[10:14, 14:18] == report.colormap(1.0)).all()
+def test_report_figures_have_titles_labels_and_legends(rng, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'tilewise[calibrate]')")
+    caps = make_captures(rng, steps=[0, 1], layers=[0, 1, 2], alphas=ALPHAS[:5])
+    result = cal.search(caps, CANDIDATES[:4])
+    budget = float(np.median(result.error("rel_mse")))
+    strategy = result.select(budget=budget, metric="rel_mse")
+    layers, values = report.density_grid(strategy, result.cost_model(), result.heads)
+    fig = report.heatmap_figure(values, layers, "Density of the chosen windows averaged over steps")
+    ax, bar = fig.axes
+    assert ax.get_title() == "Density of the chosen windows averaged over steps"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("head", "layer")
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(h) for h in range(5)]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "2"]
+    assert "density" in bar.get_ylabel()
+    np.testing.assert_array_equal(ax.images[0].get_array(), values)   # the picture is the data, cell by cell
+    for (l, h) in itertools.product(range(3), range(5)):
+        expected = np.mean([result.cost_model().density(strategy.window(s, l, h)) for s in (0, 1)])
+        assert values[l, h] == pytest.approx(expected)
+
+    fig = report.error_figure(result, "rel_mse", budget)
+    ax = fig.axes[0]
+    assert "Error vs sparsity" in ax.get_title() and "sparsity" in ax.get_xlabel() and "rel_mse" in ax.get_ylabel()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert [x.split()[0] for x in legend] == [report.format_window(w) for w in result.candidates] + ["budget"]
+    assert ax.get_yscale() == "log"
+
+    written = report.write_report(tmp_path / "r", strategy, result, metric="rel_mse", budget=budget)
+    assert {p.name for p in written} == {"search.npz", "summary.txt", "heatmap_all.png", "heatmap_step0.png",
+                                         "heatmap_step1.png", "error_vs_sparsity.png"}
+    image = read_png(tmp_path / "r" / "heatmap_all.png")
+    assert image.shape[0] > 100 and image.shape[1] > 100 and image[..., :3].std() > 0.05   # not blank
+
+
+def test_report_without_matplotlib_writes_the_summary_and_says_so(rng, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "have_matplotlib", lambda: False)
+    result = cal.search(make_captures(rng, steps=[0], layers=[0], alphas=ALPHAS[:2]), CANDIDATES[:2])
+    written = report.write_report(tmp_path, result.select(argmin=True), result)
+    assert {p.name for p in written} == {"search.npz", "summary.txt"}
+    assert "matplotlib is not installed" in (tmp_path / "summary.txt").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 
+def write_captures(rng, directory, steps=range(3), layers=range(2), alphas=ALPHAS[::2], **geometry_kw):
+    g = geometry(text_len=geometry_kw.pop("text_len", 6), **geometry_kw)
+    for step, layer in itertools.product(steps, layers):
+        q, k, v = planted_qkv(rng, alphas)
+        cal.save_capture(directory, step=step, layer=layer, q=q, k=k, v=v, geometry=g)
+    return directory
+
+
 def test_cli_end_to_end(rng, tmp_path, capsys):
-    caps = tmp_path / "caps"
-    g = geometry(text_len=6)
-    for step, layer in itertools.product(range(3), range(2)):
-        q, k, v = planted_qkv(rng, ALPHAS[::2])
-        cal.save_capture(caps, step=step, layer=layer, q=q, k=k, v=v, geometry=g)
+    caps = write_captures(rng, tmp_path / "caps")
     out, fv, rep = tmp_path / "strategy.json", tmp_path / "mask_strategy.json", tmp_path / "report"
     rc = cli.main(["--captures", str(caps), "--candidates", "1x1x1,1x2x2,2x1x1,1x3x3", "--budget", "1e-3",
                    "--metric", "rel_mse", "--skip-steps", "1", "--out", str(out), "--fastvideo-out", str(fv),
                    "--report-dir", str(rep), "--frame-threshold", "0.05"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "calibrate [" in captured.err and "frames [" in captured.err
+    for bar in ("check captures", "calibrate", "frames", "report"):   # tqdm bars, run to the end
+        assert f"{bar}: 100%" in captured.err, (bar, captured.err)
     assert "speedup" in captured.out and "frame patterns" in captured.out
     s = Strategy.load(out)
     assert s.skip_steps == 1 and s.windows_for(0, 1, 4) == [(2, 2, 2)] * 4
@@ -472,25 +500,68 @@ def test_cli_end_to_end(rng, tmp_path, capsys):
     for name in ("summary.txt", "heatmap_all.png", "heatmap_step0.png", "heatmap_step2.png",
                  "error_vs_sparsity.png", "search.npz"):
         assert (rep / name).exists(), name
-    heat = read_png(rep / "heatmap_all.png")
-    assert heat.shape[0] > 20 and heat.shape[1] > 40
-    read_png(rep / "error_vs_sparsity.png")
     summary = (rep / "summary.txt").read_text()
     step0 = next(line for line in summary.splitlines() if line.split()[:1] == ["0"])
     assert "0.0%" in step0 and "1.00x" in step0 and "dense 8" in step0
-    # re-select from the saved errors with another rule, without captures
+    # re-select from the saved errors with another rule, without captures: the search's metric (rel_mse) is kept
+    saved = cal.SearchResult.load(rep / "search.npz")
+    assert saved.metric == "rel_mse"
     rc = cli.main(["--errors", str(rep / "search.npz"), "--argmin", "--out", str(tmp_path / "argmin.json"),
                    "--quiet"])
-    assert rc == 0 and Strategy.load(tmp_path / "argmin.json").window(2, 0, 0) != (2, 2, 2)
-    assert capsys.readouterr().err == ""
+    assert rc == 0 and capsys.readouterr().err == ""
+    argmin = Strategy.load(tmp_path / "argmin.json")
+    assert argmin.search["metric"] == "rel_mse" and argmin == saved.select(argmin=True, metric="rel_mse")
+    assert argmin.window(2, 0, 0) != (2, 2, 2)
+
+
+def test_cli_reselection_uses_the_metric_of_the_search_unless_given(rng, tmp_path, capsys):
+    caps = write_captures(rng, tmp_path / "caps", steps=[0], layers=[0], alphas=ALPHAS)
+    assert cli.main(["--captures", str(caps), "--candidates", "1x1x1,1x2x2,2x1x1,2x2x1", "--argmin", "--metric",
+                     "l1", "--out", str(tmp_path / "s.json"), "--quiet"]) == 0
+    errors = tmp_path / "s.search.npz"   # no --report-dir: the errors go next to --out
+    result = cal.SearchResult.load(errors)
+    assert result.metric == "l1"
+    # a budget between the per-head l1 and mse errors: the two metrics choose differently
+    budget = float(np.median(result.error("l1")))
+    by_l1 = result.select(budget=budget, metric="l1")
+    by_mse = result.select(budget=budget, metric="mse")
+    assert by_l1.windows != by_mse.windows
+    for args, expected in (([], by_l1), (["--metric", "mse"], by_mse), (["--metric", "l1"], by_l1)):
+        out = tmp_path / "re.json"
+        assert cli.main(["--errors", str(errors), "--budget", repr(budget), "--out", str(out), "--quiet", *args]) == 0
+        assert Strategy.load(out).windows == expected.windows, args
+    capsys.readouterr()
+
+
+def test_cli_writes_the_errors_before_anything_that_can_still_fail(rng, tmp_path, capsys, monkeypatch):
+    caps = write_captures(rng, tmp_path / "caps", steps=[0, 1], layers=[0])
+    rep = tmp_path / "report"
+
+    def broken(*a, **kw):
+        raise OSError(28, "No space left on device", str(rep / "summary.txt"))
+
+    monkeypatch.setattr(report, "write_report", broken)
+    rc = cli.main(["--captures", str(caps), "--candidates", "1x1x1,1x2x2", "--argmin", "--out",
+                   str(tmp_path / "s.json"), "--report-dir", str(rep), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "No space left on device" in err and "Traceback" not in err
+    result = cal.SearchResult.load(rep / "search.npz")   # the finished search survived
+    assert result.keys == [(0, 0), (1, 0)] and np.isfinite(result.mse).all() and (result.mse > 0).all()
+    monkeypatch.undo()
+    assert cli.main(["--errors", str(rep / "search.npz"), "--argmin", "--out", str(tmp_path / "s2.json"),
+                     "--quiet"]) == 0
+    assert Strategy.load(tmp_path / "s2.json") == result.select(argmin=True)
 
 
 @pytest.mark.parametrize("args, words", [
     (["--budget", "abc"], "invalid --budget = abc"),
     (["--budget", "-1"], "invalid --budget = -1"),
     (["--candidates", "3x3", "--argmin"], "invalid --candidates = 3x3"),
+    (["--candidates", "", "--argmin"], "invalid --candidates = (empty)"),
+    (["--candidates", " , ", "--argmin"], "invalid --candidates =  , "),
     ([], "--budget X"),
     (["--argmin", "--skip-steps", "1.5"], "invalid --skip-steps = 1.5"),
+    (["--argmin", "--num-steps", "0"], "invalid --num-steps = 0: expected an integer >= 1"),
     (["--argmin", "--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_cli_errors(tmp_path, capsys, args, words):
@@ -500,6 +571,176 @@ def test_cli_errors(tmp_path, capsys, args, words):
     assert cli.main(base + args) == 2
     err = capsys.readouterr().err
     assert err.startswith("tilewise: error: ") and words in err, err
+
+
+def run_cli(capsys, *args):
+    rc = cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+@pytest.mark.parametrize("flag, make, words", [
+    ("--out", lambda d: d / "missing" / "s.json", "invalid --out = {p}: no such directory"),
+    ("--out", lambda d: d, "invalid --out = {p}: a directory"),
+    ("--fastvideo-out", lambda d: d / "file.txt" / "fv.json", "invalid --fastvideo-out = {p}: not a directory"),
+    ("--report-dir", lambda d: d / "file.txt", "invalid --report-dir = {p}: a file"),
+    ("--report-dir", lambda d: d / "file.txt" / "deeper", "is a file"),
+])
+def test_cli_refuses_unwritable_outputs_before_the_search(rng, tmp_path, capsys, monkeypatch, flag, make, words):
+    caps = write_captures(rng, tmp_path / "caps", steps=[0], layers=[0])
+    (tmp_path / "file.txt").write_text("x")
+    monkeypatch.setattr(cli, "search", lambda *a, **kw: pytest.fail("the search ran"))
+    path = make(tmp_path)
+    outputs = {"--out": tmp_path / "s.json", flag: path}
+    rc, err = run_cli(capsys, "--captures", caps, "--candidates", "1x1x1", "--argmin", "--quiet",
+                      *itertools.chain(*outputs.items()))
+    assert rc == 2 and words.format(p=path) in err, err
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_cli_refuses_candidates_fastvideo_cannot_hold_before_the_search(rng, tmp_path, capsys, monkeypatch):
+    # grid 3x3x3 (latent 6x12x12, tile 2x4x4): 2 along h is an even window smaller than the grid
+    caps = tmp_path / "caps"
+    q, k, v = (rng.standard_normal((1, 6 * 12 * 12 + 4, 2, 8)).astype(np.float32) for _ in range(3))
+    cal.save_capture(caps, step=0, layer=0, q=q, k=k, v=v, geometry=cal.Geometry(latent=(6, 12, 12), tile=(2, 4, 4)))
+    monkeypatch.setattr(cli, "search", lambda *a, **kw: pytest.fail("the search ran"))
+    base = ["--captures", caps, "--argmin", "--out", tmp_path / "s.json", "--quiet"]
+    rc, err = run_cli(capsys, *base, "--candidates", "1x1x1,3x2x3", "--fastvideo-out", tmp_path / "fv.json")
+    assert rc == 2, err
+    for words in ("invalid candidate 3x2x3 in --candidates", "grid 3x3x3", "even window 2 along h", "use 3"):
+        assert words in err, (words, err)
+    # an even window that covers the whole axis means the same in both formats; 4 >= 3 is clamped to 3 (odd)
+    monkeypatch.undo()
+    rc, err = run_cli(capsys, *base, "--candidates", "1x1x1,3x4x3", "--fastvideo-out", tmp_path / "fv.json")
+    assert rc == 0, err
+    # without --fastvideo-out the even window is fine
+    rc, err = run_cli(capsys, *base, "--candidates", "3x2x3")
+    assert rc == 0, err
+    # re-selecting from errors whose candidates FastVideo cannot hold is refused before anything is written
+    (tmp_path / "s.json").unlink()
+    rc, err = run_cli(capsys, "--errors", tmp_path / "s.search.npz", "--argmin", "--out", tmp_path / "s.json",
+                      "--fastvideo-out", tmp_path / "fv2.json")
+    assert rc == 2 and "invalid candidate 3x2x3 in the candidates of" in err, err
+    assert not (tmp_path / "s.json").exists() and not (tmp_path / "fv2.json").exists()
+
+
+def corrupt(case, caps):
+    """Spoils the capture directory `caps` (one capture, step 0 layer 0) in one way; returns the words the error
+    must contain."""
+    manifest = caps / "step0000_layer000_sample000.json"
+    m = json.loads(manifest.read_text())
+    q = caps / m["q"]
+    if case == "empty npy":
+        q.write_bytes(b"")
+        return [str(manifest), '"q"', q.name, "not a complete .npy array"]
+    if case == "truncated npy":
+        q.write_bytes(q.read_bytes()[:-100])
+        return [str(manifest), '"q"', q.name, "not a complete .npy array"]
+    if case == "missing npy":
+        q.unlink()
+        return [str(manifest), '"q"', "does not exist"]
+    if case == "non-UTF-8 json":
+        manifest.write_bytes(b'{"format": "tilewise-capture", "step": 0, "note": "\xff\xfe"}')
+        return [str(manifest), "not UTF-8"]
+    if case == "malformed json":
+        manifest.write_text(manifest.read_text()[:-20])
+        return [str(manifest), "not valid JSON"]
+    if case == "missing latent":
+        del m["latent"]
+        manifest.write_text(json.dumps(m))
+        return [str(manifest), '"latent" is missing']
+    if case == "bad tile":
+        m["tile"] = [2, "4", 4]
+        manifest.write_text(json.dumps(m))
+        return [str(manifest), '"tile" = [2, "4", 4]', "three integers >= 1"]
+    if case == "text_len above capacity":
+        m["text_len"] = [9]
+        manifest.write_text(json.dumps(m))
+        return [str(manifest), "\"text_len\" = [9]", "<= 8"]
+    if case == "latent above the sequence":
+        m["latent"] = [8, 8, 8]
+        manifest.write_text(json.dumps(m))
+        return [str(manifest), '"latent" = [8, 8, 8]', "T*H*W = 512"]
+    if case == "negative step":
+        m["step"] = -1
+        manifest.write_text(json.dumps(m))
+        return [str(manifest), '"step" = -1', "integer >= 0"]
+    if case == "NaN in k":
+        k = np.load(caps / m["k"])
+        k[0, 3, 1, 2] = np.nan
+        k[0, 5, 0, 0] = np.inf
+        np.save(caps / m["k"], k)
+        return [str(manifest), '"k" = ' + m["k"], "2 NaN or Inf value(s)"]
+    raise AssertionError(case)
+
+
+CORRUPTIONS = ["empty npy", "truncated npy", "missing npy", "non-UTF-8 json", "malformed json", "missing latent",
+               "bad tile", "text_len above capacity", "latent above the sequence", "negative step", "NaN in k"]
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS)
+def test_cli_names_the_file_and_field_of_a_bad_capture(rng, tmp_path, capsys, monkeypatch, case):
+    caps = write_captures(rng, tmp_path / "caps", steps=[0], layers=[0])   # S = 256 video + 8 text
+    words = corrupt(case, caps)
+    monkeypatch.setattr(cli, "search", lambda *a, **kw: pytest.fail("the search ran"))
+    rc, err = run_cli(capsys, "--captures", caps, "--candidates", "1x1x1", "--argmin", "--out", tmp_path / "s.json")
+    assert rc == 2 and err.startswith("tilewise: error: invalid capture"), err
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "empty", "not npz", "truncated", "foreign npz",
+                                  "missing array", "wrong shape", "NaN errors"])
+def test_cli_names_a_bad_errors_file(rng, tmp_path, capsys, case):
+    path = tmp_path / "search.npz"
+    result = cal.search(make_captures(rng, steps=[0, 1], layers=[0], alphas=ALPHAS[:2]), CANDIDATES[:2])
+    result.save(path)
+    arrays = dict(np.load(path))
+    words = {"missing": "does not exist", "directory": "a directory", "empty": "not an npz archive",
+             "not npz": "not an npz archive", "truncated": "not an npz archive", "foreign npz": "tilewise-search",
+             "missing array": "'l1", "wrong shape": '"energy": shape (3,)', "NaN errors": "NaN or Inf"}[case]
+    if case == "missing":
+        path.unlink()
+    elif case == "directory":
+        path.unlink()
+        path.mkdir()
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "not npz":
+        path.write_text("step,layer\n0,0\n")
+    elif case == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif case == "foreign npz":
+        np.savez(path, meta=np.array(json.dumps({"format": "other"})), x=np.ones(3))
+    elif case == "missing array":
+        np.savez(path, **{k: v for k, v in arrays.items() if k != "l1"})
+    elif case == "wrong shape":
+        np.savez(path, **dict(arrays, energy=rng.standard_normal(3)))
+    elif case == "NaN errors":
+        mse = arrays["mse"].copy()
+        mse[1, 0, 1] = np.nan
+        np.savez(path, **dict(arrays, mse=mse))
+    rc, err = run_cli(capsys, "--errors", path, "--argmin", "--out", tmp_path / "s.json")
+    assert rc == 2 and err.startswith("tilewise: error: invalid "), err
+    assert str(path) in err and words in err, (words, err)
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_select_refuses_nan_errors(rng):
+    result = cal.search(make_captures(rng, steps=[0, 1], layers=[0], alphas=ALPHAS[:2]), CANDIDATES[:2])
+    result.mse[1, 1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"\(1, 0\) are NaN or Inf"):
+        result.select(budget=1.0)
+
+
+def test_check_finite_refuses_in_memory_captures_with_the_step_named(rng):
+    caps = make_captures(rng, steps=[0, 3], layers=[2], alphas=ALPHAS[:2])
+    check_finite(caps)
+    caps[1].v[0, 0, 0, 0] = -np.inf
+    with pytest.raises(ValueError, match='step 3 layer 2 sample 0: "v" holds 1 NaN or Inf'):
+        check_finite(caps)
 
 
 def test_cli_entry_points(tmp_path, monkeypatch, capsys):

@@ -25,15 +25,20 @@ namespace tilewise::cli {
 
 enum class Command { demo, check, bench };
 
+/// When long CPU runs print progress on stderr: auto = runs expected to take more than a few seconds.
+enum class ProgressMode { automatic, always, never };
+
 /// What the command line said. Unset optionals take the default problem's values (see resolve.hpp), which
 /// depend on the device, so they cannot be filled in here.
 struct Options {
   std::optional<Command> command;
   bool help = false;
+  bool version = false;  // --version: print tw_version() and exit
   std::optional<Dim3> latent, tile;
   std::optional<std::vector<Dim3>> windows;  // --window (one entry) or --windows (one per head)
   std::string windows_flag;                  // which of the two set `windows`, for error messages
   std::optional<int64_t> heads, kv_heads, head_dim, text, batch, global_frames, radius, iters, ref_rows;
+  ProgressMode progress = ProgressMode::automatic;
   std::optional<std::vector<int64_t>> text_len;
   std::optional<TextPosition> text_position;
   std::optional<PatternKind> pattern;
@@ -199,6 +204,12 @@ inline const std::vector<Flag>& flags() {
        }},
       {"--ref-rows", "N", "sampled rows per (batch, head) for the reference; 0 = all (default unless slow)",
        [](Options& o, const auto& f, const auto& v) { o.ref_rows = parse_int(f, v, 0); }},
+      {"--progress", "auto|always|never",
+       "elapsed time and estimate on stderr during CPU runs (default auto: runs longer than a few seconds)",
+       [](Options& o, const auto& f, const auto& v) {
+         o.progress = parse_choice<ProgressMode>(
+             f, v, {{"auto", ProgressMode::automatic}, {"always", ProgressMode::always}, {"never", ProgressMode::never}});
+       }},
   };
   return table;
 }
@@ -238,6 +249,7 @@ inline std::string help_text(std::optional<Command> command) {
   std::vector<std::pair<std::string, std::string>> rows;
   for (const Flag& f : flags()) rows.emplace_back(std::string(f.name) + " " + f.metavar, f.help);
   rows.emplace_back("--help, -h", "this text");
+  rows.emplace_back("--version", "the tilewise version");
   size_t width = 0;
   for (const auto& r : rows) width = std::max(width, r.first.size());
   for (auto& [head, help] : rows) s << "  " << head << std::string(width + 2 - head.size(), ' ') << help << "\n";
@@ -258,6 +270,10 @@ inline Options parse_args(int argc, char** argv) {
     const std::string& arg = args[i];
     if (arg == "--help" || arg == "-h") {
       o.help = true;
+      continue;
+    }
+    if (arg == "--version") {
+      o.version = true;
       continue;
     }
     const size_t eq = arg.find('=');
@@ -282,7 +298,7 @@ inline Options parse_args(int argc, char** argv) {
     o.given.push_back(name);
     o.raw.push_back(value);
   }
-  if (!o.command && !o.help) throw Error("command", "(missing)", "demo, check or bench (see tilewise --help)");
+  if (!o.command && !o.help && !o.version) throw Error("command", "(missing)", "demo, check or bench (see tilewise --help)");
   return o;
 }
 

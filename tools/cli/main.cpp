@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "args.hpp"
+#include "progress.hpp"
+#include "tilewise/tilewise.h"
 #include "resolve.hpp"
 #include "workload.hpp"
 
@@ -75,6 +77,29 @@ int64_t warmups(const Config& c, Device d) {
   return c.command == Command::bench ? 1 : 0;  // the CPU needs no warm-up; the demo stays quick
 }
 
+/// Seconds one CPU run of `plan` is expected to take (0 off the CPU, or for runs too small to matter); the
+/// probe that measures the CPU's rate runs once per process, and only for large problems.
+double expected_seconds(const Plan& plan, const Config& c) {
+  if (plan.device() != Device::cpu || c.progress == ProgressMode::never) return 0;
+  const double flops = plan.flops(c.text_len.data());
+  if (flops < 1e10 && c.progress == ProgressMode::automatic) return 0;  // ~1 s at slow CPU rates: no probe
+  static const double rate = cpu_flop_rate(plan.problem());
+  return flops / rate;
+}
+
+/// A progress line on stderr while `runs` runs of plan go on, when they are long (CPU runs at HunyuanVideo
+/// size) or --progress always.
+Progress progress_of(const char* what, int64_t runs, const Plan& plan, const Config& c) {
+  return Progress(what, runs, expected_seconds(plan, c),
+                  c.progress == ProgressMode::always && plan.device() == Device::cpu);
+}
+
+/// median_ms with progress.
+double timed(const char* what, const Plan& plan, DeviceTensors& t, int64_t iters, int64_t warmup, const Config& c) {
+  Progress progress = progress_of(what, iters + warmup, plan, c);
+  return median_ms(plan, t, iters, warmup, [&] { progress.finished_run(); });
+}
+
 int demo(const Config& c) {
   const Device dev = c.devices[0];
   const Plan sparse(c.problem, c.pattern, dev), dense(c.problem, Pattern::dense(), dev);
@@ -84,9 +109,9 @@ int demo(const Config& c) {
   const Inputs in = random_inputs(sparse.problem(), c.seed);
   DeviceTensors t(dev, in, c.text_len);
   const int64_t iters = default_iters(c, dev);
-  const double ms_sparse = median_ms(sparse, t, iters, warmups(c, dev));
+  const double ms_sparse = timed("sparse", sparse, t, iters, warmups(c, dev), c);
   const std::vector<std::byte> o = t.o.download();  // before the dense runs overwrite o
-  const double ms_dense = median_ms(dense, t, iters, warmups(c, dev));
+  const double ms_dense = timed("dense", dense, t, iters, warmups(c, dev), c);
   std::printf("  time      sparse %.2f ms, dense %.2f ms on %s (median of %lld): %.2fx speedup\n", ms_sparse, ms_dense,
               to_string(dev), (long long)iters, ms_dense / ms_sparse);
   std::fflush(stdout);
@@ -101,8 +126,12 @@ int check(const Config& c) {
   print_problem(c, plan);
   const Inputs in = random_inputs(plan.problem(), c.seed);
   DeviceTensors t(dev, in, c.text_len);
-  plan.run(t.view());
-  synchronize(dev);
+  {
+    Progress progress = progress_of("run", 1, plan, c);
+    plan.run(t.view());
+    synchronize(dev);
+    progress.finished_run();
+  }
   const ErrorStats e = compare_to_reference(plan, in, t.o.download(), c.text_len, c.ref_rows, c.seed);
   print_error(e);
   const DType dt = c.problem.dtype;
@@ -130,14 +159,15 @@ int bench(const Config& c) {
   for (const Row& r : rows) {
     DeviceTensors t(r.device, in, c.text_len);
     const int64_t iters = default_iters(c, r.device);
-    const double ms_dense = median_ms(r.dense, t, iters, warmups(c, r.device));
+    const double ms_dense = timed("dense", r.dense, t, iters, warmups(c, r.device), c);
     const auto print = [&](const Plan& plan, double ms) {
       std::printf("%-14s %-*s %11.3f %10.2f %7.2fx %6lld\n", to_string(r.device), w,
                   describe_pattern(plan.pattern()).c_str(), ms, plan.flops(c.text_len.data()) / (ms * 1e6),
                   ms_dense / ms, (long long)iters);
       std::fflush(stdout);
     };
-    if (c.pattern.kind != PatternKind::dense) print(r.sparse, median_ms(r.sparse, t, iters, warmups(c, r.device)));
+    if (c.pattern.kind != PatternKind::dense)
+      print(r.sparse, timed("sparse", r.sparse, t, iters, warmups(c, r.device), c));
     print(r.dense, ms_dense);
   }
   return 0;
@@ -158,6 +188,10 @@ int main(int argc, char** argv) {
     const Options opts = parse_args(argc, argv);
     if (opts.help) {
       std::fputs(help_text(opts.command).c_str(), stdout);
+      return 0;
+    }
+    if (opts.version) {  // the library's version: the CLI is linked against it, and both come from VERSION
+      std::printf("tilewise %s\n", tw_version());
       return 0;
     }
     const Config config = resolve(opts);

@@ -32,6 +32,7 @@ struct Config {
   uint64_t seed = 0;
   std::optional<int64_t> iters;     // unset: the command's default for the device
   std::optional<int64_t> ref_rows;  // unset: all rows when affordable
+  ProgressMode progress = ProgressMode::automatic;
 };
 
 inline std::string join(const std::vector<int64_t>& v) {
@@ -136,6 +137,7 @@ inline Config resolve(const Options& o) {
                            1000000007ull);
   c.iters = o.iters;
   c.ref_rows = o.ref_rows;
+  c.progress = o.progress;
   return c;
 }
 

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstddef>
+#include <functional>
 #include <random>
 #include <vector>
 
@@ -221,9 +222,14 @@ struct DeviceTensors {
 };
 
 /// Median wall time in ms of `iters` runs after `warmup` untimed ones, each ended by a device sync.
-inline double median_ms(const Plan& plan, DeviceTensors& t, int64_t iters, int64_t warmup) {
+/// after_run (if any) is called after every run, warm-ups included (progress).
+inline double median_ms(const Plan& plan, DeviceTensors& t, int64_t iters, int64_t warmup,
+                        const std::function<void()>& after_run = {}) {
   const Tensors view = t.view();
-  for (int64_t i = 0; i < warmup; ++i) plan.run(view);
+  for (int64_t i = 0; i < warmup; ++i) {
+    plan.run(view);
+    if (after_run) after_run();
+  }
   synchronize(plan.device());
   std::vector<double> ms;
   for (int64_t i = 0; i < iters; ++i) {
@@ -231,6 +237,7 @@ inline double median_ms(const Plan& plan, DeviceTensors& t, int64_t iters, int64
     plan.run(view);
     synchronize(plan.device());
     ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    if (after_run) after_run();
   }
   std::sort(ms.begin(), ms.end());
   return ms.size() % 2 ? ms[ms.size() / 2] : 0.5 * (ms[ms.size() / 2 - 1] + ms[ms.size() / 2]);

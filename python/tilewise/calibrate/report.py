@@ -1,13 +1,11 @@
-"""Calibration report: a text summary (sparsity and expected attention speedup per step), a heatmap of the chosen
+"""Calibration report: a text summary (sparsity and expected attention speedup per step), heatmaps of the chosen
 windows' density per (layer, head), and a plot of error vs sparsity per candidate.
 
-The PNGs are written with zlib and numpy only (no plotting dependency); their few labels use a built-in 3x5
-digit font, and the axes are described in the summary text.
+The plots use matplotlib (the optional `calibrate` extra: pip install 'tilewise[calibrate]'); without it the
+report has the summary and the errors file, and says that the plots were left out.
 """
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -16,62 +14,25 @@ import numpy as np
 from tilewise.calibrate.search import CostModel, FrameSearchResult, SearchResult
 from tilewise.calibrate.strategy import Strategy, format_window
 
-# ----------------------------------------------------------------------------------------------------------------
-# PNG
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def write_png(path, rgb: np.ndarray) -> None:
-    """An 8-bit RGB PNG of an [H, W, 3] uint8 array (filter 0 on every row)."""
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"invalid image with shape {rgb.shape}: expected [H, W, 3]")
-    h, w, _ = rgb.shape
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], axis=1).tobytes()
+def _figure(width: float, height: float):
+    # A bare Figure (no pyplot): no global state and no GUI backend, whatever the user's matplotlib settings.
+    from matplotlib.figure import Figure
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    Path(path).write_bytes(png)
+    return Figure(figsize=(width, height), layout="constrained")
 
 
-# Dark blue -> violet -> orange -> pale yellow, linear in between.
-_ANCHORS = np.array([[20, 24, 82], [94, 40, 140], [196, 70, 90], [246, 150, 50], [250, 240, 160]], float)
-
-
-def colormap(x) -> np.ndarray:
-    x = np.clip(np.nan_to_num(np.asarray(x, float), nan=0.0), 0.0, 1.0) * (len(_ANCHORS) - 1)
-    i = np.minimum(x.astype(int), len(_ANCHORS) - 2)
-    f = (x - i)[..., None]
-    return ((1 - f) * _ANCHORS[i] + f * _ANCHORS[i + 1]).astype(np.uint8)
-
-
-_GLYPHS = {  # 3 wide x 5 tall
-    "0": ["111", "101", "101", "101", "111"], "1": ["010", "110", "010", "010", "111"],
-    "2": ["111", "001", "111", "100", "111"], "3": ["111", "001", "111", "001", "111"],
-    "4": ["101", "101", "111", "001", "001"], "5": ["111", "100", "111", "001", "111"],
-    "6": ["111", "100", "111", "101", "111"], "7": ["111", "001", "010", "010", "010"],
-    "8": ["111", "101", "111", "101", "111"], "9": ["111", "101", "111", "001", "111"],
-    ".": ["000", "000", "000", "000", "010"], "-": ["000", "000", "111", "000", "000"],
-    "e": ["000", "111", "111", "100", "111"], "%": ["101", "001", "010", "100", "101"],
-    "x": ["000", "101", "010", "101", "000"], " ": ["000"] * 5,
-}
-
-
-def draw_text(img: np.ndarray, x: int, y: int, text: str, color=(0, 0, 0), scale: int = 2) -> None:
-    """Draws `text` (digits and . - e % x) with its top-left corner at (x, y); clipped to the image."""
-    for n, ch in enumerate(text):
-        glyph = _GLYPHS.get(ch, _GLYPHS[" "])
-        for r, row in enumerate(glyph):
-            for c, bit in enumerate(row):
-                if bit == "1":
-                    y0, x0 = y + r * scale, x + (n * 4 + c) * scale
-                    img[max(y0, 0):max(y0 + scale, 0), max(x0, 0):max(x0 + scale, 0)] = color
-
-
-def text_width(text: str, scale: int = 2) -> int:
-    return (4 * len(text) - 1) * scale
+def _ticks(n: int, most: int = 24) -> np.ndarray:
+    """Tick positions 0 .. n-1, thinned to at most `most` labels."""
+    return np.arange(0, n, max(1, -(-n // most)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,84 +50,58 @@ def density_grid(strategy: Strategy, cost: CostModel, heads: int, step: Optional
     return layers, out / max(1, len(steps))
 
 
-def heatmap_image(values: np.ndarray, cell: Optional[int] = None) -> np.ndarray:
-    """Rows = layers (top = first), columns = heads (left = first), colour = density in [0, 1] (dark = sparse),
-    with a colour bar labelled 0, 0.5 and 1 on the right."""
+def heatmap_figure(values: np.ndarray, layers, title: str):
+    """Rows = layers (first at the top), columns = heads, colour = density of the chosen window (0 = all keys
+    dropped, 1 = dense), with the layer and head indices on the axes and a labelled colour bar."""
     L, H = values.shape
-    cell = cell or int(max(3, min(24, 720 // max(L, H, 1))))
-    margin, bar_w = 10, 14
-    w = margin + H * cell + 3 * margin + bar_w + 7 + text_width("0.5") + margin
-    h = max(margin + L * cell + margin, 5 * 2 + 2 * margin + 60)
-    img = np.full((h, w, 3), 255, np.uint8)
-    cells = np.kron(colormap(values), np.ones((cell, cell, 1), np.uint8)) if L and H else np.zeros((0, 0, 3))
-    img[margin:margin + L * cell, margin:margin + H * cell] = cells
-    bx, bh = margin + H * cell + 3 * margin, h - 2 * margin
-    ramp = colormap(np.linspace(1, 0, bh))[:, None, :]
-    img[margin:margin + bh, bx:bx + bar_w] = ramp
-    for value, label in ((1.0, "1"), (0.5, "0.5"), (0.0, "0")):
-        y = margin + int(round((1 - value) * (bh - 1)))
-        img[y, bx + bar_w:bx + bar_w + 3] = 0
-        draw_text(img, bx + bar_w + 7, min(max(y - 5, 0), h - 10), label)
-    return img
+    fig = _figure(min(16.0, 2.5 + 0.35 * H), min(16.0, 1.8 + 0.3 * L))
+    ax = fig.subplots()
+    image = ax.imshow(values, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    ax.set_title(title)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(_ticks(H), [str(h) for h in _ticks(H)])
+    ax.set_yticks(_ticks(L), [str(layers[i]) for i in _ticks(L)])
+    fig.colorbar(image, ax=ax, label="density of the chosen window (1 = dense)")
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Error vs sparsity
 
 
-def error_plot_image(result: SearchResult, metric: str = "mse", budget: Optional[float] = None,
-                     width: int = 640, height: int = 420) -> np.ndarray:
-    """x: sparsity (0 .. 1, ticks every 0.25); y: log10 of the error (integer ticks). Faint dots: every
-    (step, layer, head) error of a candidate; filled squares: the mean over them; dashed line: the budget."""
+def error_figure(result: SearchResult, metric: str = "mse", budget: Optional[float] = None):
+    """x: sparsity of each candidate; y: its error per (step, layer, head) (small dots) and their mean (large
+    marker), log scale; one legend entry per candidate, and the budget as a dashed line."""
     err = result.error(metric)  # [N, C, H]
     sparsity = 1 - np.asarray(result.density, float)
-    img = np.full((height, width, 3), 255, np.uint8)
-    left, right, top, bottom = 56, 16, 14, 36
-    pw, ph = width - left - right, height - top - bottom
+    fig = _figure(7.0, 4.5)
+    ax = fig.subplots()
+    colors = [f"C{c % 10}" for c in range(len(result.candidates))]
+    floor = None
     positive = err[err > 0]
-    lo = np.floor(np.log10(positive.min())) if positive.size else -6.0
-    hi = np.ceil(np.log10(positive.max())) if positive.size else 0.0
-    if budget is not None and budget > 0:
-        lo, hi = min(lo, np.floor(np.log10(budget))), max(hi, np.ceil(np.log10(budget)))
-    hi = max(hi, lo + 1)
-
-    def px(s):
-        return left + np.clip(np.asarray(s) * (pw - 1), 0, pw - 1).astype(int)
-
-    def py(e):
-        le = np.log10(np.maximum(np.asarray(e, float), 10.0 ** lo))
-        return top + np.clip((hi - le) / (hi - lo) * (ph - 1), 0, ph - 1).astype(int)
-
-    for s in (0, 0.25, 0.5, 0.75, 1.0):  # x ticks
-        x = int(px(s))
-        img[top:top + ph, x] = 235
-        img[top + ph:top + ph + 4, x] = 0
-        label = f"{s:g}"
-        draw_text(img, x - text_width(label) // 2, top + ph + 8, label)
-    for d in range(int(lo), int(hi) + 1):  # y ticks
-        y = int(py(10.0 ** d))
-        img[y, left:left + pw] = 235
-        img[y, left - 4:left] = 0
-        draw_text(img, left - 8 - text_width(str(d)), y - 5, str(d))
-    img[top:top + ph, left] = 0
-    img[top + ph - 1, left:left + pw] = 0
-    if budget is not None and budget > 0:
-        y = int(py(budget))
-        for x in range(left, left + pw, 8):
-            img[y, x:x + 4] = (200, 30, 30)
-    colors = colormap(np.linspace(0.05, 0.85, max(1, len(result.candidates))))
-    for c in range(len(result.candidates)):
+    if positive.size:
+        floor = positive.min() / 10  # errors of exactly 0 (dense candidates) drawn at the bottom of a log axis
+    for c, w in enumerate(result.candidates):
         e = err[:, c, :].ravel()
-        same = [j for j in range(len(result.candidates)) if sparsity[j] == sparsity[c]]
-        x = int(px(sparsity[c])) + int(round((same.index(c) - (len(same) - 1) / 2) * 14))  # side by side
-        ys = py(e)
-        faint = (255 - (255 - colors[c].astype(int)) * 0.35).astype(np.uint8)
-        for y in np.unique(ys):
-            img[y, max(x - 6, 0):x + 7] = faint
-        if e.size:
-            y = int(py(e.mean()))
-            img[max(y - 4, 0):y + 5, max(x - 4, 0):x + 5] = colors[c]
-    return img
+        shown = np.maximum(e, floor) if floor else e
+        x = np.full(shown.shape, sparsity[c])
+        ax.scatter(x, shown, s=6, alpha=0.3, color=colors[c], linewidths=0)
+        label = f"{format_window(w)} (mean {e.mean():.2e})" if e.size else format_window(w)
+        ax.scatter([sparsity[c]], [shown.mean()] if e.size else [], s=60, marker="s", color=colors[c],
+                   edgecolors="black", label=label)
+    if budget is not None and budget > 0 and np.isfinite(budget):
+        ax.axhline(budget, color="red", linestyle="--", label=f"budget {budget:g}")
+    if floor:
+        ax.set_yscale("log")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_xlabel("sparsity of the candidate (fraction of video-video pairs skipped)")
+    ax.set_ylabel(f"{metric} against dense attention")
+    ax.set_title(f"Error vs sparsity: {len(result.keys)} (step, layer) x {result.heads} heads "
+                 "(dots; squares: mean)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(title="candidate window", fontsize="small", loc="best")
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,30 +179,39 @@ def summary(strategy: Strategy, result: SearchResult, *, metric: str = "mse", bu
 
 def write_report(directory, strategy: Strategy, result: SearchResult, *, metric: str = "mse",
                  budget: Optional[float] = None, frames: Optional[FrameSearchResult] = None,
-                 frame_choice: Optional[dict] = None) -> list:
+                 frame_choice: Optional[dict] = None, save_errors: bool = True, progress=None) -> list:
     """summary.txt, heatmap_all.png (density averaged over steps), heatmap_step<N>.png per step,
-    error_vs_sparsity.png and search.npz (the errors, to re-select with SearchResult.load(...).select(...)).
-    Returns the paths written."""
+    error_vs_sparsity.png (the plots only with matplotlib installed) and, with save_errors, search.npz (the
+    errors, to re-select with SearchResult.load(...).select(...) or `tilewise calibrate --errors`). Returns the
+    paths written. progress(done, total, label) after each plot."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
+    if save_errors:  # first: the search is the expensive part
+        result.save(directory / "search.npz")
+        written.append(directory / "search.npz")
     text = summary(strategy, result, metric=metric, budget=budget, frames=frames, frame_choice=frame_choice)
-    text += ("\nheatmap_all.png, heatmap_step<N>.png: density of the chosen window per layer (rows, first at the "
-             "top) and head (columns, first at the left), averaged over steps or at step N; dark = sparse, colour "
-             "bar 0..1.\nerror_vs_sparsity.png: x = sparsity (0..1), y = log10 of the " + metric + " per "
-             "(step, layer, head) (faint ticks) and its mean per candidate (squares; colours dark to light in the "
-             "candidate table's order; candidates of equal sparsity side by side); dashed line = budget.\n")
+    plots = have_matplotlib()
+    if not plots:
+        text += ("\nNo plots: matplotlib is not installed (pip install 'tilewise[calibrate]').\n")
     (directory / "summary.txt").write_text(text)
     written.append(directory / "summary.txt")
+    if not plots:
+        return written
     cost = result.cost_model()
-    for step in [None, *strategy.steps]:
-        _, values = density_grid(strategy, cost, result.heads, step)
+    steps = [None, *strategy.steps]
+    for n, step in enumerate(steps):
+        layers, values = density_grid(strategy, cost, result.heads, step)
+        when = "averaged over steps" if step is None else f"at step {step}"
+        fig = heatmap_figure(values, layers, f"Density of the chosen windows {when}")
         path = directory / ("heatmap_all.png" if step is None else f"heatmap_step{step}.png")
-        write_png(path, heatmap_image(values))
+        fig.savefig(path, dpi=100)
         written.append(path)
+        if progress:
+            progress(n + 1, len(steps) + 1, path.name)
     path = directory / "error_vs_sparsity.png"
-    write_png(path, error_plot_image(result, metric, budget))
+    error_figure(result, metric, budget).savefig(path, dpi=100)
     written.append(path)
-    result.save(directory / "search.npz")
-    written.append(directory / "search.npz")
+    if progress:
+        progress(len(steps) + 1, len(steps) + 1, path.name)
     return written

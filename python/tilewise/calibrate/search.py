@@ -20,7 +20,10 @@ live capture hook can feed it directly; `search()` runs it over captures loaded 
 from __future__ import annotations
 
 import json
+import os
+import zipfile
 from collections import defaultdict
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -284,6 +287,7 @@ class SearchResult:
     geometry: Geometry
     shape: tuple  # (B, S, Hq, Hkv, D) of the first capture
     captures: str = ""
+    metric: Optional[str] = None  # the metric the search's selection used (saved, so a re-selection reuses it)
 
     @property
     def grid(self) -> tuple:
@@ -300,7 +304,8 @@ class SearchResult:
         B, S, Hq, Hkv, D = self.shape
         return CostModel(self.geometry, B, S, Hq, Hkv, D)
 
-    def choose(self, *, budget: Optional[float] = None, argmin: bool = False, metric: str = "mse") -> np.ndarray:
+    def choose(self, *, budget: Optional[float] = None, argmin: bool = False,
+               metric: Optional[str] = None) -> np.ndarray:
         """Index of the chosen candidate per (key, head), [N, H]; -1 = dense.
 
         budget: the lowest-density candidate whose error <= budget (ties: lower error, then candidate order);
@@ -308,7 +313,7 @@ class SearchResult:
         dense; dense only when every candidate is dense."""
         if (budget is None) == (not argmin):
             raise ValueError("give exactly one of budget= (cheapest candidate within the budget) and argmin=True")
-        err = self.error(metric)  # [N, C, H]
+        err = self.error(metric or self.metric or "mse")  # [N, C, H]
         N, C, H = err.shape
         if C == 0:
             return np.full((N, H), -1)
@@ -326,10 +331,11 @@ class SearchResult:
         pick = np.argmin(np.where(ok & (dens == cheapest), err, np.inf), axis=1)
         return np.where(np.isfinite(cheapest[:, 0, :]), pick, -1)
 
-    def select(self, *, budget: Optional[float] = None, argmin: bool = False, metric: str = "mse",
+    def select(self, *, budget: Optional[float] = None, argmin: bool = False, metric: Optional[str] = None,
                skip_steps: Optional[int] = None, num_steps: Optional[int] = None,
                fill: str = "dense") -> Strategy:
-        """The strategy: a window per (step, layer, head) of every captured (step, layer). Steps < skip_steps
+        """The strategy: a window per (step, layer, head) of every captured (step, layer). metric: default the
+        search's own (`self.metric`, saved with it), else "mse". Steps < skip_steps
         (at least the search's) are dense. num_steps/fill: with fill="previous", a step below num_steps that was
         not captured takes the windows of the closest captured step before it (layer by layer); with "dense" it
         is left out, so that it falls back to the default (dense)."""
@@ -339,6 +345,12 @@ class SearchResult:
                              f"{self.skip_steps}, so it cannot choose windows for them")
         if fill not in ("dense", "previous"):
             raise ValueError(f"invalid fill = {fill!r}: expected 'dense' or 'previous'")
+        metric = metric or self.metric or "mse"
+        bad = self.non_finite()
+        if bad:  # NaN compares false with every budget: those heads would silently fall back to dense
+            raise ValueError(f"invalid search result: the errors of (step, layer) {', '.join(map(str, bad[:5]))}"
+                             f"{' ...' if len(bad) > 5 else ''} are NaN or Inf (from q, k, v or outputs holding "
+                             "them): expected finite errors to choose windows from")
         chosen = self.choose(budget=budget, argmin=argmin, metric=metric)
         dense = self.grid
         windows = {}
@@ -370,25 +382,72 @@ class SearchResult:
                         skip_steps=skip, search=search)
 
     # --- persistence: re-select (another budget, metric) without re-running attention --------------------------
+    def non_finite(self) -> list:
+        """[(step, layer)] whose errors hold NaN or Inf (from captures or outputs that did)."""
+        bad = ~np.isfinite(self.mse).all(axis=(1, 2)) | ~np.isfinite(self.l1).all(axis=(1, 2)) \
+            | ~np.isfinite(self.energy).all(axis=1) if len(self.keys) else np.zeros(0, bool)
+        return [k for k, b in zip(self.keys, bad) if b]
+
     def save(self, path) -> None:
+        """Writes the errors (npz with a JSON header), atomically: an interrupted write leaves no partial file."""
         meta = {"format": "tilewise-search", "version": 1, "candidates": [list(c) for c in self.candidates],
                 "keys": [list(k) for k in self.keys], "skipped": [list(k) for k in self.skipped],
                 "skip_steps": self.skip_steps, "geometry": self.geometry.to_json(), "shape": list(self.shape),
-                "captures": self.captures}
-        with open(path, "wb") as f:
+                "captures": self.captures, "metric": self.metric}
+        path = Path(path)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta)), mse=self.mse, l1=self.l1, energy=self.energy,
                      density=self.density, flops=self.flops, dense_flops=self.dense_flops)
+        os.replace(tmp, path)
 
     @staticmethod
     def load(path) -> "SearchResult":
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            if meta.get("format") != "tilewise-search":
-                raise ValueError(f"invalid search result {path}: not written by SearchResult.save")
-            return SearchResult([tuple(c) for c in meta["candidates"]], [tuple(k) for k in meta["keys"]],
-                                z["mse"], z["l1"], z["energy"], z["density"], z["flops"], z["dense_flops"],
-                                [tuple(k) for k in meta["skipped"]], int(meta["skip_steps"]),
-                                Geometry.from_json(meta["geometry"]), tuple(meta["shape"]), meta.get("captures", ""))
+        """Reads what save() wrote. A missing, truncated or foreign file is a ValueError naming the file (and the
+        field)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"invalid errors file {path}: {'a directory' if path.is_dir() else 'does not exist'}: "
+                             "expected the search.npz of an earlier search (in its --report-dir)")
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"invalid errors file {path}: not an npz archive ({e}): expected the search.npz of "
+                             "an earlier search") from None
+        field = "meta"
+        try:
+            with z:
+                if not isinstance(z, np.lib.npyio.NpzFile):
+                    raise ValueError("a single .npy array")
+                meta = json.loads(str(z["meta"]))
+                if not isinstance(meta, dict) or meta.get("format") != "tilewise-search":
+                    raise ValueError("\"format\" is not \"tilewise-search\": not written by SearchResult.save")
+                arrays = {}
+                for field in ("mse", "l1", "energy", "density", "flops", "dense_flops"):
+                    arrays[field] = np.asarray(z[field], dtype=np.float64)
+                field = "meta"
+                candidates = [canonical_window(c, (1 << 30,) * 3) for c in meta["candidates"]]
+                keys = [(int(s), int(l)) for s, l in meta["keys"]]
+                skipped = [(int(s), int(l)) for s, l in meta["skipped"]]
+                N, C, H = len(keys), len(candidates), int(meta["shape"][2])
+                for name, shape in (("mse", (N, C, H)), ("l1", (N, C, H)), ("energy", (N, H)), ("density", (C,)),
+                                    ("flops", (N, C)), ("dense_flops", (N,))):
+                    field = name
+                    if arrays[name].shape != shape:
+                        raise ValueError(f"shape {arrays[name].shape}, expected {shape} (keys x candidates x heads)")
+                field = "meta"
+                metric = meta.get("metric")
+                if metric is not None and metric not in METRICS:
+                    raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+                return SearchResult(candidates, keys, arrays["mse"], arrays["l1"], arrays["energy"],
+                                    arrays["density"], arrays["flops"], arrays["dense_flops"], skipped,
+                                    int(meta["skip_steps"]), Geometry.from_json(meta["geometry"]),
+                                    tuple(int(x) for x in meta["shape"]), str(meta.get("captures", "")), metric)
+        except KeyError as e:
+            raise ValueError(f"invalid errors file {path}: {e.args[0]!r} is missing (in {field}): expected the "
+                             "search.npz of an earlier search") from None
+        except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"invalid errors file {path}: \"{field}\": {e}") from None
 
 
 def search(captures: Sequence[Capture], candidates: Sequence, *, skip_steps: int = 0,
