@@ -93,11 +93,13 @@ static void bench(Dim3 window, int64_t text, int32_t text_len) {
   };
   const float fwd = time([&] { plan.run(ft); });
   const float bwd = time([&] { plan.run_backward(g, nullptr, ws.d); });
+  const float det = time([&] { plan.run_backward(g, nullptr, ws.d, true); });
   const int32_t tlh = text_len;
   const double flops = plan.flops(text ? &tlh : nullptr);
-  std::printf("bench w%ldx%ldx%ld text %ld: forward %.2f ms (%.0f TFLOP/s), backward %.2f ms (%.0f TFLOP/s eff.)  %s\n",
+  std::printf("bench w%ldx%ldx%ld text %ld: forward %.2f ms (%.0f TFLOP/s), backward %.2f ms (%.0f TFLOP/s eff.), "
+              "deterministic %.2f ms  %s\n",
               (long)window.t, (long)window.h, (long)window.w, (long)text, fwd, flops / fwd / 1e9, bwd,
-              2.5 * flops / bwd / 1e9, cudaGetErrorString(cudaDeviceSynchronize()));
+              2.5 * flops / bwd / 1e9, det, cudaGetErrorString(cudaDeviceSynchronize()));
 }
 
 int main(int argc, char** argv) {
@@ -166,8 +168,10 @@ int main(int argc, char** argv) {
                   dq_r.d, dk_r.d, dv_r.d, tlp};
     ref.run_backward(g, nullptr, ws_r.d);
     g.dq = dq_f.d, g.dk = dk_f.d, g.dv = dv_f.d;
+    for (int deterministic = 0; deterministic < 2; ++deterministic) {
+    cudaMemset(dq_f.d, 0xff, nq * 2), cudaMemset(dk_f.d, 0xff, nk * 2), cudaMemset(dv_f.d, 0xff, nk * 2);
     try {
-      fast.run_backward(g, nullptr, ws_f.d);
+      fast.run_backward(g, nullptr, ws_f.d, deterministic);
     } catch (const std::exception& e) {
       std::printf("%-36s fast backward threw: %s\n", c.name, e.what());
       ++failures;
@@ -184,8 +188,9 @@ int main(int argc, char** argv) {
     rel_l2(dq_r.half(), dq_r.half(), &m1), rel_l2(dk_r.half(), dk_r.half(), &m2), rel_l2(dv_r.half(), dv_r.half(), &m3);
     const bool ok = e1 < 1e-2 && e2 < 1e-2 && e3 < 1e-2 && n1 + n2 + n3 + m1 + m2 + m3 == 0;
     failures += !ok;
-    std::printf("%-36s dq %.2e dk %.2e dv %.2e  non-finite fast %d/%d/%d ref %d/%d/%d  %s\n", c.name, e1, e2, e3, n1,
-                n2, n3, m1, m2, m3, ok ? "ok" : "FAIL");
+    std::printf("%-36s %s dq %.2e dk %.2e dv %.2e  non-finite fast %d/%d/%d ref %d/%d/%d  %s\n", c.name,
+                deterministic ? "det  " : "fused", e1, e2, e3, n1, n2, n3, m1, m2, m3, ok ? "ok" : "FAIL");
+    }
   }
   std::printf("%d failures\n", failures);
   return failures ? 1 : 0;

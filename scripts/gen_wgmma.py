@@ -5,7 +5,7 @@ Each wrapper binds the whole accumulator fragment as register operands, which is
 Run: python3 scripts/gen_wgmma.py > src/backends/cuda/hopper/wgmma_ops.cuh
 """
 
-SHAPES_SS = [64, 128]      # S = Q K^T: N = kBlockN; the backward's S^T and dP^T: N = half a query block
+SHAPES_SS = [64, 96, 128]  # S = Q K^T: N = kBlockN; the backward's S^T and dP^T: N = half a query block; dQ: N = D
 SHAPES_RS = [64, 96, 128]  # O += P V: N = head dim
 TYPES = {"bf16": "bf16", "f16": "f16"}
 
@@ -24,14 +24,15 @@ def ss(n, ty):
     acc, d, ops = fragment(n)
     return f'''template <>
 struct Wgmma<WgType::{ty}, {n}> {{
-  /// d[64 x {n}] (+)= A[64 x 16] * B[16 x {n}], A and B from shared memory (descriptors, B MN-major when kTransB).
-  template <int kTransB>
+  /// d[64 x {n}] (+)= A[64 x 16] * B[16 x {n}], A and B from shared memory (descriptors; B MN-major when kTransB, A
+  /// MN-major when kTransA).
+  template <int kTransB, int kTransA = 0>
   static __device__ __forceinline__ void ss(float (&d)[{acc}], uint64_t a, uint64_t b, int accumulate) {{
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc + 2}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{d}}}, %{acc}, %{acc + 1}, p, 1, 1, 0, %{acc + 3};\\n}}\\n"
+        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{d}}}, %{acc}, %{acc + 1}, p, 1, 1, %{acc + 4}, %{acc + 3};\\n}}\\n"
         : {ops}
-        : "l"(a), "l"(b), "r"(accumulate), "n"(kTransB));
+        : "l"(a), "l"(b), "r"(accumulate), "n"(kTransB), "n"(kTransA));
   }}
 }};
 '''

@@ -183,6 +183,7 @@ class HopperBackend final : public Backend {
     int32_t* counters;
     float* delta;
     float* stats;
+    float* dq_accum;
     size_t bytes;
     size_t used() const { return bytes; }
   };
@@ -192,14 +193,18 @@ class HopperBackend final : public Backend {
     BackwardScratch b{};
     b.counters = w.take<int32_t>(2);
     b.delta = w.take<float>(p.batch * p.q_heads * p.seq_len);
-    b.stats = w.take<float>(p.batch * p.q_heads * int64_t{stats_entries_} * 2 * hopper::kBlockN);
+    b.stats = w.take<float>(p.batch * p.q_heads * int64_t{stats_entries_} * hopper::kStatsWords);
+    b.dq_accum = w.take<float>(p.batch * p.q_heads * p.seq_len * p.head_dim);
     b.bytes = w.used();
     return b;
   }
 
-  /// Preprocess (D and the streamed blocks' statistics), then the dQ kernel and the dK/dV kernel. Both are
-  /// deterministic (no atomics: each gradient row is accumulated by one warpgroup), so the flag changes nothing.
-  void run_backward(const Plan& plan, const GradTensors& t, void* stream_ptr, void* workspace, bool) const override {
+  /// Preprocess (D and the streamed blocks' statistics), then by default one fused kernel (dK, dV in registers,
+  /// dQ added into an fp32 accumulator with atomics: five GEMMs per block pair) and dq from the accumulator;
+  /// `deterministic`: the dQ kernel and the dK/dV kernel (seven GEMMs per pair, each gradient row summed by one
+  /// warpgroup in a fixed order, so bitwise reproducible).
+  void run_backward(const Plan& plan, const GradTensors& t, void* stream_ptr, void* workspace,
+                    bool deterministic) const override {
     const Problem& p = plan.problem();
     require_device_tensors(t, 16);
     const auto stream = static_cast<cudaStream_t>(stream_ptr);
@@ -232,6 +237,9 @@ class HopperBackend final : public Backend {
     prm.stats = ws.stats;
     prm.stream_slots = stream_slots_;
     prm.stats_entries = stats_entries_;
+    prm.dq_accum = ws.dq_accum;
+    const size_t accum_bytes = sizeof(float) * p.batch * p.q_heads * p.seq_len * p.head_dim;
+    if (!deterministic) check(cudaMemsetAsync(ws.dq_accum, 0, accum_bytes, stream), "cudaMemsetAsync");
 
     hopper::PreprocessParams pre{t.o, t.dout, p.o, t.lse, t.dlse, ws.delta, ws.stats, static_cast<int32_t>(p.batch)};
     const bool bf16 = p.dtype == DType::bf16;
@@ -268,10 +276,17 @@ class HopperBackend final : public Backend {
       dkv.work_counter = ws.counters + 1;
 
       check(cudaMemsetAsync(ws.counters, 0, 2 * sizeof(int32_t), stream), "cudaMemsetAsync");
-      check(hopper::launch_backward(dq, D, bf16, true, std::min(dq.num_work, num_sms_), stream), "dQ kernel launch");
-      check(hopper::launch_backward(dkv, D, bf16, false, std::min(dkv.num_work, num_sms_), stream),
+      if (deterministic)
+        check(hopper::launch_backward(dq, D, bf16, hopper::BwdKernel::dq, std::min(dq.num_work, num_sms_), stream),
+              "dQ kernel launch");
+      check(hopper::launch_backward(dkv, D, bf16, deterministic ? hopper::BwdKernel::dkdv : hopper::BwdKernel::dkdvq,
+                                    std::min(dkv.num_work, num_sms_), stream),
             "dK/dV kernel launch");
     }
+    if (!deterministic)
+      check(hopper::launch_dq_from_accumulator(ws.dq_accum, t.dq, p.q, p.batch, p.q_heads, p.seq_len, D,
+                                               static_cast<float>(p.scale), bf16, stream),
+            "dq conversion launch");
   }
 
   size_t workspace_bytes(const Plan&) const override { return 256; }

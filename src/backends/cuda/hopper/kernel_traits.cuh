@@ -121,8 +121,12 @@ struct KernelTraits {
   static constexpr int kQPanelBytes = kBlockM * kRowBytes;  // one panel of the Q or O buffer
   static constexpr int kQTileBytes = kPanels * kQPanelBytes;
   static constexpr int kStagesSmallD = D == 64 ? TILEWISE_HOPPER_STAGES_D64 : 3;
-  static constexpr int kKStages = D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : kStagesSmallD;
-  static constexpr int kVStages = D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD;
+  // The backward fits its dS buffer beside the rings: at D 128 one dO stage (released before the dQ product, so
+  // its next load overlaps that), at D 96 two of each.
+  static constexpr int kKStages =
+      kBackward ? (D == 64 ? 3 : 2) : (D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : kStagesSmallD);
+  static constexpr int kVStages =
+      kBackward ? (D == 64 ? 3 : (D == 96 ? 2 : 1)) : (D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD);
   static constexpr int kCluster = D == 128 && !kBackward ? TILEWISE_HOPPER_CLUSTER_D128 : 1;
   static constexpr int kExpOnFma = D == 128 ? TILEWISE_HOPPER_EXP_ON_FMA_D128 : TILEWISE_HOPPER_EXP_ON_FMA;
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
@@ -171,12 +175,16 @@ struct KernelTraits {
     __device__ __forceinline__ float* stats(int stage) const {
       return reinterpret_cast<float*>(q + kBufferBytes) + stage * (kStatsBytes / 4);
     }
+    // Backward only: dS^T of a block pair (owned keys x streamed queries), as two 64-query panels.
+    __device__ __forceinline__ uint8_t* ds() const { return q + 2 * kQTileBytes + kTileBytes * (kKStages + kVStages); }
   };
 
-  // The backward's dK/dV kernel streams, beside each query block, its rows' log2-domain LSE and D = rowsum(dO o)
-  // - dLSE: one bulk copy of 2 x 128 floats per stage.
-  static constexpr int kStatsBytes = kBackward ? 2 * kBlockN * 4 : 0;
-  static constexpr int kBufferBytes = 2 * kQTileBytes + kTileBytes * (kKStages + kVStages);  // Q, O, K, V
+  // The backward's dK/dV kernel streams, beside each query block, its rows' log2-domain LSE, D = rowsum(dO o) -
+  // dLSE and sequence position: one bulk copy of 3 x 128 words per stage.
+  static constexpr int kStatsBytes = kBackward ? 3 * kBlockN * 4 : 0;
+  static constexpr int kDsPanelBytes = kBlockM * 128;  // 64 queries (128 bytes) per owned row
+  static constexpr int kDsBytes = kBackward ? 2 * kDsPanelBytes : 0;
+  static constexpr int kBufferBytes = 2 * kQTileBytes + kTileBytes * (kKStages + kVStages) + kDsBytes;  // Q, O, K, V, dS
   static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6;
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kBufferBytes + kKStages * kStatsBytes +
                                     kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo);

@@ -6,14 +6,24 @@
 namespace tilewise::hopper {
 namespace {
 
-template <int D, WgType T, bool kDq>
+template <int D, WgType T, BwdKernel K>
 cudaError_t launch(const BwdParams& params, int grid, cudaStream_t stream) {
   constexpr int smem = BwdTraits<D>::kSmemBytes;
   static const cudaError_t attr =
-      cudaFuncSetAttribute(backward_kernel<D, T, kDq>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      cudaFuncSetAttribute(backward_kernel<D, T, K>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr != cudaSuccess) return attr;
-  backward_kernel<D, T, kDq><<<grid, BwdTraits<D>::kThreads, smem, stream>>>(params);
+  backward_kernel<D, T, K><<<grid, BwdTraits<D>::kThreads, smem, stream>>>(params);
   return cudaGetLastError();
+}
+
+template <int D, WgType T>
+cudaError_t launch(const BwdParams& params, BwdKernel kernel, int grid, cudaStream_t stream) {
+  switch (kernel) {
+    case BwdKernel::dq: return launch<D, T, BwdKernel::dq>(params, grid, stream);
+    case BwdKernel::dkdv: return launch<D, T, BwdKernel::dkdv>(params, grid, stream);
+    case BwdKernel::dkdvq: return launch<D, T, BwdKernel::dkdvq>(params, grid, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <class R, class F>
@@ -42,13 +52,27 @@ cudaError_t launch_backward_preprocess(const BwdParams& params, const Preprocess
   return cudaGetLastError();
 }
 
-cudaError_t launch_backward(const BwdParams& params, int head_dim, bool bf16, bool dq, int grid, cudaStream_t stream) {
+cudaError_t launch_backward(const BwdParams& params, int head_dim, bool bf16, BwdKernel kernel, int grid,
+                            cudaStream_t stream) {
   return with_head_dim(head_dim, cudaErrorInvalidValue, [&](auto d) {
     constexpr int D = decltype(d)::value;
-    if (bf16)
-      return dq ? launch<D, WgType::bf16, true>(params, grid, stream) : launch<D, WgType::bf16, false>(params, grid, stream);
-    return dq ? launch<D, WgType::f16, true>(params, grid, stream) : launch<D, WgType::f16, false>(params, grid, stream);
+    return bf16 ? launch<D, WgType::bf16>(params, kernel, grid, stream)
+                : launch<D, WgType::f16>(params, kernel, grid, stream);
   });
+}
+
+cudaError_t launch_dq_from_accumulator(const float* accum, void* dq, const Strides& q_strides, int64_t batch,
+                                       int64_t heads, int64_t seq_len, int head_dim, float scale, bool bf16,
+                                       cudaStream_t stream) {
+  const int64_t total = batch * heads * seq_len * head_dim;
+  const unsigned blocks = static_cast<unsigned>((total / 8 + 255) / 256);
+  if (bf16)
+    dq_from_accumulator<<<blocks, 256, 0, stream>>>(accum, static_cast<__nv_bfloat16*>(dq), q_strides,
+                                                    static_cast<int32_t>(heads), seq_len, head_dim, scale, total);
+  else
+    dq_from_accumulator<<<blocks, 256, 0, stream>>>(accum, static_cast<__half*>(dq), q_strides,
+                                                    static_cast<int32_t>(heads), seq_len, head_dim, scale, total);
+  return cudaGetLastError();
 }
 
 }  // namespace tilewise::hopper

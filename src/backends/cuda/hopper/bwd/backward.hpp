@@ -14,7 +14,12 @@ constexpr int kBackwardOwnedRows = 128;
 /// The row-statistics preprocess over `entries` streamed blocks of every (batch, query head).
 cudaError_t launch_backward_preprocess(const BwdParams& params, const PreprocessParams& pre, int head_dim, bool bf16,
                                        cudaStream_t stream);
-/// The dQ kernel (`dq`) or the dK/dV kernel, persistent on `grid` CTAs.
-cudaError_t launch_backward(const BwdParams& params, int head_dim, bool bf16, bool dq, int grid, cudaStream_t stream);
+/// One of the backward kernels (BwdKernel), persistent on `grid` CTAs.
+cudaError_t launch_backward(const BwdParams& params, int head_dim, bool bf16, BwdKernel kernel, int grid,
+                            cudaStream_t stream);
+/// dq = scale * accumulator ([B, Hq, S, D] fp32), in the input dtype with q's strides.
+cudaError_t launch_dq_from_accumulator(const float* accum, void* dq, const Strides& q_strides, int64_t batch,
+                                       int64_t heads, int64_t seq_len, int head_dim, float scale, bool bf16,
+                                       cudaStream_t stream);
 
 }  // namespace tilewise::hopper

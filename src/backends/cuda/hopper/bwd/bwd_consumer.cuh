@@ -27,6 +27,8 @@ __device__ __forceinline__ void pack_operand(const float (&x)[8 * kSteps], uint3
     for (int i = 0; i < 4; ++i) a[j][i] = pack_half2(x[8 * j + 2 * i], x[8 * j + 2 * i + 1], bf16);
 }
 
+constexpr uint32_t kDsBarrier = 4;  // named barrier of the two consumer warpgroups around the dS buffer
+
 template <class Traits, WgType kType>
 struct BwdConsumer : Consumer<Traits, kType> {
   using Base = Consumer<Traits, kType>;
@@ -158,12 +160,56 @@ struct BwdConsumer : Consumer<Traits, kType> {
     store(item, item.head, dq, p.grad0_scale, p.grad0, p.grad0_strides);
   }
 
-  // ---------------------------------------------------------------- dK, dV
+  // ---------------------------------------------------------------- dK, dV (and dQ, fused)
+  /// dS^T of this warpgroup's 64 owned rows for one half (64 streamed queries) into that half's panel of the dS
+  /// buffer, in the 128-byte swizzled layout wgmma reads as an MN-major A operand.
+  __device__ __forceinline__ void store_ds(const float (&ds)[32], int half) const {
+    uint8_t* panel = this->s.ds() + half * Traits::kDsPanelBytes;
+#pragma unroll
+    for (int i = 0; i < 32; i += 2) {
+      const int r = row((i % 4) / 2), c = accumulator_column(i, lane());
+      *reinterpret_cast<uint32_t*>(panel + swizzled_offset(r, c, 128)) =
+          pack_half2(ds[i], ds[i + 1], kType == WgType::bf16);
+    }
+  }
+
+  /// Fused dQ: after both halves of a block pair, warpgroup w computes dQ of the block's queries [64 w, 64 w + 64)
+  /// over all 128 owned keys (A: its dS panel, MN-major; B: the owned K, MN-major) and adds it to the fp32
+  /// accumulator with one 8-byte atomic per column pair.
+  __device__ __forceinline__ void add_dq(const int32_t (&pos)[2], int32_t batch, int32_t head) const {
+    constexpr uint32_t rb = Traits::kRowBytes;
+    // The dS panel's rows are 128 bytes (64 queries) whatever D is, so its descriptor has its own high word.
+    const uint64_t a = make_desc(smem_addr(this->s.ds() + this->wg * Traits::kDsPanelBytes), Traits::kDsPanelBytes,
+                                 8 * 128, 128);
+    const uint32_t a0 = static_cast<uint32_t>(a), a_hi = static_cast<uint32_t>(a >> 32);
+    const uint32_t b0 = static_cast<uint32_t>(make_desc(smem_addr(this->s.q), Traits::kQPanelBytes, 8 * rb, rb));
+    float dq[D / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < Traits::kBlockM / 16; ++j)  // k16 steps over the owned keys: 16 rows of either operand
+      Wgmma<kType, D>::template ss<1, 1>(dq, desc(a0 + j * (16 * 128 >> 4), a_hi),
+                                         desc(b0 + j * 16 * kRowDesc, this->v_hi), j > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(dq);
+    const int64_t base = (int64_t{bp.batch_base + batch} * bp.q_heads + head) * bp.seq_len;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      if (pos[rr] < 0) continue;
+      float* dst = bp.dq_accum + (base + pos[rr]) * D;
+#pragma unroll
+      for (int i = 2 * rr; i < D / 2; i += 4)
+        atomicAdd(reinterpret_cast<float2*>(dst + 8 * (i / 4) + 2 * (lane() % 4)), make_float2(dq[i], dq[i + 1]));
+    }
+  }
+
+  template <bool kFuseDq>
   __device__ __forceinline__ void dkdv_item(const WorkItem& item, typename Base::KPipe& ks,
                                             typename Base::VPipe& vs) const {
     const BwdParams& p = bp;
-    // Owned key rows: text keys past the valid length are seen by no query (zero gradients); their frames, for
-    // the attention tile's token-level mask.
+    // Owned key rows that see no query get no probability at all: rows that are not real tokens (so a fused dQ
+    // never sums over them) and text keys past the valid length (zero gradients). Their frames, for the attention
+    // tile's token-level mask.
     const int32_t text_len = text_len_of(p, item.batch);
     const D3 kbox = item.q.box(p);
     const int32_t k_frame0 = item.q.text ? 0 : item.q.origin(p).t;
@@ -171,7 +217,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     int32_t k_frame[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      seen[rr] = !item.q.text || item.q.row0 + row(rr) < text_len;
+      seen[rr] = owned_position(item, rr) >= 0 && (!item.q.text || item.q.row0 + row(rr) < text_len);
       k_frame[rr] = k_frame0 + row(rr) / (kbox.h * kbox.w);
     }
     float dk[D / 2], dv[D / 2];
@@ -180,72 +226,90 @@ struct BwdConsumer : Consumer<Traits, kType> {
     for (bool last = false; !last;) {
       const BlockInfo bi = acquire(ks, vs);
       last = bi.flags & BlockInfo::kLast;
-      if (!(bi.flags & BlockInfo::kEmpty)) {
-        const float* stats = this->s.stats(ks.stage());  // lse2[kBlockN], then D[kBlockN]
-        const bool frames = bi.flags & BlockInfo::kFrames;
-        const HeadParams& hp = p.heads[item.head * p.kv_group + (bi.flags >> BlockInfo::kHeadShift)];
-        const D3 qbox = p.cls[bi.tile_class()].box;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const uint32_t row_off = 64 * half * kRowDesc;
-          float sc[32], dp[32];
-          wgmma_fence();
-          gemm_ss<64>(sc, this->q_lo, this->k_lo + ks.stage() * kStageDesc + row_off);
-          gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc + row_off);
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs(sc);
-          fence_regs(dp);
-#pragma unroll
-          for (int i = 0; i < 32; ++i) {
-            const int rr = (i % 4) / 2, c = 64 * half + accumulator_column(i, lane());
-            float pr = fast_exp2(fmaf(sc[i], p.scale_log2, -stats[c]));
-            if (!seen[rr] || (frames && !frame_pair_allowed<int32_t>(bi.t + c / (qbox.h * qbox.w), k_frame[rr],
-                                                                    static_cast<int32_t>(hp.global_frames),
-                                                                    static_cast<int32_t>(hp.radius))))
-              pr = 0.f;
-            sc[i] = pr;
-            dp[i] = pr * (dp[i] - stats[kBlockN + c]);
-          }
-          uint32_t pa[4][4], da[4][4];
-          pack_operand<4>(sc, pa, kType == WgType::bf16);
-          pack_operand<4>(dp, da, kType == WgType::bf16);
-          wgmma_fence();
-          gemm_rs<4>(dv, pa, this->v_lo + vs.stage() * kStageDesc + row_off);
-          gemm_rs<4>(dk, da, km_lo + ks.stage() * kStageDesc + row_off);
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs(dv);
-          fence_regs(dk);
-        }
+      if (bi.flags & BlockInfo::kEmpty) {
+        release_stages(bi, ks, vs);
+        continue;
       }
-      release_stages(bi, ks, vs);
+      const float* stats = this->s.stats(ks.stage());  // lse2[kBlockN], D[kBlockN], position[kBlockN]
+      const bool frames = bi.flags & BlockInfo::kFrames;
+      const int32_t head = item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift);
+      const HeadParams& hp = p.heads[head];
+      const D3 qbox = p.cls[bi.tile_class()].box;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t row_off = 64 * half * kRowDesc;
+        float sc[32], dp[32];
+        wgmma_fence();
+        gemm_ss<64>(sc, this->q_lo, this->k_lo + ks.stage() * kStageDesc + row_off);
+        gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc + row_off);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(sc);
+        fence_regs(dp);
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+          const int rr = (i % 4) / 2, c = 64 * half + accumulator_column(i, lane());
+          float pr = fast_exp2(fmaf(sc[i], p.scale_log2, -stats[c]));
+          if (!seen[rr] || (frames && !frame_pair_allowed<int32_t>(bi.t + c / (qbox.h * qbox.w), k_frame[rr],
+                                                                  static_cast<int32_t>(hp.global_frames),
+                                                                  static_cast<int32_t>(hp.radius))))
+            pr = 0.f;
+          sc[i] = pr;
+          dp[i] = pr * (dp[i] - stats[kBlockN + c]);
+        }
+        if constexpr (kFuseDq) store_ds(dp, half);
+        uint32_t pa[4][4], da[4][4];
+        pack_operand<4>(sc, pa, kType == WgType::bf16);
+        pack_operand<4>(dp, da, kType == WgType::bf16);
+        wgmma_fence();
+        gemm_rs<4>(dv, pa, this->v_lo + vs.stage() * kStageDesc + row_off);
+        gemm_rs<4>(dk, da, km_lo + ks.stage() * kStageDesc + row_off);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(dv);
+        fence_regs(dk);
+      }
+      if constexpr (kFuseDq) {
+        // The positions of this warpgroup's dQ rows, read before the stage (and its statistics) is released.
+        int32_t pos[2];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) pos[rr] = __float_as_int(stats[2 * kBlockN + row(rr)]);
+        // Both warpgroups' dS^T panels are written (each fenced for the async proxy) before either reads them.
+        fence_proxy_async();
+        named_barrier_sync(kDsBarrier, 256);
+        release_stages(bi, ks, vs);  // Q and dO are no longer read: the next loads overlap the dQ product
+        add_dq(pos, item.batch, head);
+        named_barrier_sync(kDsBarrier, 256);  // both dQ products have read dS before the next block rewrites it
+      } else {
+        release_stages(bi, ks, vs);
+      }
     }
     store(item, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
     store(item, item.head, dv, 1.f, p.grad1, p.grad1_strides);
   }
 
-  /// The work loop of either kernel: `kDq` picks dq_item (items per query head) or dkdv_item (per kv head).
-  template <bool kDq>
+  /// The work loop of the three kernels (BwdKernel): items per query head (dQ) or per kv head (dK/dV).
+  template <BwdKernel kKernel>
   __device__ void run() const {
     typename Base::KPipe ks;
     typename Base::VPipe vs;
     WorkRing<typename Traits::Shared, 1> ring{this->s, 0};
     uint32_t items = 0;
     for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < bp.num_work;) {
-      const WorkItem item = decode_work<Traits::kBlockM>(bp, u, kDq ? bp.q_heads : bp.kv_heads);
+      const WorkItem item = decode_work<Traits::kBlockM>(bp, u, kKernel == BwdKernel::dq ? bp.q_heads : bp.kv_heads);
       if (item.empty) continue;
       this->s.q_full->wait(items & 1);
       ++items;
-      // A warpgroup none of whose rows are real (a small box) only releases the stages the producer counts on.
-      if (64 * this->wg >= query_rows<Traits::kBlockM>(bp, item.q)) {
+      // A warpgroup none of whose rows are real (a small box) only releases the stages the producer counts on;
+      // not in the fused kernel, whose dQ product needs both warpgroups (their unreal rows have zero dS).
+      if (kKernel != BwdKernel::dkdvq && 64 * this->wg >= query_rows<Traits::kBlockM>(bp, item.q)) {
         this->mainloop_idle(false, ks, vs);
         continue;
       }
-      if constexpr (kDq)
+      if constexpr (kKernel == BwdKernel::dq)
         dq_item(item, ks, vs);
       else
-        dkdv_item(item, ks, vs);
+        dkdv_item<kKernel == BwdKernel::dkdvq>(item, ks, vs);
     }
   }
 };

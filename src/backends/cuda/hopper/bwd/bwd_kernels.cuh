@@ -1,19 +1,23 @@
 // The Hopper backward kernels, composed like the forward (fwd_kernel.cuh): one producer warpgroup (two TMA loader
 // threads) and two consumer warpgroups around the same K and V rings, persistent CTAs fed by the dynamic
-// scheduler. dq_kernel owns query blocks and streams key blocks; dkdv_kernel owns key blocks and streams query
-// blocks (bwd_params.cuh has the roles).
+// scheduler. The dQ kernel owns query blocks and streams key blocks; the dK/dV kernels own key blocks and stream
+// query blocks (bwd_params.cuh has the roles). Plus the last step of the fused arrangement: dq from its fp32
+// accumulator.
 #pragma once
 
 #include "backends/cuda/hopper/bwd/bwd_consumer.cuh"
 #include "backends/cuda/hopper/bwd/bwd_producer.cuh"
+
+#include <type_traits>
 
 namespace tilewise::hopper {
 
 template <int kHeadDim>
 using BwdTraits = KernelTraits<kHeadDim, 128>;
 
-template <int kHeadDim, WgType kType, bool kDq>
+template <int kHeadDim, WgType kType, BwdKernel kKernel>
 __global__ void __launch_bounds__(BwdTraits<kHeadDim>::kThreads, 1) backward_kernel(const __grid_constant__ BwdParams p) {
+  constexpr bool kDq = kKernel == BwdKernel::dq;
   using Traits = BwdTraits<kHeadDim>;
   extern __shared__ uint8_t smem_raw[];
   const typename Traits::Shared s = Traits::carve(smem_raw);
@@ -56,8 +60,24 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim>::kThreads, 1) backward_ker
     }
   } else {
     regs_increase<Traits::kConsumerRegs>();
-    BwdConsumer<Traits, kType>(p, s, wg - 1, tid).template run<kDq>();
+    BwdConsumer<Traits, kType>(p, s, wg - 1, tid).template run<kKernel>();
   }
+}
+
+/// dq = scale * accumulator, in the input dtype with q's strides (eight elements per thread).
+template <class T>
+__global__ void dq_from_accumulator(const float* accum, T* dq, Strides sq, int32_t heads, int64_t seq_len, int head_dim,
+                                    float scale, int64_t total) {
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;  // [B, Hq, S, D] element
+  if (i >= total) return;
+  const int64_t d = i % head_dim, row = i / head_dim;
+  const int64_t pos = row % seq_len, h = (row / seq_len) % heads, b = row / (seq_len * heads);
+  const float4 x = *reinterpret_cast<const float4*>(accum + i), y = *reinterpret_cast<const float4*>(accum + i + 4);
+  uint4 out;
+  const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  out.x = pack_half2(x.x * scale, x.y * scale, bf16), out.y = pack_half2(x.z * scale, x.w * scale, bf16);
+  out.z = pack_half2(y.x * scale, y.y * scale, bf16), out.w = pack_half2(y.z * scale, y.w * scale, bf16);
+  *reinterpret_cast<uint4*>(dq + b * sq.batch + pos * sq.seq + h * sq.head + d) = out;
 }
 
 }  // namespace tilewise::hopper

@@ -2,6 +2,10 @@
 // key-block cursor, masks, pipelines), so their parameters extend the forward's, whose four tensor roles they
 // fill differently:
 //
+// Two arrangements: by default one fused kernel (the dK/dV kernel that also adds dQ = dS K of each block pair
+// into an fp32 accumulator with atomics: five GEMMs per pair); deterministic, the dQ kernel (S, dP and dS are
+// recomputed: seven GEMMs per pair, no atomics) and the dK/dV kernel.
+//
 //   role (FwdParams maps)    | dQ kernel (per query block) | dK/dV kernel (per key block, all GQA query heads)
 //   q: owned, first operand  | Q                           | K
 //   o: owned, second operand | dO                          | V
@@ -16,6 +20,10 @@
 
 namespace tilewise::hopper {
 
+/// The backward's kernels: dQ alone, dK/dV alone (these two are the deterministic arrangement), or dK/dV with dQ
+/// added by atomics (the default).
+enum class BwdKernel { dq, dkdv, dkdvq };
+
 struct BwdParams : FwdParams {
   // Gradients, written straight from registers with the element strides of the tensors they belong to.
   void* grad0 = nullptr;  // dQ kernel: dq; dK/dV kernel: dk
@@ -25,6 +33,7 @@ struct BwdParams : FwdParams {
   float scale_log2_lse = 1.f;  // log2(e): the forward's natural-log LSE to the kernels' base 2
 
   const float* delta = nullptr;  // [B, Hq, S]: D_i = dO_i . o_i - dLSE_i (from the preprocess kernel)
+  float* dq_accum = nullptr;     // fused dK/dV/dQ kernel: [B, Hq, S, D] fp32, zeroed before, scaled after
   // dK/dV kernel: per (batch, query head, streamed block) 2 x kBlockN floats: the rows' LSE in base 2 (+inf for
   // rows that are not real tokens, so their probabilities are exactly zero) and D.
   const float* stats = nullptr;

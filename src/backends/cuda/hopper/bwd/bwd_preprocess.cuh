@@ -1,7 +1,8 @@
 // The backward's preprocess: the row statistic D_i = dO_i . o_i - dLSE_i, once per query row, written twice: in
 // sequence order (`delta`, read by the dQ kernel for its owned rows) and per streamed block beside the row's LSE
-// in base 2 (`stats`, which the dK/dV kernel's producer loads with one bulk copy per block). Rows of a streamed
-// block that are not real tokens get LSE +inf and D 0, so their probabilities and dS are exactly zero.
+// in base 2 and its sequence position (`stats`, which the dK/dV kernel's producer loads with one bulk copy per
+// block). Rows of a streamed block that are not real tokens get LSE +inf, D 0 and position -1, so their
+// probabilities and dS are exactly zero and no dQ is added for them.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,6 +13,9 @@
 
 namespace tilewise::hopper {
 
+/// Words of one streamed block's statistics: the rows' LSE in base 2, D, and sequence position (-1: no token).
+constexpr int kStatsWords = 3 * kBlockN;
+
 struct PreprocessParams {
   const void* o = nullptr;
   const void* dout = nullptr;
@@ -19,7 +23,7 @@ struct PreprocessParams {
   const float* lse = nullptr;   // [B, Hq, S], natural log
   const float* dlse = nullptr;  // [B, Hq, S] or null
   float* delta = nullptr;       // [B, Hq, S]
-  float* stats = nullptr;       // [B, Hq, stats_entries, 2 x kBlockN]
+  float* stats = nullptr;       // [B, Hq, stats_entries, 3 x kBlockN]
   int32_t batch = 1;            // every batch element (one launch)
 };
 
@@ -77,9 +81,10 @@ __global__ void __launch_bounds__(kBlockN) bwd_preprocess(const __grid_constant_
     lse2 = pre.lse[stat] * p.scale_log2_lse;
     pre.delta[stat] = d;
   }
-  float* out = pre.stats + (int64_t{bh} * p.stats_entries + entry) * (2 * kBlockN);
+  float* out = pre.stats + (int64_t{bh} * p.stats_entries + entry) * kStatsWords;
   out[r] = lse2;
   out[kBlockN + r] = d;
+  out[2 * kBlockN + r] = __int_as_float(real ? static_cast<int32_t>(pos) : -1);
 }
 
 }  // namespace tilewise::hopper

@@ -126,7 +126,7 @@ struct BwdProducer {
           const int64_t entry = (int64_t{p.batch_base + item.batch} * p.q_heads + h) * p.stats_entries +
                                 stats_entry(p, qb);
           s.k_full[stage].expect_tx(Traits::kStatsBytes);
-          bulk_load(s.stats(stage), p.stats + entry * (2 * kBlockN), Traits::kStatsBytes, &s.k_full[stage]);
+          bulk_load(s.stats(stage), p.stats + entry * kStatsWords, Traits::kStatsBytes, &s.k_full[stage]);
           base().load(p.k_video, &p.k_text, p.k, qb, item.batch, h, s.k(stage), &s.k_full[stage]);
         }
         pipe.advance();
