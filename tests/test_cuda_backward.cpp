@@ -368,11 +368,16 @@ TEST(CudaBackwardErrors, NullPointersAndWorkspaceNameTheArgument) {
     bench.forward();
     bench.poison_gradients();
     const tilewise::GradTensors good = bench.grad_tensors();
-    for (const auto& [name, clear] : required) {
+    auto expect_refused = [&](const std::string& name, const Clear& modify) {
       tilewise::GradTensors t = good;
-      clear(t);
+      modify(t);
       expect_error_naming([&] { plan.run_backward(t, nullptr, bench.workspace()); }, name);
-    }
+    };
+    for (const auto& [name, clear] : required) expect_refused(name, clear);
+    // Host memory where device memory is expected (a kernel would fault on it).
+    std::vector<uint8_t> host(bench.grad_buffer_bytes());
+    expect_refused("dout", [&](auto& t) { t.dout = host.data(); });
+    expect_refused("dq", [&](auto& t) { t.dq = host.data(); });
     if (plan.backward_workspace_bytes() > 0) {
       expect_error_naming([&] { plan.run_backward(good, nullptr, nullptr); }, "workspace");
       expect_error_naming([&] { plan.run_backward(good, nullptr, static_cast<char*>(bench.workspace()) + 128); },

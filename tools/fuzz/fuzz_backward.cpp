@@ -220,6 +220,13 @@ int main(int argc, char** argv) {
   std::array<Worst, gradcheck::kNumTensors> worst;
   std::map<std::string, int64_t> skipped;  // reason -> count
   int64_t checked = 0, failed = 0, run = 0;
+  // Where the time goes: problem generation, device runs, the two CPU reference runs, the checks.
+  double t_generate = 0, t_device = 0, t_reference = 0, t_checks = 0;
+  auto timed = [&](double& total, auto&& f) {
+    const double t0 = elapsed();
+    f();
+    total += elapsed() - t0;
+  };
   bool context_lost = false, out_of_time = false;
 
   for (size_t n = 0; n < seeds.size(); ++n) {
@@ -229,15 +236,17 @@ int main(int argc, char** argv) {
     }
     ++run;
     const uint64_t seed = seeds[n];
-    const FuzzProblem f = random_problem(seed);
+    FuzzProblem f;
+    timed(t_generate, [&] { f = random_problem(seed); });
     const std::string where = "problem " + std::to_string(n) + " (--replay " + std::to_string(seed) + ") [" + describe(f) + "]";
     if (opt.verbose) std::cout << "run " << where << std::endl;
     std::vector<std::string> failures;
     try {
-      const Inputs in = gradcheck::random_inputs(f.c, f.dlse, seed ^ 0x5DEECE66Dull);
-      Outputs got;
+      Inputs in;
+      timed(t_generate, [&] { in = gradcheck::random_inputs(f.c, f.dlse, seed ^ 0x5DEECE66Dull); });
+      Outputs got, half, exact;
       try {
-        got = gradcheck::run(f.c, f.c.dtype, opt.device, in);
+        timed(t_device, [&] { got = gradcheck::run(f.c, f.c.dtype, opt.device, in); });
       } catch (const tilewise::Error& e) {  // an unsupported combination: refused, not wrong
         std::string reason = e.what();
         if (reason.size() > 100) reason = reason.substr(0, 100) + "...";
@@ -245,11 +254,17 @@ int main(int argc, char** argv) {
         if (opt.verbose) std::cout << "  skipped: " << e.what() << std::endl;
         continue;
       }
-      const Outputs half = gradcheck::run(f.c, f.c.dtype, Device::cpu, in);
-      const Outputs exact = gradcheck::run(f.c, DType::f64, Device::cpu, in);
+      timed(t_reference, [&] {
+        half = gradcheck::run(f.c, f.c.dtype, Device::cpu, in);
+        exact = gradcheck::run(f.c, DType::f64, Device::cpu, in);
+      });
       ++checked;
-      failures = gradcheck::structural_problems(f.c, got, true);
-      for (const gradcheck::Verdict& v : gradcheck::judge(got, half, exact, f.c.dtype)) {
+      std::array<gradcheck::Verdict, gradcheck::kNumTensors> verdicts;
+      timed(t_checks, [&] {
+        failures = gradcheck::structural_problems(f.c, got, true);
+        verdicts = gradcheck::judge(got, half, exact, f.c.dtype);
+      });
+      for (const gradcheck::Verdict& v : verdicts) {
         Worst& w = worst[v.tensor];
         if (v.err > w.err || std::isnan(v.err)) w = {v.err, v.bound, v.err_vs_half, seed, describe(f)};
         if (!v.ok) failures.push_back(v.describe());
@@ -287,7 +302,9 @@ int main(int argc, char** argv) {
   }
   std::cout << "\nproblems: " << run << " of " << seeds.size() << (out_of_time ? " (stopped at --max-seconds)" : "")
             << ", checked: " << checked << ", failed: " << failed << ", skipped: " << skipped_total
-            << ", time: " << fmt(elapsed()) << " s, seed: " << opt.seed << "\n";
+            << ", time: " << fmt(elapsed()) << " s (generating " << fmt(t_generate) << ", " << tilewise::to_string(opt.device)
+            << " runs " << fmt(t_device) << ", CPU reference runs " << fmt(t_reference) << ", checks " << fmt(t_checks)
+            << "), seed: " << opt.seed << "\n";
   for (const auto& [reason, count] : skipped) std::cout << "  skipped " << count << " x (" << reason << ")\n";
   if (checked == 0) std::cout << "nothing was checked: every problem was refused\n";
   const bool ok = failed == 0 && checked > 0 && !context_lost;
