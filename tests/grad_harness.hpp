@@ -431,7 +431,10 @@ struct Verdict {
     s << kTensorNames[tensor] << ": rel L2 " << err;
     if (against_float64)
       s << " vs float64 (bound " << bound << " = 2 x the CPU 16-bit run's " << half_err << " + floor), " << err_vs_half
-        << " vs the CPU 16-bit run (tolerance " << tol_vs_half << ")";
+        << " vs the CPU 16-bit run (tolerance " << tol_vs_half << ")"
+        << (half_err > 1e-2 ? "; the CPU 16-bit run itself is far from float64: ill-conditioned, or suspect the CPU "
+                              "reference"
+                            : "");
     else
       s << " vs the reference run (tolerance " << bound << ")";
     return s.str();
