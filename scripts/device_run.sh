@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything one device call needs, in one go: build on the GPU machine, run the GPU tests (a hang is killed),
-# compute-sanitizer on small problems, and the benchmark table last. Logs go under $OUT.
-# Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [bench] [sass]
+# compute-sanitizer on small problems, the backward fuzz, and the benchmark tables last. Logs go under $OUT.
+# Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [fuzz] [bench] [bench_bwd] [sass]
+#   sanitize: forward and backward cases; sanitize_bwd: the backward cases alone (a device call of their own)
 set -uo pipefail
 OUT=${OUT:-/tmp/tilewise-out}
 mkdir -p "$OUT"
@@ -17,24 +18,48 @@ grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c | head -5
 # ptxas serialises every wgmma of a kernel when it cannot pipeline them (C7510-C7520): a silent 2x slowdown
 grep -E "wgmma.mma_async instructions are serialized" "$OUT/build.log" | sed 's/^/WARNING: /' | sort -u | head -3
 
+# compute-sanitizer, every tool on each small case of a parameterised suite: sanitize_cases SUITE CASE...
+sanitize_cases() {
+  local suite=$1 tool case
+  shift
+  for tool in memcheck racecheck synccheck; do
+    for case in "$@"; do
+      timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 \
+        $BUILD/tilewise_tests --gtest_filter="Cases/$suite.*/$case*" > "$OUT/sanitize_${tool}_$case.log" 2>&1
+      echo "$tool $case rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_${tool}_$case.log" | tail -1)"
+    done
+  done
+}
+# Small backward cases (tests/test_cuda_backward.cpp): partial tiles with text first, per-head windows with GQA in
+# bhsd, masked attention-tile blocks, a block list leaving a key tile unseen, fused padded views.
+BACKWARD_SANITIZE_CASES="sta_per_head_windows_gqa_bhsd_text_last partial_tile_classes_d128_text_first
+  attention_tile_tt2_masked_blocks_text block_list_unseen_key_tile fused_padded_views"
+
 for step in $steps; do
   case $step in
     test)
       echo "== GPU tests"
-      timeout 300 $BUILD/tilewise_tests --gtest_filter='Cuda*:*Cuda*' > "$OUT/gpu_tests.log" 2>&1
+      # 420 s: the backward tests run the CPU reference (16 cores) on every small case, twice
+      timeout 420 $BUILD/tilewise_tests --gtest_filter='Cuda*:*Cuda*' > "$OUT/gpu_tests.log" 2>&1
       echo "rc=$?"; grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error|rel_l2|Expected|Which is|actual|seed" "$OUT/gpu_tests.log" | head -60
       ;;
     sanitize)
       # One run per tool and case, each with its own time limit: racecheck takes up to 2 minutes per case, so give
       # this step a device call of its own.
       echo "== compute-sanitizer (memcheck, racecheck, synccheck) on small problems"
-      for tool in memcheck racecheck synccheck; do
-        for case in sta_partial text_first partial_tile_classes_all partial_tile_classes_d128 partial_tile_classes_f16_d96; do
-          timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 \
-            $BUILD/tilewise_tests --gtest_filter="Cases/CudaSmall.*/$case*" > "$OUT/sanitize_${tool}_$case.log" 2>&1
-          echo "$tool $case rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_${tool}_$case.log" | tail -1)"
-        done
-      done
+      sanitize_cases CudaSmall sta_partial text_first partial_tile_classes_all partial_tile_classes_d128 \
+        partial_tile_classes_f16_d96
+      sanitize_cases CudaBackwardSmall $BACKWARD_SANITIZE_CASES
+      ;;
+    sanitize_bwd)
+      echo "== compute-sanitizer (memcheck, racecheck, synccheck) on small backward problems"
+      sanitize_cases CudaBackwardSmall $BACKWARD_SANITIZE_CASES
+      ;;
+    fuzz)
+      # 1000 random problems, forward + backward on cuda against the CPU reference; a failure line each, then a table
+      echo "== backward fuzz"
+      timeout 420 $BUILD/tilewise_fuzz --problems 1000 --max-seconds 280 > "$OUT/fuzz.log" 2>&1
+      echo "rc=$?"; grep -E "^FAIL|^stopping" "$OUT/fuzz.log" | head -20; sed -n '/^| tensor/,$p' "$OUT/fuzz.log"
       ;;
     sass)
       cuobjdump -sass $BUILD/libtilewise.so > "$OUT/sass.txt" 2>/dev/null
@@ -44,6 +69,11 @@ for step in $steps; do
       echo "== benchmark"
       PYTHONUNBUFFERED=1 timeout 480 python3 bench/bench_forward.py --lib $BUILD/libtilewise.so --out "$OUT/bench.md" \
         2>&1 | tee "$OUT/bench.log" | tail -40
+      ;;
+    bench_bwd)
+      echo "== backward benchmark"
+      PYTHONUNBUFFERED=1 timeout 540 python3 bench/bench_backward.py --lib $BUILD/libtilewise.so --out "$OUT/bench_bwd.md" \
+        2>&1 | tee "$OUT/bench_bwd.log" | tail -40
       ;;
   esac
 done

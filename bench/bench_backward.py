@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Backward benchmark of tilewise against dense and sparse baselines, in one run, one table (the rows of
+bench_forward.py).
+
+Columns: tilewise backward median ms (triton do_bench; only Plan::run_backward through the C ABI, after one forward
+for o and lse), its effective TFLOP/s (2.5 x the FLOPs of allowed pairs, FlashAttention's convention for the
+backward's five GEMMs), cuDNN SDPA backward (dense; the text padding as a key mask where some text is padding; dense
+FLOPs), FlexAttention backward (compiled) with the same block mask as bench_forward builds, the speedups over both,
+tilewise's forward + backward ms, and the max-abs differences of tilewise's dq/dk/dv against Flex's (a check that
+both ran the same mask on the same dout).
+
+Usage: python3 bench/bench_backward.py [--lib build/libtilewise.so] [--rows 1,2] [--only w3x3x3,partial]
+       [--no-flex] [--no-dense] [--deterministic] [--out table.md]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+from tilewise import _capi  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_forward import Row, _tiled_permutation, bench, block_mask_from_mod, flex_mask_mod, rows  # noqa: E402
+from report import emit  # noqa: E402
+
+
+class GradTensors(ctypes.Structure):
+    """tw_grad_tensors (include/tilewise/tilewise.h): eleven pointers, in the header's order."""
+
+    _fields_ = [(name, ctypes.c_void_p)
+                for name in ("q", "k", "v", "o", "lse", "dout", "dlse", "dq", "dk", "dv", "text_len")]
+
+
+def backward_abi():
+    """The library with its backward entry points declared. python/tilewise/_capi.py binds the forward only; the
+    backward's three functions are declared here (argtypes are per function, so this leaves _capi's alone)."""
+    L = _capi.lib()
+    L.tw_grad_tensors_init.argtypes = [ctypes.POINTER(GradTensors)]
+    L.tw_grad_tensors_init.restype = None
+    L.tw_plan_backward_workspace_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64)]
+    L.tw_plan_run_backward.argtypes = [ctypes.c_void_p, ctypes.POINTER(GradTensors), ctypes.c_void_p, ctypes.c_int32,
+                                       ctypes.c_void_p]
+    return L
+
+
+class TilewiseRun:
+    """One row's tilewise plan and buffers: forward() writes o and lse, backward() dq, dk and dv."""
+
+    def __init__(self, row: Row, q, k, v, dout, text_len, deterministic: bool):
+        self.L = backward_abi()
+        B, S, Hh, D = q.shape
+        self.plan = _capi.Plan(batch=B, q_heads=Hh, kv_heads=Hh, head_dim=D, dtype="bf16", latent=row.latent,
+                               tile=row.tile, text_capacity=row.text, text_position=row.text_position,
+                               pattern=row.pattern, windows=(row.window,), global_frames=(row.global_frames,),
+                               radius=(0,), device="cuda")
+        self.q, self.k, self.v, self.dout = q, k, v, dout
+        self.o = torch.empty_like(q)
+        self.lse = torch.empty(B, Hh, S, device=q.device, dtype=torch.float32)
+        self.dq, self.dk, self.dv = (torch.empty_like(x) for x in (q, k, v))
+        self.tl_ptr = text_len.data_ptr() if row.text else 0
+        size = ctypes.c_uint64()
+        _capi.check(self.L.tw_plan_backward_workspace_size(self.plan._handle, ctypes.byref(size)))
+        self.workspace = torch.empty(max(size.value, 1), device=q.device, dtype=torch.uint8)
+        assert self.workspace.data_ptr() % 256 == 0, "torch's allocator gave a workspace not 256-byte aligned"
+        self.grads = GradTensors()
+        self.L.tw_grad_tensors_init(ctypes.byref(self.grads))
+        for name in ("q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv"):
+            setattr(self.grads, name, getattr(self, name).data_ptr())
+        self.grads.text_len = self.tl_ptr or None  # dlse stays NULL: zero, as for SDPA and Flex
+        self.deterministic = int(deterministic)
+        self.workspace_ptr = self.workspace.data_ptr() if size.value else None
+
+    def forward(self) -> None:
+        self.plan.run(self.q.data_ptr(), self.k.data_ptr(), self.v.data_ptr(), self.o.data_ptr(), self.lse.data_ptr(),
+                      self.tl_ptr, torch.cuda.current_stream().cuda_stream)
+
+    def backward(self) -> None:
+        _capi.check(self.L.tw_plan_run_backward(self.plan._handle, ctypes.byref(self.grads), self.workspace_ptr,
+                                                self.deterministic, torch.cuda.current_stream().cuda_stream))
+
+
+def cudnn_backward_ms(row: Row, q, k, v, dout, notes: list) -> tuple[float, float]:
+    """cuDNN SDPA backward ms and its dense FLOPs (2.5 x 4 B H Sq Sk D). Where some text positions are padding they
+    are masked out as keys; if cuDNN refuses the mask, the padding positions are dropped from the sequence instead
+    (what a dense caller without mask support would do)."""
+    B, S, Hh, D = q.shape
+    nv = math.prod(row.latent)
+    padding = row.text > row.text_len
+    key_valid = None
+    if padding:
+        text0 = 0 if row.text_position == "first" else nv
+        key_valid = torch.ones(S, dtype=torch.bool, device=q.device)
+        key_valid[text0 + row.text_len:text0 + row.text] = False
+
+    def run(qs, ks, vs, gs, mask):
+        qd, kd, vd = (x.transpose(1, 2).detach().requires_grad_() for x in (qs, ks, vs))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
+            g = torch.empty_like(out).copy_(gs.transpose(1, 2))  # out's strides: no layout copy inside the timing
+            torch.autograd.grad(out, (qd, kd, vd), g, retain_graph=True)
+            return bench(lambda: torch.autograd.grad(out, (qd, kd, vd), g, retain_graph=True))
+
+    if key_valid is not None:
+        try:
+            ms = run(q, k, v, dout, key_valid[None, None, None, :])
+            return ms, 2.5 * 4.0 * B * Hh * S * S * D
+        except RuntimeError as e:
+            notes.append(f"cudnn: key mask refused ({str(e).splitlines()[0][:50]}); ran without the padding tokens")
+            idx = key_valid.nonzero().squeeze(1)
+            q, k, v, dout = (x[:, idx] for x in (q, k, v, dout))
+            S = idx.numel()
+    return run(q, k, v, dout, None), 2.5 * 4.0 * B * Hh * S * S * D
+
+
+def flex_backward(flex, row: Row, q, k, v, dout, notes: list):
+    """FlexAttention backward ms with bench_forward's block mask (tiled order where the tile divides the latent, its
+    best case), and its dq, dk, dv mapped back to tilewise's [B, S, H, D] raster layout."""
+    B, S, Hh, D = q.shape
+    T, H, W = row.latent
+    dev = q.device
+    tiled = T % row.tile[0] == 0 and H % row.tile[1] == 0 and W % row.tile[2] == 0
+    bm = block_mask_from_mod(flex_mask_mod(row, tiled, dev), S, dev)
+    perm = _tiled_permutation(row, dev) if tiled else None
+
+    def to_flex(x):  # [B, S, H, D] -> [B, H, S, D], permuted to tiled order, head dim padded to a power of two
+        x = x.transpose(1, 2)
+        if perm is not None:
+            x = x[:, :, perm]
+        return F.pad(x, (0, 128 - D)) if D not in (64, 128) else x
+
+    if D not in (64, 128):
+        notes.append(f"flex: head dim zero-padded {D} -> 128 (same gradients)")
+    qf, kf, vf = (to_flex(x).detach().requires_grad_() for x in (q, k, v))
+    out = flex(qf, kf, vf, block_mask=bm, scale=1.0 / math.sqrt(D))
+    gf = torch.empty_like(out).copy_(to_flex(dout))  # out's strides: no layout copy inside the timing
+    grads = torch.autograd.grad(out, (qf, kf, vf), gf, retain_graph=True)
+    ms = bench(lambda: torch.autograd.grad(out, (qf, kf, vf), gf, retain_graph=True))
+
+    def back(g):  # inverse of to_flex
+        g = g[..., :D]
+        if perm is not None:
+            g = torch.empty_like(g).index_copy_(2, perm, g)
+        return g.transpose(1, 2)
+
+    return ms, [back(g) for g in grads]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lib", default=None, help="path to libtilewise.so")
+    ap.add_argument("--rows", default="1,2,3,4,5", help="row groups to run (1..5)")
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense cuDNN SDPA baseline")
+    ap.add_argument("--deterministic", action="store_true", help="time tilewise's deterministic backward")
+    ap.add_argument("--only", default=None, help="run only rows whose name contains one of these ','-separated strings")
+    ap.add_argument("--out", default=None, help="also write the table (markdown) here")
+    args = ap.parse_args()
+    _capi.lib(args.lib)
+    groups = {int(g) for g in args.rows.split(",")}
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+
+    flex = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        torch._dynamo.config.recompile_limit = 64  # a new shape and mask per row (see bench_forward)
+        flex = torch.compile(flex_attention, dynamic=False)
+
+    table = []
+    selected = [r for r in rows() if r.group in groups]
+    if args.only:
+        selected = [r for r in selected if any(k in r.name for k in args.only.split(","))]
+    for row in selected:
+        S = math.prod(row.latent) + row.text
+        B, Hh, D = 1, row.heads, row.head_dim
+        q, k, v, dout = (torch.randn(B, S, Hh, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+        text_len = torch.full((B,), row.text_len, device=dev, dtype=torch.int32)
+        tw = TilewiseRun(row, q, k, v, dout, text_len, args.deterministic)
+        flops = 2.5 * tw.plan.flops([row.text_len] * B if row.text else None)
+        density = tw.plan.density()
+        tw.forward()  # o and lse for the backward
+        ms_bwd = bench(tw.backward)
+        ms_total = bench(lambda: (tw.forward(), tw.backward()))
+
+        ms_cudnn, dense_flops = float("nan"), float("nan")
+        if not args.no_dense:
+            try:
+                ms_cudnn, dense_flops = cudnn_backward_ms(row, q, k, v, dout, row.notes)
+            except RuntimeError as e:
+                row.notes.append(f"cudnn: {str(e).splitlines()[0][:60]}")
+        ms_flex, diffs = float("nan"), None
+        if flex is not None:
+            try:
+                ms_flex, flex_grads = flex_backward(flex, row, q, k, v, dout, row.notes)
+                tw.forward()
+                tw.backward()
+                diffs = [(g.float() - mine.float()).abs().max().item() for g, mine in zip(flex_grads, (tw.dq, tw.dk, tw.dv))]
+                del flex_grads
+            except Exception as e:  # noqa: BLE001 - report and continue with the other baselines
+                row.notes.append(f"flex: {type(e).__name__}: {str(e).splitlines()[0][:60]}")
+        table.append((row.name, 1 - density, ms_bwd, flops / ms_bwd / 1e9, ms_cudnn, dense_flops / ms_cudnn / 1e9,
+                      ms_flex, ms_total, diffs, row.notes))
+        print(f"  done: {row.name}: tilewise bwd {ms_bwd:.2f} ms, cudnn {ms_cudnn:.2f} ms, flex {ms_flex:.2f} ms",
+              flush=True)
+        del tw, q, k, v, dout
+        torch.cuda.empty_cache()
+
+    mode = " (deterministic)" if args.deterministic else ""
+    header = (f"| row | sparsity | tilewise bwd ms{mode} | eff TFLOP/s | cuDNN bwd ms (dense) | cuDNN TFLOP/s "
+              "| Flex bwd ms (same mask) | x cuDNN | x Flex | tilewise fwd+bwd ms | max abs diff vs Flex dq/dk/dv |")
+    lines = [header, "|" + "---|" * 11]
+    for name, sp, ms, tf, cu, cutf, fx, total, diffs, _ in table:
+        diff = "/".join(f"{d:.3g}" for d in diffs) if diffs else "-"
+        lines.append(f"| {name} | {sp:.1%} | {ms:.2f} | {tf:.0f} | {cu:.2f} | {cutf:.0f} | {fx:.2f} | {cu / ms:.2f} "
+                     f"| {fx / ms:.2f} | {total:.2f} | {diff} |")
+    notes = [f"- {name}: {n}" for name, *_, notes in table for n in notes]
+    emit("\n".join(lines + notes), args.out)
+
+
+if __name__ == "__main__":
+    main()
