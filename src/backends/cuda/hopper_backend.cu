@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <limits>
 
 #include "backends/cuda/cuda_common.hpp"
@@ -174,6 +176,8 @@ class HopperBackend final : public Backend {
       if (bwd_classes_.exists(c))
         stream_slots_ = std::max<int32_t>(stream_slots_, bwd_classes_.cls[c].subs.volume());
     stats_entries_ = static_cast<int32_t>(g.num_tiles() * stream_slots_ + ceil_div<int64_t>(p.text_capacity, hopper::kBlockN));
+    const char* fused = std::getenv("TILEWISE_BACKWARD_FUSED_DQ");
+    fused_dq_ = fused != nullptr && std::string(fused) == "1";
   }
 
   /// Backward scratch: the two scheduler counters, D in sequence order, and the per-block statistics.
@@ -194,17 +198,19 @@ class HopperBackend final : public Backend {
     b.counters = w.take<int32_t>(2);
     b.delta = w.take<float>(p.batch * p.q_heads * p.seq_len);
     b.stats = w.take<float>(p.batch * p.q_heads * int64_t{stats_entries_} * hopper::kStatsWords);
-    b.dq_accum = w.take<float>(p.batch * p.q_heads * p.seq_len * p.head_dim);
+    b.dq_accum = fused_dq_ ? w.take<float>(p.batch * p.q_heads * p.seq_len * p.head_dim) : nullptr;
     b.bytes = w.used();
     return b;
   }
 
-  /// Preprocess (D and the streamed blocks' statistics), then by default one fused kernel (dK, dV in registers,
-  /// dQ added into an fp32 accumulator with atomics: five GEMMs per block pair) and dq from the accumulator;
-  /// `deterministic`: the dQ kernel and the dK/dV kernel (seven GEMMs per pair, each gradient row summed by one
-  /// warpgroup in a fixed order, so bitwise reproducible).
+  /// Preprocess (D and the streamed blocks' statistics), then the dQ kernel and the dK/dV kernel (seven GEMMs per
+  /// block pair; each gradient row is summed by one warpgroup in a fixed order, so bitwise reproducible). With
+  /// TILEWISE_BACKWARD_FUSED_DQ=1 in the environment at plan time, and not `deterministic`: one fused kernel
+  /// instead (dQ = dS K added into an fp32 accumulator with atomics: five GEMMs per pair), measured slower so far
+  /// (docs/performance.md, backward v1).
   void run_backward(const Plan& plan, const GradTensors& t, void* stream_ptr, void* workspace,
                     bool deterministic) const override {
+    deterministic = deterministic || !fused_dq_;
     const Problem& p = plan.problem();
     require_device_tensors(t, 16);
     const auto stream = static_cast<cudaStream_t>(stream_ptr);
@@ -415,6 +421,7 @@ class HopperBackend final : public Backend {
   TileClasses bwd_classes_;      // the backward's: 128-row owned (qbox) and streamed (box) blocks
   int32_t stream_slots_ = 1;     // the most streamed blocks of any tile class
   int32_t stats_entries_ = 0;    // streamed blocks per (batch, head): tiles * stream_slots_ + text blocks
+  bool fused_dq_ = false;        // the fused dK/dV/dQ kernel when not deterministic (experimental, see run_backward)
   bool per_batch_ = false;
   int num_sms_ = 0;
   int query_rows_ = 128;  // query rows per work item of the kernel for this head dim

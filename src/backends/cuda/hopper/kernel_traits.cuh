@@ -101,7 +101,8 @@ struct PipeState {
 /// kOwnedRows: 0 for the forward (its query rows per work item come from the switches above); the backward's
 /// kernels own 128 rows per work item (two warpgroups of 240 registers: S, dP and a D-wide accumulator, or the
 /// dK and dV accumulators with half-width S and dP) and keep per-stage row statistics beside the K ring.
-template <int kHeadDim, int kOwnedRows = 0>
+/// kDsBuffer: the fused backward kernel's dS buffer (dS^T of a block pair, 32 KB) fits beside fewer stages.
+template <int kHeadDim, int kOwnedRows = 0, bool kDsBuffer = false>
 struct KernelTraits {
   static constexpr int D = kHeadDim;
   static constexpr bool kBackward = kOwnedRows != 0;
@@ -121,12 +122,12 @@ struct KernelTraits {
   static constexpr int kQPanelBytes = kBlockM * kRowBytes;  // one panel of the Q or O buffer
   static constexpr int kQTileBytes = kPanels * kQPanelBytes;
   static constexpr int kStagesSmallD = D == 64 ? TILEWISE_HOPPER_STAGES_D64 : 3;
-  // The backward fits its dS buffer beside the rings: at D 128 one dO stage (released before the dQ product, so
-  // its next load overlaps that), at D 96 two of each.
-  static constexpr int kKStages =
-      kBackward ? (D == 64 ? 3 : 2) : (D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : kStagesSmallD);
-  static constexpr int kVStages =
-      kBackward ? (D == 64 ? 3 : (D == 96 ? 2 : 1)) : (D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD);
+  // The fused backward fits its dS buffer beside the rings: at D 128 one dO stage (released before the dQ product,
+  // so its next load overlaps that), at D 96 two of each. Without it, the forward's depths.
+  static constexpr int kKStages = kDsBuffer ? (D == 64 ? 3 : 2)
+                                            : (D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : kStagesSmallD);
+  static constexpr int kVStages = kDsBuffer ? (D == 64 ? 3 : (D == 96 ? 2 : 1))
+                                            : (D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD);
   static constexpr int kCluster = D == 128 && !kBackward ? TILEWISE_HOPPER_CLUSTER_D128 : 1;
   static constexpr int kExpOnFma = D == 128 ? TILEWISE_HOPPER_EXP_ON_FMA_D128 : TILEWISE_HOPPER_EXP_ON_FMA;
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
@@ -183,7 +184,7 @@ struct KernelTraits {
   // dLSE and sequence position: one bulk copy of 3 x 128 words per stage.
   static constexpr int kStatsBytes = kBackward ? 3 * kBlockN * 4 : 0;
   static constexpr int kDsPanelBytes = kBlockM * 128;  // 64 queries (128 bytes) per owned row
-  static constexpr int kDsBytes = kBackward ? 2 * kDsPanelBytes : 0;
+  static constexpr int kDsBytes = kDsBuffer ? 2 * kDsPanelBytes : 0;
   static constexpr int kBufferBytes = 2 * kQTileBytes + kTileBytes * (kKStages + kVStages) + kDsBytes;  // Q, O, K, V, dS
   static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6;
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kBufferBytes + kKStages * kStatsBytes +

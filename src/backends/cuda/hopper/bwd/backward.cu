@@ -8,11 +8,11 @@ namespace {
 
 template <int D, WgType T, BwdKernel K>
 cudaError_t launch(const BwdParams& params, int grid, cudaStream_t stream) {
-  constexpr int smem = BwdTraits<D>::kSmemBytes;
+  constexpr int smem = BwdTraits<D, K>::kSmemBytes;
   static const cudaError_t attr =
       cudaFuncSetAttribute(backward_kernel<D, T, K>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr != cudaSuccess) return attr;
-  backward_kernel<D, T, K><<<grid, BwdTraits<D>::kThreads, smem, stream>>>(params);
+  backward_kernel<D, T, K><<<grid, BwdTraits<D, K>::kThreads, smem, stream>>>(params);
   return cudaGetLastError();
 }
 
@@ -39,7 +39,8 @@ R with_head_dim(int head_dim, R unsupported, F&& f) {
 }  // namespace
 
 int backward_smem_bytes(int head_dim) {
-  return with_head_dim(head_dim, 0, [](auto d) { return BwdTraits<decltype(d)::value>::kSmemBytes; });
+  return with_head_dim(head_dim, 0,
+                       [](auto d) { return BwdTraits<decltype(d)::value, BwdKernel::dkdvq>::kSmemBytes; });
 }
 
 cudaError_t launch_backward_preprocess(const BwdParams& params, const PreprocessParams& pre, int head_dim, bool bf16,

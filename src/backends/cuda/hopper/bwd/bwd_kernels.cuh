@@ -12,13 +12,14 @@
 
 namespace tilewise::hopper {
 
-template <int kHeadDim>
-using BwdTraits = KernelTraits<kHeadDim, 128>;
+template <int kHeadDim, BwdKernel kKernel>
+using BwdTraits = KernelTraits<kHeadDim, 128, kKernel == BwdKernel::dkdvq>;
 
 template <int kHeadDim, WgType kType, BwdKernel kKernel>
-__global__ void __launch_bounds__(BwdTraits<kHeadDim>::kThreads, 1) backward_kernel(const __grid_constant__ BwdParams p) {
+__global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
+    backward_kernel(const __grid_constant__ BwdParams p) {
   constexpr bool kDq = kKernel == BwdKernel::dq;
-  using Traits = BwdTraits<kHeadDim>;
+  using Traits = BwdTraits<kHeadDim, kKernel>;
   extern __shared__ uint8_t smem_raw[];
   const typename Traits::Shared s = Traits::carve(smem_raw);
   const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0), tid = threadIdx.x % 128;
