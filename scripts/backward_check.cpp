@@ -106,6 +106,7 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "bench") == 0) {
     bench({3, 3, 3}, 0, 0);
     bench({3, 3, 3}, 256, 226);
+    bench({5, 6, 10}, 0, 0);
     return 0;
   }
   std::mt19937 rng(argc > 1 ? atoi(argv[1]) : 1);

@@ -39,11 +39,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
   static constexpr uint32_t kStageDesc = Base::kStageDesc;
   static constexpr uint32_t kRowDesc = Traits::kRowBytes >> 4;  // descriptor units per row of a panel
   const BwdParams& bp;
-  // The software-pipelined loops keep the next S and dP beside the accumulators and the current operands; at
-  // D 128 (and for dK/dV at 96) that is more than a consumer's 240 registers, and ptxas serialises every wgmma
-  // (C7512), so those keep the sequential loops.
-  static constexpr bool kPipelinedDq = D <= 96;
-  static constexpr bool kPipelinedDkdv = D <= 64;
   // Descriptor words beside the forward's (q_lo: owned first operand, K-major; k_lo: K stage, K-major; v_lo: V
   // stage, MN-major): the owned second operand (K-major), the V stage K-major and the K stage MN-major.
   uint32_t o_lo, vk_lo, km_lo;
@@ -132,10 +127,17 @@ struct BwdConsumer : Consumer<Traits, kType> {
     float dq[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
-    // dS_j of block j becomes the A operand of dQ += dS_j K_j, issued after S and dP of block j + 1, so the
-    // elementwise work of block j + 1 runs while dQ_j is on the tensor cores (wgmma groups complete in order:
-    // wait<1> is S/dP of j + 1 done, dQ_j maybe not).
-    auto elementwise = [&](const BlockInfo& bi, float (&sc)[kBlockN / 2], const float (&dp)[kBlockN / 2]) {
+    for (bool last = false; !last;) {
+      const BlockInfo bi = acquire(ks, vs);
+      last = bi.flags & BlockInfo::kLast;
+      float sc[kBlockN / 2], dp[kBlockN / 2];
+      wgmma_fence();
+      this->issue_s(sc, ks.stage());
+      gemm_ss<kBlockN>(dp, o_lo, vk_lo + vs.stage() * kStageDesc);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(sc);
+      fence_regs(dp);
       const KeyMask mask = KeyMask::of(p, bi, text_len, lane());
       if (mask.active) {
         mask.apply(sc, lane());
@@ -146,71 +148,15 @@ struct BwdConsumer : Consumer<Traits, kType> {
         const int rr = (i % 4) / 2;
         sc[i] = fast_exp2(fmaf(sc[i], p.scale_log2, -lse2[rr])) * (dp[i] - delta[rr]);
       }
-    };
-    auto issue_s_dp = [&](float (&sc)[kBlockN / 2], float (&dp)[kBlockN / 2], int k_stage, int v_stage) {
-      this->issue_s(sc, k_stage);
-      gemm_ss<kBlockN>(dp, o_lo, vk_lo + v_stage * kStageDesc);
-      wgmma_commit();
-    };
-    float sc[kBlockN / 2], dp[kBlockN / 2];
-    uint32_t ds[kBlockN / 16][4];
-    if constexpr (!kPipelinedDq) {  // one block at a time
-      for (bool last = false; !last;) {
-        const BlockInfo bi = acquire(ks, vs);
-        last = bi.flags & BlockInfo::kLast;
-        wgmma_fence();
-        issue_s_dp(sc, dp, ks.stage(), vs.stage());
-        wgmma_wait<0>();
-        fence_regs(sc);
-        fence_regs(dp);
-        elementwise(bi, sc, dp);
-        pack_operand<kBlockN / 16>(sc, ds, kType == WgType::bf16);
-        wgmma_fence();
-        gemm_rs<kBlockN / 16>(dq, ds, km_lo + ks.stage() * kStageDesc);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(dq);
-        release_stages(bi, ks, vs);
-      }
-      store(item, item.head, dq, p.grad0_scale, p.grad0, p.grad0_strides);
-      return;
-    }
-    BlockInfo bi = acquire(ks, vs);
-    wgmma_fence();
-    issue_s_dp(sc, dp, ks.stage(), vs.stage());
-    wgmma_wait<0>();
-    fence_regs(sc);
-    fence_regs(dp);
-    elementwise(bi, sc, dp);
-    pack_operand<kBlockN / 16>(sc, ds, kType == WgType::bf16);
-    // No wgmma sits under a data-dependent branch (ptxas would serialise them all, C7520): the loop runs while a
-    // next block exists, and the last dQ product follows it.
-    while (!(bi.flags & BlockInfo::kLast)) {
-      typename Base::KPipe ks_next = ks;
-      typename Base::VPipe vs_next = vs;
-      ks_next.advance();
-      vs_next.advance();
-      const BlockInfo bi_next = acquire(ks_next, vs_next);
+      uint32_t ds[kBlockN / 16][4];
+      pack_operand<kBlockN / 16>(sc, ds, kType == WgType::bf16);
       wgmma_fence();
-      issue_s_dp(sc, dp, ks_next.stage(), vs_next.stage());
       gemm_rs<kBlockN / 16>(dq, ds, km_lo + ks.stage() * kStageDesc);
       wgmma_commit();
-      wgmma_wait<1>();
-      fence_regs(sc);
-      fence_regs(dp);
-      elementwise(bi_next, sc, dp);
       wgmma_wait<0>();
       fence_regs(dq);
-      release_stages(bi, ks, vs);  // advances ks, vs to ks_next, vs_next
-      bi = bi_next;
-      pack_operand<kBlockN / 16>(sc, ds, kType == WgType::bf16);
+      release_stages(bi, ks, vs);
     }
-    wgmma_fence();
-    gemm_rs<kBlockN / 16>(dq, ds, km_lo + ks.stage() * kStageDesc);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(dq);
-    release_stages(bi, ks, vs);
     store(item, item.head, dq, p.grad0_scale, p.grad0, p.grad0_strides);
   }
 
@@ -257,99 +203,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
   }
 
-  /// P^T and dS^T of one half of a streamed block, in place: S^T becomes P^T, dP^T becomes dS^T.
-  __device__ __forceinline__ void dkdv_elementwise(const WorkItem& item, const BlockInfo& bi, const float* stats,
-                                                   int half, const bool (&seen)[2], const int32_t (&k_frame)[2],
-                                                   float (&sc)[32], float (&dp)[32]) const {
-    const BwdParams& p = bp;
-    const bool frames = bi.flags & BlockInfo::kFrames;
-    const HeadParams& hp = p.heads[item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift)];
-    const D3 qbox = p.cls[bi.tile_class()].box;
-#pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      const int rr = (i % 4) / 2, c = 64 * half + accumulator_column(i, lane());
-      float pr = fast_exp2(fmaf(sc[i], p.scale_log2, -stats[c]));
-      if (!seen[rr] || (frames && !frame_pair_allowed<int32_t>(bi.t + c / (qbox.h * qbox.w), k_frame[rr],
-                                                              static_cast<int32_t>(hp.global_frames),
-                                                              static_cast<int32_t>(hp.radius))))
-        pr = 0.f;
-      sc[i] = pr;
-      dp[i] = pr * (dp[i] - stats[kBlockN + c]);
-    }
-  }
-
-  /// dK, dV over every streamed block of an item, software-pipelined by halves: S^T and dP^T of the next half are
-  /// issued before dV, dK of this one, so each half's elementwise work runs while the previous half's
-  /// accumulation GEMMs are on the tensor cores (wait<1>: the S/dP group done, the dV/dK group maybe not).
-  __device__ __forceinline__ void dkdv_pipelined(const WorkItem& item, typename Base::KPipe& ks,
-                                                 typename Base::VPipe& vs, const bool (&seen)[2],
-                                                 const int32_t (&k_frame)[2], float (&dk)[D / 2],
-                                                 float (&dv)[D / 2]) const {
-    BlockInfo bi = acquire(ks, vs);
-    if (bi.flags & BlockInfo::kEmpty) {  // no query sees this key block: zero gradients
-      release_stages(bi, ks, vs);
-      return;
-    }
-    auto issue_s_dp = [&](float (&sc)[32], float (&dp)[32], int k_stage, int v_stage, int half) {
-      const uint32_t row_off = 64 * half * kRowDesc;
-      gemm_ss<64>(sc, this->q_lo, this->k_lo + k_stage * kStageDesc + row_off);
-      gemm_ss<64>(dp, o_lo, vk_lo + v_stage * kStageDesc + row_off);
-      wgmma_commit();
-    };
-    auto issue_pv = [&](const uint32_t (&pa)[4][4], const uint32_t (&da)[4][4], int k_stage, int v_stage, int half) {
-      const uint32_t row_off = 64 * half * kRowDesc;
-      gemm_rs<4>(dv, pa, this->v_lo + v_stage * kStageDesc + row_off);
-      gemm_rs<4>(dk, da, km_lo + k_stage * kStageDesc + row_off);
-      wgmma_commit();
-    };
-    // One step: S/dP of the next half issued before dV/dK of this one; the next half's elementwise work while
-    // dV/dK run; then its operands packed. No wgmma sits under a data-dependent branch (C7520).
-    auto step = [&](float (&sc)[32], float (&dp)[32], uint32_t (&pa)[4][4], uint32_t (&da)[4][4],
-                    const BlockInfo& bi_next, int k_next, int v_next, int half_next, int k_stage, int v_stage,
-                    int half) {
-      wgmma_fence();
-      issue_s_dp(sc, dp, k_next, v_next, half_next);
-      issue_pv(pa, da, k_stage, v_stage, half);
-      wgmma_wait<1>();
-      fence_regs(sc);
-      fence_regs(dp);
-      dkdv_elementwise(item, bi_next, this->s.stats(k_next), half_next, seen, k_frame, sc, dp);
-      wgmma_wait<0>();
-      fence_regs(dv);
-      fence_regs(dk);
-      pack_operand<4>(sc, pa, kType == WgType::bf16);
-      pack_operand<4>(dp, da, kType == WgType::bf16);
-    };
-    float sc[32], dp[32];
-    uint32_t pa[4][4], da[4][4];
-    wgmma_fence();
-    issue_s_dp(sc, dp, ks.stage(), vs.stage(), 0);
-    wgmma_wait<0>();
-    fence_regs(sc);
-    fence_regs(dp);
-    dkdv_elementwise(item, bi, this->s.stats(ks.stage()), 0, seen, k_frame, sc, dp);
-    pack_operand<4>(sc, pa, kType == WgType::bf16);
-    pack_operand<4>(dp, da, kType == WgType::bf16);
-    for (;;) {
-      step(sc, dp, pa, da, bi, ks.stage(), vs.stage(), 1, ks.stage(), vs.stage(), 0);  // this block's halves
-      if (bi.flags & BlockInfo::kLast) break;
-      typename Base::KPipe ks_next = ks;
-      typename Base::VPipe vs_next = vs;
-      ks_next.advance();
-      vs_next.advance();
-      const BlockInfo bi_next = acquire(ks_next, vs_next);
-      step(sc, dp, pa, da, bi_next, ks_next.stage(), vs_next.stage(), 0, ks.stage(), vs.stage(), 1);
-      release_stages(bi, ks, vs);  // advances ks, vs to the next block's stages
-      bi = bi_next;
-    }
-    wgmma_fence();
-    issue_pv(pa, da, ks.stage(), vs.stage(), 1);
-    wgmma_wait<0>();
-    fence_regs(dv);
-    fence_regs(dk);
-    release_stages(bi, ks, vs);
-  }
-
   template <bool kFuseDq>
   __device__ __forceinline__ void dkdv_item(const WorkItem& item, typename Base::KPipe& ks,
                                             typename Base::VPipe& vs) const {
@@ -370,22 +223,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
-    if constexpr (kFuseDq || !kPipelinedDkdv)
-      dkdv_sequential<kFuseDq>(item, ks, vs, seen, k_frame, dk, dv);
-    else
-      dkdv_pipelined(item, ks, vs, seen, k_frame, dk, dv);
-    store(item, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
-    store(item, item.head, dv, 1.f, p.grad1, p.grad1_strides);
-  }
-
-  /// One half at a time, and with kFuseDq then dQ of the block pair from dS^T in shared memory (add_dq), which
-  /// the two warpgroups share and meet around twice per block.
-  template <bool kFuseDq>
-  __device__ __forceinline__ void dkdv_sequential(const WorkItem& item, typename Base::KPipe& ks,
-                                                  typename Base::VPipe& vs, const bool (&seen)[2],
-                                                  const int32_t (&k_frame)[2], float (&dk)[D / 2],
-                                                  float (&dv)[D / 2]) const {
-    const BwdParams& p = bp;
     for (bool last = false; !last;) {
       const BlockInfo bi = acquire(ks, vs);
       last = bi.flags & BlockInfo::kLast;
@@ -394,8 +231,10 @@ struct BwdConsumer : Consumer<Traits, kType> {
         continue;
       }
       const float* stats = this->s.stats(ks.stage());  // lse2[kBlockN], D[kBlockN], position[kBlockN]
+      const bool frames = bi.flags & BlockInfo::kFrames;
       const int32_t head = item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift);
-      (void)head;  // the fused dQ's query head
+      const HeadParams& hp = p.heads[head];
+      const D3 qbox = p.cls[bi.tile_class()].box;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const uint32_t row_off = 64 * half * kRowDesc;
@@ -407,7 +246,17 @@ struct BwdConsumer : Consumer<Traits, kType> {
         wgmma_wait<0>();
         fence_regs(sc);
         fence_regs(dp);
-        dkdv_elementwise(item, bi, stats, half, seen, k_frame, sc, dp);
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+          const int rr = (i % 4) / 2, c = 64 * half + accumulator_column(i, lane());
+          float pr = fast_exp2(fmaf(sc[i], p.scale_log2, -stats[c]));
+          if (!seen[rr] || (frames && !frame_pair_allowed<int32_t>(bi.t + c / (qbox.h * qbox.w), k_frame[rr],
+                                                                  static_cast<int32_t>(hp.global_frames),
+                                                                  static_cast<int32_t>(hp.radius))))
+            pr = 0.f;
+          sc[i] = pr;
+          dp[i] = pr * (dp[i] - stats[kBlockN + c]);
+        }
         if constexpr (kFuseDq) store_ds(dp, half);
         uint32_t pa[4][4], da[4][4];
         pack_operand<4>(sc, pa, kType == WgType::bf16);
@@ -435,6 +284,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
         release_stages(bi, ks, vs);
       }
     }
+    store(item, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
+    store(item, item.head, dv, 1.f, p.grad1, p.grad1_strides);
   }
 
   /// The work loop of the three kernels (BwdKernel): items per query head (dQ) or per kv head (dK/dV).
