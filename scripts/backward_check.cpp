@@ -1,6 +1,7 @@
 // Quick device check of the backward during development: random problems, the forward on cuda-reference (o, lse),
 // then the backward on cuda (the Hopper kernels) and on cuda-reference (fp32, independent code), compared by
-// relative L2 per gradient. Build: g++ -std=c++20 -O2 -Iinclude scripts/backward_check.cpp -Lbuild-device -ltilewise
+// relative L2 per gradient, with deterministic false and true (these differ only with TILEWISE_BACKWARD_FUSED_DQ=1,
+// which selects the fused kernel for the former). Build: g++ -std=c++20 -O2 -Iinclude scripts/backward_check.cpp -Lbuild-device -ltilewise
 //   -lcudart -Wl,-rpath,build-device (with CUDA's include and lib paths).
 #include <cuda_runtime.h>
 
@@ -189,7 +190,7 @@ int main(int argc, char** argv) {
     const bool ok = e1 < 1e-2 && e2 < 1e-2 && e3 < 1e-2 && n1 + n2 + n3 + m1 + m2 + m3 == 0;
     failures += !ok;
     std::printf("%-36s %s dq %.2e dk %.2e dv %.2e  non-finite fast %d/%d/%d ref %d/%d/%d  %s\n", c.name,
-                deterministic ? "det  " : "fused", e1, e2, e3, n1, n2, n3, m1, m2, m3, ok ? "ok" : "FAIL");
+                deterministic ? "deterministic" : "default      ", e1, e2, e3, n1, n2, n3, m1, m2, m3, ok ? "ok" : "FAIL");
     }
   }
   std::printf("%d failures\n", failures);
