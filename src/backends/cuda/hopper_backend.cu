@@ -180,6 +180,27 @@ class HopperBackend final : public Backend {
     fused_dq_ = fused != nullptr && std::string(fused) == "1";
   }
 
+  /// The parameters every kernel shares: the semantics core's token map, the tile classes' boxes, the batch and
+  /// heads of a launch, and the pattern tables.
+  void fill_common(const Plan& plan, const TileClasses& classes, const int32_t* text_len, hopper::FwdParams& prm) const {
+    const Problem& p = plan.problem();
+    prm.map = TokenMapT<int32_t>{TileGridT<int32_t>(plan.grid()), plan.token_map().seq, p.order};
+    std::copy(std::begin(classes.cls), std::end(classes.cls), std::begin(prm.cls));
+    prm.partial_axes = classes.partial_axes;
+    prm.slots_per_tile = classes.slots;
+    prm.zero_init = classes.max_volume < hopper::kBlockN;
+    prm.batch = per_batch_ ? 1 : static_cast<int32_t>(p.batch);
+    prm.q_heads = static_cast<int32_t>(p.q_heads);
+    prm.kv_group = static_cast<int32_t>(p.q_heads / p.kv_heads);
+    prm.text_len = text_len;
+    prm.kind = plan.pattern().kind;
+    prm.heads = tables_.heads.get();
+    prm.block_offsets = tables_.block_offsets.get();
+    prm.block_tiles = tables_.block_tiles.get();
+    prm.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+    prm.seq_len = p.seq_len;
+  }
+
   /// Backward scratch: the two scheduler counters, D in sequence order, and the per-block statistics.
   size_t backward_workspace_bytes(const Plan& plan) const override { return backward_layout(plan, nullptr).used(); }
 
@@ -217,26 +238,12 @@ class HopperBackend final : public Backend {
     const BackwardScratch ws = backward_layout(plan, workspace);
     const TileGrid& g = plan.grid();
     hopper::BwdParams prm{};
-    prm.map = TokenMapT<int32_t>{TileGridT<int32_t>(g), plan.token_map().seq, p.order};
-    std::copy(std::begin(bwd_classes_.cls), std::end(bwd_classes_.cls), std::begin(prm.cls));
-    prm.partial_axes = bwd_classes_.partial_axes;
-    prm.slots_per_tile = bwd_classes_.slots;
-    prm.zero_init = bwd_classes_.max_volume < hopper::kBlockN;
-    prm.batch = per_batch_ ? 1 : static_cast<int32_t>(p.batch);
-    prm.q_heads = static_cast<int32_t>(p.q_heads);
+    fill_common(plan, bwd_classes_, t.text_len, prm);
     prm.kv_heads = static_cast<int32_t>(p.kv_heads);
-    prm.kv_group = static_cast<int32_t>(p.q_heads / p.kv_heads);
-    prm.text_len = t.text_len;
-    prm.kind = plan.pattern().kind;
-    prm.heads = tables_.heads.get();
-    prm.block_offsets = tables_.block_offsets.get();
-    prm.block_tiles = tables_.block_tiles.get();
     prm.query_offsets = tables_.query_tile_offsets.get();
     prm.query_list = tables_.query_tile_list.get();
-    prm.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
     prm.scale_log2_lse = 1.4426950408889634f;
     prm.lse = const_cast<float*>(t.lse);  // read only by the backward
-    prm.seq_len = p.seq_len;
     prm.video_items = static_cast<int32_t>(g.num_tiles() * bwd_classes_.slots);
     prm.text_items = static_cast<int32_t>(ceil_div<int64_t>(p.text_capacity, hopper::kBackwardOwnedRows));
     prm.delta = ws.delta;
@@ -303,22 +310,8 @@ class HopperBackend final : public Backend {
 
     hopper::FwdParams prm{};
     const TileGrid& g = plan.grid();
-    prm.map = TokenMapT<int32_t>{TileGridT<int32_t>(g), plan.token_map().seq, p.order};
-    std::copy(std::begin(classes_.cls), std::end(classes_.cls), std::begin(prm.cls));
-    prm.partial_axes = classes_.partial_axes;
-    prm.slots_per_tile = classes_.slots;
-    prm.zero_init = classes_.max_volume < hopper::kBlockN;
-    prm.batch = per_batch_ ? 1 : static_cast<int32_t>(p.batch);
-    prm.q_heads = static_cast<int32_t>(p.q_heads);
-    prm.kv_group = static_cast<int32_t>(p.q_heads / p.kv_heads);
-    prm.text_len = t.text_len;
-    prm.kind = plan.pattern().kind;
-    prm.heads = tables_.heads.get();
-    prm.block_offsets = tables_.block_offsets.get();
-    prm.block_tiles = tables_.block_tiles.get();
-    prm.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+    fill_common(plan, classes_, t.text_len, prm);
     prm.lse = t.lse;
-    prm.seq_len = p.seq_len;
     prm.video_items = video_items_;
     prm.text_items = text_items_;
     prm.num_work = prm.batch * prm.q_heads * (video_items_ + text_items_);
