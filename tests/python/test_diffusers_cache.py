@@ -30,18 +30,43 @@ def _caches(scheduler_holder):
                               mag_ratios=[1.0] * STEPS),
         "taylor_seer": TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=1, max_order=1,
                                              taylor_factors_dtype=torch.float32),
+        # FasterCache skips a layer's attention at every step in spatial_attention_timestep_skip_range except each
+        # block_skip_range-th, reusing the outputs of the last two computed steps; a range that takes in the first
+        # timestep (1000) makes diffusers skip before anything is cached (faster_cache.py: state.cache is None,
+        # also without tilewise), hence its default (-1, 681) and (-1, 901) here: step 0 computes, then every
+        # second step.
         "faster": FasterCacheConfig(spatial_attention_block_skip_range=2,
-                                    spatial_attention_timestep_skip_range=(-1, 1001),
+                                    spatial_attention_timestep_skip_range=(-1, 901),
                                     current_timestep_callback=lambda: scheduler_holder["t"],
                                     attention_weight_callback=lambda _: 0.5, is_guidance_distilled=True,
                                     tensor_format="BCFHW"),
+        # The same with classifier-free guidance: the batch is [uncond, cond], and on the steps where FasterCache
+        # approximates the unconditional branch the transformer runs on the conditional half only (batch 1).
+        "faster_cfg": FasterCacheConfig(spatial_attention_block_skip_range=2,
+                                        spatial_attention_timestep_skip_range=(-1, 901),
+                                        unconditional_batch_skip_range=2,
+                                        unconditional_batch_timestep_skip_range=(-1, 901),
+                                        current_timestep_callback=lambda: scheduler_holder["t"],
+                                        attention_weight_callback=lambda _: 0.5, is_guidance_distilled=False,
+                                        tensor_format="BCFHW"),
     }
 
 
-# FasterCache is not covered yet: in this loop its attention hook finds no cached output on its first skip
-# (diffusers/hooks/faster_cache.py: state.cache is None); see the report of issue 14.
 @pytest.mark.parametrize("cache", ["first_block", "mag", "taylor_seer"])
 def test_cache_composes_and_steps_stay_true(seed, cache, monkeypatch):
+    _denoise_and_check(cache, monkeypatch)
+
+
+@pytest.mark.parametrize("cache", ["faster", "faster_cfg"])
+def test_fastercache_composes_and_steps_stay_true(seed, cache, monkeypatch):
+    seen = _denoise_and_check(cache, monkeypatch)
+    # Exactly the steps FasterCache computes (see _caches) run attention, both layers each; the others reuse.
+    assert sorted((s, layer) for s, _, layer, _ in seen) == [(s, l) for s in (0, 2, 4, 6) for l in range(2)]
+
+
+def _denoise_and_check(cache, monkeypatch):
+    """A denoising loop of the tiny Wan under tilewise (the per-step TABLE) and `cache`: checks the properties
+    of the module docstring and returns (loop step, controller step, layer, windows) of every tilewise call."""
     model, inputs = build("wan")
     scheduler = FlowMatchEulerDiscreteScheduler()
     scheduler.set_timesteps(STEPS)
@@ -78,3 +103,4 @@ def test_cache_composes_and_steps_stay_true(seed, cache, monkeypatch):
         assert windows == tuple(tuple(TABLE[f"{step}_{layer}_{h}"]) for h in range(2))
     model.disable_cache()
     twd.disable(model)
+    return seen
