@@ -2,7 +2,7 @@
 """Backward benchmark of tilewise against dense and sparse baselines, in one run, one table (the rows of
 bench_forward.py).
 
-Columns: tilewise backward median ms (triton do_bench; only Plan::run_backward through the C ABI, after one forward
+Columns: tilewise backward median ms (triton do_bench; only Plan::run_backward through _capi, after one forward
 for o and lse), its effective TFLOP/s (2.5 x the FLOPs of allowed pairs, FlashAttention's convention for the
 backward's five GEMMs), cuDNN SDPA backward (dense; the text padding as a key mask where some text is padding; dense
 FLOPs), FlexAttention backward (compiled) with the same block mask as bench_forward builds, the speedups over both,
@@ -15,7 +15,6 @@ Usage: python3 bench/bench_backward.py [--lib build/libtilewise.so] [--rows 1,2]
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import os
 import sys
@@ -32,30 +31,10 @@ from bench_forward import Row, _tiled_permutation, bench, block_mask_from_mod, f
 from report import emit  # noqa: E402
 
 
-class GradTensors(ctypes.Structure):
-    """tw_grad_tensors (include/tilewise/tilewise.h): eleven pointers, in the header's order."""
-
-    _fields_ = [(name, ctypes.c_void_p)
-                for name in ("q", "k", "v", "o", "lse", "dout", "dlse", "dq", "dk", "dv", "text_len")]
-
-
-def backward_abi():
-    """The library with its backward entry points declared. python/tilewise/_capi.py binds the forward only; the
-    backward's three functions are declared here (argtypes are per function, so this leaves _capi's alone)."""
-    L = _capi.lib()
-    L.tw_grad_tensors_init.argtypes = [ctypes.POINTER(GradTensors)]
-    L.tw_grad_tensors_init.restype = None
-    L.tw_plan_backward_workspace_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64)]
-    L.tw_plan_run_backward.argtypes = [ctypes.c_void_p, ctypes.POINTER(GradTensors), ctypes.c_void_p, ctypes.c_int32,
-                                       ctypes.c_void_p]
-    return L
-
-
 class TilewiseRun:
     """One row's tilewise plan and buffers: forward() writes o and lse, backward() dq, dk and dv."""
 
     def __init__(self, row: Row, q, k, v, dout, text_len, deterministic: bool):
-        self.L = backward_abi()
         B, S, Hh, D = q.shape
         self.plan = _capi.Plan(batch=B, q_heads=Hh, kv_heads=Hh, head_dim=D, dtype="bf16", latent=row.latent,
                                tile=row.tile, text_capacity=row.text, text_position=row.text_position,
@@ -66,25 +45,21 @@ class TilewiseRun:
         self.lse = torch.empty(B, Hh, S, device=q.device, dtype=torch.float32)
         self.dq, self.dk, self.dv = (torch.empty_like(x) for x in (q, k, v))
         self.tl_ptr = text_len.data_ptr() if row.text else 0
-        size = ctypes.c_uint64()
-        _capi.check(self.L.tw_plan_backward_workspace_size(self.plan._handle, ctypes.byref(size)))
-        self.workspace = torch.empty(max(size.value, 1), device=q.device, dtype=torch.uint8)
+        size = self.plan.backward_workspace_bytes()
+        self.workspace = torch.empty(max(size, 1), device=q.device, dtype=torch.uint8)
         assert self.workspace.data_ptr() % 256 == 0, "torch's allocator gave a workspace not 256-byte aligned"
-        self.grads = GradTensors()
-        self.L.tw_grad_tensors_init(ctypes.byref(self.grads))
-        for name in ("q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv"):
-            setattr(self.grads, name, getattr(self, name).data_ptr())
-        self.grads.text_len = self.tl_ptr or None  # dlse stays NULL: zero, as for SDPA and Flex
-        self.deterministic = int(deterministic)
-        self.workspace_ptr = self.workspace.data_ptr() if size.value else None
+        self.deterministic = deterministic
+        # dlse stays NULL: zero, as for SDPA and Flex
+        self.pointers = {name: getattr(self, name).data_ptr()
+                         for name in ("q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv")}
 
     def forward(self) -> None:
         self.plan.run(self.q.data_ptr(), self.k.data_ptr(), self.v.data_ptr(), self.o.data_ptr(), self.lse.data_ptr(),
                       self.tl_ptr, torch.cuda.current_stream().cuda_stream)
 
     def backward(self) -> None:
-        _capi.check(self.L.tw_plan_run_backward(self.plan._handle, ctypes.byref(self.grads), self.workspace_ptr,
-                                                self.deterministic, torch.cuda.current_stream().cuda_stream))
+        self.plan.run_backward(**self.pointers, text_len=self.tl_ptr, workspace=self.workspace.data_ptr(),
+                               deterministic=self.deterministic, stream=torch.cuda.current_stream().cuda_stream)
 
 
 def cudnn_backward_ms(row: Row, q, k, v, dout, notes: list) -> tuple[float, float]:
