@@ -2,9 +2,9 @@
 // key-block cursor, masks, pipelines), so their parameters extend the forward's, whose four tensor roles they
 // fill differently:
 //
-// Two arrangements: by default one fused kernel (the dK/dV kernel that also adds dQ = dS K of each block pair
-// into an fp32 accumulator with atomics: five GEMMs per pair); deterministic, the dQ kernel (S, dP and dS are
-// recomputed: seven GEMMs per pair, no atomics) and the dK/dV kernel.
+// Two arrangements: by default the dQ kernel (S, dP and dS are recomputed: seven GEMMs per block pair, no atomics)
+// and the dK/dV kernel; with TILEWISE_BACKWARD_FUSED_DQ=1 one fused kernel (the dK/dV kernel that also adds
+// dQ = dS K of each pair into an fp32 accumulator with atomics: five GEMMs per pair), measured slower so far.
 //
 //   role (FwdParams maps)    | dQ kernel (per query block) | dK/dV kernel (per key block, all GQA query heads)
 //   q: owned, first operand  | Q                           | K
@@ -20,8 +20,8 @@
 
 namespace tilewise::hopper {
 
-/// The backward's kernels: dQ alone, dK/dV alone (these two are the deterministic arrangement), or dK/dV with dQ
-/// added by atomics (the default).
+/// The backward's kernels: dQ alone, dK/dV alone (these two are the default, deterministic arrangement), or dK/dV
+/// with dQ added by atomics (the fused kernel).
 enum class BwdKernel { dq, dkdv, dkdvq };
 
 struct BwdParams : FwdParams {
