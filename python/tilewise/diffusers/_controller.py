@@ -187,22 +187,6 @@ class Processor:
                                        radius=r, text_len=text_len, text_position=text_position)
 
 
-def _rope_prefix(x, n: int, emb):
-    """diffusers' apply_rotary_emb on the first n positions of a [B, S, H, D] tensor; the rest unchanged."""
-    from diffusers.models.embeddings import apply_rotary_emb
-    if n == x.shape[1]:
-        return apply_rotary_emb(x, emb, sequence_dim=1)
-    return torch.cat([apply_rotary_emb(x[:, :n], emb, sequence_dim=1), x[:, n:]], dim=1)
-
-
-def _project_heads(attn, x, projections, norm_q, norm_k):
-    """q, k, v of `x` as [B, S, heads, D] through three projections, with the optional q/k norms applied."""
-    q, k, v = (proj(x).unflatten(2, (attn.heads, -1)) for proj in projections)
-    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
-
-
-
-
 def _transformers(model):
     """(transformers, pipeline or None) of a transformer or a pipeline (Wan 2.2 has transformer_2 too)."""
     if hasattr(model, "transformer") and not isinstance(model, torch.nn.Module):
