@@ -201,3 +201,22 @@ def proxy_error(run: Run, ds, reference, ref_sigmas, candidates: dict) -> dict:
             x = flow.sample(model, noise, b, sig, run.autocast)
             ref_err[name].append(float(((x - x_ref) ** 2).sum() / (x_ref ** 2).sum()))
     return {name: sum(v) / len(v) for name, v in ref_err.items()}
+
+
+@torch.no_grad()
+def heldout_flow_loss(run: Run, ds, named_models: dict, samples: int) -> dict:
+    """Flow-matching loss of each model on the same samples, noise and noise levels (8 levels per sample): how well
+    each one models the data, independent of the teacher (the STA student learns the data too)."""
+    g = run.generator(98)
+    out = {name: 0.0 for name in named_models}
+    for i in range(samples):
+        b = {k: v[None].expand(8, *v.shape).to(run.device) for k, v in ds[len(ds) - 1 - i % len(ds)].items()}
+        x0 = b["latents"]
+        noise = torch.randn(x0.shape, generator=g, device=run.device)
+        sigma = (torch.arange(8, device=run.device) + 0.5) / 8
+        x = flow.noised(x0, noise, sigma)
+        for name, m in named_models.items():
+            with run.autocast():
+                v = models.call(m, x, sigma, b).float()
+            out[name] += float(F.mse_loss(v, flow.flow_matching_target(x0, noise))) / samples
+    return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -87,6 +86,7 @@ class Run:
         self.progress, self.stream = progress, stream
         self.log = log or (lambda msg: None)
         self.ckpt_dir = self.out / "checkpoints"
+        self.generators = {}
         if self.rank == 0:
             self._check_out()
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -109,8 +109,12 @@ class Run:
         return contextlib.nullcontext()
 
     def generator(self, salt: int) -> torch.Generator:
-        """A generator on the run's device seeded from the preset's seed, a salt and the rank."""
-        return torch.Generator(device=self.device).manual_seed(self.preset.seed * 100_003 + salt * 1_009 + self.rank)
+        """A generator on the run's device seeded from the preset's seed, a salt and the rank. Checkpoints save
+        the state of every generator of the run and resume restores it, so a resumed stage draws the same noise
+        as an uninterrupted one."""
+        g = torch.Generator(device=self.device).manual_seed(self.preset.seed * 100_003 + salt * 1_009 + self.rank)
+        self.generators[salt] = g
+        return g
 
     def mean_over_ranks(self, x: float) -> float:
         if self.world == 1:
@@ -217,6 +221,7 @@ class Run:
                 else:
                     scalars[f"{i}/{k}"] = v
         tensors["rng/cpu"] = torch.get_rng_state()
+        tensors.update({f"rng/gen{salt}": g.get_state() for salt, g in self.generators.items()})
         if torch.cuda.is_available() and self.device.type == "cuda":
             tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
         meta = {"stage": stage, "step": step, "done": "1" if done else "0", "losses": json.dumps(losses),
@@ -246,16 +251,10 @@ class Run:
         if state["state"]:
             opt.load_state_dict(state)
         torch.set_rng_state(tensors["rng/cpu"])
+        for salt, g in self.generators.items():
+            if f"rng/gen{salt}" in tensors:
+                g.set_state(tensors[f"rng/gen{salt}"])
         if "rng/cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
         losses = json.loads(meta["losses"])
         return int(meta["step"]), losses, meta.get("done") == "1"
-
-
-def running_mean(values, window: int) -> list:
-    """Means of consecutive windows (what first_loss / last_loss are made of)."""
-    return [sum(values[i:i + window]) / len(values[i:i + window]) for i in range(0, len(values), window)]
-
-
-def finite(x: float) -> bool:
-    return isinstance(x, float) and math.isfinite(x)

@@ -62,8 +62,8 @@ PRESETS = {
                    out_channels=4, text_dim=16, freq_dim=16, ffn_dim=64, num_layers=2, rope_max_seq_len=32),
         latent=(4, 4, 16, 16), text_len=4, text_dim=16, samples=16, batch=2, lr=2e-3,
         tile=(1, 4, 4), window=None, calibrate=[(1, 1, 1), (2, 1, 1), (1, 2, 2), (3, 1, 1)], budget=0.2,
-        sta_steps=24, mlcd_steps=24, teacher_steps=8, segments=2, student_steps=2, kd_steps=24,
-        threshold=0.05, save_every=10, log_window=5, gradient_checkpointing=True),
+        sta_steps=30, mlcd_steps=30, teacher_steps=8, segments=2, student_steps=2, kd_steps=30,
+        threshold=0.05, save_every=10, log_window=8, gradient_checkpointing=True, eval_samples=2),
     # About 340M parameters (20 Wan blocks of width 1024, head dim 64), a 16x12x64x64 latent (12x32x32 = 12288
     # tokens): a few hundred steps per stage in one H200 call, and the proxy error at the end.
     "h200": Preset(

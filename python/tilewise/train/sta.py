@@ -94,7 +94,10 @@ def train_sta(run: Run, *, data_dir: Optional[str] = None, model_dir: Optional[s
         untuned = common.student(base, run, lora_rank=0, strategy=strategy, timesteps=timesteps).eval()
         sig = flow.schedule(p.teacher_steps, p.shift)
         err = common.proxy_error(run, ds, teacher, sig, {"sta_finetuned": (m, sig), "sta_untuned": (untuned, sig)})
+        fm = common.heldout_flow_loss(run, ds, {"teacher_dense": teacher, "sta_untuned": untuned,
+                                                "sta_finetuned": m}, p.eval_samples)
         run.write_json("eval.json", {"reference": f"dense teacher, {p.teacher_steps} Euler steps",
-                                     "rel_error": err, "samples": p.eval_samples})
+                                     "rel_error": err, "flow_matching_loss": fm, "samples": p.eval_samples})
+        run.log("held-out flow-matching loss: " + ", ".join(f"{k} {v:.4g}" for k, v in fm.items()))
         run.log("proxy error vs the dense teacher: " + ", ".join(f"{k} {v:.4g}" for k, v in err.items()))
     return run.summary
