@@ -41,13 +41,17 @@ def frozen_copy(model, run: Run):
     return t
 
 
-def add_lora(model, rank: int) -> None:
-    """LoRA (peft, through diffusers' PeftAdapterMixin) on the attention projections; only its weights train."""
+def add_lora(model, rank: int, seed: int = 0) -> None:
+    """LoRA (peft, through diffusers' PeftAdapterMixin) on the attention projections; only its weights train.
+    The random init of LoRA A comes from `seed`, not from the global generator, so that a run (and its resume)
+    starts from the same weights whatever ran before in the process."""
     from peft import LoraConfig
 
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
 
@@ -66,7 +70,7 @@ def student(model, run: Run, *, lora_rank: int, strategy=None, timesteps=None):
     if any(p.dtype != torch.float32 for p in s.parameters()):
         raise ValueError("student: expected a float32 model (fp32 master weights; autocast gives bf16 on CUDA)")
     if lora_rank and not any("lora_" in n for n, _ in s.named_parameters()):
-        add_lora(s, lora_rank)
+        add_lora(s, lora_rank, run.preset.seed)
     elif not lora_rank:
         s.requires_grad_(True)
     if strategy is not None:

@@ -198,6 +198,12 @@ def train_evdit(run: Run, *, stages=STAGES, data_dir: Optional[str] = None, mode
     """Runs the selected stages (in order) into run.out; returns the summary."""
     p = run.preset
     stages = parse_stages(stages)
+    tile_file = None
+    if "kd" in stages and "search" not in stages:  # checked before any work
+        tile_file = strategy_file or (Path(run.out) / "search.json")
+        if not Path(tile_file).exists():
+            raise ValueError(f"invalid strategy = {str(tile_file)!r}: kd needs the attention tile pattern; run "
+                             "the search stage first or pass --strategy FILE")
     ds = common.dataset(p, data_dir)
     base = common.base_model(run, model_dir, ds)
     teacher = common.frozen_copy(base, run)
@@ -219,11 +225,7 @@ def train_evdit(run: Run, *, stages=STAGES, data_dir: Optional[str] = None, mode
             strategy = search(run, few, ds)
     if "kd" in stages:
         if strategy is None:
-            source = strategy_file or (Path(run.out) / "search.json")
-            if not Path(source).exists():
-                raise ValueError(f"invalid strategy = {str(source)!r}: kd needs the attention tile pattern; run "
-                                 "the search stage first or pass --strategy FILE")
-            strategy = Strategy.coerce(str(source))
+            strategy = Strategy.coerce(str(tile_file))
         dense_few = common.frozen_copy(few, run)
         sparse = kd(run, few, dense_few, strategy, ds)
         if p.eval_samples > 0:

@@ -107,7 +107,8 @@ def family_of_model(model) -> str:
 
 def _cogvideox_rope(model, latents):
     """CogVideoX 1.0's 3D RoPE for this latent size (what its pipeline computes), or None without RoPE."""
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed, get_resize_crop_region_for_grid
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
     cfg = model.config
     if not cfg.use_rotary_positional_embeddings:
