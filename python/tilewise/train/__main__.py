@@ -1,0 +1,5 @@
+import sys
+
+from tilewise.train.cli import main
+
+sys.exit(main())

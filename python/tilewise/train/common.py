@@ -1,0 +1,226 @@
+"""Pieces both recipes use: data on the device, the dense teacher, the tilewise student (LoRA, gradient
+checkpointing, DDP), attention-output hooks, the dense pretraining stage and the proxy evaluation."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import tilewise.diffusers as twd
+from tilewise.train import data as data_mod
+from tilewise.train import flow, models
+from tilewise.train.loop import Run, load_tensors, unwrap
+
+
+def dataset(preset, data_dir: Optional[str]):
+    if data_dir is not None:
+        ds = data_mod.LatentFolder(data_dir)
+        if ds.shapes["latents"][0] != preset.latent[0]:
+            raise ValueError(f"invalid data = {data_dir!r}: latents have {ds.shapes['latents'][0]} channels, the "
+                             f"model takes {preset.latent[0]}")
+        return ds
+    return data_mod.MovingShapes(preset.samples, preset.latent, preset.text_len, preset.text_dim, preset.seed)
+
+
+def batch_source(run: Run, ds, salt: int):
+    """data(skip) for Run.train: batches on the run's device, sharded by rank."""
+    def data(skip: int):
+        for b in data_mod.batches(ds, run.preset.batch, run.preset.seed + salt, run.rank, run.world, skip):
+            yield {k: v.to(run.device) for k, v in b.items()}
+    return data
+
+
+def frozen_copy(model, run: Run):
+    """A frozen copy for teacher use: eval mode, no gradients, bf16 weights on CUDA (it only runs forwards)."""
+    t = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+    if run.device.type == "cuda":
+        t = t.to(dtype=torch.bfloat16)
+    return t
+
+
+def add_lora(model, rank: int, seed: int = 0) -> None:
+    """LoRA (peft, through diffusers' PeftAdapterMixin) on the attention projections; only its weights train.
+    The random init of LoRA A comes from `seed`, not from the global generator, so that a run (and its resume)
+    starts from the same weights whatever ran before in the process."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def trainable(model) -> dict:
+    params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the student has no trainable parameters")
+    return params
+
+
+def student(model, run: Run, *, lora_rank: int, strategy=None, timesteps=None):
+    """The trained copy: LoRA or full, tilewise enabled with `strategy` (None: dense), gradient checkpointing,
+    train mode; wrapped in DDP over the run's process group when there is one."""
+    s = copy.deepcopy(unwrap(model))
+    if any(p.dtype != torch.float32 for p in s.parameters()):
+        raise ValueError("student: expected a float32 model (fp32 master weights; autocast gives bf16 on CUDA)")
+    if lora_rank and not any("lora_" in n for n, _ in s.named_parameters()):
+        add_lora(s, lora_rank, run.preset.seed)
+    elif not lora_rank:
+        s.requires_grad_(True)
+    if strategy is not None:
+        twd.enable(s, strategy=strategy, tile=None if _has_tile(strategy) else run.preset.tile, timesteps=timesteps)
+    if run.preset.gradient_checkpointing:
+        s.enable_gradient_checkpointing()
+    s.train()
+    if run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        s = DDP(s, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                process_group=run.group, find_unused_parameters=True)
+    return s
+
+
+def _has_tile(strategy) -> bool:
+    return (hasattr(strategy, "tile") and strategy.tile is not None) or (isinstance(strategy, dict) and
+                                                                       "tile" in strategy)
+
+
+def check_routed(model, name: str) -> None:
+    """After a forward: the student's sparse attention really ran on tilewise (a dtype or device tilewise does
+    not take makes the integration fall back to dense attention, which would train the wrong model)."""
+    ctrl = twd.controller(unwrap(model))
+    if ctrl is not None and ctrl.calls["tilewise"] == 0:
+        raise RuntimeError(f"{name}: no attention call of the student ran on tilewise ({ctrl.calls}); on CUDA "
+                           "tilewise needs bf16/fp16 on a Hopper GPU (this run uses bf16 autocast)")
+
+
+class AttentionOutputs:
+    """Forward hooks on a model's self-attention modules (the ones tilewise runs) that keep each layer's latest
+    output. Under gradient checkpointing the recomputation in backward overwrites them; the loss has already been
+    built from the first forward's tensors, which carry the graph (non-reentrant checkpointing)."""
+
+    def __init__(self, model):
+        m = unwrap(model)
+        self.outputs = {}
+        self.handles = [mod.register_forward_hook(self._hook(i))
+                        for i, mod in enumerate(twd.family_of(m).attention_modules(m))]
+
+    def _hook(self, i):
+        def hook(module, args, output):
+            self.outputs[i] = output
+        return hook
+
+    def take(self) -> dict:
+        out, self.outputs = self.outputs, {}
+        return out
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def attention_distance(student_out: dict, teacher_out: dict) -> torch.Tensor:
+    """Mean over layers of the MSE between the student's and the teacher's attention outputs (every tensor of a
+    tuple output: HunyuanVideo's dual-stream blocks return video and text)."""
+    terms = []
+    for i, s in student_out.items():
+        t = teacher_out[i]
+        s, t = (s if isinstance(s, tuple) else (s,)), (t if isinstance(t, tuple) else (t,))
+        terms += [F.mse_loss(a.float(), b.float()) for a, b in zip(s, t) if a is not None and b is not None]
+    if not terms:
+        raise RuntimeError("attention distillation: no attention output was recorded")
+    return torch.stack(terms).mean()
+
+
+def pretrain(run: Run, model, ds):
+    """Dense flow-matching on the data, so that a random-initialised teacher becomes a model of the data (the
+    presets have no pretrained weights). Stage "pretrain"; returns the trained dense model."""
+    p = run.preset
+    s = student(model, run, lora_rank=0)
+    params = trainable(s)
+    g = run.generator(1)
+
+    def loss_fn(step, batch):
+        x0 = batch["latents"]
+        noise = torch.randn(x0.shape, generator=g, device=run.device)
+        sigma = torch.rand(x0.shape[0], generator=g, device=run.device)
+        with run.autocast():
+            v = models.call(s, flow.noised(x0, noise, sigma), sigma, batch)
+        return F.mse_loss(v.float(), flow.flow_matching_target(x0, noise))
+
+    run.train("pretrain", steps=p.pretrain_steps, params=params, loss_fn=loss_fn, data=batch_source(run, ds, 1))
+    run.save_model("pretrain", s, {"stage": "pretrain"})
+    out = unwrap(s)
+    out.disable_gradient_checkpointing()
+    return out.eval()
+
+
+def base_model(run: Run, model_dir, ds):
+    """The teacher's starting point: the preset's model (or --model), pretrained densely when the preset asks."""
+    m = models.build_model(run.preset, model_dir).to(run.device)
+    if run.preset.pretrain_steps > 0:
+        m = pretrain(run, m, ds)
+    return m.eval()
+
+
+def load_stage_model(run: Run, stage: str, like) -> Optional[torch.nn.Module]:
+    """The final model a previous stage wrote in the output folder, loaded into a copy of `like` (same
+    structure: LoRA layers added when the state dict has them), or None when that stage has not run."""
+    path = Path(run.out) / f"{stage}.safetensors"
+    if not path.exists():
+        return None
+    state, meta = load_tensors(path)
+    m = copy.deepcopy(unwrap(like))
+    if any("lora_" in k for k in state) and not any("lora_" in n for n, _ in m.named_parameters()):
+        add_lora(m, int(meta.get("lora_rank", "0")) or _lora_rank(state))
+    m.load_state_dict(state)
+    return m.to(run.device).eval()
+
+
+def _lora_rank(state: dict) -> int:
+    for k, v in state.items():
+        if "lora_A" in k:
+            return int(v.shape[0])
+    return 0
+
+
+@torch.no_grad()
+def proxy_error(run: Run, ds, reference, ref_sigmas, candidates: dict) -> dict:
+    """The honest quality proxy without pretrained weights: from the same noise and text, the relative squared
+    error ||x - x_ref||^2 / ||x_ref||^2 of each candidate's sample (model, sigmas) against the reference's
+    (the dense teacher with many steps). Mean over eval_samples samples."""
+    p = run.preset
+    g = run.generator(99)
+    ref_err = {name: [] for name in candidates}
+    for i in range(p.eval_samples):
+        b = {k: v[None].to(run.device) for k, v in ds[i % len(ds)].items()}
+        noise = torch.randn(b["latents"].shape, generator=g, device=run.device)
+        x_ref = flow.sample(reference, noise, b, ref_sigmas, run.autocast)
+        for name, (model, sig) in candidates.items():
+            x = flow.sample(model, noise, b, sig, run.autocast)
+            ref_err[name].append(float(((x - x_ref) ** 2).sum() / (x_ref ** 2).sum()))
+    return {name: sum(v) / len(v) for name, v in ref_err.items()}
+
+
+@torch.no_grad()
+def heldout_flow_loss(run: Run, ds, named_models: dict, samples: int) -> dict:
+    """Flow-matching loss of each model on the same samples, noise and noise levels (8 levels per sample): how well
+    each one models the data, independent of the teacher (the STA student learns the data too)."""
+    g = run.generator(98)
+    out = {name: 0.0 for name in named_models}
+    for i in range(samples):
+        b = {k: v[None].expand(8, *v.shape).to(run.device) for k, v in ds[len(ds) - 1 - i % len(ds)].items()}
+        x0 = b["latents"]
+        noise = torch.randn(x0.shape, generator=g, device=run.device)
+        sigma = (torch.arange(8, device=run.device) + 0.5) / 8
+        x = flow.noised(x0, noise, sigma)
+        for name, m in named_models.items():
+            with run.autocast():
+                v = models.call(m, x, sigma, b).float()
+            out[name] += float(F.mse_loss(v, flow.flow_matching_target(x0, noise))) / samples
+    return out

@@ -1,0 +1,260 @@
+"""What every recipe stage shares: the output folder, device and precision, the distributed context, the training
+loop with its progress bar, atomic safetensors checkpoints and resume, and summary.json.
+
+Output folder:
+  summary.json                  {"stages": {"<stage>": {"first_loss": x, "last_loss": y, "steps": n}, ...}}
+  checkpoints/<stage>.safetensors  trainable weights, optimizer state, EMA, RNG, loss history (metadata);
+                                rewritten atomically every save_every steps and at the end of the stage (then
+                                marked done, so a resumed run skips the stage and reloads its weights)
+  <stage>.safetensors           the stage's final model (full state dict of the student)
+A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed over the old one: a
+job killed at any moment leaves the previous checkpoint or the new one, never a torn file."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+SUMMARY = "summary.json"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) then flush and rename over `path` (same folder, so the rename is atomic on POSIX)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # the rename itself reaches the disk with the folder's entry
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_tensors(path: Path, tensors: dict, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata={k: str(v) for k, v in metadata.items()}))
+
+
+def load_tensors(path: Path) -> tuple:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def unwrap(model):
+    """The module inside DistributedDataParallel / FSDP wrappers."""
+    return model.module if hasattr(model, "module") else model
+
+
+class Run:
+    """One recipe run: output folder, device, precision, process group, summary.
+
+    process_group: None for one process, or a torch.distributed process group (the recipes then wrap the student
+    in DistributedDataParallel over it, shard the batches by rank, and only rank 0 writes files)."""
+
+    def __init__(self, out, device: str, preset, *, resume: bool = False, process_group=None, progress: bool = True,
+                 stream=None, log: Optional[Callable[[str], None]] = None):
+        self.out, self.preset, self.resume = Path(out), preset, bool(resume)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"invalid device = {device!r}: torch sees no CUDA GPU here; use --device cpu")
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"invalid device = {device!r}: expected cpu or cuda")
+        self.group = process_group
+        if process_group is not None:
+            import torch.distributed as dist
+            self.rank, self.world = dist.get_rank(process_group), dist.get_world_size(process_group)
+        else:
+            self.rank, self.world = 0, 1
+        self.progress, self.stream = progress, stream
+        self.log = log or (lambda msg: None)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.generators = {}
+        if self.rank == 0:
+            self._check_out()
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        summary = self.out / SUMMARY
+        self.summary = json.loads(summary.read_text()) if self.resume and summary.exists() else {"stages": {}}
+
+    def _check_out(self) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"invalid out = {str(self.out)!r}: it is a file, expected a folder")
+        used = self.out.is_dir() and ((self.out / SUMMARY).exists() or any(self.ckpt_dir.glob("*.safetensors")))
+        if used and not self.resume:
+            raise ValueError(f"invalid out = {str(self.out)!r}: it already holds a run (summary.json or checkpoints); "
+                             "pass --resume to continue it, or choose a new folder")
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    # --- precision: bf16 autocast on CUDA (tilewise's CUDA kernel takes bf16 / fp16), float32 on the CPU ---
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def generator(self, salt: int) -> torch.Generator:
+        """A generator on the run's device seeded from the preset's seed, a salt and the rank. Checkpoints save
+        the state of every generator of the run and resume restores it, so a resumed stage draws the same noise
+        as an uninterrupted one."""
+        g = torch.Generator(device=self.device).manual_seed(self.preset.seed * 100_003 + salt * 1_009 + self.rank)
+        self.generators[salt] = g
+        return g
+
+    def mean_over_ranks(self, x: float) -> float:
+        if self.world == 1:
+            return x
+        import torch.distributed as dist
+        t = torch.tensor([x], device=self.device)
+        dist.all_reduce(t, group=self.group)
+        return float(t) / self.world
+
+    def write_summary(self, stage: str, first: float, last: float, steps: int) -> None:
+        self.summary["stages"][stage] = {"first_loss": first, "last_loss": last, "steps": int(steps)}
+        if self.rank == 0:
+            text = json.dumps(self.summary, indent=1) + "\n"
+            atomic_write(self.out / SUMMARY, lambda tmp: tmp.write_text(text))
+
+    def write_json(self, name: str, value) -> Path:
+        path = self.out / name
+        if self.rank == 0:
+            text = json.dumps(value, indent=1) + "\n"
+            atomic_write(path, lambda tmp: tmp.write_text(text))
+        return path
+
+    def stage_done(self, stage: str) -> bool:
+        path = self.ckpt_dir / f"{stage}.safetensors"
+        return self.resume and path.exists() and load_tensors(path)[1].get("done") == "1"
+
+    def save_model(self, stage: str, model, metadata: dict) -> Path:
+        path = self.out / f"{stage}.safetensors"
+        if self.rank == 0:
+            save_tensors(path, unwrap(model).state_dict(), metadata)
+        return path
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def train(self, stage: str, *, steps: int, params: dict, loss_fn: Callable, data: Callable, extra: dict = None,
+              after_step: Optional[Callable] = None, lr: Optional[float] = None) -> list:
+        """Runs `steps` optimizer steps of loss_fn(step, batch) -> scalar tensor over params {name: Parameter},
+        with AdamW, gradient clipping at 1, a tqdm bar, checkpoints every save_every steps and resume. extra:
+        {name: tensor} saved and restored with the checkpoint (e.g. an EMA copy, updated in place by
+        after_step(step)). data(skip) -> iterator of batches. Returns the loss of every step (rank mean) and
+        writes the stage's summary entry."""
+        if steps < 1:
+            raise ValueError(f"invalid {stage}_steps = {steps}: expected at least 1")
+        extra = extra or {}
+        opt = torch.optim.AdamW(list(params.values()), lr=lr or self.preset.lr, weight_decay=0.0)
+        path = self.ckpt_dir / f"{stage}.safetensors"
+        start, losses = 0, []
+        if self.resume and path.exists():
+            start, losses, done = self._load(path, params, extra, opt)
+            if done:
+                self.log(f"{stage}: finished in a previous run ({start} steps), weights reloaded")
+                self._summarise(stage, losses)
+                return losses
+            self.log(f"{stage}: resuming at step {start} of {steps}")
+        bar = self._bar(stage, steps, start)
+        it = data(start)
+        window = max(1, self.preset.log_window)
+        for step in range(start, steps):
+            loss = loss_fn(step, next(it))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{stage}: the loss is {float(loss)} at step {step} (lower --lr?)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            opt.step()
+            if after_step is not None:
+                after_step(step)
+            losses.append(self.mean_over_ranks(float(loss.detach())))
+            if bar is not None:
+                bar.set_postfix_str(f"loss {sum(losses[-window:]) / len(losses[-window:]):.4g}", refresh=False)
+                bar.update(1)
+            last = step + 1 == steps
+            if last or (step + 1) % self.preset.save_every == 0:
+                self._save(path, stage, step + 1, losses, params, extra, opt, done=last)
+        if bar is not None:
+            bar.close()
+        self._summarise(stage, losses)
+        return losses
+
+    def _summarise(self, stage: str, losses: list) -> None:
+        w = max(1, min(self.preset.log_window, len(losses) // 2 or 1))
+        self.write_summary(stage, sum(losses[:w]) / w, sum(losses[-w:]) / w, len(losses))
+
+    def _bar(self, stage, steps, start):
+        if not self.progress or self.rank != 0:
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=steps, initial=start, desc=stage, unit="step", file=self.stream, dynamic_ncols=True,
+                    mininterval=0.5)
+
+    def _save(self, path, stage, step, losses, params, extra, opt, done: bool) -> None:
+        if self.rank != 0:
+            return
+        tensors = {f"param/{k}": p for k, p in params.items()}
+        tensors.update({f"extra/{k}": t for k, t in extra.items()})
+        state = opt.state_dict()
+        scalars = {}
+        for i, s in state["state"].items():
+            for k, v in s.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"optim/{i}/{k}"] = v
+                else:
+                    scalars[f"{i}/{k}"] = v
+        tensors["rng/cpu"] = torch.get_rng_state()
+        tensors.update({f"rng/gen{salt}": g.get_state() for salt, g in self.generators.items()})
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
+        meta = {"stage": stage, "step": step, "done": "1" if done else "0", "losses": json.dumps(losses),
+                "param_groups": json.dumps(state["param_groups"]), "optim_scalars": json.dumps(scalars),
+                "preset": self.preset.name}
+        save_tensors(path, tensors, meta)
+
+    def _load(self, path, params, extra, opt) -> tuple:
+        tensors, meta = load_tensors(path)
+        missing = [k for k in params if f"param/{k}" not in tensors] + [k for k in extra if f"extra/{k}" not in tensors]
+        if missing or meta.get("preset") != self.preset.name:
+            raise ValueError(f"invalid checkpoint {path}: it was written by preset {meta.get('preset')!r} "
+                             f"for other weights (missing {missing[:3]}); expected preset {self.preset.name!r}")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(tensors[f"param/{k}"])
+            for k, t in extra.items():
+                t.copy_(tensors[f"extra/{k}"])
+        state = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
+        for key, v in tensors.items():
+            if key.startswith("optim/"):
+                _, i, k = key.split("/", 2)
+                state["state"].setdefault(int(i), {})[k] = v
+        for key, v in json.loads(meta["optim_scalars"]).items():
+            i, k = key.split("/", 1)
+            state["state"].setdefault(int(i), {})[k] = v
+        if state["state"]:
+            opt.load_state_dict(state)
+        torch.set_rng_state(tensors["rng/cpu"])
+        for salt, g in self.generators.items():
+            if f"rng/gen{salt}" in tensors:
+                g.set_state(tensors[f"rng/gen{salt}"])
+        if "rng/cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
+        losses = json.loads(meta["losses"])
+        return int(meta["step"]), losses, meta.get("done") == "1"
