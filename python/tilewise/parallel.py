@@ -347,6 +347,7 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
     if Hkv % P:
         raise ValueError(f"invalid kv heads = {Hkv}: expected a multiple of the group's world size {P} (Ulysses gives "
                          f"each rank kv heads / {P} kv heads)")
+    spec_chunks = sizes is None  # the public op: the spec's chunks; the diffusers path passes diffusers' own
     if sizes is None:
         sizes = _local_sizes(s_local, seq_len, P, group, q.device)
     if len(sizes) != P or sizes[rank] != s_local:
@@ -354,7 +355,7 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
         raise ValueError(f"invalid q with {s_local} local positions on rank {rank}: expected {sizes[rank]}, this "
                          f"rank's chunk [r*c, min(S, (r+1)*c)) of S = {S} with c = ceil(S / {P})")
     S = sum(sizes)
-    if to_spec is None and sizes != shard_sizes(S, P):
+    if spec_chunks and sizes != shard_sizes(S, P):
         raise ValueError(f"invalid local sequence lengths {sizes} across the group: expected {shard_sizes(S, P)}, "
                          f"chunks of c = ceil(S / P) = {-(-S // P)} positions in rank order (S = {S}, P = {P})")
     n_video = latent[0] * latent[1] * latent[2]

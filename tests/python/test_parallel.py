@@ -149,11 +149,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, tmp: Path, seed: int, timeout: float = 150.0) -> list:
-    """Runs `world` worker processes of this file; returns each rank's JSON report."""
+def launch(world: int, tmp: Path, seed: int, timeout: float = 150.0, worker: str = __file__) -> list:
+    """Runs `world` worker processes of the file `worker` (this one by default); returns each rank's JSON
+    report."""
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), str(port), str(seed),
+    procs = [subprocess.Popen([sys.executable, worker, "--worker", str(r), str(world), str(port), str(seed),
                                str(tmp / f"rank{r}.json")], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(world)]
     deadline = time.monotonic() + timeout
