@@ -267,6 +267,50 @@ def test_head_costs_follow_the_window():
     assert costs[0] == 4 * 8 * 64 and costs[1] == costs[2] == 4 * 8 * 64 * 64  # 4 * D per allowed pair
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_c_abi_example_compiles_and_matches_one_plan(tmp_path):
+    """examples/ulysses_c_abi.cpp (docs/parallel.md's C/C++ recipe): 4 ranks as threads with an in-memory
+    all-to-all, head_offset and the global window table, equal to one plan over all heads."""
+    import shutil
+    lib = os.environ.get("TILEWISE_LIBRARY") or str(ROOT / "build" / "libtilewise.so")
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    if cxx is None or not Path(lib).exists():
+        pytest.skip(f"needs a C++ compiler (found {cxx}) and the library ({lib})")
+    exe = tmp_path / "ulysses_c_abi"
+    subprocess.run([cxx, "-std=c++20", "-O1", f"-I{ROOT / 'include'}", str(ROOT / "examples" / "ulysses_c_abi.cpp"),
+                    lib, f"-Wl,-rpath,{Path(lib).parent}", "-pthread", "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "max |ulysses - one plan| = 0" in out.stdout
+
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a CUDA Hopper GPU (sm_90) and NCCL for the NCCL path")
+def test_nccl_world_size_one_equals_the_plain_op():
+    """One rank on NCCL: the same output and gradients as the plain op, bitwise (its cost is bench_parallel.py's
+    n = 1 row; this file times nothing)."""
+    import torch.distributed as dist
+    import tilewise.parallel as twp
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(int(np.random.SeedSequence().entropy % (1 << 62)))
+        q, k, v = (torch.randn(1, 30 * 48 + 16, 8, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
+                   .requires_grad_() for _ in range(3))
+        kw = dict(latent=(5, 16, 18), tile=(1, 8, 6), window=[(1, 1, 1), (3, 2, 3)] * 4, text_len=[9],
+                  deterministic=True)
+        a = twp.ulysses_attention(q, k, v, **kw)
+        ga = torch.autograd.grad(a.float().square().sum(), (q, k, v))
+        b = tilewise.sliding_tile_attention(q, k, v, **kw)
+        gb = torch.autograd.grad(b.float().square().sum(), (q, k, v))
+        assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+    finally:
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
