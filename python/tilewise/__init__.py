@@ -9,7 +9,8 @@ optional: it is only loaded when a tensor is passed.
     o = tilewise.sliding_tile_attention(q, k, v, latent=(30, 48, 80), tile=(6, 8, 8), window=(3, 3, 3))
 
 Bad arguments raise ValueError / TypeError naming the argument, the value and what was expected. The diffusers
-integration is tilewise.diffusers (enable / disable), the window search tilewise.calibrate.
+integration is tilewise.diffusers (enable / disable), the window search tilewise.calibrate, sequence parallelism
+over torch.distributed tilewise.parallel (ulysses_attention; imported on its own, it needs torch).
 """
 from __future__ import annotations
 

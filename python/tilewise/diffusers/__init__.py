@@ -18,8 +18,16 @@ projections, QK norms, RoPE, text concatenation, output projections) and calls t
 
 Layers are numbered in that order from 0 (for HunyuanVideo the single-stream blocks follow the dual-stream
 ones). A call whose geometry does not match (no recorded latent, a video length other than T*H*W, an
-explicit attention mask where the model normally has none, context parallelism, or a dtype / head dim that
-the device's tilewise backend does not take, e.g. float32 on CUDA) runs on the original processor.
+explicit attention mask where the model normally has none, ring attention, or a dtype / head dim that the
+device's tilewise backend does not take, e.g. float32 on CUDA) runs on the original processor.
+
+Context parallelism (diffusers 0.42, Ulysses): after `enable`, `transformer.enable_parallelism(config=
+ContextParallelConfig(ulysses_degree=N), cp_plan=tilewise.diffusers.cp_plan(transformer))` splits the sequence
+with diffusers' own hooks and process groups, and tilewise's processors run `tilewise.parallel`'s all-to-alls on
+diffusers' Ulysses group (each rank: the whole sequence for heads / N heads, windows indexed by global head).
+`cp_plan` is the model's own for Wan and tilewise's for HunyuanVideo and CogVideoX (diffusers has none). Under it
+a call that falls back to a model processor without context parallelism (CogVideoX's) raises instead of
+computing a wrong, rank-local attention; ring attention (ring_degree > 1) stays on diffusers' processors.
 
 Strategy (`strategy=`):
 - one window for every step, layer and head: `(kt, kh, kw)`, or one per head `[(kt, kh, kw), ...]`, or
@@ -61,9 +69,10 @@ import pkgutil as _pkgutil
 
 from tilewise.calibrate.strategy import FULL_WINDOW, Strategy  # noqa: F401
 from tilewise.diffusers._controller import Controller, controller, disable, enable, set_timesteps, tap  # noqa: F401
-from tilewise.diffusers._family import FAMILIES, Family, family_of, register  # noqa: F401
+from tilewise.diffusers._family import FAMILIES, Family, cp_plan, family_of, register  # noqa: F401
 
-__all__ = ["enable", "disable", "set_timesteps", "controller", "tap", "Controller", "Family", "register", "FAMILIES"]
+__all__ = ["enable", "disable", "set_timesteps", "controller", "tap", "cp_plan", "Controller", "Family", "register",
+           "FAMILIES"]
 
 # Every public module of this package is a model family (registers itself): a new family is one new file.
 for _m in _pkgutil.iter_modules(__path__):

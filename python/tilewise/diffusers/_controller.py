@@ -132,9 +132,53 @@ class Controller:
             self.calls[route] += 1
 
 
-def _parallel(processor) -> bool:
-    return getattr(processor, "_parallel_config", None) is not None or \
-        getattr(processor.original, "_parallel_config", None) is not None
+class ContextParallel:
+    """diffusers' context parallelism as tilewise sees it on one processor (`_parallel_config`, set by
+    `transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))`): the Ulysses process group
+    of diffusers' own device mesh, this rank, and how diffusers' hooks split a sequence of n tokens (equal chunks,
+    or torch.tensor_split's with ulysses_anything)."""
+
+    def __init__(self, cp):
+        self.cp = cp
+        self.ring = cp.ring_degree
+        self.degree = cp.ulysses_degree
+        self.group = cp._ulysses_mesh.get_group()
+        self.rank = cp._ulysses_local_rank
+
+    def sizes(self, n: int) -> list:
+        P = self.degree
+        if self.cp.ulysses_anything:
+            return [n // P + (1 if r < n % P else 0) for r in range(P)]
+        return [n // P] * P
+
+    def local(self, n: int) -> int:
+        return self.sizes(n)[self.rank]
+
+    def total(self, n_local: int, device) -> int:
+        """The global length of a part this rank holds n_local tokens of (a collective with ulysses_anything,
+        where the chunks differ; arithmetic otherwise)."""
+        if not self.cp.ulysses_anything:
+            return n_local * self.degree
+        import torch.distributed as dist
+        t = torch.tensor([n_local], dtype=torch.int64, device=device)
+        dist.all_reduce(t, group=self.group)
+        return int(t.item())
+
+    def video_tokens(self, ctrl, n_local: int) -> int:
+        """The global video length when this rank's n_local video tokens are diffusers' chunk of the recorded
+        latent grid (T*H*W), else n_local (which then does not match the grid: the call stays on the model)."""
+        latent = ctrl.latent
+        if latent is None:
+            return n_local
+        n = latent[0] * latent[1] * latent[2]
+        return n if self.local(n) == n_local else n_local
+
+
+def context_parallel(processor) -> Optional[ContextParallel]:
+    """The context parallelism diffusers set on this processor, or None."""
+    config = getattr(processor, "_parallel_config", None)
+    cp = getattr(config, "context_parallel_config", None)
+    return None if cp is None else ContextParallel(cp)
 
 
 @torch.compiler.assume_constant_result
@@ -148,8 +192,9 @@ def _refusal(device_type: str, dtype: str, head_dim: int) -> str:
 def _unsupported_reason(processor, attn, hidden_states) -> Optional[str]:
     """None when tilewise runs this call on its device, else why not: context parallelism, or a device / dtype
     / head dim the library's backend does not take (e.g. float32 on CUDA, or a GPU other than Hopper)."""
-    if _parallel(processor):
-        return "context parallelism is enabled on it"
+    cp = context_parallel(processor)
+    if cp is not None and cp.ring > 1:
+        return f"ring attention (ring_degree = {cp.ring}) is enabled on it; tilewise runs Ulysses (ulysses_degree) only"
     device, dtype = hidden_states.device, hidden_states.dtype
     if device.type not in ("cpu", "cuda") or dtype not in _torch.DTYPES:
         return f"it runs on {device} in {dtype}; tilewise runs CPU and CUDA tensors in " \
@@ -175,6 +220,33 @@ class Processor:
     def __init__(self, ctrl: Controller, layer: int, original):
         self.ctrl, self.layer, self.original = ctrl, layer, original
 
+    def call_original(self, *args, **kwargs):
+        """The model's own processor for this call. Under context parallelism it gets diffusers' parallel config
+        too (it was installed after enable_parallelism set it, or set on tilewise's processor instead), so that
+        it runs diffusers' own sharded attention; one that cannot is an error, never a silently local result."""
+        cp = context_parallel(self)
+        if cp is not None:
+            if not hasattr(self.original, "_parallel_config"):
+                raise RuntimeError(f"tilewise.diffusers: layer {self.layer} falls back to the model's processor "
+                                   f"{type(self.original).__name__}, which has no context parallelism: run this "
+                                   "call on tilewise (a pattern for every layer, no attention mask) or disable "
+                                   "context parallelism")
+            self.original._parallel_config = self._parallel_config
+        return self.original(*args, **kwargs)
+
+    def attend(self, q, k, v, spec, text_len, text_position, local_order):
+        """The attention of one call on q, k, v [B, S, H, D]. Under context parallelism q, k, v hold this rank's
+        tokens: for each (part, global length) of `local_order` ("video" / "text"), diffusers' chunk of that part,
+        concatenated in that order; tilewise.parallel's Ulysses all-to-alls then run on diffusers' process group.
+        Otherwise the whole sequence, in the spec's order."""
+        cp = context_parallel(self)
+        if cp is None:
+            return self._attention(q, k, v, spec, text_len, text_position)
+        if spec[0] == "tap":
+            raise RuntimeError(f"tilewise.diffusers: cannot tap layer {self.layer} under context parallelism: "
+                               "capture on one process")
+        return self._ulysses(cp, q, k, v, spec, text_len, text_position, local_order)
+
     def _attention(self, q, k, v, spec, text_len, text_position):
         tile = self.ctrl.tile
         if spec[0] == "tap":  # the hook point: q, k, v after norms and RoPE, where the attention runs
@@ -185,6 +257,51 @@ class Processor:
         g, r = spec[1]  # frame pattern: one frame per tile, so that every block is dense or empty
         return tilewise.attention_tile(q, k, v, latent=self.ctrl.latent, tile=(1, tile[1], tile[2]), global_frames=g,
                                        radius=r, text_len=text_len, text_position=text_position)
+
+
+    def _ulysses(self, cp: ContextParallel, q, k, v, spec, text_len, text_position, local_order):
+        from tilewise import parallel
+        sizes, to_spec = _gathered_order(cp, tuple(local_order), text_position, q.device)
+        tile, latent = self.ctrl.tile, self.ctrl.latent
+        kw = dict(group=cp.group, text_len=text_len, text_position=text_position, order="raster", layout="bshd",
+                  scale=None, load_balance=None, chunks=1, deterministic=None, seq_len=None, sizes=sizes,
+                  to_spec=to_spec, block_offsets=None, block_tiles=None)
+        if spec[0] == "sta":
+            return parallel._ulysses(q, k, v, latent=latent, tile=tile, pattern="sliding_tile", window=spec[1],
+                                     global_frames=1, radius=0, **kw)
+        g, r = spec[1]
+        return parallel._ulysses(q, k, v, latent=latent, tile=(1, tile[1], tile[2]), pattern="attention_tile",
+                                 window=(1, 1, 1), global_frames=g, radius=r, **kw)
+
+
+_orders: dict = {}
+
+
+def _gathered_order(cp: ContextParallel, local_order: tuple, text_position: str, device):
+    """(every rank's local length, index putting the gathered sequence in the spec's order or None). After the
+    all-to-all a rank holds the ranks' local sequences concatenated in rank order; each local sequence is
+    diffusers' chunk of each part, in `local_order`; the spec's order is [video | text] or [text | video]."""
+    key = (cp.degree, cp.cp.ulysses_anything, local_order, text_position, device)
+    if key not in _orders:
+        lengths = dict(local_order)
+        first = "text" if text_position == "first" else "video"
+        start = {first: 0, ("video" if first == "text" else "text"): lengths.get(first, 0)}
+        split = {part: cp.sizes(n) for part, n in local_order}
+        gathered, sizes = [], []
+        for r in range(cp.degree):
+            size = 0
+            for part, _ in local_order:
+                lo = start[part] + sum(split[part][:r])
+                gathered.extend(range(lo, lo + split[part][r]))
+                size += split[part][r]
+            sizes.append(size)
+        to_spec = None
+        if gathered != list(range(len(gathered))):
+            index = torch.empty(len(gathered), dtype=torch.long)
+            index[torch.tensor(gathered, dtype=torch.long)] = torch.arange(len(gathered))
+            to_spec = index.to(device)
+        _orders[key] = (sizes, to_spec)
+    return _orders[key]
 
 
 def _transformers(model):
@@ -243,7 +360,11 @@ def _enable(model, parsed, timesteps) -> Controller:
         ctrl = Controller(t, family, parsed, timesteps)
         cls = family.processor
         for layer, (module, original) in enumerate(zip(ctrl.modules, ctrl.originals)):
-            module.set_processor(cls(ctrl, layer, original))
+            processor = cls(ctrl, layer, original)
+            config = getattr(t, "_parallel_config", None)  # enable_parallelism ran first: it records its config
+            if getattr(config, "context_parallel_config", None) is not None:
+                processor._parallel_config = config
+            module.set_processor(processor)
         ctrl._hook = t.register_forward_pre_hook(ctrl._pre_hook, with_kwargs=True)
         t._tilewise = ctrl
         ctrls.append(ctrl)
@@ -263,6 +384,9 @@ def disable(model) -> None:
         if ctrl is None:
             continue
         for module, original in zip(ctrl.modules, ctrl.originals):
+            config = getattr(module.processor, "_parallel_config", None)
+            if config is not None and hasattr(original, "_parallel_config"):  # enable_parallelism ran meanwhile
+                original._parallel_config = config
             module.set_processor(original)
         ctrl._hook.remove()
         del t._tilewise

@@ -26,6 +26,12 @@ class Family:
         """The self-attention modules tilewise runs, in layer order (layer i = list index i)."""
         raise NotImplementedError
 
+    @staticmethod
+    def cp_plan(model, per_token_timesteps: bool):
+        """diffusers' context-parallel plan for this model when diffusers has none or tilewise needs another
+        (None: the model's own)."""
+        return None
+
 
 def register(cls: type) -> type:
     """Class decorator: makes a Family known by its name."""
@@ -45,6 +51,20 @@ def family_of(model) -> type:
     names = ", ".join(f.model_class for f in FAMILIES.values())
     raise TypeError(f"model: expected one of {names}, or a pipeline holding one as .transformer, got "
                     f"{type(model).__name__}")
+
+
+def cp_plan(model, *, per_token_timesteps: bool = False) -> dict:
+    """The context-parallel plan to pass to `transformer.enable_parallelism(config=..., cp_plan=...)`: tilewise's
+    for the models diffusers 0.42 has none for (HunyuanVideo, CogVideoX); for Wan the model's own, less its split
+    of a per-token timestep unless per_token_timesteps=True (Wan 2.2 TI2V's [B, S] timesteps): diffusers 0.42.1
+    meets a plain [B] timestep there with a call to a logger method it does not have (AttributeError:
+    'Logger' object has no attribute 'warning_once')."""
+    plan = family_of(model).cp_plan(model, bool(per_token_timesteps))
+    if plan is None:
+        plan = getattr(model, "_cp_plan", None)
+    if plan is None:
+        raise ValueError(f"model: {type(model).__name__} has no context-parallel plan in diffusers or tilewise")
+    return plan
 
 
 Hook = Callable  # hook(layer, step, q, k, v, geometry) -> tensor or None

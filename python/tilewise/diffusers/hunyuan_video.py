@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from tilewise.diffusers._controller import Processor
+from tilewise.diffusers._controller import Processor, context_parallel
 from tilewise.diffusers._family import Family, register
 
 
@@ -27,12 +27,23 @@ class HunyuanVideoProcessor(Processor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         n_video = hidden_states.shape[1]
         n_text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        spec = self.ctrl.route(self, attn, hidden_states, n_video)
-        batch, seq = hidden_states.shape[0], n_video + n_text
+        # Under diffusers' context parallelism hidden_states / encoder_hidden_states are this rank's chunks and
+        # the mask (built by the model before the split) covers the whole sequence.
+        cp = context_parallel(self)
+        video_all = n_video if cp is None else cp.video_tokens(self.ctrl, n_video)
+        spec = self.ctrl.route(self, attn, hidden_states, video_all)
+        batch = hidden_states.shape[0]
+        if cp is None:
+            text_all = n_text
+        elif attention_mask is not None:
+            text_all = attention_mask.numel() // batch - video_all
+        else:
+            text_all = cp.total(n_text, hidden_states.device)
+        seq = video_all + text_all
         mask_ok = attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.numel() == batch * seq)
         if spec is None or not mask_ok or (encoder_hidden_states is not None and n_text == 0):
             self.ctrl.count("original")
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return self.call_original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         self.ctrl.count("tilewise")
 
         single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
@@ -48,8 +59,9 @@ class HunyuanVideoProcessor(Processor):
 
         # The mask keeps the first n_video + text_len[b] keys: its text part counts the valid text tokens.
         text_len = None if attention_mask is None or n_text == 0 else \
-            attention_mask.reshape(batch, seq)[:, n_video:].sum(dim=1, dtype=torch.int32)
-        out = self._attention(q, k, v, spec, text_len, "last").flatten(2, 3).to(q.dtype)
+            attention_mask.reshape(batch, seq)[:, video_all:].sum(dim=1, dtype=torch.int32)
+        out = self.attend(q, k, v, spec, text_len, "last", (("video", video_all), ("text", text_all))) \
+            .flatten(2, 3).to(q.dtype)
 
         if encoder_hidden_states is None:
             return out, None
@@ -78,3 +90,18 @@ class HunyuanVideo(Family):
     @staticmethod
     def attention_modules(model):
         return [b.attn for b in model.transformer_blocks] + [b.attn for b in model.single_transformer_blocks]
+
+    @staticmethod
+    def cp_plan(model, per_token_timesteps: bool):
+        """diffusers 0.42 has no context-parallel plan for HunyuanVideo: the RoPE tables are split where they are
+        made, the video and text tokens at the first dual-stream block (they flow sharded through the
+        single-stream ones), the output gathered after proj_out. The attention mask stays whole (tilewise reads
+        the text lengths from it)."""
+        from diffusers.models._modeling_parallel import ContextParallelInput as In, ContextParallelOutput as Out
+        return {
+            "rope": {0: In(split_dim=0, expected_dims=2, split_output=True),
+                     1: In(split_dim=0, expected_dims=2, split_output=True)},
+            "transformer_blocks.0": {"hidden_states": In(split_dim=1, expected_dims=3),
+                                     "encoder_hidden_states": In(split_dim=1, expected_dims=3)},
+            "proj_out": Out(gather_dim=1, expected_dims=3),
+        }

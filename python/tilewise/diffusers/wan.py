@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from tilewise.diffusers._controller import Processor
+from tilewise.diffusers._controller import Processor, context_parallel
 from tilewise.diffusers._family import Family, register
 
 
@@ -21,11 +21,14 @@ class WanProcessor(Processor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
                  **kwargs):
         spec = None
+        cp = context_parallel(self)  # diffusers' context parallelism: hidden_states is this rank's video chunk
+        n_video = hidden_states.shape[1] if cp is None else cp.video_tokens(self.ctrl, hidden_states.shape[1])
         if encoder_hidden_states is None and attention_mask is None and not kwargs and attn.add_k_proj is None:
-            spec = self.ctrl.route(self, attn, hidden_states, hidden_states.shape[1])
+            spec = self.ctrl.route(self, attn, hidden_states, n_video)
         if spec is None:
             self.ctrl.count("original")
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
+            return self.call_original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
+                                      **kwargs)
         self.ctrl.count("tilewise")
 
         if getattr(attn, "fused_projections", False):
@@ -36,7 +39,7 @@ class WanProcessor(Processor):
         q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))
         if rotary_emb is not None:
             q, k = _rotate_pairs(q, *rotary_emb), _rotate_pairs(k, *rotary_emb)
-        out = self._attention(q, k, v, spec, None, "last").flatten(2, 3).type_as(q)
+        out = self.attend(q, k, v, spec, None, "last", (("video", n_video),)).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -57,3 +60,12 @@ class Wan(Family):
     @staticmethod
     def attention_modules(model):
         return [b.attn1 for b in model.blocks]
+
+    @staticmethod
+    def cp_plan(model, per_token_timesteps: bool):
+        """The model's own plan; its split of the timestep along the sequence only for per-token timesteps (see
+        tilewise.diffusers.cp_plan)."""
+        plan = dict(type(model)._cp_plan)
+        if not per_token_timesteps:
+            plan.pop("", None)
+        return plan

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Sequence-parallel benchmark (issue 15): tilewise.parallel.ulysses_attention over NCCL, launched with
+
+    torchrun --nproc-per-node N bench/bench_parallel.py [--lib build/libtilewise.so] [--iters 10] [--no-model]
+
+Geometry: HunyuanVideo 720p, 30x48x80 latent tokens + 256 text (226 valid), 24 heads, D 128, bf16, tile 6x8x8,
+window 3x3x3 (every head), or with --windows a calibrated-like per-head table (load balance on).
+
+Table 1, one attention layer, for every group size n = 1..N that divides the 24 heads (ranks 0..n-1 form the
+group; the others wait): seconds per call (median over --iters, max over the group's ranks), the share of it
+spent in the all-to-alls (the same collectives on the same shapes, timed alone), the speedup over n = 1 (the
+plain single-GPU op) and the largest difference from the n = 1 output (the chunks are gathered on rank 0). Each
+n is run with `chunks` = 1 (one all-to-all in, one out) and 2 (two head groups whose communication overlaps the
+other's attention); both are printed, the faster one marked.
+
+Table 2, one full HunyuanVideo 13B transformer forward (random bf16 weights, diffusers' context parallelism with
+tilewise's processors, tilewise.diffusers.cp_plan): n = 1 (rank 0 alone) and n = N; the output of N compared with
+n = 1's. Skipped with --no-model or when diffusers is missing.
+
+--smoke runs the same logic on the CPU with gloo and a tiny geometry (to check the script, e.g.
+`torchrun --nproc-per-node 2 bench/bench_parallel.py --smoke`); its times mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+sys.path.insert(0, os.path.dirname(__file__))
+from report import emit  # noqa: E402
+
+CALIBRATED_LIKE = [(3, 3, 3)] * 12 + [(1, 3, 5), (1, 3, 5), (2, 2, 3), (2, 2, 3)] + [(3, 6, 5)] * 4 + \
+    [(5, 3, 10), (5, 3, 10), (5, 6, 10), (5, 6, 10)]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, iters: int, device, group=None) -> float:
+    """Median seconds of `iters` calls after a warm-up, each ending when every rank of `group` is done."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if group is not None:
+            dist.barrier(group=group)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        if group is not None:  # the slowest rank's time: a barrier after the work, on the host
+            dist.barrier(group=group)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def geometry(args):
+    if args.smoke:
+        return dict(latent=(3, 8, 10), tile=(1, 4, 5), text=6, valid=4, heads=4, head_dim=16)
+    return dict(latent=(30, 48, 80), tile=(6, 8, 8), text=256, valid=226, heads=24, head_dim=128)
+
+
+def attention_table(args, device, dtype) -> str:
+    import tilewise
+    import tilewise.parallel as twp
+
+    g = geometry(args)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    T, H, W = g["latent"]
+    S, heads, D = T * H * W + g["text"], g["heads"], g["head_dim"]
+    windows = [CALIBRATED_LIKE[h % 24] for h in range(heads)] if args.windows else (3, 3, 3)
+    if args.smoke and args.windows:
+        windows = [(1, 1, 1), (3, 2, 2), (2, 1, 1), (1, 2, 2)]
+    kw = dict(latent=g["latent"], tile=g["tile"], window=windows, text_len=[g["valid"]])
+    gen = torch.Generator(device=device).manual_seed(0)  # the same full tensors on every rank
+    q, k, v = (torch.randn(1, S, heads, D, generator=gen, device=device, dtype=dtype) for _ in range(3))
+
+    ref = tilewise.sliding_tile_attention(q, k, v, **kw)  # n = 1: the plain op
+    base = timed(lambda: tilewise.sliding_tile_attention(q, k, v, **kw), args.iters, device)
+    rows = [f"| 1 | - | {base * 1e3:.2f} | - | 1.00x | 0 |"]
+    for n in range(2, world + 1):
+        if heads % n:
+            continue
+        group = dist.new_group(ranks=list(range(n)))  # every rank takes part in creating it
+        if rank >= n:
+            continue
+        lo, hi = twp.shard_range(S, rank, n)
+        ql, kl, vl = (t[:, lo:hi].contiguous() for t in (q, k, v))
+        results = {}
+        for chunks in (1, 2):
+            def call():
+                return twp.ulysses_attention(ql, kl, vl, group=group, seq_len=S, chunks=chunks, **kw)
+            t_all = timed(call, args.iters, device, group)
+            o = call()
+            gathered = [torch.empty(1, twp.shard_sizes(S, n)[r], heads, D, device=device, dtype=dtype)
+                        for r in range(n)]
+            dist.all_gather(gathered, o.contiguous(), group=group)
+            diff = float((torch.cat(gathered, dim=1).float() - ref.float()).abs().max())
+            results[chunks] = (t_all, diff)
+        t_comm = timed(lambda: _all_to_alls_alone(ql, S, n, group, heads, D), args.iters, device, group)
+        best = min(results, key=lambda c: results[c][0])
+        for chunks, (t_all, diff) in results.items():
+            mark = " (faster)" if chunks == best else ""
+            rows.append(f"| {n} | {chunks}{mark} | {t_all * 1e3:.2f} | {100 * min(1.0, t_comm / t_all):.0f}% | "
+                        f"{base / t_all:.2f}x | {diff:.3g} |")
+    head = (f"One attention layer: {T}x{H}x{W} + {g['text']} text ({g['valid']} valid), {heads} heads, D {D}, "
+            f"{dtype}, tile {g['tile']}, {'calibrated-like per-head windows' if args.windows else 'window 3x3x3'}\n\n"
+            "| GPUs | chunks | ms / call | all-to-all share | speedup | max diff vs 1 GPU |\n|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(rows)
+
+
+def _all_to_alls_alone(x, S, n, group, heads, D):
+    """The collectives of one ulysses_attention call with chunks=1 (q, k, v stacked in, o out), alone."""
+    import tilewise.parallel as twp
+    sizes = twp.shard_sizes(S, n)
+    s = x.shape[1]
+    buf = x.new_empty(n * s, 3, 1, heads // n, D)
+    got = buf.new_empty(S, 3, 1, heads // n, D)
+    dist.all_to_all_single(got, buf, sizes, [s] * n, group=group)
+    back = x.new_empty(n * s, 1, heads // n, D)
+    dist.all_to_all_single(back, got[:, 0].contiguous(), [s] * n, sizes, group=group)
+
+
+def model_table(args, device) -> str:
+    try:
+        from diffusers import ContextParallelConfig
+        sys.path.insert(0, os.path.dirname(__file__))
+        from bench_e2e import hunyuan
+    except ImportError as e:
+        return f"(transformer forward skipped: {e})"
+    import tilewise.diffusers as twd
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    name, model, inputs, _, _, _ = hunyuan(args)
+    twd.enable(model, (3, 3, 3))
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        t1 = timed(lambda: model(**inputs), args.iters, device) if rank == 0 else float("nan")
+        rows = [f"| 1 | {t1:.3f} | 1.00x | 0 |"]
+        if world > 1:
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=twd.cp_plan(model))
+            tn = timed(lambda: model(**inputs), args.iters, device, dist.group.WORLD)
+            diff = float((model(**inputs)[0].float() - ref.float()).abs().max())
+            rows.append(f"| {world} | {tn:.3f} | {t1 / tn:.2f}x | {diff:.3g} |")
+    return f"One transformer forward: {name}, window 3x3x3, random bf16 weights\n\n" \
+        "| GPUs | s / forward | speedup | max diff vs 1 GPU |\n|---|---|---|---|\n" + "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lib", default=None, help="libtilewise.so (default: TILEWISE_LIBRARY or build/)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--windows", action="store_true", help="a calibrated-like per-head window table")
+    ap.add_argument("--no-model", action="store_true", help="skip the transformer forward")
+    ap.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny shapes: checks the script only")
+    ap.add_argument("--out", default=None, help="also write the tables to this file (rank 0)")
+    args = ap.parse_args()
+    if args.lib:
+        os.environ["TILEWISE_LIBRARY"] = args.lib
+    if "RANK" not in os.environ:  # plain `python bench_parallel.py`: a group of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511", LOCAL_RANK="0")
+    backend = "gloo" if args.smoke else "nccl"
+    dist.init_process_group(backend)
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+    else:
+        device, dtype = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), torch.bfloat16
+        torch.cuda.set_device(device)
+    tables = [attention_table(args, device, dtype)]
+    if not args.no_model and not args.smoke:
+        tables.append(model_table(args, device))
+    if dist.get_rank() == 0:
+        emit("\n\n".join(tables), args.out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""Sequence parallelism (Ulysses) over torch.distributed: tile-sparse attention on a sequence split across the ranks
+of a process group.
+
+    import torch.distributed as dist, tilewise.parallel as twp
+    dist.init_process_group("nccl")                    # torchrun --nproc-per-node N
+    lo, hi = twp.shard_range(S, dist.get_rank(), dist.get_world_size())
+    o_local = twp.ulysses_attention(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], group=dist.group.WORLD,
+                                    latent=(30, 48, 80), tile=(6, 8, 8), window=per_head_windows, text_len=256)
+
+Sharding (docs/semantics.md, "Sequence-parallel sharding"): rank r of a group of P holds the positions
+[r*c, min(S, (r+1)*c)) of the joint sequence (video and text in the spec's order), c = ceil(S / P); the last ranks
+may hold fewer positions, or none. The output comes back sharded the same way.
+
+What runs (Ulysses, as in DeepSpeed-Ulysses / xDiT): one all-to-all turns sequence-sharded q, k, v into
+head-sharded ones (every rank then holds the whole sequence for H/P heads), tilewise runs there with the per-head
+pattern indexed by the global head (`head_offset`), and one all-to-all brings the output back to sequence shards.
+The collectives are torch.distributed's own (functional collectives: `all_to_all_single_autograd`), so the
+transport is NCCL on GPUs and gloo on CPUs, autograd flows through them (the backward of an all-to-all is the
+reverse all-to-all), and torch.compile traces them.
+
+Per-head load balance: calibrated strategies give heads very different costs. With `load_balance` on (the default
+when the pattern differs between heads), the heads are assigned to ranks by the library's own FLOP count of each
+head (a one-head Plan per global head, `tw_plan_flops`) so that the most loaded rank is close to the mean; the head
+permutation is applied while packing the first all-to-all and undone while unpacking the last, so outputs keep the
+original head order.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tilewise import _api, _args, _capi
+
+__all__ = ["ulysses_attention", "shard_range", "shard_sizes", "shard", "head_assignment", "head_costs"]
+
+
+# --- sharding ---
+
+def shard_sizes(seq_len, world_size) -> list:
+    """Positions held by each of `world_size` ranks: chunks of c = ceil(S / P), the last ones shorter (or empty)."""
+    S, P = _args.integer("seq_len", seq_len), _args.integer("world_size", world_size)
+    if P < 1:
+        raise ValueError(f"invalid world_size = {P}: expected at least 1")
+    if S < 0:
+        raise ValueError(f"invalid seq_len = {S}: expected at least 0")
+    c = -(-S // P)
+    return [max(0, min(c, S - r * c)) for r in range(P)]
+
+
+def shard_range(seq_len, rank, world_size) -> tuple:
+    """(start, stop) of the positions rank `rank` holds: [r*c, min(S, (r+1)*c)), c = ceil(S / P)."""
+    P = _args.integer("world_size", world_size)
+    r = _args.integer("rank", rank)
+    if not 0 <= r < P:
+        raise ValueError(f"invalid rank = {r}: expected 0 to world_size - 1 = {P - 1}")
+    sizes = shard_sizes(seq_len, P)
+    start = sum(sizes[:r])
+    return start, start + sizes[r]
+
+
+def shard(x: torch.Tensor, group=None, *, dim: int = 1) -> torch.Tensor:
+    """This rank's chunk of a full tensor along `dim` (the sequence dimension: 1 for [B, S, H, D], 2 for
+    [B, H, S, D]), a view."""
+    rank, world = _group_rank(group), _group_size(group)
+    lo, hi = shard_range(x.shape[dim], rank, world)
+    return x.narrow(dim, lo, hi - lo)
+
+
+def _group_size(group) -> int:
+    return dist.get_world_size(group)
+
+
+def _group_rank(group) -> int:
+    return dist.get_rank(group)
+
+
+# --- per-head cost and assignment ---
+
+def _global_heads(params: _args.PatternParams, latent, tile) -> Optional[int]:
+    """How many global heads the pattern table describes (None: one entry for every head)."""
+    if params.pattern == "sliding_tile":
+        n = len(params.windows)
+    elif params.pattern == "attention_tile":
+        n = len(params.global_frames)
+    elif params.pattern == "block_list":
+        tiles = _capi.tile_grid(latent, tile)
+        n = (len(params.block_offsets) - 1) // (tiles[0] * tiles[1] * tiles[2])
+    else:
+        return None
+    return None if n == 1 else n
+
+
+def _per_head_entries(params: _args.PatternParams, latent, tile, heads: int) -> list:
+    """A hashable description of each global head's pattern (equal entries cost the same)."""
+    if params.pattern == "sliding_tile":
+        ws = params.windows if len(params.windows) > 1 else params.windows * heads
+        return [_capi.effective_window(latent, tile, w) for w in ws]  # windows past the grid are the same head
+    if params.pattern == "attention_tile":
+        g, r = params.global_frames, params.radius or (0,)
+        g = g if len(g) > 1 else g * heads
+        r = r if len(r) > 1 else r * heads
+        return list(zip(g, r))
+    if params.pattern == "block_list" and _global_heads(params, latent, tile) is not None:
+        tiles = _capi.tile_grid(latent, tile)
+        n = tiles[0] * tiles[1] * tiles[2]
+        off, bt = params.block_offsets, params.block_tiles
+        return [tuple(bt[off[h * n]:off[(h + 1) * n]]) + tuple(off[h * n:(h + 1) * n + 1])
+                for h in range(heads)]
+    return [()] * heads
+
+
+@functools.lru_cache(maxsize=256)
+def _head_costs(params: _args.PatternParams, latent, tile, text_capacity: int, text_position: str, heads: int,
+                head_dim: int) -> tuple:
+    # One single-head CPU plan per distinct head pattern, asked for its FLOPs: the cost model is the library's
+    # (the allowed pairs of the mask, text included), not a re-derivation here. CPU plans upload nothing.
+    per_head = _global_heads(params, latent, tile) is not None
+    seq = latent[0] * latent[1] * latent[2] + text_capacity
+    ops = _args.Operands(1, seq, 1, 1, head_dim, "f32", text_capacity, ((0, 0, 0, 1),) * 3)
+    cost_of, costs = {}, []
+    for h, entry in enumerate(_per_head_entries(params, latent, tile, heads)):
+        if entry not in cost_of:
+            call = _args.Call(latent, tile, _table_prefix(params, h + 1, latent, tile), text_position, "raster",
+                              "bshd", 0.0, h if per_head else 0)
+            cost_of[entry] = _args.make_plan(ops, call, "cpu").flops()
+        costs.append(cost_of[entry])
+    return tuple(costs)
+
+
+def head_costs(heads, *, latent, tile=(6, 8, 8), pattern="sliding_tile", window=(3, 3, 3), global_frames=1,
+               radius=0, block_offsets=None, block_tiles=None, text_capacity=0, text_position="last",
+               head_dim=128) -> list:
+    """FLOPs of one batch element of each global head (the library's count of allowed pairs, 4 * D per pair)."""
+    params = _args.PatternParams.of(pattern, window, global_frames, radius, block_offsets, block_tiles)
+    latent, tile = _args.triple("latent", latent), _args.triple("tile", tile)
+    H = _args.integer("heads", heads)
+    _check_table(params, latent, tile, H)
+    return list(_head_costs(params, latent, tile, _args.integer("text_capacity", text_capacity),
+                            _args.choice("text_position", text_position, _capi.TEXT_POSITIONS), H,
+                            _args.integer("head_dim", head_dim)))
+
+
+def head_assignment(costs: Sequence[float], world_size: int, group_size: int = 1) -> list:
+    """A permutation of the heads (a list of global head indices, rank-major: rank r runs perm[r*h : (r+1)*h],
+    h = heads / P) that keeps the most loaded rank close to the mean load.
+
+    group_size: query heads that must stay together (grouped-query attention: the heads that read one kv head).
+    Every rank gets the same number of heads (the all-to-all splits heads evenly). Greedy largest-first onto the
+    least loaded rank with room, then pairwise swaps that even out two ranks while one exists. With
+    equal head counts per rank the optimum can sit above the mean when a few heads dominate (e.g. 8 ranks of 3
+    heads, one of them a whole-grid head). Deterministic, so
+    every rank computes the same permutation. Returns the identity when it is not better than the identity."""
+    P, G = _args.integer("world_size", world_size), _args.integer("group_size", group_size)
+    H = len(costs)
+    if P < 1 or G < 1 or H % (P * G):
+        raise ValueError(f"invalid heads = {H}: expected a multiple of world_size * group_size = {P} * {G}")
+    units = H // G
+    per_rank = units // P
+    unit_cost = [float(sum(costs[u * G:(u + 1) * G])) for u in range(units)]
+    identity = list(range(H))
+    if len(set(unit_cost)) <= 1 or P == 1:
+        return identity
+
+    bins = [[] for _ in range(P)]
+    load = [0.0] * P
+    for u in sorted(range(units), key=lambda u: (-unit_cost[u], u)):
+        r = min((r for r in range(P) if len(bins[r]) < per_rank), key=lambda r: (load[r], r))
+        bins[r].append(u)
+        load[r] += unit_cost[u]
+    # Local search: move load from a heavier rank to a lighter one by swapping one unit each way whenever the
+    # swap narrows the pair's gap (d < load_a - load_b), taking the swap that lowers the pair's maximum most.
+    # Every accepted swap strictly lowers the sum of squared loads, so this ends; the bound is a safety net.
+    for _ in range(4 * units * units):
+        best = None
+        for a in range(P):
+            for b in range(P):
+                gap = load[a] - load[b]
+                if gap <= 0:
+                    continue
+                for i in bins[a]:
+                    for j in bins[b]:
+                        d = unit_cost[i] - unit_cost[j]
+                        if 0 < d < gap:
+                            gain = min(d, gap - d)
+                            if best is None or gain > best[0]:
+                                best = (gain, a, b, i, j, d)
+        if best is None or best[0] <= 1e-12 * max(load):
+            break
+        _, a, b, i, j, d = best
+        bins[a][bins[a].index(i)], bins[b][bins[b].index(j)] = j, i
+        load[a] -= d
+        load[b] += d
+
+    identity_max = max(sum(unit_cost[r * per_rank:(r + 1) * per_rank]) for r in range(P))
+    if max(load) >= identity_max:
+        return identity
+    return [u * G + g for r in range(P) for u in sorted(bins[r]) for g in range(G)]
+
+
+def _check_table(params: _args.PatternParams, latent, tile, heads: int) -> None:
+    n = _global_heads(params, latent, tile)
+    if n is not None and n != heads:
+        what = {"sliding_tile": "window", "attention_tile": "global_frames",
+                "block_list": "block_offsets"}[params.pattern]
+        raise ValueError(f"invalid {what} with {n} heads: expected one entry for every head or one per global head "
+                         f"({heads}), indexed by the global head")
+
+
+def _permuted_params(params: _args.PatternParams, perm: list, latent, tile) -> _args.PatternParams:
+    """The per-head table re-indexed so that entry i is the original head perm[i]."""
+    if params.pattern == "sliding_tile" and len(params.windows) > 1:
+        return params._replace(windows=tuple(params.windows[h] for h in perm))
+    if params.pattern == "attention_tile" and len(params.global_frames) > 1:
+        r = params.radius if len(params.radius) > 1 else params.radius * len(params.global_frames)
+        return params._replace(global_frames=tuple(params.global_frames[h] for h in perm),
+                               radius=tuple(r[h] for h in perm))
+    if params.pattern == "block_list" and _global_heads(params, latent, tile) is not None:
+        tiles = _capi.tile_grid(latent, tile)
+        n = tiles[0] * tiles[1] * tiles[2]
+        off, bt = params.block_offsets, params.block_tiles
+        new_off, new_bt = [0], []
+        for h in perm:
+            for t in range(n):
+                new_bt.extend(bt[off[h * n + t]:off[h * n + t + 1]])
+                new_off.append(len(new_bt))
+        return params._replace(block_offsets=tuple(new_off), block_tiles=tuple(new_bt))
+    return params
+
+
+def _table_prefix(params: _args.PatternParams, n: int, latent, tile) -> _args.PatternParams:
+    """The first n global heads of a per-head table. The library takes a table of exactly q_heads entries at
+    head_offset 0 and at least head_offset + q_heads elsewhere (a longer table at offset 0 is refused as the
+    likely mistake it is outside sequence parallelism), so every rank passes the global table up to its last
+    head: indices stay global, rank 0 included."""
+    if _global_heads(params, latent, tile) is None:
+        return params
+    if params.pattern == "sliding_tile":
+        return params._replace(windows=params.windows[:n])
+    if params.pattern == "attention_tile":
+        r = params.radius if len(params.radius) > 1 else params.radius * len(params.global_frames)
+        return params._replace(global_frames=params.global_frames[:n], radius=r[:n])
+    tiles = _capi.tile_grid(latent, tile)
+    off = params.block_offsets[:n * tiles[0] * tiles[1] * tiles[2] + 1]
+    return params._replace(block_offsets=off, block_tiles=params.block_tiles[:off[-1]])
+
+
+# --- the collectives ---
+
+def _all_to_all(x: torch.Tensor, output_split_sizes: list, input_split_sizes: list, group) -> torch.Tensor:
+    """all_to_all_single along dim 0 with autograd (its backward is the reverse all-to-all). The functional
+    collective returns at once (an AsyncCollectiveTensor that waits where it is first used), so collectives issued
+    back to back overlap the compute between them on NCCL, and torch.compile traces it."""
+    from torch.distributed import _functional_collectives as funcol
+    return funcol.all_to_all_single_autograd(x, output_split_sizes, input_split_sizes, group)
+
+
+def _chunks(n_units: int, chunks: int) -> list:
+    """`chunks` near-equal, non-empty ranges of units."""
+    chunks = max(1, min(chunks, n_units))
+    base, extra = divmod(n_units, chunks)
+    out, start = [], 0
+    for i in range(chunks):
+        size = base + (1 if i < extra else 0)
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, latent, tile=(6, 8, 8),
+                      pattern: str = "sliding_tile", window=(3, 3, 3), global_frames=1, radius=0,
+                      block_offsets=None, block_tiles=None, text_len=None, text_position: str = "last",
+                      order: str = "raster", layout: str = "bshd", scale: Optional[float] = None,
+                      load_balance: Optional[bool] = None, chunks: int = 1, deterministic: Optional[bool] = None,
+                      seq_len: Optional[int] = None):
+    """Tile-sparse attention over a sequence split across the ranks of `group` (None = the default group).
+
+    q, k, v: this rank's chunk of the joint sequence, [B, s_r, H, D] (layout "bshd") or [B, H, s_r, D] ("bhsd"),
+    s_r = the positions [r*c, min(S, (r+1)*c)) with c = ceil(S / P). Every rank passes the same arguments
+    otherwise. S is the sum of the chunks: pass seq_len=S to skip the one all-gather of the local lengths (and to
+    make the call free of host synchronisation); without it the lengths are exchanged once per call.
+    pattern: "sliding_tile" (window: one or one per global head), "attention_tile" (global_frames / radius),
+    "block_list" (block_offsets / block_tiles, CSR over global heads) or "dense"; latent, tile, text_len (global:
+    per batch element, over the whole text), text_position, order, scale as for the single-device functions.
+    load_balance: assign heads to ranks by their FLOPs (None = when the pattern differs between heads).
+    chunks: split each rank's heads into this many groups, each with its own all-to-alls, so that the
+    communication of one group overlaps the attention of another (1 = one all-to-all in, one out).
+    Returns this rank's chunk of the output, shaped like q, contiguous in `layout`.
+    """
+    return _ulysses(q, k, v, group=group, latent=latent, tile=tile, pattern=pattern, window=window,
+                    global_frames=global_frames, radius=radius, block_offsets=block_offsets, block_tiles=block_tiles,
+                    text_len=text_len, text_position=text_position, order=order, layout=layout, scale=scale,
+                    load_balance=load_balance, chunks=chunks, deterministic=deterministic, seq_len=seq_len)
+
+
+def _local_sizes(s_local: int, seq_len, P: int, group, device) -> list:
+    if seq_len is not None:
+        S = _args.integer("seq_len", seq_len)
+        if S < 0:
+            raise ValueError(f"invalid seq_len = {S}: expected at least 0")
+        return shard_sizes(S, P)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(P)]
+    dist.all_gather(sizes, torch.tensor([s_local], dtype=torch.int64, device=device), group=group)
+    return [int(x.item()) for x in sizes]
+
+
+def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, radius, block_offsets, block_tiles,
+             text_len, text_position, order, layout, scale, load_balance, chunks, deterministic, seq_len,
+             to_spec: Optional[torch.Tensor] = None, sizes: Optional[list] = None):
+    """ulysses_attention, plus what the diffusers integration needs: `sizes` (every rank's local length, when the
+    ranks' chunks are not the spec's) and `to_spec` (an index that puts the gathered sequence, the ranks' chunks
+    concatenated in rank order, into the spec's order; None when that concatenation is the spec's order)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch tensor, got {type(t).__name__}")
+    _args.choice("layout", layout, _capi.LAYOUTS)
+    params = _args.PatternParams.of(pattern, window, global_frames, radius, block_offsets, block_tiles)
+    latent, tile = _args.triple("latent", latent), _args.triple("tile", tile)
+    if group is None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("group: torch.distributed is not initialised: call torch.distributed."
+                               "init_process_group() first, or pass a process group")
+        group = dist.group.WORLD
+    P, rank = _group_size(group), _group_rank(group)
+    chunks = _args.integer("chunks", chunks)
+    if chunks < 1:
+        raise ValueError(f"invalid chunks = {chunks}: expected at least 1")
+
+    # [B, s, H, D] views whatever the layout (tilewise takes any strides with a contiguous last dimension).
+    qs, ks, vs = (t.transpose(1, 2) if layout == "bhsd" else t for t in (q, k, v))
+    for name, t in (("q", qs), ("k", ks), ("v", vs)):
+        if t.dim() != 4:
+            raise ValueError(f"invalid {name}.ndim = {t.dim()}: expected 4 ({layout} = {_args.layout_shape(layout)})")
+    B, s_local, Hq, D = qs.shape
+    Hkv = ks.shape[2]
+    if tuple(ks.shape) != tuple(vs.shape) or ks.shape[0] != B or ks.shape[1] != s_local or ks.shape[3] != D:
+        raise ValueError(f"invalid k/v shapes {tuple(k.shape)}, {tuple(v.shape)}: expected batch {B}, local sequence "
+                         f"{s_local} and head dim {D} like q {tuple(q.shape)}, and k and v alike")
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"invalid kv heads = {Hkv}: expected a divisor of q heads = {Hq} (grouped-query attention)")
+    if Hq % P:
+        raise ValueError(f"invalid q heads = {Hq}: expected a multiple of the group's world size {P} (Ulysses gives "
+                         f"each rank heads / {P} heads)")
+    if Hkv % P:
+        raise ValueError(f"invalid kv heads = {Hkv}: expected a multiple of the group's world size {P} (Ulysses gives "
+                         f"each rank kv heads / {P} kv heads)")
+    spec_chunks = sizes is None  # the public op: the spec's chunks; the diffusers path passes diffusers' own
+    if sizes is None:
+        sizes = _local_sizes(s_local, seq_len, P, group, q.device)
+    if len(sizes) != P or sizes[rank] != s_local:
+        S = sum(sizes)
+        raise ValueError(f"invalid q with {s_local} local positions on rank {rank}: expected {sizes[rank]}, this "
+                         f"rank's chunk [r*c, min(S, (r+1)*c)) of S = {S} with c = ceil(S / {P})")
+    S = sum(sizes)
+    if spec_chunks and sizes != shard_sizes(S, P):
+        raise ValueError(f"invalid local sequence lengths {sizes} across the group: expected {shard_sizes(S, P)}, "
+                         f"chunks of c = ceil(S / P) = {-(-S // P)} positions in rank order (S = {S}, P = {P})")
+    n_video = latent[0] * latent[1] * latent[2]
+    if n_video > S:
+        raise ValueError(f"invalid latent = {latent}: T*H*W = {n_video} exceeds the sequence length S = {S} (the "
+                         "sum of the ranks' chunks)")
+    _check_table(params, latent, tile, Hq)
+    G = Hq // Hkv
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise TypeError(f"{name}: {t.dtype} on {t.device}, expected q's {q.dtype} on {q.device}")
+    if P == 1:  # nothing to exchange: the plain op, no copies
+        return _api._attention(q, k, v, params=params, latent=latent, tile=tile, text_len=text_len,
+                               text_position=text_position, order=order, layout=layout, scale=scale, head_offset=0,
+                               return_lse=False, deterministic=deterministic)
+
+    if load_balance is None:
+        load_balance = _global_heads(params, latent, tile) is not None and \
+            len(set(_per_head_entries(params, latent, tile, Hq))) > 1
+    perm = list(range(Hq))
+    if load_balance:
+        costs = _head_costs(params, latent, tile, S - n_video, text_position, Hq, D)
+        perm = head_assignment(costs, P, G)
+    identity = perm == list(range(Hq))
+    if not identity:
+        params = _permuted_params(params, perm, latent, tile)
+        q_perm = torch.tensor(perm, dtype=torch.long, device=q.device)
+        kv_perm = torch.tensor(perm[::G], dtype=torch.long, device=q.device) // G
+        qs, ks, vs = qs.index_select(2, q_perm), ks.index_select(2, kv_perm), vs.index_select(2, kv_perm)
+
+    hq, hk = Hq // P, Hkv // P  # local heads
+    call_kw = dict(latent=latent, tile=tile, text_len=text_len, text_position=text_position, order=order,
+                   layout="bshd", scale=scale, deterministic=deterministic)
+    # Head groups (whole kv groups, so GQA stays local), each with its own collectives; all input all-to-alls
+    # are issued before the first attention so that later groups' communication overlaps earlier groups' compute.
+    groups = _chunks(hk, chunks)
+    inputs = [_send_heads(qs, ks, vs, P, hq, hk, G, lo, hi, sizes, s_local, group) for lo, hi in groups]
+    outs = []
+    for (lo, hi), (qf, kf, vf) in zip(groups, inputs):
+        if to_spec is not None:
+            qf, kf, vf = (t.index_select(0, to_spec) for t in (qf, kf, vf))
+        # [S, B, h, D] -> [B, S, h, D] views; head_offset makes the library index the table by global head.
+        qf, kf, vf = (t.permute(1, 0, 2, 3) for t in (qf, kf, vf))
+        offset = rank * hq + lo * G
+        o = _api._attention(qf, kf, vf, params=_table_prefix(params, offset + (hi - lo) * G, latent, tile),
+                            head_offset=offset, return_lse=False, **call_kw)
+        o = o.transpose(0, 1)  # [S, B, h, D]
+        if to_spec is not None:
+            o = o.index_select(0, _inverse(to_spec))
+        outs.append(_all_to_all(o.contiguous(), [s_local] * P, sizes, group))  # back to sequence shards
+    # Each received buffer is [P (head block of rank j), s, B, h_chunk, D]; heads of rank j's chunk i are global
+    # heads j*hq + chunk offset: put them back in [B, s, H, D] order.
+    pieces = [o.view(P, s_local, B, (hi - lo) * G, D) for (lo, hi), o in zip(groups, outs)]
+    full = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3)   # [P, s, B, hq, D]
+    if layout == "bhsd":
+        out = full.permute(2, 0, 3, 1, 4).contiguous().view(B, Hq, s_local, D)  # contiguous like tilewise's
+        return out if identity else out.index_select(1, _inverse_list(perm, q.device))
+    out = full.permute(2, 1, 0, 3, 4).contiguous().view(B, s_local, Hq, D)
+    return out if identity else out.index_select(2, _inverse_list(perm, q.device))
+
+
+def _inverse(index: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(index)
+    inv[index] = torch.arange(index.numel(), device=index.device, dtype=index.dtype)
+    return inv
+
+
+def _inverse_list(perm: list, device) -> torch.Tensor:
+    inv = [0] * len(perm)
+    for i, h in enumerate(perm):
+        inv[h] = i
+    return torch.tensor(inv, dtype=torch.long, device=device)
+
+
+def _send_heads(qs, ks, vs, P, hq, hk, G, lo, hi, sizes, s_local, group):
+    """The input all-to-all of kv heads [lo, hi) of every rank's block (q heads [lo*G, hi*G)): returns q, k, v of
+    the whole sequence for those heads, [S, B, h, D] each (the ranks' chunks concatenated in rank order)."""
+    B, D = qs.shape[0], qs.shape[3]
+
+    def pack(x, h_block, a, b):  # [B, s, P*h_block, D] -> [P, s, B, b-a, D], rank j's part first
+        return x.reshape(B, s_local, P, h_block, D)[:, :, :, a:b].permute(2, 1, 0, 3, 4)
+
+    S = sum(sizes)
+    if G == 1:  # q, k, v alike: one collective for all three (fewer, larger messages)
+        buf = torch.stack([pack(t, hq, lo, hi) for t in (qs, ks, vs)], dim=2)  # [P, s, 3, B, h, D]
+        got = _all_to_all(buf.reshape(P * s_local, 3, B, hi - lo, D), sizes, [s_local] * P, group)
+        return got[:, 0], got[:, 1], got[:, 2]
+    qb = pack(qs, hq, lo * G, hi * G).reshape(P * s_local, B, (hi - lo) * G, D)
+    kvb = torch.stack([pack(t, hk, lo, hi) for t in (ks, vs)], dim=2).reshape(P * s_local, 2, B, hi - lo, D)
+    qf = _all_to_all(qb.contiguous(), sizes, [s_local] * P, group)
+    kv = _all_to_all(kvb.contiguous(), sizes, [s_local] * P, group)
+    assert qf.shape[0] == S
+    return qf, kv[:, 0], kv[:, 1]
