@@ -22,13 +22,8 @@ from tilewise.calibrate.search import METRICS, SearchResult, canonical_window, p
 from tilewise.calibrate.strategy import AXES, Strategy, format_window
 
 
-class UsageError(Exception):
-    """A mistake on the command line or in an input file: printed as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like the C++ CLI
-        raise UsageError(message)
+from tilewise._cli_common import Parser as _Parser
+from tilewise._cli_common import UsageError, main_reporting_errors
 
 
 def _progress(stream, enabled: bool, desc: str):
@@ -317,19 +312,7 @@ def run(argv: Sequence[str], stdout=None, stderr=None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        return run(argv)
-    except UsageError as e:
-        print(f"tilewise: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, KeyError, TypeError) as e:  # bad input files: the messages name the file and the field
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"tilewise: error: {msg}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. the disk filled up while writing
-        print(f"tilewise: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-        return 1
+    return main_reporting_errors(run, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from tilewise.calibrate.cli import UsageError, _Parser
+from tilewise._cli_common import Parser as _Parser
+from tilewise._cli_common import UsageError, main_reporting_errors
 
 
 def _triple(text: str, name: str) -> tuple:
@@ -162,23 +163,8 @@ def run(argv: Sequence[str], stream=None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        return run(argv)
-    except UsageError as e:
-        print(f"tilewise: error: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:  # torch / diffusers / peft missing: say which extra to install
-        print(f"tilewise: error: {e.msg if hasattr(e, 'msg') else e}; install the training dependencies "
-              "(pip install -r requirements-torch.txt)", file=sys.stderr)
-        return 2
-    except (ValueError, KeyError, TypeError) as e:  # bad input files or values: the message names them
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"tilewise: error: {msg}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"tilewise: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-        return 1
+    return main_reporting_errors(run, argv, import_hint="install the training dependencies "
+                                                        "(pip install -r requirements-torch.txt)")
 
 
 if __name__ == "__main__":
