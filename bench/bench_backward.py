@@ -14,7 +14,6 @@ Usage: python3 bench/bench_backward.py [--lib build/libtilewise.so] [--rows 1,2]
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -27,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from tilewise import _capi  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_forward import Row, _tiled_permutation, bench, block_mask_from_mod, flex_mask_mod, rows  # noqa: E402
+from bench_forward import Row, _tiled_permutation, bench, block_mask_from_mod, flex_mask_mod, parse_args, rows  # noqa: E402,E501
 from report import emit  # noqa: E402
 
 
@@ -129,20 +128,10 @@ def flex_backward(flex, row: Row, q, k, v, dout, notes: list):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lib", default=None, help="path to libtilewise.so")
-    ap.add_argument("--rows", default="1,2,3,4,5", help="row groups to run (1..5)")
-    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
-    ap.add_argument("--no-dense", action="store_true", help="skip the dense cuDNN SDPA baseline")
-    ap.add_argument("--deterministic", action="store_true", help="time tilewise's deterministic backward")
-    ap.add_argument("--only", default=None, help="run only rows whose name contains one of these ','-separated strings")
-    ap.add_argument("--out", default=None, help="also write the table (markdown) here")
-    args = ap.parse_args()
-    _capi.lib(args.lib)
-    groups = {int(g) for g in args.rows.split(",")}
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    args, groups, dev = parse_args(
+        __doc__, "skip the dense cuDNN SDPA baseline",
+        lambda ap: ap.add_argument("--deterministic", action="store_true",
+                                   help="time tilewise's deterministic backward"))
 
     flex = None
     if not args.no_flex:

@@ -149,20 +149,27 @@ def block_mask_from_mod(mask_mod, S: int, dev, blk: int = 128, chunk: int = 4):
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, mask_mod=mask_mod, seq_lengths=(S, S))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(doc: str, dense_help: str, extra=None) -> tuple:
+    """The options every kernel benchmark takes (`extra(parser)` adds its own), then the library loaded, the seed
+    fixed and the device printed: (args, row groups, device)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lib", default=None, help="path to libtilewise.so")
     ap.add_argument("--rows", default="1,2,3,4,5", help="row groups to run (1..5)")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
-    ap.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baselines (kernel variant runs)")
+    ap.add_argument("--no-dense", action="store_true", help=dense_help)
     ap.add_argument("--only", default=None, help="run only rows whose name contains one of these ','-separated strings")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args()
     _capi.lib(args.lib)
-    groups = {int(g) for g in args.rows.split(",")}
-    dev = torch.device("cuda")
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    return args, {int(g) for g in args.rows.split(",")}, torch.device("cuda")
+
+
+def main() -> None:
+    args, groups, dev = parse_args(__doc__, "skip the dense SDPA baselines (kernel variant runs)")
 
     flex = None
     if not args.no_flex:
