@@ -137,6 +137,32 @@ def attention_distance(student_out: dict, teacher_out: dict) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
+class Distillation:
+    """A student and its frozen teacher on the same input, with both models' attention outputs captured: what the
+    STA fine-tune and Efficient-vDiT's knowledge distillation share."""
+
+    def __init__(self, run: Run, student, teacher):
+        self.run, self.student, self.teacher = run, student, teacher
+        self.s_hooks, self.t_hooks = AttentionOutputs(student), AttentionOutputs(teacher)
+
+    def __call__(self, x, sigma, batch, w_attn: float):
+        """(student velocity, teacher velocity, w_attn x their attention-output distance or 0)."""
+        with self.run.autocast():
+            with torch.no_grad():
+                v_t = models.call(self.teacher, x, sigma, batch).float()
+            a_t = self.t_hooks.take()
+            v_s = models.call(self.student, x, sigma, batch).float()
+            a_s = self.s_hooks.take()
+        return v_s, v_t, (w_attn * attention_distance(a_s, a_t) if w_attn else 0.0)
+
+    def train(self, stage: str, steps: int, loss_fn, data, lora_rank: int) -> None:
+        """Runs the stage, then removes the hooks and saves the student."""
+        self.run.train(stage, steps=steps, params=trainable(self.student), loss_fn=loss_fn, data=data)
+        self.s_hooks.remove()
+        self.t_hooks.remove()
+        self.run.save_model(stage, self.student, {"stage": stage, "lora_rank": lora_rank})
+
+
 def pretrain(run: Run, model, ds):
     """Dense flow-matching on the data, so that a random-initialised teacher becomes a model of the data (the
     presets have no pretrained weights). Stage "pretrain"; returns the trained dense model."""

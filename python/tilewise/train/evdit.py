@@ -150,7 +150,7 @@ def kd(run: Run, few, teacher, strategy: Strategy, ds):
     sig = _few_step(p)
     dev_sig = sig[:-1].to(run.device)
     student = common.student(few, run, lora_rank=p.lora_rank, strategy=strategy, timesteps=sig[:-1] * 1000)
-    s_hooks, t_hooks = common.AttentionOutputs(student), common.AttentionOutputs(teacher)
+    distill = common.Distillation(run, student, teacher)
     _, w_attn, w_final = p.loss_weights
     g = run.generator(6)
     checked = []
@@ -161,25 +161,13 @@ def kd(run: Run, few, teacher, strategy: Strategy, ds):
         noise = torch.randn(x0.shape, generator=g, device=run.device)
         sigma = dev_sig[torch.randint(0, len(dev_sig), (B,), generator=g, device=run.device)]
         x = flow.noised(x0, noise, sigma)
-        with run.autocast():
-            with torch.no_grad():
-                v_t = models.call(teacher, x, sigma, batch).float()
-            a_t = t_hooks.take()
-            v_s = models.call(student, x, sigma, batch).float()
-            a_s = s_hooks.take()
+        v_s, v_t, attention_loss = distill(x, sigma, batch, w_attn)
         if not checked and strategy.frame_patterns:
             checked.append(step)
             common.check_routed(student, "kd")
-        loss = (w_final or 1.0) * F.mse_loss(v_s, v_t)
-        if w_attn:
-            loss = loss + w_attn * common.attention_distance(a_s, a_t)
-        return loss
+        return (w_final or 1.0) * F.mse_loss(v_s, v_t) + attention_loss
 
-    run.train("kd", steps=p.kd_steps, params=common.trainable(student), loss_fn=loss_fn,
-              data=common.batch_source(run, ds, 6))
-    s_hooks.remove()
-    t_hooks.remove()
-    run.save_model("kd", student, {"stage": "kd", "lora_rank": p.lora_rank})
+    distill.train("kd", p.kd_steps, loss_fn, common.batch_source(run, ds, 6), p.lora_rank)
     out = unwrap(student)
     out.disable_gradient_checkpointing()
     return out.eval()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import tilewise.calibrate as cal
 from tilewise.calibrate.strategy import Strategy
-from tilewise.train import common, flow, models
+from tilewise.train import common, flow
 from tilewise.train.loop import Run, unwrap
 
 
@@ -59,7 +59,7 @@ def train_sta(run: Run, *, data_dir: Optional[str] = None, model_dir: Optional[s
     strategy = windows(run, teacher, ds, strategy_file)
     timesteps = flow.schedule(p.teacher_steps, p.shift)[:-1] * 1000  # the step index of per-step windows
     student = common.student(base, run, lora_rank=p.lora_rank, strategy=strategy, timesteps=timesteps)
-    s_hooks, t_hooks = common.AttentionOutputs(student), common.AttentionOutputs(teacher)
+    distill = common.Distillation(run, student, teacher)
     w_data, w_attn, w_final = p.loss_weights
     g = run.generator(2)
     checked = []
@@ -69,25 +69,14 @@ def train_sta(run: Run, *, data_dir: Optional[str] = None, model_dir: Optional[s
         noise = torch.randn(x0.shape, generator=g, device=run.device)
         sigma = flow.shifted(torch.rand(x0.shape[0], generator=g, device=run.device), p.shift)
         x = flow.noised(x0, noise, sigma)
-        with run.autocast():
-            with torch.no_grad():
-                v_t = models.call(teacher, x, sigma, batch).float()
-            a_t = t_hooks.take()
-            v_s = models.call(student, x, sigma, batch).float()
-            a_s = s_hooks.take()
+        v_s, v_t, attention_loss = distill(x, sigma, batch, w_attn)
         if not checked:  # once, on the first step this process runs
             checked.append(step)
             common.check_routed(student, "sta")
-        loss = w_data * F.mse_loss(v_s, flow.flow_matching_target(x0, noise)) + w_final * F.mse_loss(v_s, v_t)
-        if w_attn:
-            loss = loss + w_attn * common.attention_distance(a_s, a_t)
-        return loss
+        return (w_data * F.mse_loss(v_s, flow.flow_matching_target(x0, noise)) + w_final * F.mse_loss(v_s, v_t)
+                + attention_loss)
 
-    run.train("sta", steps=p.sta_steps, params=common.trainable(student), loss_fn=loss_fn,
-              data=common.batch_source(run, ds, 2))
-    s_hooks.remove()
-    t_hooks.remove()
-    run.save_model("sta", student, {"stage": "sta", "lora_rank": p.lora_rank})
+    distill.train("sta", p.sta_steps, loss_fn, common.batch_source(run, ds, 2), p.lora_rank)
     if p.eval_samples > 0:
         m = unwrap(student).eval()
         m.disable_gradient_checkpointing()
