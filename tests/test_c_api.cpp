@@ -30,6 +30,24 @@ tw_problem small_problem() {
   return p;
 }
 
+/// The C++ problem a tw_problem describes, written out here field by field (not through the C ABI's own
+/// conversion), so that comparing the two APIs tests that conversion.
+tilewise::Problem cpp_problem(const tw_problem& p) {
+  tilewise::Problem cp;
+  cp.batch = p.batch;
+  cp.q_heads = p.q_heads;
+  cp.kv_heads = p.kv_heads;
+  cp.head_dim = p.head_dim;
+  cp.dtype = static_cast<tilewise::DType>(p.dtype);
+  cp.latent = {p.latent[0], p.latent[1], p.latent[2]};
+  cp.tile = {p.tile[0], p.tile[1], p.tile[2]};
+  cp.text_capacity = p.text_capacity;
+  cp.text_position = static_cast<tilewise::TextPosition>(p.text_position);
+  cp.layout = static_cast<tilewise::Layout>(p.layout);
+  cp.scale = p.scale;
+  return cp;
+}
+
 int64_t seq_len(const tw_problem& p) { return p.latent[0] * p.latent[1] * p.latent[2] + p.text_capacity; }
 
 /// Random bf16 inputs, seeded from std::random_device; the seed goes into every failure message.
@@ -271,16 +289,7 @@ TEST_F(CApiBackward, MatchesCppBitForBit) {
   for (const std::vector<uint16_t>* g : {&dq, &dk, &dv})
     for (uint16_t x : *g) ASSERT_NE(x, kSentinel) << "a gradient element was not written";
 
-  tilewise::Problem cp;
-  cp.batch = p.batch;
-  cp.q_heads = p.q_heads;
-  cp.kv_heads = p.kv_heads;
-  cp.head_dim = p.head_dim;
-  cp.dtype = tilewise::DType::bf16;
-  cp.latent = {p.latent[0], p.latent[1], p.latent[2]};
-  cp.tile = {p.tile[0], p.tile[1], p.tile[2]};
-  cp.text_capacity = p.text_capacity;
-  const tilewise::Plan cpp(cp, tilewise::Pattern::sliding_tile({3, 3, 3}), tilewise::Device::cpu);
+  const tilewise::Plan cpp(cpp_problem(p), tilewise::Pattern::sliding_tile({3, 3, 3}), tilewise::Device::cpu);
   std::vector<uint16_t> dq_cpp(dq.size()), dk_cpp(dk.size()), dv_cpp(dv.size());
   cpp.run_backward({in.q.data(), in.k.data(), in.v.data(), o.data(), lse.data(), dout.data(), dlse.data(),
                     dq_cpp.data(), dk_cpp.data(), dv_cpp.data(), text_len});
@@ -338,19 +347,7 @@ void expect_same_as_cpp(const tw_problem& p, const tw_pattern& cpat, const tilew
   ASSERT_EQ(tw_plan_density(plan, &density_c), TW_OK);
   tw_plan_destroy(plan);
 
-  tilewise::Problem cp;
-  cp.batch = p.batch;
-  cp.q_heads = p.q_heads;
-  cp.kv_heads = p.kv_heads;
-  cp.head_dim = p.head_dim;
-  cp.dtype = tilewise::DType::bf16;
-  cp.latent = {p.latent[0], p.latent[1], p.latent[2]};
-  cp.tile = {p.tile[0], p.tile[1], p.tile[2]};
-  cp.text_capacity = p.text_capacity;
-  cp.text_position = static_cast<tilewise::TextPosition>(p.text_position);
-  cp.layout = static_cast<tilewise::Layout>(p.layout);
-  cp.scale = p.scale;
-  const tilewise::Plan cpp(cp, pattern, tilewise::Device::cpu);
+  const tilewise::Plan cpp(cpp_problem(p), pattern, tilewise::Device::cpu);
   std::vector<uint16_t> o_cpp(in.q.size(), kSentinel);
   std::vector<float> lse_cpp(lse_c.size());
   cpp.run({in.q.data(), in.k.data(), in.v.data(), o_cpp.data(), lse_cpp.data(), text_len});
@@ -410,15 +407,7 @@ TEST(CApi, TileUntileRoundTrip) {
   ASSERT_EQ(tw_tile(&p, in.q.data(), tiled.data()), TW_OK) << tw_last_error();
   ASSERT_EQ(tw_untile(&p, tiled.data(), back.data()), TW_OK) << tw_last_error();
   EXPECT_EQ(back, in.q);
-  tilewise::Problem cp;
-  cp.batch = p.batch;
-  cp.q_heads = p.q_heads;
-  cp.kv_heads = p.kv_heads;
-  cp.head_dim = p.head_dim;
-  cp.latent = {4, 8, 8};
-  cp.tile = {2, 4, 4};
-  cp.text_capacity = p.text_capacity;
-  tilewise::tile(cp, in.q.data(), cpp.data());
+  tilewise::tile(cpp_problem(p), in.q.data(), cpp.data());
   EXPECT_EQ(tiled, cpp);
 
   p.latent[2] = 7;  // 7 is not a multiple of 4
