@@ -46,7 +46,11 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=twd.cp_plan(model))
         ctrl.calls = {"tilewise": 0, "original": 0}
         got = run(model, inputs)
+        # enabled again after enable_parallelism, with tilewise.parallel's options: load balance off, 2 head groups
+        twd.enable(model, {"window": [(1, 1, 1), (2, 2, 1)], "tile": TILE}, load_balance=False, chunks=2)
+        again = run(model, inputs)
         results[family] = {"err": float((got - ref).abs().max()), "scale": float(ref.abs().max()),
+                           "err_options": float((again - ref).abs().max()),
                            "calls": ctrl.calls, "layers": len(ctrl.modules)}
     dist.barrier()
     dist.destroy_process_group()
@@ -67,6 +71,7 @@ def test_context_parallel_equals_single_process(report, family):
         assert got["calls"] == {"tilewise": got["layers"], "original": 0}, (family, rank, got)
         # float32 model: the CP run sums in another order (all-to-all, split linear layers are the same math)
         assert got["err"] <= 1e-5 * max(1.0, got["scale"]), (family, rank, got)
+        assert got["err_options"] <= 1e-5 * max(1.0, got["scale"]), (family, rank, got)
 
 
 def test_cp_plan_is_diffusers_own_for_wan_and_tilewise_s_for_the_others():

@@ -41,8 +41,10 @@ class Controller:
     `calls` counts eager attention calls by route ("tilewise" or "original"); calls inside a torch.compile
     graph are not counted."""
 
-    def __init__(self, model, family, strategy: Strategy, timesteps):
+    def __init__(self, model, family, strategy: Strategy, timesteps, parallel=None):
         self.model, self.family, self.strategy = model, family, strategy
+        # tilewise.parallel's options under context parallelism: load_balance (None = when heads differ), chunks
+        self.parallel = {"load_balance": None, "chunks": 1, **(parallel or {})}
         self.latent = None
         self.step = None
         self.timesteps = None
@@ -264,7 +266,7 @@ class Processor:
         sizes, to_spec = _gathered_order(cp, tuple(local_order), text_position, q.device)
         tile, latent = self.ctrl.tile, self.ctrl.latent
         kw = dict(group=cp.group, text_len=text_len, text_position=text_position, order="raster", layout="bshd",
-                  scale=None, load_balance=None, chunks=1, deterministic=None, seq_len=None, sizes=sizes,
+                  scale=None, deterministic=None, seq_len=None, sizes=sizes, **self.ctrl.parallel,
                   to_spec=to_spec, block_offsets=None, block_tiles=None)
         if spec[0] == "sta":
             return parallel._ulysses(q, k, v, latent=latent, tile=tile, pattern="sliding_tile", window=spec[1],
@@ -318,7 +320,7 @@ def controller(transformer) -> Controller | None:
     return getattr(transformer, "_tilewise", None)
 
 
-def enable(model, strategy, *, tile=None, timesteps=None):
+def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chunks=1):
     """Routes the self-attention of a diffusers video transformer (or of a pipeline's transformer(s)) through
     tilewise. Returns the Controller (for a pipeline with two transformers, the first one's).
 
@@ -327,8 +329,16 @@ def enable(model, strategy, *, tile=None, timesteps=None):
     or its JSON file / dict with "format": "tilewise-strategy").
     tile: (tt, th, tw), default (6, 8, 8) or the calibrated strategy's.
     timesteps: the denoising timesteps of the run, for per-step tables (not needed when `model` is a
-    pipeline: its scheduler's set_timesteps is hooked)."""
-    return _enable(model, Strategy.coerce(strategy, tile), timesteps)
+    pipeline: its scheduler's set_timesteps is hooked).
+    load_balance, chunks: under diffusers' context parallelism, tilewise.parallel.ulysses_attention's options
+    (heads assigned to ranks by their FLOPs, None = when the pattern differs between heads; head groups whose
+    all-to-alls overlap the other groups' attention)."""
+    if load_balance is not None and not isinstance(load_balance, bool):
+        raise ValueError(f"invalid load_balance = {load_balance!r}: expected True, False or None")
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"invalid chunks = {chunks!r}: expected an integer of at least 1")
+    return _enable(model, Strategy.coerce(strategy, tile), timesteps,
+                   dict(load_balance=load_balance, chunks=chunks))
 
 
 def tap(model, hook, *, steps=None, layers=None, tile=None, timesteps=None) -> Controller:
@@ -344,20 +354,20 @@ def tap(model, hook, *, steps=None, layers=None, tile=None, timesteps=None) -> C
         if controller(t) is not None:
             raise ValueError(f"model: tilewise is enabled on this {type(t).__name__}: call "
                              "tilewise.diffusers.disable() first (a tap needs the model's dense attention)")
-    ctrl = _enable(model, _Tap(steps, layers, tile), timesteps)
+    ctrl = _enable(model, _Tap(steps, layers, tile), timesteps, None)
     for t in _transformers(model)[0]:
         controller(t).tap = hook
     return ctrl
 
 
-def _enable(model, parsed, timesteps) -> Controller:
+def _enable(model, parsed, timesteps, parallel) -> Controller:
     transformers, pipe = _transformers(model)
     ctrls = []
     for t in transformers:
         family = family_of(t)
         if controller(t) is not None:
             disable(t)
-        ctrl = Controller(t, family, parsed, timesteps)
+        ctrl = Controller(t, family, parsed, timesteps, parallel)
         cls = family.processor
         for layer, (module, original) in enumerate(zip(ctrl.modules, ctrl.originals)):
             processor = cls(ctrl, layer, original)
