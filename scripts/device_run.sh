@@ -2,6 +2,7 @@
 # Everything one device call needs, in one go: build on the GPU machine, run the GPU tests (a hang is killed),
 # compute-sanitizer on small problems, the backward fuzz, and the benchmark tables last. Logs go under $OUT.
 # Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [fuzz] [bench] [bench_bwd] [sass]
+#        [bwd_variants] (with BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ...": scripts/bwd_variants.py)
 #   sanitize: forward and backward cases; sanitize_bwd: the backward cases alone (a device call of their own)
 set -uo pipefail
 OUT=${OUT:-/tmp/tilewise-out}
@@ -12,7 +13,7 @@ BUILD=build-device
 steps=${*:-test sanitize bench}
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv > "$OUT/gpu.txt" 2>&1
-cmake -S . -B $BUILD $CUTLASS_FLAG -DCMAKE_BUILD_TYPE=Release > "$OUT/cmake.log" 2>&1 &&
+cmake -S . -B $BUILD $CUTLASS_FLAG -DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMANDS=ON > "$OUT/cmake.log" 2>&1 &&
   cmake --build $BUILD -j16 > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c | head -5
 # ptxas serialises every wgmma of a kernel when it cannot pipeline them (C7510-C7520): a silent 2x slowdown
@@ -60,6 +61,26 @@ for step in $steps; do
       echo "== backward fuzz"
       timeout 420 $BUILD/tilewise_fuzz --problems 1000 --max-seconds 280 > "$OUT/fuzz.log" 2>&1
       echo "rc=$?"; grep -E "^FAIL|^stopping" "$OUT/fuzz.log" | head -20; sed -n '/^| tensor/,$p' "$OUT/fuzz.log"
+      ;;
+    bwd_variants)
+      # Backward schedules and ablations (bwd_params.cuh) on row 1: each variant recompiles backward.cu only.
+      echo "== backward variants, row 1 (HunyuanVideo 30x48x80, w3x3x3)"
+      g++ -std=c++20 -O2 -Iinclude -I/usr/local/cuda/include scripts/backward_check.cpp -L$BUILD -ltilewise \
+        -L/usr/local/cuda/lib64 -lcudart -Wl,--enable-new-dtags,-rpath,$PWD/$BUILD -o $BUILD/bwdcheck || exit 1
+      python3 scripts/bwd_variants.py $BUILD /tmp/bwd-variants $BWD_VARIANTS | tee "$OUT/variants_build.log"
+      for v in base ${BWD_VARIANTS}; do
+        name=${v%%=*}
+        lib=$PWD/$BUILD; [ "$name" = base ] || lib=/tmp/bwd-variants/$name
+        [ -f "$lib/libtilewise.so" ] || continue
+        line=$(LD_LIBRARY_PATH=$lib timeout 60 $BUILD/bwdcheck bench1 2>&1 | tail -1)
+        echo "$name: $line" | tee -a "$OUT/variants.log"
+        case $name in no_*) continue ;; esac  # ablations: results are wrong, times only
+        LD_LIBRARY_PATH=$lib timeout 60 $BUILD/bwdcheck 1 > "$OUT/check_$name.log" 2>&1
+        echo "  check rc=$? $(tail -1 "$OUT/check_$name.log")"
+        LD_LIBRARY_PATH=$lib timeout 90 ncu --clock-control none --kernel-name regex:'backward_kernel|bwd_preprocess' \
+          --launch-count 3 --metrics gpu__time_duration.sum $BUILD/bwdcheck bench1 > "$OUT/ncu_$name.log" 2>&1
+        echo "  ncu: $(grep -E 'gpu__time_duration.sum' "$OUT/ncu_$name.log" | awk '{print $(NF)}' | tr '\n' ' ') (preprocess, dQ, dK/dV; ms or us)"
+      done
       ;;
     sass)
       cuobjdump -sass $BUILD/libtilewise.so > "$OUT/sass.txt" 2>/dev/null

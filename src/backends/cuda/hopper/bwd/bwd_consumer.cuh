@@ -29,6 +29,7 @@ __device__ __forceinline__ void pack_operand(const float (&x)[8 * kSteps], uint3
 
 constexpr uint32_t kDsBarrier = 4;  // named barrier of the two consumer warpgroups around the dS buffer
 
+
 template <class Traits, WgType kType>
 struct BwdConsumer : Consumer<Traits, kType> {
   using Base = Consumer<Traits, kType>;
@@ -50,6 +51,19 @@ struct BwdConsumer : Consumer<Traits, kType> {
     vk_lo = static_cast<uint32_t>(make_desc(smem_addr(s_.v(0)), 16, 8 * rb, rb));
     km_lo = static_cast<uint32_t>(make_desc(smem_addr(s_.k(0)), Traits::kPanelBytes, 8 * rb, rb));
   }
+
+  /// Turn-taking around one GEMM group (TILEWISE_HOPPER_BWD_PINGPONG): wait for this warpgroup's turn, issue,
+  /// hand the turn to the other. Every warpgroup takes the same number of turns per block (the idle one too).
+  /// Not in the fused kernel, whose warpgroups already meet twice per block.
+  template <bool kTurns = true, class F>
+  __device__ __forceinline__ void take_turn(F&& issue) const {
+    if constexpr (kPingPong && kTurns) this->scheduler_sync();
+    issue();
+    if constexpr (kPingPong && kTurns) this->scheduler_arrive();
+  }
+  static constexpr bool kPingPong = TILEWISE_HOPPER_BWD_PINGPONG != 0;
+  static constexpr bool kSplit = TILEWISE_HOPPER_BWD_SPLIT != 0;
+  static constexpr int kAblate = TILEWISE_HOPPER_BWD_ABLATE;
 
   /// d[64 x N] = A[64 rows of an owned buffer, K-major] * B[N rows of a stage from row `b_row`, K-major]^T.
   template <int N>
@@ -112,6 +126,17 @@ struct BwdConsumer : Consumer<Traits, kType> {
   }
 
   // ---------------------------------------------------------------- dQ
+  /// S (masked where flagged) to P = exp2(S scale log2e - lse2) of this thread's owned rows.
+  __device__ __forceinline__ void probabilities(float (&sc)[kBlockN / 2], const KeyMask& mask, const WorkItem& item,
+                                                const BlockInfo& bi, const float (&lse2)[2]) const {
+    if (mask.active) {
+      mask.apply(sc, lane());
+      if (mask.frames) mask_frames(sc, bp, item, bi, lane(), [&](int rr) { return row(rr); });
+    }
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) sc[i] = fast_exp2(fmaf(sc[i], bp.scale_log2, -lse2[(i % 4) / 2]));
+  }
+
   __device__ __forceinline__ void dq_item(const WorkItem& item, typename Base::KPipe& ks,
                                           typename Base::VPipe& vs) const {
     const BwdParams& p = bp;
@@ -131,28 +156,41 @@ struct BwdConsumer : Consumer<Traits, kType> {
       const BlockInfo bi = acquire(ks, vs);
       last = bi.flags & BlockInfo::kLast;
       float sc[kBlockN / 2], dp[kBlockN / 2];
-      wgmma_fence();
-      this->issue_s(sc, ks.stage());
-      gemm_ss<kBlockN>(dp, o_lo, vk_lo + vs.stage() * kStageDesc);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(sc);
-      fence_regs(dp);
+      take_turn([&] {
+        wgmma_fence();
+        if (!(kAblate & 2)) this->issue_s(sc, ks.stage());
+        if constexpr (kSplit) wgmma_commit();
+        if (!(kAblate & 2)) gemm_ss<kBlockN>(dp, o_lo, vk_lo + vs.stage() * kStageDesc);
+        wgmma_commit();
+      });
       const KeyMask mask = KeyMask::of(p, bi, text_len, lane());
-      if (mask.active) {
-        mask.apply(sc, lane());
-        if (mask.frames) mask_frames(sc, p, item, bi, lane(), [&](int rr) { return row(rr); });
-      }
+      if constexpr (kSplit) {  // P while dP runs
+        wgmma_wait<1>();
+        fence_regs(sc);
+        if (!(kAblate & 1)) probabilities(sc, mask, item, bi, lse2);
+        wgmma_wait<0>();
+        fence_regs(dp);
+        if (!(kAblate & 1)) {
 #pragma unroll
-      for (int i = 0; i < kBlockN / 2; ++i) {
-        const int rr = (i % 4) / 2;
-        sc[i] = fast_exp2(fmaf(sc[i], p.scale_log2, -lse2[rr])) * (dp[i] - delta[rr]);
+          for (int i = 0; i < kBlockN / 2; ++i) sc[i] *= dp[i] - delta[(i % 4) / 2];
+        }
+      } else {
+        wgmma_wait<0>();
+        fence_regs(sc);
+        fence_regs(dp);
+        if (!(kAblate & 1)) {
+          probabilities(sc, mask, item, bi, lse2);
+#pragma unroll
+          for (int i = 0; i < kBlockN / 2; ++i) sc[i] *= dp[i] - delta[(i % 4) / 2];
+        }
       }
       uint32_t ds[kBlockN / 16][4];
       pack_operand<kBlockN / 16>(sc, ds, kType == WgType::bf16);
-      wgmma_fence();
-      gemm_rs<kBlockN / 16>(dq, ds, km_lo + ks.stage() * kStageDesc);
-      wgmma_commit();
+      take_turn([&] {
+        wgmma_fence();
+        if (!(kAblate & 4)) gemm_rs<kBlockN / 16>(dq, ds, km_lo + ks.stage() * kStageDesc);
+        wgmma_commit();
+      });
       wgmma_wait<0>();
       fence_regs(dq);
       release_stages(bi, ks, vs);
@@ -239,32 +277,66 @@ struct BwdConsumer : Consumer<Traits, kType> {
       for (int half = 0; half < 2; ++half) {
         const uint32_t row_off = 64 * half * kRowDesc;
         float sc[32], dp[32];
-        wgmma_fence();
-        gemm_ss<64>(sc, this->q_lo, this->k_lo + ks.stage() * kStageDesc + row_off);
-        gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc + row_off);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(sc);
-        fence_regs(dp);
+        take_turn<!kFuseDq>([&] {
+          wgmma_fence();
+          if (!(kAblate & 2)) gemm_ss<64>(sc, this->q_lo, this->k_lo + ks.stage() * kStageDesc + row_off);
+          if constexpr (kSplit) wgmma_commit();
+          if (!(kAblate & 2)) gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc + row_off);
+          wgmma_commit();
+        });
+        // P^T of this thread's 32 entries (zero where the pair is not allowed), then dS^T = P^T (dP^T - D).
+        auto probabilities = [&] {
 #pragma unroll
-        for (int i = 0; i < 32; ++i) {
-          const int rr = (i % 4) / 2, c = 64 * half + accumulator_column(i, lane());
-          float pr = fast_exp2(fmaf(sc[i], p.scale_log2, -stats[c]));
-          if (!seen[rr] || (frames && !frame_pair_allowed<int32_t>(bi.t + c / (qbox.h * qbox.w), k_frame[rr],
-                                                                  static_cast<int32_t>(hp.global_frames),
-                                                                  static_cast<int32_t>(hp.radius))))
-            pr = 0.f;
-          sc[i] = pr;
-          dp[i] = pr * (dp[i] - stats[kBlockN + c]);
-        }
-        if constexpr (kFuseDq) store_ds(dp, half);
+          for (int i = 0; i < 32; ++i) {
+            const int rr = (i % 4) / 2, c = 64 * half + accumulator_column(i, lane());
+            float pr = fast_exp2(fmaf(sc[i], p.scale_log2, -stats[c]));
+            if (!seen[rr] || (frames && !frame_pair_allowed<int32_t>(bi.t + c / (qbox.h * qbox.w), k_frame[rr],
+                                                                    static_cast<int32_t>(hp.global_frames),
+                                                                    static_cast<int32_t>(hp.radius))))
+              pr = 0.f;
+            sc[i] = pr;
+          }
+        };
+        auto score_gradients = [&] {
+#pragma unroll
+          for (int i = 0; i < 32; ++i) dp[i] = sc[i] * (dp[i] - stats[kBlockN + 64 * half + accumulator_column(i, lane())]);
+        };
         uint32_t pa[4][4], da[4][4];
-        pack_operand<4>(sc, pa, kType == WgType::bf16);
-        pack_operand<4>(dp, da, kType == WgType::bf16);
-        wgmma_fence();
-        gemm_rs<4>(dv, pa, this->v_lo + vs.stage() * kStageDesc + row_off);
-        gemm_rs<4>(dk, da, km_lo + ks.stage() * kStageDesc + row_off);
-        wgmma_commit();
+        if constexpr (kSplit) {  // P^T while dP^T runs; dV += P^T dO while dS^T is computed
+          wgmma_wait<1>();
+          fence_regs(sc);
+          if (!(kAblate & 1)) probabilities();
+          pack_operand<4>(sc, pa, kType == WgType::bf16);
+          take_turn<!kFuseDq>([&] {
+            wgmma_fence();
+            if (!(kAblate & 4)) gemm_rs<4>(dv, pa, this->v_lo + vs.stage() * kStageDesc + row_off);
+            wgmma_commit();
+          });
+          wgmma_wait<1>();  // dP^T (the dV product may still run)
+          fence_regs(dp);
+          if (!(kAblate & 1)) score_gradients();
+          if constexpr (kFuseDq) store_ds(dp, half);
+          pack_operand<4>(dp, da, kType == WgType::bf16);
+          take_turn<!kFuseDq>([&] {
+            wgmma_fence();
+            if (!(kAblate & 4)) gemm_rs<4>(dk, da, km_lo + ks.stage() * kStageDesc + row_off);
+            wgmma_commit();
+          });
+        } else {
+          wgmma_wait<0>();
+          fence_regs(sc);
+          fence_regs(dp);
+          if (!(kAblate & 1)) probabilities(), score_gradients();
+          if constexpr (kFuseDq) store_ds(dp, half);
+          pack_operand<4>(sc, pa, kType == WgType::bf16);
+          pack_operand<4>(dp, da, kType == WgType::bf16);
+          take_turn<!kFuseDq>([&] {
+            wgmma_fence();
+            if (!(kAblate & 4)) gemm_rs<4>(dv, pa, this->v_lo + vs.stage() * kStageDesc + row_off);
+            if (!(kAblate & 4)) gemm_rs<4>(dk, da, km_lo + ks.stage() * kStageDesc + row_off);
+            wgmma_commit();
+          });
+        }
         wgmma_wait<0>();
         fence_regs(dv);
         fence_regs(dk);
@@ -288,6 +360,21 @@ struct BwdConsumer : Consumer<Traits, kType> {
     store(item, item.head, dv, 1.f, p.grad1, p.grad1_strides);
   }
 
+  /// An item none of whose rows are this warpgroup's: releases the stages the producer counts on and takes the
+  /// turns its GEMM groups would have taken.
+  template <BwdKernel kKernel>
+  __device__ __forceinline__ void idle_item(typename Base::KPipe& ks, typename Base::VPipe& vs) const {
+    for (bool last = false; !last;) {
+      const BlockInfo bi = acquire(ks, vs);
+      last = bi.flags & BlockInfo::kLast;
+      if constexpr (kPingPong) {
+        const int turns = kKernel == BwdKernel::dq ? 2 : (bi.flags & BlockInfo::kEmpty) ? 0 : (kSplit ? 6 : 4);
+        for (int t = 0; t < turns; ++t) take_turn([] {});
+      }
+      release_stages(bi, ks, vs);
+    }
+  }
+
   /// The work loop of the three kernels (BwdKernel): items per query head (dQ) or per kv head (dK/dV).
   template <BwdKernel kKernel>
   __device__ void run() const {
@@ -295,6 +382,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     typename Base::VPipe vs;
     WorkRing<typename Traits::Shared, 1> ring{this->s, 0};
     uint32_t items = 0;
+    if (kPingPong && kKernel != BwdKernel::dkdvq && this->wg == 1) this->scheduler_arrive();  // warpgroup 0 first
     for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < bp.num_work;) {
       const WorkItem item = decode_work<Traits::kBlockM>(bp, u, kKernel == BwdKernel::dq ? bp.q_heads : bp.kv_heads);
       if (item.empty) continue;
@@ -303,7 +391,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       // A warpgroup none of whose rows are real (a small box) only releases the stages the producer counts on;
       // not in the fused kernel, whose dQ product needs both warpgroups (their unreal rows have zero dS).
       if (kKernel != BwdKernel::dkdvq && 64 * this->wg >= query_rows<Traits::kBlockM>(bp, item.q)) {
-        this->mainloop_idle(false, ks, vs);
+        idle_item<kKernel>(ks, vs);
         continue;
       }
       if constexpr (kKernel == BwdKernel::dq)

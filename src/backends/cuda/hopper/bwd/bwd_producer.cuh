@@ -42,6 +42,10 @@ struct BwdProducer {
           s.k_empty[stage].wait(parity);
           s.info[stage] = describe(p, uw.item, kb, text_len, last);
           base().zero_tail(kb, s.k(stage));
+          if (TILEWISE_HOPPER_BWD_ABLATE & 8) {  // measurement only (bwd_consumer.cuh)
+            s.k_full[stage].arrive();
+            return;
+          }
           base().load(p.k_video, &p.k_text, p.k, kb, uw.item.batch, uw.item.head / p.kv_group, s.k(stage),
                       &s.k_full[stage]);
         });
@@ -117,7 +121,7 @@ struct BwdProducer {
         const int stage = pipe.stage();
         s.k_empty[stage].wait(pipe.phase() ^ 1);
         s.info[stage] = describe_stream(item, qb, h, gi, last, empty);
-        if (empty) {
+        if (empty || (TILEWISE_HOPPER_BWD_ABLATE & 8)) {
           s.k_full[stage].arrive();
         } else {
           base().zero_tail(qb, s.k(stage));
@@ -143,7 +147,7 @@ struct BwdProducer {
       for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
         const int stage = pipe.stage();
         s.v_empty[stage].wait(pipe.phase() ^ 1);
-        if (empty) {
+        if (empty || (TILEWISE_HOPPER_BWD_ABLATE & 8)) {
           s.v_full[stage].arrive();
         } else {
           base().zero_tail(qb, s.v(stage));
