@@ -59,7 +59,7 @@ for step in $steps; do
     fuzz)
       # 1000 random problems, forward + backward on cuda against the CPU reference; a failure line each, then a table
       echo "== backward fuzz"
-      timeout 420 $BUILD/tilewise_fuzz --problems 1000 --max-seconds 280 > "$OUT/fuzz.log" 2>&1
+      timeout 420 $BUILD/tilewise_fuzz --problems ${FUZZ_PROBLEMS:-1000} --max-seconds ${FUZZ_SECONDS:-280} > "$OUT/fuzz.log" 2>&1
       echo "rc=$?"; grep -E "^FAIL|^stopping" "$OUT/fuzz.log" | head -20; sed -n '/^| tensor/,$p' "$OUT/fuzz.log"
       ;;
     bwd_variants)

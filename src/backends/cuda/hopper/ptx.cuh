@@ -98,6 +98,13 @@ __device__ __forceinline__ uint4 ld_shared_v4(const void* ptr) {
   return v;
 }
 
+/// Two adjacent floats from shared memory (an 8-byte load; volatile so it stays after the barrier wait before it).
+__device__ __forceinline__ float2 ld_shared_f2(const float* ptr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(smem_addr(ptr)));
+  return v;
+}
+
 // ---------------------------------------------------------------- TMA
 __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");

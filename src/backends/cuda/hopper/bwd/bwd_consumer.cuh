@@ -284,22 +284,40 @@ struct BwdConsumer : Consumer<Traits, kType> {
           if (!(kAblate & 2)) gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc + row_off);
           wgmma_commit();
         });
-        // P^T of this thread's 32 entries (zero where the pair is not allowed), then dS^T = P^T (dP^T - D).
+        // P^T of this thread's 32 entries (zero where the pair is not allowed), then dS^T = P^T (dP^T - D). The
+        // columns' statistics come two at a time from shared memory; the attention tile's frame test is a pass of
+        // its own, since a branch per entry keeps the scheduler from interleaving the exponentials (v1 lost about
+        // half of the dK/dV kernel's time there).
+        const float* cols = stats + 64 * half + 2 * (lane() % 4);
         auto probabilities = [&] {
 #pragma unroll
-          for (int i = 0; i < 32; ++i) {
-            const int rr = (i % 4) / 2, c = 64 * half + accumulator_column(i, lane());
-            float pr = fast_exp2(fmaf(sc[i], p.scale_log2, -stats[c]));
-            if (!seen[rr] || (frames && !frame_pair_allowed<int32_t>(bi.t + c / (qbox.h * qbox.w), k_frame[rr],
-                                                                    static_cast<int32_t>(hp.global_frames),
-                                                                    static_cast<int32_t>(hp.radius))))
-              pr = 0.f;
-            sc[i] = pr;
+          for (int k = 0; k < 8; ++k) {
+            const float2 lse2 = ld_shared_f2(cols + 8 * k);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int i = 4 * k + e;
+              const float pr = fast_exp2(fmaf(sc[i], p.scale_log2, -(e % 2 ? lse2.y : lse2.x)));
+              sc[i] = seen[e / 2] ? pr : 0.f;
+            }
+          }
+          if (frames) {
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+              const int c = 64 * half + accumulator_column(i, lane());
+              if (!frame_pair_allowed<int32_t>(bi.t + c / (qbox.h * qbox.w), k_frame[(i % 4) / 2],
+                                               static_cast<int32_t>(hp.global_frames),
+                                               static_cast<int32_t>(hp.radius)))
+                sc[i] = 0.f;
+            }
           }
         };
         auto score_gradients = [&] {
 #pragma unroll
-          for (int i = 0; i < 32; ++i) dp[i] = sc[i] * (dp[i] - stats[kBlockN + 64 * half + accumulator_column(i, lane())]);
+          for (int k = 0; k < 8; ++k) {
+            const float2 d = ld_shared_f2(cols + kBlockN + 8 * k);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dp[4 * k + e] = sc[4 * k + e] * (dp[4 * k + e] - (e % 2 ? d.y : d.x));
+          }
         };
         uint32_t pa[4][4], da[4][4];
         if constexpr (kSplit) {  // P^T while dP^T runs; dV += P^T dO while dS^T is computed
