@@ -15,10 +15,15 @@ other's attention); both are printed, the faster one marked.
 
 Table 2, one full HunyuanVideo 13B transformer forward (random bf16 weights, diffusers' context parallelism with
 tilewise's processors, tilewise.diffusers.cp_plan): n = 1 (rank 0 alone) and n = N; the output of N compared with
-n = 1's. Skipped with --no-model or when diffusers is missing.
+n = 1's; on N also the uniform window with `chunks` = 2. Skipped with --no-model or when diffusers is missing.
 
---smoke runs the same logic on the CPU with gloo and a tiny geometry (to check the script, e.g.
-`torchrun --nproc-per-node 2 bench/bench_parallel.py --smoke`); its times mean nothing.
+--profile: time by kernel class (torch.profiler, rank 0) of one attention call (n = N, uniform window, chunks 1)
+and of the forwards with the uniform window, each with its most expensive kernels: of the class "norms, RoPE,
+activations, copies" and of all.
+
+--smoke runs the same logic on the CPU with gloo, a tiny geometry and a tiny HunyuanVideo (to check the script,
+e.g. `torchrun --nproc-per-node 2 bench/bench_parallel.py --smoke`), profiles included (CPU ops, self time);
+its times mean nothing.
 """
 from __future__ import annotations
 
@@ -61,6 +66,13 @@ def timed(fn, iters: int, device, group=None) -> float:
     return statistics.median(times)
 
 
+def workers(n: int, device) -> str:
+    """"n GPUs", or "n processes" on the CPU (--smoke)."""
+    if device.type == "cuda":
+        return f"{n} GPU" + ("" if n == 1 else "s")
+    return f"{n} process" + ("" if n == 1 else "es")
+
+
 def geometry(args):
     if args.smoke:
         return dict(latent=(3, 8, 10), tile=(1, 4, 5), text=6, valid=4, heads=4, head_dim=16)
@@ -98,7 +110,7 @@ def attention_table(args, device, dtype) -> str:
         if heads % n == 0:
             groups[n] = dist.new_group(ranks=list(range(n)))
 
-    rows = []
+    rows, profiles = [], []
     for label, windows, balance in configs(args, heads):
         kw = dict(latent=g["latent"], tile=g["tile"], window=windows, text_len=[g["valid"]])
         ref = tilewise.sliding_tile_attention(q, k, v, **kw)  # n = 1: the plain op
@@ -125,6 +137,10 @@ def attention_table(args, device, dtype) -> str:
                             f"{100 * (t_all / base - 1):+.1f}% over the plain op | {base / t_all:.2f}x | {err:.3g} |")
                 continue
             t_comm = timed(lambda: _all_to_alls_alone(ql, S, n, group, heads, D), args.iters, device, group)
+            if (args.profile or args.smoke) and n == world and balance is None:
+                line = profile_forward(lambda: twp.ulysses_attention(ql, kl, vl, group=group, seq_len=S, **kw),
+                                       device)
+                profiles.append(f"- {workers(n, device)}, {label}, chunks 1 (rank 0): {line}")
             best = min(results, key=lambda c: results[c][0])
             for chunks, (t_all, err) in results.items():
                 mark = " (faster)" if chunks == best else ""
@@ -135,7 +151,10 @@ def attention_table(args, device, dtype) -> str:
             "over the call. rel L2: of the gathered output against the one-GPU op's (spec bound 1e-2).\n\n"
             "| pattern | GPUs | chunks | ms / call | all-to-all share | speedup | rel L2 vs 1 GPU |\n"
             "|---|---|---|---|---|---|---|")
-    return head + "\n" + "\n".join(rows)
+    text = head + "\n" + "\n".join(rows)
+    if profiles:
+        text += "\n\nTime of one attention call by kernel class (torch.profiler):\n\n" + "\n".join(profiles)
+    return text
 
 
 def backend_name(group) -> str:
@@ -154,30 +173,69 @@ def _all_to_alls_alone(x, S, n, group, heads, D):
     dist.all_to_all_single(back, got[:, 0].contiguous(), [s] * n, sizes, group=group)
 
 
-# Kernel-name classes of the profile, first match wins (names as the CUDA profiler demangles them).
-KERNEL_CLASSES = [("all-to-all (NCCL)", ("nccl",)), ("tilewise attention", ("tilewise",)),
-                  ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+# Kernel-name classes of the profile, first match wins (names as the CUDA profiler demangles them; the c10d and
+# aten names of --smoke's CPU ops fall in the same classes).
+KERNEL_CLASSES = [("all-to-all (NCCL)", ("nccl", "c10d")), ("tilewise attention", ("tilewise",)),
+                  ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm")),
                   ("norms, RoPE, activations, copies", ("",))]
+OTHER_CLASS = KERNEL_CLASSES[-1][0]
+TOP_KERNELS = 8
 
 
-def profile_forward(fn) -> str:
-    """GPU time of one call of fn by kernel class (torch.profiler, this rank), as a markdown fragment."""
+def profile_forward(fn, device) -> str:
+    """Time of one call of fn by kernel class, then its TOP_KERNELS most expensive kernels of OTHER_CLASS and of
+    all classes (torch.profiler, this rank), as a markdown fragment. GPU kernels on CUDA; on the CPU (--smoke)
+    the ops' self CPU time."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         fn()
-        torch.cuda.synchronize()
-    totals = {name: 0.0 for name, _ in KERNEL_CLASSES}
+        sync(device)
+    kernels = []  # (class, name, microseconds)
     for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        t = (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)) if cuda \
+            else e.self_cpu_time_total
         if not t or e.key.startswith("ProfilerStep"):
             continue
-        name = e.key.lower()
-        for cls, keys in KERNEL_CLASSES:
-            if any(k in name for k in keys):
-                totals[cls] += t
-                break
+        cls = next(cls for cls, keys in KERNEL_CLASSES if any(k in e.key.lower() for k in keys))
+        kernels.append((cls, e.key, t))
+    totals = {cls: sum(t for c, _, t in kernels if c == cls) for cls, _ in KERNEL_CLASSES}
     total = sum(totals.values()) or 1.0
-    return ", ".join(f"{cls} {t / 1e3:.0f} ms ({100 * t / total:.0f}%)" for cls, t in totals.items())
+
+    def top(rows) -> str:
+        rows = sorted(rows, key=lambda row: -row[2])[:TOP_KERNELS]
+        return "; ".join(f"`{short_name(name)}` {t / 1e3:.1f} ms" for _, name, t in rows)
+    return (", ".join(f"{cls} {t / 1e3:.1f} ms ({100 * t / total:.0f}%)" for cls, t in totals.items()) +
+            f"\n  - top {TOP_KERNELS} of {OTHER_CLASS}: " + top(row for row in kernels if row[0] == OTHER_CLASS) +
+            f"\n  - top {TOP_KERNELS} of all: " + top(kernels))
+
+
+def short_name(kernel: str, width: int = 60) -> str:
+    """A kernel name cut to `width` characters, first without the namespaces that make demangled CUDA names run
+    to hundreds (so that e.g. "vectorized_elementwise_kernel<4, CUDAFunctor_add<BFloat16>" keeps its functor)."""
+    for noise in ("void ", "at::native::", "at::cuda::", "at::", "(anonymous namespace)::", "c10::", "std::", "`"):
+        kernel = kernel.replace(noise, "")
+    return kernel if len(kernel) <= width else kernel[:width - 3] + "..."
+
+
+def tiny_hunyuan(args):
+    """--smoke's transformer: a tiny HunyuanVideo (4 heads, D 16, float32 on the CPU) on the smoke geometry's latent
+    grid, with text padding, in bench_e2e.hunyuan's form (name, model, inputs)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+    g = geometry(args)
+    T, H, W = g["latent"]
+    D, d = g["head_dim"], g["head_dim"] // 4
+    torch.manual_seed(0)  # the same weights on every rank
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=g["heads"], attention_head_dim=D, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(D - 2 * (3 * d // 2), 3 * d // 2, 3 * d // 2)).eval()
+    mask = torch.zeros(1, g["text"], dtype=torch.bool)
+    mask[:, :g["valid"]] = True
+    inputs = dict(hidden_states=torch.randn(1, 4, T, H, W), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, g["text"], 16), encoder_attention_mask=mask,
+                  pooled_projections=torch.randn(1, 8), guidance=torch.tensor([6.0]), return_dict=False)
+    return f"tiny HunyuanVideo, {T}x{H}x{W} + {g['text']} text", model, inputs
 
 
 def model_table(args, device) -> str:
@@ -189,38 +247,50 @@ def model_table(args, device) -> str:
     import tilewise.diffusers as twd
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    name, model, inputs, _, _, _ = hunyuan(args)
+    if args.smoke:
+        name, model, inputs = tiny_hunyuan(args)
+        # diffusers 0.42's enable_parallelism takes rank % torch.accelerator.device_count(), 0 without a GPU: one
+        # device, which then is the CPU (as in tests/python/test_parallel_diffusers.py)
+        torch.accelerator.device_count = lambda: 1
+    else:
+        name, model, inputs, _, _, _ = hunyuan(args)
+    tile, heads = geometry(args)["tile"], model.config.num_attention_heads
     rows, profiles = [], []
     with torch.no_grad():
         # n = 1 first for every configuration (rank 0 alone), then the model goes parallel once
         singles = {}
-        for label, windows, balance in configs(args, 24):
-            twd.enable(model, windows, load_balance=balance)
+        for label, windows, balance in configs(args, heads):
+            twd.enable(model, windows, tile=tile, load_balance=balance)
             ref = model(**inputs)[0]
             t1 = timed(lambda: model(**inputs), args.model_iters, device) if rank == 0 else float("nan")
             singles[label] = (ref, t1)
             rows.append(f"| {label} | 1 | {t1:.3f} | 1.00x | 0 |")
-            if rank == 0 and args.profile and label.startswith("window"):
-                profiles.append(f"- 1 GPU, {label}: " + profile_forward(lambda: model(**inputs)))
+            if rank == 0 and (args.profile or args.smoke) and label.startswith("window"):
+                profiles.append(f"- {workers(1, device)}, {label}: " + profile_forward(lambda: model(**inputs), device))
         if world > 1:
             twd.disable(model)
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=twd.cp_plan(model))
-            for label, windows, balance in configs(args, 24):
-                twd.enable(model, windows, load_balance=balance)
+            # every configuration with chunks 1, then the uniform window with 2 head groups (overlap), measured
+            # against the same one-GPU forward
+            runs = [(label, label, windows, balance, 1) for label, windows, balance in configs(args, heads)]
+            uniform_label, uniform, _ = configs(args, heads)[0]
+            runs.append((f"{uniform_label}, chunks 2", uniform_label, uniform, None, 2))
+            for label, single, windows, balance, chunks in runs:
+                twd.enable(model, windows, tile=tile, load_balance=balance, chunks=chunks)
                 tn = timed(lambda: model(**inputs), args.model_iters, device, dist.group.WORLD)
-                ref, t1 = singles[label]
+                ref, t1 = singles[single]
                 err = rel_l2(model(**inputs)[0], ref)
                 rows.append(f"| {label} | {world} | {tn:.3f} | {t1 / tn:.2f}x | {err:.3g} |")
-                if args.profile:
-                    line = profile_forward(lambda: model(**inputs))
+                if (args.profile or args.smoke) and label.startswith("window"):
+                    line = profile_forward(lambda: model(**inputs), device)
                     if rank == 0:
-                        profiles.append(f"- {world} GPUs, {label} (rank 0): " + line)
-    text = (f"One transformer forward: {name}, random bf16 weights, diffusers' context parallelism "
+                        profiles.append(f"- {workers(world, device)}, {label} (rank 0): " + line)
+    text = (f"One transformer forward: {name}, random weights, diffusers' context parallelism "
             "(`enable_parallelism(ContextParallelConfig(ulysses_degree=N))`) with tilewise's processors. rel L2: "
             "of the output against the one-GPU output.\n\n"
             "| pattern | GPUs | s / forward | speedup | rel L2 vs 1 GPU |\n|---|---|---|---|---|\n" + "\n".join(rows))
     if profiles:
-        text += "\n\nGPU time of one forward by kernel class (torch.profiler):\n\n" + "\n".join(profiles)
+        text += "\n\nTime of one forward by kernel class (torch.profiler):\n\n" + "\n".join(profiles)
     return text
 
 
@@ -229,7 +299,8 @@ def main() -> None:
     ap.add_argument("--lib", default=None, help="libtilewise.so (default: TILEWISE_LIBRARY or build/)")
     ap.add_argument("--iters", type=int, default=10, help="timed calls of the attention layer")
     ap.add_argument("--model-iters", type=int, default=3, help="timed transformer forwards (about 5 s each)")
-    ap.add_argument("--profile", action="store_true", help="GPU time of one forward by kernel class")
+    ap.add_argument("--profile", action="store_true",
+                    help="time by kernel class and the top kernels of one attention call and one forward")
     ap.add_argument("--no-model", action="store_true", help="skip the transformer forward")
     ap.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny shapes: checks the script only")
     ap.add_argument("--out", default=None, help="also write the tables to this file (rank 0)")
@@ -248,7 +319,7 @@ def main() -> None:
     tables = [attention_table(args, device, dtype)]
     if dist.get_rank() == 0:  # printed now: the transformer forwards take minutes
         print(tables[0], flush=True)
-    if not args.no_model and not args.smoke:
+    if not args.no_model:
         tables.append(model_table(args, device))
     if dist.get_rank() == 0:
         if len(tables) > 1:

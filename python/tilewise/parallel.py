@@ -27,8 +27,8 @@ original head order.
 from __future__ import annotations
 
 import functools
-import math
-from typing import Optional, Sequence
+import inspect
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -270,12 +270,120 @@ def _chunks(n_units: int, chunks: int) -> list:
     return out
 
 
+class _SequenceSplit(NamedTuple):
+    """How the ranks' local sequences make up the joint sequence in the spec's order.
+
+    Rank r holds main[r] positions of the main part and, where the extra part is split apart from it (diffusers
+    splits the text and the video separately), extra[r] positions of the extra part: [main | extra] locally, or
+    [extra | main] with extra_first_locally. The spec's order is [main of ranks 0..P-1 | extra of ranks 0..P-1],
+    or the extra part first with extra_first (text_position "first"). The public op's split is one main part:
+    the spec's chunks of the whole joint sequence.
+
+    The input all-to-all delivers the ranks' blocks in rank order, so every rank receives the gathered sequence
+    in the spec's order (no reordering copy) when the extra part travels in one block: it is first gathered on
+    the collector (the last rank; the first with extra_first), whose block is [its main chunk | whole extra
+    part] ([whole extra part | its main chunk]); on the way back the collector scatters the extra part's output
+    rows to their ranks. Two small all-to-alls of the extra part's rows (all heads) per call."""
+    main: tuple
+    extra: tuple = ()
+    extra_first: bool = False
+    extra_first_locally: bool = False
+
+    @property
+    def collector(self) -> int:
+        return 0 if self.extra_first else len(self.main) - 1
+
+    def local_len(self, rank: int) -> int:
+        return self.main[rank] + (self.extra[rank] if self.extra else 0)
+
+    def extra_in_block(self, rank: int) -> int:
+        """Extra-part positions in rank's block: the whole extra part on the collector, none elsewhere."""
+        return sum(self.extra) if rank == self.collector else 0
+
+    def block(self, rank: int) -> int:
+        """Positions of the gathered sequence that rank `rank` sends (every rank its heads of them)."""
+        return self.main[rank] + self.extra_in_block(rank)
+
+    def local_starts(self, rank: int) -> tuple:
+        """(main start, extra start) in rank's local sequence."""
+        e = self.extra[rank] if self.extra else 0
+        return (e, 0) if self.extra_first_locally else (0, self.main[rank])
+
+    def block_starts(self, rank: int) -> tuple:
+        """(main start, extra start) in rank's block."""
+        return (self.extra_in_block(rank), 0) if self.extra_first else (0, self.main[rank])
+
+
+class _Assemble(torch.autograd.Function):
+    """A new tensor of `shape` made of the sources: slot i is the view slot_i(out) (view ops only), written with
+    one copy of source i, or with an index as slot_i(out)[:, :, index_i] = source i (heads put back in place).
+    One copy of each source also where the slots do not tile the tensor along one dimension (torch.cat and
+    torch.stack would copy twice there), and a backward of views of the gradient (autograd's own in-place copies
+    into slices clone the whole tensor once per slot in the backward). The slots must cover the tensor."""
+
+    @staticmethod
+    def forward(ctx, shape, slots, *sources):
+        out = torch.empty(shape, dtype=sources[0].dtype, device=sources[0].device)
+        for (slot, index), source in zip(slots, sources):
+            if index is None:
+                slot(out).copy_(source)
+            else:
+                slot(out)[:, :, index] = source
+        ctx.slots = slots
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, None) + tuple(slot(grad) if index is None else slot(grad)[:, :, index]
+                                    for slot, index in ctx.slots)
+
+
+def _send_slot(buf: torch.Tensor, start: int, rows: int, c: int) -> torch.Tensor:
+    """Rows [start, start + rows) of tensor c in a send buffer [P, block, C, B, h, D]: [B, rows, P, h, D]."""
+    return buf[:, start:start + rows, c].permute(2, 1, 0, 3, 4)
+
+
+def _output_slot(out: torch.Tensor, layout: str, start: int, rows: int, heads) -> torch.Tensor:
+    """Rows [start, start + rows) of the output (seen as [B, s, H, D]): with heads = (P, lo, hi), heads [lo, hi)
+    of every rank's head block, [B, rows, P, hi - lo, D]; with heads None, all heads [B, rows, H, D]."""
+    x = (out.transpose(1, 2) if layout == "bhsd" else out).narrow(1, start, rows)
+    if heads is None:
+        return x
+    P, lo, hi = heads
+    return x.unflatten(2, (P, -1))[:, :, :, lo:hi]
+
+
+@functools.lru_cache(maxsize=64)
+def _original_heads(perm: tuple, P: int, device) -> torch.Tensor:
+    """[P, H / P]: the original head of each head of each rank's block in the load-balanced order."""
+    return torch.tensor(perm, dtype=torch.long, device=device).view(P, -1)
+
+
+# SMs the attention leaves free for the collectives (FlashAttention-3's sm_margin): with chunks > 1 a head group's
+# all-to-alls should run beside another group's attention, which the persistent kernel prevents by filling every
+# SM. The library has no such option yet. `sm_margin` plugs in here: it is passed to tilewise._api._attention
+# once that takes the keyword (then the op `tilewise::attention_fwd` and the plan's run need it too), and refused
+# until then. The diffusers integration passes it through from tilewise.diffusers.enable(sm_margin=).
+_ATTENTION_TAKES_SM_MARGIN = "sm_margin" in inspect.signature(_api._attention).parameters
+
+
+def _sm_margin(value) -> int:
+    """A checked sm_margin: 0, or a positive count once the library's attention takes one."""
+    sm_margin = _args.integer("sm_margin", value)
+    if sm_margin < 0:
+        raise ValueError(f"invalid sm_margin = {sm_margin}: expected at least 0")
+    if sm_margin and not _ATTENTION_TAKES_SM_MARGIN:
+        raise ValueError(f"invalid sm_margin = {sm_margin}: this tilewise's attention has no SM margin yet "
+                         "(expected 0; see docs/parallel.md, \"Overlap\")")
+    return sm_margin
+
+
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, latent, tile=(6, 8, 8),
                       pattern: str = "sliding_tile", window=(3, 3, 3), global_frames=1, radius=0,
                       block_offsets=None, block_tiles=None, text_len=None, text_position: str = "last",
                       order: str = "raster", layout: str = "bshd", scale: Optional[float] = None,
                       load_balance: Optional[bool] = None, chunks: int = 1, deterministic: Optional[bool] = None,
-                      seq_len: Optional[int] = None):
+                      seq_len: Optional[int] = None, sm_margin: int = 0):
     """Tile-sparse attention over a sequence split across the ranks of `group` (None = the default group).
 
     q, k, v: this rank's chunk of the joint sequence, [B, s_r, H, D] (layout "bshd") or [B, H, s_r, D] ("bhsd"),
@@ -288,12 +396,15 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
     load_balance: assign heads to ranks by their FLOPs (None = when the pattern differs between heads).
     chunks: split each rank's heads into this many groups, each with its own all-to-alls, so that the
     communication of one group overlaps the attention of another (1 = one all-to-all in, one out).
+    sm_margin: SMs the attention leaves free for the collectives (0 = none); needs a library whose attention
+    takes it (not yet: any other value is refused).
     Returns this rank's chunk of the output, shaped like q, contiguous in `layout`.
     """
     return _ulysses(q, k, v, group=group, latent=latent, tile=tile, pattern=pattern, window=window,
                     global_frames=global_frames, radius=radius, block_offsets=block_offsets, block_tiles=block_tiles,
                     text_len=text_len, text_position=text_position, order=order, layout=layout, scale=scale,
-                    load_balance=load_balance, chunks=chunks, deterministic=deterministic, seq_len=seq_len)
+                    load_balance=load_balance, chunks=chunks, deterministic=deterministic, seq_len=seq_len,
+                    sm_margin=sm_margin)
 
 
 def _local_sizes(s_local: int, seq_len, P: int, group, device) -> list:
@@ -309,10 +420,22 @@ def _local_sizes(s_local: int, seq_len, P: int, group, device) -> list:
 
 def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, radius, block_offsets, block_tiles,
              text_len, text_position, order, layout, scale, load_balance, chunks, deterministic, seq_len,
-             to_spec: Optional[torch.Tensor] = None, sizes: Optional[list] = None):
-    """ulysses_attention, plus what the diffusers integration needs: `sizes` (every rank's local length, when the
-    ranks' chunks are not the spec's) and `to_spec` (an index that puts the gathered sequence, the ranks' chunks
-    concatenated in rank order, into the spec's order; None when that concatenation is the spec's order)."""
+             sm_margin=0, split: Optional[_SequenceSplit] = None):
+    """ulysses_attention, plus what the diffusers integration needs: `split`, how the ranks' local sequences
+    make up the spec's one when they are not the spec's chunks (diffusers splits video and text separately).
+
+    Full-size copies per call on the common path (bshd, B = 1, G = 1, chunks = 1, no load balance), in units of
+    one local q (s_r * H * D elements, = S * H / P * D): 4, each needed.
+    - 3, packing q, k, v into one send buffer: the all-to-all sends one contiguous block per destination, and a
+      destination's heads are strided in q.
+    - 1, unpacking o into the output: the received buffer is [source rank, position, that rank's heads] and the
+      output [position, heads], a transpose of the first two axes (a GEMM after it needs it contiguous anyway).
+    Nothing else: q, k, v are views of the receive buffer (the library takes any strides with a contiguous last
+    dim), already in the spec's order (`_SequenceSplit`: no reordering, also under diffusers); the attention's
+    output [B, S, h, D] is the return send buffer as it is; chunks > 1 and the load balance's inverse head
+    permutation write into the output in the same one copy. Besides: the extra part's (text) rows, gathered and
+    scattered through the collector (a few copies of a few hundred rows); with B > 1 o is transposed to
+    [S, B, h, D] before sending (1); with load balance q, k, v are permuted before packing (3)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch tensor, got {type(t).__name__}")
@@ -328,6 +451,7 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
     chunks = _args.integer("chunks", chunks)
     if chunks < 1:
         raise ValueError(f"invalid chunks = {chunks}: expected at least 1")
+    sm_margin = _sm_margin(sm_margin)
 
     # [B, s, H, D] views whatever the layout (tilewise takes any strides with a contiguous last dimension).
     qs, ks, vs = (t.transpose(1, 2) if layout == "bhsd" else t for t in (q, k, v))
@@ -347,17 +471,19 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
     if Hkv % P:
         raise ValueError(f"invalid kv heads = {Hkv}: expected a multiple of the group's world size {P} (Ulysses gives "
                          f"each rank kv heads / {P} kv heads)")
-    spec_chunks = sizes is None  # the public op: the spec's chunks; the diffusers path passes diffusers' own
-    if sizes is None:
-        sizes = _local_sizes(s_local, seq_len, P, group, q.device)
-    if len(sizes) != P or sizes[rank] != s_local:
-        S = sum(sizes)
-        raise ValueError(f"invalid q with {s_local} local positions on rank {rank}: expected {sizes[rank]}, this "
+    spec_chunks = split is None  # the public op: the spec's chunks; the diffusers path passes diffusers' own
+    if split is None:
+        split = _SequenceSplit(tuple(_local_sizes(s_local, seq_len, P, group, q.device)))
+    if len(split.main) != P or split.local_len(rank) != s_local:
+        S = sum(split.main) + sum(split.extra)
+        expected = split.local_len(rank) if len(split.main) == P else "?"
+        raise ValueError(f"invalid q with {s_local} local positions on rank {rank}: expected {expected}, this "
                          f"rank's chunk [r*c, min(S, (r+1)*c)) of S = {S} with c = ceil(S / {P})")
-    S = sum(sizes)
-    if spec_chunks and sizes != shard_sizes(S, P):
-        raise ValueError(f"invalid local sequence lengths {sizes} across the group: expected {shard_sizes(S, P)}, "
-                         f"chunks of c = ceil(S / P) = {-(-S // P)} positions in rank order (S = {S}, P = {P})")
+    S = sum(split.main) + sum(split.extra)
+    if spec_chunks and list(split.main) != shard_sizes(S, P):
+        raise ValueError(f"invalid local sequence lengths {list(split.main)} across the group: expected "
+                         f"{shard_sizes(S, P)}, chunks of c = ceil(S / P) = {-(-S // P)} positions in rank order "
+                         f"(S = {S}, P = {P})")
     n_video = latent[0] * latent[1] * latent[2]
     if n_video > S:
         raise ValueError(f"invalid latent = {latent}: T*H*W = {n_video} exceeds the sequence length S = {S} (the "
@@ -389,63 +515,112 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
     hq, hk = Hq // P, Hkv // P  # local heads
     call_kw = dict(latent=latent, tile=tile, text_len=text_len, text_position=text_position, order=order,
                    layout="bshd", scale=scale, deterministic=deterministic)
+    if sm_margin:
+        call_kw["sm_margin"] = sm_margin  # see _ATTENTION_TAKES_SM_MARGIN
+    blocks = [split.block(j) for j in range(P)]  # positions of the gathered sequence from each rank, in rank order
+    main_start, extra_start = split.local_starts(rank)
+    sources = [(split.block_starts(rank)[0], [t.narrow(1, main_start, split.main[rank]) for t in (qs, ks, vs)])]
+    if split.extra:
+        chunk = [t.narrow(1, extra_start, split.extra[rank]) for t in (qs, ks, vs)]
+        sources.append((split.block_starts(rank)[1], _gather_extra(chunk, split, rank, group)))
     # Head groups (whole kv groups, so GQA stays local), each with its own collectives; all input all-to-alls
     # are issued before the first attention so that later groups' communication overlaps earlier groups' compute.
     groups = _chunks(hk, chunks)
-    inputs = [_send_heads(qs, ks, vs, P, hq, hk, G, lo, hi, sizes, s_local, group) for lo, hi in groups]
-    outs = []
+    inputs = [_send_heads(sources, blocks, rank, G, lo, hi, group) for lo, hi in groups]
+    received = []
     for (lo, hi), (qf, kf, vf) in zip(groups, inputs):
-        if to_spec is not None:
-            qf, kf, vf = (t.index_select(0, to_spec) for t in (qf, kf, vf))
         # [S, B, h, D] -> [B, S, h, D] views; head_offset makes the library index the table by global head.
         qf, kf, vf = (t.permute(1, 0, 2, 3) for t in (qf, kf, vf))
         offset = rank * hq + lo * G
         o = _api._attention(qf, kf, vf, params=_table_prefix(params, offset + (hi - lo) * G, latent, tile),
                             head_offset=offset, return_lse=False, **call_kw)
-        o = o.transpose(0, 1)  # [S, B, h, D]
-        if to_spec is not None:
-            o = o.index_select(0, _inverse(to_spec))
-        outs.append(_all_to_all(o.contiguous(), [s_local] * P, sizes, group))  # back to sequence shards
-    # Each received buffer is [P (head block of rank j), s, B, h_chunk, D]; heads of rank j's chunk i are global
-    # heads j*hq + chunk offset: put them back in [B, s, H, D] order.
-    pieces = [o.view(P, s_local, B, (hi - lo) * G, D) for (lo, hi), o in zip(groups, outs)]
-    full = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3)   # [P, s, B, hq, D]
-    if layout == "bhsd":
-        out = full.permute(2, 0, 3, 1, 4).contiguous().view(B, Hq, s_local, D)  # contiguous like tilewise's
-        return out if identity else out.index_select(1, _inverse_list(perm, q.device))
-    out = full.permute(2, 1, 0, 3, 4).contiguous().view(B, s_local, Hq, D)
-    return out if identity else out.index_select(2, _inverse_list(perm, q.device))
+        o = o.transpose(0, 1).contiguous()  # [S, B, h, D], the return send buffer: a view for B = 1, a copy else
+        back = _all_to_all(o, [blocks[rank]] * P, blocks, group)  # to sequence shards
+        received.append(back.view(P, blocks[rank], B, (hi - lo) * G, D))
+    head_ranges = [(lo * G, hi * G) for lo, hi in groups]
+    return _receive_heads(received, head_ranges, split, rank, layout, None if identity else tuple(perm), group)
 
 
-def _inverse(index: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(index)
-    inv[index] = torch.arange(index.numel(), device=index.device, dtype=index.dtype)
-    return inv
+def _gather_extra(chunk: list, split: _SequenceSplit, rank: int, group) -> list:
+    """Every rank's extra-part chunk of q, k, v, gathered on the collector: [B, E, H, D] views of one buffer (E =
+    the whole extra part, in rank order), [B, 0, H, D] on the other ranks (still part of the autograd graph, so
+    that every rank runs the backward's all-to-all). One small all-to-all of all heads of q, k and v."""
+    P = len(split.main)
+    n, B, D = chunk[0].shape[1], chunk[0].shape[0], chunk[0].shape[3]
+    widths = [t.shape[2] for t in chunk]
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    slots = tuple((functools.partial(torch.narrow, dim=2, start=a, length=w), None) for a, w in zip(starts, widths))
+    buf = _Assemble.apply((n, B, sum(widths), D), slots, *(t.transpose(0, 1) for t in chunk))  # [n, B, H, D]
+    to_ranks = [n if j == split.collector else 0 for j in range(P)]
+    from_ranks = list(split.extra) if rank == split.collector else [0] * P
+    got = _all_to_all(buf, from_ranks, to_ranks, group)
+    return [got.narrow(2, a, w).transpose(0, 1) for a, w in zip(starts, widths)]
 
 
-def _inverse_list(perm: list, device) -> torch.Tensor:
-    inv = [0] * len(perm)
-    for i, h in enumerate(perm):
-        inv[h] = i
-    return torch.tensor(inv, dtype=torch.long, device=device)
-
-
-def _send_heads(qs, ks, vs, P, hq, hk, G, lo, hi, sizes, s_local, group):
-    """The input all-to-all of kv heads [lo, hi) of every rank's block (q heads [lo*G, hi*G)): returns q, k, v of
-    the whole sequence for those heads, [S, B, h, D] each (the ranks' chunks concatenated in rank order)."""
-    B, D = qs.shape[0], qs.shape[3]
-
-    def pack(x, h_block, a, b):  # [B, s, P*h_block, D] -> [P, s, B, b-a, D], rank j's part first
-        return x.reshape(B, s_local, P, h_block, D)[:, :, :, a:b].permute(2, 1, 0, 3, 4)
-
-    S = sum(sizes)
+def _send_heads(sources: list, blocks: list, rank: int, G: int, lo: int, hi: int, group) -> tuple:
+    """The input all-to-all of kv heads [lo, hi) of every rank's head block (q heads [lo*G, hi*G)). sources:
+    [(start in this rank's block, [q, k, v] views [B, n, H, D])]. Returns q, k, v of the gathered sequence (the
+    spec's order) for those heads, [S, B, h, D] views each."""
     if G == 1:  # q, k, v alike: one collective for all three (fewer, larger messages)
-        buf = torch.stack([pack(t, hq, lo, hi) for t in (qs, ks, vs)], dim=2)  # [P, s, 3, B, h, D]
-        got = _all_to_all(buf.reshape(P * s_local, 3, B, hi - lo, D), sizes, [s_local] * P, group)
+        got = _exchange(sources, blocks, rank, lo, hi, group)
         return got[:, 0], got[:, 1], got[:, 2]
-    qb = pack(qs, hq, lo * G, hi * G).reshape(P * s_local, B, (hi - lo) * G, D)
-    kvb = torch.stack([pack(t, hk, lo, hi) for t in (ks, vs)], dim=2).reshape(P * s_local, 2, B, hi - lo, D)
-    qf = _all_to_all(qb.contiguous(), sizes, [s_local] * P, group)
-    kv = _all_to_all(kvb.contiguous(), sizes, [s_local] * P, group)
-    assert qf.shape[0] == S
-    return qf, kv[:, 0], kv[:, 1]
+    qf = _exchange([(at, ts[:1]) for at, ts in sources], blocks, rank, lo * G, hi * G, group)
+    kv = _exchange([(at, ts[1:]) for at, ts in sources], blocks, rank, lo, hi, group)
+    return qf[:, 0], kv[:, 0], kv[:, 1]
+
+
+def _exchange(sources: list, blocks: list, rank: int, lo: int, hi: int, group) -> torch.Tensor:
+    """Heads [lo, hi) of every rank's head block of the C tensors of `sources` ([(start in this rank's block,
+    C views [B, n, H, D])]) packed by destination into [P, block, C, B, hi - lo, D] (rank j's heads first) with
+    one copy, then the all-to-all. Returns [S, C, B, hi - lo, D]: the ranks' blocks in rank order."""
+    P, R = len(blocks), blocks[rank]
+    first = sources[0][1]
+    B, D, C = first[0].shape[0], first[0].shape[3], len(first)
+    slots, parts = [], []
+    for start, tensors in sources:
+        for c, t in enumerate(tensors):
+            slots.append((functools.partial(_send_slot, start=start, rows=t.shape[1], c=c), None))
+            parts.append(t.unflatten(2, (P, -1))[:, :, :, lo:hi])
+    buf = _Assemble.apply((P, R, C, B, hi - lo, D), tuple(slots), *parts)
+    return _all_to_all(buf.view(P * R, C, B, hi - lo, D), blocks, [R] * P, group)
+
+
+def _receive_heads(received: list, head_ranges: list, split: _SequenceSplit, rank: int, layout: str,
+                   perm: Optional[tuple], group) -> torch.Tensor:
+    """This rank's output, [B, s, H, D] contiguous in `layout`, from each head group's received rows
+    [P, block, B, h, D] (source rank j's heads j*H/P + head_ranges[i] first), with one copy: the rows of the main
+    chunk straight from the received blocks, those of the extra chunk after the collector scattered them. With
+    load balance (perm: the original head of each head of the balanced order) the heads go back to their places in
+    the same copy."""
+    P, _, B, _, D = received[0].shape
+    hq = sum(hi - lo for lo, hi in head_ranges)
+    main_start, extra_start = split.local_starts(rank)
+    main_at = split.block_starts(rank)[0]
+    n_main = split.main[rank]
+    parts = [(main_start, n_main, r.narrow(1, main_at, n_main).permute(2, 1, 0, 3, 4), heads)  # [B, n, P, h, D]
+             for r, heads in zip(received, head_ranges)]
+    if split.extra:
+        rows = _scatter_extra(received, head_ranges, split, rank, group)  # [n, B, P, hq, D]
+        parts.append((extra_start, split.extra[rank], rows.transpose(0, 1), (0, hq)))
+    index = None if perm is None else _original_heads(perm, P, received[0].device)
+    slots = tuple(
+        (functools.partial(_output_slot, layout=layout, start=start, rows=n, heads=(P, lo, hi)), None)
+        if index is None else
+        (functools.partial(_output_slot, layout=layout, start=start, rows=n, heads=None), index[:, lo:hi])
+        for start, n, _, (lo, hi) in parts)
+    s = split.local_len(rank)
+    shape = (B, P * hq, s, D) if layout == "bhsd" else (B, s, P * hq, D)
+    return _Assemble.apply(shape, slots, *(source for _, _, source, _ in parts))
+
+
+def _scatter_extra(received: list, head_ranges: list, split: _SequenceSplit, rank: int, group) -> torch.Tensor:
+    """The output rows of this rank's extra-part chunk, [n, B, P, hq, D] (source rank j's heads first): the
+    collector received every rank's (at its block's extra rows) and sends them back; one small all-to-all."""
+    P, _, B, _, D = received[0].shape
+    hq = sum(hi - lo for lo, hi in head_ranges)
+    at, n = split.block_starts(rank)[1], split.extra_in_block(rank)
+    slots = tuple((functools.partial(torch.narrow, dim=3, start=lo, length=hi - lo), None) for lo, hi in head_ranges)
+    rows = _Assemble.apply((n, B, P, hq, D), slots, *(r.narrow(1, at, n).permute(1, 2, 0, 3, 4) for r in received))
+    to_ranks = list(split.extra) if rank == split.collector else [0] * P
+    from_ranks = [split.extra[rank] if j == split.collector else 0 for j in range(P)]
+    return _all_to_all(rows, from_ranks, to_ranks, group)

@@ -2,13 +2,16 @@
 the single-process result: sliding tile with per-head windows (load balance on and off), attention tile with
 grouped-query heads, a block list, dense, text first / last with per-batch lengths (host ints and a tensor),
 both layouts, sequence lengths not divisible by P (down to a rank holding nothing), head groups (`chunks`), and
-the gradients of q, k, v. Plus the head assignment on a calibrated-like window table, and the errors.
+the gradients of q, k, v; the diffusers integration's path too (video and text split separately, uneven chunks,
+each rank's text after or before its video). Plus the copies of one call (counted with a dispatch mode), the
+head assignment on a calibrated-like window table, and the errors.
 
 The processes are started by this file itself (`python test_parallel.py --worker ...`, one per rank, a TCP store
 on 127.0.0.1 at a free port): every case of one world size runs in one process group, each rank compares its
 chunk with the single-process result it computes itself from the same seed, and writes the largest differences
 to a JSON file that the tests here read. float64 throughout, so "equal" is up to summation order (1e-10)."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -22,6 +25,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed (see requirements-torch.txt)")
 
 import tilewise  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
@@ -65,6 +69,81 @@ def _cases(gen):
     }
 
 
+def _split_sizes(n, world):
+    """Chunks of a part of n positions as torch.tensor_split makes them (diffusers' ulysses_anything; its equal
+    chunks where P divides n)."""
+    return [n // world + (1 if r < n % world else 0) for r in range(world)]
+
+
+def _split_cases():
+    """name -> (B, text, Hq, Hkv, D, layout, text first locally, kwargs): the diffusers integration's path
+    (tilewise.parallel._ulysses with a _SequenceSplit), video and text split separately, so that each rank holds
+    [its video chunk | its text chunk] (or the text first), received in the spec's order without reordering."""
+    windows = [(1, 1, 1), (3, 2, 3), (2, 1, 1), (1, 2, 2)]
+    sta = dict(latent=(3, 4, 5), tile=(1, 2, 2), pattern="sliding_tile", window=windows)
+    return {
+        "split_text_last": (2, 6, 4, 4, 8, "bshd", False, dict(sta, text_len=[5, 2])),
+        "split_text_first_gqa_lb_chunks": (2, 7, 8, 4, 8, "bshd", True, dict(
+            sta, window=windows * 2, text_len=torch.tensor([7, 3]), text_position="first", load_balance=True,
+            chunks=2)),
+        # the spec's text first, each rank's video first: the split does not assume the two orders agree
+        "split_text_first_bhsd_video_first_locally": (1, 5, 4, 4, 8, "bhsd", False, dict(
+            sta, text_len=[4], text_position="first", chunks=2)),
+        "split_video_only": (1, 0, 4, 4, 8, "bshd", False, dict(sta, latent=(3, 3, 7), tile=(1, 3, 3))),
+    }
+
+
+def _split_rows(n_video, n_text, text_first, text_first_locally, rank, world):
+    """(the positions of rank's local sequence in the joint one, its _SequenceSplit) for video and text split
+    separately."""
+    import tilewise.parallel as twp
+    video, text = _split_sizes(n_video, world), _split_sizes(n_text, world)
+    video_at, text_at = (n_text, 0) if text_first else (0, n_video)
+    mine = {"video": range(video_at + sum(video[:rank]), video_at + sum(video[:rank + 1])),
+            "text": range(text_at + sum(text[:rank]), text_at + sum(text[:rank + 1]))}
+    rows = [p for part in (("text", "video") if text_first_locally else ("video", "text")) for p in mine[part]]
+    split = twp._SequenceSplit(tuple(video), tuple(text) if n_text else (), text_first, text_first_locally)
+    return torch.tensor(rows, dtype=torch.long), split
+
+
+def _ulysses_with_split(local, split, layout, kw):
+    """tilewise.parallel._ulysses (every argument, ulysses_attention's defaults) with a _SequenceSplit."""
+    import inspect
+    import torch.distributed as dist
+    import tilewise.parallel as twp
+    defaults = {name: p.default for name, p in inspect.signature(twp.ulysses_attention).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return twp._ulysses(*local, **dict(defaults, **kw, layout=layout, group=dist.group.WORLD, split=split))
+
+
+class _DataMoves(TorchDispatchMode):
+    """Records the aten ops that move tensor data (copies, gathers, concatenations) run under it: (name, elements
+    written). Views and collectives are not recorded; nor is what tilewise's op does inside."""
+
+    MOVES = {"copy_", "index_select", "index", "index_put_", "cat", "stack", "clone", "_to_copy", "gather", "scatter",
+             "contiguous", "reshape"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in self.MOVES:
+            self.ops.append((name, (args[0] if name.endswith("_") else out).numel()))
+        return out
+
+
+def _data_moves(call, unit: int) -> dict:
+    """The ops of one call (no autograd) that move data: those writing at least half of `unit` elements (a full q
+    of this rank), the names of all, and the elements written in units."""
+    with torch.no_grad(), _DataMoves() as moves:
+        call()
+    return {"full": [name for name, n in moves.ops if n >= unit / 2], "ops": sorted({name for name, _ in moves.ops}),
+            "units": sum(n for _, n in moves.ops) / unit}
+
+
 def _single(q, k, v, kw, layout):
     """The single-process result of the same call (tilewise's own functions on the whole sequence)."""
     kw = {key: val for key, val in kw.items() if key not in ("load_balance", "chunks")}
@@ -78,6 +157,33 @@ def _single(q, k, v, kw, layout):
     return tilewise.dense_attention(q, k, v, layout=layout, **kw)
 
 
+def _compare(gen, B, S, Hq, Hkv, D, layout, kw, rows, call) -> dict:
+    """Random full q, k, v (the same on every rank); call(this rank's local q, k, v: the positions `rows`) against
+    the single-process result at those positions: the largest differences of the output and the q/k/v gradients."""
+    seq_dim = 1 if layout == "bshd" else 2
+
+    def full(h):
+        shape = (B, S, h, D) if layout == "bshd" else (B, h, S, D)
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q, k, v, dout = full(Hq), full(Hkv), full(Hkv), full(Hq)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = _single(*ref_leaves, dict(kw), layout)
+    ref.backward(dout)
+    local = [t.index_select(seq_dim, rows).requires_grad_() for t in (q, k, v)]
+    o = call(local)
+    o.backward(dout.index_select(seq_dim, rows))
+
+    def err(a, b):
+        return float((a - b).abs().max()) if a.numel() else 0.0
+    return {
+        "out": err(o, ref.index_select(seq_dim, rows)),
+        "shape_ok": tuple(o.shape) == tuple(local[0].shape),
+        "contiguous": o.is_contiguous(),
+        **{f"d{n}": err(t.grad, r.grad.index_select(seq_dim, rows)) for n, t, r in zip("qkv", local, ref_leaves)},
+    }
+
+
 def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
     import torch.distributed as dist
     import tilewise.parallel as twp
@@ -86,29 +192,25 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
     gen = torch.Generator().manual_seed(seed)
     results = {}
     for name, (B, S, Hq, Hkv, D, layout, kw) in _cases(gen).items():
-        seq_dim = 1 if layout == "bshd" else 2
-
-        def full(h):
-            shape = (B, S, h, D) if layout == "bshd" else (B, h, S, D)
-            return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-        q, k, v, dout = full(Hq), full(Hkv), full(Hkv), full(Hq)
-        ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        ref = _single(*ref_leaves, dict(kw), layout)
-        ref.backward(dout)
         lo, hi = twp.shard_range(S, rank, world)
-        local = [t.narrow(seq_dim, lo, hi - lo).clone().requires_grad_() for t in (q, k, v)]
-        o = twp.ulysses_attention(*local, group=dist.group.WORLD, layout=layout, **kw)
-        o.backward(dout.narrow(seq_dim, lo, hi - lo))
-
-        def err(a, b):
-            return float((a - b).abs().max()) if a.numel() else 0.0
-        results[name] = {
-            "out": err(o, ref.narrow(seq_dim, lo, hi - lo)),
-            "shape_ok": tuple(o.shape) == tuple(local[0].shape),
-            "contiguous": o.is_contiguous(),
-            **{f"d{n}": err(t.grad, r.grad.narrow(seq_dim, lo, hi - lo)) for n, t, r in zip("qkv", local, ref_leaves)},
-        }
+        results[name] = _compare(gen, B, S, Hq, Hkv, D, layout, kw, torch.arange(lo, hi), lambda local: (
+            twp.ulysses_attention(*local, group=dist.group.WORLD, layout=layout, **kw)))
+    for name, (B, n_text, Hq, Hkv, D, layout, text_first_locally, kw) in _split_cases().items():
+        n_video = math.prod(kw["latent"])
+        rows, split = _split_rows(n_video, n_text, kw.get("text_position") == "first", text_first_locally, rank,
+                                  world)
+        results[name] = _compare(gen, B, n_video + n_text, Hq, Hkv, D, layout, kw, rows,
+                                 lambda local: _ulysses_with_split(local, split, layout, kw))
+    # The copies of one call on the common path (bshd, B = 1, G = 1, chunks = 1): the public op, and the
+    # diffusers path with text (video and text split separately).
+    kw = dict(latent=(3, 4, 5), tile=(1, 2, 2), window=(2, 1, 2), text_len=[4])
+    qkv = [torch.randn(1, 66, 4, 8, generator=gen, dtype=torch.float64) for _ in range(3)]
+    lo, hi = twp.shard_range(66, rank, world)
+    public = [t[:, lo:hi] for t in qkv]
+    rows, split = _split_rows(60, 6, False, False, rank, world)
+    local = [t[:, rows] for t in qkv]
+    copies = {"public": _data_moves(lambda: twp.ulysses_attention(*public, seq_len=66, **kw), public[0].numel()),
+              "split_text_last": _data_moves(lambda: _ulysses_with_split(local, split, "bshd", kw), local[0].numel())}
     # seq_len given: no all-gather of the lengths, same result
     B, S, H, D = 1, 63, 4, 8
     q = torch.randn(B, S, H, D, generator=gen, dtype=torch.float64)
@@ -130,6 +232,8 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
                                                       tile=(1, 1, 1), window=[(1, 1, 1)] * 3, seq_len=8 * world),
         "chunks": lambda: twp.ulysses_attention(y, y, y, latent=(1, 2, 4),
                                                 tile=(1, 1, 1), window=(1, 1, 1), seq_len=8 * world, chunks=0),
+        "sm_margin": lambda: twp.ulysses_attention(y, y, y, latent=(1, 2, 4), tile=(1, 1, 1), window=(1, 1, 1),
+                                                   seq_len=8 * world, sm_margin=-1),
     }.items():
         try:
             fn()
@@ -138,7 +242,7 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
             errors[label] = f"{type(e).__name__}: {e}"
     dist.barrier()
     dist.destroy_process_group()
-    Path(out).write_text(json.dumps({"results": results, "errors": errors}))
+    Path(out).write_text(json.dumps({"results": results, "errors": errors, "copies": copies}))
 
 
 # --- launching ---
@@ -178,7 +282,7 @@ def reports(request, tmp_path_factory):
     return request.param, launch(request.param, tmp_path_factory.mktemp(f"p{request.param}"), seed)
 
 
-CASE_NAMES = list(_cases(torch.Generator().manual_seed(0))) + ["seq_len_given"]
+CASE_NAMES = list(_cases(torch.Generator().manual_seed(0))) + list(_split_cases()) + ["seq_len_given"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
@@ -202,6 +306,30 @@ def test_errors_name_the_numbers(reports):
     assert f"invalid window with 3 heads: expected one entry for every head or one per global head ({world})" \
         in errors["window_table"]
     assert "invalid chunks = 0" in errors["chunks"]
+    assert "invalid sm_margin = -1: expected at least 0" in errors["sm_margin"]
+
+
+def test_sm_margin_waits_for_the_library():
+    """sm_margin (SMs left to the collectives) passes through to the attention once the library takes it; until
+    then any value but 0 is refused (ulysses_attention and tilewise.diffusers.enable both check it here)."""
+    import tilewise.parallel as twp
+    if twp._ATTENTION_TAKES_SM_MARGIN:
+        pytest.skip("this library's attention takes sm_margin")
+    with pytest.raises(ValueError, match="invalid sm_margin = 8: this tilewise's attention has no SM margin yet"):
+        twp._sm_margin(8)
+    assert twp._sm_margin(0) == 0
+
+
+def test_copies_per_call(reports):
+    """bshd, B = 1, G = 1, chunks = 1: four full-size copies per call (q, k, v packed for the all-to-all, o
+    unpacked from it) and no other data movement but the text's few rows; in particular no index_select into the
+    spec's order and back on the diffusers path with text (video and text split separately)."""
+    world, reps = reports
+    for rank, rep in enumerate(reps):
+        for case, got in rep["copies"].items():
+            assert got["full"] == ["copy_"] * 4 and got["ops"] == ["copy_"], (case, rank, world, got)
+            if case == "public":  # exactly the four: every element of q, k, v and o moved once
+                assert abs(got["units"] - 4.0) < 1e-9, (case, rank, world, got)
 
 
 # --- load balance (no processes needed) ---

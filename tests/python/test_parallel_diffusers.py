@@ -26,6 +26,26 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is dep
 FAMILIES = ["hunyuan", "wan", "cogvideox"]
 
 
+def _grads(model, inputs, weight, sum_over_ranks: bool) -> list:
+    """Gradients of sum(output * weight) with respect to the input latents and every parameter. Under context
+    parallelism each rank's backward covers its own tokens (diffusers' gather hands each rank its chunk of the
+    output's gradient): summed over the ranks they are the single-process gradients."""
+    import torch.distributed as dist
+    model.zero_grad(set_to_none=True)
+    x = inputs["hidden_states"].clone().requires_grad_()
+    (model(**dict(inputs, hidden_states=x)).sample * weight).sum().backward()
+    grads = [x.grad] + [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+    if sum_over_ranks:
+        for g in grads:
+            dist.all_reduce(g)
+    return grads
+
+
+def _largest_difference(a: list, b: list) -> tuple:
+    """(max |a - b| over all tensors, max |b|)."""
+    return (max(float((x - y).abs().max()) for x, y in zip(a, b)), max(float(y.abs().max()) for y in b))
+
+
 def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
@@ -43,15 +63,20 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
             inputs["encoder_hidden_states"] = torch.randn(2, 8, 16)
         ctrl = twd.enable(model, {"window": [(1, 1, 1), (2, 2, 1)], "tile": TILE})
         ref = run(model, inputs)
+        weight = torch.randn(ref.shape)  # the same on every rank (same seed)
+        ref_grads = _grads(model, inputs, weight, sum_over_ranks=False)
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=twd.cp_plan(model))
         ctrl.calls = {"tilewise": 0, "original": 0}
         got = run(model, inputs)
+        calls = dict(ctrl.calls)
+        grad_err, grad_scale = _largest_difference(_grads(model, inputs, weight, sum_over_ranks=True), ref_grads)
         # enabled again after enable_parallelism, with tilewise.parallel's options: load balance off, 2 head groups
         twd.enable(model, {"window": [(1, 1, 1), (2, 2, 1)], "tile": TILE}, load_balance=False, chunks=2)
         again = run(model, inputs)
         results[family] = {"err": float((got - ref).abs().max()), "scale": float(ref.abs().max()),
                            "err_options": float((again - ref).abs().max()),
-                           "calls": ctrl.calls, "layers": len(ctrl.modules)}
+                           "grad_err": grad_err, "grad_scale": grad_scale, "calls": calls,
+                           "layers": len(ctrl.modules)}
     dist.barrier()
     dist.destroy_process_group()
     Path(out).write_text(json.dumps({"results": results}))
@@ -72,6 +97,16 @@ def test_context_parallel_equals_single_process(report, family):
         # float32 model: the CP run sums in another order (all-to-all, split linear layers are the same math)
         assert got["err"] <= 1e-5 * max(1.0, got["scale"]), (family, rank, got)
         assert got["err_options"] <= 1e-5 * max(1.0, got["scale"]), (family, rank, got)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_context_parallel_gradients_equal_single_process(report, family):
+    """The backward through tilewise's all-to-alls under diffusers' context parallelism (video and text split
+    separately, received in the spec's order): the input and parameter gradients, summed over the ranks, are the
+    single-process ones."""
+    for rank, rep in enumerate(report):
+        got = rep["results"][family]
+        assert got["grad_err"] <= 1e-5 * max(1.0, got["grad_scale"]), (family, rank, got)
 
 
 def test_cp_plan_is_diffusers_own_for_wan_and_tilewise_s_for_the_others():

@@ -43,8 +43,9 @@ class Controller:
 
     def __init__(self, model, family, strategy: Strategy, timesteps, parallel=None):
         self.model, self.family, self.strategy = model, family, strategy
-        # tilewise.parallel's options under context parallelism: load_balance (None = when heads differ), chunks
-        self.parallel = {"load_balance": None, "chunks": 1, **(parallel or {})}
+        # tilewise.parallel's options under context parallelism: load_balance (None = when heads differ), chunks,
+        # sm_margin
+        self.parallel = {"load_balance": None, "chunks": 1, "sm_margin": 0, **(parallel or {})}
         self.latent = None
         self.step = None
         self.timesteps = None
@@ -263,11 +264,10 @@ class Processor:
 
     def _ulysses(self, cp: ContextParallel, q, k, v, spec, text_len, text_position, local_order):
         from tilewise import parallel
-        sizes, to_spec = _gathered_order(cp, tuple(local_order), text_position, q.device)
         tile, latent = self.ctrl.tile, self.ctrl.latent
         kw = dict(group=cp.group, text_len=text_len, text_position=text_position, order="raster", layout="bshd",
-                  scale=None, deterministic=None, seq_len=None, sizes=sizes, **self.ctrl.parallel,
-                  to_spec=to_spec, block_offsets=None, block_tiles=None)
+                  scale=None, deterministic=None, seq_len=None, **self.ctrl.parallel,
+                  split=_sequence_split(cp, tuple(local_order), text_position), block_offsets=None, block_tiles=None)
         if spec[0] == "sta":
             return parallel._ulysses(q, k, v, latent=latent, tile=tile, pattern="sliding_tile", window=spec[1],
                                      global_frames=1, radius=0, **kw)
@@ -276,34 +276,23 @@ class Processor:
                                  window=(1, 1, 1), global_frames=g, radius=r, **kw)
 
 
-_orders: dict = {}
+_splits: dict = {}
 
 
-def _gathered_order(cp: ContextParallel, local_order: tuple, text_position: str, device):
-    """(every rank's local length, index putting the gathered sequence in the spec's order or None). After the
-    all-to-all a rank holds the ranks' local sequences concatenated in rank order; each local sequence is
-    diffusers' chunk of each part, in `local_order`; the spec's order is [video | text] or [text | video]."""
-    key = (cp.degree, cp.cp.ulysses_anything, local_order, text_position, device)
-    if key not in _orders:
+def _sequence_split(cp: ContextParallel, local_order: tuple, text_position: str):
+    """tilewise.parallel's _SequenceSplit of diffusers' chunks: each rank holds diffusers' chunk of each part, in
+    `local_order` (("video" / "text", global length) pairs); the video is the main part and the text, which the
+    spec puts last or first (text_position), the extra one. Ulysses then receives the spec's order directly."""
+    from tilewise import parallel
+    key = (cp.degree, cp.cp.ulysses_anything, local_order, text_position)
+    if key not in _splits:
         lengths = dict(local_order)
-        first = "text" if text_position == "first" else "video"
-        start = {first: 0, ("video" if first == "text" else "text"): lengths.get(first, 0)}
-        split = {part: cp.sizes(n) for part, n in local_order}
-        gathered, sizes = [], []
-        for r in range(cp.degree):
-            size = 0
-            for part, _ in local_order:
-                lo = start[part] + sum(split[part][:r])
-                gathered.extend(range(lo, lo + split[part][r]))
-                size += split[part][r]
-            sizes.append(size)
-        to_spec = None
-        if gathered != list(range(len(gathered))):
-            index = torch.empty(len(gathered), dtype=torch.long)
-            index[torch.tensor(gathered, dtype=torch.long)] = torch.arange(len(gathered))
-            to_spec = index.to(device)
-        _orders[key] = (sizes, to_spec)
-    return _orders[key]
+        text = cp.sizes(lengths.get("text", 0))
+        _splits[key] = parallel._SequenceSplit(main=tuple(cp.sizes(lengths["video"])),
+                                               extra=tuple(text) if sum(text) else (),
+                                               extra_first=text_position == "first",
+                                               extra_first_locally=local_order[0][0] == "text")
+    return _splits[key]
 
 
 def _transformers(model):
@@ -320,7 +309,7 @@ def controller(transformer) -> Controller | None:
     return getattr(transformer, "_tilewise", None)
 
 
-def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chunks=1):
+def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chunks=1, sm_margin=0):
     """Routes the self-attention of a diffusers video transformer (or of a pipeline's transformer(s)) through
     tilewise. Returns the Controller (for a pipeline with two transformers, the first one's).
 
@@ -330,15 +319,18 @@ def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chu
     tile: (tt, th, tw), default (6, 8, 8) or the calibrated strategy's.
     timesteps: the denoising timesteps of the run, for per-step tables (not needed when `model` is a
     pipeline: its scheduler's set_timesteps is hooked).
-    load_balance, chunks: under diffusers' context parallelism, tilewise.parallel.ulysses_attention's options
-    (heads assigned to ranks by their FLOPs, None = when the pattern differs between heads; head groups whose
-    all-to-alls overlap the other groups' attention)."""
+    load_balance, chunks, sm_margin: under diffusers' context parallelism, tilewise.parallel.ulysses_attention's
+    options (heads assigned to ranks by their FLOPs, None = when the pattern differs between heads; head groups
+    whose all-to-alls overlap the other groups' attention; SMs the attention leaves to the collectives, which
+    needs a library that has the option, not yet)."""
     if load_balance is not None and not isinstance(load_balance, bool):
         raise ValueError(f"invalid load_balance = {load_balance!r}: expected True, False or None")
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise ValueError(f"invalid chunks = {chunks!r}: expected an integer of at least 1")
+    from tilewise import parallel
+    parallel._sm_margin(sm_margin)  # refused here, not at the first parallel call, while the library lacks it
     return _enable(model, Strategy.coerce(strategy, tile), timesteps,
-                   dict(load_balance=load_balance, chunks=chunks))
+                   dict(load_balance=load_balance, chunks=chunks, sm_margin=sm_margin))
 
 
 def tap(model, hook, *, steps=None, layers=None, tile=None, timesteps=None) -> Controller:
