@@ -27,7 +27,7 @@ class Problem(ctypes.Structure):
         ("latent", I64 * 3), ("tile", I64 * 3),
         ("text_capacity", I64), ("seq_len", I64), ("head_offset", I64),
         ("q_strides", I64 * 4), ("k_strides", I64 * 4), ("v_strides", I64 * 4), ("o_strides", I64 * 4),
-        ("scale", ctypes.c_double),
+        ("scale", ctypes.c_double), ("precision", I32),
     ]
 
 

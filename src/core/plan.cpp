@@ -5,6 +5,7 @@
 
 #include "core/backend.hpp"
 #include "core/errors.hpp"
+#include "tilewise/fp8.hpp"
 
 namespace tilewise {
 
@@ -32,6 +33,15 @@ const char* to_string(DType t) {
     case DType::f64: return "f64";
     case DType::bf16: return "bf16";
     case DType::f16: return "f16";
+  }
+  return "?";
+}
+
+const char* to_string(Precision p) {
+  switch (p) {
+    case Precision::native: return "native";
+    case Precision::fp8: return "fp8";
+    case Precision::fp8_scaled: return "fp8_scaled";
   }
   return "?";
 }
@@ -158,6 +168,8 @@ Plan::Plan(const Problem& problem, const Pattern& pattern, Device device) : devi
   validate_strides("v_strides", p.v);
   validate_strides("o_strides", p.o);
   require(std::isfinite(p.scale), "scale", p.scale, "a finite number (0 = 1/sqrt(head_dim))");
+  require(p.precision == Precision::native || p.precision == Precision::fp8 || p.precision == Precision::fp8_scaled,
+          "precision", static_cast<int>(p.precision), "native, fp8 or fp8_scaled (0, 1, 2)");
   if (p.scale == 0.0) p.scale = 1.0 / std::sqrt(static_cast<double>(p.head_dim));
 
   // Pattern: normalise to one entry per local head.
@@ -267,7 +279,41 @@ void Plan::run(const Tensors& t, void* stream, void* workspace) const {
   require(t.v != nullptr, "v", "null", "a tensor pointer");
   require(t.o != nullptr, "o", "null", "a tensor pointer");
   require(reinterpret_cast<uintptr_t>(workspace) % 256 == 0, "workspace", workspace, "a 256-byte aligned pointer");
+  const Problem& p = problem_;
+  const std::pair<const float*, std::string> scales[] = {
+      {t.q_scale, "q_scale [B, Hq, S] = [" + str(p.batch) + ", " + str(p.q_heads) + ", " + str(p.seq_len) + "]"},
+      {t.k_scale, "k_scale [B, Hkv, fp8_key_blocks] = [" + str(p.batch) + ", " + str(p.kv_heads) + ", " +
+                      str(fp8_key_blocks()) + "]"},
+      {t.v_scale, "v_scale [B, Hkv, D] = [" + str(p.batch) + ", " + str(p.kv_heads) + ", " + str(p.head_dim) + "]"}};
+  for (const auto& [ptr, shape] : scales) {
+    const std::string name = shape.substr(0, shape.find(' '));
+    if (p.precision == Precision::fp8_scaled)
+      require(ptr != nullptr, name, "null", "a float32 tensor " + shape.substr(name.size() + 1) +
+                                                " of scales (precision fp8_scaled)");
+    else
+      require(ptr == nullptr, name, ptr, std::string("null: scales are read with precision fp8_scaled only, and this "
+                                                     "plan's is ") + to_string(p.precision));
+  }
   backend_->run(*this, t, stream, workspace);
+}
+
+void Plan::quantize_fp8(const void* q, const void* k, const void* v, const int32_t* text_len, const Fp8Tensors& out,
+                        void* stream) const {
+  require(problem_.precision != Precision::fp8_scaled, "precision", to_string(problem_.precision),
+          "native or fp8: quantize_fp8 reads q, k, v in dtype, and this plan's are e4m3 already");
+  const std::pair<const void*, const char*> required[] = {{q, "q"},         {k, "k"},         {v, "v"},
+                                                          {out.q, "out.q"}, {out.k, "out.k"}, {out.v, "out.v"},
+                                                          {out.q_scale, "out.q_scale"}, {out.k_scale, "out.k_scale"},
+                                                          {out.v_scale, "out.v_scale"}};
+  for (const auto& [ptr, name] : required) require(ptr != nullptr, name, "null", "a tensor pointer");
+  backend_->quantize_fp8(*this, Tensors{q, k, v, nullptr, nullptr, text_len}, out, stream);
+}
+
+int64_t Plan::fp8_key_blocks() const { return fp8::key_blocks(map_.grid, problem_.text_capacity); }
+
+void Backend::quantize_fp8(const Plan& plan, const Tensors&, const Fp8Tensors&, void*) const {
+  fail("device", to_string(plan.device()), std::string("cpu: quantize_fp8 is not supported by backend ") +
+                                               to_string(plan.device()) + " yet");
 }
 
 size_t Plan::backward_workspace_bytes() const { return backend_->backward_workspace_bytes(*this); }
@@ -279,6 +325,8 @@ void Plan::run_backward(const GradTensors& t, void* stream, void* workspace, boo
   for (const auto& [ptr, name] : required)
     require(ptr != nullptr, name, "null", std::string("a tensor pointer") +
                                               (std::string(name) == "lse" ? " (the forward's log-sum-exp)" : ""));
+  require(problem_.precision == Precision::native, "backward", std::string("precision ") + to_string(problem_.precision),
+          "a plan with precision native (FP8 attention is forward only)");
   const size_t bytes = backward_workspace_bytes();
   require(bytes == 0 || workspace != nullptr, "workspace", "null",
           "a device buffer of backward_workspace_bytes() = " + str(bytes) + " bytes");
