@@ -275,7 +275,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
                       block_offsets=None, block_tiles=None, text_len=None, text_position: str = "last",
                       order: str = "raster", layout: str = "bshd", scale: Optional[float] = None,
                       load_balance: Optional[bool] = None, chunks: int = 1, deterministic: Optional[bool] = None,
-                      seq_len: Optional[int] = None):
+                      seq_len: Optional[int] = None, precision: str = "native"):
     """Tile-sparse attention over a sequence split across the ranks of `group` (None = the default group).
 
     q, k, v: this rank's chunk of the joint sequence, [B, s_r, H, D] (layout "bshd") or [B, H, s_r, D] ("bhsd"),
@@ -288,12 +288,15 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
     load_balance: assign heads to ranks by their FLOPs (None = when the pattern differs between heads).
     chunks: split each rank's heads into this many groups, each with its own all-to-alls, so that the
     communication of one group overlaps the attention of another (1 = one all-to-all in, one out).
+    precision: "native" or "fp8" (docs/semantics.md §11; each rank quantises the whole sequence of its heads, so
+    the result equals the single-device one).
     Returns this rank's chunk of the output, shaped like q, contiguous in `layout`.
     """
     return _ulysses(q, k, v, group=group, latent=latent, tile=tile, pattern=pattern, window=window,
                     global_frames=global_frames, radius=radius, block_offsets=block_offsets, block_tiles=block_tiles,
                     text_len=text_len, text_position=text_position, order=order, layout=layout, scale=scale,
-                    load_balance=load_balance, chunks=chunks, deterministic=deterministic, seq_len=seq_len)
+                    load_balance=load_balance, chunks=chunks, deterministic=deterministic, seq_len=seq_len,
+                    precision=precision)
 
 
 def _local_sizes(s_local: int, seq_len, P: int, group, device) -> list:
@@ -309,7 +312,7 @@ def _local_sizes(s_local: int, seq_len, P: int, group, device) -> list:
 
 def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, radius, block_offsets, block_tiles,
              text_len, text_position, order, layout, scale, load_balance, chunks, deterministic, seq_len,
-             to_spec: Optional[torch.Tensor] = None, sizes: Optional[list] = None):
+             to_spec: Optional[torch.Tensor] = None, sizes: Optional[list] = None, precision: str = "native"):
     """ulysses_attention, plus what the diffusers integration needs: `sizes` (every rank's local length, when the
     ranks' chunks are not the spec's) and `to_spec` (an index that puts the gathered sequence, the ranks' chunks
     concatenated in rank order, into the spec's order; None when that concatenation is the spec's order)."""
@@ -317,6 +320,7 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch tensor, got {type(t).__name__}")
     _args.choice("layout", layout, _capi.LAYOUTS)
+    _args.choice("precision", precision, _args.PRECISIONS)
     params = _args.PatternParams.of(pattern, window, global_frames, radius, block_offsets, block_tiles)
     latent, tile = _args.triple("latent", latent), _args.triple("tile", tile)
     if group is None:
@@ -370,7 +374,7 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
     if P == 1:  # nothing to exchange: the plain op, no copies
         return _api._attention(q, k, v, params=params, latent=latent, tile=tile, text_len=text_len,
                                text_position=text_position, order=order, layout=layout, scale=scale, head_offset=0,
-                               return_lse=False, deterministic=deterministic)
+                               return_lse=False, deterministic=deterministic, precision=precision)
 
     if load_balance is None:
         load_balance = _global_heads(params, latent, tile) is not None and \
@@ -388,7 +392,7 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
 
     hq, hk = Hq // P, Hkv // P  # local heads
     call_kw = dict(latent=latent, tile=tile, text_len=text_len, text_position=text_position, order=order,
-                   layout="bshd", scale=scale, deterministic=deterministic)
+                   layout="bshd", scale=scale, deterministic=deterministic, precision=precision)
     # Head groups (whole kv groups, so GQA stays local), each with its own collectives; all input all-to-alls
     # are issued before the first attention so that later groups' communication overlaps earlier groups' compute.
     groups = _chunks(hk, chunks)
