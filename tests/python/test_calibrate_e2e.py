@@ -124,7 +124,6 @@ def test_capture_selected_steps_and_layers_averages_calls(seed):
 def test_capture_measures_fp8_per_head_and_enable_applies_it(seed, monkeypatch):
     """precisions=("native", "fp8"): each window is measured in FP8 too; a budget above FP8's error of the grid
     window makes every head FP8, and the strategy runs every layer in FP8 (docs/semantics.md §11)."""
-    import tilewise
     model, inputs = build("wan")
     with cal.capture(model, candidates=[(1, 1, 1), GRID], tile=TILE, timesteps=[900.0],
                      precisions=("native", "fp8")) as cap:
@@ -136,15 +135,11 @@ def test_capture_measures_fp8_per_head_and_enable_applies_it(seed, monkeypatch):
     assert (err[:, 1] == 0).all() and (0 < err[:, 3]).all() and (err[:, 3] < 1e-2).all()
     strategy = result.select(budget=float(err[:, 3].max()) * 2, metric="rel_mse")
     assert strategy.fp8 == {(0, layer, h) for layer in range(2) for h in range(2)}
-    seen = []
-    real = tilewise.sliding_tile_attention
-    monkeypatch.setattr(tilewise, "sliding_tile_attention",
-                        lambda *a, precision="native", **kw: seen.append(precision) or real(*a, precision=precision,
-                                                                                            **kw))
+    spy = Spy(monkeypatch)
     twd.enable(model, strategy=strategy, timesteps=[900.0])
     with torch.no_grad():
         model(**inputs)
-    assert seen == ["fp8", "fp8"]
+    assert spy.precisions == ["fp8", "fp8"]
     twd.disable(model)
 
 
