@@ -234,6 +234,10 @@ class Plan:
         """Pointers as integers (e.g. tensor.data_ptr()); 0 for absent lse / text_len / default stream, and for
         the plan's own workspace (then runs of this plan must not overlap on two streams). scales: q_scale,
         k_scale, v_scale (precision fp8_scaled only)."""
+        if not any(scales):  # the common call: no struct to fill
+            check(lib().tw_plan_run_with_workspace(self._handle, q, k, v, o, lse or None, text_len or None,
+                                                   workspace or None, stream or None))
+            return
         t = Tensors()
         lib().tw_tensors_init(ctypes.byref(t))
         for name, ptr in zip(Tensors._fields_, (q, k, v, o, lse, text_len, *scales)):

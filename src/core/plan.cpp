@@ -267,6 +267,27 @@ Plan::Plan(const Problem& problem, const Pattern& pattern, Device device) : devi
                                       : make_cuda_reference_backend(*this);
 }
 
+namespace {
+
+/// Tensors::q_scale (which 0), k_scale (1) or v_scale (2) given where the plan's precision reads none, or missing
+/// where it does.
+[[noreturn]] void fail_scale(const Plan& plan, int which, const float* given) {
+  const Problem& p = plan.problem();
+  const std::string name = which == 0 ? "q_scale" : which == 1 ? "k_scale" : "v_scale";
+  if (given != nullptr)
+    fail(name, str(given), std::string("null: scales are read with precision fp8_scaled only, and this plan's is ") +
+                               to_string(p.precision));
+  const std::string shape = which == 0 ? "[B, Hq, S] = [" + str(p.batch) + ", " + str(p.q_heads) + ", " +
+                                             str(p.seq_len) + "]"
+                            : which == 1 ? "[B, Hkv, fp8_key_blocks] = [" + str(p.batch) + ", " + str(p.kv_heads) +
+                                               ", " + str(plan.fp8_key_blocks()) + "]"
+                                         : "[B, Hkv, D] = [" + str(p.batch) + ", " + str(p.kv_heads) + ", " +
+                                               str(p.head_dim) + "]";
+  fail(name, "null", "a float32 tensor " + shape + " of scales (precision fp8_scaled)");
+}
+
+}  // namespace
+
 Plan::~Plan() = default;
 Plan::Plan(Plan&&) noexcept = default;
 Plan& Plan::operator=(Plan&&) noexcept = default;
@@ -279,21 +300,9 @@ void Plan::run(const Tensors& t, void* stream, void* workspace) const {
   require(t.v != nullptr, "v", "null", "a tensor pointer");
   require(t.o != nullptr, "o", "null", "a tensor pointer");
   require(reinterpret_cast<uintptr_t>(workspace) % 256 == 0, "workspace", workspace, "a 256-byte aligned pointer");
-  const Problem& p = problem_;
-  const std::pair<const float*, std::string> scales[] = {
-      {t.q_scale, "q_scale [B, Hq, S] = [" + str(p.batch) + ", " + str(p.q_heads) + ", " + str(p.seq_len) + "]"},
-      {t.k_scale, "k_scale [B, Hkv, fp8_key_blocks] = [" + str(p.batch) + ", " + str(p.kv_heads) + ", " +
-                      str(fp8_key_blocks()) + "]"},
-      {t.v_scale, "v_scale [B, Hkv, D] = [" + str(p.batch) + ", " + str(p.kv_heads) + ", " + str(p.head_dim) + "]"}};
-  for (const auto& [ptr, shape] : scales) {
-    const std::string name = shape.substr(0, shape.find(' '));
-    if (p.precision == Precision::fp8_scaled)
-      require(ptr != nullptr, name, "null", "a float32 tensor " + shape.substr(name.size() + 1) +
-                                                " of scales (precision fp8_scaled)");
-    else
-      require(ptr == nullptr, name, ptr, std::string("null: scales are read with precision fp8_scaled only, and this "
-                                                     "plan's is ") + to_string(p.precision));
-  }
+  const float* scales[] = {t.q_scale, t.k_scale, t.v_scale};
+  for (int i = 0; i < 3; ++i)  // given exactly with fp8_scaled (the message is only built on failure: run is hot)
+    if ((scales[i] != nullptr) != (problem_.precision == Precision::fp8_scaled)) fail_scale(*this, i, scales[i]);
   backend_->run(*this, t, stream, workspace);
 }
 
