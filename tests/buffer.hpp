@@ -34,6 +34,20 @@ struct Buffer {
   }
 };
 
+/// Random inputs for every element of a case's input buffer (gaps of strided views included).
+inline Buffer random_inputs(const Case& c, Rng& rng) {
+  Buffer in(storage_of(c.dtype), make_views(c).in_size);
+  in.randomize(rng);
+  return in;
+}
+
+/// A library run's output and lse, and the oracle's, on the same inputs.
+struct Outputs {
+  Buffer o;
+  std::vector<float> lse;
+  std::vector<double> ref_o, ref_lse;
+};
+
 /// Visits the element index of every (b, s, h, d) of a view with `heads` heads.
 template <class F>
 void for_each_element(const Case& c, const Strides3& s, int64_t heads, F&& f) {

@@ -15,26 +15,14 @@ namespace {
 using oracle::Buffer;
 using oracle::Case;
 using oracle::Kind;
+using oracle::Outputs;
+using oracle::random_inputs;
 using oracle::StorageKind;
 using oracle::for_each_element;
 using tilewise::DType;
 
 constexpr DType kAllDtypes[] = {DType::f64, DType::f32, DType::bf16, DType::f16};
 constexpr double kSentinel = 1234.5;
-
-/// Library output and the oracle's, on the same inputs.
-struct Outputs {
-  Buffer o;
-  std::vector<float> lse;
-  std::vector<double> ref_o, ref_lse;
-};
-
-/// Random inputs for every element of the input buffer (gaps of strided views included).
-Buffer random_inputs(const Case& c, oracle::Rng& rng) {
-  Buffer in(oracle::storage_of(c.dtype), oracle::make_views(c).in_size);
-  in.randomize(rng);
-  return in;
-}
 
 /// Runs the case on the CPU backend and on the oracle with the same inputs; the output starts as a sentinel.
 Outputs run_both(const Case& c, const Buffer& in) {

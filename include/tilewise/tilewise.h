@@ -26,6 +26,9 @@ enum { TW_TEXT_LAST = 0, TW_TEXT_FIRST = 1 };
 enum { TW_ORDER_RASTER = 0, TW_ORDER_TILED = 1 };
 enum { TW_LAYOUT_BSHD = 0, TW_LAYOUT_BHSD = 1 };
 enum { TW_PATTERN_DENSE = 0, TW_PATTERN_SLIDING_TILE = 1, TW_PATTERN_ATTENTION_TILE = 2, TW_PATTERN_BLOCK_LIST = 3 };
+/* docs/semantics.md §11: NATIVE computes in dtype; FP8 quantises q, k, v (in dtype) to e4m3 inside tilewise;
+ * FP8_SCALED takes e4m3 q, k, v (one byte per element) with the caller's scales (tw_tensors), dtype being o's. */
+enum { TW_PRECISION_NATIVE = 0, TW_PRECISION_FP8 = 1, TW_PRECISION_FP8_SCALED = 2 };
 
 /* Mirrors tilewise::Problem. Strides are in elements: {batch, seq, head, dim}; {0,0,0,1} = contiguous in
  * `layout`. Fill with tw_problem_init() first so that new fields keep their defaults. */
@@ -37,6 +40,7 @@ typedef struct tw_problem {
   int64_t text_capacity, seq_len, head_offset;
   int64_t q_strides[4], k_strides[4], v_strides[4], o_strides[4];
   double scale; /* 0 = 1/sqrt(head_dim) */
+  int32_t precision; /* TW_PRECISION_*, default NATIVE */
 } tw_problem;
 
 /* Mirrors tilewise::Pattern. Per-head tables hold `num_heads` entries (1 = the same for every head). */
@@ -62,6 +66,36 @@ tw_status tw_plan_create(const tw_problem* problem, const tw_pattern* pattern, i
  * stream: a cudaStream_t for CUDA plans (NULL = default stream), ignored for CPU plans. */
 tw_status tw_plan_run(const tw_plan* plan, const void* q, const void* k, const void* v, void* o, float* lse,
                       const int32_t* text_len, void* stream);
+/* Mirrors tilewise::Tensors: the pointers of one forward run. lse and text_len may be NULL; the scales are read with
+ * TW_PRECISION_FP8_SCALED only (and must be NULL otherwise), float32, contiguous: q_scale [B, Hq, S], k_scale
+ * [B, Hkv, tw_plan_fp8_key_blocks], v_scale [B, Hkv, D]. Fill with tw_tensors_init() first. */
+typedef struct tw_tensors {
+  const void *q, *k, *v;
+  void* o;
+  float* lse;
+  const int32_t* text_len;
+  const float *q_scale, *k_scale, *v_scale;
+} tw_tensors;
+
+void tw_tensors_init(tw_tensors* tensors);
+/* tw_plan_run_with_workspace for every precision. workspace and stream as there. */
+tw_status tw_plan_run_tensors(const tw_plan* plan, const tw_tensors* tensors, void* workspace, void* stream);
+
+/* What tw_plan_quantize_fp8 writes (mirrors tilewise::Fp8Tensors): e4m3 q, k, v with the plan's q, k, v strides
+ * (bytes) and their float32 scales, shaped as tw_tensors reads them. */
+typedef struct tw_fp8_tensors {
+  void *q, *k, *v;
+  float *q_scale, *k_scale, *v_scale;
+} tw_fp8_tensors;
+
+/* The quantisation of TW_PRECISION_FP8 alone (docs/semantics.md §11.2): q, k, v in dtype (text_len may be NULL),
+ * for plans with precision NATIVE or FP8; CPU plans only, so far. */
+tw_status tw_plan_quantize_fp8(const tw_plan* plan, const void* q, const void* k, const void* v,
+                               const int32_t* text_len, const tw_fp8_tensors* out, void* stream);
+/* FP8 key blocks per (batch, kv head) (k_scale's last dimension) into *count, and, when block_of_position is not
+ * NULL, the key block of every sequence position into block_of_position[0, S). */
+tw_status tw_plan_fp8_key_blocks(const tw_plan* plan, int64_t* count, int64_t* block_of_position);
+
 /* Backward (docs/semantics.md, "Gradients"). Mirrors tilewise::GradTensors: q, k, v, o, lse (required, from
  * the forward) and dout are read; dlse may be NULL (= zero); dq (q's strides), dk and dv (k's and v's strides)
  * are written whole; text_len may be NULL. Fill with tw_grad_tensors_init() first. */
@@ -114,6 +148,8 @@ tw_status tw_plan_window(const tw_plan* plan, int64_t head, int64_t window[3]);
  * exactly what tw_plan_create checks (the CUDA backend: bf16/f16, D 64/96/128, sm_90; the CPU: every dtype
  * and any D). Costs a plan creation: cache the answer. */
 tw_status tw_device_supports(int32_t device, int32_t dtype, int64_t head_dim);
+/* The same question for a precision (TW_PRECISION_*; the error may then name "precision"). */
+tw_status tw_device_supports_precision(int32_t device, int32_t dtype, int64_t head_dim, int32_t precision);
 
 const char* tw_last_error(void);
 const char* tw_last_error_argument(void);

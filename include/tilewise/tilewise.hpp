@@ -36,9 +36,15 @@ enum class DType : int32_t { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };
 /// cores) used as the oracle for problems too large for the CPU.
 enum class Device : int32_t { cpu = 0, cuda = 1, cuda_reference = 2 };
 enum class Layout : int32_t { bshd = 0, bhsd = 1 };
+/// The arithmetic of the forward (docs/semantics.md §11). native: in dtype, fp32 accumulation. fp8: q, k, v in
+/// dtype, quantised by tilewise to e4m3 (Q per row, K smoothed per key block, P at a fixed scale, V per channel).
+/// fp8_scaled: q, k, v are e4m3 (one byte per element) with the caller's scales (Tensors::q_scale, ...); dtype
+/// is then the output's type only.
+enum class Precision : int32_t { native = 0, fp8 = 1, fp8_scaled = 2 };
 
 int64_t dtype_size(DType t);
 const char* to_string(DType t);
+const char* to_string(Precision p);
 const char* to_string(PatternKind k);
 const char* to_string(Device d);
 
@@ -67,6 +73,7 @@ struct Problem {
   Strides q{0, 0, 0, 1}, k{0, 0, 0, 1}, v{0, 0, 0, 1}, o{0, 0, 0, 1};
   double scale = 0.0;        // 0 = 1/sqrt(head_dim)
   int64_t head_offset = 0;   // global index of local head 0 (sequence parallelism): pattern tables are global
+  Precision precision = Precision::native;  // fp8 / fp8_scaled: docs/semantics.md §11
 
   int64_t video_tokens() const { return latent.volume(); }
   int64_t sequence_length() const { return latent.volume() + text_capacity; }
@@ -91,7 +98,9 @@ struct Pattern {
 };
 
 /// Tensors of one run. Pointers live on the plan's device. `text_len` ([B] int32, may be null = every text
-/// position valid) lives on the plan's device too; `lse` ([B, Hq, S] float32) is optional.
+/// position valid) lives on the plan's device too; `lse` ([B, Hq, S] float32) is optional. The scales are read
+/// with Precision::fp8_scaled only (and must be null otherwise), float32, contiguous (docs/semantics.md §11.3):
+/// q_scale [B, Hq, S], k_scale [B, Hkv, Plan::fp8_key_blocks()], v_scale [B, Hkv, D].
 struct Tensors {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -99,6 +108,20 @@ struct Tensors {
   void* o = nullptr;
   float* lse = nullptr;
   const int32_t* text_len = nullptr;
+  const float* q_scale = nullptr;
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
+};
+
+/// What Plan::quantize_fp8 writes: e4m3 q, k, v with the plan's q, k, v strides (in bytes), and their scales as
+/// Tensors::q_scale, k_scale and v_scale read them: the inputs of a Precision::fp8_scaled run.
+struct Fp8Tensors {
+  void* q = nullptr;
+  void* k = nullptr;
+  void* v = nullptr;
+  float* q_scale = nullptr;
+  float* k_scale = nullptr;
+  float* v_scale = nullptr;
 };
 
 /// Tensors of one backward run (docs/semantics.md, "Gradients"): the forward's inputs q, k, v, its outputs o and
@@ -136,6 +159,15 @@ class Plan {
   /// give each stream its own workspace_bytes() buffer (on the device, 256-byte aligned) to run one plan on
   /// several streams at once.
   void run(const Tensors& tensors, void* stream = nullptr, void* workspace = nullptr) const;
+
+  /// FP8 quantisation of q, k, v (in dtype, on the plan's device; text_len as for run) exactly as a
+  /// Precision::fp8 run does it (docs/semantics.md §11.2), written to `out`. For plans whose q, k, v are in dtype
+  /// (precision native or fp8); the CPU backend only, so far.
+  void quantize_fp8(const void* q, const void* k, const void* v, const int32_t* text_len, const Fp8Tensors& out,
+                    void* stream = nullptr) const;
+  /// K quantisation blocks per (batch, kv head): tiles + ceil(text capacity / 128) (the length of k_scale's last
+  /// dimension).
+  int64_t fp8_key_blocks() const;
 
   /// Device scratch bytes run_backward needs (fp32 dq accumulator, row statistics); 0 on the CPU.
   size_t backward_workspace_bytes() const;

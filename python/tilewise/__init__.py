@@ -22,6 +22,8 @@ from tilewise._api import (  # noqa: F401
     block_sparse_attention,
     dense_attention,
     effective_window,
+    fp8_key_blocks,
+    quantize_fp8,
     sliding_tile_attention,
     tile,
     tile_grid,
@@ -38,11 +40,13 @@ def cuda_available() -> bool:
     return _capi.cuda_available()
 
 
-def supports(device: str, dtype: str, head_dim: int) -> bool:
+def supports(device: str, dtype: str, head_dim: int, precision: str = "native") -> bool:
     """Whether `device` ("cpu" or "cuda") runs attention in `dtype` ("f32", "f64", "bf16", "f16") at `head_dim`
-    here, as the library answers it (the CUDA backend: bf16 / f16 at 64, 96, 128 on sm_90; the CPU: all)."""
+    and `precision` ("native", "fp8") here, as the library answers it (the CUDA backend: bf16 / f16 at 64, 96, 128
+    on sm_90, native only so far; the CPU: all)."""
     from tilewise import _args, _capi
-    return _capi.device_support(device, dtype, _args.integer("head_dim", head_dim)) is None
+    precision = _args.choice("precision", precision, _args.PRECISIONS)
+    return _capi.device_support(device, dtype, _args.integer("head_dim", head_dim), precision) is None
 
 
 def clear_plan_cache() -> None:

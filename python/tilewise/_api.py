@@ -49,19 +49,24 @@ class Plan:
                  global_frames: Union[IntLike, Sequence[IntLike]] = 1, radius: Union[IntLike, Sequence[IntLike]] = 0,
                  block_offsets: Optional[Sequence[IntLike]] = None, block_tiles: Optional[Sequence[IntLike]] = None,
                  text_position: str = "last", order: str = "raster", layout: str = "bshd",
-                 scale: Optional[float] = None, head_offset: IntLike = 0) -> None:
+                 scale: Optional[float] = None, head_offset: IntLike = 0, precision: str = "native",
+                 out_dtype=None) -> None:
         params = _args.PatternParams.of(pattern, window, global_frames, radius, block_offsets, block_tiles)
-        call = _args.Call.of(latent=latent, tile=tile, params=params, text_position=text_position, order=order,
-                             layout=layout, scale=scale, head_offset=head_offset)
         self._torch = _is_torch(q)
+        call = _call(q, latent=latent, tile=tile, params=params, text_position=text_position, order=order,
+                     layout=layout, scale=scale, head_offset=head_offset, precision=precision, out_dtype=out_dtype)
         front = _torch_module() if self._torch else _numpy
         self._runner = front.Runner(q, k, v, call)
 
-    def __call__(self, q: Array, k: Array, v: Array, *, text_len: TextLen = None, return_lse: bool = False):
+    def __call__(self, q: Array, k: Array, v: Array, *, text_len: TextLen = None, return_lse: bool = False,
+                 scales=None):
+        """scales: (q_scale, k_scale, v_scale) for e4m3 inputs (precision="fp8", torch.float8_e4m3fn)."""
         if self._torch != _is_torch(q):
             raise TypeError(f"q: expected a {'torch tensor' if self._torch else 'numpy array'} like the ones this "
                             "Plan was made for")
-        o, lse = self._runner(q, k, v, text_len, return_lse)
+        if not self._torch and scales is not None:
+            raise TypeError("scales: expected None for numpy arrays (e4m3 inputs need torch.float8_e4m3fn tensors)")
+        o, lse = self._runner(q, k, v, text_len, return_lse, *(() if scales is None else (scales,)))
         return (o, lse) if return_lse else o
 
     def flops(self, text_len: TextLen = None) -> float:
@@ -83,12 +88,20 @@ class Plan:
         return self._runner.plan.window(_args.integer("head", head))
 
 
+def _call(q, *, out_dtype, **kwargs) -> _args.Call:
+    """The checked Call of a function or Plan on q's kind of array (out_dtype: a torch dtype or None)."""
+    name = _torch_module().out_dtype_name(out_dtype) if _is_torch(q) and out_dtype is not None else out_dtype
+    return _args.Call.of(out_dtype=name, **kwargs)
+
+
 def _attention(q, k, v, *, params: _args.PatternParams, latent, tile, text_len, text_position, order, layout, scale,
-               head_offset, return_lse, deterministic):
-    call = _args.Call.of(latent=latent, tile=tile, params=params, text_position=text_position, order=order,
-                         layout=layout, scale=scale, head_offset=head_offset)
+               head_offset, return_lse, deterministic, precision="native", scales=None, out_dtype=None):
+    call = _call(q, latent=latent, tile=tile, params=params, text_position=text_position, order=order,
+                 layout=layout, scale=scale, head_offset=head_offset, precision=precision, out_dtype=out_dtype)
     if _is_torch(q):
-        return _torch_module().attention(q, k, v, call, text_len, bool(return_lse), deterministic)
+        return _torch_module().attention(q, k, v, call, text_len, bool(return_lse), deterministic, scales)
+    if scales is not None:
+        raise TypeError("scales: expected None for numpy arrays (e4m3 inputs need torch.float8_e4m3fn tensors)")
     o, lse = _numpy.Runner(q, k, v, call)(q, k, v, text_len, bool(return_lse))
     return (o, lse) if return_lse else o
 
@@ -97,7 +110,8 @@ def sliding_tile_attention(q: Array, k: Array, v: Array, *, latent: Triple, tile
                            window: Union[Window, Sequence[Window]], text_len: TextLen = None,
                            text_position: str = "last", order: str = "raster", layout: str = "bshd",
                            scale: Optional[float] = None, head_offset: IntLike = 0, return_lse: bool = False,
-                           deterministic: Optional[bool] = None):
+                           deterministic: Optional[bool] = None, precision: str = "native", scales=None,
+                           out_dtype=None):
     """Sliding Tile Attention: each query tile sees a window of (kt, kh, kw) key tiles (one window for all
     heads, or one per head; "3x3x3" spells (3, 3, 3)), plus every valid text key.
 
@@ -106,18 +120,23 @@ def sliding_tile_attention(q: Array, k: Array, v: Array, *, latent: Triple, tile
     int, one int per batch element, or (torch) an integer tensor [B] on q's device. order: "raster" or "tiled"
     (tokens already in tile order, see tile()). head_offset: global index of the first local head (sequence
     parallelism; per-head windows are then indexed by global head). deterministic (torch): a bitwise
-    reproducible backward (None = torch.are_deterministic_algorithms_enabled()). Returns o shaped like q
-    (contiguous in `layout`), and with return_lse=True also the float32 LSE [B, Hq, S]."""
+    reproducible backward (None = torch.are_deterministic_algorithms_enabled()). precision: "native" (compute in
+    q's dtype) or "fp8" (docs/semantics.md §11: e4m3 Q, K, P, V, forward only; the CPU backend so far). With
+    precision="fp8", q, k, v may also be torch.float8_e4m3fn tensors quantised by the caller, with scales=(q_scale,
+    k_scale, v_scale) (float32 [B, Hq, S], [B, Hkv, key blocks], [B, Hkv, D]; tilewise.quantize_fp8 makes them)
+    and the output in out_dtype (default torch.bfloat16). Returns o shaped like q (contiguous in `layout`), and with
+    return_lse=True also the float32 LSE [B, Hq, S]."""
     return _attention(q, k, v, params=_args.PatternParams.of("sliding_tile", window=window), latent=latent, tile=tile,
                       text_len=text_len, text_position=text_position, order=order, layout=layout, scale=scale,
-                      head_offset=head_offset, return_lse=return_lse, deterministic=deterministic)
+                      head_offset=head_offset, return_lse=return_lse, deterministic=deterministic,
+                      precision=precision, scales=scales, out_dtype=out_dtype)
 
 
 def attention_tile(q: Array, k: Array, v: Array, *, latent: Triple, tile: Triple = (1, 8, 8),
                    global_frames: Union[IntLike, Sequence[IntLike]], radius: Union[IntLike, Sequence[IntLike]] = 0,
                    text_len: TextLen = None, text_position: str = "last", order: str = "raster", layout: str = "bshd",
                    scale: Optional[float] = None, head_offset: IntLike = 0, return_lse: bool = False,
-                   deterministic: Optional[bool] = None):
+                   deterministic: Optional[bool] = None, precision: str = "native", scales=None, out_dtype=None):
     """Efficient-vDiT's frame pattern: frames < global_frames see and are seen by everything; other frames
     see frames within `radius` of their own. Per-head values may be given as sequences. Other arguments as for
     sliding_tile_attention."""
@@ -125,31 +144,61 @@ def attention_tile(q: Array, k: Array, v: Array, *, latent: Triple, tile: Triple
                                                              radius=radius),
                       latent=latent, tile=tile, text_len=text_len, text_position=text_position, order=order,
                       layout=layout, scale=scale, head_offset=head_offset, return_lse=return_lse,
-                      deterministic=deterministic)
+                      deterministic=deterministic, precision=precision, scales=scales, out_dtype=out_dtype)
 
 
 def block_sparse_attention(q: Array, k: Array, v: Array, *, latent: Triple, tile: Triple,
                            block_offsets: Sequence[IntLike], block_tiles: Sequence[IntLike], text_len: TextLen = None,
                            text_position: str = "last", order: str = "raster", layout: str = "bshd",
                            scale: Optional[float] = None, head_offset: IntLike = 0, return_lse: bool = False,
-                           deterministic: Optional[bool] = None):
+                           deterministic: Optional[bool] = None, precision: str = "native", scales=None,
+                           out_dtype=None):
     """Explicit key tiles per (head, query tile), CSR: tiles of query tile t of head h are
     block_tiles[block_offsets[h * num_tiles + t] : block_offsets[h * num_tiles + t + 1]], ascending."""
     return _attention(q, k, v, params=_args.PatternParams.of("block_list", block_offsets=block_offsets,
                                                              block_tiles=block_tiles),
                       latent=latent, tile=tile, text_len=text_len, text_position=text_position, order=order,
                       layout=layout, scale=scale, head_offset=head_offset, return_lse=return_lse,
-                      deterministic=deterministic)
+                      deterministic=deterministic, precision=precision, scales=scales, out_dtype=out_dtype)
 
 
 def dense_attention(q: Array, k: Array, v: Array, *, latent: Triple, tile: Triple = (6, 8, 8),
                     text_len: TextLen = None, text_position: str = "last", order: str = "raster",
                     layout: str = "bshd", scale: Optional[float] = None, head_offset: IntLike = 0,
-                    return_lse: bool = False, deterministic: Optional[bool] = None):
+                    return_lse: bool = False, deterministic: Optional[bool] = None, precision: str = "native",
+                    scales=None, out_dtype=None):
     """Full attention over the video plus the valid text keys (the dense reference of the same problem)."""
     return _attention(q, k, v, params=_args.PatternParams.of("dense"), latent=latent, tile=tile, text_len=text_len,
                       text_position=text_position, order=order, layout=layout, scale=scale, head_offset=head_offset,
-                      return_lse=return_lse, deterministic=deterministic)
+                      return_lse=return_lse, deterministic=deterministic, precision=precision, scales=scales,
+                      out_dtype=out_dtype)
+
+
+def quantize_fp8(q: Array, k: Array, v: Array, *, latent: Triple, tile: Triple = (6, 8, 8), text_len: TextLen = None,
+                 text_position: str = "last", order: str = "raster", layout: str = "bshd"):
+    """precision="fp8"'s quantisation alone (docs/semantics.md §11.2), exactly as an fp8 call does it: Q per row,
+    K smoothed (its mean over the video and valid text keys subtracted) per key block, V per channel. torch
+    tensors on the CPU (no GPU quantiser yet). Returns (q8, k8, v8, (q_scale, k_scale, v_scale)): torch.float8_e4m3fn
+    tensors with q's, k's and v's strides, and float32 scales, ready for precision="fp8", scales=... on the
+    same geometry (whose LSE then lacks the smoothing term)."""
+    if not _is_torch(q):
+        raise TypeError(f"q: expected a torch tensor, got {type(q).__name__} (numpy has no e4m3 dtype)")
+    call = _args.Call.of(latent=latent, tile=tile, params=_args.PatternParams.of("dense"), text_position=text_position,
+                         order=order, layout=layout, precision="fp8")
+    return _torch_module().quantize_fp8(q, k, v, call, text_len)
+
+
+def fp8_key_blocks(*, latent: Triple, tile: Triple, text_capacity: IntLike = 0, text_position: str = "last",
+                   order: str = "raster"):
+    """The K quantisation block of every position of the joint sequence (docs/semantics.md §11.2): its tile's index
+    for a video token, num_tiles + text index // 128 for a text position. A list of S ints; max + 1 is the length
+    of k_scale's last dimension. From the library."""
+    from tilewise import _capi
+    plan = _capi.Plan(batch=1, q_heads=1, kv_heads=1, head_dim=1, dtype="f32", latent=_args.triple("latent", latent),
+                      tile=_args.triple("tile", tile), text_capacity=_args.integer("text_capacity", text_capacity),
+                      text_position=_args.choice("text_position", text_position, _capi.TEXT_POSITIONS),
+                      order=_args.choice("order", order, _capi.ORDERS), pattern="dense", device="cpu")
+    return plan.fp8_key_block_of_positions()
 
 
 def _reorder(x, latent, tile, text_position, to_tiled: bool):

@@ -110,8 +110,9 @@ def volume(t) -> int:
 class ArrayView(NamedTuple):
     """One array as the core sees it: logical shape, strides in elements, and dtype.
 
-    `dtype` is the tilewise name ("f32", "f64", "f16", "bf16") or None when the framework's dtype has no
-    tilewise counterpart; `dtype_name` is the framework's own name, for messages."""
+    `dtype` is the tilewise name ("f32", "f64", "f16", "bf16", or "e4m3" for FP8 inputs quantised by the caller)
+    or None when the framework's dtype has no tilewise counterpart; `dtype_name` is the framework's own name, for
+    messages."""
 
     shape: tuple
     strides: Optional[tuple]
@@ -124,7 +125,9 @@ def layout_shape(layout: str) -> str:
 
 
 class Operands(NamedTuple):
-    """What a call's q, k, v imply: sizes, dtype, element strides (batch, seq, head, dim) and text capacity."""
+    """What a call's q, k, v imply: sizes, the plan's dtype (the output's: for e4m3 inputs the one asked for),
+    element strides (batch, seq, head, dim), text capacity and the library's precision ("fp8_scaled" for e4m3
+    inputs)."""
 
     batch: int
     seq: int
@@ -134,12 +137,14 @@ class Operands(NamedTuple):
     dtype: str
     text_capacity: int
     strides: tuple  # ((batch, seq, head, dim) of q, of k, of v)
+    precision: str = "native"
 
     @staticmethod
     def of(q: ArrayView, k: ArrayView, v: ArrayView, latent: Triple, layout: str, device: Optional[str],
-           expected_dtypes: str) -> "Operands":
-        """Checks three views against each other, the layout and what `device` supports (asked of the
-        library; None skips that question); `expected_dtypes` words the dtype errors."""
+           expected_dtypes: str, precision: str = "native", out_dtype: Optional[str] = None) -> "Operands":
+        """Checks three views against each other, the layout, the precision and what `device` supports (asked
+        of the library; None skips that question); `expected_dtypes` words the dtype errors. e4m3 inputs need
+        precision "fp8" (they run as the library's fp8_scaled, with the output in `out_dtype`, default bf16)."""
         choice("layout", layout, _capi.LAYOUTS)
         for name, a in (("q", q), ("k", k), ("v", v)):
             if len(a.shape) != 4:
@@ -151,6 +156,15 @@ class Operands(NamedTuple):
                 raise ValueError(f"{name}: strides that are not a whole number of elements are not supported")
         if q.dtype is None:
             raise TypeError(f"q: dtype {q.dtype_name} is not supported: expected {expected_dtypes}")
+        dtype, lib_precision = q.dtype, precision
+        if q.dtype == "e4m3":
+            if precision != "fp8":
+                raise TypeError(f"q: dtype {q.dtype_name} (FP8 inputs quantised by the caller) needs precision='fp8' "
+                                f"and scales=(q_scale, k_scale, v_scale), got precision={precision!r}")
+            dtype, lib_precision = out_dtype or "bf16", "fp8_scaled"
+        elif out_dtype is not None and out_dtype != q.dtype:
+            raise ValueError(f"invalid out_dtype = {out_dtype!r}: expected None (the output is in q's dtype "
+                             f"{q.dtype_name}; only e4m3 inputs take another output dtype)")
 
         def bshd(a: ArrayView):  # (B, S, H, D) sizes and element strides of either layout
             sizes, st = a.shape, a.strides
@@ -164,17 +178,20 @@ class Operands(NamedTuple):
         if (Bk, Sk, Dk) != (B, S, D) or (Bv, Sv, Hv, Dv) != (Bk, Sk, Hk, Dk):
             raise ValueError(f"invalid k/v shapes {tuple(k.shape)}, {tuple(v.shape)}: expected batch {B}, sequence "
                              f"{S} and head dim {D} like q {tuple(q.shape)}, and k and v alike")
-        refused = None if device is None else _capi.device_support(device, q.dtype, D)
+        refused = None if device is None else _capi.device_support(device, dtype, D, lib_precision)
         if refused is not None:
             if refused.argument == "dtype":
-                raise TypeError(f"q: dtype {q.dtype_name} is not supported on {device}: expected "
-                                f"{expected_dtypes} ({refused})")
+                name = q.dtype_name if q.dtype != "e4m3" else f"{dtype} (out_dtype)"
+                raise TypeError(f"q: dtype {name} is not supported on {device}: expected {expected_dtypes} "
+                                f"({refused})")
+            if refused.argument == "precision":
+                raise _capi.TilewiseError(str(refused), refused.argument)
             raise _capi.TilewiseError(f"q: {refused}", refused.argument)
         n_video = volume(latent)
         if n_video > S:
             raise ValueError(f"invalid latent = {tuple(latent)}: T*H*W = {n_video} exceeds the sequence length "
                              f"S = {S} of q")
-        return Operands(B, S, Hq, Hk, D, q.dtype, S - n_video, (sq, sk, sv))
+        return Operands(B, S, Hq, Hk, D, dtype, S - n_video, (sq, sk, sv), lib_precision)
 
     def same_arrays(self, other: "Operands") -> bool:
         """Equal except for the text capacity (which depends on the latent, not on the arrays)."""
@@ -225,6 +242,9 @@ class PatternParams(NamedTuple):
                              tuple(global_frames), tuple(radius), tuple(block_offsets), tuple(block_tiles))
 
 
+PRECISIONS = ("native", "fp8")  # what callers choose; e4m3 inputs make the library's "fp8_scaled"
+
+
 class Call(NamedTuple):
     """Everything a plan depends on besides the arrays, checked and normalised."""
 
@@ -236,14 +256,17 @@ class Call(NamedTuple):
     layout: str = "bshd"
     scale: float = 0.0
     head_offset: int = 0
+    precision: str = "native"      # "native" or "fp8" (docs/semantics.md §11)
+    out_dtype: Optional[str] = None  # e4m3 inputs only: the output's tilewise dtype (None = bf16)
 
     @staticmethod
     def of(*, latent, tile, params: PatternParams, text_position="last", order="raster", layout="bshd",
-           scale=None, head_offset=0) -> "Call":
+           scale=None, head_offset=0, precision="native", out_dtype=None) -> "Call":
         return Call(triple("latent", latent), triple("tile", tile), params,
                     choice("text_position", text_position, _capi.TEXT_POSITIONS), choice("order", order, _capi.ORDERS),
                     choice("layout", layout, _capi.LAYOUTS), scale_arg(scale),
-                    integer("head_offset", head_offset))
+                    integer("head_offset", head_offset), choice("precision", precision, PRECISIONS), out_dtype)
+
 
 
 def make_plan(ops: Operands, call: Call, device: str) -> _capi.Plan:
@@ -256,7 +279,7 @@ def make_plan(ops: Operands, call: Call, device: str) -> _capi.Plan:
                       scale=call.scale, head_offset=call.head_offset, pattern=p.pattern,
                       windows=p.windows or ((3, 3, 3),), global_frames=p.global_frames or (0,),
                       radius=p.radius or (0,), block_offsets=p.block_offsets, block_tiles=p.block_tiles,
-                      device=device)
+                      device=device, precision=ops.precision)
 
 
 def text_len_values(text_len, batch: int, capacity: Optional[int] = None) -> tuple:

@@ -18,6 +18,7 @@ TEXT_POSITIONS = {"last": 0, "first": 1}
 ORDERS = {"raster": 0, "tiled": 1}
 LAYOUTS = {"bshd": 0, "bhsd": 1}
 PATTERNS = {"dense": 0, "sliding_tile": 1, "attention_tile": 2, "block_list": 3}
+PRECISIONS = {"native": 0, "fp8": 1, "fp8_scaled": 2}
 
 
 class Problem(ctypes.Structure):
@@ -27,7 +28,7 @@ class Problem(ctypes.Structure):
         ("latent", I64 * 3), ("tile", I64 * 3),
         ("text_capacity", I64), ("seq_len", I64), ("head_offset", I64),
         ("q_strides", I64 * 4), ("k_strides", I64 * 4), ("v_strides", I64 * 4), ("o_strides", I64 * 4),
-        ("scale", ctypes.c_double),
+        ("scale", ctypes.c_double), ("precision", I32),
     ]
 
 
@@ -38,6 +39,15 @@ class Pattern(ctypes.Structure):
         ("block_offsets", ctypes.POINTER(I64)), ("num_block_offsets", I64),
         ("block_tiles", ctypes.POINTER(I32)), ("num_block_tiles", I64),
     ]
+
+
+class Tensors(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("q", "k", "v", "o", "lse", "text_len", "q_scale", "k_scale", "v_scale")]
+
+
+class Fp8Tensors(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("q", "k", "v", "q_scale", "k_scale", "v_scale")]
 
 
 class GradTensors(ctypes.Structure):
@@ -97,6 +107,11 @@ def lib(path: str | None = None):
         L.tw_plan_grid.argtypes = [ctypes.c_void_p, dim3]
         L.tw_plan_window.argtypes = [ctypes.c_void_p, I64, dim3]
         L.tw_device_supports.argtypes = [I32, I32, I64]
+        L.tw_device_supports_precision.argtypes = [I32, I32, I64, I32]
+        L.tw_tensors_init.argtypes = [ctypes.POINTER(Tensors)]
+        L.tw_plan_run_tensors.argtypes = [ctypes.c_void_p, ctypes.POINTER(Tensors), ctypes.c_void_p, ctypes.c_void_p]
+        L.tw_plan_quantize_fp8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.POINTER(Fp8Tensors), ctypes.c_void_p]
+        L.tw_plan_fp8_key_blocks.argtypes = [ctypes.c_void_p, ctypes.POINTER(I64), ctypes.POINTER(I64)]
         _lib = L
     return _lib
 
@@ -119,7 +134,7 @@ def _enum(table: dict, name: str, value) -> int:
 
 def make_problem(*, batch, q_heads, kv_heads, head_dim, dtype, latent, tile, text_capacity=0,
                  text_position="last", order="raster", layout="bshd", strides=None, scale=0.0,
-                 head_offset=0) -> Problem:
+                 head_offset=0, precision="native") -> Problem:
     """A tw_problem from keyword arguments; strides: {"q": (batch, seq, head, dim), ...} in elements."""
     p = Problem()
     lib().tw_problem_init(ctypes.byref(p))
@@ -130,6 +145,7 @@ def make_problem(*, batch, q_heads, kv_heads, head_dim, dtype, latent, tile, tex
     p.layout = _enum(LAYOUTS, "layout", layout)
     p.latent[:], p.tile[:] = list(latent), list(tile)
     p.text_capacity, p.scale, p.head_offset = text_capacity, scale, head_offset
+    p.precision = _enum(PRECISIONS, "precision", precision)
     for name, st in (strides or {}).items():
         getattr(p, f"{name}_strides")[:] = list(st)
     return p
@@ -156,14 +172,14 @@ def effective_window(latent, tile, window) -> tuple:
 _support: dict = {}
 
 
-def device_support(device: str, dtype: str, head_dim: int):
-    """None when `device` runs `dtype` at `head_dim` here, else the TilewiseError saying why (tw_device_supports,
-    which plans a one-tile problem: cached, one answer per process)."""
-    key = (device, dtype, int(head_dim))
+def device_support(device: str, dtype: str, head_dim: int, precision: str = "native"):
+    """None when `device` runs `dtype` at `head_dim` and `precision` here, else the TilewiseError saying why
+    (tw_device_supports_precision, which plans a one-tile problem: cached, one answer per process)."""
+    key = (device, dtype, int(head_dim), precision)
     if key not in _support:
         try:
-            check(lib().tw_device_supports(_enum(DEVICES, "device", device), _enum(DTYPES, "dtype", dtype),
-                                           int(head_dim)))
+            check(lib().tw_device_supports_precision(_enum(DEVICES, "device", device), _enum(DTYPES, "dtype", dtype),
+                                                     int(head_dim), _enum(PRECISIONS, "precision", precision)))
             _support[key] = None
         except TilewiseError as e:
             _support[key] = e
@@ -187,11 +203,13 @@ class Plan:
     def __init__(self, *, batch, q_heads, kv_heads, head_dim, dtype, latent, tile, text_capacity=0,
                  text_position="last", order="raster", layout="bshd", strides=None, scale=0.0, head_offset=0,
                  pattern="sliding_tile", windows=((3, 3, 3),), global_frames=(0,), radius=(0,),
-                 block_offsets=None, block_tiles=None, device="cuda"):
+                 block_offsets=None, block_tiles=None, device="cuda", precision="native"):
         L = lib()
         p = make_problem(batch=batch, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
                          latent=latent, tile=tile, text_capacity=text_capacity, text_position=text_position,
-                         order=order, layout=layout, strides=strides, scale=scale, head_offset=head_offset)
+                         order=order, layout=layout, strides=strides, scale=scale, head_offset=head_offset,
+                         precision=precision)
+        self.seq_len = p.latent[0] * p.latent[1] * p.latent[2] + text_capacity
         pat = Pattern()
         L.tw_pattern_init(ctypes.byref(pat))
         pat.kind = _enum(PATTERNS, "pattern", pattern)
@@ -212,11 +230,37 @@ class Plan:
         check(L.tw_plan_create(ctypes.byref(p), ctypes.byref(pat), _enum(DEVICES, "device", device), ctypes.byref(handle)))
         self._handle = handle
 
-    def run(self, q, k, v, o, lse=0, text_len=0, stream=0, workspace=0) -> None:
+    def run(self, q, k, v, o, lse=0, text_len=0, stream=0, workspace=0, scales=(0, 0, 0)) -> None:
         """Pointers as integers (e.g. tensor.data_ptr()); 0 for absent lse / text_len / default stream, and for
-        the plan's own workspace (then runs of this plan must not overlap on two streams)."""
-        check(lib().tw_plan_run_with_workspace(self._handle, q, k, v, o, lse or None, text_len or None,
-                                               workspace or None, stream or None))
+        the plan's own workspace (then runs of this plan must not overlap on two streams). scales: q_scale,
+        k_scale, v_scale (precision fp8_scaled only)."""
+        if not any(scales):  # the common call: no struct to fill
+            check(lib().tw_plan_run_with_workspace(self._handle, q, k, v, o, lse or None, text_len or None,
+                                                   workspace or None, stream or None))
+            return
+        t = Tensors()
+        lib().tw_tensors_init(ctypes.byref(t))
+        for name, ptr in zip(Tensors._fields_, (q, k, v, o, lse, text_len, *scales)):
+            setattr(t, name[0], ptr or None)
+        check(lib().tw_plan_run_tensors(self._handle, ctypes.byref(t), workspace or None, stream or None))
+
+    def quantize_fp8(self, q, k, v, text_len, out) -> None:
+        """precision fp8's quantisation alone: q, k, v (pointers) in the plan's dtype -> out, (q8, k8, v8,
+        q_scale, k_scale, v_scale) pointers (tw_plan_quantize_fp8)."""
+        o = Fp8Tensors(*out)
+        check(lib().tw_plan_quantize_fp8(self._handle, q, k, v, text_len or None, ctypes.byref(o), None))
+
+    def fp8_key_blocks(self) -> int:
+        """K quantisation blocks per (batch, kv head): k_scale's last dimension."""
+        out = I64()
+        check(lib().tw_plan_fp8_key_blocks(self._handle, ctypes.byref(out), None))
+        return out.value
+
+    def fp8_key_block_of_positions(self) -> list:
+        """The key block of every sequence position."""
+        count, blocks = I64(), (I64 * self.seq_len)()
+        check(lib().tw_plan_fp8_key_blocks(self._handle, ctypes.byref(count), blocks))
+        return list(blocks)
 
     def workspace_bytes(self) -> int:
         out = ctypes.c_uint64()

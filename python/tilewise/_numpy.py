@@ -23,8 +23,13 @@ def view(name: str, a) -> _args.ArrayView:
     return _args.ArrayView(tuple(a.shape), strides, DTYPES.get(a.dtype), str(a.dtype))
 
 
-def operands(q, k, v, latent, layout: str) -> _args.Operands:
-    return _args.Operands.of(view("q", q), view("k", k), view("v", v), latent, layout, "cpu", EXPECTED_DTYPES)
+def operands(q, k, v, call: _args.Call, latent=None) -> _args.Operands:
+    """_args.Operands of three arrays for `call` (latent: call.latent unless given)."""
+    if call.out_dtype is not None:
+        raise TypeError("out_dtype: numpy arrays have no e4m3 dtype, so the output is in q's dtype: expected None "
+                        "(FP8 inputs quantised by the caller need torch.float8_e4m3fn tensors)")
+    return _args.Operands.of(view("q", q), view("k", k), view("v", v), call.latent if latent is None else latent,
+                             call.layout, "cpu", EXPECTED_DTYPES, call.precision)
 
 
 class Runner:
@@ -32,11 +37,11 @@ class Runner:
 
     def __init__(self, q, k, v, call: _args.Call):
         self.call = call
-        self.operands = operands(q, k, v, call.latent, call.layout)
+        self.operands = operands(q, k, v, call)
         self.plan = _args.make_plan(self.operands, call, "cpu")
 
     def __call__(self, q, k, v, text_len, return_lse: bool):
-        ops = operands(q, k, v, (0, 0, 0), self.call.layout)
+        ops = operands(q, k, v, self.call, (0, 0, 0))
         if not ops.same_arrays(self.operands):
             raise ValueError("q/k/v: shapes, strides or dtype differ from the ones this Plan was made for")
         o = np.empty(q.shape, dtype=q.dtype)  # contiguous in the plan's layout

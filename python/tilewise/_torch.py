@@ -26,6 +26,8 @@ import torch
 from tilewise import _args, _capi, _numpy
 
 DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
+E4M3 = torch.float8_e4m3fn  # FP8 inputs quantised by the caller (precision="fp8" with scales)
 _INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
@@ -39,7 +41,17 @@ def _expected_dtypes(device: torch.device) -> str:
 
 
 def _view(t: torch.Tensor) -> _args.ArrayView:
-    return _args.ArrayView(tuple(t.shape), tuple(t.stride()), DTYPES.get(t.dtype), str(t.dtype))
+    return _args.ArrayView(tuple(t.shape), tuple(t.stride()), "e4m3" if t.dtype == E4M3 else DTYPES.get(t.dtype),
+                           str(t.dtype))
+
+
+def out_dtype_name(out_dtype) -> Optional[str]:
+    """out_dtype (None, a torch float dtype or its tilewise name) -> the tilewise name or None."""
+    if out_dtype is None or out_dtype in TORCH_DTYPES:
+        return out_dtype
+    if out_dtype not in DTYPES:
+        raise TypeError(f"out_dtype: expected None or one of {', '.join(map(str, DTYPES))}, got {out_dtype!r}")
+    return DTYPES[out_dtype]
 
 
 class _NoGuard:
@@ -54,8 +66,8 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else _NoGuard()
 
 
-def operands(q, k, v, latent, layout: str) -> _args.Operands:
-    """_args.Operands of three tensors on one CPU or CUDA device."""
+def operands(q, k, v, call: _args.Call, latent=None) -> _args.Operands:
+    """_args.Operands of three tensors on one CPU or CUDA device, for `call` (latent: call.latent unless given)."""
     for name, t in (("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch tensor like q, got {type(t).__name__}")
@@ -67,7 +79,8 @@ def operands(q, k, v, latent, layout: str) -> _args.Operands:
     # cannot run fails when its plan is made, with the same message.
     device = None if torch.compiler.is_compiling() else _device_kind(q.device)
     with _device_guard(q.device):
-        return _args.Operands.of(_view(q), _view(k), _view(v), latent, layout, device, _expected_dtypes(q.device))
+        return _args.Operands.of(_view(q), _view(k), _view(v), call.latent if latent is None else latent, call.layout,
+                                 device, _expected_dtypes(q.device), call.precision, call.out_dtype)
 
 
 def _text_len_args(text_len, q: torch.Tensor, ops: _args.Operands):
@@ -88,27 +101,60 @@ def _text_len_args(text_len, q: torch.Tensor, ops: _args.Operands):
     return None, _args.text_len_values(text_len, ops.batch, ops.text_capacity)
 
 
-def _op_args(call: _args.Call, deterministic: bool) -> tuple:
-    """The op's non-tensor arguments, in schema order, from a checked Call."""
+def _geometry_args(call: _args.Call) -> tuple:
+    """The ops' pattern and geometry arguments, in schema order, from a checked Call."""
     p = call.params
     return (list(call.latent), list(call.tile), p.pattern, p.flat_windows(), list(p.global_frames),
             list(p.radius), list(p.block_offsets), list(p.block_tiles), call.text_position, call.order, call.layout,
-            float(call.scale), int(call.head_offset), bool(deterministic))
+            float(call.scale), int(call.head_offset))
+
+
+def _op_args(call: _args.Call, deterministic: bool) -> tuple:
+    """attention_fwd's non-tensor arguments, in schema order, from a checked Call."""
+    return _geometry_args(call) + (bool(deterministic), call.precision)
 
 
 def _call_of(latent, tile, pattern, windows, global_frames, radius, block_offsets, block_tiles, text_position, order,
-             layout, scale, head_offset) -> _args.Call:
+             layout, scale, head_offset, precision="native", out_dtype=None) -> _args.Call:
     params = _args.PatternParams.from_flat(pattern, windows, global_frames, radius, block_offsets, block_tiles)
-    return _args.Call(tuple(latent), tuple(tile), params, text_position, order, layout, scale, head_offset)
+    return _args.Call(tuple(latent), tuple(tile), params, text_position, order, layout, scale, head_offset, precision,
+                      out_dtype)
 
 
-def attention(q, k, v, call: _args.Call, text_len, return_lse: bool, deterministic: Optional[bool]):
-    """The torch side of the public functions: checks, then the custom op (differentiable)."""
-    ops = operands(q, k, v, call.latent, call.layout)
+def _scale_tensors(scales, q: torch.Tensor, ops: _args.Operands) -> tuple:
+    """The (q_scale, k_scale, v_scale) of e4m3 inputs, checked for what needs no plan (their shapes are checked
+    against the plan's key blocks in the op); None where the inputs are not e4m3, which then takes no scales."""
+    if ops.precision != "fp8_scaled":
+        if scales is not None:
+            raise ValueError(f"scales: expected None: scales come with e4m3 inputs (torch.float8_e4m3fn, quantised by "
+                             f"the caller), and q is {q.dtype}")
+        return None
+    if not isinstance(scales, (tuple, list)) or len(scales) != 3:
+        raise TypeError(f"scales: expected (q_scale, k_scale, v_scale), three float32 tensors, for e4m3 inputs, got "
+                        f"{type(scales).__name__}")
+    for name, t in zip(("q_scale", "k_scale", "v_scale"), scales):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"{name}: expected a float32 tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: on device {t.device}, expected q's device {q.device}")
+    return tuple(scales)
+
+
+def attention(q, k, v, call: _args.Call, text_len, return_lse: bool, deterministic: Optional[bool], scales=None):
+    """The torch side of the public functions: checks, then the custom op (differentiable in native precision)."""
+    ops = operands(q, k, v, call)
     tl, values = _text_len_args(text_len, q, ops)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    o, lse = attention_fwd(q, k, v, tl, list(values), *_op_args(call, deterministic))
+    given = _scale_tensors(scales, q, ops)
+    if call.precision == "fp8" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("precision: 'fp8' is forward only (docs/semantics.md §11): expected inputs that do not "
+                         "require grad (or torch.no_grad()), or precision='native' for training")
+    if given is not None:
+        o, lse = attention_fwd_fp8_scaled(q, k, v, *given, tl, list(values), *_geometry_args(call), ops.dtype)
+    else:
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        o, lse = attention_fwd(q, k, v, tl, list(values), *_op_args(call, deterministic))
     return (o, lse) if return_lse else o
 
 
@@ -145,7 +191,7 @@ def _plan_for(q, k, v, call: _args.Call) -> _capi.Plan:
         if _capturing(q.device):
             raise RuntimeError("tilewise: no plan for this call during CUDA graph capture (creating one does host "
                                "planning and table uploads): run the same call once eagerly first")
-        ops = operands(q, k, v, call.latent, call.layout)
+        ops = operands(q, k, v, call)
         plan = _args.make_plan(ops, call, _device_kind(q.device))
         plan.forward_bytes, plan.backward_bytes = plan.workspace_bytes(), plan.backward_workspace_bytes()
         _plans[key] = plan
@@ -187,13 +233,25 @@ def _lse_shape(q, layout: str) -> tuple:
     return (q.shape[0], q.shape[2], q.shape[1]) if layout == "bshd" else (q.shape[0], q.shape[1], q.shape[2])
 
 
-def _forward(plan: _capi.Plan, q, k, v, text_len, values, layout: str):
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous in `layout`, as the plan's o strides
+def _forward(plan: _capi.Plan, q, k, v, text_len, values, layout: str, out_dtype=None, scales=None):
+    """o (contiguous in `layout`, as the plan's o strides; in q's dtype unless out_dtype) and lse of one run;
+    scales: e4m3 inputs' (q_scale, k_scale, v_scale), checked against the plan's shapes here."""
+    o = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, layout), dtype=torch.float32, device=q.device)
+    pointers = (0, 0, 0)
+    if scales is not None:
+        B, H, S = lse.shape
+        kv = _lse_shape(k, layout)[1]
+        for name, t, shape in zip(("q_scale", "k_scale", "v_scale"), scales,
+                                  ((B, H, S), (B, kv, plan.fp8_key_blocks()), (B, kv, q.shape[-1]))):
+            if tuple(t.shape) != shape or not t.is_contiguous():
+                raise ValueError(f"invalid {name} with shape {tuple(t.shape)}: expected a contiguous float32 tensor "
+                                 f"{list(shape)} (docs/semantics.md §11.3)")
+        pointers = tuple(t.data_ptr() for t in scales)
     tl = _text_len_tensor(text_len, values, q.device)
     ws = _workspace(plan.forward_bytes, q.device)
     plan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), _ptr(tl), _stream(q.device),
-             _ptr(ws))
+             _ptr(ws), pointers)
     return o, lse
 
 
@@ -204,20 +262,47 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: O
                   text_len_values: List[int], latent: List[int], tile: List[int], pattern: str, windows: List[int],
                   global_frames: List[int], radius: List[int], block_offsets: List[int], block_tiles: List[int],
                   text_position: str, order: str, layout: str, scale: float, head_offset: int,
-                  deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                  deterministic: bool, precision: str = "native") -> Tuple[torch.Tensor, torch.Tensor]:
     """Tile-sparse attention forward. windows: flattened (kt, kh, kw) triples; text_len (device tensor) or
-    text_len_values (host ints, [] = all valid); deterministic: for the backward. Returns o (contiguous in
-    `layout`) and the float32 LSE [B, Hq, S]."""
+    text_len_values (host ints, [] = all valid); deterministic: for the backward; precision: "native" or "fp8"
+    (quantised inside, forward only). Returns o (contiguous in `layout`) and the float32 LSE [B, Hq, S]."""
     call = _call_of(latent, tile, pattern, windows, global_frames, radius, block_offsets, block_tiles, text_position,
-                    order, layout, scale, head_offset)
+                    order, layout, scale, head_offset, precision)
     with _device_guard(q.device):
         return _forward(_plan_for(q, k, v, call), q, k, v, text_len, text_len_values, layout)
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, text_len, text_len_values, latent, tile, pattern, windows, global_frames, radius,
-                        block_offsets, block_tiles, text_position, order, layout, scale, head_offset, deterministic):
+                        block_offsets, block_tiles, text_position, order, layout, scale, head_offset, deterministic,
+                        precision="native"):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
+
+
+@torch.library.custom_op("tilewise::attention_fwd_fp8_scaled", mutates_args=())
+def attention_fwd_fp8_scaled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor,
+                             k_scale: torch.Tensor, v_scale: torch.Tensor, text_len: Optional[torch.Tensor],
+                             text_len_values: List[int], latent: List[int], tile: List[int], pattern: str,
+                             windows: List[int], global_frames: List[int], radius: List[int],
+                             block_offsets: List[int], block_tiles: List[int], text_position: str, order: str,
+                             layout: str, scale: float, head_offset: int,
+                             out_dtype: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The forward on e4m3 q, k, v (torch.float8_e4m3fn) quantised by the caller, with their float32 scales
+    (docs/semantics.md §11.3: q_scale [B, Hq, S], k_scale [B, Hkv, key blocks], v_scale [B, Hkv, D]). Forward
+    only. Returns o in out_dtype ("bf16", "f16", ...; contiguous in `layout`) and the float32 LSE [B, Hq, S]."""
+    call = _call_of(latent, tile, pattern, windows, global_frames, radius, block_offsets, block_tiles, text_position,
+                    order, layout, scale, head_offset, "fp8", out_dtype)
+    with _device_guard(q.device):
+        return _forward(_plan_for(q, k, v, call), q, k, v, text_len, text_len_values, layout, TORCH_DTYPES[out_dtype],
+                        (q_scale, k_scale, v_scale))
+
+
+@attention_fwd_fp8_scaled.register_fake
+def _attention_fwd_fp8_scaled_fake(q, k, v, q_scale, k_scale, v_scale, text_len, text_len_values, latent, tile,
+                                   pattern, windows, global_frames, radius, block_offsets, block_tiles, text_position,
+                                   order, layout, scale, head_offset, out_dtype):
+    return (q.new_empty(q.shape, dtype=TORCH_DTYPES[out_dtype]),
+            q.new_empty(_lse_shape(q, layout), dtype=torch.float32))
 
 
 def _dense_like(x: torch.Tensor) -> torch.Tensor:
@@ -234,11 +319,12 @@ def attention_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Ten
                   text_len_values: List[int], latent: List[int], tile: List[int], pattern: str, windows: List[int],
                   global_frames: List[int], radius: List[int], block_offsets: List[int], block_tiles: List[int],
                   text_position: str, order: str, layout: str, scale: float, head_offset: int,
-                  deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  deterministic: bool, precision: str = "native") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tile-sparse attention backward (docs/semantics.md, "Gradients"): dq, dk, dv (shaped like q, k, v) from the
-    upstream dout (like o) and dlse (like lse, None = zero), with the forward's o and lse."""
+    upstream dout (like o) and dlse (like lse, None = zero), with the forward's o and lse. The library refuses
+    precision "fp8" (forward only)."""
     call = _call_of(latent, tile, pattern, windows, global_frames, radius, block_offsets, block_tiles, text_position,
-                    order, layout, scale, head_offset)
+                    order, layout, scale, head_offset, precision)
     q, k, v = _dense_like(q), _dense_like(k), _dense_like(v)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # The plan reads o and dout with the forward's output strides (contiguous in the layout), lse / dlse [B, H, S].
@@ -284,23 +370,43 @@ class Runner:
 
     def __init__(self, q, k, v, call: _args.Call):
         self.call = call
-        self.operands = operands(q, k, v, call.latent, call.layout)
+        self.operands = operands(q, k, v, call)
         self.device = q.device
         with _device_guard(q.device):
             self.plan = _args.make_plan(self.operands, call, _device_kind(q.device))
             self.plan.forward_bytes = self.plan.workspace_bytes()
 
-    def __call__(self, q, k, v, text_len, return_lse: bool):
-        ops = operands(q, k, v, (0, 0, 0), self.call.layout)
+    def __call__(self, q, k, v, text_len, return_lse: bool, scales=None):
+        ops = operands(q, k, v, self.call, (0, 0, 0))
         if not ops.same_arrays(self.operands) or q.device != self.device:
             raise ValueError(f"q/k/v: shapes, strides, dtype or device differ from the ones this Plan was made for "
                              f"({self.device})")
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            return attention(q, k, v, self.call, text_len, True, None)
+            return attention(q, k, v, self.call, text_len, True, None, scales)
         tl, values = _text_len_args(text_len, q, self.operands)
+        given = _scale_tensors(scales, q, ops)
         with _device_guard(q.device):
-            o, lse = _forward(self.plan, q, k, v, tl, values, self.call.layout)
+            o, lse = _forward(self.plan, q, k, v, tl, values, self.call.layout, TORCH_DTYPES[ops.dtype], given)
         return o, (lse if return_lse else None)
+
+
+def quantize_fp8(q, k, v, call: _args.Call, text_len):
+    """precision fp8's quantisation of q, k, v (docs/semantics.md §11.2), as the library does it inside an fp8 run
+    (CPU backend): e4m3 q8, k8, v8 with q's, k's and v's strides, and (q_scale, k_scale, v_scale)."""
+    ops = operands(q, k, v, call)
+    if ops.precision != "fp8":
+        raise TypeError(f"q: dtype {q.dtype} is e4m3 already: expected {_expected_dtypes(q.device)} to quantise")
+    tl, values = _text_len_args(text_len, q, ops)
+    with _device_guard(q.device):
+        plan = _plan_for(q, k, v, call)
+        out = [torch.empty_strided(t.shape, t.stride(), dtype=E4M3, device=q.device) for t in (q, k, v)]
+        B, H, S = _lse_shape(q, call.layout)
+        kv = _lse_shape(k, call.layout)[1]
+        scales = [torch.empty(shape, dtype=torch.float32, device=q.device)
+                  for shape in ((B, H, S), (B, kv, plan.fp8_key_blocks()), (B, kv, q.shape[-1]))]
+        tl = _text_len_tensor(tl, values, q.device)
+        plan.quantize_fp8(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(tl), [t.data_ptr() for t in out + scales])
+    return (*out, tuple(scales))
 
 
 # --- tile / untile ---

@@ -383,7 +383,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
                       block_offsets=None, block_tiles=None, text_len=None, text_position: str = "last",
                       order: str = "raster", layout: str = "bshd", scale: Optional[float] = None,
                       load_balance: Optional[bool] = None, chunks: int = 1, deterministic: Optional[bool] = None,
-                      seq_len: Optional[int] = None, sm_margin: int = 0):
+                      seq_len: Optional[int] = None, sm_margin: int = 0, precision: str = "native"):
     """Tile-sparse attention over a sequence split across the ranks of `group` (None = the default group).
 
     q, k, v: this rank's chunk of the joint sequence, [B, s_r, H, D] (layout "bshd") or [B, H, s_r, D] ("bhsd"),
@@ -398,13 +398,15 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
     communication of one group overlaps the attention of another (1 = one all-to-all in, one out).
     sm_margin: SMs the attention leaves free for the collectives (0 = none); needs a library whose attention
     takes it (not yet: any other value is refused).
+    precision: "native" or "fp8" (docs/semantics.md §11; each rank quantises the whole sequence of its heads, so
+    the result equals the single-device one).
     Returns this rank's chunk of the output, shaped like q, contiguous in `layout`.
     """
     return _ulysses(q, k, v, group=group, latent=latent, tile=tile, pattern=pattern, window=window,
                     global_frames=global_frames, radius=radius, block_offsets=block_offsets, block_tiles=block_tiles,
                     text_len=text_len, text_position=text_position, order=order, layout=layout, scale=scale,
                     load_balance=load_balance, chunks=chunks, deterministic=deterministic, seq_len=seq_len,
-                    sm_margin=sm_margin)
+                    sm_margin=sm_margin, precision=precision)
 
 
 def _local_sizes(s_local: int, seq_len, P: int, group, device) -> list:
@@ -420,7 +422,8 @@ def _local_sizes(s_local: int, seq_len, P: int, group, device) -> list:
 
 def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, radius, block_offsets, block_tiles,
              text_len, text_position, order, layout, scale, load_balance, chunks, deterministic, seq_len,
-             sm_margin=0, split: Optional[_SequenceSplit] = None):
+             sm_margin=0, split: Optional[_SequenceSplit] = None,
+             precision: str = "native"):
     """ulysses_attention, plus what the diffusers integration needs: `split`, how the ranks' local sequences
     make up the spec's one when they are not the spec's chunks (diffusers splits video and text separately).
 
@@ -440,6 +443,7 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch tensor, got {type(t).__name__}")
     _args.choice("layout", layout, _capi.LAYOUTS)
+    _args.choice("precision", precision, _args.PRECISIONS)
     params = _args.PatternParams.of(pattern, window, global_frames, radius, block_offsets, block_tiles)
     latent, tile = _args.triple("latent", latent), _args.triple("tile", tile)
     if group is None:
@@ -496,7 +500,7 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
     if P == 1:  # nothing to exchange: the plain op, no copies
         return _api._attention(q, k, v, params=params, latent=latent, tile=tile, text_len=text_len,
                                text_position=text_position, order=order, layout=layout, scale=scale, head_offset=0,
-                               return_lse=False, deterministic=deterministic)
+                               return_lse=False, deterministic=deterministic, precision=precision)
 
     if load_balance is None:
         load_balance = _global_heads(params, latent, tile) is not None and \
@@ -514,7 +518,7 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
 
     hq, hk = Hq // P, Hkv // P  # local heads
     call_kw = dict(latent=latent, tile=tile, text_len=text_len, text_position=text_position, order=order,
-                   layout="bshd", scale=scale, deterministic=deterministic)
+                   layout="bshd", scale=scale, deterministic=deterministic, precision=precision)
     if sm_margin:
         call_kw["sm_margin"] = sm_margin  # see _ATTENTION_TAKES_SM_MARGIN
     blocks = [split.block(j) for j in range(P)]  # positions of the gathered sequence from each rank, in rank order

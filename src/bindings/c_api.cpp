@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/errors.hpp"
+#include "tilewise/fp8.hpp"
 #include "tilewise/tilewise.hpp"
 
 struct tw_plan {
@@ -78,6 +79,7 @@ tilewise::Problem to_problem(const tw_problem& c) {
   p.v = to_strides(c.v_strides);
   p.o = to_strides(c.o_strides);
   p.scale = c.scale;
+  p.precision = static_cast<tilewise::Precision>(c.precision);
   return p;
 }
 
@@ -159,6 +161,7 @@ void tw_problem_init(tw_problem* problem) {
     s[3] = 1;
   }
   problem->scale = d.scale;
+  problem->precision = static_cast<int32_t>(d.precision);
 }
 
 void tw_pattern_init(tw_pattern* pattern) {
@@ -181,6 +184,38 @@ tw_status tw_plan_create(const tw_problem* problem, const tw_pattern* pattern, i
 tw_status tw_plan_run(const tw_plan* plan, const void* q, const void* k, const void* v, void* o, float* lse,
                       const int32_t* text_len, void* stream) {
   return guarded([&] { plan_of(plan).run({q, k, v, o, lse, text_len}, stream); });
+}
+
+void tw_tensors_init(tw_tensors* tensors) {
+  if (tensors != nullptr) *tensors = tw_tensors{};
+}
+
+tw_status tw_plan_run_tensors(const tw_plan* plan, const tw_tensors* tensors, void* workspace, void* stream) {
+  return guarded([&] {
+    const tilewise::Plan& p = plan_of(plan);
+    const tw_tensors& t = deref(tensors, "tensors", "a tw_tensors filled by tw_tensors_init");
+    p.run({t.q, t.k, t.v, t.o, t.lse, t.text_len, t.q_scale, t.k_scale, t.v_scale}, stream, workspace);
+  });
+}
+
+tw_status tw_plan_quantize_fp8(const tw_plan* plan, const void* q, const void* k, const void* v,
+                               const int32_t* text_len, const tw_fp8_tensors* out, void* stream) {
+  return guarded([&] {
+    const tilewise::Plan& p = plan_of(plan);
+    const tw_fp8_tensors& o = deref(out, "out", "a tw_fp8_tensors with the output pointers");
+    p.quantize_fp8(q, k, v, text_len, {o.q, o.k, o.v, o.q_scale, o.k_scale, o.v_scale}, stream);
+  });
+}
+
+tw_status tw_plan_fp8_key_blocks(const tw_plan* plan, int64_t* count, int64_t* block_of_position) {
+  return guarded([&] {
+    const tilewise::Plan& p = plan_of(plan);
+    if (count == nullptr) fail("count", "null", "an int64_t* to receive the number of key blocks");
+    *count = p.fp8_key_blocks();
+    if (block_of_position)
+      for (int64_t s = 0; s < p.problem().seq_len; ++s)
+        block_of_position[s] = tilewise::fp8::key_block(p.token_map(), s);
+  });
 }
 
 tw_status tw_plan_workspace_size(const tw_plan* plan, uint64_t* bytes) {
@@ -300,11 +335,16 @@ tw_status tw_plan_window(const tw_plan* plan, int64_t head, int64_t window[3]) {
 }
 
 tw_status tw_device_supports(int32_t device, int32_t dtype, int64_t head_dim) {
+  return tw_device_supports_precision(device, dtype, head_dim, TW_PRECISION_NATIVE);
+}
+
+tw_status tw_device_supports_precision(int32_t device, int32_t dtype, int64_t head_dim, int32_t precision) {
   return guarded([&] {
-    // A one-tile problem: whatever it is refused for is about the device, the dtype or the head dim.
+    // A one-tile problem: whatever it is refused for is about the device, the dtype, the head dim or the precision.
     tilewise::Problem p;
     p.dtype = static_cast<tilewise::DType>(dtype);
     p.head_dim = head_dim;
+    p.precision = static_cast<tilewise::Precision>(precision);
     p.latent = {1, 8, 8};
     p.tile = {1, 8, 8};
     const tilewise::Plan plan(p, tilewise::Pattern::dense(), static_cast<tilewise::Device>(device));

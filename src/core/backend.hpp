@@ -20,6 +20,9 @@ class Backend {
   /// Throws tilewise::Error (argument "backward") where the backend has no backward for this plan.
   virtual void run_backward(const Plan& plan, const GradTensors& tensors, void* stream, void* workspace,
                             bool deterministic) const = 0;
+  /// Plan::quantize_fp8 (inputs: q, k, v, text_len). The default throws tilewise::Error (argument "device"): a
+  /// backend without it.
+  virtual void quantize_fp8(const Plan& plan, const Tensors& inputs, const Fp8Tensors& out, void* stream) const;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const Plan& plan);

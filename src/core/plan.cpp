@@ -5,6 +5,7 @@
 
 #include "core/backend.hpp"
 #include "core/errors.hpp"
+#include "tilewise/fp8.hpp"
 
 namespace tilewise {
 
@@ -32,6 +33,15 @@ const char* to_string(DType t) {
     case DType::f64: return "f64";
     case DType::bf16: return "bf16";
     case DType::f16: return "f16";
+  }
+  return "?";
+}
+
+const char* to_string(Precision p) {
+  switch (p) {
+    case Precision::native: return "native";
+    case Precision::fp8: return "fp8";
+    case Precision::fp8_scaled: return "fp8_scaled";
   }
   return "?";
 }
@@ -158,6 +168,8 @@ Plan::Plan(const Problem& problem, const Pattern& pattern, Device device) : devi
   validate_strides("v_strides", p.v);
   validate_strides("o_strides", p.o);
   require(std::isfinite(p.scale), "scale", p.scale, "a finite number (0 = 1/sqrt(head_dim))");
+  require(p.precision == Precision::native || p.precision == Precision::fp8 || p.precision == Precision::fp8_scaled,
+          "precision", static_cast<int>(p.precision), "native, fp8 or fp8_scaled (0, 1, 2)");
   if (p.scale == 0.0) p.scale = 1.0 / std::sqrt(static_cast<double>(p.head_dim));
 
   // Pattern: normalise to one entry per local head.
@@ -255,6 +267,27 @@ Plan::Plan(const Problem& problem, const Pattern& pattern, Device device) : devi
                                       : make_cuda_reference_backend(*this);
 }
 
+namespace {
+
+/// Tensors::q_scale (which 0), k_scale (1) or v_scale (2) given where the plan's precision reads none, or missing
+/// where it does.
+[[noreturn]] void fail_scale(const Plan& plan, int which, const float* given) {
+  const Problem& p = plan.problem();
+  const std::string name = which == 0 ? "q_scale" : which == 1 ? "k_scale" : "v_scale";
+  if (given != nullptr)
+    fail(name, str(given), std::string("null: scales are read with precision fp8_scaled only, and this plan's is ") +
+                               to_string(p.precision));
+  const std::string shape = which == 0 ? "[B, Hq, S] = [" + str(p.batch) + ", " + str(p.q_heads) + ", " +
+                                             str(p.seq_len) + "]"
+                            : which == 1 ? "[B, Hkv, fp8_key_blocks] = [" + str(p.batch) + ", " + str(p.kv_heads) +
+                                               ", " + str(plan.fp8_key_blocks()) + "]"
+                                         : "[B, Hkv, D] = [" + str(p.batch) + ", " + str(p.kv_heads) + ", " +
+                                               str(p.head_dim) + "]";
+  fail(name, "null", "a float32 tensor " + shape + " of scales (precision fp8_scaled)");
+}
+
+}  // namespace
+
 Plan::~Plan() = default;
 Plan::Plan(Plan&&) noexcept = default;
 Plan& Plan::operator=(Plan&&) noexcept = default;
@@ -267,7 +300,29 @@ void Plan::run(const Tensors& t, void* stream, void* workspace) const {
   require(t.v != nullptr, "v", "null", "a tensor pointer");
   require(t.o != nullptr, "o", "null", "a tensor pointer");
   require(reinterpret_cast<uintptr_t>(workspace) % 256 == 0, "workspace", workspace, "a 256-byte aligned pointer");
+  const float* scales[] = {t.q_scale, t.k_scale, t.v_scale};
+  for (int i = 0; i < 3; ++i)  // given exactly with fp8_scaled (the message is only built on failure: run is hot)
+    if ((scales[i] != nullptr) != (problem_.precision == Precision::fp8_scaled)) fail_scale(*this, i, scales[i]);
   backend_->run(*this, t, stream, workspace);
+}
+
+void Plan::quantize_fp8(const void* q, const void* k, const void* v, const int32_t* text_len, const Fp8Tensors& out,
+                        void* stream) const {
+  require(problem_.precision != Precision::fp8_scaled, "precision", to_string(problem_.precision),
+          "native or fp8: quantize_fp8 reads q, k, v in dtype, and this plan's are e4m3 already");
+  const std::pair<const void*, const char*> required[] = {{q, "q"},         {k, "k"},         {v, "v"},
+                                                          {out.q, "out.q"}, {out.k, "out.k"}, {out.v, "out.v"},
+                                                          {out.q_scale, "out.q_scale"}, {out.k_scale, "out.k_scale"},
+                                                          {out.v_scale, "out.v_scale"}};
+  for (const auto& [ptr, name] : required) require(ptr != nullptr, name, "null", "a tensor pointer");
+  backend_->quantize_fp8(*this, Tensors{q, k, v, nullptr, nullptr, text_len}, out, stream);
+}
+
+int64_t Plan::fp8_key_blocks() const { return fp8::key_blocks(map_.grid, problem_.text_capacity); }
+
+void Backend::quantize_fp8(const Plan& plan, const Tensors&, const Fp8Tensors&, void*) const {
+  fail("device", to_string(plan.device()), std::string("cpu: quantize_fp8 is not supported by backend ") +
+                                               to_string(plan.device()) + " yet");
 }
 
 size_t Plan::backward_workspace_bytes() const { return backend_->backward_workspace_bytes(*this); }
@@ -279,6 +334,8 @@ void Plan::run_backward(const GradTensors& t, void* stream, void* workspace, boo
   for (const auto& [ptr, name] : required)
     require(ptr != nullptr, name, "null", std::string("a tensor pointer") +
                                               (std::string(name) == "lse" ? " (the forward's log-sum-exp)" : ""));
+  require(problem_.precision == Precision::native, "backward", std::string("precision ") + to_string(problem_.precision),
+          "a plan with precision native (FP8 attention is forward only)");
   const size_t bytes = backward_workspace_bytes();
   require(bytes == 0 || workspace != nullptr, "workspace", "null",
           "a device buffer of backward_workspace_bytes() = " + str(bytes) + " bytes");

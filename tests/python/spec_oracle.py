@@ -11,22 +11,18 @@ def window(c, k, n):
     return s, s + k
 
 
-def oracle(q, k, v, latent, tile, allowed_video, text_len, text_first=False, scale=None):
-    """numpy, element by element. q, k, v: [B, S, H, D] float64; allowed_video(h, (t,h,w) query, (t,h,w) key)."""
-    B, S, Hq, D = q.shape
-    Hk = k.shape[2]
+def masks(B, S, Hq, latent, allowed_video, text_len, text_first=False):
+    """[B, Hq, S, S] bool, element by element from the spec: may query i see key j (raster order)."""
     T, H, W = latent
     nv = T * H * W
     L = S - nv
     v0, t0 = (L, 0) if text_first else (0, nv)
     coords = [(i // (H * W), (i // W) % H, i % W) for i in range(nv)]
-    scale = scale or 1 / np.sqrt(D)
-    o = np.zeros_like(q)
-    lse = np.zeros((B, Hq, S))
+    out = np.zeros((B, Hq, S, S), dtype=bool)
     for b in range(B):
         n_text = L if text_len is None else int(np.broadcast_to(text_len, (B,))[b])
         for h in range(Hq):
-            mask = np.zeros((S, S), dtype=bool)
+            mask = out[b, h]
             for i in range(S):
                 qi_text = not (v0 <= i < v0 + nv)
                 for j in range(S):
@@ -37,6 +33,20 @@ def oracle(q, k, v, latent, tile, allowed_video, text_len, text_first=False, sca
                         mask[i, j] = True
                     else:
                         mask[i, j] = allowed_video(h, coords[i - v0], coords[j - v0])
+    return out
+
+
+def oracle(q, k, v, latent, tile, allowed_video, text_len, text_first=False, scale=None):
+    """numpy, element by element. q, k, v: [B, S, H, D] float64; allowed_video(h, (t,h,w) query, (t,h,w) key)."""
+    B, S, Hq, D = q.shape
+    Hk = k.shape[2]
+    scale = scale or 1 / np.sqrt(D)
+    o = np.zeros_like(q)
+    lse = np.zeros((B, Hq, S))
+    all_masks = masks(B, S, Hq, latent, allowed_video, text_len, text_first)
+    for b in range(B):
+        for h in range(Hq):
+            mask = all_masks[b, h]
             s = scale * q[b, :, h] @ k[b, :, h // (Hq // Hk)].T
             s[~mask] = -np.inf
             m = s.max(axis=1, keepdims=True)

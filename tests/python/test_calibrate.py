@@ -291,6 +291,72 @@ def test_search_result_round_trip(rng, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# FP8 as a candidate dimension (docs/semantics.md §11)
+
+def test_fp8_candidates_errors_and_selection(rng, tmp_path):
+    caps = make_captures(rng, steps=[0, 1], layers=[0], alphas=ALPHAS[:2])
+    windows = [(1, 1, 1), (2, 2, 2)]
+    result = cal.search(caps, windows, precisions=("native", "fp8"))
+    assert result.candidates == windows * 2 and result.candidate_precisions == ["native"] * 2 + ["fp8"] * 2
+    assert [result.label(c) for c in range(4)] == ["1x1x1", "2x2x2", "1x1x1 fp8", "2x2x2 fp8"]
+    err = result.error("rel_mse")
+    assert (err[:, 1] == 0).all()                                # the dense window in bf16: not run, exact
+    assert (err[:, 3] > 1e-5).all() and (err[:, 3] < 0.05).all()  # the dense window in FP8: its quantisation only
+    assert (err[:, 2] >= err[:, 0] * 0.5).all()                  # FP8 adds to the window's own error
+    np.testing.assert_array_equal(result.cost(0.5), [0.125, 1.0, 0.0625, 0.5])
+
+    fp8 = result.select(budget=float("inf"))                     # the cheapest: the sparsest window in FP8
+    assert fp8.fp8 == {(s, 0, h) for s in (0, 1) for h in range(2)} and fp8.window(0, 0, 0) == (1, 1, 1)
+    assert fp8.precision(0, 0, 2) == "fp8" and fp8.search["fp8_cost"] == cal.FP8_COST
+    # a budget between the FP8 error of the dense window and 0 keeps the heads native and dense
+    native = result.select(budget=float(err[:, 3].min()) / 2, metric="rel_mse")
+    assert not native.fp8 and native.precision(0, 0, 2) == "native"
+    same_cost = result.choose(budget=float("inf"), fp8_cost=1.0)      # the sparsest window: the lower error wins
+    mse = result.error("mse")
+    for n, h in itertools.product(range(2), range(2)):
+        assert same_cost[n, h] == (0 if mse[n, 0, h] <= mse[n, 2, h] else 2)
+    with pytest.raises(ValueError, match=r"invalid fp8_cost = 0.0: expected a number in \(0, 1\]"):
+        result.select(budget=1.0, fp8_cost=0.0)
+
+    fp8.save(tmp_path / "s.json")
+    assert Strategy.load(tmp_path / "s.json") == fp8
+    assert json.loads((tmp_path / "s.json").read_text())["fp8"][:2] == ["0_0_0", "0_0_1"]
+    result.save(tmp_path / "r.npz")
+    back = cal.SearchResult.load(tmp_path / "r.npz")
+    assert back.candidate_precisions == result.candidate_precisions
+    assert back.select(budget=float("inf")) == fp8
+    with pytest.raises(ValueError, match="invalid precisions"):
+        cal.search(caps, windows, precisions=("fp16",))
+
+
+def test_fp8_strategy_precision_is_per_call():
+    s = Strategy(windows={(0, 0, 0): (1, 1, 1), (0, 0, 1): (1, 1, 1)}, grid=(2, 2, 2), fp8={(0, 0, 0), (0, 1, 0),
+                                                                                           (0, 1, 1)})
+    assert s.precision(0, 0, 2) == "native"   # head 1 of layer 0 did not choose FP8
+    assert s.precision(0, 1, 2) == "fp8" and s.precision(1, 1, 2) == "native" and s.precision(None, 1, 2) == "native"
+    assert s.precision(0, 1, 1, head_offset=1) == "fp8"
+    with pytest.raises(ValueError, match="invalid \"fp8\""):
+        Strategy.from_json({"format": "tilewise-strategy", "fp8": "0_0_0"})
+    with pytest.raises(ValueError, match="invalid .* fp8 key '0_0'"):
+        Strategy.from_json({"format": "tilewise-strategy", "fp8": ["0_0"]})
+
+
+def test_cli_fp8(rng, tmp_path, capsys):
+    caps = write_captures(rng, tmp_path / "caps", steps=[0], layers=[0])
+    out = tmp_path / "s.json"
+    rc, err = run_cli(capsys, "--captures", caps, "--candidates", "1x1x1,2x2x2", "--budget", "inf", "--fp8",
+                      "--fp8-cost", "0.5", "--out", out, "--quiet")
+    assert rc == 0, err
+    s = Strategy.load(out)
+    assert s.fp8 == {(0, 0, h) for h in range(4)} and s.search["fp8_cost"] == 0.5
+    rc, err = run_cli(capsys, "--captures", caps, "--candidates", "1x1x1", "--argmin", "--fp8-cost", "2", "--out",
+                      out)
+    assert rc == 2 and "invalid --fp8-cost = 2: expected a number in (0, 1]" in err
+    rc, err = run_cli(capsys, "--errors", tmp_path / "s.search.npz", "--argmin", "--fp8", "--out", out)
+    assert rc == 2 and "--fp8 evaluates the --candidates in FP8 too" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Frame pattern search
 
 def test_frame_pattern_search_smallest_g_under_threshold_and_monotone(rng):

@@ -121,6 +121,28 @@ def test_capture_selected_steps_and_layers_averages_calls(seed):
     assert sorted(strategy.windows) == [(s, 1, h) for s in (0, 2) for h in range(2)]
 
 
+def test_capture_measures_fp8_per_head_and_enable_applies_it(seed, monkeypatch):
+    """precisions=("native", "fp8"): each window is measured in FP8 too; a budget above FP8's error of the grid
+    window makes every head FP8, and the strategy runs every layer in FP8 (docs/semantics.md §11)."""
+    model, inputs = build("wan")
+    with cal.capture(model, candidates=[(1, 1, 1), GRID], tile=TILE, timesteps=[900.0],
+                     precisions=("native", "fp8")) as cap:
+        with torch.no_grad():
+            model(**inputs)
+    result = cap.result()
+    assert result.candidate_precisions == ["native", "native", "fp8", "fp8"]
+    err = result.error("rel_mse")
+    assert (err[:, 1] == 0).all() and (0 < err[:, 3]).all() and (err[:, 3] < 1e-2).all()
+    strategy = result.select(budget=float(err[:, 3].max()) * 2, metric="rel_mse")
+    assert strategy.fp8 == {(0, layer, h) for layer in range(2) for h in range(2)}
+    spy = Spy(monkeypatch)
+    twd.enable(model, strategy=strategy, timesteps=[900.0])
+    with torch.no_grad():
+        model(**inputs)
+    assert spy.precisions == ["fp8", "fp8"]
+    twd.disable(model)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tap_sees_each_family_geometry(seed, family):
     model, inputs = build(family)

@@ -175,6 +175,44 @@ def test_errors(seed):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_fp8_from_enable_and_from_a_calibrated_strategy(seed, family, monkeypatch):
+    """precision="fp8" reaches every tilewise call (docs/semantics.md §11: close to, not equal to, the model's
+    attention); a calibrated strategy's FP8 heads make a (step, layer) FP8 when all its heads are."""
+    from tilewise.calibrate import Strategy
+
+    model, inputs = build(family)
+    ref = run(model, inputs)
+    spy = Spy(monkeypatch)
+    ctrl = twd.enable(model, strategy=COVER, tile=TILE, precision="fp8")
+    out = run(model, inputs)
+    layers = num_attention(model)
+    assert spy.precisions == ["fp8"] * layers and ctrl.calls == {"tilewise": layers, "original": 0}
+    assert 1e-4 < ((out - ref).norm() / ref.norm()).item() < 0.1
+
+    fp8 = {(0, 0, 0), (0, 0, 1), (0, 1, 0)}  # layer 0 both heads, layer 1 one head of two
+    strategy = Strategy(windows={(0, layer, h): COVER for layer in range(layers) for h in range(2)}, latent=LATENT,
+                        tile=TILE, fp8=fp8)
+    for precision, expected in ((None, ["fp8"]), ("fp8", ["fp8"] * layers), ("native", [])):
+        spy.precisions.clear()
+        twd.enable(model, strategy=strategy, timesteps=[900.0, 600.0], precision=precision)
+        run(model, inputs)  # timestep 900: step 0. Dense windows in native precision run the model's attention.
+        assert spy.precisions == expected, precision
+    with pytest.raises(ValueError, match="invalid precision = 'fp16': expected None"):
+        twd.enable(model, strategy=COVER, precision="fp16")
+    twd.disable(model)
+
+
+@hopper
+def test_fp8_on_cuda_is_refused_by_name(seed):
+    model, inputs = build("wan", device="cuda", dtype=torch.bfloat16)
+    twd.enable(model, strategy=COVER, tile=TILE, precision="fp8")
+    with pytest.raises(RuntimeError, match=r"layer 0 runs in FP8, which this device does not: invalid precision = "
+                                           r"fp8: expected native \(precision fp8 is not supported by backend cuda"):
+        run(model, inputs)
+    twd.disable(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_torch_compile_fullgraph(seed, family):
     model, inputs = build(family)
     twd.enable(model, strategy=[(1, 1, 1), (2, 1, 2)], tile=TILE)

@@ -88,14 +88,15 @@ def denoise(model, inputs, scheduler, num_steps, after_step=None):
 
 
 class Spy:
-    """Records the windows of each tilewise call (in layer order within a forward)."""
+    """Records the windows (and precisions) of each tilewise call (in layer order within a forward)."""
 
     def __init__(self, monkeypatch):
-        self.windows, self.frames = [], []
+        self.windows, self.frames, self.precisions = [], [], []
         real_sta, real_tile = tilewise.sliding_tile_attention, tilewise.attention_tile
 
         def sta(*a, window, **kw):
             self.windows.append(tuple(tuple(w) for w in window))
+            self.precisions.append(kw.get("precision", "native"))
             return real_sta(*a, window=window, **kw)
 
         def frame(*a, global_frames, radius, **kw):

@@ -24,6 +24,7 @@ the same name, which `from tilewise.calibrate.capture import ...` still reaches.
 """
 from tilewise.calibrate.capture import Capture, Geometry, load_captures, save_capture
 from tilewise.calibrate.search import (
+    FP8_COST,
     CostModel,
     Evaluation,
     FrameSearchResult,
@@ -38,6 +39,6 @@ from tilewise.calibrate.search import (
 from tilewise.calibrate.strategy import Strategy
 from tilewise.calibrate.live import LiveCapture, capture  # after the submodule `capture`: the name is the function
 
-__all__ = ["Capture", "CostModel", "Evaluation", "FrameSearchResult", "Geometry", "LiveCapture", "SearchResult",
-           "Strategy", "canonical_window", "capture", "evaluate", "evaluate_frames", "load_captures", "parse_windows",
-           "save_capture", "search", "search_frame_patterns"]
+__all__ = ["FP8_COST", "Capture", "CostModel", "Evaluation", "FrameSearchResult", "Geometry", "LiveCapture",
+           "SearchResult", "Strategy", "canonical_window", "capture", "evaluate", "evaluate_frames", "load_captures",
+           "parse_windows", "save_capture", "search", "search_frame_patterns"]

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from tilewise.calibrate import report
 from tilewise.calibrate.capture import check_finite, load_captures
-from tilewise.calibrate.search import METRICS, SearchResult, canonical_window, parse_windows, search, \
+from tilewise.calibrate.search import FP8_COST, METRICS, SearchResult, canonical_window, parse_windows, search, \
     search_frame_patterns
 from tilewise.calibrate.strategy import AXES, Strategy, format_window
 
@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--fill", choices=("dense", "previous"), default="dense",
                      help="uncaptured steps below --num-steps: dense (default) or the previous captured step's "
                           "windows")
+    sel.add_argument("--fp8", action="store_true",
+                     help="also evaluate every candidate in FP8 (docs/semantics.md §11, CPU reference so far): the "
+                          "budget then picks the cheapest (window, precision) per head")
+    sel.add_argument("--fp8-cost", metavar="X",
+                     help=f"an FP8 candidate's cost relative to the same window in bf16 (default {FP8_COST})")
     fr = p.add_argument_group("frame pattern search (Efficient-vDiT attention tile)")
     fr.add_argument("--frame-threshold", metavar="R",
                     help="per layer, the smallest global frame count whose loss is <= R")
@@ -200,6 +205,11 @@ def run(argv: Sequence[str], stdout=None, stderr=None) -> int:
     frame_candidates = _ints(args.frame_candidates, "--frame-candidates") if args.frame_candidates else None
     if args.fastvideo_out and not want_windows:
         raise UsageError("--fastvideo-out needs a window search (--candidates with --budget or --argmin)")
+    if args.fp8 and args.candidates is None:
+        raise UsageError("--fp8 evaluates the --candidates in FP8 too: give --candidates (with --captures)")
+    fp8_cost = _number(args.fp8_cost, "--fp8-cost") if args.fp8_cost is not None else FP8_COST
+    if not 0 < fp8_cost <= 1:
+        raise UsageError(f"invalid --fp8-cost = {args.fp8_cost}: expected a number in (0, 1]")
     candidates = None
     if args.candidates is not None:
         if not args.candidates.strip():
@@ -253,7 +263,8 @@ def run(argv: Sequence[str], stdout=None, stderr=None) -> int:
     # 4. The search; its errors are written at once.
     written = []
     if result is None and candidates:
-        result = search(captures, candidates, skip_steps=skip, source=str(args.captures),
+        result = search(captures, candidates, precisions=("native", "fp8") if args.fp8 else ("native",),
+                        skip_steps=skip, source=str(args.captures),
                         progress=_progress(stderr, not args.quiet, "calibrate"))
         result.metric = metric
         errors_file = _errors_path(args)
@@ -274,7 +285,7 @@ def run(argv: Sequence[str], stdout=None, stderr=None) -> int:
     # 5. The strategy, rendered in every format before any is written.
     if result is not None:
         strategy = result.select(budget=budget, argmin=args.argmin, metric=metric, skip_steps=skip,
-                                 num_steps=num_steps, fill=args.fill)
+                                 num_steps=num_steps, fill=args.fill, fp8_cost=fp8_cost)
     else:
         g = captures[0].geometry
         strategy = Strategy(latent=g.latent, tile=g.tile, skip_steps=skip)

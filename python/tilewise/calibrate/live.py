@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from tilewise.calibrate.capture import Geometry, save_capture, shape_bshd
-from tilewise.calibrate.search import SearchResult, _evaluate, _mean_evaluation, canonical_window, parse_windows
+from tilewise.calibrate.search import SearchResult, _evaluate, _mean_evaluation, canonical_window, expand, \
+    parse_windows
 from tilewise.calibrate.strategy import format_window
 
 _ANY_GRID = (1 << 30,) * 3
@@ -35,7 +36,7 @@ class LiveCapture:
     files: manifests written to out_dir; calls: tapped calls seen."""
 
     def __init__(self, model, *, steps=None, layers=None, candidates=None, out_dir=None, skip_steps: int = 0,
-                 tile=None, timesteps=None, sample: int = 0):
+                 tile=None, timesteps=None, sample: int = 0, precisions: Sequence[str] = ("native",)):
         import tilewise.diffusers as twd
 
         if isinstance(candidates, str):
@@ -55,6 +56,8 @@ class LiveCapture:
             if values is not None and values and values[0] < 0:
                 raise ValueError(f"invalid {name} = {values}: expected indices >= 0")
         self.candidates = candidates
+        self.precisions = list(precisions)
+        expand([], self.precisions)  # checks them now, not at the first call
         self.out_dir = out_dir
         self.sample = int(sample)
         self.evaluations = defaultdict(list)
@@ -82,7 +85,9 @@ class LiveCapture:
             self._samples[(step, layer)] += 1
         if self.candidates is None:
             return None
-        evaluation, dense = _evaluate(q, k, v, geometry, "sliding_tile", self.windows, None, return_dense=True)
+        windows, precisions = expand(self.windows, self.precisions)
+        evaluation, dense = _evaluate(q, k, v, geometry, "sliding_tile", windows, None, return_dense=True,
+                                      precisions=precisions)
         self.evaluations[(step, layer)].append(evaluation)
         if isinstance(dense, np.ndarray):  # numpy and CPU tensors run on the CPU backend
             import torch
@@ -125,15 +130,17 @@ class LiveCapture:
         else:
             skip_steps = [s for s in self.steps if s < self.skip_steps]
         skipped = [(s, l) for s in skip_steps for l in layers]
-        C, H = len(self.windows), self.shape[2]
-        return SearchResult(list(self.windows), keys,
+        windows, precisions = expand(self.windows, self.precisions)
+        C, H = len(windows), self.shape[2]
+        return SearchResult(windows, keys,
                             np.array([e.mse for e in evals]).reshape(len(evals), C, H),
                             np.array([e.l1 for e in evals]).reshape(len(evals), C, H),
                             np.array([e.energy for e in evals]).reshape(len(evals), H),
                             evals[0].density if evals else np.zeros(C),
                             np.array([e.flops for e in evals]).reshape(len(evals), C),
                             np.array([e.dense_flops for e in evals]),
-                            skipped, self.skip_steps, self.geometry, self.shape, "live capture")
+                            skipped, self.skip_steps, self.geometry, self.shape, "live capture",
+                            precisions=None if self.precisions == ["native"] else precisions)
 
     # --- lifetime ---
     def remove(self) -> None:
@@ -152,7 +159,7 @@ class LiveCapture:
 
 def capture(model, *, steps: Optional[Sequence[int]] = None, layers: Optional[Sequence[int]] = None,
             candidates=None, out_dir=None, skip_steps: int = 0, tile=None, timesteps=None,
-            sample: int = 0) -> LiveCapture:
+            sample: int = 0, precisions: Sequence[str] = ("native",)) -> LiveCapture:
     """Captures the self-attention of a diffusers video transformer (HunyuanVideo, Wan, CogVideoX) or of a
     pipeline holding one, during a real generation, for calibration.
 
@@ -163,9 +170,10 @@ def capture(model, *, steps: Optional[Sequence[int]] = None, layers: Optional[Se
     skip_steps: steps below it are not measured (they stay dense in the strategy).
     tile: the tile of the windows (default (6, 8, 8)); timesteps: the run's denoising timesteps when `model` is
     a transformer (a pipeline's scheduler is hooked, as in tilewise.diffusers.enable).
+    precisions: ("native", "fp8") also measures every candidate in FP8 (docs/semantics.md §11; CPU so far).
 
     The captured calls return tilewise's dense attention (the same math as the model's attention) and the
     others run the model's own processors, so the generation is the dense one. Returns a LiveCapture: a context
     manager (or call .remove()) whose .result() is a SearchResult."""
     return LiveCapture(model, steps=steps, layers=layers, candidates=candidates, out_dir=out_dir,
-                       skip_steps=skip_steps, tile=tile, timesteps=timesteps, sample=sample)
+                       skip_steps=skip_steps, tile=tile, timesteps=timesteps, sample=sample, precisions=precisions)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from tilewise.calibrate.search import CostModel, FrameSearchResult, SearchResult
+from tilewise.calibrate.search import FP8_COST, CostModel, FrameSearchResult, SearchResult
 from tilewise.calibrate.strategy import Strategy, format_window
 
 
@@ -87,7 +87,7 @@ def error_figure(result: SearchResult, metric: str = "mse", budget: Optional[flo
         shown = np.maximum(e, floor) if floor else e
         x = np.full(shown.shape, sparsity[c])
         ax.scatter(x, shown, s=6, alpha=0.3, color=colors[c], linewidths=0)
-        label = f"{format_window(w)} (mean {e.mean():.2e})" if e.size else format_window(w)
+        label = f"{result.label(c)} (mean {e.mean():.2e})" if e.size else result.label(c)
         ax.scatter([sparsity[c]], [shown.mean()] if e.size else [], s=60, marker="s", color=colors[c],
                    edgecolors="black", label=label)
     if budget is not None and budget > 0 and np.isfinite(budget):
@@ -153,17 +153,22 @@ def summary(strategy: Strategy, result: SearchResult, *, metric: str = "mse", bu
     lines.append("")
     lines.append("speedup = dense attention FLOPs / FLOPs of the chosen windows (tilewise.Plan.flops, text "
                  "included): the attention speedup to expect where the kernel runs at the same FLOP rate.")
+    if strategy.fp8:
+        lines.append(f"FP8 (docs/semantics.md §11): {len(strategy.fp8)} of {len(strategy.windows)} (step, layer, "
+                     "head) chose it; a (step, layer) runs FP8 when all its heads did.")
     err = result.error(metric)
-    chosen = result.choose(budget=budget, argmin=budget is None, metric=metric) if len(result.keys) else None
-    lines += ["", f"{'candidate':>10} {'sparsity':>9} {'mean ' + metric:>13} {'max ' + metric:>12} {'chosen':>7}"]
+    fp8_cost = strategy.search.get("fp8_cost", FP8_COST)
+    chosen = result.choose(budget=budget, argmin=budget is None, metric=metric, fp8_cost=fp8_cost) \
+        if len(result.keys) else None
+    lines += ["", f"{'candidate':>14} {'sparsity':>9} {'mean ' + metric:>13} {'max ' + metric:>12} {'chosen':>7}"]
     for c, w in enumerate(result.candidates):
         e = err[:, c, :]
         used = int(np.sum(chosen == c)) if chosen is not None else 0
-        lines.append(f"{format_window(w):>10} {_pct(1 - result.density[c]):>9} "
+        lines.append(f"{result.label(c):>14} {_pct(1 - result.density[c]):>9} "
                      f"{(e.mean() if e.size else float('nan')):>13.3e} {(e.max() if e.size else float('nan')):>12.3e} "
                      f"{used:>7}")
     dense_used = int(np.sum(chosen == -1)) if chosen is not None else 0
-    lines.append(f"{'dense':>10} {_pct(0.0):>9} {0.0:>13.3e} {0.0:>12.3e} {dense_used:>7}")
+    lines.append(f"{'dense':>14} {_pct(0.0):>9} {0.0:>13.3e} {0.0:>12.3e} {dense_used:>7}")
     if frames is not None and frame_choice is not None:
         lines += ["", f"frame patterns (Efficient-vDiT attention tile, radius {frames.radius}, loss = mean over heads "
                       f"of {frames.metric}, steps >= {frames.skip_steps}):",

@@ -13,6 +13,9 @@ Definitions (docs/calibration.md):
 - Cost of a candidate: its video density (allowed video-video pairs / N_video^2, tilewise.Plan.density()) and its
   FLOPs (tilewise.Plan.flops(text_len), text included). Windows are clamped to the grid first (k >= n is the
   whole axis), so a candidate equal to the grid is dense: it is not run and its error is 0.
+- Precision: with precisions=("native", "fp8") every window is a candidate twice, in bf16 / the inputs' dtype and
+  in FP8 (docs/semantics.md §11), whose error then includes the quantisation's; an FP8 candidate costs its density
+  times FP8_COST in the budget selection, so the cheapest candidate within the budget may be an FP8 one.
 
 `evaluate()` works on one call's q, k, v (numpy arrays, or torch tensors: CUDA tensors stay on the device), so a
 live capture hook can feed it directly; `search()` runs it over captures loaded from disk.
@@ -35,6 +38,23 @@ from tilewise.calibrate.capture import Capture, Geometry, shape_bshd
 from tilewise.calibrate.strategy import Strategy, format_window
 
 METRICS = ("mse", "l1", "rel_mse")
+PRECISIONS = ("native", "fp8")
+# An FP8 candidate's cost relative to the same window in bf16: issue 18's goal for the FP8 kernel (14 ms where
+# bf16 takes 22.95 ms on HunyuanVideo 720p, window 3x3x3). A select() argument: use the measured ratio once there is.
+FP8_COST = 0.6
+
+
+def expand(windows: Sequence, precisions: Sequence[str]) -> tuple:
+    """The candidates of windows x precisions, precision-major: (windows, precisions), two parallel lists."""
+    precisions = list(precisions)
+    if not precisions or len(set(precisions)) != len(precisions) or not set(precisions) <= set(PRECISIONS):
+        raise ValueError(f"invalid precisions = {precisions!r}: expected distinct values of {', '.join(PRECISIONS)}")
+    return [w for _ in precisions for w in windows], [p for p in precisions for _ in windows]
+
+
+def label(window, precision: str = "native") -> str:
+    """'3x3x3', or '3x3x3 fp8' for an FP8 candidate."""
+    return format_window(window) + ("" if precision == "native" else f" {precision}")
 
 
 def canonical_window(window, grid) -> tuple:
@@ -137,6 +157,7 @@ class Evaluation:
     density: np.ndarray
     flops: np.ndarray
     dense_flops: float
+    precisions: Optional[list] = None  # per candidate, None = all "native"
 
     @property
     def rel_mse(self) -> np.ndarray:
@@ -163,9 +184,10 @@ def metric_of(metric: str, mse, l1, energy):
 
 
 def _evaluate(q, k, v, geometry: Geometry, kind: str, candidates: list, cost: Optional[CostModel],
-              tick: Optional[Callable] = None, return_dense: bool = False):
+              tick: Optional[Callable] = None, return_dense: bool = False, precisions: Optional[list] = None):
     """The Evaluation, and with return_dense also the dense output (a numpy array for numpy and CPU torch
-    inputs, a tensor for CUDA ones), so that a live capture can return it as the call's output."""
+    inputs, a tensor for CUDA ones), so that a live capture can return it as the call's output. precisions: one
+    per candidate (None = all native)."""
     (q, k, v), ops = _backend.prepare(q, k, v)
     B, S, H, D = shape_bshd(q, geometry.layout)
     if cost is None or cost.key() != (geometry, B, S, H, shape_bshd(k, geometry.layout)[2], D):
@@ -179,22 +201,26 @@ def _evaluate(q, k, v, geometry: Geometry, kind: str, candidates: list, cost: Op
         tick()
     energy = ops.square_sums(dense, geometry.layout)
     sq, ab, density, flops = [], [], [], []
-    for c in candidates:
+    for i, c in enumerate(candidates):
+        precision = precisions[i] if precisions else "native"
         if kind == "sliding_tile":
             d, f = cost.density(c), cost.flops(c)
         else:
             d, f = cost.frame_density(*c), cost.frame_flops(*c)
         density.append(d)
         flops.append(f)
-        if d >= 1.0:  # the dense pattern itself: nothing to run
+        if d >= 1.0 and precision == "native":  # the dense pattern itself: nothing to run
             zeros = ops.square_sums(dense[:0], geometry.layout)  # batch axis 0 in both layouts
             sq.append(zeros)
             ab.append(zeros)
         else:
-            if kind == "sliding_tile":
-                o = tilewise.sliding_tile_attention(q, k, v, window=c, text_len=text_len, **kw)
+            if d >= 1.0:
+                o = tilewise.dense_attention(q, k, v, text_len=text_len, precision=precision, **kw)
+            elif kind == "sliding_tile":
+                o = tilewise.sliding_tile_attention(q, k, v, window=c, text_len=text_len, precision=precision, **kw)
             else:
-                o = tilewise.attention_tile(q, k, v, global_frames=c[0], radius=c[1], text_len=text_len, **kw)
+                o = tilewise.attention_tile(q, k, v, global_frames=c[0], radius=c[1], text_len=text_len,
+                                            precision=precision, **kw)
             s, a = ops.diff_sums(o, dense, geometry.layout)
             sq.append(s)
             ab.append(a)
@@ -204,22 +230,24 @@ def _evaluate(q, k, v, geometry: Geometry, kind: str, candidates: list, cost: Op
     values = ops.to_numpy([energy, *sq, *ab])
     C = len(candidates)
     e = Evaluation(kind, list(candidates), values[1:1 + C] / count, values[1 + C:] / count, values[0] / count,
-                   np.array(density), np.array(flops), cost.dense_flops)
+                   np.array(density), np.array(flops), cost.dense_flops, list(precisions) if precisions else None)
     return (e, dense) if return_dense else e
 
 
-def evaluate(q, k, v, geometry: Geometry, candidates: Sequence, *, cost: Optional[CostModel] = None,
-             tick: Optional[Callable] = None) -> Evaluation:
+def evaluate(q, k, v, geometry: Geometry, candidates: Sequence, *, precisions: Sequence[str] = ("native",),
+             cost: Optional[CostModel] = None, tick: Optional[Callable] = None) -> Evaluation:
     """Per-head errors of STA windows against dense attention on one call's q, k, v ([B, S, H, D] in
     geometry.layout). Dense runs once and every candidate once, with the same window for all heads; the errors
     are reduced per head chunk by chunk, so nothing larger than an output is held besides the dense output.
-    Candidates are clamped to the grid and must be distinct after that."""
+    Candidates are clamped to the grid and must be distinct after that. precisions: each window is evaluated in
+    each ("fp8": docs/semantics.md §11, the CPU backend so far), precision-major."""
     windows = [canonical_window(c, geometry.grid) for c in candidates]
     if len(set(windows)) != len(windows):
         raise ValueError(f"invalid candidates = {[format_window(c) for c in candidates]}: clamped to the grid "
                          f"{format_window(geometry.grid)} they are {[format_window(w) for w in windows]}, with "
                          "repeats")
-    return _evaluate(q, k, v, geometry, "sliding_tile", windows, cost, tick)
+    windows, precs = expand(windows, precisions)
+    return _evaluate(q, k, v, geometry, "sliding_tile", windows, cost, tick, precisions=precs)
 
 
 def evaluate_frames(q, k, v, geometry: Geometry, global_frames: Sequence[int], radius: int = 0, *,
@@ -264,7 +292,7 @@ def _mean_evaluation(evals: list) -> Evaluation:
     return Evaluation(e.kind, e.candidates, np.mean([x.mse for x in evals], axis=0),
                       np.mean([x.l1 for x in evals], axis=0), np.mean([x.energy for x in evals], axis=0),
                       e.density, np.mean([x.flops for x in evals], axis=0),
-                      float(np.mean([x.dense_flops for x in evals])))
+                      float(np.mean([x.dense_flops for x in evals])), e.precisions)
 
 
 @dataclass
@@ -288,10 +316,24 @@ class SearchResult:
     shape: tuple  # (B, S, Hq, Hkv, D) of the first capture
     captures: str = ""
     metric: Optional[str] = None  # the metric the search's selection used (saved, so a re-selection reuses it)
+    precisions: Optional[list] = None  # per candidate, None = all "native"
 
     @property
     def grid(self) -> tuple:
         return self.geometry.grid
+
+    @property
+    def candidate_precisions(self) -> list:
+        return list(self.precisions) if self.precisions else ["native"] * len(self.candidates)
+
+    def label(self, c: int) -> str:
+        """Candidate c as the reports name it: '3x3x3' or '3x3x3 fp8'."""
+        return label(self.candidates[c], self.candidate_precisions[c])
+
+    def cost(self, fp8_cost: float = FP8_COST) -> np.ndarray:
+        """[C]: what the budget selection minimises, the density, times fp8_cost for FP8 candidates."""
+        factor = np.array([fp8_cost if p == "fp8" else 1.0 for p in self.candidate_precisions])
+        return np.asarray(self.density, float) * factor
 
     @property
     def heads(self) -> int:
@@ -304,41 +346,46 @@ class SearchResult:
         B, S, Hq, Hkv, D = self.shape
         return CostModel(self.geometry, B, S, Hq, Hkv, D)
 
-    def choose(self, *, budget: Optional[float] = None, argmin: bool = False,
-               metric: Optional[str] = None) -> np.ndarray:
+    def choose(self, *, budget: Optional[float] = None, argmin: bool = False, metric: Optional[str] = None,
+               fp8_cost: float = FP8_COST) -> np.ndarray:
         """Index of the chosen candidate per (key, head), [N, H]; -1 = dense.
 
-        budget: the lowest-density candidate whose error <= budget (ties: lower error, then candidate order);
-        dense when none is. argmin: the candidate of lowest error (ties: lower density) among those sparser than
-        dense; dense only when every candidate is dense."""
+        budget: the lowest-cost candidate (its density; times fp8_cost in FP8) whose error <= budget (ties: lower
+        error, then candidate order); dense when none is. argmin: the candidate of lowest error (ties: lower cost)
+        among those sparser than dense; dense only when every candidate is dense."""
         if (budget is None) == (not argmin):
             raise ValueError("give exactly one of budget= (cheapest candidate within the budget) and argmin=True")
+        fp8_cost = float(fp8_cost)
+        if not 0 < fp8_cost <= 1:
+            raise ValueError(f"invalid fp8_cost = {fp8_cost}: expected a number in (0, 1], an FP8 candidate's cost "
+                             "relative to the same window in bf16")
         err = self.error(metric or self.metric or "mse")  # [N, C, H]
         N, C, H = err.shape
         if C == 0:
             return np.full((N, H), -1)
-        dens = self.density[None, :, None]
+        dens, cost = self.density[None, :, None], self.cost(fp8_cost)[None, :, None]
         if argmin:  # candidates equal to the grid (dense, error 0) would always win: they do not take part
             err = np.where(dens < 1.0, err, np.inf)
             best = err.min(axis=1, keepdims=True)
-            pick = np.argmin(np.where(err == best, dens, np.inf), axis=1)
+            pick = np.argmin(np.where(err == best, cost, np.inf), axis=1)
             return np.where(np.isfinite(best[:, 0, :]), pick, -1)
         budget = float(budget)
         if not budget >= 0:
             raise ValueError(f"invalid budget = {budget}: expected a number >= 0")
         ok = err <= budget
-        cheapest = np.where(ok, dens, np.inf).min(axis=1, keepdims=True)
-        pick = np.argmin(np.where(ok & (dens == cheapest), err, np.inf), axis=1)
+        cheapest = np.where(ok, cost, np.inf).min(axis=1, keepdims=True)
+        pick = np.argmin(np.where(ok & (cost == cheapest), err, np.inf), axis=1)
         return np.where(np.isfinite(cheapest[:, 0, :]), pick, -1)
 
     def select(self, *, budget: Optional[float] = None, argmin: bool = False, metric: Optional[str] = None,
                skip_steps: Optional[int] = None, num_steps: Optional[int] = None,
-               fill: str = "dense") -> Strategy:
-        """The strategy: a window per (step, layer, head) of every captured (step, layer). metric: default the
-        search's own (`self.metric`, saved with it), else "mse". Steps < skip_steps
-        (at least the search's) are dense. num_steps/fill: with fill="previous", a step below num_steps that was
-        not captured takes the windows of the closest captured step before it (layer by layer); with "dense" it
-        is left out, so that it falls back to the default (dense)."""
+               fill: str = "dense", fp8_cost: float = FP8_COST) -> Strategy:
+        """The strategy: a window per (step, layer, head) of every captured (step, layer), and the heads whose
+        choice is an FP8 candidate (Strategy.fp8). metric: default the search's own (`self.metric`, saved with it),
+        else "mse". Steps < skip_steps (at least the search's) are dense. num_steps/fill: with fill="previous", a
+        step below num_steps that was not captured takes the windows (and precisions) of the closest captured step
+        before it (layer by layer); with "dense" it is left out, so that it falls back to the default (dense).
+        fp8_cost: see choose()."""
         skip = self.skip_steps if skip_steps is None else int(skip_steps)
         if skip < self.skip_steps:
             raise ValueError(f"invalid skip_steps = {skip}: the search skipped (did not evaluate) steps < "
@@ -351,9 +398,10 @@ class SearchResult:
             raise ValueError(f"invalid search result: the errors of (step, layer) {', '.join(map(str, bad[:5]))}"
                              f"{' ...' if len(bad) > 5 else ''} are NaN or Inf (from q, k, v or outputs holding "
                              "them): expected finite errors to choose windows from")
-        chosen = self.choose(budget=budget, argmin=argmin, metric=metric)
+        chosen = self.choose(budget=budget, argmin=argmin, metric=metric, fp8_cost=fp8_cost)
         dense = self.grid
-        windows = {}
+        precisions = self.candidate_precisions
+        windows, fp8 = {}, set()
         for (step, layer) in self.skipped:
             for h in range(self.heads):
                 windows[(step, layer, h)] = dense
@@ -361,6 +409,8 @@ class SearchResult:
             for h in range(self.heads):
                 c = chosen[n, h]
                 windows[(step, layer, h)] = dense if step < skip or c < 0 else self.candidates[c]
+                if step >= skip and c >= 0 and precisions[c] == "fp8":
+                    fp8.add((step, layer, h))
         if fill == "previous" and num_steps:
             captured = sorted({k[0] for k in windows})
             by_step = defaultdict(dict)
@@ -373,13 +423,17 @@ class SearchResult:
                 source = by_step[prev[-1]] if prev and step >= skip else None
                 for (l, h), w in (source or {}).items():
                     windows[(step, l, h)] = w
+                    if (prev[-1], l, h) in fp8:
+                        fp8.add((step, l, h))
         if not argmin and not np.isfinite(float(budget)):
             budget = "inf"  # strict JSON has no Infinity
         search = {"metric": metric, "budget": None if argmin else budget, "argmin": bool(argmin),
                   "candidates": [list(c) for c in self.candidates], "captures": self.captures,
                   "fill": fill, "num_steps": num_steps}
+        if self.precisions:
+            search.update(precisions=list(self.precisions), fp8_cost=float(fp8_cost))
         return Strategy(windows=windows, grid=self.grid, latent=self.geometry.latent, tile=self.geometry.tile,
-                        skip_steps=skip, search=search)
+                        skip_steps=skip, search=search, fp8=frozenset(fp8))
 
     # --- persistence: re-select (another budget, metric) without re-running attention --------------------------
     def non_finite(self) -> list:
@@ -393,7 +447,7 @@ class SearchResult:
         meta = {"format": "tilewise-search", "version": 1, "candidates": [list(c) for c in self.candidates],
                 "keys": [list(k) for k in self.keys], "skipped": [list(k) for k in self.skipped],
                 "skip_steps": self.skip_steps, "geometry": self.geometry.to_json(), "shape": list(self.shape),
-                "captures": self.captures, "metric": self.metric}
+                "captures": self.captures, "metric": self.metric, "precisions": self.precisions}
         path = Path(path)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
@@ -439,10 +493,15 @@ class SearchResult:
                 metric = meta.get("metric")
                 if metric is not None and metric not in METRICS:
                     raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+                precisions = meta.get("precisions")
+                if precisions is not None and (len(precisions) != C or not set(precisions) <= set(PRECISIONS)):
+                    raise ValueError(f"precisions {precisions!r}: expected one of {', '.join(PRECISIONS)} per "
+                                     f"candidate ({C})")
                 return SearchResult(candidates, keys, arrays["mse"], arrays["l1"], arrays["energy"],
                                     arrays["density"], arrays["flops"], arrays["dense_flops"], skipped,
                                     int(meta["skip_steps"]), Geometry.from_json(meta["geometry"]),
-                                    tuple(int(x) for x in meta["shape"]), str(meta.get("captures", "")), metric)
+                                    tuple(int(x) for x in meta["shape"]), str(meta.get("captures", "")), metric,
+                                    precisions)
         except KeyError as e:
             raise ValueError(f"invalid errors file {path}: {e.args[0]!r} is missing (in {field}): expected the "
                              "search.npz of an earlier search") from None
@@ -450,9 +509,10 @@ class SearchResult:
             raise ValueError(f"invalid errors file {path}: \"{field}\": {e}") from None
 
 
-def search(captures: Sequence[Capture], candidates: Sequence, *, skip_steps: int = 0,
-           progress: Optional[Callable] = None, source: str = "") -> SearchResult:
-    """Evaluates every candidate window on every captured (step, layer) with step >= skip_steps.
+def search(captures: Sequence[Capture], candidates: Sequence, *, precisions: Sequence[str] = ("native",),
+           skip_steps: int = 0, progress: Optional[Callable] = None, source: str = "") -> SearchResult:
+    """Evaluates every candidate window (in each of `precisions`) on every captured (step, layer) with step >=
+    skip_steps.
 
     progress(done, total, label) is called after every attention call."""
     if not captures:
@@ -464,25 +524,27 @@ def search(captures: Sequence[Capture], candidates: Sequence, *, skip_steps: int
     geometry = first.geometry
     windows = [canonical_window(c, geometry.grid) for c in candidates]
     unique = list(dict.fromkeys(windows))
+    expanded, precs = expand(unique, precisions)
     todo = {k: v for k, v in groups.items() if k[0] >= skip_steps}
-    runs = sum(1 + sum(w != geometry.grid for w in unique) for v in todo.values() for _ in v)
-    ticker = _Ticker(runs, progress)
+    runs_per_call = 1 + sum(w != geometry.grid or p != "native" for w, p in zip(expanded, precs))
+    ticker = _Ticker(runs_per_call * sum(len(v) for v in todo.values()), progress)
     cost = CostModel.of(first.q, first.k, geometry)
     keys, evals = [], []
     for (step, layer), caps in todo.items():
         ticker.label = f"step {step} layer {layer}"
-        per_sample = [evaluate(c.q, c.k, c.v, c.geometry, unique, cost=cost, tick=ticker) for c in caps]
+        per_sample = [evaluate(c.q, c.k, c.v, c.geometry, unique, precisions=precisions, cost=cost, tick=ticker)
+                      for c in caps]
         keys.append((step, layer))
         evals.append(_mean_evaluation(per_sample))
-    C, H = len(unique), first.heads
+    C, H = len(expanded), first.heads
     stack = (lambda name, shape: np.array([getattr(e, name) for e in evals]) if evals else np.zeros(shape))
     B, S, Hq, D = shape_bshd(first.q, geometry.layout)
     Hkv = shape_bshd(first.k, geometry.layout)[2]
-    return SearchResult(unique, keys, stack("mse", (0, C, H)), stack("l1", (0, C, H)), stack("energy", (0, H)),
-                        np.array([cost.density(w) for w in unique]), stack("flops", (0, C)),
+    return SearchResult(expanded, keys, stack("mse", (0, C, H)), stack("l1", (0, C, H)), stack("energy", (0, H)),
+                        np.array([cost.density(w) for w in expanded]), stack("flops", (0, C)),
                         np.array([e.dense_flops for e in evals]),
                         [k for k in groups if k[0] < skip_steps], int(skip_steps), geometry, (B, S, Hq, Hkv, D),
-                        source)
+                        source, precisions=None if list(precisions) == ["native"] else precs)
 
 
 @dataclass

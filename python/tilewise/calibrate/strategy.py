@@ -10,12 +10,15 @@ tilewise format (what `Strategy.save` writes and `Strategy.load` reads):
       "skip_steps": 10,         # steps < skip_steps are dense (explicit grid windows in "windows" too)
       "search": {...},          # how it was made (metric, budget or argmin, candidates, ...); informative
       "windows": {"<step>_<layer>_<head>": [kt, kh, kw], ...},
-      "frame_patterns": {"<layer>": [global_frames, radius], ...}
+      "frame_patterns": {"<layer>": [global_frames, radius], ...},
+      "fp8": ["<step>_<layer>_<head>", ...]   # heads whose calibration chose FP8 (docs/semantics.md §11)
     }
 
 Windows use tilewise's semantics (docs/semantics.md §4.1); a window equal to the grid is dense. Frame patterns
 (Efficient-vDiT's attention tile) are per layer and apply from step `skip_steps` on; a layer without one is
 dense. Windows and frame patterns are separate key spaces: the integration picks one pattern per layer.
+FP8 is recorded per (step, layer, head); a call runs one precision, so a (step, layer) runs FP8 when every one
+of its heads chose it (`Strategy.precision`).
 
 FastVideo format (`Strategy.save_fastvideo`, and `Strategy.load` when the file is one): a flat JSON object
 `{"<step>_<layer>_<head>": [kt, kh, kw]}` with every key present. FastVideo centres an even window `k` (k/2
@@ -128,6 +131,7 @@ class Strategy:
     skip_steps: int = 0
     frame_patterns: dict = field(default_factory=dict)  # layer -> (global_frames, radius)
     search: dict = field(default_factory=dict)
+    fp8: frozenset = frozenset()                  # (step, layer, head) keys that run in FP8
 
     def __post_init__(self):
         self.grid, self.latent, self.tile = _grid_of(self.grid, self.latent, self.tile)
@@ -138,6 +142,7 @@ class Strategy:
                                                                         _args.integer("radius", r))
                                for l, (g, r) in self.frame_patterns.items()}
         self.skip_steps = _args.integer("skip_steps", self.skip_steps)
+        self.fp8 = frozenset(tuple(_args.integer("fp8 key", x) for x in k) for k in self.fp8)
 
     # --- lookups -------------------------------------------------------------------------------------------
     @property
@@ -224,7 +229,8 @@ class Strategy:
             if s.tile is not None and s.tile != tile:
                 raise ValueError(f"invalid tile = {tile}: the strategy was made for tile {s.tile}")
             s = cls(windows=s.windows, grid=s.grid if s.latent else None, latent=s.latent, tile=tile,
-                    default=s.default, skip_steps=s.skip_steps, frame_patterns=s.frame_patterns, search=s.search)
+                    default=s.default, skip_steps=s.skip_steps, frame_patterns=s.frame_patterns, search=s.search,
+                    fp8=s.fp8)
         return s
 
     @classmethod
@@ -255,6 +261,14 @@ class Strategy:
             raise ValueError(f"invalid strategy = {value!r}: expected a window (kt, kh, kw) or 'KTxKHxKW', one "
                              "window per head, {'window': ..., 'tile': ...}, or a table (dict or JSON path) keyed "
                              "'<step>_<layer>_<head>'") from None
+
+    def precision(self, step: Optional[int], layer: int, num_heads: int, head_offset: int = 0) -> str:
+        """"fp8" when every head of the call (step, layer) is an FP8 key, else "native": a call runs one
+        precision, so a layer whose heads disagree keeps the more accurate one."""
+        if step is None or not self.fp8:
+            return "native"
+        heads = range(head_offset, head_offset + num_heads)
+        return "fp8" if all((step, layer, h) in self.fp8 for h in heads) else "native"
 
     def frame_pattern(self, step: int, layer: int) -> Optional[tuple]:
         """(global_frames, radius) of layer at step, or None where the layer stays dense."""
@@ -290,6 +304,7 @@ class Strategy:
             "search": self.search,
             "windows": {format_key(*k): list(w) for k, w in sorted(self.windows.items())},
             "frame_patterns": {str(l): list(p) for l, p in sorted(self.frame_patterns.items())},
+            "fp8": [format_key(*k) for k in sorted(self.fp8)],
         }
 
     def save(self, path) -> None:
@@ -317,9 +332,13 @@ class Strategy:
                 raise ValueError(f"invalid frame pattern \"{key}\" = {json.dumps(value)} in {source}: expected "
                                  "[global_frames, radius], two integers >= 0")
             frames[int(key)] = tuple(value)
+        fp8 = d.get("fp8") or []
+        if not isinstance(fp8, list):
+            raise ValueError(f"invalid \"fp8\" = {json.dumps(fp8)} in {source}: expected a list of "
+                             "\"<step>_<layer>_<head>\" keys")
         return cls(windows=windows, grid=d.get("grid"), latent=d.get("latent"), tile=d.get("tile"),
                    default=d.get("default"), skip_steps=int(d.get("skip_steps", 0)), frame_patterns=frames,
-                   search=d.get("search") or {})
+                   search=d.get("search") or {}, fp8=frozenset(parse_key(k, f"{source} fp8") for k in fp8))
 
     @classmethod
     def load(cls, path, *, grid=None, latent=None, tile=None, even_windows: str = "refuse") -> "Strategy":

@@ -39,6 +39,10 @@ Strategy (`strategy=`):
   `"format": "tilewise-strategy"`): its windows, its `default` for missing keys, its tile, and its per-layer
   frame patterns (`tilewise.attention_tile`, with tile (1, th, tw)) from step `skip_steps` on.
 
+Precision (`enable(..., precision=)`): "fp8" runs every tilewise call in FP8 (docs/semantics.md §11; the CPU
+backend so far, a call on a device without FP8 raises), "native" in the model's dtype, None (default) what the
+strategy says: a calibrated strategy's FP8 heads, a (step, layer) running FP8 when all its heads chose it.
+
 Windows are in tiles and may exceed the tile grid (the core clamps them). The tile defaults to (6, 8, 8). With
 a per-step strategy, a layer whose heads all have windows covering the grid runs on the original processor.
 

@@ -41,8 +41,9 @@ class Controller:
     `calls` counts eager attention calls by route ("tilewise" or "original"); calls inside a torch.compile
     graph are not counted."""
 
-    def __init__(self, model, family, strategy: Strategy, timesteps, parallel=None):
+    def __init__(self, model, family, strategy: Strategy, timesteps, parallel=None, precision=None):
         self.model, self.family, self.strategy = model, family, strategy
+        self.precision = precision  # None: the strategy's (Strategy.precision); "native" / "fp8": every call
         # tilewise.parallel's options under context parallelism: load_balance (None = when heads differ), chunks,
         # sm_margin
         self.parallel = {"load_balance": None, "chunks": 1, "sm_margin": 0, **(parallel or {})}
@@ -86,8 +87,16 @@ class Controller:
             timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
             self.step, self.specs = _step_and_specs(self, timestep, latent)
         elif self.specs is None:
-            self.specs = tuple(self.strategy.pattern(None, layer, m.heads) for layer, m in enumerate(self.modules))
+            self.specs = tuple(self.spec(None, layer, m.heads) for layer, m in enumerate(self.modules))
         self.latent = latent
+
+    def spec(self, step, layer: int, heads: int):
+        """The pattern of a layer's calls at `step` (Strategy.pattern, None = the model's own attention) with the
+        precision appended: (kind, params, precision)."""
+        spec = self.strategy.pattern(step, layer, heads)
+        if spec is None or spec[0] == "tap":
+            return spec
+        return (*spec, self.precision or self.strategy.precision(step, layer, heads))
 
     def specs_for(self, step: int, latent) -> tuple:
         """The pattern of every layer at `step` (None where dense: the model's own attention runs)."""
@@ -96,10 +105,10 @@ class Controller:
             grid = _capi.tile_grid(latent, self.tile)
             specs = []
             for layer, m in enumerate(self.modules):
-                spec = self.strategy.pattern(step, layer, m.heads)
-                if spec is not None and spec[0] == "sta" and \
+                spec = self.spec(step, layer, m.heads)
+                if spec is not None and spec[0] == "sta" and spec[2] == "native" and \
                         all(_capi.effective_window(latent, self.tile, w) == grid for w in spec[1]):
-                    spec = None  # every head dense (e.g. a calibrated skip step)
+                    spec = None  # every head dense (e.g. a calibrated skip step): FP8 ones stay on tilewise
                 specs.append(spec)
             self._specs[key] = tuple(specs)
         return self._specs[key]
@@ -113,6 +122,13 @@ class Controller:
         spec = self.specs[processor.layer]
         reason = None if spec is None else _unsupported_reason(processor, attn, hidden_states)
         if reason is None:
+            if spec is not None and spec[-1] == "fp8":
+                refused = _refusal(hidden_states.device.type, _torch.DTYPES[hidden_states.dtype],
+                                   attn.inner_dim // attn.heads, "fp8")
+                if refused:  # never silently the native attention where FP8 was asked for
+                    raise RuntimeError(f"tilewise.diffusers: layer {processor.layer} runs in FP8, which this device "
+                                       f"does not: {refused}; enable(..., precision='native') runs it in "
+                                       f"{hidden_states.dtype}")
             return spec
         if spec[0] == "tap":
             raise RuntimeError(f"tilewise.diffusers: cannot tap layer {processor.layer} at step {self.step}: "
@@ -185,10 +201,10 @@ def context_parallel(processor) -> Optional[ContextParallel]:
 
 
 @torch.compiler.assume_constant_result
-def _refusal(device_type: str, dtype: str, head_dim: int) -> str:
-    """Why the library's backend for the device refuses this dtype / head dim ("" when it takes them): asked of
-    the library once, a constant for torch.compile."""
-    refused = _capi.device_support(device_type, dtype, head_dim)
+def _refusal(device_type: str, dtype: str, head_dim: int, precision: str = "native") -> str:
+    """Why the library's backend for the device refuses this dtype / head dim / precision ("" when it takes
+    them): asked of the library once, a constant for torch.compile."""
+    refused = _capi.device_support(device_type, dtype, head_dim, precision)
     return "" if refused is None else str(refused)
 
 
@@ -256,10 +272,10 @@ class Processor:
             return self.ctrl.tap_attention(self.layer, q, k, v, text_len, text_position)
         if spec[0] == "sta":
             return tilewise.sliding_tile_attention(q, k, v, latent=self.ctrl.latent, tile=tile, window=spec[1],
-                                                   text_len=text_len, text_position=text_position)
+                                                   text_len=text_len, text_position=text_position, precision=spec[2])
         g, r = spec[1]  # frame pattern: one frame per tile, so that every block is dense or empty
         return tilewise.attention_tile(q, k, v, latent=self.ctrl.latent, tile=(1, tile[1], tile[2]), global_frames=g,
-                                       radius=r, text_len=text_len, text_position=text_position)
+                                       radius=r, text_len=text_len, text_position=text_position, precision=spec[2])
 
 
     def _ulysses(self, cp: ContextParallel, q, k, v, spec, text_len, text_position, local_order):
@@ -267,7 +283,8 @@ class Processor:
         tile, latent = self.ctrl.tile, self.ctrl.latent
         kw = dict(group=cp.group, text_len=text_len, text_position=text_position, order="raster", layout="bshd",
                   scale=None, deterministic=None, seq_len=None, **self.ctrl.parallel,
-                  split=_sequence_split(cp, tuple(local_order), text_position), block_offsets=None, block_tiles=None)
+                  split=_sequence_split(cp, tuple(local_order), text_position), block_offsets=None, block_tiles=None,
+                  precision=spec[2])
         if spec[0] == "sta":
             return parallel._ulysses(q, k, v, latent=latent, tile=tile, pattern="sliding_tile", window=spec[1],
                                      global_frames=1, radius=0, **kw)
@@ -309,7 +326,8 @@ def controller(transformer) -> Controller | None:
     return getattr(transformer, "_tilewise", None)
 
 
-def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chunks=1, sm_margin=0):
+def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chunks=1, sm_margin=0,
+           precision=None):
     """Routes the self-attention of a diffusers video transformer (or of a pipeline's transformer(s)) through
     tilewise. Returns the Controller (for a pipeline with two transformers, the first one's).
 
@@ -322,15 +340,20 @@ def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chu
     load_balance, chunks, sm_margin: under diffusers' context parallelism, tilewise.parallel.ulysses_attention's
     options (heads assigned to ranks by their FLOPs, None = when the pattern differs between heads; head groups
     whose all-to-alls overlap the other groups' attention; SMs the attention leaves to the collectives, which
-    needs a library that has the option, not yet)."""
+    needs a library that has the option, not yet).
+    precision: "fp8" runs every tilewise call in FP8 (docs/semantics.md §11; forward only; the CPU backend so far:
+    a call on a device without it raises), "native" every call in the model's dtype, None (default) what the
+    strategy says (a calibrated strategy's FP8 heads: a (step, layer) runs FP8 when all its heads chose it)."""
     if load_balance is not None and not isinstance(load_balance, bool):
         raise ValueError(f"invalid load_balance = {load_balance!r}: expected True, False or None")
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise ValueError(f"invalid chunks = {chunks!r}: expected an integer of at least 1")
     from tilewise import parallel
     parallel._sm_margin(sm_margin)  # refused here, not at the first parallel call, while the library lacks it
+    if precision is not None and precision not in tilewise._args.PRECISIONS:
+        raise ValueError(f"invalid precision = {precision!r}: expected None (the strategy's), 'native' or 'fp8'")
     return _enable(model, Strategy.coerce(strategy, tile), timesteps,
-                   dict(load_balance=load_balance, chunks=chunks, sm_margin=sm_margin))
+                   dict(load_balance=load_balance, chunks=chunks, sm_margin=sm_margin), precision)
 
 
 def tap(model, hook, *, steps=None, layers=None, tile=None, timesteps=None) -> Controller:
@@ -352,14 +375,14 @@ def tap(model, hook, *, steps=None, layers=None, tile=None, timesteps=None) -> C
     return ctrl
 
 
-def _enable(model, parsed, timesteps, parallel) -> Controller:
+def _enable(model, parsed, timesteps, parallel, precision=None) -> Controller:
     transformers, pipe = _transformers(model)
     ctrls = []
     for t in transformers:
         family = family_of(t)
         if controller(t) is not None:
             disable(t)
-        ctrl = Controller(t, family, parsed, timesteps, parallel)
+        ctrl = Controller(t, family, parsed, timesteps, parallel, precision)
         cls = family.processor
         for layer, (module, original) in enumerate(zip(ctrl.modules, ctrl.originals)):
             processor = cls(ctrl, layer, original)

@@ -1,7 +1,7 @@
 // CPU reference backend: computes the spec for f32/f64/bf16/f16 (accumulating in f32, or f64 for f64 inputs),
 // multithreaded over (batch, head, query tile) work items. It visits only the key tiles of each query tile's
 // pattern, so its time scales with density. It is the oracle for the GPU tests and the demo's CPU path.
-// The backward lives in cpu_backward.cpp; what both share, in cpu_common.hpp.
+// The FP8 forward lives in cpu_fp8.cpp, the backward in cpu_backward.cpp; what they share, in cpu_common.hpp.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -9,13 +9,12 @@
 
 #include "backends/cpu/cpu_common.hpp"
 #include "core/backend.hpp"
-#include "core/parallel.hpp"
 
 namespace tilewise {
 namespace {
 
 using cpu::KeyRef;
-using detail::parallel_for;
+using cpu::for_each_query_item;
 
 template <class T>
 class CpuKernel {
@@ -26,44 +25,13 @@ class CpuKernel {
   CpuKernel(const Plan& plan, const Tensors& t) : plan_(plan), p_(plan.problem()), map_(plan.token_map()), t_(t) {}
 
   void operator()() const {
-    const TileGrid& g = map_.grid;
-    const int64_t video_items = g.num_tiles();
-    const int64_t text_items = ceil_div(p_.text_capacity, kTextRows);
-    const int64_t per_bh = video_items + text_items;
-    parallel_for(p_.batch * p_.q_heads * per_bh, [&](int64_t item) {
-      const int64_t b = item / (p_.q_heads * per_bh);
-      const int64_t h = (item / per_bh) % p_.q_heads;
-      const int64_t i = item % per_bh;
-      if (i < video_items)
-        video_tile(b, h, i);
-      else
-        text_rows(b, h, (i - video_items) * kTextRows);
+    for_each_query_item(plan_, t_.text_len, [&](int64_t b, int64_t h, const std::vector<KeyRef>& keys, auto&& rows) {
+      const Gathered kv = gather(b, h, keys);
+      rows([&](int64_t pos, auto&& allowed) { row(b, h, pos, keys, kv, allowed); });
     });
   }
 
  private:
-  static constexpr int64_t kTextRows = 64;
-
-  void video_tile(int64_t b, int64_t h, int64_t qt) const {
-    std::vector<KeyRef> keys;
-    cpu::append_pattern_keys(plan_, h, qt, keys);
-    cpu::append_text_keys(map_, cpu::valid_text(p_, t_.text_len, b), keys);
-    const Gathered kv = gather(b, h, keys);
-    cpu::for_each_token(map_.grid, map_.grid.tile_coord(qt), [&](Dim3 q) {
-      row(b, h, map_.video_position(q), keys, kv, [&](const KeyRef& k) { return cpu::sees(plan_, h, q, k); });
-    });
-  }
-
-  void text_rows(int64_t b, int64_t h, int64_t first) const {
-    std::vector<KeyRef> keys;
-    cpu::append_all_video_keys(map_, keys);
-    cpu::append_text_keys(map_, cpu::valid_text(p_, t_.text_len, b), keys);
-    const Gathered kv = gather(b, h, keys);
-    const int64_t last = std::min(first + kTextRows, p_.text_capacity);
-    for (int64_t r = first; r < last; ++r)
-      row(b, h, map_.seq.text_offset() + r, keys, kv, [](const KeyRef&) { return true; });
-  }
-
   struct Gathered {
     std::vector<Acc> k, v;  // [keys, D], converted once per work item
   };
@@ -111,6 +79,7 @@ class CpuKernel {
 class CpuBackend final : public Backend {
  public:
   void run(const Plan& plan, const Tensors& t, void*, void*) const override {
+    if (plan.problem().precision != Precision::native) return cpu::run_fp8(plan, t);
     // Validate everything before the first write: outputs stay untouched on error.
     cpu::require_text_len(plan.problem(), t.text_len);
     cpu::with_storage_type(plan.problem().dtype, [&](auto type) {
@@ -120,6 +89,9 @@ class CpuBackend final : public Backend {
   // Always deterministic (no atomics; each output row has one writer); no workspace.
   void run_backward(const Plan& plan, const GradTensors& t, void*, void*, bool) const override {
     cpu::run_backward(plan, t);
+  }
+  void quantize_fp8(const Plan& plan, const Tensors& inputs, const Fp8Tensors& out, void*) const override {
+    cpu::quantize_fp8(plan, inputs, out);
   }
 };
 

@@ -32,15 +32,14 @@ class BackwardKernel {
         stats_(p_.batch * p_.q_heads * p_.seq_len) {}
 
   void operator()() {
-    const int64_t tiles = map_.grid.num_tiles(), text_blocks = ceil_div(p_.text_capacity, kTextRows);
-    const int64_t per_head = tiles + text_blocks;
-    parallel_for(p_.batch * p_.q_heads * per_head, [&](int64_t item) {
-      const int64_t b = item / (p_.q_heads * per_head), h = (item / per_head) % p_.q_heads, i = item % per_head;
-      if (i < tiles)
-        dq_video_tile(b, h, i);
-      else
-        dq_text_rows(b, h, (i - tiles) * kTextRows);
+    for_each_query_item(plan_, t_.text_len, [&](int64_t b, int64_t h, const std::vector<KeyRef>& keys, auto&& rows) {
+      std::vector<Acc> k, v;
+      gather_rows<T>(t_.k, p_.k, b, kv_head(h), D_, keys, k);  // [keys, D], converted once per work item
+      gather_rows<T>(t_.v, p_.v, b, kv_head(h), D_, keys, v);
+      RowScratch scratch(D_, keys.size());
+      rows([&](int64_t pos, auto&& allowed) { dq_row(b, h, pos, keys, k, v, scratch, allowed); });
     });
+    const int64_t tiles = map_.grid.num_tiles(), per_head = tiles + ceil_div(p_.text_capacity, kTextRows);
     parallel_for(p_.batch * p_.kv_heads * per_head, [&](int64_t item) {
       const int64_t b = item / (p_.kv_heads * per_head), kvh = (item / per_head) % p_.kv_heads;
       const int64_t i = item % per_head;
@@ -52,8 +51,6 @@ class BackwardKernel {
   }
 
  private:
-  static constexpr int64_t kTextRows = 64;
-
   /// Per query row, from pass 1: the exact log-sum-exp over its allowed keys, and D_i - dLSE_i, so that
   /// P_ij = exp(s_ij - lse_i) and dS_ij = P_ij (dP_ij - delta_i).
   struct RowStats {
@@ -71,32 +68,6 @@ class BackwardKernel {
   int64_t row_index(int64_t b, int64_t h, int64_t pos) const { return (b * p_.q_heads + h) * p_.seq_len + pos; }
 
   // ---- pass 1: dq --------------------------------------------------------------------------------------
-
-  void dq_video_tile(int64_t b, int64_t h, int64_t qt) {
-    std::vector<KeyRef> keys;
-    append_pattern_keys(plan_, h, qt, keys);
-    append_text_keys(map_, valid_text(p_, t_.text_len, b), keys);
-    std::vector<Acc> k, v;
-    gather_rows<T>(t_.k, p_.k, b, kv_head(h), D_, keys, k);  // [keys, D], converted once per work item
-    gather_rows<T>(t_.v, p_.v, b, kv_head(h), D_, keys, v);
-    RowScratch scratch(D_, keys.size());
-    for_each_token(map_.grid, map_.grid.tile_coord(qt), [&](Dim3 q) {
-      dq_row(b, h, map_.video_position(q), keys, k, v, scratch,
-             [&](const KeyRef& key) { return sees(plan_, h, q, key); });
-    });
-  }
-
-  void dq_text_rows(int64_t b, int64_t h, int64_t first) {
-    std::vector<KeyRef> keys;
-    append_all_video_keys(map_, keys);
-    append_text_keys(map_, valid_text(p_, t_.text_len, b), keys);
-    std::vector<Acc> k, v;
-    gather_rows<T>(t_.k, p_.k, b, kv_head(h), D_, keys, k);
-    gather_rows<T>(t_.v, p_.v, b, kv_head(h), D_, keys, v);
-    RowScratch scratch(D_, keys.size());
-    for (int64_t r = first; r < std::min(first + kTextRows, p_.text_capacity); ++r)
-      dq_row(b, h, map_.seq.text_offset() + r, keys, k, v, scratch, [](const KeyRef&) { return true; });
-  }
 
   /// Buffers of one query row in pass 1, allocated once per work item.
   struct RowScratch {

@@ -1,8 +1,10 @@
-// Internal: what the CPU reference's forward (cpu_backend.cpp) and backward (cpu_backward.cpp) share: element
-// types and their conversions, strided row access, the run-time text_len check, and the key set of a query tile
-// as the Plan answers it (the backends enumerate it here once rather than each deriving it).
+// Internal: what the CPU reference's forward (cpu_backend.cpp), FP8 forward (cpu_fp8.cpp) and backward
+// (cpu_backward.cpp) share: element types and their conversions, strided row access, the run-time text_len check,
+// the key set of a query tile as the Plan answers it (the backends enumerate it here once rather than each deriving
+// it), and the query-side work items.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -10,6 +12,7 @@
 
 #include "core/errors.hpp"
 #include "core/numeric.hpp"
+#include "core/parallel.hpp"
 #include "tilewise/tilewise.hpp"
 
 namespace tilewise::cpu {
@@ -18,6 +21,7 @@ namespace tilewise::cpu {
 
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
+struct e4m3_t { uint8_t bits; };
 
 /// Storage type T: its accumulator (f32, f64 for f64 storage) and the conversions (16-bit: round to nearest even).
 template <class T>
@@ -45,6 +49,15 @@ struct Element<f16_t> {
   using Acc = float;
   static float load(const f16_t* p) { return detail::f16_to_float(p->bits); }
   static void store(f16_t* p, float x) { p->bits = detail::float_to_f16(x); }
+};
+
+/// e4m3 is an input type only (Precision::fp8_scaled, and the quantised operands of fp8); every e4m3 product and
+/// sum of D of them is exact in double, so the FP8 reference works in double.
+template <>
+struct Element<e4m3_t> {
+  using Acc = double;
+  static double load(const e4m3_t* p) { return detail::e4m3_to_double(p->bits); }
+  static void store(e4m3_t* p, double x) { p->bits = detail::double_to_e4m3(x); }
 };
 
 /// Calls f(std::type_identity<T>{}) with the storage type T of `dtype`.
@@ -160,7 +173,49 @@ void gather_rows(const void* base, const Strides& s, int64_t b, int64_t head, in
   for (size_t j = 0; j < keys.size(); ++j) load_row<T>(base, s, b, keys[j].pos, head, D, &out[j * D]);
 }
 
+// ---- work items ----------------------------------------------------------------------------------------
+
+/// Text query rows per work item.
+inline constexpr int64_t kTextRows = 64;
+
+/// The query-side work of the forward and of the backward's dq pass, multithreaded: per (batch, query head), each
+/// query tile (its pattern's keys and the valid text keys) and each block of kTextRows text query rows (every video
+/// key and the valid text keys). Calls item(b, h, keys, rows) once per work item; rows(row) then calls
+/// row(pos, allowed) for each query row of the item, allowed(key) being the token-level rule for that row.
+template <class Item>
+void for_each_query_item(const Plan& plan, const int32_t* text_len, Item&& item) {
+  const Problem& p = plan.problem();
+  const TokenMap& map = plan.token_map();
+  const int64_t tiles = map.grid.num_tiles();
+  const int64_t per_head = tiles + ceil_div(p.text_capacity, kTextRows);
+  detail::parallel_for(p.batch * p.q_heads * per_head, [&](int64_t work) {
+    const int64_t b = work / (p.q_heads * per_head), h = (work / per_head) % p.q_heads, i = work % per_head;
+    std::vector<KeyRef> keys;
+    if (i < tiles) {
+      append_pattern_keys(plan, h, i, keys);
+      append_text_keys(map, valid_text(p, text_len, b), keys);
+      item(b, h, keys, [&](auto&& row) {
+        for_each_token(map.grid, map.grid.tile_coord(i), [&](Dim3 q) {
+          row(map.video_position(q), [&](const KeyRef& k) { return sees(plan, h, q, k); });
+        });
+      });
+    } else {
+      append_all_video_keys(map, keys);
+      append_text_keys(map, valid_text(p, text_len, b), keys);
+      const int64_t first = (i - tiles) * kTextRows, last = std::min(first + kTextRows, p.text_capacity);
+      item(b, h, keys, [&](auto&& row) {
+        for (int64_t r = first; r < last; ++r) row(map.seq.text_offset() + r, [](const KeyRef&) { return true; });
+      });
+    }
+  });
+}
+
 /// The backward (cpu_backward.cpp): validates, then writes every element of dq, dk and dv.
 void run_backward(const Plan& plan, const GradTensors& tensors);
+
+/// The FP8 forward (cpu_fp8.cpp), precision fp8 or fp8_scaled: validates, then writes o and lse.
+void run_fp8(const Plan& plan, const Tensors& tensors);
+/// Plan::quantize_fp8 (cpu_fp8.cpp).
+void quantize_fp8(const Plan& plan, const Tensors& inputs, const Fp8Tensors& out);
 
 }  // namespace tilewise::cpu

@@ -39,6 +39,13 @@ class DeviceArray {
   T* ptr_ = nullptr;
 };
 
+/// The CUDA backends have no FP8 kernel yet (docs/semantics.md §11): a plan asking for one is refused by name.
+inline void require_native_precision(const Problem& p, Device kind) {
+  detail::require(p.precision == Precision::native, "precision", to_string(p.precision),
+                  std::string("native (precision ") + to_string(p.precision) + " is not supported by backend " +
+                      to_string(kind) + " yet)");
+}
+
 /// The current device's properties; throws tilewise::Error when there is no usable GPU.
 cudaDeviceProp require_device(const char* device_name);
 

@@ -138,6 +138,7 @@ class HopperBackend final : public Backend {
     require(prop.major == 9, "device", std::string(prop.name) + " (sm_" + str(prop.major) + str(prop.minor) + ")",
             "a Hopper GPU (sm_90) for Device::cuda; use cuda-reference or cpu elsewhere");
     require(p.dtype == DType::bf16 || p.dtype == DType::f16, "dtype", to_string(p.dtype), "bf16 or f16 on cuda");
+    require_native_precision(p, Device::cuda);
     require(hopper::forward_smem_bytes(static_cast<int>(p.head_dim)) > 0, "head_dim", p.head_dim,
             "64, 96 or 128 on cuda");
     require(p.scale > 0, "scale", p.scale, "a positive number on cuda");

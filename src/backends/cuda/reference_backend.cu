@@ -135,6 +135,7 @@ class ReferenceBackend final : public Backend {
     detail::require(p.dtype == DType::bf16 || p.dtype == DType::f16, "dtype", to_string(p.dtype),
                     "bf16 or f16 on cuda-reference");
     detail::require(p.head_dim <= kMaxD, "head_dim", p.head_dim, "<= " + detail::str(kMaxD) + " on cuda-reference");
+    require_native_precision(p, Device::cuda_reference);
   }
 
   size_t backward_workspace_bytes(const Plan& plan) const override { return reference_backward_workspace_bytes(plan); }
