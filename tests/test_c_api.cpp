@@ -139,6 +139,10 @@ TEST(CApi, InvalidProblemsAreRejectedAtCreate) {
   p = small_problem();
   p.dtype = 7;
   expect_create_fails(p, pat, "dtype", "invalid dtype = 7: expected one of f32, f64, bf16, f16");
+
+  p = small_problem();
+  p.sm_margin = -8;
+  expect_create_fails(p, pat, "sm_margin", "invalid sm_margin = -8: expected >= 0");
 }
 
 TEST(CApi, InvalidPatternsAreRejectedAtCreate) {
@@ -313,6 +317,8 @@ TEST(CApi, InitMatchesCppDefaults) {
   EXPECT_EQ(c.text_capacity, 0);
   EXPECT_EQ(c.seq_len, 0);
   EXPECT_EQ(c.scale, 0.0);
+  EXPECT_EQ(c.precision, static_cast<int32_t>(d.precision));
+  EXPECT_EQ(c.sm_margin, d.sm_margin);
   for (const int64_t* s : {c.q_strides, c.k_strides, c.v_strides, c.o_strides}) {
     EXPECT_EQ(s[0], 0);
     EXPECT_EQ(s[3], 1);
@@ -365,6 +371,14 @@ TEST(CApi, SlidingTilePerHeadMatchesCpp) {
   p.text_position = TW_TEXT_FIRST;
   const int64_t windows[12] = {1, 1, 1, 3, 1, 3, 2, 2, 2, 3, 3, 3};
   expect_same_as_cpp(p, sta(windows, 4), tilewise::Pattern::sliding_tile({{1, 1, 1}, {3, 1, 3}, {2, 2, 2}, {3, 3, 3}}));
+}
+
+// sm_margin is an execution option that the CPU backend ignores: a plan with one computes the same bits as the
+// C++ plan without (cpp_problem leaves it at 0).
+TEST(CApi, SmMarginChangesNoBit) {
+  tw_problem p = small_problem();
+  p.sm_margin = 100;
+  expect_same_as_cpp(p, sta(kWin333, 1), tilewise::Pattern::sliding_tile({3, 3, 3}));
 }
 
 TEST(CApi, AttentionTileMatchesCpp) {

@@ -296,6 +296,40 @@ TEST(CudaBackwardFullSize, HunyuanMatchesGpuReference) {
   }
 }
 
+/// o, lse and the deterministic gradients of one Hopper plan of `c` that leaves `sm_margin` SMs free.
+Outputs run_leaving_sms(const oracle::Case& c, const Inputs& in, int64_t sm_margin) {
+  tilewise::Problem problem = gradcheck::problem_of(c, c.dtype);
+  problem.sm_margin = sm_margin;
+  const tilewise::Plan plan(problem, oracle::to_pattern(c), Device::cuda);
+  Workbench bench(plan, c, in);
+  bench.forward();
+  bench.backward(/*deterministic=*/true);
+  return bench.read();
+}
+
+// sm_margin only shrinks the persistent kernels' grids: the dynamic scheduler gives each work item to one CTA,
+// which computes it in a fixed order, so the forward and the deterministic backward must not change a bit.
+// 2 x 4 heads x 64 tiles (plus text) is more work than 132 SMs, so every grid below is the margin's.
+TEST(CudaSmMargin, FewerSmsComputeTheSameBits) {
+  SKIP_WITHOUT_GPU();
+  oracle::Case c = base({8, 32, 32}, {2, 8, 8}, 4, 2, 128);
+  windows(c, {{3, 3, 3}});
+  text(c, 40, false, {40, 17});
+  const uint64_t seed = oracle::fresh_seed();
+  SCOPED_TRACE(trace("sm_margin", c, true, seed));
+  const Inputs in = gradcheck::random_inputs(c, true, seed);
+  const Outputs all = run_leaving_sms(c, in, 0);
+  for (const std::string& line : gradcheck::structural_problems(c, all, false)) ADD_FAILURE() << line;
+  // 100: 32 of an H200's 132 SMs; 1 << 20: more than any device has, so one CTA.
+  for (int64_t margin : {int64_t{100}, int64_t{1} << 20}) {
+    const Outputs fewer = run_leaving_sms(c, in, margin);
+    const std::string what = "sm_margin " + std::to_string(margin) + " vs 0";
+    EXPECT_TRUE(fewer.values[gradcheck::kO] == all.values[gradcheck::kO]) << what << ": o differs";
+    EXPECT_TRUE(fewer.values[gradcheck::kLse] == all.values[gradcheck::kLse]) << what << ": lse differs";
+    expect_bitwise_equal(all, fewer, what);
+  }
+}
+
 #ifdef TILEWISE_WITH_CUDA
 #define CUDA_OK(x) ASSERT_EQ((x), cudaSuccess) << #x
 

@@ -84,6 +84,7 @@ TEST(Errors, Shapes) {
   expect_error(with([](Problem& p) { p.seq_len = 70; }), "seq_len", "70", "64 + 3 = 67");
   expect_error(with([](Problem& p) { p.seq_len = 64; }), "seq_len", "64", "67");
   expect_error(with([](Problem& p) { p.head_offset = -1; }), "head_offset", "-1", ">= 0");
+  expect_error(with([](Problem& p) { p.sm_margin = -1; }), "sm_margin", "-1", ">= 0");
 }
 
 TEST(Errors, DtypeScaleAndOrder) {

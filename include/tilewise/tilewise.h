@@ -41,6 +41,9 @@ typedef struct tw_problem {
   int64_t q_strides[4], k_strides[4], v_strides[4], o_strides[4];
   double scale; /* 0 = 1/sqrt(head_dim) */
   int32_t precision; /* TW_PRECISION_*, default NATIVE */
+  /* SMs the CUDA kernels leave free (>= 0, default 0), e.g. for NCCL beside them; results are unchanged. A
+   * persistent launch has max(1, SMs - sm_margin) CTAs; the CPU and CUDA_REFERENCE devices ignore it. */
+  int64_t sm_margin;
 } tw_problem;
 
 /* Mirrors tilewise::Pattern. Per-head tables hold `num_heads` entries (1 = the same for every head). */

@@ -74,6 +74,11 @@ struct Problem {
   double scale = 0.0;        // 0 = 1/sqrt(head_dim)
   int64_t head_offset = 0;   // global index of local head 0 (sequence parallelism): pattern tables are global
   Precision precision = Precision::native;  // fp8 / fp8_scaled: docs/semantics.md §11
+  // An execution option; results are bitwise the same for any value. SMs the CUDA kernels leave free for work
+  // beside them (NCCL's all-to-alls under sequence parallelism; FlashAttention-3's sm_margin): a persistent launch
+  // (cuda: forward and backward) has max(1, SMs - sm_margin) CTAs, so a margin >= the device's SM count still
+  // launches one. The cpu and cuda_reference backends (one CTA per work item, not persistent) ignore it.
+  int64_t sm_margin = 0;
 
   int64_t video_tokens() const { return latent.volume(); }
   int64_t sequence_length() const { return latent.volume() + text_capacity; }

@@ -50,11 +50,12 @@ class Plan:
                  block_offsets: Optional[Sequence[IntLike]] = None, block_tiles: Optional[Sequence[IntLike]] = None,
                  text_position: str = "last", order: str = "raster", layout: str = "bshd",
                  scale: Optional[float] = None, head_offset: IntLike = 0, precision: str = "native",
-                 out_dtype=None) -> None:
+                 out_dtype=None, sm_margin: IntLike = 0) -> None:
         params = _args.PatternParams.of(pattern, window, global_frames, radius, block_offsets, block_tiles)
         self._torch = _is_torch(q)
         call = _call(q, latent=latent, tile=tile, params=params, text_position=text_position, order=order,
-                     layout=layout, scale=scale, head_offset=head_offset, precision=precision, out_dtype=out_dtype)
+                     layout=layout, scale=scale, head_offset=head_offset, precision=precision, out_dtype=out_dtype,
+                     sm_margin=sm_margin)
         front = _torch_module() if self._torch else _numpy
         self._runner = front.Runner(q, k, v, call)
 
@@ -95,9 +96,10 @@ def _call(q, *, out_dtype, **kwargs) -> _args.Call:
 
 
 def _attention(q, k, v, *, params: _args.PatternParams, latent, tile, text_len, text_position, order, layout, scale,
-               head_offset, return_lse, deterministic, precision="native", scales=None, out_dtype=None):
+               head_offset, return_lse, deterministic, precision="native", scales=None, out_dtype=None, sm_margin=0):
     call = _call(q, latent=latent, tile=tile, params=params, text_position=text_position, order=order,
-                 layout=layout, scale=scale, head_offset=head_offset, precision=precision, out_dtype=out_dtype)
+                 layout=layout, scale=scale, head_offset=head_offset, precision=precision, out_dtype=out_dtype,
+                 sm_margin=sm_margin)
     if _is_torch(q):
         return _torch_module().attention(q, k, v, call, text_len, bool(return_lse), deterministic, scales)
     if scales is not None:
@@ -111,7 +113,7 @@ def sliding_tile_attention(q: Array, k: Array, v: Array, *, latent: Triple, tile
                            text_position: str = "last", order: str = "raster", layout: str = "bshd",
                            scale: Optional[float] = None, head_offset: IntLike = 0, return_lse: bool = False,
                            deterministic: Optional[bool] = None, precision: str = "native", scales=None,
-                           out_dtype=None):
+                           out_dtype=None, sm_margin: IntLike = 0):
     """Sliding Tile Attention: each query tile sees a window of (kt, kh, kw) key tiles (one window for all
     heads, or one per head; "3x3x3" spells (3, 3, 3)), plus every valid text key.
 
@@ -124,19 +126,22 @@ def sliding_tile_attention(q: Array, k: Array, v: Array, *, latent: Triple, tile
     q's dtype) or "fp8" (docs/semantics.md §11: e4m3 Q, K, P, V, forward only; the CPU backend so far). With
     precision="fp8", q, k, v may also be torch.float8_e4m3fn tensors quantised by the caller, with scales=(q_scale,
     k_scale, v_scale) (float32 [B, Hq, S], [B, Hkv, key blocks], [B, Hkv, D]; tilewise.quantize_fp8 makes them)
-    and the output in out_dtype (default torch.bfloat16). Returns o shaped like q (contiguous in `layout`), and with
-    return_lse=True also the float32 LSE [B, Hq, S]."""
+    and the output in out_dtype (default torch.bfloat16). sm_margin: SMs the CUDA kernels leave free for work beside
+    them, such as NCCL's all-to-alls under sequence parallelism (FlashAttention-3's sm_margin); the results do not
+    change, the CPU ignores it, and a margin of all the device's SMs still runs on one. Returns o shaped like q
+    (contiguous in `layout`), and with return_lse=True also the float32 LSE [B, Hq, S]."""
     return _attention(q, k, v, params=_args.PatternParams.of("sliding_tile", window=window), latent=latent, tile=tile,
                       text_len=text_len, text_position=text_position, order=order, layout=layout, scale=scale,
                       head_offset=head_offset, return_lse=return_lse, deterministic=deterministic,
-                      precision=precision, scales=scales, out_dtype=out_dtype)
+                      precision=precision, scales=scales, out_dtype=out_dtype, sm_margin=sm_margin)
 
 
 def attention_tile(q: Array, k: Array, v: Array, *, latent: Triple, tile: Triple = (1, 8, 8),
                    global_frames: Union[IntLike, Sequence[IntLike]], radius: Union[IntLike, Sequence[IntLike]] = 0,
                    text_len: TextLen = None, text_position: str = "last", order: str = "raster", layout: str = "bshd",
                    scale: Optional[float] = None, head_offset: IntLike = 0, return_lse: bool = False,
-                   deterministic: Optional[bool] = None, precision: str = "native", scales=None, out_dtype=None):
+                   deterministic: Optional[bool] = None, precision: str = "native", scales=None, out_dtype=None,
+                   sm_margin: IntLike = 0):
     """Efficient-vDiT's frame pattern: frames < global_frames see and are seen by everything; other frames
     see frames within `radius` of their own. Per-head values may be given as sequences. Other arguments as for
     sliding_tile_attention."""
@@ -144,7 +149,8 @@ def attention_tile(q: Array, k: Array, v: Array, *, latent: Triple, tile: Triple
                                                              radius=radius),
                       latent=latent, tile=tile, text_len=text_len, text_position=text_position, order=order,
                       layout=layout, scale=scale, head_offset=head_offset, return_lse=return_lse,
-                      deterministic=deterministic, precision=precision, scales=scales, out_dtype=out_dtype)
+                      deterministic=deterministic, precision=precision, scales=scales, out_dtype=out_dtype,
+                      sm_margin=sm_margin)
 
 
 def block_sparse_attention(q: Array, k: Array, v: Array, *, latent: Triple, tile: Triple,
@@ -152,26 +158,27 @@ def block_sparse_attention(q: Array, k: Array, v: Array, *, latent: Triple, tile
                            text_position: str = "last", order: str = "raster", layout: str = "bshd",
                            scale: Optional[float] = None, head_offset: IntLike = 0, return_lse: bool = False,
                            deterministic: Optional[bool] = None, precision: str = "native", scales=None,
-                           out_dtype=None):
+                           out_dtype=None, sm_margin: IntLike = 0):
     """Explicit key tiles per (head, query tile), CSR: tiles of query tile t of head h are
     block_tiles[block_offsets[h * num_tiles + t] : block_offsets[h * num_tiles + t + 1]], ascending."""
     return _attention(q, k, v, params=_args.PatternParams.of("block_list", block_offsets=block_offsets,
                                                              block_tiles=block_tiles),
                       latent=latent, tile=tile, text_len=text_len, text_position=text_position, order=order,
                       layout=layout, scale=scale, head_offset=head_offset, return_lse=return_lse,
-                      deterministic=deterministic, precision=precision, scales=scales, out_dtype=out_dtype)
+                      deterministic=deterministic, precision=precision, scales=scales, out_dtype=out_dtype,
+                      sm_margin=sm_margin)
 
 
 def dense_attention(q: Array, k: Array, v: Array, *, latent: Triple, tile: Triple = (6, 8, 8),
                     text_len: TextLen = None, text_position: str = "last", order: str = "raster",
                     layout: str = "bshd", scale: Optional[float] = None, head_offset: IntLike = 0,
                     return_lse: bool = False, deterministic: Optional[bool] = None, precision: str = "native",
-                    scales=None, out_dtype=None):
+                    scales=None, out_dtype=None, sm_margin: IntLike = 0):
     """Full attention over the video plus the valid text keys (the dense reference of the same problem)."""
     return _attention(q, k, v, params=_args.PatternParams.of("dense"), latent=latent, tile=tile, text_len=text_len,
                       text_position=text_position, order=order, layout=layout, scale=scale, head_offset=head_offset,
                       return_lse=return_lse, deterministic=deterministic, precision=precision, scales=scales,
-                      out_dtype=out_dtype)
+                      out_dtype=out_dtype, sm_margin=sm_margin)
 
 
 def quantize_fp8(q: Array, k: Array, v: Array, *, latent: Triple, tile: Triple = (6, 8, 8), text_len: TextLen = None,

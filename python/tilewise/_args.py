@@ -258,14 +258,16 @@ class Call(NamedTuple):
     head_offset: int = 0
     precision: str = "native"      # "native" or "fp8" (docs/semantics.md §11)
     out_dtype: Optional[str] = None  # e4m3 inputs only: the output's tilewise dtype (None = bf16)
+    sm_margin: int = 0             # SMs the CUDA kernels leave free (an execution option: results unchanged)
 
     @staticmethod
     def of(*, latent, tile, params: PatternParams, text_position="last", order="raster", layout="bshd",
-           scale=None, head_offset=0, precision="native", out_dtype=None) -> "Call":
+           scale=None, head_offset=0, precision="native", out_dtype=None, sm_margin=0) -> "Call":
         return Call(triple("latent", latent), triple("tile", tile), params,
                     choice("text_position", text_position, _capi.TEXT_POSITIONS), choice("order", order, _capi.ORDERS),
                     choice("layout", layout, _capi.LAYOUTS), scale_arg(scale),
-                    integer("head_offset", head_offset), choice("precision", precision, PRECISIONS), out_dtype)
+                    integer("head_offset", head_offset), choice("precision", precision, PRECISIONS), out_dtype,
+                    integer("sm_margin", sm_margin))
 
 
 
@@ -279,7 +281,7 @@ def make_plan(ops: Operands, call: Call, device: str) -> _capi.Plan:
                       scale=call.scale, head_offset=call.head_offset, pattern=p.pattern,
                       windows=p.windows or ((3, 3, 3),), global_frames=p.global_frames or (0,),
                       radius=p.radius or (0,), block_offsets=p.block_offsets, block_tiles=p.block_tiles,
-                      device=device, precision=ops.precision)
+                      device=device, precision=ops.precision, sm_margin=call.sm_margin)
 
 
 def text_len_values(text_len, batch: int, capacity: Optional[int] = None) -> tuple:

@@ -28,7 +28,7 @@ class Problem(ctypes.Structure):
         ("latent", I64 * 3), ("tile", I64 * 3),
         ("text_capacity", I64), ("seq_len", I64), ("head_offset", I64),
         ("q_strides", I64 * 4), ("k_strides", I64 * 4), ("v_strides", I64 * 4), ("o_strides", I64 * 4),
-        ("scale", ctypes.c_double), ("precision", I32),
+        ("scale", ctypes.c_double), ("precision", I32), ("sm_margin", I64),
     ]
 
 
@@ -134,7 +134,7 @@ def _enum(table: dict, name: str, value) -> int:
 
 def make_problem(*, batch, q_heads, kv_heads, head_dim, dtype, latent, tile, text_capacity=0,
                  text_position="last", order="raster", layout="bshd", strides=None, scale=0.0,
-                 head_offset=0, precision="native") -> Problem:
+                 head_offset=0, precision="native", sm_margin=0) -> Problem:
     """A tw_problem from keyword arguments; strides: {"q": (batch, seq, head, dim), ...} in elements."""
     p = Problem()
     lib().tw_problem_init(ctypes.byref(p))
@@ -144,7 +144,7 @@ def make_problem(*, batch, q_heads, kv_heads, head_dim, dtype, latent, tile, tex
     p.order = _enum(ORDERS, "order", order)
     p.layout = _enum(LAYOUTS, "layout", layout)
     p.latent[:], p.tile[:] = list(latent), list(tile)
-    p.text_capacity, p.scale, p.head_offset = text_capacity, scale, head_offset
+    p.text_capacity, p.scale, p.head_offset, p.sm_margin = text_capacity, scale, head_offset, sm_margin
     p.precision = _enum(PRECISIONS, "precision", precision)
     for name, st in (strides or {}).items():
         getattr(p, f"{name}_strides")[:] = list(st)
@@ -203,12 +203,12 @@ class Plan:
     def __init__(self, *, batch, q_heads, kv_heads, head_dim, dtype, latent, tile, text_capacity=0,
                  text_position="last", order="raster", layout="bshd", strides=None, scale=0.0, head_offset=0,
                  pattern="sliding_tile", windows=((3, 3, 3),), global_frames=(0,), radius=(0,),
-                 block_offsets=None, block_tiles=None, device="cuda", precision="native"):
+                 block_offsets=None, block_tiles=None, device="cuda", precision="native", sm_margin=0):
         L = lib()
         p = make_problem(batch=batch, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
                          latent=latent, tile=tile, text_capacity=text_capacity, text_position=text_position,
                          order=order, layout=layout, strides=strides, scale=scale, head_offset=head_offset,
-                         precision=precision)
+                         precision=precision, sm_margin=sm_margin)
         self.seq_len = p.latent[0] * p.latent[1] * p.latent[2] + text_capacity
         pat = Pattern()
         L.tw_pattern_init(ctypes.byref(pat))

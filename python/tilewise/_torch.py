@@ -111,14 +111,14 @@ def _geometry_args(call: _args.Call) -> tuple:
 
 def _op_args(call: _args.Call, deterministic: bool) -> tuple:
     """attention_fwd's non-tensor arguments, in schema order, from a checked Call."""
-    return _geometry_args(call) + (bool(deterministic), call.precision)
+    return _geometry_args(call) + (bool(deterministic), call.precision, int(call.sm_margin))
 
 
 def _call_of(latent, tile, pattern, windows, global_frames, radius, block_offsets, block_tiles, text_position, order,
-             layout, scale, head_offset, precision="native", out_dtype=None) -> _args.Call:
+             layout, scale, head_offset, precision="native", out_dtype=None, sm_margin=0) -> _args.Call:
     params = _args.PatternParams.from_flat(pattern, windows, global_frames, radius, block_offsets, block_tiles)
     return _args.Call(tuple(latent), tuple(tile), params, text_position, order, layout, scale, head_offset, precision,
-                      out_dtype)
+                      out_dtype, sm_margin)
 
 
 def _scale_tensors(scales, q: torch.Tensor, ops: _args.Operands) -> tuple:
@@ -150,7 +150,8 @@ def attention(q, k, v, call: _args.Call, text_len, return_lse: bool, determinist
         raise ValueError("precision: 'fp8' is forward only (docs/semantics.md §11): expected inputs that do not "
                          "require grad (or torch.no_grad()), or precision='native' for training")
     if given is not None:
-        o, lse = attention_fwd_fp8_scaled(q, k, v, *given, tl, list(values), *_geometry_args(call), ops.dtype)
+        o, lse = attention_fwd_fp8_scaled(q, k, v, *given, tl, list(values), *_geometry_args(call), ops.dtype,
+                                          int(call.sm_margin))
     else:
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
@@ -262,12 +263,14 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: O
                   text_len_values: List[int], latent: List[int], tile: List[int], pattern: str, windows: List[int],
                   global_frames: List[int], radius: List[int], block_offsets: List[int], block_tiles: List[int],
                   text_position: str, order: str, layout: str, scale: float, head_offset: int,
-                  deterministic: bool, precision: str = "native") -> Tuple[torch.Tensor, torch.Tensor]:
+                  deterministic: bool, precision: str = "native",
+                  sm_margin: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Tile-sparse attention forward. windows: flattened (kt, kh, kw) triples; text_len (device tensor) or
     text_len_values (host ints, [] = all valid); deterministic: for the backward; precision: "native" or "fp8"
-    (quantised inside, forward only). Returns o (contiguous in `layout`) and the float32 LSE [B, Hq, S]."""
+    (quantised inside, forward only); sm_margin: SMs the CUDA kernels leave free (results unchanged; passed on to
+    the backward). Returns o (contiguous in `layout`) and the float32 LSE [B, Hq, S]."""
     call = _call_of(latent, tile, pattern, windows, global_frames, radius, block_offsets, block_tiles, text_position,
-                    order, layout, scale, head_offset, precision)
+                    order, layout, scale, head_offset, precision, sm_margin=sm_margin)
     with _device_guard(q.device):
         return _forward(_plan_for(q, k, v, call), q, k, v, text_len, text_len_values, layout)
 
@@ -275,7 +278,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: O
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, text_len, text_len_values, latent, tile, pattern, windows, global_frames, radius,
                         block_offsets, block_tiles, text_position, order, layout, scale, head_offset, deterministic,
-                        precision="native"):
+                        precision="native", sm_margin=0):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
 
 
@@ -285,13 +288,13 @@ def attention_fwd_fp8_scaled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              text_len_values: List[int], latent: List[int], tile: List[int], pattern: str,
                              windows: List[int], global_frames: List[int], radius: List[int],
                              block_offsets: List[int], block_tiles: List[int], text_position: str, order: str,
-                             layout: str, scale: float, head_offset: int,
-                             out_dtype: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                             layout: str, scale: float, head_offset: int, out_dtype: str,
+                             sm_margin: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """The forward on e4m3 q, k, v (torch.float8_e4m3fn) quantised by the caller, with their float32 scales
     (docs/semantics.md §11.3: q_scale [B, Hq, S], k_scale [B, Hkv, key blocks], v_scale [B, Hkv, D]). Forward
     only. Returns o in out_dtype ("bf16", "f16", ...; contiguous in `layout`) and the float32 LSE [B, Hq, S]."""
     call = _call_of(latent, tile, pattern, windows, global_frames, radius, block_offsets, block_tiles, text_position,
-                    order, layout, scale, head_offset, "fp8", out_dtype)
+                    order, layout, scale, head_offset, "fp8", out_dtype, sm_margin)
     with _device_guard(q.device):
         return _forward(_plan_for(q, k, v, call), q, k, v, text_len, text_len_values, layout, TORCH_DTYPES[out_dtype],
                         (q_scale, k_scale, v_scale))
@@ -300,7 +303,7 @@ def attention_fwd_fp8_scaled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 @attention_fwd_fp8_scaled.register_fake
 def _attention_fwd_fp8_scaled_fake(q, k, v, q_scale, k_scale, v_scale, text_len, text_len_values, latent, tile,
                                    pattern, windows, global_frames, radius, block_offsets, block_tiles, text_position,
-                                   order, layout, scale, head_offset, out_dtype):
+                                   order, layout, scale, head_offset, out_dtype, sm_margin=0):
     return (q.new_empty(q.shape, dtype=TORCH_DTYPES[out_dtype]),
             q.new_empty(_lse_shape(q, layout), dtype=torch.float32))
 
@@ -319,12 +322,13 @@ def attention_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Ten
                   text_len_values: List[int], latent: List[int], tile: List[int], pattern: str, windows: List[int],
                   global_frames: List[int], radius: List[int], block_offsets: List[int], block_tiles: List[int],
                   text_position: str, order: str, layout: str, scale: float, head_offset: int,
-                  deterministic: bool, precision: str = "native") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  deterministic: bool, precision: str = "native",
+                  sm_margin: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tile-sparse attention backward (docs/semantics.md, "Gradients"): dq, dk, dv (shaped like q, k, v) from the
     upstream dout (like o) and dlse (like lse, None = zero), with the forward's o and lse. The library refuses
     precision "fp8" (forward only)."""
     call = _call_of(latent, tile, pattern, windows, global_frames, radius, block_offsets, block_tiles, text_position,
-                    order, layout, scale, head_offset, precision)
+                    order, layout, scale, head_offset, precision, sm_margin=sm_margin)
     q, k, v = _dense_like(q), _dense_like(k), _dense_like(v)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # The plan reads o and dout with the forward's output strides (contiguous in the layout), lse / dlse [B, H, S].

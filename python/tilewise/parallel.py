@@ -27,7 +27,6 @@ original head order.
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -361,20 +360,14 @@ def _original_heads(perm: tuple, P: int, device) -> torch.Tensor:
 
 # SMs the attention leaves free for the collectives (FlashAttention-3's sm_margin): with chunks > 1 a head group's
 # all-to-alls should run beside another group's attention, which the persistent kernel prevents by filling every
-# SM. The library has no such option yet. `sm_margin` plugs in here: it is passed to tilewise._api._attention
-# once that takes the keyword (then the op `tilewise::attention_fwd` and the plan's run need it too), and refused
-# until then. The diffusers integration passes it through from tilewise.diffusers.enable(sm_margin=).
-_ATTENTION_TAKES_SM_MARGIN = "sm_margin" in inspect.signature(_api._attention).parameters
-
-
+# SM. Passed to every head group's attention unchanged (Problem::sm_margin); the diffusers integration passes it
+# through from tilewise.diffusers.enable(sm_margin=).
 def _sm_margin(value) -> int:
-    """A checked sm_margin: 0, or a positive count once the library's attention takes one."""
+    """A checked sm_margin, refused before any collective (and by enable() before the first call) rather than by
+    the library at the first attention."""
     sm_margin = _args.integer("sm_margin", value)
     if sm_margin < 0:
         raise ValueError(f"invalid sm_margin = {sm_margin}: expected at least 0")
-    if sm_margin and not _ATTENTION_TAKES_SM_MARGIN:
-        raise ValueError(f"invalid sm_margin = {sm_margin}: this tilewise's attention has no SM margin yet "
-                         "(expected 0; see docs/parallel.md, \"Overlap\")")
     return sm_margin
 
 
@@ -396,8 +389,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
     load_balance: assign heads to ranks by their FLOPs (None = when the pattern differs between heads).
     chunks: split each rank's heads into this many groups, each with its own all-to-alls, so that the
     communication of one group overlaps the attention of another (1 = one all-to-all in, one out).
-    sm_margin: SMs the attention leaves free for the collectives (0 = none); needs a library whose attention
-    takes it (not yet: any other value is refused).
+    sm_margin: SMs the attention kernels leave free for the collectives (0 = none; FlashAttention-3's sm_margin),
+    so that with chunks > 1 NCCL's kernels can run beside the attention; the result does not change.
     precision: "native" or "fp8" (docs/semantics.md §11; each rank quantises the whole sequence of its heads, so
     the result equals the single-device one).
     Returns this rank's chunk of the output, shaped like q, contiguous in `layout`.
@@ -500,7 +493,8 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
     if P == 1:  # nothing to exchange: the plain op, no copies
         return _api._attention(q, k, v, params=params, latent=latent, tile=tile, text_len=text_len,
                                text_position=text_position, order=order, layout=layout, scale=scale, head_offset=0,
-                               return_lse=False, deterministic=deterministic, precision=precision)
+                               return_lse=False, deterministic=deterministic, precision=precision,
+                               sm_margin=sm_margin)
 
     if load_balance is None:
         load_balance = _global_heads(params, latent, tile) is not None and \
@@ -518,9 +512,7 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
 
     hq, hk = Hq // P, Hkv // P  # local heads
     call_kw = dict(latent=latent, tile=tile, text_len=text_len, text_position=text_position, order=order,
-                   layout="bshd", scale=scale, deterministic=deterministic, precision=precision)
-    if sm_margin:
-        call_kw["sm_margin"] = sm_margin  # see _ATTENTION_TAKES_SM_MARGIN
+                   layout="bshd", scale=scale, deterministic=deterministic, precision=precision, sm_margin=sm_margin)
     blocks = [split.block(j) for j in range(P)]  # positions of the gathered sequence from each rank, in rank order
     main_start, extra_start = split.local_starts(rank)
     sources = [(split.block_starts(rank)[0], [t.narrow(1, main_start, split.main[rank]) for t in (qs, ks, vs)])]

@@ -80,6 +80,7 @@ tilewise::Problem to_problem(const tw_problem& c) {
   p.o = to_strides(c.o_strides);
   p.scale = c.scale;
   p.precision = static_cast<tilewise::Precision>(c.precision);
+  p.sm_margin = c.sm_margin;
   return p;
 }
 
@@ -162,6 +163,7 @@ void tw_problem_init(tw_problem* problem) {
   }
   problem->scale = d.scale;
   problem->precision = static_cast<int32_t>(d.precision);
+  problem->sm_margin = d.sm_margin;
 }
 
 void tw_pattern_init(tw_pattern* pattern) {

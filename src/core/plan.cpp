@@ -141,6 +141,7 @@ Plan::Plan(const Problem& problem, const Pattern& pattern, Device device) : devi
   require(p.text_position == TextPosition::last || p.text_position == TextPosition::first, "text_position",
           static_cast<int>(p.text_position), "last or first");
   require(p.head_offset >= 0, "head_offset", p.head_offset, ">= 0");
+  require(p.sm_margin >= 0, "sm_margin", p.sm_margin, ">= 0 (SMs the CUDA kernels leave free)");
   const TileGrid grid(p.latent, p.tile);
   require(p.order == TokenOrder::raster || (p.order == TokenOrder::tiled && grid.tiles_evenly()), "order",
           p.order == TokenOrder::tiled ? "tiled" : str(static_cast<int>(p.order)),

@@ -78,6 +78,16 @@ def test_plan_reuse_and_flops(rng):
     assert plan.density() == pytest.approx(4 / 32)
 
 
+def test_sm_margin_changes_no_bit(rng):
+    """sm_margin only sizes the CUDA kernels' grids (the CPU ignores it): the same bits, function and Plan."""
+    q, k, v = qkv(rng, 2, 2 * 4 * 4 + 4, 2, 1, 16)
+    kw = dict(latent=(2, 4, 4), tile=(1, 2, 2), window=(1, 2, 1), text_len=[4, 1])
+    o = tilewise.sliding_tile_attention(q, k, v, **kw)
+    assert np.array_equal(tilewise.sliding_tile_attention(q, k, v, sm_margin=8, **kw), o)
+    plan = tilewise.Plan(q, k, v, latent=(2, 4, 4), tile=(1, 2, 2), window=(1, 2, 1), sm_margin=1 << 20)
+    assert np.array_equal(plan(q, k, v, text_len=[4, 1]), o)
+
+
 def test_tile_untile_round_trip(rng):
     x = rng.standard_normal((2, 4 * 4 * 6 + 3, 2, 8)).astype(np.float32)
     t = tilewise.tile(x, latent=(4, 4, 6), tile=(2, 2, 3))
@@ -150,6 +160,8 @@ BAD_ARGUMENTS = [  # (keyword arguments, exception, words the message must conta
     (dict(text_len=-1), ValueError, ["text_len[0] = -1"]),
     (dict(head_offset=0.0), TypeError, ["head_offset", "0.0"]),
     (dict(head_offset=-1), ValueError, ["head_offset", "-1"]),
+    (dict(sm_margin=1.5), TypeError, ["sm_margin", "1.5"]),
+    (dict(sm_margin=-1), ValueError, ["invalid sm_margin = -1", ">= 0"]),
     (dict(scale="0.5"), TypeError, ["scale", "'0.5'"]),
     (dict(scale=True), TypeError, ["scale", "True"]),
     (dict(order="zigzag"), ValueError, ["order", "'zigzag'", "'raster'", "'tiled'"]),

@@ -1,7 +1,8 @@
 """tilewise.parallel.ulysses_attention (issue 15) on the CPU with the gloo backend, in 2 and 4 processes, against
 the single-process result: sliding tile with per-head windows (load balance on and off), attention tile with
 grouped-query heads, a block list, dense, text first / last with per-batch lengths (host ints and a tensor),
-both layouts, sequence lengths not divisible by P (down to a rank holding nothing), head groups (`chunks`), and
+both layouts, sequence lengths not divisible by P (down to a rank holding nothing), head groups (`chunks`, with an
+SM margin), and
 the gradients of q, k, v; the diffusers integration's path too (video and text split separately, uneven chunks,
 each rank's text after or before its video). Plus the copies of one call (counted with a dispatch mode), the
 head assignment on a calibrated-like window table, and the errors.
@@ -53,8 +54,9 @@ def _cases(gen):
         # S = 60 + 3 text: not a multiple of 2 or 4
         "sta_per_head_lb": (2, 63, 4, 4, 8, "bshd", dict(sta, text_len=[3, 1], load_balance=True)),
         "sta_per_head_no_lb": (2, 63, 4, 4, 8, "bshd", dict(sta, text_len=[3, 1], load_balance=False)),
-        "sta_text_first_tensor_bhsd_chunks": (2, 65, 4, 4, 8, "bhsd", dict(
-            sta, text_len=torch.tensor([5, 2]), text_position="first", chunks=2)),
+        # sm_margin reaches every head group's attention and changes nothing (_single runs without it)
+        "sta_text_first_tensor_bhsd_chunks_sm_margin": (2, 65, 4, 4, 8, "bhsd", dict(
+            sta, text_len=torch.tensor([5, 2]), text_position="first", chunks=2, sm_margin=8)),
         "attention_tile_gqa_text_first": (2, 26, 8, 4, 8, "bshd", dict(
             latent=(4, 2, 3), tile=(1, 2, 3), pattern="attention_tile", global_frames=[1, 0, 2, 1, 0, 0, 3, 1],
             radius=[0, 1, 0, 1, 2, 0, 0, 1], text_len=[2, 0], text_position="first")),
@@ -145,8 +147,9 @@ def _data_moves(call, unit: int) -> dict:
 
 
 def _single(q, k, v, kw, layout):
-    """The single-process result of the same call (tilewise's own functions on the whole sequence)."""
-    kw = {key: val for key, val in kw.items() if key not in ("load_balance", "chunks")}
+    """The single-process result of the same call (tilewise's own functions on the whole sequence, without an SM
+    margin)."""
+    kw = {key: val for key, val in kw.items() if key not in ("load_balance", "chunks", "sm_margin")}
     pattern = kw.pop("pattern", "sliding_tile")
     if pattern == "sliding_tile":
         return tilewise.sliding_tile_attention(q, k, v, layout=layout, **kw)
@@ -307,17 +310,6 @@ def test_errors_name_the_numbers(reports):
         in errors["window_table"]
     assert "invalid chunks = 0" in errors["chunks"]
     assert "invalid sm_margin = -1: expected at least 0" in errors["sm_margin"]
-
-
-def test_sm_margin_waits_for_the_library():
-    """sm_margin (SMs left to the collectives) passes through to the attention once the library takes it; until
-    then any value but 0 is refused (ulysses_attention and tilewise.diffusers.enable both check it here)."""
-    import tilewise.parallel as twp
-    if twp._ATTENTION_TAKES_SM_MARGIN:
-        pytest.skip("this library's attention takes sm_margin")
-    with pytest.raises(ValueError, match="invalid sm_margin = 8: this tilewise's attention has no SM margin yet"):
-        twp._sm_margin(8)
-    assert twp._sm_margin(0) == 0
 
 
 def test_copies_per_call(reports):

@@ -70,8 +70,10 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
         got = run(model, inputs)
         calls = dict(ctrl.calls)
         grad_err, grad_scale = _largest_difference(_grads(model, inputs, weight, sum_over_ranks=True), ref_grads)
-        # enabled again after enable_parallelism, with tilewise.parallel's options: load balance off, 2 head groups
-        twd.enable(model, {"window": [(1, 1, 1), (2, 2, 1)], "tile": TILE}, load_balance=False, chunks=2)
+        # enabled again after enable_parallelism, with tilewise.parallel's options: load balance off, 2 head groups,
+        # 8 SMs left to the collectives
+        twd.enable(model, {"window": [(1, 1, 1), (2, 2, 1)], "tile": TILE}, load_balance=False, chunks=2,
+                   sm_margin=8)
         again = run(model, inputs)
         results[family] = {"err": float((got - ref).abs().max()), "scale": float(ref.abs().max()),
                            "err_options": float((again - ref).abs().max()),

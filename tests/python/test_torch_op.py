@@ -203,6 +203,21 @@ def _op_args(q, k, v, text_len, values, windows=(1, 2, 1), layout="bshd"):
             "raster", layout, 0.0, 0, False)
 
 
+def test_sm_margin_changes_no_bit_and_keys_the_plan_cache(gen):
+    """sm_margin (SMs the CUDA kernels leave free) changes no bit on the CPU, gradients included (the op passes
+    it on to attention_bwd); the plan holds it, so each margin has its own cached plan. The op takes it last."""
+    tilewise.clear_plan_cache()
+    q, k, v = (t.requires_grad_() for t in qkv(gen, 2, 38, 2, 1, 16))
+    runs = []
+    for margin in (0, 8):
+        o = _call(q, k, v, text_len=[2, 4], sm_margin=margin)
+        runs.append((o, *torch.autograd.grad(o.square().sum(), (q, k, v))))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert _torch.plan_cache_size() == 2
+    torch.library.opcheck(torch.ops.tilewise.attention_fwd.default,
+                          _op_args(q.detach(), k.detach(), v.detach(), None, [2, 4]) + ("native", 8))
+
+
 @pytest.mark.parametrize("text", ["tensor", "values", "none"])
 def test_opcheck_forward_cpu(gen, text):
     q, k, v = qkv(gen, 2, 38, 2, 1, 16)

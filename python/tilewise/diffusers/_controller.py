@@ -339,8 +339,8 @@ def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chu
     pipeline: its scheduler's set_timesteps is hooked).
     load_balance, chunks, sm_margin: under diffusers' context parallelism, tilewise.parallel.ulysses_attention's
     options (heads assigned to ranks by their FLOPs, None = when the pattern differs between heads; head groups
-    whose all-to-alls overlap the other groups' attention; SMs the attention leaves to the collectives, which
-    needs a library that has the option, not yet).
+    whose all-to-alls overlap the other groups' attention; SMs the attention kernels leave to the collectives,
+    FlashAttention-3's sm_margin, which does not change the result).
     precision: "fp8" runs every tilewise call in FP8 (docs/semantics.md §11; forward only; the CPU backend so far:
     a call on a device without it raises), "native" every call in the model's dtype, None (default) what the
     strategy says (a calibrated strategy's FP8 heads: a (step, layer) runs FP8 when all its heads chose it)."""
@@ -349,7 +349,7 @@ def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chu
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise ValueError(f"invalid chunks = {chunks!r}: expected an integer of at least 1")
     from tilewise import parallel
-    parallel._sm_margin(sm_margin)  # refused here, not at the first parallel call, while the library lacks it
+    parallel._sm_margin(sm_margin)  # refused here, not at the first parallel call
     if precision is not None and precision not in tilewise._args.PRECISIONS:
         raise ValueError(f"invalid precision = {precision!r}: expected None (the strategy's), 'native' or 'fp8'")
     return _enable(model, Strategy.coerce(strategy, tile), timesteps,

@@ -161,7 +161,7 @@ class HopperBackend final : public Backend {
                  view_mode(p.o, p.q_heads, p.head_dim) == ViewMode::per_batch ||
                  view_mode(p.k, p.kv_heads, p.head_dim) == ViewMode::per_batch ||
                  view_mode(p.v, p.kv_heads, p.head_dim) == ViewMode::per_batch;
-    num_sms_ = prop.multiProcessorCount;
+    max_ctas_ = static_cast<int>(std::max<int64_t>(1, prop.multiProcessorCount - p.sm_margin));
     const TileGrid& g = plan.grid();
     query_rows_ = hopper::query_block_rows(static_cast<int>(p.head_dim));
     classes_ = TileClasses(g, query_rows_);
@@ -291,10 +291,10 @@ class HopperBackend final : public Backend {
 
       check(cudaMemsetAsync(ws.counters, 0, 2 * sizeof(int32_t), stream), "cudaMemsetAsync");
       if (deterministic)
-        check(hopper::launch_backward(dq, D, bf16, hopper::BwdKernel::dq, std::min(dq.num_work, num_sms_), stream),
+        check(hopper::launch_backward(dq, D, bf16, hopper::BwdKernel::dq, std::min(dq.num_work, max_ctas_), stream),
               "dQ kernel launch");
       check(hopper::launch_backward(dkv, D, bf16, deterministic ? hopper::BwdKernel::dkdv : hopper::BwdKernel::dkdvq,
-                                    std::min(dkv.num_work, num_sms_), stream),
+                                    std::min(dkv.num_work, max_ctas_), stream),
             "dK/dV kernel launch");
     }
     if (!deterministic)
@@ -317,7 +317,7 @@ class HopperBackend final : public Backend {
     prm.text_items = text_items_;
     prm.num_work = prm.batch * prm.q_heads * (video_items_ + text_items_);
     prm.work_counter = workspace ? static_cast<int32_t*>(workspace) : work_counter_.mutable_get();
-    const int grid = std::min<int>(prm.num_work, num_sms_);
+    const int grid = std::min<int>(prm.num_work, max_ctas_);
     const int64_t esize = dtype_size(p.dtype);
     for (int64_t b = 0; b < (per_batch_ ? p.batch : 1); ++b) {
       prm.batch_base = static_cast<int32_t>(b);
@@ -417,7 +417,7 @@ class HopperBackend final : public Backend {
   int32_t stats_entries_ = 0;    // streamed blocks per (batch, head): tiles * stream_slots_ + text blocks
   bool fused_dq_ = false;        // the fused dK/dV/dQ kernel when not deterministic (experimental, see run_backward)
   bool per_batch_ = false;
-  int num_sms_ = 0;
+  int max_ctas_ = 1;  // CTAs of a persistent launch: the device's SMs less Problem::sm_margin, at least 1
   int query_rows_ = 128;  // query rows per work item of the kernel for this head dim
   int32_t video_items_ = 0, text_items_ = 0;
 };
