@@ -289,7 +289,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
         // its own, since a branch per entry keeps the scheduler from interleaving the exponentials (v1 lost about
         // half of the dK/dV kernel's time there).
         const float* cols = stats + 64 * half + 2 * (lane() % 4);
-        auto probabilities = [&] {
+        auto probabilities_t = [&] {
 #pragma unroll
           for (int k = 0; k < 8; ++k) {
             const float2 lse2 = ld_shared_f2(cols + 8 * k);
@@ -323,7 +323,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
         if constexpr (kSplit) {  // P^T while dP^T runs; dV += P^T dO while dS^T is computed
           wgmma_wait<1>();
           fence_regs(sc);
-          if (!(kAblate & 1)) probabilities();
+          if (!(kAblate & 1)) probabilities_t();
           pack_operand<4>(sc, pa, kType == WgType::bf16);
           take_turn<!kFuseDq>([&] {
             wgmma_fence();
@@ -344,7 +344,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
           wgmma_wait<0>();
           fence_regs(sc);
           fence_regs(dp);
-          if (!(kAblate & 1)) probabilities(), score_gradients();
+          if (!(kAblate & 1)) probabilities_t(), score_gradients();
           if constexpr (kFuseDq) store_ds(dp, half);
           pack_operand<4>(sc, pa, kType == WgType::bf16);
           pack_operand<4>(dp, da, kType == WgType::bf16);
