@@ -11,11 +11,12 @@ group; the others wait): seconds per call (median over --iters, max over the gro
 spent in the all-to-alls (the same collectives on the same shapes, timed alone), the speedup over n = 1 (the
 plain single-GPU op) and the largest difference from the n = 1 output (the chunks are gathered on rank 0). Each
 n is run with `chunks` = 1 (one all-to-all in, one out) and 2 (two head groups whose communication overlaps the
-other's attention); both are printed, the faster one marked.
+other's attention), and with 2 and each `--sm-margins` value (SMs the attention leaves to NCCL's kernels, which the
+persistent kernel would otherwise keep waiting); all are printed, the fastest marked.
 
 Table 2, one full HunyuanVideo 13B transformer forward (random bf16 weights, diffusers' context parallelism with
 tilewise's processors, tilewise.diffusers.cp_plan): n = 1 (rank 0 alone) and n = N; the output of N compared with
-n = 1's; on N also the uniform window with `chunks` = 2. Skipped with --no-model or when diffusers is missing.
+n = 1's; on N also the uniform window with `chunks` = 2, alone and with the first `--sm-margins` value. Skipped with --no-model or when diffusers is missing.
 
 --profile: time by kernel class (torch.profiler, rank 0) of one attention call (n = N, uniform window, chunks 1)
 and of the forwards with the uniform window, each with its most expensive kernels: of the class "norms, RoPE,
@@ -122,17 +123,20 @@ def attention_table(args, device, dtype) -> str:
             lo, hi = twp.shard_range(S, rank, n)
             ql, kl, vl = (t[:, lo:hi].contiguous() for t in (q, k, v))
             results = {}
-            for chunks in ((1,) if n == 1 else (1, 2)):
+            # (chunks, sm_margin): one all-to-all each way; two head groups; two head groups with SMs left free
+            # for the collectives, so the second group's all-to-all can run beside the first group's attention
+            variants = [(1, 0)] if n == 1 else [(1, 0), (2, 0)] + [(2, m) for m in args.sm_margins if m > 0]
+            for chunks, margin in variants:
                 def call():
                     return twp.ulysses_attention(ql, kl, vl, group=group, seq_len=S, chunks=chunks,
-                                                 load_balance=balance, **kw)
+                                                 load_balance=balance, sm_margin=margin, **kw)
                 t_all = timed(call, args.iters, device, group)
                 gathered = [torch.empty(1, twp.shard_sizes(S, n)[r], heads, D, device=device, dtype=dtype)
                             for r in range(n)]
                 dist.all_gather(gathered, call().contiguous(), group=group)
-                results[chunks] = (t_all, rel_l2(torch.cat(gathered, dim=1), ref))
+                results[chunks, margin] = (t_all, rel_l2(torch.cat(gathered, dim=1), ref))
             if n == 1:  # no all-to-all runs; the row says what the distributed path costs over the plain op
-                t_all, err = results[1]
+                t_all, err = results[1, 0]
                 rows.append(f"| {label} | 1 ({backend_name(group)}) | 1 | {t_all * 1e3:.2f} | "
                             f"{100 * (t_all / base - 1):+.1f}% over the plain op | {base / t_all:.2f}x | {err:.3g} |")
                 continue
@@ -142,9 +146,10 @@ def attention_table(args, device, dtype) -> str:
                                        device)
                 profiles.append(f"- {workers(n, device)}, {label}, chunks 1 (rank 0): {line}")
             best = min(results, key=lambda c: results[c][0])
-            for chunks, (t_all, err) in results.items():
-                mark = " (faster)" if chunks == best else ""
-                rows.append(f"| {label} | {n} | {chunks}{mark} | {t_all * 1e3:.2f} | "
+            for (chunks, margin), (t_all, err) in results.items():
+                mark = " (fastest)" if (chunks, margin) == best else ""
+                name = f"{chunks}" + (f", sm_margin {margin}" if margin else "")
+                rows.append(f"| {label} | {n} | {name}{mark} | {t_all * 1e3:.2f} | "
                             f"{100 * min(1.0, t_comm / t_all):.0f}% | {base / t_all:.2f}x | {err:.3g} |")
     head = (f"One attention layer: {T}x{H}x{W} + {g['text']} text ({g['valid']} valid), {heads} heads, D {D}, "
             f"{dtype}, tile {g['tile']}. all-to-all share: the same collectives on the same shapes timed alone, "
@@ -270,13 +275,16 @@ def model_table(args, device) -> str:
         if world > 1:
             twd.disable(model)
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=twd.cp_plan(model))
-            # every configuration with chunks 1, then the uniform window with 2 head groups (overlap), measured
-            # against the same one-GPU forward
-            runs = [(label, label, windows, balance, 1) for label, windows, balance in configs(args, heads)]
+            # every configuration with chunks 1, then the uniform window with 2 head groups (overlap), alone and
+            # with the first --sm-margins value, measured against the same one-GPU forward
+            runs = [(label, label, windows, balance, 1, 0) for label, windows, balance in configs(args, heads)]
             uniform_label, uniform, _ = configs(args, heads)[0]
-            runs.append((f"{uniform_label}, chunks 2", uniform_label, uniform, None, 2))
-            for label, single, windows, balance, chunks in runs:
-                twd.enable(model, windows, tile=tile, load_balance=balance, chunks=chunks)
+            runs.append((f"{uniform_label}, chunks 2", uniform_label, uniform, None, 2, 0))
+            margin = next((m for m in args.sm_margins if m > 0), 0)
+            if margin:
+                runs.append((f"{uniform_label}, chunks 2, sm_margin {margin}", uniform_label, uniform, None, 2, margin))
+            for label, single, windows, balance, chunks, sm_margin in runs:
+                twd.enable(model, windows, tile=tile, load_balance=balance, chunks=chunks, sm_margin=sm_margin)
                 tn = timed(lambda: model(**inputs), args.model_iters, device, dist.group.WORLD)
                 ref, t1 = singles[single]
                 err = rel_l2(model(**inputs)[0], ref)
@@ -301,6 +309,8 @@ def main() -> None:
     ap.add_argument("--model-iters", type=int, default=3, help="timed transformer forwards (about 5 s each)")
     ap.add_argument("--profile", action="store_true",
                     help="time by kernel class and the top kernels of one attention call and one forward")
+    ap.add_argument("--sm-margins", type=lambda x: [int(m) for m in x.split(",") if m], default=[16, 32],
+                    help="SMs left to the collectives, each timed with chunks 2 (comma-separated; 0: none)")
     ap.add_argument("--no-model", action="store_true", help="skip the transformer forward")
     ap.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny shapes: checks the script only")
     ap.add_argument("--out", default=None, help="also write the tables to this file (rank 0)")

@@ -21,6 +21,8 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+sys.path.insert(0, os.path.dirname(__file__))
+from report import emit  # noqa: E402
 
 LATENT = (30, 48, 80)   # tokens after the 1x2x2 patch: HunyuanVideo 720p, 129 frames
 TEXT, TEXT_VALID = 256, 226
@@ -83,6 +85,7 @@ def main() -> int:
     ap.add_argument("--single", type=int, default=8)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", help="also write the table (markdown) here")
     args = ap.parse_args()
     if args.lib:
         os.environ["TILEWISE_LIBRARY"] = args.lib
@@ -106,12 +109,11 @@ def main() -> int:
     if ctrl.calls["tilewise"] == 0:  # a silent fallback to dense would make the comparison meaningless
         print(f"bench_train_step: no attention call ran on tilewise ({ctrl.calls})", file=sys.stderr)
         return 1
-    print(f"HunyuanVideo width, {args.dual} dual + {args.single} single blocks ({params / 1e9:.2f}B parameters), "
-          f"latent {'x'.join(map(str, LATENT))} + {TEXT} text, bf16 autocast, gradient checkpointing, AdamW\n")
-    print("| attention | ms / step | speedup |")
-    print("|---|---|---|")
-    print(f"| cuDNN (SDPA, dense) | {dense:.1f} | 1.00x |")
-    print(f"| tilewise STA {args.window} | {sparse:.1f} | {dense / sparse:.2f}x |")
+    emit(f"HunyuanVideo width, {args.dual} dual + {args.single} single blocks ({params / 1e9:.2f}B parameters), "
+         f"latent {'x'.join(map(str, LATENT))} + {TEXT} text, bf16 autocast, gradient checkpointing, AdamW\n\n"
+         "| attention | ms / step | speedup |\n|---|---|---|\n"
+         f"| cuDNN (SDPA, dense) | {dense:.1f} | 1.00x |\n"
+         f"| tilewise STA {args.window} | {sparse:.1f} | {dense / sparse:.2f}x |", args.out)
     return 0
 
 

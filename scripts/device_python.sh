@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Python side on the GPU machine in one go: diffusers from local wheels (carry .whl), the library build, the
 # torch/diffusers/calibration tests (CUDA parts included) and the end-to-end transformer benchmark.
-# Usage (repo root, on the GPU machine): scripts/device_python.sh [test] [e2e] [calib]
+# Usage (repo root, on the GPU machine): scripts/device_python.sh [test] [e2e] [calib] [train_sta] [train_evdit]
+#        [train_step]   (the training recipes' h200 preset with its proxy error, and the training-step benchmark)
 set -uo pipefail
 OUT=${OUT:-/tmp/tilewise-out}
 mkdir -p "$OUT"
@@ -22,6 +23,17 @@ for step in $steps; do
     e2e)
       timeout 420 python3 bench/bench_e2e.py --out "$OUT/e2e.md" > "$OUT/e2e.log" 2>&1
       echo "e2e rc=$?"; tail -12 "$OUT/e2e.log"
+      ;;
+    train_sta|train_evdit)
+      recipe=${step#train_}
+      timeout 540 python3 -m tilewise.train "$recipe" --preset h200 --device cuda --out "$OUT/train-$recipe" \
+        > "$OUT/train_$recipe.log" 2>&1
+      echo "$step rc=$?"; tail -15 "$OUT/train_$recipe.log"
+      ;;
+    train_step)
+      timeout 420 python3 bench/bench_train_step.py --lib build-device/libtilewise.so --out "$OUT/train_step.md" \
+        > "$OUT/train_step.log" 2>&1
+      echo "train_step rc=$?"; tail -12 "$OUT/train_step.log"
       ;;
     calib)
       timeout 300 python3 bench/bench_calibrate.py --out "$OUT/calib.md" > "$OUT/calib.log" 2>&1
