@@ -2,7 +2,7 @@
 # Everything one device call needs, in one go: build on the GPU machine, run the GPU tests (a hang is killed),
 # compute-sanitizer on small problems, the backward fuzz, and the benchmark tables last. Logs go under $OUT.
 # Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [fuzz] [bench] [bench_bwd] [sass]
-#        [bwd_variants] (with BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ...": scripts/bwd_variants.py)
+#        [bwd_variants] (with BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ...": scripts/kernel_variants.py)
 #   sanitize: forward and backward cases; sanitize_bwd: the backward cases alone (a device call of their own)
 set -uo pipefail
 OUT=${OUT:-/tmp/tilewise-out}
@@ -67,7 +67,7 @@ for step in $steps; do
       echo "== backward variants, row 1 (HunyuanVideo 30x48x80, w3x3x3)"
       g++ -std=c++20 -O2 -Iinclude -I/usr/local/cuda/include scripts/backward_check.cpp -L$BUILD -ltilewise \
         -L/usr/local/cuda/lib64 -lcudart -Wl,--enable-new-dtags,-rpath,$PWD/$BUILD -o $BUILD/bwdcheck || exit 1
-      python3 scripts/bwd_variants.py $BUILD /tmp/bwd-variants $BWD_VARIANTS | tee "$OUT/variants_build.log"
+      python3 scripts/kernel_variants.py $BUILD /tmp/bwd-variants $BWD_VARIANTS | tee "$OUT/variants_build.log"
       for v in base ${BWD_VARIANTS}; do
         name=${v%%=*}
         lib=$PWD/$BUILD; [ "$name" = base ] || lib=/tmp/bwd-variants/$name

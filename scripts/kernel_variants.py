@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Backward kernel variants for one device call: recompiles only backward.cu with extra macros (schedules,
-ablations: src/backends/cuda/hopper/bwd/bwd_params.cuh) and relinks the library beside the others, in parallel.
+"""Kernel variants for one device call: recompiles one CUDA source of the library with extra macros (the switches
+and ablations of src/backends/cuda/hopper/kernel_traits.cuh and bwd/bwd_params.cuh) and relinks the library beside
+the others, all variants in parallel, so a sweep costs one compile of that file instead of a build each.
 
-    python3 scripts/bwd_variants.py BUILD OUTDIR name=-DMACRO=1,-DOTHER=2 ...
+    python3 scripts/kernel_variants.py [--source hopper/forward.cu] BUILD OUTDIR name=-DMACRO=1,-DOTHER=2 ...
 
-BUILD is a configured and built CMake build (CMAKE_EXPORT_COMPILE_COMMANDS=ON); each variant lands in
-OUTDIR/name/libtilewise.so. Prints one line per variant (compile seconds or the error's tail)."""
+--source: the file to recompile (a suffix of its path; default the backward's hopper/bwd/backward.cu). BUILD is a
+configured and built CMake build (CMAKE_EXPORT_COMPILE_COMMANDS=ON); each variant lands in OUTDIR/name/libtilewise.so.
+Prints one line per variant (compile seconds and its spills, or the error's tail)."""
 import json
 import os
 import shlex
@@ -15,9 +17,13 @@ import time
 
 
 def main() -> None:
-    build, outdir, specs = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2]), sys.argv[3:]
+    args = sys.argv[1:]
+    source = "hopper/bwd/backward.cu"
+    if args[:1] == ["--source"]:
+        source, args = args[1], args[2:]
+    build, outdir, specs = os.path.abspath(args[0]), os.path.abspath(args[1]), args[2:]
     commands = json.load(open(os.path.join(build, "compile_commands.json")))
-    entry = next(c for c in commands if c["file"].endswith("hopper/bwd/backward.cu"))
+    entry = next(c for c in commands if c["file"].endswith(source))
     compile_args = shlex.split(entry["command"])
     obj = compile_args[compile_args.index("-o") + 1]
     link = open(os.path.join(build, "CMakeFiles", "tilewise_lib.dir", "link.txt")).read().split()
@@ -25,7 +31,7 @@ def main() -> None:
     for spec in specs:
         name, _, flags = spec.partition("=")
         os.makedirs(os.path.join(outdir, name), exist_ok=True)
-        vobj = os.path.join(outdir, name, "backward.cu.o")
+        vobj = os.path.join(outdir, name, os.path.basename(source) + ".o")
         args = list(compile_args)
         args[args.index("-o") + 1] = vobj
         args[1:1] = [f for f in flags.split(",") if f]
