@@ -164,25 +164,22 @@ struct BwdConsumer : Consumer<Traits, kType> {
         wgmma_commit();
       });
       const KeyMask mask = KeyMask::of(p, bi, text_len, lane());
+      auto score_gradients = [&] {  // dS = P (dP - D), in place of P
+#pragma unroll
+        for (int i = 0; i < kBlockN / 2; ++i) sc[i] *= dp[i] - delta[(i % 4) / 2];
+      };
       if constexpr (kSplit) {  // P while dP runs
         wgmma_wait<1>();
         fence_regs(sc);
         if (!(kAblate & 1)) probabilities(sc, mask, item, bi, lse2);
         wgmma_wait<0>();
         fence_regs(dp);
-        if (!(kAblate & 1)) {
-#pragma unroll
-          for (int i = 0; i < kBlockN / 2; ++i) sc[i] *= dp[i] - delta[(i % 4) / 2];
-        }
+        if (!(kAblate & 1)) score_gradients();
       } else {
         wgmma_wait<0>();
         fence_regs(sc);
         fence_regs(dp);
-        if (!(kAblate & 1)) {
-          probabilities(sc, mask, item, bi, lse2);
-#pragma unroll
-          for (int i = 0; i < kBlockN / 2; ++i) sc[i] *= dp[i] - delta[(i % 4) / 2];
-        }
+        if (!(kAblate & 1)) probabilities(sc, mask, item, bi, lse2), score_gradients();
       }
       uint32_t ds[kBlockN / 16][4];
       pack_operand<kBlockN / 16>(sc, ds, kType == WgType::bf16);
