@@ -2,7 +2,7 @@
 # Everything one device call needs, in one go: build on the GPU machine, run the GPU tests (a hang is killed),
 # compute-sanitizer on small problems, the backward fuzz, and the benchmark tables last. Logs go under $OUT.
 # Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [fuzz] [bench] [bench_bwd] [sass]
-#        [bwd_variants] (with BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ...": scripts/kernel_variants.py)
+#        [bwd_variants] [bwd_profile] (with BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ...": scripts/kernel_variants.py)
 #   sanitize: forward and backward cases; sanitize_bwd: the backward cases alone (a device call of their own)
 set -uo pipefail
 OUT=${OUT:-/tmp/tilewise-out}
@@ -81,6 +81,19 @@ for step in $steps; do
           --launch-count 3 --metrics gpu__time_duration.sum $BUILD/bwdcheck bench1 > "$OUT/ncu_$name.log" 2>&1
         echo "  ncu: $(grep -E 'gpu__time_duration.sum' "$OUT/ncu_$name.log" | awk '{print $(NF)}' | tr '\n' ' ') (preprocess, dQ, dK/dV; ms or us)"
       done
+      ;;
+    bwd_profile)
+      # Nsight Compute sections of row 1's dQ and dK/dV kernels (the second backward call: warm caches), as text
+      echo "== backward profile, row 1"
+      [ -x $BUILD/bwdcheck ] || g++ -std=c++20 -O2 -Iinclude -I/usr/local/cuda/include scripts/backward_check.cpp \
+        -L$BUILD -ltilewise -L/usr/local/cuda/lib64 -lcudart -Wl,--enable-new-dtags,-rpath,$PWD/$BUILD -o $BUILD/bwdcheck
+      timeout 300 ncu --clock-control none --kernel-name regex:backward_kernel --launch-skip 2 --launch-count 2 \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section Occupancy \
+        $BUILD/bwdcheck bench1 > "$OUT/bwd_profile.txt" 2>&1
+      echo "rc=$?"; grep -E "backward_kernel|Duration|Throughput|Issue Slots Busy|Stall|Warp Cycles Per Issued" \
+        "$OUT/bwd_profile.txt" | head -40
+      # the fused five-GEMM arrangement on the same row (it shares the dK/dV loop fixed in v3)
+      echo "fused: $(TILEWISE_BACKWARD_FUSED_DQ=1 timeout 60 $BUILD/bwdcheck bench1 2>&1 | tail -1)"
       ;;
     sass)
       cuobjdump -sass $BUILD/libtilewise.so > "$OUT/sass.txt" 2>/dev/null
