@@ -46,7 +46,7 @@ TEST_F(Cli, HelpMentionsEveryFlag) {
     for (const char* flag : {"--latent", "--tile", "--window ", "--windows", "--heads", "--kv-heads", "--head-dim",
                              "--text ", "--text-len", "--text-position", "--pattern", "--global-frames", "--radius",
                              "--dtype", "--batch", "--layout", "--order", "--seed", "--iters", "--device", "--progress", "--help",
-                             "--version"})
+                             "--version", "--precision", "--sm-margin"})
       EXPECT_TRUE(contains(r.output, flag)) << args << " does not mention " << flag << ":\n" << r.output;
   }
   EXPECT_TRUE(contains(run_cli("--help").output, "demo"));
@@ -79,6 +79,8 @@ TEST_F(Cli, MalformedValuesAreUsageErrors) {
       {"demo --pattern sparse", {"--pattern", "sparse", "sta, attention-tile or dense"}},
       {"demo --layout bsdh", {"--layout", "bsdh", "bshd or bhsd"}},
       {"demo --progress sometimes", {"--progress", "sometimes", "auto, always or never"}},
+      {"demo --precision fp4", {"--precision", "fp4", "native or fp8"}},
+      {"demo --sm-margin -1", {"--sm-margin", "-1", "integer >= 0"}},
       {"bench --device cpu,tpu", {"--device", "tpu", "cpu, cuda or cuda-reference"}},
       {"check --device cpu --device cpu", {"--device", "one device"}},
       {"demo --latent 100000x100000x1000 --tile 1x1x1", {"problem size", "host memory"}},
@@ -118,6 +120,18 @@ TEST_F(Cli, CheckPassesOnPartialTilesWithText) {
     EXPECT_EQ(r.code, 0) << extra << "\n" << r.output;
     EXPECT_TRUE(contains(r.output, "PASS")) << extra << "\n" << r.output;
     EXPECT_TRUE(contains(r.output, "NaN 0")) << extra << "\n" << r.output;
+  }
+}
+
+TEST_F(Cli, CheckFp8AgainstTheUnquantisedReference) {
+  // The CPU reference's FP8 arithmetic (docs/semantics.md section 11), held to the spec's FP8 bound; full and
+  // sampled references; a margin of SMs changes nothing on the CPU.
+  for (const std::string extra : {"", "--ref-rows 8 --text-position first", "--sm-margin 100"}) {
+    const Result r = run_cli("check --device cpu --latent 4x8x8 --tile 2x4x4 --heads 2 --head-dim 64 --text 9 "
+                             "--precision fp8 " + extra);
+    EXPECT_EQ(r.code, 0) << extra << "\n" << r.output;
+    EXPECT_TRUE(contains(r.output, "PASS")) << extra << "\n" << r.output;
+    EXPECT_TRUE(contains(r.output, "in fp8")) << extra << "\n" << r.output;
   }
 }
 

@@ -37,7 +37,8 @@ struct Options {
   std::optional<Dim3> latent, tile;
   std::optional<std::vector<Dim3>> windows;  // --window (one entry) or --windows (one per head)
   std::string windows_flag;                  // which of the two set `windows`, for error messages
-  std::optional<int64_t> heads, kv_heads, head_dim, text, batch, global_frames, radius, iters, ref_rows;
+  std::optional<int64_t> heads, kv_heads, head_dim, text, batch, global_frames, radius, iters, ref_rows, sm_margin;
+  std::optional<Precision> precision;
   ProgressMode progress = ProgressMode::automatic;
   std::optional<std::vector<int64_t>> text_len;
   std::optional<TextPosition> text_position;
@@ -181,6 +182,13 @@ inline const std::vector<Flag>& flags() {
        [](Options& o, const auto& f, const auto& v) {
          o.dtype = parse_choice<DType>(f, v, {{"bf16", DType::bf16}, {"f16", DType::f16}, {"f32", DType::f32}, {"f64", DType::f64}});
        }},
+      {"--precision", "native|fp8",
+       "arithmetic: native (the dtype's) or fp8 (e4m3 Q, K, P, V with scales: docs/semantics.md section 11)",
+       [](Options& o, const auto& f, const auto& v) {
+         o.precision = parse_choice<Precision>(f, v, {{"native", Precision::native}, {"fp8", Precision::fp8}});
+       }},
+      {"--sm-margin", "N", "SMs the CUDA kernels leave free, e.g. for communication beside them (default 0)",
+       [](Options& o, const auto& f, const auto& v) { o.sm_margin = parse_int(f, v, 0); }},
       {"--batch", "N", "batch size", [](Options& o, const auto& f, const auto& v) { o.batch = parse_int(f, v, 1); }},
       {"--layout", "bshd|bhsd", "tensor storage order (default bshd)",
        [](Options& o, const auto& f, const auto& v) {
@@ -223,7 +231,8 @@ inline const char* command_summary(Command c) {
     case Command::demo:
       return "run a default problem: sparsity, sparse vs dense time, error against a float64 reference";
     case Command::check:
-      return "run one backend against the float64 CPU reference; exit 1 above tolerance (1e-2 bf16/f16, 1e-5 f32)";
+      return "run one backend against the float64 CPU reference; exit 1 above tolerance (1e-2 bf16/f16, 1e-5 f32, "
+             "0.12 fp8)";
     case Command::bench:
       return "time backends on a problem, the pattern against dense, as a table";
   }

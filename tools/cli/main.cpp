@@ -42,8 +42,9 @@ void print_problem(const Config& c, const Plan& plan) {
   const TileGrid& g = plan.grid();
   std::string lens;
   for (size_t b = 0; b < c.text_len.size(); ++b) lens += (b ? "," : "") + std::to_string(c.text_len[b]);
-  std::printf("  shape     batch %lld, %lld heads (kv %lld), head dim %lld, %s, %s\n", (long long)p.batch,
+  std::printf("  shape     batch %lld, %lld heads (kv %lld), head dim %lld, %s%s, %s\n", (long long)p.batch,
               (long long)p.q_heads, (long long)p.kv_heads, (long long)p.head_dim, to_string(p.dtype),
+              p.precision == Precision::native ? "" : (std::string(" in ") + to_string(p.precision)).c_str(),
               p.layout == Layout::bshd ? "bshd" : "bhsd");
   std::printf("            latent %s = %lld video tokens, tile %s -> %s tiles%s, %s order\n", str(p.latent).c_str(),
               (long long)g.num_tokens(), str(p.tile).c_str(), str(g.tiles).c_str(),
@@ -135,10 +136,13 @@ int check(const Config& c) {
   const ErrorStats e = compare_to_reference(plan, in, t.o.download(), c.text_len, c.ref_rows, c.seed);
   print_error(e);
   const DType dt = c.problem.dtype;
-  const double tol = dt == DType::f64 ? 1e-10 : dt == DType::f32 ? 1e-5 : 1e-2;
+  // The spec's bounds against float64: docs/semantics.md (1e-2 for bf16/f16) and its section 11.5 for FP8.
+  const bool fp8 = c.problem.precision != Precision::native;
+  const double tol = fp8 ? 0.12 : dt == DType::f64 ? 1e-10 : dt == DType::f32 ? 1e-5 : 1e-2;
   const bool ok = e.rel_l2 <= tol && e.nan == 0;  // also false for a NaN rel L2
-  std::printf("  %s      rel L2 %.2e %s tolerance %.0e for %s%s\n", ok ? "PASS" : "FAIL", e.rel_l2,
-              e.rel_l2 <= tol ? "within" : "above", tol, to_string(dt), e.nan ? ", and NaN outputs" : "");
+  std::printf("  %s      rel L2 %.2e %s tolerance %.2g for %s%s%s\n", ok ? "PASS" : "FAIL", e.rel_l2,
+              e.rel_l2 <= tol ? "within" : "above", tol, to_string(dt), fp8 ? " in fp8" : "",
+              e.nan ? ", and NaN outputs" : "");
   return ok ? 0 : 1;
 }
 

@@ -100,6 +100,8 @@ inline Config resolve(const Options& o) {
   p.text_position = o.text_position.value_or(TextPosition::last);
   p.order = o.order.value_or(TokenOrder::raster);
   p.layout = o.layout.value_or(Layout::bshd);
+  p.precision = o.precision.value_or(Precision::native);
+  p.sm_margin = o.sm_margin.value_or(0);
 
   // Text lengths: the preset's only while the capacity is the preset's too.
   std::vector<int64_t> lens = o.text_len.value_or(

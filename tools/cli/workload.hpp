@@ -101,11 +101,13 @@ inline std::vector<double> to_f64(DType t, const std::vector<std::byte>& src, in
   return out;
 }
 
-/// Runs the CPU backend at f64 on the same inputs and pattern (same strides: they count elements).
+/// Runs the CPU backend at f64 on the same inputs and pattern (same strides: they count elements), in exact
+/// arithmetic whatever the checked plan's precision (an FP8 plan is held to the unquantised attention).
 inline Accumulator compare_full(const Plan& plan, const Inputs& in, const std::vector<std::byte>& o,
                                 const std::vector<int32_t>& text_len) {
   Problem p = plan.problem();
   p.dtype = DType::f64;
+  p.precision = Precision::native;
   const Plan ref_plan(p, plan.pattern(), Device::cpu);
   const auto q = to_f64(in.dtype, in.q, in.q_elems), k = to_f64(in.dtype, in.k, in.kv_elems),
              v = to_f64(in.dtype, in.v, in.kv_elems);
