@@ -241,11 +241,11 @@ class Plan:
         check(L.tw_plan_create(ctypes.byref(p), ctypes.byref(pat), _enum(DEVICES, "device", device), ctypes.byref(handle)))
         self._handle = handle
 
-    def run(self, q, k, v, o, lse=0, text_len=0, stream=0, workspace=0, scales=(0, 0, 0)) -> None:
+    def run(self, q, k, v, o, lse=0, text_len=0, stream=0, workspace=0, scales=None) -> None:
         """Pointers as integers (e.g. tensor.data_ptr()); 0 for absent lse / text_len / default stream, and for
-        the plan's own workspace (then runs of this plan must not overlap on two streams). scales: q_scale,
-        k_scale, v_scale (precision fp8_scaled only)."""
-        if not any(scales):  # the common call: no struct to fill
+        the plan's own workspace (then runs of this plan must not overlap on two streams). scales: (q_scale,
+        k_scale, v_scale) pointers (precision fp8_scaled only), None for none."""
+        if scales is None:  # the common call: no struct to fill
             check(lib().tw_plan_run_with_workspace(self._handle, q, k, v, o, lse or None, text_len or None,
                                                    workspace or None, stream or None))
             return
