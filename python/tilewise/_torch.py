@@ -47,9 +47,9 @@ def _view(t: torch.Tensor) -> _args.ArrayView:
 
 def out_dtype_name(out_dtype) -> Optional[str]:
     """out_dtype (None, a torch float dtype or its tilewise name) -> the tilewise name or None."""
-    if out_dtype is None or out_dtype in TORCH_DTYPES:
+    if out_dtype is None or (isinstance(out_dtype, str) and out_dtype in TORCH_DTYPES):
         return out_dtype
-    if out_dtype not in DTYPES:
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in DTYPES:  # (a list is not even hashable)
         raise TypeError(f"out_dtype: expected None or one of {', '.join(map(str, DTYPES))}, got {out_dtype!r}")
     return DTYPES[out_dtype]
 
