@@ -482,7 +482,13 @@ TEST(Fp8CApi, RunQuantizeKeyBlocksAndSupport) {
 
   std::vector<uint8_t> q8(q.size()), k8(k.size()), v8(v.size());
   std::vector<float> qs(72), ks(5), vs(8);
-  const tw_fp8_tensors out{q8.data(), k8.data(), v8.data(), qs.data(), ks.data(), vs.data()};
+  tw_fp8_tensors out;
+  std::memset(&out, 0xff, sizeof out);
+  tw_fp8_tensors_init(&out);
+  EXPECT_TRUE(out.q == nullptr && out.k == nullptr && out.v == nullptr && out.q_scale == nullptr &&
+              out.k_scale == nullptr && out.v_scale == nullptr);
+  out.q = q8.data(), out.k = k8.data(), out.v = v8.data();
+  out.q_scale = qs.data(), out.k_scale = ks.data(), out.v_scale = vs.data();
   ASSERT_EQ(tw_plan_quantize_fp8(plan, q.data(), k.data(), v.data(), nullptr, &out, nullptr), TW_OK) << tw_last_error();
   EXPECT_EQ(tw_plan_quantize_fp8(plan, q.data(), k.data(), v.data(), nullptr, nullptr, nullptr),
             TW_ERROR_INVALID_ARGUMENT);

@@ -85,11 +85,13 @@ void tw_tensors_init(tw_tensors* tensors);
 tw_status tw_plan_run_tensors(const tw_plan* plan, const tw_tensors* tensors, void* workspace, void* stream);
 
 /* What tw_plan_quantize_fp8 writes (mirrors tilewise::Fp8Tensors): e4m3 q, k, v with the plan's q, k, v strides
- * (bytes) and their float32 scales, shaped as tw_tensors reads them. */
+ * (bytes) and their float32 scales, shaped as tw_tensors reads them. Fill with tw_fp8_tensors_init() first. */
 typedef struct tw_fp8_tensors {
   void *q, *k, *v;
   float *q_scale, *k_scale, *v_scale;
 } tw_fp8_tensors;
+
+void tw_fp8_tensors_init(tw_fp8_tensors* tensors);
 
 /* The quantisation of TW_PRECISION_FP8 alone (docs/semantics.md §11.2): q, k, v in dtype (text_len may be NULL),
  * for plans with precision NATIVE or FP8; CPU plans only, so far. */

@@ -53,7 +53,7 @@ class Plan:
                  out_dtype=None, sm_margin: IntLike = 0) -> None:
         params = _args.PatternParams.of(pattern, window, global_frames, radius, block_offsets, block_tiles)
         self._torch = _is_torch(q)
-        call = _call(q, latent=latent, tile=tile, params=params, text_position=text_position, order=order,
+        call = _call(self._torch, latent=latent, tile=tile, params=params, text_position=text_position, order=order,
                      layout=layout, scale=scale, head_offset=head_offset, precision=precision, out_dtype=out_dtype,
                      sm_margin=sm_margin)
         front = _torch_module() if self._torch else _numpy
@@ -65,9 +65,7 @@ class Plan:
         if self._torch != _is_torch(q):
             raise TypeError(f"q: expected a {'torch tensor' if self._torch else 'numpy array'} like the ones this "
                             "Plan was made for")
-        if not self._torch and scales is not None:
-            raise TypeError("scales: expected None for numpy arrays (e4m3 inputs need torch.float8_e4m3fn tensors)")
-        o, lse = self._runner(q, k, v, text_len, return_lse, *(() if scales is None else (scales,)))
+        o, lse = self._runner(q, k, v, text_len, return_lse, scales)
         return (o, lse) if return_lse else o
 
     def flops(self, text_len: TextLen = None) -> float:
@@ -89,21 +87,21 @@ class Plan:
         return self._runner.plan.window(_args.integer("head", head))
 
 
-def _call(q, *, out_dtype, **kwargs) -> _args.Call:
-    """The checked Call of a function or Plan on q's kind of array (out_dtype: a torch dtype or None)."""
-    name = _torch_module().out_dtype_name(out_dtype) if _is_torch(q) and out_dtype is not None else out_dtype
+def _call(is_torch: bool, *, out_dtype, **kwargs) -> _args.Call:
+    """The checked Call of a function or Plan on torch tensors or numpy arrays (out_dtype: a torch dtype or None)."""
+    name = _torch_module().out_dtype_name(out_dtype) if is_torch and out_dtype is not None else out_dtype
     return _args.Call.of(out_dtype=name, **kwargs)
 
 
 def _attention(q, k, v, *, params: _args.PatternParams, latent, tile, text_len, text_position, order, layout, scale,
                head_offset, return_lse, deterministic, precision="native", scales=None, out_dtype=None, sm_margin=0):
-    call = _call(q, latent=latent, tile=tile, params=params, text_position=text_position, order=order,
+    is_torch = _is_torch(q)
+    call = _call(is_torch, latent=latent, tile=tile, params=params, text_position=text_position, order=order,
                  layout=layout, scale=scale, head_offset=head_offset, precision=precision, out_dtype=out_dtype,
                  sm_margin=sm_margin)
-    if _is_torch(q):
+    if is_torch:
         return _torch_module().attention(q, k, v, call, text_len, bool(return_lse), deterministic, scales)
-    if scales is not None:
-        raise TypeError("scales: expected None for numpy arrays (e4m3 inputs need torch.float8_e4m3fn tensors)")
+    _numpy.refuse_scales(scales)
     o, lse = _numpy.Runner(q, k, v, call)(q, k, v, text_len, bool(return_lse))
     return (o, lse) if return_lse else o
 

@@ -270,7 +270,6 @@ class Call(NamedTuple):
                     integer("sm_margin", sm_margin))
 
 
-
 def make_plan(ops: Operands, call: Call, device: str) -> _capi.Plan:
     """A library plan for these operands (q, k, v with their strides; o contiguous in the layout)."""
     p = call.params

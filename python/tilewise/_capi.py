@@ -55,6 +55,16 @@ class GradTensors(ctypes.Structure):
                 ("q", "k", "v", "o", "lse", "dout", "dlse", "dq", "dk", "dv", "text_len")]
 
 
+def _pointers(struct, init, **pointers):
+    """A struct of pointers (Tensors, Fp8Tensors, GradTensors) filled by its tw_*_init, then with `pointers` by
+    field name (integers, 0 = NULL)."""
+    s = struct()
+    init(ctypes.byref(s))
+    for name, ptr in pointers.items():
+        setattr(s, name, ptr or None)
+    return s
+
+
 class TilewiseError(ValueError):
     """An invalid argument reported by libtilewise; `argument` names it."""
 
@@ -110,6 +120,7 @@ def lib(path: str | None = None):
         L.tw_device_supports_precision.argtypes = [I32, I32, I64, I32]
         L.tw_tensors_init.argtypes = [ctypes.POINTER(Tensors)]
         L.tw_plan_run_tensors.argtypes = [ctypes.c_void_p, ctypes.POINTER(Tensors), ctypes.c_void_p, ctypes.c_void_p]
+        L.tw_fp8_tensors_init.argtypes = [ctypes.POINTER(Fp8Tensors)]
         L.tw_plan_quantize_fp8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.POINTER(Fp8Tensors), ctypes.c_void_p]
         L.tw_plan_fp8_key_blocks.argtypes = [ctypes.c_void_p, ctypes.POINTER(I64), ctypes.POINTER(I64)]
         _lib = L
@@ -230,24 +241,25 @@ class Plan:
         check(L.tw_plan_create(ctypes.byref(p), ctypes.byref(pat), _enum(DEVICES, "device", device), ctypes.byref(handle)))
         self._handle = handle
 
-    def run(self, q, k, v, o, lse=0, text_len=0, stream=0, workspace=0, scales=(0, 0, 0)) -> None:
+    def run(self, q, k, v, o, lse=0, text_len=0, stream=0, workspace=0, scales=None) -> None:
         """Pointers as integers (e.g. tensor.data_ptr()); 0 for absent lse / text_len / default stream, and for
-        the plan's own workspace (then runs of this plan must not overlap on two streams). scales: q_scale,
-        k_scale, v_scale (precision fp8_scaled only)."""
-        if not any(scales):  # the common call: no struct to fill
+        the plan's own workspace (then runs of this plan must not overlap on two streams). scales: (q_scale,
+        k_scale, v_scale) pointers (precision fp8_scaled only), None for none."""
+        if scales is None:  # the common call: no struct to fill
             check(lib().tw_plan_run_with_workspace(self._handle, q, k, v, o, lse or None, text_len or None,
                                                    workspace or None, stream or None))
             return
-        t = Tensors()
-        lib().tw_tensors_init(ctypes.byref(t))
-        for name, ptr in zip(Tensors._fields_, (q, k, v, o, lse, text_len, *scales)):
-            setattr(t, name[0], ptr or None)
+        q_scale, k_scale, v_scale = scales
+        t = _pointers(Tensors, lib().tw_tensors_init, q=q, k=k, v=v, o=o, lse=lse, text_len=text_len,
+                      q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
         check(lib().tw_plan_run_tensors(self._handle, ctypes.byref(t), workspace or None, stream or None))
 
     def quantize_fp8(self, q, k, v, text_len, out) -> None:
         """precision fp8's quantisation alone: q, k, v (pointers) in the plan's dtype -> out, (q8, k8, v8,
         q_scale, k_scale, v_scale) pointers (tw_plan_quantize_fp8)."""
-        o = Fp8Tensors(*out)
+        q8, k8, v8, q_scale, k_scale, v_scale = out
+        o = _pointers(Fp8Tensors, lib().tw_fp8_tensors_init, q=q8, k=k8, v=v8, q_scale=q_scale, k_scale=k_scale,
+                      v_scale=v_scale)
         check(lib().tw_plan_quantize_fp8(self._handle, q, k, v, text_len or None, ctypes.byref(o), None))
 
     def fp8_key_blocks(self) -> int:
@@ -275,11 +287,8 @@ class Plan:
     def run_backward(self, *, q, k, v, o, lse, dout, dq, dk, dv, dlse=0, text_len=0, workspace=0,
                      deterministic=False, stream=0) -> None:
         """Gradients (pointers as integers): dq with q's strides, dk / dv with k's / v's; dout with o's."""
-        t = GradTensors()
-        lib().tw_grad_tensors_init(ctypes.byref(t))
-        for name, ptr in (("q", q), ("k", k), ("v", v), ("o", o), ("lse", lse), ("dout", dout), ("dlse", dlse),
-                          ("dq", dq), ("dk", dk), ("dv", dv), ("text_len", text_len)):
-            setattr(t, name, ptr or None)
+        t = _pointers(GradTensors, lib().tw_grad_tensors_init, q=q, k=k, v=v, o=o, lse=lse, dout=dout, dlse=dlse,
+                      dq=dq, dk=dk, dv=dv, text_len=text_len)
         check(lib().tw_plan_run_backward(self._handle, ctypes.byref(t), workspace or None, int(bool(deterministic)),
                                          stream or None))
 

@@ -32,6 +32,12 @@ def operands(q, k, v, call: _args.Call, latent=None) -> _args.Operands:
                              call.layout, "cpu", EXPECTED_DTYPES, call.precision)
 
 
+def refuse_scales(scales) -> None:
+    """numpy has no e4m3 dtype, so no call on numpy arrays takes scales."""
+    if scales is not None:
+        raise TypeError("scales: expected None for numpy arrays (e4m3 inputs need torch.float8_e4m3fn tensors)")
+
+
 class Runner:
     """A library plan for numpy arrays of one geometry (the numpy side of tilewise.Plan)."""
 
@@ -40,7 +46,8 @@ class Runner:
         self.operands = operands(q, k, v, call)
         self.plan = _args.make_plan(self.operands, call, "cpu")
 
-    def __call__(self, q, k, v, text_len, return_lse: bool):
+    def __call__(self, q, k, v, text_len, return_lse: bool, scales=None):
+        refuse_scales(scales)
         ops = operands(q, k, v, self.call, (0, 0, 0))
         if not ops.same_arrays(self.operands):
             raise ValueError("q/k/v: shapes, strides or dtype differ from the ones this Plan was made for")

@@ -47,9 +47,9 @@ def _view(t: torch.Tensor) -> _args.ArrayView:
 
 def out_dtype_name(out_dtype) -> Optional[str]:
     """out_dtype (None, a torch float dtype or its tilewise name) -> the tilewise name or None."""
-    if out_dtype is None or out_dtype in TORCH_DTYPES:
+    if out_dtype is None or (isinstance(out_dtype, str) and out_dtype in TORCH_DTYPES):
         return out_dtype
-    if out_dtype not in DTYPES:
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in DTYPES:  # (a list is not even hashable)
         raise TypeError(f"out_dtype: expected None or one of {', '.join(map(str, DTYPES))}, got {out_dtype!r}")
     return DTYPES[out_dtype]
 
@@ -239,12 +239,9 @@ def _forward(plan: _capi.Plan, q, k, v, text_len, values, layout: str, out_dtype
     scales: e4m3 inputs' (q_scale, k_scale, v_scale), checked against the plan's shapes here."""
     o = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, layout), dtype=torch.float32, device=q.device)
-    pointers = (0, 0, 0)
+    pointers = None
     if scales is not None:
-        B, H, S = lse.shape
-        kv = _lse_shape(k, layout)[1]
-        for name, t, shape in zip(("q_scale", "k_scale", "v_scale"), scales,
-                                  ((B, H, S), (B, kv, plan.fp8_key_blocks()), (B, kv, q.shape[-1]))):
+        for name, t, shape in zip(("q_scale", "k_scale", "v_scale"), scales, _scale_shapes(plan, q, k, layout)):
             if tuple(t.shape) != shape or not t.is_contiguous():
                 raise ValueError(f"invalid {name} with shape {tuple(t.shape)}: expected a contiguous float32 tensor "
                                  f"{list(shape)} (docs/semantics.md §11.3)")
@@ -254,6 +251,14 @@ def _forward(plan: _capi.Plan, q, k, v, text_len, values, layout: str, out_dtype
     plan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), _ptr(tl), _stream(q.device),
              _ptr(ws), pointers)
     return o, lse
+
+
+def _scale_shapes(plan: _capi.Plan, q, k, layout: str) -> tuple:
+    """The shapes of q_scale [B, Hq, S], k_scale [B, Hkv, key blocks] and v_scale [B, Hkv, D] (docs/semantics.md
+    §11.3) for q and k in `layout`."""
+    B, H, S = _lse_shape(q, layout)
+    kv = _lse_shape(k, layout)[1]
+    return (B, H, S), (B, kv, plan.fp8_key_blocks()), (B, kv, q.shape[-1])
 
 
 # --- the ops ---
@@ -376,6 +381,7 @@ class Runner:
         self.call = call
         self.operands = operands(q, k, v, call)
         self.device = q.device
+        self.out_dtype = TORCH_DTYPES[self.operands.dtype]  # q's, or out_dtype for e4m3 inputs
         with _device_guard(q.device):
             self.plan = _args.make_plan(self.operands, call, _device_kind(q.device))
             self.plan.forward_bytes = self.plan.workspace_bytes()
@@ -390,7 +396,7 @@ class Runner:
         tl, values = _text_len_args(text_len, q, self.operands)
         given = _scale_tensors(scales, q, ops)
         with _device_guard(q.device):
-            o, lse = _forward(self.plan, q, k, v, tl, values, self.call.layout, TORCH_DTYPES[ops.dtype], given)
+            o, lse = _forward(self.plan, q, k, v, tl, values, self.call.layout, self.out_dtype, given)
         return o, (lse if return_lse else None)
 
 
@@ -404,10 +410,8 @@ def quantize_fp8(q, k, v, call: _args.Call, text_len):
     with _device_guard(q.device):
         plan = _plan_for(q, k, v, call)
         out = [torch.empty_strided(t.shape, t.stride(), dtype=E4M3, device=q.device) for t in (q, k, v)]
-        B, H, S = _lse_shape(q, call.layout)
-        kv = _lse_shape(k, call.layout)[1]
         scales = [torch.empty(shape, dtype=torch.float32, device=q.device)
-                  for shape in ((B, H, S), (B, kv, plan.fp8_key_blocks()), (B, kv, q.shape[-1]))]
+                  for shape in _scale_shapes(plan, q, k, call.layout)]
         tl = _text_len_tensor(tl, values, q.device)
         plan.quantize_fp8(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(tl), [t.data_ptr() for t in out + scales])
     return (*out, tuple(scales))

@@ -200,6 +200,10 @@ tw_status tw_plan_run_tensors(const tw_plan* plan, const tw_tensors* tensors, vo
   });
 }
 
+void tw_fp8_tensors_init(tw_fp8_tensors* tensors) {
+  if (tensors != nullptr) *tensors = tw_fp8_tensors{};
+}
+
 tw_status tw_plan_quantize_fp8(const tw_plan* plan, const void* q, const void* k, const void* v,
                                const int32_t* text_len, const tw_fp8_tensors* out, void* stream) {
   return guarded([&] {

@@ -295,6 +295,8 @@ def test_errors(rng):
         tilewise.sliding_tile_attention(qt, kt, vt, precision="fp8", out_dtype=torch.float16, **kw)
     with pytest.raises(TypeError, match="out_dtype: expected None or one of"):
         tilewise.sliding_tile_attention(q8, k8, v8, precision="fp8", scales=scales, out_dtype=torch.int32, **kw)
+    with pytest.raises(TypeError, match=r"out_dtype: expected None or one of .*, got \['bf16'\]"):
+        tilewise.sliding_tile_attention(q8, k8, v8, precision="fp8", scales=scales, out_dtype=["bf16"], **kw)
     with pytest.raises(TypeError, match="q: dtype torch.float8_e4m3fn is e4m3 already"):
         tilewise.quantize_fp8(q8, k8, v8, latent=latent, tile=tile)
     with pytest.raises(ValueError, match="precision: 'fp8' is forward only"):

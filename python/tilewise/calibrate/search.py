@@ -33,12 +33,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 import tilewise
+from tilewise._args import PRECISIONS  # the precisions a call takes: each is a candidate dimension here
 from tilewise.calibrate import _backend
 from tilewise.calibrate.capture import Capture, Geometry, shape_bshd
 from tilewise.calibrate.strategy import Strategy, format_window
 
 METRICS = ("mse", "l1", "rel_mse")
-PRECISIONS = ("native", "fp8")
 # An FP8 candidate's cost relative to the same window in bf16: issue 18's goal for the FP8 kernel (14 ms where
 # bf16 takes 22.95 ms on HunyuanVideo 720p, window 3x3x3). A select() argument: use the measured ratio once there is.
 FP8_COST = 0.6

@@ -37,7 +37,7 @@ class CpuKernel {
   };
 
   Gathered gather(int64_t b, int64_t h, const std::vector<KeyRef>& keys) const {
-    const int64_t kvh = h / (p_.q_heads / p_.kv_heads);
+    const int64_t kvh = cpu::kv_head(p_, h);
     Gathered g;
     cpu::gather_rows<T>(t_.k, p_.k, b, kvh, p_.head_dim, keys, g.k);
     cpu::gather_rows<T>(t_.v, p_.v, b, kvh, p_.head_dim, keys, g.v);

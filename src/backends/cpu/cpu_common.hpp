@@ -51,13 +51,13 @@ struct Element<f16_t> {
   static void store(f16_t* p, float x) { p->bits = detail::float_to_f16(x); }
 };
 
-/// e4m3 is an input type only (Precision::fp8_scaled, and the quantised operands of fp8); every e4m3 product and
-/// sum of D of them is exact in double, so the FP8 reference works in double.
+/// e4m3 is an input type only (Precision::fp8_scaled, and the quantised operands of fp8), so it has no store (the
+/// quantisation writes codes itself, cpu_fp8.cpp); every e4m3 product and sum of D of them is exact in double, so
+/// the FP8 reference works in double.
 template <>
 struct Element<e4m3_t> {
   using Acc = double;
   static double load(const e4m3_t* p) { return detail::e4m3_to_double(p->bits); }
-  static void store(e4m3_t* p, double x) { p->bits = detail::double_to_e4m3(x); }
 };
 
 /// Calls f(std::type_identity<T>{}) with the storage type T of `dtype`.
@@ -112,6 +112,9 @@ inline void require_text_len(const Problem& p, const int32_t* text_len) {
     detail::require(text_len[b] >= 0 && text_len[b] <= p.text_capacity, "text_len[" + detail::str(b) + "]",
                     text_len[b], "a value in [0, text capacity = " + detail::str(p.text_capacity) + "]");
 }
+
+/// The kv head that query head h reads (grouped-query attention).
+inline int64_t kv_head(const Problem& p, int64_t h) { return h / (p.q_heads / p.kv_heads); }
 
 /// Valid text keys of batch element b.
 inline int64_t valid_text(const Problem& p, const int32_t* text_len, int64_t b) {

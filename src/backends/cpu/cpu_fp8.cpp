@@ -32,8 +32,6 @@ struct Fp8Operands {
   const std::vector<double>* lse_shift = nullptr;  // [B, Hq, S], precision fp8: scale * q_i . mu
 };
 
-int64_t kv_group(const Problem& p) { return p.q_heads / p.kv_heads; }
-
 /// The keys of (b, kv head) that take part in the statistics: every video position and the valid text positions.
 template <class F>
 void for_each_visible_key(const TokenMap& map, int64_t valid_text, F&& f) {
@@ -81,21 +79,28 @@ void quantise_inputs(const Plan& plan, const Tensors& in, const Fp8Tensors& out,
       load_row<T>(in.v, p.v, b, j, g, D, x.data());
       for (int64_t d = 0; d < D; ++d) vmax[d] = std::max(vmax[d], std::fabs(x[d]));
     });
-    for (int64_t n = 0; n < blocks; ++n) out.k_scale[bg * blocks + n] = fp8::scale_of(kmax[n]);
-    for (int64_t d = 0; d < D; ++d) out.v_scale[bg * D + d] = fp8::scale_of(vmax[d]);
+    std::vector<float> kinv(blocks), vinv(D);
+    for (int64_t n = 0; n < blocks; ++n) {
+      out.k_scale[bg * blocks + n] = fp8::scale_of(kmax[n]);
+      kinv[n] = fp8::inv_scale_of(kmax[n]);
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      out.v_scale[bg * D + d] = fp8::scale_of(vmax[d]);
+      vinv[d] = fp8::inv_scale_of(vmax[d]);
+    }
     for (int64_t j = 0; j < S; ++j) {
-      const float inv = fp8::inv_scale_of(kmax[fp8::key_block(map, j)]);
+      const float inv = kinv[fp8::key_block(map, j)];
       e4m3_t* kq = row_at<e4m3_t>(out.k, st[1], b, j, g);
       for (int64_t d = 0; d < D; ++d) kq[d].bits = quantise(smoothed[j * D + d], inv);
       load_row<T>(in.v, p.v, b, j, g, D, x.data());
       e4m3_t* vq = row_at<e4m3_t>(out.v, st[2], b, j, g);
-      for (int64_t d = 0; d < D; ++d) vq[d].bits = quantise(x[d], fp8::inv_scale_of(vmax[d]));
+      for (int64_t d = 0; d < D; ++d) vq[d].bits = quantise(x[d], vinv[d]);
     }
   });
   // Q: one group per row.
   parallel_for(p.batch * p.q_heads, [&](int64_t bh) {
     const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
-    const float* mu = &mean[(b * p.kv_heads + h / kv_group(p)) * D];
+    const float* mu = &mean[(b * p.kv_heads + kv_head(p, h)) * D];
     std::vector<float> x(D);
     for (int64_t i = 0; i < S; ++i) {
       load_row<T>(in.q, p.q, b, i, h, D, x.data());
@@ -123,7 +128,7 @@ class Fp8Attention {
 
   void operator()() const {
     for_each_query_item(plan_, t_.text_len, [&](int64_t b, int64_t h, const std::vector<KeyRef>& keys, auto&& rows) {
-      const int64_t g = h / kv_group(p_), D = p_.head_dim;
+      const int64_t g = kv_head(p_, h), D = p_.head_dim;
       Keys kv;
       gather_rows<e4m3_t>(x_.k, x_.ks, b, g, D, keys, kv.k);
       gather_rows<e4m3_t>(x_.v, x_.vs, b, g, D, keys, kv.v);
@@ -142,7 +147,7 @@ class Fp8Attention {
   template <class Allowed>
   void row(int64_t b, int64_t h, int64_t pos, const std::vector<KeyRef>& keys, const Keys& kv,
            Allowed&& allowed) const {
-    const int64_t D = p_.head_dim, g = h / kv_group(p_), r = (b * p_.q_heads + h) * p_.seq_len + pos;
+    const int64_t D = p_.head_dim, g = kv_head(p_, h), r = (b * p_.q_heads + h) * p_.seq_len + pos;
     constexpr double kNone = -std::numeric_limits<double>::infinity();
     std::vector<double> q(D), acc(D, 0.0), t(keys.size());
     load_row<e4m3_t>(x_.q, x_.qs, b, pos, h, D, q.data());
