@@ -301,7 +301,11 @@ def test_fp8_candidates_errors_and_selection(rng, tmp_path):
     assert [result.label(c) for c in range(4)] == ["1x1x1", "2x2x2", "1x1x1 fp8", "2x2x2 fp8"]
     err = result.error("rel_mse")
     assert (err[:, 1] == 0).all()                                # the dense window in bf16: not run, exact
-    assert (err[:, 3] > 1e-5).all() and (err[:, 3] < 0.05).all()  # the dense window in FP8: its quantisation only
+    # The dense window in FP8: its quantisation only, nonzero and far below a window's own error. The planted local
+    # head's large logits make e4m3's 2^-4 relative rounding of Q and K move its scores by whole units: over 30
+    # seeds its rel_mse was 0.0008-0.053 (the 1x1x1 window's native error 2.4-9.8), so the bound keeps 2x margin
+    # (0.05, set before that measurement, failed about 1 run in 8).
+    assert (err[:, 3] > 1e-5).all() and (err[:, 3] < 0.1).all() and (err[:, 3] < err[:, 0] / 20).all()
     assert (err[:, 2] >= err[:, 0] * 0.5).all()                  # FP8 adds to the window's own error
     np.testing.assert_array_equal(result.cost(0.5), [0.125, 1.0, 0.0625, 0.5])
 
