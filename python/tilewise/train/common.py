@@ -26,7 +26,7 @@ def dataset(preset, data_dir: Optional[str]):
 
 
 def batch_source(run: Run, ds, salt: int):
-    """data(skip) for Run.train: batches on the run's device, sharded by rank."""
+    """data(skip) for Run.train: batches on the run's device, this rank's shard of each global batch."""
     def data(skip: int):
         for b in data_mod.batches(ds, run.preset.batch, run.preset.seed + salt, run.rank, run.world, skip):
             yield {k: v.to(run.device) for k, v in b.items()}
@@ -173,8 +173,8 @@ def pretrain(run: Run, model, ds):
 
     def loss_fn(step, batch):
         x0 = batch["latents"]
-        noise = torch.randn(x0.shape, generator=g, device=run.device)
-        sigma = torch.rand(x0.shape[0], generator=g, device=run.device)
+        noise = run.batch_randn(g, x0.shape)
+        sigma = run.batch_rand(g, x0.shape[:1])
         with run.autocast():
             v = models.call(s, flow.noised(x0, noise, sigma), sigma, batch)
         return F.mse_loss(v.float(), flow.flow_matching_target(x0, noise))

@@ -113,20 +113,19 @@ def export(dataset, directory) -> list:
 
 
 def batches(dataset, batch: int, seed: int, rank: int = 0, world: int = 1, skip: int = 0):
-    """An endless iterator of collated batches: a fresh permutation per epoch (from seed and epoch), rank r of
-    `world` taking every world-th batch. skip: batches of this rank to pass over without loading them (a resumed
-    run continues with the data it would have seen)."""
+    """An endless iterator of collated batches: global batches of world x `batch` samples in a fresh permutation
+    per epoch (from seed and epoch), rank r of `world` taking samples [r * batch, (r + 1) * batch) of each, so that
+    the ranks together see what one process with batch world x `batch` sees. skip: batches to pass over without
+    loading them (a resumed run continues with the data it would have seen)."""
     epoch = 0
     n = len(dataset)
+    whole = batch * world
     while True:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7 + epoch)).tolist()
-        per_epoch = max(1, n // batch)
-        for j in range(per_epoch):
-            idx = [order[(j * batch + k) % n] for k in range(batch)]
-            if j % world == rank:
-                if skip > 0:
-                    skip -= 1
-                    continue
-                samples = [dataset[i] for i in idx]
-                yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        for j in range(max(1, n // whole)):
+            if skip > 0:
+                skip -= 1
+                continue
+            samples = [dataset[order[(j * whole + rank * batch + k) % n]] for k in range(batch)]
+            yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
         epoch += 1

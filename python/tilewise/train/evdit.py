@@ -56,8 +56,8 @@ def mlcd(run: Run, base, teacher, ds):
     def loss_fn(step, batch):
         x0 = batch["latents"]
         B = x0.shape[0]
-        noise = torch.randn(x0.shape, generator=g, device=run.device)
-        n = torch.randint(0, p.teacher_steps, (B,), generator=g, device=run.device)
+        noise = run.batch_randn(g, x0.shape)
+        n = run.batch_randint(g, p.teacher_steps, (B,))
         s_n, s_next, end = sig[n], sig[n + 1], seg_end[n]
         boundary = sig[end]
         x_n = flow.noised(x0, noise, s_n)
@@ -122,7 +122,7 @@ def search(run: Run, model, ds) -> Strategy:
     finally:
         twd.disable(model)
     result = search_frame_patterns(captures, radius=p.radius, metric="rel_mse")
-    choice = result.select(p.threshold)
+    choice = run.from_rank0(result.select(p.threshold))
     T = result.dense_frames
     geo = captures[0].geometry
     strategy = Strategy(latent=geo.latent, tile=geo.tile,
@@ -158,8 +158,8 @@ def kd(run: Run, few, teacher, strategy: Strategy, ds):
     def loss_fn(step, batch):
         x0 = batch["latents"]
         B = x0.shape[0]
-        noise = torch.randn(x0.shape, generator=g, device=run.device)
-        sigma = dev_sig[torch.randint(0, len(dev_sig), (B,), generator=g, device=run.device)]
+        noise = run.batch_randn(g, x0.shape)
+        sigma = dev_sig[run.batch_randint(g, len(dev_sig), (B,))]
         x = flow.noised(x0, noise, sigma)
         v_s, v_t, attention_loss = distill(x, sigma, batch, w_attn)
         if not checked and strategy.frame_patterns:

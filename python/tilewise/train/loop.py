@@ -67,7 +67,12 @@ class Run:
     """One recipe run: output folder, device, precision, process group, summary.
 
     process_group: None for one process, or a torch.distributed process group (the recipes then wrap the student
-    in DistributedDataParallel over it, shard the batches by rank, and only rank 0 writes files)."""
+    in DistributedDataParallel over it, shard the batches by rank, and only rank 0 writes files).
+
+    Under DDP a step's global batch is world x preset.batch samples and every rank computes what one process with
+    that batch would, on its shard: its rows of the data (data.batches), of the noise and of the noise levels
+    (the batch_* draws below), with a loss that is a mean over its equal shard, which DDP's gradient average
+    turns into the mean over the global batch. So the run follows the single-process one up to float rounding."""
 
     def __init__(self, out, device: str, preset, *, resume: bool = False, process_group=None, progress: bool = True,
                  stream=None, log: Optional[Callable[[str], None]] = None):
@@ -109,12 +114,39 @@ class Run:
         return contextlib.nullcontext()
 
     def generator(self, salt: int) -> torch.Generator:
-        """A generator on the run's device seeded from the preset's seed, a salt and the rank. Checkpoints save
-        the state of every generator of the run and resume restores it, so a resumed stage draws the same noise
-        as an uninterrupted one."""
-        g = torch.Generator(device=self.device).manual_seed(self.preset.seed * 100_003 + salt * 1_009 + self.rank)
+        """A generator on the run's device seeded from the preset's seed and a salt, the same on every rank: draws
+        over the global batch go through batch_randn / batch_rand / batch_randint, and draws outside training
+        (calibration, search, evaluation) give every rank the same result. Checkpoints (rank 0's) save the state
+        of every generator of the run and resume restores it on every rank, so a resumed stage draws the same
+        noise as an uninterrupted one."""
+        g = torch.Generator(device=self.device).manual_seed(self.preset.seed * 100_003 + salt * 1_009)
         self.generators[salt] = g
         return g
+
+    def _rank_rows(self, draw: Callable, shape) -> torch.Tensor:
+        """This rank's rows of draw((world * shape[0], *shape[1:])): the global batch's draw, sharded like the data."""
+        b = shape[0]
+        return draw((self.world * b, *shape[1:]))[self.rank * b:(self.rank + 1) * b]
+
+    def batch_randn(self, g: torch.Generator, shape) -> torch.Tensor:
+        return self._rank_rows(lambda s: torch.randn(s, generator=g, device=self.device), shape)
+
+    def batch_rand(self, g: torch.Generator, shape) -> torch.Tensor:
+        return self._rank_rows(lambda s: torch.rand(s, generator=g, device=self.device), shape)
+
+    def batch_randint(self, g: torch.Generator, high: int, shape) -> torch.Tensor:
+        return self._rank_rows(lambda s: torch.randint(0, high, s, generator=g, device=self.device), shape)
+
+    def from_rank0(self, value):
+        """Rank 0's `value` on every rank (a picklable object): decisions that shape the student (calibrated
+        windows, searched tiles) must agree across ranks even where a GPU's reductions are not bitwise
+        reproducible."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+        box = [value]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return box[0]
 
     def mean_over_ranks(self, x: float) -> float:
         if self.world == 1:

@@ -40,7 +40,7 @@ def windows(run: Run, teacher, ds, strategy_file: Optional[str]) -> Strategy:
         with cal.capture(teacher, candidates=[tuple(c) for c in p.calibrate], tile=tuple(p.tile),
                          timesteps=sig[:-1] * 1000) as cap:
             flow.sample(teacher, noise, b, sig, run.autocast)
-        s = cap.result().select(budget=p.budget, metric="rel_mse")
+        s = run.from_rank0(cap.result().select(budget=p.budget, metric="rel_mse"))
         run.log(f"calibrated windows: {len(s.windows)} (step, layer, head) keys within rel_mse {p.budget}")
     else:
         raise ValueError("windows: give --window KTxKHxKW, --strategy FILE or --calibrate CANDIDATES")
@@ -66,8 +66,8 @@ def train_sta(run: Run, *, data_dir: Optional[str] = None, model_dir: Optional[s
 
     def loss_fn(step, batch):
         x0 = batch["latents"]
-        noise = torch.randn(x0.shape, generator=g, device=run.device)
-        sigma = flow.shifted(torch.rand(x0.shape[0], generator=g, device=run.device), p.shift)
+        noise = run.batch_randn(g, x0.shape)
+        sigma = flow.shifted(run.batch_rand(g, x0.shape[:1]), p.shift)
         x = flow.noised(x0, noise, sigma)
         v_s, v_t, attention_loss = distill(x, sigma, batch, w_attn)
         if not checked:  # once, on the first step this process runs
