@@ -2,8 +2,8 @@
 
 The oracle is one process with the same global batch (2 x --batch): every rank takes its half of each global
 batch and of its noise and noise levels, the loss is a mean over the rank's equal half, and DDP averages the
-gradients, so the two runs make the same AdamW steps up to float32 rounding (the tolerance is derived at
-TOL_WEIGHTS). Also: only rank 0 writes into the output folder (an audit hook in each rank records every
+gradients, so the two runs make the same AdamW steps up to float32 rounding (the tolerances are derived at
+TOL_MOMENTS). Also: only rank 0 writes into the output folder (an audit hook in each rank records every
 write-mode open, rename, mkdir and remove under it), summary.json is complete, a DDP run interrupted after a
 checkpoint and resumed gives the uninterrupted DDP run's weights exactly, and the evdit recipe finishes in 2
 processes. Each test draws a fresh --seed (printed).
@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (see require
 pytest.importorskip("diffusers", reason="diffusers is not installed (see requirements-torch.txt)")
 pytest.importorskip("peft", reason="peft is not installed (see requirements-torch.txt)")
 
-from tilewise.train import PRESETS, cli  # noqa: E402
+from tilewise.train import cli  # noqa: E402
 from tilewise.train.loop import load_tensors  # noqa: E402
 
 WORLD = 2
@@ -103,7 +103,8 @@ def test_sta_ddp_equals_one_process_and_resumes(tmp_path):
     print("max |w_ddp - w_one|", max(float((w_one[k] - w_ddp[k]).abs().max()) for k in w_one))
     assert w_one.keys() == w_ddp.keys()
     for k in w_one:
-        torch.testing.assert_close(w_ddp[k], w_one[k], rtol=0, atol=TOL_WEIGHTS, msg=lambda m: f"seed {seed}: {k}: {m}")
+        torch.testing.assert_close(w_ddp[k], w_one[k], rtol=0, atol=TOL_WEIGHTS,
+                                   msg=lambda m: f"seed {seed}: {k}: {m}")
     (c_one, m_one), (c_ddp, m_ddp) = (load_tensors(d / "checkpoints" / "sta.safetensors") for d in (one, ddp))
     for k in c_one:
         if k.startswith("optim/"):  # the averaged gradient is the single process's

@@ -150,14 +150,19 @@ def run(argv: Sequence[str], stream=None) -> int:
     stream = stream or sys.stderr
     group, device = _process_group(args.device)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"tilewise train: {msg}", file=stream))
-    r = Run(args.out, device, preset, resume=args.resume, process_group=group, progress=not args.quiet,
-            stream=stream, log=log)
-    if args.recipe == "sta":
-        from tilewise.train.sta import train_sta
-        train_sta(r, data_dir=args.data, model_dir=args.model, strategy_file=args.strategy)
-    else:
-        from tilewise.train.evdit import train_evdit
-        train_evdit(r, stages=args.stages, data_dir=args.data, model_dir=args.model, strategy_file=args.strategy)
+    try:
+        r = Run(args.out, device, preset, resume=args.resume, process_group=group, progress=not args.quiet,
+                stream=stream, log=log)
+        if args.recipe == "sta":
+            from tilewise.train.sta import train_sta
+            train_sta(r, data_dir=args.data, model_dir=args.model, strategy_file=args.strategy)
+        else:
+            from tilewise.train.evdit import train_evdit
+            train_evdit(r, stages=args.stages, data_dir=args.data, model_dir=args.model, strategy_file=args.strategy)
+    finally:
+        if group is not None:  # a gloo group left to the interpreter's exit aborts it now and then
+            import torch.distributed as dist
+            dist.destroy_process_group()
     log(f"wrote {os.path.join(args.out, 'summary.json')}")
     return 0
 

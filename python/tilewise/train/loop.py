@@ -124,7 +124,8 @@ class Run:
         return g
 
     def _rank_rows(self, draw: Callable, shape) -> torch.Tensor:
-        """This rank's rows of draw((world * shape[0], *shape[1:])): the global batch's draw, sharded like the data."""
+        """This rank's rows of draw((world * shape[0], *shape[1:])): the global batch's draw, sharded like the
+        data."""
         b = shape[0]
         return draw((self.world * b, *shape[1:]))[self.rank * b:(self.rank + 1) * b]
 
