@@ -33,12 +33,24 @@ struct Buf {
   size_t bytes = 0;
   explicit Buf(size_t n) : bytes(n) { cudaMalloc(&d, n ? n : 16); cudaMemset(d, 0xff, n); }
   ~Buf() { cudaFree(d); }
+  Buf(Buf&& o) noexcept : d(o.d), bytes(o.bytes) { o.d = nullptr; }  // returned by value: one owner of the memory
+  Buf(const Buf&) = delete;
   std::vector<uint16_t> half() const {
     std::vector<uint16_t> h(bytes / 2);
     cudaMemcpy(h.data(), d, bytes, cudaMemcpyDeviceToHost);
     return h;
   }
 };
+
+/// `count` standard-normal bf16 values on the device.
+static Buf upload_normal(size_t count, std::mt19937& rng) {
+  Buf b(count * 2);
+  std::vector<uint16_t> h(count);
+  std::normal_distribution<float> nd;
+  for (auto& x : h) x = to_bf16(nd(rng));
+  cudaMemcpy(b.d, h.data(), count * 2, cudaMemcpyHostToDevice);
+  return b;
+}
 
 static double rel_l2(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b, int* nans) {
   double num = 0, den = 0;
@@ -61,14 +73,7 @@ static void bench(Dim3 window, int64_t text, int32_t text_len) {
   const Problem& n = plan.problem();
   const size_t nq = n.seq_len * n.q_heads * n.head_dim, nl = n.q_heads * n.seq_len;
   std::mt19937 rng(7);
-  auto upload = [&](size_t count) {
-    Buf b(count * 2);
-    std::vector<uint16_t> h(count);
-    std::normal_distribution<float> nd;
-    for (auto& x : h) x = to_bf16(nd(rng));
-    cudaMemcpy(b.d, h.data(), count * 2, cudaMemcpyHostToDevice);
-    return b;
-  };
+  auto upload = [&](size_t count) { return upload_normal(count, rng); };
   Buf q = upload(nq), k = upload(nq), v = upload(nq), dout = upload(nq), o(nq * 2), lse(nl * 4), dq(nq * 2),
       dk(nq * 2), dv(nq * 2), ws(plan.backward_workspace_bytes()), tl(4);
   cudaMemcpy(tl.d, &text_len, 4, cudaMemcpyHostToDevice);
@@ -145,14 +150,7 @@ int main(int argc, char** argv) {
     const Problem& p = ref.problem();
     const size_t nq = p.batch * p.seq_len * p.q_heads * p.head_dim, nk = p.batch * p.seq_len * p.kv_heads * p.head_dim;
     const size_t nl = p.batch * p.q_heads * p.seq_len;
-    auto upload = [&](size_t n) {
-      Buf b(n * 2);
-      std::vector<uint16_t> h(n);
-      std::normal_distribution<float> nd;
-      for (auto& x : h) x = to_bf16(nd(rng));
-      cudaMemcpy(b.d, h.data(), n * 2, cudaMemcpyHostToDevice);
-      return b;
-    };
+    auto upload = [&](size_t n) { return upload_normal(n, rng); };
     Buf q = upload(nq), k = upload(nk), v = upload(nk), dout = upload(nq), o(nq * 2), lse(nl * 4), dlse(nl * 4);
     {
       std::vector<float> h(nl);
