@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from tilewise import _capi  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_forward import Row, _tiled_permutation, bench, block_mask_from_mod, flex_mask_mod, parse_args, rows  # noqa: E402,E501
+from bench_forward import (Row, _tiled_permutation, bench, block_mask_from_mod, compiled_flex,  # noqa: E402
+                           flex_mask_mod, parse_args, selected_rows)
 from report import emit  # noqa: E402
 
 
@@ -133,18 +134,9 @@ def main() -> None:
         lambda ap: ap.add_argument("--deterministic", action="store_true",
                                    help="time tilewise's deterministic backward"))
 
-    flex = None
-    if not args.no_flex:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        torch._dynamo.config.recompile_limit = 64  # a new shape and mask per row (see bench_forward)
-        flex = torch.compile(flex_attention, dynamic=False)
-
+    flex = None if args.no_flex else compiled_flex()
     table = []
-    selected = [r for r in rows() if r.group in groups]
-    if args.only:
-        selected = [r for r in selected if any(k in r.name for k in args.only.split(","))]
-    for row in selected:
+    for row in selected_rows(args, groups):
         S = math.prod(row.latent) + row.text
         B, Hh, D = 1, row.heads, row.head_dim
         q, k, v, dout = (torch.randn(B, S, Hh, D, device=dev, dtype=torch.bfloat16) for _ in range(4))

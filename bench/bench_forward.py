@@ -168,23 +168,30 @@ def parse_args(doc: str, dense_help: str, extra=None) -> tuple:
     return args, {int(g) for g in args.rows.split(",")}, torch.device("cuda")
 
 
-def main() -> None:
-    args, groups, dev = parse_args(__doc__, "skip the dense SDPA baselines (kernel variant runs)")
+def compiled_flex():
+    """FlexAttention compiled for the benchmark rows."""
+    from torch.nn.attention.flex_attention import flex_attention
 
-    flex = None
-    if not args.no_flex:
-        from torch.nn.attention.flex_attention import flex_attention
+    # Every row is a new shape and mask: without a higher limit dynamo stops recompiling after 8 and falls back to
+    # the unfused eager path, which materialises the scores and runs out of memory.
+    torch._dynamo.config.recompile_limit = 64
+    return torch.compile(flex_attention, dynamic=False)
 
-        # Every row is a new shape and mask: without a higher limit dynamo stops recompiling after 8 and falls
-        # back to the unfused eager path, which materialises the scores and runs out of memory.
-        torch._dynamo.config.recompile_limit = 64
-        flex = torch.compile(flex_attention, dynamic=False)
 
-    table = []
+def selected_rows(args, groups) -> list:
+    """The rows of the chosen groups, narrowed by --only."""
     selected = [r for r in rows() if r.group in groups]
     if args.only:
         selected = [r for r in selected if any(k in r.name for k in args.only.split(","))]
-    for row in selected:
+    return selected
+
+
+def main() -> None:
+    args, groups, dev = parse_args(__doc__, "skip the dense SDPA baselines (kernel variant runs)")
+
+    flex = None if args.no_flex else compiled_flex()
+    table = []
+    for row in selected_rows(args, groups):
         T, H, W = row.latent
         nv = T * H * W
         S = nv + row.text
