@@ -2,7 +2,8 @@
 # Everything one device call needs, in one go: build on the GPU machine, run the GPU tests (a hang is killed),
 # compute-sanitizer on small problems, the backward fuzz, and the benchmark tables last. Logs go under $OUT.
 # Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [fuzz] [bench] [bench_bwd] [sass]
-#        [bwd_variants] [bwd_profile] (with BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ...": scripts/kernel_variants.py)
+#        [bwd_variants] [bwd_profile] (with BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ...": scripts/kernel_variants.py;
+#        a name starting with fused times the fused arrangement, names no_* or *_no_* are ablations: times only)
 #   sanitize: forward and backward cases; sanitize_bwd: the backward cases alone (a device call of their own)
 set -uo pipefail
 OUT=${OUT:-/tmp/tilewise-out}
@@ -72,12 +73,14 @@ for step in $steps; do
         name=${v%%=*}
         lib=$PWD/$BUILD; [ "$name" = base ] || lib=/tmp/bwd-variants/$name
         [ -f "$lib/libtilewise.so" ] || continue
-        line=$(LD_LIBRARY_PATH=$lib timeout 60 $BUILD/bwdcheck bench1 2>&1 | tail -1)
+        # fused*: the fused five-GEMM arrangement (chosen at plan time from the environment)
+        case $name in fused*) arrangement=1 ;; *) arrangement=0 ;; esac
+        line=$(TILEWISE_BACKWARD_FUSED_DQ=$arrangement LD_LIBRARY_PATH=$lib timeout 60 $BUILD/bwdcheck bench1 2>&1 | tail -1)
         echo "$name: $line" | tee -a "$OUT/variants.log"
-        case $name in no_*) continue ;; esac  # ablations: results are wrong, times only
-        LD_LIBRARY_PATH=$lib timeout 60 $BUILD/bwdcheck 1 > "$OUT/check_$name.log" 2>&1
+        case $name in no_*|*_no_*) continue ;; esac  # ablations: results are wrong, times only
+        TILEWISE_BACKWARD_FUSED_DQ=$arrangement LD_LIBRARY_PATH=$lib timeout 60 $BUILD/bwdcheck 1 > "$OUT/check_$name.log" 2>&1
         echo "  check rc=$? $(tail -1 "$OUT/check_$name.log")"
-        LD_LIBRARY_PATH=$lib timeout 90 ncu --clock-control none --kernel-name regex:'backward_kernel|bwd_preprocess' \
+        TILEWISE_BACKWARD_FUSED_DQ=$arrangement LD_LIBRARY_PATH=$lib timeout 90 ncu --clock-control none --kernel-name regex:'backward_kernel|bwd_preprocess' \
           --launch-count 3 --metrics gpu__time_duration.sum $BUILD/bwdcheck bench1 > "$OUT/ncu_$name.log" 2>&1
         echo "  ncu: $(grep -E 'gpu__time_duration.sum' "$OUT/ncu_$name.log" | awk '{print $(NF)}' | tr '\n' ' ') (preprocess, dQ, dK/dV; ms or us)"
       done

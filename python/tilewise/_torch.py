@@ -141,8 +141,22 @@ def _scale_tensors(scales, q: torch.Tensor, ops: _args.Operands) -> tuple:
     return tuple(scales)
 
 
+def autocast_operands(q, k, v):
+    """q, k, v as torch.autocast hands them to SDPA: cast to the autocast dtype of their device when autocast is
+    on there (SDPA is on autocast's lower-precision list, and a model under autocast often gives attention fp32 q
+    and k from its norms beside a bf16 v), else unchanged. e4m3 inputs stay as they are."""
+    dev = q.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev) or q.dtype == E4M3:
+        return q, k, v
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (q, k, v))
+
+
 def attention(q, k, v, call: _args.Call, text_len, return_lse: bool, deterministic: Optional[bool], scales=None):
-    """The torch side of the public functions: checks, then the custom op (differentiable in native precision)."""
+    """The torch side of the public functions: checks, then the custom op (differentiable in native precision).
+    Under torch.autocast, q, k, v are computed in the autocast dtype, as SDPA would (`autocast_operands`)."""
+    if scales is None:
+        q, k, v = autocast_operands(q, k, v)
     ops = operands(q, k, v, call)
     tl, values = _text_len_args(text_len, q, ops)
     given = _scale_tensors(scales, q, ops)

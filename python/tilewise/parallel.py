@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tilewise import _api, _args, _capi
+from tilewise import _api, _args, _capi, _torch
 
 __all__ = ["ulysses_attention", "shard_range", "shard_sizes", "shard", "head_assignment", "head_costs"]
 
@@ -439,6 +439,7 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
     _args.choice("precision", precision, _args.PRECISIONS)
     params = _args.PatternParams.of(pattern, window, global_frames, radius, block_offsets, block_tiles)
     latent, tile = _args.triple("latent", latent), _args.triple("tile", tile)
+    q, k, v = _torch.autocast_operands(q, k, v)  # before the all-to-alls: under autocast they carry bf16, not fp32
     if group is None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("group: torch.distributed is not initialised: call torch.distributed."

@@ -153,6 +153,32 @@ def test_calls_that_do_not_match_stay_on_the_original_processor(seed):
     twd.disable(model)
 
 
+def test_float32_stream_under_autocast_runs_on_tilewise(seed, monkeypatch):
+    """HunyuanVideo's attention sees a float32 residual stream even under bf16 autocast (its LayerNorms run in
+    float32 there). On CUDA, where tilewise takes no float32, the route must ask for autocast's dtype, or a
+    training step silently falls back to dense attention (it did, on the H200). The CPU backend takes float32, so
+    the CUDA refusal is played here: float32 is refused outside autocast and runs on tilewise (in bf16) inside,
+    close to the float32 result."""
+    from tilewise.diffusers import _controller
+
+    model, inputs = build("hunyuan")
+    ctrl = twd.enable(model, strategy=(1, 1, 1), tile=TILE)
+    want = run(model, inputs)  # float32 on the CPU backend
+    assert ctrl.calls == {"tilewise": 2, "original": 0}
+    real = _controller._refusal
+    monkeypatch.setattr(_controller, "_refusal",
+                        lambda device, dtype, head_dim, precision="native":
+                        "float32 is not taken (as on CUDA)" if dtype == "f32" else real(device, dtype, head_dim,
+                                                                                          precision))
+    run(model, inputs)
+    assert ctrl.calls == {"tilewise": 2, "original": 2}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(model, inputs)
+    assert ctrl.calls == {"tilewise": 4, "original": 2}
+    assert float((got.double() - want.double()).norm() / want.double().norm()) < 0.05
+    twd.disable(model)
+
+
 def test_errors(seed):
     model, inputs = build("wan")
     with pytest.raises(ValueError, match="strategy key 'x_1_2'"):

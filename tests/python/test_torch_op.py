@@ -223,6 +223,28 @@ def test_sm_margin_changes_no_bit_and_keys_the_plan_cache(gen):
                           _op_args(q.detach(), k.detach(), v.detach(), None, [2, 4]) + ("native", 8))
 
 
+def test_autocast_computes_in_the_autocast_dtype_like_sdpa(gen):
+    """Under torch.autocast a model often hands attention float32 q and k (from its norms) beside a bf16 v;
+    SDPA casts all three to the autocast dtype, and so does tilewise: the result (and its gradients) equal the
+    call on the cast tensors, in bf16; gradients reach the float32 leaves in float32. Outside autocast the
+    mixed dtypes are an error naming them."""
+    q, k = (t.requires_grad_() for t in qkv(gen, 2, 38, 2, 1, 16)[:2])
+    v = randn(gen, 2, 38, 1, 16, dtype=torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o = _call(q, k, v, text_len=[2, 4])
+    assert o.dtype == torch.bfloat16
+    grads = torch.autograd.grad(o.float().square().sum(), (q, k, v))
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32, torch.bfloat16]
+    qb, kb = (t.detach().bfloat16().requires_grad_() for t in (q, k))
+    vb = v.detach().requires_grad_()
+    ob = _call(qb, kb, vb, text_len=[2, 4])
+    assert torch.equal(o, ob)
+    expected = torch.autograd.grad(ob.float().square().sum(), (qb, kb, vb))
+    assert all(torch.equal(g.to(e.dtype), e) for g, e in zip(grads, expected))
+    with pytest.raises(TypeError, match="torch.bfloat16"):
+        _call(q, k, v)
+
+
 @pytest.mark.parametrize("text", ["tensor", "values", "none"])
 def test_opcheck_forward_cpu(gen, text):
     q, k, v = qkv(gen, 2, 38, 2, 1, 16)

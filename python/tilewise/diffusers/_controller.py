@@ -210,11 +210,14 @@ def _refusal(device_type: str, dtype: str, head_dim: int, precision: str = "nati
 
 def _unsupported_reason(processor, attn, hidden_states) -> Optional[str]:
     """None when tilewise runs this call on its device, else why not: context parallelism, or a device / dtype
-    / head dim the library's backend does not take (e.g. float32 on CUDA, or a GPU other than Hopper)."""
+    / head dim the library's backend does not take (e.g. float32 on CUDA, or a GPU other than Hopper). Under
+    torch.autocast the dtype is autocast's: a float32 residual stream then still runs on tilewise in bf16."""
     cp = context_parallel(processor)
     if cp is not None and cp.ring > 1:
         return f"ring attention (ring_degree = {cp.ring}) is enabled on it; tilewise runs Ulysses (ulysses_degree) only"
     device, dtype = hidden_states.device, hidden_states.dtype
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)  # what tilewise's op (like SDPA) computes in there
     if device.type not in ("cpu", "cuda") or dtype not in _torch.DTYPES:
         return f"it runs on {device} in {dtype}; tilewise runs CPU and CUDA tensors in " \
             f"{', '.join(map(str, _torch.DTYPES))}"

@@ -220,13 +220,19 @@ struct BwdConsumer : Consumer<Traits, kType> {
     const uint32_t b0 = static_cast<uint32_t>(make_desc(smem_addr(this->s.q), Traits::kQPanelBytes, 8 * rb, rb));
     float dq[D / 2];
     wgmma_fence();
+    if (kAblate & 32) {  // measurement only: no dQ product
 #pragma unroll
-    for (int j = 0; j < Traits::kBlockM / 16; ++j)  // k16 steps over the owned keys: 16 rows of either operand
-      Wgmma<kType, D>::template ss<1, 1>(dq, desc(a0 + j * (16 * 128 >> 4), a_hi),
-                                         desc(b0 + j * 16 * kRowDesc, this->v_hi), j > 0);
+      for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
+    } else {
+#pragma unroll
+      for (int j = 0; j < Traits::kBlockM / 16; ++j)  // k16 steps over the owned keys: 16 rows of either operand
+        Wgmma<kType, D>::template ss<1, 1>(dq, desc(a0 + j * (16 * 128 >> 4), a_hi),
+                                           desc(b0 + j * 16 * kRowDesc, this->v_hi), j > 0);
+    }
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(dq);
+    if (kAblate & 16) return;  // measurement only: no atomics
     const int64_t base = (int64_t{bp.batch_base + batch} * bp.q_heads + head) * bp.seq_len;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
@@ -366,7 +372,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
         named_barrier_sync(kDsBarrier, 256);
         release_stages(bi, ks, vs);  // Q and dO are no longer read: the next loads overlap the dQ product
         add_dq(pos, item.batch, head);
-        named_barrier_sync(kDsBarrier, 256);  // both dQ products have read dS before the next block rewrites it
+        // Both dQ products have read dS before the next block rewrites it (bit 64: measurement only, racy).
+        if (!(kAblate & 64)) named_barrier_sync(kDsBarrier, 256);
       } else {
         release_stages(bi, ks, vs);
       }

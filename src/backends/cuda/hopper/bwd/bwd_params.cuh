@@ -22,16 +22,18 @@
 //  * TILEWISE_HOPPER_BWD_PINGPONG: the warpgroups take turns issuing their GEMM groups (the forward's scheduler
 //    barriers), so one's elementwise work runs under the other's GEMMs instead of both waiting on the tensor
 //    cores at once.
-//  * TILEWISE_HOPPER_BWD_SPLIT: S and dP in separate commit groups, so P = exp2(...) is computed while dP still
-//    runs; in dK/dV, dV (which needs only P) is issued before dS is computed.
+//  * TILEWISE_HOPPER_BWD_SPLIT (default on since v3.1: row 1 86.41 -> 85.08 ms): S and dP in separate commit
+//    groups, so P = exp2(...) is computed while dP still runs; in dK/dV, dV (which needs only P) is issued before
+//    dS is computed.
 #ifndef TILEWISE_HOPPER_BWD_PINGPONG
 #define TILEWISE_HOPPER_BWD_PINGPONG 0
 #endif
 #ifndef TILEWISE_HOPPER_BWD_SPLIT
-#define TILEWISE_HOPPER_BWD_SPLIT 0
+#define TILEWISE_HOPPER_BWD_SPLIT 1
 #endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
-// accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads. Timing what is left shows what bounds a loop.
+// accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the
+// dQ atomics, bit 32 the dQ product, bit 64 the barrier after it. Timing what is left shows what bounds a loop.
 #ifndef TILEWISE_HOPPER_BWD_ABLATE
 #define TILEWISE_HOPPER_BWD_ABLATE 0
 #endif
