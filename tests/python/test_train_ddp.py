@@ -1,4 +1,5 @@
-"""The training recipes under DDP: `torchrun --nproc-per-node 2` of the CLI on the CPU (gloo), as a user runs it.
+"""The training recipes under DDP and FSDP: `torchrun --nproc-per-node 2` of the CLI on the CPU (gloo), as a user
+runs it.
 
 The oracle is one process with the same global batch (2 x --batch): every rank takes its half of each global
 batch and of its noise and noise levels, the loss is a mean over the rank's equal half, and DDP averages the
@@ -78,7 +79,10 @@ def _assert_only_rank0_wrote(writes: list, out: Path, expected: list) -> None:
     assert set(expected) <= written, (expected, sorted(written))  # the audit does see rank 0's files
 
 
-def test_sta_ddp_equals_one_process_and_resumes(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_sta_ddp_equals_one_process_and_resumes(tmp_path, parallel):
+    """Also under FSDP (torch's fully_shard per block): the shards are gathered into whole tensors for the
+    checkpoints and the final model, and a resume shards them again, so every assertion holds unchanged."""
     seed = _seed()
     # one calibration step: its windows hold at every noise level. With per-step windows a forward uses the
     # windows of its batch's largest timestep (tilewise.diffusers' step index), so a rank's half of the batch
@@ -89,7 +93,7 @@ def test_sta_ddp_equals_one_process_and_resumes(tmp_path):
     assert cli.main(common_args + ["--batch", str(WORLD * PER_RANK_BATCH), "--out", str(one)]) == 0
 
     ddp = tmp_path / "ddp"
-    ddp_args = common_args + ["--batch", str(PER_RANK_BATCH), "--out", str(ddp)]
+    ddp_args = common_args + ["--batch", str(PER_RANK_BATCH), "--parallel", parallel, "--out", str(ddp)]
     rc, log, writes = _torchrun(tmp_path / "audit", ddp_args)
     assert rc == 0, f"seed {seed}:\n{log[-4000:]}"
     _assert_only_rank0_wrote(writes, ddp, ["summary.json", "sta.safetensors", "strategy.json",
@@ -130,17 +134,21 @@ def test_sta_ddp_equals_one_process_and_resumes(tmp_path):
     assert _summary(part) == stages
 
 
-def test_evdit_ddp_runs(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_evdit_ddp_runs(tmp_path, parallel):
+    """Every stage in 2 processes; under FSDP with a dense pretraining stage too, so both hand-offs of a sharded
+    student to the next stage (pretrain -> teacher, mlcd -> few-step model) run."""
     seed = _seed()
     out = tmp_path / "evdit"
     rc, log, writes = _torchrun(tmp_path / "audit", [
         "evdit", "--preset", "tiny", "--device", "cpu", "--quiet", "--steps", "3", "--seed", str(seed),
-        "--out", str(out)])
+        "--parallel", parallel, "--pretrain-steps", "2" if parallel == "fsdp" else "0", "--out", str(out)])
     assert rc == 0, f"seed {seed}:\n{log[-4000:]}"
     _assert_only_rank0_wrote(writes, out, ["summary.json", "search.json", "mlcd.safetensors", "kd.safetensors",
                                            "eval.json"])
     stages = _summary(out)
-    assert list(stages) == ["mlcd", "search", "kd"] and stages["mlcd"]["steps"] == stages["kd"]["steps"] == 3
+    assert list(stages) == (["pretrain"] if parallel == "fsdp" else []) + ["mlcd", "search", "kd"]
+    assert stages["mlcd"]["steps"] == stages["kd"]["steps"] == 3
     ev = json.loads((out / "eval.json").read_text())["rel_error"]
     assert all(math.isfinite(v) for v in ev.values()), ev
 

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--radius", type=int, help="evdit search: local radius of the attention tile")
     ap.add_argument("--eval-samples", type=int, help="samples of the proxy error (0: none)")
     ap.add_argument("--save-every", type=int, help="checkpoint period in steps")
+    ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                    help="under torchrun: DistributedDataParallel (default) or FSDP (torch's fully_shard per block: "
+                         "weights, gradients and AdamW state sharded, for models that do not fit one GPU)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     return ap
 
@@ -152,7 +155,7 @@ def run(argv: Sequence[str], stream=None) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"tilewise train: {msg}", file=stream))
     try:
         r = Run(args.out, device, preset, resume=args.resume, process_group=group, progress=not args.quiet,
-                stream=stream, log=log)
+                stream=stream, log=log, parallel=args.parallel)
         if args.recipe == "sta":
             from tilewise.train.sta import train_sta
             train_sta(r, data_dir=args.data, model_dir=args.model, strategy_file=args.strategy)

@@ -1,5 +1,5 @@
 """Pieces both recipes use: data on the device, the dense teacher, the tilewise student (LoRA, gradient
-checkpointing, DDP), attention-output hooks, the dense pretraining stage and the proxy evaluation."""
+checkpointing, DDP or FSDP), attention-output hooks, the dense pretraining stage and the proxy evaluation."""
 from __future__ import annotations
 
 import copy
@@ -78,11 +78,40 @@ def student(model, run: Run, *, lora_rank: int, strategy=None, timesteps=None):
     if run.preset.gradient_checkpointing:
         s.enable_gradient_checkpointing()
     s.train()
-    if run.world > 1:
+    if run.sharded:
+        _fully_shard(s, run)
+    elif run.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         s = DDP(s, device_ids=[run.device.index] if run.device.type == "cuda" else None,
                 process_group=run.group, find_unused_parameters=True)
     return s
+
+
+def _fully_shard(model, run: Run) -> None:
+    """torch's FSDP2 over the run's group, in place: each block of the transformer's block lists (the ModuleLists
+    directly under it: Wan's `blocks`, HunyuanVideo's dual- and single-stream blocks, ...) is one unit, gathered
+    for its forward and backward only, then the root (embeddings, norms, heads). Parameters stay float32 master
+    weights under bf16 autocast, as on one GPU; gradients are averaged over the ranks, as DDP does."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(run.group, run.device.type)
+    for child in model.children():
+        if isinstance(child, torch.nn.ModuleList):
+            for block in child:
+                fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def finished(run: Run, stage: str, trained, like):
+    """A stage's trained student as a plain model for what follows (a teacher, the next stage's starting point):
+    in eval mode without gradient checkpointing. Under FSDP its weights are shards, so it is rebuilt from the
+    stage's saved full model (`<stage>.safetensors`, written by save_model) in a copy of `like`."""
+    if run.sharded:
+        return load_stage_model(run, stage, like)
+    out = unwrap(trained)
+    out.disable_gradient_checkpointing()
+    return out.eval()
 
 
 def _has_tile(strategy) -> bool:
@@ -181,9 +210,7 @@ def pretrain(run: Run, model, ds):
 
     run.train("pretrain", steps=p.pretrain_steps, params=params, loss_fn=loss_fn, data=batch_source(run, ds, 1))
     run.save_model("pretrain", s, {"stage": "pretrain"})
-    out = unwrap(s)
-    out.disable_gradient_checkpointing()
-    return out.eval()
+    return finished(run, "pretrain", s, model)
 
 
 def base_model(run: Run, model_dir, ds):

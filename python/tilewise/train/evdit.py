@@ -48,7 +48,7 @@ def mlcd(run: Run, base, teacher, ds):
     params = common.trainable(student)
     ema = {k: v.detach().clone() for k, v in params.items()}
     g = run.generator(3)
-    base = unwrap(student)
+    module = unwrap(student)  # the EMA target's forward: the student's module with the EMA weights swapped in
 
     def f(model, x, s, boundary, batch):
         return flow.consistency(models.call(model, x, s, batch).float(), x, s, boundary)
@@ -65,7 +65,7 @@ def mlcd(run: Run, base, teacher, ds):
             v_t = models.call(teacher, x_n, s_n, batch).float()
             x_next = x_n + (s_next - s_n).view(-1, 1, 1, 1, 1) * v_t
             with _swapped(params, ema):  # the EMA student: the same module with the EMA weights in place
-                target = f(base, x_next, s_next, boundary, batch)
+                target = f(module, x_next, s_next, boundary, batch)
             at_boundary = (n + 1 == end).view(-1, 1, 1, 1, 1)
             target = torch.where(at_boundary, x_next, target)
         with run.autocast():
@@ -80,9 +80,7 @@ def mlcd(run: Run, base, teacher, ds):
     run.train("mlcd", steps=p.mlcd_steps, params=params, loss_fn=loss_fn, data=common.batch_source(run, ds, 3),
               extra={f"ema/{k}": v for k, v in ema.items()}, after_step=update_ema)
     run.save_model("mlcd", student, {"stage": "mlcd", "lora_rank": p.lora_rank})
-    out = unwrap(student)
-    out.disable_gradient_checkpointing()
-    return out.eval()
+    return common.finished(run, "mlcd", student, base)
 
 
 @contextlib.contextmanager

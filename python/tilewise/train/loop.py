@@ -59,23 +59,53 @@ def load_tensors(path: Path) -> tuple:
 
 
 def unwrap(model):
-    """The module inside DistributedDataParallel / FSDP wrappers."""
+    """The module inside a DistributedDataParallel wrapper (FSDP2's fully_shard shards in place: no wrapper)."""
     return model.module if hasattr(model, "module") else model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP-sharded one (a DTensor: a collective, so every rank calls it, in the same
+    order), else t itself."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def like(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` (the whole tensor, on every rank) sharded as `target` is when target is a DTensor, else full."""
+    if not _is_dtensor(target):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(device=target.device, dtype=target.dtype), target.device_mesh, target.placements)
+
+
+def _is_dtensor(t) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 class Run:
     """One recipe run: output folder, device, precision, process group, summary.
 
-    process_group: None for one process, or a torch.distributed process group (the recipes then wrap the student
-    in DistributedDataParallel over it, shard the batches by rank, and only rank 0 writes files).
+    process_group: None for one process, or a torch.distributed process group (the recipes then train the student
+    with `parallel` over it: "ddp", DistributedDataParallel, or "fsdp", torch's FSDP2 `fully_shard` per
+    transformer block, for models whose weights and AdamW state do not fit one GPU; they shard the batches by
+    rank, and only rank 0 writes files).
 
     Under DDP a step's global batch is world x preset.batch samples and every rank computes what one process with
     that batch would, on its shard: its rows of the data (data.batches), of the noise and of the noise levels
     (the batch_* draws below), with a loss that is a mean over its equal shard, which DDP's gradient average
     turns into the mean over the global batch. So the run follows the single-process one up to float rounding."""
 
+    PARALLEL = ("ddp", "fsdp")
+
     def __init__(self, out, device: str, preset, *, resume: bool = False, process_group=None, progress: bool = True,
-                 stream=None, log: Optional[Callable[[str], None]] = None):
+                 stream=None, log: Optional[Callable[[str], None]] = None, parallel: str = "ddp"):
+        if parallel not in self.PARALLEL:
+            raise ValueError(f"invalid parallel = {parallel!r}: expected one of {', '.join(self.PARALLEL)}")
+        self.parallel = parallel
         self.out, self.preset, self.resume = Path(out), preset, bool(resume)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -149,6 +179,16 @@ class Run:
         dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
         return box[0]
 
+    @property
+    def sharded(self) -> bool:
+        """Whether students are FSDP-sharded (parallel "fsdp" over more than one process)."""
+        return self.parallel == "fsdp" and self.world > 1
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier(group=self.group)
+
     def mean_over_ranks(self, x: float) -> float:
         if self.world == 1:
             return x
@@ -175,9 +215,17 @@ class Run:
         return self.resume and path.exists() and load_tensors(path)[1].get("done") == "1"
 
     def save_model(self, stage: str, model, metadata: dict) -> Path:
+        """Writes the model's full state dict (on every rank: gathering FSDP shards is a collective; rank 0
+        writes) and returns the path once it is there for every rank."""
         path = self.out / f"{stage}.safetensors"
+        state = {}
+        for k, v in unwrap(model).state_dict().items():
+            v = full_tensor(v)
+            if self.rank == 0:
+                state[k] = v.cpu() if self.sharded else v  # one gathered tensor at a time on the device
         if self.rank == 0:
-            save_tensors(path, unwrap(model).state_dict(), metadata)
+            save_tensors(path, state, metadata)
+        self.barrier()
         return path
 
     # --- the loop ---------------------------------------------------------------------------------------------
@@ -241,18 +289,19 @@ class Run:
                     mininterval=0.5)
 
     def _save(self, path, stage, step, losses, params, extra, opt, done: bool) -> None:
-        if self.rank != 0:
-            return
-        tensors = {f"param/{k}": p for k, p in params.items()}
-        tensors.update({f"extra/{k}": t for k, t in extra.items()})
+        # Every rank gathers (FSDP shards: collectives, in the same order everywhere); rank 0 writes whole tensors.
+        tensors = {f"param/{k}": full_tensor(p) for k, p in params.items()}
+        tensors.update({f"extra/{k}": full_tensor(t) for k, t in extra.items()})
         state = opt.state_dict()
         scalars = {}
         for i, s in state["state"].items():
             for k, v in s.items():
                 if isinstance(v, torch.Tensor):
-                    tensors[f"optim/{i}/{k}"] = v
+                    tensors[f"optim/{i}/{k}"] = full_tensor(v)
                 else:
                     scalars[f"{i}/{k}"] = v
+        if self.rank != 0:
+            return
         tensors["rng/cpu"] = torch.get_rng_state()
         tensors.update({f"rng/gen{salt}": g.get_state() for salt, g in self.generators.items()})
         if torch.cuda.is_available() and self.device.type == "cuda":
@@ -268,16 +317,19 @@ class Run:
         if missing or meta.get("preset") != self.preset.name:
             raise ValueError(f"invalid checkpoint {path}: it was written by preset {meta.get('preset')!r} "
                              f"for other weights (missing {missing[:3]}); expected preset {self.preset.name!r}")
-        with torch.no_grad():
+        with torch.no_grad():  # whole tensors from the file, sharded like the targets under FSDP
             for k, p in params.items():
-                p.copy_(tensors[f"param/{k}"])
+                p.copy_(like(p, tensors[f"param/{k}"]))
             for k, t in extra.items():
-                t.copy_(tensors[f"extra/{k}"])
+                t.copy_(like(t, tensors[f"extra/{k}"]))
+        plist = list(params.values())  # the optimizer's parameter order
         state = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
         for key, v in tensors.items():
             if key.startswith("optim/"):
                 _, i, k = key.split("/", 2)
-                state["state"].setdefault(int(i), {})[k] = v
+                p = plist[int(i)]
+                # AdamW's moments are shaped like their parameter (sharded with it); `step` is a scalar
+                state["state"].setdefault(int(i), {})[k] = like(p, v) if v.shape == p.shape else v
         for key, v in json.loads(meta["optim_scalars"]).items():
             i, k = key.split("/", 1)
             state["state"].setdefault(int(i), {})[k] = v
