@@ -173,6 +173,9 @@ def test_other_families_train_step(family):
     (["evdit", "--preset", "tiny", "--device", "cpu", "--out", "X", "--segments", "3"], "invalid --segments = 3"),
     (["evdit", "--preset", "tiny", "--device", "cpu", "--out", "X", "--stages", "kd,foo"], "invalid stages"),
     (["sta", "--preset", "tiny", "--device", "tpu", "--out", "X"], "invalid --device = 'tpu'"),
+    (["sta", "--preset", "tiny", "--device", "cpu", "--out", "X", "--sequence-parallel", "2"],
+     "invalid --sequence-parallel = 2: expected a divisor of the number of processes, 1"),
+    (["sta", "--preset", "tiny", "--device", "cpu", "--out", "X", "--parallel", "zero"], "invalid choice: 'zero'"),
     (["evdit", "--preset", "tiny", "--device", "cpu", "--out", "X", "--stages", "kd", "--steps", "2"],
      "kd needs the attention tile pattern"),
 ])

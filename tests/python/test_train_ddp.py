@@ -1,5 +1,5 @@
-"""The training recipes under DDP and FSDP: `torchrun --nproc-per-node 2` of the CLI on the CPU (gloo), as a user
-runs it.
+"""The training recipes under DDP, FSDP and sequence parallelism: `torchrun --nproc-per-node 2` of the CLI on the
+CPU (gloo), as a user runs it.
 
 The oracle is one process with the same global batch (2 x --batch): every rank takes its half of each global
 batch and of its noise and noise levels, the loss is a mean over the rank's equal half, and DDP averages the
@@ -79,10 +79,21 @@ def _assert_only_rank0_wrote(writes: list, out: Path, expected: list) -> None:
     assert set(expected) <= written, (expected, sorted(written))  # the audit does see rank 0's files
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_sta_ddp_equals_one_process_and_resumes(tmp_path, parallel):
-    """Also under FSDP (torch's fully_shard per block): the shards are gathered into whole tensors for the
-    checkpoints and the final model, and a resume shards them again, so every assertion holds unchanged."""
+# How the 2 ranks split the work: (extra CLI args, samples per rank per step). The one-process oracle always runs
+# the global batch of WORLD x PER_RANK_BATCH samples.
+MODES = {
+    "ddp": (["--parallel", "ddp"], PER_RANK_BATCH),
+    # FSDP (torch's fully_shard per block): shards are gathered into whole tensors for the checkpoints and the
+    # final model, and a resume shards them again, so every assertion holds unchanged
+    "fsdp": (["--parallel", "fsdp"], PER_RANK_BATCH),
+    # sequence parallelism: both ranks take every sample, each half of its sequence (diffusers' context
+    # parallelism, tilewise's Ulysses attention), so each rank's batch is the global one
+    "sequence": (["--sequence-parallel", str(WORLD)], WORLD * PER_RANK_BATCH),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sta_ddp_equals_one_process_and_resumes(tmp_path, mode):
     seed = _seed()
     # one calibration step: its windows hold at every noise level. With per-step windows a forward uses the
     # windows of its batch's largest timestep (tilewise.diffusers' step index), so a rank's half of the batch
@@ -93,7 +104,8 @@ def test_sta_ddp_equals_one_process_and_resumes(tmp_path, parallel):
     assert cli.main(common_args + ["--batch", str(WORLD * PER_RANK_BATCH), "--out", str(one)]) == 0
 
     ddp = tmp_path / "ddp"
-    ddp_args = common_args + ["--batch", str(PER_RANK_BATCH), "--parallel", parallel, "--out", str(ddp)]
+    extra, per_rank = MODES[mode]
+    ddp_args = common_args + ["--batch", str(per_rank), *extra, "--out", str(ddp)]
     rc, log, writes = _torchrun(tmp_path / "audit", ddp_args)
     assert rc == 0, f"seed {seed}:\n{log[-4000:]}"
     _assert_only_rank0_wrote(writes, ddp, ["summary.json", "sta.safetensors", "strategy.json",
@@ -134,20 +146,21 @@ def test_sta_ddp_equals_one_process_and_resumes(tmp_path, parallel):
     assert _summary(part) == stages
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_evdit_ddp_runs(tmp_path, parallel):
-    """Every stage in 2 processes; under FSDP with a dense pretraining stage too, so both hand-offs of a sharded
-    student to the next stage (pretrain -> teacher, mlcd -> few-step model) run."""
+@pytest.mark.parametrize("mode", list(MODES))
+def test_evdit_ddp_runs(tmp_path, mode):
+    """Every stage in 2 processes; under FSDP and sequence parallelism with a dense pretraining stage too, so both
+    hand-offs of a sharded or context-parallel student to the next stage (pretrain -> teacher, mlcd -> few-step
+    model) run."""
     seed = _seed()
     out = tmp_path / "evdit"
     rc, log, writes = _torchrun(tmp_path / "audit", [
         "evdit", "--preset", "tiny", "--device", "cpu", "--quiet", "--steps", "3", "--seed", str(seed),
-        "--parallel", parallel, "--pretrain-steps", "2" if parallel == "fsdp" else "0", "--out", str(out)])
+        *MODES[mode][0], "--pretrain-steps", "0" if mode == "ddp" else "2", "--out", str(out)])
     assert rc == 0, f"seed {seed}:\n{log[-4000:]}"
     _assert_only_rank0_wrote(writes, out, ["summary.json", "search.json", "mlcd.safetensors", "kd.safetensors",
                                            "eval.json"])
     stages = _summary(out)
-    assert list(stages) == (["pretrain"] if parallel == "fsdp" else []) + ["mlcd", "search", "kd"]
+    assert list(stages) == ([] if mode == "ddp" else ["pretrain"]) + ["mlcd", "search", "kd"]
     assert stages["mlcd"]["steps"] == stages["kd"]["steps"] == 3
     ev = json.loads((out / "eval.json").read_text())["rel_error"]
     assert all(math.isfinite(v) for v in ev.values()), ev

@@ -2,6 +2,7 @@
 checkpointing, DDP or FSDP), attention-output hooks, the dense pretraining stage and the proxy evaluation."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Optional
@@ -28,7 +29,7 @@ def dataset(preset, data_dir: Optional[str]):
 def batch_source(run: Run, ds, salt: int):
     """data(skip) for Run.train: batches on the run's device, this rank's shard of each global batch."""
     def data(skip: int):
-        for b in data_mod.batches(ds, run.preset.batch, run.preset.seed + salt, run.rank, run.world, skip):
+        for b in data_mod.batches(ds, run.preset.batch, run.preset.seed + salt, run.dp_rank, run.dp_world, skip):
             yield {k: v.to(run.device) for k, v in b.items()}
     return data
 
@@ -78,6 +79,7 @@ def student(model, run: Run, *, lora_rank: int, strategy=None, timesteps=None):
     if run.preset.gradient_checkpointing:
         s.enable_gradient_checkpointing()
     s.train()
+    context_parallel(s, run)
     if run.sharded:
         _fully_shard(s, run)
     elif run.world > 1:
@@ -85,6 +87,35 @@ def student(model, run: Run, *, lora_rank: int, strategy=None, timesteps=None):
         s = DDP(s, device_ids=[run.device.index] if run.device.type == "cuda" else None,
                 process_group=run.group, find_unused_parameters=True)
     return s
+
+
+def context_parallel(model, run: Run) -> None:
+    """Under sequence parallelism: diffusers' context parallelism (Ulysses) on `model` over the run's sequence
+    group, with tilewise's plan (tilewise.diffusers.cp_plan), in place. A tilewise-enabled model runs tilewise's
+    Ulysses attention; a dense one diffusers' native attention. Its output is whole on every rank."""
+    if run.sequence_parallel == 1 or getattr(model, "_parallel_config", None) is not None:
+        return
+    from diffusers import ContextParallelConfig
+
+    config = ContextParallelConfig(ulysses_degree=run.sequence_parallel, mesh=run.cp_mesh())
+    with _accelerator_count_for_cpu():
+        model.enable_parallelism(config=config, cp_plan=twd.cp_plan(model))
+
+
+@contextlib.contextmanager
+def _accelerator_count_for_cpu():
+    """diffusers 0.42's enable_parallelism names a device `rank % torch.accelerator.device_count()`, a division by
+    zero on a machine without an accelerator (a CPU run); there it counts one. The mesh it uses is the one given
+    (a gloo mesh on the CPU), so the device it names is not used."""
+    if torch.accelerator.device_count() > 0:
+        yield
+        return
+    count = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = count
 
 
 def _fully_shard(model, run: Run) -> None:
@@ -105,9 +136,10 @@ def _fully_shard(model, run: Run) -> None:
 
 def finished(run: Run, stage: str, trained, like):
     """A stage's trained student as a plain model for what follows (a teacher, the next stage's starting point):
-    in eval mode without gradient checkpointing. Under FSDP its weights are shards, so it is rebuilt from the
-    stage's saved full model (`<stage>.safetensors`, written by save_model) in a copy of `like`."""
-    if run.sharded:
+    in eval mode without gradient checkpointing. Under FSDP its weights are shards, and under sequence parallelism
+    it carries diffusers' context-parallel hooks, so it is then rebuilt from the stage's saved full model
+    (`<stage>.safetensors`, written by save_model) in a copy of `like`."""
+    if run.sharded or run.sequence_parallel > 1:
         return load_stage_model(run, stage, like)
     out = unwrap(trained)
     out.disable_gradient_checkpointing()
@@ -172,6 +204,7 @@ class Distillation:
 
     def __init__(self, run: Run, student, teacher):
         self.run, self.student, self.teacher = run, student, teacher
+        context_parallel(teacher, run)  # its attention outputs then hold the same sequence part as the student's
         self.s_hooks, self.t_hooks = AttentionOutputs(student), AttentionOutputs(teacher)
 
     def __call__(self, x, sigma, batch, w_attn: float):
@@ -182,7 +215,22 @@ class Distillation:
             a_t = self.t_hooks.take()
             v_s = models.call(self.student, x, sigma, batch).float()
             a_s = self.s_hooks.take()
-        return v_s, v_t, (w_attn * attention_distance(a_s, a_t) if w_attn else 0.0)
+        if not w_attn:
+            return v_s, v_t, 0.0
+        return v_s, v_t, w_attn * self._whole_sequence(attention_distance(a_s, a_t))
+
+    def _whole_sequence(self, part: torch.Tensor) -> torch.Tensor:
+        """The attention distance of the whole sequence from this rank's part (under sequence parallelism the
+        hooks see only it). Its value is the mean over the sample's ranks (equal parts: diffusers splits evenly);
+        its gradient is the part's / P, so that the P-fold loss of Run.train gives each part its share once."""
+        P = self.run.sequence_parallel
+        if P == 1:
+            return part
+        import torch.distributed as dist
+
+        whole = part.detach().clone()
+        dist.all_reduce(whole, group=self.run.cp_mesh()["ulysses"].get_group())
+        return part / P + (whole / P - part / P).detach()
 
     def train(self, stage: str, steps: int, loss_fn, data, lora_rank: int) -> None:
         """Runs the stage, then removes the hooks and saves the student."""

@@ -102,7 +102,8 @@ class Run:
     PARALLEL = ("ddp", "fsdp")
 
     def __init__(self, out, device: str, preset, *, resume: bool = False, process_group=None, progress: bool = True,
-                 stream=None, log: Optional[Callable[[str], None]] = None, parallel: str = "ddp"):
+                 stream=None, log: Optional[Callable[[str], None]] = None, parallel: str = "ddp",
+                 sequence_parallel: int = 1):
         if parallel not in self.PARALLEL:
             raise ValueError(f"invalid parallel = {parallel!r}: expected one of {', '.join(self.PARALLEL)}")
         self.parallel = parallel
@@ -118,6 +119,21 @@ class Run:
             self.rank, self.world = dist.get_rank(process_group), dist.get_world_size(process_group)
         else:
             self.rank, self.world = 0, 1
+        # Sequence parallelism: groups of `sequence_parallel` consecutive ranks share each sample, every rank holding
+        # a part of its sequence (diffusers' context parallelism with tilewise's Ulysses attention); the data
+        # parallel rank and world below shard the data and its noise, as the ranks do without it.
+        sp = int(sequence_parallel)
+        if sp < 1 or self.world % sp:
+            raise ValueError(f"invalid sequence_parallel = {sequence_parallel}: expected a divisor of the world size "
+                             f"{self.world} (ranks per sample)")
+        if sp > 1:
+            import torch.distributed as dist
+            if self.world != dist.get_world_size():
+                raise ValueError("invalid process_group: sequence parallelism needs the whole world (torchrun's) as "
+                                 f"its group, got {self.world} of {dist.get_world_size()} ranks")
+        self.sequence_parallel = sp
+        self.dp_rank, self.dp_world = self.rank // sp, self.world // sp
+        self._cp_mesh = None
         self.progress, self.stream = progress, stream
         self.log = log or (lambda msg: None)
         self.ckpt_dir = self.out / "checkpoints"
@@ -154,10 +170,10 @@ class Run:
         return g
 
     def _rank_rows(self, draw: Callable, shape) -> torch.Tensor:
-        """This rank's rows of draw((world * shape[0], *shape[1:])): the global batch's draw, sharded like the
-        data."""
+        """This rank's rows of draw((dp_world * shape[0], *shape[1:])): the global batch's draw, sharded like the
+        data (the ranks sharing a sample under sequence parallelism draw the same rows)."""
         b = shape[0]
-        return draw((self.world * b, *shape[1:]))[self.rank * b:(self.rank + 1) * b]
+        return draw((self.dp_world * b, *shape[1:]))[self.dp_rank * b:(self.dp_rank + 1) * b]
 
     def batch_randn(self, g: torch.Generator, shape) -> torch.Tensor:
         return self._rank_rows(lambda s: torch.randn(s, generator=g, device=self.device), shape)
@@ -183,6 +199,18 @@ class Run:
     def sharded(self) -> bool:
         """Whether students are FSDP-sharded (parallel "fsdp" over more than one process)."""
         return self.parallel == "fsdp" and self.world > 1
+
+    def cp_mesh(self):
+        """The ("ring", "ulysses") device mesh of this rank's sequence-parallel group, for diffusers'
+        ContextParallelConfig (built once: a (data, 1, sequence) mesh over the world, consecutive ranks per
+        sample)."""
+        if self._cp_mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.device.type, (self.dp_world, 1, self.sequence_parallel),
+                                    mesh_dim_names=("dp", "ring", "ulysses"))
+            self._cp_mesh = mesh["ring", "ulysses"]
+        return self._cp_mesh
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -257,7 +285,9 @@ class Run:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{stage}: the loss is {float(loss)} at step {step} (lower --lr?)")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # Under sequence parallelism each rank's gradient is its sequence part's share of the sample's: the
+            # ranks of a sample must sum them, and DDP / FSDP average over all ranks, hence the factor.
+            (loss * self.sequence_parallel if self.sequence_parallel > 1 else loss).backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
             opt.step()
             if after_step is not None:
