@@ -1,5 +1,5 @@
 """Pieces both recipes use: data on the device, the dense teacher, the tilewise student (LoRA, gradient
-checkpointing, DDP or FSDP), attention-output hooks, the dense pretraining stage and the proxy evaluation."""
+checkpointing, DDP or FSDP, sequence parallelism), attention-output hooks, the dense pretraining stage and the proxy evaluation."""
 from __future__ import annotations
 
 import contextlib

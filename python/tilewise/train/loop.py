@@ -69,7 +69,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if _is_dtensor(t) else t
 
 
-def like(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+def shard_like(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """`full` (the whole tensor, on every rank) sharded as `target` is when target is a DTensor, else full."""
     if not _is_dtensor(target):
         return full
@@ -94,10 +94,15 @@ class Run:
     transformer block, for models whose weights and AdamW state do not fit one GPU; they shard the batches by
     rank, and only rank 0 writes files).
 
-    Under DDP a step's global batch is world x preset.batch samples and every rank computes what one process with
-    that batch would, on its shard: its rows of the data (data.batches), of the noise and of the noise levels
-    (the batch_* draws below), with a loss that is a mean over its equal shard, which DDP's gradient average
-    turns into the mean over the global batch. So the run follows the single-process one up to float rounding."""
+    sequence_parallel: N > 1 makes groups of N consecutive ranks share each sample, each rank holding 1/N of its
+    sequence (diffusers' context parallelism with tilewise's Ulysses attention); the data-parallel rank and world
+    (dp_rank, dp_world = rank // N, world // N) then shard the data.
+
+    A step's global batch is dp_world x preset.batch samples and every rank computes what one process with that
+    batch would, on its shard: its rows of the data (data.batches), of the noise and of the noise levels (the
+    batch_* draws below), with a loss that is a mean over its equal shard, which the gradient average of DDP or
+    FSDP turns into the mean over the global batch (with sequence parallelism, after the loss's factor N in
+    `train`). So the run follows the single-process one up to float rounding."""
 
     PARALLEL = ("ddp", "fsdp")
 
@@ -349,9 +354,9 @@ class Run:
                              f"for other weights (missing {missing[:3]}); expected preset {self.preset.name!r}")
         with torch.no_grad():  # whole tensors from the file, sharded like the targets under FSDP
             for k, p in params.items():
-                p.copy_(like(p, tensors[f"param/{k}"]))
+                p.copy_(shard_like(p, tensors[f"param/{k}"]))
             for k, t in extra.items():
-                t.copy_(like(t, tensors[f"extra/{k}"]))
+                t.copy_(shard_like(t, tensors[f"extra/{k}"]))
         plist = list(params.values())  # the optimizer's parameter order
         state = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
         for key, v in tensors.items():
@@ -359,7 +364,7 @@ class Run:
                 _, i, k = key.split("/", 2)
                 p = plist[int(i)]
                 # AdamW's moments are shaped like their parameter (sharded with it); `step` is a scalar
-                state["state"].setdefault(int(i), {})[k] = like(p, v) if v.shape == p.shape else v
+                state["state"].setdefault(int(i), {})[k] = shard_like(p, v) if v.shape == p.shape else v
         for key, v in json.loads(meta["optim_scalars"]).items():
             i, k = key.split("/", 1)
             state["state"].setdefault(int(i), {})[k] = v
