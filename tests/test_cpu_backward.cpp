@@ -12,6 +12,7 @@
 
 #include "backward_oracle.hpp"
 #include "buffer.hpp"
+#include "case_families.hpp"
 #include "oracle_case.hpp"
 
 namespace {
@@ -19,11 +20,12 @@ namespace {
 using oracle::Buffer;
 using oracle::Case;
 using oracle::Kind;
-using oracle::StorageKind;
 using oracle::for_each_element;
+using oracle::frames;
+using oracle::kAllDtypes;
+using oracle::sta;
+using oracle::window;
 using tilewise::DType;
-
-constexpr DType kAllDtypes[] = {DType::f64, DType::f32, DType::bf16, DType::f16};
 
 tilewise::Plan make_plan(const Case& c) {
   return tilewise::Plan(oracle::to_problem(c), oracle::to_pattern(c), tilewise::Device::cpu);
@@ -148,18 +150,9 @@ void check_backward(const Case& c, oracle::Rng& rng, bool with_dlse = true) {
   expect_grads_match(c, run_backward(c, plan, x), oracle_grads(c, x));
 }
 
-oracle::HeadPattern window(int64_t kt, int64_t kh, int64_t kw) { return {kt, kh, kw, 0, 0}; }
-oracle::HeadPattern frames(int64_t g, int64_t r) { return {1, 1, 1, g, r}; }
-
-/// Sliding tile on latent 3x6x7 in 2x4x3 tiles by default: a 2x2x3 grid with a partial last tile on every axis.
-Case sta(std::vector<oracle::HeadPattern> windows, tilewise::Dim3 latent = {3, 6, 7}, tilewise::Dim3 tile = {2, 4, 3}) {
-  Case c;
-  c.kind = Kind::sliding_tile;
-  c.heads = std::move(windows);
-  c.latent = latent;
-  c.tile = tile;
-  return c;
-}
+/// The sliding-tile grid of this file's families: 3x6x7 in 2x4x3 tiles, a 2x2x3 grid with a partial last tile
+/// on every axis (smaller than the forward's 5x6x7: the backward oracle is slower).
+constexpr tilewise::Dim3 kLatent{3, 6, 7};
 
 class CpuBackward : public ::testing::Test {
  protected:
@@ -169,44 +162,25 @@ class CpuBackward : public ::testing::Test {
 };
 
 TEST_F(CpuBackward, RandomProblemsEveryPatternAndDtype) {
-  for (Kind kind : {Kind::sliding_tile, Kind::attention_tile, Kind::dense, Kind::block_list})
-    for (DType dtype : kAllDtypes)
-      for (int rep = 0; rep < 3; ++rep) {
-        Case c = oracle::random_case(rng, kind, dtype);
-        c.batch = std::min<int64_t>(c.batch, 2);  // keep the dense oracle quick
-        if (c.text_len.size() > 2) c.text_len.resize(2);
-        check_backward(c, rng, rep != 1);
-      }
+  oracle::for_each_random_case(rng, 3, [&](Case c, int rep) {
+    c.batch = std::min<int64_t>(c.batch, 2);  // keep the dense oracle quick
+    if (c.text_len.size() > 2) c.text_len.resize(2);
+    check_backward(c, rng, rep != 1);
+  });
 }
 
 TEST_F(CpuBackward, PartialTilesOnEveryAxisOddAndEvenWindows) {
-  // latent 5x6x7, tile 2x4x3: grid 3x2x3 with a partial last tile on every axis.
-  for (auto w : {window(1, 1, 1), window(3, 1, 3), window(2, 2, 2), window(2, 1, 3), window(3, 2, 1)}) {
-    Case c = sta({w}, {5, 6, 7});  // grid 3x2x3
-    c.text = 5;
-    c.text_len = {3};
-    check_backward(c, rng);
-  }
+  for (const Case& c : oracle::partial_tile_cases()) check_backward(c, rng);
 }
 
 TEST_F(CpuBackward, WindowLargerThanGridIsWholeAxis) {
-  for (auto w : {window(9, 9, 9), window(4, 3, 4), window(9, 1, 2)}) check_backward(sta({w}), rng);
+  for (const Case& c : oracle::window_larger_than_grid_cases(kLatent)) check_backward(c, rng);
 }
 
 TEST_F(CpuBackward, TextFirstAndLastWithPerBatchLengths) {
-  for (bool first : {false, true}) {
-    Case c = sta({window(3, 1, 2)}, {3, 4, 5}, {2, 2, 2});
-    c.batch = 4;
-    c.text = 6;
-    c.text_first = first;
-    c.text_len = {0, 6, 3, 1};  // none, full capacity, partial
-    check_backward(c, rng);
-    c.text_len.clear();  // no text_len: every text position is valid
-    check_backward(c, rng, false);
-    c.kind = Kind::dense;
-    c.text_len = {6, 0, 2, 5};
-    check_backward(c, rng);
-  }
+  // 3x4x5 in 2x2x2 tiles: smaller than the forward's grid, as 4 batches go through the slower oracle. The cases
+  // without text_len also run without dLSE.
+  for (const Case& c : oracle::text_first_last_cases({3, 4, 5}, {2, 2, 2})) check_backward(c, rng, !c.text_len.empty());
 }
 
 TEST_F(CpuBackward, TextKeysSpanSeveralWorkItems) {  // text capacity above one block of text rows / keys
@@ -220,107 +194,33 @@ TEST_F(CpuBackward, TextKeysSpanSeveralWorkItems) {  // text capacity above one 
 }
 
 TEST_F(CpuBackward, GroupedQueryAttentionWithPerHeadWindows) {
-  Case c = sta({window(1, 1, 1), window(3, 2, 3), window(2, 1, 2), window(9, 9, 9)});
-  c.q_heads = 4;
-  c.kv_heads = 2;
-  c.batch = 2;
-  c.text = 4;
-  c.text_len = {2, 4};
-  check_backward(c, rng);
-  c.kv_heads = 1;
-  check_backward(c, rng);
-  c.dtype = DType::bf16;
-  check_backward(c, rng);
+  for (const Case& c : oracle::gqa_per_head_window_cases(kLatent)) check_backward(c, rng);
 }
 
 TEST_F(CpuBackward, HeadDims) {
-  for (int64_t d : {64, 96, 128})
-    for (DType dtype : {DType::f64, DType::bf16}) {
-      Case c = sta({window(3, 1, 2)});
-      c.head_dim = d;
-      c.dtype = dtype;
-      c.q_heads = 2;
-      c.text = 3;
-      check_backward(c, rng);
-    }
+  for (const Case& c : oracle::head_dim_cases(kLatent)) check_backward(c, rng);
 }
 
 TEST_F(CpuBackward, StorageLayoutsAndStridedViews) {
-  for (StorageKind s : {StorageKind::bshd, StorageKind::bhsd, StorageKind::fused})
-    for (DType dtype : kAllDtypes) {
-      Case c = sta({window(3, 1, 2), window(2, 2, 1)});
-      c.storage = s;
-      c.dtype = dtype;
-      c.batch = 2;
-      c.q_heads = 2;
-      c.kv_heads = 1;
-      c.text = 4;
-      c.text_first = dtype == DType::f32;
-      c.text_len = {1, 4};
-      check_backward(c, rng);
-    }
+  for (const Case& c : oracle::storage_cases(kLatent)) check_backward(c, rng);
 }
 
 TEST_F(CpuBackward, AttentionTileFullAndMaskedBlocks) {
-  for (int64_t g : {0, 1, 2})
-    for (int64_t r : {0, 1})
-      for (int64_t tt : {1, 2}) {  // tt = 2 makes blocks partially masked
-        Case c;
-        c.kind = Kind::attention_tile;
-        c.heads = {frames(g, r)};
-        c.latent = {6, 3, 5};
-        c.tile = {tt, 2, 3};
-        c.text = 3;
-        c.text_first = g == 1;
-        c.text_len = {2};
-        c.dtype = tt == 1 ? DType::f64 : (r == 0 ? DType::f64 : DType::bf16);
-        check_backward(c, rng);
-      }
-  Case c;  // per-head parameters with GQA, odd frame count, masked blocks
-  c.kind = Kind::attention_tile;
-  c.heads = {frames(0, 0), frames(1, 1), frames(2, 0), frames(0, 2)};
-  c.q_heads = 4;
-  c.kv_heads = 2;
-  c.latent = {7, 2, 3};
-  c.tile = {2, 2, 2};
-  c.text = 2;
-  check_backward(c, rng);
+  // One padding text slot of three: its dk/dv must be exactly 0.
+  for (const Case& c : oracle::attention_tile_cases({2})) check_backward(c, rng);
 }
 
 TEST_F(CpuBackward, DenseAndExplicitBlockLists) {
-  Case c;
-  c.q_heads = 2;
-  c.text = 3;
-  c.text_len = {1};
-  check_backward(c, rng);  // dense
-  c.kind = Kind::block_list;
-  c.blocks = oracle::random_blocks(rng, 1, c.num_tiles());  // one table shared by all heads
-  check_backward(c, rng);
-  c.blocks = oracle::random_blocks(rng, 2, c.num_tiles());  // one table per head
-  c.kv_heads = 1;
-  check_backward(c, rng);
-  c.dtype = DType::f16;
-  check_backward(c, rng, false);
+  // The f16 case runs without dLSE.
+  for (const Case& c : oracle::dense_and_block_list_cases(rng, {1})) check_backward(c, rng, c.dtype != DType::f16);
 }
 
 TEST_F(CpuBackward, HeadOffsetSelectsGlobalTableEntries) {
-  Case c = sta({window(1, 1, 1), window(1, 1, 1), window(3, 2, 1), window(1, 2, 3)});
-  c.q_heads = 2;
-  c.head_offset = 2;  // local heads 0, 1 are global heads 2, 3
-  check_backward(c, rng);
-  c.kind = Kind::block_list;
-  c.blocks = oracle::random_blocks(rng, 4, c.num_tiles());
-  check_backward(c, rng);
+  for (const Case& c : oracle::head_offset_cases(rng, kLatent)) check_backward(c, rng);
 }
 
 TEST_F(CpuBackward, TiledOrderAndCustomScale) {
-  Case c = sta({window(3, 1, 2), window(2, 2, 2)}, {4, 4, 6}, {2, 2, 3});
-  c.tiled = true;
-  c.q_heads = 2;
-  c.text = 3;
-  c.text_len = {2};
-  c.scale = 0.37;
-  check_backward(c, rng);
+  for (const Case& c : oracle::custom_scale_cases(kLatent)) check_backward(c, rng);
 }
 
 TEST_F(CpuBackward, WithAndWithoutDlseEveryDtype) {

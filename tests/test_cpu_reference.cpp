@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "buffer.hpp"
+#include "case_families.hpp"
 #include "oracle_case.hpp"
 
 namespace {
@@ -19,9 +20,12 @@ using oracle::Outputs;
 using oracle::random_inputs;
 using oracle::StorageKind;
 using oracle::for_each_element;
+using oracle::frames;
+using oracle::kAllDtypes;
+using oracle::sta;
+using oracle::window;
 using tilewise::DType;
 
-constexpr DType kAllDtypes[] = {DType::f64, DType::f32, DType::bf16, DType::f16};
 constexpr double kSentinel = 1234.5;
 
 /// Runs the case on the CPU backend and on the oracle with the same inputs; the output starts as a sentinel.
@@ -104,17 +108,8 @@ void check_case(const Case& c, oracle::Rng& rng) {
   expect_matches(c, run_both(c, random_inputs(c, rng)));
 }
 
-oracle::HeadPattern window(int64_t kt, int64_t kh, int64_t kw) { return {kt, kh, kw, 0, 0}; }
-oracle::HeadPattern frames(int64_t g, int64_t r) { return {1, 1, 1, g, r}; }
-
-Case sta(std::vector<oracle::HeadPattern> windows, tilewise::Dim3 latent = {5, 6, 7}, tilewise::Dim3 tile = {2, 4, 3}) {
-  Case c;
-  c.kind = Kind::sliding_tile;
-  c.heads = std::move(windows);
-  c.latent = latent;
-  c.tile = tile;
-  return c;
-}
+/// The sliding-tile grid of this file's families: 5x6x7 in 2x4x3 tiles (grid 3x2x3, partial on every axis).
+constexpr tilewise::Dim3 kLatent{5, 6, 7};
 
 class CpuReference : public ::testing::Test {
  protected:
@@ -124,23 +119,15 @@ class CpuReference : public ::testing::Test {
 };
 
 TEST_F(CpuReference, RandomProblemsEveryPatternAndDtype) {
-  for (Kind kind : {Kind::sliding_tile, Kind::attention_tile, Kind::dense, Kind::block_list})
-    for (DType dtype : kAllDtypes)
-      for (int rep = 0; rep < 10; ++rep) check_case(oracle::random_case(rng, kind, dtype), rng);
+  oracle::for_each_random_case(rng, 10, [&](const Case& c, int) { check_case(c, rng); });
 }
 
 TEST_F(CpuReference, PartialTilesOnEveryAxisOddAndEvenWindows) {
-  // latent 5x6x7, tile 2x4x3: grid 3x2x3 with a partial last tile on every axis.
-  for (auto w : {window(1, 1, 1), window(3, 1, 3), window(2, 2, 2), window(2, 1, 3), window(3, 2, 1)}) {
-    Case c = sta({w});
-    c.text = 5;
-    c.text_len = {3};
-    check_case(c, rng);
-  }
+  for (const Case& c : oracle::partial_tile_cases()) check_case(c, rng);
 }
 
 TEST_F(CpuReference, WindowLargerThanGridIsWholeAxis) {
-  for (auto w : {window(9, 9, 9), window(4, 3, 4), window(9, 1, 2)}) check_case(sta({w}), rng);
+  for (const Case& c : oracle::window_larger_than_grid_cases(kLatent)) check_case(c, rng);
 }
 
 TEST_F(CpuReference, OneTileAxis) {
@@ -150,19 +137,7 @@ TEST_F(CpuReference, OneTileAxis) {
 }
 
 TEST_F(CpuReference, TextFirstAndLastWithPerBatchLengths) {
-  for (bool first : {false, true}) {
-    Case c = sta({window(3, 1, 2)});
-    c.batch = 4;
-    c.text = 6;
-    c.text_first = first;
-    c.text_len = {0, 6, 3, 1};  // none, full capacity, partial
-    check_case(c, rng);
-    c.text_len.clear();  // no text_len: every text position is valid
-    check_case(c, rng);
-    c.kind = Kind::dense;
-    c.text_len = {6, 0, 2, 5};
-    check_case(c, rng);
-  }
+  for (const Case& c : oracle::text_first_last_cases(kLatent, {2, 4, 3})) check_case(c, rng);
 }
 
 TEST_F(CpuReference, LongTextCapacity) {  // CogVideoX-sized text: text rows span several work chunks
@@ -178,93 +153,33 @@ TEST_F(CpuReference, LongTextCapacity) {  // CogVideoX-sized text: text rows spa
 }
 
 TEST_F(CpuReference, GroupedQueryAttentionWithPerHeadWindows) {
-  Case c = sta({window(1, 1, 1), window(3, 2, 3), window(2, 1, 2), window(9, 9, 9)});
-  c.q_heads = 4;
-  c.kv_heads = 2;
-  c.batch = 2;
-  c.text = 4;
-  c.text_len = {2, 4};
-  check_case(c, rng);
-  c.kv_heads = 1;
-  check_case(c, rng);
+  for (const Case& c : oracle::gqa_per_head_window_cases(kLatent)) check_case(c, rng);
 }
 
 TEST_F(CpuReference, HeadDims) {
-  for (int64_t d : {64, 96, 128}) {
-    Case c = sta({window(3, 1, 2)});
-    c.head_dim = d;
-    c.q_heads = 2;
-    c.text = 3;
-    check_case(c, rng);
-  }
+  for (const Case& c : oracle::head_dim_cases(kLatent)) check_case(c, rng);
 }
 
 TEST_F(CpuReference, StorageLayoutsAndStridedViews) {
-  for (StorageKind s : {StorageKind::bshd, StorageKind::bhsd, StorageKind::fused})
-    for (DType dtype : kAllDtypes) {
-      Case c = sta({window(3, 1, 2), window(2, 2, 1)});
-      c.storage = s;
-      c.dtype = dtype;
-      c.batch = 2;
-      c.q_heads = 2;
-      c.kv_heads = 1;
-      c.text = 4;
-      c.text_first = dtype == DType::f32;
-      c.text_len = {1, 4};
-      check_case(c, rng);
-    }
+  for (const Case& c : oracle::storage_cases(kLatent)) check_case(c, rng);
 }
 
 TEST_F(CpuReference, AttentionTileGlobalFramesRadiusAndFrameTiles) {
-  for (int64_t g : {0, 1, 2})
-    for (int64_t r : {0, 1})
-      for (int64_t tt : {1, 2}) {  // tt = 2 makes blocks partially masked
-        Case c;
-        c.kind = Kind::attention_tile;
-        c.heads = {frames(g, r)};
-        c.latent = {6, 3, 5};
-        c.tile = {tt, 2, 3};
-        c.text = 3;
-        c.text_first = g == 1;
-        c.dtype = tt == 1 ? DType::f64 : DType::bf16;
-        check_case(c, rng);
-      }
-  Case c;  // per-head parameters with GQA, odd frame count
-  c.kind = Kind::attention_tile;
-  c.heads = {frames(0, 0), frames(1, 1), frames(2, 0), frames(0, 2)};
-  c.q_heads = 4;
-  c.kv_heads = 2;
-  c.latent = {7, 2, 3};
-  c.tile = {2, 2, 2};
-  check_case(c, rng);
+  for (const Case& c : oracle::attention_tile_cases({})) check_case(c, rng);
 }
 
 TEST_F(CpuReference, ExplicitBlockLists) {
-  Case c;
-  c.kind = Kind::block_list;
-  c.q_heads = 2;
-  c.text = 3;
-  c.blocks = oracle::random_blocks(rng, 1, c.num_tiles());  // one table shared by all heads
-  check_case(c, rng);
-  c.blocks = oracle::random_blocks(rng, 2, c.num_tiles());  // one table per head
-  c.dtype = DType::bf16;
-  check_case(c, rng);
+  for (const Case& c : oracle::dense_and_block_list_cases(rng, {})) check_case(c, rng);
 }
 
 TEST_F(CpuReference, HeadOffsetSelectsGlobalTableEntries) {
-  Case c = sta({window(1, 1, 1), window(1, 1, 1), window(3, 2, 1), window(1, 2, 3)});
-  c.q_heads = 2;
-  c.head_offset = 2;  // local heads 0, 1 are global heads 2, 3
-  check_case(c, rng);
-  c.kind = Kind::block_list;
-  c.blocks = oracle::random_blocks(rng, 4, c.num_tiles());
-  check_case(c, rng);
+  for (const Case& c : oracle::head_offset_cases(rng, kLatent)) check_case(c, rng);
 }
 
 TEST_F(CpuReference, HugeWindowsAndFrameParametersAreDense) {
   // Valid values far beyond the grid ("every key"): the result must be dense attention, not garbage.
   for (int64_t x : {int64_t{1} << 31, std::numeric_limits<int64_t>::max()}) {
-    check_case(sta({window(x, x, x)}), rng);
+    check_case(sta({window(x, x, x)}, kLatent), rng);
     for (auto hp : {frames(0, x), frames(x, 0)}) {
       Case c;
       c.kind = Kind::attention_tile;
@@ -277,15 +192,12 @@ TEST_F(CpuReference, HugeWindowsAndFrameParametersAreDense) {
 }
 
 TEST_F(CpuReference, CustomScale) {
-  Case c = sta({window(2, 1, 2)});
-  c.scale = 0.37;
-  c.text = 2;
-  check_case(c, rng);
+  for (const Case& c : oracle::custom_scale_cases(kLatent)) check_case(c, rng);
 }
 
 TEST_F(CpuReference, DtypesAndOutputRounding) {
   for (DType dtype : kAllDtypes) {
-    Case c = sta({window(3, 1, 2)});
+    Case c = sta({window(3, 1, 2)}, kLatent);
     c.dtype = dtype;
     c.head_dim = 128;
     c.text = 4;
