@@ -115,7 +115,12 @@ void expect_grads_match(const Case& c, const Buffer& got, const std::vector<doub
       max_ref = std::max(max_ref, std::abs(r));
     });
     EXPECT_EQ(not_finite, 0) << "gradient elements not written or not finite";
-    ASSERT_GT(ref2, 0.0);
+    if (ref2 == 0) {
+      // The true gradient is exactly zero (e.g. dq when every query sees one key and there is no dLSE: P = 1, so
+      // dS = dP - D = 0): the computed one is zero up to the rounding of dP - D, whose terms are O(1) here.
+      EXPECT_LE(max_err, c.dtype == DType::f64 ? 1e-12 : 1e-4) << "a gradient that is exactly zero";
+      continue;
+    }
     const double rel = std::sqrt(err2 / ref2);
     switch (c.dtype) {
       case DType::f64:
