@@ -25,10 +25,14 @@ for step in $steps; do
       echo "e2e rc=$?"; tail -12 "$OUT/e2e.log"
       ;;
     train_sta|train_evdit)
+      # One recipe alone per device call (evdit at 200 steps per stage takes about 8 minutes; both at once did not
+      # fit one call). TRAIN_ARGS overrides the preset, e.g. "--steps 200 --pretrain-steps 200". Checkpoints stay
+      # on the machine; the summary, eval.json and search/strategy files come back.
       recipe=${step#train_}
-      timeout 540 python3 -m tilewise.train "$recipe" --preset h200 --device cuda --out "$OUT/train-$recipe" \
-        > "$OUT/train_$recipe.log" 2>&1
-      echo "$step rc=$?"; tail -15 "$OUT/train_$recipe.log"
+      timeout ${TRAIN_SECONDS:-540} python3 -m tilewise.train "$recipe" --preset h200 --device cuda \
+        --out "/tmp/train-$recipe" ${TRAIN_ARGS:-} > "$OUT/train_$recipe.log" 2>&1
+      echo "$step rc=$?"; mkdir -p "$OUT/train-$recipe"; cp /tmp/train-$recipe/*.json "$OUT/train-$recipe/" 2>/dev/null
+      tr '\r' '\n' < "$OUT/train_$recipe.log" | grep -E "tilewise train|100%\|" | tail -15
       ;;
     train_step)
       timeout 420 python3 bench/bench_train_step.py --lib build-device/libtilewise.so --out "$OUT/train_step.md" \
