@@ -385,6 +385,8 @@ void expect_query_tiles_transpose_key_tiles(const Case& c) {
         return where() + ": query_tiles lists " + std::to_string(queries.size()) + " tiles, the transpose " +
                std::to_string(transposed[kt].size());
       });
+      bad.check(plan.num_query_tiles(h, kt) == static_cast<int64_t>(transposed[kt].size()),
+                [&] { return where() + ": num_query_tiles " + std::to_string(plan.num_query_tiles(h, kt)); });
       if (!formulas) continue;
       const tilewise::KeyBoxes boxes = tilewise::query_boxes(plan.pattern().kind, plan.head(h), g, g.tile_coord(kt));
       const tilewise::KeyBoxesT<int32_t> boxes32 = tilewise::query_boxes<int32_t>(

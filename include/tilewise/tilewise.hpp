@@ -196,6 +196,9 @@ class Plan {
   /// Query tiles whose key_tiles() contain key tile `kt` for local head h, in ascending tile order (the reverse
   /// question, for the backward; block lists read a table transposed once at plan time).
   std::vector<int32_t> query_tiles(int64_t h, int64_t kt) const;
+  /// query_tiles(h, kt).size() without the list: a key tile's share of the backward's work (8 to 80 query tiles
+  /// per key tile at window 3x3x3 on 5x6x10 tiles), which backends use to schedule the heaviest first.
+  int64_t num_query_tiles(int64_t h, int64_t kt) const;
   /// Block lists only: query_tiles() as one CSR over (local head, key tile), for backends to upload.
   const std::vector<int64_t>& query_tile_offsets() const { return reverse_offsets_; }
   const std::vector<int32_t>& query_tile_list() const { return reverse_tiles_; }

@@ -359,6 +359,15 @@ std::vector<int32_t> Plan::query_tiles(int64_t h, int64_t kt) const {
   return out;
 }
 
+int64_t Plan::num_query_tiles(int64_t h, int64_t kt) const {
+  const TileGrid& g = map_.grid;
+  if (pattern_.kind == PatternKind::block_list) {
+    const int64_t i = h * g.num_tiles() + kt;
+    return reverse_offsets_[i + 1] - reverse_offsets_[i];
+  }
+  return query_boxes<int64_t>(pattern_.kind, head(h), g, g.tile_coord(kt)).num_tiles();
+}
+
 std::vector<int32_t> Plan::key_tiles(int64_t h, int64_t qt) const {
   std::vector<int32_t> out;
   const TileGrid& g = map_.grid;

@@ -8,6 +8,8 @@
 #include <cstdlib>
 #include <string>
 #include <limits>
+#include <numeric>
+#include <vector>
 
 #include "backends/cuda/cuda_common.hpp"
 #include "backends/cuda/hopper/forward.hpp"
@@ -132,7 +134,7 @@ ViewMode view_mode(const Strides& s, int64_t heads, int64_t D) {
 
 class HopperBackend final : public Backend {
  public:
-  explicit HopperBackend(const Plan& plan) : tables_(plan, Device::cuda) {
+  explicit HopperBackend(const Plan& plan) : tables_(plan, Device::cuda), dkdv_order_(heaviest_first(plan)) {
     const Problem& p = plan.problem();
     const cudaDeviceProp& prop = tables_.device;
     require(prop.major == 9, "device", std::string(prop.name) + " (sm_" + str(prop.major) + str(prop.minor) + ")",
@@ -179,6 +181,22 @@ class HopperBackend final : public Backend {
     stats_entries_ = static_cast<int32_t>(g.num_tiles() * stream_slots_ + ceil_div<int64_t>(p.text_capacity, hopper::kBlockN));
     const char* fused = std::getenv("TILEWISE_BACKWARD_FUSED_DQ");
     fused_dq_ = fused != nullptr && std::string(fused) == "1";
+  }
+
+  /// The dK/dV kernel's video items, heaviest first: per (kv head, key tile), the query tiles that see it, summed
+  /// over the kv head's query heads (Plan::num_query_tiles: 8 to 80 at window 3x3x3 on 5x6x10 tiles), as entries
+  /// kv_head * tiles + tile. The dynamic scheduler then ends on light items instead of leaving CTAs idle behind
+  /// a heavy one. Ties keep raster order, so tiles that share query blocks in L2 still run side by side.
+  static std::vector<int32_t> heaviest_first(const Plan& plan) {
+    const Problem& p = plan.problem();
+    const int64_t tiles = plan.grid().num_tiles(), group = p.q_heads / p.kv_heads;
+    std::vector<int64_t> load(p.kv_heads * tiles, 0);
+    for (int64_t h = 0; h < p.q_heads; ++h)
+      for (int64_t kt = 0; kt < tiles; ++kt) load[h / group * tiles + kt] += plan.num_query_tiles(h, kt);
+    std::vector<int32_t> order(load.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return load[a] > load[b]; });
+    return order;
   }
 
   /// The parameters every kernel shares: the semantics core's token map, the tile classes' boxes, the batch and
@@ -286,6 +304,7 @@ class HopperBackend final : public Backend {
       dkv.grad0_scale = static_cast<float>(p.scale);
       dkv.grad1 = t.dv;
       dkv.grad1_strides = p.v;
+      dkv.video_order = dkdv_order_.get();
       dkv.num_work = dkv.batch * dkv.kv_heads * (dkv.video_items + dkv.text_items);
       dkv.work_counter = ws.counters + 1;
 
@@ -416,6 +435,7 @@ class HopperBackend final : public Backend {
   int32_t stream_slots_ = 1;     // the most streamed blocks of any tile class
   int32_t stats_entries_ = 0;    // streamed blocks per (batch, head): tiles * stream_slots_ + text blocks
   bool fused_dq_ = false;        // the fused dK/dV/dQ kernel when not deterministic (experimental, see run_backward)
+  DeviceArray<int32_t> dkdv_order_;  // the dK/dV kernel's video items, heaviest first (heaviest_first)
   bool per_batch_ = false;
   int max_ctas_ = 1;  // CTAs of a persistent launch: the device's SMs less Problem::sm_margin, at least 1
   int query_rows_ = 128;  // query rows per work item of the kernel for this head dim

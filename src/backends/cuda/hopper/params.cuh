@@ -83,6 +83,10 @@ struct FwdParams {  // CUtensorMap members carry their own 64-byte alignment
   int32_t text_items = 0;   // and of the text part
   int32_t num_work = 0;
   int32_t* work_counter = nullptr;  // dynamic scheduler: next work item (zeroed on the stream before a launch)
+  // Order of the video items within a batch element: [heads * tiles] entries head * tiles + tile, heaviest first
+  // (the dK/dV kernels: a key tile's load is the query tiles that see it, 8 to 80 on 5x6x10 tiles); null: head by
+  // head, tiles in raster order. Last, so the forward's parameters keep their offsets.
+  const int32_t* video_order = nullptr;
 };
 
 }  // namespace tilewise::hopper

@@ -66,10 +66,13 @@ struct WorkItem {
 };
 
 /// Work items are ordered text query blocks first (they see every key, so they are the longest), then video
-/// query blocks; within each, (batch, head) outer and block inner so that concurrently running CTAs share
-/// their key tiles in L2. A query block has kBlockM rows.
+/// query blocks; within each, batch outer, then (head, tile) in p.video_order's order when kOrdered, else head
+/// then tiles in raster order, the blocks of a tile inner, so that concurrently running CTAs share their key
+/// tiles in L2. A query block has kBlockM rows.
 /// `heads`: the heads of the items (the backward's dK/dV items are per kv head), q_heads for the forward.
-template <int kBlockM>
+/// kOrdered: the video items follow p.video_order (heaviest first; the dK/dV kernels), a compile-time choice so
+/// that the other kernels keep their code as it was.
+template <int kBlockM, bool kOrdered = false>
 __device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w, int32_t heads) {
   WorkItem it;
   it.q.query = true;
@@ -84,7 +87,15 @@ __device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w, i
   w -= text_total;
   it.batch = w / (heads * p.video_items);
   it.head = (w / p.video_items) % heads;
-  const int32_t index = w % p.video_items;
+  int32_t index = w % p.video_items;
+  if constexpr (kOrdered) {
+    if (p.video_order) {  // the (head, tile) at this rank of the heaviest-first order; a tile's blocks stay together
+      const int32_t tiles = p.map.grid.num_tiles();
+      const int32_t e = p.video_order[it.head * tiles + index / p.slots_per_tile];
+      it.head = e / tiles;
+      index = e % tiles * p.slots_per_tile + index % p.slots_per_tile;
+    }
+  }
   it.q.tile = p.map.grid.tile_coord(index / p.slots_per_tile);
   it.q.cls = tile_class(p, it.q.tile);
   const int32_t r = index % p.slots_per_tile;
