@@ -170,8 +170,15 @@ def run(argv: Sequence[str], stream=None) -> int:
             from tilewise.train.evdit import train_evdit
             train_evdit(r, stages=args.stages, data_dir=args.data, model_dir=args.model, strategy_file=args.strategy)
     finally:
-        if group is not None:  # a gloo group left to the interpreter's exit aborts it now and then
+        if group is not None:
+            # A gloo group whose last reference dies at the interpreter's exit aborts it now and then ("terminate
+            # called without an active exception"). FSDP modules and device meshes hold groups in reference
+            # cycles, so collect them while the groups are alive, then destroy every group.
+            import gc
+
             import torch.distributed as dist
+            r = None
+            gc.collect()
             dist.destroy_process_group()
     log(f"wrote {os.path.join(args.out, 'summary.json')}")
     return 0
