@@ -150,7 +150,8 @@ def test_other_families_train_step(family):
     model, inputs = build(family)
     preset = PRESETS["tiny"].replace(family=family, window=(1, 1, 1), tile=(1, 4, 4))
     run = Run.__new__(Run)  # no output folder: only what student() and autocast() read
-    run.preset, run.device, run.world, run.parallel = preset, torch.device("cpu"), 1, "ddp"
+    run.preset, run.device, run.world = preset, torch.device("cpu"), 1
+    run.parallel, run.sequence_parallel = "ddp", 1
     latents = inputs["hidden_states"] if family == "hunyuan" else inputs["hidden_states"].transpose(1, 2)
     batch = {"text": inputs["encoder_hidden_states"]}
     if family == "hunyuan":
