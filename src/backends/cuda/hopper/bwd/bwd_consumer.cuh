@@ -406,8 +406,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
     uint32_t items = 0;
     if (kPingPong && kKernel != BwdKernel::dkdvq && this->wg == 1) this->scheduler_arrive();  // warpgroup 0 first
     for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < bp.num_work;) {
-      const WorkItem item = decode_work<Traits::kBlockM, kKernel != BwdKernel::dq>(bp, u,
-                                                                            kKernel == BwdKernel::dq ? bp.q_heads : bp.kv_heads);
+      constexpr bool kHeavyFirst = kKernel != BwdKernel::dq && TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0;
+      const WorkItem item = decode_work<Traits::kBlockM, kHeavyFirst>(
+          bp, u, kKernel == BwdKernel::dq ? bp.q_heads : bp.kv_heads);
       if (item.empty) continue;
       this->s.q_full->wait(items & 1);
       ++items;

@@ -31,6 +31,12 @@
 #ifndef TILEWISE_HOPPER_BWD_SPLIT
 #define TILEWISE_HOPPER_BWD_SPLIT 1
 #endif
+// The dK/dV kernels take their video items heaviest first (FwdParams::video_order, filled at plan time from
+// Plan::num_query_tiles). Off until it has passed the GPU tests and been timed (docs/performance.md): with 0 the
+// kernels' code is the verified one.
+#ifndef TILEWISE_HOPPER_BWD_HEAVY_FIRST
+#define TILEWISE_HOPPER_BWD_HEAVY_FIRST 0
+#endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the
 // dQ atomics, bit 32 the dQ product, bit 64 the barrier after it. Timing what is left shows what bounds a loop.

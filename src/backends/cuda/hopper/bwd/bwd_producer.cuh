@@ -114,7 +114,7 @@ struct BwdProducer {
     PipeState<Traits::kKStages> pipe;
     WorkRing<typename Traits::Shared, 1> ring{s, 0};
     for (int32_t u; (u = ring.produce(p.work_counter, p.num_work)) < p.num_work;) {
-      const WorkItem item = decode_work<Traits::kBlockM, true>(p, u, p.kv_heads);
+      const WorkItem item = decode_work<Traits::kBlockM, TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0>(p, u, p.kv_heads);
       if (item.empty) continue;
       load_owned(item, items);
       for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t gi, bool last, bool empty) {
@@ -142,7 +142,7 @@ struct BwdProducer {
     PipeState<Traits::kVStages> pipe;
     WorkRing<typename Traits::Shared, 1> ring{s, 0};
     for (int32_t u; (u = ring.consume()) < p.num_work;) {
-      const WorkItem item = decode_work<Traits::kBlockM, true>(p, u, p.kv_heads);
+      const WorkItem item = decode_work<Traits::kBlockM, TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0>(p, u, p.kv_heads);
       if (item.empty) continue;
       for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
         const int stage = pipe.stage();
