@@ -2,7 +2,7 @@
 # Everything one device call needs, in one go: build on the GPU machine, run the GPU tests (a hang is killed),
 # compute-sanitizer on small problems, the backward fuzz, and the benchmark tables last. Logs go under $OUT.
 # Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [fuzz] [bench] [bench_bwd] [sass]
-#        [bwd_variants] [bwd_profile] (with BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ...": scripts/kernel_variants.py;
+#        [bwd_variants] [variant_tests] [bwd_profile] (with BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ...": scripts/kernel_variants.py;
 #        a name starting with fused times the fused arrangement, names no_* or *_no_* are ablations: times only)
 #   sanitize: forward and backward cases; sanitize_bwd: the backward cases alone (a device call of their own)
 set -uo pipefail
@@ -84,6 +84,18 @@ for step in $steps; do
           --launch-count 3 --metrics gpu__time_duration.sum $BUILD/bwdcheck bench1 > "$OUT/ncu_$name.log" 2>&1
         echo "  ncu: $(grep -E 'gpu__time_duration.sum' "$OUT/ncu_$name.log" | awk '{print $(NF)}' | tr '\n' ' ') (preprocess, dQ, dK/dV; ms or us)"
       done
+      ;;
+    variant_tests)
+      # The backward GPU tests and the fuzz on one variant's library from bwd_variants (VARIANT=name): a schedule
+      # that is to become the default passes them first.
+      lib=/tmp/bwd-variants/${VARIANT:?set VARIANT to a bwd_variants name}
+      echo "== backward GPU tests and fuzz on variant $VARIANT"
+      LD_LIBRARY_PATH=$lib timeout 300 $BUILD/tilewise_tests --gtest_filter='*Cuda*Backward*:*Backward*Cuda*' \
+        > "$OUT/tests_$VARIANT.log" 2>&1
+      echo "tests rc=$? $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/tests_$VARIANT.log" | head -3 | tr '\n' ' ')"
+      LD_LIBRARY_PATH=$lib timeout 240 $BUILD/tilewise_fuzz --problems ${FUZZ_PROBLEMS:-1000} \
+        --max-seconds ${FUZZ_SECONDS:-150} > "$OUT/fuzz_$VARIANT.log" 2>&1
+      echo "fuzz rc=$? $(grep -E '^problems' "$OUT/fuzz_$VARIANT.log")"
       ;;
     bwd_profile)
       # Nsight Compute sections of row 1's dQ and dK/dV kernels (the second backward call: warm caches), as text
