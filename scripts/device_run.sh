@@ -2,8 +2,9 @@
 # Everything one device call needs, in one go: build on the GPU machine, run the GPU tests (a hang is killed),
 # compute-sanitizer on small problems, the backward fuzz, and the benchmark tables last. Logs go under $OUT.
 # Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [fuzz] [bench] [bench_bwd] [sass]
-#        [bwd_variants] [variant_tests] [bwd_profile] (with BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ...": scripts/kernel_variants.py;
-#        a name starting with fused times the fused arrangement, names no_* or *_no_* are ablations: times only)
+#        [bwd_variants] [variant_tests] [bwd_profile]
+#   bwd_variants: BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ..." (scripts/kernel_variants.py); a name starting with
+#   fused times the fused arrangement, names no_* or *_no_* are ablations (times only); variant_tests: VARIANT=name
 #   sanitize: forward and backward cases; sanitize_bwd: the backward cases alone (a device call of their own)
 set -uo pipefail
 OUT=${OUT:-/tmp/tilewise-out}
