@@ -89,6 +89,8 @@ MODES = {
     # sequence parallelism: both ranks take every sample, each half of its sequence (diffusers' context
     # parallelism, tilewise's Ulysses attention), so each rank's batch is the global one
     "sequence": (["--sequence-parallel", str(WORLD)], WORLD * PER_RANK_BATCH),
+    # both: the two ranks shard the weights and split each sample's sequence
+    "fsdp_sequence": (["--parallel", "fsdp", "--sequence-parallel", str(WORLD)], WORLD * PER_RANK_BATCH),
 }
 
 
