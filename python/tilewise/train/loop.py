@@ -251,11 +251,7 @@ class Run:
         """Writes the model's full state dict (on every rank: gathering FSDP shards is a collective; rank 0
         writes) and returns the path once it is there for every rank."""
         path = self.out / f"{stage}.safetensors"
-        state = {}
-        for k, v in unwrap(model).state_dict().items():
-            v = full_tensor(v)
-            if self.rank == 0:
-                state[k] = v.cpu() if self.sharded else v  # one gathered tensor at a time on the device
+        state = {k: self._whole(v) for k, v in unwrap(model).state_dict().items()}
         if self.rank == 0:
             save_tensors(path, state, metadata)
         self.barrier()
@@ -323,16 +319,24 @@ class Run:
         return tqdm(total=steps, initial=start, desc=stage, unit="step", file=self.stream, dynamic_ncols=True,
                     mininterval=0.5)
 
+    def _whole(self, t: torch.Tensor) -> Optional[torch.Tensor]:
+        """t whole for rank 0's file (None on the other ranks): gathering FSDP shards is a collective every rank
+        joins, one tensor at a time, each moved to the CPU at once (a sharded model's weights and AdamW moments
+        need not fit one GPU whole)."""
+        t = full_tensor(t)
+        if self.rank != 0:
+            return None
+        return t.cpu() if self.sharded else t
+
     def _save(self, path, stage, step, losses, params, extra, opt, done: bool) -> None:
-        # Every rank gathers (FSDP shards: collectives, in the same order everywhere); rank 0 writes whole tensors.
-        tensors = {f"param/{k}": full_tensor(p) for k, p in params.items()}
-        tensors.update({f"extra/{k}": full_tensor(t) for k, t in extra.items()})
+        tensors = {f"param/{k}": self._whole(p) for k, p in params.items()}
+        tensors.update({f"extra/{k}": self._whole(t) for k, t in extra.items()})
         state = opt.state_dict()
         scalars = {}
         for i, s in state["state"].items():
             for k, v in s.items():
                 if isinstance(v, torch.Tensor):
-                    tensors[f"optim/{i}/{k}"] = full_tensor(v)
+                    tensors[f"optim/{i}/{k}"] = self._whole(v)
                 else:
                     scalars[f"{i}/{k}"] = v
         if self.rank != 0:
