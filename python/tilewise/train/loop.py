@@ -58,6 +58,14 @@ def load_tensors(path: Path) -> tuple:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
+def load_metadata(path: Path) -> dict:
+    """A safetensors file's metadata, without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def unwrap(model):
     """The module inside a DistributedDataParallel wrapper (FSDP2's fully_shard shards in place: no wrapper)."""
     return model.module if hasattr(model, "module") else model
@@ -245,7 +253,7 @@ class Run:
 
     def stage_done(self, stage: str) -> bool:
         path = self.ckpt_dir / f"{stage}.safetensors"
-        return self.resume and path.exists() and load_tensors(path)[1].get("done") == "1"
+        return self.resume and path.exists() and load_metadata(path).get("done") == "1"
 
     def save_model(self, stage: str, model, metadata: dict) -> Path:
         """Writes the model's full state dict (on every rank: gathering FSDP shards is a collective; rank 0
@@ -351,34 +359,40 @@ class Run:
         save_tensors(path, tensors, meta)
 
     def _load(self, path, params, extra, opt) -> tuple:
-        tensors, meta = load_tensors(path)
-        missing = [k for k in params if f"param/{k}" not in tensors] + [k for k in extra if f"extra/{k}" not in tensors]
-        if missing or meta.get("preset") != self.preset.name:
-            raise ValueError(f"invalid checkpoint {path}: it was written by preset {meta.get('preset')!r} "
-                             f"for other weights (missing {missing[:3]}); expected preset {self.preset.name!r}")
-        with torch.no_grad():  # whole tensors from the file, sharded like the targets under FSDP
-            for k, p in params.items():
-                p.copy_(shard_like(p, tensors[f"param/{k}"]))
-            for k, t in extra.items():
-                t.copy_(shard_like(t, tensors[f"extra/{k}"]))
-        plist = list(params.values())  # the optimizer's parameter order
-        state = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
-        for key, v in tensors.items():
-            if key.startswith("optim/"):
-                _, i, k = key.split("/", 2)
-                p = plist[int(i)]
-                # AdamW's moments are shaped like their parameter (sharded with it); `step` is a scalar
-                state["state"].setdefault(int(i), {})[k] = shard_like(p, v) if v.shape == p.shape else v
+        # Tensor by tensor from the file (every rank reads it; a sharded model's whole checkpoint need not fit in
+        # one process's memory), each sharded like its target under FSDP.
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys, meta = set(f.keys()), dict(f.metadata() or {})
+            missing = [k for k in params if f"param/{k}" not in keys] + [k for k in extra if f"extra/{k}" not in keys]
+            if missing or meta.get("preset") != self.preset.name:
+                raise ValueError(f"invalid checkpoint {path}: it was written by preset {meta.get('preset')!r} "
+                                 f"for other weights (missing {missing[:3]}); expected preset {self.preset.name!r}")
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(shard_like(p, f.get_tensor(f"param/{k}")))
+                for k, t in extra.items():
+                    t.copy_(shard_like(t, f.get_tensor(f"extra/{k}")))
+            plist = list(params.values())  # the optimizer's parameter order
+            state = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
+            for key in sorted(keys):
+                if key.startswith("optim/"):
+                    _, i, k = key.split("/", 2)
+                    p, v = plist[int(i)], f.get_tensor(key)
+                    # AdamW's moments are shaped like their parameter (sharded with it); `step` is a scalar
+                    state["state"].setdefault(int(i), {})[k] = shard_like(p, v) if v.shape == p.shape else v
+            rng = {k: f.get_tensor(k) for k in keys if k.startswith("rng/")}
         for key, v in json.loads(meta["optim_scalars"]).items():
             i, k = key.split("/", 1)
             state["state"].setdefault(int(i), {})[k] = v
         if state["state"]:
             opt.load_state_dict(state)
-        torch.set_rng_state(tensors["rng/cpu"])
+        torch.set_rng_state(rng["rng/cpu"])
         for salt, g in self.generators.items():
-            if f"rng/gen{salt}" in tensors:
-                g.set_state(tensors[f"rng/gen{salt}"])
-        if "rng/cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
+            if f"rng/gen{salt}" in rng:
+                g.set_state(rng[f"rng/gen{salt}"])
+        if "rng/cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["rng/cuda"], self.device)
         losses = json.loads(meta["losses"])
         return int(meta["step"]), losses, meta.get("done") == "1"
