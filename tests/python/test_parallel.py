@@ -222,6 +222,15 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
                               seq_len=S)
     b = tilewise.sliding_tile_attention(q, q, q, latent=(3, 4, 5), tile=(1, 2, 2), window=(2, 1, 2))[:, lo:hi]
     results["seq_len_given"] = {"out": float((a - b).abs().max()) if a.numel() else 0.0}
+    # under autocast float32 q, k beside a bf16 v (a model's norms do that): cast to bf16 before the all-to-alls,
+    # as the single-process op casts them, so the result is that op's, in bf16
+    qf, vb = q.float(), q.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = twp.ulysses_attention(qf[:, lo:hi], qf[:, lo:hi], vb[:, lo:hi], latent=(3, 4, 5), tile=(1, 2, 2),
+                                  window=(2, 1, 2), seq_len=S)
+        b = tilewise.sliding_tile_attention(qf, qf, vb, latent=(3, 4, 5), tile=(1, 2, 2), window=(2, 1, 2))[:, lo:hi]
+    results["autocast"] = {"out": float((a.float() - b.float()).abs().max()) if a.numel() else 0.0,
+                           "bf16": a.dtype == torch.bfloat16}
 
     errors = {}
     x = torch.randn(1, 8, 3, 8, dtype=torch.float64)  # 3 heads: no multiple of 2 or 4
@@ -285,7 +294,7 @@ def reports(request, tmp_path_factory):
     return request.param, launch(request.param, tmp_path_factory.mktemp(f"p{request.param}"), seed)
 
 
-CASE_NAMES = list(_cases(torch.Generator().manual_seed(0))) + list(_split_cases()) + ["seq_len_given"]
+CASE_NAMES = list(_cases(torch.Generator().manual_seed(0))) + list(_split_cases()) + ["seq_len_given", "autocast"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
