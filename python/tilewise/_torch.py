@@ -141,14 +141,20 @@ def _scale_tensors(scales, q: torch.Tensor, ops: _args.Operands) -> tuple:
     return tuple(scales)
 
 
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype the op computes in on `device` under torch.autocast (autocast's, as for SDPA, which is on its
+    lower-precision list), or None where autocast is off there. The diffusers route asks the same question."""
+    if device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
 def autocast_operands(q, k, v):
-    """q, k, v as torch.autocast hands them to SDPA: cast to the autocast dtype of their device when autocast is
-    on there (SDPA is on autocast's lower-precision list, and a model under autocast often gives attention fp32 q
-    and k from its norms beside a bf16 v), else unchanged. e4m3 inputs stay as they are."""
-    dev = q.device.type
-    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev) or q.dtype == E4M3:
+    """q, k, v in autocast_dtype (a model under autocast often gives attention fp32 q and k from its norms beside
+    a bf16 v); unchanged outside autocast (mixed dtypes stay an error naming them) and for e4m3 inputs."""
+    dtype = autocast_dtype(q.device)
+    if dtype is None or q.dtype == E4M3:
         return q, k, v
-    dtype = torch.get_autocast_dtype(dev)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (q, k, v))
 
 

@@ -215,9 +215,8 @@ def _unsupported_reason(processor, attn, hidden_states) -> Optional[str]:
     cp = context_parallel(processor)
     if cp is not None and cp.ring > 1:
         return f"ring attention (ring_degree = {cp.ring}) is enabled on it; tilewise runs Ulysses (ulysses_degree) only"
-    device, dtype = hidden_states.device, hidden_states.dtype
-    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
-        dtype = torch.get_autocast_dtype(device.type)  # what tilewise's op (like SDPA) computes in there
+    device = hidden_states.device
+    dtype = _torch.autocast_dtype(device) or hidden_states.dtype  # what the op itself computes in
     if device.type not in ("cpu", "cuda") or dtype not in _torch.DTYPES:
         return f"it runs on {device} in {dtype}; tilewise runs CPU and CUDA tensors in " \
             f"{', '.join(map(str, _torch.DTYPES))}"
