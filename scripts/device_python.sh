@@ -8,7 +8,8 @@ OUT=${OUT:-/tmp/tilewise-out}
 mkdir -p "$OUT"
 steps=${*:-test e2e}
 scripts/install_wheels.sh > "$OUT/wheels.log" 2>&1 || { tail -5 "$OUT/wheels.log"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD/python
+# TILEWISE_SITE: where the wheels go (two of these scripts at once, one per GPU, each need their own)
+export PYTHONPATH=${TILEWISE_SITE:-/tmp/site}:$PWD/python
 if [ ! -f build-device/libtilewise.so ]; then
   cmake -S . -B build-device -DCMAKE_BUILD_TYPE=Release > /tmp/cmake.log 2>&1 &&
     cmake --build build-device -j16 --target tilewise_lib > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
@@ -35,7 +36,7 @@ for step in $steps; do
       tr '\r' '\n' < "$OUT/train_$recipe.log" | grep -E "tilewise train|100%\|" | tail -15
       ;;
     train_step)
-      timeout 420 python3 bench/bench_train_step.py --lib build-device/libtilewise.so --out "$OUT/train_step.md" \
+      timeout ${STEP_SECONDS:-420} python3 bench/bench_train_step.py --lib build-device/libtilewise.so --out "$OUT/train_step.md" \
         > "$OUT/train_step.log" 2>&1
       echo "train_step rc=$?"; tail -12 "$OUT/train_step.log"
       ;;
