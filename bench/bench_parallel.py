@@ -86,9 +86,16 @@ def configs(args, heads: int) -> list:
     mix = [(1, 1, 1), (3, 2, 2), (2, 1, 1), (1, 2, 2)] if args.smoke else CALIBRATED_LIKE
     mix = [mix[h % len(mix)] for h in range(heads)]
     uniform = (1, 2, 2) if args.smoke else (3, 3, 3)
-    return [("window " + "x".join(map(str, uniform)), uniform, None),
+    rows = [("window " + "x".join(map(str, uniform)), uniform, None),
             ("per-head mix, balance on", mix, True),
             ("per-head mix, balance off", mix, False)]
+    return rows[:1] if args.configs == "uniform" else rows
+
+
+def nccl_settings() -> str:
+    """The NCCL variables of this run besides the multicast switch every multi-GPU run sets (tables say what ran)."""
+    items = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("NCCL_") and k != "NCCL_NVLS_ENABLE")
+    return ", ".join(items) if items else "NCCL defaults"
 
 
 def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -152,7 +159,7 @@ def attention_table(args, device, dtype) -> str:
                 rows.append(f"| {label} | {n} | {name}{mark} | {t_all * 1e3:.2f} | "
                             f"{100 * min(1.0, t_comm / t_all):.0f}% | {base / t_all:.2f}x | {err:.3g} |")
     head = (f"One attention layer: {T}x{H}x{W} + {g['text']} text ({g['valid']} valid), {heads} heads, D {D}, "
-            f"{dtype}, tile {g['tile']}. all-to-all share: the same collectives on the same shapes timed alone, "
+            f"{dtype}, tile {g['tile']}, {nccl_settings()}. all-to-all share: the same collectives on the same shapes timed alone, "
             "over the call. rel L2: of the gathered output against the one-GPU op's (spec bound 1e-2).\n\n"
             "| pattern | GPUs | chunks | ms / call | all-to-all share | speedup | rel L2 vs 1 GPU |\n"
             "|---|---|---|---|---|---|---|")
@@ -293,7 +300,7 @@ def model_table(args, device) -> str:
                     line = profile_forward(lambda: model(**inputs), device)
                     if rank == 0:
                         profiles.append(f"- {workers(world, device)}, {label} (rank 0): " + line)
-    text = (f"One transformer forward: {name}, random weights, diffusers' context parallelism "
+    text = (f"One transformer forward: {name}, random weights, {nccl_settings()}, diffusers' context parallelism "
             "(`enable_parallelism(ContextParallelConfig(ulysses_degree=N))`) with tilewise's processors. rel L2: "
             "of the output against the one-GPU output.\n\n"
             "| pattern | GPUs | s / forward | speedup | rel L2 vs 1 GPU |\n|---|---|---|---|---|\n" + "\n".join(rows))
@@ -312,6 +319,8 @@ def main() -> None:
     ap.add_argument("--sm-margins", type=lambda x: [int(m) for m in x.split(",") if m], default=[16, 32],
                     help="SMs left to the collectives, each timed with chunks 2 (comma-separated; 0: none)")
     ap.add_argument("--no-model", action="store_true", help="skip the transformer forward")
+    ap.add_argument("--configs", choices=["all", "uniform"], default="all",
+                    help="uniform: the uniform window alone (a quicker run, e.g. to compare NCCL settings)")
     ap.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny shapes: checks the script only")
     ap.add_argument("--out", default=None, help="also write the tables to this file (rank 0)")
     args = ap.parse_args()
