@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Training-step benchmark: one step (forward, backward, AdamW) of a HunyuanVideo-width transformer at 720p
 with tilewise's sliding tile attention against the model's own attention (diffusers' SDPA dispatch, pinned to
-cuDNN), random weights. Its first H200 run (2026-11-29) stopped at the guard below: HunyuanVideo's attention
-saw float32 under autocast and fell back to dense; fixed in the op (autocast), not re-run yet.
+cuDNN), random weights. A guard stops the run if any attention call fell back to the model's own (its first H200
+run found such a fallback under autocast, since fixed); measured: docs/bench/h200-train-v1.md.
 
 Model: HunyuanVideoTransformer3DModel at the 13B model's width (24 heads x 128 = 3072, text_embed_dim 4096),
 --dual dual-stream and --single single-stream blocks (as many as fit: the full model's 20 + 40 do not with
