@@ -22,14 +22,18 @@ grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c | head -5
 grep -E "wgmma.mma_async instructions are serialized" "$OUT/build.log" | sed 's/^/WARNING: /' | sort -u | head -3
 
 # compute-sanitizer, every tool on each small case of a parameterised suite: sanitize_cases SUITE CASE...
+# SANITIZE_TOOLS picks the tools; SANITIZE_LIB runs them on another library (a bwd_variants one, e.g.
+# SANITIZE_LIB=/tmp/bwd-variants/syncwarp). The first hazard's lines are printed, since the logs can be long.
 sanitize_cases() {
-  local suite=$1 tool case
+  local suite=$1 tool case log
   shift
-  for tool in memcheck racecheck synccheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
     for case in "$@"; do
-      timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 \
-        $BUILD/tilewise_tests --gtest_filter="Cases/$suite.*/$case*" > "$OUT/sanitize_${tool}_$case.log" 2>&1
-      echo "$tool $case rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_${tool}_$case.log" | tail -1)"
+      log="$OUT/sanitize_${tool}_$case.log"
+      LD_LIBRARY_PATH=${SANITIZE_LIB:-$PWD/$BUILD} timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 \
+        $BUILD/tilewise_tests --gtest_filter="Cases/$suite.*/$case*" > "$log" 2>&1
+      echo "$tool $case rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
+      grep -m1 -A2 -E "^========= (Error|Warning):" "$log" | cut -c1-200
     done
   done
 }

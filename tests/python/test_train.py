@@ -65,6 +65,22 @@ def test_tiny_evdit_cli(tmp_path):
     assert (out / "kd.safetensors").stat().st_mtime_ns >= stale and _summary(out)["kd"] == stages["kd"]
 
 
+def test_distill_lr_reaches_mlcd_and_kd(tmp_path, monkeypatch):
+    """--distill-lr is the learning rate of the optimizers of mlcd and kd; pretraining keeps --lr."""
+    made = []
+
+    class Recorder(torch.optim.AdamW):
+        def __init__(self, params, lr, **kw):
+            made.append(lr)
+            super().__init__(params, lr=lr, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorder)
+    assert cli.main(["evdit", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "o"), "--quiet",
+                     "--steps", "1", "--pretrain-steps", "1", "--eval-samples", "0", "--lr", "0.002",
+                     "--distill-lr", "0.0123"]) == 0
+    assert made == [0.002, 0.0123, 0.0123]  # pretrain, mlcd, kd
+
+
 class _Interrupt(Exception):
     pass
 
@@ -177,6 +193,8 @@ def test_other_families_train_step(family):
     (["sta", "--preset", "tiny", "--device", "cpu", "--out", "X", "--sequence-parallel", "2"],
      "invalid --sequence-parallel = 2: expected a divisor of the number of processes, 1"),
     (["sta", "--preset", "tiny", "--device", "cpu", "--out", "X", "--parallel", "zero"], "invalid choice: 'zero'"),
+    (["evdit", "--preset", "tiny", "--device", "cpu", "--out", "X", "--distill-lr", "0"],
+     "invalid --distill-lr = 0.0: expected a number > 0"),
     (["evdit", "--preset", "tiny", "--device", "cpu", "--out", "X", "--stages", "kd", "--steps", "2"],
      "kd needs the attention tile pattern"),
 ])

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in ("pretrain", "sta", "mlcd", "kd"):
         ap.add_argument(f"--{stage}-steps", type=int, help=f"optimizer steps of the {stage} stage")
     ap.add_argument("--lr", type=float)
+    ap.add_argument("--distill-lr", type=float, help="evdit: learning rate of mlcd and kd (default: the preset's, "
+                    "else --lr)")
     ap.add_argument("--batch", type=int)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--tile", help="TTxTHxTW")
@@ -84,7 +86,7 @@ def preset_from_args(args):
 
     p = PRESETS[args.preset]
     kw = {}
-    for name in ("lr", "batch", "seed", "budget", "segments", "student_steps", "teacher_steps", "threshold",
+    for name in ("lr", "distill_lr", "batch", "seed", "budget", "segments", "student_steps", "teacher_steps", "threshold",
                  "radius", "eval_samples", "save_every", "gradient_checkpointing"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
@@ -100,8 +102,9 @@ def preset_from_args(args):
     for name in ("pretrain_steps", "eval_samples", "radius"):
         if name in kw and kw[name] < 0:
             raise UsageError(f"invalid --{name.replace('_', '-')} = {kw[name]}: expected an integer >= 0")
-    if "lr" in kw and not kw["lr"] > 0:
-        raise UsageError(f"invalid --lr = {kw['lr']}: expected a number > 0")
+    for name in ("lr", "distill_lr"):
+        if name in kw and not kw[name] > 0:
+            raise UsageError(f"invalid --{name.replace('_', '-')} = {kw[name]}: expected a number > 0")
     if args.tile:
         kw["tile"] = _triple(args.tile, "--tile")
     if args.window:

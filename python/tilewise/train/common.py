@@ -232,9 +232,9 @@ class Distillation:
         dist.all_reduce(whole, group=self.run.cp_mesh()["ulysses"].get_group())
         return part / P + (whole / P - part / P).detach()
 
-    def train(self, stage: str, steps: int, loss_fn, data, lora_rank: int) -> None:
-        """Runs the stage, then removes the hooks and saves the student."""
-        self.run.train(stage, steps=steps, params=trainable(self.student), loss_fn=loss_fn, data=data)
+    def train(self, stage: str, steps: int, loss_fn, data, lora_rank: int, lr: Optional[float] = None) -> None:
+        """Runs the stage (lr: None for the preset's), then removes the hooks and saves the student."""
+        self.run.train(stage, steps=steps, params=trainable(self.student), loss_fn=loss_fn, data=data, lr=lr)
         self.s_hooks.remove()
         self.t_hooks.remove()
         self.run.save_model(stage, self.student, {"stage": stage, "lora_rank": lora_rank})

@@ -78,7 +78,7 @@ def mlcd(run: Run, base, teacher, ds):
             ema[k].lerp_(v.detach(), 1 - p.ema)
 
     run.train("mlcd", steps=p.mlcd_steps, params=params, loss_fn=loss_fn, data=common.batch_source(run, ds, 3),
-              extra={f"ema/{k}": v for k, v in ema.items()}, after_step=update_ema)
+              extra={f"ema/{k}": v for k, v in ema.items()}, after_step=update_ema, lr=p.distill_lr)
     run.save_model("mlcd", student, {"stage": "mlcd", "lora_rank": p.lora_rank})
     return common.finished(run, "mlcd", student, base)
 
@@ -165,7 +165,7 @@ def kd(run: Run, few, teacher, strategy: Strategy, ds):
             common.check_routed(student, "kd")
         return (w_final or 1.0) * F.mse_loss(v_s, v_t) + attention_loss
 
-    distill.train("kd", p.kd_steps, loss_fn, common.batch_source(run, ds, 6), p.lora_rank)
+    distill.train("kd", p.kd_steps, loss_fn, common.batch_source(run, ds, 6), p.lora_rank, lr=p.distill_lr)
     out = unwrap(student)
     out.disable_gradient_checkpointing()
     return out.eval()
