@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/tilewise-out}
 mkdir -p "$OUT"
 CUTLASS=${CUTLASS:-$PWD/.venv/lib/python3.11/site-packages/cutlass_library/source/include}
 [ -f "$CUTLASS/cute/tensor.hpp" ] && CUTLASS_FLAG=-DTILEWISE_CUTLASS_DIR="$CUTLASS" || CUTLASS_FLAG=  # optional
-BUILD=build-device
+BUILD=${BUILD:-build-device}  # a second job at once (scripts/device_pair.sh) takes its own
 steps=${*:-test sanitize bench}
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv > "$OUT/gpu.txt" 2>&1
