@@ -313,6 +313,49 @@ class _SequenceSplit(NamedTuple):
         return (self.extra_in_block(rank), 0) if self.extra_first else (0, self.main[rank])
 
 
+class _SequenceParts:
+    """q, k or v of this rank as the local parts of its split, not joined: [main, extra] ([extra, main] with
+    extra_first_locally), each [B, n, H, D] (bshd). diffusers' HunyuanVideo makes the video part (after RoPE) and
+    the text part apart; the input all-to-all packs each straight into its slot of the send buffer, where joining
+    them first would cost one more full-size copy of q, k and v. Only what _ulysses asks of a tensor."""
+
+    def __init__(self, parts):
+        self.parts = tuple(parts)
+
+    @property
+    def shape(self) -> tuple:
+        B, _, H, D = self.parts[0].shape
+        return (B, sum(p.shape[1] for p in self.parts), H, D)
+
+    @property
+    def dtype(self):
+        return self.parts[0].dtype
+
+    @property
+    def device(self):
+        return self.parts[0].device
+
+    def dim(self) -> int:
+        return 4 if all(p.dim() == 4 for p in self.parts) and len({(p.shape[0], *p.shape[2:]) for p in self.parts}) == 1 \
+            else -1
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """The part at [start, start + length) of the sequence (the split's parts are the parts), else a view of the
+        joined tensor (never on the diffusers path)."""
+        at = 0
+        for p in self.parts:
+            if at == start and p.shape[1] == length:
+                return p
+            at += p.shape[1]
+        return self.joined().narrow(dim, start, length)
+
+    def index_select(self, dim: int, index: torch.Tensor) -> "_SequenceParts":
+        return _SequenceParts(p.index_select(dim, index) for p in self.parts)
+
+    def joined(self) -> torch.Tensor:
+        return torch.cat(self.parts, dim=1)
+
+
 class _Assemble(torch.autograd.Function):
     """A new tensor of `shape` made of the sources: slot i is the view slot_i(out) (view ops only), written with
     one copy of source i, or with an index as slot_i(out)[:, :, index_i] = source i (heads put back in place).
@@ -426,6 +469,8 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
       destination's heads are strided in q.
     - 1, unpacking o into the output: the received buffer is [source rank, position, that rank's heads] and the
       output [position, heads], a transpose of the first two axes (a GEMM after it needs it contiguous anyway).
+    q, k, v may also come as _SequenceParts (the diffusers path's video and text parts, not joined: the packing
+    copy reads them where they are, so no concatenation precedes it).
     Nothing else: q, k, v are views of the receive buffer (the library takes any strides with a contiguous last
     dim), already in the spec's order (`_SequenceSplit`: no reordering, also under diffusers); the attention's
     output [B, S, h, D] is the return send buffer as it is; chunks > 1 and the load balance's inverse head
@@ -433,13 +478,17 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
     scattered through the collector (a few copies of a few hundred rows); with B > 1 o is transposed to
     [S, B, h, D] before sending (1); with load balance q, k, v are permuted before packing (3)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, (torch.Tensor, _SequenceParts)):
             raise TypeError(f"{name}: expected a torch tensor, got {type(t).__name__}")
     _args.choice("layout", layout, _capi.LAYOUTS)
     _args.choice("precision", precision, _args.PRECISIONS)
     params = _args.PatternParams.of(pattern, window, global_frames, radius, block_offsets, block_tiles)
     latent, tile = _args.triple("latent", latent), _args.triple("tile", tile)
-    q, k, v = _torch.autocast_operands(q, k, v)  # before the all-to-alls: under autocast they carry bf16, not fp32
+    if isinstance(q, _SequenceParts):  # the diffusers path: bshd parts, cast part by part
+        cast = [_torch.autocast_operands(*t) for t in zip(q.parts, k.parts, v.parts)]
+        q, k, v = (_SequenceParts(c[i] for c in cast) for i in range(3))
+    else:
+        q, k, v = _torch.autocast_operands(q, k, v)  # before the all-to-alls: under autocast they carry bf16, not fp32
     if group is None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("group: torch.distributed is not initialised: call torch.distributed."
@@ -452,6 +501,8 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
     sm_margin = _sm_margin(sm_margin)
 
     # [B, s, H, D] views whatever the layout (tilewise takes any strides with a contiguous last dimension).
+    if isinstance(q, _SequenceParts) and layout != "bshd":
+        raise ValueError(f"invalid layout = {layout!r} with sequence parts: expected 'bshd'")
     qs, ks, vs = (t.transpose(1, 2) if layout == "bhsd" else t for t in (q, k, v))
     for name, t in (("q", qs), ("k", ks), ("v", vs)):
         if t.dim() != 4:
@@ -492,6 +543,7 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
         if t.dtype != q.dtype or t.device != q.device:
             raise TypeError(f"{name}: {t.dtype} on {t.device}, expected q's {q.dtype} on {q.device}")
     if P == 1:  # nothing to exchange: the plain op, no copies
+        q, k, v = (t.joined() if isinstance(t, _SequenceParts) else t for t in (q, k, v))
         return _api._attention(q, k, v, params=params, latent=latent, tile=tile, text_len=text_len,
                                text_position=text_position, order=order, layout=layout, scale=scale, head_offset=0,
                                return_lse=False, deterministic=deterministic, precision=precision,

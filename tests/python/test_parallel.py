@@ -108,6 +108,21 @@ def _split_rows(n_video, n_text, text_first, text_first_locally, rank, world):
     return torch.tensor(rows, dtype=torch.long), split
 
 
+def _parts(local, split, rank):
+    """q, k, v of rank as the split's local parts, not joined (tilewise.parallel._SequenceParts), as the diffusers
+    path gives them: [main, extra] or [extra, main]."""
+    import tilewise.parallel as twp
+    sizes = [split.main[rank]] + ([split.extra[rank]] if split.extra else [])
+    if split.extra_first_locally:
+        sizes.reverse()
+    return [twp._SequenceParts(t.split(sizes, dim=1)) for t in local]
+
+
+def _parts_cases():
+    """The split cases in bshd, run again with q, k, v as parts."""
+    return [name for name, case in _split_cases().items() if case[5] == "bshd"]
+
+
 def _ulysses_with_split(local, split, layout, kw):
     """tilewise.parallel._ulysses (every argument, ulysses_attention's defaults) with a _SequenceSplit."""
     import inspect
@@ -204,6 +219,9 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
                                   world)
         results[name] = _compare(gen, B, n_video + n_text, Hq, Hkv, D, layout, kw, rows,
                                  lambda local: _ulysses_with_split(local, split, layout, kw))
+        if name in _parts_cases():
+            results[name + "_parts"] = _compare(gen, B, n_video + n_text, Hq, Hkv, D, layout, kw, rows, lambda local: (
+                _ulysses_with_split(_parts(local, split, rank), split, layout, kw)))
     # The copies of one call on the common path (bshd, B = 1, G = 1, chunks = 1): the public op, and the
     # diffusers path with text (video and text split separately).
     kw = dict(latent=(3, 4, 5), tile=(1, 2, 2), window=(2, 1, 2), text_len=[4])
@@ -213,7 +231,9 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
     rows, split = _split_rows(60, 6, False, False, rank, world)
     local = [t[:, rows] for t in qkv]
     copies = {"public": _data_moves(lambda: twp.ulysses_attention(*public, seq_len=66, **kw), public[0].numel()),
-              "split_text_last": _data_moves(lambda: _ulysses_with_split(local, split, "bshd", kw), local[0].numel())}
+              "split_text_last": _data_moves(lambda: _ulysses_with_split(local, split, "bshd", kw), local[0].numel()),
+              "split_text_last_parts": _data_moves(lambda: _ulysses_with_split(_parts(local, split, rank), split,
+                                                                               "bshd", kw), local[0].numel())}
     # seq_len given: no all-gather of the lengths, same result
     B, S, H, D = 1, 63, 4, 8
     q = torch.randn(B, S, H, D, generator=gen, dtype=torch.float64)
@@ -294,7 +314,8 @@ def reports(request, tmp_path_factory):
     return request.param, launch(request.param, tmp_path_factory.mktemp(f"p{request.param}"), seed)
 
 
-CASE_NAMES = list(_cases(torch.Generator().manual_seed(0))) + list(_split_cases()) + ["seq_len_given", "autocast"]
+CASE_NAMES = list(_cases(torch.Generator().manual_seed(0))) + list(_split_cases()) + \
+    [name + "_parts" for name in _parts_cases()] + ["seq_len_given", "autocast"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
@@ -324,7 +345,8 @@ def test_errors_name_the_numbers(reports):
 def test_copies_per_call(reports):
     """bshd, B = 1, G = 1, chunks = 1: four full-size copies per call (q, k, v packed for the all-to-all, o
     unpacked from it) and no other data movement but the text's few rows; in particular no index_select into the
-    spec's order and back on the diffusers path with text (video and text split separately)."""
+    spec's order and back on the diffusers path with text (video and text split separately), and with q, k, v
+    given as the video and text parts no concatenation before the packing."""
     world, reps = reports
     for rank, rep in enumerate(reps):
         for case, got in rep["copies"].items():

@@ -259,8 +259,15 @@ class Processor:
         """The attention of one call on q, k, v [B, S, H, D]. Under context parallelism q, k, v hold this rank's
         tokens: for each (part, global length) of `local_order` ("video" / "text"), diffusers' chunk of that part,
         concatenated in that order; tilewise.parallel's Ulysses all-to-alls then run on diffusers' process group.
-        Otherwise the whole sequence, in the spec's order."""
+        Otherwise the whole sequence, in the spec's order. q, k, v may also be tuples of those parts, not yet
+        concatenated: under context parallelism the all-to-all's packing copy then reads them where they are."""
         cp = context_parallel(self)
+        if isinstance(q, tuple):
+            if cp is None or len(q) != len(local_order):
+                q, k, v = (torch.cat(t, dim=1) if len(t) > 1 else t[0] for t in (q, k, v))
+            else:
+                from tilewise import parallel
+                q, k, v = (parallel._SequenceParts(t) for t in (q, k, v))
         if cp is None:
             return self._attention(q, k, v, spec, text_len, text_position)
         if spec[0] == "tap":

@@ -7,12 +7,18 @@ from tilewise.diffusers._controller import Processor, context_parallel
 from tilewise.diffusers._family import Family, register
 
 
-def _rope_prefix(x, n: int, emb):
-    """diffusers' apply_rotary_emb on the first n positions of a [B, S, H, D] tensor; the rest unchanged."""
+def _rope_prefix(x, n: int, emb) -> tuple:
+    """diffusers' apply_rotary_emb on the first n positions of a [B, S, H, D] tensor: (those, the rest unchanged),
+    not concatenated (the attention joins them, or under context parallelism packs them for the all-to-all)."""
     from diffusers.models.embeddings import apply_rotary_emb
     if n == x.shape[1]:
-        return apply_rotary_emb(x, emb, sequence_dim=1)
-    return torch.cat([apply_rotary_emb(x[:, :n], emb, sequence_dim=1), x[:, n:]], dim=1)
+        return (apply_rotary_emb(x, emb, sequence_dim=1),)
+    return apply_rotary_emb(x[:, :n], emb, sequence_dim=1), x[:, n:]
+
+
+def _split_prefix(x, n: int) -> tuple:
+    """(the first n positions, the rest) of a [B, S, H, D] tensor, as views; one part when n covers it."""
+    return (x,) if n == x.shape[1] else (x[:, :n], x[:, n:])
 
 
 def _project_heads(attn, x, projections, norm_q, norm_k):
@@ -49,19 +55,23 @@ class HunyuanVideoProcessor(Processor):
         single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
         x = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single_stream else hidden_states
         q, k, v = _project_heads(attn, x, (attn.to_q, attn.to_k, attn.to_v), attn.norm_q, attn.norm_k)
+        # q, k, v as tuples of [video, text] parts (one part without text): `attend` joins them, or under context
+        # parallelism packs them for the all-to-all without a concatenation first
         if image_rotary_emb is not None:  # RoPE on the video positions only
-            q = _rope_prefix(q, n_video, image_rotary_emb)
-            k = _rope_prefix(k, n_video, image_rotary_emb)
+            q, k = _rope_prefix(q, n_video, image_rotary_emb), _rope_prefix(k, n_video, image_rotary_emb)
+        else:
+            q, k = _split_prefix(q, n_video), _split_prefix(k, n_video)
+        v = _split_prefix(v, n_video)
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
             added = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
             eq, ek, ev = _project_heads(attn, encoder_hidden_states, added, attn.norm_added_q, attn.norm_added_k)
-            q, k, v = torch.cat([q, eq], dim=1), torch.cat([k, ek], dim=1), torch.cat([v, ev], dim=1)
+            q, k, v = q + (eq,), k + (ek,), v + (ev,)
 
         # The mask keeps the first n_video + text_len[b] keys: its text part counts the valid text tokens.
         text_len = None if attention_mask is None or n_text == 0 else \
             attention_mask.reshape(batch, seq)[:, video_all:].sum(dim=1, dtype=torch.int32)
         out = self.attend(q, k, v, spec, text_len, "last", (("video", video_all), ("text", text_all))) \
-            .flatten(2, 3).to(q.dtype)
+            .flatten(2, 3).to(q[0].dtype)
 
         if encoder_hidden_states is None:
             return out, None
