@@ -16,7 +16,9 @@ persistent kernel would otherwise keep waiting); all are printed, the fastest ma
 
 Table 2, one full HunyuanVideo 13B transformer forward (random bf16 weights, diffusers' context parallelism with
 tilewise's processors, tilewise.diffusers.cp_plan): n = 1 (rank 0 alone) and n = N; the output of N compared with
-n = 1's; on N also the uniform window with `chunks` = 2, alone and with the first `--sm-margins` value. Skipped with --no-model or when diffusers is missing.
+n = 1's; on N also the uniform window with every all-to-all issued at the attention call (early_start off:
+HunyuanVideo's single-stream blocks otherwise issue theirs before the block's MLP), and with `chunks` = 2, alone and
+with the first `--sm-margins` value. Skipped with --no-model or when diffusers is missing.
 
 --profile: time by kernel class (torch.profiler, rank 0) of one attention call (n = N, uniform window, chunks 1)
 and of the forwards with the uniform window, each with its most expensive kernels: of the class "norms, RoPE,
@@ -284,14 +286,18 @@ def model_table(args, device) -> str:
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=twd.cp_plan(model))
             # every configuration with chunks 1, then the uniform window with 2 head groups (overlap), alone and
             # with the first --sm-margins value, measured against the same one-GPU forward
-            runs = [(label, label, windows, balance, 1, 0) for label, windows, balance in configs(args, heads)]
+            runs = [(label, label, windows, balance, 1, 0, True) for label, windows, balance in configs(args, heads)]
             uniform_label, uniform, _ = configs(args, heads)[0]
-            runs.append((f"{uniform_label}, chunks 2", uniform_label, uniform, None, 2, 0))
+            # the single-stream blocks' all-to-all at the attention call instead of before the MLP (early_start)
+            runs.append((f"{uniform_label}, early start off", uniform_label, uniform, None, 1, 0, False))
+            runs.append((f"{uniform_label}, chunks 2", uniform_label, uniform, None, 2, 0, True))
             margin = next((m for m in args.sm_margins if m > 0), 0)
             if margin:
-                runs.append((f"{uniform_label}, chunks 2, sm_margin {margin}", uniform_label, uniform, None, 2, margin))
-            for label, single, windows, balance, chunks, sm_margin in runs:
-                twd.enable(model, windows, tile=tile, load_balance=balance, chunks=chunks, sm_margin=sm_margin)
+                runs.append((f"{uniform_label}, chunks 2, sm_margin {margin}", uniform_label, uniform, None, 2, margin,
+                             True))
+            for label, single, windows, balance, chunks, sm_margin, early in runs:
+                twd.enable(model, windows, tile=tile, load_balance=balance, chunks=chunks, sm_margin=sm_margin,
+                           early_start=early)
                 tn = timed(lambda: model(**inputs), args.model_iters, device, dist.group.WORLD)
                 ref, t1 = singles[single]
                 err = rel_l2(model(**inputs)[0], ref)

@@ -27,7 +27,7 @@ original head order.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -456,12 +456,21 @@ def _local_sizes(s_local: int, seq_len, P: int, group, device) -> list:
     return [int(x.item()) for x in sizes]
 
 
-def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, radius, block_offsets, block_tiles,
-             text_len, text_position, order, layout, scale, load_balance, chunks, deterministic, seq_len,
-             sm_margin=0, split: Optional[_SequenceSplit] = None,
-             precision: str = "native"):
-    """ulysses_attention, plus what the diffusers integration needs: `split`, how the ranks' local sequences
-    make up the spec's one when they are not the spec's chunks (diffusers splits video and text separately).
+def _ulysses(q, k, v, **kw) -> torch.Tensor:
+    """ulysses_attention, plus what the diffusers integration needs (see _ulysses_start)."""
+    return _ulysses_start(q, k, v, **kw)()
+
+
+def _ulysses_start(q, k, v, *, group, latent, tile, pattern, window, global_frames, radius, block_offsets,
+                   block_tiles, text_len, text_position, order, layout, scale, load_balance, chunks, deterministic,
+                   seq_len, sm_margin=0, split: Optional[_SequenceSplit] = None,
+                   precision: str = "native") -> Callable[[], torch.Tensor]:
+    """ulysses_attention up to the input all-to-alls, which it issues: returns finish(), the attention, the output
+    all-to-alls and the unpacking. torch's functional collectives return before the transfer ends and wait at the
+    first use of their result, so work queued between the two (e.g. a GEMM that does not need the attention)
+    runs while the exchange is in flight. Plus what the diffusers integration needs: `split`, how the ranks' local
+    sequences make up the spec's one when they are not the spec's chunks (diffusers splits video and text
+    separately).
 
     Full-size copies per call on the common path (bshd, B = 1, G = 1, chunks = 1, no load balance), in units of
     one local q (s_r * H * D elements, = S * H / P * D): 4, each needed.
@@ -544,10 +553,10 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
             raise TypeError(f"{name}: {t.dtype} on {t.device}, expected q's {q.dtype} on {q.device}")
     if P == 1:  # nothing to exchange: the plain op, no copies
         q, k, v = (t.joined() if isinstance(t, _SequenceParts) else t for t in (q, k, v))
-        return _api._attention(q, k, v, params=params, latent=latent, tile=tile, text_len=text_len,
-                               text_position=text_position, order=order, layout=layout, scale=scale, head_offset=0,
-                               return_lse=False, deterministic=deterministic, precision=precision,
-                               sm_margin=sm_margin)
+        o = _api._attention(q, k, v, params=params, latent=latent, tile=tile, text_len=text_len,
+                            text_position=text_position, order=order, layout=layout, scale=scale, head_offset=0,
+                            return_lse=False, deterministic=deterministic, precision=precision, sm_margin=sm_margin)
+        return lambda: o
 
     if load_balance is None:
         load_balance = _global_heads(params, latent, tile) is not None and \
@@ -576,18 +585,22 @@ def _ulysses(q, k, v, *, group, latent, tile, pattern, window, global_frames, ra
     # are issued before the first attention so that later groups' communication overlaps earlier groups' compute.
     groups = _chunks(hk, chunks)
     inputs = [_send_heads(sources, blocks, rank, G, lo, hi, group) for lo, hi in groups]
-    received = []
-    for (lo, hi), (qf, kf, vf) in zip(groups, inputs):
-        # [S, B, h, D] -> [B, S, h, D] views; head_offset makes the library index the table by global head.
-        qf, kf, vf = (t.permute(1, 0, 2, 3) for t in (qf, kf, vf))
-        offset = rank * hq + lo * G
-        o = _api._attention(qf, kf, vf, params=_table_prefix(params, offset + (hi - lo) * G, latent, tile),
-                            head_offset=offset, return_lse=False, **call_kw)
-        o = o.transpose(0, 1).contiguous()  # [S, B, h, D], the return send buffer: a view for B = 1, a copy else
-        back = _all_to_all(o, [blocks[rank]] * P, blocks, group)  # to sequence shards
-        received.append(back.view(P, blocks[rank], B, (hi - lo) * G, D))
-    head_ranges = [(lo * G, hi * G) for lo, hi in groups]
-    return _receive_heads(received, head_ranges, split, rank, layout, None if identity else tuple(perm), group)
+
+    def finish() -> torch.Tensor:
+        received = []
+        for (lo, hi), (qf, kf, vf) in zip(groups, inputs):
+            # [S, B, h, D] -> [B, S, h, D] views; head_offset makes the library index the table by global head.
+            qf, kf, vf = (t.permute(1, 0, 2, 3) for t in (qf, kf, vf))
+            offset = rank * hq + lo * G
+            o = _api._attention(qf, kf, vf, params=_table_prefix(params, offset + (hi - lo) * G, latent, tile),
+                                head_offset=offset, return_lse=False, **call_kw)
+            o = o.transpose(0, 1).contiguous()  # [S, B, h, D], the return send buffer: a view for B = 1, a copy else
+            back = _all_to_all(o, [blocks[rank]] * P, blocks, group)  # to sequence shards
+            received.append(back.view(P, blocks[rank], B, (hi - lo) * G, D))
+        head_ranges = [(lo * G, hi * G) for lo, hi in groups]
+        return _receive_heads(received, head_ranges, split, rank, layout, None if identity else tuple(perm), group)
+
+    return finish
 
 
 def _gather_extra(chunk: list, split: _SequenceSplit, rank: int, group) -> list:

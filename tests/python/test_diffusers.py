@@ -191,6 +191,8 @@ def test_errors(seed):
         twd.enable(torch.nn.Linear(2, 2), strategy=(3, 3, 3))
     with pytest.raises(ValueError, match="not enabled"):
         twd.set_timesteps(model, [1.0])
+    with pytest.raises(ValueError, match="invalid early_start = 1: expected True or False"):
+        twd.enable(model, strategy=(1, 1, 1), tile=TILE, early_start=1)
     twd.enable(model, strategy={"0_0_5": [1, 1, 1]}, tile=TILE, timesteps=[900])
     with pytest.raises(ValueError, match="'0_0_5': layer 0 has 2 heads"):
         run(model, inputs)

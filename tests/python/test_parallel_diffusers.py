@@ -1,7 +1,8 @@
 """tilewise.diffusers under diffusers' own context parallelism (issue 15): with tilewise enabled,
 `transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2), cp_plan=tilewise.diffusers.cp_plan(
 transformer))` on tiny HunyuanVideo, Wan and CogVideoX transformers, in 2 gloo processes on the CPU, gives the
-single-process output; tilewise's processors run every layer (none falls back to the model's attention).
+single-process output; tilewise's processors run every layer (none falls back to the model's attention), and
+HunyuanVideo's single-stream blocks start their attention's all-to-all before the block's MLP.
 
 diffusers 0.42's enable_parallelism picks the device as `rank % torch.accelerator.device_count()`, which divides by
 zero on a machine without an accelerator; the workers report one device so that it runs on the CPU (the device
@@ -66,19 +67,23 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
         weight = torch.randn(ref.shape)  # the same on every rank (same seed)
         ref_grads = _grads(model, inputs, weight, sum_over_ranks=False)
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=twd.cp_plan(model))
-        ctrl.calls = {"tilewise": 0, "original": 0}
+        ctrl.calls, ctrl.started_early = {"tilewise": 0, "original": 0}, 0
         got = run(model, inputs)
-        calls = dict(ctrl.calls)
+        calls, early = dict(ctrl.calls), ctrl.started_early
         grad_err, grad_scale = _largest_difference(_grads(model, inputs, weight, sum_over_ranks=True), ref_grads)
         # enabled again after enable_parallelism, with tilewise.parallel's options: load balance off, 2 head groups,
-        # 8 SMs left to the collectives
+        # 8 SMs left to the collectives, every all-to-all issued at the attention call
         twd.enable(model, {"window": [(1, 1, 1), (2, 2, 1)], "tile": TILE}, load_balance=False, chunks=2,
-                   sm_margin=8)
+                   sm_margin=8, early_start=False)
+        ctrl = twd.controller(model)
         again = run(model, inputs)
+        late = ctrl.started_early
         results[family] = {"err": float((got - ref).abs().max()), "scale": float(ref.abs().max()),
                            "err_options": float((again - ref).abs().max()),
-                           "grad_err": grad_err, "grad_scale": grad_scale, "calls": calls,
-                           "layers": len(ctrl.modules)}
+                           "grad_err": grad_err, "grad_scale": grad_scale, "calls": calls, "early": early,
+                           "early_when_off": late,
+                           "layers": len(ctrl.modules),
+                           "single_layers": len(getattr(model, "single_transformer_blocks", ()))}
     dist.barrier()
     dist.destroy_process_group()
     Path(out).write_text(json.dumps({"results": results}))
@@ -96,6 +101,10 @@ def test_context_parallel_equals_single_process(report, family):
     for rank, rep in enumerate(report):
         got = rep["results"][family]
         assert got["calls"] == {"tilewise": got["layers"], "original": 0}, (family, rank, got)
+        # HunyuanVideo's single-stream blocks start their attention's all-to-all before the block's MLP (and the
+        # result is still the single process's); no other family or block does
+        assert got["early"] == got["single_layers"] and (family != "hunyuan" or got["early"] > 0), (family, rank, got)
+        assert got["early_when_off"] == 0, (family, rank, got)  # early_start=False
         # float32 model: the CP run sums in another order (all-to-all, split linear layers are the same math)
         assert got["err"] <= 1e-5 * max(1.0, got["scale"]), (family, rank, got)
         assert got["err_options"] <= 1e-5 * max(1.0, got["scale"]), (family, rank, got)

@@ -46,11 +46,12 @@ class Controller:
         self.precision = precision  # None: the strategy's (Strategy.precision); "native" / "fp8": every call
         # tilewise.parallel's options under context parallelism: load_balance (None = when heads differ), chunks,
         # sm_margin
-        self.parallel = {"load_balance": None, "chunks": 1, "sm_margin": 0, **(parallel or {})}
+        self.parallel = {"load_balance": None, "chunks": 1, "sm_margin": 0, "early_start": True, **(parallel or {})}
         self.latent = None
         self.step = None
         self.timesteps = None
         self.calls = {"tilewise": 0, "original": 0}
+        self.started_early = 0  # calls whose all-to-all a family's hook issued before the attention call
         self.tap = None     # hook(layer, step, q, k, v, geometry) of a tap (see tap())
         self.tile = strategy.tile or DEFAULT_TILE
         self.modules = family.attention_modules(model)
@@ -256,7 +257,13 @@ class Processor:
         return self.original(*args, **kwargs)
 
     def attend(self, q, k, v, spec, text_len, text_position, local_order):
-        """The attention of one call on q, k, v [B, S, H, D]. Under context parallelism q, k, v hold this rank's
+        """attend_start(...)(): the attention output at once."""
+        return self.attend_start(q, k, v, spec, text_len, text_position, local_order)()
+
+    def attend_start(self, q, k, v, spec, text_len, text_position, local_order):
+        """The attention of one call on q, k, v [B, S, H, D], as finish() -> output: under context parallelism
+        the input all-to-alls are issued and finish() does the rest (what runs in between overlaps them);
+        otherwise finish() returns the output computed here. Under context parallelism q, k, v hold this rank's
         tokens: for each (part, global length) of `local_order` ("video" / "text"), diffusers' chunk of that part,
         concatenated in that order; tilewise.parallel's Ulysses all-to-alls then run on diffusers' process group.
         Otherwise the whole sequence, in the spec's order. q, k, v may also be tuples of those parts, not yet
@@ -269,11 +276,12 @@ class Processor:
                 from tilewise import parallel
                 q, k, v = (parallel._SequenceParts(t) for t in (q, k, v))
         if cp is None:
-            return self._attention(q, k, v, spec, text_len, text_position)
+            out = self._attention(q, k, v, spec, text_len, text_position)
+            return lambda: out
         if spec[0] == "tap":
             raise RuntimeError(f"tilewise.diffusers: cannot tap layer {self.layer} under context parallelism: "
                                "capture on one process")
-        return self._ulysses(cp, q, k, v, spec, text_len, text_position, local_order)
+        return self._ulysses_start(cp, q, k, v, spec, text_len, text_position, local_order)
 
     def _attention(self, q, k, v, spec, text_len, text_position):
         tile = self.ctrl.tile
@@ -287,19 +295,20 @@ class Processor:
                                        radius=r, text_len=text_len, text_position=text_position, precision=spec[2])
 
 
-    def _ulysses(self, cp: ContextParallel, q, k, v, spec, text_len, text_position, local_order):
+    def _ulysses_start(self, cp: ContextParallel, q, k, v, spec, text_len, text_position, local_order):
         from tilewise import parallel
         tile, latent = self.ctrl.tile, self.ctrl.latent
+        options = {key: value for key, value in self.ctrl.parallel.items() if key != "early_start"}
         kw = dict(group=cp.group, text_len=text_len, text_position=text_position, order="raster", layout="bshd",
-                  scale=None, deterministic=None, seq_len=None, **self.ctrl.parallel,
+                  scale=None, deterministic=None, seq_len=None, **options,
                   split=_sequence_split(cp, tuple(local_order), text_position), block_offsets=None, block_tiles=None,
                   precision=spec[2])
         if spec[0] == "sta":
-            return parallel._ulysses(q, k, v, latent=latent, tile=tile, pattern="sliding_tile", window=spec[1],
-                                     global_frames=1, radius=0, **kw)
+            return parallel._ulysses_start(q, k, v, latent=latent, tile=tile, pattern="sliding_tile", window=spec[1],
+                                           global_frames=1, radius=0, **kw)
         g, r = spec[1]
-        return parallel._ulysses(q, k, v, latent=latent, tile=(1, tile[1], tile[2]), pattern="attention_tile",
-                                 window=(1, 1, 1), global_frames=g, radius=r, **kw)
+        return parallel._ulysses_start(q, k, v, latent=latent, tile=(1, tile[1], tile[2]), pattern="attention_tile",
+                                       window=(1, 1, 1), global_frames=g, radius=r, **kw)
 
 
 _splits: dict = {}
@@ -336,7 +345,7 @@ def controller(transformer) -> Controller | None:
 
 
 def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chunks=1, sm_margin=0,
-           precision=None):
+           early_start=True, precision=None):
     """Routes the self-attention of a diffusers video transformer (or of a pipeline's transformer(s)) through
     tilewise. Returns the Controller (for a pipeline with two transformers, the first one's).
 
@@ -350,6 +359,9 @@ def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chu
     options (heads assigned to ranks by their FLOPs, None = when the pattern differs between heads; head groups
     whose all-to-alls overlap the other groups' attention; SMs the attention kernels leave to the collectives,
     FlashAttention-3's sm_margin, which does not change the result).
+    early_start: under context parallelism, a block whose attention does not feed the work before it (HunyuanVideo's
+    single-stream blocks, where diffusers runs the MLP first) issues its attention's all-to-all before that work,
+    so that the exchange overlaps it; False: at the attention call. Same result either way.
     precision: "fp8" runs every tilewise call in FP8 (docs/semantics.md §11; forward only; the CPU backend so far:
     a call on a device without it raises), "native" every call in the model's dtype, None (default) what the
     strategy says (a calibrated strategy's FP8 heads: a (step, layer) runs FP8 when all its heads chose it)."""
@@ -357,12 +369,15 @@ def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chu
         raise ValueError(f"invalid load_balance = {load_balance!r}: expected True, False or None")
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise ValueError(f"invalid chunks = {chunks!r}: expected an integer of at least 1")
+    if not isinstance(early_start, bool):
+        raise ValueError(f"invalid early_start = {early_start!r}: expected True or False")
     from tilewise import parallel
     parallel._sm_margin(sm_margin)  # refused here, not at the first parallel call
     if precision is not None and precision not in tilewise._args.PRECISIONS:
         raise ValueError(f"invalid precision = {precision!r}: expected None (the strategy's), 'native' or 'fp8'")
     return _enable(model, Strategy.coerce(strategy, tile), timesteps,
-                   dict(load_balance=load_balance, chunks=chunks, sm_margin=sm_margin), precision)
+                   dict(load_balance=load_balance, chunks=chunks, sm_margin=sm_margin, early_start=early_start),
+                   precision)
 
 
 def tap(model, hook, *, steps=None, layers=None, tile=None, timesteps=None) -> Controller:
@@ -393,13 +408,16 @@ def _enable(model, parsed, timesteps, parallel, precision=None) -> Controller:
             disable(t)
         ctrl = Controller(t, family, parsed, timesteps, parallel, precision)
         cls = family.processor
+        processors = []
         for layer, (module, original) in enumerate(zip(ctrl.modules, ctrl.originals)):
             processor = cls(ctrl, layer, original)
             config = getattr(t, "_parallel_config", None)  # enable_parallelism ran first: it records its config
             if getattr(config, "context_parallel_config", None) is not None:
                 processor._parallel_config = config
             module.set_processor(processor)
+            processors.append(processor)
         ctrl._hook = t.register_forward_pre_hook(ctrl._pre_hook, with_kwargs=True)
+        ctrl._family_hooks = family.install_hooks(t, processors)
         t._tilewise = ctrl
         ctrls.append(ctrl)
     if pipe is not None and getattr(pipe, "scheduler", None) is not None:
@@ -423,6 +441,8 @@ def disable(model) -> None:
                 original._parallel_config = config
             module.set_processor(original)
         ctrl._hook.remove()
+        for hook in getattr(ctrl, "_family_hooks", ()):
+            hook.remove()
         del t._tilewise
     if pipe is not None and getattr(pipe, "scheduler", None) is not None and \
             "set_timesteps" in vars(pipe.scheduler) and hasattr(pipe.scheduler.set_timesteps, "_tilewise"):

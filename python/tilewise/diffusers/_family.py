@@ -27,6 +27,12 @@ class Family:
         raise NotImplementedError
 
     @staticmethod
+    def install_hooks(model, processors: list) -> list:
+        """Module hooks the family's processors need beside set_processor (e.g. to start work earlier in the
+        block); returns their handles, which disable() removes. None by default."""
+        return []
+
+    @staticmethod
     def cp_plan(model, per_token_timesteps: bool):
         """diffusers' context-parallel plan for this model when diffusers has none or tilewise needs another
         (None: the model's own)."""

@@ -1,6 +1,8 @@
 """HunyuanVideo: joint attention over [video | text], the text padding from the attention mask."""
 from __future__ import annotations
 
+from typing import Callable, NamedTuple, Optional
+
 import torch
 
 from tilewise.diffusers._controller import Processor, context_parallel
@@ -27,10 +29,61 @@ def _project_heads(attn, x, projections, norm_q, norm_k):
     return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
 
 
+class _InFlight(NamedTuple):
+    """A single-stream block's attention started before its MLP (HunyuanVideoProcessor.start_before_mlp): the
+    joined input it was computed from, the video length, finish() -> the attention output [B, S, H, D], and the
+    dtype of q (the output's)."""
+    x: torch.Tensor
+    n_video: int
+    finish: Callable
+    dtype: torch.dtype
+
+    def serves(self, hidden_states, encoder_hidden_states) -> bool:
+        """Whether the attention module's call is on the two parts of x (the block's own slices of it)."""
+        x, n = self.x, self.n_video
+        return (encoder_hidden_states is not None and hidden_states.shape[1] == n
+                and hidden_states.shape[1] + encoder_hidden_states.shape[1] == x.shape[1]
+                and hidden_states.data_ptr() == x.data_ptr() and encoder_hidden_states.data_ptr() == x[:, n:].data_ptr()
+                and hidden_states.stride() == x.stride() and encoder_hidden_states.stride() == x.stride())
+
+
 class HunyuanVideoProcessor(Processor):
-    """HunyuanVideo's joint attention ([video | text], text padding from the attention mask) on tilewise."""
+    """HunyuanVideo's joint attention ([video | text], text padding from the attention mask) on tilewise.
+
+    Under context parallelism a single-stream block's attention starts before the block's MLP (hooks installed by
+    the family): its q, k, v are projected from the MLP's own input and their all-to-all is issued there, so the
+    exchange runs under the MLP's GEMM; the attention module's call then finds it in flight."""
+
+    _in_flight: Optional[_InFlight] = None
+    _block_args: Optional[tuple] = None  # (text length, attention_mask, image_rotary_emb) of the running block
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        n_video = hidden_states.shape[1]
+        started, self._in_flight = self._in_flight, None
+        if started is not None and started.serves(hidden_states, encoder_hidden_states):
+            out, dtype = started.finish(), started.dtype
+            if not torch.compiler.is_compiling():
+                self.ctrl.started_early += 1
+        else:
+            front = self._front(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            if front is None:
+                self.ctrl.count("original")
+                return self.call_original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            self.ctrl.count("tilewise")
+            out, dtype = self.attend(*front), front[0][0].dtype
+        out = out.flatten(2, 3).to(dtype)
+        if encoder_hidden_states is None:
+            return out, None
+        out, text_out = out[:, :n_video], out[:, n_video:]
+        if getattr(attn, "to_out", None) is not None:
+            out = attn.to_out[1](attn.to_out[0](out))
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        return out, text_out
+
+    def _front(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, joined=None):
+        """attend's arguments for this call (q, k, v as [video, text] parts after norms and RoPE), or None where the
+        model's processor runs it. joined: [hidden_states | encoder_hidden_states] when the caller has it."""
         n_video = hidden_states.shape[1]
         n_text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
         # Under diffusers' context parallelism hidden_states / encoder_hidden_states are this rank's chunks and
@@ -48,12 +101,12 @@ class HunyuanVideoProcessor(Processor):
         seq = video_all + text_all
         mask_ok = attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.numel() == batch * seq)
         if spec is None or not mask_ok or (encoder_hidden_states is not None and n_text == 0):
-            self.ctrl.count("original")
-            return self.call_original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        self.ctrl.count("tilewise")
+            return None
 
         single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
-        x = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single_stream else hidden_states
+        x = hidden_states
+        if single_stream:
+            x = joined if joined is not None else torch.cat([hidden_states, encoder_hidden_states], dim=1)
         q, k, v = _project_heads(attn, x, (attn.to_q, attn.to_k, attn.to_v), attn.norm_q, attn.norm_k)
         # q, k, v as tuples of [video, text] parts (one part without text): `attend` joins them, or under context
         # parallelism packs them for the all-to-all without a concatenation first
@@ -70,18 +123,36 @@ class HunyuanVideoProcessor(Processor):
         # The mask keeps the first n_video + text_len[b] keys: its text part counts the valid text tokens.
         text_len = None if attention_mask is None or n_text == 0 else \
             attention_mask.reshape(batch, seq)[:, video_all:].sum(dim=1, dtype=torch.int32)
-        out = self.attend(q, k, v, spec, text_len, "last", (("video", video_all), ("text", text_all))) \
-            .flatten(2, 3).to(q[0].dtype)
+        return q, k, v, spec, text_len, "last", (("video", video_all), ("text", text_all))
 
-        if encoder_hidden_states is None:
-            return out, None
-        out, text_out = out[:, :n_video], out[:, n_video:]
-        if getattr(attn, "to_out", None) is not None:
-            out = attn.to_out[1](attn.to_out[0](out))
-        if getattr(attn, "to_add_out", None) is not None:
-            text_out = attn.to_add_out(text_out)
-        return out, text_out
+    # --- a single-stream block's attention before its MLP (context parallelism only) ---
+    def remember_block_args(self, block, args, kwargs):
+        """Forward pre-hook of the single-stream block: what its attention call will get besides the MLP's
+        input. HunyuanVideoSingleTransformerBlock.forward(hidden_states, encoder_hidden_states, temb,
+        attention_mask=None, image_rotary_emb=None)."""
+        self._in_flight = None
+        if context_parallel(self) is None or not self.ctrl.parallel["early_start"]:
+            self._block_args = None
+            return
+        names = ("hidden_states", "encoder_hidden_states", "temb", "attention_mask", "image_rotary_emb")
+        given = dict(zip(names, args), **kwargs)
+        encoder = given.get("encoder_hidden_states")
+        self._block_args = None if encoder is None else \
+            (encoder.shape[1], given.get("attention_mask"), given.get("image_rotary_emb"))
 
+    def start_before_mlp(self, attn, x: torch.Tensor) -> None:
+        """Forward pre-hook of the block's proj_mlp, whose input x is the attention's too ([video | text] after
+        the norm): projects q, k, v and issues their all-to-all, to be finished by the attention call."""
+        block_args, self._block_args = self._block_args, None
+        if block_args is None:
+            return
+        n_text, attention_mask, image_rotary_emb = block_args
+        n_video = x.shape[1] - n_text
+        front = self._front(attn, x[:, :n_video], x[:, n_video:], attention_mask, image_rotary_emb, joined=x)
+        if front is None:  # the attention call routes itself (to the model's processor)
+            return
+        self.ctrl.count("tilewise")
+        self._in_flight = _InFlight(x, n_video, self.attend_start(*front), front[0][0].dtype)
 
 
 @register
@@ -100,6 +171,18 @@ class HunyuanVideo(Family):
     @staticmethod
     def attention_modules(model):
         return [b.attn for b in model.transformer_blocks] + [b.attn for b in model.single_transformer_blocks]
+
+    @staticmethod
+    def install_hooks(model, processors: list) -> list:
+        """Each single-stream block's attention starts before the block's MLP under context parallelism (see
+        HunyuanVideoProcessor): a pre-hook on the block records its arguments, one on its proj_mlp starts."""
+        handles = []
+        first = len(model.transformer_blocks)
+        for block, proc in zip(model.single_transformer_blocks, processors[first:]):
+            handles.append(block.register_forward_pre_hook(proc.remember_block_args, with_kwargs=True))
+            handles.append(block.proj_mlp.register_forward_pre_hook(
+                lambda module, args, proc=proc, attn=block.attn: proc.start_before_mlp(attn, args[0])))
+        return handles
 
     @staticmethod
     def cp_plan(model, per_token_timesteps: bool):
