@@ -71,6 +71,11 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
         got = run(model, inputs)
         calls, early = dict(ctrl.calls), ctrl.started_early
         grad_err, grad_scale = _largest_difference(_grads(model, inputs, weight, sum_over_ranks=True), ref_grads)
+        # gradient checkpointing (the training recipes' setting): the backward reruns each block's forward, its
+        # hooks and collectives included
+        model.enable_gradient_checkpointing()
+        ckpt_err, _ = _largest_difference(_grads(model, inputs, weight, sum_over_ranks=True), ref_grads)
+        model.disable_gradient_checkpointing()
         # enabled again after enable_parallelism, with tilewise.parallel's options: load balance off, 2 head groups,
         # 8 SMs left to the collectives, every all-to-all issued at the attention call
         twd.enable(model, {"window": [(1, 1, 1), (2, 2, 1)], "tile": TILE}, load_balance=False, chunks=2,
@@ -80,7 +85,8 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
         late = ctrl.started_early
         results[family] = {"err": float((got - ref).abs().max()), "scale": float(ref.abs().max()),
                            "err_options": float((again - ref).abs().max()),
-                           "grad_err": grad_err, "grad_scale": grad_scale, "calls": calls, "early": early,
+                           "grad_err": grad_err, "grad_scale": grad_scale, "ckpt_err": ckpt_err, "calls": calls,
+                           "early": early,
                            "early_when_off": late,
                            "layers": len(ctrl.modules),
                            "single_layers": len(getattr(model, "single_transformer_blocks", ()))}
@@ -114,10 +120,11 @@ def test_context_parallel_equals_single_process(report, family):
 def test_context_parallel_gradients_equal_single_process(report, family):
     """The backward through tilewise's all-to-alls under diffusers' context parallelism (video and text split
     separately, received in the spec's order): the input and parameter gradients, summed over the ranks, are the
-    single-process ones."""
+    single-process ones, also with gradient checkpointing (blocks, hooks and collectives rerun in the backward)."""
     for rank, rep in enumerate(report):
         got = rep["results"][family]
         assert got["grad_err"] <= 1e-5 * max(1.0, got["grad_scale"]), (family, rank, got)
+        assert got["ckpt_err"] <= 1e-5 * max(1.0, got["grad_scale"]), (family, rank, got)  # with checkpointing
 
 
 def test_cp_plan_is_diffusers_own_for_wan_and_tilewise_s_for_the_others():
