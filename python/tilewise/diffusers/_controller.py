@@ -46,7 +46,8 @@ class Controller:
         self.precision = precision  # None: the strategy's (Strategy.precision); "native" / "fp8": every call
         # tilewise.parallel's options under context parallelism: load_balance (None = when heads differ), chunks,
         # sm_margin
-        self.parallel = {"load_balance": None, "chunks": 1, "sm_margin": 0, "early_start": True, **(parallel or {})}
+        self.parallel = {"load_balance": None, "chunks": 1, "sm_margin": 0, **(parallel or {})}
+        self.early_start = True  # enable(early_start=): families' hooks may issue the all-to-all before the call
         self.latent = None
         self.step = None
         self.timesteps = None
@@ -298,9 +299,8 @@ class Processor:
     def _ulysses_start(self, cp: ContextParallel, q, k, v, spec, text_len, text_position, local_order):
         from tilewise import parallel
         tile, latent = self.ctrl.tile, self.ctrl.latent
-        options = {key: value for key, value in self.ctrl.parallel.items() if key != "early_start"}
         kw = dict(group=cp.group, text_len=text_len, text_position=text_position, order="raster", layout="bshd",
-                  scale=None, deterministic=None, seq_len=None, **options,
+                  scale=None, deterministic=None, seq_len=None, **self.ctrl.parallel,
                   split=_sequence_split(cp, tuple(local_order), text_position), block_offsets=None, block_tiles=None,
                   precision=spec[2])
         if spec[0] == "sta":
@@ -376,8 +376,7 @@ def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chu
     if precision is not None and precision not in tilewise._args.PRECISIONS:
         raise ValueError(f"invalid precision = {precision!r}: expected None (the strategy's), 'native' or 'fp8'")
     return _enable(model, Strategy.coerce(strategy, tile), timesteps,
-                   dict(load_balance=load_balance, chunks=chunks, sm_margin=sm_margin, early_start=early_start),
-                   precision)
+                   dict(load_balance=load_balance, chunks=chunks, sm_margin=sm_margin), precision, early_start)
 
 
 def tap(model, hook, *, steps=None, layers=None, tile=None, timesteps=None) -> Controller:
@@ -399,7 +398,7 @@ def tap(model, hook, *, steps=None, layers=None, tile=None, timesteps=None) -> C
     return ctrl
 
 
-def _enable(model, parsed, timesteps, parallel, precision=None) -> Controller:
+def _enable(model, parsed, timesteps, parallel, precision=None, early_start=True) -> Controller:
     transformers, pipe = _transformers(model)
     ctrls = []
     for t in transformers:
@@ -407,6 +406,7 @@ def _enable(model, parsed, timesteps, parallel, precision=None) -> Controller:
         if controller(t) is not None:
             disable(t)
         ctrl = Controller(t, family, parsed, timesteps, parallel, precision)
+        ctrl.early_start = early_start
         cls = family.processor
         processors = []
         for layer, (module, original) in enumerate(zip(ctrl.modules, ctrl.originals)):

@@ -131,7 +131,7 @@ class HunyuanVideoProcessor(Processor):
         input. HunyuanVideoSingleTransformerBlock.forward(hidden_states, encoder_hidden_states, temb,
         attention_mask=None, image_rotary_emb=None)."""
         self._in_flight = None
-        if context_parallel(self) is None or not self.ctrl.parallel["early_start"]:
+        if context_parallel(self) is None or not self.ctrl.early_start:
             self._block_args = None
             return
         names = ("hidden_states", "encoder_hidden_states", "temb", "attention_mask", "image_rotary_emb")
