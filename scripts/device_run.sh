@@ -38,9 +38,11 @@ sanitize_cases() {
   done
 }
 # Small backward cases (tests/test_cuda_backward.cpp): partial tiles with text first, per-head windows with GQA in
-# bhsd, masked attention-tile blocks, a block list leaving a key tile unseen, fused padded views.
-BACKWARD_SANITIZE_CASES="sta_per_head_windows_gqa_bhsd_text_last partial_tile_classes_d128_text_first
-  attention_tile_tt2_masked_blocks_text block_list_unseen_key_tile fused_padded_views"
+# bhsd, masked attention-tile blocks, a block list leaving a key tile unseen, fused padded views. Overridable
+# (BACKWARD_SANITIZE_CASES=...): racecheck takes up to 2 minutes a case.
+BACKWARD_SANITIZE_CASES=${BACKWARD_SANITIZE_CASES:-"sta_per_head_windows_gqa_bhsd_text_last
+  partial_tile_classes_d128_text_first attention_tile_tt2_masked_blocks_text block_list_unseen_key_tile
+  fused_padded_views"}
 
 for step in $steps; do
   case $step in
@@ -73,8 +75,8 @@ for step in $steps; do
       echo "== backward variants, row 1 (HunyuanVideo 30x48x80, w3x3x3)"
       g++ -std=c++20 -O2 -Iinclude -I/usr/local/cuda/include scripts/backward_check.cpp -L$BUILD -ltilewise \
         -L/usr/local/cuda/lib64 -lcudart -Wl,--enable-new-dtags,-rpath,$PWD/$BUILD -o $BUILD/bwdcheck || exit 1
-      python3 scripts/kernel_variants.py $BUILD /tmp/bwd-variants $BWD_VARIANTS | tee "$OUT/variants_build.log"
-      for v in base ${BWD_VARIANTS}; do
+      python3 scripts/kernel_variants.py $BUILD /tmp/bwd-variants ${BWD_VARIANTS:-} | tee "$OUT/variants_build.log"
+      for v in base ${BWD_VARIANTS:-}; do
         name=${v%%=*}
         lib=$PWD/$BUILD; [ "$name" = base ] || lib=/tmp/bwd-variants/$name
         [ -f "$lib/libtilewise.so" ] || continue

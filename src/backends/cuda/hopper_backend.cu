@@ -266,7 +266,7 @@ class HopperBackend final : public Backend {
     prm.video_items = static_cast<int32_t>(g.num_tiles() * bwd_classes_.slots);
     prm.text_items = static_cast<int32_t>(ceil_div<int64_t>(p.text_capacity, hopper::kBackwardOwnedRows));
     prm.delta = ws.delta;
-    prm.stats = ws.stats;
+    encode_stats(p, ws.stats, prm.stats_map);
     prm.stream_slots = stream_slots_;
     prm.stats_entries = stats_entries_;
     prm.dq_accum = ws.dq_accum;
@@ -414,6 +414,17 @@ class HopperBackend final : public Backend {
     } else {
       text = video[0];  // never read
     }
+  }
+
+  /// The statistics buffer as rows of kBlockN floats (BwdParams::stats_map): one box is one block's 3 rows.
+  void encode_stats(const Problem& p, const float* stats, CUtensorMap& map) const {
+    const int64_t rows = p.batch * p.q_heads * int64_t{stats_entries_} * hopper::kStatsRows;
+    require(rows < (int64_t{1} << 31), "problem size", rows, "fewer than 2^31 rows of backward statistics");
+    const cuuint64_t row_bytes = hopper::kBlockN * sizeof(float), all = row_bytes * static_cast<cuuint64_t>(rows);
+    const cuuint64_t dims[5] = {hopper::kBlockN, static_cast<cuuint64_t>(rows), 1, 1, 1};
+    const cuuint64_t strides[4] = {row_bytes, all, all, all};
+    const cuuint32_t box[5] = {hopper::kBlockN, hopper::kStatsRows, 1, 1, 1}, ones[5] = {1, 1, 1, 1, 1};
+    encode_one(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, stats, dims, strides, box, ones, CU_TENSOR_MAP_SWIZZLE_NONE);
   }
 
   static void encode_one(CUtensorMap& map, CUtensorMapDataType dtype, const void* addr, const cuuint64_t* dims,

@@ -181,7 +181,7 @@ struct KernelTraits {
   };
 
   // The backward's dK/dV kernel streams, beside each query block, its rows' log2-domain LSE, D = rowsum(dO o) -
-  // dLSE and sequence position: one bulk copy of 3 x 128 words per stage.
+  // dLSE and sequence position: one TMA of 3 x 128 words per stage.
   static constexpr int kStatsBytes = kBackward ? 3 * kBlockN * 4 : 0;
   static constexpr int kDsPanelBytes = kBlockM * 128;  // 64 queries (128 bytes) per owned row
   static constexpr int kDsBytes = kDsBuffer ? 2 * kDsPanelBytes : 0;
@@ -190,6 +190,7 @@ struct KernelTraits {
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kBufferBytes + kKStages * kStatsBytes +
                                     kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KB an sm_90 CTA can have");
+  static_assert(kBufferBytes % 128 == 0 && kStatsBytes % 128 == 0, "TMA writes the statistics stages: 128-byte aligned");
 
   /// Carves the dynamic shared memory: tiles first (1024-byte aligned, as the 128-byte swizzle requires).
   static __device__ __forceinline__ Shared carve(uint8_t* raw) {

@@ -110,15 +110,6 @@ __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 
-/// Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) from global into shared memory; completion is
-/// signalled on `bar` like a tensor load.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, Barrier* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                   smem_addr(dst)),
-               "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(smem_addr(&bar->word))
-               : "memory");
-}
-
 /// Loads one 5-D box into shared memory; completion is signalled on `bar` (bytes counted by expect_tx).
 __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, Barrier* bar, int c0, int c1, int c2,
                                          int c3, int c4) {

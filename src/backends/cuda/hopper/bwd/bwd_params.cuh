@@ -67,9 +67,14 @@ struct BwdParams : FwdParams {
 
   const float* delta = nullptr;  // [B, Hq, S]: D_i = dO_i . o_i - dLSE_i (from the preprocess kernel)
   float* dq_accum = nullptr;     // fused dK/dV/dQ kernel: [B, Hq, S, D] fp32, zeroed before, scaled after
-  // dK/dV kernel: per (batch, query head, streamed block) 2 x kBlockN floats: the rows' LSE in base 2 (+inf for
-  // rows that are not real tokens, so their probabilities are exactly zero) and D.
-  const float* stats = nullptr;
+  // dK/dV kernel: per (batch, query head, streamed block) 3 x kBlockN floats: the rows' LSE in base 2 (+inf for
+  // rows that are not real tokens, so their probabilities are exactly zero), D and sequence position, as a 2-D
+  // tensor of 128-float rows (3 rows per block; bwd_preprocess.cuh writes it), so that each block's statistics come
+  // with one descriptor TMA (cp.async.bulk.tensor). A raw cp.async.bulk would do the same copy, but
+  // compute-sanitizer's racecheck does not see its mbarrier completion as ordering the consumers' generic reads
+  // and reports false WAR hazards (found here in v3.2; the same finding in FlashAttention's SM100 backward,
+  // AI/RACECHECK_TMA_HAZARD.md there), which would leave a real race in these reads undetectable.
+  CUtensorMap stats_map;
   int32_t stream_slots = 1;     // streamed blocks per tile: the most key boxes any class needs
   int32_t stats_entries = 0;    // per (batch, head): tiles * stream_slots video entries, then the text blocks
   int32_t kv_heads = 1;

@@ -1,6 +1,6 @@
 // The backward's preprocess: the row statistic D_i = dO_i . o_i - dLSE_i, once per query row, written twice: in
 // sequence order (`delta`, read by the dQ kernel for its owned rows) and per streamed block beside the row's LSE
-// in base 2 and its sequence position (`stats`, which the dK/dV kernel's producer loads with one bulk copy per
+// in base 2 and its sequence position (`stats`, which the dK/dV kernel's producer loads with one TMA per
 // block). Rows of a streamed block that are not real tokens get LSE +inf, D 0 and position -1, so their
 // probabilities and dS are exactly zero and no dQ is added for them.
 #pragma once
@@ -15,6 +15,7 @@ namespace tilewise::hopper {
 
 /// Words of one streamed block's statistics: the rows' LSE in base 2, D, and sequence position (-1: no token).
 constexpr int kStatsWords = 3 * kBlockN;
+constexpr int kStatsRows = 3;  // rows of kBlockN floats per entry in BwdParams::stats_map
 
 struct PreprocessParams {
   const void* o = nullptr;

@@ -6,7 +6,7 @@
 //  * dK/dV kernel: per owned key block, each query head of its GQA group, and per head the query tiles that see
 //    the key tile (query_boxes or the transposed block list: the reverse question) and then every text row
 //    (padding rows too: text queries see every video key and every valid text key). Each streamed Q block comes
-//    with its rows' statistics (one bulk copy beside the K stage).
+//    with its rows' statistics (one descriptor TMA beside the K stage, BwdParams::stats_map).
 #pragma once
 
 #include "backends/cuda/hopper/bwd/bwd_preprocess.cuh"
@@ -130,7 +130,8 @@ struct BwdProducer {
           const int64_t entry = (int64_t{p.batch_base + item.batch} * p.q_heads + h) * p.stats_entries +
                                 stats_entry(p, qb);
           s.k_full[stage].expect_tx(Traits::kStatsBytes);
-          bulk_load(s.stats(stage), p.stats + entry * kStatsWords, Traits::kStatsBytes, &s.k_full[stage]);
+          tma_load(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, static_cast<int32_t>(entry * kStatsRows), 0,
+                   0, 0);
           base().load(p.k_video, &p.k_text, p.k, qb, item.batch, h, s.k(stage), &s.k_full[stage]);
         }
         pipe.advance();
