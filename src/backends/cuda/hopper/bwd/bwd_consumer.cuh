@@ -119,7 +119,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// Frees both stages (and the owned blocks after the item's last).
   __device__ __forceinline__ void release_stages(const BlockInfo& bi, typename Base::KPipe& ks,
                                                  typename Base::VPipe& vs) const {
-    if constexpr (TILEWISE_HOPPER_BWD_RELEASE_SYNCWARP != 0) __syncwarp();  // the lanes' statistics reads first
     this->release_s_operands(ks.stage(), bi, false);
     ks.advance();
     this->release(this->s.v_empty[vs.stage()], false);

@@ -37,13 +37,6 @@
 #ifndef TILEWISE_HOPPER_BWD_HEAVY_FIRST
 #define TILEWISE_HOPPER_BWD_HEAVY_FIRST 1
 #endif
-// Every lane of a consumer warp reads the row statistics of a stage with ordinary loads, but only lane 0 arrives on
-// the stage's empty barrier. racecheck found one write-after-read hazard there (v3.2, docs/performance.md): without
-// a __syncwarp() the other lanes' reads are not ordered before that arrival by the memory model. 1: the warp
-// synchronises before each release. Off until it has passed racecheck, the GPU tests and a timing.
-#ifndef TILEWISE_HOPPER_BWD_RELEASE_SYNCWARP
-#define TILEWISE_HOPPER_BWD_RELEASE_SYNCWARP 0
-#endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the
 // dQ atomics, bit 32 the dQ product, bit 64 the barrier after it. Timing what is left shows what bounds a loop.
