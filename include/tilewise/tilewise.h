@@ -94,7 +94,8 @@ typedef struct tw_fp8_tensors {
 void tw_fp8_tensors_init(tw_fp8_tensors* tensors);
 
 /* The quantisation of TW_PRECISION_FP8 alone (docs/semantics.md §11.2): q, k, v in dtype (text_len may be NULL),
- * for plans with precision NATIVE or FP8; CPU plans only, so far. */
+ * for plans with precision NATIVE or FP8; CPU plans, and CUDA plans (native there: the CUDA backends quantise on
+ * `stream` but have no FP8 attention yet). */
 tw_status tw_plan_quantize_fp8(const tw_plan* plan, const void* q, const void* k, const void* v,
                                const int32_t* text_len, const tw_fp8_tensors* out, void* stream);
 /* FP8 key blocks per (batch, kv head) (k_scale's last dimension) into *count, and, when block_of_position is not

@@ -167,7 +167,8 @@ class Plan {
 
   /// FP8 quantisation of q, k, v (in dtype, on the plan's device; text_len as for run) exactly as a
   /// Precision::fp8 run does it (docs/semantics.md §11.2), written to `out`. For plans whose q, k, v are in dtype
-  /// (precision native or fp8); the CPU backend only, so far.
+  /// (precision native or fp8). CPU and CUDA plans (a CUDA plan is a native one: the CUDA backends quantise, on
+  /// `stream`, but have no FP8 attention yet).
   void quantize_fp8(const void* q, const void* k, const void* v, const int32_t* text_len, const Fp8Tensors& out,
                     void* stream = nullptr) const;
   /// K quantisation blocks per (batch, kv head): tiles + ceil(text capacity / 128) (the length of k_scale's last

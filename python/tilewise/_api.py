@@ -183,9 +183,10 @@ def quantize_fp8(q: Array, k: Array, v: Array, *, latent: Triple, tile: Triple =
                  text_position: str = "last", order: str = "raster", layout: str = "bshd"):
     """precision="fp8"'s quantisation alone (docs/semantics.md §11.2), exactly as an fp8 call does it: Q per row,
     K smoothed (its mean over the video and valid text keys subtracted) per key block, V per channel. torch
-    tensors on the CPU (no GPU quantiser yet). Returns (q8, k8, v8, (q_scale, k_scale, v_scale)): torch.float8_e4m3fn
-    tensors with q's, k's and v's strides, and float32 scales, ready for precision="fp8", scales=... on the
-    same geometry (whose LSE then lacks the smoothing term)."""
+    tensors on the CPU or on CUDA (there the quantisation runs on the GPU; the FP8 attention is CPU only so far).
+    Returns (q8, k8, v8, (q_scale, k_scale, v_scale)): torch.float8_e4m3fn tensors with q's, k's and v's strides,
+    and float32 scales, ready for precision="fp8", scales=... on the same geometry (whose LSE then lacks the
+    smoothing term)."""
     if not _is_torch(q):
         raise TypeError(f"q: expected a torch tensor, got {type(q).__name__} (numpy has no e4m3 dtype)")
     call = _args.Call.of(latent=latent, tile=tile, params=_args.PatternParams.of("dense"), text_position=text_position,

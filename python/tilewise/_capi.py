@@ -254,13 +254,14 @@ class Plan:
                       q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
         check(lib().tw_plan_run_tensors(self._handle, ctypes.byref(t), workspace or None, stream or None))
 
-    def quantize_fp8(self, q, k, v, text_len, out) -> None:
+    def quantize_fp8(self, q, k, v, text_len, out, stream=None) -> None:
         """precision fp8's quantisation alone: q, k, v (pointers) in the plan's dtype -> out, (q8, k8, v8,
-        q_scale, k_scale, v_scale) pointers (tw_plan_quantize_fp8)."""
+        q_scale, k_scale, v_scale) pointers (tw_plan_quantize_fp8), on `stream` (a cudaStream_t; None: the
+        default stream)."""
         q8, k8, v8, q_scale, k_scale, v_scale = out
         o = _pointers(Fp8Tensors, lib().tw_fp8_tensors_init, q=q8, k=k8, v=v8, q_scale=q_scale, k_scale=k_scale,
                       v_scale=v_scale)
-        check(lib().tw_plan_quantize_fp8(self._handle, q, k, v, text_len or None, ctypes.byref(o), None))
+        check(lib().tw_plan_quantize_fp8(self._handle, q, k, v, text_len or None, ctypes.byref(o), stream or None))
 
     def fp8_key_blocks(self) -> int:
         """K quantisation blocks per (batch, kv head): k_scale's last dimension."""

@@ -317,6 +317,29 @@ def test_errors(rng):
 
 
 @pytest.mark.skipif(not tilewise.cuda_available(), reason="needs the Hopper backend")
+@pytest.mark.parametrize("text_position,head_dim", [("first", 64), ("last", 128)])
+def test_cuda_quantize_fp8_is_the_simulation_code_for_code(rng, text_position, head_dim):
+    """quantize_fp8 on CUDA tensors runs on the GPU (fp8_quantize.cu) and gives the simulation's codes and scales:
+    keys with a large mean, text over three 128-position blocks with padding, GQA, text_len as a device tensor,
+    q in bhsd-like strides (a transposed view)."""
+    latent, tile, L = (3, 5, 6), (2, 2, 4), 300
+    q, k, v = (torch.from_numpy(x).bfloat16() for x in qkv(rng, 2, 90 + L, 4, 2, head_dim))
+    k = k + torch.from_numpy(rng.standard_normal(head_dim) * 4).bfloat16()
+    lens = [L, 129]
+    kw = dict(latent=latent, tile=tile, text_position=text_position)
+    cuda = [t.cuda() for t in (q, k, v)]
+    cuda[0] = cuda[0].transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    got = tilewise.quantize_fp8(*cuda, text_len=torch.tensor(lens, device="cuda"), **kw)
+    torch.cuda.synchronize()
+    x = [t.double().numpy() for t in (q, k, v)]
+    _, _, quantised = simulate(*x, latent, tile, sta_mask(latent, tile, [(1, 1, 1)]), np.array(lens),
+                               text_position == "first")
+    assert got[0].stride() == cuda[0].stride() and got[0].device.type == "cuda"
+    for t, want in zip((*got[:3], *got[3]), quantised):
+        np.testing.assert_array_equal(t.float().cpu().numpy(), want)
+
+
+@pytest.mark.skipif(not tilewise.cuda_available(), reason="needs the Hopper backend")
 def test_cuda_refuses_fp8_by_name():
     q = torch.randn(1, 64, 1, 128, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(tilewise.TilewiseError, match=r"invalid precision = fp8: expected native \(precision fp8 is "

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "backends/cuda/cuda_common.hpp"
+#include "backends/cuda/fp8_quantize.hpp"
 #include "backends/cuda/hopper/forward.hpp"
 #include "backends/cuda/hopper/bwd/backward.hpp"
 
@@ -323,6 +324,11 @@ class HopperBackend final : public Backend {
   }
 
   size_t workspace_bytes(const Plan&) const override { return 256; }
+
+  /// precision fp8's pre-pass alone (fp8_quantize.cu); a native plan may quantise too (semantics.md §11.2).
+  void quantize_fp8(const Plan& plan, const Tensors& in, const Fp8Tensors& out, void* stream) const override {
+    cuda::quantize_fp8(plan, in, out, static_cast<cudaStream_t>(stream));
+  }
 
   void run(const Plan& plan, const Tensors& t, void* stream, void* workspace) const override {
     const Problem& p = plan.problem();

@@ -4,6 +4,7 @@
 // only the semantics core (key_boxes, block_kind, video_pair_allowed) with the fast kernel, so it is the
 // oracle for problems too large for the CPU reference.
 #include "backends/cuda/cuda_common.hpp"
+#include "backends/cuda/fp8_quantize.hpp"
 #include "backends/cuda/reference_backward.hpp"
 #include "backends/cuda/reference_common.cuh"
 
@@ -139,6 +140,10 @@ class ReferenceBackend final : public Backend {
   }
 
   size_t backward_workspace_bytes(const Plan& plan) const override { return reference_backward_workspace_bytes(plan); }
+
+  void quantize_fp8(const Plan& plan, const Tensors& in, const Fp8Tensors& out, void* stream) const override {
+    cuda::quantize_fp8(plan, in, out, static_cast<cudaStream_t>(stream));
+  }
 
   /// Deterministic whatever the flag: the reference accumulates each gradient row in one thread.
   void run_backward(const Plan& plan, const GradTensors& t, void* stream, void* workspace, bool) const override {

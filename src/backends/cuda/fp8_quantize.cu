@@ -1,0 +1,264 @@
+// Plan::quantize_fp8 on the GPU (docs/semantics.md §11.2). Four passes over the sequence, one warp per row of D
+// values (lane l holds channels l, l + 32, ...; D is 64, 96 or 128):
+//   1. per (batch, kv head), the sums of the visible keys' channels in float64 (exact for bf16 / fp16 inputs, so
+//      the order of the atomic additions does not matter and the mean equals the CPU reference's);
+//   2. the smoothed keys' absolute maximum per key block and the values' per channel, over the visible keys
+//      (atomicMax on the float bits: the values are >= 0, and NaN is dropped by fmaxf first, as std::max drops it);
+//   3. k' = fl32(k - mu) and v quantised at every position, each with its group's 448 / amax;
+//   4. the block and channel maxima turned into scales in place; and Q per row, on its own.
+// The maxima accumulate in the caller's k_scale and v_scale (zeroed first), so the only scratch is the sums.
+#include "backends/cuda/fp8_quantize.hpp"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <string>
+
+#include "backends/cuda/cuda_common.hpp"
+#include "tilewise/fp8.hpp"
+
+namespace tilewise::cuda {
+namespace {
+
+constexpr int kWarps = 8;           // warps per CTA
+constexpr int kRowsPerWarp = 64;    // passes 1 and 2: visible rows per warp before its CTA reduces
+constexpr int kMaxChannels = 4;     // channels per lane: D <= 128
+
+struct QuantizeParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  Strides qs, ks, vs;  // elements; the e4m3 outputs share them (in bytes)
+  uint8_t* q8;
+  uint8_t* k8;
+  uint8_t* v8;
+  float* q_scale;    // [B, Hq, S]
+  float* k_scale;    // [B, Hkv, blocks]: the maxima, then the scales
+  float* v_scale;    // [B, Hkv, D]: likewise
+  double* sums;      // [B, Hkv, D]
+  TokenMapT<int32_t> map;
+  const int32_t* text_len;
+  int32_t batch, q_heads, kv_heads, head_dim, blocks;
+  int64_t seq_len;
+};
+
+template <class T>
+__device__ __forceinline__ float load(const void* base, int64_t at) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[at]);
+  else
+    return __half2float(static_cast<const __half*>(base)[at]);
+}
+
+/// fl32(x * inv) rounded to e4m3 by the hardware: to nearest, ties to even, saturating (§11.1).
+__device__ __forceinline__ uint8_t to_e4m3(float x, float inv) {
+  return __nv_cvt_float_to_fp8(__fmul_rn(x, inv), __NV_SATFINITE, __NV_E4M3);
+}
+
+__device__ __forceinline__ int32_t valid_text(const QuantizeParams& p, int32_t b) {
+  const int32_t cap = static_cast<int32_t>(p.map.seq.text_capacity);
+  if (p.text_len == nullptr) return cap;
+  const int32_t L = p.text_len[b];
+  return L < 0 ? 0 : (L > cap ? cap : L);  // clamped as the kernels clamp (no host sync to check the values)
+}
+
+/// Sequence position of visible key number `i` of batch b: the video positions, then the valid text positions.
+__device__ __forceinline__ int64_t visible_position(const QuantizeParams& p, int64_t i) {
+  const int64_t n_video = p.map.seq.num_video;
+  return i < n_video ? p.map.seq.video_offset() + i : p.map.seq.text_offset() + (i - n_video);
+}
+
+__device__ __forceinline__ float mean_of(const QuantizeParams& p, int64_t bg, int c, int32_t b) {
+  const int64_t count = p.map.seq.num_video + valid_text(p, b);
+  return static_cast<float>(p.sums[bg * p.head_dim + c] / static_cast<double>(count));
+}
+
+/// The float bits of a non-negative value keep their order as integers.
+__device__ __forceinline__ void atomic_max_nonneg(float* at, float x) {
+  atomicMax(reinterpret_cast<int*>(at), __float_as_int(x));
+}
+
+/// Pass 1: grid (chunks of kWarps * kRowsPerWarp visible keys, B * Hkv).
+template <class T>
+__global__ void key_sums(QuantizeParams p) {
+  const int64_t bg = blockIdx.y;
+  const int32_t b = static_cast<int32_t>(bg / p.kv_heads), g = static_cast<int32_t>(bg % p.kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, C = p.head_dim / 32;
+  const int64_t n_visible = p.map.seq.num_video + valid_text(p, b);
+  const int64_t first = (int64_t{blockIdx.x} * kWarps + warp) * kRowsPerWarp;
+  double acc[kMaxChannels] = {0.0, 0.0, 0.0, 0.0};
+  for (int64_t i = first; i < first + kRowsPerWarp && i < n_visible; ++i) {
+    const int64_t row = b * p.ks.batch + visible_position(p, i) * p.ks.seq + g * p.ks.head;
+#pragma unroll
+    for (int c = 0; c < kMaxChannels; ++c)
+      if (c < C) acc[c] += load<T>(p.k, row + lane + 32 * c);
+  }
+  __shared__ double part[kWarps][32 * kMaxChannels];
+#pragma unroll
+  for (int c = 0; c < kMaxChannels; ++c) part[warp][lane + 32 * c] = acc[c];
+  __syncthreads();
+  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+    double s = 0.0;
+    for (int w = 0; w < kWarps; ++w) s += part[w][d];
+    if (s != 0.0) atomicAdd(&p.sums[bg * p.head_dim + d], s);
+  }
+}
+
+/// Pass 2: same grid; the smoothed keys' block maxima and the values' channel maxima over the visible keys.
+template <class T>
+__global__ void group_maxima(QuantizeParams p) {
+  const int64_t bg = blockIdx.y;
+  const int32_t b = static_cast<int32_t>(bg / p.kv_heads), g = static_cast<int32_t>(bg % p.kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, C = p.head_dim / 32;
+  const int64_t n_visible = p.map.seq.num_video + valid_text(p, b);
+  const int64_t first = (int64_t{blockIdx.x} * kWarps + warp) * kRowsPerWarp;
+  float mu[kMaxChannels], vmax[kMaxChannels];
+#pragma unroll
+  for (int c = 0; c < kMaxChannels; ++c) {
+    mu[c] = c < C ? mean_of(p, bg, lane + 32 * c, b) : 0.f;
+    vmax[c] = 0.f;
+  }
+  for (int64_t i = first; i < first + kRowsPerWarp && i < n_visible; ++i) {
+    const int64_t s = visible_position(p, i);
+    const int64_t krow = b * p.ks.batch + s * p.ks.seq + g * p.ks.head;
+    const int64_t vrow = b * p.vs.batch + s * p.vs.seq + g * p.vs.head;
+    float kmax = 0.f;
+#pragma unroll
+    for (int c = 0; c < kMaxChannels; ++c) {
+      if (c >= C) continue;
+      kmax = fmaxf(kmax, fabsf(__fsub_rn(load<T>(p.k, krow + lane + 32 * c), mu[c])));
+      vmax[c] = fmaxf(vmax[c], fabsf(load<T>(p.v, vrow + lane + 32 * c)));
+    }
+    for (int o = 16; o > 0; o /= 2) kmax = fmaxf(kmax, __shfl_xor_sync(0xffffffffu, kmax, o));
+    if (lane == 0 && kmax > 0.f) atomic_max_nonneg(&p.k_scale[bg * p.blocks + fp8::key_block(p.map, s)], kmax);
+  }
+  __shared__ float part[kWarps][32 * kMaxChannels];
+#pragma unroll
+  for (int c = 0; c < kMaxChannels; ++c) part[warp][lane + 32 * c] = vmax[c];
+  __syncthreads();
+  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+    float m = 0.f;
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, part[w][d]);
+    if (m > 0.f) atomic_max_nonneg(&p.v_scale[bg * p.head_dim + d], m);
+  }
+}
+
+/// Pass 3: grid (chunks of kWarps * kRowsPerWarp positions, B * Hkv); every position (padding too, with its block's
+/// scale). A warp's channel means and value scales are computed once for its rows.
+template <class T>
+__global__ void quantize_keys_values(QuantizeParams p) {
+  const int64_t bg = blockIdx.y;
+  const int32_t b = static_cast<int32_t>(bg / p.kv_heads), g = static_cast<int32_t>(bg % p.kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, C = p.head_dim / 32;
+  const int64_t first = (int64_t{blockIdx.x} * kWarps + warp) * kRowsPerWarp;
+  float mu[kMaxChannels], vinv[kMaxChannels];
+#pragma unroll
+  for (int c = 0; c < kMaxChannels; ++c) {
+    mu[c] = c < C ? mean_of(p, bg, lane + 32 * c, b) : 0.f;
+    vinv[c] = c < C ? fp8::inv_scale_of(p.v_scale[bg * p.head_dim + lane + 32 * c]) : 1.f;
+  }
+  for (int64_t s = first; s < first + kRowsPerWarp && s < p.seq_len; ++s) {
+    const float kinv = fp8::inv_scale_of(p.k_scale[bg * p.blocks + fp8::key_block(p.map, s)]);
+    const int64_t krow = b * p.ks.batch + s * p.ks.seq + g * p.ks.head;
+    const int64_t vrow = b * p.vs.batch + s * p.vs.seq + g * p.vs.head;
+#pragma unroll
+    for (int c = 0; c < kMaxChannels; ++c) {
+      if (c >= C) continue;
+      const int d = lane + 32 * c;
+      p.k8[krow + d] = to_e4m3(__fsub_rn(load<T>(p.k, krow + d), mu[c]), kinv);
+      p.v8[vrow + d] = to_e4m3(load<T>(p.v, vrow + d), vinv[c]);
+    }
+  }
+}
+
+/// Pass 4a: the maxima to scales, in place (after pass 3 has read them).
+__global__ void maxima_to_scales(float* k_scale, int64_t n_k, float* v_scale, int64_t n_v) {
+  const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (i < n_k) k_scale[i] = fp8::scale_of(k_scale[i]);
+  else if (i < n_k + n_v) v_scale[i - n_k] = fp8::scale_of(v_scale[i - n_k]);
+}
+
+/// Pass 4b: Q, one warp per (batch, head, position): the row's maximum, its scale, its e4m3 values.
+template <class T>
+__global__ void quantize_queries(QuantizeParams p) {
+  const int64_t row = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;  // (b * Hq + h) * S + i
+  if (row >= int64_t{p.batch} * p.q_heads * p.seq_len) return;
+  const int lane = threadIdx.x % 32, C = p.head_dim / 32;
+  const int64_t i = row % p.seq_len, bh = row / p.seq_len;
+  const int64_t at = bh / p.q_heads * p.qs.batch + i * p.qs.seq + bh % p.q_heads * p.qs.head;
+  float x[kMaxChannels], amax = 0.f;
+#pragma unroll
+  for (int c = 0; c < kMaxChannels; ++c) {
+    x[c] = c < C ? load<T>(p.q, at + lane + 32 * c) : 0.f;
+    amax = fmaxf(amax, fabsf(x[c]));
+  }
+  for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if (lane == 0) p.q_scale[row] = fp8::scale_of(amax);
+  const float inv = fp8::inv_scale_of(amax);
+#pragma unroll
+  for (int c = 0; c < kMaxChannels; ++c)
+    if (c < C) p.q8[at + lane + 32 * c] = to_e4m3(x[c], inv);
+}
+
+unsigned blocks_for(int64_t warps) { return static_cast<unsigned>((warps + kWarps - 1) / kWarps); }
+
+template <class T>
+void launch_all(const QuantizeParams& p, cudaStream_t stream) {
+  const int64_t bg = int64_t{p.batch} * p.kv_heads;
+  const int64_t max_visible = p.map.seq.num_video + p.map.seq.text_capacity;
+  const dim3 chunks(blocks_for((max_visible + kRowsPerWarp - 1) / kRowsPerWarp), static_cast<unsigned>(bg));
+  const int threads = 32 * kWarps;
+  key_sums<T><<<chunks, threads, 0, stream>>>(p);
+  group_maxima<T><<<chunks, threads, 0, stream>>>(p);
+  const dim3 positions(blocks_for((p.seq_len + kRowsPerWarp - 1) / kRowsPerWarp), static_cast<unsigned>(bg));
+  quantize_keys_values<T><<<positions, threads, 0, stream>>>(p);
+  const int64_t n_k = bg * p.blocks, n_v = bg * p.head_dim;
+  maxima_to_scales<<<static_cast<unsigned>((n_k + n_v + 255) / 256), 256, 0, stream>>>(p.k_scale, n_k, p.v_scale, n_v);
+  quantize_queries<T><<<blocks_for(int64_t{p.batch} * p.q_heads * p.seq_len), threads, 0, stream>>>(p);
+}
+
+}  // namespace
+
+void quantize_fp8(const Plan& plan, const Tensors& in, const Fp8Tensors& out, cudaStream_t stream) {
+  const Problem& p = plan.problem();
+  detail::require(p.dtype == DType::bf16 || p.dtype == DType::f16, "dtype", to_string(p.dtype),
+                  "bf16 or f16 for quantize_fp8 on cuda");
+  detail::require(p.head_dim % 32 == 0 && p.head_dim <= 32 * kMaxChannels, "head_dim", p.head_dim,
+                  "64, 96 or 128 for quantize_fp8 on cuda");
+  detail::require(p.batch * p.kv_heads <= 65535, "batch", p.batch,
+                  "batch x kv_heads <= 65535 for quantize_fp8 on cuda (one grid row per pair)");
+  const int esize = static_cast<int>(dtype_size(p.dtype));
+  require_device_pointer(in.q, "q", esize);
+  require_device_pointer(in.k, "k", esize);
+  require_device_pointer(in.v, "v", esize);
+  if (in.text_len) require_device_pointer(in.text_len, "text_len", 4);
+  require_device_pointer(out.q, "out.q", 1);
+  require_device_pointer(out.k, "out.k", 1);
+  require_device_pointer(out.v, "out.v", 1);
+  require_device_pointer(out.q_scale, "out.q_scale", 4);
+  require_device_pointer(out.k_scale, "out.k_scale", 4);
+  require_device_pointer(out.v_scale, "out.v_scale", 4);
+
+  QuantizeParams prm{in.q, in.k, in.v, p.q, p.k, p.v,
+                     static_cast<uint8_t*>(out.q), static_cast<uint8_t*>(out.k), static_cast<uint8_t*>(out.v),
+                     out.q_scale, out.k_scale, out.v_scale, nullptr,
+                     TokenMapT<int32_t>{TileGridT<int32_t>(plan.grid()), plan.token_map().seq, p.order},
+                     in.text_len, static_cast<int32_t>(p.batch), static_cast<int32_t>(p.q_heads),
+                     static_cast<int32_t>(p.kv_heads), static_cast<int32_t>(p.head_dim),
+                     static_cast<int32_t>(plan.fp8_key_blocks()), p.seq_len};
+  const size_t sums_bytes = sizeof(double) * p.batch * p.kv_heads * p.head_dim;
+  check(cudaMallocAsync(reinterpret_cast<void**>(&prm.sums), sums_bytes, stream), "cudaMallocAsync (quantize_fp8)");
+  check(cudaMemsetAsync(prm.sums, 0, sums_bytes, stream), "cudaMemsetAsync");
+  check(cudaMemsetAsync(out.k_scale, 0, sizeof(float) * p.batch * p.kv_heads * prm.blocks, stream), "cudaMemsetAsync");
+  check(cudaMemsetAsync(out.v_scale, 0, sizeof(float) * p.batch * p.kv_heads * p.head_dim, stream), "cudaMemsetAsync");
+  if (p.dtype == DType::bf16)
+    launch_all<__nv_bfloat16>(prm, stream);
+  else
+    launch_all<__half>(prm, stream);
+  const cudaError_t launched = cudaGetLastError();
+  check(cudaFreeAsync(prm.sums, stream), "cudaFreeAsync (quantize_fp8)");
+  check(launched, "quantize_fp8 launch");
+}
+
+}  // namespace tilewise::cuda
