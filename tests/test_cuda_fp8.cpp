@@ -81,12 +81,17 @@ void expect_oracle_quantisation(const Case& c, const Buffer& in) {
 }
 #endif
 
-TEST(CudaFp8Quantize, RandomCasesMatchTheOracleCodeForCode) {
-  SKIP_WITHOUT_GPU();
-#ifdef TILEWISE_WITH_CUDA
+/// Fresh random inputs per run; the seed is in every failure's trace.
+class CudaFp8Quantize : public ::testing::Test {
+ protected:
+  void SetUp() override { SKIP_WITHOUT_GPU(); }
   const uint64_t seed = oracle::fresh_seed();
-  SCOPED_TRACE(oracle::seed_note(seed));
-  oracle::Rng rng(seed);
+  const ::testing::ScopedTrace trace{__FILE__, __LINE__, oracle::seed_note(seed)};
+  oracle::Rng rng{seed};
+};
+
+TEST_F(CudaFp8Quantize, RandomCasesMatchTheOracleCodeForCode) {
+#ifdef TILEWISE_WITH_CUDA
   for (int i = 0; i < 24; ++i) {
     Case c = oracle::random_case(rng, Kind::sliding_tile, i % 2 ? DType::bf16 : DType::f16);
     c.storage = oracle::StorageKind::bshd;  // the oracle's codes are contiguous bshd
@@ -96,12 +101,8 @@ TEST(CudaFp8Quantize, RandomCasesMatchTheOracleCodeForCode) {
 #endif
 }
 
-TEST(CudaFp8Quantize, DitLikeKeysAndLongPaddedText) {
-  SKIP_WITHOUT_GPU();
+TEST_F(CudaFp8Quantize, DitLikeKeysAndLongPaddedText) {
 #ifdef TILEWISE_WITH_CUDA
-  const uint64_t seed = oracle::fresh_seed();
-  SCOPED_TRACE(oracle::seed_note(seed));
-  oracle::Rng rng(seed);
   for (int64_t D : {64, 96, 128}) {
     Case c;
     c.kind = Kind::sliding_tile;

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (see require
 pytest.importorskip("diffusers", reason="diffusers is not installed (see requirements-torch.txt)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_parallel import launch  # noqa: E402
+from test_parallel import exit_worker, launch  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
@@ -142,3 +142,4 @@ def test_cp_plan_is_diffusers_own_for_wan_and_tilewise_s_for_the_others():
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
     _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+    exit_worker()

@@ -79,93 +79,107 @@ __device__ __forceinline__ void atomic_max_nonneg(float* at, float x) {
   atomicMax(reinterpret_cast<int*>(at), __float_as_int(x));
 }
 
+/// Where a warp of the row passes works (grid: chunks of kWarps * kRowsPerWarp rows, B * Hkv): its (batch, kv head),
+/// its lane's channels (lane + 32 c for c < channels) and its rows [first, first + kRowsPerWarp).
+struct WarpRows {
+  int64_t bg, first;
+  int32_t b, g;
+  int warp, lane, channels;
+  __device__ explicit WarpRows(const QuantizeParams& p)
+      : bg(blockIdx.y),
+        first((int64_t{blockIdx.x} * kWarps + threadIdx.x / 32) * kRowsPerWarp),
+        b(static_cast<int32_t>(bg / p.kv_heads)),
+        g(static_cast<int32_t>(bg % p.kv_heads)),
+        warp(threadIdx.x / 32),
+        lane(threadIdx.x % 32),
+        channels(p.head_dim / 32) {}
+  __device__ int64_t key_row(const QuantizeParams& p, int64_t s) const {
+    return b * p.ks.batch + s * p.ks.seq + g * p.ks.head;
+  }
+  __device__ int64_t value_row(const QuantizeParams& p, int64_t s) const {
+    return b * p.vs.batch + s * p.vs.seq + g * p.vs.head;
+  }
+};
+
+/// The CTA's warps' per-channel values combined with `op` (through shared memory), then `publish(d, combined)` by
+/// one thread per channel: one global atomic per channel and CTA instead of one per warp.
+template <class V, class Op, class Publish>
+__device__ __forceinline__ void combine_warps(const WarpRows& w, int head_dim, const V (&x)[kMaxChannels], Op op,
+                                              Publish publish) {
+  __shared__ V part[kWarps][32 * kMaxChannels];
+#pragma unroll
+  for (int c = 0; c < kMaxChannels; ++c) part[w.warp][w.lane + 32 * c] = x[c];
+  __syncthreads();
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    V y = part[0][d];
+    for (int i = 1; i < kWarps; ++i) y = op(y, part[i][d]);
+    publish(d, y);
+  }
+}
+
 /// Pass 1: grid (chunks of kWarps * kRowsPerWarp visible keys, B * Hkv).
 template <class T>
 __global__ void key_sums(QuantizeParams p) {
-  const int64_t bg = blockIdx.y;
-  const int32_t b = static_cast<int32_t>(bg / p.kv_heads), g = static_cast<int32_t>(bg % p.kv_heads);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, C = p.head_dim / 32;
-  const int64_t n_visible = p.map.seq.num_video + valid_text(p, b);
-  const int64_t first = (int64_t{blockIdx.x} * kWarps + warp) * kRowsPerWarp;
+  const WarpRows w(p);
+  const int64_t n_visible = p.map.seq.num_video + valid_text(p, w.b);
   double acc[kMaxChannels] = {0.0, 0.0, 0.0, 0.0};
-  for (int64_t i = first; i < first + kRowsPerWarp && i < n_visible; ++i) {
-    const int64_t row = b * p.ks.batch + visible_position(p, i) * p.ks.seq + g * p.ks.head;
+  for (int64_t i = w.first; i < w.first + kRowsPerWarp && i < n_visible; ++i) {
+    const int64_t row = w.key_row(p, visible_position(p, i));
 #pragma unroll
     for (int c = 0; c < kMaxChannels; ++c)
-      if (c < C) acc[c] += load<T>(p.k, row + lane + 32 * c);
+      if (c < w.channels) acc[c] += load<T>(p.k, row + w.lane + 32 * c);
   }
-  __shared__ double part[kWarps][32 * kMaxChannels];
-#pragma unroll
-  for (int c = 0; c < kMaxChannels; ++c) part[warp][lane + 32 * c] = acc[c];
-  __syncthreads();
-  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
-    double s = 0.0;
-    for (int w = 0; w < kWarps; ++w) s += part[w][d];
-    if (s != 0.0) atomicAdd(&p.sums[bg * p.head_dim + d], s);
-  }
+  combine_warps(w, p.head_dim, acc, [](double x, double y) { return x + y; }, [&](int d, double sum) {
+    if (sum != 0.0) atomicAdd(&p.sums[w.bg * p.head_dim + d], sum);
+  });
 }
 
 /// Pass 2: same grid; the smoothed keys' block maxima and the values' channel maxima over the visible keys.
 template <class T>
 __global__ void group_maxima(QuantizeParams p) {
-  const int64_t bg = blockIdx.y;
-  const int32_t b = static_cast<int32_t>(bg / p.kv_heads), g = static_cast<int32_t>(bg % p.kv_heads);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, C = p.head_dim / 32;
-  const int64_t n_visible = p.map.seq.num_video + valid_text(p, b);
-  const int64_t first = (int64_t{blockIdx.x} * kWarps + warp) * kRowsPerWarp;
+  const WarpRows w(p);
+  const int64_t n_visible = p.map.seq.num_video + valid_text(p, w.b);
   float mu[kMaxChannels], vmax[kMaxChannels];
 #pragma unroll
   for (int c = 0; c < kMaxChannels; ++c) {
-    mu[c] = c < C ? mean_of(p, bg, lane + 32 * c, b) : 0.f;
+    mu[c] = c < w.channels ? mean_of(p, w.bg, w.lane + 32 * c, w.b) : 0.f;
     vmax[c] = 0.f;
   }
-  for (int64_t i = first; i < first + kRowsPerWarp && i < n_visible; ++i) {
-    const int64_t s = visible_position(p, i);
-    const int64_t krow = b * p.ks.batch + s * p.ks.seq + g * p.ks.head;
-    const int64_t vrow = b * p.vs.batch + s * p.vs.seq + g * p.vs.head;
+  for (int64_t i = w.first; i < w.first + kRowsPerWarp && i < n_visible; ++i) {
+    const int64_t s = visible_position(p, i), krow = w.key_row(p, s), vrow = w.value_row(p, s);
     float kmax = 0.f;
 #pragma unroll
     for (int c = 0; c < kMaxChannels; ++c) {
-      if (c >= C) continue;
-      kmax = fmaxf(kmax, fabsf(__fsub_rn(load<T>(p.k, krow + lane + 32 * c), mu[c])));
-      vmax[c] = fmaxf(vmax[c], fabsf(load<T>(p.v, vrow + lane + 32 * c)));
+      if (c >= w.channels) continue;
+      kmax = fmaxf(kmax, fabsf(__fsub_rn(load<T>(p.k, krow + w.lane + 32 * c), mu[c])));
+      vmax[c] = fmaxf(vmax[c], fabsf(load<T>(p.v, vrow + w.lane + 32 * c)));
     }
     for (int o = 16; o > 0; o /= 2) kmax = fmaxf(kmax, __shfl_xor_sync(0xffffffffu, kmax, o));
-    if (lane == 0 && kmax > 0.f) atomic_max_nonneg(&p.k_scale[bg * p.blocks + fp8::key_block(p.map, s)], kmax);
+    if (w.lane == 0 && kmax > 0.f) atomic_max_nonneg(&p.k_scale[w.bg * p.blocks + fp8::key_block(p.map, s)], kmax);
   }
-  __shared__ float part[kWarps][32 * kMaxChannels];
-#pragma unroll
-  for (int c = 0; c < kMaxChannels; ++c) part[warp][lane + 32 * c] = vmax[c];
-  __syncthreads();
-  for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
-    float m = 0.f;
-    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, part[w][d]);
-    if (m > 0.f) atomic_max_nonneg(&p.v_scale[bg * p.head_dim + d], m);
-  }
+  combine_warps(w, p.head_dim, vmax, [](float x, float y) { return fmaxf(x, y); }, [&](int d, float m) {
+    if (m > 0.f) atomic_max_nonneg(&p.v_scale[w.bg * p.head_dim + d], m);
+  });
 }
 
 /// Pass 3: grid (chunks of kWarps * kRowsPerWarp positions, B * Hkv); every position (padding too, with its block's
 /// scale). A warp's channel means and value scales are computed once for its rows.
 template <class T>
 __global__ void quantize_keys_values(QuantizeParams p) {
-  const int64_t bg = blockIdx.y;
-  const int32_t b = static_cast<int32_t>(bg / p.kv_heads), g = static_cast<int32_t>(bg % p.kv_heads);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, C = p.head_dim / 32;
-  const int64_t first = (int64_t{blockIdx.x} * kWarps + warp) * kRowsPerWarp;
+  const WarpRows w(p);
   float mu[kMaxChannels], vinv[kMaxChannels];
 #pragma unroll
   for (int c = 0; c < kMaxChannels; ++c) {
-    mu[c] = c < C ? mean_of(p, bg, lane + 32 * c, b) : 0.f;
-    vinv[c] = c < C ? fp8::inv_scale_of(p.v_scale[bg * p.head_dim + lane + 32 * c]) : 1.f;
+    mu[c] = c < w.channels ? mean_of(p, w.bg, w.lane + 32 * c, w.b) : 0.f;
+    vinv[c] = c < w.channels ? fp8::inv_scale_of(p.v_scale[w.bg * p.head_dim + w.lane + 32 * c]) : 1.f;
   }
-  for (int64_t s = first; s < first + kRowsPerWarp && s < p.seq_len; ++s) {
-    const float kinv = fp8::inv_scale_of(p.k_scale[bg * p.blocks + fp8::key_block(p.map, s)]);
-    const int64_t krow = b * p.ks.batch + s * p.ks.seq + g * p.ks.head;
-    const int64_t vrow = b * p.vs.batch + s * p.vs.seq + g * p.vs.head;
+  for (int64_t s = w.first; s < w.first + kRowsPerWarp && s < p.seq_len; ++s) {
+    const float kinv = fp8::inv_scale_of(p.k_scale[w.bg * p.blocks + fp8::key_block(p.map, s)]);
+    const int64_t krow = w.key_row(p, s), vrow = w.value_row(p, s);
 #pragma unroll
     for (int c = 0; c < kMaxChannels; ++c) {
-      if (c >= C) continue;
-      const int d = lane + 32 * c;
+      if (c >= w.channels) continue;
+      const int d = w.lane + 32 * c;
       p.k8[krow + d] = to_e4m3(__fsub_rn(load<T>(p.k, krow + d), mu[c]), kinv);
       p.v8[vrow + d] = to_e4m3(load<T>(p.v, vrow + d), vinv[c]);
     }
