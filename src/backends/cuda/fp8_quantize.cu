@@ -1,7 +1,8 @@
 // Plan::quantize_fp8 on the GPU (docs/semantics.md §11.2). Four passes over the sequence, one warp per row of D
 // values (lane l holds channels l, l + 32, ...; D is 64, 96 or 128):
-//   1. per (batch, kv head), the sums of the visible keys' channels in float64 (exact for bf16 / fp16 inputs, so
-//      the order of the atomic additions does not matter and the mean equals the CPU reference's);
+//   1. per (batch, kv head), the sums of the visible keys' channels in float64: exact, as the reference's are, while
+//      a channel's magnitudes span less than about 2^28 (bf16 / fp16 have 8 / 11 significant bits), so the order
+//      of the atomic additions does not change the mean;
 //   2. the smoothed keys' absolute maximum per key block and the values' per channel, over the visible keys
 //      (atomicMax on the float bits: the values are >= 0, and NaN is dropped by fmaxf first, as std::max drops it);
 //   3. k' = fl32(k - mu) and v quantised at every position, each with its group's 448 / amax;
@@ -14,6 +15,7 @@
 #include <cuda_fp8.h>
 
 #include <string>
+#include <type_traits>
 
 #include "backends/cuda/cuda_common.hpp"
 #include "tilewise/fp8.hpp"
