@@ -3,6 +3,8 @@
 //   O = P V     P = e4m3(S / 64) packed from S's accumulator registers as they lie, V^T in shared memory with its
 //               keys in the order those registers imply (WgmmaFp8<128>::rs), so that neither operand is
 //               transposed in a kernel.
+// and precision fp8's online softmax (Fp8Softmax: integer running maximum, e4m3 P, l of the e4m3 values) over two
+// key blocks feeding that product, against a host emulation of §11.4.
 // A layout error gives errors of the size of the values. Inputs are small e4m3 values, so S is exact in fp32 and P
 // is the host's e4m3 rounding of it; O is compared with a tolerance of 2e-3 of its terms' absolute sum (FP8 wgmma
 // accumulates with fewer bits than fp32; a layout error is off by the size of the terms). Skipped without a GPU.
@@ -20,6 +22,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include "backends/cuda/hopper/fp8_softmax.cuh"
 #include "backends/cuda/hopper/ptx.cuh"
 #include "backends/cuda/hopper/wgmma_ops.cuh"
 #endif
@@ -96,6 +99,45 @@ __global__ void fp8_products(const uint8_t* q, const uint8_t* k, const uint8_t* 
     o_out[(row + 8 * ((i % 4) / 2)) * kDim + 8 * (i / 4) + 2 * (lane % 4) + (i % 2)] = o[i];
 }
 
+/// Two key blocks of 128 through Fp8Softmax and the P V product: s [2][64][128] scores (-inf: masked), factor
+/// [2][64] per block and row, vt [2][128 dims][128 logical keys] -> codes [2][64][128] (P's e4m3 codes by physical
+/// key), m and l [64] after both blocks, o [64][128] (unnormalised: sum of p~ v).
+__global__ void fp8_softmax_blocks(const float* s, const float* factor, const uint8_t* vt, uint8_t* codes_out,
+                                   float* m_out, float* l_out, float* o_out) {
+  __shared__ __align__(1024) uint8_t sv[kDim * 128];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, row = 16 * warp + lane / 4;
+  auto at = [&](int i) { return (row + 8 * ((i % 4) / 2)) * kKeys + 8 * (i / 4) + 2 * (lane % 4) + (i % 2); };
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, o[kDim / 2];
+  for (float& x : o) x = 0.f;
+  const uint32_t va = smem_addr(sv);
+  for (int block = 0; block < 2; ++block) {
+    __syncthreads();  // the previous block's product has read sv (each thread waited for its wgmma)
+    for (int i = tid; i < kDim * 128; i += 128) sv[panel_offset(i / 128, i % 128)] = vt[block * kDim * 128 + i];
+    fence_proxy_async();
+    __syncthreads();
+    float frag[Fp8Softmax::kValues], corr[2];
+    const float f[2] = {factor[block * kRows + row], factor[block * kRows + row + 8]};
+    for (int i = 0; i < Fp8Softmax::kValues; ++i) frag[i] = s[block * kRows * kKeys + at(i)];
+    uint8_t codes[Fp8Softmax::kValues];
+    Fp8Softmax::step(frag, f, m, l, corr, codes);
+    for (int i = 0; i < Fp8Softmax::kValues; ++i) codes_out[block * kRows * kKeys + at(i)] = codes[i];
+    for (int i = 0; i < kDim / 2; ++i) o[i] *= corr[(i % 4) / 2];
+    uint32_t pa[4][4];
+    Fp8Softmax::to_operand(codes, pa);
+    wgmma_fence();
+#pragma unroll
+    for (int step = 0; step < kKeys / 32; ++step)
+      WgmmaFp8<kDim>::rs(o, pa[step], make_desc(va + 32 * step, 16, 1024, 128), 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(o);
+  }
+  if (lane % 4 == 0)
+    for (int rr = 0; rr < 2; ++rr) m_out[row + 8 * rr] = m[rr], l_out[row + 8 * rr] = l[rr];
+  for (int i = 0; i < kDim / 2; ++i)
+    o_out[(row + 8 * ((i % 4) / 2)) * kDim + 8 * (i / 4) + 2 * (lane % 4) + (i % 2)] = o[i];
+}
+
 template <class T>
 T* device_copy(const std::vector<T>& h) {
   T* d = nullptr;
@@ -157,6 +199,93 @@ TEST(CudaFp8Mma, ProductsWithPFromTheAccumulatorAndVtInItsKeyOrder) {
       ASSERT_NEAR(o[r * kDim + d], want, 2e-3 * scale + 1e-6) << "O[" << r << ", " << d << "]";
     }
   }
+#endif
+}
+
+TEST(CudaFp8Mma, OnlineSoftmaxOverTwoBlocksIntoTheProduct) {
+  if (!tilewise::cuda_available()) GTEST_SKIP() << "no CUDA device (or built without CUDA): GPU test skipped";
+#ifdef TILEWISE_WITH_CUDA
+  const uint64_t seed = oracle::fresh_seed();
+  SCOPED_TRACE(oracle::seed_note(seed));
+  oracle::Rng rng(seed);
+  // Integer scores times factors 1 or 2: every t is an integer, so 2^(t - M) and 448 times it are exact and the
+  // codes are the host's to the bit. Block 1 raises the maximum of the rows it gives scores up to +3; row 5 is
+  // masked everywhere, row 7 in block 0 only.
+  std::uniform_int_distribution<int> score(-12, 0), raise(0, 3), coin(0, 1);
+  const size_t n = 2 * kRows * kKeys;
+  std::vector<float> s(n), factor(2 * kRows);
+  for (int block = 0; block < 2; ++block)
+    for (int r = 0; r < kRows; ++r) {
+      factor[block * kRows + r] = coin(rng) ? 2.f : 1.f;
+      for (int j = 0; j < kKeys; ++j) {
+        float x = static_cast<float>(score(rng) + (block == 1 && r % 3 == 0 ? raise(rng) : 0));
+        if (r == 5 || (r == 7 && block == 0) || coin(rng) * coin(rng) * coin(rng)) x = -INFINITY;
+        s[(block * kRows + r) * kKeys + j] = x;
+      }
+    }
+  const double pool[] = {-2, -1, -0.5, 0, 0.5, 1, 2};
+  std::uniform_int_distribution<int> pick(0, 6);
+  std::vector<double> v(2 * kKeys * kDim);  // [block][key][d]
+  for (double& x : v) x = pool[pick(rng)];
+  std::vector<uint8_t> vt(2 * kDim * kKeys);
+  for (int block = 0; block < 2; ++block)
+    for (int d = 0; d < kDim; ++d)
+      for (int l = 0; l < kKeys; ++l)
+        vt[(block * kDim + d) * kKeys + l] = tilewise::detail::double_to_e4m3(
+            v[(block * kKeys + 32 * (l / 32) + physical_key(l % 32)) * kDim + d]);
+
+  float *ds = device_copy(s), *df = device_copy(factor), *dm = nullptr, *dl = nullptr, *dout = nullptr;
+  uint8_t *dvt = device_copy(vt), *dcodes = nullptr;
+  ASSERT_EQ(cudaMalloc(&dcodes, n), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dm, 4 * kRows), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dl, 4 * kRows), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dout, 4 * kRows * kDim), cudaSuccess);
+  fp8_softmax_blocks<<<1, 128>>>(ds, df, dvt, dcodes, dm, dl, dout);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint8_t> codes(n);
+  std::vector<float> m(kRows), l(kRows), o(kRows * kDim);
+  ASSERT_EQ(cudaMemcpy(codes.data(), dcodes, n, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(m.data(), dm, 4 * kRows, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(l.data(), dl, 4 * kRows, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(o.data(), dout, 4 * kRows * kDim, cudaMemcpyDeviceToHost), cudaSuccess);
+  for (void* p : {static_cast<void*>(ds), static_cast<void*>(df), static_cast<void*>(dvt),
+                  static_cast<void*>(dcodes), static_cast<void*>(dm), static_cast<void*>(dl), static_cast<void*>(dout)})
+    cudaFree(p);
+
+  // The host's online §11.4: per block the running integer maximum, codes against it, l and O rescaled by
+  // 2^(M_old - M_new).
+  for (int r = 0; r < kRows; ++r) {
+    double m_run = -INFINITY, l_run = 0;
+    std::vector<double> o_run(kDim, 0.0);
+    for (int block = 0; block < 2; ++block) {
+      double mx = -INFINITY;
+      std::vector<double> t(kKeys);
+      for (int j = 0; j < kKeys; ++j) {
+        t[j] = double(s[(block * kRows + r) * kKeys + j]) * factor[block * kRows + r];
+        mx = std::max(mx, t[j]);
+      }
+      const double m_new = std::max(m_run, std::ceil(mx));
+      const double corr = m_new == m_run ? 1.0 : std::exp2(m_run - m_new);
+      const double m_use = m_new == -INFINITY ? 0.0 : m_new;
+      l_run *= corr;
+      for (double& x : o_run) x *= corr;
+      for (int j = 0; j < kKeys; ++j) {
+        const uint8_t code = tilewise::detail::double_to_e4m3(448.0 * std::exp2(t[j] - m_use));
+        ASSERT_EQ(codes[(block * kRows + r) * kKeys + j], code) << "block " << block << ", P[" << r << ", " << j
+                                                                 << "]";
+        const double p = tilewise::detail::e4m3_to_double(code);
+        l_run += p;
+        for (int d = 0; d < kDim; ++d) o_run[d] += p * v[(block * kKeys + j) * kDim + d];
+      }
+      m_run = m_new;
+    }
+    ASSERT_EQ(m[r], m_run) << "M[" << r << "]";
+    ASSERT_NEAR(l[r], l_run, 1e-6 * l_run) << "l[" << r << "]";
+    for (int d = 0; d < kDim; ++d)  // |v| <= 2: the terms' absolute sum is at most 2 l
+      ASSERT_NEAR(o[r * kDim + d], o_run[d], 4e-3 * l_run + 1e-6) << "O[" << r << ", " << d << "]";
+  }
+  EXPECT_EQ(m[5], -INFINITY);
+  EXPECT_EQ(l[5], 0.f);
 #endif
 }
 
