@@ -47,6 +47,11 @@ __device__ uint32_t panel_offset(int row, int byte) {
   return linear ^ ((linear & 0x380u) >> 3);
 }
 
+/// Row-major index, in a [64][width] matrix, of accumulator value i of the thread at (fragment row `row`, lane).
+__device__ int fragment_at(int i, int row, int lane, int width) {
+  return (row + 8 * ((i % 4) / 2)) * width + 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
+}
+
 /// q [64][128], k [128 keys][128], vt [128 dims][128 logical keys] (e4m3 codes, row-major) -> s, o [64][128] fp32.
 __global__ void fp8_products(const uint8_t* q, const uint8_t* k, const uint8_t* vt, float* s_out, float* o_out) {
   __shared__ __align__(1024) uint8_t sq[kRows * 128];
@@ -73,30 +78,23 @@ __global__ void fp8_products(const uint8_t* q, const uint8_t* k, const uint8_t* 
   fence_regs(s);
 
   const int row = 16 * warp + lane / 4;
-  for (int i = 0; i < kKeys / 2; ++i)
-    s_out[(row + 8 * ((i % 4) / 2)) * kKeys + 8 * (i / 4) + 2 * (lane % 4) + (i % 2)] = s[i];
+  for (int i = 0; i < kKeys / 2; ++i) s_out[fragment_at(i, row, lane, kKeys)] = s[i];
 
-  // P's A fragments: per k32 step, {row, keys of chunk pair 0} {row + 8, same} {row, chunk pair 1} {row + 8, ...},
-  // each register four accumulator values in the order they lie.
-  auto e4m3 = [](float x) { return static_cast<uint32_t>(__nv_cvt_float_to_fp8(x / 64.f, __NV_SATFINITE, __NV_E4M3)); };
-  auto pack = [&](int a, int b, int c, int d) {
-    return e4m3(s[a]) | e4m3(s[b]) << 8 | e4m3(s[c]) << 16 | e4m3(s[d]) << 24;
-  };
+  // P's A fragments as they lie in the accumulator (Fp8Softmax::to_operand).
+  uint8_t codes[Fp8Softmax::kValues];
+  for (int i = 0; i < Fp8Softmax::kValues; ++i) codes[i] = static_cast<uint8_t>(Fp8Softmax::e4m3(s[i] / 64.f));
+  uint32_t pa[4][4];
+  Fp8Softmax::to_operand(codes, pa);
   float o[kDim / 2];
   for (float& x : o) x = 0.f;
   wgmma_fence();
 #pragma unroll
-  for (int step = 0; step < kKeys / 32; ++step) {
-    const int a = 16 * step;
-    const uint32_t frag[4] = {pack(a, a + 1, a + 4, a + 5), pack(a + 2, a + 3, a + 6, a + 7),
-                              pack(a + 8, a + 9, a + 12, a + 13), pack(a + 10, a + 11, a + 14, a + 15)};
-    WgmmaFp8<kDim>::rs(o, frag, make_desc(va + 32 * step, 16, 1024, 128), step > 0);
-  }
+  for (int step = 0; step < kKeys / 32; ++step)
+    WgmmaFp8<kDim>::rs(o, pa[step], make_desc(va + 32 * step, 16, 1024, 128), step > 0);
   wgmma_commit();
   wgmma_wait<0>();
   fence_regs(o);
-  for (int i = 0; i < kDim / 2; ++i)
-    o_out[(row + 8 * ((i % 4) / 2)) * kDim + 8 * (i / 4) + 2 * (lane % 4) + (i % 2)] = o[i];
+  for (int i = 0; i < kDim / 2; ++i) o_out[fragment_at(i, row, lane, kDim)] = o[i];
 }
 
 /// Two key blocks of 128 through Fp8Softmax and the P V product: s [2][64][128] scores (-inf: masked), factor
@@ -106,7 +104,7 @@ __global__ void fp8_softmax_blocks(const float* s, const float* factor, const ui
                                    float* m_out, float* l_out, float* o_out) {
   __shared__ __align__(1024) uint8_t sv[kDim * 128];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, row = 16 * warp + lane / 4;
-  auto at = [&](int i) { return (row + 8 * ((i % 4) / 2)) * kKeys + 8 * (i / 4) + 2 * (lane % 4) + (i % 2); };
+  auto at = [&](int i) { return fragment_at(i, row, lane, kKeys); };
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, o[kDim / 2];
   for (float& x : o) x = 0.f;
   const uint32_t va = smem_addr(sv);
@@ -134,8 +132,7 @@ __global__ void fp8_softmax_blocks(const float* s, const float* factor, const ui
   }
   if (lane % 4 == 0)
     for (int rr = 0; rr < 2; ++rr) m_out[row + 8 * rr] = m[rr], l_out[row + 8 * rr] = l[rr];
-  for (int i = 0; i < kDim / 2; ++i)
-    o_out[(row + 8 * ((i % 4) / 2)) * kDim + 8 * (i / 4) + 2 * (lane % 4) + (i % 2)] = o[i];
+  for (int i = 0; i < kDim / 2; ++i) o_out[fragment_at(i, row, lane, kDim)] = o[i];
 }
 
 template <class T>
