@@ -106,6 +106,16 @@ class Buffer {
     return out;
   }
 
+  /// The buffer's bytes as `count` values of T.
+  template <class T>
+  std::vector<T> download_as(size_t count) const {
+    const std::vector<uint8_t> raw = download();
+    if (count * sizeof(T) > raw.size()) throw std::logic_error("gradcheck::Buffer::download_as: too many values");
+    std::vector<T> out(count);
+    std::memcpy(out.data(), raw.data(), count * sizeof(T));
+    return out;
+  }
+
   /// Sets every byte; on the GPU asynchronously on `stream` (so a CUDA graph can capture it).
   void fill(uint8_t byte, void* stream) {
     if (bytes_ == 0) return;
@@ -133,6 +143,13 @@ class Buffer {
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
 };
+
+/// `bytes` on `device`, filled from `host` when given.
+inline Buffer make_buffer(Device device, size_t bytes, const void* host = nullptr) {
+  Buffer b(device, bytes);
+  if (host != nullptr) b.upload(host, bytes);
+  return b;
+}
 
 /// Waits for all work on the device (a no-op for the CPU, whose runs are synchronous).
 inline void synchronize(Device device) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "buffer.hpp"
+#include "grad_harness.hpp"
 #include "oracle_case.hpp"
 #include "oracle_fp8.hpp"
 #include "tilewise/tilewise.hpp"
@@ -28,27 +29,11 @@ using tilewise::DType;
   if (!tilewise::cuda_available()) GTEST_SKIP() << "no CUDA device (or built without CUDA): GPU test skipped"
 
 #ifdef TILEWISE_WITH_CUDA
-/// Device bytes, copied from and back to the host.
-class DeviceBytes {
- public:
-  explicit DeviceBytes(size_t bytes) : bytes_(bytes) { EXPECT_EQ(cudaMalloc(&ptr_, bytes ? bytes : 1), cudaSuccess); }
-  DeviceBytes(const void* host, size_t bytes) : DeviceBytes(bytes) {
-    EXPECT_EQ(cudaMemcpy(ptr_, host, bytes, cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  DeviceBytes(const DeviceBytes&) = delete;
-  ~DeviceBytes() { cudaFree(ptr_); }
-  void* get() const { return ptr_; }
-  template <class T>
-  std::vector<T> to_host(size_t count) const {
-    std::vector<T> h(count);
-    EXPECT_EQ(cudaMemcpy(h.data(), ptr_, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-    return h;
-  }
+using GpuBuffer = gradcheck::Buffer;
 
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_;
-};
+GpuBuffer on_gpu(size_t bytes, const void* host = nullptr) {
+  return gradcheck::make_buffer(tilewise::Device::cuda, bytes, host);
+}
 
 /// quantize_fp8 of `in` on a Device::cuda plan (native precision: the pre-pass alone), compared with the oracle.
 void expect_oracle_quantisation(const Case& c, const Buffer& in) {
@@ -58,26 +43,26 @@ void expect_oracle_quantisation(const Case& c, const Buffer& in) {
   const int64_t S = c.seq_len(), D = c.head_dim, blocks = plan.fp8_key_blocks();
   const size_t nq = c.batch * S * c.q_heads * D, nk = c.batch * S * c.kv_heads * D;
   const size_t nqs = c.batch * c.q_heads * S, nks = c.batch * c.kv_heads * blocks, nvs = c.batch * c.kv_heads * D;
-  DeviceBytes d_in(in.raw.data(), in.raw.size());
-  DeviceBytes q8(nq), k8(nk), v8(nk), qs(4 * nqs), ks(4 * nks), vs(4 * nvs);
-  DeviceBytes len(c.text_len.data(), 4 * c.text_len.size());
+  const GpuBuffer d_in = on_gpu(in.raw.size(), in.raw.data());
+  const GpuBuffer q8 = on_gpu(nq), k8 = on_gpu(nk), v8 = on_gpu(nk), qs = on_gpu(4 * nqs), ks = on_gpu(4 * nks),
+                  vs = on_gpu(4 * nvs), len = on_gpu(4 * c.text_len.size(), c.text_len.data());
   const int64_t esize = oracle::storage_size(in.st);
-  char* base = static_cast<char*>(d_in.get());
+  char* base = static_cast<char*>(d_in.data());
   plan.quantize_fp8(base, base + views.k_offset * esize, base + views.v_offset * esize,
-                    c.text_len.empty() ? nullptr : static_cast<const int32_t*>(len.get()),
-                    {q8.get(), k8.get(), v8.get(), static_cast<float*>(qs.get()), static_cast<float*>(ks.get()),
-                     static_cast<float*>(vs.get())});
+                    static_cast<const int32_t*>(len.data()),  // null without text_len (no bytes)
+                    {q8.data(), k8.data(), v8.data(), static_cast<float*>(qs.data()), static_cast<float*>(ks.data()),
+                     static_cast<float*>(vs.data())});
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 
   const std::vector<double> x = in.values();
   const oracle::fp8::Quantised ref = oracle::fp8::quantise_inputs(
       oracle::to_oracle(c), x.data(), x.data() + views.k_offset, x.data() + views.v_offset);
-  EXPECT_EQ(q8.to_host<uint8_t>(nq), ref.q_code);
-  EXPECT_EQ(k8.to_host<uint8_t>(nk), ref.k_code);
-  EXPECT_EQ(v8.to_host<uint8_t>(nk), ref.v_code);
-  EXPECT_EQ(qs.to_host<float>(nqs), ref.q_scale);
-  EXPECT_EQ(ks.to_host<float>(nks), ref.k_scale);
-  EXPECT_EQ(vs.to_host<float>(nvs), ref.v_scale);
+  EXPECT_EQ(q8.download_as<uint8_t>(nq), ref.q_code);
+  EXPECT_EQ(k8.download_as<uint8_t>(nk), ref.k_code);
+  EXPECT_EQ(v8.download_as<uint8_t>(nk), ref.v_code);
+  EXPECT_EQ(qs.download_as<float>(nqs), ref.q_scale);
+  EXPECT_EQ(ks.download_as<float>(nks), ref.k_scale);
+  EXPECT_EQ(vs.download_as<float>(nvs), ref.v_scale);
 }
 #endif
 

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/numeric.hpp"
+#include "grad_harness.hpp"
 #include "oracle_case.hpp"
 #include "tilewise/tilewise.hpp"
 
@@ -135,21 +136,30 @@ __global__ void fp8_softmax_blocks(const float* s, const float* factor, const ui
   for (int i = 0; i < kDim / 2; ++i) o_out[fragment_at(i, row, lane, kDim)] = o[i];
 }
 
+using GpuBuffer = gradcheck::Buffer;
+
 template <class T>
-T* device_copy(const std::vector<T>& h) {
-  T* d = nullptr;
-  EXPECT_EQ(cudaMalloc(&d, h.size() * sizeof(T)), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  return d;
+GpuBuffer on_gpu(const std::vector<T>& host) {
+  return gradcheck::make_buffer(tilewise::Device::cuda, host.size() * sizeof(T), host.data());
 }
+GpuBuffer on_gpu(size_t bytes) { return gradcheck::make_buffer(tilewise::Device::cuda, bytes); }
+template <class T>
+T* ptr(const GpuBuffer& b) { return static_cast<T*>(b.data()); }
 #endif
 
-TEST(CudaFp8Mma, ProductsWithPFromTheAccumulatorAndVtInItsKeyOrder) {
-  if (!tilewise::cuda_available()) GTEST_SKIP() << "no CUDA device (or built without CUDA): GPU test skipped";
-#ifdef TILEWISE_WITH_CUDA
+/// Fresh random inputs per run; the seed is in every failure's trace.
+class CudaFp8Mma : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!tilewise::cuda_available()) GTEST_SKIP() << "no CUDA device (or built without CUDA): GPU test skipped";
+  }
   const uint64_t seed = oracle::fresh_seed();
-  SCOPED_TRACE(oracle::seed_note(seed));
-  oracle::Rng rng(seed);
+  const ::testing::ScopedTrace trace{__FILE__, __LINE__, oracle::seed_note(seed)};
+  oracle::Rng rng{seed};
+};
+
+TEST_F(CudaFp8Mma, ProductsWithPFromTheAccumulatorAndVtInItsKeyOrder) {
+#ifdef TILEWISE_WITH_CUDA
   // Values with few significant bits (and both signs): every product and every sum of S is exact in fp32.
   const double pool[] = {-2, -1.5, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 1.5, 2};
   std::uniform_int_distribution<int> pick(0, 10);
@@ -169,18 +179,11 @@ TEST(CudaFp8Mma, ProductsWithPFromTheAccumulatorAndVtInItsKeyOrder) {
   for (int d = 0; d < kDim; ++d)
     for (int l = 0; l < kKeys; ++l) vt[d * kKeys + l] = v[(32 * (l / 32) + physical_key(l % 32)) * kDim + d];
 
-  uint8_t *dq = device_copy(q), *dk = device_copy(k), *dvt = device_copy(vt);
-  float *ds = nullptr, *dout = nullptr;
-  ASSERT_EQ(cudaMalloc(&ds, sizeof(float) * kRows * kKeys), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&dout, sizeof(float) * kRows * kDim), cudaSuccess);
-  fp8_products<<<1, 128>>>(dq, dk, dvt, ds, dout);
+  const GpuBuffer dq = on_gpu(q), dk = on_gpu(k), dvt = on_gpu(vt), ds = on_gpu(4 * kRows * kKeys),
+                  dout = on_gpu(4 * kRows * kDim);
+  fp8_products<<<1, 128>>>(ptr<uint8_t>(dq), ptr<uint8_t>(dk), ptr<uint8_t>(dvt), ptr<float>(ds), ptr<float>(dout));
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<float> s(kRows * kKeys), o(kRows * kDim);
-  ASSERT_EQ(cudaMemcpy(s.data(), ds, sizeof(float) * s.size(), cudaMemcpyDeviceToHost), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(o.data(), dout, sizeof(float) * o.size(), cudaMemcpyDeviceToHost), cudaSuccess);
-  for (void* p : {static_cast<void*>(dq), static_cast<void*>(dk), static_cast<void*>(dvt), static_cast<void*>(ds),
-                  static_cast<void*>(dout)})
-    cudaFree(p);
+  const std::vector<float> s = ds.download_as<float>(kRows * kKeys), o = dout.download_as<float>(kRows * kDim);
 
   for (int r = 0; r < kRows; ++r) {
     std::vector<double> p(kKeys);
@@ -199,12 +202,8 @@ TEST(CudaFp8Mma, ProductsWithPFromTheAccumulatorAndVtInItsKeyOrder) {
 #endif
 }
 
-TEST(CudaFp8Mma, OnlineSoftmaxOverTwoBlocksIntoTheProduct) {
-  if (!tilewise::cuda_available()) GTEST_SKIP() << "no CUDA device (or built without CUDA): GPU test skipped";
+TEST_F(CudaFp8Mma, OnlineSoftmaxOverTwoBlocksIntoTheProduct) {
 #ifdef TILEWISE_WITH_CUDA
-  const uint64_t seed = oracle::fresh_seed();
-  SCOPED_TRACE(oracle::seed_note(seed));
-  oracle::Rng rng(seed);
   // Integer scores times factors 1 or 2: every t is an integer, so 2^(t - M) and 448 times it are exact and the
   // codes are the host's to the bit. Block 1 raises the maximum of the rows it gives scores up to +3; row 5 is
   // masked everywhere, row 7 in block 0 only.
@@ -231,23 +230,14 @@ TEST(CudaFp8Mma, OnlineSoftmaxOverTwoBlocksIntoTheProduct) {
         vt[(block * kDim + d) * kKeys + l] = tilewise::detail::double_to_e4m3(
             v[(block * kKeys + 32 * (l / 32) + physical_key(l % 32)) * kDim + d]);
 
-  float *ds = device_copy(s), *df = device_copy(factor), *dm = nullptr, *dl = nullptr, *dout = nullptr;
-  uint8_t *dvt = device_copy(vt), *dcodes = nullptr;
-  ASSERT_EQ(cudaMalloc(&dcodes, n), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&dm, 4 * kRows), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&dl, 4 * kRows), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&dout, 4 * kRows * kDim), cudaSuccess);
-  fp8_softmax_blocks<<<1, 128>>>(ds, df, dvt, dcodes, dm, dl, dout);
+  const GpuBuffer ds = on_gpu(s), df = on_gpu(factor), dvt = on_gpu(vt), dcodes = on_gpu(n), dm = on_gpu(4 * kRows),
+                  dl = on_gpu(4 * kRows), dout = on_gpu(4 * kRows * kDim);
+  fp8_softmax_blocks<<<1, 128>>>(ptr<float>(ds), ptr<float>(df), ptr<uint8_t>(dvt), ptr<uint8_t>(dcodes),
+                                 ptr<float>(dm), ptr<float>(dl), ptr<float>(dout));
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<uint8_t> codes(n);
-  std::vector<float> m(kRows), l(kRows), o(kRows * kDim);
-  ASSERT_EQ(cudaMemcpy(codes.data(), dcodes, n, cudaMemcpyDeviceToHost), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(m.data(), dm, 4 * kRows, cudaMemcpyDeviceToHost), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(l.data(), dl, 4 * kRows, cudaMemcpyDeviceToHost), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(o.data(), dout, 4 * kRows * kDim, cudaMemcpyDeviceToHost), cudaSuccess);
-  for (void* p : {static_cast<void*>(ds), static_cast<void*>(df), static_cast<void*>(dvt),
-                  static_cast<void*>(dcodes), static_cast<void*>(dm), static_cast<void*>(dl), static_cast<void*>(dout)})
-    cudaFree(p);
+  const std::vector<uint8_t> codes = dcodes.download_as<uint8_t>(n);
+  const std::vector<float> m = dm.download_as<float>(kRows), l = dl.download_as<float>(kRows),
+                           o = dout.download_as<float>(kRows * kDim);
 
   // The host's online §11.4: per block the running integer maximum, codes against it, l and O rescaled by
   // 2^(M_old - M_new).

@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "backends/cuda/cuda_common.hpp"
+#include "backends/cuda/hopper/params.cuh"  // clamped_text_len, as the attention kernels clamp
 #include "tilewise/fp8.hpp"
 
 namespace tilewise::cuda {
@@ -59,10 +60,7 @@ __device__ __forceinline__ uint8_t to_e4m3(float x, float inv) {
 }
 
 __device__ __forceinline__ int32_t valid_text(const QuantizeParams& p, int32_t b) {
-  const int32_t cap = static_cast<int32_t>(p.map.seq.text_capacity);
-  if (p.text_len == nullptr) return cap;
-  const int32_t L = p.text_len[b];
-  return L < 0 ? 0 : (L > cap ? cap : L);  // clamped as the kernels clamp (no host sync to check the values)
+  return hopper::clamped_text_len(p.text_len, b, static_cast<int32_t>(p.map.seq.text_capacity));
 }
 
 /// Sequence position of visible key number `i` of batch b: the video positions, then the valid text positions.

@@ -9,17 +9,13 @@
 
 #include <cstdint>
 
+#include "backends/cuda/hopper/ptx.cuh"  // fast_exp2: exact at integers, which every rescale factor here is
+
 namespace tilewise::hopper {
 
 struct Fp8Softmax {
   static constexpr int kValues = 64;  // a thread's fragment of a 64 x 128 block: rows r and r + 8, 32 keys each
 
-  /// 2^x (ex2.approx: exact at integers, which the integer maximum makes every rescale factor).
-  static __device__ __forceinline__ float exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-  }
   static __device__ __forceinline__ uint32_t e4m3(float x) {
     return static_cast<uint32_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3));
   }
@@ -44,14 +40,14 @@ struct Fp8Softmax {
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the four threads of a row
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m_run[rr], ceilf(mx));
-      corr[rr] = m_new == m_run[rr] ? 1.f : exp2(m_run[rr] - m_new);  // -inf - finite: 0
+      corr[rr] = m_new == m_run[rr] ? 1.f : fast_exp2(m_run[rr] - m_new);  // -inf - finite: 0
       m_run[rr] = m_new;
       const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: every p is 0
       float sum = 0.f;
 #pragma unroll
       for (int i = 0; i < kValues; ++i)
         if ((i % 4) / 2 == rr) {
-          codes[i] = static_cast<uint8_t>(e4m3(448.f * exp2(t[i] - m_use)));
+          codes[i] = static_cast<uint8_t>(e4m3(448.f * fast_exp2(t[i] - m_use)));
           sum += value_of(codes[i]);
         }
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);

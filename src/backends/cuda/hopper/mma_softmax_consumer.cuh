@@ -15,12 +15,6 @@
 
 namespace tilewise::hopper {
 
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 /// 2^x on the FMA pipe instead of the MUFU unit, which does 16 exponentials per clock per SM: at D 64 one
 /// 128 x 128 block's exponentials take as long as its GEMMs (FlashAttention-4 moves part of them to FMAs the same
 /// way). x is split into the nearest integer j (the 1.5 * 2^23 rounding trick) and f in [-0.5, 0.5]; 2^f is a

@@ -14,6 +14,14 @@ using Grid = TileGridT<int32_t>;
 
 constexpr int kBlockN = 128;  // key rows per pipeline stage (query rows per work item: KernelTraits::kBlockM)
 
+/// Batch element b's valid text length: text_len[b] clamped to [0, capacity] (out-of-range lengths are clamped,
+/// since no host sync checks them), the capacity without text_len.
+__device__ __forceinline__ int32_t clamped_text_len(const int32_t* text_len, int64_t b, int32_t capacity) {
+  if (text_len == nullptr) return capacity;
+  const int32_t L = text_len[b];
+  return L < 0 ? 0 : (L > capacity ? capacity : L);
+}
+
 /// How a tensor's 5-D tensor maps are addressed: the maps are (D', W', H', T', X) for video and (D', L, 1, 1, X)
 /// for text, with the head folded into coordinate 0 (bshd-like storage: head stride == D) or into coordinate
 /// 4 (bhsd-like: batch stride == heads * head stride), or coordinate 4 = head for one launch per batch element.

@@ -98,6 +98,13 @@ __device__ __forceinline__ uint4 ld_shared_v4(const void* ptr) {
   return v;
 }
 
+/// 2^x on the MUFU unit (ex2.approx, flushing denormals; exact at integers).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 /// Two adjacent floats from shared memory (an 8-byte load; volatile so it stays after the barrier wait before it).
 __device__ __forceinline__ float2 ld_shared_f2(const float* ptr) {
   float2 v;

@@ -195,10 +195,7 @@ struct WorkRing {
 };
 
 __device__ __forceinline__ int32_t text_len_of(const FwdParams& p, int32_t batch) {
-  const int32_t cap = static_cast<int32_t>(p.map.seq.text_capacity);
-  if (p.text_len == nullptr) return cap;
-  const int32_t L = p.text_len[p.batch_base + batch];
-  return L < 0 ? 0 : (L > cap ? cap : L);  // out-of-range lengths are clamped (no host sync to check them)
+  return clamped_text_len(p.text_len, p.batch_base + batch, static_cast<int32_t>(p.map.seq.text_capacity));
 }
 
 /// The consumers' view of key block `kb` of `item`: whether it is the last, and whether (and why) it needs a mask.
