@@ -4,12 +4,17 @@
 Columns: median ms (triton do_bench), effective TFLOP/s (FLOPs of allowed pairs only; dense baselines count
 all pairs), speedup over cuDNN SDPA (dense), speedup over FlexAttention (compiled) with the same mask, and the
 max-abs difference between tilewise's and FlexAttention's outputs (a check that both ran the same mask).
+FP8 columns (docs/semantics.md §11; --no-fp8 skips them): precision "fp8" end to end (bf16 in and out, the
+pre-pass that quantises q, k and packs V^T included), the kernel alone on inputs quantised beforehand ("fp8_scaled"
+on quantize_fp8's tensors), the speedup of the former over tilewise bf16 and over cuDNN, and its error: the
+relative L2 distance of its output from tilewise bf16's (whose own error against float64 is ~0.2%, so this is
+FP8's error to within a few percent of itself).
 
 FlexAttention gets its best case: when the tile divides the latent the sequence is permuted to tiled order
 (so its 128-token blocks are whole sub-tiles); otherwise it runs on raster order with the same mask_mod.
 
 Usage: python3 bench/bench_forward.py [--lib build/libtilewise.so] [--rows 1,2] [--only w3x3x3,partial]
-       [--no-flex] [--no-dense] [--out table.md]
+       [--no-flex] [--no-dense] [--no-fp8] [--out table.md]
 """
 from __future__ import annotations
 
@@ -186,8 +191,38 @@ def selected_rows(args, groups) -> list:
     return selected
 
 
+def fp8_columns(row: Row, q, k, v, o_bf16, text_len, run_kw: dict) -> tuple:
+    """(ms of precision fp8 end to end, ms of the kernel on pre-quantised inputs, rel L2 of fp8's output from
+    bf16's) for one row: plans of their own, the same inputs."""
+    plans = {prec: _capi.Plan(precision=prec, **run_kw) for prec in ("fp8", "fp8_scaled")}
+    o = torch.empty_like(o_bf16)
+    tl_ptr = text_len.data_ptr() if row.text else 0
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def run_fp8():
+        plans["fp8"].run(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), 0, tl_ptr, stream)
+
+    ms = bench(run_fp8)
+    run_fp8()
+    err = ((o.float() - o_bf16.float()).norm() / o_bf16.float().norm()).item()
+    # fp8_scaled on quantize_fp8's tensors: the kernel and its V^T pack without the quantisation passes.
+    q8, k8, v8 = (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device) for x in (q, k, v))
+    B, S, H, D = q.shape
+    scales = [torch.empty(n, dtype=torch.float32, device=q.device)
+              for n in (B * H * S, B * H * plans["fp8"].fp8_key_blocks(), B * H * D)]
+    plans["fp8"].quantize_fp8(q.data_ptr(), k.data_ptr(), v.data_ptr(), tl_ptr,
+                              [t.data_ptr() for t in (q8, k8, v8, *scales)], stream)
+    ptrs = [t.data_ptr() for t in scales]
+    ms_kernel = bench(lambda: plans["fp8_scaled"].run(q8.data_ptr(), k8.data_ptr(), v8.data_ptr(), o.data_ptr(), 0,
+                                                      tl_ptr, stream, scales=ptrs))
+    del plans
+    return ms, ms_kernel, err
+
+
 def main() -> None:
-    args, groups, dev = parse_args(__doc__, "skip the dense SDPA baselines (kernel variant runs)")
+    args, groups, dev = parse_args(__doc__, "skip the dense SDPA baselines (kernel variant runs)",
+                                   extra=lambda ap: ap.add_argument("--no-fp8", action="store_true",
+                                                                    help="skip the FP8 columns"))
 
     flex = None if args.no_flex else compiled_flex()
     table = []
@@ -199,10 +234,11 @@ def main() -> None:
         q, k, v = (torch.randn(B, S, Hh, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
         o = torch.empty_like(q)
         text_len = torch.full((B,), row.text_len, device=dev, dtype=torch.int32)
-        plan = _capi.Plan(batch=B, q_heads=Hh, kv_heads=Hh, head_dim=D, dtype="bf16", latent=row.latent,
-                          tile=row.tile, text_capacity=row.text, text_position=row.text_position,
-                          pattern=row.pattern, windows=(row.window,), global_frames=(row.global_frames,),
-                          radius=(0,), device="cuda")
+        run_kw = dict(batch=B, q_heads=Hh, kv_heads=Hh, head_dim=D, dtype="bf16", latent=row.latent,
+                      tile=row.tile, text_capacity=row.text, text_position=row.text_position,
+                      pattern=row.pattern, windows=(row.window,), global_frames=(row.global_frames,),
+                      radius=(0,), device="cuda")
+        plan = _capi.Plan(**run_kw)
         flops = plan.flops([row.text_len] * B if row.text else None)
         density = plan.density()
         tl_ptr = text_len.data_ptr() if row.text else 0
@@ -248,19 +284,28 @@ def main() -> None:
                 diff = (ref.transpose(1, 2).float() - o.float()).abs().max().item()
             except Exception as e:  # noqa: BLE001 - report and continue with the other baselines
                 row.notes.append(f"flex: {type(e).__name__}: {str(e).splitlines()[0][:60]}")
+        fp8 = (float("nan"),) * 3
+        if not args.no_fp8:
+            run_tw()
+            try:
+                fp8 = fp8_columns(row, q, k, v, o, text_len, run_kw)
+            except Exception as e:  # noqa: BLE001 - report and keep the row
+                row.notes.append(f"fp8: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
         table.append((row.name, 1 - density, ms_tw, flops / ms_tw / 1e9, res["cudnn"], dense_flops / res["cudnn"] / 1e9,
-                      res["flash"], ms_flex, diff, row.notes))
+                      res["flash"], ms_flex, diff, fp8, flops, row.notes))
         print(f"  done: {row.name}: tilewise {ms_tw:.2f} ms, cudnn {res['cudnn']:.2f} ms, flex {ms_flex:.2f} ms",
               flush=True)
         del q, k, v, o
         torch.cuda.empty_cache()
 
     header = ("| row | sparsity | tilewise ms | eff TFLOP/s | cuDNN ms (dense) | cuDNN TFLOP/s | flash ms (dense) "
-              "| Flex ms (same mask) | x cuDNN | x Flex | max abs diff vs Flex |")
-    lines = [header, "|" + "---|" * 11]
-    for name, sp, ms, tf, cu, cutf, fl, fx, diff, notes in table:
+              "| Flex ms (same mask) | x cuDNN | x Flex | max abs diff vs Flex | FP8 ms | FP8 TFLOP/s | FP8 kernel ms "
+              "| FP8 x bf16 | FP8 x cuDNN | FP8 rel L2 vs bf16 |")
+    lines = [header, "|" + "---|" * 17]
+    for name, sp, ms, tf, cu, cutf, fl, fx, diff, (f8, f8k, f8err), flops, notes in table:
         lines.append(f"| {name} | {sp:.1%} | {ms:.2f} | {tf:.0f} | {cu:.2f} | {cutf:.0f} | {fl:.2f} | {fx:.2f} "
-                     f"| {cu / ms:.2f} | {fx / ms:.2f} | {diff:.3g} |")
+                     f"| {cu / ms:.2f} | {fx / ms:.2f} | {diff:.3g} | {f8:.2f} | {flops / f8 / 1e9:.0f} | {f8k:.2f} "
+                     f"| {ms / f8:.2f} | {cu / f8:.2f} | {f8err:.4f} |")
     notes = [f"- {name}: {n}" for name, *_, notes in table for n in notes]
     emit("\n".join(lines + notes), args.out)
 

@@ -13,7 +13,7 @@ Inputs (fresh each run; the seed is printed, --seed repeats a run):
   standard deviation of 2; v Student-t.
 The float64 reference is tilewise's CPU reference on float64 copies of the bf16 inputs (tested against an
 independent oracle to 1e-12). CPU rows run the CPU reference; CUDA rows (with --device cuda, or auto when a
-Hopper GPU is present) run the Hopper kernel for bf16, and FP8 there reads "no kernel" until it has one.
+Hopper GPU is present) run the Hopper kernels (bf16 and FP8) on the same inputs.
 
 Usage: python3 bench/fp8_accuracy.py [--device auto|cpu|cuda] [--seed N] [--out table.md]
 """
@@ -79,9 +79,11 @@ def measure(kind: str, device: str, rng) -> list:
     bf16 = rel_l2(tilewise.sliding_tile_attention(*(t.to(dev) for t in (q, k, v)), **kw), exact)
     if not tilewise.supports(device, "bf16", HEAD_DIM, "fp8"):
         return [("yes", None, bf16), ("no", None, bf16)]
-    fp8 = rel_l2(tilewise.sliding_tile_attention(q, k, v, precision="fp8", **kw), exact)
+    fp8 = rel_l2(tilewise.sliding_tile_attention(*(t.to(dev) for t in (q, k, v)), precision="fp8", **kw), exact)
     q8, _, v8, (q_scale, _, v_scale) = tilewise.quantize_fp8(q, k, v, latent=LATENT, tile=TILE, text_len=TEXT_LEN)
     k8, k_scale = unsmoothed_k(k, TEXT_LEN)
+    scaled = (q8, k8, v8, q_scale, k_scale, v_scale)
+    q8, k8, v8, q_scale, k_scale, v_scale = (t.to(dev) for t in scaled)
     raw = rel_l2(tilewise.sliding_tile_attention(q8, k8, v8, precision="fp8", scales=(q_scale, k_scale, v_scale),
                                                  **kw), exact)
     return [("yes", fp8, bf16), ("no", raw, bf16)]

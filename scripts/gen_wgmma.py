@@ -6,7 +6,9 @@ Run: python3 scripts/gen_wgmma.py > src/backends/cuda/hopper/wgmma_ops.cuh
 """
 
 SHAPES_SS = [64, 96, 128]  # S = Q K^T: N = kBlockN; the backward's S^T and dP^T: N = half a query block; dQ: N = D
-SHAPES_RS = [64, 96, 128]  # O += P V: N = head dim (also the e4m3 shapes: S's N = 128, P V's N = D)
+SHAPES_RS = [64, 96, 128]  # O += P V: N = head dim
+# e4m3: S's N = 128, P V's N = D, or D + 8 when V^T carries 8 rows of ones whose products are the row sums of P
+SHAPES_FP8 = [64, 96, 128, 72, 104, 136]
 TYPES = {"bf16": "bf16", "f16": "f16"}
 
 
@@ -102,6 +104,6 @@ for ty in TYPES:
         print(ss(n, ty))
     for n in SHAPES_RS:
         print(rs(n, ty))
-for n in SHAPES_RS:
+for n in SHAPES_FP8:
     print(ss_fp8(n))
 print("}  // namespace tilewise::hopper")

@@ -82,10 +82,10 @@ __global__ void fp8_products(const uint8_t* q, const uint8_t* k, const uint8_t* 
   for (int i = 0; i < kKeys / 2; ++i) s_out[fragment_at(i, row, lane, kKeys)] = s[i];
 
   // P's A fragments as they lie in the accumulator (Fp8Softmax::to_operand).
-  uint8_t codes[Fp8Softmax::kValues];
-  for (int i = 0; i < Fp8Softmax::kValues; ++i) codes[i] = static_cast<uint8_t>(Fp8Softmax::e4m3(s[i] / 64.f));
+  uint16_t pairs[Fp8Softmax::kPairs];
+  for (int j = 0; j < Fp8Softmax::kPairs; ++j) pairs[j] = Fp8Softmax::e4m3x2(s[2 * j] / 64.f, s[2 * j + 1] / 64.f);
   uint32_t pa[4][4];
-  Fp8Softmax::to_operand(codes, pa);
+  Fp8Softmax::to_operand(pairs, pa);
   float o[kDim / 2];
   for (float& x : o) x = 0.f;
   wgmma_fence();
@@ -117,12 +117,15 @@ __global__ void fp8_softmax_blocks(const float* s, const float* factor, const ui
     float frag[Fp8Softmax::kValues], corr[2];
     const float f[2] = {factor[block * kRows + row], factor[block * kRows + row + 8]};
     for (int i = 0; i < Fp8Softmax::kValues; ++i) frag[i] = s[block * kRows * kKeys + at(i)];
-    uint8_t codes[Fp8Softmax::kValues];
-    Fp8Softmax::step(frag, f, m, l, corr, codes);
-    for (int i = 0; i < Fp8Softmax::kValues; ++i) codes_out[block * kRows * kKeys + at(i)] = codes[i];
+    uint16_t pairs[Fp8Softmax::kPairs];
+    Fp8Softmax::step(frag, f, m, l, corr, pairs);
+    for (int j = 0; j < Fp8Softmax::kPairs; ++j) {
+      codes_out[block * kRows * kKeys + at(2 * j)] = static_cast<uint8_t>(pairs[j] & 0xff);
+      codes_out[block * kRows * kKeys + at(2 * j + 1)] = static_cast<uint8_t>(pairs[j] >> 8);
+    }
     for (int i = 0; i < kDim / 2; ++i) o[i] *= corr[(i % 4) / 2];
     uint32_t pa[4][4];
-    Fp8Softmax::to_operand(codes, pa);
+    Fp8Softmax::to_operand(pairs, pa);
     wgmma_fence();
 #pragma unroll
     for (int step = 0; step < kKeys / 32; ++step)

@@ -43,7 +43,7 @@ def cuda_available() -> bool:
 def supports(device: str, dtype: str, head_dim: int, precision: str = "native") -> bool:
     """Whether `device` ("cpu" or "cuda") runs attention in `dtype` ("f32", "f64", "bf16", "f16") at `head_dim`
     and `precision` ("native", "fp8") here, as the library answers it (the CUDA backend: bf16 / f16 at 64, 96, 128
-    on sm_90, native only so far; the CPU: all)."""
+    on sm_90, native and fp8; the CPU: all)."""
     from tilewise import _args, _capi
     precision = _args.choice("precision", precision, _args.PRECISIONS)
     return _capi.device_support(device, dtype, _args.integer("head_dim", head_dim), precision) is None

@@ -422,11 +422,11 @@ class Runner:
 
 def quantize_fp8(q, k, v, call: _args.Call, text_len):
     """precision fp8's quantisation of q, k, v (docs/semantics.md §11.2), as the library does it inside an fp8 run:
-    e4m3 q8, k8, v8 with q's, k's and v's strides, and (q_scale, k_scale, v_scale). On CUDA through a native plan:
-    the CUDA backends quantise (the pre-pass) but have no FP8 attention yet."""
+    e4m3 q8, k8, v8 with q's, k's and v's strides, and (q_scale, k_scale, v_scale). On CUDA through a native plan
+    (the pre-pass alone, without the FP8 forward's workspace)."""
     if q.dtype == E4M3:
         raise TypeError(f"q: dtype {q.dtype} is e4m3 already: expected {_expected_dtypes(q.device)} to quantise")
-    if q.device.type == "cuda":  # a native plan there: it quantises, though the backend has no FP8 attention yet
+    if q.device.type == "cuda":  # a native plan there: it quantises without the FP8 forward's workspace
         call = call._replace(precision="native")
     ops = operands(q, k, v, call)
     tl, values = _text_len_args(text_len, q, ops)

@@ -40,7 +40,7 @@ Strategy (`strategy=`):
   frame patterns (`tilewise.attention_tile`, with tile (1, th, tw)) from step `skip_steps` on.
 
 Precision (`enable(..., precision=)`): "fp8" runs every tilewise call in FP8 (docs/semantics.md §11; the CPU
-backend so far, a call on a device without FP8 raises), "native" in the model's dtype, None (default) what the
+and Hopper backends, forward only), "native" in the model's dtype, None (default) what the
 strategy says: a calibrated strategy's FP8 heads, a (step, layer) running FP8 when all its heads chose it.
 
 Windows are in tiles and may exceed the tile grid (the core clamps them). The tile defaults to (6, 8, 8). With

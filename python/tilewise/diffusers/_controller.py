@@ -362,8 +362,8 @@ def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chu
     early_start: under context parallelism, a block whose attention does not feed the work before it (HunyuanVideo's
     single-stream blocks, where diffusers runs the MLP first) issues its attention's all-to-all before that work,
     so that the exchange overlaps it; False: at the attention call. Same result either way.
-    precision: "fp8" runs every tilewise call in FP8 (docs/semantics.md §11; forward only; the CPU backend so far:
-    a call on a device without it raises), "native" every call in the model's dtype, None (default) what the
+    precision: "fp8" runs every tilewise call in FP8 (docs/semantics.md §11; forward only; the CPU and Hopper
+    backends), "native" every call in the model's dtype, None (default) what the
     strategy says (a calibrated strategy's FP8 heads: a (step, layer) runs FP8 when all its heads chose it)."""
     if load_balance is not None and not isinstance(load_balance, bool):
         raise ValueError(f"invalid load_balance = {load_balance!r}: expected True, False or None")

@@ -6,6 +6,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/backend.hpp"
@@ -27,6 +28,15 @@ class DeviceArray {
     check(cudaMalloc(&ptr_, host.size() * sizeof(T)), "cudaMalloc");
     check(cudaMemcpy(ptr_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy");
   }
+  /// `count` elements, uninitialised (scratch).
+  explicit DeviceArray(size_t count) {
+    if (count > 0) check(cudaMalloc(&ptr_, count * sizeof(T)), "cudaMalloc");
+  }
+  DeviceArray(DeviceArray&& other) noexcept : ptr_(other.ptr_) { other.ptr_ = nullptr; }
+  DeviceArray& operator=(DeviceArray&& other) noexcept {
+    std::swap(ptr_, other.ptr_);
+    return *this;
+  }
   DeviceArray(const DeviceArray&) = delete;
   DeviceArray& operator=(const DeviceArray&) = delete;
   ~DeviceArray() {
@@ -39,7 +49,7 @@ class DeviceArray {
   T* ptr_ = nullptr;
 };
 
-/// The CUDA backends have no FP8 kernel yet (docs/semantics.md §11): a plan asking for one is refused by name.
+/// A CUDA backend without an FP8 kernel (docs/semantics.md §11) refuses a plan asking for one by name.
 inline void require_native_precision(const Problem& p, Device kind) {
   detail::require(p.precision == Precision::native, "precision", to_string(p.precision),
                   std::string("native (precision ") + to_string(p.precision) + " is not supported by backend " +

@@ -8,6 +8,9 @@
 //   3. k' = fl32(k - mu) and v quantised at every position, each with its group's 448 / amax;
 //   4. the block and channel maxima turned into scales in place; and Q per row, on its own.
 // The maxima accumulate in the caller's k_scale and v_scale (zeroed first), so the only scratch is the sums.
+// For the FP8 forward (quantize_fp8_for_forward) the same passes write q and k into the forward's workspace, skip
+// v (the forward's V^T pre-pass quantises it with the inverse scales kept by pass 4a) and write each query row's
+// LSE shift, scale * q . mu.
 #include "backends/cuda/fp8_quantize.hpp"
 
 #include <cuda_bf16.h>
@@ -32,18 +35,22 @@ struct QuantizeParams {
   const void* q;
   const void* k;
   const void* v;
-  Strides qs, ks, vs;  // elements; the e4m3 outputs share them (in bytes)
+  Strides qs, ks, vs;  // elements
   uint8_t* q8;
   uint8_t* k8;
-  uint8_t* v8;
+  uint8_t* v8;         // or null: v is not written
+  Strides q8s, k8s, v8s;  // the e4m3 outputs' (bytes)
   float* q_scale;    // [B, Hq, S]
   float* k_scale;    // [B, Hkv, blocks]: the maxima, then the scales
   float* v_scale;    // [B, Hkv, D]: likewise
+  float* v_inv;      // [B, Hkv, D]: 448 / the channel maxima (fp8::inv_scale_of), or null
+  float* lse_shift;  // [B, Hq, S]: scale * q . mu, or null
   double* sums;      // [B, Hkv, D]
   TokenMapT<int32_t> map;
   const int32_t* text_len;
   int32_t batch, q_heads, kv_heads, head_dim, blocks;
   int64_t seq_len;
+  float scale;  // the softmax scale (lse_shift)
 };
 
 template <class T>
@@ -176,21 +183,28 @@ __global__ void quantize_keys_values(QuantizeParams p) {
   for (int64_t s = w.first; s < w.first + kRowsPerWarp && s < p.seq_len; ++s) {
     const float kinv = fp8::inv_scale_of(p.k_scale[w.bg * p.blocks + fp8::key_block(p.map, s)]);
     const int64_t krow = w.key_row(p, s), vrow = w.value_row(p, s);
+    const int64_t k8row = w.b * p.k8s.batch + s * p.k8s.seq + w.g * p.k8s.head;
+    const int64_t v8row = w.b * p.v8s.batch + s * p.v8s.seq + w.g * p.v8s.head;
 #pragma unroll
     for (int c = 0; c < kMaxChannels; ++c) {
       if (c >= w.channels) continue;
       const int d = w.lane + 32 * c;
-      p.k8[krow + d] = to_e4m3(__fsub_rn(load<T>(p.k, krow + d), mu[c]), kinv);
-      p.v8[vrow + d] = to_e4m3(load<T>(p.v, vrow + d), vinv[c]);
+      p.k8[k8row + d] = to_e4m3(__fsub_rn(load<T>(p.k, krow + d), mu[c]), kinv);
+      if (p.v8 != nullptr) p.v8[v8row + d] = to_e4m3(load<T>(p.v, vrow + d), vinv[c]);
     }
   }
 }
 
-/// Pass 4a: the maxima to scales, in place (after pass 3 has read them).
-__global__ void maxima_to_scales(float* k_scale, int64_t n_k, float* v_scale, int64_t n_v) {
+/// Pass 4a: the maxima to scales, in place (after pass 3 has read them); V's inverse scales kept when asked for.
+__global__ void maxima_to_scales(float* k_scale, int64_t n_k, float* v_scale, float* v_inv, int64_t n_v) {
   const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (i < n_k) k_scale[i] = fp8::scale_of(k_scale[i]);
-  else if (i < n_k + n_v) v_scale[i - n_k] = fp8::scale_of(v_scale[i - n_k]);
+  if (i < n_k) {
+    k_scale[i] = fp8::scale_of(k_scale[i]);
+  } else if (i < n_k + n_v) {
+    const float amax = v_scale[i - n_k];
+    if (v_inv != nullptr) v_inv[i - n_k] = fp8::inv_scale_of(amax);
+    v_scale[i - n_k] = fp8::scale_of(amax);
+  }
 }
 
 /// Pass 4b: Q, one warp per (batch, head, position): the row's maximum, its scale, its e4m3 values.
@@ -200,7 +214,8 @@ __global__ void quantize_queries(QuantizeParams p) {
   if (row >= int64_t{p.batch} * p.q_heads * p.seq_len) return;
   const int lane = threadIdx.x % 32, C = p.head_dim / 32;
   const int64_t i = row % p.seq_len, bh = row / p.seq_len;
-  const int64_t at = bh / p.q_heads * p.qs.batch + i * p.qs.seq + bh % p.q_heads * p.qs.head;
+  const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
+  const int64_t at = b * p.qs.batch + i * p.qs.seq + h * p.qs.head, at8 = b * p.q8s.batch + i * p.q8s.seq + h * p.q8s.head;
   float x[kMaxChannels], amax = 0.f;
 #pragma unroll
   for (int c = 0; c < kMaxChannels; ++c) {
@@ -212,7 +227,16 @@ __global__ void quantize_queries(QuantizeParams p) {
   const float inv = fp8::inv_scale_of(amax);
 #pragma unroll
   for (int c = 0; c < kMaxChannels; ++c)
-    if (c < C) p.q8[at + lane + 32 * c] = to_e4m3(x[c], inv);
+    if (c < C) p.q8[at8 + lane + 32 * c] = to_e4m3(x[c], inv);
+  if (p.lse_shift != nullptr) {  // what smoothing took out of the scores, for the LSE (semantics.md §11.4)
+    const int64_t bg = b * p.kv_heads + h / (p.q_heads / p.kv_heads);
+    float dot = 0.f;
+#pragma unroll
+    for (int c = 0; c < kMaxChannels; ++c)
+      if (c < C) dot += x[c] * mean_of(p, bg, lane + 32 * c, static_cast<int32_t>(b));
+    for (int o = 16; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    if (lane == 0) p.lse_shift[row] = p.scale * dot;
+  }
 }
 
 unsigned blocks_for(int64_t warps) { return static_cast<unsigned>((warps + kWarps - 1) / kWarps); }
@@ -228,20 +252,62 @@ void launch_all(const QuantizeParams& p, cudaStream_t stream) {
   const dim3 positions(blocks_for((p.seq_len + kRowsPerWarp - 1) / kRowsPerWarp), static_cast<unsigned>(bg));
   quantize_keys_values<T><<<positions, threads, 0, stream>>>(p);
   const int64_t n_k = bg * p.blocks, n_v = bg * p.head_dim;
-  maxima_to_scales<<<static_cast<unsigned>((n_k + n_v + 255) / 256), 256, 0, stream>>>(p.k_scale, n_k, p.v_scale, n_v);
+  maxima_to_scales<<<static_cast<unsigned>((n_k + n_v + 255) / 256), 256, 0, stream>>>(p.k_scale, n_k, p.v_scale,
+                                                                                      p.v_inv, n_v);
   quantize_queries<T><<<blocks_for(int64_t{p.batch} * p.q_heads * p.seq_len), threads, 0, stream>>>(p);
 }
 
-}  // namespace
-
-void quantize_fp8(const Plan& plan, const Tensors& in, const Fp8Tensors& out, cudaStream_t stream) {
+/// The passes on `prm` (its pointers checked by the caller): the scales' maxima zeroed, the sums taken from
+/// prm.sums or, when null, allocated on the stream for the call.
+void run_passes(const Plan& plan, QuantizeParams prm, cudaStream_t stream) {
   const Problem& p = plan.problem();
+  const size_t sums_bytes = sizeof(double) * p.batch * p.kv_heads * p.head_dim;
+  const bool own_sums = prm.sums == nullptr;
+  if (own_sums)
+    check(cudaMallocAsync(reinterpret_cast<void**>(&prm.sums), sums_bytes, stream), "cudaMallocAsync (quantize_fp8)");
+  check(cudaMemsetAsync(prm.sums, 0, sums_bytes, stream), "cudaMemsetAsync");
+  check(cudaMemsetAsync(prm.k_scale, 0, sizeof(float) * p.batch * p.kv_heads * prm.blocks, stream), "cudaMemsetAsync");
+  check(cudaMemsetAsync(prm.v_scale, 0, sizeof(float) * p.batch * p.kv_heads * p.head_dim, stream), "cudaMemsetAsync");
+  if (p.dtype == DType::bf16)
+    launch_all<__nv_bfloat16>(prm, stream);
+  else
+    launch_all<__half>(prm, stream);
+  const cudaError_t launched = cudaGetLastError();
+  if (own_sums) check(cudaFreeAsync(prm.sums, stream), "cudaFreeAsync (quantize_fp8)");
+  check(launched, "quantize_fp8 launch");
+}
+
+QuantizeParams params_of(const Plan& plan, const Tensors& in) {
+  const Problem& p = plan.problem();
+  QuantizeParams prm{};
+  prm.q = in.q, prm.k = in.k, prm.v = in.v;
+  prm.qs = p.q, prm.ks = p.k, prm.vs = p.v;
+  prm.map = TokenMapT<int32_t>{TileGridT<int32_t>(plan.grid()), plan.token_map().seq, p.order};
+  prm.text_len = in.text_len;
+  prm.batch = static_cast<int32_t>(p.batch);
+  prm.q_heads = static_cast<int32_t>(p.q_heads);
+  prm.kv_heads = static_cast<int32_t>(p.kv_heads);
+  prm.head_dim = static_cast<int32_t>(p.head_dim);
+  prm.blocks = static_cast<int32_t>(plan.fp8_key_blocks());
+  prm.seq_len = p.seq_len;
+  prm.scale = static_cast<float>(p.scale);
+  return prm;
+}
+
+void require_quantizable(const Problem& p) {
   detail::require(p.dtype == DType::bf16 || p.dtype == DType::f16, "dtype", to_string(p.dtype),
                   "bf16 or f16 for quantize_fp8 on cuda");
   detail::require(p.head_dim % 32 == 0 && p.head_dim <= 32 * kMaxChannels, "head_dim", p.head_dim,
                   "64, 96 or 128 for quantize_fp8 on cuda");
   detail::require(p.batch * p.kv_heads <= 65535, "batch", p.batch,
                   "batch x kv_heads <= 65535 for quantize_fp8 on cuda (one grid row per pair)");
+}
+
+}  // namespace
+
+void quantize_fp8(const Plan& plan, const Tensors& in, const Fp8Tensors& out, cudaStream_t stream) {
+  const Problem& p = plan.problem();
+  require_quantizable(p);
   const int esize = static_cast<int>(dtype_size(p.dtype));
   require_device_pointer(in.q, "q", esize);
   require_device_pointer(in.k, "k", esize);
@@ -254,25 +320,21 @@ void quantize_fp8(const Plan& plan, const Tensors& in, const Fp8Tensors& out, cu
   require_device_pointer(out.k_scale, "out.k_scale", 4);
   require_device_pointer(out.v_scale, "out.v_scale", 4);
 
-  QuantizeParams prm{in.q, in.k, in.v, p.q, p.k, p.v,
-                     static_cast<uint8_t*>(out.q), static_cast<uint8_t*>(out.k), static_cast<uint8_t*>(out.v),
-                     out.q_scale, out.k_scale, out.v_scale, nullptr,
-                     TokenMapT<int32_t>{TileGridT<int32_t>(plan.grid()), plan.token_map().seq, p.order},
-                     in.text_len, static_cast<int32_t>(p.batch), static_cast<int32_t>(p.q_heads),
-                     static_cast<int32_t>(p.kv_heads), static_cast<int32_t>(p.head_dim),
-                     static_cast<int32_t>(plan.fp8_key_blocks()), p.seq_len};
-  const size_t sums_bytes = sizeof(double) * p.batch * p.kv_heads * p.head_dim;
-  check(cudaMallocAsync(reinterpret_cast<void**>(&prm.sums), sums_bytes, stream), "cudaMallocAsync (quantize_fp8)");
-  check(cudaMemsetAsync(prm.sums, 0, sums_bytes, stream), "cudaMemsetAsync");
-  check(cudaMemsetAsync(out.k_scale, 0, sizeof(float) * p.batch * p.kv_heads * prm.blocks, stream), "cudaMemsetAsync");
-  check(cudaMemsetAsync(out.v_scale, 0, sizeof(float) * p.batch * p.kv_heads * p.head_dim, stream), "cudaMemsetAsync");
-  if (p.dtype == DType::bf16)
-    launch_all<__nv_bfloat16>(prm, stream);
-  else
-    launch_all<__half>(prm, stream);
-  const cudaError_t launched = cudaGetLastError();
-  check(cudaFreeAsync(prm.sums, stream), "cudaFreeAsync (quantize_fp8)");
-  check(launched, "quantize_fp8 launch");
+  QuantizeParams prm = params_of(plan, in);
+  prm.q8 = static_cast<uint8_t*>(out.q), prm.k8 = static_cast<uint8_t*>(out.k), prm.v8 = static_cast<uint8_t*>(out.v);
+  prm.q8s = p.q, prm.k8s = p.k, prm.v8s = p.v;  // the inputs' strides, in bytes
+  prm.q_scale = out.q_scale, prm.k_scale = out.k_scale, prm.v_scale = out.v_scale;
+  run_passes(plan, prm, stream);
+}
+
+void quantize_fp8_for_forward(const Plan& plan, const Tensors& in, const ForwardQuantized& out, cudaStream_t stream) {
+  require_quantizable(plan.problem());
+  QuantizeParams prm = params_of(plan, in);
+  prm.q8 = out.q8, prm.k8 = out.k8, prm.q8s = out.q8_strides, prm.k8s = out.k8_strides;
+  prm.q_scale = out.q_scale, prm.k_scale = out.k_scale, prm.v_scale = out.v_scale, prm.v_inv = out.v_inv;
+  prm.lse_shift = out.lse_shift;
+  prm.sums = out.sums;
+  run_passes(plan, prm, stream);
 }
 
 }  // namespace tilewise::cuda

@@ -15,4 +15,22 @@ namespace tilewise::cuda {
 /// taken with cudaMallocAsync on `stream` and freed there.
 void quantize_fp8(const Plan& plan, const Tensors& in, const Fp8Tensors& out, cudaStream_t stream);
 
+/// Where precision fp8's forward wants the pre-pass's results (its workspace): q and k in e4m3 with their own
+/// strides (bytes), the scales, V's inverse scales (its V^T pre-pass quantises v itself, so v is not written here),
+/// each query row's LSE shift (scale * q . mu) and the mean keys' float64 sums (scratch).
+struct ForwardQuantized {
+  uint8_t* q8;
+  uint8_t* k8;
+  Strides q8_strides, k8_strides;
+  float* q_scale;
+  float* k_scale;
+  float* v_scale;
+  float* v_inv;
+  float* lse_shift;
+  double* sums;
+};
+
+/// quantize_fp8's passes into `out`, for the FP8 forward's run (the caller checked the pointers).
+void quantize_fp8_for_forward(const Plan& plan, const Tensors& in, const ForwardQuantized& out, cudaStream_t stream);
+
 }  // namespace tilewise::cuda

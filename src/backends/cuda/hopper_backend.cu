@@ -15,6 +15,7 @@
 #include "backends/cuda/fp8_quantize.hpp"
 #include "backends/cuda/hopper/forward.hpp"
 #include "backends/cuda/hopper/bwd/backward.hpp"
+#include "backends/cuda/hopper/fp8/fp8_forward.hpp"
 
 namespace tilewise {
 namespace cuda {
@@ -127,6 +128,23 @@ struct TileClasses {
 
 enum class ViewMode { head_in_dim0, head_batch_merged, per_batch };
 
+/// How a tensor's elements are laid out for TMA: the element type, its bytes, and the columns of one swizzled
+/// panel (a whole swizzle row: 128, 64 or 32 bytes).
+struct ElementFormat {
+  CUtensorMapDataType dtype;
+  int64_t esize;
+  int panel_cols;
+};
+/// The 16-bit dtype's (64-column panels, 32 at D 96; see KernelTraits).
+ElementFormat native_format(const Problem& p) {
+  return {p.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+          dtype_size(p.dtype), p.head_dim % 64 == 0 ? 64 : 32};
+}
+/// e4m3 (the FP8 forward's Q and K): one byte per element, a panel per 128, 64 or 32 bytes of a row.
+ElementFormat e4m3_format(const Problem& p) {
+  return {CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.head_dim % 128 == 0 ? 128 : (p.head_dim % 64 == 0 ? 64 : 32)};
+}
+
 ViewMode view_mode(const Strides& s, int64_t heads, int64_t D) {
   if (s.head == D) return ViewMode::head_in_dim0;
   if (s.batch == heads * s.head) return ViewMode::head_batch_merged;
@@ -141,21 +159,21 @@ class HopperBackend final : public Backend {
     require(prop.major == 9, "device", std::string(prop.name) + " (sm_" + str(prop.major) + str(prop.minor) + ")",
             "a Hopper GPU (sm_90) for Device::cuda; use cuda-reference or cpu elsewhere");
     require(p.dtype == DType::bf16 || p.dtype == DType::f16, "dtype", to_string(p.dtype), "bf16 or f16 on cuda");
-    require_native_precision(p, Device::cuda);
     require(hopper::forward_smem_bytes(static_cast<int>(p.head_dim)) > 0, "head_dim", p.head_dim,
             "64, 96 or 128 on cuda");
     require(p.scale > 0, "scale", p.scale, "a positive number on cuda");
-    const int64_t esize = dtype_size(p.dtype);
-    auto strides_ok = [&](const char* name, const Strides& s) {
+    // fp8_scaled: q, k, v are the caller's e4m3 (one byte per element); o is in dtype.
+    const int64_t esize = dtype_size(p.dtype), in_size = p.precision == Precision::fp8_scaled ? 1 : esize;
+    auto strides_ok = [&](const char* name, const Strides& s, int64_t bytes) {
       for (int64_t v : {s.batch, s.seq, s.head})
-        require((v * esize) % 16 == 0, name, str(s.batch) + "," + str(s.seq) + "," + str(s.head),
-                "strides (batch, seq, head) that are multiples of 16 bytes (" + str(16 / esize) +
+        require((v * bytes) % 16 == 0, name, str(s.batch) + "," + str(s.seq) + "," + str(s.head),
+                "strides (batch, seq, head) that are multiples of 16 bytes (" + str(16 / bytes) +
                     " elements) for TMA");
     };
-    strides_ok("q_strides", p.q);
-    strides_ok("k_strides", p.k);
-    strides_ok("v_strides", p.v);
-    strides_ok("o_strides", p.o);
+    strides_ok("q_strides", p.q, in_size);
+    strides_ok("k_strides", p.k, in_size);
+    strides_ok("v_strides", p.v, in_size);
+    strides_ok("o_strides", p.o, esize);
     constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
     require(p.latent.volume() <= kMax / 2 && p.text_capacity <= kMax / 2, "latent", str(p.latent),
             "fewer than 2^30 video tokens per sequence on cuda");
@@ -182,6 +200,53 @@ class HopperBackend final : public Backend {
     stats_entries_ = static_cast<int32_t>(g.num_tiles() * stream_slots_ + ceil_div<int64_t>(p.text_capacity, hopper::kBlockN));
     const char* fused = std::getenv("TILEWISE_BACKWARD_FUSED_DQ");
     fused_dq_ = fused != nullptr && std::string(fused) == "1";
+
+    if (p.precision != Precision::native) {  // the FP8 forward (its own query blocks, the V^T blocks, scratch)
+      fp8_rows_ = hopper::fp8_query_block_rows(static_cast<int>(p.head_dim));
+      fp8_classes_ = TileClasses(g, fp8_rows_);
+      for (int c = 0; c < hopper::kTileClasses; ++c)
+        if (fp8_classes_.exists(c)) vt_slots_ = std::max<int32_t>(vt_slots_, fp8_classes_.cls[c].subs.volume());
+      vt_entries_ = static_cast<int32_t>(g.num_tiles() * vt_slots_ + ceil_div<int64_t>(p.text_capacity, hopper::kBlockN));
+      require(p.batch * p.kv_heads * vt_entries_ < (int64_t{1} << 31), "problem size",
+              p.batch * p.kv_heads * vt_entries_, "fewer than 2^31 key blocks for precision fp8 on cuda");
+      const int64_t fp8_work = launch_batch * p.q_heads *
+                               (g.num_tiles() * fp8_classes_.slots + ceil_div<int64_t>(p.text_capacity, fp8_rows_));
+      require(fp8_work <= kMax, "problem size", fp8_work, "fewer than 2^31 work items per launch");
+      own_fp8_scratch_ = DeviceArray<uint8_t>(fp8_layout(plan, nullptr).bytes);
+    }
+  }
+
+  /// The FP8 forward's workspace: the scheduler's counter and the V^T blocks, and for precision fp8 the pre-pass's
+  /// results (quantize_fp8_for_forward): q and k in e4m3 ([B, S, H, D], contiguous), the scales, V's inverse
+  /// scales, the rows' LSE shift and the mean keys' sums.
+  struct Fp8Scratch {
+    int32_t* counter;
+    uint8_t* vt;
+    ForwardQuantized quantized;
+    size_t bytes;
+  };
+  Fp8Scratch fp8_layout(const Plan& plan, void* base) const {
+    const Problem& p = plan.problem();
+    WorkspaceCarver w(base);
+    Fp8Scratch f{};
+    f.counter = w.take<int32_t>(1);
+    f.vt = w.take<uint8_t>(p.batch * p.kv_heads * int64_t{vt_entries_} * p.head_dim * hopper::kBlockN);
+    if (p.precision == Precision::fp8) {
+      ForwardQuantized& q = f.quantized;
+      const int64_t D = p.head_dim, S = p.seq_len;
+      q.q8 = w.take<uint8_t>(p.batch * S * p.q_heads * D);
+      q.k8 = w.take<uint8_t>(p.batch * S * p.kv_heads * D);
+      q.q8_strides = {S * p.q_heads * D, p.q_heads * D, D};
+      q.k8_strides = {S * p.kv_heads * D, p.kv_heads * D, D};
+      q.q_scale = w.take<float>(p.batch * p.q_heads * S);
+      q.k_scale = w.take<float>(p.batch * p.kv_heads * plan.fp8_key_blocks());
+      q.v_scale = w.take<float>(p.batch * p.kv_heads * D);
+      q.v_inv = w.take<float>(p.batch * p.kv_heads * D);
+      q.lse_shift = w.take<float>(p.batch * p.q_heads * S);
+      q.sums = w.take<double>(p.batch * p.kv_heads * D);
+    }
+    f.bytes = w.used();
+    return f;
   }
 
   /// The dK/dV kernel's video items, heaviest first: per (kv head, key tile), the query tiles that see it, summed
@@ -279,16 +344,16 @@ class HopperBackend final : public Backend {
     const int D = static_cast<int>(p.head_dim);
     check(hopper::launch_backward_preprocess(prm, pre, D, bf16, stream), "backward preprocess launch");
 
-    const int64_t esize = dtype_size(p.dtype);
+    const ElementFormat format = native_format(p);
     const int rows = hopper::kBackwardOwnedRows;
     for (int64_t b = 0; b < (per_batch_ ? p.batch : 1); ++b) {
       prm.batch_base = static_cast<int32_t>(b);
       // dQ: owned Q and dO, streamed K and V.
       hopper::BwdParams dq = prm;
-      encode(plan, bwd_classes_, rows, t.q, p.q, p.q_heads, b, dq.q_video, dq.q_text, dq.q, esize, true);
-      encode(plan, bwd_classes_, rows, t.dout, p.o, p.q_heads, b, dq.o_video, dq.o_text, dq.o, esize, true);
-      encode(plan, bwd_classes_, rows, t.k, p.k, p.kv_heads, b, dq.k_video, dq.k_text, dq.k, esize, false);
-      encode(plan, bwd_classes_, rows, t.v, p.v, p.kv_heads, b, dq.v_video, dq.v_text, dq.v, esize, false);
+      encode(plan, bwd_classes_, rows, t.q, p.q, p.q_heads, b, dq.q_video, dq.q_text, dq.q, format, true);
+      encode(plan, bwd_classes_, rows, t.dout, p.o, p.q_heads, b, dq.o_video, dq.o_text, dq.o, format, true);
+      encode(plan, bwd_classes_, rows, t.k, p.k, p.kv_heads, b, dq.k_video, dq.k_text, dq.k, format, false);
+      encode(plan, bwd_classes_, rows, t.v, p.v, p.kv_heads, b, dq.v_video, dq.v_text, dq.v, format, false);
       dq.grad0 = t.dq;
       dq.grad0_strides = p.q;
       dq.grad0_scale = static_cast<float>(p.scale);
@@ -296,10 +361,10 @@ class HopperBackend final : public Backend {
       dq.work_counter = ws.counters;
       // dK, dV: owned K and V (per kv head), streamed Q and dO of each query head of the group.
       hopper::BwdParams dkv = prm;
-      encode(plan, bwd_classes_, rows, t.k, p.k, p.kv_heads, b, dkv.q_video, dkv.q_text, dkv.q, esize, true);
-      encode(plan, bwd_classes_, rows, t.v, p.v, p.kv_heads, b, dkv.o_video, dkv.o_text, dkv.o, esize, true);
-      encode(plan, bwd_classes_, rows, t.q, p.q, p.q_heads, b, dkv.k_video, dkv.k_text, dkv.k, esize, false);
-      encode(plan, bwd_classes_, rows, t.dout, p.o, p.q_heads, b, dkv.v_video, dkv.v_text, dkv.v, esize, false);
+      encode(plan, bwd_classes_, rows, t.k, p.k, p.kv_heads, b, dkv.q_video, dkv.q_text, dkv.q, format, true);
+      encode(plan, bwd_classes_, rows, t.v, p.v, p.kv_heads, b, dkv.o_video, dkv.o_text, dkv.o, format, true);
+      encode(plan, bwd_classes_, rows, t.q, p.q, p.q_heads, b, dkv.k_video, dkv.k_text, dkv.k, format, false);
+      encode(plan, bwd_classes_, rows, t.dout, p.o, p.q_heads, b, dkv.v_video, dkv.v_text, dkv.v, format, false);
       dkv.grad0 = t.dk;
       dkv.grad0_strides = p.k;
       dkv.grad0_scale = static_cast<float>(p.scale);
@@ -323,7 +388,9 @@ class HopperBackend final : public Backend {
             "dq conversion launch");
   }
 
-  size_t workspace_bytes(const Plan&) const override { return 256; }
+  size_t workspace_bytes(const Plan& plan) const override {
+    return plan.problem().precision == Precision::native ? 256 : fp8_layout(plan, nullptr).bytes;
+  }
 
   /// precision fp8's pre-pass alone (fp8_quantize.cu); a native plan may quantise too (semantics.md §11.2).
   void quantize_fp8(const Plan& plan, const Tensors& in, const Fp8Tensors& out, void* stream) const override {
@@ -333,6 +400,7 @@ class HopperBackend final : public Backend {
   void run(const Plan& plan, const Tensors& t, void* stream, void* workspace) const override {
     const Problem& p = plan.problem();
     require_device_tensors(t, 16);  // TMA needs 16-byte aligned base addresses
+    if (p.precision != Precision::native) return run_fp8(plan, t, static_cast<cudaStream_t>(stream), workspace);
 
     hopper::FwdParams prm{};
     const TileGrid& g = plan.grid();
@@ -343,13 +411,12 @@ class HopperBackend final : public Backend {
     prm.num_work = prm.batch * prm.q_heads * (video_items_ + text_items_);
     prm.work_counter = workspace ? static_cast<int32_t*>(workspace) : work_counter_.mutable_get();
     const int grid = std::min<int>(prm.num_work, max_ctas_);
-    const int64_t esize = dtype_size(p.dtype);
     for (int64_t b = 0; b < (per_batch_ ? p.batch : 1); ++b) {
       prm.batch_base = static_cast<int32_t>(b);
-      encode(plan, t.q, p.q, p.q_heads, b, prm.q_video, prm.q_text, prm.q, esize, true);
-      encode(plan, t.k, p.k, p.kv_heads, b, prm.k_video, prm.k_text, prm.k, esize, false);
-      encode(plan, t.v, p.v, p.kv_heads, b, prm.v_video, prm.v_text, prm.v, esize, false);
-      encode(plan, t.o, p.o, p.q_heads, b, prm.o_video, prm.o_text, prm.o, esize, true);
+      encode(plan, t.q, p.q, p.q_heads, b, prm.q_video, prm.q_text, prm.q, true);
+      encode(plan, t.k, p.k, p.kv_heads, b, prm.k_video, prm.k_text, prm.k, false);
+      encode(plan, t.v, p.v, p.kv_heads, b, prm.v_video, prm.v_text, prm.v, false);
+      encode(plan, t.o, p.o, p.q_heads, b, prm.o_video, prm.o_text, prm.o, true);
       // The scheduler's counter restarts on the stream: a memset node under graph capture, no host sync.
       // (So one plan must not run concurrently on two streams with its own counter: pass a workspace per stream.)
       check(cudaMemsetAsync(prm.work_counter, 0, sizeof(int32_t), static_cast<cudaStream_t>(stream)), "cudaMemsetAsync");
@@ -359,22 +426,90 @@ class HopperBackend final : public Backend {
     }
   }
 
+  /// The FP8 forward: precision fp8's pre-pass (quantize_fp8_for_forward) unless the caller quantised
+  /// (fp8_scaled), V^T per key block (launch_vt_pack), then the kernel on e4m3 Q and K maps, the V^T map and the
+  /// scales. All on the stream, into the workspace (or the plan's own): no allocation, no host sync.
+  void run_fp8(const Plan& plan, const Tensors& t, cudaStream_t stream, void* workspace) const {
+    const Problem& p = plan.problem();
+    const bool scaled = p.precision == Precision::fp8_scaled;
+    if (scaled) {
+      require_device_pointer(t.q_scale, "q_scale", 4);
+      require_device_pointer(t.k_scale, "k_scale", 4);
+      require_device_pointer(t.v_scale, "v_scale", 4);
+    }
+    const Fp8Scratch ws = fp8_layout(plan, workspace ? workspace : own_fp8_scratch_.mutable_get());
+    const ForwardQuantized& qz = ws.quantized;
+    const TileGrid& g = plan.grid();
+    hopper::Fp8Params prm{};
+    fill_common(plan, fp8_classes_, t.text_len, prm);
+    prm.lse = t.lse;
+    prm.video_items = static_cast<int32_t>(g.num_tiles() * fp8_classes_.slots);
+    prm.text_items = static_cast<int32_t>(ceil_div<int64_t>(p.text_capacity, fp8_rows_));
+    prm.num_work = prm.batch * prm.q_heads * (prm.video_items + prm.text_items);
+    prm.work_counter = ws.counter;
+    prm.kv_heads = static_cast<int32_t>(p.kv_heads);
+    prm.key_blocks = static_cast<int32_t>(plan.fp8_key_blocks());
+    prm.vt_slots = vt_slots_;
+    prm.vt_entries = vt_entries_;
+    prm.q_scale = scaled ? t.q_scale : qz.q_scale;
+    prm.k_scale = scaled ? t.k_scale : qz.k_scale;
+    prm.v_scale = scaled ? t.v_scale : qz.v_scale;
+    prm.lse_shift = scaled ? nullptr : qz.lse_shift;
+    const void* q8 = scaled ? t.q : qz.q8;
+    const void* k8 = scaled ? t.k : qz.k8;
+    const Strides q8s = scaled ? p.q : qz.q8_strides, k8s = scaled ? p.k : qz.k8_strides;
+    if (!scaled) quantize_fp8_for_forward(plan, t, qz, stream);
+
+    // V^T of every key block, for every batch element at once (the pack reads the whole batch).
+    encode_vt(p, ws.vt, prm.vt_map);
+    hopper::Fp8Params all = prm;
+    all.batch = static_cast<int32_t>(p.batch);
+    all.batch_base = 0;
+    const hopper::VtSource source = scaled ? hopper::VtSource::e4m3
+                                    : p.dtype == DType::bf16 ? hopper::VtSource::bf16 : hopper::VtSource::f16;
+    check(hopper::launch_vt_pack(all, t.v, p.v, source, scaled ? nullptr : qz.v_inv, ws.vt,
+                                 static_cast<int>(p.head_dim), stream),
+          "V^T pack launch");
+
+    const ElementFormat e4m3 = e4m3_format(p), out = native_format(p);
+    for (int64_t b = 0; b < (per_batch_ ? p.batch : 1); ++b) {
+      prm.batch_base = static_cast<int32_t>(b);
+      encode(plan, fp8_classes_, fp8_rows_, q8, q8s, p.q_heads, b, prm.q_video, prm.q_text, prm.q, e4m3, true);
+      encode(plan, fp8_classes_, fp8_rows_, k8, k8s, p.kv_heads, b, prm.k_video, prm.k_text, prm.k, e4m3, false);
+      encode(plan, fp8_classes_, fp8_rows_, t.o, p.o, p.q_heads, b, prm.o_video, prm.o_text, prm.o, out, true);
+      prm.v_video[0] = prm.vt_map;  // unused (V^T comes through vt_map); prefetched by the V loader
+      check(cudaMemsetAsync(prm.work_counter, 0, sizeof(int32_t), stream), "cudaMemsetAsync");
+      check(hopper::launch_fp8_forward(prm, static_cast<int>(p.head_dim), p.dtype == DType::bf16, max_ctas_, stream),
+            "FP8 forward kernel launch");
+    }
+  }
+
  private:
+  /// The V^T blocks as (128 keys, D, blocks): one box per block, 128-byte swizzle (Fp8Params::vt_map).
+  void encode_vt(const Problem& p, const uint8_t* vt, CUtensorMap& map) const {
+    const cuuint64_t blocks = static_cast<cuuint64_t>(p.batch * p.kv_heads * vt_entries_);
+    const cuuint64_t row = hopper::kBlockN, block = row * static_cast<cuuint64_t>(p.head_dim), all = block * blocks;
+    const cuuint64_t dims[5] = {hopper::kBlockN, static_cast<cuuint64_t>(p.head_dim), blocks, 1, 1};
+    const cuuint64_t strides[4] = {row, block, all, all};
+    const cuuint32_t box[5] = {hopper::kBlockN, static_cast<cuuint32_t>(p.head_dim), 1, 1, 1}, ones[5] = {1, 1, 1, 1, 1};
+    encode_one(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, vt, dims, strides, box, ones, CU_TENSOR_MAP_SWIZZLE_128B);
+  }
+
   /// Tensor maps of one tensor: video (D', W', H', T', X), one per tile class (its query or key box), and text
   /// (D', L, 1, 1, X), where the physical video view is the latent for raster order and (tiles * tt, th, tw) for
   /// tiled order. Q and O (`query`) move in query blocks, K and V in key blocks.
   void encode(const Plan& plan, const void* base, const Strides& s, int64_t heads, int64_t batch, CUtensorMap* video,
-              CUtensorMap& text, hopper::TensorView& view, int64_t esize, bool query) const {
-    encode(plan, classes_, query_rows_, base, s, heads, batch, video, text, view, esize, query);
+              CUtensorMap& text, hopper::TensorView& view, bool query) const {
+    encode(plan, classes_, query_rows_, base, s, heads, batch, video, text, view, native_format(plan.problem()), query);
   }
-  /// The same for any kernel's tile classes and owned (query) block rows.
+  /// The same for any kernel's tile classes, owned (query) block rows and element format.
   void encode(const Plan& plan, const TileClasses& classes, int owned_rows, const void* base, const Strides& s,
               int64_t heads, int64_t batch, CUtensorMap* video, CUtensorMap& text, hopper::TensorView& view,
-              int64_t esize, bool query) const {
+              const ElementFormat& format, bool query) const {
     const Problem& p = plan.problem();
     const TileGrid& g = plan.grid();
-    const int64_t D = p.head_dim;
-    const int panel_cols = D % 64 == 0 ? 64 : 32;
+    const int64_t D = p.head_dim, esize = format.esize;
+    const int panel_cols = format.panel_cols;
     const ViewMode mode = per_batch_ ? ViewMode::per_batch : view_mode(s, heads, D);
     const char* ptr = static_cast<const char*>(base) + (per_batch_ ? batch * s.batch * esize : 0);
     uint64_t dim0 = D, dim4 = heads, stride4 = s.head;
@@ -393,9 +528,11 @@ class HopperBackend final : public Backend {
       view.head_mult4 = 1;
     }
     const Dim3 phys = p.order == TokenOrder::raster ? g.latent : Dim3{g.num_tiles() * g.tile.t, g.tile.h, g.tile.w};
-    const CUtensorMapDataType dtype =
-        p.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-    const CUtensorMapSwizzle swizzle = panel_cols == 64 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+    const CUtensorMapDataType dtype = format.dtype;
+    const int64_t panel_bytes = panel_cols * esize;
+    const CUtensorMapSwizzle swizzle = panel_bytes == 128 ? CU_TENSOR_MAP_SWIZZLE_128B
+                                       : panel_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                           : CU_TENSOR_MAP_SWIZZLE_32B;
     const cuuint32_t ones[5] = {1, 1, 1, 1, 1};
     {
       const char* v0 = ptr + plan.token_map().seq.video_offset() * s.seq * esize;
@@ -457,6 +594,12 @@ class HopperBackend final : public Backend {
   int max_ctas_ = 1;  // CTAs of a persistent launch: the device's SMs less Problem::sm_margin, at least 1
   int query_rows_ = 128;  // query rows per work item of the kernel for this head dim
   int32_t video_items_ = 0, text_items_ = 0;
+  // The FP8 forward (precision fp8 / fp8_scaled only): its query rows and tile classes, V^T entries per tile and
+  // per (batch, kv head), and the scratch used when run() is given no workspace (allocated with the plan).
+  int fp8_rows_ = 128;
+  TileClasses fp8_classes_;
+  int32_t vt_slots_ = 1, vt_entries_ = 0;
+  DeviceArray<uint8_t> own_fp8_scratch_;
 };
 
 }  // namespace

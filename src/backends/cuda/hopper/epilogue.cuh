@@ -29,8 +29,25 @@ struct Epilogue {
     return p.map.video_position(c);
   }
 
+  /// Index into [B, Hq, S] per-row arrays (the LSE, the FP8 scales) of this thread's accumulator row rr, or -1
+  /// when the row is not a real token.
+  __device__ __forceinline__ int64_t row_index(const WorkItem& item, int rr) const {
+    const int r = 64 * wg + 16 * (tid / 32) + (tid % 32) / 4 + 8 * rr;
+    const int64_t pos = position(item.q, r);
+    return pos < 0 ? -1 : ((p.batch_base + item.batch) * int64_t{p.q_heads} + item.head) * p.seq_len + pos;
+  }
+
+  /// The LSE of this thread's accumulator row rr, value_at(row_index), written by its quad's first lane when the
+  /// row is a real token.
+  template <class F>
+  __device__ __forceinline__ void write_lse(const WorkItem& item, int rr, F&& value_at) const {
+    if (p.lse != nullptr && tid % 4 == 0) {
+      const int64_t at = row_index(item, rr);
+      if (at >= 0) p.lse[at] = value_at(at);
+    }
+  }
+
   __device__ void store(const WorkItem& item, float (&o)[D / 2], const float (&m)[2], const float (&l)[2]) const {
-    const int warp = tid / 32, lane = tid % 32;
     float inv[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
@@ -38,15 +55,19 @@ struct Epilogue {
       sum += __shfl_xor_sync(0xffffffff, sum, 1);
       sum += __shfl_xor_sync(0xffffffff, sum, 2);
       inv[rr] = sum > 0.f ? 1.f / sum : 0.f;
-      const int r = 64 * wg + 16 * warp + lane / 4 + 8 * rr;
-      if (p.lse != nullptr && lane % 4 == 0) {
-        const int64_t pos = position(item.q, r);
-        if (pos >= 0) {
-          const int64_t b = p.batch_base + item.batch;
-          p.lse[(b * p.q_heads + item.head) * p.seq_len + pos] = (m[rr] + __log2f(sum)) * 0.69314718055994531f;
-        }
-      }
+      write_lse(item, rr, [&](int64_t) { return (m[rr] + __log2f(sum)) * 0.69314718055994531f; });
     }
+    write_o(item, o, inv);
+  }
+
+  /// O * row_scale (per accumulator row) into the O buffer and out with TMA; with kColumnScale, also times
+  /// col_scale(column) (the FP8 forward's per-channel V scales). The accumulator's first D columns are O (the FP8
+  /// forward's has 8 more).
+  template <bool kColumnScale = false, int kAcc = D / 2, class ColScale = float>
+  __device__ void write_o(const WorkItem& item, float (&o)[kAcc], const float (&row_scale)[2],
+                          const ColScale& col_scale = {}) const {
+    static_assert(kAcc >= D / 2, "an accumulator of at least D columns");
+    const int warp = tid / 32, lane = tid % 32;
     // The previous item's output store must have finished reading the O buffer before it is overwritten; the
     // store thread waits for it here, an item later, rather than right after issuing it.
     if (wg == 0 && tid == 0) tma_store_wait_read();
@@ -57,10 +78,11 @@ struct Epilogue {
       const int rr = (i % 4) / 2;
       const int r = 64 * wg + 16 * warp + lane / 4 + 8 * rr;
       const int col = 8 * (i / 4) + 2 * (lane % 4);
-      const uint32_t off = (col / Traits::kPanelCols) * Traits::kQPanelBytes +
-                           swizzled_offset(r, col % Traits::kPanelCols, Traits::kRowBytes);
-      *reinterpret_cast<uint32_t*>(s.o() + off) =
-          pack_half2(o[i] * inv[rr], o[i + 1] * inv[rr], kType == WgType::bf16);
+      const uint32_t off = (col / Traits::kOPanelCols) * Traits::kOPanelBytes +
+                           swizzled_offset(r, col % Traits::kOPanelCols, Traits::kORowBytes);
+      float x = o[i] * row_scale[rr], y = o[i + 1] * row_scale[rr];
+      if constexpr (kColumnScale) x *= col_scale(col), y *= col_scale(col + 1);
+      *reinterpret_cast<uint32_t*>(s.o() + off) = pack_half2(x, y, kType == WgType::bf16);
     }
     fence_proxy_async();
     named_barrier_sync(kEpilogueBarrier, 128 * Traits::kConsumerWarpgroups);
@@ -69,9 +91,9 @@ struct Epilogue {
       const int c4 = p.o.c4(item.batch, item.head);
       const D3 org = b.tma_origin(p);
 #pragma unroll
-      for (int panel = 0; panel < Traits::kPanels; ++panel) {
-        const int c0 = p.o.c0(item.head, panel * Traits::kPanelCols);
-        const uint8_t* src = s.o() + panel * Traits::kQPanelBytes;
+      for (int panel = 0; panel < Traits::kOPanels; ++panel) {
+        const int c0 = p.o.c0(item.head, panel * Traits::kOPanelCols);
+        const uint8_t* src = s.o() + panel * Traits::kOPanelBytes;
         if (b.text)
           tma_store(&p.o_text, src, c0, b.row0, 0, 0, c4);
         else

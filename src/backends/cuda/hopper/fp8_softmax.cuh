@@ -5,7 +5,7 @@
 // the reference's, which quantises against the row's final maximum.
 #pragma once
 
-#include <cuda_fp8.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 
@@ -15,19 +15,30 @@ namespace tilewise::hopper {
 
 struct Fp8Softmax {
   static constexpr int kValues = 64;  // a thread's fragment of a 64 x 128 block: rows r and r + 8, 32 keys each
+  static constexpr int kPairs = kValues / 2;
 
-  static __device__ __forceinline__ uint32_t e4m3(float x) {
-    return static_cast<uint32_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3));
+  /// Two values to e4m3 in one instruction (lo in the low byte): to nearest, ties to even, saturating (§11.1).
+  static __device__ __forceinline__ uint16_t e4m3x2(float lo, float hi) {
+    uint16_t r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
   }
-  static __device__ __forceinline__ float value_of(uint32_t code) {
-    return __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(code), __NV_E4M3)));
+  /// The sum of the two e4m3 values of a pair, exactly (each is an f16 value; their sum is rounded once, in fp32).
+  static __device__ __forceinline__ float pair_sum(uint16_t pair) {
+    uint32_t h2;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(pair));
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
+    return f.x + f.y;
   }
 
   /// One block: t = s * factor[row] (masked entries are -inf), M = max(M, ceil(max t)) per row, the e4m3 codes of
-  /// 448 * 2^(t - M) into `codes` (in the fragment's order), l = l * corr + the sum of their values. corr[row] =
-  /// 2^(M_old - M_new) is what O must be multiplied by (0 while a row has seen no key; 1 when M stayed).
+  /// 448 * 2^(t - M) into `pairs` (pair j: fragment values 2j and 2j + 1, the first in the low byte), and, with
+  /// kRowSum, l = l * corr + the sum of their values (without it the caller sums them otherwise: a column of ones
+  /// in the P V product). corr[row] = 2^(M_old - M_new) is what O (and l) must be multiplied by (0 while a row has
+  /// seen no key; 1 when M stayed).
+  template <bool kRowSum = true>
   static __device__ __forceinline__ void step(const float (&s)[kValues], const float (&factor)[2], float (&m_run)[2],
-                                              float (&l_run)[2], float (&corr)[2], uint8_t (&codes)[kValues]) {
+                                              float (&l_run)[2], float (&corr)[2], uint16_t (&pairs)[kPairs]) {
     float t[kValues];
 #pragma unroll
     for (int i = 0; i < kValues; ++i) t[i] = s[i] * factor[(i % 4) / 2];
@@ -45,31 +56,31 @@ struct Fp8Softmax {
       const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: every p is 0
       float sum = 0.f;
 #pragma unroll
-      for (int i = 0; i < kValues; ++i)
-        if ((i % 4) / 2 == rr) {
-          codes[i] = static_cast<uint8_t>(e4m3(448.f * fast_exp2(t[i] - m_use)));
-          sum += value_of(codes[i]);
+      for (int j = 0; j < kPairs; ++j)
+        if ((j % 2) == rr) {  // values 2j, 2j + 1 are in row (2j % 4) / 2 = j % 2
+          pairs[j] = e4m3x2(448.f * fast_exp2(t[2 * j] - m_use), 448.f * fast_exp2(t[2 * j + 1] - m_use));
+          if constexpr (kRowSum) sum += pair_sum(pairs[j]);
         }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      l_run[rr] = l_run[rr] * corr[rr] + sum;
+      if constexpr (kRowSum) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        l_run[rr] = l_run[rr] * corr[rr] + sum;
+      }
     }
   }
 
   /// The codes as the A fragments of four k32 steps: step j, register x holds four codes as they lie in the
   /// accumulator ({row r, keys of chunks 4j, 4j+1}, {row r+8, same}, then chunks 4j+2, 4j+3): the key order the
-  /// V^T blocks are written in (docs/performance.md, the FP8 forward's design).
-  static __device__ __forceinline__ void to_operand(const uint8_t (&codes)[kValues], uint32_t (&pa)[4][4]) {
-    auto pack = [&](int a, int b, int c, int d) {
-      return uint32_t{codes[a]} | uint32_t{codes[b]} << 8 | uint32_t{codes[c]} << 16 | uint32_t{codes[d]} << 24;
-    };
+  /// V^T blocks are written in (fp8/fp8_params.cuh, vt_key_of_column). Two pairs per register.
+  static __device__ __forceinline__ void to_operand(const uint16_t (&pairs)[kPairs], uint32_t (&pa)[4][4]) {
+    auto pack = [&](int a, int b) { return uint32_t{pairs[a]} | uint32_t{pairs[b]} << 16; };
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int a = 16 * j;
-      pa[j][0] = pack(a, a + 1, a + 4, a + 5);
-      pa[j][1] = pack(a + 2, a + 3, a + 6, a + 7);
-      pa[j][2] = pack(a + 8, a + 9, a + 12, a + 13);
-      pa[j][3] = pack(a + 10, a + 11, a + 14, a + 15);
+      const int a = 8 * j;
+      pa[j][0] = pack(a, a + 2);
+      pa[j][1] = pack(a + 1, a + 3);
+      pa[j][2] = pack(a + 4, a + 6);
+      pa[j][3] = pack(a + 5, a + 7);
     }
   }
 };

@@ -8,10 +8,11 @@
 
 namespace tilewise::hopper {
 
-template <int kHeadDim, WgType kType>
-__global__ void __launch_bounds__(KernelTraits<kHeadDim>::kThreads, 1)
-    forward_kernel(const __grid_constant__ FwdParams p) {
-  using Traits = KernelTraits<kHeadDim>;
+/// One CTA of a forward kernel made of these roles: ProducerT{p, s, rank} with run_keys() (Q and K, thread 0) and
+/// run_values() (V, thread 32), and ConsumerT(p, s, warpgroup, thread, rank).run(). The bf16 / f16 forward below
+/// and the FP8 forward (fp8/fp8_kernel.cuh) are this body with their own roles.
+template <class Traits, class ProducerT, class ConsumerT, class Params>
+__device__ __forceinline__ void forward_cta(const Params& p) {
   extern __shared__ uint8_t smem_raw[];
   const typename Traits::Shared s = Traits::carve(smem_raw);
   // The shuffle tells the compiler the warpgroup index is warp-uniform, so descriptors derived from it live in
@@ -26,6 +27,12 @@ __global__ void __launch_bounds__(KernelTraits<kHeadDim>::kThreads, 1)
     for (int i = threadIdx.x; i < Traits::kBufferBytes / 16; i += Traits::kThreads)
       words[i] = make_uint4(0, 0, 0, 0);
     fence_proxy_async();
+  }
+  // Shared memory a consumer keeps constant through the kernel (the FP8 forward's rows of ones), after the zeroing
+  // and before anyone reads it (the barrier below).
+  if constexpr (requires { ConsumerT::prepare_shared(s); }) {
+    if (p.zero_init) __syncthreads();
+    ConsumerT::prepare_shared(s);
   }
   if (threadIdx.x == 0) {
     s.q_full->init(1);
@@ -62,17 +69,24 @@ __global__ void __launch_bounds__(KernelTraits<kHeadDim>::kThreads, 1)
     if (tid == 0) {
       prefetch_tensormap(&p.q_video[0]);
       prefetch_tensormap(&p.k_video[0]);
-      Producer<Traits>{p, s, rank}.run_keys();
+      ProducerT{p, s, rank}.run_keys();
     } else if (tid == 32) {
       prefetch_tensormap(&p.v_video[0]);
-      Producer<Traits>{p, s, rank}.run_values();
+      ProducerT{p, s, rank}.run_values();
     }
   } else {
     regs_increase<Traits::kConsumerRegs>();
-    Consumer<Traits, kType>(p, s, wg - 1, tid, rank).run();
+    ConsumerT(p, s, wg - 1, tid, rank).run();
   }
   // No CTA leaves while its peer may still arrive on its barriers or multicast into its shared memory.
   if constexpr (Traits::kCluster > 1) cluster_sync();
+}
+
+template <int kHeadDim, WgType kType>
+__global__ void __launch_bounds__(KernelTraits<kHeadDim>::kThreads, 1)
+    forward_kernel(const __grid_constant__ FwdParams p) {
+  using Traits = KernelTraits<kHeadDim>;
+  forward_cta<Traits, Producer<Traits>, Consumer<Traits, kType>>(p);
 }
 
 }  // namespace tilewise::hopper

@@ -71,6 +71,21 @@
 #define TILEWISE_HOPPER_EXP_ON_FMA_D128 0
 #endif
 
+// Query rows per work item of the FP8 forward (fp8/): 128 = two consumer warpgroups, 192 = three.
+#ifndef TILEWISE_HOPPER_FP8_BLOCK_M
+#define TILEWISE_HOPPER_FP8_BLOCK_M 128
+#endif
+// K and V^T pipeline depths of the FP8 forward: its stages are half the bf16 ones' bytes.
+#ifndef TILEWISE_HOPPER_FP8_STAGES
+#define TILEWISE_HOPPER_FP8_STAGES 4
+#endif
+// The FP8 forward's row sums l: 1 = by the tensor cores (8 rows of e4m3 ones under each V^T stage, so the P V
+// product's extra 8 columns are the sums of exactly the P it used), 0 = by the consumers (each code converted back
+// and added: ~3 more instructions per score).
+#ifndef TILEWISE_HOPPER_FP8_ONES
+#define TILEWISE_HOPPER_FP8_ONES 1
+#endif
+
 // Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
 // ping-pong barriers (overlapped schedule), bit 16 the V loads, bit 32 the K loads
 // (in a cluster, the multicast ones). Timing what is left shows which part bounds the loop.
@@ -102,36 +117,54 @@ struct PipeState {
 /// kernels own 128 rows per work item (two warpgroups of 240 registers: S, dP and a D-wide accumulator, or the
 /// dK and dV accumulators with half-width S and dP) and keep per-stage row statistics beside the K ring.
 /// kDsBuffer: the fused backward kernel's dS buffer (dS^T of a block pair, 32 KB) fits beside fewer stages.
-template <int kHeadDim, int kOwnedRows = 0, bool kDsBuffer = false>
+/// kFp8: the FP8 forward (fp8/): Q and K e4m3 (one byte per element), V^T blocks of D rows x 128 keys in the V
+/// ring, O in the 16-bit output dtype.
+template <int kHeadDim, int kOwnedRows = 0, bool kDsBuffer = false, bool kFp8 = false>
 struct KernelTraits {
   static constexpr int D = kHeadDim;
   static constexpr bool kBackward = kOwnedRows != 0;
+  static_assert(!(kFp8 && kBackward), "FP8 is forward only");
+  static constexpr int kInBytes = kFp8 ? 1 : 2;  // bytes per element of the loaded Q and K (and V)
   // Query rows per work item (the backward's dK/dV kernel: key rows).
   static constexpr int kBlockM =
-      kBackward ? kOwnedRows : (D == 128 ? TILEWISE_HOPPER_BLOCK_M_D128 : TILEWISE_HOPPER_BLOCK_M_D64_D96);
+      kBackward ? kOwnedRows
+                : (kFp8 ? TILEWISE_HOPPER_FP8_BLOCK_M
+                        : (D == 128 ? TILEWISE_HOPPER_BLOCK_M_D128 : TILEWISE_HOPPER_BLOCK_M_D64_D96));
   static_assert(kBlockM == 128 || kBlockM == 192, "two or three consumer warpgroups of 64 rows");
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
   // Head dims that are multiples of 64 use 64-column panels with the 128-byte swizzle; 96 uses 32-column panels
-  // with the 64-byte swizzle, so no panel ever reads past the head's last column.
-  static constexpr int kPanelCols = D % 64 == 0 ? 64 : 32;
-  static constexpr int kRowBytes = kPanelCols * 2;
+  // with the 64-byte swizzle, so no panel ever reads past the head's last column. In e4m3 a panel is a whole
+  // swizzle row of 128 (D 128), 64 (D 64) or 32 bytes (D 96, three panels).
+  static constexpr int kPanelCols = kFp8 ? (D % 128 == 0 ? 128 : (D % 64 == 0 ? 64 : 32)) : (D % 64 == 0 ? 64 : 32);
+  static constexpr int kRowBytes = kPanelCols * kInBytes;
   static constexpr int kPanels = D / kPanelCols;
   static constexpr int kPanelBytes = kBlockN * kRowBytes;  // one panel of a K or V stage
-  static constexpr int kTileBytes = kPanels * kPanelBytes;  // a K or V stage: 128 rows x D
-  static constexpr int kQPanelBytes = kBlockM * kRowBytes;  // one panel of the Q or O buffer
+  static constexpr int kTileBytes = kPanels * kPanelBytes;  // a K or V stage: 128 rows x D (FP8's V^T: D x 128)
+  static constexpr int kQPanelBytes = kBlockM * kRowBytes;  // one panel of the Q buffer (and O's, in 16 bits)
   static constexpr int kQTileBytes = kPanels * kQPanelBytes;
+  // The O buffer holds the output dtype (16 bits) in the 16-bit panels, also when Q is e4m3.
+  static constexpr int kOPanelCols = D % 64 == 0 ? 64 : 32;
+  static constexpr int kORowBytes = kOPanelCols * 2;
+  static constexpr int kOPanels = D / kOPanelCols;
+  static constexpr int kOPanelBytes = kBlockM * kORowBytes;
+  static constexpr int kOTileBytes = kOPanels * kOPanelBytes;
+  // FP8: rows of e4m3 ones under each V^T stage (TILEWISE_HOPPER_FP8_ONES), written once, never loaded over.
+  static constexpr int kOnesRows = kFp8 && TILEWISE_HOPPER_FP8_ONES ? 8 : 0;
+  static constexpr int kVTileBytes = kTileBytes + kOnesRows * kBlockN;  // a V stage (FP8: V^T, D x 128, + ones)
   static constexpr int kStagesSmallD = D == 64 ? TILEWISE_HOPPER_STAGES_D64 : 3;
   // The fused backward fits its dS buffer beside the rings: at D 128 one dO stage (released before the dQ product,
   // so its next load overlaps that), at D 96 two of each. Without it, the forward's depths.
-  static constexpr int kKStages = kDsBuffer ? (D == 64 ? 3 : 2)
-                                            : (D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : kStagesSmallD);
-  static constexpr int kVStages = kDsBuffer ? (D == 64 ? 3 : (D == 96 ? 2 : 1))
-                                            : (D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD);
-  static constexpr int kCluster = D == 128 && !kBackward ? TILEWISE_HOPPER_CLUSTER_D128 : 1;
+  static constexpr int kKStages = kFp8 ? TILEWISE_HOPPER_FP8_STAGES
+                                 : kDsBuffer ? (D == 64 ? 3 : 2)
+                                             : (D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : kStagesSmallD);
+  static constexpr int kVStages = kFp8 ? TILEWISE_HOPPER_FP8_STAGES
+                                 : kDsBuffer ? (D == 64 ? 3 : (D == 96 ? 2 : 1))
+                                             : (D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD);
+  static constexpr int kCluster = D == 128 && !kBackward && !kFp8 ? TILEWISE_HOPPER_CLUSTER_D128 : 1;
   static constexpr int kExpOnFma = D == 128 ? TILEWISE_HOPPER_EXP_ON_FMA_D128 : TILEWISE_HOPPER_EXP_ON_FMA;
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
-  static constexpr bool kOverlap = !kBackward && kConsumerWarpgroups == 2 &&
+  static constexpr bool kOverlap = !kBackward && !kFp8 && kConsumerWarpgroups == 2 &&
                                    (TILEWISE_HOPPER_OVERLAP < 0 ? D != 64 : TILEWISE_HOPPER_OVERLAP != 0);
   // Register split between the producer warpgroup and each consumer warpgroup. The CTA is launched with
   // 65536 / kThreads registers per thread, rounded down to a multiple of 8 (168 for 384 threads, 128 for 512), and
@@ -156,9 +189,9 @@ struct KernelTraits {
   struct Shared {
     uint8_t* q;
     __device__ __forceinline__ uint8_t* o() const { return q + kQTileBytes; }
-    __device__ __forceinline__ uint8_t* k(int stage) const { return q + 2 * kQTileBytes + kTileBytes * stage; }
+    __device__ __forceinline__ uint8_t* k(int stage) const { return q + kQTileBytes + kOTileBytes + kTileBytes * stage; }
     __device__ __forceinline__ uint8_t* v(int stage) const {
-      return q + 2 * kQTileBytes + kTileBytes * (kKStages + stage);
+      return q + kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * stage;
     }
     Barrier* q_full;
     Barrier* q_empty;  // the consumers' last S GEMM of an item has read Q
@@ -177,7 +210,9 @@ struct KernelTraits {
       return reinterpret_cast<float*>(q + kBufferBytes) + stage * (kStatsBytes / 4);
     }
     // Backward only: dS^T of a block pair (owned keys x streamed queries), as two 64-query panels.
-    __device__ __forceinline__ uint8_t* ds() const { return q + 2 * kQTileBytes + kTileBytes * (kKStages + kVStages); }
+    __device__ __forceinline__ uint8_t* ds() const {
+      return q + kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages;
+    }
   };
 
   // The backward's dK/dV kernel streams, beside each query block, its rows' log2-domain LSE, D = rowsum(dO o) -
@@ -185,7 +220,8 @@ struct KernelTraits {
   static constexpr int kStatsBytes = kBackward ? 3 * kBlockN * 4 : 0;
   static constexpr int kDsPanelBytes = kBlockM * 128;  // 64 queries (128 bytes) per owned row
   static constexpr int kDsBytes = kDsBuffer ? 2 * kDsPanelBytes : 0;
-  static constexpr int kBufferBytes = 2 * kQTileBytes + kTileBytes * (kKStages + kVStages) + kDsBytes;  // Q, O, K, V, dS
+  static constexpr int kBufferBytes =
+      kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages + kDsBytes;  // Q, O, K, V, dS
   static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6;
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kBufferBytes + kKStages * kStatsBytes +
                                     kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo);

@@ -22,7 +22,7 @@ struct Producer {
                                        bool issue = true, bool multicast = false) const {
     const int rows = b.text ? (b.query ? Traits::kBlockM : kBlockN) : static_cast<int>(b.box(p).volume());
     const int panel_bytes = b.query ? Traits::kQPanelBytes : Traits::kPanelBytes;
-    bar->arrive_expect_tx(static_cast<uint32_t>(rows * Traits::D * 2));
+    bar->arrive_expect_tx(static_cast<uint32_t>(rows * Traits::D * Traits::kInBytes));
     if (!issue) return;  // the peer CTA multicasts it
     const int c4 = view.c4(batch, head);
     const D3 o = b.tma_origin(p);

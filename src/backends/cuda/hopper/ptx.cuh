@@ -199,10 +199,11 @@ __device__ __forceinline__ void fence_regs(float (&d)[N]) {
 }
 
 /// Shared-memory matrix descriptor (see the PTX ISA "matrix descriptor" format). `swizzle_bytes` is the row
-/// width of the swizzle atom: 128 (layout type 1) or 64 (layout type 2). Offsets are in bytes.
+/// width of the swizzle atom: 128 (layout type 1), 64 (2) or 32 (3, the FP8 forward's D 96 panels). Offsets are in
+/// bytes.
 __device__ __forceinline__ uint64_t make_desc(uint32_t smem_byte_addr, uint32_t leading_byte_offset,
                                               uint32_t stride_byte_offset, int swizzle_bytes) {
-  const uint64_t layout = swizzle_bytes == 128 ? 1 : 2;
+  const uint64_t layout = swizzle_bytes == 128 ? 1 : (swizzle_bytes == 64 ? 2 : 3);
   return (static_cast<uint64_t>((smem_byte_addr & 0x3FFFF) >> 4)) |
          (static_cast<uint64_t>((leading_byte_offset & 0x3FFFF) >> 4) << 16) |
          (static_cast<uint64_t>((stride_byte_offset & 0x3FFFF) >> 4) << 32) | (layout << 62);

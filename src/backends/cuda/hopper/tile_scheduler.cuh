@@ -49,6 +49,36 @@ struct Block {
   }
 };
 
+/// Index of key block `b` among the key blocks of one (batch, head), as the pre-passes store per-block data (the
+/// backward's row statistics, the FP8 forward's V^T): `slots` entries per tile (the most key boxes any tile class
+/// needs; a tile's sub-blocks in (t, h, w) order), then the text blocks of kBlockN rows.
+__device__ __forceinline__ int32_t block_entry(const FwdParams& p, const Block& b, int32_t slots) {
+  if (b.text) return p.map.grid.num_tiles() * slots + b.row0 / kBlockN;
+  const D3 s = p.cls[b.cls].subs;
+  return p.map.grid.tile_index(b.tile) * slots + (b.sub.t * s.h + b.sub.h) * s.w + b.sub.w;
+}
+
+/// The inverse of block_entry, row by row: the sequence position of row r (< kBlockN) of key block `entry`, or -1
+/// when that row is no token (past the box's volume or the latent, a spare slot of a class with fewer blocks, past
+/// the text capacity). Text padding rows are tokens here (whether a key is valid is text_len's business).
+__device__ __forceinline__ int64_t block_row_position(const FwdParams& p, int32_t entry, int32_t slots, int32_t r) {
+  const int32_t video_entries = p.map.grid.num_tiles() * slots;
+  if (entry >= video_entries) {
+    const int64_t row = int64_t{entry - video_entries} * kBlockN + r;
+    return row < p.map.seq.text_capacity ? p.map.seq.text_offset() + row : -1;
+  }
+  Block blk;
+  blk.tile = p.map.grid.tile_coord(entry / slots);
+  blk.cls = tile_class(p, blk.tile);
+  const D3 s = p.cls[blk.cls].subs, box = p.cls[blk.cls].box;
+  const int32_t sub = entry % slots;
+  blk.sub = {sub / (s.h * s.w), (sub / s.w) % s.h, sub % s.w};
+  const D3 o = blk.origin(p), L = p.map.grid.latent;
+  const D3 c{o.t + r / (box.h * box.w), o.h + (r / box.w) % box.h, o.w + r % box.w};
+  const bool real = sub < s.volume() && r < box.volume() && c.t < L.t && c.h < L.h && c.w < L.w;
+  return real ? p.map.video_position(c) : -1;
+}
+
 /// Rows of a query block that can be real tokens: rows past them are neither loaded nor stored (rows inside the
 /// box but outside the latent are, and are clipped by TMA).
 template <int kBlockM>

@@ -30,9 +30,7 @@ struct PreprocessParams {
 
 /// The statistics entry (within a (batch, head)) of a streamed block: video entries per (tile, slot), then text.
 __device__ __forceinline__ int32_t stats_entry(const BwdParams& p, const Block& b) {
-  if (b.text) return p.map.grid.num_tiles() * p.stream_slots + b.row0 / kBlockN;
-  const D3 s = p.cls[b.cls].subs;
-  return p.map.grid.tile_index(b.tile) * p.stream_slots + (b.sub.t * s.h + b.sub.h) * s.w + b.sub.w;
+  return block_entry(p, b, p.stream_slots);
 }
 
 template <class T>
@@ -53,25 +51,9 @@ template <class T>
 __global__ void __launch_bounds__(kBlockN) bwd_preprocess(const __grid_constant__ BwdParams p, PreprocessParams pre,
                                                           int head_dim) {
   const int32_t entry = blockIdx.x, bh = blockIdx.y, r = threadIdx.x;
-  const int32_t video_entries = p.map.grid.num_tiles() * p.stream_slots;
-  Block blk;
-  bool real = false;
-  int64_t pos = 0;
-  if (entry < video_entries) {
-    blk.tile = p.map.grid.tile_coord(entry / p.stream_slots);
-    blk.cls = tile_class(p, blk.tile);
-    const D3 s = p.cls[blk.cls].subs, box = p.cls[blk.cls].box;
-    const int32_t sub = entry % p.stream_slots;
-    blk.sub = {sub / (s.h * s.w), (sub / s.w) % s.h, sub % s.w};
-    const D3 o = blk.origin(p), L = p.map.grid.latent;
-    const D3 c{o.t + r / (box.h * box.w), o.h + (r / box.w) % box.h, o.w + r % box.w};
-    real = sub < s.volume() && r < box.volume() && c.t < L.t && c.h < L.h && c.w < L.w;
-    if (real) pos = p.map.video_position(c);
-  } else {
-    const int64_t row = int64_t{entry - video_entries} * kBlockN + r;
-    real = row < p.map.seq.text_capacity;
-    pos = p.map.seq.text_offset() + row;
-  }
+  const int64_t at = block_row_position(p, entry, p.stream_slots, r);
+  const bool real = at >= 0;
+  const int64_t pos = real ? at : 0;
   const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
   float lse2 = INFINITY, d = 0.f;
   if (real) {

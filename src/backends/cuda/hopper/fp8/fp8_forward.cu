@@ -1,0 +1,118 @@
+// Instantiations of the Hopper FP8 forward kernel (head dims 64, 96, 128 x bf16, f16 output) and its launcher: the
+// forward's CTA body (fwd_kernel.cuh) with the FP8 producer and consumer.
+#include "backends/cuda/hopper/fp8/fp8_forward.hpp"
+
+#include "backends/cuda/hopper/fp8/fp8_consumer.cuh"
+#include "backends/cuda/hopper/fp8/fp8_producer.cuh"
+#include "backends/cuda/hopper/fwd_kernel.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <algorithm>
+#include <type_traits>
+
+namespace tilewise::hopper {
+
+template <int kHeadDim>
+using Fp8Traits = KernelTraits<kHeadDim, 0, false, true>;
+
+template <int kHeadDim, WgType kType>
+__global__ void __launch_bounds__(Fp8Traits<kHeadDim>::kThreads, 1)
+    fp8_forward_kernel(const __grid_constant__ Fp8Params p) {
+  using Traits = Fp8Traits<kHeadDim>;
+  forward_cta<Traits, Fp8Producer<Traits>, Fp8Consumer<Traits, kType>>(p);
+}
+
+/// The V^T blocks (Fp8Params::vt_map): grid (vt_entries, B * Hkv), kBlockN threads. Thread r brings key row r of
+/// the block into shared memory as e4m3 (V's codes, or V in the 16-bit dtype T quantised with the channels' inverse
+/// scales, as quantize_fp8 would), zero where the row is no token or a text padding key (P is 0 there, and 0 x NaN
+/// would not be); then thread d < D writes V^T row d, its 128 keys in P's register order (vt_key_of_column).
+template <class T>
+__global__ void __launch_bounds__(kBlockN) vt_pack(const __grid_constant__ Fp8Params p, const void* v, Strides vs,
+                                                   const float* v_inv, uint8_t* vt, int head_dim) {
+  __shared__ uint8_t rows[kBlockN][128 + 16];  // [key][channel]; the padding keeps 16-byte rows apart in banks
+  const int32_t entry = blockIdx.x, bg = blockIdx.y, r = threadIdx.x;
+  const int32_t b = bg / p.kv_heads, g = bg % p.kv_heads;
+  int64_t pos = block_row_position(p, entry, p.vt_slots, r);
+  if (pos >= 0 && p.map.seq.is_text(pos) &&
+      pos - p.map.seq.text_offset() >= clamped_text_len(p.text_len, b, static_cast<int32_t>(p.map.seq.text_capacity)))
+    pos = -1;  // text padding: never a valid key
+  const int64_t row = b * vs.batch + pos * vs.seq + g * vs.head;
+  for (int d = 0; d < head_dim; ++d) {
+    uint8_t code = 0;
+    if (pos >= 0) {
+      if constexpr (std::is_same_v<T, uint8_t>)
+        code = static_cast<const uint8_t*>(v)[row + d];
+      else
+        code = __nv_cvt_float_to_fp8(__fmul_rn(static_cast<float>(static_cast<const T*>(v)[row + d]),
+                                               v_inv[int64_t{bg} * head_dim + d]),
+                                     __NV_SATFINITE, __NV_E4M3);
+    }
+    rows[r][d] = code;
+  }
+  __syncthreads();
+  if (r >= head_dim) return;
+  uint4* out = reinterpret_cast<uint4*>(vt + ((int64_t{bg} * p.vt_entries + entry) * head_dim + r) * kBlockN);
+#pragma unroll
+  for (int chunk = 0; chunk < kBlockN / 16; ++chunk) {
+    uint32_t w[4];
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      w[x] = 0;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) w[x] |= uint32_t{rows[vt_key_of_column(16 * chunk + 4 * x + e)][r]} << (8 * e);
+    }
+    out[chunk] = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+namespace {
+
+template <int D, WgType T>
+cudaError_t launch(const Fp8Params& params, int grid, cudaStream_t stream) {
+  constexpr int smem = Fp8Traits<D>::kSmemBytes;
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(fp8_forward_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (attr != cudaSuccess) return attr;
+  fp8_forward_kernel<D, T><<<grid, Fp8Traits<D>::kThreads, smem, stream>>>(params);
+  return cudaGetLastError();
+}
+
+template <class R, class F>
+R with_head_dim(int head_dim, R unsupported, F&& f) {
+  switch (head_dim) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+  }
+  return unsupported;
+}
+
+}  // namespace
+
+int fp8_query_block_rows(int head_dim) {
+  return with_head_dim(head_dim, 0, [](auto d) { return Fp8Traits<decltype(d)::value>::kBlockM; });
+}
+
+cudaError_t launch_vt_pack(const Fp8Params& params, const void* v, const Strides& v_strides, VtSource source,
+                           const float* v_inv, uint8_t* vt, int head_dim, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(params.vt_entries), static_cast<unsigned>(params.batch * params.kv_heads));
+  switch (source) {
+    case VtSource::e4m3: vt_pack<uint8_t><<<grid, kBlockN, 0, stream>>>(params, v, v_strides, v_inv, vt, head_dim); break;
+    case VtSource::bf16: vt_pack<__nv_bfloat16><<<grid, kBlockN, 0, stream>>>(params, v, v_strides, v_inv, vt, head_dim); break;
+    case VtSource::f16: vt_pack<__half><<<grid, kBlockN, 0, stream>>>(params, v, v_strides, v_inv, vt, head_dim); break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_fp8_forward(const Fp8Params& params, int head_dim, bool bf16, int grid, cudaStream_t stream) {
+  return with_head_dim(head_dim, cudaErrorInvalidValue, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    return bf16 ? launch<D, WgType::bf16>(params, std::max(1, std::min(grid, params.num_work)), stream)
+                : launch<D, WgType::f16>(params, std::max(1, std::min(grid, params.num_work)), stream);
+  });
+}
+
+}  // namespace tilewise::hopper
