@@ -114,8 +114,9 @@ struct Fp8Comparison {
 /// across an e4m3 rounding boundary (one step is 1/16 of it; on a row with few keys that shows). So: the output
 /// view within 1% (relative L2; the FP8 error itself is ~5%, §11.5), at most 0.1% of its elements further than 5%
 /// of its largest value from the CPU's, the LSE within 1e-2 on 99% of the rows and within 0.15 on all (a step of
-/// the largest weight, 32 of at least 224, moves ln l by at most 0.134); every element of the view written and
-/// finite, nothing outside it touched.
+/// the largest weight, 32 of at least 224, moves ln l by at most 0.134; seen on the H200: one row of 60 in a
+/// 2x2x2 latent with 8 keys per row); every element of the view written and finite, nothing outside it touched.
+/// FP8 wgmma also accumulates Q K^T with fewer bits than fp32, which makes such steps likelier than fp32 alone would.
 Fp8Comparison expect_fp8_matches_cpu(const Case& c, const Buffer& in) {
   SCOPED_TRACE(oracle::describe(c));
   const oracle::Views views = oracle::make_views(c);
@@ -158,7 +159,7 @@ Fp8Comparison expect_fp8_matches_cpu(const Case& c, const Buffer& in) {
   EXPECT_EQ(touched, 0) << "bytes outside the output view were written";
   EXPECT_LE(gradcheck::rel_l2(r.gpu, r.cpu), 1e-2);
   EXPECT_LE(far, static_cast<int64_t>(r.gpu.size() / 1000)) << "elements further than 5% of the largest";
-  EXPECT_LE(lse_off, lse_rows / 100) << "LSE rows off by more than 1e-2";
+  EXPECT_LE(lse_off, 1 + lse_rows / 100) << "LSE rows off by more than 1e-2";
   EXPECT_LE(lse_worst, 0.15);
   return r;
 }
@@ -332,11 +333,13 @@ TEST_F(CudaFp8Forward, AccuracyAgainstFloat64) {
 #endif
 }
 
-/// fp8_scaled with quantize_fp8's tensors is precision fp8 (semantics.md §11.3), output for output, on the GPU.
+/// fp8_scaled with quantize_fp8's tensors is precision fp8 (semantics.md §11.3), output for output, on the GPU; and
+/// e4m3 views whose strides TMA cannot take are refused by name.
 TEST_F(CudaFp8Forward, ScaledWithQuantizeFp8IsFp8) {
 #ifdef TILEWISE_WITH_CUDA
   Case c = oracle::random_case(rng, Kind::sliding_tile, DType::bf16);
   c.text = 20, c.text_len = std::vector<int32_t>(c.batch, 13);
+  c.storage = oracle::StorageKind::bshd;  // e4m3 strides must be multiples of 16 bytes (padded views are not)
   SCOPED_TRACE(oracle::describe(c));
   const oracle::Views views = oracle::make_views(c);
   const Buffer in = oracle::random_inputs(c, rng);
@@ -360,6 +363,17 @@ TEST_F(CudaFp8Forward, ScaledWithQuantizeFp8IsFp8) {
   const Fp8Run scaled = run_on_gpu(c, with_precision(c, tilewise::Precision::fp8_scaled),
                                    codes.download_as<uint8_t>(views.in_size), 1, scales);
   EXPECT_EQ(scaled.o.raw, fp8.o.raw);
+
+  tilewise::Problem odd = with_precision(c, tilewise::Precision::fp8_scaled);
+  const int64_t row = c.q_heads * c.head_dim + 8;  // 8 bytes more per position: not a multiple of 16
+  odd.q = {c.seq_len() * row, row, c.head_dim};
+  try {
+    tilewise::Plan(odd, oracle::to_pattern(c), tilewise::Device::cuda);
+    ADD_FAILURE() << "no error for e4m3 strides that are not multiples of 16 bytes";
+  } catch (const tilewise::Error& e) {
+    EXPECT_EQ(e.argument(), "q_strides");
+    EXPECT_NE(std::string(e.what()).find("multiples of 16 bytes (16 elements)"), std::string::npos) << e.what();
+  }
 #endif
 }
 

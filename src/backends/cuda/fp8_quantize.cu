@@ -100,6 +100,8 @@ struct WarpRows {
         warp(threadIdx.x / 32),
         lane(threadIdx.x % 32),
         channels(p.head_dim / 32) {}
+  /// Rows of this warp's range below n: several per loop trip (unrolled), so that their loads are in flight at once.
+  __device__ int64_t rows(int64_t n) const { return first >= n ? 0 : (n - first < kRowsPerWarp ? n - first : kRowsPerWarp); }
   __device__ int64_t key_row(const QuantizeParams& p, int64_t s) const {
     return b * p.ks.batch + s * p.ks.seq + g * p.ks.head;
   }
@@ -130,8 +132,10 @@ __global__ void key_sums(QuantizeParams p) {
   const WarpRows w(p);
   const int64_t n_visible = p.map.seq.num_video + valid_text(p, w.b);
   double acc[kMaxChannels] = {0.0, 0.0, 0.0, 0.0};
-  for (int64_t i = w.first; i < w.first + kRowsPerWarp && i < n_visible; ++i) {
-    const int64_t row = w.key_row(p, visible_position(p, i));
+  const int64_t count = w.rows(n_visible);
+#pragma unroll 4
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t row = w.key_row(p, visible_position(p, w.first + r));
 #pragma unroll
     for (int c = 0; c < kMaxChannels; ++c)
       if (c < w.channels) acc[c] += load<T>(p.k, row + w.lane + 32 * c);
@@ -152,8 +156,10 @@ __global__ void group_maxima(QuantizeParams p) {
     mu[c] = c < w.channels ? mean_of(p, w.bg, w.lane + 32 * c, w.b) : 0.f;
     vmax[c] = 0.f;
   }
-  for (int64_t i = w.first; i < w.first + kRowsPerWarp && i < n_visible; ++i) {
-    const int64_t s = visible_position(p, i), krow = w.key_row(p, s), vrow = w.value_row(p, s);
+  const int64_t count = w.rows(n_visible);
+#pragma unroll 4
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t s = visible_position(p, w.first + r), krow = w.key_row(p, s), vrow = w.value_row(p, s);
     float kmax = 0.f;
 #pragma unroll
     for (int c = 0; c < kMaxChannels; ++c) {
@@ -180,7 +186,9 @@ __global__ void quantize_keys_values(QuantizeParams p) {
     mu[c] = c < w.channels ? mean_of(p, w.bg, w.lane + 32 * c, w.b) : 0.f;
     vinv[c] = c < w.channels ? fp8::inv_scale_of(p.v_scale[w.bg * p.head_dim + w.lane + 32 * c]) : 1.f;
   }
-  for (int64_t s = w.first; s < w.first + kRowsPerWarp && s < p.seq_len; ++s) {
+  const int64_t count = w.rows(p.seq_len);
+#pragma unroll 4
+  for (int64_t s = w.first; s < w.first + count; ++s) {
     const float kinv = fp8::inv_scale_of(p.k_scale[w.bg * p.blocks + fp8::key_block(p.map, s)]);
     const int64_t krow = w.key_row(p, s), vrow = w.value_row(p, s);
     const int64_t k8row = w.b * p.k8s.batch + s * p.k8s.seq + w.g * p.k8s.head;

@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "backends/cuda/hopper/ptx.cuh"  // fast_exp2: exact at integers, which every rescale factor here is
+#include "backends/cuda/hopper/ptx.cuh"  // fast_exp2 (exact at integers, which every rescale factor is), exp2_fma
 
 namespace tilewise::hopper {
 
@@ -35,8 +35,9 @@ struct Fp8Softmax {
   /// 448 * 2^(t - M) into `pairs` (pair j: fragment values 2j and 2j + 1, the first in the low byte), and, with
   /// kRowSum, l = l * corr + the sum of their values (without it the caller sums them otherwise: a column of ones
   /// in the P V product). corr[row] = 2^(M_old - M_new) is what O (and l) must be multiplied by (0 while a row has
-  /// seen no key; 1 when M stayed).
-  template <bool kRowSum = true>
+  /// seen no key; 1 when M stayed). kExpOnFma = N > 0: every N-th exponential of a row on the FMA pipe (exp2_fma)
+  /// instead of MUFU, whose 16 per clock per SM bound FP8's loop once its GEMMs take half the bf16 time.
+  template <bool kRowSum = true, int kExpOnFma = 0>
   static __device__ __forceinline__ void step(const float (&s)[kValues], const float (&factor)[2], float (&m_run)[2],
                                               float (&l_run)[2], float (&corr)[2], uint16_t (&pairs)[kPairs]) {
     float t[kValues];
@@ -58,7 +59,17 @@ struct Fp8Softmax {
 #pragma unroll
       for (int j = 0; j < kPairs; ++j)
         if ((j % 2) == rr) {  // values 2j, 2j + 1 are in row (2j % 4) / 2 = j % 2
-          pairs[j] = e4m3x2(448.f * fast_exp2(t[2 * j] - m_use), 448.f * fast_exp2(t[2 * j + 1] - m_use));
+          float p[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int k = j - rr + e;  // the value's index among its row's 32 (2 per pair of the row)
+            const float x = t[2 * j + e] - m_use;
+            if constexpr (kExpOnFma > 0)
+              p[e] = k % kExpOnFma == kExpOnFma - 1 ? exp2_fma(x) : fast_exp2(x);
+            else
+              p[e] = fast_exp2(x);
+          }
+          pairs[j] = e4m3x2(448.f * p[0], 448.f * p[1]);
           if constexpr (kRowSum) sum += pair_sum(pairs[j]);
         }
       if constexpr (kRowSum) {

@@ -85,6 +85,10 @@
 #ifndef TILEWISE_HOPPER_FP8_ONES
 #define TILEWISE_HOPPER_FP8_ONES 1
 #endif
+// The FP8 forward's exponentials: every N-th of a row on the FMA pipe (exp2_fma), 0 = all on MUFU.
+#ifndef TILEWISE_HOPPER_FP8_EXP_ON_FMA
+#define TILEWISE_HOPPER_FP8_EXP_ON_FMA 0
+#endif
 
 // Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
 // ping-pong barriers (overlapped schedule), bit 16 the V loads, bit 32 the K loads

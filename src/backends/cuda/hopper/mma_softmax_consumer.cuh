@@ -15,19 +15,6 @@
 
 namespace tilewise::hopper {
 
-/// 2^x on the FMA pipe instead of the MUFU unit, which does 16 exponentials per clock per SM: at D 64 one
-/// 128 x 128 block's exponentials take as long as its GEMMs (FlashAttention-4 moves part of them to FMAs the same
-/// way). x is split into the nearest integer j (the 1.5 * 2^23 rounding trick) and f in [-0.5, 0.5]; 2^f is a
-/// cubic fitted for relative error (7.5e-5 at most, far below the bf16 rounding of P), and 2^j is built in the
-/// exponent bits. -inf gives 0 (x is clamped to -127, whose 2^j is +0) and NaN stays NaN, as with ex2.approx.
-__device__ __forceinline__ float exp2_fma(float x) {
-  x = x < -127.f ? -127.f : x;
-  const float t = x + 12582912.f;
-  const float f = x - (t - 12582912.f);
-  const float p = fmaf(fmaf(fmaf(0.05517167f, f, 0.24261115f), f, 0.69326099f), f, 0.99992807f);
-  return p * __int_as_float((__float_as_int(t) - 0x4B400000 + 127) << 23);
-}
-
 constexpr uint32_t kSchedulerBarrier = 2;  // + warpgroup index: "your turn to issue GEMMs"
 
 // Online softmax keeps a row's running max stale until a block raises it by more than this (log2 units), so P

@@ -7,6 +7,12 @@
 // P V product itself (TILEWISE_HOPPER_FP8_ONES): 8 rows of ones under each V^T stage make 8 more accumulator
 // columns, each the sum of the e4m3 P the tensor cores used, rescaled with O for free.
 // One GEMM at a time per warpgroup (the bf16 forward's sequential schedule); the warpgroups overlap each other.
+//
+// Each block's P V goes into a fresh accumulator, added to O in fp32 registers: FP8 wgmma accumulates with a few
+// bits fewer than fp32 (as DeepSeek-V3 reports for Hopper, and FP8 GEMMs promote every 128 products for it), and
+// accumulating across a whole row in the tensor cores lost the small weights' share: measured on the H200, the
+// row sums came out up to 20% short on HunyuanVideo w3x3x3 and O was off by 1.7 (relative L2) on the whole-grid
+// window; summed per block, both keep fp32's precision across blocks.
 #pragma once
 
 #include "backends/cuda/hopper/fp8/fp8_params.cuh"
@@ -70,10 +76,11 @@ struct Fp8Consumer {
                               k_desc + ((stage * Traits::kTileBytes + panel * Traits::kPanelBytes + kk * 32) >> 4),
                               panel + kk > 0);
   }
-  __device__ __forceinline__ void issue_pv(float (&o)[kAccN / 2], const uint32_t (&pa)[kPvSteps][4], int stage) const {
+  /// pv = P V of one block (and, with the ones, its row sums): a fresh accumulator (see the header).
+  __device__ __forceinline__ void issue_pv(float (&pv)[kAccN / 2], const uint32_t (&pa)[kPvSteps][4], int stage) const {
 #pragma unroll
     for (int j = 0; j < kPvSteps; ++j)
-      WgmmaFp8<kAccN>::rs(o, pa[j], vt_desc + ((stage * Traits::kVTileBytes + 32 * j) >> 4), 1);
+      WgmmaFp8<kAccN>::rs(pv, pa[j], vt_desc + ((stage * Traits::kVTileBytes + 32 * j) >> 4), j > 0);
   }
 
   /// All key blocks of one work item. qf: the softmax scale (log2 domain) times each of this thread's rows' q scale.
@@ -101,20 +108,25 @@ struct Fp8Consumer {
         if (mask.frames) mask_frames(sc, p, item, bi, lane(), [&](int rr) { return base.row(rr); });
       }
       const float factor[2] = {qf[0] * kscale, qf[1] * kscale};
-      Fp8Softmax::step<!kOnes>(sc, factor, m_run, l_run, corr, pairs);
-      if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
-#pragma unroll
-        for (int i = 0; i < kAccN / 2; ++i) o[i] *= corr[(i % 4) / 2];
-      }
+      Fp8Softmax::step<!kOnes, TILEWISE_HOPPER_FP8_EXP_ON_FMA>(sc, factor, m_run, l_run, corr, pairs);
+      const bool rescale = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
       Fp8Softmax::to_operand(pairs, pa);
       s.v_full[vs.stage()].wait(vs.phase());
+      float pv[kAccN / 2];  // this block's P V (and row sums), then added to O in fp32
       wgmma_fence();
-      if (!(TILEWISE_HOPPER_ABLATE & 2)) issue_pv(o, pa, vs.stage());
+      if (!(TILEWISE_HOPPER_ABLATE & 2)) issue_pv(pv, pa, vs.stage());
       wgmma_commit();
       wgmma_wait<0>();
-      fence_regs(o);
+      fence_regs(pv);
       base.release(s.v_empty[vs.stage()], false);
       vs.advance();
+      if (rescale) {
+#pragma unroll
+        for (int i = 0; i < kAccN / 2; ++i) o[i] = fmaf(o[i], corr[(i % 4) / 2], pv[i]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kAccN / 2; ++i) o[i] += pv[i];
+      }
     }
   }
 

@@ -25,34 +25,45 @@ __global__ void __launch_bounds__(Fp8Traits<kHeadDim>::kThreads, 1)
   forward_cta<Traits, Fp8Producer<Traits>, Fp8Consumer<Traits, kType>>(p);
 }
 
-/// The V^T blocks (Fp8Params::vt_map): grid (vt_entries, B * Hkv), kBlockN threads. Thread r brings key row r of
-/// the block into shared memory as e4m3 (V's codes, or V in the 16-bit dtype T quantised with the channels' inverse
-/// scales, as quantize_fp8 would), zero where the row is no token or a text padding key (P is 0 there, and 0 x NaN
-/// would not be); then thread d < D writes V^T row d, its 128 keys in P's register order (vt_key_of_column).
+/// The V^T blocks (Fp8Params::vt_map): grid (vt_entries, B * Hkv), kBlockN threads. The block's key rows come into
+/// shared memory as e4m3 (V's codes, or V in the 16-bit dtype T quantised with the channels' inverse scales, as
+/// quantize_fp8 would), a 16-byte load per thread (a row is D / 8 or D / 16 loads side by side: coalesced), zero
+/// where the row is no token or a text padding key (P is 0 there, and 0 x NaN would not be); then thread d < D
+/// writes V^T row d, its 128 keys in P's register order (vt_key_of_column).
 template <class T>
 __global__ void __launch_bounds__(kBlockN) vt_pack(const __grid_constant__ Fp8Params p, const void* v, Strides vs,
                                                    const float* v_inv, uint8_t* vt, int head_dim) {
   __shared__ uint8_t rows[kBlockN][128 + 16];  // [key][channel]; the padding keeps 16-byte rows apart in banks
-  const int32_t entry = blockIdx.x, bg = blockIdx.y, r = threadIdx.x;
+  constexpr int kPerLoad = 16 / sizeof(T);     // elements per 16-byte load
+  const int32_t entry = blockIdx.x, bg = blockIdx.y;
   const int32_t b = bg / p.kv_heads, g = bg % p.kv_heads;
-  int64_t pos = block_row_position(p, entry, p.vt_slots, r);
-  if (pos >= 0 && p.map.seq.is_text(pos) &&
-      pos - p.map.seq.text_offset() >= clamped_text_len(p.text_len, b, static_cast<int32_t>(p.map.seq.text_capacity)))
-    pos = -1;  // text padding: never a valid key
-  const int64_t row = b * vs.batch + pos * vs.seq + g * vs.head;
-  for (int d = 0; d < head_dim; ++d) {
-    uint8_t code = 0;
+  const int loads_per_row = head_dim / kPerLoad, rows_per_pass = kBlockN / loads_per_row;
+  const int32_t text_len = clamped_text_len(p.text_len, b, static_cast<int32_t>(p.map.seq.text_capacity));
+  for (int first = 0; first < kBlockN; first += rows_per_pass) {
+    const int r = first + threadIdx.x / loads_per_row, chunk = threadIdx.x % loads_per_row;
+    if (threadIdx.x >= rows_per_pass * loads_per_row || r >= kBlockN) continue;
+    int64_t pos = block_row_position(p, entry, p.vt_slots, r);
+    if (pos >= 0 && p.map.seq.is_text(pos) && pos - p.map.seq.text_offset() >= text_len) pos = -1;  // padding
+    uint8_t codes[kPerLoad] = {};
     if (pos >= 0) {
-      if constexpr (std::is_same_v<T, uint8_t>)
-        code = static_cast<const uint8_t*>(v)[row + d];
-      else
-        code = __nv_cvt_float_to_fp8(__fmul_rn(static_cast<float>(static_cast<const T*>(v)[row + d]),
-                                               v_inv[int64_t{bg} * head_dim + d]),
-                                     __NV_SATFINITE, __NV_E4M3);
+      const int64_t at = b * vs.batch + pos * vs.seq + g * vs.head + chunk * kPerLoad;
+      const uint4 raw = *reinterpret_cast<const uint4*>(static_cast<const T*>(v) + at);  // 16-byte aligned: TMA's rule
+      const T* x = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kPerLoad; ++i) {
+        if constexpr (std::is_same_v<T, uint8_t>)
+          codes[i] = x[i];
+        else
+          codes[i] = __nv_cvt_float_to_fp8(
+              __fmul_rn(static_cast<float>(x[i]), v_inv[int64_t{bg} * head_dim + chunk * kPerLoad + i]),
+              __NV_SATFINITE, __NV_E4M3);
+      }
     }
-    rows[r][d] = code;
+#pragma unroll
+    for (int i = 0; i < kPerLoad; ++i) rows[r][chunk * kPerLoad + i] = codes[i];
   }
   __syncthreads();
+  const int r = threadIdx.x;
   if (r >= head_dim) return;
   uint4* out = reinterpret_cast<uint4*>(vt + ((int64_t{bg} * p.vt_entries + entry) * head_dim + r) * kBlockN);
 #pragma unroll
