@@ -33,12 +33,7 @@ cudaError_t launch(const FwdParams& params, int grid, cudaStream_t stream) {
 /// f(KernelTraits<D>{}) for a supported head dim D, else `unsupported`.
 template <class R, class F>
 R with_traits(int head_dim, R unsupported, F&& f) {
-  switch (head_dim) {
-    case 64: return f(KernelTraits<64>{});
-    case 96: return f(KernelTraits<96>{});
-    case 128: return f(KernelTraits<128>{});
-  }
-  return unsupported;
+  return with_head_dim(head_dim, unsupported, [&](auto d) { return f(KernelTraits<decltype(d)::value>{}); });
 }
 
 }  // namespace

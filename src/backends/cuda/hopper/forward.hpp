@@ -3,11 +3,10 @@
 
 #include <cuda_runtime.h>
 
+#include "backends/cuda/hopper/head_dims.hpp"
 #include "backends/cuda/hopper/params.cuh"
 
 namespace tilewise::hopper {
-
-constexpr int kSupportedHeadDims[] = {64, 96, 128};
 
 /// Dynamic shared memory of the kernel for a head dim (0 when unsupported).
 int forward_smem_bytes(int head_dim);

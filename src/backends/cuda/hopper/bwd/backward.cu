@@ -2,6 +2,7 @@
 // and their launchers.
 #include "backends/cuda/hopper/bwd/backward.hpp"
 #include "backends/cuda/hopper/bwd/bwd_kernels.cuh"
+#include "backends/cuda/hopper/head_dims.hpp"
 
 namespace tilewise::hopper {
 namespace {
@@ -24,16 +25,6 @@ cudaError_t launch(const BwdParams& params, BwdKernel kernel, int grid, cudaStre
     case BwdKernel::dkdvq: return launch<D, T, BwdKernel::dkdvq>(params, grid, stream);
   }
   return cudaErrorInvalidValue;
-}
-
-template <class R, class F>
-R with_head_dim(int head_dim, R unsupported, F&& f) {
-  switch (head_dim) {
-    case 64: return f(std::integral_constant<int, 64>{});
-    case 96: return f(std::integral_constant<int, 96>{});
-    case 128: return f(std::integral_constant<int, 128>{});
-  }
-  return unsupported;
 }
 
 }  // namespace

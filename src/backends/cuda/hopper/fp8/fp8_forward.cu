@@ -5,6 +5,7 @@
 #include "backends/cuda/hopper/fp8/fp8_consumer.cuh"
 #include "backends/cuda/hopper/fp8/fp8_producer.cuh"
 #include "backends/cuda/hopper/fwd_kernel.cuh"
+#include "backends/cuda/hopper/head_dims.hpp"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -89,16 +90,6 @@ cudaError_t launch(const Fp8Params& params, int grid, cudaStream_t stream) {
   if (attr != cudaSuccess) return attr;
   fp8_forward_kernel<D, T><<<grid, Fp8Traits<D>::kThreads, smem, stream>>>(params);
   return cudaGetLastError();
-}
-
-template <class R, class F>
-R with_head_dim(int head_dim, R unsupported, F&& f) {
-  switch (head_dim) {
-    case 64: return f(std::integral_constant<int, 64>{});
-    case 96: return f(std::integral_constant<int, 96>{});
-    case 128: return f(std::integral_constant<int, 128>{});
-  }
-  return unsupported;
 }
 
 }  // namespace
