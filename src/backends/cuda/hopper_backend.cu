@@ -192,23 +192,21 @@ class HopperBackend final : public Backend {
     const int64_t work = launch_batch * p.q_heads * (int64_t{video_items_} + text_items_);
     require(work <= kMax, "problem size", work, "fewer than 2^31 work items per launch");
 
+    // Key blocks are the same for every kernel (boxes of at most kBlockN tokens, whatever the query rows): per-block
+    // data of the pre-passes (the backward's statistics, FP8's V^T) is indexed by block_entry over them.
+    for (int c = 0; c < hopper::kTileClasses; ++c)
+      if (classes_.exists(c)) key_slots_ = std::max<int32_t>(key_slots_, classes_.cls[c].subs.volume());
+    key_entries_ = static_cast<int32_t>(g.num_tiles() * key_slots_ + ceil_div<int64_t>(p.text_capacity, hopper::kBlockN));
     // The backward's kernels own 128-row blocks and stream 128-row blocks (bwd/bwd_params.cuh).
     bwd_classes_ = TileClasses(g, hopper::kBackwardOwnedRows);
-    for (int c = 0; c < hopper::kTileClasses; ++c)
-      if (bwd_classes_.exists(c))
-        stream_slots_ = std::max<int32_t>(stream_slots_, bwd_classes_.cls[c].subs.volume());
-    stats_entries_ = static_cast<int32_t>(g.num_tiles() * stream_slots_ + ceil_div<int64_t>(p.text_capacity, hopper::kBlockN));
     const char* fused = std::getenv("TILEWISE_BACKWARD_FUSED_DQ");
     fused_dq_ = fused != nullptr && std::string(fused) == "1";
 
     if (p.precision != Precision::native) {  // the FP8 forward (its own query blocks, the V^T blocks, scratch)
       fp8_rows_ = hopper::fp8_query_block_rows(static_cast<int>(p.head_dim));
       fp8_classes_ = TileClasses(g, fp8_rows_);
-      for (int c = 0; c < hopper::kTileClasses; ++c)
-        if (fp8_classes_.exists(c)) vt_slots_ = std::max<int32_t>(vt_slots_, fp8_classes_.cls[c].subs.volume());
-      vt_entries_ = static_cast<int32_t>(g.num_tiles() * vt_slots_ + ceil_div<int64_t>(p.text_capacity, hopper::kBlockN));
-      require(p.batch * p.kv_heads * vt_entries_ < (int64_t{1} << 31), "problem size",
-              p.batch * p.kv_heads * vt_entries_, "fewer than 2^31 key blocks for precision fp8 on cuda");
+      require(p.batch * p.kv_heads * key_entries_ < (int64_t{1} << 31), "problem size",
+              p.batch * p.kv_heads * key_entries_, "fewer than 2^31 key blocks for precision fp8 on cuda");
       const int64_t fp8_work = launch_batch * p.q_heads *
                                (g.num_tiles() * fp8_classes_.slots + ceil_div<int64_t>(p.text_capacity, fp8_rows_));
       require(fp8_work <= kMax, "problem size", fp8_work, "fewer than 2^31 work items per launch");
@@ -230,7 +228,7 @@ class HopperBackend final : public Backend {
     WorkspaceCarver w(base);
     Fp8Scratch f{};
     f.counter = w.take<int32_t>(1);
-    f.vt = w.take<uint8_t>(p.batch * p.kv_heads * int64_t{vt_entries_} * p.head_dim * hopper::kBlockN);
+    f.vt = w.take<uint8_t>(p.batch * p.kv_heads * int64_t{key_entries_} * p.head_dim * hopper::kBlockN);
     if (p.precision == Precision::fp8) {
       ForwardQuantized& q = f.quantized;
       const int64_t D = p.head_dim, S = p.seq_len;
@@ -303,7 +301,7 @@ class HopperBackend final : public Backend {
     BackwardScratch b{};
     b.counters = w.take<int32_t>(2);
     b.delta = w.take<float>(p.batch * p.q_heads * p.seq_len);
-    b.stats = w.take<float>(p.batch * p.q_heads * int64_t{stats_entries_} * hopper::kStatsWords);
+    b.stats = w.take<float>(p.batch * p.q_heads * int64_t{key_entries_} * hopper::kStatsWords);
     b.dq_accum = fused_dq_ ? w.take<float>(p.batch * p.q_heads * p.seq_len * p.head_dim) : nullptr;
     b.bytes = w.used();
     return b;
@@ -333,8 +331,8 @@ class HopperBackend final : public Backend {
     prm.text_items = static_cast<int32_t>(ceil_div<int64_t>(p.text_capacity, hopper::kBackwardOwnedRows));
     prm.delta = ws.delta;
     encode_stats(p, ws.stats, prm.stats_map);
-    prm.stream_slots = stream_slots_;
-    prm.stats_entries = stats_entries_;
+    prm.stream_slots = key_slots_;
+    prm.stats_entries = key_entries_;
     prm.dq_accum = ws.dq_accum;
     const size_t accum_bytes = sizeof(float) * p.batch * p.q_heads * p.seq_len * p.head_dim;
     if (!deterministic) check(cudaMemsetAsync(ws.dq_accum, 0, accum_bytes, stream), "cudaMemsetAsync");
@@ -449,8 +447,8 @@ class HopperBackend final : public Backend {
     prm.work_counter = ws.counter;
     prm.kv_heads = static_cast<int32_t>(p.kv_heads);
     prm.key_blocks = static_cast<int32_t>(plan.fp8_key_blocks());
-    prm.vt_slots = vt_slots_;
-    prm.vt_entries = vt_entries_;
+    prm.vt_slots = key_slots_;
+    prm.vt_entries = key_entries_;
     prm.q_scale = scaled ? t.q_scale : qz.q_scale;
     prm.k_scale = scaled ? t.k_scale : qz.k_scale;
     prm.v_scale = scaled ? t.v_scale : qz.v_scale;
@@ -487,7 +485,7 @@ class HopperBackend final : public Backend {
  private:
   /// The V^T blocks as (128 keys, D, blocks): one box per block, 128-byte swizzle (Fp8Params::vt_map).
   void encode_vt(const Problem& p, const uint8_t* vt, CUtensorMap& map) const {
-    const cuuint64_t blocks = static_cast<cuuint64_t>(p.batch * p.kv_heads * vt_entries_);
+    const cuuint64_t blocks = static_cast<cuuint64_t>(p.batch * p.kv_heads * key_entries_);
     const cuuint64_t row = hopper::kBlockN, block = row * static_cast<cuuint64_t>(p.head_dim), all = block * blocks;
     const cuuint64_t dims[5] = {hopper::kBlockN, static_cast<cuuint64_t>(p.head_dim), blocks, 1, 1};
     const cuuint64_t strides[4] = {row, block, all, all};
@@ -561,7 +559,7 @@ class HopperBackend final : public Backend {
 
   /// The statistics buffer as rows of kBlockN floats (BwdParams::stats_map): one box is one block's 3 rows.
   void encode_stats(const Problem& p, const float* stats, CUtensorMap& map) const {
-    const int64_t rows = p.batch * p.q_heads * int64_t{stats_entries_} * hopper::kStatsRows;
+    const int64_t rows = p.batch * p.q_heads * int64_t{key_entries_} * hopper::kStatsRows;
     require(rows < (int64_t{1} << 31), "problem size", rows, "fewer than 2^31 rows of backward statistics");
     const cuuint64_t row_bytes = hopper::kBlockN * sizeof(float), all = row_bytes * static_cast<cuuint64_t>(rows);
     const cuuint64_t dims[5] = {hopper::kBlockN, static_cast<cuuint64_t>(rows), 1, 1, 1};
@@ -586,19 +584,18 @@ class HopperBackend final : public Backend {
   DeviceArray<int32_t> work_counter_{std::vector<int32_t>{0}};
   TileClasses classes_;
   TileClasses bwd_classes_;      // the backward's: 128-row owned (qbox) and streamed (box) blocks
-  int32_t stream_slots_ = 1;     // the most streamed blocks of any tile class
-  int32_t stats_entries_ = 0;    // streamed blocks per (batch, head): tiles * stream_slots_ + text blocks
+  int32_t key_slots_ = 1;     // key blocks per tile: the most key boxes of any tile class
+  int32_t key_entries_ = 0;   // key blocks per (batch, head): tiles * key_slots_ + text blocks (block_entry)
   bool fused_dq_ = false;        // the fused dK/dV/dQ kernel when not deterministic (experimental, see run_backward)
   DeviceArray<int32_t> dkdv_order_;  // the dK/dV kernel's video items, heaviest first (heaviest_first)
   bool per_batch_ = false;
   int max_ctas_ = 1;  // CTAs of a persistent launch: the device's SMs less Problem::sm_margin, at least 1
   int query_rows_ = 128;  // query rows per work item of the kernel for this head dim
   int32_t video_items_ = 0, text_items_ = 0;
-  // The FP8 forward (precision fp8 / fp8_scaled only): its query rows and tile classes, V^T entries per tile and
-  // per (batch, kv head), and the scratch used when run() is given no workspace (allocated with the plan).
+  // The FP8 forward (precision fp8 / fp8_scaled only): its query rows and tile classes, and the scratch used when
+  // run() is given no workspace (allocated with the plan).
   int fp8_rows_ = 128;
   TileClasses fp8_classes_;
-  int32_t vt_slots_ = 1, vt_entries_ = 0;
   DeviceArray<uint8_t> own_fp8_scratch_;
 };
 
