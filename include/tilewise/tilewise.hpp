@@ -159,8 +159,8 @@ class Plan {
   Plan& operator=(Plan&&) noexcept;
 
   /// Device scratch bytes run() uses (the scheduler's counter; 0 on the CPU). A CUDA plan of precision fp8 also
-  /// keeps the quantised q and k, the scales and the V^T blocks there (about 1.5x the bytes of q and k in e4m3
-  /// plus V once more), and fp8_scaled the V^T blocks; such a plan allocates its own copy when it is made.
+  /// keeps the quantised q and k, the scales and the V^T blocks there (q, k and v once more at a byte per
+  /// element), and fp8_scaled the V^T blocks; such a plan allocates its own copy when it is made.
   size_t workspace_bytes() const;
   /// `workspace`: null = the plan's own scratch, so such runs of one plan must not overlap on two streams;
   /// give each stream its own workspace_bytes() buffer (on the device, 256-byte aligned) to run one plan on
