@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything one device call needs, in one go: build on the GPU machine, run the GPU tests (a hang is killed),
 # compute-sanitizer on small problems, the backward fuzz, and the benchmark tables last. Logs go under $OUT.
-# Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [fuzz] [bench] [bench_bwd] [sass]
-#        [bwd_variants] [variant_tests] [bwd_profile]
+# Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [sanitize_fp8] [fuzz] [bench]
+#        [bench_bwd] [sass] [bwd_variants] [variant_tests] [bwd_profile]
 #   bwd_variants: BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ..." (scripts/kernel_variants.py); a name starting with
 #   fused times the fused arrangement, names no_* or *_no_* are ablations (times only); variant_tests: VARIANT=name
 #   sanitize: forward and backward cases; sanitize_bwd: the backward cases alone (a device call of their own)
@@ -65,6 +65,19 @@ for step in $steps; do
     sanitize_bwd)
       echo "== compute-sanitizer (memcheck, racecheck, synccheck) on small backward problems"
       sanitize_cases CudaBackwardSmall $BACKWARD_SANITIZE_CASES
+      ;;
+    sanitize_fp8)
+      # The FP8 forward (and its pre-pass) on partial tiles with long padded text, GQA, every head dim, and fp8_scaled
+      echo "== compute-sanitizer (memcheck, racecheck, synccheck) on the FP8 forward"
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
+        for t in PartialTilesLongTextGqaHeadDims ScaledWithQuantizeFp8IsFp8; do
+          log="$OUT/sanitize_${tool}_fp8_$t.log"
+          LD_LIBRARY_PATH=${SANITIZE_LIB:-$PWD/$BUILD} timeout ${SANITIZE_TIMEOUT:-300} compute-sanitizer --tool $tool \
+            --error-exitcode 9 $BUILD/tilewise_tests --gtest_filter="CudaFp8Forward.$t" > "$log" 2>&1
+          echo "$tool $t rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
+          grep -m1 -A2 -E "^========= (Error|Warning):" "$log" | cut -c1-200
+        done
+      done
       ;;
     fuzz)
       # 1000 random problems, forward + backward on cuda against the CPU reference; a failure line each, then a table
