@@ -309,9 +309,10 @@ def test_fp8_candidates_errors_and_selection(rng, tmp_path):
     assert (err[:, 2] >= err[:, 0] * 0.5).all()                  # FP8 adds to the window's own error
     np.testing.assert_array_equal(result.cost(0.5), [0.125, 1.0, 0.0625, 0.5])
 
-    fp8 = result.select(budget=float("inf"))                     # the cheapest: the sparsest window in FP8
+    fp8 = result.select(budget=float("inf"), fp8_cost=0.6)       # the cheapest: the sparsest window in FP8
     assert fp8.fp8 == {(s, 0, h) for s in (0, 1) for h in range(2)} and fp8.window(0, 0, 0) == (1, 1, 1)
-    assert fp8.precision(0, 0, 2) == "fp8" and fp8.search["fp8_cost"] == cal.FP8_COST
+    assert fp8.precision(0, 0, 2) == "fp8" and fp8.search["fp8_cost"] == 0.6
+    assert result.select(budget=float("inf")).search["fp8_cost"] == cal.FP8_COST == 1.0  # the measured default
     # a budget between the FP8 error of the dense window and 0 keeps the heads native and dense
     native = result.select(budget=float(err[:, 3].min()) / 2, metric="rel_mse")
     assert not native.fp8 and native.precision(0, 0, 2) == "native"
@@ -328,7 +329,7 @@ def test_fp8_candidates_errors_and_selection(rng, tmp_path):
     result.save(tmp_path / "r.npz")
     back = cal.SearchResult.load(tmp_path / "r.npz")
     assert back.candidate_precisions == result.candidate_precisions
-    assert back.select(budget=float("inf")) == fp8
+    assert back.select(budget=float("inf"), fp8_cost=0.6) == fp8
     with pytest.raises(ValueError, match="invalid precisions"):
         cal.search(caps, windows, precisions=("fp16",))
 

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="uncaptured steps below --num-steps: dense (default) or the previous captured step's "
                           "windows")
     sel.add_argument("--fp8", action="store_true",
-                     help="also evaluate every candidate in FP8 (docs/semantics.md §11, CPU reference so far): the "
+                     help="also evaluate every candidate in FP8 (docs/semantics.md §11; CPU and Hopper): the "
                           "budget then picks the cheapest (window, precision) per head")
     sel.add_argument("--fp8-cost", metavar="X",
                      help=f"an FP8 candidate's cost relative to the same window in bf16 (default {FP8_COST})")
