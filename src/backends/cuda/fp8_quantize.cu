@@ -15,13 +15,12 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_fp8.h>
 
 #include <string>
 #include <type_traits>
 
 #include "backends/cuda/cuda_common.hpp"
-#include "backends/cuda/hopper/params.cuh"  // clamped_text_len, as the attention kernels clamp
+#include "backends/cuda/hopper/fp8/fp8_params.cuh"  // quantize_e4m3; clamped_text_len, as the kernels clamp
 #include "tilewise/fp8.hpp"
 
 namespace tilewise::cuda {
@@ -61,11 +60,6 @@ __device__ __forceinline__ float load(const void* base, int64_t at) {
     return __half2float(static_cast<const __half*>(base)[at]);
 }
 
-/// fl32(x * inv) rounded to e4m3 by the hardware: to nearest, ties to even, saturating (§11.1).
-__device__ __forceinline__ uint8_t to_e4m3(float x, float inv) {
-  return __nv_cvt_float_to_fp8(__fmul_rn(x, inv), __NV_SATFINITE, __NV_E4M3);
-}
-
 __device__ __forceinline__ int32_t valid_text(const QuantizeParams& p, int32_t b) {
   return hopper::clamped_text_len(p.text_len, b, static_cast<int32_t>(p.map.seq.text_capacity));
 }
@@ -101,7 +95,9 @@ struct WarpRows {
         lane(threadIdx.x % 32),
         channels(p.head_dim / 32) {}
   /// Rows of this warp's range below n: several per loop trip (unrolled), so that their loads are in flight at once.
-  __device__ int64_t rows(int64_t n) const { return first >= n ? 0 : (n - first < kRowsPerWarp ? n - first : kRowsPerWarp); }
+  __device__ int64_t rows(int64_t n) const {
+    return first >= n ? 0 : (n - first < kRowsPerWarp ? n - first : kRowsPerWarp);
+  }
   __device__ int64_t key_row(const QuantizeParams& p, int64_t s) const {
     return b * p.ks.batch + s * p.ks.seq + g * p.ks.head;
   }
@@ -197,8 +193,8 @@ __global__ void quantize_keys_values(QuantizeParams p) {
     for (int c = 0; c < kMaxChannels; ++c) {
       if (c >= w.channels) continue;
       const int d = w.lane + 32 * c;
-      p.k8[k8row + d] = to_e4m3(__fsub_rn(load<T>(p.k, krow + d), mu[c]), kinv);
-      if (p.v8 != nullptr) p.v8[v8row + d] = to_e4m3(load<T>(p.v, vrow + d), vinv[c]);
+      p.k8[k8row + d] = hopper::quantize_e4m3(__fsub_rn(load<T>(p.k, krow + d), mu[c]), kinv);
+      if (p.v8 != nullptr) p.v8[v8row + d] = hopper::quantize_e4m3(load<T>(p.v, vrow + d), vinv[c]);
     }
   }
 }
@@ -223,7 +219,8 @@ __global__ void quantize_queries(QuantizeParams p) {
   const int lane = threadIdx.x % 32, C = p.head_dim / 32;
   const int64_t i = row % p.seq_len, bh = row / p.seq_len;
   const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
-  const int64_t at = b * p.qs.batch + i * p.qs.seq + h * p.qs.head, at8 = b * p.q8s.batch + i * p.q8s.seq + h * p.q8s.head;
+  const int64_t at = b * p.qs.batch + i * p.qs.seq + h * p.qs.head;
+  const int64_t at8 = b * p.q8s.batch + i * p.q8s.seq + h * p.q8s.head;
   float x[kMaxChannels], amax = 0.f;
 #pragma unroll
   for (int c = 0; c < kMaxChannels; ++c) {
@@ -235,7 +232,7 @@ __global__ void quantize_queries(QuantizeParams p) {
   const float inv = fp8::inv_scale_of(amax);
 #pragma unroll
   for (int c = 0; c < kMaxChannels; ++c)
-    if (c < C) p.q8[at8 + lane + 32 * c] = to_e4m3(x[c], inv);
+    if (c < C) p.q8[at8 + lane + 32 * c] = hopper::quantize_e4m3(x[c], inv);
   if (p.lse_shift != nullptr) {  // what smoothing took out of the scores, for the LSE (semantics.md §11.4)
     const int64_t bg = b * p.kv_heads + h / (p.q_heads / p.kv_heads);
     float dot = 0.f;

@@ -93,17 +93,23 @@ struct Consumer {
     named_barrier_arrive(kSchedulerBarrier + (1 - wg), 256);
   }
 
+  /// Sets the scores of keys this block's rows may not see to -inf, for blocks the producer flagged (masks.cuh).
+  __device__ __forceinline__ void mask_scores(float (&sc)[kBlockN / 2], const BlockInfo& bi, int32_t text_len,
+                                              const WorkItem& item) const {
+    const KeyMask mask = KeyMask::of(p, bi, text_len, lane());
+    if (mask.active) {
+      mask.apply(sc, lane());
+      if (mask.frames) mask_frames(sc, p, item, bi, lane(), [&](int rr) { return row(rr); });
+    }
+  }
+
   /// Masks S (when flagged) and runs one online-softmax step: S becomes P (unnormalised, base 2, relative to
   /// the running max), and the row sums are updated. Returns whether any row of this warp raised its max past
   /// the threshold; then O must be multiplied by `corr` (1 for the rows that kept theirs).
   __device__ __forceinline__ bool softmax(float (&sc)[kBlockN / 2], const BlockInfo& bi, int32_t text_len,
                                           const WorkItem& item, float (&m_run)[2], float (&l_run)[2],
                                           float (&corr)[2]) const {
-    const KeyMask mask = KeyMask::of(p, bi, text_len, lane());
-    if (mask.active) {
-      mask.apply(sc, lane());
-      if (mask.frames) mask_frames(sc, p, item, bi, lane(), [&](int rr) { return row(rr); });
-    }
+    mask_scores(sc, bi, text_len, item);
     bool rescale = false;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {

@@ -102,11 +102,7 @@ struct Fp8Consumer {
       fence_regs(sc);
       base.release_s_operands(ks.stage(), bi, false);
       ks.advance();
-      const KeyMask mask = KeyMask::of(p, bi, text_len, lane());
-      if (mask.active) {
-        mask.apply(sc, lane());
-        if (mask.frames) mask_frames(sc, p, item, bi, lane(), [&](int rr) { return base.row(rr); });
-      }
+      base.mask_scores(sc, bi, text_len, item);
       const float factor[2] = {qf[0] * kscale, qf[1] * kscale};
       Fp8Softmax::step<!kOnes, TILEWISE_HOPPER_FP8_EXP_ON_FMA>(sc, factor, m_run, l_run, corr, pairs);
       const bool rescale = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);

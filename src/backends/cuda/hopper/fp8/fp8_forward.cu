@@ -9,7 +9,6 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_fp8.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -55,9 +54,7 @@ __global__ void __launch_bounds__(kBlockN) vt_pack(const __grid_constant__ Fp8Pa
         if constexpr (std::is_same_v<T, uint8_t>)
           codes[i] = x[i];
         else
-          codes[i] = __nv_cvt_float_to_fp8(
-              __fmul_rn(static_cast<float>(x[i]), v_inv[int64_t{bg} * head_dim + chunk * kPerLoad + i]),
-              __NV_SATFINITE, __NV_E4M3);
+          codes[i] = quantize_e4m3(static_cast<float>(x[i]), v_inv[int64_t{bg} * head_dim + chunk * kPerLoad + i]);
       }
     }
 #pragma unroll
@@ -101,10 +98,11 @@ int fp8_query_block_rows(int head_dim) {
 cudaError_t launch_vt_pack(const Fp8Params& params, const void* v, const Strides& v_strides, VtSource source,
                            const float* v_inv, uint8_t* vt, int head_dim, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(params.vt_entries), static_cast<unsigned>(params.batch * params.kv_heads));
+  auto pack = [&](auto kernel) { kernel<<<grid, kBlockN, 0, stream>>>(params, v, v_strides, v_inv, vt, head_dim); };
   switch (source) {
-    case VtSource::e4m3: vt_pack<uint8_t><<<grid, kBlockN, 0, stream>>>(params, v, v_strides, v_inv, vt, head_dim); break;
-    case VtSource::bf16: vt_pack<__nv_bfloat16><<<grid, kBlockN, 0, stream>>>(params, v, v_strides, v_inv, vt, head_dim); break;
-    case VtSource::f16: vt_pack<__half><<<grid, kBlockN, 0, stream>>>(params, v, v_strides, v_inv, vt, head_dim); break;
+    case VtSource::e4m3: pack(vt_pack<uint8_t>); break;
+    case VtSource::bf16: pack(vt_pack<__nv_bfloat16>); break;
+    case VtSource::f16: pack(vt_pack<__half>); break;
   }
   return cudaGetLastError();
 }

@@ -8,6 +8,8 @@
 //   o: the output          | O in the 16-bit dtype, as in the bf16 forward
 #pragma once
 
+#include <cuda_fp8.h>
+
 #include "backends/cuda/hopper/params.cuh"
 
 namespace tilewise::hopper {
@@ -26,6 +28,12 @@ struct Fp8Params : FwdParams {
   int32_t vt_slots = 1;    // V^T entries per tile: the most key boxes any tile class needs
   int32_t vt_entries = 1;  // V^T entries per (batch, kv head): tiles * vt_slots, then one per 128 text rows
 };
+
+/// fl32(x * inv) rounded to e4m3 by the hardware: to nearest, ties to even, saturating (semantics.md §11.1). The
+/// one rounding of every pre-pass (quantize_fp8's passes and the V^T pack), so that their codes agree.
+__device__ __forceinline__ uint8_t quantize_e4m3(float x, float inv) {
+  return __nv_cvt_float_to_fp8(__fmul_rn(x, inv), __NV_SATFINITE, __NV_E4M3);
+}
 
 /// The logical key (0..127) of a block that V^T column `c` holds: within each 16 keys, column 4q + e holds key
 /// 2q + e (e < 2) or 8 + 2q + e - 2, the order in which an S accumulator fragment gives a thread its keys
