@@ -42,18 +42,22 @@ GpuBuffer on_gpu(size_t bytes, const void* host = nullptr) {
 }
 
 /// quantize_fp8 of `in` on a Device::cuda plan (native precision: the pre-pass alone), compared with the oracle.
-void expect_oracle_quantisation(const Case& c, const Buffer& in) {
-  SCOPED_TRACE(oracle::describe(c));
+/// `misalign`: the inputs start that many elements past a 16-byte boundary (the passes' element-wise path).
+void expect_oracle_quantisation(const Case& c, const Buffer& in, int64_t misalign = 0) {
+  SCOPED_TRACE(oracle::describe(c) + " misaligned by " + std::to_string(misalign));
   const oracle::Views views = oracle::make_views(c);
   const tilewise::Plan plan(oracle::to_problem(c), oracle::to_pattern(c), tilewise::Device::cuda);
   const int64_t S = c.seq_len(), D = c.head_dim, blocks = plan.fp8_key_blocks();
   const size_t nq = c.batch * S * c.q_heads * D, nk = c.batch * S * c.kv_heads * D;
   const size_t nqs = c.batch * c.q_heads * S, nks = c.batch * c.kv_heads * blocks, nvs = c.batch * c.kv_heads * D;
-  const GpuBuffer d_in = on_gpu(in.raw.size(), in.raw.data());
+  const int64_t esize = oracle::storage_size(in.st);
+  const GpuBuffer d_in = on_gpu(in.raw.size() + misalign * esize);
+  ASSERT_EQ(cudaMemcpy(static_cast<char*>(d_in.data()) + misalign * esize, in.raw.data(), in.raw.size(),
+                       cudaMemcpyHostToDevice),
+            cudaSuccess);
   const GpuBuffer q8 = on_gpu(nq), k8 = on_gpu(nk), v8 = on_gpu(nk), qs = on_gpu(4 * nqs), ks = on_gpu(4 * nks),
                   vs = on_gpu(4 * nvs), len = on_gpu(4 * c.text_len.size(), c.text_len.data());
-  const int64_t esize = oracle::storage_size(in.st);
-  char* base = static_cast<char*>(d_in.data());
+  char* base = static_cast<char*>(d_in.data()) + misalign * esize;
   plan.quantize_fp8(base, base + views.k_offset * esize, base + views.v_offset * esize,
                     static_cast<const int32_t*>(len.data()),  // null without text_len (no bytes)
                     {q8.data(), k8.data(), v8.data(), static_cast<float*>(qs.data()), static_cast<float*>(ks.data()),
@@ -215,6 +219,27 @@ TEST_F(CudaFp8Quantize, DitLikeKeysAndLongPaddedText) {
       in.set(i, x);
     }
     expect_oracle_quantisation(c, in);
+  }
+#endif
+}
+
+/// Key blocks larger than one CTA's share of the statistics pass (a tile of 1152 tokens, cut on two axes), and
+/// inputs that allow no 16-byte loads (one element past a boundary): both the wide and the element-wise passes.
+TEST_F(CudaFp8Quantize, LargeTilesAndUnalignedInputs) {
+#ifdef TILEWISE_WITH_CUDA
+  for (int64_t misalign : {0, 1}) {
+    Case c;
+    c.kind = Kind::sliding_tile;
+    c.heads = {{1, 1, 1, 0, 0}};
+    c.latent = {3, 20, 36};
+    c.tile = {2, 16, 36};
+    c.q_heads = 2, c.kv_heads = 1, c.head_dim = misalign ? 96 : 128;
+    c.text = 140;
+    c.text_len = {133};
+    c.dtype = misalign ? DType::f16 : DType::bf16;
+    c.storage = oracle::StorageKind::bshd;
+    expect_oracle_quantisation(c, oracle::random_inputs(c, rng), misalign);
+    if (HasFailure()) return;
   }
 #endif
 }

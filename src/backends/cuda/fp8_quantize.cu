@@ -1,21 +1,30 @@
-// Plan::quantize_fp8 on the GPU (docs/semantics.md §11.2). Four passes over the sequence, one warp per row of D
-// values (lane l holds channels l, l + 32, ...; D is 64, 96 or 128):
-//   1. per (batch, kv head), the sums of the visible keys' channels in float64: exact, as the reference's are, while
-//      a channel's magnitudes span less than about 2^28 (bf16 / fp16 have 8 / 11 significant bits), so the order
-//      of the atomic additions does not change the mean;
-//   2. the smoothed keys' absolute maximum per key block and the values' per channel, over the visible keys
-//      (atomicMax on the float bits: the values are >= 0, and NaN is dropped by fmaxf first, as std::max drops it);
-//   3. k' = fl32(k - mu) and v quantised at every position, each with its group's 448 / amax;
-//   4. the block and channel maxima turned into scales in place; and Q per row, on its own.
-// The maxima accumulate in the caller's k_scale and v_scale (zeroed first), so the only scratch is the sums.
-// For the FP8 forward (quantize_fp8_for_forward) the same passes write q and k into the forward's workspace, skip
-// v (the forward's V^T pre-pass quantises it with the inverse scales kept by pass 4a) and write each query row's
-// LSE shift, scale * q . mu.
+// Plan::quantize_fp8 on the GPU (docs/semantics.md §11.2). Four passes, each lane on 8 contiguous channels of a row
+// (16-byte loads of the 16-bit inputs, 8-byte stores of e4m3 codes): a row of D values takes D / 8 lanes of a group of
+// L = 4, 8, 16 or 16 lanes (D = 32, 64, 96, 128; for D = 96 the group's last 4 lanes idle), so a warp covers
+// R = 32 / L rows per instruction. Where the pointers or strides do not allow the wide accesses, the same kernels
+// load and store element by element (kWide = false).
+//   1. key_statistics, per (batch, kv head, key block) and part of at most kPartRows of its visible keys (the block's
+//      own positions: a tile's tokens, or up to 128 valid text positions): the keys' channel sums in float64
+//      (exact, as the reference's are, while a channel's magnitudes span less than about 2^28: bf16 / fp16 have 8 /
+//      11 significant bits, so the order of the additions does not change the mean), the keys' per channel minimum
+//      and maximum (scratch, one slot per part), and the values' absolute maximum per channel (atomicMax on the
+//      float bits into v_scale: the values are >= 0). NaN is dropped by the comparisons, as std::max drops it.
+//   2. finish_statistics: the mean keys mu = fl32(sum / count); per key block, the smoothed keys' absolute maximum
+//      max_c max(fl32(kmax_c - mu_c), fl32(mu_c - kmin_c), 0), which is exactly max |fl32(k - mu)| over the block's
+//      visible keys (k -> fl32(k - mu) is monotonic and fl32(mu - k) = -fl32(k - mu)); the scales and their inverses.
+//   3. quantize_keys_values: k' = fl32(k - mu) and v quantised at every position (padding too, with its block's
+//      scale), with the inverse scales of pass 2.
+//   4. quantize_queries: Q per row, on its own (and each row's LSE shift, scale * q . mu, when asked for).
+// Scratch: the float64 sums and the statistics (quantize_fp8_stats_floats floats: the per-part minima and maxima,
+// mu, V's and K's inverse scales); quantize_fp8 takes them on the stream, the forward from its workspace. For the FP8
+// forward (quantize_fp8_for_forward) the passes write q and k into the forward's workspace and skip v (the forward's
+// V^T pre-pass quantises it with the inverse scales kept in v_inv).
 #include "backends/cuda/fp8_quantize.hpp"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
 #include <string>
 #include <type_traits>
 
@@ -26,9 +35,15 @@
 namespace tilewise::cuda {
 namespace {
 
-constexpr int kWarps = 8;           // warps per CTA
-constexpr int kRowsPerWarp = 64;    // passes 1 and 2: visible rows per warp before its CTA reduces
-constexpr int kMaxChannels = 4;     // channels per lane: D <= 128
+constexpr int kWarps = 8;                  // warps per CTA
+constexpr int kThreads = 32 * kWarps;
+constexpr int kVec = 8;                    // contiguous channels per lane
+constexpr int kMaxDim = 128;               // D <= 128
+constexpr int kPartRows = 1024;            // pass 1: key block rows per CTA (larger blocks take several parts)
+constexpr int kStatsUnroll = 2;            // pass 1: rows per lane in flight
+constexpr int kKeyRowsPerWarp = 64;        // pass 3: positions per warp
+constexpr int kQueryRowsPerWarp = 32;      // pass 4: query rows per warp
+constexpr int kUnroll = 4;                 // passes 3 and 4: rows per lane in flight
 
 struct QuantizeParams {
   const void* q;
@@ -40,34 +55,108 @@ struct QuantizeParams {
   uint8_t* v8;         // or null: v is not written
   Strides q8s, k8s, v8s;  // the e4m3 outputs' (bytes)
   float* q_scale;    // [B, Hq, S]
-  float* k_scale;    // [B, Hkv, blocks]: the maxima, then the scales
-  float* v_scale;    // [B, Hkv, D]: likewise
+  float* k_scale;    // [B, Hkv, blocks]
+  float* v_scale;    // [B, Hkv, D]: the channel maxima (pass 1), then the scales (pass 2)
   float* v_inv;      // [B, Hkv, D]: 448 / the channel maxima (fp8::inv_scale_of), or null
   float* lse_shift;  // [B, Hq, S]: scale * q . mu, or null
   double* sums;      // [B, Hkv, D]
+  // The statistics (scratch, StatsLayout):
+  float* minmax;     // [B, Hkv, blocks, parts, 2, D]: the visible keys' per channel minima, then maxima
+  float* mu;         // [B, Hkv, D]: the mean keys, fl32(sum / count)
+  float* vinv;       // [B, Hkv, D]: V's inverse scales
+  float* kinv;       // [B, Hkv, blocks]: K's inverse scales
   TokenMapT<int32_t> map;
   const int32_t* text_len;
-  int32_t batch, q_heads, kv_heads, head_dim, blocks;
+  int32_t batch, q_heads, kv_heads, head_dim, blocks, parts;
   int64_t seq_len;
   float scale;  // the softmax scale (lse_shift)
 };
 
-template <class T>
-__device__ __forceinline__ float load(const void* base, int64_t at) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[at]);
-  else
-    return __half2float(static_cast<const __half*>(base)[at]);
+/// Where the statistics lie in their scratch (floats; mu first after the minima and maxima, 16-byte aligned for
+/// float4 loads when the scratch is: the minima and maxima are a multiple of D >= 32 floats).
+struct StatsLayout {
+  int64_t minmax, mu, vinv, kinv, total;
+  StatsLayout(const Plan& plan, int64_t parts) {
+    const Problem& p = plan.problem();
+    const int64_t bg = p.batch * p.kv_heads, blocks = plan.fp8_key_blocks();
+    minmax = 0;
+    mu = bg * blocks * parts * 2 * p.head_dim;
+    vinv = mu + bg * p.head_dim;
+    kinv = vinv + bg * p.head_dim;
+    total = kinv + bg * blocks;
+  }
+};
+
+int64_t parts_of(const Plan& plan) {  // text blocks (<= 128 rows) always fit in one part
+  return ceil_div<int64_t>(plan.grid().tile.volume(), kPartRows);
 }
+
+/// A lane's place in the row layout: `rows` rows per warp instruction, `lanes` lanes per row (a power of two),
+/// this lane's row `group` and its channels [8 * chunk, 8 * chunk + 8) when `active`.
+struct RowLanes {
+  int lanes, rows, group, chunk;
+  bool active;
+  __device__ explicit RowLanes(int head_dim)
+      : lanes(head_dim <= 32 ? 4 : (head_dim <= 64 ? 8 : 16)),
+        rows(32 / lanes),
+        group(static_cast<int>(threadIdx.x % 32) / lanes),
+        chunk(static_cast<int>(threadIdx.x % 32) % lanes),
+        active(chunk * kVec < head_dim) {}
+};
+
+/// Eight 16-bit values, two per word (the lower channel in the lower half).
+struct Raw8 {
+  uint32_t w[4];
+};
+
+template <bool kWide>
+__device__ __forceinline__ Raw8 load8(const void* base, int64_t at) {
+  const uint16_t* src = static_cast<const uint16_t*>(base) + at;
+  Raw8 r;
+  if constexpr (kWide) {
+    const uint4 u = *reinterpret_cast<const uint4*>(src);
+    r.w[0] = u.x, r.w[1] = u.y, r.w[2] = u.z, r.w[3] = u.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) r.w[j] = uint32_t{src[2 * j]} | (uint32_t{src[2 * j + 1]} << 16);
+  }
+  return r;
+}
+
+/// Value j of `r` in fp32 (exact, as __bfloat162float / __half2float convert).
+template <class T>
+__device__ __forceinline__ float value(const Raw8& r, int j) {
+  const uint32_t w = r.w[j / 2];
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __uint_as_float(j % 2 ? (w & 0xffff0000u) : (w << 16));
+  else
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(j % 2 ? w >> 16 : w & 0xffffu)));
+}
+
+/// Eight e4m3 codes (code j in byte j of lo, hi) at `at`.
+template <bool kWide>
+__device__ __forceinline__ void store8(uint8_t* at, uint32_t lo, uint32_t hi) {
+  if constexpr (kWide) {
+    *reinterpret_cast<uint2*>(at) = make_uint2(lo, hi);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) at[j] = static_cast<uint8_t>(lo >> (8 * j)), at[4 + j] = static_cast<uint8_t>(hi >> (8 * j));
+  }
+}
+
+/// Eight e4m3 codes, code(j) for channel j, packed for store8 (code j in byte j % 4 of word j / 4).
+template <class Code>
+__device__ __forceinline__ uint2 pack8(Code code) {
+  uint32_t word[2] = {0u, 0u};
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) word[j / 4] |= uint32_t{code(j)} << (8 * (j % 4));
+  return make_uint2(word[0], word[1]);
+}
+
+__device__ __forceinline__ float infinity() { return __int_as_float(0x7f800000); }
 
 __device__ __forceinline__ int32_t valid_text(const QuantizeParams& p, int32_t b) {
   return hopper::clamped_text_len(p.text_len, b, static_cast<int32_t>(p.map.seq.text_capacity));
-}
-
-/// Sequence position of visible key number `i` of batch b: the video positions, then the valid text positions.
-__device__ __forceinline__ int64_t visible_position(const QuantizeParams& p, int64_t i) {
-  const int64_t n_video = p.map.seq.num_video;
-  return i < n_video ? p.map.seq.video_offset() + i : p.map.seq.text_offset() + (i - n_video);
 }
 
 __device__ __forceinline__ float mean_of(const QuantizeParams& p, int64_t bg, int c, int32_t b) {
@@ -80,205 +169,294 @@ __device__ __forceinline__ void atomic_max_nonneg(float* at, float x) {
   atomicMax(reinterpret_cast<int*>(at), __float_as_int(x));
 }
 
-/// Where a warp of the row passes works (grid: chunks of kWarps * kRowsPerWarp rows, B * Hkv): its (batch, kv head),
-/// its lane's channels (lane + 32 c for c < channels) and its rows [first, first + kRowsPerWarp).
-struct WarpRows {
-  int64_t bg, first;
-  int32_t b, g;
-  int warp, lane, channels;
-  __device__ explicit WarpRows(const QuantizeParams& p)
-      : bg(blockIdx.y),
-        first((int64_t{blockIdx.x} * kWarps + threadIdx.x / 32) * kRowsPerWarp),
-        b(static_cast<int32_t>(bg / p.kv_heads)),
-        g(static_cast<int32_t>(bg % p.kv_heads)),
-        warp(threadIdx.x / 32),
-        lane(threadIdx.x % 32),
-        channels(p.head_dim / 32) {}
-  /// Rows of this warp's range below n: several per loop trip (unrolled), so that their loads are in flight at once.
-  __device__ int64_t rows(int64_t n) const {
-    return first >= n ? 0 : (n - first < kRowsPerWarp ? n - first : kRowsPerWarp);
+/// Pass 1: grid (blocks * parts, B * Hkv). Rows r of a block are its tile's tokens in raster order inside the tile
+/// (or its text positions), so a part's positions come without a search; part `part` takes rows
+/// [part * kPartRows, ...). The CTA's partial sums and value maxima go out with one atomic per channel; its key
+/// minima and maxima to the part's own slot (no atomics).
+template <class T, bool kWide>
+__global__ void __launch_bounds__(kThreads) key_statistics(QuantizeParams p) {
+  const int D = p.head_dim;
+  const int64_t bg = blockIdx.y;
+  const int32_t b = static_cast<int32_t>(bg / p.kv_heads), g = static_cast<int32_t>(bg % p.kv_heads);
+  const int32_t block = static_cast<int32_t>(blockIdx.x / p.parts), part = static_cast<int32_t>(blockIdx.x % p.parts);
+  const TileGridT<int32_t>& grid = p.map.grid;
+  const int32_t tiles = grid.num_tiles();
+  Dim3T<int32_t> origin{}, extent{1, 1, 1};
+  int64_t text0 = 0;
+  int32_t n_rows;
+  if (block < tiles) {
+    const Dim3T<int32_t> c = grid.tile_coord(block);
+    origin = grid.tile_origin(c), extent = grid.tile_extent(c);
+    n_rows = extent.volume();
+  } else {
+    const int32_t first = (block - tiles) * static_cast<int32_t>(fp8::kTextBlockRows);
+    n_rows = iclamp<int32_t>(valid_text(p, b) - first, 0, static_cast<int32_t>(fp8::kTextBlockRows));
+    text0 = p.map.seq.text_offset() + first;
   }
-  __device__ int64_t key_row(const QuantizeParams& p, int64_t s) const {
-    return b * p.ks.batch + s * p.ks.seq + g * p.ks.head;
+  const int32_t begin = part * kPartRows, end = imin<int32_t>(n_rows, begin + kPartRows);
+  float* out = p.minmax + ((bg * p.blocks + block) * p.parts + part) * 2 * D;
+  if (begin >= end) {  // no visible key here (padding text, or a part past the block's end): an empty slot
+    for (int d = threadIdx.x; d < D; d += kThreads) out[d] = infinity(), out[D + d] = -infinity();
+    return;
   }
-  __device__ int64_t value_row(const QuantizeParams& p, int64_t s) const {
-    return b * p.vs.batch + s * p.vs.seq + g * p.vs.head;
-  }
-};
+  const auto position = [&](int32_t r) -> int64_t {
+    if (block >= tiles) return text0 + r;
+    const Dim3T<int32_t> at{origin.t + r / (extent.h * extent.w), origin.h + (r / extent.w) % extent.h,
+                            origin.w + r % extent.w};
+    return p.map.video_position(at);
+  };
 
-/// The CTA's warps' per-channel values combined with `op` (through shared memory), then `publish(d, combined)` by
-/// one thread per channel: one global atomic per channel and CTA instead of one per warp.
-template <class V, class Op, class Publish>
-__device__ __forceinline__ void combine_warps(const WarpRows& w, int head_dim, const V (&x)[kMaxChannels], Op op,
-                                              Publish publish) {
-  __shared__ V part[kWarps][32 * kMaxChannels];
+  const RowLanes ln(D);
+  const int warp = threadIdx.x / 32, c0 = ln.chunk * kVec, step = kWarps * ln.rows;
+  double sum[kVec];
+  float lo[kVec], hi[kVec], vmax[kVec];
 #pragma unroll
-  for (int c = 0; c < kMaxChannels; ++c) part[w.warp][w.lane + 32 * c] = x[c];
+  for (int j = 0; j < kVec; ++j) sum[j] = 0.0, lo[j] = infinity(), hi[j] = -infinity(), vmax[j] = 0.f;
+  if (ln.active) {
+    const int64_t kbase = b * p.ks.batch + g * p.ks.head + c0, vbase = b * p.vs.batch + g * p.vs.head + c0;
+    for (int32_t r0 = begin + warp * ln.rows + ln.group; r0 < end; r0 += kStatsUnroll * step) {
+      Raw8 kx[kStatsUnroll], vx[kStatsUnroll];
+#pragma unroll
+      for (int u = 0; u < kStatsUnroll; ++u) {
+        const int32_t r = r0 + u * step;
+        if (r >= end) continue;
+        const int64_t s = position(r);
+        kx[u] = load8<kWide>(p.k, kbase + s * p.ks.seq);
+        vx[u] = load8<kWide>(p.v, vbase + s * p.vs.seq);
+      }
+#pragma unroll
+      for (int u = 0; u < kStatsUnroll; ++u) {
+        if (r0 + u * step >= end) continue;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const float x = value<T>(kx[u], j), a = fabsf(value<T>(vx[u], j));
+          sum[j] += x;
+          lo[j] = x < lo[j] ? x : lo[j];  // comparisons drop NaN (signalling or not), as std::max does
+          hi[j] = x > hi[j] ? x : hi[j];
+          vmax[j] = a > vmax[j] ? a : vmax[j];
+        }
+      }
+    }
+  }
+  // The warp's row groups (lanes `lanes` apart hold the same channels; idle lanes hold the neutral values).
+  for (int off = ln.lanes; off < 32; off *= 2) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      sum[j] += __shfl_xor_sync(0xffffffffu, sum[j], off);
+      lo[j] = fminf(lo[j], __shfl_xor_sync(0xffffffffu, lo[j], off));
+      hi[j] = fmaxf(hi[j], __shfl_xor_sync(0xffffffffu, hi[j], off));
+      vmax[j] = fmaxf(vmax[j], __shfl_xor_sync(0xffffffffu, vmax[j], off));
+    }
+  }
+  __shared__ double part_sum[kWarps][kMaxDim];
+  __shared__ float part_lo[kWarps][kMaxDim], part_hi[kWarps][kMaxDim], part_vmax[kWarps][kMaxDim];
+  if (ln.group == 0 && ln.active) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      part_sum[warp][c0 + j] = sum[j];
+      part_lo[warp][c0 + j] = lo[j], part_hi[warp][c0 + j] = hi[j], part_vmax[warp][c0 + j] = vmax[j];
+    }
+  }
   __syncthreads();
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    V y = part[0][d];
-    for (int i = 1; i < kWarps; ++i) y = op(y, part[i][d]);
-    publish(d, y);
-  }
-}
-
-/// Pass 1: grid (chunks of kWarps * kRowsPerWarp visible keys, B * Hkv).
-template <class T>
-__global__ void key_sums(QuantizeParams p) {
-  const WarpRows w(p);
-  const int64_t n_visible = p.map.seq.num_video + valid_text(p, w.b);
-  double acc[kMaxChannels] = {0.0, 0.0, 0.0, 0.0};
-  const int64_t count = w.rows(n_visible);
-#pragma unroll 4
-  for (int64_t r = 0; r < count; ++r) {
-    const int64_t row = w.key_row(p, visible_position(p, w.first + r));
-#pragma unroll
-    for (int c = 0; c < kMaxChannels; ++c)
-      if (c < w.channels) acc[c] += load<T>(p.k, row + w.lane + 32 * c);
-  }
-  combine_warps(w, p.head_dim, acc, [](double x, double y) { return x + y; }, [&](int d, double sum) {
-    if (sum != 0.0) atomicAdd(&p.sums[w.bg * p.head_dim + d], sum);
-  });
-}
-
-/// Pass 2: same grid; the smoothed keys' block maxima and the values' channel maxima over the visible keys.
-template <class T>
-__global__ void group_maxima(QuantizeParams p) {
-  const WarpRows w(p);
-  const int64_t n_visible = p.map.seq.num_video + valid_text(p, w.b);
-  float mu[kMaxChannels], vmax[kMaxChannels];
-#pragma unroll
-  for (int c = 0; c < kMaxChannels; ++c) {
-    mu[c] = c < w.channels ? mean_of(p, w.bg, w.lane + 32 * c, w.b) : 0.f;
-    vmax[c] = 0.f;
-  }
-  const int64_t count = w.rows(n_visible);
-#pragma unroll 4
-  for (int64_t r = 0; r < count; ++r) {
-    const int64_t s = visible_position(p, w.first + r), krow = w.key_row(p, s), vrow = w.value_row(p, s);
-    float kmax = 0.f;
-#pragma unroll
-    for (int c = 0; c < kMaxChannels; ++c) {
-      if (c >= w.channels) continue;
-      kmax = fmaxf(kmax, fabsf(__fsub_rn(load<T>(p.k, krow + w.lane + 32 * c), mu[c])));
-      vmax[c] = fmaxf(vmax[c], fabsf(load<T>(p.v, vrow + w.lane + 32 * c)));
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    double s = part_sum[0][d];
+    float l = part_lo[0][d], h = part_hi[0][d], m = part_vmax[0][d];
+    for (int i = 1; i < kWarps; ++i) {
+      s += part_sum[i][d];
+      l = fminf(l, part_lo[i][d]), h = fmaxf(h, part_hi[i][d]), m = fmaxf(m, part_vmax[i][d]);
     }
-    for (int o = 16; o > 0; o /= 2) kmax = fmaxf(kmax, __shfl_xor_sync(0xffffffffu, kmax, o));
-    if (w.lane == 0 && kmax > 0.f) atomic_max_nonneg(&p.k_scale[w.bg * p.blocks + fp8::key_block(p.map, s)], kmax);
+    if (s != 0.0) atomicAdd(&p.sums[bg * D + d], s);
+    if (m > 0.f) atomic_max_nonneg(&p.v_scale[bg * D + d], m);
+    out[d] = l, out[D + d] = h;
   }
-  combine_warps(w, p.head_dim, vmax, [](float x, float y) { return fmaxf(x, y); }, [&](int d, float m) {
-    if (m > 0.f) atomic_max_nonneg(&p.v_scale[w.bg * p.head_dim + d], m);
-  });
 }
 
-/// Pass 3: grid (chunks of kWarps * kRowsPerWarp positions, B * Hkv); every position (padding too, with its block's
-/// scale). A warp's channel means and value scales are computed once for its rows.
-template <class T>
-__global__ void quantize_keys_values(QuantizeParams p) {
-  const WarpRows w(p);
-  float mu[kMaxChannels], vinv[kMaxChannels];
-#pragma unroll
-  for (int c = 0; c < kMaxChannels; ++c) {
-    mu[c] = c < w.channels ? mean_of(p, w.bg, w.lane + 32 * c, w.b) : 0.f;
-    vinv[c] = c < w.channels ? fp8::inv_scale_of(p.v_scale[w.bg * p.head_dim + w.lane + 32 * c]) : 1.f;
+/// Pass 2: one warp per (batch, kv head, key block), then one thread per (batch, kv head, channel).
+__global__ void __launch_bounds__(kThreads) finish_statistics(QuantizeParams p) {
+  const int D = p.head_dim, lane = threadIdx.x % 32;
+  const int64_t warp = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;
+  const int64_t n_blocks = int64_t{p.batch} * p.kv_heads * p.blocks;
+  if (warp < n_blocks) {  // warp-uniform
+    const int64_t bg = warp / p.blocks;
+    const int32_t b = static_cast<int32_t>(bg / p.kv_heads);
+    const float* slots = p.minmax + warp * p.parts * 2 * D;
+    float amax = 0.f;  // NaN never enters (the comparisons drop it), nor -0
+    for (int d = lane; d < D; d += 32) {
+      float lo = infinity(), hi = -infinity();
+      for (int part = 0; part < p.parts; ++part) {
+        lo = fminf(lo, slots[part * 2 * D + d]);
+        hi = fmaxf(hi, slots[part * 2 * D + D + d]);
+      }
+      const float mu = mean_of(p, bg, d, b);
+      const float above = __fsub_rn(hi, mu), below = __fsub_rn(mu, lo);  // the largest |fl32(k - mu)| either side
+      if (above > amax) amax = above;
+      if (below > amax) amax = below;
+    }
+    for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (lane == 0) {
+      p.k_scale[warp] = fp8::scale_of(amax);
+      p.kinv[warp] = fp8::inv_scale_of(amax);
+    }
+  } else {
+    const int64_t i = (warp - n_blocks) * 32 + lane;  // (b * Hkv + g) * D + d
+    if (i >= int64_t{p.batch} * p.kv_heads * D) return;
+    const int64_t bg = i / D;
+    const float amax = p.v_scale[i];
+    p.v_scale[i] = fp8::scale_of(amax);
+    p.vinv[i] = fp8::inv_scale_of(amax);
+    if (p.v_inv != nullptr) p.v_inv[i] = fp8::inv_scale_of(amax);
+    p.mu[i] = mean_of(p, bg, static_cast<int>(i % D), static_cast<int32_t>(bg / p.kv_heads));
   }
-  const int64_t count = w.rows(p.seq_len);
-#pragma unroll 4
-  for (int64_t s = w.first; s < w.first + count; ++s) {
-    const float kinv = fp8::inv_scale_of(p.k_scale[w.bg * p.blocks + fp8::key_block(p.map, s)]);
-    const int64_t krow = w.key_row(p, s), vrow = w.value_row(p, s);
-    const int64_t k8row = w.b * p.k8s.batch + s * p.k8s.seq + w.g * p.k8s.head;
-    const int64_t v8row = w.b * p.v8s.batch + s * p.v8s.seq + w.g * p.v8s.head;
+}
+
+/// Pass 3: grid (chunks of kWarps * kKeyRowsPerWarp positions, B * Hkv); every position.
+template <class T, bool kWide>
+__global__ void __launch_bounds__(kThreads) quantize_keys_values(QuantizeParams p) {
+  const RowLanes ln(p.head_dim);
+  if (!ln.active) return;  // no shuffles below
+  const int D = p.head_dim, c0 = ln.chunk * kVec;
+  const int64_t bg = blockIdx.y, b = bg / p.kv_heads, g = bg % p.kv_heads;
+  const int64_t first = (int64_t{blockIdx.x} * kWarps + threadIdx.x / 32) * kKeyRowsPerWarp;
+  const int64_t end = first + kKeyRowsPerWarp < p.seq_len ? first + kKeyRowsPerWarp : p.seq_len;
+  const bool values = p.v8 != nullptr;
+  float mu[kVec], vinv[kVec];
+  {
+    const float4* m = reinterpret_cast<const float4*>(p.mu + bg * D + c0);
+    const float4 m0 = m[0], m1 = m[1];
+    mu[0] = m0.x, mu[1] = m0.y, mu[2] = m0.z, mu[3] = m0.w, mu[4] = m1.x, mu[5] = m1.y, mu[6] = m1.z, mu[7] = m1.w;
 #pragma unroll
-    for (int c = 0; c < kMaxChannels; ++c) {
-      if (c >= w.channels) continue;
-      const int d = w.lane + 32 * c;
-      p.k8[k8row + d] = hopper::quantize_e4m3(__fsub_rn(load<T>(p.k, krow + d), mu[c]), kinv);
-      if (p.v8 != nullptr) p.v8[v8row + d] = hopper::quantize_e4m3(load<T>(p.v, vrow + d), vinv[c]);
+    for (int j = 0; j < kVec; ++j) vinv[j] = values ? p.vinv[bg * D + c0 + j] : 1.f;
+  }
+  const float* kinv_of = p.kinv + bg * p.blocks;
+  const int64_t kbase = b * p.ks.batch + g * p.ks.head + c0, vbase = b * p.vs.batch + g * p.vs.head + c0;
+  const int64_t k8base = b * p.k8s.batch + g * p.k8s.head + c0, v8base = b * p.v8s.batch + g * p.v8s.head + c0;
+  for (int64_t s0 = first + ln.group; s0 < end; s0 += kUnroll * ln.rows) {
+    Raw8 kx[kUnroll], vx[kUnroll];
+    float kinv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // every load of the trip first
+      const int64_t s = s0 + u * ln.rows;
+      if (s >= end) continue;
+      kinv[u] = kinv_of[fp8::key_block(p.map, s)];
+      kx[u] = load8<kWide>(p.k, kbase + s * p.ks.seq);
+      if (values) vx[u] = load8<kWide>(p.v, vbase + s * p.vs.seq);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t s = s0 + u * ln.rows;
+      if (s >= end) continue;
+      const float inv = kinv[u];
+      const uint2 kc =
+          pack8([&](int j) { return hopper::quantize_e4m3(__fsub_rn(value<T>(kx[u], j), mu[j]), inv); });
+      store8<kWide>(p.k8 + k8base + s * p.k8s.seq, kc.x, kc.y);
+      if (values) {
+        const uint2 vc = pack8([&](int j) { return hopper::quantize_e4m3(value<T>(vx[u], j), vinv[j]); });
+        store8<kWide>(p.v8 + v8base + s * p.v8s.seq, vc.x, vc.y);
+      }
     }
   }
 }
 
-/// Pass 4a: the maxima to scales, in place (after pass 3 has read them); V's inverse scales kept when asked for.
-__global__ void maxima_to_scales(float* k_scale, int64_t n_k, float* v_scale, float* v_inv, int64_t n_v) {
-  const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (i < n_k) {
-    k_scale[i] = fp8::scale_of(k_scale[i]);
-  } else if (i < n_k + n_v) {
-    const float amax = v_scale[i - n_k];
-    if (v_inv != nullptr) v_inv[i - n_k] = fp8::inv_scale_of(amax);
-    v_scale[i - n_k] = fp8::scale_of(amax);
-  }
-}
-
-/// Pass 4b: Q, one warp per (batch, head, position): the row's maximum, its scale, its e4m3 values.
-template <class T>
-__global__ void quantize_queries(QuantizeParams p) {
-  const int64_t row = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;  // (b * Hq + h) * S + i
-  if (row >= int64_t{p.batch} * p.q_heads * p.seq_len) return;
-  const int lane = threadIdx.x % 32, C = p.head_dim / 32;
-  const int64_t i = row % p.seq_len, bh = row / p.seq_len;
+/// Pass 4: grid (B * Hq * chunks of kWarps * kQueryRowsPerWarp rows); per row its maximum, scale and e4m3 values.
+template <class T, bool kWide>
+__global__ void __launch_bounds__(kThreads) quantize_queries(QuantizeParams p, int64_t chunks) {
+  const RowLanes ln(p.head_dim);
+  const int D = p.head_dim, c0 = ln.chunk * kVec;
+  const int64_t bh = blockIdx.x / chunks, chunk = blockIdx.x % chunks;  // bh = b * Hq + h
   const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
-  const int64_t at = b * p.qs.batch + i * p.qs.seq + h * p.qs.head;
-  const int64_t at8 = b * p.q8s.batch + i * p.q8s.seq + h * p.q8s.head;
-  float x[kMaxChannels], amax = 0.f;
+  const int64_t bg = b * p.kv_heads + h / (p.q_heads / p.kv_heads);
+  const int64_t first = (chunk * kWarps + threadIdx.x / 32) * kQueryRowsPerWarp;
+  const int64_t end = first + kQueryRowsPerWarp < p.seq_len ? first + kQueryRowsPerWarp : p.seq_len;
+  const int64_t qbase = b * p.qs.batch + h * p.qs.head + c0, q8base = b * p.q8s.batch + h * p.q8s.head + c0;
+  const bool shift = p.lse_shift != nullptr;
+  float mu[kVec];
 #pragma unroll
-  for (int c = 0; c < kMaxChannels; ++c) {
-    x[c] = c < C ? load<T>(p.q, at + lane + 32 * c) : 0.f;
-    amax = fmaxf(amax, fabsf(x[c]));
-  }
-  for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  if (lane == 0) p.q_scale[row] = fp8::scale_of(amax);
-  const float inv = fp8::inv_scale_of(amax);
+  for (int j = 0; j < kVec; ++j) mu[j] = shift && ln.active ? p.mu[bg * D + c0 + j] : 0.f;
+  for (int64_t base = first; base < end; base += kUnroll * ln.rows) {  // warp-uniform trips (shuffles below)
+    Raw8 x[kUnroll];
 #pragma unroll
-  for (int c = 0; c < kMaxChannels; ++c)
-    if (c < C) p.q8[at8 + lane + 32 * c] = hopper::quantize_e4m3(x[c], inv);
-  if (p.lse_shift != nullptr) {  // what smoothing took out of the scores, for the LSE (semantics.md §11.4)
-    const int64_t bg = b * p.kv_heads + h / (p.q_heads / p.kv_heads);
-    float dot = 0.f;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * ln.rows + ln.group;
+      if (ln.active && i < end) x[u] = load8<kWide>(p.q, qbase + i * p.qs.seq);
+    }
 #pragma unroll
-    for (int c = 0; c < kMaxChannels; ++c)
-      if (c < C) dot += x[c] * mean_of(p, bg, lane + 32 * c, static_cast<int32_t>(b));
-    for (int o = 16; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-    if (lane == 0) p.lse_shift[row] = p.scale * dot;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * ln.rows + ln.group;
+      const bool ok = ln.active && i < end;
+      float amax = 0.f;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const float a = ok ? fabsf(value<T>(x[u], j)) : 0.f;
+        amax = a > amax ? a : amax;  // NaN dropped, as std::max drops it
+      }
+      for (int o = ln.lanes / 2; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      const float inv = fp8::inv_scale_of(amax);
+      if (ok) {
+        if (ln.chunk == 0) p.q_scale[bh * p.seq_len + i] = fp8::scale_of(amax);
+        const uint2 qc = pack8([&](int j) { return hopper::quantize_e4m3(value<T>(x[u], j), inv); });
+        store8<kWide>(p.q8 + q8base + i * p.q8s.seq, qc.x, qc.y);
+      }
+      if (shift) {  // what smoothing took out of the scores, for the LSE (semantics.md §11.4)
+        float dot = 0.f;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) dot += ok ? value<T>(x[u], j) * mu[j] : 0.f;
+        for (int o = ln.lanes / 2; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        if (ok && ln.chunk == 0) p.lse_shift[bh * p.seq_len + i] = p.scale * dot;
+      }
+    }
   }
 }
 
-unsigned blocks_for(int64_t warps) { return static_cast<unsigned>((warps + kWarps - 1) / kWarps); }
+unsigned blocks_for(int64_t items, int64_t per_block) { return static_cast<unsigned>(ceil_div(items, per_block)); }
 
-template <class T>
+template <class T, bool kWide>
 void launch_all(const QuantizeParams& p, cudaStream_t stream) {
   const int64_t bg = int64_t{p.batch} * p.kv_heads;
-  const int64_t max_visible = p.map.seq.num_video + p.map.seq.text_capacity;
-  const dim3 chunks(blocks_for((max_visible + kRowsPerWarp - 1) / kRowsPerWarp), static_cast<unsigned>(bg));
-  const int threads = 32 * kWarps;
-  key_sums<T><<<chunks, threads, 0, stream>>>(p);
-  group_maxima<T><<<chunks, threads, 0, stream>>>(p);
-  const dim3 positions(blocks_for((p.seq_len + kRowsPerWarp - 1) / kRowsPerWarp), static_cast<unsigned>(bg));
-  quantize_keys_values<T><<<positions, threads, 0, stream>>>(p);
-  const int64_t n_k = bg * p.blocks, n_v = bg * p.head_dim;
-  maxima_to_scales<<<static_cast<unsigned>((n_k + n_v + 255) / 256), 256, 0, stream>>>(p.k_scale, n_k, p.v_scale,
-                                                                                      p.v_inv, n_v);
-  quantize_queries<T><<<blocks_for(int64_t{p.batch} * p.q_heads * p.seq_len), threads, 0, stream>>>(p);
+  const dim3 blocks(static_cast<unsigned>(int64_t{p.blocks} * p.parts), static_cast<unsigned>(bg));
+  key_statistics<T, kWide><<<blocks, kThreads, 0, stream>>>(p);
+  const int64_t finish_warps = bg * p.blocks + ceil_div<int64_t>(bg * p.head_dim, 32);
+  finish_statistics<<<blocks_for(finish_warps, kWarps), kThreads, 0, stream>>>(p);
+  const dim3 positions(blocks_for(p.seq_len, kWarps * kKeyRowsPerWarp), static_cast<unsigned>(bg));
+  quantize_keys_values<T, kWide><<<positions, kThreads, 0, stream>>>(p);
+  const int64_t chunks = ceil_div<int64_t>(p.seq_len, kWarps * kQueryRowsPerWarp);
+  quantize_queries<T, kWide><<<static_cast<unsigned>(int64_t{p.batch} * p.q_heads * chunks), kThreads, 0, stream>>>(
+      p, chunks);
 }
 
-/// The passes on `prm` (its pointers checked by the caller): the scales' maxima zeroed, the sums taken from
-/// prm.sums or, when null, allocated on the stream for the call.
-void run_passes(const Plan& plan, QuantizeParams prm, cudaStream_t stream) {
+/// Whether every tensor allows the 16-byte loads and 8-byte stores: 16-byte aligned inputs, 8-byte aligned outputs,
+/// every stride a multiple of 8 elements.
+bool wide_accesses(const QuantizeParams& p) {
+  const auto aligned = [](const void* at, uintptr_t n) { return reinterpret_cast<uintptr_t>(at) % n == 0; };
+  const auto strides = [](const Strides& s) { return s.batch % 8 == 0 && s.seq % 8 == 0 && s.head % 8 == 0; };
+  return aligned(p.q, 16) && aligned(p.k, 16) && aligned(p.v, 16) && strides(p.qs) && strides(p.ks) &&
+         strides(p.vs) && aligned(p.q8, 8) && aligned(p.k8, 8) && strides(p.q8s) && strides(p.k8s) &&
+         (p.v8 == nullptr || (aligned(p.v8, 8) && strides(p.v8s)));
+}
+
+/// The passes on `prm` (its pointers checked by the caller): V's maxima zeroed, the sums and statistics taken from
+/// prm.sums and `stats` or, when prm.sums is null, allocated on the stream for the call.
+void run_passes(const Plan& plan, QuantizeParams prm, float* stats, cudaStream_t stream) {
   const Problem& p = plan.problem();
-  const size_t sums_bytes = sizeof(double) * p.batch * p.kv_heads * p.head_dim;
-  const bool own_sums = prm.sums == nullptr;
-  if (own_sums)
-    check(cudaMallocAsync(reinterpret_cast<void**>(&prm.sums), sums_bytes, stream), "cudaMallocAsync (quantize_fp8)");
+  const size_t sums_bytes = sizeof(double) * p.batch * p.kv_heads * p.head_dim;  // a multiple of 256: D % 32 == 0
+  const StatsLayout layout(plan, prm.parts);
+  const bool own_scratch = prm.sums == nullptr;
+  if (own_scratch) {
+    void* scratch = nullptr;
+    check(cudaMallocAsync(&scratch, sums_bytes + sizeof(float) * layout.total, stream), "cudaMallocAsync (quantize_fp8)");
+    prm.sums = static_cast<double*>(scratch);
+    stats = reinterpret_cast<float*>(static_cast<char*>(scratch) + sums_bytes);
+  }
+  prm.minmax = stats + layout.minmax, prm.mu = stats + layout.mu, prm.vinv = stats + layout.vinv;
+  prm.kinv = stats + layout.kinv;
   check(cudaMemsetAsync(prm.sums, 0, sums_bytes, stream), "cudaMemsetAsync");
-  check(cudaMemsetAsync(prm.k_scale, 0, sizeof(float) * p.batch * p.kv_heads * prm.blocks, stream), "cudaMemsetAsync");
   check(cudaMemsetAsync(prm.v_scale, 0, sizeof(float) * p.batch * p.kv_heads * p.head_dim, stream), "cudaMemsetAsync");
+  const bool wide = wide_accesses(prm);
   if (p.dtype == DType::bf16)
-    launch_all<__nv_bfloat16>(prm, stream);
+    wide ? launch_all<__nv_bfloat16, true>(prm, stream) : launch_all<__nv_bfloat16, false>(prm, stream);
   else
-    launch_all<__half>(prm, stream);
+    wide ? launch_all<__half, true>(prm, stream) : launch_all<__half, false>(prm, stream);
   const cudaError_t launched = cudaGetLastError();
-  if (own_sums) check(cudaFreeAsync(prm.sums, stream), "cudaFreeAsync (quantize_fp8)");
+  if (own_scratch) check(cudaFreeAsync(prm.sums, stream), "cudaFreeAsync (quantize_fp8)");
   check(launched, "quantize_fp8 launch");
 }
 
@@ -294,6 +472,7 @@ QuantizeParams params_of(const Plan& plan, const Tensors& in) {
   prm.kv_heads = static_cast<int32_t>(p.kv_heads);
   prm.head_dim = static_cast<int32_t>(p.head_dim);
   prm.blocks = static_cast<int32_t>(plan.fp8_key_blocks());
+  prm.parts = static_cast<int32_t>(parts_of(plan));
   prm.seq_len = p.seq_len;
   prm.scale = static_cast<float>(p.scale);
   return prm;
@@ -302,13 +481,15 @@ QuantizeParams params_of(const Plan& plan, const Tensors& in) {
 void require_quantizable(const Problem& p) {
   detail::require(p.dtype == DType::bf16 || p.dtype == DType::f16, "dtype", to_string(p.dtype),
                   "bf16 or f16 for quantize_fp8 on cuda");
-  detail::require(p.head_dim % 32 == 0 && p.head_dim <= 32 * kMaxChannels, "head_dim", p.head_dim,
+  detail::require(p.head_dim % 32 == 0 && p.head_dim <= kMaxDim, "head_dim", p.head_dim,
                   "64, 96 or 128 for quantize_fp8 on cuda");
   detail::require(p.batch * p.kv_heads <= 65535, "batch", p.batch,
                   "batch x kv_heads <= 65535 for quantize_fp8 on cuda (one grid row per pair)");
 }
 
 }  // namespace
+
+int64_t quantize_fp8_stats_floats(const Plan& plan) { return StatsLayout(plan, parts_of(plan)).total; }
 
 void quantize_fp8(const Plan& plan, const Tensors& in, const Fp8Tensors& out, cudaStream_t stream) {
   const Problem& p = plan.problem();
@@ -329,7 +510,7 @@ void quantize_fp8(const Plan& plan, const Tensors& in, const Fp8Tensors& out, cu
   prm.q8 = static_cast<uint8_t*>(out.q), prm.k8 = static_cast<uint8_t*>(out.k), prm.v8 = static_cast<uint8_t*>(out.v);
   prm.q8s = p.q, prm.k8s = p.k, prm.v8s = p.v;  // the inputs' strides, in bytes
   prm.q_scale = out.q_scale, prm.k_scale = out.k_scale, prm.v_scale = out.v_scale;
-  run_passes(plan, prm, stream);
+  run_passes(plan, prm, nullptr, stream);
 }
 
 void quantize_fp8_for_forward(const Plan& plan, const Tensors& in, const ForwardQuantized& out, cudaStream_t stream) {
@@ -339,7 +520,7 @@ void quantize_fp8_for_forward(const Plan& plan, const Tensors& in, const Forward
   prm.q_scale = out.q_scale, prm.k_scale = out.k_scale, prm.v_scale = out.v_scale, prm.v_inv = out.v_inv;
   prm.lse_shift = out.lse_shift;
   prm.sums = out.sums;
-  run_passes(plan, prm, stream);
+  run_passes(plan, prm, out.stats, stream);
 }
 
 }  // namespace tilewise::cuda

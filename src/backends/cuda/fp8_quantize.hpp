@@ -11,13 +11,14 @@ namespace tilewise::cuda {
 
 /// Quantises q, k, v (bf16 or f16, the plan's strides) into `out` (e4m3 with the same strides, and the scales):
 /// Q per row, K smoothed per key block, V per channel. Every pointer is checked first (device memory, aligned),
-/// so nothing is launched on a bad argument. Stream-ordered: a small float64 scratch (the mean keys' sums) is
-/// taken with cudaMallocAsync on `stream` and freed there.
+/// so nothing is launched on a bad argument. Stream-ordered: a small scratch (the mean keys' float64 sums and the
+/// statistics, quantize_fp8_stats_floats) is taken with cudaMallocAsync on `stream` and freed there.
 void quantize_fp8(const Plan& plan, const Tensors& in, const Fp8Tensors& out, cudaStream_t stream);
 
 /// Where precision fp8's forward wants the pre-pass's results (its workspace): q and k in e4m3 with their own
 /// strides (bytes), the scales, V's inverse scales (its V^T pre-pass quantises v itself, so v is not written here),
-/// each query row's LSE shift (scale * q . mu) and the mean keys' float64 sums (scratch).
+/// each query row's LSE shift (scale * q . mu), the mean keys' float64 sums and the statistics (scratch: 256-byte
+/// aligned, quantize_fp8_stats_floats(plan) floats).
 struct ForwardQuantized {
   uint8_t* q8;
   uint8_t* k8;
@@ -28,7 +29,12 @@ struct ForwardQuantized {
   float* v_inv;
   float* lse_shift;
   double* sums;
+  float* stats;
 };
+
+/// The pre-pass's statistics scratch in floats: per (batch, kv head) its key blocks' per channel key minima and
+/// maxima (one slot per 1024 rows of the largest tile), the mean keys and the inverse scales.
+int64_t quantize_fp8_stats_floats(const Plan& plan);
 
 /// quantize_fp8's passes into `out`, for the FP8 forward's run (the caller checked the pointers).
 void quantize_fp8_for_forward(const Plan& plan, const Tensors& in, const ForwardQuantized& out, cudaStream_t stream);

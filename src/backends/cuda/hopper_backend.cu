@@ -216,7 +216,7 @@ class HopperBackend final : public Backend {
 
   /// The FP8 forward's workspace: the scheduler's counter and the V^T blocks, and for precision fp8 the pre-pass's
   /// results (quantize_fp8_for_forward): q and k in e4m3 ([B, S, H, D], contiguous), the scales, V's inverse
-  /// scales, the rows' LSE shift and the mean keys' sums.
+  /// scales, the rows' LSE shift, the mean keys' sums and the pre-pass's statistics.
   struct Fp8Scratch {
     int32_t* counter;
     uint8_t* vt;
@@ -242,6 +242,7 @@ class HopperBackend final : public Backend {
       q.v_inv = w.take<float>(p.batch * p.kv_heads * D);
       q.lse_shift = w.take<float>(p.batch * p.q_heads * S);
       q.sums = w.take<double>(p.batch * p.kv_heads * D);
+      q.stats = w.take<float>(quantize_fp8_stats_floats(plan));
     }
     f.bytes = w.used();
     return f;
