@@ -12,6 +12,11 @@
 #ifndef TILEWISE_HOPPER_V_STAGES_D128
 #define TILEWISE_HOPPER_V_STAGES_D128 2
 #endif
+// Measurement only: the two-kernel backward's V-ring depth (dO in the dK/dV kernel, V in the dQ kernel); 0 = the
+// forward's. 1 times what the fused kernel's single dO stage costs by itself (docs/performance.md, v3.4).
+#ifndef TILEWISE_HOPPER_BWD_V_STAGES
+#define TILEWISE_HOPPER_BWD_V_STAGES 0
+#endif
 // K and V pipeline depths at head dim 64 (96 has 3 + 3, the most that fits).
 #ifndef TILEWISE_HOPPER_STAGES_D64
 #define TILEWISE_HOPPER_STAGES_D64 3
@@ -90,6 +95,14 @@
 #define TILEWISE_HOPPER_FP8_EXP_ON_FMA 0
 #endif
 
+// The FP8 forward's two warpgroups take turns issuing their GEMMs (the forward's scheduler barriers), so one's
+// softmax runs under the other's S and P V instead of both waiting on the tensor cores at once: with e4m3 the
+// GEMMs take half as long, and the softmax is no longer small beside them. Every warpgroup runs the whole loop
+// (one with no real rows too), as in the bf16 overlapped schedule.
+#ifndef TILEWISE_HOPPER_FP8_PINGPONG
+#define TILEWISE_HOPPER_FP8_PINGPONG 0
+#endif
+
 // Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
 // ping-pong barriers (overlapped schedule), bit 16 the V loads, bit 32 the K loads
 // (in a cluster, the multicast ones). Timing what is left shows which part bounds the loop.
@@ -164,7 +177,9 @@ struct KernelTraits {
                                              : (D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : kStagesSmallD);
   static constexpr int kVStages = kFp8 ? TILEWISE_HOPPER_FP8_STAGES
                                  : kDsBuffer ? (D == 64 ? 3 : (D == 96 ? 2 : 1))
-                                             : (D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD);
+                                 : kBackward && TILEWISE_HOPPER_BWD_V_STAGES > 0
+                                     ? TILEWISE_HOPPER_BWD_V_STAGES
+                                     : (D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD);
   static constexpr int kCluster = D == 128 && !kBackward && !kFp8 ? TILEWISE_HOPPER_CLUSTER_D128 : 1;
   static constexpr int kExpOnFma = D == 128 ? TILEWISE_HOPPER_EXP_ON_FMA_D128 : TILEWISE_HOPPER_EXP_ON_FMA;
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");

@@ -64,6 +64,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
   static constexpr bool kPingPong = TILEWISE_HOPPER_BWD_PINGPONG != 0;
   static constexpr bool kSplit = TILEWISE_HOPPER_BWD_SPLIT != 0;
   static constexpr int kAblate = TILEWISE_HOPPER_BWD_ABLATE;
+  static constexpr bool kDqV4 = TILEWISE_HOPPER_BWD_DQ_V4 != 0 && D % 16 == 0;
 
   /// d[64 x N] = A[64 rows of an owned buffer, K-major] * B[N rows of a stage from row `b_row`, K-major]^T.
   template <int N>
@@ -236,11 +237,27 @@ struct BwdConsumer : Consumer<Traits, kType> {
     const int64_t base = (int64_t{bp.batch_base + batch} * bp.q_heads + head) * bp.seq_len;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      if (pos[rr] < 0) continue;
       float* dst = bp.dq_accum + (base + pos[rr]) * D;
+      if constexpr (kDqV4) {
+        // Pairs of 8-column groups k, k + 1: lanes 2m and 2m + 1 of a quad swap one column pair each, so that the
+        // even lane holds 4 adjacent columns of group k and the odd lane 4 of group k + 1 (one 16-byte atomic each).
+        const bool odd = lane() & 1;
+        const int c0 = 2 * (lane() % 4) - (odd ? 2 : 0);
 #pragma unroll
-      for (int i = 2 * rr; i < D / 2; i += 4)
-        atomicAdd(reinterpret_cast<float2*>(dst + 8 * (i / 4) + 2 * (lane() % 4)), make_float2(dq[i], dq[i + 1]));
+        for (int i = 2 * rr; i < D / 2; i += 8) {
+          const float2 mine_k = make_float2(dq[i], dq[i + 1]), mine_k1 = make_float2(dq[i + 4], dq[i + 5]);
+          const float2 send = odd ? mine_k : mine_k1;
+          const float2 got = make_float2(__shfl_xor_sync(0xffffffffu, send.x, 1), __shfl_xor_sync(0xffffffffu, send.y, 1));
+          const float4 v = odd ? make_float4(got.x, got.y, mine_k1.x, mine_k1.y)
+                               : make_float4(mine_k.x, mine_k.y, got.x, got.y);
+          if (pos[rr] >= 0) atomicAdd(reinterpret_cast<float4*>(dst + 8 * (i / 4 + (odd ? 1 : 0)) + c0), v);
+        }
+      } else {
+        if (pos[rr] < 0) continue;
+#pragma unroll
+        for (int i = 2 * rr; i < D / 2; i += 4)
+          atomicAdd(reinterpret_cast<float2*>(dst + 8 * (i / 4) + 2 * (lane() % 4)), make_float2(dq[i], dq[i + 1]));
+      }
     }
   }
 

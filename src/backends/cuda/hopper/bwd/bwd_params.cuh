@@ -37,6 +37,12 @@
 #ifndef TILEWISE_HOPPER_BWD_HEAVY_FIRST
 #define TILEWISE_HOPPER_BWD_HEAVY_FIRST 1
 #endif
+// The fused kernel's dQ atomics: 1 (default since v3.4) = 16-byte (red.global.add.v4.f32, after one lane swap per
+// pair of column groups), 0 = 8-byte. The atomics cost that kernel 30 ms of 116 on row 1; half as many
+// instructions took 6 ms off (116.77 -> 110.53 ms, docs/performance.md v3.4): the rest is the L2's reduction traffic.
+#ifndef TILEWISE_HOPPER_BWD_DQ_V4
+#define TILEWISE_HOPPER_BWD_DQ_V4 1
+#endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the
 // dQ atomics, bit 32 the dQ product, bit 64 the barrier after it. Timing what is left shows what bounds a loop.

@@ -30,6 +30,7 @@ struct Fp8Consumer {
   static constexpr bool kOnes = Traits::kOnesRows > 0;
   static constexpr int kAccN = D + Traits::kOnesRows;  // columns of the P V accumulator: O, then the row sums
   static constexpr uint32_t kOne = 0x38383838u;         // four e4m3 1.0
+  static constexpr bool kPingPong = TILEWISE_HOPPER_FP8_PINGPONG != 0 && Traits::kConsumerWarpgroups == 2;
   using Base = Consumer<Traits, kType>;  // the stage records, the releases, the idle walk
   using KPipe = typename Base::KPipe;
   using VPipe = typename Base::VPipe;
@@ -83,6 +84,14 @@ struct Fp8Consumer {
       WgmmaFp8<kAccN>::rs(pv, pa[j], vt_desc + ((stage * Traits::kVTileBytes + 32 * j) >> 4), j > 0);
   }
 
+  /// Issues one GEMM group, in this warpgroup's turn when the warpgroups take turns (TILEWISE_HOPPER_FP8_PINGPONG).
+  template <class F>
+  __device__ __forceinline__ void take_turn(F&& issue) const {
+    if constexpr (kPingPong) base.scheduler_sync();
+    issue();
+    if constexpr (kPingPong) base.scheduler_arrive();
+  }
+
   /// All key blocks of one work item. qf: the softmax scale (log2 domain) times each of this thread's rows' q scale.
   __device__ __forceinline__ void mainloop(const WorkItem& item, int32_t text_len, const float (&qf)[2],
                                            const float* k_scale, KPipe& ks, VPipe& vs, float (&o)[kAccN / 2],
@@ -95,9 +104,11 @@ struct Fp8Consumer {
       const BlockInfo bi = base.info(ks.stage());
       last = bi.flags & BlockInfo::kLast;
       const float kscale = __ldg(k_scale + key_block(bi));  // in flight while S is computed
-      wgmma_fence();
-      if (!(TILEWISE_HOPPER_ABLATE & 4)) issue_s(sc, ks.stage());
-      wgmma_commit();
+      take_turn([&] {
+        wgmma_fence();
+        if (!(TILEWISE_HOPPER_ABLATE & 4)) issue_s(sc, ks.stage());
+        wgmma_commit();
+      });
       wgmma_wait<0>();
       fence_regs(sc);
       base.release_s_operands(ks.stage(), bi, false);
@@ -109,9 +120,11 @@ struct Fp8Consumer {
       Fp8Softmax::to_operand(pairs, pa);
       s.v_full[vs.stage()].wait(vs.phase());
       float pv[kAccN / 2];  // this block's P V (and row sums), then added to O in fp32
-      wgmma_fence();
-      if (!(TILEWISE_HOPPER_ABLATE & 2)) issue_pv(pv, pa, vs.stage());
-      wgmma_commit();
+      take_turn([&] {
+        wgmma_fence();
+        if (!(TILEWISE_HOPPER_ABLATE & 2)) issue_pv(pv, pa, vs.stage());
+        wgmma_commit();
+      });
       wgmma_wait<0>();
       fence_regs(pv);
       base.release(s.v_empty[vs.stage()], false);
@@ -132,6 +145,7 @@ struct Fp8Consumer {
     VPipe vs;
     WorkRing<typename Traits::Shared, 1> ring{s, 0};
     const Epilogue<Traits, kType> epilogue{p, s, wg, tid};
+    if (kPingPong && wg == 1) base.scheduler_arrive();  // warpgroup 0 issues first
     for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < p.num_work;) {
       const WorkItem item = decode_work<Traits::kBlockM>(p, u);
       if (item.empty) continue;
@@ -147,7 +161,7 @@ struct Fp8Consumer {
         qf[rr] = p.scale_log2 * (at >= 0 ? __ldg(p.q_scale + at) : 1.f);
       }
       s.q_full->wait(items & 1);
-      if (64 * wg >= query_rows<Traits::kBlockM>(p, item.q))
+      if (!kPingPong && 64 * wg >= query_rows<Traits::kBlockM>(p, item.q))
         base.mainloop_idle(false, ks, vs);
       else
         mainloop(item, text_len, qf, p.k_scale + bg * p.key_blocks, ks, vs, o, m_run, l_run);
