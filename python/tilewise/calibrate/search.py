@@ -39,8 +39,8 @@ from tilewise.calibrate.capture import Capture, Geometry, shape_bshd
 from tilewise.calibrate.strategy import Strategy, format_window
 
 METRICS = ("mse", "l1", "rel_mse")
-# An FP8 candidate's cost relative to the same window in bf16, as measured: the Hopper FP8 kernel v1 takes 28.16 ms
-# where bf16 takes 23.19 ms (HunyuanVideo 720p, window 3x3x3, H200; docs/bench/h200-fp8-v1.md), so FP8 buys no
+# An FP8 candidate's cost relative to the same window in bf16, as measured: the Hopper FP8 path v2 takes 24.56 ms
+# where bf16 takes 22.27 ms (HunyuanVideo 720p, window 3x3x3, H200; docs/bench/h200-fp8-v2.md), so FP8 buys no
 # speed yet and costs the same (ratios above 1 are not modelled): an FP8 candidate wins only where it has the lower
 # error. A select() argument (--fp8-cost): 0.6 models issue 18's goal (14 ms).
 FP8_COST = 1.0
