@@ -97,33 +97,40 @@ Dim3 choose_box(const Dim3& tile, const Dim3& e, int64_t limit, bool query) {
 }
 
 /// The key and query block boxes of every tile class (see hopper::TileClass), from choose_box on the class's tile
-/// extent.
+/// extent: query boxes of up to `query_rows` tokens, key (streamed) boxes of up to `key_rows`.
 struct TileClasses {
   hopper::TileClass cls[hopper::kTileClasses];
   int32_t partial_axes = 0;
   int32_t slots = 1;        // the most query blocks of any class
+  int32_t key_slots = 1;    // the most key blocks of any class
   int64_t max_volume = 0;   // of any class's key box
+  int64_t key_rows = hopper::kBlockN;
 
   TileClasses() = default;
-  TileClasses(const TileGrid& g, int64_t query_rows) {
+  TileClasses(const TileGrid& g, int64_t query_rows, int64_t key_rows_ = hopper::kBlockN) : key_rows(key_rows_) {
     const Dim3 rem{g.latent.t % g.tile.t, g.latent.h % g.tile.h, g.latent.w % g.tile.w};
     partial_axes = (rem.t ? 4 : 0) | (rem.h ? 2 : 0) | (rem.w ? 1 : 0);
     for (int c = 0; c < hopper::kTileClasses; ++c) {
       if (!exists(c)) continue;
       const Dim3 e{c & 4 ? rem.t : g.tile.t, c & 2 ? rem.h : g.tile.h, c & 1 ? rem.w : g.tile.w};
       auto subs_of = [&](const Dim3& b) { return Dim3{ceil_div(e.t, b.t), ceil_div(e.h, b.h), ceil_div(e.w, b.w)}; };
-      const Dim3 box = choose_box(g.tile, e, hopper::kBlockN, false), qbox = choose_box(g.tile, e, query_rows, true);
+      const Dim3 box = choose_box(g.tile, e, key_rows, false), qbox = choose_box(g.tile, e, query_rows, true);
       cls[c].box = dim3_cast<int32_t>(box);
       cls[c].subs = dim3_cast<int32_t>(subs_of(box));
       cls[c].qbox = dim3_cast<int32_t>(qbox);
       cls[c].qsubs = dim3_cast<int32_t>(subs_of(qbox));
       slots = std::max<int32_t>(slots, static_cast<int32_t>(subs_of(qbox).volume()));
+      key_slots = std::max<int32_t>(key_slots, static_cast<int32_t>(subs_of(box).volume()));
       max_volume = std::max(max_volume, box.volume());
     }
     for (int c = 0; c < hopper::kTileClasses; ++c)
       if (exists(c)) cls[c].tail = static_cast<int32_t>(max_volume - cls[c].box.volume());
   }
   bool exists(int c) const { return !(c & ~partial_axes); }
+  /// Key blocks per (batch, head) as block_entry numbers them: key_slots per tile, then the text blocks.
+  int64_t key_entries(const TileGrid& g, int64_t text_capacity) const {
+    return g.num_tiles() * key_slots + ceil_div<int64_t>(text_capacity, key_rows);
+  }
 };
 
 enum class ViewMode { head_in_dim0, head_batch_merged, per_batch };
@@ -194,11 +201,14 @@ class HopperBackend final : public Backend {
 
     // Key blocks are the same for every kernel (boxes of at most kBlockN tokens, whatever the query rows): per-block
     // data of the pre-passes (the backward's statistics, FP8's V^T) is indexed by block_entry over them.
-    for (int c = 0; c < hopper::kTileClasses; ++c)
-      if (classes_.exists(c)) key_slots_ = std::max<int32_t>(key_slots_, classes_.cls[c].subs.volume());
-    key_entries_ = static_cast<int32_t>(g.num_tiles() * key_slots_ + ceil_div<int64_t>(p.text_capacity, hopper::kBlockN));
-    // The backward's kernels own 128-row blocks and stream 128-row blocks (bwd/bwd_params.cuh).
+    key_slots_ = classes_.key_slots;
+    key_entries_ = static_cast<int32_t>(classes_.key_entries(g, p.text_capacity));
+    // The backward's kernels own 128-row blocks (bwd/bwd_params.cuh); the dQ kernel streams the 128-row key blocks,
+    // the dK/dV kernel query blocks of the rows its build has (hopper::dkdv_stream_rows: 128 or 64), whose per-block
+    // statistics are numbered over its own boxes.
     bwd_classes_ = TileClasses(g, hopper::kBackwardOwnedRows);
+    dkdv_classes_ = TileClasses(g, hopper::kBackwardOwnedRows, hopper::dkdv_stream_rows());
+    stream_entries_ = static_cast<int32_t>(dkdv_classes_.key_entries(g, p.text_capacity));
     const char* fused = std::getenv("TILEWISE_BACKWARD_FUSED_DQ");
     fused_dq_ = fused != nullptr && std::string(fused) == "1";
 
@@ -272,7 +282,7 @@ class HopperBackend final : public Backend {
     std::copy(std::begin(classes.cls), std::end(classes.cls), std::begin(prm.cls));
     prm.partial_axes = classes.partial_axes;
     prm.slots_per_tile = classes.slots;
-    prm.zero_init = classes.max_volume < hopper::kBlockN;
+    prm.zero_init = classes.max_volume < classes.key_rows;
     prm.batch = per_batch_ ? 1 : static_cast<int32_t>(p.batch);
     prm.q_heads = static_cast<int32_t>(p.q_heads);
     prm.kv_group = static_cast<int32_t>(p.q_heads / p.kv_heads);
@@ -302,7 +312,7 @@ class HopperBackend final : public Backend {
     BackwardScratch b{};
     b.counters = w.take<int32_t>(2);
     b.delta = w.take<float>(p.batch * p.q_heads * p.seq_len);
-    b.stats = w.take<float>(p.batch * p.q_heads * int64_t{key_entries_} * hopper::kStatsWords);
+    b.stats = w.take<float>(p.batch * p.q_heads * int64_t{stream_entries_} * hopper::kStatsRows * dkdv_classes_.key_rows);
     b.dq_accum = fused_dq_ ? w.take<float>(p.batch * p.q_heads * p.seq_len * p.head_dim) : nullptr;
     b.bytes = w.used();
     return b;
@@ -332,16 +342,20 @@ class HopperBackend final : public Backend {
     prm.text_items = static_cast<int32_t>(ceil_div<int64_t>(p.text_capacity, hopper::kBackwardOwnedRows));
     prm.delta = ws.delta;
     encode_stats(p, ws.stats, prm.stats_map);
-    prm.stream_slots = key_slots_;
-    prm.stats_entries = key_entries_;
+    prm.stream_slots = dkdv_classes_.key_slots;
+    prm.stats_entries = stream_entries_;
     prm.dq_accum = ws.dq_accum;
     const size_t accum_bytes = sizeof(float) * p.batch * p.q_heads * p.seq_len * p.head_dim;
     if (!deterministic) check(cudaMemsetAsync(ws.dq_accum, 0, accum_bytes, stream), "cudaMemsetAsync");
 
+    // The dK/dV kernel's parameters start from these with its own boxes (its streamed blocks, which the preprocess
+    // numbers its statistics by).
+    hopper::BwdParams streamed = prm;
+    fill_common(plan, dkdv_classes_, t.text_len, streamed);
     hopper::PreprocessParams pre{t.o, t.dout, p.o, t.lse, t.dlse, ws.delta, ws.stats, static_cast<int32_t>(p.batch)};
     const bool bf16 = p.dtype == DType::bf16;
     const int D = static_cast<int>(p.head_dim);
-    check(hopper::launch_backward_preprocess(prm, pre, D, bf16, stream), "backward preprocess launch");
+    check(hopper::launch_backward_preprocess(streamed, pre, D, bf16, stream), "backward preprocess launch");
 
     const ElementFormat format = native_format(p);
     const int rows = hopper::kBackwardOwnedRows;
@@ -359,11 +373,12 @@ class HopperBackend final : public Backend {
       dq.num_work = dq.batch * dq.q_heads * (dq.video_items + dq.text_items);
       dq.work_counter = ws.counters;
       // dK, dV: owned K and V (per kv head), streamed Q and dO of each query head of the group.
-      hopper::BwdParams dkv = prm;
-      encode(plan, bwd_classes_, rows, t.k, p.k, p.kv_heads, b, dkv.q_video, dkv.q_text, dkv.q, format, true);
-      encode(plan, bwd_classes_, rows, t.v, p.v, p.kv_heads, b, dkv.o_video, dkv.o_text, dkv.o, format, true);
-      encode(plan, bwd_classes_, rows, t.q, p.q, p.q_heads, b, dkv.k_video, dkv.k_text, dkv.k, format, false);
-      encode(plan, bwd_classes_, rows, t.dout, p.o, p.q_heads, b, dkv.v_video, dkv.v_text, dkv.v, format, false);
+      hopper::BwdParams dkv = streamed;
+      dkv.batch_base = prm.batch_base;
+      encode(plan, dkdv_classes_, rows, t.k, p.k, p.kv_heads, b, dkv.q_video, dkv.q_text, dkv.q, format, true);
+      encode(plan, dkdv_classes_, rows, t.v, p.v, p.kv_heads, b, dkv.o_video, dkv.o_text, dkv.o, format, true);
+      encode(plan, dkdv_classes_, rows, t.q, p.q, p.q_heads, b, dkv.k_video, dkv.k_text, dkv.k, format, false);
+      encode(plan, dkdv_classes_, rows, t.dout, p.o, p.q_heads, b, dkv.v_video, dkv.v_text, dkv.v, format, false);
       dkv.grad0 = t.dk;
       dkv.grad0_strides = p.k;
       dkv.grad0_scale = static_cast<float>(p.scale);
@@ -550,7 +565,7 @@ class HopperBackend final : public Backend {
       const cuuint64_t dims[5] = {dim0, (cuuint64_t)p.text_capacity, 1, 1, dim4};
       const cuuint64_t strides[4] = {(cuuint64_t)(s.seq * esize), (cuuint64_t)(s.seq * p.text_capacity * esize),
                                      (cuuint64_t)(s.seq * p.text_capacity * esize), (cuuint64_t)(stride4 * esize)};
-      const cuuint32_t rows = query ? static_cast<cuuint32_t>(owned_rows) : hopper::kBlockN;
+      const cuuint32_t rows = static_cast<cuuint32_t>(query ? owned_rows : classes.key_rows);
       const cuuint32_t box[5] = {(cuuint32_t)panel_cols, rows, 1, 1, 1};
       encode_one(text, dtype, t0, dims, strides, box, ones, swizzle);
     } else {
@@ -558,14 +573,16 @@ class HopperBackend final : public Backend {
     }
   }
 
-  /// The statistics buffer as rows of kBlockN floats (BwdParams::stats_map): one box is one block's 3 rows.
+  /// The statistics buffer as rows of as many floats as the dK/dV kernel's streamed blocks have rows
+  /// (BwdParams::stats_map): one box is one block's 3 rows.
   void encode_stats(const Problem& p, const float* stats, CUtensorMap& map) const {
-    const int64_t rows = p.batch * p.q_heads * int64_t{key_entries_} * hopper::kStatsRows;
+    const int64_t rows = p.batch * p.q_heads * int64_t{stream_entries_} * hopper::kStatsRows;
     require(rows < (int64_t{1} << 31), "problem size", rows, "fewer than 2^31 rows of backward statistics");
-    const cuuint64_t row_bytes = hopper::kBlockN * sizeof(float), all = row_bytes * static_cast<cuuint64_t>(rows);
-    const cuuint64_t dims[5] = {hopper::kBlockN, static_cast<cuuint64_t>(rows), 1, 1, 1};
+    const cuuint64_t cols = static_cast<cuuint64_t>(dkdv_classes_.key_rows);
+    const cuuint64_t row_bytes = cols * sizeof(float), all = row_bytes * static_cast<cuuint64_t>(rows);
+    const cuuint64_t dims[5] = {cols, static_cast<cuuint64_t>(rows), 1, 1, 1};
     const cuuint64_t strides[4] = {row_bytes, all, all, all};
-    const cuuint32_t box[5] = {hopper::kBlockN, hopper::kStatsRows, 1, 1, 1}, ones[5] = {1, 1, 1, 1, 1};
+    const cuuint32_t box[5] = {static_cast<cuuint32_t>(cols), hopper::kStatsRows, 1, 1, 1}, ones[5] = {1, 1, 1, 1, 1};
     encode_one(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, stats, dims, strides, box, ones, CU_TENSOR_MAP_SWIZZLE_NONE);
   }
 
@@ -584,7 +601,9 @@ class HopperBackend final : public Backend {
   PatternTables tables_;
   DeviceArray<int32_t> work_counter_{std::vector<int32_t>{0}};
   TileClasses classes_;
-  TileClasses bwd_classes_;      // the backward's: 128-row owned (qbox) and streamed (box) blocks
+  TileClasses bwd_classes_;      // the backward's: 128-row owned (qbox) and streamed (box) blocks (the dQ kernel)
+  TileClasses dkdv_classes_;     // the dK/dV kernel's: 128-row owned key blocks, streamed query blocks of its rows
+  int32_t stream_entries_ = 0;   // the dK/dV kernel's streamed blocks per (batch, head) (block_entry over its boxes)
   int32_t key_slots_ = 1;     // key blocks per tile: the most key boxes of any tile class
   int32_t key_entries_ = 0;   // key blocks per (batch, head): tiles * key_slots_ + text blocks (block_entry)
   bool fused_dq_ = false;        // the fused dK/dV/dQ kernel when not deterministic (experimental, see run_backward)

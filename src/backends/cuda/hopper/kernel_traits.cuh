@@ -17,6 +17,11 @@
 #ifndef TILEWISE_HOPPER_BWD_V_STAGES
 #define TILEWISE_HOPPER_BWD_V_STAGES 0
 #endif
+// K and V pipeline depths of the dK/dV kernel with 64-row streamed blocks (TILEWISE_HOPPER_BWD_STREAM_ROWS=64): its
+// stages are half the bytes, so 4 + 4 hold as many rows in flight as the 128-row kernel's 2 + 2 (192 KB at D 128).
+#ifndef TILEWISE_HOPPER_BWD_STREAM_STAGES
+#define TILEWISE_HOPPER_BWD_STREAM_STAGES 4
+#endif
 // K and V pipeline depths at head dim 64 (96 has 3 + 3, the most that fits).
 #ifndef TILEWISE_HOPPER_STAGES_D64
 #define TILEWISE_HOPPER_STAGES_D64 3
@@ -136,12 +141,17 @@ struct PipeState {
 /// kDsBuffer: the fused backward kernel's dS buffer (dS^T of a block pair, 32 KB) fits beside fewer stages.
 /// kFp8: the FP8 forward (fp8/): Q and K e4m3 (one byte per element), V^T blocks of D rows x 128 keys in the V
 /// ring, O in the 16-bit output dtype.
-template <int kHeadDim, int kOwnedRows = 0, bool kDsBuffer = false, bool kFp8 = false>
+/// kStreamRowsArg: rows of a streamed (K and V ring) block: kBlockN, or 64 in the two-kernel backward's dK/dV
+/// kernel (TILEWISE_HOPPER_BWD_STREAM_ROWS), whose stages then hold one 64-query half each.
+template <int kHeadDim, int kOwnedRows = 0, bool kDsBuffer = false, bool kFp8 = false, int kStreamRowsArg = kBlockN>
 struct KernelTraits {
   static constexpr int D = kHeadDim;
   static constexpr bool kBackward = kOwnedRows != 0;
   static_assert(!(kFp8 && kBackward), "FP8 is forward only");
   static constexpr int kInBytes = kFp8 ? 1 : 2;  // bytes per element of the loaded Q and K (and V)
+  static constexpr int kStreamRows = kStreamRowsArg;
+  static_assert(kStreamRows == kBlockN || (kStreamRows == 64 && kBackward && !kDsBuffer),
+                "streamed blocks of 128 rows, or 64 in the two-kernel backward's dK/dV kernel");
   // Query rows per work item (the backward's dK/dV kernel: key rows).
   static constexpr int kBlockM =
       kBackward ? kOwnedRows
@@ -156,8 +166,8 @@ struct KernelTraits {
   static constexpr int kPanelCols = kFp8 ? (D % 128 == 0 ? 128 : (D % 64 == 0 ? 64 : 32)) : (D % 64 == 0 ? 64 : 32);
   static constexpr int kRowBytes = kPanelCols * kInBytes;
   static constexpr int kPanels = D / kPanelCols;
-  static constexpr int kPanelBytes = kBlockN * kRowBytes;  // one panel of a K or V stage
-  static constexpr int kTileBytes = kPanels * kPanelBytes;  // a K or V stage: 128 rows x D (FP8's V^T: D x 128)
+  static constexpr int kPanelBytes = kStreamRows * kRowBytes;  // one panel of a K or V stage
+  static constexpr int kTileBytes = kPanels * kPanelBytes;  // a K or V stage: kStreamRows x D (FP8's V^T: D x 128)
   static constexpr int kQPanelBytes = kBlockM * kRowBytes;  // one panel of the Q buffer (and O's, in 16 bits)
   static constexpr int kQTileBytes = kPanels * kQPanelBytes;
   // The O buffer holds the output dtype (16 bits) in the 16-bit panels, also when Q is e4m3.
@@ -173,9 +183,11 @@ struct KernelTraits {
   // The fused backward fits its dS buffer beside the rings: at D 128 one dO stage (released before the dQ product,
   // so its next load overlaps that), at D 96 two of each. Without it, the forward's depths.
   static constexpr int kKStages = kFp8 ? TILEWISE_HOPPER_FP8_STAGES
+                                 : kStreamRows != kBlockN ? TILEWISE_HOPPER_BWD_STREAM_STAGES
                                  : kDsBuffer ? (D == 64 ? 3 : 2)
                                              : (D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : kStagesSmallD);
   static constexpr int kVStages = kFp8 ? TILEWISE_HOPPER_FP8_STAGES
+                                 : kStreamRows != kBlockN ? TILEWISE_HOPPER_BWD_STREAM_STAGES
                                  : kDsBuffer ? (D == 64 ? 3 : (D == 96 ? 2 : 1))
                                  : kBackward && TILEWISE_HOPPER_BWD_V_STAGES > 0
                                      ? TILEWISE_HOPPER_BWD_V_STAGES
@@ -236,7 +248,7 @@ struct KernelTraits {
 
   // The backward's dK/dV kernel streams, beside each query block, its rows' log2-domain LSE, D = rowsum(dO o) -
   // dLSE and sequence position: one TMA of 3 x 128 words per stage.
-  static constexpr int kStatsBytes = kBackward ? 3 * kBlockN * 4 : 0;
+  static constexpr int kStatsBytes = kBackward ? 3 * kStreamRows * 4 : 0;
   static constexpr int kDsPanelBytes = kBlockM * 128;  // 64 queries (128 bytes) per owned row
   static constexpr int kDsBytes = kDsBuffer ? 2 * kDsPanelBytes : 0;
   static constexpr int kBufferBytes =

@@ -20,7 +20,7 @@ struct Producer {
   __device__ __forceinline__ void load(const CUtensorMap* video, const CUtensorMap* text, const TensorView& view,
                                        const Block& b, int batch, int head, uint8_t* dst, Barrier* bar,
                                        bool issue = true, bool multicast = false) const {
-    const int rows = b.text ? (b.query ? Traits::kBlockM : kBlockN) : static_cast<int>(b.box(p).volume());
+    const int rows = b.text ? (b.query ? Traits::kBlockM : Traits::kStreamRows) : static_cast<int>(b.box(p).volume());
     const int panel_bytes = b.query ? Traits::kQPanelBytes : Traits::kPanelBytes;
     bar->arrive_expect_tx(static_cast<uint32_t>(rows * Traits::D * Traits::kInBytes));
     if (!issue) return;  // the peer CTA multicasts it

@@ -51,20 +51,23 @@ struct Block {
 
 /// Index of key block `b` among the key blocks of one (batch, head), as the pre-passes store per-block data (the
 /// backward's row statistics, the FP8 forward's V^T): `slots` entries per tile (the most key boxes any tile class
-/// needs; a tile's sub-blocks in (t, h, w) order), then the text blocks of kBlockN rows.
+/// needs; a tile's sub-blocks in (t, h, w) order), then the text blocks of kRows rows (the blocks' rows: kBlockN,
+/// or the dK/dV kernel's streamed rows, KernelTraits::kStreamRows).
+template <int kRows = kBlockN>
 __device__ __forceinline__ int32_t block_entry(const FwdParams& p, const Block& b, int32_t slots) {
-  if (b.text) return p.map.grid.num_tiles() * slots + b.row0 / kBlockN;
+  if (b.text) return p.map.grid.num_tiles() * slots + b.row0 / kRows;
   const D3 s = p.cls[b.cls].subs;
   return p.map.grid.tile_index(b.tile) * slots + (b.sub.t * s.h + b.sub.h) * s.w + b.sub.w;
 }
 
-/// The inverse of block_entry, row by row: the sequence position of row r (< kBlockN) of key block `entry`, or -1
+/// The inverse of block_entry, row by row: the sequence position of row r (< kRows) of key block `entry`, or -1
 /// when that row is no token (past the box's volume or the latent, a spare slot of a class with fewer blocks, past
 /// the text capacity). Text padding rows are tokens here (whether a key is valid is text_len's business).
+template <int kRows = kBlockN>
 __device__ __forceinline__ int64_t block_row_position(const FwdParams& p, int32_t entry, int32_t slots, int32_t r) {
   const int32_t video_entries = p.map.grid.num_tiles() * slots;
   if (entry >= video_entries) {
-    const int64_t row = int64_t{entry - video_entries} * kBlockN + r;
+    const int64_t row = int64_t{entry - video_entries} * kRows + r;
     return row < p.map.seq.text_capacity ? p.map.seq.text_offset() + row : -1;
   }
   Block blk;
@@ -248,12 +251,14 @@ __device__ __forceinline__ BlockInfo describe(const FwdParams& p, const WorkItem
 }
 
 /// The key blocks of one work item, in order: the video key tiles of the query's pattern (each split into its
-/// live sub-blocks), then the valid text rows (`text_len`, from text_len_of) in blocks of kBlockN.
-class KeyBlockCursor {
+/// live sub-blocks, the boxes of p.cls), then the valid text rows (`text_len`, from text_len_of) in blocks of kRows:
+/// kBlockN, or the dK/dV kernel's streamed rows (KernelTraits::kStreamRows, with boxes of as many rows in p.cls).
+template <int kRows = kBlockN>
+class KeyBlockCursorT {
  public:
   /// The forward's walk: the key blocks of query block `w`, then the valid text keys.
-  __device__ __forceinline__ KeyBlockCursor(const FwdParams& p, const WorkItem& w, int32_t text_len)
-      : KeyBlockCursor(p, text_len) {
+  __device__ __forceinline__ KeyBlockCursorT(const FwdParams& p, const WorkItem& w, int32_t text_len)
+      : KeyBlockCursorT(p, text_len) {
     const Grid& g = p.map.grid;
     if (w.q.text || p.kind == PatternKind::dense) {
       start_boxes(all_tiles(g));
@@ -265,8 +270,8 @@ class KeyBlockCursor {
     }
   }
   /// Any walk (the backward streams query blocks through it): start with start_boxes or start_list; after the
-  /// tiles come text rows [0, text_end) in blocks of kBlockN.
-  __device__ __forceinline__ KeyBlockCursor(const FwdParams& p, int32_t text_end) : p_(p), text_end_(text_end) {}
+  /// tiles come text rows [0, text_end) in blocks of kRows.
+  __device__ __forceinline__ KeyBlockCursorT(const FwdParams& p, int32_t text_end) : p_(p), text_end_(text_end) {}
 
   static __device__ __forceinline__ KeyBoxesT<int32_t> all_tiles(const Grid& g) {
     KeyBoxesT<int32_t> b{};
@@ -307,7 +312,7 @@ class KeyBlockCursor {
     if (text_row_ < text_end_) {
       b.text = true;
       b.row0 = text_row_;
-      text_row_ += kBlockN;
+      text_row_ += kRows;
       return true;
     }
     return false;
@@ -367,5 +372,6 @@ class KeyBlockCursor {
   bool video_done_ = false;
   int32_t text_row_ = 0, text_end_ = 0;
 };
+using KeyBlockCursor = KeyBlockCursorT<>;
 
 }  // namespace tilewise::hopper

@@ -29,6 +29,8 @@ cudaError_t launch(const BwdParams& params, BwdKernel kernel, int grid, cudaStre
 
 }  // namespace
 
+int dkdv_stream_rows() { return TILEWISE_HOPPER_BWD_STREAM_ROWS; }
+
 int backward_smem_bytes(int head_dim) {
   return with_head_dim(head_dim, 0,
                        [](auto d) { return BwdTraits<decltype(d)::value, BwdKernel::dkdvq>::kSmemBytes; });
@@ -36,11 +38,12 @@ int backward_smem_bytes(int head_dim) {
 
 cudaError_t launch_backward_preprocess(const BwdParams& params, const PreprocessParams& pre, int head_dim, bool bf16,
                                        cudaStream_t stream) {
+  constexpr int kRows = TILEWISE_HOPPER_BWD_STREAM_ROWS;
   const dim3 grid(static_cast<unsigned>(params.stats_entries), static_cast<unsigned>(pre.batch * params.q_heads));
   if (bf16)
-    bwd_preprocess<__nv_bfloat16><<<grid, kBlockN, 0, stream>>>(params, pre, head_dim);
+    bwd_preprocess<__nv_bfloat16, kRows><<<grid, kRows, 0, stream>>>(params, pre, head_dim);
   else
-    bwd_preprocess<__half><<<grid, kBlockN, 0, stream>>>(params, pre, head_dim);
+    bwd_preprocess<__half, kRows><<<grid, kRows, 0, stream>>>(params, pre, head_dim);
   return cudaGetLastError();
 }
 

@@ -11,7 +11,12 @@ namespace tilewise::hopper {
 int backward_smem_bytes(int head_dim);
 /// Rows of an owned block (query block of the dQ kernel, key block of the dK/dV kernel).
 constexpr int kBackwardOwnedRows = 128;
-/// The row-statistics preprocess over `entries` streamed blocks of every (batch, query head).
+/// Rows of the dK/dV kernel's streamed query blocks as this build's kernels have them (TILEWISE_HOPPER_BWD_STREAM_ROWS,
+/// a macro of backward.cu alone, so that a kernel variant built with another value plans for it too): the host sizes
+/// the boxes, the statistics and the maps of that kernel's streamed side by it.
+int dkdv_stream_rows();
+/// The row-statistics preprocess over the dK/dV kernel's streamed blocks (`params` holds their boxes and
+/// entries) of every (batch, query head).
 cudaError_t launch_backward_preprocess(const BwdParams& params, const PreprocessParams& pre, int head_dim, bool bf16,
                                        cudaStream_t stream);
 /// One of the backward kernels (BwdKernel), persistent on `grid` CTAs.

@@ -5,7 +5,8 @@
 // online softmax):   S = Q K_j^T,  dP = dO V_j^T  (SS, N = 128)
 //                    P = exp2(S scale log2e - lse2),  dS = P (dP - D)
 //                    dQ += dS K_j  (RS, K MN-major)
-// dK/dV (per owned key block, per streamed query block j, in two halves of 64 queries: the 240 registers hold
+// dK/dV (per owned key block, per streamed query block j, in halves of 64 queries (two per 128-row block, one per
+// 64-row block, KernelTraits::kStreamRows): the 240 registers hold
 // the dK and dV accumulators beside half-width S and dP):
 //                    S^T = K Q_j^T,  dP^T = V dO_j^T  (SS, N = 64)
 //                    P^T = exp2(S^T scale log2e - lse2[col]),  dS^T = P^T (dP^T - D[col])
@@ -65,6 +66,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
   static constexpr bool kSplit = TILEWISE_HOPPER_BWD_SPLIT != 0;
   static constexpr int kAblate = TILEWISE_HOPPER_BWD_ABLATE;
   static constexpr bool kDqV4 = TILEWISE_HOPPER_BWD_DQ_V4 != 0 && D % 16 == 0;
+  static constexpr int kHalves = Traits::kStreamRows / 64;  // dK/dV: 64-query halves per streamed block
 
   /// d[64 x N] = A[64 rows of an owned buffer, K-major] * B[N rows of a stage from row `b_row`, K-major]^T.
   template <int N>
@@ -288,13 +290,13 @@ struct BwdConsumer : Consumer<Traits, kType> {
         release_stages(bi, ks, vs);
         continue;
       }
-      const float* stats = this->s.stats(ks.stage());  // lse2[kBlockN], D[kBlockN], position[kBlockN]
+      const float* stats = this->s.stats(ks.stage());  // lse2[kStreamRows], D[kStreamRows], position[kStreamRows]
       const bool frames = bi.flags & BlockInfo::kFrames;
       const int32_t head = item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift);
       const HeadParams& hp = p.heads[head];
       const D3 qbox = p.cls[bi.tile_class()].box;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
+      for (int half = 0; half < kHalves; ++half) {
         const uint32_t row_off = 64 * half * kRowDesc;
         float sc[32], dp[32];
         take_turn<!kFuseDq>([&] {
@@ -334,7 +336,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
         auto score_gradients = [&] {
 #pragma unroll
           for (int k = 0; k < 8; ++k) {
-            const float2 d = ld_shared_f2(cols + kBlockN + 8 * k);
+            const float2 d = ld_shared_f2(cols + Traits::kStreamRows + 8 * k);
 #pragma unroll
             for (int e = 0; e < 4; ++e) dp[4 * k + e] = sc[4 * k + e] * (dp[4 * k + e] - (e % 2 ? d.y : d.x));
           }
@@ -383,7 +385,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
         // The positions of this warpgroup's dQ rows, read before the stage (and its statistics) is released.
         int32_t pos[2];
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) pos[rr] = __float_as_int(stats[2 * kBlockN + row(rr)]);
+        for (int rr = 0; rr < 2; ++rr) pos[rr] = __float_as_int(stats[2 * Traits::kStreamRows + row(rr)]);
         // Both warpgroups' dS^T panels are written (each fenced for the async proxy) before either reads them.
         fence_proxy_async();
         named_barrier_sync(kDsBarrier, 256);
@@ -407,7 +409,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       const BlockInfo bi = acquire(ks, vs);
       last = bi.flags & BlockInfo::kLast;
       if constexpr (kPingPong) {
-        const int turns = kKernel == BwdKernel::dq ? 2 : (bi.flags & BlockInfo::kEmpty) ? 0 : (kSplit ? 6 : 4);
+        const int turns = kKernel == BwdKernel::dq ? 2 : (bi.flags & BlockInfo::kEmpty) ? 0 : kHalves * (kSplit ? 3 : 2);
         for (int t = 0; t < turns; ++t) take_turn([] {});
       }
       release_stages(bi, ks, vs);

@@ -13,7 +13,8 @@
 namespace tilewise::hopper {
 
 template <int kHeadDim, BwdKernel kKernel>
-using BwdTraits = KernelTraits<kHeadDim, 128, kKernel == BwdKernel::dkdvq>;
+using BwdTraits = KernelTraits<kHeadDim, 128, kKernel == BwdKernel::dkdvq, false,
+                               kKernel == BwdKernel::dkdv ? TILEWISE_HOPPER_BWD_STREAM_ROWS : kBlockN>;
 
 template <int kHeadDim, WgType kType, BwdKernel kKernel>
 __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)

@@ -43,6 +43,14 @@
 #ifndef TILEWISE_HOPPER_BWD_DQ_V4
 #define TILEWISE_HOPPER_BWD_DQ_V4 1
 #endif
+// Rows of the dK/dV kernel's streamed query blocks (and its K and V ring stages): 128 (the forward's key blocks,
+// two 64-query halves per stage), or 64 (boxes of at most 64 rows per tile class, one half per stage; the host asks
+// backward.cu for the value, hopper::dkdv_stream_rows). 64 is the first step towards a fused kernel whose shared
+// memory holds two dO stages, a double-buffered dS and a dQ staging buffer at D 128 (docs/performance.md, the plan
+// after v3.4). Not yet run on a GPU: 128 until it has passed the backward tests and the fuzz there.
+#ifndef TILEWISE_HOPPER_BWD_STREAM_ROWS
+#define TILEWISE_HOPPER_BWD_STREAM_ROWS 128
+#endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the
 // dQ atomics, bit 32 the dQ product, bit 64 the barrier after it. Timing what is left shows what bounds a loop.

@@ -13,9 +13,9 @@
 
 namespace tilewise::hopper {
 
-/// Words of one streamed block's statistics: the rows' LSE in base 2, D, and sequence position (-1: no token).
-constexpr int kStatsWords = 3 * kBlockN;
-constexpr int kStatsRows = 3;  // rows of kBlockN floats per entry in BwdParams::stats_map
+/// One streamed block's statistics are kStatsRows rows of as many floats as the block has rows (kBlockN, or the
+/// dK/dV kernel's KernelTraits::kStreamRows): the rows' LSE in base 2, D, and sequence position (-1: no token).
+constexpr int kStatsRows = 3;  // rows per entry in BwdParams::stats_map
 
 struct PreprocessParams {
   const void* o = nullptr;
@@ -24,13 +24,15 @@ struct PreprocessParams {
   const float* lse = nullptr;   // [B, Hq, S], natural log
   const float* dlse = nullptr;  // [B, Hq, S] or null
   float* delta = nullptr;       // [B, Hq, S]
-  float* stats = nullptr;       // [B, Hq, stats_entries, 3 x kBlockN]
+  float* stats = nullptr;       // [B, Hq, stats_entries, 3 x the streamed rows]
   int32_t batch = 1;            // every batch element (one launch)
 };
 
-/// The statistics entry (within a (batch, head)) of a streamed block: video entries per (tile, slot), then text.
+/// The statistics entry (within a (batch, head)) of a streamed block of kRows rows: video entries per (tile, slot),
+/// then text.
+template <int kRows>
 __device__ __forceinline__ int32_t stats_entry(const BwdParams& p, const Block& b) {
-  return block_entry(p, b, p.stream_slots);
+  return block_entry<kRows>(p, b, p.stream_slots);
 }
 
 template <class T>
@@ -46,12 +48,13 @@ __device__ __forceinline__ float dot_rows(const T* a, const T* b, int D) {
   return sum;
 }
 
-/// One CTA of kBlockN threads per (stats entry, batch x head): thread r is row r of the entry's block.
-template <class T>
-__global__ void __launch_bounds__(kBlockN) bwd_preprocess(const __grid_constant__ BwdParams p, PreprocessParams pre,
-                                                          int head_dim) {
+/// One CTA of kRows threads per (stats entry, batch x head): thread r is row r of the entry's block (kRows: the dK/dV
+/// kernel's streamed rows; p.cls holds its boxes).
+template <class T, int kRows>
+__global__ void __launch_bounds__(kRows) bwd_preprocess(const __grid_constant__ BwdParams p, PreprocessParams pre,
+                                                        int head_dim) {
   const int32_t entry = blockIdx.x, bh = blockIdx.y, r = threadIdx.x;
-  const int64_t at = block_row_position(p, entry, p.stream_slots, r);
+  const int64_t at = block_row_position<kRows>(p, entry, p.stream_slots, r);
   const bool real = at >= 0;
   const int64_t pos = real ? at : 0;
   const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
@@ -64,10 +67,10 @@ __global__ void __launch_bounds__(kBlockN) bwd_preprocess(const __grid_constant_
     lse2 = pre.lse[stat] * p.scale_log2_lse;
     pre.delta[stat] = d;
   }
-  float* out = pre.stats + (int64_t{bh} * p.stats_entries + entry) * kStatsWords;
+  float* out = pre.stats + (int64_t{bh} * p.stats_entries + entry) * (kStatsRows * kRows);
   out[r] = lse2;
-  out[kBlockN + r] = d;
-  out[2 * kBlockN + r] = __int_as_float(real ? static_cast<int32_t>(pos) : -1);
+  out[kRows + r] = d;
+  out[2 * kRows + r] = __int_as_float(real ? static_cast<int32_t>(pos) : -1);
 }
 
 }  // namespace tilewise::hopper

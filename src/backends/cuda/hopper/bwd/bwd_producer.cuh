@@ -74,7 +74,7 @@ struct BwdProducer {
     }
     for (int32_t gi = 0; gi <= last_head; ++gi) {
       const int32_t h = item.head * p.kv_group + gi;
-      KeyBlockCursor cursor(p, static_cast<int32_t>(p.map.seq.text_capacity));
+      KeyBlockCursorT<Traits::kStreamRows> cursor(p, static_cast<int32_t>(p.map.seq.text_capacity));
       if (item.q.text || p.kind == PatternKind::dense) {
         cursor.start_boxes(KeyBlockCursor::all_tiles(g));
       } else if (p.kind == PatternKind::block_list) {
@@ -128,7 +128,7 @@ struct BwdProducer {
           // The statistics first, announced without an arrival, so the phase cannot complete before the Q load's
           // arrive_expect_tx has counted its bytes too.
           const int64_t entry = (int64_t{p.batch_base + item.batch} * p.q_heads + h) * p.stats_entries +
-                                stats_entry(p, qb);
+                                stats_entry<Traits::kStreamRows>(p, qb);
           s.k_full[stage].expect_tx(Traits::kStatsBytes);
           tma_load(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, static_cast<int32_t>(entry * kStatsRows), 0,
                    0, 0);
