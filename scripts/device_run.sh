@@ -4,7 +4,8 @@
 # Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [sanitize_fp8] [fuzz] [bench]
 #        [bench_bwd] [sass] [bwd_variants] [variant_tests] [bwd_profile]
 #   bwd_variants: BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ..." (scripts/kernel_variants.py); a name starting with
-#   fused times the fused arrangement, names no_* or *_no_* are ablations (times only); variant_tests: VARIANT=name
+#   fused times the fused arrangement (TILEWISE_BACKWARD_FUSED_DQ=1), reduce the reduce kernel (=2; "reduce=" with
+#   no flags builds the default source), names no_* or *_no_* are ablations (times only); variant_tests: VARIANT=name
 #   sanitize: forward and backward cases; sanitize_bwd: the backward cases alone (a device call of their own)
 set -uo pipefail
 OUT=${OUT:-/tmp/tilewise-out}
@@ -95,8 +96,9 @@ for step in $steps; do
         name=${v%%=*}
         lib=$PWD/$BUILD; [ "$name" = base ] || lib=/tmp/bwd-variants/$name
         [ -f "$lib/libtilewise.so" ] || continue
-        # fused*: the fused five-GEMM arrangement (chosen at plan time from the environment)
-        case $name in fused*) arrangement=1 ;; *) arrangement=0 ;; esac
+        # fused*: the fused five-GEMM arrangement with atomics, reduce*: the one with 64-row streamed blocks and TMA
+        # reductions (chosen at plan time from the environment)
+        case $name in fused*) arrangement=1 ;; reduce*) arrangement=2 ;; *) arrangement=0 ;; esac
         line=$(TILEWISE_BACKWARD_FUSED_DQ=$arrangement LD_LIBRARY_PATH=$lib timeout 60 $BUILD/bwdcheck bench1 2>&1 | tail -1)
         echo "$name: $line" | tee -a "$OUT/variants.log"
         case $name in no_*|*_no_*) continue ;; esac  # ablations: results are wrong, times only

@@ -210,7 +210,11 @@ class HopperBackend final : public Backend {
     dkdv_classes_ = TileClasses(g, hopper::kBackwardOwnedRows, hopper::dkdv_stream_rows());
     stream_entries_ = static_cast<int32_t>(dkdv_classes_.key_entries(g, p.text_capacity));
     const char* fused = std::getenv("TILEWISE_BACKWARD_FUSED_DQ");
-    fused_dq_ = fused != nullptr && std::string(fused) == "1";
+    fused_mode_ = fused == nullptr ? 0 : std::string(fused) == "1" ? 1 : std::string(fused) == "2" ? 2 : 0;
+    if (fused_mode_ == 2) {  // the reduce kernel streams 64-row blocks whatever the dK/dV kernel's build has
+      reduce_classes_ = TileClasses(g, hopper::kBackwardOwnedRows, 64);
+      reduce_entries_ = static_cast<int32_t>(reduce_classes_.key_entries(g, p.text_capacity));
+    }
 
     if (p.precision != Precision::native) {  // the FP8 forward (its own query blocks, the V^T blocks, scratch)
       fp8_rows_ = hopper::fp8_query_block_rows(static_cast<int>(p.head_dim));
@@ -312,8 +316,9 @@ class HopperBackend final : public Backend {
     BackwardScratch b{};
     b.counters = w.take<int32_t>(2);
     b.delta = w.take<float>(p.batch * p.q_heads * p.seq_len);
-    b.stats = w.take<float>(p.batch * p.q_heads * int64_t{stream_entries_} * hopper::kStatsRows * dkdv_classes_.key_rows);
-    b.dq_accum = fused_dq_ ? w.take<float>(p.batch * p.q_heads * p.seq_len * p.head_dim) : nullptr;
+    const int64_t entry_words = std::max(int64_t{stream_entries_} * dkdv_classes_.key_rows, int64_t{reduce_entries_} * 64);
+    b.stats = w.take<float>(p.batch * p.q_heads * entry_words * hopper::kStatsRows);
+    b.dq_accum = fused_mode_ ? w.take<float>(p.batch * p.q_heads * p.seq_len * p.head_dim) : nullptr;
     b.bytes = w.used();
     return b;
   }
@@ -322,10 +327,15 @@ class HopperBackend final : public Backend {
   /// block pair; each gradient row is summed by one warpgroup in a fixed order, so bitwise reproducible). With
   /// TILEWISE_BACKWARD_FUSED_DQ=1 in the environment at plan time, and not `deterministic`: one fused kernel
   /// instead (dQ = dS K added into an fp32 accumulator with atomics: five GEMMs per pair), measured slower so far
-  /// (docs/performance.md, backward v1).
+  /// (docs/performance.md, backward v1); with =2 the fused kernel on 64-row streamed blocks whose dQ goes into a
+  /// [B, S, Hq, D] accumulator by TMA reductions (not yet run on a GPU).
   void run_backward(const Plan& plan, const GradTensors& t, void* stream_ptr, void* workspace,
                     bool deterministic) const override {
-    deterministic = deterministic || !fused_dq_;
+    deterministic = deterministic || fused_mode_ == 0;
+    const bool reduce = !deterministic && fused_mode_ == 2;
+    // The dK/dV kernel's streamed blocks: its build's rows, or the reduce kernel's 64.
+    const TileClasses& streamed_classes = reduce ? reduce_classes_ : dkdv_classes_;
+    const int32_t streamed_entries = reduce ? reduce_entries_ : stream_entries_;
     const Problem& p = plan.problem();
     require_device_tensors(t, 16);
     const auto stream = static_cast<cudaStream_t>(stream_ptr);
@@ -341,9 +351,9 @@ class HopperBackend final : public Backend {
     prm.video_items = static_cast<int32_t>(g.num_tiles() * bwd_classes_.slots);
     prm.text_items = static_cast<int32_t>(ceil_div<int64_t>(p.text_capacity, hopper::kBackwardOwnedRows));
     prm.delta = ws.delta;
-    encode_stats(p, ws.stats, prm.stats_map);
-    prm.stream_slots = dkdv_classes_.key_slots;
-    prm.stats_entries = stream_entries_;
+    encode_stats(p, ws.stats, streamed_entries, streamed_classes.key_rows, prm.stats_map);
+    prm.stream_slots = streamed_classes.key_slots;
+    prm.stats_entries = streamed_entries;
     prm.dq_accum = ws.dq_accum;
     const size_t accum_bytes = sizeof(float) * p.batch * p.q_heads * p.seq_len * p.head_dim;
     if (!deterministic) check(cudaMemsetAsync(ws.dq_accum, 0, accum_bytes, stream), "cudaMemsetAsync");
@@ -351,11 +361,13 @@ class HopperBackend final : public Backend {
     // The dK/dV kernel's parameters start from these with its own boxes (its streamed blocks, which the preprocess
     // numbers its statistics by).
     hopper::BwdParams streamed = prm;
-    fill_common(plan, dkdv_classes_, t.text_len, streamed);
+    fill_common(plan, streamed_classes, t.text_len, streamed);
     hopper::PreprocessParams pre{t.o, t.dout, p.o, t.lse, t.dlse, ws.delta, ws.stats, static_cast<int32_t>(p.batch)};
     const bool bf16 = p.dtype == DType::bf16;
     const int D = static_cast<int>(p.head_dim);
-    check(hopper::launch_backward_preprocess(streamed, pre, D, bf16, stream), "backward preprocess launch");
+    check(hopper::launch_backward_preprocess(streamed, pre, D, bf16, static_cast<int>(streamed_classes.key_rows),
+                                             stream),
+          "backward preprocess launch");
 
     const ElementFormat format = native_format(p);
     const int rows = hopper::kBackwardOwnedRows;
@@ -375,10 +387,15 @@ class HopperBackend final : public Backend {
       // dK, dV: owned K and V (per kv head), streamed Q and dO of each query head of the group.
       hopper::BwdParams dkv = streamed;
       dkv.batch_base = prm.batch_base;
-      encode(plan, dkdv_classes_, rows, t.k, p.k, p.kv_heads, b, dkv.q_video, dkv.q_text, dkv.q, format, true);
-      encode(plan, dkdv_classes_, rows, t.v, p.v, p.kv_heads, b, dkv.o_video, dkv.o_text, dkv.o, format, true);
-      encode(plan, dkdv_classes_, rows, t.q, p.q, p.q_heads, b, dkv.k_video, dkv.k_text, dkv.k, format, false);
-      encode(plan, dkdv_classes_, rows, t.dout, p.o, p.q_heads, b, dkv.v_video, dkv.v_text, dkv.v, format, false);
+      encode(plan, streamed_classes, rows, t.k, p.k, p.kv_heads, b, dkv.q_video, dkv.q_text, dkv.q, format, true);
+      encode(plan, streamed_classes, rows, t.v, p.v, p.kv_heads, b, dkv.o_video, dkv.o_text, dkv.o, format, true);
+      encode(plan, streamed_classes, rows, t.q, p.q, p.q_heads, b, dkv.k_video, dkv.k_text, dkv.k, format, false);
+      encode(plan, streamed_classes, rows, t.dout, p.o, p.q_heads, b, dkv.v_video, dkv.v_text, dkv.v, format, false);
+      if (reduce) {  // the accumulator, [B, S, Hq, D] fp32, through the streamed blocks' boxes (32-column panels)
+        const Strides acc{p.seq_len * p.q_heads * p.head_dim, p.q_heads * p.head_dim, p.head_dim, 1};
+        encode(plan, streamed_classes, rows, ws.dq_accum, acc, p.q_heads, b, dkv.dq_video, dkv.dq_text, dkv.dq_view,
+               ElementFormat{CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, 32}, false);
+      }
       dkv.grad0 = t.dk;
       dkv.grad0_strides = p.k;
       dkv.grad0_scale = static_cast<float>(p.scale);
@@ -392,13 +409,15 @@ class HopperBackend final : public Backend {
       if (deterministic)
         check(hopper::launch_backward(dq, D, bf16, hopper::BwdKernel::dq, std::min(dq.num_work, max_ctas_), stream),
               "dQ kernel launch");
-      check(hopper::launch_backward(dkv, D, bf16, deterministic ? hopper::BwdKernel::dkdv : hopper::BwdKernel::dkdvq,
-                                    std::min(dkv.num_work, max_ctas_), stream),
+      const hopper::BwdKernel kernel = deterministic ? hopper::BwdKernel::dkdv
+                                       : reduce      ? hopper::BwdKernel::dkdvq_reduce
+                                                     : hopper::BwdKernel::dkdvq;
+      check(hopper::launch_backward(dkv, D, bf16, kernel, std::min(dkv.num_work, max_ctas_), stream),
             "dK/dV kernel launch");
     }
     if (!deterministic)
       check(hopper::launch_dq_from_accumulator(ws.dq_accum, t.dq, p.q, p.batch, p.q_heads, p.seq_len, D,
-                                               static_cast<float>(p.scale), bf16, stream),
+                                               static_cast<float>(p.scale), bf16, reduce, stream),
             "dq conversion launch");
   }
 
@@ -575,10 +594,10 @@ class HopperBackend final : public Backend {
 
   /// The statistics buffer as rows of as many floats as the dK/dV kernel's streamed blocks have rows
   /// (BwdParams::stats_map): one box is one block's 3 rows.
-  void encode_stats(const Problem& p, const float* stats, CUtensorMap& map) const {
-    const int64_t rows = p.batch * p.q_heads * int64_t{stream_entries_} * hopper::kStatsRows;
+  void encode_stats(const Problem& p, const float* stats, int32_t entries, int64_t block_rows, CUtensorMap& map) const {
+    const int64_t rows = p.batch * p.q_heads * int64_t{entries} * hopper::kStatsRows;
     require(rows < (int64_t{1} << 31), "problem size", rows, "fewer than 2^31 rows of backward statistics");
-    const cuuint64_t cols = static_cast<cuuint64_t>(dkdv_classes_.key_rows);
+    const cuuint64_t cols = static_cast<cuuint64_t>(block_rows);
     const cuuint64_t row_bytes = cols * sizeof(float), all = row_bytes * static_cast<cuuint64_t>(rows);
     const cuuint64_t dims[5] = {cols, static_cast<cuuint64_t>(rows), 1, 1, 1};
     const cuuint64_t strides[4] = {row_bytes, all, all, all};
@@ -604,9 +623,11 @@ class HopperBackend final : public Backend {
   TileClasses bwd_classes_;      // the backward's: 128-row owned (qbox) and streamed (box) blocks (the dQ kernel)
   TileClasses dkdv_classes_;     // the dK/dV kernel's: 128-row owned key blocks, streamed query blocks of its rows
   int32_t stream_entries_ = 0;   // the dK/dV kernel's streamed blocks per (batch, head) (block_entry over its boxes)
+  TileClasses reduce_classes_;   // TILEWISE_BACKWARD_FUSED_DQ=2: the reduce kernel's (64-row streamed blocks)
+  int32_t reduce_entries_ = 0;
   int32_t key_slots_ = 1;     // key blocks per tile: the most key boxes of any tile class
   int32_t key_entries_ = 0;   // key blocks per (batch, head): tiles * key_slots_ + text blocks (block_entry)
-  bool fused_dq_ = false;        // the fused dK/dV/dQ kernel when not deterministic (experimental, see run_backward)
+  int fused_mode_ = 0;  // TILEWISE_BACKWARD_FUSED_DQ: 1 atomic, 2 reduce kernel when not deterministic (run_backward)
   DeviceArray<int32_t> dkdv_order_;  // the dK/dV kernel's video items, heaviest first (heaviest_first)
   bool per_batch_ = false;
   int max_ctas_ = 1;  // CTAs of a persistent launch: the device's SMs less Problem::sm_margin, at least 1

@@ -150,8 +150,11 @@ struct KernelTraits {
   static_assert(!(kFp8 && kBackward), "FP8 is forward only");
   static constexpr int kInBytes = kFp8 ? 1 : 2;  // bytes per element of the loaded Q and K (and V)
   static constexpr int kStreamRows = kStreamRowsArg;
-  static_assert(kStreamRows == kBlockN || (kStreamRows == 64 && kBackward && !kDsBuffer),
-                "streamed blocks of 128 rows, or 64 in the two-kernel backward's dK/dV kernel");
+  static_assert(kStreamRows == kBlockN || (kStreamRows == 64 && kBackward),
+                "streamed blocks of 128 rows, or 64 in the backward's dK/dV kernels");
+  // The fused backward with 64-row streamed blocks (BwdKernel::dkdvq_reduce): a ring of two dS^T buffers and an
+  // fp32 staging buffer from which a producer thread adds each block's dQ into global memory by TMA.
+  static constexpr bool kDqStaging = kDsBuffer && kStreamRows == 64;
   // Query rows per work item (the backward's dK/dV kernel: key rows).
   static constexpr int kBlockM =
       kBackward ? kOwnedRows
@@ -183,10 +186,12 @@ struct KernelTraits {
   // The fused backward fits its dS buffer beside the rings: at D 128 one dO stage (released before the dQ product,
   // so its next load overlaps that), at D 96 two of each. Without it, the forward's depths.
   static constexpr int kKStages = kFp8 ? TILEWISE_HOPPER_FP8_STAGES
+                                 : kDqStaging ? (D == 128 ? 2 : 4)
                                  : kStreamRows != kBlockN ? TILEWISE_HOPPER_BWD_STREAM_STAGES
                                  : kDsBuffer ? (D == 64 ? 3 : 2)
                                              : (D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : kStagesSmallD);
   static constexpr int kVStages = kFp8 ? TILEWISE_HOPPER_FP8_STAGES
+                                 : kDqStaging ? (D == 128 ? 2 : 4)
                                  : kStreamRows != kBlockN ? TILEWISE_HOPPER_BWD_STREAM_STAGES
                                  : kDsBuffer ? (D == 64 ? 3 : (D == 96 ? 2 : 1))
                                  : kBackward && TILEWISE_HOPPER_BWD_V_STAGES > 0
@@ -240,10 +245,18 @@ struct KernelTraits {
     __device__ __forceinline__ float* stats(int stage) const {
       return reinterpret_cast<float*>(q + kBufferBytes) + stage * (kStatsBytes / 4);
     }
-    // Backward only: dS^T of a block pair (owned keys x streamed queries), as two 64-query panels.
+    // Backward only: dS^T of a block pair (owned keys x streamed queries), as two 64-query panels (with 64-row
+    // streamed blocks: a ring of two blocks' dS^T).
     __device__ __forceinline__ uint8_t* ds() const {
       return q + kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages;
     }
+    // kDqStaging only: one streamed block's dQ in fp32 (64 rows x D, 32-column panels of 128-byte rows, swizzled as
+    // the TMA reduction reads it), and the barriers around the dS^T ring and the staging buffer.
+    __device__ __forceinline__ uint8_t* dq_stage() const { return ds() + kDsBytes; }
+    Barrier* ds_full;   // [2]: both warpgroups have written their half of the buffer's dS^T
+    Barrier* ds_empty;  // [2]: the buffer's dQ product has read it
+    Barrier* dq_full;   // the staging buffer holds a block's dQ
+    Barrier* dq_empty;  // the reduction has read it
   };
 
   // The backward's dK/dV kernel streams, beside each query block, its rows' log2-domain LSE, D = rowsum(dO o) -
@@ -251,9 +264,11 @@ struct KernelTraits {
   static constexpr int kStatsBytes = kBackward ? 3 * kStreamRows * 4 : 0;
   static constexpr int kDsPanelBytes = kBlockM * 128;  // 64 queries (128 bytes) per owned row
   static constexpr int kDsBytes = kDsBuffer ? 2 * kDsPanelBytes : 0;
-  static constexpr int kBufferBytes =
-      kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages + kDsBytes;  // Q, O, K, V, dS
-  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6;
+  static constexpr int kDqPanelBytes = 64 * 128;  // fp32 staging: 64 rows x 32 columns
+  static constexpr int kDqStageBytes = kDqStaging ? (D / 32) * kDqPanelBytes : 0;
+  static constexpr int kBufferBytes = kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages +
+                                      kDsBytes + kDqStageBytes;  // Q, O, K, V, dS, dQ staging
+  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 6 : 0);
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kBufferBytes + kKStages * kStatsBytes +
                                     kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KB an sm_90 CTA can have");
@@ -275,6 +290,10 @@ struct KernelTraits {
     s.work_empty = s.work_full + 2;
     s.k_sync = s.work_empty + 2;
     s.v_sync = s.k_sync + 1;
+    s.ds_full = s.v_sync + 1;
+    s.ds_empty = s.ds_full + 2;
+    s.dq_full = s.ds_empty + 2;
+    s.dq_empty = s.dq_full + 1;
     s.work = reinterpret_cast<int32_t*>(bars + kBarriers);
     s.info = reinterpret_cast<BlockInfo*>(bars + kBarriers + 2);  // 16-byte aligned: one 128-bit load each
     return s;

@@ -4,6 +4,8 @@
 #include "backends/cuda/hopper/bwd/bwd_kernels.cuh"
 #include "backends/cuda/hopper/head_dims.hpp"
 
+#include <type_traits>
+
 namespace tilewise::hopper {
 namespace {
 
@@ -23,6 +25,7 @@ cudaError_t launch(const BwdParams& params, BwdKernel kernel, int grid, cudaStre
     case BwdKernel::dq: return launch<D, T, BwdKernel::dq>(params, grid, stream);
     case BwdKernel::dkdv: return launch<D, T, BwdKernel::dkdv>(params, grid, stream);
     case BwdKernel::dkdvq: return launch<D, T, BwdKernel::dkdvq>(params, grid, stream);
+    case BwdKernel::dkdvq_reduce: return launch<D, T, BwdKernel::dkdvq_reduce>(params, grid, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -37,13 +40,21 @@ int backward_smem_bytes(int head_dim) {
 }
 
 cudaError_t launch_backward_preprocess(const BwdParams& params, const PreprocessParams& pre, int head_dim, bool bf16,
-                                       cudaStream_t stream) {
-  constexpr int kRows = TILEWISE_HOPPER_BWD_STREAM_ROWS;
+                                       int stream_rows, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(params.stats_entries), static_cast<unsigned>(pre.batch * params.q_heads));
-  if (bf16)
-    bwd_preprocess<__nv_bfloat16, kRows><<<grid, kRows, 0, stream>>>(params, pre, head_dim);
+  auto run = [&](auto rows) {
+    constexpr int kRows = decltype(rows)::value;
+    if (bf16)
+      bwd_preprocess<__nv_bfloat16, kRows><<<grid, kRows, 0, stream>>>(params, pre, head_dim);
+    else
+      bwd_preprocess<__half, kRows><<<grid, kRows, 0, stream>>>(params, pre, head_dim);
+  };
+  if (stream_rows == 64)
+    run(std::integral_constant<int, 64>{});
+  else if (stream_rows == kBlockN)
+    run(std::integral_constant<int, kBlockN>{});
   else
-    bwd_preprocess<__half, kRows><<<grid, kRows, 0, stream>>>(params, pre, head_dim);
+    return cudaErrorInvalidValue;
   return cudaGetLastError();
 }
 
@@ -58,15 +69,17 @@ cudaError_t launch_backward(const BwdParams& params, int head_dim, bool bf16, Bw
 
 cudaError_t launch_dq_from_accumulator(const float* accum, void* dq, const Strides& q_strides, int64_t batch,
                                        int64_t heads, int64_t seq_len, int head_dim, float scale, bool bf16,
-                                       cudaStream_t stream) {
+                                       bool seq_major, cudaStream_t stream) {
   const int64_t total = batch * heads * seq_len * head_dim;
   const unsigned blocks = static_cast<unsigned>((total / 8 + 255) / 256);
   if (bf16)
     dq_from_accumulator<<<blocks, 256, 0, stream>>>(accum, static_cast<__nv_bfloat16*>(dq), q_strides,
-                                                    static_cast<int32_t>(heads), seq_len, head_dim, scale, total);
+                                                    static_cast<int32_t>(heads), seq_len, head_dim, scale, total,
+                                                    seq_major);
   else
     dq_from_accumulator<<<blocks, 256, 0, stream>>>(accum, static_cast<__half*>(dq), q_strides,
-                                                    static_cast<int32_t>(heads), seq_len, head_dim, scale, total);
+                                                    static_cast<int32_t>(heads), seq_len, head_dim, scale, total,
+                                                    seq_major);
   return cudaGetLastError();
 }
 

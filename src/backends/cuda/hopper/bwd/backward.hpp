@@ -15,16 +15,17 @@ constexpr int kBackwardOwnedRows = 128;
 /// a macro of backward.cu alone, so that a kernel variant built with another value plans for it too): the host sizes
 /// the boxes, the statistics and the maps of that kernel's streamed side by it.
 int dkdv_stream_rows();
-/// The row-statistics preprocess over the dK/dV kernel's streamed blocks (`params` holds their boxes and
-/// entries) of every (batch, query head).
+/// The row-statistics preprocess over the dK/dV kernel's streamed blocks of `stream_rows` rows (64 or 128;
+/// `params` holds their boxes and entries) of every (batch, query head).
 cudaError_t launch_backward_preprocess(const BwdParams& params, const PreprocessParams& pre, int head_dim, bool bf16,
-                                       cudaStream_t stream);
+                                       int stream_rows, cudaStream_t stream);
 /// One of the backward kernels (BwdKernel), persistent on `grid` CTAs.
 cudaError_t launch_backward(const BwdParams& params, int head_dim, bool bf16, BwdKernel kernel, int grid,
                             cudaStream_t stream);
-/// dq = scale * accumulator ([B, Hq, S, D] fp32), in the input dtype with q's strides.
+/// dq = scale * accumulator ([B, Hq, S, D] fp32, or [B, S, Hq, D] when seq_major), in the input dtype with q's
+/// strides.
 cudaError_t launch_dq_from_accumulator(const float* accum, void* dq, const Strides& q_strides, int64_t batch,
                                        int64_t heads, int64_t seq_len, int head_dim, float scale, bool bf16,
-                                       cudaStream_t stream);
+                                       bool seq_major, cudaStream_t stream);
 
 }  // namespace tilewise::hopper

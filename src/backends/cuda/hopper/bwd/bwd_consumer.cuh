@@ -211,17 +211,26 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
   }
 
-  /// Fused dQ: after both halves of a block pair, warpgroup w computes dQ of the block's queries [64 w, 64 w + 64)
-  /// over all 128 owned keys (A: its dS panel, MN-major; B: the owned K, MN-major) and adds it to the fp32
-  /// accumulator with one 8-byte atomic per column pair.
-  __device__ __forceinline__ void add_dq(const int32_t (&pos)[2], int32_t batch, int32_t head) const {
+  /// The fused kernels' dS^T store: the atomic kernel's half panel, or the reduce kernel's ring buffer blocks % 2
+  /// once that buffer's previous dQ product (two blocks ago) has read it.
+  __device__ __forceinline__ void store_block_ds(const float (&ds)[32], int half, uint32_t blocks) const {
+    if constexpr (Traits::kDqStaging) {
+      this->s.ds_empty[blocks & 1].wait(((blocks >> 1) & 1) ^ 1);
+      store_ds(ds, static_cast<int>(blocks & 1));
+    } else {
+      store_ds(ds, half);
+    }
+  }
+
+  /// dq = dS K for the 64 queries of dS panel `panel` (a 64-query half of a block pair, or a 64-row block of the
+  /// reduce kernel's ring) over all 128 owned keys (A: the panel, MN-major; B: the owned K, MN-major), waited for.
+  __device__ __forceinline__ void dq_product(float (&dq)[D / 2], int panel) const {
     constexpr uint32_t rb = Traits::kRowBytes;
     // The dS panel's rows are 128 bytes (64 queries) whatever D is, so its descriptor has its own high word.
-    const uint64_t a = make_desc(smem_addr(this->s.ds() + this->wg * Traits::kDsPanelBytes), Traits::kDsPanelBytes,
+    const uint64_t a = make_desc(smem_addr(this->s.ds() + panel * Traits::kDsPanelBytes), Traits::kDsPanelBytes,
                                  8 * 128, 128);
     const uint32_t a0 = static_cast<uint32_t>(a), a_hi = static_cast<uint32_t>(a >> 32);
     const uint32_t b0 = static_cast<uint32_t>(make_desc(smem_addr(this->s.q), Traits::kQPanelBytes, 8 * rb, rb));
-    float dq[D / 2];
     wgmma_fence();
     if (kAblate & 32) {  // measurement only: no dQ product
 #pragma unroll
@@ -235,6 +244,13 @@ struct BwdConsumer : Consumer<Traits, kType> {
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(dq);
+  }
+
+  /// Fused dQ: after both halves of a block pair, warpgroup w computes dQ of the block's queries [64 w, 64 w + 64)
+  /// (dq_product of its half's panel) and adds it to the fp32 accumulator with atomics.
+  __device__ __forceinline__ void add_dq(const int32_t (&pos)[2], int32_t batch, int32_t head) const {
+    float dq[D / 2];
+    dq_product(dq, this->wg);
     if (kAblate & 16) return;  // measurement only: no atomics
     const int64_t base = (int64_t{bp.batch_base + batch} * bp.q_heads + head) * bp.seq_len;
 #pragma unroll
@@ -263,10 +279,47 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
   }
 
-  template <bool kFuseDq>
-  __device__ __forceinline__ void dkdv_item(const WorkItem& item, typename Base::KPipe& ks,
-                                            typename Base::VPipe& vs) const {
+  /// dkdvq_reduce: the dQ of this CTA's streamed block number m (its dS^T in ring buffer m % 2, written by both
+  /// warpgroups) into the fp32 staging buffer, in the 128-byte swizzled 32-column panels the TMA reduction reads;
+  /// a producer thread adds it into the accumulator (BwdProducer::dq_reducer). The warpgroups take the blocks in
+  /// turns (m % 2), each a block after its dS^T was written, so neither waits for the other in the steady state.
+  __device__ __forceinline__ void dq_to_staging(uint32_t m) const {
+    const int b = static_cast<int>(m & 1);
+    this->s.ds_full[b].wait((m >> 1) & 1);
+    float dq[D / 2];
+    dq_product(dq, b);
+    this->s.ds_empty[b].arrive();
+    this->s.dq_empty->wait((m & 1) ^ 1);  // the reduction has read the previous block's dQ
+    uint8_t* stage = this->s.dq_stage();
+    const int warp = this->tid / 32;
+#pragma unroll
+    for (int i = 0; i < D / 2; i += 2) {
+      const uint32_t r = 16 * warp + lane() / 4 + 8 * ((i % 4) / 2), c = 8 * (i / 4) + 2 * (lane() % 4);
+      const uint32_t linear = r * 128 + (c % 32) * 4;
+      *reinterpret_cast<float2*>(stage + (c / 32) * Traits::kDqPanelBytes + (linear ^ ((linear & 0x380u) >> 3))) =
+          make_float2(dq[i], dq[i + 1]);
+    }
+    fence_proxy_async();
+    this->s.dq_full->arrive();
+  }
+
+  /// The dK/dV kernels' item: dkdv (dK and dV), dkdvq (and dQ by atomics after each block pair, the warpgroups in
+  /// lockstep) or dkdvq_reduce (and dQ through the staging buffer, a block later; `blocks` counts this CTA's
+  /// streamed blocks across items, which numbers the dS ring and the staging buffer's turns).
+  template <BwdKernel kKernel>
+  __device__ __forceinline__ void dkdv_item(const WorkItem& item, typename Base::KPipe& ks, typename Base::VPipe& vs,
+                                            uint32_t& blocks) const {
+    constexpr bool kFuseDq = kKernel != BwdKernel::dkdv;
+    constexpr bool kReduce = kKernel == BwdKernel::dkdvq_reduce;
+    static_assert(!kReduce || kHalves == 1, "the reduce kernel streams 64-row blocks");
     const BwdParams& p = bp;
+    // The reduce kernel frees the owned K only after the item's last dQ product (below), not with its last block.
+    auto release_block = [&](const BlockInfo& bi) {
+      BlockInfo kept = bi;
+      if constexpr (kReduce) kept.flags &= ~BlockInfo::kLast;
+      release_stages(kept, ks, vs);
+    };
+    int64_t pending = -1;  // kReduce: the block whose dQ is still to be computed
     // Owned key rows that see no query get no probability at all: rows that are not real tokens (so a fused dQ
     // never sums over them) and text keys past the valid length (zero gradients). Their frames, for the attention
     // tile's token-level mask.
@@ -287,7 +340,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       const BlockInfo bi = acquire(ks, vs);
       last = bi.flags & BlockInfo::kLast;
       if (bi.flags & BlockInfo::kEmpty) {
-        release_stages(bi, ks, vs);
+        release_block(bi);
         continue;
       }
       const float* stats = this->s.stats(ks.stage());  // lse2[kStreamRows], D[kStreamRows], position[kStreamRows]
@@ -355,7 +408,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
           wgmma_wait<1>();  // dP^T (the dV product may still run)
           fence_regs(dp);
           if (!(kAblate & 1)) score_gradients();
-          if constexpr (kFuseDq) store_ds(dp, half);
+          if constexpr (kFuseDq) store_block_ds(dp, half, blocks);
           pack_operand<4>(dp, da, kType == WgType::bf16);
           take_turn<!kFuseDq>([&] {
             wgmma_fence();
@@ -367,7 +420,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
           fence_regs(sc);
           fence_regs(dp);
           if (!(kAblate & 1)) probabilities_t(), score_gradients();
-          if constexpr (kFuseDq) store_ds(dp, half);
+          if constexpr (kFuseDq) store_block_ds(dp, half, blocks);
           pack_operand<4>(sc, pa, kType == WgType::bf16);
           pack_operand<4>(dp, da, kType == WgType::bf16);
           take_turn<!kFuseDq>([&] {
@@ -381,7 +434,15 @@ struct BwdConsumer : Consumer<Traits, kType> {
         fence_regs(dv);
         fence_regs(dk);
       }
-      if constexpr (kFuseDq) {
+      if constexpr (kReduce) {
+        // This block's dS^T is in ring buffer blocks % 2 (fenced for the async proxy); the previous block's dQ, if
+        // it is this warpgroup's turn, is computed now, when the other warpgroup has long written its half.
+        fence_proxy_async();
+        this->s.ds_full[blocks & 1].arrive();
+        release_block(bi);
+        if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
+        pending = blocks++;
+      } else if constexpr (kFuseDq) {
         // The positions of this warpgroup's dQ rows, read before the stage (and its statistics) is released.
         int32_t pos[2];
 #pragma unroll
@@ -396,6 +457,10 @@ struct BwdConsumer : Consumer<Traits, kType> {
       } else {
         release_stages(bi, ks, vs);
       }
+    }
+    if constexpr (kReduce) {  // the item's last dQ, then the owned K and V are free (release_s_operands' arrival)
+      if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
+      if (lane() == 0) this->s.q_empty->arrive();
     }
     store(item, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
     store(item, item.head, dv, 1.f, p.grad1, p.grad1_strides);
@@ -422,8 +487,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
     typename Base::KPipe ks;
     typename Base::VPipe vs;
     WorkRing<typename Traits::Shared, 1> ring{this->s, 0};
-    uint32_t items = 0;
-    if (kPingPong && kKernel != BwdKernel::dkdvq && this->wg == 1) this->scheduler_arrive();  // warpgroup 0 first
+    uint32_t items = 0, blocks = 0;  // blocks: dkdvq_reduce's streamed blocks (dkdv_item)
+    if (kPingPong && kKernel != BwdKernel::dkdvq && kKernel != BwdKernel::dkdvq_reduce && this->wg == 1)
+      this->scheduler_arrive();  // warpgroup 0 first
     for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < bp.num_work;) {
       constexpr bool kHeavyFirst = kKernel != BwdKernel::dq && TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0;
       const WorkItem item = decode_work<Traits::kBlockM, kHeavyFirst>(
@@ -433,14 +499,15 @@ struct BwdConsumer : Consumer<Traits, kType> {
       ++items;
       // A warpgroup none of whose rows are real (a small box) only releases the stages the producer counts on;
       // not in the fused kernel, whose dQ product needs both warpgroups (their unreal rows have zero dS).
-      if (kKernel != BwdKernel::dkdvq && 64 * this->wg >= query_rows<Traits::kBlockM>(bp, item.q)) {
+      if (kKernel != BwdKernel::dkdvq && kKernel != BwdKernel::dkdvq_reduce &&
+          64 * this->wg >= query_rows<Traits::kBlockM>(bp, item.q)) {
         idle_item<kKernel>(ks, vs);
         continue;
       }
       if constexpr (kKernel == BwdKernel::dq)
         dq_item(item, ks, vs);
       else
-        dkdv_item<kKernel == BwdKernel::dkdvq>(item, ks, vs);
+        dkdv_item<kKernel>(item, ks, vs, blocks);
     }
   }
 };

@@ -13,8 +13,10 @@
 namespace tilewise::hopper {
 
 template <int kHeadDim, BwdKernel kKernel>
-using BwdTraits = KernelTraits<kHeadDim, 128, kKernel == BwdKernel::dkdvq, false,
-                               kKernel == BwdKernel::dkdv ? TILEWISE_HOPPER_BWD_STREAM_ROWS : kBlockN>;
+using BwdTraits = KernelTraits<kHeadDim, 128, kKernel == BwdKernel::dkdvq || kKernel == BwdKernel::dkdvq_reduce, false,
+                               kKernel == BwdKernel::dkdv           ? TILEWISE_HOPPER_BWD_STREAM_ROWS
+                               : kKernel == BwdKernel::dkdvq_reduce ? 64
+                                                                    : kBlockN>;
 
 template <int kHeadDim, WgType kType, BwdKernel kKernel>
 __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
@@ -44,7 +46,16 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
     }
     for (int i = 0; i < 2; ++i) {
       s.work_full[i].init(1);
-      s.work_empty[i].init(128 * Traits::kConsumerWarpgroups + 1);  // the consumers and the V loader
+      // the consumers, the V loader (and the dQ reducer)
+      s.work_empty[i].init(128 * Traits::kConsumerWarpgroups + (Traits::kDqStaging ? 2 : 1));
+    }
+    if constexpr (Traits::kDqStaging) {
+      for (int i = 0; i < 2; ++i) {
+        s.ds_full[i].init(128 * Traits::kConsumerWarpgroups);  // both warpgroups' halves of a block's dS^T
+        s.ds_empty[i].init(128);                               // the one warpgroup whose turn the dQ product is
+      }
+      s.dq_full->init(128);
+      s.dq_empty->init(1);
     }
     fence_barrier_init();
   }
@@ -59,6 +70,8 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
     } else if (tid == 32) {
       if constexpr (kDq) producer.dq_values();
       else producer.dkdv_values();
+    } else if (tid == 64) {
+      if constexpr (Traits::kDqStaging) producer.dq_reducer();
     }
   } else {
     regs_increase<Traits::kConsumerRegs>();
@@ -66,14 +79,17 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
   }
 }
 
-/// dq = scale * accumulator, in the input dtype with q's strides (eight elements per thread).
+/// dq = scale * accumulator, in the input dtype with q's strides (eight elements per thread). The accumulator is
+/// [B, Hq, S, D] (the atomic fused kernel's) or, seq_major, [B, S, Hq, D] (the reduce kernel's, which its TMA maps
+/// address like q).
 template <class T>
 __global__ void dq_from_accumulator(const float* accum, T* dq, Strides sq, int32_t heads, int64_t seq_len, int head_dim,
-                                    float scale, int64_t total) {
-  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;  // [B, Hq, S, D] element
+                                    float scale, int64_t total, bool seq_major) {
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;  // an accumulator element
   if (i >= total) return;
   const int64_t d = i % head_dim, row = i / head_dim;
-  const int64_t pos = row % seq_len, h = (row / seq_len) % heads, b = row / (seq_len * heads);
+  const int64_t pos = seq_major ? (row / heads) % seq_len : row % seq_len;
+  const int64_t h = seq_major ? row % heads : (row / seq_len) % heads, b = row / (seq_len * heads);
   const float4 x = *reinterpret_cast<const float4*>(accum + i), y = *reinterpret_cast<const float4*>(accum + i + 4);
   uint4 out;
   const bool bf16 = std::is_same_v<T, __nv_bfloat16>;

@@ -2,9 +2,12 @@
 // key-block cursor, masks, pipelines), so their parameters extend the forward's, whose four tensor roles they
 // fill differently:
 //
-// Two arrangements: by default the dQ kernel (S, dP and dS are recomputed: seven GEMMs per block pair, no atomics)
-// and the dK/dV kernel; with TILEWISE_BACKWARD_FUSED_DQ=1 one fused kernel (the dK/dV kernel that also adds
-// dQ = dS K of each pair into an fp32 accumulator with atomics: five GEMMs per pair), measured slower so far.
+// Three arrangements: by default the dQ kernel (S, dP and dS are recomputed: seven GEMMs per block pair, no
+// atomics) and the dK/dV kernel; with TILEWISE_BACKWARD_FUSED_DQ=1 one fused kernel (the dK/dV kernel that also adds
+// dQ = dS K of each pair into an fp32 accumulator with atomics: five GEMMs per pair), measured slower so far; with
+// TILEWISE_BACKWARD_FUSED_DQ=2 the fused kernel on 64-row streamed blocks whose dQ a producer thread adds into the
+// accumulator by TMA reduction (dkdvq_reduce: no lockstep between the warpgroups, two dO stages; not yet run on
+// a GPU).
 //
 //   role (FwdParams maps)    | dQ kernel (per query block) | dK/dV kernel (per key block, all GQA query heads)
 //   q: owned, first operand  | Q                           | K
@@ -60,9 +63,9 @@
 
 namespace tilewise::hopper {
 
-/// The backward's kernels: dQ alone, dK/dV alone (these two are the default, deterministic arrangement), or dK/dV
-/// with dQ added by atomics (the fused kernel).
-enum class BwdKernel { dq, dkdv, dkdvq };
+/// The backward's kernels: dQ alone, dK/dV alone (these two are the default, deterministic arrangement), dK/dV
+/// with dQ added by atomics (the fused kernel), or on 64-row streamed blocks with dQ added by TMA reductions.
+enum class BwdKernel { dq, dkdv, dkdvq, dkdvq_reduce };
 
 struct BwdParams : FwdParams {
   // Gradients, written straight from registers with the element strides of the tensors they belong to.
@@ -87,6 +90,10 @@ struct BwdParams : FwdParams {
   int32_t kv_heads = 1;
   const int64_t* query_offsets = nullptr;  // block lists transposed (Plan::query_tile_offsets)
   const int32_t* query_list = nullptr;
+  // dkdvq_reduce (last, so that the other kernels' parameter offsets stay as they were): the accumulator as [B, S, Hq, D] fp32 seen through the streamed blocks' boxes (the Q maps'
+  // geometry with 32-column fp32 panels), for cp.reduce.async.bulk.tensor.
+  CUtensorMap dq_video[kTileClasses], dq_text;
+  TensorView dq_view;
 };
 
 }  // namespace tilewise::hopper

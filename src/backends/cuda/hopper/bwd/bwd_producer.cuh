@@ -139,6 +139,42 @@ struct BwdProducer {
     }
   }
 
+  /// dkdvq_reduce (thread 64): walks the same items and streamed blocks as the loaders and, once the consumers
+  /// have put a block's dQ into the staging buffer, adds it into the fp32 accumulator with TMA reductions (one per
+  /// 32-column panel, through the block's box: rows outside the latent or the text are clipped), then frees the
+  /// buffer once they have read it. The reduction leaves the consumers' path entirely.
+  __device__ void dq_reducer() const {
+    if constexpr (Traits::kDqStaging) {
+      uint32_t m = 0;  // streamed blocks so far (the consumers number them alike)
+      WorkRing<typename Traits::Shared, 1> ring{s, 0};
+      for (int32_t u; (u = ring.consume()) < p.num_work;) {
+        const WorkItem item = decode_work<Traits::kBlockM, TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0>(p, u, p.kv_heads);
+        if (item.empty) continue;
+        for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
+          if (empty) return;
+          s.dq_full->wait(m & 1);
+          const int c4 = p.dq_view.c4(item.batch, h);
+          const D3 o = qb.tma_origin(p);
+#pragma unroll
+          for (int panel = 0; panel < Traits::D / 32; ++panel) {
+            const int c0 = p.dq_view.c0(h, panel * 32);
+            const uint8_t* src = s.dq_stage() + panel * Traits::kDqPanelBytes;
+            if (qb.text)
+              tma_reduce_add(&p.dq_text, src, c0, qb.row0, 0, 0, c4);
+            else
+              tma_reduce_add(&p.dq_video[qb.cls], src, c0, static_cast<int>(o.w), static_cast<int>(o.h),
+                             static_cast<int>(o.t), c4);
+          }
+          tma_store_commit();
+          tma_store_wait_read();
+          s.dq_empty->arrive();
+          ++m;
+        });
+      }
+      tma_store_wait_all();  // every reduction complete before the CTA retires
+    }
+  }
+
   __device__ void dkdv_values() const {
     PipeState<Traits::kVStages> pipe;
     WorkRing<typename Traits::Shared, 1> ring{s, 0};
