@@ -2,7 +2,7 @@
 # Everything one device call needs, in one go: build on the GPU machine, run the GPU tests (a hang is killed),
 # compute-sanitizer on small problems, the backward fuzz, and the benchmark tables last. Logs go under $OUT.
 # Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [sanitize_fp8] [fuzz] [bench]
-#        [bench_bwd] [sass] [bwd_variants] [variant_tests] [bwd_profile]
+#        [bench_bwd] [sass] [bwd_variants] [variant_tests] [reduce_check] [bwd_profile]
 #   bwd_variants: BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ..." (scripts/kernel_variants.py); a name starting with
 #   fused times the fused arrangement (TILEWISE_BACKWARD_FUSED_DQ=1), reduce the reduce kernel (=2; "reduce=" with
 #   no flags builds the default source), names no_* or *_no_* are ablations (times only); variant_tests: VARIANT=name
@@ -120,6 +120,23 @@ for step in $steps; do
       LD_LIBRARY_PATH=$lib timeout 240 $BUILD/tilewise_fuzz --problems ${FUZZ_PROBLEMS:-1000} \
         --max-seconds ${FUZZ_SECONDS:-150} > "$OUT/fuzz_$VARIANT.log" 2>&1
       echo "fuzz rc=$? $(grep -E '^problems' "$OUT/fuzz_$VARIANT.log")"
+      ;;
+    reduce_check)
+      # The reduce kernel (TILEWISE_BACKWARD_FUSED_DQ=2, docs/performance.md backward v3.5) on this build: against the
+      # fp32 GPU reference on five shapes, row 1's time, then the backward GPU tests and the fuzz with every
+      # non-deterministic backward through it.
+      echo "== the reduce kernel"
+      [ -x $BUILD/bwdcheck ] || g++ -std=c++20 -O2 -Iinclude -I/usr/local/cuda/include scripts/backward_check.cpp \
+        -L$BUILD -ltilewise -L/usr/local/cuda/lib64 -lcudart -Wl,--enable-new-dtags,-rpath,$PWD/$BUILD -o $BUILD/bwdcheck
+      TILEWISE_BACKWARD_FUSED_DQ=2 timeout 120 $BUILD/bwdcheck 1 > "$OUT/check_reduce.log" 2>&1
+      echo "check rc=$? $(tail -1 "$OUT/check_reduce.log")"
+      echo "bench: $(TILEWISE_BACKWARD_FUSED_DQ=2 timeout 60 $BUILD/bwdcheck bench1 2>&1 | tail -1)"
+      TILEWISE_BACKWARD_FUSED_DQ=2 timeout 300 $BUILD/tilewise_tests --gtest_filter='*Cuda*Backward*:*Backward*Cuda*' \
+        > "$OUT/tests_reduce.log" 2>&1
+      echo "tests rc=$? $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/tests_reduce.log" | head -3 | tr '\n' ' ')"
+      TILEWISE_BACKWARD_FUSED_DQ=2 timeout 200 $BUILD/tilewise_fuzz --problems ${FUZZ_PROBLEMS:-1000} \
+        --max-seconds ${FUZZ_SECONDS:-150} > "$OUT/fuzz_reduce.log" 2>&1
+      echo "fuzz rc=$? $(grep -E '^problems' "$OUT/fuzz_reduce.log")"
       ;;
     bwd_profile)
       # Nsight Compute sections of row 1's dQ and dK/dV kernels (the second backward call: warm caches), as text
