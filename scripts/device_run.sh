@@ -40,6 +40,11 @@ sanitize_cases() {
     done
   done
 }
+# scripts/backward_check.cpp against this build's library (the backward's variants, checks and profiles use it)
+build_bwdcheck() {
+  g++ -std=c++20 -O2 -Iinclude -I/usr/local/cuda/include scripts/backward_check.cpp -L$BUILD -ltilewise \
+    -L/usr/local/cuda/lib64 -lcudart -Wl,--enable-new-dtags,-rpath,$PWD/$BUILD -o $BUILD/bwdcheck
+}
 # Small backward cases (tests/test_cuda_backward.cpp): partial tiles with text first, per-head windows with GQA in
 # bhsd, masked attention-tile blocks, a block list leaving a key tile unseen, fused padded views. Overridable
 # (BACKWARD_SANITIZE_CASES=...): racecheck takes up to 2 minutes a case.
@@ -89,8 +94,7 @@ for step in $steps; do
     bwd_variants)
       # Backward schedules and ablations (bwd_params.cuh) on row 1: each variant recompiles backward.cu only.
       echo "== backward variants, row 1 (HunyuanVideo 30x48x80, w3x3x3)"
-      g++ -std=c++20 -O2 -Iinclude -I/usr/local/cuda/include scripts/backward_check.cpp -L$BUILD -ltilewise \
-        -L/usr/local/cuda/lib64 -lcudart -Wl,--enable-new-dtags,-rpath,$PWD/$BUILD -o $BUILD/bwdcheck || exit 1
+      build_bwdcheck || exit 1
       python3 scripts/kernel_variants.py $BUILD /tmp/bwd-variants ${BWD_VARIANTS:-} | tee "$OUT/variants_build.log"
       for v in base ${BWD_VARIANTS:-}; do
         name=${v%%=*}
@@ -126,8 +130,7 @@ for step in $steps; do
       # fp32 GPU reference on five shapes, row 1's time, then the backward GPU tests and the fuzz with every
       # non-deterministic backward through it.
       echo "== the reduce kernel"
-      [ -x $BUILD/bwdcheck ] || g++ -std=c++20 -O2 -Iinclude -I/usr/local/cuda/include scripts/backward_check.cpp \
-        -L$BUILD -ltilewise -L/usr/local/cuda/lib64 -lcudart -Wl,--enable-new-dtags,-rpath,$PWD/$BUILD -o $BUILD/bwdcheck
+      [ -x $BUILD/bwdcheck ] || build_bwdcheck
       TILEWISE_BACKWARD_FUSED_DQ=2 timeout 120 $BUILD/bwdcheck 1 > "$OUT/check_reduce.log" 2>&1
       echo "check rc=$? $(tail -1 "$OUT/check_reduce.log")"
       echo "bench: $(TILEWISE_BACKWARD_FUSED_DQ=2 timeout 60 $BUILD/bwdcheck bench1 2>&1 | tail -1)"
@@ -141,8 +144,7 @@ for step in $steps; do
     bwd_profile)
       # Nsight Compute sections of row 1's dQ and dK/dV kernels (the second backward call: warm caches), as text
       echo "== backward profile, row 1"
-      [ -x $BUILD/bwdcheck ] || g++ -std=c++20 -O2 -Iinclude -I/usr/local/cuda/include scripts/backward_check.cpp \
-        -L$BUILD -ltilewise -L/usr/local/cuda/lib64 -lcudart -Wl,--enable-new-dtags,-rpath,$PWD/$BUILD -o $BUILD/bwdcheck
+      [ -x $BUILD/bwdcheck ] || build_bwdcheck
       timeout 300 ncu --clock-control none --kernel-name regex:backward_kernel --launch-skip 2 --launch-count 2 \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section Occupancy \
         $BUILD/bwdcheck bench1 > "$OUT/bwd_profile.txt" 2>&1

@@ -303,8 +303,7 @@ __global__ void __launch_bounds__(kThreads) finish_statistics(QuantizeParams p) 
     const int64_t bg = i / D;
     const float amax = p.v_scale[i];
     p.v_scale[i] = fp8::scale_of(amax);
-    p.vinv[i] = fp8::inv_scale_of(amax);
-    if (p.v_inv != nullptr) p.v_inv[i] = fp8::inv_scale_of(amax);
+    p.vinv[i] = fp8::inv_scale_of(amax);  // the forward's v_inv itself when it asks for it (run_passes)
     p.mu[i] = mean_of(p, bg, static_cast<int>(i % D), static_cast<int32_t>(bg / p.kv_heads));
   }
 }
@@ -446,7 +445,8 @@ void run_passes(const Plan& plan, QuantizeParams prm, float* stats, cudaStream_t
     prm.sums = static_cast<double*>(scratch);
     stats = reinterpret_cast<float*>(static_cast<char*>(scratch) + sums_bytes);
   }
-  prm.minmax = stats + layout.minmax, prm.mu = stats + layout.mu, prm.vinv = stats + layout.vinv;
+  prm.minmax = stats + layout.minmax, prm.mu = stats + layout.mu;
+  prm.vinv = prm.v_inv != nullptr ? prm.v_inv : stats + layout.vinv;  // one copy of V's inverse scales
   prm.kinv = stats + layout.kinv;
   check(cudaMemsetAsync(prm.sums, 0, sums_bytes, stream), "cudaMemsetAsync");
   check(cudaMemsetAsync(prm.v_scale, 0, sizeof(float) * p.batch * p.kv_heads * p.head_dim, stream), "cudaMemsetAsync");

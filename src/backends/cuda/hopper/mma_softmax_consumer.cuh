@@ -92,6 +92,14 @@ struct Consumer {
   __device__ __forceinline__ void scheduler_arrive() const {
     named_barrier_arrive(kSchedulerBarrier + (1 - wg), 256);
   }
+  /// Issues one GEMM group; with kTurns in this warpgroup's turn, handing the turn to the other afterwards (the
+  /// backward's and the FP8 forward's ping-pong switches).
+  template <bool kTurns, class F>
+  __device__ __forceinline__ void take_turn(F&& issue) const {
+    if constexpr (kTurns) scheduler_sync();
+    issue();
+    if constexpr (kTurns) scheduler_arrive();
+  }
 
   /// Sets the scores of keys this block's rows may not see to -inf, for blocks the producer flagged (masks.cuh).
   __device__ __forceinline__ void mask_scores(float (&sc)[kBlockN / 2], const BlockInfo& bi, int32_t text_len,

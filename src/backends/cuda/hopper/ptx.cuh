@@ -232,12 +232,16 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t smem_byte_addr, uint32_t 
          (static_cast<uint64_t>((stride_byte_offset & 0x3FFFF) >> 4) << 32) | (layout << 62);
 }
 
-/// Byte offset of element (row, col) of a 16-bit panel whose rows are `row_bytes` wide and swizzled by the
-/// TMA/wgmma pattern of that width (16-byte chunks XOR-ed with the row index within the 8-row atom).
-__device__ __forceinline__ uint32_t swizzled_offset(uint32_t row, uint32_t col, uint32_t row_bytes) {
-  const uint32_t linear = row * row_bytes + col * 2;
+/// Where byte `linear` (= row * row_bytes + byte within the row, any element size) of a panel whose rows are
+/// `row_bytes` wide lies once swizzled by the TMA/wgmma pattern of that width (16-byte chunks XOR-ed with the row
+/// index within the 8-row atom).
+__device__ __forceinline__ uint32_t swizzled_bytes(uint32_t linear, uint32_t row_bytes) {
   const uint32_t mask = row_bytes == 128 ? 0x380u : 0x180u;  // the address bits that select the XOR pattern
   return linear ^ ((linear & mask) >> 3);
+}
+/// Byte offset of element (row, col) of a 16-bit panel, swizzled as above.
+__device__ __forceinline__ uint32_t swizzled_offset(uint32_t row, uint32_t col, uint32_t row_bytes) {
+  return swizzled_bytes(row * row_bytes + col * 2, row_bytes);
 }
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi, bool bf16) {

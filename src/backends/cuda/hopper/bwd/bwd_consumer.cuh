@@ -58,9 +58,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// Not in the fused kernel, whose warpgroups already meet twice per block.
   template <bool kTurns = true, class F>
   __device__ __forceinline__ void take_turn(F&& issue) const {
-    if constexpr (kPingPong && kTurns) this->scheduler_sync();
-    issue();
-    if constexpr (kPingPong && kTurns) this->scheduler_arrive();
+    Base::template take_turn<kPingPong && kTurns>(issue);
   }
   static constexpr bool kPingPong = TILEWISE_HOPPER_BWD_PINGPONG != 0;
   static constexpr bool kSplit = TILEWISE_HOPPER_BWD_SPLIT != 0;
@@ -295,8 +293,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
 #pragma unroll
     for (int i = 0; i < D / 2; i += 2) {
       const uint32_t r = 16 * warp + lane() / 4 + 8 * ((i % 4) / 2), c = 8 * (i / 4) + 2 * (lane() % 4);
-      const uint32_t linear = r * 128 + (c % 32) * 4;
-      *reinterpret_cast<float2*>(stage + (c / 32) * Traits::kDqPanelBytes + (linear ^ ((linear & 0x380u) >> 3))) =
+      *reinterpret_cast<float2*>(stage + (c / 32) * Traits::kDqPanelBytes + swizzled_bytes(r * 128 + (c % 32) * 4, 128)) =
           make_float2(dq[i], dq[i + 1]);
     }
     fence_proxy_async();

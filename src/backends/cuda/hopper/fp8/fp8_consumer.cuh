@@ -87,9 +87,7 @@ struct Fp8Consumer {
   /// Issues one GEMM group, in this warpgroup's turn when the warpgroups take turns (TILEWISE_HOPPER_FP8_PINGPONG).
   template <class F>
   __device__ __forceinline__ void take_turn(F&& issue) const {
-    if constexpr (kPingPong) base.scheduler_sync();
-    issue();
-    if constexpr (kPingPong) base.scheduler_arrive();
+    base.template take_turn<kPingPong>(issue);
   }
 
   /// All key blocks of one work item. qf: the softmax scale (log2 domain) times each of this thread's rows' q scale.
