@@ -2,7 +2,7 @@
 # Everything one device call needs, in one go: build on the GPU machine, run the GPU tests (a hang is killed),
 # compute-sanitizer on small problems, the backward fuzz, and the benchmark tables last. Logs go under $OUT.
 # Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [sanitize_fp8] [fuzz] [bench]
-#        [bench_bwd] [sass] [bwd_variants] [variant_tests] [reduce_check] [bwd_profile]
+#        [bench_bwd] [sass] [bwd_variants] [variant_tests] [reduce_check] [bwd_profile] [bwd_stalls]
 #   bwd_variants: BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ..." (scripts/kernel_variants.py); a name starting with
 #   fused times the fused arrangement (TILEWISE_BACKWARD_FUSED_DQ=1), reduce the reduce kernel (=2; "reduce=" with
 #   no flags builds the default source), names no_* or *_no_* are ablations (times only); variant_tests: VARIANT=name
@@ -152,6 +152,24 @@ for step in $steps; do
         "$OUT/bwd_profile.txt" | head -40
       # the fused five-GEMM arrangement on the same row (it shares the dK/dV loop fixed in v3)
       echo "fused: $(TILEWISE_BACKWARD_FUSED_DQ=1 timeout 60 $BUILD/bwdcheck bench1 2>&1 | tail -1)"
+      ;;
+    bwd_stalls)
+      # Source-level warp stall sampling of one backward kernel launch on row 1, in a -lineinfo build of its own
+      # (build-prof): TILEWISE_BACKWARD_FUSED_DQ picks the arrangement (2: the reduce kernel), BWD_SKIP the launch
+      # of `backward_kernel` (1: the second; in the two-kernel arrangement the dQ and dK/dV kernels alternate).
+      echo "== backward stall sampling, row 1 (TILEWISE_BACKWARD_FUSED_DQ=${TILEWISE_BACKWARD_FUSED_DQ:-0})"
+      if [ ! -f build-prof/libtilewise.so ]; then
+        cmake -S . -B build-prof -DTILEWISE_TESTS=OFF -DCMAKE_CUDA_FLAGS="-lineinfo" > "$OUT/cmake-prof.log" 2>&1 &&
+          cmake --build build-prof -j16 --target tilewise_lib > "$OUT/build-prof.log" 2>&1 ||
+          { tail -30 "$OUT/build-prof.log"; exit 1; }
+      fi
+      BUILD=build-prof build_bwdcheck || exit 1
+      timeout 400 ncu --launch-skip ${BWD_SKIP:-1} --launch-count 1 -k regex:backward_kernel --set full \
+        --import-source yes -f -o /tmp/bwd-prof build-prof/bwdcheck bench1 > "$OUT/ncu_stalls.log" 2>&1
+      echo "ncu rc=$?"; tail -2 "$OUT/ncu_stalls.log"
+      ncu -i /tmp/bwd-prof.ncu-rep --page details > "$OUT/bwd_details.txt" 2>&1
+      ncu -i /tmp/bwd-prof.ncu-rep --page source --csv --print-source sass > "$OUT/bwd_source.csv" 2>/dev/null
+      python3 scripts/stall_summary.py "$OUT/bwd_source.csv" | tee "$OUT/bwd_stalls.txt"
       ;;
     sass)
       cuobjdump -sass $BUILD/libtilewise.so > "$OUT/sass.txt" 2>/dev/null

@@ -82,13 +82,41 @@ std::vector<double> oracle_grads(const Case& c, const BackwardInputs& x) {
   return g;
 }
 
+/// The exact gradients' response to the rounding of the given o. The backward reads o as stored (16-bit: rounded)
+/// and takes D_i = dO_i . o_i from it; against the exact o this adds e_i = dO_i . (o_exact_i - o_stored_i) to dLSE_i
+/// (spec, "Gradients": dS_ij = P_ij (dP_ij - D_i + dLSE_i)). The gradients are linear in dLSE, so the oracle's
+/// backward with dO = 0 and dLSE = e is exactly that response (dv: 0). Laid out like oracle_grads.
+std::vector<double> o_rounding_response(const Case& c, const BackwardInputs& x) {
+  const oracle::Views views = oracle::make_views(c);
+  const oracle::Problem p = oracle::to_oracle(c);
+  const std::vector<double> in = x.in.values(), dout = x.dout.values();
+  std::vector<double> o_exact(views.out_size, NAN);
+  oracle::attention(p, in.data(), in.data() + views.k_offset, in.data() + views.v_offset, o_exact.data(), nullptr);
+  const int64_t S = c.seq_len();
+  std::vector<double> e(c.batch * c.q_heads * S, 0.0);
+  for (int64_t b = 0; b < c.batch; ++b)
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t h = 0; h < c.q_heads; ++h) {
+        const int64_t row = b * views.o.batch + i * views.o.seq + h * views.o.head;
+        double& ei = e[(b * c.q_heads + h) * S + i];
+        for (int64_t d = 0; d < c.head_dim; ++d) ei += dout[row + d] * (o_exact[row + d] - x.o.at(row + d));
+      }
+  const std::vector<double> zeros(views.out_size, 0.0);
+  std::vector<double> g(views.in_size, NAN);
+  oracle::attention_backward(p, in.data(), in.data() + views.k_offset, in.data() + views.v_offset, zeros.data(),
+                             e.data(), g.data(), g.data() + views.k_offset, g.data() + views.v_offset);
+  return g;
+}
+
 /// Sequence position of text slot r (spec: text after the video, or before it).
 int64_t text_position(const Case& c, int64_t r) { return (c.text_first ? 0 : c.latent.volume()) + r; }
 
 /// Per tensor (dq, dk, dv): every element written and finite, relative L2 error within the data type's
 /// tolerance (f64 also element-wise); text padding keys get exactly zero dk and dv; nothing outside the views
-/// is written.
-void expect_grads_match(const Case& c, const Buffer& got, const std::vector<double>& ref) {
+/// is written. o_rounding (16-bit only; laid out like ref): o_rounding_response; the 16-bit run is then compared
+/// with ref + o_rounding, the exact gradients of the o it was given.
+void expect_grads_match(const Case& c, const Buffer& got, const std::vector<double>& ref,
+                        const std::vector<double>* o_rounding = nullptr) {
   const oracle::Views views = oracle::make_views(c);
   std::vector<bool> covered(views.in_size, false);
   struct Tensor {
@@ -107,7 +135,7 @@ void expect_grads_match(const Case& c, const Buffer& got, const std::vector<doub
     for_each_element(c, t.view, t.heads, [&](int64_t i) {
       i += t.offset;
       covered[i] = true;
-      const double g = got.at(i), r = ref[i];
+      const double g = got.at(i), r = ref[i] + (o_rounding ? (*o_rounding)[i] : 0.0);
       not_finite += !std::isfinite(g);
       err2 += (g - r) * (g - r);
       ref2 += r * r;
@@ -129,7 +157,12 @@ void expect_grads_match(const Case& c, const Buffer& got, const std::vector<doub
         break;
       case DType::f32: EXPECT_LE(rel, 1e-5); break;
       case DType::bf16:
-      case DType::f16: EXPECT_LE(rel, 1e-2); break;
+      case DType::f16:
+        // Against the exact gradients of the rounded o the run was given (o_rounding): where dP - D cancels, the
+        // rounding of o alone moves the gradients by more than 1% (dq 1.27% on one seed); the run's own error is
+        // ~0.2%.
+        EXPECT_LE(rel, 1e-2);
+        break;
     }
   }
   // Padding text keys: no query sees them, so their gradients are exactly zero.
@@ -152,7 +185,9 @@ void check_backward(const Case& c, oracle::Rng& rng, bool with_dlse = true) {
   SCOPED_TRACE(oracle::describe(c) + (with_dlse ? " with dLSE" : " without dLSE"));
   const tilewise::Plan plan = make_plan(c);
   const BackwardInputs x = make_inputs(c, plan, rng, with_dlse);
-  expect_grads_match(c, run_backward(c, plan, x), oracle_grads(c, x));
+  const bool half = c.dtype == DType::bf16 || c.dtype == DType::f16;
+  const std::vector<double> o_rounding = half ? o_rounding_response(c, x) : std::vector<double>{};
+  expect_grads_match(c, run_backward(c, plan, x), oracle_grads(c, x), half ? &o_rounding : nullptr);
 }
 
 /// The sliding-tile grid of this file's families: 3x6x7 in 2x4x3 tiles, a 2x2x3 grid with a partial last tile

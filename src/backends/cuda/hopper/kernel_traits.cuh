@@ -256,7 +256,10 @@ struct KernelTraits {
     Barrier* ds_full;   // [2]: both warpgroups have written their half of the buffer's dS^T
     Barrier* ds_empty;  // [2]: the buffer's dQ product has read it
     Barrier* dq_full;   // the staging buffer holds a block's dQ
-    Barrier* dq_empty;  // the reduction has read it
+    // [2]: the reduction has read block m's dQ (m % 2). Two, because the warpgroups take the blocks in turns: one can
+    // reach block m + 1 before the reduction has read block m - 1, and a single barrier's parity would then read a
+    // phase two ahead as complete (the fuzz hung on it).
+    Barrier* dq_empty;
   };
 
   // The backward's dK/dV kernel streams, beside each query block, its rows' log2-domain LSE, D = rowsum(dO o) -
@@ -268,7 +271,7 @@ struct KernelTraits {
   static constexpr int kDqStageBytes = kDqStaging ? (D / 32) * kDqPanelBytes : 0;
   static constexpr int kBufferBytes = kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages +
                                       kDsBytes + kDqStageBytes;  // Q, O, K, V, dS, dQ staging
-  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 6 : 0);
+  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 8 : 0);  // even: info is 16-byte aligned
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kBufferBytes + kKStages * kStatsBytes +
                                     kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KB an sm_90 CTA can have");

@@ -287,7 +287,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
     float dq[D / 2];
     dq_product(dq, b);
     this->s.ds_empty[b].arrive();
-    this->s.dq_empty->wait((m & 1) ^ 1);  // the reduction has read the previous block's dQ
+    // The reduction has read the previous block's dQ (the other warpgroup's): block m - 1 is its barrier's
+    // ((m - 1) / 2)-th phase. This warpgroup's own block m - 2 waited for m - 3, so it is at most one phase ahead.
+    if (m > 0) this->s.dq_empty[(m - 1) & 1].wait(((m - 1) >> 1) & 1);
     uint8_t* stage = this->s.dq_stage();
     const int warp = this->tid / 32;
 #pragma unroll

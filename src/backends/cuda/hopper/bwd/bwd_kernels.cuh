@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
         s.ds_empty[i].init(128);                               // the one warpgroup whose turn the dQ product is
       }
       s.dq_full->init(128);
-      s.dq_empty->init(1);
+      for (int i = 0; i < 2; ++i) s.dq_empty[i].init(1);
     }
     fence_barrier_init();
   }

@@ -6,8 +6,8 @@
 // atomics) and the dK/dV kernel; with TILEWISE_BACKWARD_FUSED_DQ=1 one fused kernel (the dK/dV kernel that also adds
 // dQ = dS K of each pair into an fp32 accumulator with atomics: five GEMMs per pair), measured slower so far; with
 // TILEWISE_BACKWARD_FUSED_DQ=2 the fused kernel on 64-row streamed blocks whose dQ a producer thread adds into the
-// accumulator by TMA reduction (dkdvq_reduce: no lockstep between the warpgroups, two dO stages; not yet run on
-// a GPU).
+// accumulator by TMA reduction (dkdvq_reduce: no lockstep between the warpgroups, two dO stages; correct, 1-2%
+// faster than the default on row 1 with events, docs/performance.md backward v3.6).
 //
 //   role (FwdParams maps)    | dQ kernel (per query block) | dK/dV kernel (per key block, all GQA query heads)
 //   q: owned, first operand  | Q                           | K

@@ -167,7 +167,7 @@ struct BwdProducer {
           }
           tma_store_commit();
           tma_store_wait_read();
-          s.dq_empty->arrive();
+          s.dq_empty[m & 1].arrive();
           ++m;
         });
       }

@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Summarises ncu's per-instruction warp stall sampling (`ncu -i REP --page source --csv --print-source sass`):
+the instructions with the most samples (and their two main stall reasons), samples by opcode and by reason.
+
+Usage: scripts/stall_summary.py SOURCE.csv [--top N]
+The stall-reason columns are recognised by name (ncu calls them stall_* in the source view); the total is the
+"Warp Stall Sampling (All Samples)" column, or the sum of the reasons when it is missing."""
+import argparse
+import collections
+import csv
+import re
+import sys
+
+
+def read(path):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    # ncu may print a few lines before the header: the header is the first row naming the source column
+    start = next((i for i, r in enumerate(rows) if "Source" in r), None)
+    if start is None:
+        sys.exit(f"stall_summary.py: no 'Source' column in {path}: expected ncu --page source --csv output")
+    header, body = rows[start], rows[start + 1:]
+    return header, [r for r in body if len(r) == len(header)]
+
+
+def number(text: str) -> float:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return 0.0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("csv")
+    ap.add_argument("--top", type=int, default=16)
+    args = ap.parse_args()
+    header, rows = read(args.csv)
+    src = header.index("Source")
+    reasons = [i for i, h in enumerate(header) if re.match(r"^stall_\w+", h)]
+    total_col = next((i for i, h in enumerate(header) if h.startswith("Warp Stall Sampling (All")), None)
+    if total_col is None and not reasons:
+        sys.exit("stall_summary.py: no stall sampling columns: profile with --set full (or SourceCounters)")
+
+    def total(r):
+        return number(r[total_col]) if total_col is not None else sum(number(r[i]) for i in reasons)
+
+    samples = sum(total(r) for r in rows) or 1.0
+    by_op, by_reason = collections.Counter(), collections.Counter()
+    for r in rows:
+        sass = r[src].strip()
+        op = re.sub(r"^@!?U?P\w+\s+", "", sass).split(" ")[0].split(".")[0]
+        by_op[op] += total(r)
+        for i in reasons:
+            by_reason[header[i]] += number(r[i])
+    print(f"# {int(samples)} samples. Top instructions: share of samples, SASS, top two stall reasons")
+    for r in sorted(rows, key=total, reverse=True)[:args.top]:
+        top = sorted(((number(r[i]), header[i]) for i in reasons), reverse=True)[:2]
+        why = " ".join(f"{name}={int(n)}" for n, name in top if n > 0)
+        print(f"{100 * total(r) / samples:5.1f}%  {r[src].strip()[:60]:60s} {why}")
+    print("# by opcode: " + ", ".join(f"{op} {100 * n / samples:.1f}%" for op, n in by_op.most_common(12)))
+    reason_total = sum(by_reason.values()) or 1.0
+    print("# by stall reason: " + ", ".join(f"{name.removeprefix('stall_')} {100 * n / reason_total:.1f}%"
+                                            for name, n in by_reason.most_common(10)))
+
+
+if __name__ == "__main__":
+    main()
