@@ -22,6 +22,13 @@
 #ifndef TILEWISE_HOPPER_BWD_STREAM_STAGES
 #define TILEWISE_HOPPER_BWD_STREAM_STAGES 4
 #endif
+// The reduce kernel's (BwdKernel::dkdvq_reduce) K-ring depth at D 128 (Q blocks of 64 rows and their statistics):
+// 2 + 2 leave 35 KB of the 227 beside the dS^T ring and the dQ staging buffer, room for one more K stage (3 + 3
+// does not fit by 500 bytes). An experiment (docs/performance.md, backward v3.6): does a deeper K ring feed the
+// consumers sooner?
+#ifndef TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128
+#define TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128 2
+#endif
 // K and V pipeline depths at head dim 64 (96 has 3 + 3, the most that fits).
 #ifndef TILEWISE_HOPPER_STAGES_D64
 #define TILEWISE_HOPPER_STAGES_D64 3
@@ -186,7 +193,7 @@ struct KernelTraits {
   // The fused backward fits its dS buffer beside the rings: at D 128 one dO stage (released before the dQ product,
   // so its next load overlaps that), at D 96 two of each. Without it, the forward's depths.
   static constexpr int kKStages = kFp8 ? TILEWISE_HOPPER_FP8_STAGES
-                                 : kDqStaging ? (D == 128 ? 2 : 4)
+                                 : kDqStaging ? (D == 128 ? TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128 : 4)
                                  : kStreamRows != kBlockN ? TILEWISE_HOPPER_BWD_STREAM_STAGES
                                  : kDsBuffer ? (D == 64 ? 3 : 2)
                                              : (D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : kStagesSmallD);
