@@ -3,6 +3,8 @@
 // relative L2 per gradient, with deterministic false and true (these differ only with TILEWISE_BACKWARD_FUSED_DQ=1,
 // which selects the fused kernel for the former). Build: g++ -std=c++20 -O2 -Iinclude scripts/backward_check.cpp -Lbuild-device -ltilewise
 //   -lcudart -Wl,-rpath,build-device (with CUDA's include and lib paths).
+// Usage: bwdcheck [SEED] (the checks) | bench1 (row 1's times) | bench (rows 1, 1 + text, w5x6x10) | arrangements
+//   (row 1's backward, two kernels and reduce kernel alternated in one process).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -64,8 +66,31 @@ static double rel_l2(const std::vector<uint16_t>& a, const std::vector<uint16_t>
   return std::sqrt(num / (den > 0 ? den : 1));
 }
 
+/// Median of 10 timed calls of f (events on the default stream), after 3 untimed ones.
+template <class F>
+static float median_ms(F&& f) {
+  for (int i = 0; i < 3; ++i) f();
+  cudaEvent_t a, b;
+  cudaEventCreate(&a), cudaEventCreate(&b);
+  std::vector<float> ms;
+  for (int i = 0; i < 10; ++i) {
+    cudaEventRecord(a);
+    f();
+    cudaEventRecord(b);
+    cudaEventSynchronize(b);
+    float t;
+    cudaEventElapsedTime(&t, a, b);
+    ms.push_back(t);
+  }
+  cudaEventDestroy(a), cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
 /// Times the forward and backward of the Hopper kernels on HunyuanVideo 720p (30x48x80, 24 heads, D128, 6x8x8).
-static void bench(Dim3 window, int64_t text, int32_t text_len) {
+/// arrangements: instead, row 1's backward in each arrangement (TILEWISE_BACKWARD_FUSED_DQ, read when a plan is made)
+/// alternated three times in this one process, so that they are compared under the same clocks and power limit.
+static void bench(Dim3 window, int64_t text, int32_t text_len, bool arrangements = false) {
   Problem p;
   p.batch = 1, p.q_heads = 24, p.kv_heads = 24, p.head_dim = 128, p.dtype = DType::bf16;
   p.latent = {30, 48, 80}, p.tile = {6, 8, 8}, p.text_capacity = text;
@@ -80,26 +105,22 @@ static void bench(Dim3 window, int64_t text, int32_t text_len) {
   const int32_t* tlp = text ? static_cast<const int32_t*>(tl.d) : nullptr;
   Tensors ft{q.d, k.d, v.d, o.d, static_cast<float*>(lse.d), tlp};
   GradTensors g{q.d, k.d, v.d, o.d, static_cast<float*>(lse.d), dout.d, nullptr, dq.d, dk.d, dv.d, tlp};
-  auto time = [&](auto&& f) {
-    for (int i = 0; i < 3; ++i) f();
-    cudaEvent_t a, b;
-    cudaEventCreate(&a), cudaEventCreate(&b);
-    std::vector<float> ms;
-    for (int i = 0; i < 10; ++i) {
-      cudaEventRecord(a);
-      f();
-      cudaEventRecord(b);
-      cudaEventSynchronize(b);
-      float t;
-      cudaEventElapsedTime(&t, a, b);
-      ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    return ms[ms.size() / 2];
-  };
-  const float fwd = time([&] { plan.run(ft); });
-  const float bwd = time([&] { plan.run_backward(g, nullptr, ws.d); });
-  const float det = time([&] { plan.run_backward(g, nullptr, ws.d, true); });
+  if (arrangements) {
+    for (int round = 0; round < 3; ++round)
+      for (const char* mode : {"0", "2"}) {
+        setenv("TILEWISE_BACKWARD_FUSED_DQ", mode, 1);
+        Plan other(p, Pattern::sliding_tile(window), Device::cuda);
+        Buf other_ws(other.backward_workspace_bytes());
+        plan.run(ft);  // o and lse for the backward
+        std::printf("arrangement %s (%s): backward %.2f ms\n", mode, *mode == '0' ? "two kernels" : "reduce kernel",
+                    median_ms([&] { other.run_backward(g, nullptr, other_ws.d); }));
+      }
+    std::printf("%s\n", cudaGetErrorString(cudaDeviceSynchronize()));
+    return;
+  }
+  const float fwd = median_ms([&] { plan.run(ft); });
+  const float bwd = median_ms([&] { plan.run_backward(g, nullptr, ws.d); });
+  const float det = median_ms([&] { plan.run_backward(g, nullptr, ws.d, true); });
   const int32_t tlh = text_len;
   const double flops = plan.flops(text ? &tlh : nullptr);
   std::printf("bench w%ldx%ldx%ld text %ld: forward %.2f ms (%.0f TFLOP/s), backward %.2f ms (%.0f TFLOP/s eff.), "
@@ -111,6 +132,10 @@ static void bench(Dim3 window, int64_t text, int32_t text_len) {
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "bench1") == 0) {  // row 1 alone (for ncu and variant sweeps)
     bench({3, 3, 3}, 0, 0);
+    return 0;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "arrangements") == 0) {  // row 1, two kernels against the reduce kernel
+    bench({3, 3, 3}, 0, 0, true);
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "bench") == 0) {

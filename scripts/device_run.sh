@@ -126,14 +126,15 @@ for step in $steps; do
       echo "fuzz rc=$? $(grep -E '^problems' "$OUT/fuzz_$VARIANT.log")"
       ;;
     reduce_check)
-      # The reduce kernel (TILEWISE_BACKWARD_FUSED_DQ=2, docs/performance.md backward v3.5) on this build: against the
-      # fp32 GPU reference on five shapes, row 1's time, then the backward GPU tests and the fuzz with every
-      # non-deterministic backward through it.
+      # The reduce kernel (TILEWISE_BACKWARD_FUSED_DQ=2, docs/performance.md backward v3.6) on this build: against the
+      # fp32 GPU reference on five shapes, row 1's time against the two kernels', then the backward GPU tests and the
+      # fuzz with every non-deterministic backward through it.
       echo "== the reduce kernel"
       [ -x $BUILD/bwdcheck ] || build_bwdcheck
       TILEWISE_BACKWARD_FUSED_DQ=2 timeout 120 $BUILD/bwdcheck 1 > "$OUT/check_reduce.log" 2>&1
       echo "check rc=$? $(tail -1 "$OUT/check_reduce.log")"
-      echo "bench: $(TILEWISE_BACKWARD_FUSED_DQ=2 timeout 60 $BUILD/bwdcheck bench1 2>&1 | tail -1)"
+      # row 1 in both arrangements, alternated in one process (same clocks and power limit)
+      timeout 120 stdbuf -oL $BUILD/bwdcheck arrangements 2>&1 | tail -7
       TILEWISE_BACKWARD_FUSED_DQ=2 timeout 300 $BUILD/tilewise_tests --gtest_filter='*Cuda*Backward*:*Backward*Cuda*' \
         > "$OUT/tests_reduce.log" 2>&1
       echo "tests rc=$? $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/tests_reduce.log" | head -3 | tr '\n' ' ')"
