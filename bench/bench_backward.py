@@ -9,11 +9,15 @@ FLOPs), FlexAttention backward (compiled) with the same block mask as bench_forw
 tilewise's forward + backward ms, and the max-abs differences of tilewise's dq/dk/dv against Flex's (a check that
 both ran the same mask on the same dout).
 
+With --reduce-kernel, a column more: the backward with the opt-in reduce kernel (TILEWISE_BACKWARD_FUSED_DQ=2, read
+when a plan is made; docs/performance.md backward v3.6), timed in the same run as the default.
+
 Usage: python3 bench/bench_backward.py [--lib build/libtilewise.so] [--rows 1,2] [--only w3x3x3,partial]
-       [--no-flex] [--no-dense] [--deterministic] [--out table.md]
+       [--no-flex] [--no-dense] [--deterministic] [--reduce-kernel] [--out table.md]
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -128,11 +132,27 @@ def flex_backward(flex, row: Row, q, k, v, dout, notes: list):
     return ms, [back(g) for g in grads]
 
 
+@contextlib.contextmanager
+def backward_arrangement(value: str):
+    """TILEWISE_BACKWARD_FUSED_DQ=value while plans are made (the backend reads it at plan time), then as before."""
+    before = os.environ.get("TILEWISE_BACKWARD_FUSED_DQ")
+    os.environ["TILEWISE_BACKWARD_FUSED_DQ"] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TILEWISE_BACKWARD_FUSED_DQ"]
+        else:
+            os.environ["TILEWISE_BACKWARD_FUSED_DQ"] = before
+
+
 def main() -> None:
-    args, groups, dev = parse_args(
-        __doc__, "skip the dense cuDNN SDPA baseline",
-        lambda ap: ap.add_argument("--deterministic", action="store_true",
-                                   help="time tilewise's deterministic backward"))
+    def extra_args(ap):
+        ap.add_argument("--deterministic", action="store_true", help="time tilewise's deterministic backward")
+        ap.add_argument("--reduce-kernel", action="store_true",
+                        help="also time the opt-in reduce kernel (TILEWISE_BACKWARD_FUSED_DQ=2) in a column")
+
+    args, groups, dev = parse_args(__doc__, "skip the dense cuDNN SDPA baseline", extra_args)
 
     flex = None if args.no_flex else compiled_flex()
     table = []
@@ -147,6 +167,13 @@ def main() -> None:
         tw.forward()  # o and lse for the backward
         ms_bwd = bench(tw.backward)
         ms_total = bench(lambda: (tw.forward(), tw.backward()))
+        ms_reduce = float("nan")
+        if args.reduce_kernel:
+            with backward_arrangement("2"):
+                tw_reduce = TilewiseRun(row, q, k, v, dout, text_len, args.deterministic)
+            tw_reduce.forward()
+            ms_reduce = bench(tw_reduce.backward)
+            del tw_reduce
 
         ms_cudnn, dense_flops = float("nan"), float("nan")
         if not args.no_dense:
@@ -165,7 +192,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - report and continue with the other baselines
                 row.notes.append(f"flex: {type(e).__name__}: {str(e).splitlines()[0][:60]}")
         table.append((row.name, 1 - density, ms_bwd, flops / ms_bwd / 1e9, ms_cudnn, dense_flops / ms_cudnn / 1e9,
-                      ms_flex, ms_total, diffs, row.notes))
+                      ms_flex, ms_total, ms_reduce, diffs, row.notes))
         print(f"  done: {row.name}: tilewise bwd {ms_bwd:.2f} ms, cudnn {ms_cudnn:.2f} ms, flex {ms_flex:.2f} ms",
               flush=True)
         del tw, q, k, v, dout
@@ -174,11 +201,13 @@ def main() -> None:
     mode = " (deterministic)" if args.deterministic else ""
     header = (f"| row | sparsity | tilewise bwd ms{mode} | eff TFLOP/s | cuDNN bwd ms (dense) | cuDNN TFLOP/s "
               "| Flex bwd ms (same mask) | x cuDNN | x Flex | tilewise fwd+bwd ms | max abs diff vs Flex dq/dk/dv |")
-    lines = [header, "|" + "---|" * 11]
-    for name, sp, ms, tf, cu, cutf, fx, total, diffs, _ in table:
+    if args.reduce_kernel:
+        header += " reduce kernel bwd ms |"
+    lines = [header, "|" + "---|" * (12 if args.reduce_kernel else 11)]
+    for name, sp, ms, tf, cu, cutf, fx, total, reduce_ms, diffs, _ in table:
         diff = "/".join(f"{d:.3g}" for d in diffs) if diffs else "-"
         lines.append(f"| {name} | {sp:.1%} | {ms:.2f} | {tf:.0f} | {cu:.2f} | {cutf:.0f} | {fx:.2f} | {cu / ms:.2f} "
-                     f"| {fx / ms:.2f} | {total:.2f} | {diff} |")
+                     f"| {fx / ms:.2f} | {total:.2f} | {diff} |" + (f" {reduce_ms:.2f} |" if args.reduce_kernel else ""))
     notes = [f"- {name}: {n}" for name, *_, notes in table for n in notes]
     emit("\n".join(lines + notes), args.out)
 
