@@ -281,6 +281,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// warpgroups) into the fp32 staging buffer, in the 128-byte swizzled 32-column panels the TMA reduction reads;
   /// a producer thread adds it into the accumulator (BwdProducer::dq_reducer). The warpgroups take the blocks in
   /// turns (m % 2), each a block after its dS^T was written, so neither waits for the other in the steady state.
+  /// The barrier protocol (with dkdv_item and BwdProducer::dq_reducer) is modelled in
+  /// tests/test_bwd_reduce_protocol.cpp: a change to it changes the model too.
   __device__ __forceinline__ void dq_to_staging(uint32_t m) const {
     const int b = static_cast<int>(m & 1);
     this->s.ds_full[b].wait((m >> 1) & 1);
