@@ -23,8 +23,8 @@
 #define TILEWISE_HOPPER_BWD_STREAM_STAGES 4
 #endif
 // The reduce kernel's (BwdKernel::dkdvq_reduce) K-ring depth at D 128 (Q blocks of 64 rows and their statistics):
-// 2 + 2 leave 35 KB of the 227 beside the dS^T ring and the dQ staging buffer, room for one more K stage (3 + 3
-// does not fit by 500 bytes). An experiment (docs/performance.md, backward v3.6): does a deeper K ring feed the
+// 2 + 2 leave about 32 KB of the 227 beside the dS^T ring and the dQ staging buffer, room for one more K stage
+// (3 + 3 does not fit, by about 550 bytes). An experiment (docs/performance.md, backward v3.6): does a deeper K ring feed the
 // consumers sooner?
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128
 #define TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128 2
@@ -278,7 +278,8 @@ struct KernelTraits {
   static constexpr int kDqStageBytes = kDqStaging ? (D / 32) * kDqPanelBytes : 0;
   static constexpr int kBufferBytes = kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages +
                                       kDsBytes + kDqStageBytes;  // Q, O, K, V, dS, dQ staging
-  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 8 : 0);  // even: info is 16-byte aligned
+  // An even count: `info` (below the barriers and `work`) stays 16-byte aligned.
+  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 8 : 0);
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kBufferBytes + kKStages * kStatsBytes +
                                     kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KB an sm_90 CTA can have");
