@@ -206,8 +206,9 @@ def main() -> None:
     lines = [header, "|" + "---|" * (12 if args.reduce_kernel else 11)]
     for name, sp, ms, tf, cu, cutf, fx, total, reduce_ms, diffs, _ in table:
         diff = "/".join(f"{d:.3g}" for d in diffs) if diffs else "-"
+        reduce_cell = f" {reduce_ms:.2f} |" if args.reduce_kernel else ""
         lines.append(f"| {name} | {sp:.1%} | {ms:.2f} | {tf:.0f} | {cu:.2f} | {cutf:.0f} | {fx:.2f} | {cu / ms:.2f} "
-                     f"| {fx / ms:.2f} | {total:.2f} | {diff} |" + (f" {reduce_ms:.2f} |" if args.reduce_kernel else ""))
+                     f"| {fx / ms:.2f} | {total:.2f} | {diff} |{reduce_cell}")
     notes = [f"- {name}: {n}" for name, *_, notes in table for n in notes]
     emit("\n".join(lines + notes), args.out)
 
