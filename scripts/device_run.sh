@@ -130,7 +130,7 @@ for step in $steps; do
       # fp32 GPU reference on five shapes, row 1's time against the two kernels', then the backward GPU tests and the
       # fuzz with every non-deterministic backward through it.
       echo "== the reduce kernel"
-      [ -x $BUILD/bwdcheck ] || build_bwdcheck
+      build_bwdcheck || exit 1  # always: a machine kept warm may hold an older one
       TILEWISE_BACKWARD_FUSED_DQ=2 timeout 120 $BUILD/bwdcheck 1 > "$OUT/check_reduce.log" 2>&1
       echo "check rc=$? $(tail -1 "$OUT/check_reduce.log")"
       # row 1 in both arrangements, alternated in one process (same clocks and power limit)
@@ -145,7 +145,7 @@ for step in $steps; do
     bwd_profile)
       # Nsight Compute sections of row 1's dQ and dK/dV kernels (the second backward call: warm caches), as text
       echo "== backward profile, row 1"
-      [ -x $BUILD/bwdcheck ] || build_bwdcheck
+      build_bwdcheck || exit 1  # always: a machine kept warm may hold an older one
       timeout 300 ncu --clock-control none --kernel-name regex:backward_kernel --launch-skip 2 --launch-count 2 \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section Occupancy \
         $BUILD/bwdcheck bench1 > "$OUT/bwd_profile.txt" 2>&1
