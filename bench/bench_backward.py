@@ -9,11 +9,12 @@ FLOPs), FlexAttention backward (compiled) with the same block mask as bench_forw
 tilewise's forward + backward ms, and the max-abs differences of tilewise's dq/dk/dv against Flex's (a check that
 both ran the same mask on the same dout).
 
-With --reduce-kernel, a column more: the backward with the opt-in reduce kernel (TILEWISE_BACKWARD_FUSED_DQ=2, read
-when a plan is made; docs/performance.md backward v3.6), timed in the same run as the default.
+With --also-arrangement N, a column more: the backward in arrangement N (TILEWISE_BACKWARD_FUSED_DQ=N, read when a
+plan is made: 0 the two kernels, 1 the atomic fused kernel, 2 the reduce kernel; the default picks 2 below 90% video
+density, else 0: docs/performance.md backward v3.7), timed in the same run as the default.
 
 Usage: python3 bench/bench_backward.py [--lib build/libtilewise.so] [--rows 1,2] [--only w3x3x3,partial]
-       [--no-flex] [--no-dense] [--deterministic] [--reduce-kernel] [--out table.md]
+       [--no-flex] [--no-dense] [--deterministic] [--also-arrangement 0] [--out table.md]
 """
 from __future__ import annotations
 
@@ -149,8 +150,8 @@ def backward_arrangement(value: str):
 def main() -> None:
     def extra_args(ap):
         ap.add_argument("--deterministic", action="store_true", help="time tilewise's deterministic backward")
-        ap.add_argument("--reduce-kernel", action="store_true",
-                        help="also time the opt-in reduce kernel (TILEWISE_BACKWARD_FUSED_DQ=2) in a column")
+        ap.add_argument("--also-arrangement", choices=["0", "1", "2"], default=None,
+                        help="also time this backward arrangement (TILEWISE_BACKWARD_FUSED_DQ) in a column")
 
     args, groups, dev = parse_args(__doc__, "skip the dense cuDNN SDPA baseline", extra_args)
 
@@ -167,13 +168,13 @@ def main() -> None:
         tw.forward()  # o and lse for the backward
         ms_bwd = bench(tw.backward)
         ms_total = bench(lambda: (tw.forward(), tw.backward()))
-        ms_reduce = float("nan")
-        if args.reduce_kernel:
-            with backward_arrangement("2"):
-                tw_reduce = TilewiseRun(row, q, k, v, dout, text_len, args.deterministic)
-            tw_reduce.forward()
-            ms_reduce = bench(tw_reduce.backward)
-            del tw_reduce
+        ms_other = float("nan")
+        if args.also_arrangement is not None:
+            with backward_arrangement(args.also_arrangement):
+                tw_other = TilewiseRun(row, q, k, v, dout, text_len, args.deterministic)
+            tw_other.forward()
+            ms_other = bench(tw_other.backward)
+            del tw_other
 
         ms_cudnn, dense_flops = float("nan"), float("nan")
         if not args.no_dense:
@@ -192,7 +193,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - report and continue with the other baselines
                 row.notes.append(f"flex: {type(e).__name__}: {str(e).splitlines()[0][:60]}")
         table.append((row.name, 1 - density, ms_bwd, flops / ms_bwd / 1e9, ms_cudnn, dense_flops / ms_cudnn / 1e9,
-                      ms_flex, ms_total, ms_reduce, diffs, row.notes))
+                      ms_flex, ms_total, ms_other, diffs, row.notes))
         print(f"  done: {row.name}: tilewise bwd {ms_bwd:.2f} ms, cudnn {ms_cudnn:.2f} ms, flex {ms_flex:.2f} ms",
               flush=True)
         del tw, q, k, v, dout
@@ -201,14 +202,15 @@ def main() -> None:
     mode = " (deterministic)" if args.deterministic else ""
     header = (f"| row | sparsity | tilewise bwd ms{mode} | eff TFLOP/s | cuDNN bwd ms (dense) | cuDNN TFLOP/s "
               "| Flex bwd ms (same mask) | x cuDNN | x Flex | tilewise fwd+bwd ms | max abs diff vs Flex dq/dk/dv |")
-    if args.reduce_kernel:
-        header += " reduce kernel bwd ms |"
-    lines = [header, "|" + "---|" * (12 if args.reduce_kernel else 11)]
-    for name, sp, ms, tf, cu, cutf, fx, total, reduce_ms, diffs, _ in table:
+    other = args.also_arrangement is not None
+    if other:
+        header += f" arrangement {args.also_arrangement} bwd ms |"
+    lines = [header, "|" + "---|" * (12 if other else 11)]
+    for name, sp, ms, tf, cu, cutf, fx, total, other_ms, diffs, _ in table:
         diff = "/".join(f"{d:.3g}" for d in diffs) if diffs else "-"
-        reduce_cell = f" {reduce_ms:.2f} |" if args.reduce_kernel else ""
+        other_cell = f" {other_ms:.2f} |" if other else ""
         lines.append(f"| {name} | {sp:.1%} | {ms:.2f} | {tf:.0f} | {cu:.2f} | {cutf:.0f} | {fx:.2f} | {cu / ms:.2f} "
-                     f"| {fx / ms:.2f} | {total:.2f} | {diff} |{reduce_cell}")
+                     f"| {fx / ms:.2f} | {total:.2f} | {diff} |{other_cell}")
     notes = [f"- {name}: {n}" for name, *_, notes in table for n in notes]
     emit("\n".join(lines + notes), args.out)
 

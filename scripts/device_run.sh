@@ -183,7 +183,7 @@ for step in $steps; do
       ;;
     bench_bwd)
       echo "== backward benchmark"
-      PYTHONUNBUFFERED=1 timeout 540 python3 bench/bench_backward.py --lib $BUILD/libtilewise.so --reduce-kernel --out "$OUT/bench_bwd.md" \
+      PYTHONUNBUFFERED=1 timeout 540 python3 bench/bench_backward.py --lib $BUILD/libtilewise.so --also-arrangement 0 --out "$OUT/bench_bwd.md" \
         2>&1 | tee "$OUT/bench_bwd.log" | tail -40
       ;;
   esac

@@ -209,8 +209,15 @@ class HopperBackend final : public Backend {
     bwd_classes_ = TileClasses(g, hopper::kBackwardOwnedRows);
     dkdv_classes_ = TileClasses(g, hopper::kBackwardOwnedRows, hopper::dkdv_stream_rows());
     stream_entries_ = static_cast<int32_t>(dkdv_classes_.key_entries(g, p.text_capacity));
+    // The arrangement of the backward's kernels: the reduce kernel (2) unless the plan is nearly dense, where the two
+    // kernels (0) were 2% faster (v3.7, one bench_backward run: the reduce kernel faster on 9 of 10 rows, by 11-12%
+    // at D 64 and 96, by 0.2-1.7% on the sparse D 128 rows; the whole grid 938 ms against 919).
+    // TILEWISE_BACKWARD_FUSED_DQ=0|1|2 in the environment picks one (measurements; 1: the atomic fused kernel).
     const char* fused = std::getenv("TILEWISE_BACKWARD_FUSED_DQ");
-    fused_mode_ = fused == nullptr ? 0 : std::string(fused) == "1" ? 1 : std::string(fused) == "2" ? 2 : 0;
+    if (fused != nullptr && *fused != '\0')
+      fused_mode_ = std::string(fused) == "1" ? 1 : std::string(fused) == "2" ? 2 : 0;
+    else
+      fused_mode_ = plan.video_density() < kReduceMaxDensity ? 2 : 0;
     if (fused_mode_ == 2) {  // the reduce kernel streams 64-row blocks whatever the dK/dV kernel's build has
       reduce_classes_ = TileClasses(g, hopper::kBackwardOwnedRows, 64);
       reduce_entries_ = static_cast<int32_t>(reduce_classes_.key_entries(g, p.text_capacity));
@@ -323,12 +330,12 @@ class HopperBackend final : public Backend {
     return b;
   }
 
-  /// Preprocess (D and the streamed blocks' statistics), then the dQ kernel and the dK/dV kernel (seven GEMMs per
-  /// block pair; each gradient row is summed by one warpgroup in a fixed order, so bitwise reproducible). With
-  /// TILEWISE_BACKWARD_FUSED_DQ=1 in the environment at plan time, and not `deterministic`: one fused kernel
-  /// instead (dQ = dS K added into an fp32 accumulator with atomics: five GEMMs per pair), measured slower so far
-  /// (docs/performance.md, backward v1); with =2 the fused kernel on 64-row streamed blocks whose dQ goes into a
-  /// [B, S, Hq, D] accumulator by TMA reductions (correct, within 2% of the default: backward v3.6).
+  /// Preprocess (D and the streamed blocks' statistics), then, by default (below kReduceMaxDensity, and not
+  /// `deterministic`), the reduce kernel: the fused kernel on 64-row streamed blocks whose dQ goes into a
+  /// [B, S, Hq, D] fp32 accumulator by TMA reductions (docs/performance.md, backward v3.6-v3.7), and a conversion.
+  /// Otherwise the dQ kernel and the dK/dV kernel (seven GEMMs per block pair; each gradient row is summed by one
+  /// warpgroup in a fixed order, so bitwise reproducible). TILEWISE_BACKWARD_FUSED_DQ=1 at plan time selects the
+  /// fused kernel with atomics (five GEMMs per pair), measured slower (backward v1).
   void run_backward(const Plan& plan, const GradTensors& t, void* stream_ptr, void* workspace,
                     bool deterministic) const override {
     deterministic = deterministic || fused_mode_ == 0;
@@ -627,7 +634,8 @@ class HopperBackend final : public Backend {
   int32_t reduce_entries_ = 0;
   int32_t key_slots_ = 1;     // key blocks per tile: the most key boxes of any tile class
   int32_t key_entries_ = 0;   // key blocks per (batch, head): tiles * key_slots_ + text blocks (block_entry)
-  int fused_mode_ = 0;  // TILEWISE_BACKWARD_FUSED_DQ: 1 atomic, 2 reduce kernel when not deterministic (run_backward)
+  int fused_mode_ = 0;  // 0 two kernels, 1 atomic fused, 2 reduce kernel; deterministic runs take 0 (run_backward)
+  static constexpr double kReduceMaxDensity = 0.9;  // the reduce kernel by default below this video density
   DeviceArray<int32_t> dkdv_order_;  // the dK/dV kernel's video items, heaviest first (heaviest_first)
   bool per_batch_ = false;
   int max_ctas_ = 1;  // CTAs of a persistent launch: the device's SMs less Problem::sm_margin, at least 1

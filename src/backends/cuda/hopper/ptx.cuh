@@ -118,6 +118,16 @@ __device__ __forceinline__ float exp2_fma(float x) {
   return p * __int_as_float((__float_as_int(t) - 0x4B400000 + 127) << 23);
 }
 
+/// Stores to shared memory by a shared-window address: a C++ store through a pointer into the dynamic shared
+/// buffer compiles to a generic ST.E with a 64-bit address, which goes through the generic path of the load/store
+/// unit (the reduce kernel's dS^T and dQ staging stores: 7% of its consumers' stall samples, v3.7).
+__device__ __forceinline__ void st_shared_u32(void* ptr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(smem_addr(ptr)), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_shared_f2(void* ptr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(smem_addr(ptr)), "f"(x), "f"(y) : "memory");
+}
+
 /// Two adjacent floats from shared memory (an 8-byte load; volatile so it stays after the barrier wait before it).
 __device__ __forceinline__ float2 ld_shared_f2(const float* ptr) {
   float2 v;

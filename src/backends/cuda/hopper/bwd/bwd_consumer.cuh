@@ -204,8 +204,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
 #pragma unroll
     for (int i = 0; i < 32; i += 2) {
       const int r = row((i % 4) / 2), c = accumulator_column(i, lane());
-      *reinterpret_cast<uint32_t*>(panel + swizzled_offset(r, c, 128)) =
-          pack_half2(ds[i], ds[i + 1], kType == WgType::bf16);
+      st_shared_u32(panel + swizzled_offset(r, c, 128), pack_half2(ds[i], ds[i + 1], kType == WgType::bf16));
     }
   }
 
@@ -297,8 +296,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
 #pragma unroll
     for (int i = 0; i < D / 2; i += 2) {
       const uint32_t r = 16 * warp + lane() / 4 + 8 * ((i % 4) / 2), c = 8 * (i / 4) + 2 * (lane() % 4);
-      *reinterpret_cast<float2*>(stage + (c / 32) * Traits::kDqPanelBytes + swizzled_bytes(r * 128 + (c % 32) * 4, 128)) =
-          make_float2(dq[i], dq[i + 1]);
+      st_shared_f2(stage + (c / 32) * Traits::kDqPanelBytes + swizzled_bytes(r * 128 + (c % 32) * 4, 128), dq[i],
+                   dq[i + 1]);
     }
     fence_proxy_async();
     this->s.dq_full->arrive();
@@ -364,11 +363,24 @@ struct BwdConsumer : Consumer<Traits, kType> {
         // columns' statistics come two at a time from shared memory; the attention tile's frame test is a pass of
         // its own, since a branch per entry keeps the scheduler from interleaving the exponentials (v1 lost about
         // half of the dK/dV kernel's time there).
+        // In the reduce kernel they are loaded into registers before the GEMMs are waited for: a shared-memory load
+        // issued behind the tensor core's operand reads took 100+ cycles, and the first exponential waited for it
+        // (v3.7: 15% of its consumers' stall samples; the kernel 76.2 -> 74.8 ms). The dK/dV kernel, two halves a
+        // block, then spills them in its loop and loses 10% (45.5 -> 50.0 ms): it loads each pair where it is used.
+        constexpr bool kEarlyStats = kReduce;
         const float* cols = stats + 64 * half + 2 * (lane() % 4);
+        float2 col_stats[8];  // kEarlyStats: lse2 of this thread's columns, then their D
+        auto load_col_stats = [&](const float* from) {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) col_stats[k] = ld_shared_f2(from + 8 * k);
+        };
+        auto col_stat = [&](int k, const float* late) {
+          return kEarlyStats ? col_stats[k] : ld_shared_f2(late + 8 * k);
+        };
         auto probabilities_t = [&] {
 #pragma unroll
           for (int k = 0; k < 8; ++k) {
-            const float2 lse2 = ld_shared_f2(cols + 8 * k);
+            const float2 lse2 = col_stat(k, cols);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int i = 4 * k + e;
@@ -390,13 +402,14 @@ struct BwdConsumer : Consumer<Traits, kType> {
         auto score_gradients = [&] {
 #pragma unroll
           for (int k = 0; k < 8; ++k) {
-            const float2 d = ld_shared_f2(cols + Traits::kStreamRows + 8 * k);
+            const float2 d = col_stat(k, cols + Traits::kStreamRows);
 #pragma unroll
             for (int e = 0; e < 4; ++e) dp[4 * k + e] = sc[4 * k + e] * (dp[4 * k + e] - (e % 2 ? d.y : d.x));
           }
         };
         uint32_t pa[4][4], da[4][4];
         if constexpr (kSplit) {  // P^T while dP^T runs; dV += P^T dO while dS^T is computed
+          if constexpr (kEarlyStats) load_col_stats(cols);
           wgmma_wait<1>();
           fence_regs(sc);
           if (!(kAblate & 1)) probabilities_t();
@@ -406,6 +419,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
             if (!(kAblate & 4)) gemm_rs<4>(dv, pa, this->v_lo + vs.stage() * kStageDesc + row_off);
             wgmma_commit();
           });
+          if constexpr (kEarlyStats) load_col_stats(cols + Traits::kStreamRows);
           wgmma_wait<1>();  // dP^T (the dV product may still run)
           fence_regs(dp);
           if (!(kAblate & 1)) score_gradients();
@@ -417,10 +431,15 @@ struct BwdConsumer : Consumer<Traits, kType> {
             wgmma_commit();
           });
         } else {
+          if constexpr (kEarlyStats) load_col_stats(cols);
           wgmma_wait<0>();
           fence_regs(sc);
           fence_regs(dp);
-          if (!(kAblate & 1)) probabilities_t(), score_gradients();
+          if (!(kAblate & 1)) {
+            probabilities_t();
+            if constexpr (kEarlyStats) load_col_stats(cols + Traits::kStreamRows);
+            score_gradients();
+          }
           if constexpr (kFuseDq) store_block_ds(dp, half, blocks);
           pack_operand<4>(sc, pa, kType == WgType::bf16);
           pack_operand<4>(dp, da, kType == WgType::bf16);

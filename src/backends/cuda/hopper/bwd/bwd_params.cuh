@@ -2,12 +2,12 @@
 // key-block cursor, masks, pipelines), so their parameters extend the forward's, whose four tensor roles they
 // fill differently:
 //
-// Three arrangements: by default the dQ kernel (S, dP and dS are recomputed: seven GEMMs per block pair, no
-// atomics) and the dK/dV kernel; with TILEWISE_BACKWARD_FUSED_DQ=1 one fused kernel (the dK/dV kernel that also adds
-// dQ = dS K of each pair into an fp32 accumulator with atomics: five GEMMs per pair), measured slower so far; with
-// TILEWISE_BACKWARD_FUSED_DQ=2 the fused kernel on 64-row streamed blocks whose dQ a producer thread adds into the
-// accumulator by TMA reduction (dkdvq_reduce: no lockstep between the warpgroups, two dO stages; correct, 1-2%
-// faster than the default on row 1 with events, docs/performance.md backward v3.6).
+// Three arrangements (chosen at plan time, hopper_backend.cu): by default, below 90% video density and when not
+// deterministic, the fused kernel on 64-row streamed blocks whose dQ a producer thread adds into an fp32 accumulator
+// by TMA reduction (dkdvq_reduce: no lockstep between the warpgroups; faster on 9 of 10 benchmark rows, 11-12% at
+// D 64 and 96, docs/performance.md backward v3.7); otherwise the dQ kernel (S, dP and dS are recomputed: seven GEMMs
+// per block pair, no atomics, bitwise reproducible) and the dK/dV kernel; with TILEWISE_BACKWARD_FUSED_DQ=1 one
+// fused kernel adding dQ = dS K with atomics (five GEMMs per pair), measured slower.
 //
 //   role (FwdParams maps)    | dQ kernel (per query block) | dK/dV kernel (per key block, all GQA query heads)
 //   q: owned, first operand  | Q                           | K
