@@ -134,18 +134,23 @@ def attention_table(args, device, dtype) -> str:
             results = {}
             # (chunks, sm_margin): one all-to-all each way; two head groups; two head groups with SMs left free
             # for the collectives, so the second group's all-to-all can run beside the first group's attention
-            variants = [(1, 0)] if n == 1 else [(1, 0), (2, 0)] + [(2, m) for m in args.sm_margins if m > 0]
-            for chunks, margin in variants:
+            # (with --copy-engine, also exchange="copy_engine": chunks 1 and 2, one SM left for its barrier kernel)
+            variants = [(1, 0, "nccl")] if n == 1 else \
+                [(1, 0, "nccl"), (2, 0, "nccl")] + [(2, m, "nccl") for m in args.sm_margins if m > 0]
+            if n > 1 and args.copy_engine and device.type == "cuda":
+                variants += [(1, 1, "copy_engine"), (2, 1, "copy_engine")]
+            for chunks, margin, exchange in variants:
                 def call():
-                    return twp.ulysses_attention(ql, kl, vl, group=group, seq_len=S, chunks=chunks,
-                                                 load_balance=balance, sm_margin=margin, **kw)
+                    with torch.no_grad():  # the copy-engine exchange serves calls without autograd
+                        return twp.ulysses_attention(ql, kl, vl, group=group, seq_len=S, chunks=chunks,
+                                                     load_balance=balance, sm_margin=margin, exchange=exchange, **kw)
                 t_all = timed(call, args.iters, device, group)
                 gathered = [torch.empty(1, twp.shard_sizes(S, n)[r], heads, D, device=device, dtype=dtype)
                             for r in range(n)]
                 dist.all_gather(gathered, call().contiguous(), group=group)
-                results[chunks, margin] = (t_all, rel_l2(torch.cat(gathered, dim=1), ref))
+                results[chunks, margin, exchange] = (t_all, rel_l2(torch.cat(gathered, dim=1), ref))
             if n == 1:  # no all-to-all runs; the row says what the distributed path costs over the plain op
-                t_all, err = results[1, 0]
+                t_all, err = results[1, 0, "nccl"]
                 rows.append(f"| {label} | 1 ({backend_name(group)}) | 1 | {t_all * 1e3:.2f} | "
                             f"{100 * (t_all / base - 1):+.1f}% over the plain op | {base / t_all:.2f}x | {err:.3g} |")
                 continue
@@ -155,9 +160,10 @@ def attention_table(args, device, dtype) -> str:
                                        device)
                 profiles.append(f"- {workers(n, device)}, {label}, chunks 1 (rank 0): {line}")
             best = min(results, key=lambda c: results[c][0])
-            for (chunks, margin), (t_all, err) in results.items():
-                mark = " (fastest)" if (chunks, margin) == best else ""
-                name = f"{chunks}" + (f", sm_margin {margin}" if margin else "")
+            for (chunks, margin, exchange), (t_all, err) in results.items():
+                mark = " (fastest)" if (chunks, margin, exchange) == best else ""
+                name = f"{chunks}" + (f", sm_margin {margin}" if margin else "") + \
+                    (", copy engine" if exchange == "copy_engine" else "")
                 rows.append(f"| {label} | {n} | {name}{mark} | {t_all * 1e3:.2f} | "
                             f"{100 * min(1.0, t_comm / t_all):.0f}% | {base / t_all:.2f}x | {err:.3g} |")
     head = (f"One attention layer: {T}x{H}x{W} + {g['text']} text ({g['valid']} valid), {heads} heads, D {D}, "
@@ -286,18 +292,23 @@ def model_table(args, device) -> str:
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=twd.cp_plan(model))
             # every configuration with chunks 1, then the uniform window with 2 head groups (overlap), alone and
             # with the first --sm-margins value, measured against the same one-GPU forward
-            runs = [(label, label, windows, balance, 1, 0, True) for label, windows, balance in configs(args, heads)]
+            runs = [(label, label, windows, balance, 1, 0, True, "nccl")
+                    for label, windows, balance in configs(args, heads)]
             uniform_label, uniform, _ = configs(args, heads)[0]
             # the single-stream blocks' all-to-all at the attention call instead of before the MLP (early_start)
-            runs.append((f"{uniform_label}, early start off", uniform_label, uniform, None, 1, 0, False))
-            runs.append((f"{uniform_label}, chunks 2", uniform_label, uniform, None, 2, 0, True))
+            runs.append((f"{uniform_label}, early start off", uniform_label, uniform, None, 1, 0, False, "nccl"))
+            runs.append((f"{uniform_label}, chunks 2", uniform_label, uniform, None, 2, 0, True, "nccl"))
             margin = next((m for m in args.sm_margins if m > 0), 0)
             if margin:
                 runs.append((f"{uniform_label}, chunks 2, sm_margin {margin}", uniform_label, uniform, None, 2, margin,
-                             True))
-            for label, single, windows, balance, chunks, sm_margin, early in runs:
+                             True, "nccl"))
+            if args.copy_engine and device.type == "cuda":  # the exchanges off the SMs (one left for the barrier)
+                runs.append((f"{uniform_label}, copy engine", uniform_label, uniform, None, 1, 1, True, "copy_engine"))
+                runs.append((f"{uniform_label}, chunks 2, copy engine", uniform_label, uniform, None, 2, 1, True,
+                             "copy_engine"))
+            for label, single, windows, balance, chunks, sm_margin, early, exchange in runs:
                 twd.enable(model, windows, tile=tile, load_balance=balance, chunks=chunks, sm_margin=sm_margin,
-                           early_start=early)
+                           early_start=early, exchange=exchange)
                 tn = timed(lambda: model(**inputs), args.model_iters, device, dist.group.WORLD)
                 ref, t1 = singles[single]
                 err = rel_l2(model(**inputs)[0], ref)
@@ -325,6 +336,8 @@ def main() -> None:
     ap.add_argument("--sm-margins", type=lambda x: [int(m) for m in x.split(",") if m], default=[16, 32],
                     help="SMs left to the collectives, each timed with chunks 2 (comma-separated; 0: none)")
     ap.add_argument("--no-model", action="store_true", help="skip the transformer forward")
+    ap.add_argument("--copy-engine", action="store_true",
+                    help="also time exchange='copy_engine' (the all-to-alls on the copy engines; CUDA, inference)")
     ap.add_argument("--configs", choices=["all", "uniform"], default="all",
                     help="uniform: the uniform window alone (a quicker run, e.g. to compare NCCL settings)")
     ap.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny shapes: checks the script only")

@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tilewise import _api, _args, _capi, _torch
+from tilewise import _api, _args, _capi, _copy_engine, _torch
 
 __all__ = ["ulysses_attention", "shard_range", "shard_sizes", "shard", "head_assignment", "head_costs"]
 
@@ -419,7 +419,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
                       block_offsets=None, block_tiles=None, text_len=None, text_position: str = "last",
                       order: str = "raster", layout: str = "bshd", scale: Optional[float] = None,
                       load_balance: Optional[bool] = None, chunks: int = 1, deterministic: Optional[bool] = None,
-                      seq_len: Optional[int] = None, sm_margin: int = 0, precision: str = "native"):
+                      seq_len: Optional[int] = None, sm_margin: int = 0, precision: str = "native",
+                      exchange: str = "nccl"):
     """Tile-sparse attention over a sequence split across the ranks of `group` (None = the default group).
 
     q, k, v: this rank's chunk of the joint sequence, [B, s_r, H, D] (layout "bshd") or [B, H, s_r, D] ("bhsd"),
@@ -436,13 +437,29 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
     so that with chunks > 1 NCCL's kernels can run beside the attention; the result does not change.
     precision: "native" or "fp8" (docs/semantics.md §11; each rank quantises the whole sequence of its heads, so
     the result equals the single-device one).
+    exchange: "nccl" (torch.distributed's all-to-all) or "copy_engine": the head exchanges as copy-engine transfers
+    into the peers' symmetric memory, which take no SMs, so that with chunks > 1 a head group's exchange runs under
+    another group's attention (tilewise/_copy_engine.py; CUDA tensors; leave sm_margin >= 1 for its barrier
+    kernel). Inference only: a call with autograd through q, k, v (or under torch.compile) uses NCCL's. The result
+    is the same.
     Returns this rank's chunk of the output, shaped like q, contiguous in `layout`.
     """
     return _ulysses(q, k, v, group=group, latent=latent, tile=tile, pattern=pattern, window=window,
                     global_frames=global_frames, radius=radius, block_offsets=block_offsets, block_tiles=block_tiles,
                     text_len=text_len, text_position=text_position, order=order, layout=layout, scale=scale,
                     load_balance=load_balance, chunks=chunks, deterministic=deterministic, seq_len=seq_len,
-                    sm_margin=sm_margin, precision=precision)
+                    sm_margin=sm_margin, precision=precision, exchange=exchange)
+
+
+EXCHANGES = ("nccl", "copy_engine")
+
+
+def _collective_exchange(group, rank: int) -> Callable:
+    """The all-to-all as a function of (send rows, counts[s][d]: rows rank s sends to rank d) -> (received rows in
+    rank order, wait), by torch's functional collective (which waits by itself at the first use: wait is a no-op)."""
+    def run(x: torch.Tensor, counts) -> tuple:
+        return _all_to_all(x, [row[rank] for row in counts], list(counts[rank]), group), lambda: None
+    return run
 
 
 def _local_sizes(s_local: int, seq_len, P: int, group, device) -> list:
@@ -464,7 +481,7 @@ def _ulysses(q, k, v, **kw) -> torch.Tensor:
 def _ulysses_start(q, k, v, *, group, latent, tile, pattern, window, global_frames, radius, block_offsets,
                    block_tiles, text_len, text_position, order, layout, scale, load_balance, chunks, deterministic,
                    seq_len, sm_margin=0, split: Optional[_SequenceSplit] = None,
-                   precision: str = "native") -> Callable[[], torch.Tensor]:
+                   precision: str = "native", exchange: str = "nccl") -> Callable[[], torch.Tensor]:
     """ulysses_attention up to the input all-to-alls, which it issues: returns finish(), the attention, the output
     all-to-alls and the unpacking. torch's functional collectives return before the transfer ends and wait at the
     first use of their result, so work queued between the two (e.g. a GEMM that does not need the attention)
@@ -491,6 +508,7 @@ def _ulysses_start(q, k, v, *, group, latent, tile, pattern, window, global_fram
             raise TypeError(f"{name}: expected a torch tensor, got {type(t).__name__}")
     _args.choice("layout", layout, _capi.LAYOUTS)
     _args.choice("precision", precision, _args.PRECISIONS)
+    _args.choice("exchange", exchange, EXCHANGES)
     params = _args.PatternParams.of(pattern, window, global_frames, radius, block_offsets, block_tiles)
     latent, tile = _args.triple("latent", latent), _args.triple("tile", tile)
     if isinstance(q, _SequenceParts):  # the diffusers path: bshd parts, cast part by part
@@ -551,6 +569,9 @@ def _ulysses_start(q, k, v, *, group, latent, tile, pattern, window, global_fram
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype or t.device != q.device:
             raise TypeError(f"{name}: {t.dtype} on {t.device}, expected q's {q.dtype} on {q.device}")
+    if exchange == "copy_engine" and q.device.type != "cuda":
+        raise ValueError(f"invalid exchange = 'copy_engine' with q on {q.device}: expected CUDA tensors (or "
+                         "exchange='nccl')")
     if P == 1:  # nothing to exchange: the plain op, no copies
         q, k, v = (t.joined() if isinstance(t, _SequenceParts) else t for t in (q, k, v))
         o = _api._attention(q, k, v, params=params, latent=latent, tile=tile, text_len=text_len,
@@ -584,19 +605,29 @@ def _ulysses_start(q, k, v, *, group, latent, tile, pattern, window, global_fram
     # Head groups (whole kv groups, so GQA stays local), each with its own collectives; all input all-to-alls
     # are issued before the first attention so that later groups' communication overlaps earlier groups' compute.
     groups = _chunks(hk, chunks)
-    inputs = [_send_heads(sources, blocks, rank, G, lo, hi, group) for lo, hi in groups]
+    a2a = _collective_exchange(group, rank)
+    flat = [p for t in (qs, ks, vs) for p in (t.parts if isinstance(t, _SequenceParts) else (t,))]
+    if exchange == "copy_engine" and _copy_engine.usable(flat):
+        exchanger = _copy_engine.Exchanger.of(group, q.device)
+        exchanger.begin_call()
+        a2a = exchanger.all_to_all
+    inputs = [_send_heads(sources, blocks, rank, G, lo, hi, a2a) for lo, hi in groups]
 
     def finish() -> torch.Tensor:
-        received = []
-        for (lo, hi), (qf, kf, vf) in zip(groups, inputs):
+        received, arrivals = [], []
+        for (lo, hi), (qf, kf, vf, arrived) in zip(groups, inputs):
+            arrived()
             # [S, B, h, D] -> [B, S, h, D] views; head_offset makes the library index the table by global head.
             qf, kf, vf = (t.permute(1, 0, 2, 3) for t in (qf, kf, vf))
             offset = rank * hq + lo * G
             o = _api._attention(qf, kf, vf, params=_table_prefix(params, offset + (hi - lo) * G, latent, tile),
                                 head_offset=offset, return_lse=False, **call_kw)
             o = o.transpose(0, 1).contiguous()  # [S, B, h, D], the return send buffer: a view for B = 1, a copy else
-            back = _all_to_all(o, [blocks[rank]] * P, blocks, group)  # to sequence shards
+            back, back_arrived = a2a(o, [blocks] * P)  # to sequence shards: rank s sends blocks[d] rows to d
             received.append(back.view(P, blocks[rank], B, (hi - lo) * G, D))
+            arrivals.append(back_arrived)
+        for arrived in arrivals:  # waited for only now, so that every group's attention was queued before
+            arrived()
         head_ranges = [(lo * G, hi * G) for lo, hi in groups]
         return _receive_heads(received, head_ranges, split, rank, layout, None if identity else tuple(perm), group)
 
@@ -619,22 +650,23 @@ def _gather_extra(chunk: list, split: _SequenceSplit, rank: int, group) -> list:
     return [got.narrow(2, a, w).transpose(0, 1) for a, w in zip(starts, widths)]
 
 
-def _send_heads(sources: list, blocks: list, rank: int, G: int, lo: int, hi: int, group) -> tuple:
+def _send_heads(sources: list, blocks: list, rank: int, G: int, lo: int, hi: int, a2a: Callable) -> tuple:
     """The input all-to-all of kv heads [lo, hi) of every rank's head block (q heads [lo*G, hi*G)). sources:
-    [(start in this rank's block, [q, k, v] views [B, n, H, D])]. Returns q, k, v of the gathered sequence (the
-    spec's order) for those heads, [S, B, h, D] views each."""
+    [(start in this rank's block, [q, k, v] views [B, n, H, D])]; a2a: the exchange (_collective_exchange or the
+    copy engines'). Returns q, k, v of the gathered sequence (the spec's order) for those heads, [S, B, h, D] views
+    each, and wait(): call it before reading them."""
     if G == 1:  # q, k, v alike: one collective for all three (fewer, larger messages)
-        got = _exchange(sources, blocks, rank, lo, hi, group)
-        return got[:, 0], got[:, 1], got[:, 2]
-    qf = _exchange([(at, ts[:1]) for at, ts in sources], blocks, rank, lo * G, hi * G, group)
-    kv = _exchange([(at, ts[1:]) for at, ts in sources], blocks, rank, lo, hi, group)
-    return qf[:, 0], kv[:, 0], kv[:, 1]
+        got, arrived = _exchange(sources, blocks, rank, lo, hi, a2a)
+        return got[:, 0], got[:, 1], got[:, 2], arrived
+    qf, q_arrived = _exchange([(at, ts[:1]) for at, ts in sources], blocks, rank, lo * G, hi * G, a2a)
+    kv, kv_arrived = _exchange([(at, ts[1:]) for at, ts in sources], blocks, rank, lo, hi, a2a)
+    return qf[:, 0], kv[:, 0], kv[:, 1], lambda: (q_arrived(), kv_arrived())
 
 
-def _exchange(sources: list, blocks: list, rank: int, lo: int, hi: int, group) -> torch.Tensor:
+def _exchange(sources: list, blocks: list, rank: int, lo: int, hi: int, a2a: Callable) -> tuple:
     """Heads [lo, hi) of every rank's head block of the C tensors of `sources` ([(start in this rank's block,
     C views [B, n, H, D])]) packed by destination into [P, block, C, B, hi - lo, D] (rank j's heads first) with
-    one copy, then the all-to-all. Returns [S, C, B, hi - lo, D]: the ranks' blocks in rank order."""
+    one copy, then the all-to-all. Returns ([S, C, B, hi - lo, D]: the ranks' blocks in rank order, wait)."""
     P, R = len(blocks), blocks[rank]
     first = sources[0][1]
     B, D, C = first[0].shape[0], first[0].shape[3], len(first)
@@ -644,7 +676,7 @@ def _exchange(sources: list, blocks: list, rank: int, lo: int, hi: int, group) -
             slots.append((functools.partial(_send_slot, start=start, rows=t.shape[1], c=c), None))
             parts.append(t.unflatten(2, (P, -1))[:, :, :, lo:hi])
     buf = _Assemble.apply((P, R, C, B, hi - lo, D), tuple(slots), *parts)
-    return _all_to_all(buf.view(P * R, C, B, hi - lo, D), blocks, [R] * P, group)
+    return a2a(buf.view(P * R, C, B, hi - lo, D), [[blocks[s]] * P for s in range(P)])  # s sends its block to all
 
 
 def _receive_heads(received: list, head_ranges: list, split: _SequenceSplit, rank: int, layout: str,

@@ -266,6 +266,10 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
                                                 tile=(1, 1, 1), window=(1, 1, 1), seq_len=8 * world, chunks=0),
         "sm_margin": lambda: twp.ulysses_attention(y, y, y, latent=(1, 2, 4), tile=(1, 1, 1), window=(1, 1, 1),
                                                    seq_len=8 * world, sm_margin=-1),
+        "exchange": lambda: twp.ulysses_attention(y, y, y, latent=(1, 2, 4), tile=(1, 1, 1), window=(1, 1, 1),
+                                                  seq_len=8 * world, exchange="nvshmem"),
+        "exchange_cpu": lambda: twp.ulysses_attention(y, y, y, latent=(1, 2, 4), tile=(1, 1, 1), window=(1, 1, 1),
+                                                      seq_len=8 * world, exchange="copy_engine"),
     }.items():
         try:
             fn()
@@ -350,6 +354,8 @@ def test_errors_name_the_numbers(reports):
         in errors["window_table"]
     assert "invalid chunks = 0" in errors["chunks"]
     assert "invalid sm_margin = -1: expected at least 0" in errors["sm_margin"]
+    assert "invalid exchange = 'nvshmem': expected one of 'nccl', 'copy_engine'" in errors["exchange"]
+    assert "invalid exchange = 'copy_engine' with q on cpu: expected CUDA tensors" in errors["exchange_cpu"]
 
 
 def test_copies_per_call(reports):

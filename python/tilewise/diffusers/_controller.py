@@ -45,8 +45,8 @@ class Controller:
         self.model, self.family, self.strategy = model, family, strategy
         self.precision = precision  # None: the strategy's (Strategy.precision); "native" / "fp8": every call
         # tilewise.parallel's options under context parallelism: load_balance (None = when heads differ), chunks,
-        # sm_margin
-        self.parallel = {"load_balance": None, "chunks": 1, "sm_margin": 0, **(parallel or {})}
+        # sm_margin, exchange
+        self.parallel = {"load_balance": None, "chunks": 1, "sm_margin": 0, "exchange": "nccl", **(parallel or {})}
         self.early_start = True  # enable(early_start=): families' hooks may issue the all-to-all before the call
         self.latent = None
         self.step = None
@@ -345,7 +345,7 @@ def controller(transformer) -> Controller | None:
 
 
 def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chunks=1, sm_margin=0,
-           early_start=True, precision=None):
+           early_start=True, precision=None, exchange="nccl"):
     """Routes the self-attention of a diffusers video transformer (or of a pipeline's transformer(s)) through
     tilewise. Returns the Controller (for a pipeline with two transformers, the first one's).
 
@@ -362,6 +362,9 @@ def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chu
     early_start: under context parallelism, a block whose attention does not feed the work before it (HunyuanVideo's
     single-stream blocks, where diffusers runs the MLP first) issues its attention's all-to-all before that work,
     so that the exchange overlaps it; False: at the attention call. Same result either way.
+    exchange: under context parallelism, how the heads are exchanged: "nccl" or "copy_engine" (copy-engine
+    transfers into the peers' symmetric memory, no SMs taken; inference, with autograd NCCL's;
+    tilewise.parallel.ulysses_attention). Same result either way.
     precision: "fp8" runs every tilewise call in FP8 (docs/semantics.md §11; forward only; the CPU and Hopper
     backends), "native" every call in the model's dtype, None (default) what the
     strategy says (a calibrated strategy's FP8 heads: a (step, layer) runs FP8 when all its heads chose it)."""
@@ -373,10 +376,12 @@ def enable(model, strategy, *, tile=None, timesteps=None, load_balance=None, chu
         raise ValueError(f"invalid early_start = {early_start!r}: expected True or False")
     from tilewise import parallel
     parallel._sm_margin(sm_margin)  # refused here, not at the first parallel call
+    tilewise._args.choice("exchange", exchange, parallel.EXCHANGES)
     if precision is not None and precision not in tilewise._args.PRECISIONS:
         raise ValueError(f"invalid precision = {precision!r}: expected None (the strategy's), 'native' or 'fp8'")
     return _enable(model, Strategy.coerce(strategy, tile), timesteps,
-                   dict(load_balance=load_balance, chunks=chunks, sm_margin=sm_margin), precision, early_start)
+                   dict(load_balance=load_balance, chunks=chunks, sm_margin=sm_margin, exchange=exchange), precision,
+                   early_start)
 
 
 def tap(model, hook, *, steps=None, layers=None, tile=None, timesteps=None) -> Controller:
