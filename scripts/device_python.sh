@@ -2,7 +2,8 @@
 # The Python side on the GPU machine in one go: diffusers from local wheels (carry .whl), the library build, the
 # torch/diffusers/calibration tests (CUDA parts included) and the end-to-end transformer benchmark.
 # Usage (repo root, on the GPU machine): scripts/device_python.sh [test] [e2e] [calib] [train_sta] [train_evdit]
-#        [train_step]   (the training recipes' h200 preset with its proxy error, and the training-step benchmark)
+#        [train_step] [packaging_segv]   (the training recipes' h200 preset with its proxy error, the training-step
+#        benchmark, the native frames of the packaging test's crash)
 set -uo pipefail
 OUT=${OUT:-/tmp/tilewise-out}
 mkdir -p "$OUT"
@@ -41,6 +42,18 @@ for step in $steps; do
       timeout ${STEP_SECONDS:-420} python3 bench/bench_train_step.py --lib build-device/libtilewise.so --out "$OUT/train_step.md" \
         > "$OUT/train_step.log" 2>&1
       echo "train_step rc=$?"; tail -12 "$OUT/train_step.log"
+      ;;
+    packaging_segv)
+      # The installed CPU-only wheel's SIGSEGV in tw_device_supports_precision, seen on the H200 only: its native
+      # frames (scripts/segv_backtrace.c, preloaded; the test's subprocesses inherit LD_PRELOAD), the toolchain
+      # that built the wheel and what its library links.
+      cc -shared -fPIC -O1 -o /tmp/segv_backtrace.so scripts/segv_backtrace.c || exit 1
+      LD_PRELOAD=/tmp/segv_backtrace.so timeout 240 python3 -m pytest -x -q -p no:cacheprovider --basetemp=/tmp/pk \
+        tests/python/test_packaging.py -k installed_wheel > "$OUT/packaging_segv.log" 2>&1
+      echo "packaging rc=$?"; grep -E "passed|failed" "$OUT/packaging_segv.log" | tail -1
+      grep -oE "segv_backtrace:[^']*" "$OUT/packaging_segv.log" | head -1 | sed 's/\\n/\n/g' | head -25
+      echo "CXX=${CXX:-} $(${CXX:-c++} --version | head -1)"
+      readelf -d /tmp/pk/*/site/tilewise/libtilewise.so 2>/dev/null | grep -E "NEEDED"
       ;;
     calib)
       timeout 300 python3 bench/bench_calibrate.py --out "$OUT/calib.md" > "$OUT/calib.log" 2>&1
