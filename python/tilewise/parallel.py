@@ -313,11 +313,64 @@ class _SequenceSplit(NamedTuple):
         return (self.extra_in_block(rank), 0) if self.extra_first else (0, self.main[rank])
 
 
+class Producer:
+    """A part of q, k or v, [B, n, H, D] (bshd), not yet computed: its last kernel writes straight into its slot of
+    the input all-to-all's send buffer (`write`), so that the packing copy disappears into it (the diffusers path
+    without autograd: HunyuanVideo's RoPE; on 2 H200s the packing and unpacking copies were ~115 ms of a 3.1 s
+    forward that do not halve, docs/bench/h200x2-parallel-v3.md). Paths that need a tensor call `materialize()`.
+    Not differentiable: made only where autograd is off."""
+
+    requires_grad = False
+
+    def __init__(self, shape, dtype, device):
+        self.shape, self.dtype, self.device = tuple(shape), dtype, torch.device(device)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def write(self, dst: torch.Tensor, P: int, lo: int, hi: int) -> None:
+        """Heads [lo, hi) of each of the P head blocks into dst, [B, n, P, hi - lo, D] (a strided view)."""
+        raise NotImplementedError
+
+    def materialize(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self.write(out.unflatten(2, (1, -1)), 1, 0, self.shape[2])
+        return out
+
+
+class _HeadsOf(NamedTuple):
+    """Heads [lo, hi) of each of P head blocks of a Producer: a source of _Assemble (written, not copied)."""
+    producer: Producer
+    P: int
+    lo: int
+    hi: int
+
+    @property
+    def dtype(self):
+        return self.producer.dtype
+
+    @property
+    def device(self):
+        return self.producer.device
+
+    def write(self, dst: torch.Tensor) -> None:
+        self.producer.write(dst, self.P, self.lo, self.hi)
+
+
+def _tensor(t) -> torch.Tensor:
+    return t.materialize() if isinstance(t, Producer) else t
+
+
 class _SequenceParts:
     """q, k or v of this rank as the local parts of its split, not joined: [main, extra] ([extra, main] with
-    extra_first_locally), each [B, n, H, D] (bshd). diffusers' HunyuanVideo makes the video part (after RoPE) and
-    the text part apart; the input all-to-all packs each straight into its slot of the send buffer, where joining
-    them first would cost one more full-size copy of q, k and v. Only what _ulysses asks of a tensor."""
+    extra_first_locally), each [B, n, H, D] (bshd) or a Producer of one. diffusers' HunyuanVideo makes the video
+    part (after RoPE) and the text part apart; the input all-to-all packs each straight into its slot of the send
+    buffer (a Producer writes itself there), where joining them first would cost one more full-size copy of q, k
+    and v. Only what _ulysses asks of a tensor."""
 
     def __init__(self, parts):
         self.parts = tuple(parts)
@@ -350,15 +403,16 @@ class _SequenceParts:
         return self.joined().narrow(dim, start, length)
 
     def index_select(self, dim: int, index: torch.Tensor) -> "_SequenceParts":
-        return _SequenceParts(p.index_select(dim, index) for p in self.parts)
+        return _SequenceParts(_tensor(p).index_select(dim, index) for p in self.parts)
 
     def joined(self) -> torch.Tensor:
-        return torch.cat(self.parts, dim=1)
+        return torch.cat([_tensor(p) for p in self.parts], dim=1)
 
 
 class _Assemble(torch.autograd.Function):
     """A new tensor of `shape` made of the sources: slot i is the view slot_i(out) (view ops only), written with
-    one copy of source i, or with an index as slot_i(out)[:, :, index_i] = source i (heads put back in place).
+    one copy of source i, or with an index as slot_i(out)[:, :, index_i] = source i (heads put back in place), or
+    by source i itself where it is a Producer's heads (_HeadsOf; no autograd then).
     One copy of each source also where the slots do not tile the tensor along one dimension (torch.cat and
     torch.stack would copy twice there), and a backward of views of the gradient (autograd's own in-place copies
     into slices clone the whole tensor once per slot in the backward). The slots must cover the tensor."""
@@ -367,7 +421,9 @@ class _Assemble(torch.autograd.Function):
     def forward(ctx, shape, slots, *sources):
         out = torch.empty(shape, dtype=sources[0].dtype, device=sources[0].device)
         for (slot, index), source in zip(slots, sources):
-            if index is None:
+            if isinstance(source, _HeadsOf):
+                source.write(slot(out))
+            elif index is None:
                 slot(out).copy_(source)
             else:
                 slot(out)[:, :, index] = source
@@ -674,7 +730,7 @@ def _exchange(sources: list, blocks: list, rank: int, lo: int, hi: int, a2a: Cal
     for start, tensors in sources:
         for c, t in enumerate(tensors):
             slots.append((functools.partial(_send_slot, start=start, rows=t.shape[1], c=c), None))
-            parts.append(t.unflatten(2, (P, -1))[:, :, :, lo:hi])
+            parts.append(_HeadsOf(t, P, lo, hi) if isinstance(t, Producer) else t.unflatten(2, (P, -1))[:, :, :, lo:hi])
     buf = _Assemble.apply((P, R, C, B, hi - lo, D), tuple(slots), *parts)
     return a2a(buf.view(P * R, C, B, hi - lo, D), [[blocks[s]] * P for s in range(P)])  # s sends its block to all
 

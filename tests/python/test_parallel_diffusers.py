@@ -67,9 +67,9 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
         weight = torch.randn(ref.shape)  # the same on every rank (same seed)
         ref_grads = _grads(model, inputs, weight, sum_over_ranks=False)
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=twd.cp_plan(model))
-        ctrl.calls, ctrl.started_early = {"tilewise": 0, "original": 0}, 0
+        ctrl.calls, ctrl.started_early, ctrl.rotary_in_place = {"tilewise": 0, "original": 0}, 0, 0
         got = run(model, inputs)
-        calls, early = dict(ctrl.calls), ctrl.started_early
+        calls, early, in_place = dict(ctrl.calls), ctrl.started_early, ctrl.rotary_in_place
         grad_err, grad_scale = _largest_difference(_grads(model, inputs, weight, sum_over_ranks=True), ref_grads)
         # gradient checkpointing (the training recipes' setting): the backward reruns each block's forward, its
         # hooks and collectives included
@@ -86,7 +86,7 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
         results[family] = {"err": float((got - ref).abs().max()), "scale": float(ref.abs().max()),
                            "err_options": float((again - ref).abs().max()),
                            "grad_err": grad_err, "grad_scale": grad_scale, "ckpt_err": ckpt_err, "calls": calls,
-                           "early": early,
+                           "early": early, "rotary_in_place": in_place,
                            "early_when_off": late,
                            "layers": len(ctrl.modules),
                            "single_layers": len(getattr(model, "single_transformer_blocks", ()))}
@@ -111,6 +111,9 @@ def test_context_parallel_equals_single_process(report, family):
         # result is still the single process's); no other family or block does
         assert got["early"] == got["single_layers"] and (family != "hunyuan" or got["early"] > 0), (family, rank, got)
         assert got["early_when_off"] == 0, (family, rank, got)  # early_start=False
+        # without autograd HunyuanVideo's RoPE writes q and k into the send buffer (every layer), and the output is
+        # still the single process's
+        assert got["rotary_in_place"] == (got["layers"] if family == "hunyuan" else 0), (family, rank, got)
         # float32 model: the CP run sums in another order (all-to-all, split linear layers are the same math)
         assert got["err"] <= 1e-5 * max(1.0, got["scale"]), (family, rank, got)
         assert got["err_options"] <= 1e-5 * max(1.0, got["scale"]), (family, rank, got)
@@ -125,6 +128,25 @@ def test_context_parallel_gradients_equal_single_process(report, family):
         got = rep["results"][family]
         assert got["grad_err"] <= 1e-5 * max(1.0, got["grad_scale"]), (family, rank, got)
         assert got["ckpt_err"] <= 1e-5 * max(1.0, got["grad_scale"]), (family, rank, got)  # with checkpointing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_into_the_send_buffer_is_diffusers_rope_bitwise(dtype):
+    """The HunyuanVideo processor's RoPE that writes into the all-to-all's send buffer (a tilewise.parallel
+    Producer) gives diffusers' apply_rotary_emb bit for bit, whole and by head blocks (P = 2, heads [1, 3) of each)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from tilewise.diffusers.hunyuan_video import _RotaryInto
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence().entropy % (1 << 62)))
+    B, n, H, D = 2, 11, 8, 16
+    x = torch.randn(B, n + 3, H, D, generator=gen).to(dtype)[:, :n]  # a view of a longer sequence, as in _front
+    emb = (torch.randn(n, D, generator=gen), torch.randn(n, D, generator=gen))
+    ref = apply_rotary_emb(x, emb, sequence_dim=1)
+    producer = _RotaryInto(x, emb)
+    assert torch.equal(producer.materialize(), ref)
+    send = torch.full((n, B, 2, 2, D), float("nan"), dtype=dtype)  # [rows, B, P, h, D], strided as the send slot
+    producer.write(send.permute(1, 0, 2, 3, 4), 2, 1, 3)
+    assert torch.equal(send.permute(1, 0, 2, 3, 4), ref.unflatten(2, (2, -1))[:, :, :, 1:3])
 
 
 def test_cp_plan_is_diffusers_own_for_wan_and_tilewise_s_for_the_others():

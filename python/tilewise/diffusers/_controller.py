@@ -48,6 +48,7 @@ class Controller:
         # sm_margin, exchange
         self.parallel = {"load_balance": None, "chunks": 1, "sm_margin": 0, "exchange": "nccl", **(parallel or {})}
         self.early_start = True  # enable(early_start=): families' hooks may issue the all-to-all before the call
+        self.rotary_in_place = 0  # calls whose RoPE wrote q and k into the all-to-all's send buffer (HunyuanVideo)
         self.latent = None
         self.step = None
         self.timesteps = None

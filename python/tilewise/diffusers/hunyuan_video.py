@@ -5,6 +5,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from tilewise import parallel
 from tilewise.diffusers._controller import Processor, context_parallel
 from tilewise.diffusers._family import Family, register
 
@@ -16,6 +17,28 @@ def _rope_prefix(x, n: int, emb) -> tuple:
     if n == x.shape[1]:
         return (apply_rotary_emb(x, emb, sequence_dim=1),)
     return apply_rotary_emb(x[:, :n], emb, sequence_dim=1), x[:, n:]
+
+
+class _RotaryInto(parallel.Producer):
+    """diffusers' apply_rotary_emb (use_real, pairs interleaved: HunyuanVideo's) on a [B, n, H, D] tensor, written
+    by its last kernel into a slot of the all-to-all's send buffer (tilewise.parallel.Producer): the same
+    operations, so the same bits, and no packing copy after them."""
+
+    def __init__(self, x: torch.Tensor, emb):
+        super().__init__(x.shape, x.dtype, x.device)
+        self.x, self.emb = x, emb
+
+    def write(self, dst, P: int, lo: int, hi: int) -> None:
+        x = self.x.unflatten(2, (P, -1))[:, :, :, lo:hi]  # [B, n, P, h, D], a view
+        cos, sin = (t.to(x.device)[None, :, None, None, :] for t in self.emb)
+        x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+        x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
+        dst.copy_(x.float() * cos + x_rotated.float() * sin)  # apply_rotary_emb's .to(x.dtype), into place
+
+
+def _rope_prefix_into(x, n: int, emb) -> tuple:
+    """_rope_prefix with the rotated part as a _RotaryInto (written into the send buffer)."""
+    return (_RotaryInto(x[:, :n], emb),) + ((x[:, n:],) if n < x.shape[1] else ())
 
 
 def _split_prefix(x, n: int) -> tuple:
@@ -111,7 +134,14 @@ class HunyuanVideoProcessor(Processor):
         # q, k, v as tuples of [video, text] parts (one part without text): `attend` joins them, or under context
         # parallelism packs them for the all-to-all without a concatenation first
         if image_rotary_emb is not None:  # RoPE on the video positions only
-            q, k = _rope_prefix(q, n_video, image_rotary_emb), _rope_prefix(k, n_video, image_rotary_emb)
+            # Under context parallelism without autograd, RoPE's last kernel writes into the all-to-all's send
+            # buffer (no packing copy of the video parts of q and k)
+            into = cp is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and \
+                not torch.is_autocast_enabled(x.device.type)
+            rope = _rope_prefix_into if into else _rope_prefix
+            q, k = rope(q, n_video, image_rotary_emb), rope(k, n_video, image_rotary_emb)
+            if into and not torch.compiler.is_compiling():
+                self.ctrl.rotary_in_place += 1
         else:
             q, k = _split_prefix(q, n_video), _split_prefix(k, n_video)
         v = _split_prefix(v, n_video)
