@@ -25,6 +25,7 @@ for step in $steps; do
   case $step in
     test)
       timeout ${TEST_SECONDS:-300} python3 -m pytest -q -rs tests/python/test_parallel.py tests/python/test_parallel_diffusers.py \
+        tests/python/test_copy_engine.py \
         > "$OUT/pytest_parallel.log" 2>&1
       echo "pytest rc=$?"; grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/pytest_parallel.log" | head -20
       ;;
