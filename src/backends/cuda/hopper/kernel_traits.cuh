@@ -115,6 +115,13 @@
 #define TILEWISE_HOPPER_FP8_PINGPONG 0
 #endif
 
+// The FP8 forward's consumers with FlashAttention-3's intra-warpgroup overlap (fp8/fp8_consumer.cuh,
+// mainloop_overlapped): S_j with P_{j-1} V_{j-1}, the softmax of S_j under that P V. Off: compiled, not yet run;
+// spill-free at D 64 only (D 128 needs P through shared memory: docs/performance.md, FP8 v3).
+#ifndef TILEWISE_HOPPER_FP8_OVERLAP
+#define TILEWISE_HOPPER_FP8_OVERLAP 0
+#endif
+
 // Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
 // ping-pong barriers (overlapped schedule), bit 16 the V loads, bit 32 the K loads
 // (in a cluster, the multicast ones). Timing what is left shows which part bounds the loop.

@@ -7,6 +7,8 @@
 // P V product itself (TILEWISE_HOPPER_FP8_ONES): 8 rows of ones under each V^T stage make 8 more accumulator
 // columns, each the sum of the e4m3 P the tensor cores used, rescaled with O for free.
 // One GEMM at a time per warpgroup (the bf16 forward's sequential schedule); the warpgroups overlap each other.
+// TILEWISE_HOPPER_FP8_OVERLAP (off; compiled, not yet run): FlashAttention-3's intra-warpgroup overlap instead, S_j
+// issued with P_{j-1} V_{j-1} and the softmax of S_j run while that P V is on the tensor cores.
 //
 // Each block's P V goes into a fresh accumulator, added to O in fp32 registers: FP8 wgmma accumulates with a few
 // bits fewer than fp32 (as DeepSeek-V3 reports for Hopper, and FP8 GEMMs promote every 128 products for it), and
@@ -31,6 +33,7 @@ struct Fp8Consumer {
   static constexpr int kAccN = D + Traits::kOnesRows;  // columns of the P V accumulator: O, then the row sums
   static constexpr uint32_t kOne = 0x38383838u;         // four e4m3 1.0
   static constexpr bool kPingPong = TILEWISE_HOPPER_FP8_PINGPONG != 0 && Traits::kConsumerWarpgroups == 2;
+  static constexpr bool kOverlap = TILEWISE_HOPPER_FP8_OVERLAP != 0;
   using Base = Consumer<Traits, kType>;  // the stage records, the releases, the idle walk
   using KPipe = typename Base::KPipe;
   using VPipe = typename Base::VPipe;
@@ -90,6 +93,104 @@ struct Fp8Consumer {
     base.template take_turn<kPingPong>(issue);
   }
 
+  /// O = O * corr + pv, the rescale skipped where no row of the warp changed its maximum.
+  __device__ __forceinline__ static void add_block(float (&o)[kAccN / 2], const float (&pv)[kAccN / 2],
+                                                   const float (&corr)[2], bool rescale) {
+    if (rescale) {
+#pragma unroll
+      for (int i = 0; i < kAccN / 2; ++i) o[i] = fmaf(o[i], corr[(i % 4) / 2], pv[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kAccN / 2; ++i) o[i] += pv[i];
+    }
+  }
+
+  /// S of the key block, masked, through the softmax step into P's A fragments `pa` (and corr).
+  __device__ __forceinline__ void scores_to_operand(float (&sc)[kBlockN / 2], const BlockInfo& bi,
+                                                    const WorkItem& item, int32_t text_len, const float (&qf)[2],
+                                                    float kscale, float (&m_run)[2], float (&l_run)[2],
+                                                    float (&corr)[2], uint32_t (&pa)[kPvSteps][4]) const {
+    base.mask_scores(sc, bi, text_len, item);
+    const float factor[2] = {qf[0] * kscale, qf[1] * kscale};
+    Fp8Softmax::step_to_operand<!kOnes, TILEWISE_HOPPER_FP8_EXP_ON_FMA>(sc, factor, m_run, l_run, corr, pa);
+  }
+
+  /// All key blocks of one work item, FlashAttention-3's intra-warpgroup overlap (TILEWISE_HOPPER_FP8_OVERLAP):
+  /// S_j and P_{j-1} V_{j-1} issued together, the softmax of S_j while that P V runs, then O = O corr_{j-1} +
+  /// P_{j-1} V_{j-1} (O stays relative to the maximum of the blocks added so far; each block's P V still in a fresh
+  /// accumulator, see the header). Registers: S, the P V in flight, O, P_{j-1} and the codes of P_j at once.
+  __device__ __forceinline__ void mainloop_overlapped(const WorkItem& item, int32_t text_len, const float (&qf)[2],
+                                                      const float* k_scale, KPipe& ks, VPipe& vs,
+                                                      float (&o)[kAccN / 2], float (&m_run)[2],
+                                                      float (&l_run)[2]) const {
+    float sc[kBlockN / 2], corr[2];
+    uint32_t pa[kPvSteps][4], pa_next[kPvSteps][4];
+    // Block 0: S_0 alone (O is zero).
+    s.k_full[ks.stage()].wait(ks.phase());
+    BlockInfo bi = base.info(ks.stage());
+    float kscale = __ldg(k_scale + key_block(bi));
+    take_turn([&] {
+      wgmma_fence();
+      issue_s(sc, ks.stage());
+      wgmma_commit();
+    });
+    wgmma_wait<0>();
+    fence_regs(sc);
+    base.release_s_operands(ks.stage(), bi, false);
+    ks.advance();
+    scores_to_operand(sc, bi, item, text_len, qf, kscale, m_run, l_run, corr, pa);
+    float corr_prev[2] = {corr[0], corr[1]};
+    bool rescale_prev = false;  // O is zero before block 0's P V
+    // Block j reads P_{j-1} from one fragment set and writes P_j into the other; the two alternate (a copy from
+    // one to the other made ptxas give both the same registers, then serialise the wgmmas that read them).
+    auto next_block = [&](const uint32_t (&pa_prev)[kPvSteps][4], uint32_t (&pa_new)[kPvSteps][4]) {
+      s.k_full[ks.stage()].wait(ks.phase());
+      bi = base.info(ks.stage());
+      kscale = __ldg(k_scale + key_block(bi));
+      s.v_full[vs.stage()].wait(vs.phase());  // V_{j-1}
+      float pv[kAccN / 2];
+      take_turn([&] {
+        wgmma_fence();
+        issue_s(sc, ks.stage());
+        wgmma_commit();
+        issue_pv(pv, pa_prev, vs.stage());
+        wgmma_commit();
+      });
+      wgmma_wait<1>();  // S_j; P_{j-1} V_{j-1} may still run (and still reads pa_prev)
+      fence_regs(sc);
+      base.release_s_operands(ks.stage(), bi, false);
+      ks.advance();
+      scores_to_operand(sc, bi, item, text_len, qf, kscale, m_run, l_run, corr, pa_new);
+      wgmma_wait<0>();
+      fence_regs(pv);
+      base.release(s.v_empty[vs.stage()], false);
+      vs.advance();
+      add_block(o, pv, corr_prev, rescale_prev);
+      rescale_prev = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
+      corr_prev[0] = corr[0], corr_prev[1] = corr[1];
+    };
+    auto last_block = [&](const uint32_t (&pa_last)[kPvSteps][4]) {
+      s.v_full[vs.stage()].wait(vs.phase());
+      float pv[kAccN / 2];
+      take_turn([&] {
+        wgmma_fence();
+        issue_pv(pv, pa_last, vs.stage());
+        wgmma_commit();
+      });
+      wgmma_wait<0>();
+      fence_regs(pv);
+      base.release(s.v_empty[vs.stage()], false);
+      vs.advance();
+      add_block(o, pv, corr_prev, rescale_prev);
+    };
+    for (;;) {
+      if (bi.flags & BlockInfo::kLast) return last_block(pa);
+      next_block(pa, pa_next);
+      if (bi.flags & BlockInfo::kLast) return last_block(pa_next);
+      next_block(pa_next, pa);
+    }
+  }
+
   /// All key blocks of one work item. qf: the softmax scale (log2 domain) times each of this thread's rows' q scale.
   __device__ __forceinline__ void mainloop(const WorkItem& item, int32_t text_len, const float (&qf)[2],
                                            const float* k_scale, KPipe& ks, VPipe& vs, float (&o)[kAccN / 2],
@@ -127,13 +228,7 @@ struct Fp8Consumer {
       fence_regs(pv);
       base.release(s.v_empty[vs.stage()], false);
       vs.advance();
-      if (rescale) {
-#pragma unroll
-        for (int i = 0; i < kAccN / 2; ++i) o[i] = fmaf(o[i], corr[(i % 4) / 2], pv[i]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kAccN / 2; ++i) o[i] += pv[i];
-      }
+      add_block(o, pv, corr, rescale);
     }
   }
 
@@ -161,6 +256,8 @@ struct Fp8Consumer {
       s.q_full->wait(items & 1);
       if (!kPingPong && 64 * wg >= query_rows<Traits::kBlockM>(p, item.q))
         base.mainloop_idle(false, ks, vs);
+      else if constexpr (kOverlap)
+        mainloop_overlapped(item, text_len, qf, p.k_scale + bg * p.key_blocks, ks, vs, o, m_run, l_run);
       else
         mainloop(item, text_len, qf, p.k_scale + bg * p.key_blocks, ks, vs, o, m_run, l_run);
 
