@@ -18,6 +18,7 @@ one-block kernel: beside the persistent attention it needs a free SM (sm_margin 
 ends."""
 from __future__ import annotations
 
+import math
 import threading
 from typing import Sequence
 
@@ -55,6 +56,25 @@ class _Pool:
         return self.buffers[index][1], offset
 
 
+def region_bytes(counts: Sequence[Sequence[int]], row_bytes: int) -> int:
+    """The receive region of one exchange, the same on every rank (so that the offsets agree everywhere): the
+    largest receiver's rows. counts[s][d]: rows rank s sends to rank d."""
+    P = len(counts)
+    return max(sum(counts[s][d] for s in range(P)) for d in range(P)) * row_bytes
+
+
+def pushes(counts: Sequence[Sequence[int]], rank: int, row_bytes: int) -> list:
+    """What `rank` copies: (destination, byte offset in the destination's region, first row of the send buffer,
+    rows) for each destination it sends rows to. The send buffer is destination-major; each receiver's region holds
+    the sources' rows in rank order."""
+    out, at = [], 0
+    for d, rows in enumerate(counts[rank]):
+        if rows:
+            out.append((d, sum(counts[s][d] for s in range(rank)) * row_bytes, at, rows))
+        at += rows
+    return out
+
+
 class Exchanger:
     """The copy-engine all-to-all of one process group: `all_to_all(send, counts)` -> (received, wait)."""
 
@@ -89,27 +109,20 @@ class Exchanger:
         rows in rank order, and wait(): makes the current stream wait for their arrival; call it before reading)."""
         P, rank = self.world, self.rank
         row_shape, dtype = tuple(send.shape[1:]), send.dtype
-        row_bytes = send[0].numel() * send.element_size() if send.shape[0] else 0
+        row_bytes = math.prod(row_shape) * send.element_size()  # also where this rank sends no rows
         if not send.is_contiguous() or send.shape[0] != sum(counts[rank]):
             raise ValueError(f"send: expected {sum(counts[rank])} contiguous rows, got {tuple(send.shape)} "
                              f"(contiguous: {send.is_contiguous()})")
-        # one region size on every rank (the largest receiver's), so that the offsets agree everywhere
-        region = max(sum(counts[s][d] for s in range(P)) for d in range(P)) * row_bytes
-        handle, base = self.pool.take(max(region, 1))
+        handle, base = self.pool.take(max(region_bytes(counts, row_bytes), 1))
         elem = send.element_size()
         caller = torch.cuda.current_stream(send.device)
         with torch.cuda.stream(self.stream):
             self.stream.wait_stream(caller)
             send.record_stream(self.stream)
             handle.barrier(channel=0)
-            at = 0
-            for d in range(P):
-                rows = counts[rank][d]
-                if rows:
-                    first = base + sum(counts[s][d] for s in range(rank)) * row_bytes  # my rows' place at rank d
-                    dst = handle.get_buffer(d, (rows, *row_shape), dtype, first // elem)
-                    dst.copy_(send[at:at + rows])  # contiguous, same dtype: cudaMemcpyAsync on a copy engine
-                at += rows
+            for d, offset, first, rows in pushes(counts, rank, row_bytes):
+                dst = handle.get_buffer(d, (rows, *row_shape), dtype, (base + offset) // elem)
+                dst.copy_(send[first:first + rows])  # contiguous, same dtype: cudaMemcpyAsync on a copy engine
             handle.barrier(channel=1)
             arrived = torch.cuda.Event()
             arrived.record(self.stream)

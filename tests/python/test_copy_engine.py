@@ -1,4 +1,5 @@
-"""tilewise.parallel's exchange="copy_engine" (tilewise/_copy_engine.py) on 2 GPUs with NCCL: bitwise the output of
+"""tilewise.parallel's exchange="copy_engine" (tilewise/_copy_engine.py). On the CPU: its offsets, simulated for
+random group sizes and counts. On 2 GPUs with NCCL: bitwise the output of
 exchange="nccl" (the transport differs, the kernels do not), with text split as diffusers splits it, chunks 1 and
 2, load balance on (per-head windows), B = 2, and across consecutive calls (the regions are reused); under autograd
 the NCCL path runs (gradients equal). Skipped without 2 CUDA GPUs of compute capability 9 (the device's
@@ -54,6 +55,31 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
     dist.barrier()
     dist.destroy_process_group()
     Path(out).write_text(json.dumps({"results": results}))
+
+
+def test_pushes_land_every_row_once_in_rank_order():
+    """The exchange's arithmetic, simulated for random group sizes and counts (zeros included): every rank's pushes
+    put each row it sends to rank d exactly once inside d's region, and d's received rows are the sources' blocks
+    for it in rank order (what NCCL's all_to_all_single returns)."""
+    from tilewise._copy_engine import pushes, region_bytes
+    rng = np.random.default_rng()
+    for _ in range(200):
+        P = int(rng.integers(2, 6))
+        counts = rng.integers(0, 5, size=(P, P)) * (rng.random((P, P)) < 0.8)
+        counts = [[int(c) for c in row] for row in counts]
+        row_bytes = int(rng.integers(1, 4)) * 16
+        region = region_bytes(counts, row_bytes)
+        got = [[None] * (region // row_bytes) for _ in range(P)]
+        for s in range(P):
+            for d, offset, first, rows in pushes(counts, s, row_bytes):
+                assert offset % row_bytes == 0 and offset + rows * row_bytes <= region, (counts, s, d)
+                for r in range(rows):
+                    slot = offset // row_bytes + r
+                    assert got[d][slot] is None, ("written twice", counts, s, d, slot)
+                    got[d][slot] = (s, first + r)  # (source, row of its destination-major send buffer)
+        for d in range(P):
+            expected = [(s, sum(counts[s][:d]) + r) for s in range(P) for r in range(counts[s][d])]
+            assert got[d][:len(expected)] == expected, (counts, d)
 
 
 @pytest.mark.skipif(not TWO_HOPPERS, reason="needs 2 CUDA Hopper GPUs (the device's nvidia-h200-x2 kind)")
