@@ -662,8 +662,8 @@ def _ulysses_start(q, k, v, *, group, latent, tile, pattern, window, global_fram
     # are issued before the first attention so that later groups' communication overlaps earlier groups' compute.
     groups = _chunks(hk, chunks)
     a2a = _collective_exchange(group, rank)
-    flat = [p for t in (qs, ks, vs) for p in (t.parts if isinstance(t, _SequenceParts) else (t,))]
-    if exchange == "copy_engine" and _copy_engine.usable(flat):
+    if exchange == "copy_engine" and _copy_engine.usable(
+            [p for t in (qs, ks, vs) for p in (t.parts if isinstance(t, _SequenceParts) else (t,))]):
         exchanger = _copy_engine.Exchanger.of(group, q.device)
         exchanger.begin_call()
         a2a = exchanger.all_to_all

@@ -140,7 +140,7 @@ class HunyuanVideoProcessor(Processor):
                 not torch.is_autocast_enabled(x.device.type)
             rope = _rope_prefix_into if into else _rope_prefix
             q, k = rope(q, n_video, image_rotary_emb), rope(k, n_video, image_rotary_emb)
-            if into and not torch.compiler.is_compiling():
+            if into:  # never while compiling (into excludes it)
                 self.ctrl.rotary_in_place += 1
         else:
             q, k = _split_prefix(q, n_video), _split_prefix(k, n_video)
