@@ -313,6 +313,8 @@ def model_table(args, device) -> str:
                 ref, t1 = singles[single]
                 err = rel_l2(model(**inputs)[0], ref)
                 rows.append(f"| {label} | {world} | {tn:.3f} | {t1 / tn:.2f}x | {err:.3g} |")
+                if rank == 0:  # each row as it lands: a run cut short keeps what it measured
+                    print("  model row:", rows[-1], flush=True)
                 if (args.profile or args.smoke) and label.startswith("window"):
                     line = profile_forward(lambda: model(**inputs), device)
                     if rank == 0:
@@ -336,6 +338,7 @@ def main() -> None:
     ap.add_argument("--sm-margins", type=lambda x: [int(m) for m in x.split(",") if m], default=[16, 32],
                     help="SMs left to the collectives, each timed with chunks 2 (comma-separated; 0: none)")
     ap.add_argument("--no-model", action="store_true", help="skip the transformer forward")
+    ap.add_argument("--no-layer", action="store_true", help="skip the attention-layer table")
     ap.add_argument("--copy-engine", action="store_true",
                     help="also time exchange='copy_engine' (the all-to-alls on the copy engines; CUDA, inference)")
     ap.add_argument("--configs", choices=["all", "uniform"], default="all",
@@ -354,14 +357,14 @@ def main() -> None:
     else:
         device, dtype = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), torch.bfloat16
         torch.cuda.set_device(device)
-    tables = [attention_table(args, device, dtype)]
-    if dist.get_rank() == 0:  # printed now: the transformer forwards take minutes
+    tables = [] if args.no_layer else [attention_table(args, device, dtype)]
+    if dist.get_rank() == 0 and tables:  # printed now: the transformer forwards take minutes
         print(tables[0], flush=True)
     if not args.no_model:
         tables.append(model_table(args, device))
+        if dist.get_rank() == 0:
+            emit(tables[-1], None)
     if dist.get_rank() == 0:
-        if len(tables) > 1:
-            emit("\n\n".join(tables[1:]), None)
         if args.out:
             with open(args.out, "w") as f:
                 f.write("\n\n".join(tables) + "\n")

@@ -1,12 +1,13 @@
-// The reduce kernel's barrier protocol (src/backends/cuda/hopper/bwd: dkdv_item, dq_to_staging, dq_reducer), as a
-// model run under random interleavings on the CPU. A kernel race shows on the GPU only when the timing happens to
-// line up (the single dq_empty barrier passed every GPU test and hung one fuzz run in a thousand problems); here
-// every step of two consumer warpgroups and the dQ reducer is scheduled at random, thousands of times, and the
-// model checks what the kernel relies on:
+// The reduce kernel's barrier protocol (src/backends/cuda/hopper/bwd: dkdv_item, reduce_item, dq_to_staging,
+// dq_reducer, and the K/V ring's loader), as a model run under random interleavings on the CPU. A kernel race
+// shows on the GPU only when the timing happens to line up (the single dq_empty barrier passed every GPU test and
+// hung one fuzz run in a thousand problems); here every step of two consumer warpgroups, the dQ reducer and the
+// loader is scheduled at random, thousands of times, and the model checks what the kernel relies on:
 //  - a dQ product reads a dS^T ring buffer only once both halves of *its* block are there, and no half is
 //    overwritten before that product has read it;
 //  - the staging buffer is written only when the reduction has read the block before, and the reduction reads
 //    each block's dQ, in order, exactly once;
+//  - a K/V stage is reloaded only after both warpgroups released it, and each holds the block its users expect;
 //  - nobody waits forever.
 // mbarriers are modelled as the hardware defines them: an expected arrival count, a count of completed phases, and
 // a parity wait that returns once the phase of that parity has completed (so a waiter two phases ahead passes).
@@ -35,13 +36,22 @@ struct MBarrier {
   bool ready(uint32_t parity) const { return (completed & 1) != parity; }
 };
 
-enum class Protocol { two_dq_empty, one_dq_empty /* the kernel before the fix */ };
+enum class Protocol {
+  two_dq_empty,  // dkdv_item (TILEWISE_HOPPER_BWD_REDUCE_OVERLAP=0)
+  one_dq_empty,  // the kernel before the fix
+  deferred,      // reduce_item<1>: the dQ product issued before the block's stages are freed, staged after
+  ahead,         // reduce_item<2>: and the next block's stages acquired before this block's are freed
+};
 
-/// One random interleaving of the protocol over items of the given block counts; returns "" or what went wrong.
-std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19937_64& rng) {
+/// One random interleaving of the protocol over items of the given block counts, with a K/V ring of `stages`
+/// stages fed by a loader; returns "" or what went wrong.
+std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19937_64& rng, int stages = 2) {
   std::array<MBarrier, 2> ds_full, ds_empty, dq_empty;
   MBarrier dq_full;
   for (auto& b : ds_full) b.expected = 2;  // both warpgroups' halves
+  std::vector<MBarrier> stage_full(stages), stage_empty(stages);
+  for (auto& b : stage_empty) b.expected = 2;  // both warpgroups release a stage
+  std::vector<int> stage_block(stages, -1), stage_releases(stages, 2);  // the block each stage holds
   std::array<std::array<int, 2>, 2> ds_half{{{-1, -1}, {-1, -1}}};  // block whose half w each ring buffer holds
   std::array<int, 2> ds_last_read{-1, -1};  // the last block whose dQ product read each ring buffer
   int staged = -1;                           // block whose dQ the staging buffer holds
@@ -54,16 +64,26 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
     std::function<bool()> guard;
     std::function<std::string()> act;
   };
-  std::array<std::vector<Step>, 3> agents;  // warpgroup 0, warpgroup 1, the reducer
+  std::array<std::vector<Step>, 4> agents;  // warpgroup 0, warpgroup 1, the reducer, the K/V loader
   auto always = [] { return true; };
+  const bool overlapped = protocol == Protocol::deferred || protocol == Protocol::ahead;
 
   for (int w = 0; w < 2; ++w) {
     auto& s = agents[w];
-    auto dq_to_staging = [&, w](int m) {
-      s.push_back({[&, m] { return ds_full[m & 1].ready((m >> 1) & 1); }, [&, m]() -> std::string {
-                     if (ds_half[m & 1][0] != m || ds_half[m & 1][1] != m)
-                       return "dQ product of block " + std::to_string(m) + " read a dS^T ring buffer holding blocks " +
-                              std::to_string(ds_half[m & 1][0]) + "/" + std::to_string(ds_half[m & 1][1]);
+    auto ds_read = [&](int m) -> std::string {  // the dQ product of block m reads its ring buffer
+      if (ds_half[m & 1][0] != m || ds_half[m & 1][1] != m)
+        return "dQ product of block " + std::to_string(m) + " read a dS^T ring buffer holding blocks " +
+               std::to_string(ds_half[m & 1][0]) + "/" + std::to_string(ds_half[m & 1][1]);
+      return "";
+    };
+    // The overlapped loops issue the product (it reads the buffer asynchronously from then on) and wait for it
+    // later: both ends check the buffer.
+    auto issue_dq = [&](int m) {
+      s.push_back({[&, m] { return ds_full[m & 1].ready((m >> 1) & 1); }, [&, ds_read, m] { return ds_read(m); }});
+    };
+    auto stage_dq = [&, w](int m) {
+      s.push_back({always, [&, ds_read, m]() -> std::string {
+                     if (std::string e = ds_read(m); !e.empty()) return e;
                      ds_last_read[m & 1] = m;
                      ds_empty[m & 1].arrive();
                      return "";
@@ -81,11 +101,30 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
                      return "";
                    }});
     };
+    auto dq_to_staging = [&](int m) { issue_dq(m), stage_dq(m); };
+    auto acquire = [&](int b) {  // wait for block b's K/V stage
+      s.push_back({[&, b] { return stage_full[b % stages].ready((b / stages) & 1); }, [&, b]() -> std::string {
+                     if (stage_block[b % stages] != b)
+                       return "block " + std::to_string(b) + "'s stage holds block " +
+                              std::to_string(stage_block[b % stages]);
+                     return "";
+                   }});
+    };
+    auto release = [&](int b) {
+      s.push_back({always, [&, b]() -> std::string {
+                     if (stage_block[b % stages] != b)
+                       return "block " + std::to_string(b) + "'s stage was reloaded before its release";
+                     ++stage_releases[b % stages];
+                     stage_empty[b % stages].arrive();
+                     return "";
+                   }});
+    };
     int block = 0;
     for (int n : items) {
       int pending = -1;
       for (int i = 0; i < n; ++i, ++block) {
         const int b = block;
+        if (protocol != Protocol::ahead || i == 0) acquire(b);
         s.push_back({[&, b] { return ds_empty[b & 1].ready(((b >> 1) & 1) ^ 1); }, [&, b, w]() -> std::string {
                        if (b >= 2 && ds_last_read[b & 1] != b - 2)
                          return "block " + std::to_string(b) + " overwrote block " + std::to_string(b - 2) +
@@ -94,11 +133,30 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
                        return "";
                      }});
         s.push_back({always, [&, b] { ds_full[b & 1].arrive(); return std::string(); }});
-        if (pending >= 0 && pending % 2 == w) dq_to_staging(pending);
+        const bool turn = pending >= 0 && pending % 2 == w;
+        if (overlapped) {
+          if (turn) issue_dq(pending);
+          if (protocol == Protocol::ahead && i + 1 < n) acquire(b + 1);
+          release(b);
+          if (turn) stage_dq(pending);
+        } else {
+          release(b);
+          if (turn) dq_to_staging(pending);
+        }
         pending = b;
       }
       if (pending >= 0 && pending % 2 == w) dq_to_staging(pending);
     }
+  }
+  for (int b = 0; b < total; ++b) {  // the loader: a stage is reloaded once both warpgroups released it
+    agents[3].push_back({[&, b] { return stage_empty[b % stages].ready(((b / stages) & 1) ^ 1); },
+                         [&, b]() -> std::string {
+                           if (stage_releases[b % stages] != 2)
+                             return "block " + std::to_string(b) + " was loaded over a stage not yet released";
+                           stage_block[b % stages] = b, stage_releases[b % stages] = 0;
+                           stage_full[b % stages].arrive();
+                           return "";
+                         }});
   }
   for (int m = 0; m < total; ++m) {
     agents[2].push_back({[&, m] { return dq_full.ready(m & 1); }, [&, m]() -> std::string {
@@ -114,18 +172,19 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
                          }});
   }
 
-  std::array<size_t, 3> next{0, 0, 0};
+  std::array<size_t, 4> next{0, 0, 0, 0};
   for (;;) {
     std::vector<int> runnable;
-    for (int a = 0; a < 3; ++a)
+    for (int a = 0; a < 4; ++a)
       if (next[a] < agents[a].size() && agents[a][next[a]].guard()) runnable.push_back(a);
     if (runnable.empty()) break;
     const int a = runnable[std::uniform_int_distribution<size_t>(0, runnable.size() - 1)(rng)];
     if (std::string e = agents[a][next[a]++].act(); !e.empty()) return e;
   }
-  for (int a = 0; a < 3; ++a)
+  for (int a = 0; a < 4; ++a)
     if (next[a] < agents[a].size())
-      return std::string(a == 2 ? "the reducer" : "warpgroup " + std::to_string(a)) + " waits forever (step " +
+      return std::string(a == 3 ? "the loader" : a == 2 ? "the reducer" : "warpgroup " + std::to_string(a)) +
+             " waits forever (step " +
              std::to_string(next[a]) + " of " + std::to_string(agents[a].size()) + ")";
   return "";
 }
@@ -145,11 +204,14 @@ class ReduceKernelProtocol : public ::testing::Test {
 };
 
 TEST_F(ReduceKernelProtocol, EveryInterleavingKeepsTheBuffersConsistentAndEnds) {
-  for (int run = 0; run < 3000; ++run) {
-    const std::vector<int> items = random_items();
-    const std::string error = run_once(Protocol::two_dq_empty, items, rng);
-    ASSERT_EQ(error, "") << "run " << run << ", " << items.size() << " items";
-  }
+  for (Protocol protocol : {Protocol::two_dq_empty, Protocol::deferred, Protocol::ahead})
+    for (int stages : {2, 4})
+      for (int run = 0; run < 1500; ++run) {
+        const std::vector<int> items = random_items();
+        const std::string error = run_once(protocol, items, rng, stages);
+        ASSERT_EQ(error, "") << "protocol " << static_cast<int>(protocol) << ", " << stages << " stages, run " << run
+                             << ", " << items.size() << " items";
+      }
 }
 
 TEST_F(ReduceKernelProtocol, TheModelFindsTheSingleBarrierRace) {

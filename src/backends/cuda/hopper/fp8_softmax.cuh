@@ -40,27 +40,6 @@ struct Fp8Softmax {
   template <bool kRowSum = true, int kExpOnFma = 0>
   static __device__ __forceinline__ void step(const float (&s)[kValues], const float (&factor)[2], float (&m_run)[2],
                                               float (&l_run)[2], float (&corr)[2], uint16_t (&pairs)[kPairs]) {
-    step_emit<kRowSum, kExpOnFma>(s, factor, m_run, l_run, corr, [&](int j, uint16_t code) { pairs[j] = code; });
-  }
-
-  /// step with the codes written straight as to_operand's A fragments (16 registers instead of 32 pairs: the
-  /// overlapped loop holds them beside the previous block's fragments, TILEWISE_HOPPER_FP8_OVERLAP).
-  template <bool kRowSum = true, int kExpOnFma = 0>
-  static __device__ __forceinline__ void step_to_operand(const float (&s)[kValues], const float (&factor)[2],
-                                                         float (&m_run)[2], float (&l_run)[2], float (&corr)[2],
-                                                         uint32_t (&pa)[4][4]) {
-    // pair j -> step j / 8, register 2 ((j % 8) / 4) + j % 2, the low half first (to_operand's order); each row's
-    // pairs come in increasing j, so the low half of a register is always written before its high half
-    step_emit<kRowSum, kExpOnFma>(s, factor, m_run, l_run, corr, [&](int j, uint16_t code) {
-      uint32_t& word = pa[j / 8][((j % 8) / 4) * 2 + j % 2];
-      word = ((j % 8) / 2) % 2 ? (word & 0xffffu) | uint32_t{code} << 16 : uint32_t{code};
-    });
-  }
-
-  template <bool kRowSum, int kExpOnFma, class Emit>
-  static __device__ __forceinline__ void step_emit(const float (&s)[kValues], const float (&factor)[2],
-                                                   float (&m_run)[2], float (&l_run)[2], float (&corr)[2],
-                                                   Emit&& emit) {
     float t[kValues];
 #pragma unroll
     for (int i = 0; i < kValues; ++i) t[i] = s[i] * factor[(i % 4) / 2];
@@ -90,9 +69,8 @@ struct Fp8Softmax {
             else
               p[e] = fast_exp2(x);
           }
-          const uint16_t code = e4m3x2(448.f * p[0], 448.f * p[1]);
-          emit(j, code);
-          if constexpr (kRowSum) sum += pair_sum(code);
+          pairs[j] = e4m3x2(448.f * p[0], 448.f * p[1]);
+          if constexpr (kRowSum) sum += pair_sum(pairs[j]);
         }
       if constexpr (kRowSum) {
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);

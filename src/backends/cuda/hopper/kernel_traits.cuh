@@ -115,14 +115,6 @@
 #define TILEWISE_HOPPER_FP8_PINGPONG 0
 #endif
 
-// The FP8 forward's consumers with FlashAttention-3's intra-warpgroup overlap (fp8/fp8_consumer.cuh,
-// mainloop_overlapped): S_j with P_{j-1} V_{j-1}, the softmax of S_j under that P V; 1: P in registers (spill-free
-// at D 64 only), 2: P through shared memory (two 8 KB buffers per consumer warpgroup). Off: compiled, not yet run
-// (docs/performance.md, FP8 v3).
-#ifndef TILEWISE_HOPPER_FP8_OVERLAP
-#define TILEWISE_HOPPER_FP8_OVERLAP 0
-#endif
-
 // Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
 // ping-pong barriers (overlapped schedule), bit 16 the V loads, bit 32 the K loads
 // (in a cluster, the multicast ones). Timing what is left shows which part bounds the loop.
@@ -215,7 +207,6 @@ struct KernelTraits {
   static constexpr int kCluster = D == 128 && !kBackward && !kFp8 ? TILEWISE_HOPPER_CLUSTER_D128 : 1;
   static constexpr int kExpOnFma = D == 128 ? TILEWISE_HOPPER_EXP_ON_FMA_D128 : TILEWISE_HOPPER_EXP_ON_FMA;
   static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
-  static constexpr bool kFp8PShared = kFp8 && TILEWISE_HOPPER_FP8_OVERLAP == 2;
   static constexpr bool kOverlap = !kBackward && !kFp8 && kConsumerWarpgroups == 2 &&
                                    (TILEWISE_HOPPER_OVERLAP < 0 ? D != 64 : TILEWISE_HOPPER_OVERLAP != 0);
   // Register split between the producer warpgroup and each consumer warpgroup. The CTA is launched with
@@ -228,7 +219,6 @@ struct KernelTraits {
   static constexpr int kProducerRegs = TILEWISE_HOPPER_PRODUCER_REGS > 0 ? TILEWISE_HOPPER_PRODUCER_REGS
                                        : kBackward                  ? 24
                                        : kConsumerWarpgroups == 3   ? 32
-                                       : kFp8PShared                ? 64
                                        : kOverlap                   ? 72
                                                                     : 80;
   static constexpr int kConsumerRegs = (kPool - kProducerRegs) / kConsumerWarpgroups / 8 * 8;
@@ -270,10 +260,6 @@ struct KernelTraits {
     // kDqStaging only: one streamed block's dQ in fp32 (64 rows x D, 32-column panels of 128-byte rows, swizzled as
     // the TMA reduction reads it), and the barriers around the dS^T ring and the staging buffer.
     __device__ __forceinline__ uint8_t* dq_stage() const { return ds() + kDsBytes; }
-    // kFp8PShared only: consumer warpgroup wg's P buffer idx (64 queries x 128 keys, e4m3, 128-byte swizzled).
-    __device__ __forceinline__ uint8_t* p_buf(int wg, int idx) const {
-      return dq_stage() + kDqStageBytes + (2 * wg + idx) * kPBufferBytes;
-    }
     Barrier* ds_full;   // [2]: both warpgroups have written their half of the buffer's dS^T
     Barrier* ds_empty;  // [2]: the buffer's dQ product has read it
     Barrier* dq_full;   // the staging buffer holds a block's dQ
@@ -290,10 +276,8 @@ struct KernelTraits {
   static constexpr int kDsBytes = kDsBuffer ? 2 * kDsPanelBytes : 0;
   static constexpr int kDqPanelBytes = 64 * 128;  // fp32 staging: 64 rows x 32 columns
   static constexpr int kDqStageBytes = kDqStaging ? (D / 32) * kDqPanelBytes : 0;
-  static constexpr int kPBufferBytes = 64 * kBlockN;  // one FP8 P buffer
-  static constexpr int kPBytes = kFp8PShared ? 2 * kConsumerWarpgroups * kPBufferBytes : 0;
   static constexpr int kBufferBytes = kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages +
-                                      kDsBytes + kDqStageBytes + kPBytes;  // Q, O, K, V, dS, dQ staging, FP8's P
+                                      kDsBytes + kDqStageBytes;  // Q, O, K, V, dS, dQ staging
   // An even count: `info` (below the barriers and `work`) stays 16-byte aligned.
   static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 8 : 0);
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kBufferBytes + kKStages * kStatsBytes +

@@ -65,6 +65,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
   static constexpr int kAblate = TILEWISE_HOPPER_BWD_ABLATE;
   static constexpr bool kDqV4 = TILEWISE_HOPPER_BWD_DQ_V4 != 0 && D % 16 == 0;
   static constexpr int kHalves = Traits::kStreamRows / 64;  // dK/dV: 64-query halves per streamed block
+  // reduce_item instead of dkdv_item in the reduce kernel (D 64 and 96 only, see there)
+  static constexpr bool kReduceOverlap = TILEWISE_HOPPER_BWD_REDUCE_OVERLAP != 0 && D <= 96;
 
   /// d[64 x N] = A[64 rows of an owned buffer, K-major] * B[N rows of a stage from row `b_row`, K-major]^T.
   template <int N>
@@ -110,8 +112,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
   }
 
-  /// Waits for the next K and V stages; returns the K stage's record.
-  __device__ __forceinline__ BlockInfo acquire(typename Base::KPipe& ks, typename Base::VPipe& vs) const {
+  /// Waits for the K and V stages the pipes point at; returns the K stage's record.
+  __device__ __forceinline__ BlockInfo acquire(const typename Base::KPipe& ks, const typename Base::VPipe& vs) const {
     this->s.k_full[ks.stage()].wait(ks.phase());
     const BlockInfo bi = this->info(ks.stage());
     this->s.v_full[vs.stage()].wait(vs.phase());
@@ -197,6 +199,70 @@ struct BwdConsumer : Consumer<Traits, kType> {
   }
 
   // ---------------------------------------------------------------- dK, dV (and dQ, fused)
+  /// What P^T needs of this thread's two owned key rows: whether any query sees the row (rows that are not real
+  /// tokens, so a fused dQ never sums over them, and text keys past the valid length, whose gradients are zero, get
+  /// no probability at all) and its frame (the attention tile's token-level mask).
+  struct OwnedRows {
+    bool seen[2];
+    int32_t frame[2];
+  };
+  __device__ __forceinline__ OwnedRows owned_rows(const WorkItem& item) const {
+    const int32_t text_len = text_len_of(bp, item.batch);
+    const D3 kbox = item.q.box(bp);
+    const int32_t frame0 = item.q.text ? 0 : item.q.origin(bp).t;
+    OwnedRows r;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      r.seen[rr] = owned_position(item, rr) >= 0 && (!item.q.text || item.q.row0 + row(rr) < text_len);
+      r.frame[rr] = frame0 + row(rr) / (kbox.h * kbox.w);
+    }
+    return r;
+  }
+
+  /// S^T to P^T for this thread's 32 entries of a streamed block's half `half` (zero where the pair is not
+  /// allowed); `lse2_of(k)` is the lse2 pair of the thread's column group k. The attention tile's frame test is a
+  /// pass of its own, since a branch per entry keeps the scheduler from interleaving the exponentials (v1 lost about
+  /// half of the dK/dV kernel's time there).
+  template <class Stat>
+  __device__ __forceinline__ void probabilities_of_block(float (&sc)[32], Stat&& lse2_of, const OwnedRows& rows,
+                                                         const BlockInfo& bi, bool frames, const HeadParams& hp,
+                                                         const D3& qbox, int half) const {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float2 lse2 = lse2_of(k);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 4 * k + e;
+        const float pr = fast_exp2(fmaf(sc[i], bp.scale_log2, -(e % 2 ? lse2.y : lse2.x)));
+        sc[i] = rows.seen[e / 2] ? pr : 0.f;
+      }
+    }
+    if (frames) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int c = 64 * half + accumulator_column(i, lane());
+        if (!frame_pair_allowed<int32_t>(bi.t + c / (qbox.h * qbox.w), rows.frame[(i % 4) / 2],
+                                         static_cast<int32_t>(hp.global_frames), static_cast<int32_t>(hp.radius)))
+          sc[i] = 0.f;
+      }
+    }
+  }
+  /// The eight float2 statistics (lse2 or D) of this thread's columns, from a stage's row `from` (its column pair).
+  static __device__ __forceinline__ void load_col_stats(float2 (&cs)[8], const float* from) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) cs[k] = ld_shared_f2(from + 8 * k);
+  }
+  /// dS^T = P^T (dP^T - D[col]) in place of dP^T; `d_of(k)` is the D pair of column group k.
+  template <class Stat>
+  __device__ __forceinline__ void score_gradients_of_block(float (&dp)[32], const float (&sc)[32], Stat&& d_of) const {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float2 d = d_of(k);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[4 * k + e] = sc[4 * k + e] * (dp[4 * k + e] - (e % 2 ? d.y : d.x));
+    }
+  }
+
   /// dS^T of this warpgroup's 64 owned rows for one half (64 streamed queries) into that half's panel of the dS
   /// buffer, in the 128-byte swizzled layout wgmma reads as an MN-major A operand.
   __device__ __forceinline__ void store_ds(const float (&ds)[32], int half) const {
@@ -220,8 +286,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
   }
 
   /// dq = dS K for the 64 queries of dS panel `panel` (a 64-query half of a block pair, or a 64-row block of the
-  /// reduce kernel's ring) over all 128 owned keys (A: the panel, MN-major; B: the owned K, MN-major), waited for.
-  __device__ __forceinline__ void dq_product(float (&dq)[D / 2], int panel) const {
+  /// reduce kernel's ring) over all 128 owned keys (A: the panel, MN-major; B: the owned K, MN-major), issued as
+  /// one commit group (dq_product: and waited for).
+  __device__ __forceinline__ void issue_dq_product(float (&dq)[D / 2], int panel) const {
     constexpr uint32_t rb = Traits::kRowBytes;
     // The dS panel's rows are 128 bytes (64 queries) whatever D is, so its descriptor has its own high word.
     const uint64_t a = make_desc(smem_addr(this->s.ds() + panel * Traits::kDsPanelBytes), Traits::kDsPanelBytes,
@@ -239,6 +306,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
                                            desc(b0 + j * 16 * kRowDesc, this->v_hi), j > 0);
     }
     wgmma_commit();
+  }
+  __device__ __forceinline__ void dq_product(float (&dq)[D / 2], int panel) const {
+    issue_dq_product(dq, panel);
     wgmma_wait<0>();
     fence_regs(dq);
   }
@@ -283,11 +353,15 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// The barrier protocol (with dkdv_item and BwdProducer::dq_reducer) is modelled in
   /// tests/test_bwd_reduce_protocol.cpp: a change to it changes the model too.
   __device__ __forceinline__ void dq_to_staging(uint32_t m) const {
-    const int b = static_cast<int>(m & 1);
-    this->s.ds_full[b].wait((m >> 1) & 1);
+    this->s.ds_full[m & 1].wait((m >> 1) & 1);
     float dq[D / 2];
-    dq_product(dq, b);
-    this->s.ds_empty[b].arrive();
+    dq_product(dq, static_cast<int>(m & 1));
+    stage_dq(m, dq);
+  }
+  /// The second half of dq_to_staging: block m's dQ product has completed (into `dq`); free its dS^T buffer and
+  /// write `dq` into the staging buffer once the reduction has read the previous block's.
+  __device__ __forceinline__ void stage_dq(uint32_t m, const float (&dq)[D / 2]) const {
+    this->s.ds_empty[m & 1].arrive();
     // The reduction has read the previous block's dQ (the other warpgroup's): block m - 1 is its barrier's
     // ((m - 1) / 2)-th phase. This warpgroup's own block m - 2 waited for m - 3, so it is at most one phase ahead.
     if (m > 0) this->s.dq_empty[(m - 1) & 1].wait(((m - 1) >> 1) & 1);
@@ -320,19 +394,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       release_stages(kept, ks, vs);
     };
     int64_t pending = -1;  // kReduce: the block whose dQ is still to be computed
-    // Owned key rows that see no query get no probability at all: rows that are not real tokens (so a fused dQ
-    // never sums over them) and text keys past the valid length (zero gradients). Their frames, for the attention
-    // tile's token-level mask.
-    const int32_t text_len = text_len_of(p, item.batch);
-    const D3 kbox = item.q.box(p);
-    const int32_t k_frame0 = item.q.text ? 0 : item.q.origin(p).t;
-    bool seen[2];
-    int32_t k_frame[2];
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      seen[rr] = owned_position(item, rr) >= 0 && (!item.q.text || item.q.row0 + row(rr) < text_len);
-      k_frame[rr] = k_frame0 + row(rr) / (kbox.h * kbox.w);
-    }
+    const OwnedRows rows = owned_rows(item);
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
@@ -359,57 +421,26 @@ struct BwdConsumer : Consumer<Traits, kType> {
           if (!(kAblate & 2)) gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc + row_off);
           wgmma_commit();
         });
-        // P^T of this thread's 32 entries (zero where the pair is not allowed), then dS^T = P^T (dP^T - D). The
-        // columns' statistics come two at a time from shared memory; the attention tile's frame test is a pass of
-        // its own, since a branch per entry keeps the scheduler from interleaving the exponentials (v1 lost about
-        // half of the dK/dV kernel's time there).
-        // In the reduce kernel they are loaded into registers before the GEMMs are waited for: a shared-memory load
+        // P^T of this thread's 32 entries, then dS^T = P^T (dP^T - D). The columns' statistics come two at a time
+        // from shared memory. In the reduce kernel they are loaded into registers before the GEMMs are waited for: a shared-memory load
         // issued behind the tensor core's operand reads took 100+ cycles, and the first exponential waited for it
         // (v3.7: 15% of its consumers' stall samples; the kernel 76.2 -> 74.8 ms). The dK/dV kernel, two halves a
         // block, then spills them in its loop and loses 10% (45.5 -> 50.0 ms): it loads each pair where it is used.
         constexpr bool kEarlyStats = kReduce;
         const float* cols = stats + 64 * half + 2 * (lane() % 4);
         float2 col_stats[8];  // kEarlyStats: lse2 of this thread's columns, then their D
-        auto load_col_stats = [&](const float* from) {
-#pragma unroll
-          for (int k = 0; k < 8; ++k) col_stats[k] = ld_shared_f2(from + 8 * k);
-        };
         auto col_stat = [&](int k, const float* late) {
           return kEarlyStats ? col_stats[k] : ld_shared_f2(late + 8 * k);
         };
         auto probabilities_t = [&] {
-#pragma unroll
-          for (int k = 0; k < 8; ++k) {
-            const float2 lse2 = col_stat(k, cols);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int i = 4 * k + e;
-              const float pr = fast_exp2(fmaf(sc[i], p.scale_log2, -(e % 2 ? lse2.y : lse2.x)));
-              sc[i] = seen[e / 2] ? pr : 0.f;
-            }
-          }
-          if (frames) {
-#pragma unroll
-            for (int i = 0; i < 32; ++i) {
-              const int c = 64 * half + accumulator_column(i, lane());
-              if (!frame_pair_allowed<int32_t>(bi.t + c / (qbox.h * qbox.w), k_frame[(i % 4) / 2],
-                                               static_cast<int32_t>(hp.global_frames),
-                                               static_cast<int32_t>(hp.radius)))
-                sc[i] = 0.f;
-            }
-          }
+          probabilities_of_block(sc, [&](int k) { return col_stat(k, cols); }, rows, bi, frames, hp, qbox, half);
         };
         auto score_gradients = [&] {
-#pragma unroll
-          for (int k = 0; k < 8; ++k) {
-            const float2 d = col_stat(k, cols + Traits::kStreamRows);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dp[4 * k + e] = sc[4 * k + e] * (dp[4 * k + e] - (e % 2 ? d.y : d.x));
-          }
+          score_gradients_of_block(dp, sc, [&](int k) { return col_stat(k, cols + Traits::kStreamRows); });
         };
         uint32_t pa[4][4], da[4][4];
         if constexpr (kSplit) {  // P^T while dP^T runs; dV += P^T dO while dS^T is computed
-          if constexpr (kEarlyStats) load_col_stats(cols);
+          if constexpr (kEarlyStats) load_col_stats(col_stats, cols);
           wgmma_wait<1>();
           fence_regs(sc);
           if (!(kAblate & 1)) probabilities_t();
@@ -419,7 +450,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
             if (!(kAblate & 4)) gemm_rs<4>(dv, pa, this->v_lo + vs.stage() * kStageDesc + row_off);
             wgmma_commit();
           });
-          if constexpr (kEarlyStats) load_col_stats(cols + Traits::kStreamRows);
+          if constexpr (kEarlyStats) load_col_stats(col_stats, cols + Traits::kStreamRows);
           wgmma_wait<1>();  // dP^T (the dV product may still run)
           fence_regs(dp);
           if (!(kAblate & 1)) score_gradients();
@@ -431,13 +462,13 @@ struct BwdConsumer : Consumer<Traits, kType> {
             wgmma_commit();
           });
         } else {
-          if constexpr (kEarlyStats) load_col_stats(cols);
+          if constexpr (kEarlyStats) load_col_stats(col_stats, cols);
           wgmma_wait<0>();
           fence_regs(sc);
           fence_regs(dp);
           if (!(kAblate & 1)) {
             probabilities_t();
-            if constexpr (kEarlyStats) load_col_stats(cols + Traits::kStreamRows);
+            if constexpr (kEarlyStats) load_col_stats(col_stats, cols + Traits::kStreamRows);
             score_gradients();
           }
           if constexpr (kFuseDq) store_block_ds(dp, half, blocks);
@@ -486,6 +517,92 @@ struct BwdConsumer : Consumer<Traits, kType> {
     store(item, item.head, dv, 1.f, p.grad1, p.grad1_strides);
   }
 
+  /// The reduce kernel's item with the dK wait deferred (TILEWISE_HOPPER_BWD_REDUCE_OVERLAP=1; dkdv_item otherwise):
+  /// a block's dK is not waited for at the block's end; on this warpgroup's dQ turn the previous block's dQ product
+  /// is issued behind it, so the tensor cores hold queued work while this warpgroup frees the block's stages, and the
+  /// dQ is staged once both have landed (the v3.7 stall sampling: the consumers wait on their own per-block chain).
+  /// D 64 and 96 only: at D 128, dK, dV, the dQ accumulator and dK's operand do not fit beside each other (ptxas
+  /// serialises the wgmmas, C7519).
+  /// Tried and dropped (compiled only): the next block's S^T and dP^T issued before the dK wait, which ptxas
+  /// serialised (C7518, a compiler-inserted wait in a divergent path) in every arrangement of the loop tried.
+  __device__ __forceinline__ void reduce_item(const WorkItem& item, typename Base::KPipe& ks, typename Base::VPipe& vs,
+                                              uint32_t& blocks) const {
+    const BwdParams& p = bp;
+    constexpr bool bf16 = kType == WgType::bf16;
+    const OwnedRows rows = owned_rows(item);
+    auto release_block = [&](BlockInfo bi) {  // the owned K is freed after the item's last dQ product
+      bi.flags &= ~BlockInfo::kLast;
+      release_stages(bi, ks, vs);
+    };
+    float dk[D / 2], dv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
+    int64_t pending = -1;  // the block whose dQ is still to be computed
+    for (bool last = false; !last;) {
+      const BlockInfo bi = acquire(ks, vs);
+      last = bi.flags & BlockInfo::kLast;
+      if (bi.flags & BlockInfo::kEmpty) {
+        release_block(bi);
+        continue;
+      }
+      float sc[32], dp[32];
+      wgmma_fence();
+      gemm_ss<64>(sc, this->q_lo, this->k_lo + ks.stage() * kStageDesc);
+      wgmma_commit();
+      gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc);
+      wgmma_commit();
+      const float* cols = this->s.stats(ks.stage()) + 2 * (lane() % 4);  // lse2[64], D[64], position[64]
+      const int32_t head = item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift);
+      float2 cs[8];  // lse2, then D, of this thread's columns: loaded before the waits (v3.7)
+      load_col_stats(cs, cols);
+      wgmma_wait<1>();
+      fence_regs(sc);
+      probabilities_of_block(sc, [&](int k) { return cs[k]; }, rows, bi, bi.flags & BlockInfo::kFrames, p.heads[head],
+                             p.cls[bi.tile_class()].box, 0);
+      uint32_t pa[4][4], da[4][4];
+      pack_operand<4>(sc, pa, bf16);
+      wgmma_fence();
+      gemm_rs<4>(dv, pa, this->v_lo + vs.stage() * kStageDesc);
+      wgmma_commit();
+      load_col_stats(cs, cols + Traits::kStreamRows);
+      wgmma_wait<1>();  // dP^T (dV may still run)
+      fence_regs(dp);
+      score_gradients_of_block(dp, sc, [&](int k) { return cs[k]; });
+      store_block_ds(dp, 0, blocks);
+      pack_operand<4>(dp, da, bf16);
+      wgmma_fence();
+      gemm_rs<4>(dk, da, km_lo + ks.stage() * kStageDesc);
+      wgmma_commit();
+      fence_proxy_async();  // this block's dS^T, for the dQ product's async-proxy reads
+      this->s.ds_full[blocks & 1].arrive();
+      // `turn` is warp-uniform; the shuffle from lane 0 lets ptxas see that around the wgmmas (a wait in one branch
+      // for a wgmma issued in another, or a branch that looks divergent, makes it serialise them all: C7518).
+      if (__shfl_sync(0xffffffffu, pending >= 0 && (pending & 1) == this->wg, 0)) {
+        float dq[D / 2];
+        wgmma_wait<1>();  // dV (long done): its operand registers are free for the dQ accumulator
+        this->s.ds_full[pending & 1].wait((pending >> 1) & 1);
+        issue_dq_product(dq, static_cast<int>(pending & 1));
+        wgmma_wait<1>();  // dK
+        fence_regs(dk);
+        fence_regs(dv);
+        release_block(bi);
+        wgmma_wait<0>();
+        fence_regs(dq);
+        stage_dq(static_cast<uint32_t>(pending), dq);
+      } else {
+        wgmma_wait<0>();
+        fence_regs(dk);
+        fence_regs(dv);
+        release_block(bi);
+      }
+      pending = blocks++;
+    }
+    if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
+    if (lane() == 0) this->s.q_empty->arrive();  // the owned K and V are free
+    store(item, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
+    store(item, item.head, dv, 1.f, p.grad1, p.grad1_strides);
+  }
+
   /// An item none of whose rows are this warpgroup's: releases the stages the producer counts on and takes the
   /// turns its GEMM groups would have taken.
   template <BwdKernel kKernel>
@@ -526,6 +643,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
       }
       if constexpr (kKernel == BwdKernel::dq)
         dq_item(item, ks, vs);
+      else if constexpr (kKernel == BwdKernel::dkdvq_reduce && kReduceOverlap)
+        reduce_item(item, ks, vs, blocks);
       else
         dkdv_item<kKernel>(item, ks, vs, blocks);
     }

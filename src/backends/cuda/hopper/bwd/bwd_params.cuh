@@ -54,6 +54,14 @@
 #ifndef TILEWISE_HOPPER_BWD_STREAM_ROWS
 #define TILEWISE_HOPPER_BWD_STREAM_ROWS 128
 #endif
+// The reduce kernel's block loop at D 64 and 96 (docs/performance.md backward v3.8): 0 (default) = dkdv_item's loop
+// (every block's GEMMs waited for at its end), 1 = BwdConsumer::reduce_item (the dK wait deferred behind the previous
+// block's dQ product on a warpgroup's dQ turn): Open-Sora-Plan D 96 -3.1%, CogVideoX D 64 -1.8%, GPU tests and fuzz
+// pass, but under racecheck one D 96 case left dq NaN (0 hazards reported; not yet run on level 0): opt-in until
+// that is explained.
+#ifndef TILEWISE_HOPPER_BWD_REDUCE_OVERLAP
+#define TILEWISE_HOPPER_BWD_REDUCE_OVERLAP 0
+#endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the
 // dQ atomics, bit 32 the dQ product, bit 64 the barrier after it. Timing what is left shows what bounds a loop.

@@ -7,8 +7,6 @@
 // P V product itself (TILEWISE_HOPPER_FP8_ONES): 8 rows of ones under each V^T stage make 8 more accumulator
 // columns, each the sum of the e4m3 P the tensor cores used, rescaled with O for free.
 // One GEMM at a time per warpgroup (the bf16 forward's sequential schedule); the warpgroups overlap each other.
-// TILEWISE_HOPPER_FP8_OVERLAP (off; compiled, not yet run): FlashAttention-3's intra-warpgroup overlap instead, S_j
-// issued with P_{j-1} V_{j-1} and the softmax of S_j run while that P V is on the tensor cores.
 //
 // Each block's P V goes into a fresh accumulator, added to O in fp32 registers: FP8 wgmma accumulates with a few
 // bits fewer than fp32 (as DeepSeek-V3 reports for Hopper, and FP8 GEMMs promote every 128 products for it), and
@@ -17,15 +15,11 @@
 // window; summed per block, both keep fp32's precision across blocks.
 #pragma once
 
-#include <type_traits>
-
 #include "backends/cuda/hopper/fp8/fp8_params.cuh"
 #include "backends/cuda/hopper/fp8_softmax.cuh"
 #include "backends/cuda/hopper/mma_softmax_consumer.cuh"
 
 namespace tilewise::hopper {
-
-constexpr uint32_t kPBufferBarrier = 5;  // + warpgroup index: its four warps have written P_j (FP8 overlap = 2)
 
 template <class Traits, WgType kType>
 struct Fp8Consumer {
@@ -37,8 +31,6 @@ struct Fp8Consumer {
   static constexpr int kAccN = D + Traits::kOnesRows;  // columns of the P V accumulator: O, then the row sums
   static constexpr uint32_t kOne = 0x38383838u;         // four e4m3 1.0
   static constexpr bool kPingPong = TILEWISE_HOPPER_FP8_PINGPONG != 0 && Traits::kConsumerWarpgroups == 2;
-  static constexpr bool kOverlap = TILEWISE_HOPPER_FP8_OVERLAP != 0;
-  static constexpr bool kPShared = Traits::kFp8PShared;  // the overlapped loop's P through shared memory
   using Base = Consumer<Traits, kType>;  // the stage records, the releases, the idle walk
   using KPipe = typename Base::KPipe;
   using VPipe = typename Base::VPipe;
@@ -98,155 +90,6 @@ struct Fp8Consumer {
     base.template take_turn<kPingPong>(issue);
   }
 
-  /// O = O * corr + pv, the rescale skipped where no row of the warp changed its maximum.
-  __device__ __forceinline__ static void add_block(float (&o)[kAccN / 2], const float (&pv)[kAccN / 2],
-                                                   const float (&corr)[2], bool rescale) {
-    if (rescale) {
-#pragma unroll
-      for (int i = 0; i < kAccN / 2; ++i) o[i] = fmaf(o[i], corr[(i % 4) / 2], pv[i]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kAccN / 2; ++i) o[i] += pv[i];
-    }
-  }
-
-  /// P_j's storage in the overlapped loop, two of each so that P_j is written while P_{j-1} V_{j-1} reads the other:
-  /// A-fragment registers (TILEWISE_HOPPER_FP8_OVERLAP=1), or (=2) 64 x 128 e4m3 buffers in shared memory that an SS
-  /// P V reads, which frees those 32 registers (at D 128 the register form spills). Indices are compile-time only:
-  /// a fragment set indexed at run time would live in local memory.
-  struct PRegs {
-    uint32_t pa[2][kPvSteps][4];
-  };
-  struct PNone {};  // P in shared memory: nothing held in registers
-  using PStore = std::conditional_t<kPShared, PNone, PRegs>;
-
-  /// S of the key block, masked, through the softmax step into P store kBuf (and corr).
-  template <int kBuf>
-  __device__ __forceinline__ void scores_to_p(float (&sc)[kBlockN / 2], const BlockInfo& bi, const WorkItem& item,
-                                              int32_t text_len, const float (&qf)[2], float kscale, float (&m_run)[2],
-                                              float (&l_run)[2], float (&corr)[2], PStore& ps) const {
-    base.mask_scores(sc, bi, text_len, item);
-    const float factor[2] = {qf[0] * kscale, qf[1] * kscale};
-    if constexpr (kPShared) {
-      // Each A-fragment word at its (row, key) place of a K-major, 128-byte swizzled 64 x 128 tile (the fragment's
-      // key order is the one V^T is written in, so the SS product equals the RS one): register x of k32 step J is
-      // row 16 warp + lane / 4 + 8 (x % 2), keys 32 J + 16 (x / 2) + 4 (lane % 4) .. + 3.
-      uint8_t* buf = s.p_buf(wg, kBuf);
-      const uint32_t row0 = 16 * (tid / 32) + lane() / 4, key0 = 4 * (lane() % 4);
-      // A word's two halves come one after the other (pairs j and j + 2 of a row), so one pending low half is all
-      // that is held (a captured array landed in local memory)
-      uint32_t low = 0;
-      Fp8Softmax::step_emit<!kOnes, TILEWISE_HOPPER_FP8_EXP_ON_FMA>(sc, factor, m_run, l_run, corr,
-                                                                    [&](int j, uint16_t code) {
-        const int J = j / 8, x = ((j % 8) / 4) * 2 + j % 2;
-        if (((j % 8) / 2) % 2 == 0) {
-          low = code;
-        } else {
-          const uint32_t row = row0 + 8 * (x % 2), key = 32 * J + 16 * (x / 2) + key0;
-          st_shared_u32(buf + swizzled_bytes(row * kBlockN + key, 128), low | uint32_t{code} << 16);
-        }
-      });
-      fence_proxy_async();                            // generic stores, read by wgmma (the async proxy)
-      named_barrier_sync(kPBufferBarrier + wg, 128);  // the warpgroup's four warps have all written
-    } else {
-      Fp8Softmax::step_to_operand<!kOnes, TILEWISE_HOPPER_FP8_EXP_ON_FMA>(sc, factor, m_run, l_run, corr,
-                                                                          ps.pa[kBuf]);
-    }
-  }
-
-  /// pv = P V of P store kBuf (a fresh accumulator).
-  template <int kBuf>
-  __device__ __forceinline__ void issue_pv_from(float (&pv)[kAccN / 2], const PStore& ps, int stage) const {
-    if constexpr (kPShared) {
-      const uint64_t a = make_desc(smem_addr(s.p_buf(wg, kBuf)), 16, 8 * kBlockN, 128);
-#pragma unroll
-      for (int j = 0; j < kPvSteps; ++j)
-        WgmmaFp8<kAccN>::ss(pv, a + ((32 * j) >> 4), vt_desc + ((stage * Traits::kVTileBytes + 32 * j) >> 4), j > 0);
-    } else {
-      issue_pv(pv, ps.pa[kBuf], stage);
-    }
-  }
-
-  /// All key blocks of one work item, FlashAttention-3's intra-warpgroup overlap (TILEWISE_HOPPER_FP8_OVERLAP):
-  /// S_j and P_{j-1} V_{j-1} issued together, the softmax of S_j while that P V runs, then O = O corr_{j-1} +
-  /// P_{j-1} V_{j-1} (O stays relative to the maximum of the blocks added so far; each block's P V still in a fresh
-  /// accumulator, see the header). Registers: S, the P V in flight, O and (=1) P_{j-1} and P_j at once.
-  __device__ __forceinline__ void mainloop_overlapped(const WorkItem& item, int32_t text_len, const float (&qf)[2],
-                                                      const float* k_scale, KPipe& ks, VPipe& vs,
-                                                      float (&o)[kAccN / 2], float (&m_run)[2],
-                                                      float (&l_run)[2]) const {
-    float sc[kBlockN / 2], corr[2];
-    PStore ps;
-    // Block 0: S_0 alone (O is zero).
-    s.k_full[ks.stage()].wait(ks.phase());
-    BlockInfo bi = base.info(ks.stage());
-    float kscale = __ldg(k_scale + key_block(bi));
-    take_turn([&] {
-      wgmma_fence();
-      issue_s(sc, ks.stage());
-      wgmma_commit();
-    });
-    wgmma_wait<0>();
-    fence_regs(sc);
-    base.release_s_operands(ks.stage(), bi, false);
-    ks.advance();
-    scores_to_p<0>(sc, bi, item, text_len, qf, kscale, m_run, l_run, corr, ps);
-    float corr_prev[2] = {corr[0], corr[1]};
-    bool rescale_prev = false;  // O is zero before block 0's P V
-    // Block j reads P_{j-1} from one store and writes P_j into the other; the two alternate (with register
-    // fragments, a copy from one set to the other made ptxas give both the same registers, then serialise the
-    // wgmmas that read them).
-    auto next_block = [&](auto prev_store) {
-      constexpr int kPrev = decltype(prev_store)::value, kNew = 1 - kPrev;
-      s.k_full[ks.stage()].wait(ks.phase());
-      bi = base.info(ks.stage());
-      kscale = __ldg(k_scale + key_block(bi));
-      s.v_full[vs.stage()].wait(vs.phase());  // V_{j-1}
-      float pv[kAccN / 2];
-      take_turn([&] {
-        wgmma_fence();
-        issue_s(sc, ks.stage());
-        wgmma_commit();
-        issue_pv_from<kPrev>(pv, ps, vs.stage());
-        wgmma_commit();
-      });
-      wgmma_wait<1>();  // S_j; P_{j-1} V_{j-1} may still run (and still reads store kPrev)
-      fence_regs(sc);
-      base.release_s_operands(ks.stage(), bi, false);
-      ks.advance();
-      scores_to_p<kNew>(sc, bi, item, text_len, qf, kscale, m_run, l_run, corr, ps);
-      wgmma_wait<0>();
-      fence_regs(pv);
-      base.release(s.v_empty[vs.stage()], false);
-      vs.advance();
-      add_block(o, pv, corr_prev, rescale_prev);
-      rescale_prev = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
-      corr_prev[0] = corr[0], corr_prev[1] = corr[1];
-    };
-    auto last_block = [&](auto store) {
-      s.v_full[vs.stage()].wait(vs.phase());
-      float pv[kAccN / 2];
-      take_turn([&] {
-        wgmma_fence();
-        issue_pv_from<decltype(store)::value>(pv, ps, vs.stage());
-        wgmma_commit();
-      });
-      wgmma_wait<0>();
-      fence_regs(pv);
-      base.release(s.v_empty[vs.stage()], false);
-      vs.advance();
-      add_block(o, pv, corr_prev, rescale_prev);
-    };
-    using First = std::integral_constant<int, 0>;
-    using Second = std::integral_constant<int, 1>;
-    for (;;) {
-      if (bi.flags & BlockInfo::kLast) return last_block(First{});
-      next_block(First{});
-      if (bi.flags & BlockInfo::kLast) return last_block(Second{});
-      next_block(Second{});
-    }
-  }
-
   /// All key blocks of one work item. qf: the softmax scale (log2 domain) times each of this thread's rows' q scale.
   __device__ __forceinline__ void mainloop(const WorkItem& item, int32_t text_len, const float (&qf)[2],
                                            const float* k_scale, KPipe& ks, VPipe& vs, float (&o)[kAccN / 2],
@@ -284,7 +127,13 @@ struct Fp8Consumer {
       fence_regs(pv);
       base.release(s.v_empty[vs.stage()], false);
       vs.advance();
-      add_block(o, pv, corr, rescale);
+      if (rescale) {
+#pragma unroll
+        for (int i = 0; i < kAccN / 2; ++i) o[i] = fmaf(o[i], corr[(i % 4) / 2], pv[i]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kAccN / 2; ++i) o[i] += pv[i];
+      }
     }
   }
 
@@ -312,8 +161,6 @@ struct Fp8Consumer {
       s.q_full->wait(items & 1);
       if (!kPingPong && 64 * wg >= query_rows<Traits::kBlockM>(p, item.q))
         base.mainloop_idle(false, ks, vs);
-      else if constexpr (kOverlap)
-        mainloop_overlapped(item, text_len, qf, p.k_scale + bg * p.key_blocks, ks, vs, o, m_run, l_run);
       else
         mainloop(item, text_len, qf, p.k_scale + bg * p.key_blocks, ks, vs, o, m_run, l_run);
 
