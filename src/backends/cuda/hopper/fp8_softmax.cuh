@@ -37,12 +37,17 @@ struct Fp8Softmax {
   /// in the P V product). corr[row] = 2^(M_old - M_new) is what O (and l) must be multiplied by (0 while a row has
   /// seen no key; 1 when M stayed). kExpOnFma = N > 0: every N-th exponential of a row on the FMA pipe (exp2_fma)
   /// instead of MUFU, whose 16 per clock per SM bound FP8's loop once its GEMMs take half the bf16 time.
-  template <bool kRowSum = true, int kExpOnFma = 0>
+  /// kFold: the row maximum on the raw scores, scaled once (factor > 0, so max(s f) = fl(max(s) f) exactly: rounding
+  /// is monotonic), and the code's value 448 * 2^(t - M) as 2^(fma(s, f, log2 448 - M)), one rounding fewer than the
+  /// reference's t = fl(s f) and a product by 448 afterwards: a code can differ by one e4m3 step where the value
+  /// lies within ~1e-6 of a rounding boundary (as ex2.approx's own error already allows).
+  template <bool kRowSum = true, int kExpOnFma = 0, bool kFold = false>
   static __device__ __forceinline__ void step(const float (&s)[kValues], const float (&factor)[2], float (&m_run)[2],
                                               float (&l_run)[2], float (&corr)[2], uint16_t (&pairs)[kPairs]) {
+    constexpr float kLog2Max = 8.80735492205760410f;  // log2(448)
     float t[kValues];
 #pragma unroll
-    for (int i = 0; i < kValues; ++i) t[i] = s[i] * factor[(i % 4) / 2];
+    for (int i = 0; i < kValues; ++i) t[i] = kFold ? s[i] : s[i] * factor[(i % 4) / 2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       float mx = -INFINITY;
@@ -51,10 +56,12 @@ struct Fp8Softmax {
         if ((i % 4) / 2 == rr) mx = fmaxf(mx, t[i]);
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the four threads of a row
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      if constexpr (kFold) mx *= factor[rr];
       const float m_new = fmaxf(m_run[rr], ceilf(mx));
       corr[rr] = m_new == m_run[rr] ? 1.f : fast_exp2(m_run[rr] - m_new);  // -inf - finite: 0
       m_run[rr] = m_new;
       const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: every p is 0
+      const float bias = kLog2Max - m_use;                   // kFold
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < kPairs; ++j)
@@ -63,13 +70,13 @@ struct Fp8Softmax {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int k = j - rr + e;  // the value's index among its row's 32 (2 per pair of the row)
-            const float x = t[2 * j + e] - m_use;
+            const float x = kFold ? fmaf(t[2 * j + e], factor[rr], bias) : t[2 * j + e] - m_use;
             if constexpr (kExpOnFma > 0)
               p[e] = k % kExpOnFma == kExpOnFma - 1 ? exp2_fma(x) : fast_exp2(x);
             else
               p[e] = fast_exp2(x);
           }
-          pairs[j] = e4m3x2(448.f * p[0], 448.f * p[1]);
+          pairs[j] = kFold ? e4m3x2(p[0], p[1]) : e4m3x2(448.f * p[0], 448.f * p[1]);
           if constexpr (kRowSum) sum += pair_sum(pairs[j]);
         }
       if constexpr (kRowSum) {

@@ -106,6 +106,12 @@
 #ifndef TILEWISE_HOPPER_FP8_EXP_ON_FMA
 #define TILEWISE_HOPPER_FP8_EXP_ON_FMA 0
 #endif
+// The FP8 softmax with its per-score scalings folded (Fp8Softmax::step): the row maximum taken on the raw scores and
+// scaled once per row, and 448 * 2^(s f - M) computed as 2^(fma(s, f, log2 448 - M)): two instructions fewer per
+// score (of ~6; the loop is issue-bound, docs/performance.md "FP8 v3"). 0 = the step as the reference states it.
+#ifndef TILEWISE_HOPPER_FP8_FOLD
+#define TILEWISE_HOPPER_FP8_FOLD 0
+#endif
 
 // The FP8 forward's two warpgroups take turns issuing their GEMMs (the forward's scheduler barriers), so one's
 // softmax runs under the other's S and P V instead of both waiting on the tensor cores at once: with e4m3 the
