@@ -2,7 +2,7 @@
 # Everything one device call needs, in one go: build on the GPU machine, run the GPU tests (a hang is killed),
 # compute-sanitizer on small problems, the backward fuzz, and the benchmark tables last. Logs go under $OUT.
 # Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [sanitize_fp8] [fuzz] [bench]
-#        [bench_bwd] [sass] [bwd_variants] [variant_tests] [reduce_check] [bwd_profile] [bwd_stalls]
+#        [bench_bwd] [sass] [bwd_variants] [variant_tests] [reduce_check] [overlap_racecheck] [bwd_profile] [bwd_stalls]
 #   bwd_variants: BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ..." (scripts/kernel_variants.py); a name starting with
 #   fused times the fused arrangement (TILEWISE_BACKWARD_FUSED_DQ=1), reduce the reduce kernel (=2; "reduce=" with
 #   no flags builds the default source), names no_* or *_no_* are ablations (times only); variant_tests: VARIANT=name
@@ -126,6 +126,20 @@ for step in $steps; do
       LD_LIBRARY_PATH=$lib timeout 240 $BUILD/tilewise_fuzz --problems ${FUZZ_PROBLEMS:-1000} \
         --max-seconds ${FUZZ_SECONDS:-150} > "$OUT/fuzz_$VARIANT.log" 2>&1
       echo "fuzz rc=$? $(grep -E '^problems' "$OUT/fuzz_$VARIANT.log")"
+      ;;
+    overlap_racecheck)
+      # docs/performance.md backward v3.8: under racecheck, attention_tile_partial_frames_d96 came out with every dq
+      # NaN once through the reduce kernel's deferred-dK loop (TILEWISE_HOPPER_BWD_REDUCE_OVERLAP=1). The same D 64/96
+      # cases under racecheck with the default loop (level 0) and with level 1, each library's logs in a folder of
+      # its own: whether level 0 shows it too decides between the loop and the tool.
+      echo "== racecheck, the reduce kernel's loop at level 0 and 1"
+      python3 scripts/kernel_variants.py $BUILD /tmp/bwd-variants ov1=-DTILEWISE_HOPPER_BWD_REDUCE_OVERLAP=1 | cut -c1-160
+      for lib in $PWD/$BUILD /tmp/bwd-variants/ov1; do
+        echo "-- $lib"
+        mkdir -p "$OUT/racecheck_$(basename $lib)"
+        OUT=$OUT/racecheck_$(basename $lib) SANITIZE_LIB=$lib SANITIZE_TOOLS=racecheck SANITIZE_TIMEOUT=200 \
+          sanitize_cases CudaBackwardSmall attention_tile_partial_frames_d96 f16_d64_bhsd_text_first
+      done
       ;;
     reduce_check)
       # The reduce kernel (TILEWISE_BACKWARD_FUSED_DQ=2, docs/performance.md backward v3.6) on this build: against the
