@@ -119,6 +119,17 @@ struct BwdConsumer : Consumer<Traits, kType> {
     this->s.v_full[vs.stage()].wait(vs.phase());
     return bi;
   }
+  /// The dK/dV loops' next streamed block into `bi` (and whether it is the item's last); an empty one (the only
+  /// block of an item with none) is freed at once with `release`, and then the answer is false.
+  template <class Release>
+  __device__ __forceinline__ bool next_block(BlockInfo& bi, bool& last, typename Base::KPipe& ks,
+                                             typename Base::VPipe& vs, Release&& release) const {
+    bi = acquire(ks, vs);
+    last = bi.flags & BlockInfo::kLast;
+    if (!(bi.flags & BlockInfo::kEmpty)) return true;
+    release(bi);
+    return false;
+  }
   /// Frees both stages (and the owned blocks after the item's last).
   __device__ __forceinline__ void release_stages(const BlockInfo& bi, typename Base::KPipe& ks,
                                                  typename Base::VPipe& vs) const {
@@ -399,12 +410,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
     for (bool last = false; !last;) {
-      const BlockInfo bi = acquire(ks, vs);
-      last = bi.flags & BlockInfo::kLast;
-      if (bi.flags & BlockInfo::kEmpty) {
-        release_block(bi);
-        continue;
-      }
+      BlockInfo bi;
+      if (!next_block(bi, last, ks, vs, release_block)) continue;
       const float* stats = this->s.stats(ks.stage());  // lse2[kStreamRows], D[kStreamRows], position[kStreamRows]
       const bool frames = bi.flags & BlockInfo::kFrames;
       const int32_t head = item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift);
@@ -539,12 +546,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
     for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
     int64_t pending = -1;  // the block whose dQ is still to be computed
     for (bool last = false; !last;) {
-      const BlockInfo bi = acquire(ks, vs);
-      last = bi.flags & BlockInfo::kLast;
-      if (bi.flags & BlockInfo::kEmpty) {
-        release_block(bi);
-        continue;
-      }
+      BlockInfo bi;
+      if (!next_block(bi, last, ks, vs, release_block)) continue;
       float sc[32], dp[32];
       wgmma_fence();
       gemm_ss<64>(sc, this->q_lo, this->k_lo + ks.stage() * kStageDesc);
