@@ -108,7 +108,7 @@
 #endif
 // The FP8 softmax with its per-score scalings folded (Fp8Softmax::step): the row maximum taken on the raw scores and
 // scaled once per row, and 448 * 2^(s f - M) computed as 2^(fma(s, f, log2 448 - M)): two instructions fewer per
-// score (of ~6; the loop is issue-bound, docs/performance.md "FP8 v3"). 0 = the step as the reference states it.
+// score (of ~6; docs/performance.md "FP8 v4", compiled, not yet run). 0 = the step as the reference states it.
 #ifndef TILEWISE_HOPPER_FP8_FOLD
 #define TILEWISE_HOPPER_FP8_FOLD 0
 #endif

@@ -429,10 +429,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
           wgmma_commit();
         });
         // P^T of this thread's 32 entries, then dS^T = P^T (dP^T - D). The columns' statistics come two at a time
-        // from shared memory. In the reduce kernel they are loaded into registers before the GEMMs are waited for: a shared-memory load
-        // issued behind the tensor core's operand reads took 100+ cycles, and the first exponential waited for it
-        // (v3.7: 15% of its consumers' stall samples; the kernel 76.2 -> 74.8 ms). The dK/dV kernel, two halves a
-        // block, then spills them in its loop and loses 10% (45.5 -> 50.0 ms): it loads each pair where it is used.
+        // from shared memory. In the reduce kernel they are loaded into registers before the GEMMs are waited for: a
+        // shared-memory load issued behind the tensor core's operand reads took 100+ cycles, and the first
+        // exponential waited for it (v3.7: 15% of its consumers' stall samples; the kernel 76.2 -> 74.8 ms). The
+        // dK/dV kernel, two halves a block, then spills them in its loop and loses 10% (45.5 -> 50.0 ms): it loads
+        // each pair where it is used.
         constexpr bool kEarlyStats = kReduce;
         const float* cols = stats + 64 * half + 2 * (lane() % 4);
         float2 col_stats[8];  // kEarlyStats: lse2 of this thread's columns, then their D
@@ -529,7 +530,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// is issued behind it, so the tensor cores hold queued work while this warpgroup frees the block's stages, and the
   /// dQ is staged once both have landed (the v3.7 stall sampling: the consumers wait on their own per-block chain).
   /// D 64 and 96 only: at D 128, dK, dV, the dQ accumulator and dK's operand do not fit beside each other (ptxas
-  /// serialises the wgmmas, C7519).
+  /// serialises the wgmmas "due to insufficient register resources").
   /// Tried and dropped (compiled only): the next block's S^T and dP^T issued before the dK wait, which ptxas
   /// serialised (C7518, a compiler-inserted wait in a divergent path) in every arrangement of the loop tried.
   __device__ __forceinline__ void reduce_item(const WorkItem& item, typename Base::KPipe& ks, typename Base::VPipe& vs,
