@@ -31,6 +31,7 @@ its times mean nothing.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import statistics
 import sys
@@ -307,6 +308,10 @@ def model_table(args, device) -> str:
                 runs.append((f"{uniform_label}, chunks 2, copy engine", uniform_label, uniform, None, 2, 1, True,
                              "copy_engine"))
             for label, single, windows, balance, chunks, sm_margin, early, exchange in runs:
+                # A row that takes far longer than a forward should prints every thread's Python stack (each rank
+                # on its stderr) and goes on: a hang then shows where it waits (the copy-engine rows' first run
+                # printed nothing in 420 s, docs/parallel.md).
+                faulthandler.dump_traceback_later(args.row_timeout, exit=False)
                 twd.enable(model, windows, tile=tile, load_balance=balance, chunks=chunks, sm_margin=sm_margin,
                            early_start=early, exchange=exchange)
                 tn = timed(lambda: model(**inputs), args.model_iters, device, dist.group.WORLD)
@@ -319,6 +324,7 @@ def model_table(args, device) -> str:
                     line = profile_forward(lambda: model(**inputs), device)
                     if rank == 0:
                         profiles.append(f"- {workers(world, device)}, {label} (rank 0): " + line)
+                faulthandler.cancel_dump_traceback_later()
     text = (f"One transformer forward: {name}, random weights, {nccl_settings()}, diffusers' context parallelism "
             "(`enable_parallelism(ContextParallelConfig(ulysses_degree=N))`) with tilewise's processors. rel L2: "
             "of the output against the one-GPU output.\n\n"
@@ -339,6 +345,8 @@ def main() -> None:
                     help="SMs left to the collectives, each timed with chunks 2 (comma-separated; 0: none)")
     ap.add_argument("--no-model", action="store_true", help="skip the transformer forward")
     ap.add_argument("--no-layer", action="store_true", help="skip the attention-layer table")
+    ap.add_argument("--row-timeout", type=float, default=150.0,
+                    help="seconds after which a model row prints every rank's Python stacks (a hang's whereabouts)")
     ap.add_argument("--copy-engine", action="store_true",
                     help="also time exchange='copy_engine' (the all-to-alls on the copy engines; CUDA, inference)")
     ap.add_argument("--configs", choices=["all", "uniform"], default="all",
