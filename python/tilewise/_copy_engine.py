@@ -108,13 +108,12 @@ class Exchanger:
         rank s sends to rank d (known on every rank). Returns (received [sum_s counts[s][rank], ...], the sources'
         rows in rank order, and wait(): makes the current stream wait for their arrival; call it before reading)."""
         P, rank = self.world, self.rank
-        row_shape, dtype = tuple(send.shape[1:]), send.dtype
-        row_bytes = math.prod(row_shape) * send.element_size()  # also where this rank sends no rows
+        row_shape, dtype, elem = tuple(send.shape[1:]), send.dtype, send.element_size()
+        row_bytes = math.prod(row_shape) * elem  # also where this rank sends no rows
         if not send.is_contiguous() or send.shape[0] != sum(counts[rank]):
             raise ValueError(f"send: expected {sum(counts[rank])} contiguous rows, got {tuple(send.shape)} "
                              f"(contiguous: {send.is_contiguous()})")
         handle, base = self.pool.take(max(region_bytes(counts, row_bytes), 1))
-        elem = send.element_size()
         caller = torch.cuda.current_stream(send.device)
         with torch.cuda.stream(self.stream):
             self.stream.wait_stream(caller)

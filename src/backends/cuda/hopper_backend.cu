@@ -211,7 +211,8 @@ class HopperBackend final : public Backend {
     stream_entries_ = static_cast<int32_t>(dkdv_classes_.key_entries(g, p.text_capacity));
     // The arrangement of the backward's kernels: the reduce kernel (2) unless the plan is nearly dense, where the two
     // kernels (0) were 2% faster (v3.7, one bench_backward run: the reduce kernel faster on 9 of 10 rows, by 11-12%
-    // at D 64 and 96, by 0.2-1.7% on the sparse D 128 rows; the whole grid 938 ms against 919).
+    // at D 64 and 96, by 0.2-1.7% on the sparse D 128 rows; the whole grid 938 ms against 919; v3.8's run: 3.6-11%
+    // faster on every sparse row, the whole grid 929.92 against 928.49).
     // TILEWISE_BACKWARD_FUSED_DQ=0|1|2 in the environment picks one (measurements; 1: the atomic fused kernel).
     const char* fused = std::getenv("TILEWISE_BACKWARD_FUSED_DQ");
     if (fused != nullptr && *fused != '\0')
