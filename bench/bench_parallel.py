@@ -307,6 +307,8 @@ def model_table(args, device) -> str:
                 runs.append((f"{uniform_label}, copy engine", uniform_label, uniform, None, 1, 1, True, "copy_engine"))
                 runs.append((f"{uniform_label}, chunks 2, copy engine", uniform_label, uniform, None, 2, 1, True,
                              "copy_engine"))
+            if args.model_rows:
+                runs = [r for r in runs if args.model_rows in r[0]]
             for label, single, windows, balance, chunks, sm_margin, early, exchange in runs:
                 # A row that takes far longer than a forward should prints every thread's Python stack (each rank
                 # on its stderr) and goes on: a hang then shows where it waits (the copy-engine rows' first run
@@ -347,6 +349,8 @@ def main() -> None:
     ap.add_argument("--no-layer", action="store_true", help="skip the attention-layer table")
     ap.add_argument("--row-timeout", type=float, default=150.0,
                     help="seconds after which a model row prints every rank's Python stacks (a hang's whereabouts)")
+    ap.add_argument("--model-rows", default=None,
+                    help="time only the parallel model rows whose label contains this (the one-GPU rows still run)")
     ap.add_argument("--copy-engine", action="store_true",
                     help="also time exchange='copy_engine' (the all-to-alls on the copy engines; CUDA, inference)")
     ap.add_argument("--configs", choices=["all", "uniform"], default="all",

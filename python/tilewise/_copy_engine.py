@@ -25,6 +25,9 @@ from typing import Sequence
 import torch
 
 _ALIGN = 256  # bytes: every region starts on this boundary (the copies' alignment)
+# How long a rank's barrier kernel waits for the others before it traps (a CUDA error names the failure instead of
+# a silent hang; a peer is late by at most a transformer block's work, well under a second here).
+BARRIER_TIMEOUT_MS = 60_000
 
 
 class _Pool:
@@ -118,11 +121,11 @@ class Exchanger:
         with torch.cuda.stream(self.stream):
             self.stream.wait_stream(caller)
             send.record_stream(self.stream)
-            handle.barrier(channel=0)
+            handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
             for d, offset, first, rows in pushes(counts, rank, row_bytes):
                 dst = handle.get_buffer(d, (rows, *row_shape), dtype, (base + offset) // elem)
                 dst.copy_(send[first:first + rows])  # contiguous, same dtype: cudaMemcpyAsync on a copy engine
-            handle.barrier(channel=1)
+            handle.barrier(channel=1, timeout_ms=BARRIER_TIMEOUT_MS)
             arrived = torch.cuda.Event()
             arrived.record(self.stream)
         received = handle.get_buffer(rank, (sum(counts[s][rank] for s in range(P)), *row_shape), dtype, base // elem)

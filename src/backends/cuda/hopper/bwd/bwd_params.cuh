@@ -54,11 +54,11 @@
 #ifndef TILEWISE_HOPPER_BWD_STREAM_ROWS
 #define TILEWISE_HOPPER_BWD_STREAM_ROWS 128
 #endif
-// The reduce kernel's block loop at D 64 and 96 (docs/performance.md backward v3.8): 0 (default) = dkdv_item's loop
-// (every block's GEMMs waited for at its end), 1 = BwdConsumer::reduce_item (the dK wait deferred behind the previous
-// block's dQ product on a warpgroup's dQ turn): Open-Sora-Plan D 96 -3.1%, CogVideoX D 64 -1.8%, GPU tests and fuzz
-// pass, but under racecheck one D 96 case left dq NaN (0 hazards reported; not yet run on level 0): opt-in until
-// that is explained.
+// The reduce kernel's block loop at D 64 and 96 (docs/performance.md backward v3.8, v3.9): 0 (default) = dkdv_item's
+// loop (every block's GEMMs waited for at its end), 1 = BwdConsumer::reduce_item (the dK wait deferred behind the
+// previous block's dQ product on a warpgroup's dQ turn): Open-Sora-Plan D 96 -3.1%, CogVideoX D 64 -1.8%, but NOT
+// race-free: twice now a run left part of dq NaN (v3.8 under racecheck; v3.9 the GPU test
+// partial_tile_classes_gqa_d64_text_last, 1616 rows) while level 0 never has. Measurement only until that is found.
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_OVERLAP
 #define TILEWISE_HOPPER_BWD_REDUCE_OVERLAP 0
 #endif
