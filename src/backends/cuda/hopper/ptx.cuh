@@ -254,6 +254,17 @@ __device__ __forceinline__ uint32_t swizzled_offset(uint32_t row, uint32_t col, 
   return swizzled_bytes(row * row_bytes + col * 2, row_bytes);
 }
 
+/// Four 8x8 matrices of 16-bit elements from shared memory (ldmatrix.x4): lane l gives the address of row l % 8 of
+/// matrix l / 8, and register i of every lane receives its pair of matrix i. With the matrices (rows 0-7, cols 0-7),
+/// (rows 8-15, cols 0-7), (rows 0-7, cols 8-15), (rows 8-15, cols 8-15) of a warp's 16 rows that is the wgmma
+/// A-fragment of one k16 step.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi, bool bf16) {
   uint32_t r;
   if (bf16)

@@ -65,6 +65,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
   static constexpr int kAblate = TILEWISE_HOPPER_BWD_ABLATE;
   static constexpr bool kDqV4 = TILEWISE_HOPPER_BWD_DQ_V4 != 0 && D % 16 == 0;
   static constexpr int kHalves = Traits::kStreamRows / 64;  // dK/dV: 64-query halves per streamed block
+  // The reduce kernel's S^T and dP^T with the owned K and V in registers (D 64: 16 registers each; the RS form reads
+  // half the shared-memory bytes of SS, which bound these m64n64 products: v3.9)
+  static constexpr bool kOwnedInRegs = TILEWISE_HOPPER_BWD_OWNED_IN_REGS != 0 && D == 64 && Traits::kDqStaging;
   // reduce_item instead of dkdv_item in the reduce kernel (D 64 and 96 only, see there)
   static constexpr bool kReduceOverlap = TILEWISE_HOPPER_BWD_REDUCE_OVERLAP != 0 && D <= 96;
 
@@ -79,6 +82,31 @@ struct BwdConsumer : Consumer<Traits, kType> {
         const uint32_t b_off = (panel * Traits::kPanelBytes + kk * 32) >> 4;
         Wgmma<kType, N>::template ss<0>(d, desc(a_lo + a_off, this->kq_hi), desc(b_lo + b_off, this->kq_hi),
                                         panel + kk > 0);
+      }
+  }
+  /// This warpgroup's 64 rows of an owned buffer (K-major, 128-byte swizzled rows; D a multiple of 64) as the A
+  /// operand of D / 16 k16 steps, by ldmatrix: lane l addresses row l % 8 + 8 ((l / 8) % 2) of its warp's 16 and
+  /// columns 8 (l / 16) onwards of the step's 16.
+  __device__ __forceinline__ void load_owned(uint32_t (&a)[D / 16][4], const uint8_t* buffer) const {
+    static_assert(Traits::kRowBytes == 128, "whole 64-column panels");
+    const int l = lane();
+    const uint32_t r = 64 * this->wg + 16 * (this->tid / 32) + l % 8 + 8 * ((l / 8) % 2);
+#pragma unroll
+    for (int j = 0; j < D / 16; ++j) {
+      const int col = 16 * j + 8 * (l / 16);
+      ldmatrix_x4(a[j], smem_addr(buffer) + (col / 64) * Traits::kQPanelBytes + swizzled_offset(r, col % 64, 128));
+    }
+  }
+  /// gemm_ss with the owned operand from registers (load_owned): d[64 x N] = A * B[N rows of a stage, K-major]^T.
+  template <int N>
+  __device__ __forceinline__ void gemm_rs_owned(float (&d)[N / 2], const uint32_t (&a)[D / 16][4], uint32_t b_lo) const {
+#pragma unroll
+    for (int panel = 0; panel < Traits::kPanels; ++panel)
+#pragma unroll
+      for (int kk = 0; kk < Traits::kPanelCols / 16; ++kk) {
+        const uint32_t b_off = (panel * Traits::kPanelBytes + kk * 32) >> 4;
+        WgmmaRS<kType, N>::template rs<0>(d, a[panel * (Traits::kPanelCols / 16) + kk], desc(b_lo + b_off, this->kq_hi),
+                                          panel + kk > 0);
       }
   }
   /// d[64 x D] += A (registers, kSteps k16 steps) * B[16 kSteps rows of a stage, MN-major].
@@ -409,6 +437,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
+    uint32_t owned_k[D / 16][4], owned_v[D / 16][4];  // kOwnedInRegs: the A operands of S^T and dP^T
+    if constexpr (kOwnedInRegs) load_owned(owned_k, this->s.q), load_owned(owned_v, this->s.o());
     for (bool last = false; !last;) {
       BlockInfo bi;
       if (!next_block(bi, last, ks, vs, release_block)) continue;
@@ -423,9 +453,15 @@ struct BwdConsumer : Consumer<Traits, kType> {
         float sc[32], dp[32];
         take_turn<!kFuseDq>([&] {
           wgmma_fence();
-          if (!(kAblate & 2)) gemm_ss<64>(sc, this->q_lo, this->k_lo + ks.stage() * kStageDesc + row_off);
-          if constexpr (kSplit) wgmma_commit();
-          if (!(kAblate & 2)) gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc + row_off);
+          if constexpr (kOwnedInRegs) {
+            gemm_rs_owned<64>(sc, owned_k, this->k_lo + ks.stage() * kStageDesc + row_off);
+            if constexpr (kSplit) wgmma_commit();
+            gemm_rs_owned<64>(dp, owned_v, vk_lo + vs.stage() * kStageDesc + row_off);
+          } else {
+            if (!(kAblate & 2)) gemm_ss<64>(sc, this->q_lo, this->k_lo + ks.stage() * kStageDesc + row_off);
+            if constexpr (kSplit) wgmma_commit();
+            if (!(kAblate & 2)) gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc + row_off);
+          }
           wgmma_commit();
         });
         // P^T of this thread's 32 entries, then dS^T = P^T (dP^T - D). The columns' statistics come two at a time

@@ -62,6 +62,15 @@
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_OVERLAP
 #define TILEWISE_HOPPER_BWD_REDUCE_OVERLAP 0
 #endif
+// The reduce kernel's S^T = K Q^T and dP^T = V dO^T at D 64 (docs/performance.md backward v3.9): 1 (default) = the
+// owned K and V rows of a warpgroup held in registers as the A operand (RS wgmma; loaded once per item with ldmatrix,
+// 16 registers each), so that per block only the streamed Q and dO are read from shared memory; 0 = both operands
+// from shared memory (SS). Those m64n64 SS products read 4 KB per 131 kFLOP, near all of shared memory's bandwidth
+// at the tensor rate: CogVideoX's backward 26.47 -> 24.46 ms with it (the D 64 GPU tests and the fuzz pass). At
+// D 96 and 128 the registers are not there (dK, dV and S^T, dP^T already hold 160-192).
+#ifndef TILEWISE_HOPPER_BWD_OWNED_IN_REGS
+#define TILEWISE_HOPPER_BWD_OWNED_IN_REGS 1
+#endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the
 // dQ atomics, bit 32 the dQ product, bit 64 the barrier after it. Timing what is left shows what bounds a loop.
