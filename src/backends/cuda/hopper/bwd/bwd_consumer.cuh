@@ -68,6 +68,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
   // The reduce kernel's S^T and dP^T with the owned K and V in registers (D 64: 16 registers each; the RS form reads
   // half the shared-memory bytes of SS, which bound these m64n64 products: v3.9)
   static constexpr bool kOwnedInRegs = TILEWISE_HOPPER_BWD_OWNED_IN_REGS != 0 && D == 64 && Traits::kDqStaging;
+  // and at D 96 the owned K alone (TILEWISE_HOPPER_BWD_OWNED_K_D96; S^T in RS form, dP^T still SS)
+  static constexpr bool kOwnedKOnly = TILEWISE_HOPPER_BWD_OWNED_K_D96 != 0 && D == 96 && Traits::kDqStaging;
   // reduce_item instead of dkdv_item in the reduce kernel (D 64 and 96 only, see there)
   static constexpr bool kReduceOverlap = TILEWISE_HOPPER_BWD_REDUCE_OVERLAP != 0 && D <= 96;
 
@@ -84,17 +86,18 @@ struct BwdConsumer : Consumer<Traits, kType> {
                                         panel + kk > 0);
       }
   }
-  /// This warpgroup's 64 rows of an owned buffer (K-major, 128-byte swizzled rows; D a multiple of 64) as the A
+  /// This warpgroup's 64 rows of an owned buffer (K-major, in panels of kPanelCols swizzled columns) as the A
   /// operand of D / 16 k16 steps, by ldmatrix: lane l addresses row l % 8 + 8 ((l / 8) % 2) of its warp's 16 and
   /// columns 8 (l / 16) onwards of the step's 16.
   __device__ __forceinline__ void load_owned(uint32_t (&a)[D / 16][4], const uint8_t* buffer) const {
-    static_assert(Traits::kRowBytes == 128, "whole 64-column panels");
+    constexpr int kCols = Traits::kPanelCols;
     const int l = lane();
     const uint32_t r = 64 * this->wg + 16 * (this->tid / 32) + l % 8 + 8 * ((l / 8) % 2);
 #pragma unroll
     for (int j = 0; j < D / 16; ++j) {
       const int col = 16 * j + 8 * (l / 16);
-      ldmatrix_x4(a[j], smem_addr(buffer) + (col / 64) * Traits::kQPanelBytes + swizzled_offset(r, col % 64, 128));
+      ldmatrix_x4(a[j], smem_addr(buffer) + (col / kCols) * Traits::kQPanelBytes +
+                            swizzled_offset(r, col % kCols, Traits::kRowBytes));
     }
   }
   /// gemm_ss with the owned operand from registers (load_owned): d[64 x N] = A * B[N rows of a stage, K-major]^T.
@@ -439,6 +442,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
     uint32_t owned_k[D / 16][4], owned_v[D / 16][4];  // kOwnedInRegs: the A operands of S^T and dP^T
     if constexpr (kOwnedInRegs) load_owned(owned_k, this->s.q), load_owned(owned_v, this->s.o());
+    if constexpr (kOwnedKOnly) load_owned(owned_k, this->s.q);
     for (bool last = false; !last;) {
       BlockInfo bi;
       if (!next_block(bi, last, ks, vs, release_block)) continue;
@@ -453,7 +457,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
         float sc[32], dp[32];
         take_turn<!kFuseDq>([&] {
           wgmma_fence();
-          if constexpr (kOwnedInRegs) {
+          if constexpr (kOwnedKOnly) {
+            gemm_rs_owned<64>(sc, owned_k, this->k_lo + ks.stage() * kStageDesc + row_off);
+            if constexpr (kSplit) wgmma_commit();
+            gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc + row_off);
+          } else if constexpr (kOwnedInRegs) {
             gemm_rs_owned<64>(sc, owned_k, this->k_lo + ks.stage() * kStageDesc + row_off);
             if constexpr (kSplit) wgmma_commit();
             gemm_rs_owned<64>(dp, owned_v, vk_lo + vs.stage() * kStageDesc + row_off);

@@ -71,6 +71,12 @@
 #ifndef TILEWISE_HOPPER_BWD_OWNED_IN_REGS
 #define TILEWISE_HOPPER_BWD_OWNED_IN_REGS 1
 #endif
+// The same at D 96 for K alone (24 registers; with V too ptxas serialises the wgmmas for registers, as at D 128 with
+// K alone): S^T reads only Q from shared memory, 24 of the block's ~272 KB fewer. Compiled, not yet run on a GPU
+// (docs/performance.md backward v3.9, "To run first").
+#ifndef TILEWISE_HOPPER_BWD_OWNED_K_D96
+#define TILEWISE_HOPPER_BWD_OWNED_K_D96 0
+#endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the
 // dQ atomics, bit 32 the dQ product, bit 64 the barrier after it. Timing what is left shows what bounds a loop.
