@@ -65,11 +65,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
   static constexpr int kAblate = TILEWISE_HOPPER_BWD_ABLATE;
   static constexpr bool kDqV4 = TILEWISE_HOPPER_BWD_DQ_V4 != 0 && D % 16 == 0;
   static constexpr int kHalves = Traits::kStreamRows / 64;  // dK/dV: 64-query halves per streamed block
-  // The reduce kernel's S^T and dP^T with the owned K and V in registers (D 64: 16 registers each; the RS form reads
-  // half the shared-memory bytes of SS, which bound these m64n64 products: v3.9)
-  static constexpr bool kOwnedInRegs = TILEWISE_HOPPER_BWD_OWNED_IN_REGS != 0 && D == 64 && Traits::kDqStaging;
-  // and at D 96 the owned K alone (TILEWISE_HOPPER_BWD_OWNED_K_D96; S^T in RS form, dP^T still SS)
-  static constexpr bool kOwnedKOnly = TILEWISE_HOPPER_BWD_OWNED_K_D96 != 0 && D == 96 && Traits::kDqStaging;
+  // The reduce kernel's S^T (kOwnedK) and dP^T (kOwnedV) with the warpgroup's owned K or V rows in registers as the
+  // A operand: the RS form reads half the shared-memory bytes of SS, which bound these m64n64 products (v3.9). Both
+  // at D 64 (16 registers each); K alone at D 96 with TILEWISE_HOPPER_BWD_OWNED_K_D96 (24).
+  static constexpr bool kOwnedV = TILEWISE_HOPPER_BWD_OWNED_IN_REGS != 0 && D == 64 && Traits::kDqStaging;
+  static constexpr bool kOwnedK = kOwnedV || (TILEWISE_HOPPER_BWD_OWNED_K_D96 != 0 && D == 96 && Traits::kDqStaging);
   // reduce_item instead of dkdv_item in the reduce kernel (D 64 and 96 only, see there)
   static constexpr bool kReduceOverlap = TILEWISE_HOPPER_BWD_REDUCE_OVERLAP != 0 && D <= 96;
 
@@ -440,9 +440,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
-    uint32_t owned_k[D / 16][4], owned_v[D / 16][4];  // kOwnedInRegs: the A operands of S^T and dP^T
-    if constexpr (kOwnedInRegs) load_owned(owned_k, this->s.q), load_owned(owned_v, this->s.o());
-    if constexpr (kOwnedKOnly) load_owned(owned_k, this->s.q);
+    uint32_t owned_k[D / 16][4], owned_v[D / 16][4];  // kOwnedK, kOwnedV: the A operands of S^T and dP^T
+    if constexpr (kOwnedK) load_owned(owned_k, this->s.q);
+    if constexpr (kOwnedV) load_owned(owned_v, this->s.o());
     for (bool last = false; !last;) {
       BlockInfo bi;
       if (!next_block(bi, last, ks, vs, release_block)) continue;
@@ -457,19 +457,15 @@ struct BwdConsumer : Consumer<Traits, kType> {
         float sc[32], dp[32];
         take_turn<!kFuseDq>([&] {
           wgmma_fence();
-          if constexpr (kOwnedKOnly) {
+          if constexpr (kOwnedK)
             gemm_rs_owned<64>(sc, owned_k, this->k_lo + ks.stage() * kStageDesc + row_off);
-            if constexpr (kSplit) wgmma_commit();
-            gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc + row_off);
-          } else if constexpr (kOwnedInRegs) {
-            gemm_rs_owned<64>(sc, owned_k, this->k_lo + ks.stage() * kStageDesc + row_off);
-            if constexpr (kSplit) wgmma_commit();
+          else if (!(kAblate & 2))
+            gemm_ss<64>(sc, this->q_lo, this->k_lo + ks.stage() * kStageDesc + row_off);
+          if constexpr (kSplit) wgmma_commit();
+          if constexpr (kOwnedV)
             gemm_rs_owned<64>(dp, owned_v, vk_lo + vs.stage() * kStageDesc + row_off);
-          } else {
-            if (!(kAblate & 2)) gemm_ss<64>(sc, this->q_lo, this->k_lo + ks.stage() * kStageDesc + row_off);
-            if constexpr (kSplit) wgmma_commit();
-            if (!(kAblate & 2)) gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc + row_off);
-          }
+          else if (!(kAblate & 2))
+            gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc + row_off);
           wgmma_commit();
         });
         // P^T of this thread's 32 entries, then dS^T = P^T (dP^T - D). The columns' statistics come two at a time
