@@ -14,6 +14,9 @@
 #include <vector>
 
 #include "grad_harness.hpp"
+#ifdef TILEWISE_WITH_CUDA
+#include "cuda_shared_leftovers.hpp"
+#endif
 #include "oracle_case.hpp"
 #include "tilewise/tilewise.hpp"
 
@@ -341,6 +344,35 @@ TEST(CudaSmMargin, FewerSmsComputeTheSameBits) {
 
 #ifdef TILEWISE_WITH_CUDA
 #define CUDA_OK(x) ASSERT_EQ((x), cudaSuccess) << #x
+
+// Shared memory an earlier kernel left behind must not reach the gradients. The fused kernels sum dQ over all 128
+// owned key rows, and when one tile class's box fills 128 rows the rows past a partial tile's smaller box are never
+// loaded: a CTA whose first items have small boxes used to multiply leftover bits into dq (0 * NaN), which showed
+// only when the leftovers happened to be NaN patterns (docs/performance.md backward v3.9). Here they are, on every
+// SM, before each backward: f16 and bf16 NaN in every element.
+TEST(CudaBackwardLeftovers, SharedMemoryNaNsDoNotReachTheGradients) {
+  SKIP_WITHOUT_GPU();
+  for (const char* name : {"partial_tile_classes_gqa_d64_text_last", "partial_tile_classes_d128_text_first_small",
+                           "attention_tile_partial_frames_d96"}) {
+    const auto cases = small_cases();
+    const auto it = std::find_if(cases.begin(), cases.end(), [&](const NamedCase& nc) { return nc.name == name; });
+    ASSERT_NE(it, cases.end()) << name;
+    const oracle::Case& c = it->c;
+    const uint64_t seed = oracle::fresh_seed();
+    SCOPED_TRACE(trace(name, c, it->dlse, seed));
+    const Inputs in = gradcheck::random_inputs(c, it->dlse, seed);
+    const Outputs half = gradcheck::run(c, c.dtype, Device::cpu, in);
+    const Outputs exact = gradcheck::run(c, DType::f64, Device::cpu, in);
+    const tilewise::Plan plan(gradcheck::problem_of(c, c.dtype), oracle::to_pattern(c), Device::cuda);
+    Workbench bench(plan, c, in);
+    bench.forward();
+    for (int run = 0; run < 2; ++run) {
+      tilewise_test::fill_shared_memory(0xFFFFFFFFu);
+      bench.backward(/*deterministic=*/false);
+      expect_sound_and_accurate(c, bench.read(), half, exact, "after NaN-filled shared memory, run " + std::to_string(run));
+    }
+  }
+}
 
 // The backward is documented CUDA-graph capturable: no allocation, no host synchronisation inside.
 TEST(CudaBackwardGraph, CapturedBackwardReplaysLikeEager) {

@@ -27,8 +27,13 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
   const typename Traits::Shared s = Traits::carve(smem_raw);
   const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0), tid = threadIdx.x % 128;
 
-  // Rows past every box are never written by TMA: zero them once (see the forward).
-  if (p.zero_init) {
+  // Rows past every box are never written by TMA: zero them once (see the forward). The fused kernels always: their
+  // dQ product sums over all 128 owned key rows, and the owned K and V rows past a small box (a partial tile's)
+  // are never loaded when another class's box fills all 128 (zero_init off), so a CTA whose first items have small
+  // boxes would multiply whatever the previous kernel left in shared memory into dQ: with NaN bit patterns there,
+  // 0 * NaN poisons the whole block's dq (v3.9: 1616 rows of a GPU test's dq, and every dq under racecheck in v3.8).
+  // Stale rows of an earlier item are harmless: real, finite values, multiplied by dS = 0.
+  if (p.zero_init || Traits::kDsBytes > 0) {  // kDsBytes: the fused kernels
     uint4* words = reinterpret_cast<uint4*>(s.q);
     for (int i = threadIdx.x; i < Traits::kBufferBytes / 16; i += Traits::kThreads) words[i] = make_uint4(0, 0, 0, 0);
     fence_proxy_async();
