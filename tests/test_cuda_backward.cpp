@@ -352,9 +352,9 @@ TEST(CudaSmMargin, FewerSmsComputeTheSameBits) {
 // SM, before each backward: f16 and bf16 NaN in every element.
 TEST(CudaBackwardLeftovers, SharedMemoryNaNsDoNotReachTheGradients) {
   SKIP_WITHOUT_GPU();
+  const std::vector<NamedCase> cases = small_cases();
   for (const char* name : {"partial_tile_classes_gqa_d64_text_last", "partial_tile_classes_d128_text_first_small",
                            "attention_tile_partial_frames_d96"}) {
-    const auto cases = small_cases();
     const auto it = std::find_if(cases.begin(), cases.end(), [&](const NamedCase& nc) { return nc.name == name; });
     ASSERT_NE(it, cases.end()) << name;
     const oracle::Case& c = it->c;
