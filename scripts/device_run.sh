@@ -2,7 +2,7 @@
 # Everything one device call needs, in one go: build on the GPU machine, run the GPU tests (a hang is killed),
 # compute-sanitizer on small problems, the backward fuzz, and the benchmark tables last. Logs go under $OUT.
 # Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [sanitize_fp8] [fuzz] [bench]
-#        [bench_bwd] [sass] [bwd_variants] [variant_tests] [reduce_check] [overlap_racecheck] [leftovers] [bwd_profile]
+#        [bench_bwd] [sass] [bwd_variants] [variant_tests] [reduce_check] [leftovers] [bwd_profile]
 #        [bwd_stalls]
 #   bwd_variants: BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ..." (scripts/kernel_variants.py); a name starting with
 #   fused times the fused arrangement (TILEWISE_BACKWARD_FUSED_DQ=1), reduce the reduce kernel (=2; "reduce=" with
@@ -128,35 +128,13 @@ for step in $steps; do
         --max-seconds ${FUZZ_SECONDS:-150} > "$OUT/fuzz_$VARIANT.log" 2>&1
       echo "fuzz rc=$? $(grep -E '^problems' "$OUT/fuzz_$VARIANT.log")"
       ;;
-    overlap_racecheck)
-      # docs/performance.md backward v3.8: under racecheck, attention_tile_partial_frames_d96 came out with every dq
-      # NaN once through the reduce kernel's deferred-dK loop (TILEWISE_HOPPER_BWD_REDUCE_OVERLAP=1). The same D 64/96
-      # cases under racecheck with the default loop (level 0) and with level 1, each library's logs in a folder of
-      # its own: whether level 0 shows it too decides between the loop and the tool.
-      echo "== racecheck, the reduce kernel's loop at level 0 and 1"
-      python3 scripts/kernel_variants.py $BUILD /tmp/bwd-variants ov1=-DTILEWISE_HOPPER_BWD_REDUCE_OVERLAP=1 | cut -c1-160
-      for lib in $PWD/$BUILD /tmp/bwd-variants/ov1; do
-        echo "-- $lib"
-        mkdir -p "$OUT/racecheck_$(basename $lib)"
-        OUT=$OUT/racecheck_$(basename $lib) SANITIZE_LIB=$lib SANITIZE_TOOLS=racecheck SANITIZE_TIMEOUT=200 \
-          sanitize_cases CudaBackwardSmall attention_tile_partial_frames_d96 f16_d64_bhsd_text_first
-      done
-      ;;
     leftovers)
       # The fused kernels' owned rows past a partial tile's box (docs/performance.md backward v3.9): the regression
-      # test that fills shared memory with NaN patterns, five times, on this build and on the deferred-dK-wait
-      # variant, then the whole backward suite on the variant (which can be the default at D 64/96 if it passes).
-      echo "== NaN-filled shared memory before the backward, and the deferred dK wait"
-      python3 scripts/kernel_variants.py $BUILD /tmp/bwd-variants ov1=-DTILEWISE_HOPPER_BWD_REDUCE_OVERLAP=1 | cut -c1-160
-      for lib in $PWD/$BUILD /tmp/bwd-variants/ov1; do
-        log="$OUT/leftovers_$(basename $lib).log"
-        LD_LIBRARY_PATH=$lib timeout 200 $BUILD/tilewise_tests --gtest_filter='CudaBackwardLeftovers*' --gtest_repeat=5 \
-          > "$log" 2>&1
-        echo "leftovers $(basename $lib) rc=$? passed $(grep -c '^\[       OK' "$log") of 5"
-      done
-      LD_LIBRARY_PATH=/tmp/bwd-variants/ov1 timeout 300 $BUILD/tilewise_tests \
-        --gtest_filter='*Cuda*Backward*:*Backward*Cuda*' > "$OUT/tests_ov1.log" 2>&1
-      echo "ov1 backward tests rc=$? $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/tests_ov1.log" | head -3 | tr '\n' ' ')"
+      # test that fills shared memory with NaN patterns before each backward, five times.
+      echo "== NaN-filled shared memory before the backward"
+      LD_LIBRARY_PATH=$PWD/$BUILD timeout 200 $BUILD/tilewise_tests --gtest_filter='CudaBackwardLeftovers*' \
+        --gtest_repeat=5 > "$OUT/leftovers.log" 2>&1
+      echo "leftovers rc=$? passed $(grep -c '^\[       OK' "$OUT/leftovers.log") of 5"
       ;;
     reduce_check)
       # The reduce kernel (TILEWISE_BACKWARD_FUSED_DQ=2, docs/performance.md backward v3.6) on this build: against the

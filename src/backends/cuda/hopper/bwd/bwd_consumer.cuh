@@ -70,8 +70,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
   // at D 64 (16 registers each); K alone at D 96 with TILEWISE_HOPPER_BWD_OWNED_K_D96 (24).
   static constexpr bool kOwnedV = TILEWISE_HOPPER_BWD_OWNED_IN_REGS != 0 && D == 64 && Traits::kDqStaging;
   static constexpr bool kOwnedK = kOwnedV || (TILEWISE_HOPPER_BWD_OWNED_K_D96 != 0 && D == 96 && Traits::kDqStaging);
-  // reduce_item instead of dkdv_item in the reduce kernel (D 64 and 96 only, see there)
-  static constexpr bool kReduceOverlap = TILEWISE_HOPPER_BWD_REDUCE_OVERLAP != 0 && D <= 96;
+  // reduce_item instead of dkdv_item in the reduce kernel: D 96 (measured at D 64 without gain, see bwd_params.cuh;
+  // it compiles there too), not D 128 (see reduce_item)
+  static constexpr bool kReduceOverlap = TILEWISE_HOPPER_BWD_REDUCE_OVERLAP != 0 && D == 96;
 
   /// d[64 x N] = A[64 rows of an owned buffer, K-major] * B[N rows of a stage from row `b_row`, K-major]^T.
   template <int N>
@@ -111,6 +112,20 @@ struct BwdConsumer : Consumer<Traits, kType> {
         WgmmaRS<kType, N>::template rs<0>(d, a[panel * (Traits::kPanelCols / 16) + kk], desc(b_lo + b_off, this->kq_hi),
                                           panel + kk > 0);
       }
+  }
+  /// S^T = K Q^T and dP^T = V dO^T of a 64-row streamed block at `b_lo`: the owned rows from registers (kOwnedK,
+  /// kOwnedV, loaded by load_owned at the item's start) or from shared memory.
+  __device__ __forceinline__ void scores_t(float (&sc)[32], const uint32_t (&owned_k)[D / 16][4], uint32_t b_lo) const {
+    if constexpr (kOwnedK)
+      gemm_rs_owned<64>(sc, owned_k, b_lo);
+    else if (!(kAblate & 2))
+      gemm_ss<64>(sc, this->q_lo, b_lo);
+  }
+  __device__ __forceinline__ void dprobs_t(float (&dp)[32], const uint32_t (&owned_v)[D / 16][4], uint32_t b_lo) const {
+    if constexpr (kOwnedV)
+      gemm_rs_owned<64>(dp, owned_v, b_lo);
+    else if (!(kAblate & 2))
+      gemm_ss<64>(dp, o_lo, b_lo);
   }
   /// d[64 x D] += A (registers, kSteps k16 steps) * B[16 kSteps rows of a stage, MN-major].
   template <int kSteps>
@@ -457,15 +472,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
         float sc[32], dp[32];
         take_turn<!kFuseDq>([&] {
           wgmma_fence();
-          if constexpr (kOwnedK)
-            gemm_rs_owned<64>(sc, owned_k, this->k_lo + ks.stage() * kStageDesc + row_off);
-          else if (!(kAblate & 2))
-            gemm_ss<64>(sc, this->q_lo, this->k_lo + ks.stage() * kStageDesc + row_off);
+          scores_t(sc, owned_k, this->k_lo + ks.stage() * kStageDesc + row_off);
           if constexpr (kSplit) wgmma_commit();
-          if constexpr (kOwnedV)
-            gemm_rs_owned<64>(dp, owned_v, vk_lo + vs.stage() * kStageDesc + row_off);
-          else if (!(kAblate & 2))
-            gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc + row_off);
+          dprobs_t(dp, owned_v, vk_lo + vs.stage() * kStageDesc + row_off);
           wgmma_commit();
         });
         // P^T of this thread's 32 entries, then dS^T = P^T (dP^T - D). The columns' statistics come two at a time
@@ -585,15 +594,18 @@ struct BwdConsumer : Consumer<Traits, kType> {
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
+    uint32_t owned_k[D / 16][4], owned_v[D / 16][4];  // kOwnedK, kOwnedV: the A operands of S^T and dP^T
+    if constexpr (kOwnedK) load_owned(owned_k, this->s.q);
+    if constexpr (kOwnedV) load_owned(owned_v, this->s.o());
     int64_t pending = -1;  // the block whose dQ is still to be computed
     for (bool last = false; !last;) {
       BlockInfo bi;
       if (!next_block(bi, last, ks, vs, release_block)) continue;
       float sc[32], dp[32];
       wgmma_fence();
-      gemm_ss<64>(sc, this->q_lo, this->k_lo + ks.stage() * kStageDesc);
+      scores_t(sc, owned_k, this->k_lo + ks.stage() * kStageDesc);
       wgmma_commit();
-      gemm_ss<64>(dp, o_lo, vk_lo + vs.stage() * kStageDesc);
+      dprobs_t(dp, owned_v, vk_lo + vs.stage() * kStageDesc);
       wgmma_commit();
       const float* cols = this->s.stats(ks.stage()) + 2 * (lane() % 4);  // lse2[64], D[64], position[64]
       const int32_t head = item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift);

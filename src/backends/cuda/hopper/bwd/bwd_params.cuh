@@ -54,29 +54,23 @@
 #ifndef TILEWISE_HOPPER_BWD_STREAM_ROWS
 #define TILEWISE_HOPPER_BWD_STREAM_ROWS 128
 #endif
-// The reduce kernel's block loop at D 64 and 96 (docs/performance.md backward v3.8, v3.9): 0 (default) = dkdv_item's
-// loop (every block's GEMMs waited for at its end), 1 = BwdConsumer::reduce_item (the dK wait deferred behind the
-// previous block's dQ product on a warpgroup's dQ turn): Open-Sora-Plan D 96 -3.1%, CogVideoX D 64 -1.8%. Twice a
-// run on it left part of dq NaN (v3.8 under racecheck; v3.9 the GPU test partial_tile_classes_gqa_d64_text_last);
-// the cause found since is not this loop's but the fused kernels' (owned rows past a small box left uninitialised,
-// fixed in bwd_kernels.cuh, test CudaBackwardLeftovers): off until that test and the suite pass on a GPU with it.
+// The reduce kernel's block loop at D 96 (docs/performance.md backward v3.8-v3.10): 1 (default) =
+// BwdConsumer::reduce_item (the dK wait deferred behind the previous block's dQ product on a warpgroup's dQ turn),
+// 0 = dkdv_item's loop (every block's GEMMs waited for at its end). Open-Sora-Plan D 96 121.9 -> 116.3 ms with the
+// owned K below (v3.10; either alone -1% to -2%). At D 64 it gains nothing once the owned K and V are in registers
+// (CogVideoX 24.84 -> 24.87 ms), so D 64 keeps level 0; at D 128 it does not fit (see reduce_item). Its two dq NaN
+// failures (v3.8, v3.9) were the fused kernels' uninitialised owned rows, fixed since (test CudaBackwardLeftovers).
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_OVERLAP
-#define TILEWISE_HOPPER_BWD_REDUCE_OVERLAP 0
+#define TILEWISE_HOPPER_BWD_REDUCE_OVERLAP 1
 #endif
-// The reduce kernel's S^T = K Q^T and dP^T = V dO^T at D 64 (docs/performance.md backward v3.9): 1 (default) = the
-// owned K and V rows of a warpgroup held in registers as the A operand (RS wgmma; loaded once per item with ldmatrix,
-// 16 registers each), so that per block only the streamed Q and dO are read from shared memory; 0 = both operands
-// from shared memory (SS). Those m64n64 SS products read 4 KB per 131 kFLOP, near all of shared memory's bandwidth
-// at the tensor rate: CogVideoX's backward 26.47 -> 24.46 ms with it (the D 64 GPU tests and the fuzz pass). At
-// D 96 and 128 the registers are not there (dK, dV and S^T, dP^T already hold 160-192).
 #ifndef TILEWISE_HOPPER_BWD_OWNED_IN_REGS
 #define TILEWISE_HOPPER_BWD_OWNED_IN_REGS 1
 #endif
 // The same at D 96 for K alone (24 registers; with V too ptxas serialises the wgmmas for registers, as at D 128 with
-// K alone): S^T reads only Q from shared memory, 24 of the block's ~272 KB fewer. Compiled, not yet run on a GPU
-// (docs/performance.md backward v3.9, "To run first").
+// K alone): S^T reads only Q from shared memory, 24 of the block's ~272 KB fewer. 1 (default): Open-Sora-Plan D 96
+// 121.0 ms alone, 116.3 with the deferred dK wait, against 121.9 (docs/performance.md backward v3.10).
 #ifndef TILEWISE_HOPPER_BWD_OWNED_K_D96
-#define TILEWISE_HOPPER_BWD_OWNED_K_D96 0
+#define TILEWISE_HOPPER_BWD_OWNED_K_D96 1
 #endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the
