@@ -46,14 +46,14 @@ build_bwdcheck() {
   g++ -std=c++20 -O2 -Iinclude -I/usr/local/cuda/include scripts/backward_check.cpp -L$BUILD -ltilewise \
     -L/usr/local/cuda/lib64 -lcudart -Wl,--enable-new-dtags,-rpath,$PWD/$BUILD -o $BUILD/bwdcheck
 }
-# Small backward cases (tests/test_cuda_backward.cpp): partial tiles with text first (the _small case; neither it nor
-# its larger sibling finishes under racecheck in 240-270 s), per-head windows with GQA in bhsd, masked attention-tile
-# blocks, the D 96 reduce kernel on partial frames (under racecheck its dq came out NaN once with
-# TILEWISE_HOPPER_BWD_REDUCE_OVERLAP=1, docs/performance.md v3.8), a block list leaving a key tile unseen, fused
-# padded views. Overridable (BACKWARD_SANITIZE_CASES=...): racecheck takes up to 2 minutes a case.
+# Small backward cases (tests/test_cuda_backward.cpp): partial tiles with text first at D 128 and with GQA at D 64
+# (the _small cases: their larger siblings do not finish under racecheck in 240-330 s), per-head windows with GQA in
+# bhsd, masked attention-tile blocks, the D 96 reduce kernel on partial frames (its deferred dK wait), a block list
+# leaving a key tile unseen, fused padded views. Overridable (BACKWARD_SANITIZE_CASES=...): racecheck takes up to 2
+# minutes a case.
 BACKWARD_SANITIZE_CASES=${BACKWARD_SANITIZE_CASES:-"sta_per_head_windows_gqa_bhsd_text_last
-  partial_tile_classes_d128_text_first_small attention_tile_tt2_masked_blocks_text attention_tile_partial_frames_d96
-  block_list_unseen_key_tile fused_padded_views"}
+  partial_tile_classes_d128_text_first_small partial_tile_classes_gqa_d64_text_last_small
+  attention_tile_tt2_masked_blocks_text attention_tile_partial_frames_d96 block_list_unseen_key_tile fused_padded_views"}
 
 for step in $steps; do
   case $step in
