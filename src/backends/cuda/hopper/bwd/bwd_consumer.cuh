@@ -65,11 +65,21 @@ struct BwdConsumer : Consumer<Traits, kType> {
   static constexpr int kAblate = TILEWISE_HOPPER_BWD_ABLATE;
   static constexpr bool kDqV4 = TILEWISE_HOPPER_BWD_DQ_V4 != 0 && D % 16 == 0;
   static constexpr int kHalves = Traits::kStreamRows / 64;  // dK/dV: 64-query halves per streamed block
-  // The reduce kernel's S^T (kOwnedK) and dP^T (kOwnedV) with the warpgroup's owned K or V rows in registers as the
-  // A operand: the RS form reads half the shared-memory bytes of SS, which bound these m64n64 products (v3.9). Both
-  // at D 64 (16 registers each); K alone at D 96 with TILEWISE_HOPPER_BWD_OWNED_K_D96 (24).
-  static constexpr bool kOwnedV = TILEWISE_HOPPER_BWD_OWNED_IN_REGS != 0 && D == 64 && Traits::kDqStaging;
-  static constexpr bool kOwnedK = kOwnedV || (TILEWISE_HOPPER_BWD_OWNED_K_D96 != 0 && D == 96 && Traits::kDqStaging);
+  // The reduce kernel's S^T and dP^T with the first k16 steps of the warpgroup's owned K or V rows in registers as
+  // the A operand: the RS form reads half the shared-memory bytes of SS, which bound these m64n64 products (v3.9).
+  // All of K and V at D 64 (16 registers each), all of K at D 96 (24). Checked with ptxas (v3.10): V's first 2 or 3
+  // steps at D 96 put spills into the block loop (8-17 LDL), 4 serialise the wgmmas, and at D 128 more than one
+  // step of K serialises them: none of those.
+  static constexpr int kOwnedKSteps = !Traits::kDqStaging ? 0
+                                      : D == 64           ? (TILEWISE_HOPPER_BWD_OWNED_IN_REGS != 0 ? 4 : 0)
+                                      : D == 96           ? (TILEWISE_HOPPER_BWD_OWNED_K_D96 != 0 ? 6 : 0)
+                                                          : 0;
+  static constexpr int kOwnedVSteps =
+      Traits::kDqStaging && D == 64 && TILEWISE_HOPPER_BWD_OWNED_IN_REGS != 0 ? 4 : 0;
+  static_assert(kOwnedKSteps >= 0 && kOwnedKSteps <= D / 16 && kOwnedVSteps >= 0 && kOwnedVSteps <= D / 16,
+                "owned k16 steps in registers: 0 to D / 16");
+  using OwnedK = uint32_t[kOwnedKSteps > 0 ? kOwnedKSteps : 1][4];  // (one unused entry when none)
+  using OwnedV = uint32_t[kOwnedVSteps > 0 ? kOwnedVSteps : 1][4];
   // reduce_item instead of dkdv_item in the reduce kernel: D 96 (measured at D 64 without gain, see bwd_params.cuh;
   // it compiles there too), not D 128 (see reduce_item)
   static constexpr bool kReduceOverlap = TILEWISE_HOPPER_BWD_REDUCE_OVERLAP != 0 && D == 96;
@@ -87,43 +97,50 @@ struct BwdConsumer : Consumer<Traits, kType> {
                                         panel + kk > 0);
       }
   }
-  /// This warpgroup's 64 rows of an owned buffer (K-major, in panels of kPanelCols swizzled columns) as the A
-  /// operand of D / 16 k16 steps, by ldmatrix: lane l addresses row l % 8 + 8 ((l / 8) % 2) of its warp's 16 and
-  /// columns 8 (l / 16) onwards of the step's 16.
-  __device__ __forceinline__ void load_owned(uint32_t (&a)[D / 16][4], const uint8_t* buffer) const {
+  /// The first kSteps k16 steps of this warpgroup's 64 rows of an owned buffer (K-major, in panels of kPanelCols
+  /// swizzled columns) as A operands, by ldmatrix: lane l addresses row l % 8 + 8 ((l / 8) % 2) of its warp's 16
+  /// and columns 8 (l / 16) onwards of the step's 16.
+  template <int kSteps, int kLen>
+  __device__ __forceinline__ void load_owned(uint32_t (&a)[kLen][4], const uint8_t* buffer) const {
     constexpr int kCols = Traits::kPanelCols;
     const int l = lane();
     const uint32_t r = 64 * this->wg + 16 * (this->tid / 32) + l % 8 + 8 * ((l / 8) % 2);
 #pragma unroll
-    for (int j = 0; j < D / 16; ++j) {
+    for (int j = 0; j < kSteps; ++j) {
       const int col = 16 * j + 8 * (l / 16);
       ldmatrix_x4(a[j], smem_addr(buffer) + (col / kCols) * Traits::kQPanelBytes +
                             swizzled_offset(r, col % kCols, Traits::kRowBytes));
     }
   }
-  /// gemm_ss with the owned operand from registers (load_owned): d[64 x N] = A * B[N rows of a stage, K-major]^T.
-  template <int N>
-  __device__ __forceinline__ void gemm_rs_owned(float (&d)[N / 2], const uint32_t (&a)[D / 16][4], uint32_t b_lo) const {
+  /// gemm_ss with the first kSteps k16 steps of the owned operand from registers (load_owned), the rest from the
+  /// owned buffer at `a_lo`: d[64 x N] = A * B[N rows of a stage, K-major]^T.
+  template <int N, int kSteps, int kLen>
+  __device__ __forceinline__ void gemm_owned(float (&d)[N / 2], const uint32_t (&a)[kLen][4], uint32_t a_lo,
+                                             uint32_t b_lo) const {
 #pragma unroll
     for (int panel = 0; panel < Traits::kPanels; ++panel)
 #pragma unroll
       for (int kk = 0; kk < Traits::kPanelCols / 16; ++kk) {
+        const int step = panel * (Traits::kPanelCols / 16) + kk;
+        const uint32_t a_off = (panel * Traits::kQPanelBytes + kk * 32) >> 4;
         const uint32_t b_off = (panel * Traits::kPanelBytes + kk * 32) >> 4;
-        WgmmaRS<kType, N>::template rs<0>(d, a[panel * (Traits::kPanelCols / 16) + kk], desc(b_lo + b_off, this->kq_hi),
-                                          panel + kk > 0);
+        if (step < kSteps)
+          WgmmaRS<kType, N>::template rs<0>(d, a[step < kSteps ? step : 0], desc(b_lo + b_off, this->kq_hi), step > 0);
+        else
+          Wgmma<kType, N>::template ss<0>(d, desc(a_lo + a_off, this->kq_hi), desc(b_lo + b_off, this->kq_hi), step > 0);
       }
   }
-  /// S^T = K Q^T and dP^T = V dO^T of a 64-row streamed block at `b_lo`: the owned rows from registers (kOwnedK,
-  /// kOwnedV, loaded by load_owned at the item's start) or from shared memory.
-  __device__ __forceinline__ void scores_t(float (&sc)[32], const uint32_t (&owned_k)[D / 16][4], uint32_t b_lo) const {
-    if constexpr (kOwnedK)
-      gemm_rs_owned<64>(sc, owned_k, b_lo);
+  /// S^T = K Q^T and dP^T = V dO^T of a 64-row streamed block at `b_lo`: the owned rows' first kOwnedKSteps
+  /// (kOwnedVSteps) k16 steps from registers (loaded by load_owned at the item's start), the rest from shared memory.
+  __device__ __forceinline__ void scores_t(float (&sc)[32], const OwnedK& owned_k, uint32_t b_lo) const {
+    if constexpr (kOwnedKSteps > 0)
+      gemm_owned<64, kOwnedKSteps>(sc, owned_k, this->q_lo, b_lo);
     else if (!(kAblate & 2))
       gemm_ss<64>(sc, this->q_lo, b_lo);
   }
-  __device__ __forceinline__ void dprobs_t(float (&dp)[32], const uint32_t (&owned_v)[D / 16][4], uint32_t b_lo) const {
-    if constexpr (kOwnedV)
-      gemm_rs_owned<64>(dp, owned_v, b_lo);
+  __device__ __forceinline__ void dprobs_t(float (&dp)[32], const OwnedV& owned_v, uint32_t b_lo) const {
+    if constexpr (kOwnedVSteps > 0)
+      gemm_owned<64, kOwnedVSteps>(dp, owned_v, o_lo, b_lo);
     else if (!(kAblate & 2))
       gemm_ss<64>(dp, o_lo, b_lo);
   }
@@ -455,9 +472,10 @@ struct BwdConsumer : Consumer<Traits, kType> {
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
-    uint32_t owned_k[D / 16][4], owned_v[D / 16][4];  // kOwnedK, kOwnedV: the A operands of S^T and dP^T
-    if constexpr (kOwnedK) load_owned(owned_k, this->s.q);
-    if constexpr (kOwnedV) load_owned(owned_v, this->s.o());
+    OwnedK owned_k;  // the A operands of S^T and dP^T held in registers (kOwnedKSteps, kOwnedVSteps)
+    OwnedV owned_v;
+    load_owned<kOwnedKSteps>(owned_k, this->s.q);
+    load_owned<kOwnedVSteps>(owned_v, this->s.o());
     for (bool last = false; !last;) {
       BlockInfo bi;
       if (!next_block(bi, last, ks, vs, release_block)) continue;
@@ -594,9 +612,10 @@ struct BwdConsumer : Consumer<Traits, kType> {
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
-    uint32_t owned_k[D / 16][4], owned_v[D / 16][4];  // kOwnedK, kOwnedV: the A operands of S^T and dP^T
-    if constexpr (kOwnedK) load_owned(owned_k, this->s.q);
-    if constexpr (kOwnedV) load_owned(owned_v, this->s.o());
+    OwnedK owned_k;  // the A operands of S^T and dP^T held in registers (kOwnedKSteps, kOwnedVSteps)
+    OwnedV owned_v;
+    load_owned<kOwnedKSteps>(owned_k, this->s.q);
+    load_owned<kOwnedVSteps>(owned_v, this->s.o());
     int64_t pending = -1;  // the block whose dQ is still to be computed
     for (bool last = false; !last;) {
       BlockInfo bi;
