@@ -87,15 +87,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// d[64 x N] = A[64 rows of an owned buffer, K-major] * B[N rows of a stage from row `b_row`, K-major]^T.
   template <int N>
   __device__ __forceinline__ void gemm_ss(float (&d)[N / 2], uint32_t a_lo, uint32_t b_lo) const {
-#pragma unroll
-    for (int panel = 0; panel < Traits::kPanels; ++panel)
-#pragma unroll
-      for (int kk = 0; kk < Traits::kPanelCols / 16; ++kk) {
-        const uint32_t a_off = (panel * Traits::kQPanelBytes + kk * 32) >> 4;
-        const uint32_t b_off = (panel * Traits::kPanelBytes + kk * 32) >> 4;
-        Wgmma<kType, N>::template ss<0>(d, desc(a_lo + a_off, this->kq_hi), desc(b_lo + b_off, this->kq_hi),
-                                        panel + kk > 0);
-      }
+    uint32_t none[1][4];  // no step from registers: never read
+    gemm_owned<N, 0>(d, none, a_lo, b_lo);
   }
   /// The first kSteps k16 steps of this warpgroup's 64 rows of an owned buffer (K-major, in panels of kPanelCols
   /// swizzled columns) as A operands, by ldmatrix: lane l addresses row l % 8 + 8 ((l / 8) % 2) of its warp's 16
@@ -124,7 +117,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
         const int step = panel * (Traits::kPanelCols / 16) + kk;
         const uint32_t a_off = (panel * Traits::kQPanelBytes + kk * 32) >> 4;
         const uint32_t b_off = (panel * Traits::kPanelBytes + kk * 32) >> 4;
-        if (step < kSteps)
+        if (step < kSteps)  // (the index clamped for the branch compiled away: a may have one unused entry)
           WgmmaRS<kType, N>::template rs<0>(d, a[step < kSteps ? step : 0], desc(b_lo + b_off, this->kq_hi), step > 0);
         else
           Wgmma<kType, N>::template ss<0>(d, desc(a_lo + a_off, this->kq_hi), desc(b_lo + b_off, this->kq_hi), step > 0);
@@ -132,17 +125,12 @@ struct BwdConsumer : Consumer<Traits, kType> {
   }
   /// S^T = K Q^T and dP^T = V dO^T of a 64-row streamed block at `b_lo`: the owned rows' first kOwnedKSteps
   /// (kOwnedVSteps) k16 steps from registers (loaded by load_owned at the item's start), the rest from shared memory.
+  /// (The ablation that skips the S and dP GEMMs applies to the shared-memory form only.)
   __device__ __forceinline__ void scores_t(float (&sc)[32], const OwnedK& owned_k, uint32_t b_lo) const {
-    if constexpr (kOwnedKSteps > 0)
-      gemm_owned<64, kOwnedKSteps>(sc, owned_k, this->q_lo, b_lo);
-    else if (!(kAblate & 2))
-      gemm_ss<64>(sc, this->q_lo, b_lo);
+    if (kOwnedKSteps > 0 || !(kAblate & 2)) gemm_owned<64, kOwnedKSteps>(sc, owned_k, this->q_lo, b_lo);
   }
   __device__ __forceinline__ void dprobs_t(float (&dp)[32], const OwnedV& owned_v, uint32_t b_lo) const {
-    if constexpr (kOwnedVSteps > 0)
-      gemm_owned<64, kOwnedVSteps>(dp, owned_v, o_lo, b_lo);
-    else if (!(kAblate & 2))
-      gemm_ss<64>(dp, o_lo, b_lo);
+    if (kOwnedVSteps > 0 || !(kAblate & 2)) gemm_owned<64, kOwnedVSteps>(dp, owned_v, o_lo, b_lo);
   }
   /// d[64 x D] += A (registers, kSteps k16 steps) * B[16 kSteps rows of a stage, MN-major].
   template <int kSteps>

@@ -63,6 +63,12 @@
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_OVERLAP
 #define TILEWISE_HOPPER_BWD_REDUCE_OVERLAP 1
 #endif
+// The reduce kernel's S^T = K Q^T and dP^T = V dO^T at D 64 (docs/performance.md backward v3.9): 1 (default) = the
+// owned K and V rows of a warpgroup held in registers as the A operand (RS wgmma; loaded once per item with ldmatrix,
+// 16 registers each), so that per block only the streamed Q and dO are read from shared memory; 0 = both operands
+// from shared memory (SS). Those m64n64 SS products read 4 KB per 131 kFLOP, near all of shared memory's bandwidth
+// at the tensor rate: CogVideoX's backward 26.47 -> 24.46 ms with it (the D 64 GPU tests and the fuzz pass). At
+// D 128 the registers are not there (dK, dV and S^T, dP^T already hold 192); D 96: the next switch.
 #ifndef TILEWISE_HOPPER_BWD_OWNED_IN_REGS
 #define TILEWISE_HOPPER_BWD_OWNED_IN_REGS 1
 #endif
