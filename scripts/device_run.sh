@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one device call needs, in one go: build on the GPU machine, run the GPU tests (a hang is killed),
 # compute-sanitizer on small problems, the backward fuzz, and the benchmark tables last. Logs go under $OUT.
-# Usage (from the repo root): scripts/device_run.sh [test] [sanitize] [sanitize_bwd] [sanitize_fp8] [fuzz] [bench]
+# Usage (from the repo root): scripts/device_run.sh [build] [test] [sanitize] [sanitize_bwd] [sanitize_fp8] [fuzz] [bench]
 #        [bench_bwd] [sass] [bwd_variants] [variant_tests] [reduce_check] [leftovers] [bwd_profile]
 #        [bwd_stalls]
 #   bwd_variants: BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ..." (scripts/kernel_variants.py); a name starting with
@@ -57,6 +57,7 @@ BACKWARD_SANITIZE_CASES=${BACKWARD_SANITIZE_CASES:-"sta_per_head_windows_gqa_bhs
 
 for step in $steps; do
   case $step in
+    build) ;;  # the build above alone (e.g. before scripts/device_pair.sh's two jobs share it)
     test)
       echo "== GPU tests"
       # 420 s: the backward tests run the CPU reference (16 cores) on every small case, twice
@@ -197,5 +198,6 @@ for step in $steps; do
       PYTHONUNBUFFERED=1 timeout 540 python3 bench/bench_backward.py --lib $BUILD/libtilewise.so --also-arrangement 0 --out "$OUT/bench_bwd.md" \
         2>&1 | tee "$OUT/bench_bwd.log" | tail -40
       ;;
+    *) echo "device_run.sh: unknown step '$step' (the steps are listed at the top of this script)" >&2; exit 2 ;;
   esac
 done
