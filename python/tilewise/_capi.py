@@ -127,9 +127,10 @@ def lib(path: str | None = None):
     return _lib
 
 
-def check(status: int) -> None:
+def check(status: int, L=None) -> None:
+    """Raises the library's last error for a non-zero status; L: the library that returned it (default: lib())."""
     if status != 0:
-        L = lib()
+        L = L or lib()
         message = L.tw_last_error().decode()
         argument = (L.tw_last_error_argument() or b"").decode()
         if status == 1:
@@ -215,7 +216,9 @@ class Plan:
                  text_position="last", order="raster", layout="bshd", strides=None, scale=0.0, head_offset=0,
                  pattern="sliding_tile", windows=((3, 3, 3),), global_frames=(0,), radius=(0,),
                  block_offsets=None, block_tiles=None, device="cuda", precision="native", sm_margin=0):
-        L = lib()
+        # The plan keeps the library that made it: a later lib(path) (benchmarks load variants) must not send its
+        # calls, its error messages or its destruction to another copy.
+        self._lib = L = lib()
         p = make_problem(batch=batch, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
                          latent=latent, tile=tile, text_capacity=text_capacity, text_position=text_position,
                          order=order, layout=layout, strides=strides, scale=scale, head_offset=head_offset,
@@ -238,84 +241,88 @@ class Plan:
             pat.block_offsets, pat.num_block_offsets = off, len(block_offsets)
             pat.block_tiles, pat.num_block_tiles = til, len(block_tiles)
         handle = ctypes.c_void_p()
-        check(L.tw_plan_create(ctypes.byref(p), ctypes.byref(pat), _enum(DEVICES, "device", device), ctypes.byref(handle)))
+        check(L.tw_plan_create(ctypes.byref(p), ctypes.byref(pat), _enum(DEVICES, "device", device),
+                               ctypes.byref(handle)), L)
         self._handle = handle
+
+    def _call(self, fn: str, *args) -> None:
+        """self._lib.fn(plan, *args), raising its error."""
+        check(getattr(self._lib, fn)(self._handle, *args), self._lib)
 
     def run(self, q, k, v, o, lse=0, text_len=0, stream=0, workspace=0, scales=None) -> None:
         """Pointers as integers (e.g. tensor.data_ptr()); 0 for absent lse / text_len / default stream, and for
         the plan's own workspace (then runs of this plan must not overlap on two streams). scales: (q_scale,
         k_scale, v_scale) pointers (precision fp8_scaled only), None for none."""
         if scales is None:  # the common call: no struct to fill
-            check(lib().tw_plan_run_with_workspace(self._handle, q, k, v, o, lse or None, text_len or None,
-                                                   workspace or None, stream or None))
+            self._call("tw_plan_run_with_workspace", q, k, v, o, lse or None, text_len or None, workspace or None,
+                       stream or None)
             return
         q_scale, k_scale, v_scale = scales
-        t = _pointers(Tensors, lib().tw_tensors_init, q=q, k=k, v=v, o=o, lse=lse, text_len=text_len,
+        t = _pointers(Tensors, self._lib.tw_tensors_init, q=q, k=k, v=v, o=o, lse=lse, text_len=text_len,
                       q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
-        check(lib().tw_plan_run_tensors(self._handle, ctypes.byref(t), workspace or None, stream or None))
+        self._call("tw_plan_run_tensors", ctypes.byref(t), workspace or None, stream or None)
 
     def quantize_fp8(self, q, k, v, text_len, out, stream=None) -> None:
         """precision fp8's quantisation alone: q, k, v (pointers) in the plan's dtype -> out, (q8, k8, v8,
         q_scale, k_scale, v_scale) pointers (tw_plan_quantize_fp8), on `stream` (a cudaStream_t; None: the
         default stream)."""
         q8, k8, v8, q_scale, k_scale, v_scale = out
-        o = _pointers(Fp8Tensors, lib().tw_fp8_tensors_init, q=q8, k=k8, v=v8, q_scale=q_scale, k_scale=k_scale,
+        o = _pointers(Fp8Tensors, self._lib.tw_fp8_tensors_init, q=q8, k=k8, v=v8, q_scale=q_scale, k_scale=k_scale,
                       v_scale=v_scale)
-        check(lib().tw_plan_quantize_fp8(self._handle, q, k, v, text_len or None, ctypes.byref(o), stream or None))
+        self._call("tw_plan_quantize_fp8", q, k, v, text_len or None, ctypes.byref(o), stream or None)
 
     def fp8_key_blocks(self) -> int:
         """K quantisation blocks per (batch, kv head): k_scale's last dimension."""
         out = I64()
-        check(lib().tw_plan_fp8_key_blocks(self._handle, ctypes.byref(out), None))
+        self._call("tw_plan_fp8_key_blocks", ctypes.byref(out), None)
         return out.value
 
     def fp8_key_block_of_positions(self) -> list:
         """The key block of every sequence position."""
         count, blocks = I64(), (I64 * self.seq_len)()
-        check(lib().tw_plan_fp8_key_blocks(self._handle, ctypes.byref(count), blocks))
+        self._call("tw_plan_fp8_key_blocks", ctypes.byref(count), blocks)
         return list(blocks)
 
     def workspace_bytes(self) -> int:
         out = ctypes.c_uint64()
-        check(lib().tw_plan_workspace_size(self._handle, ctypes.byref(out)))
+        self._call("tw_plan_workspace_size", ctypes.byref(out))
         return out.value
 
     def backward_workspace_bytes(self) -> int:
         out = ctypes.c_uint64()
-        check(lib().tw_plan_backward_workspace_size(self._handle, ctypes.byref(out)))
+        self._call("tw_plan_backward_workspace_size", ctypes.byref(out))
         return out.value
 
     def run_backward(self, *, q, k, v, o, lse, dout, dq, dk, dv, dlse=0, text_len=0, workspace=0,
                      deterministic=False, stream=0) -> None:
         """Gradients (pointers as integers): dq with q's strides, dk / dv with k's / v's; dout with o's."""
-        t = _pointers(GradTensors, lib().tw_grad_tensors_init, q=q, k=k, v=v, o=o, lse=lse, dout=dout, dlse=dlse,
+        t = _pointers(GradTensors, self._lib.tw_grad_tensors_init, q=q, k=k, v=v, o=o, lse=lse, dout=dout, dlse=dlse,
                       dq=dq, dk=dk, dv=dv, text_len=text_len)
-        check(lib().tw_plan_run_backward(self._handle, ctypes.byref(t), workspace or None, int(bool(deterministic)),
-                                         stream or None))
+        self._call("tw_plan_run_backward", ctypes.byref(t), workspace or None, int(bool(deterministic)), stream or None)
 
     def grid(self) -> tuple:
         out = _dim3((0, 0, 0))
-        check(lib().tw_plan_grid(self._handle, out))
+        self._call("tw_plan_grid", out)
         return tuple(out)
 
     def window(self, head: int) -> tuple:
         """The effective window of local head `head` (sliding tile plans)."""
         out = _dim3((0, 0, 0))
-        check(lib().tw_plan_window(self._handle, head, out))
+        self._call("tw_plan_window", head, out)
         return tuple(out)
 
     def flops(self, text_len_host=None) -> float:
         out = ctypes.c_double()
         arr = None if text_len_host is None else (I32 * len(text_len_host))(*text_len_host)
-        check(lib().tw_plan_flops(self._handle, arr, ctypes.byref(out)))
+        self._call("tw_plan_flops", arr, ctypes.byref(out))
         return out.value
 
     def density(self) -> float:
         out = ctypes.c_double()
-        check(lib().tw_plan_density(self._handle, ctypes.byref(out)))
+        self._call("tw_plan_density", ctypes.byref(out))
         return out.value
 
     def __del__(self):
-        if getattr(self, "_handle", None) and _lib is not None:
-            _lib.tw_plan_destroy(self._handle)
+        if getattr(self, "_handle", None):
+            self._lib.tw_plan_destroy(self._handle)
             self._handle = None
