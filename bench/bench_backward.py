@@ -13,10 +13,8 @@ With --also-arrangement N, a column more: the backward in arrangement N (TILEWIS
 plan is made: 0 the two kernels, 1 the atomic fused kernel, 2 the reduce kernel; the default picks 2 below 90% video
 density, else 0: docs/performance.md backward v3.7), timed in the same run as the default.
 
-With --variants NAME=LIB,..., kernel variants (scripts/kernel_variants.py builds them) are timed in the same process:
-the default library and each variant alternate --variant-repeats times per row (same clocks, same inputs), one
-column each ("a / b" over the repeats), and a note gives each variant's largest gradient difference from the
-default's (a variant that computes something else shows at once).
+--variants NAME=LIB,... as in bench_forward.py: the default library and each variant alternated in this process, a
+column each, and each variant's largest gradient difference from the default's in a note.
 
 Usage: python3 bench/bench_backward.py [--lib build/libtilewise.so] [--rows 1,2] [--only w3x3x3,partial]
        [--no-flex] [--no-dense] [--deterministic] [--also-arrangement 0] [--variants k96=/tmp/v/k96/libtilewise.so]
@@ -37,8 +35,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from tilewise import _capi  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_forward import (Row, _tiled_permutation, bench, block_mask_from_mod, compiled_flex,  # noqa: E402
-                           flex_mask_mod, parse_args, selected_rows)
+from bench_forward import (Row, _tiled_permutation, alternate_variants, bench, block_mask_from_mod,  # noqa: E402
+                           compiled_flex, flex_mask_mod, max_abs_diff, parse_args, selected_rows, variant_cells,
+                           variant_header)
 from report import emit  # noqa: E402
 
 
@@ -153,40 +152,13 @@ def backward_arrangement(value: str):
             os.environ["TILEWISE_BACKWARD_FUSED_DQ"] = before
 
 
-def variant_times(row: Row, variants: list, default_lib: str, args, tw: TilewiseRun, q, k, v, dout, text_len) -> dict:
-    """{name: [backward ms per repeat]} of the default library and each variant, alternated in this process (each
-    plan keeps the library it was made with); each variant's largest gradient difference from `tw`'s goes into the
-    row's notes."""
-    times: dict = {}
-    if not variants:
-        return times
-    for repeat in range(args.variant_repeats):
-        for name, path in [("default", default_lib)] + variants:
-            _capi.lib(path)
-            run = TilewiseRun(row, q, k, v, dout, text_len, args.deterministic)
-            run.forward()
-            times.setdefault(name, []).append(bench(run.backward))
-            if repeat == 0 and name != "default":
-                run.backward()
-                diff = max((a.float() - b.float()).abs().nan_to_num(nan=float("inf")).max().item()
-                           for a, b in zip((run.dq, run.dk, run.dv), (tw.dq, tw.dk, tw.dv)))
-                row.notes.append(f"variant {name}: max abs gradient difference from the default {diff:.3g}")
-            del run
-    _capi.lib(default_lib)
-    return times
-
-
 def main() -> None:
     def extra_args(ap):
         ap.add_argument("--deterministic", action="store_true", help="time tilewise's deterministic backward")
         ap.add_argument("--also-arrangement", choices=["0", "1", "2"], default=None,
                         help="also time this backward arrangement (TILEWISE_BACKWARD_FUSED_DQ) in a column")
-        ap.add_argument("--variants", default="", help="NAME=LIB,...: libraries timed against the default, alternated")
-        ap.add_argument("--variant-repeats", type=int, default=2, help="alternations of the default and the variants")
 
     args, groups, dev = parse_args(__doc__, "skip the dense cuDNN SDPA baseline", extra_args)
-    variants = [tuple(v.split("=", 1)) for v in args.variants.split(",") if v]
-    default_lib = args.lib or _capi._find_library()
 
     flex = None if args.no_flex else compiled_flex()
     table = []
@@ -209,7 +181,17 @@ def main() -> None:
             ms_other = bench(tw_other.backward)
             del tw_other
 
-        variant_ms = variant_times(row, variants, default_lib, args, tw, q, k, v, dout, text_len)
+        def measure(name, repeat):
+            run = TilewiseRun(row, q, k, v, dout, text_len, args.deterministic)
+            run.forward()
+            ms = bench(run.backward)
+            if repeat == 0 and name != "default":
+                run.backward()
+                diff = max(max_abs_diff(a, b) for a, b in zip((run.dq, run.dk, run.dv), (tw.dq, tw.dk, tw.dv)))
+                row.notes.append(f"variant {name}: max abs gradient difference from the default {diff:.3g}")
+            return ms
+
+        variant_ms = alternate_variants(args, measure)
 
         ms_cudnn, dense_flops = float("nan"), float("nan")
         if not args.no_dense:
@@ -240,13 +222,13 @@ def main() -> None:
     other = args.also_arrangement is not None
     if other:
         header += f" arrangement {args.also_arrangement} bwd ms |"
-    names = ["default"] + [name for name, _ in variants] if variants else []
-    header += "".join(f" {name} bwd ms |" for name in names)
+    names, cells = variant_header(args)
+    header += cells
     lines = [header, "|" + "---|" * (11 + other + len(names))]
     for name, sp, ms, tf, cu, cutf, fx, total, other_ms, diffs, variant_ms, _ in table:
         diff = "/".join(f"{d:.3g}" for d in diffs) if diffs else "-"
         other_cell = f" {other_ms:.2f} |" if other else ""
-        other_cell += "".join(" " + " / ".join(f"{t:.2f}" for t in variant_ms[n]) + " |" for n in names)
+        other_cell += variant_cells(variant_ms, names)
         lines.append(f"| {name} | {sp:.1%} | {ms:.2f} | {tf:.0f} | {cu:.2f} | {cutf:.0f} | {fx:.2f} | {cu / ms:.2f} "
                      f"| {fx / ms:.2f} | {total:.2f} | {diff} |{other_cell}")
     notes = [f"- {name}: {n}" for name, *_, notes in table for n in notes]

@@ -13,8 +13,13 @@ FP8's error to within a few percent of itself).
 FlexAttention gets its best case: when the tile divides the latent the sequence is permuted to tiled order
 (so its 128-token blocks are whole sub-tiles); otherwise it runs on raster order with the same mask_mod.
 
+With --variants NAME=LIB,... (libraries from scripts/kernel_variants.py), the default library and each variant are
+timed alternately --variant-repeats times per row in this process, a column each ("a / b"), and a note gives each
+variant's largest output difference from the default's.
+
 Usage: python3 bench/bench_forward.py [--lib build/libtilewise.so] [--rows 1,2] [--only w3x3x3,partial]
-       [--no-flex] [--no-dense] [--no-fp8] [--out table.md]
+       [--no-flex] [--no-dense] [--no-fp8] [--variants trim=/tmp/fv/trim/libtilewise.so] [--variant-repeats 2]
+       [--out table.md]
 """
 from __future__ import annotations
 
@@ -164,13 +169,48 @@ def parse_args(doc: str, dense_help: str, extra=None) -> tuple:
     ap.add_argument("--no-dense", action="store_true", help=dense_help)
     ap.add_argument("--only", default=None, help="run only rows whose name contains one of these ','-separated strings")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
+    ap.add_argument("--variants", default="", help="NAME=LIB,...: kernel variants timed against the default library, "
+                    "alternated in this process (a column each)")
+    ap.add_argument("--variant-repeats", type=int, default=2, help="alternations of the default and the variants")
     if extra is not None:
         extra(ap)
     args = ap.parse_args()
+    args.variants = [tuple(v.split("=", 1)) for v in args.variants.split(",") if v]
+    args.default_lib = args.lib or _capi._find_library()
     _capi.lib(args.lib)
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     return args, {int(g) for g in args.rows.split(",")}, torch.device("cuda")
+
+
+def alternate_variants(args, measure) -> dict:
+    """{name: [ms per repeat]} of the default library and each --variants library, alternated --variant-repeats times
+    in this process (same clocks, same inputs): measure(name, repeat) makes its plans while that library is loaded
+    (each _capi.Plan keeps the library it was made with) and returns ms. Empty without --variants."""
+    times: dict = {}
+    if not args.variants:
+        return times
+    for repeat in range(args.variant_repeats):
+        for name, path in [("default", args.default_lib)] + args.variants:
+            _capi.lib(path)
+            times.setdefault(name, []).append(measure(name, repeat))
+    _capi.lib(args.default_lib)
+    return times
+
+
+def variant_header(args) -> tuple:
+    """(the variant columns' names, their header cells) for alternate_variants' results."""
+    names = ["default"] + [name for name, _ in args.variants] if args.variants else []
+    return names, "".join(f" {name} ms |" for name in names)
+
+
+def variant_cells(times: dict, names: list) -> str:
+    return "".join(" " + " / ".join(f"{t:.2f}" for t in times[n]) + " |" for n in names)
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |a - b| (inf where either is NaN)."""
+    return (a.float() - b.float()).abs().nan_to_num(nan=float("inf")).max().item()
 
 
 def compiled_flex():
@@ -248,6 +288,21 @@ def main() -> None:
                      torch.cuda.current_stream().cuda_stream)
 
         ms_tw = bench(run_tw)
+        run_tw()
+        o_default = o.clone()
+
+        def measure(name, repeat):
+            vplan, vo = _capi.Plan(**run_kw), torch.empty_like(o)
+            stream = torch.cuda.current_stream().cuda_stream
+            vrun = lambda: vplan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), vo.data_ptr(), 0, tl_ptr, stream)  # noqa: E731
+            ms = bench(vrun)
+            if repeat == 0 and name != "default":
+                vrun()
+                row.notes.append(f"variant {name}: max abs output difference from the default "
+                                 f"{max_abs_diff(vo, o_default):.3g}")
+            return ms
+
+        variant_ms = alternate_variants(args, measure)
         qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, S, D] views for SDPA
         dense_flops = 4.0 * B * Hh * S * S * D
         res = {}
@@ -292,7 +347,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - report and keep the row
                 row.notes.append(f"fp8: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
         table.append((row.name, 1 - density, ms_tw, flops / ms_tw / 1e9, res["cudnn"], dense_flops / res["cudnn"] / 1e9,
-                      res["flash"], ms_flex, diff, fp8, flops, row.notes))
+                      res["flash"], ms_flex, diff, fp8, flops, variant_ms, row.notes))
         print(f"  done: {row.name}: tilewise {ms_tw:.2f} ms, cudnn {res['cudnn']:.2f} ms, flex {ms_flex:.2f} ms",
               flush=True)
         del q, k, v, o
@@ -301,11 +356,12 @@ def main() -> None:
     header = ("| row | sparsity | tilewise ms | eff TFLOP/s | cuDNN ms (dense) | cuDNN TFLOP/s | flash ms (dense) "
               "| Flex ms (same mask) | x cuDNN | x Flex | max abs diff vs Flex | FP8 ms | FP8 TFLOP/s | FP8 kernel ms "
               "| FP8 x bf16 | FP8 x cuDNN | FP8 rel L2 vs bf16 |")
-    lines = [header, "|" + "---|" * 17]
-    for name, sp, ms, tf, cu, cutf, fl, fx, diff, (f8, f8k, f8err), flops, notes in table:
+    names, cells = variant_header(args)
+    lines = [header + cells, "|" + "---|" * (17 + len(names))]
+    for name, sp, ms, tf, cu, cutf, fl, fx, diff, (f8, f8k, f8err), flops, variant_ms, notes in table:
         lines.append(f"| {name} | {sp:.1%} | {ms:.2f} | {tf:.0f} | {cu:.2f} | {cutf:.0f} | {fl:.2f} | {fx:.2f} "
                      f"| {cu / ms:.2f} | {fx / ms:.2f} | {diff:.3g} | {f8:.2f} | {flops / f8 / 1e9:.0f} | {f8k:.2f} "
-                     f"| {ms / f8:.2f} | {cu / f8:.2f} | {f8err:.4f} |")
+                     f"| {ms / f8:.2f} | {cu / f8:.2f} | {f8err:.4f} |{variant_cells(variant_ms, names)}")
     notes = [f"- {name}: {n}" for name, *_, notes in table for n in notes]
     emit("\n".join(lines + notes), args.out)
 
