@@ -294,7 +294,10 @@ def main() -> None:
         def measure(name, repeat):
             vplan, vo = _capi.Plan(**run_kw), torch.empty_like(o)
             stream = torch.cuda.current_stream().cuda_stream
-            vrun = lambda: vplan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), vo.data_ptr(), 0, tl_ptr, stream)  # noqa: E731
+
+            def vrun():
+                vplan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), vo.data_ptr(), 0, tl_ptr, stream)
+
             ms = bench(vrun)
             if repeat == 0 and name != "default":
                 vrun()

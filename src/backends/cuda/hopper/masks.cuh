@@ -1,6 +1,7 @@
 // Masks of a key block, as policies every consumer (the forward's, the backward's dQ) applies to an S fragment of
-// 64 x 128 (or of its first columns) in the wgmma accumulator layout: which key columns are real, allowed keys (ragged border blocks, text
-// padding), and the attention tile's token-level frame rule inside blocks that mix allowed and forbidden pairs.
+// 64 x 128 (or of its first columns) in the wgmma accumulator layout: which key columns are real, allowed keys
+// (ragged border blocks, text padding), and the attention tile's token-level frame rule inside blocks that mix
+// allowed and forbidden pairs.
 // The producer flags the blocks that need either (BlockInfo); unflagged blocks cost nothing.
 #pragma once
 

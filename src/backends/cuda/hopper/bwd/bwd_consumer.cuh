@@ -120,7 +120,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
         if (step < kSteps)  // (the index clamped for the branch compiled away: a may have one unused entry)
           WgmmaRS<kType, N>::template rs<0>(d, a[step < kSteps ? step : 0], desc(b_lo + b_off, this->kq_hi), step > 0);
         else
-          Wgmma<kType, N>::template ss<0>(d, desc(a_lo + a_off, this->kq_hi), desc(b_lo + b_off, this->kq_hi), step > 0);
+          Wgmma<kType, N>::template ss<0>(d, desc(a_lo + a_off, this->kq_hi), desc(b_lo + b_off, this->kq_hi),
+                                          step > 0);
       }
   }
   /// S^T = K Q^T and dP^T = V dO^T of a 64-row streamed block at `b_lo`: the owned rows' first kOwnedKSteps
