@@ -133,6 +133,15 @@ struct BwdConsumer : Consumer<Traits, kType> {
   __device__ __forceinline__ void dprobs_t(float (&dp)[32], const OwnedV& owned_v, uint32_t b_lo) const {
     if (kOwnedVSteps > 0 || !(kAblate & 2)) gemm_owned<64, kOwnedVSteps>(dp, owned_v, o_lo, b_lo);
   }
+  /// An item's start in the dK/dV loops: dK and dV zeroed, and the owned K and V steps that S^T and dP^T take
+  /// from registers loaded.
+  __device__ __forceinline__ void start_item(float (&dk)[D / 2], float (&dv)[D / 2], OwnedK& owned_k,
+                                             OwnedV& owned_v) const {
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
+    load_owned<kOwnedKSteps>(owned_k, this->s.q);
+    load_owned<kOwnedVSteps>(owned_v, this->s.o());
+  }
   /// d[64 x D] += A (registers, kSteps k16 steps) * B[16 kSteps rows of a stage, MN-major].
   template <int kSteps>
   __device__ __forceinline__ void gemm_rs(float (&d)[D / 2], const uint32_t (&a)[kSteps][4], uint32_t b_lo) const {
@@ -459,12 +468,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
     int64_t pending = -1;  // kReduce: the block whose dQ is still to be computed
     const OwnedRows rows = owned_rows(item);
     float dk[D / 2], dv[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
     OwnedK owned_k;  // the A operands of S^T and dP^T held in registers (kOwnedKSteps, kOwnedVSteps)
     OwnedV owned_v;
-    load_owned<kOwnedKSteps>(owned_k, this->s.q);
-    load_owned<kOwnedVSteps>(owned_v, this->s.o());
+    start_item(dk, dv, owned_k, owned_v);
     for (bool last = false; !last;) {
       BlockInfo bi;
       if (!next_block(bi, last, ks, vs, release_block)) continue;
@@ -599,12 +605,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
       release_stages(bi, ks, vs);
     };
     float dk[D / 2], dv[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
     OwnedK owned_k;  // the A operands of S^T and dP^T held in registers (kOwnedKSteps, kOwnedVSteps)
     OwnedV owned_v;
-    load_owned<kOwnedKSteps>(owned_k, this->s.q);
-    load_owned<kOwnedVSteps>(owned_v, this->s.o());
+    start_item(dk, dv, owned_k, owned_v);
     int64_t pending = -1;  // the block whose dQ is still to be computed
     for (bool last = false; !last;) {
       BlockInfo bi;
