@@ -36,9 +36,13 @@ PER_RANK_BATCH = 2
 # <= 3e-6); the tolerance is 1e-4 of it. The weights: AdamW moves an element by about lr (2e-3) per step whatever
 # its gradient's scale, so a run on other data or noise differs by ~1e-3 after 4 steps; an element whose gradient
 # is near rounding level can take a visibly different step (measured up to 9e-6 over 5 seeds); the tolerance is
-# 1e-4 = lr / 20, between the two.
+# 1e-4 = lr / 20, between the two. Such an element's step is AdamW's normalised update, so it can differ by up to
+# 2 lr a step: seed 889990618 (sequence parallelism) moved 1 of 512 elements of the time embedding by 2e-4 = lr / 10
+# with every moment agreeing to 7e-5 of its tensor's largest. So at most TOL_WEIGHTS_OUTLIERS of a tensor's elements
+# may exceed TOL_WEIGHTS, and none the 2 lr per step AdamW can move a weight by; the moments stay the strict check.
 TOL_MOMENTS = 1e-4
 TOL_WEIGHTS = 1e-4
+TOL_WEIGHTS_OUTLIERS = 0.01
 TOL_LOSS_REL = 1e-5  # the logged rank-mean loss: the same forward in two batch splits (measured ~1e-7)
 
 
@@ -120,10 +124,14 @@ def test_sta_ddp_equals_one_process_and_resumes(tmp_path, mode):
     (w_one, _), (w_ddp, _) = load_tensors(one / "sta.safetensors"), load_tensors(ddp / "sta.safetensors")
     print("max |w_ddp - w_one|", max(float((w_one[k] - w_ddp[k]).abs().max()) for k in w_one))
     assert w_one.keys() == w_ddp.keys()
-    for k in w_one:
-        torch.testing.assert_close(w_ddp[k], w_one[k], rtol=0, atol=TOL_WEIGHTS,
-                                   msg=lambda m: f"seed {seed}: {k}: {m}")
     (c_one, m_one), (c_ddp, m_ddp) = (load_tensors(d / "checkpoints" / "sta.safetensors") for d in (one, ddp))
+    lr = json.loads(m_one["param_groups"])[0]["lr"]
+    for k in w_one:
+        diff = (w_ddp[k] - w_one[k]).abs()
+        over = int((diff > TOL_WEIGHTS).sum())
+        assert over <= TOL_WEIGHTS_OUTLIERS * diff.numel() or over <= 1, \
+            f"seed {seed}: {k}: {over} of {diff.numel()} elements differ by more than {TOL_WEIGHTS}"
+        assert float(diff.max()) <= 2 * lr * STEPS, f"seed {seed}: {k}: max |w_ddp - w_one| {float(diff.max())}"
     for k in c_one:
         if k.startswith("optim/"):  # the averaged gradient is the single process's
             torch.testing.assert_close(c_ddp[k], c_one[k], rtol=0, atol=TOL_MOMENTS * float(c_one[k].abs().max()),
