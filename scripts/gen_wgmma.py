@@ -5,9 +5,7 @@ Each wrapper binds the whole accumulator fragment as register operands, which is
 Run: python3 scripts/gen_wgmma.py > src/backends/cuda/hopper/wgmma_ops.cuh
 """
 
-# S = Q K^T: N = kBlockN, or a cut block's key rows rounded up to 16 (TILEWISE_HOPPER_TRIM_KEYS: 64..128); the
-# backward's S^T and dP^T: N = half a query block; dQ: N = D
-SHAPES_SS = [64, 80, 96, 112, 128]
+SHAPES_SS = [64, 96, 128]  # S = Q K^T: N = kBlockN; the backward's S^T and dP^T: N = half a query block; dQ: N = D
 SHAPES_RS = [64, 96, 128]  # O += P V: N = head dim
 # e4m3: S's N = 128, P V's N = D, or D + 8 when V^T carries 8 rows of ones whose products are the row sums of P
 SHAPES_FP8 = [64, 96, 128, 72, 104, 136]

@@ -88,13 +88,6 @@
 #define TILEWISE_HOPPER_EXP_ON_FMA_D128 0
 #endif
 
-// The sequential schedule (D 64 by default) computes a key block's S and P V over its rows rounded up to 16 (at least
-// 64) instead of all 128: a cut tile's box (CogVideoX 13x30x45 with 1x8x16 tiles: 96, 104 and 78 of 128 rows) or the
-// last text rows. Compiled, not yet run on a GPU (docs/performance.md v5.2).
-#ifndef TILEWISE_HOPPER_TRIM_KEYS
-#define TILEWISE_HOPPER_TRIM_KEYS 0
-#endif
-
 // Query rows per work item of the FP8 forward (fp8/): 128 = two consumer warpgroups, 192 = three.
 #ifndef TILEWISE_HOPPER_FP8_BLOCK_M
 #define TILEWISE_HOPPER_FP8_BLOCK_M 128

@@ -1,7 +1,6 @@
 // Masks of a key block, as policies every consumer (the forward's, the backward's dQ) applies to an S fragment of
-// 64 x 128 (or of its first columns) in the wgmma accumulator layout: which key columns are real, allowed keys
-// (ragged border blocks, text padding), and the attention tile's token-level frame rule inside blocks that mix
-// allowed and forbidden pairs.
+// 64 x 128 in the wgmma accumulator layout: which key columns are real, allowed keys (ragged border blocks, text
+// padding), and the attention tile's token-level frame rule inside blocks that mix allowed and forbidden pairs.
 // The producer flags the blocks that need either (BlockInfo); unflagged blocks cost nothing.
 #pragma once
 
@@ -45,13 +44,10 @@ struct KeyMask {
     return m;
   }
 
-  /// Sets the scores of columns that are not real keys to -inf (a select, so stale bits never leak). kVals: the
-  /// fragment of an m64n(2 kVals) product (the block's first 2 kVals columns).
-  template <int kVals>
-  __device__ __forceinline__ void apply(float (&sc)[kVals], int lane) const {
-    static_assert(kVals <= kBlockN / 2, "at most a whole block's columns");
+  /// Sets the scores of columns that are not real keys to -inf (a select, so stale bits never leak).
+  __device__ __forceinline__ void apply(float (&sc)[kBlockN / 2], int lane) const {
 #pragma unroll
-    for (int i = 0; i < kVals; ++i) {
+    for (int i = 0; i < kBlockN / 2; ++i) {
       // Word c / 32 = i / 16 is known at compile time.
       const int c = accumulator_column(i, lane);
       if (!((valid[i / 16] >> (c % 32)) & 1u)) sc[i] = -INFINITY;
@@ -61,15 +57,15 @@ struct KeyMask {
 
 /// The token-level frame rule on a masked attention-tile block (rare: only tt > 1 tiles straddling |fq-fk|=r):
 /// query rows of `item` (row(rr) gives this thread's two rows) against the key block `bi`.
-template <int kVals, class RowOf>
-__device__ __forceinline__ void mask_frames(float (&sc)[kVals], const FwdParams& p, const WorkItem& item,
+template <class RowOf>
+__device__ __forceinline__ void mask_frames(float (&sc)[kBlockN / 2], const FwdParams& p, const WorkItem& item,
                                             const BlockInfo& bi, int lane, RowOf&& row) {
   const HeadParams& hp = p.heads[item.head];
   const int32_t g = static_cast<int32_t>(hp.global_frames), r = static_cast<int32_t>(hp.radius);
   const D3 qb = item.q.box(p), kb = p.cls[bi.tile_class()].box;
   const int32_t q_hw = qb.h * qb.w, k_hw = kb.h * kb.w, qt0 = item.q.origin(p).t;
 #pragma unroll
-  for (int i = 0; i < kVals; ++i) {
+  for (int i = 0; i < kBlockN / 2; ++i) {
     const int c = accumulator_column(i, lane);
     if (!frame_pair_allowed<int32_t>(qt0 + row((i % 4) / 2) / q_hw, bi.t + c / k_hw, g, r)) sc[i] = -INFINITY;
   }

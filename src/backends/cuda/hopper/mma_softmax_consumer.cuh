@@ -7,8 +7,6 @@
 // their GEMMs through a pair of named barriers, so one's softmax overlaps the other's GEMMs (ping-pong).
 #pragma once
 
-#include <type_traits>
-
 #include "backends/cuda/hopper/epilogue.cuh"
 #include "backends/cuda/hopper/kernel_traits.cuh"
 #include "backends/cuda/hopper/masks.cuh"
@@ -29,7 +27,6 @@ struct Consumer {
   static constexpr int kSteps = kBlockN / 16;  // k16 steps of the P V product
   static constexpr uint32_t kStageDesc = Traits::kTileBytes >> 4;  // descriptor units between two stages
   static constexpr int kExpOnFma = Traits::kExpOnFma;
-  static constexpr bool kTrimKeys = TILEWISE_HOPPER_TRIM_KEYS != 0;  // the sequential schedule only
   const FwdParams& p;
   const typename Traits::Shared& s;
   int wg;    // consumer warpgroup: query rows [64 * wg, 64 * wg + 64) (warp-uniform, see fwd_kernel)
@@ -105,9 +102,7 @@ struct Consumer {
   }
 
   /// Sets the scores of keys this block's rows may not see to -inf, for blocks the producer flagged (masks.cuh).
-  /// kVals: the fragment of an m64n(2 kVals) S (the block's first columns; kBlockN / 2 unless trimmed).
-  template <int kVals>
-  __device__ __forceinline__ void mask_scores(float (&sc)[kVals], const BlockInfo& bi, int32_t text_len,
+  __device__ __forceinline__ void mask_scores(float (&sc)[kBlockN / 2], const BlockInfo& bi, int32_t text_len,
                                               const WorkItem& item) const {
     const KeyMask mask = KeyMask::of(p, bi, text_len, lane());
     if (mask.active) {
@@ -119,8 +114,7 @@ struct Consumer {
   /// Masks S (when flagged) and runs one online-softmax step: S becomes P (unnormalised, base 2, relative to
   /// the running max), and the row sums are updated. Returns whether any row of this warp raised its max past
   /// the threshold; then O must be multiplied by `corr` (1 for the rows that kept theirs).
-  template <int kVals>
-  __device__ __forceinline__ bool softmax(float (&sc)[kVals], const BlockInfo& bi, int32_t text_len,
+  __device__ __forceinline__ bool softmax(float (&sc)[kBlockN / 2], const BlockInfo& bi, int32_t text_len,
                                           const WorkItem& item, float (&m_run)[2], float (&l_run)[2],
                                           float (&corr)[2]) const {
     mask_scores(sc, bi, text_len, item);
@@ -129,7 +123,7 @@ struct Consumer {
     for (int rr = 0; rr < 2; ++rr) {
       float mx = -INFINITY;
 #pragma unroll
-      for (int i = 0; i < kVals; ++i)
+      for (int i = 0; i < kBlockN / 2; ++i)
         if ((i % 4) / 2 == rr) mx = fmaxf(mx, sc[i]);
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -143,7 +137,7 @@ struct Consumer {
       const float m_use = m_run[rr] == -INFINITY ? 0.f : m_run[rr];  // a row with no valid key yet stays at zero
       float sum = 0.f;
 #pragma unroll
-      for (int i = 0; i < kVals; ++i)
+      for (int i = 0; i < kBlockN / 2; ++i)
         if ((i % 4) / 2 == rr) {
           const float x = fmaf(sc[i], p.scale_log2, -m_use);
           const int j = 2 * (i / 4) + i % 2;  // the element's index among this row's 32
@@ -161,17 +155,14 @@ struct Consumer {
   }
 
   /// P as the A operand of the P V product: k16 step j covers accumulator chunks 2j and 2j+1.
-  template <int kVals>
-  __device__ __forceinline__ void to_operand(const float (&sc)[kVals], uint32_t (&pa)[kVals / 8][4]) const {
+  __device__ __forceinline__ void to_operand(const float (&sc)[kBlockN / 2], uint32_t (&pa)[kSteps][4]) const {
 #pragma unroll
-    for (int j = 0; j < kVals / 8; ++j)
+    for (int j = 0; j < kSteps; ++j)
 #pragma unroll
       for (int x = 0; x < 4; ++x) pa[j][x] = pack_half2(sc[8 * j + 2 * x], sc[8 * j + 2 * x + 1], kType == WgType::bf16);
   }
 
-  /// S = Q K^T of the stage's first 2 kVals keys (all kBlockN unless trimmed).
-  template <int kVals>
-  __device__ __forceinline__ void issue_s(float (&sc)[kVals], int stage) const {
+  __device__ __forceinline__ void issue_s(float (&sc)[kBlockN / 2], int stage) const {
     const uint32_t k_stage = k_lo + stage * kStageDesc;
 #pragma unroll
     for (int panel = 0; panel < Traits::kPanels; ++panel)
@@ -179,16 +170,14 @@ struct Consumer {
       for (int kk = 0; kk < Traits::kPanelCols / 16; ++kk) {
         const uint32_t q_off = (panel * Traits::kQPanelBytes + kk * 32) >> 4;
         const uint32_t k_off = (panel * Traits::kPanelBytes + kk * 32) >> 4;
-        Wgmma<kType, 2 * kVals>::template ss<0>(sc, desc(q_lo + q_off, kq_hi), desc(k_stage + k_off, kq_hi),
-                                                 panel + kk > 0);
+        Wgmma<kType, kBlockN>::template ss<0>(sc, desc(q_lo + q_off, kq_hi), desc(k_stage + k_off, kq_hi),
+                                               panel + kk > 0);
       }
   }
-  /// O += P V over the stage's first 16 kPSteps keys.
-  template <int kPSteps>
-  __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pa)[kPSteps][4], int stage) const {
+  __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pa)[kSteps][4], int stage) const {
     const uint32_t v_stage = v_lo + stage * kStageDesc;
 #pragma unroll
-    for (int j = 0; j < kPSteps; ++j)
+    for (int j = 0; j < kSteps; ++j)
       WgmmaRS<kType, D>::template rs<1>(o, pa[j], desc(v_stage + ((j * 16 * Traits::kRowBytes) >> 4), v_hi), 1);
   }
 
@@ -261,71 +250,33 @@ struct Consumer {
     vs.advance();
   }
 
-  /// Key columns to compute of a block in the sequential schedule with TILEWISE_HOPPER_TRIM_KEYS: its rows (a cut
-  /// tile's box, or the valid text rows) rounded up to 16, at least 64. The columns past its rows are no keys (masked
-  /// in S, zero V rows), so those of them past the rounding need no tensor work, exponentials or P V steps.
-  __device__ __forceinline__ int key_cols(const BlockInfo& bi, int32_t text_len) const {
-    const int32_t rows = (bi.flags & BlockInfo::kText) ? text_len - bi.t : p.cls[bi.tile_class()].box.volume();
-    const int cols = rows >= kBlockN ? kBlockN : rows <= 64 ? 64 : (rows + 15) / 16 * 16;
-    return __shfl_sync(0xffffffffu, cols, 0);  // warp-uniform, visibly to ptxas (branches around wgmma)
-  }
-
-  /// One key block of the sequential schedule, its products over the stage's first 2 kVals keys (S's fragment sc,
-  /// P's operand pa).
-  template <int kVals>
-  __device__ __forceinline__ void sequential_block(const WorkItem& item, int32_t text_len, bool shared,
-                                                   const BlockInfo& bi, KPipe& ks, VPipe& vs, float (&o)[D / 2],
-                                                   float (&m_run)[2], float (&l_run)[2], float (&sc)[kVals],
-                                                   uint32_t (&pa)[kVals / 8][4], float (&corr)[2]) const {
-    wgmma_fence();
-    issue_s(sc, ks.stage());
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(sc);
-    release_s_operands(ks.stage(), bi, shared);
-    ks.advance();
-    if (softmax(sc, bi, text_len, item, m_run, l_run, corr)) rescale_o(o, corr);
-    to_operand(sc, pa);
-    s.v_full[vs.stage()].wait(vs.phase());
-    wgmma_fence();
-    issue_pv(o, pa, vs.stage());
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(o);
-    release(s.v_empty[vs.stage()], shared);
-    vs.advance();
-  }
-
   /// All key blocks of one work item, one GEMM at a time (the two warpgroups still overlap each other).
   __device__ __forceinline__ void mainloop_sequential(const WorkItem& item, int32_t text_len, bool shared, KPipe& ks,
                                                       VPipe& vs, float (&o)[D / 2], float (&m_run)[2],
                                                       float (&l_run)[2]) const {
     float sc[kBlockN / 2], corr[2];
     uint32_t pa[kSteps][4];
-    // With TILEWISE_HOPPER_TRIM_KEYS every block, whole ones too, gets fragments of its own size in its own scope:
-    // one set live across the loop beside another made ptxas serialise the wgmmas at D 128 (three consumers at 160
-    // registers).
-    auto trimmed = [&](const BlockInfo& bi, auto cols) {
-      constexpr int kCols = decltype(cols)::value;
-      float sc_n[kCols / 2], corr_n[2];
-      uint32_t pa_n[kCols / 16][4];
-      sequential_block(item, text_len, shared, bi, ks, vs, o, m_run, l_run, sc_n, pa_n, corr_n);
-    };
     for (bool last = false; !last;) {
       s.k_full[ks.stage()].wait(ks.phase());
       const BlockInfo bi = info(ks.stage());
       last = bi.flags & BlockInfo::kLast;
-      if constexpr (kTrimKeys) {
-        switch (key_cols(bi, text_len)) {
-          case 64: trimmed(bi, std::integral_constant<int, 64>{}); break;
-          case 80: trimmed(bi, std::integral_constant<int, 80>{}); break;
-          case 96: trimmed(bi, std::integral_constant<int, 96>{}); break;
-          case 112: trimmed(bi, std::integral_constant<int, 112>{}); break;
-          default: trimmed(bi, std::integral_constant<int, kBlockN>{});
-        }
-      } else {
-        sequential_block(item, text_len, shared, bi, ks, vs, o, m_run, l_run, sc, pa, corr);
-      }
+      wgmma_fence();
+      issue_s(sc, ks.stage());
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(sc);
+      release_s_operands(ks.stage(), bi, shared);
+      ks.advance();
+      if (softmax(sc, bi, text_len, item, m_run, l_run, corr)) rescale_o(o, corr);
+      to_operand(sc, pa);
+      s.v_full[vs.stage()].wait(vs.phase());
+      wgmma_fence();
+      issue_pv(o, pa, vs.stage());
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o);
+      release(s.v_empty[vs.stage()], shared);
+      vs.advance();
     }
   }
 

@@ -593,8 +593,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// dQ is staged once both have landed (the v3.7 stall sampling: the consumers wait on their own per-block chain).
   /// D 64 and 96 only: at D 128, dK, dV, the dQ accumulator and dK's operand do not fit beside each other (ptxas
   /// serialises the wgmmas "due to insufficient register resources").
-  /// Tried and dropped (compiled only): the next block's S^T and dP^T issued before the dK wait, which ptxas
-  /// serialised (C7518, a compiler-inserted wait in a divergent path) in every arrangement of the loop tried.
+  /// Tried and dropped: the next block's S^T and dP^T issued before the dK wait. ptxas serialises it (C7518) unless
+  /// no lane-dependent branch (stage releases, block records) and no "maybe in flight" wgmma remain around it; made
+  /// to compile at D 128 with dK's dS^T read from the ring (v3.11), it was 5% slower (docs/performance.md).
   __device__ __forceinline__ void reduce_item(const WorkItem& item, typename Base::KPipe& ks, typename Base::VPipe& vs,
                                               uint32_t& blocks) const {
     const BwdParams& p = bp;

@@ -80,7 +80,8 @@
 #endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the
-// dQ atomics, bit 32 the dQ product, bit 64 the barrier after it. Timing what is left shows what bounds a loop.
+// dQ atomics, bit 32 the dQ product, bit 64 the barrier after it; in the reduce kernel bit 128 skips the dQ TMA
+// reductions. Timing what is left shows what bounds a loop.
 #ifndef TILEWISE_HOPPER_BWD_ABLATE
 #define TILEWISE_HOPPER_BWD_ABLATE 0
 #endif

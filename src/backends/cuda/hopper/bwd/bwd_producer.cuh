@@ -156,7 +156,7 @@ struct BwdProducer {
           const int c4 = p.dq_view.c4(item.batch, h);
           const D3 o = qb.tma_origin(p);
 #pragma unroll
-          for (int panel = 0; panel < Traits::D / 32; ++panel) {
+          for (int panel = 0; panel < ((TILEWISE_HOPPER_BWD_ABLATE & 128) ? 0 : Traits::D / 32); ++panel) {
             const int c0 = p.dq_view.c0(h, panel * 32);
             const uint8_t* src = s.dq_stage() + panel * Traits::kDqPanelBytes;
             if (qb.text)
