@@ -113,8 +113,9 @@ struct Fp8Consumer {
       ks.advance();
       base.mask_scores(sc, bi, text_len, item);
       const float factor[2] = {qf[0] * kscale, qf[1] * kscale};
-      Fp8Softmax::step<!kOnes, TILEWISE_HOPPER_FP8_EXP_ON_FMA, TILEWISE_HOPPER_FP8_FOLD != 0>(sc, factor, m_run,
-                                                                                               l_run, corr, pairs);
+      if (!(TILEWISE_HOPPER_ABLATE & 1))  // measurement only (kernel_traits.cuh)
+        Fp8Softmax::step<!kOnes, TILEWISE_HOPPER_FP8_EXP_ON_FMA, TILEWISE_HOPPER_FP8_FOLD != 0>(sc, factor, m_run,
+                                                                                                 l_run, corr, pairs);
       const bool rescale = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
       Fp8Softmax::to_operand(pairs, pa);
       s.v_full[vs.stage()].wait(vs.phase());
