@@ -122,6 +122,12 @@
 #define TILEWISE_HOPPER_FP8_PINGPONG 0
 #endif
 
+// The FP8 forward's block loop: 1 = the next block's S issued right behind this block's P V, before P V is waited for
+// and promoted into O (Fp8Consumer::mainloop_s_ahead), 0 (default) = one GEMM at a time. The FP8 v5 ablations put
+// P V's whole latency on each warpgroup's critical path (docs/performance.md). Compiled, not yet run on a GPU.
+#ifndef TILEWISE_HOPPER_FP8_S_AHEAD
+#define TILEWISE_HOPPER_FP8_S_AHEAD 0
+#endif
 // Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
 // ping-pong barriers (overlapped schedule), bit 16 the V loads, bit 32 the K loads
 // (in a cluster, the multicast ones). Timing what is left shows which part bounds the loop.

@@ -139,6 +139,75 @@ struct Fp8Consumer {
     }
   }
 
+  /// mainloop with the next block's S issued behind this block's P V (TILEWISE_HOPPER_FP8_S_AHEAD): S_{j+1}'s
+  /// latency runs under P V_j's, where the sequential loop waits for P V, promotes it and only then issues S_{j+1}.
+  /// Registers: O and P V's accumulator (68 each at D 128), S (64) and P's operand (16) at once; no second P set,
+  /// since the softmax of S_{j+1} starts after P V_j has completed. Stage records and the V release go without a
+  /// branch on the lane (a broadcast load, a predicated arrive), as S_{j+1} is in flight across them (C7518).
+  /// What ptxas accepts (checked by compiling): the promotion after the join of the two paths, where it inserts a
+  /// wait for S_{j+1} (so S_{j+1} overlaps P V, not the promotion); with the promotion copied into both paths, or
+  /// the last block's moved past the loop, it serialises every wgmma (C7514).
+  __device__ __forceinline__ void mainloop_s_ahead(const WorkItem& item, int32_t text_len, const float (&qf)[2],
+                                                   const float* k_scale, KPipe& ks, VPipe& vs,
+                                                   float (&o)[kAccN / 2], float (&m_run)[2],
+                                                   float (&l_run)[2]) const {
+    static_assert(!kPingPong && Traits::kCluster == 1, "one warpgroup's loop, no turns, no cluster");
+    float sc[kBlockN / 2], corr[2];
+    uint16_t pairs[Fp8Softmax::kPairs];
+    uint32_t pa[kPvSteps][4];
+    auto acquire = [&](BlockInfo& bi) {
+      s.k_full[ks.stage()].wait(ks.phase());
+      const uint4 w = ld_shared_v4(s.info + ks.stage());  // every lane, one address: a broadcast
+      bi = {__shfl_sync(0xffffffffu, w.x, 0), static_cast<int32_t>(__shfl_sync(0xffffffffu, w.y, 0)),
+            static_cast<int32_t>(__shfl_sync(0xffffffffu, w.z, 0)), static_cast<int32_t>(__shfl_sync(0xffffffffu, w.w, 0))};
+    };
+    BlockInfo bi;
+    acquire(bi);
+    float kscale = __ldg(k_scale + key_block(bi));
+    wgmma_fence();
+    issue_s(sc, ks.stage());
+    wgmma_commit();
+    for (;;) {
+      wgmma_wait<0>();  // S_j (P V_{j-1} was waited for already)
+      fence_regs(sc);
+      base.release_s_operands(ks.stage(), bi, false);
+      ks.advance();
+      base.mask_scores(sc, bi, text_len, item);
+      const float factor[2] = {qf[0] * kscale, qf[1] * kscale};
+      Fp8Softmax::step<!kOnes, TILEWISE_HOPPER_FP8_EXP_ON_FMA, TILEWISE_HOPPER_FP8_FOLD != 0>(sc, factor, m_run,
+                                                                                               l_run, corr, pairs);
+      const bool rescale = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
+      Fp8Softmax::to_operand(pairs, pa);
+      const bool last = bi.flags & BlockInfo::kLast;
+      s.v_full[vs.stage()].wait(vs.phase());
+      float pv[kAccN / 2];  // this block's P V (and row sums), then added to O in fp32
+      wgmma_fence();
+      issue_pv(pv, pa, vs.stage());
+      wgmma_commit();
+      if (!last) {
+        acquire(bi);
+        kscale = __ldg(k_scale + key_block(bi));
+        wgmma_fence();
+        issue_s(sc, ks.stage());
+        wgmma_commit();
+        wgmma_wait<1>();  // P V_j (S_{j+1} may still run)
+      } else {
+        wgmma_wait<0>();
+      }
+      fence_regs(pv);
+      s.v_empty[vs.stage()].arrive_if(lane() == 0, 1);
+      vs.advance();
+      if (rescale) {
+#pragma unroll
+        for (int i = 0; i < kAccN / 2; ++i) o[i] = fmaf(o[i], corr[(i % 4) / 2], pv[i]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kAccN / 2; ++i) o[i] += pv[i];
+      }
+      if (last) break;
+    }
+  }
+
   __device__ void run() const {
     uint32_t items = 0;
     KPipe ks;
@@ -163,6 +232,8 @@ struct Fp8Consumer {
       s.q_full->wait(items & 1);
       if (!kPingPong && 64 * wg >= query_rows<Traits::kBlockM>(p, item.q))
         base.mainloop_idle(false, ks, vs);
+      else if constexpr (TILEWISE_HOPPER_FP8_S_AHEAD != 0)
+        mainloop_s_ahead(item, text_len, qf, p.k_scale + bg * p.key_blocks, ks, vs, o, m_run, l_run);
       else
         mainloop(item, text_len, qf, p.k_scale + bg * p.key_blocks, ks, vs, o, m_run, l_run);
 
