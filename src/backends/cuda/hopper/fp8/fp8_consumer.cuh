@@ -84,6 +84,18 @@ struct Fp8Consumer {
       WgmmaFp8<kAccN>::rs(pv, pa[j], vt_desc + ((stage * Traits::kVTileBytes + 32 * j) >> 4), j > 0);
   }
 
+  /// O = O corr + P V (a block's P V, completed), the rescale only where a row's maximum moved.
+  static __device__ __forceinline__ void promote(float (&o)[kAccN / 2], const float (&pv)[kAccN / 2],
+                                                 const float (&corr)[2], bool rescale) {
+    if (rescale) {
+#pragma unroll
+      for (int i = 0; i < kAccN / 2; ++i) o[i] = fmaf(o[i], corr[(i % 4) / 2], pv[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kAccN / 2; ++i) o[i] += pv[i];
+    }
+  }
+
   /// Issues one GEMM group, in this warpgroup's turn when the warpgroups take turns (TILEWISE_HOPPER_FP8_PINGPONG).
   template <class F>
   __device__ __forceinline__ void take_turn(F&& issue) const {
@@ -129,13 +141,7 @@ struct Fp8Consumer {
       fence_regs(pv);
       base.release(s.v_empty[vs.stage()], false);
       vs.advance();
-      if (rescale) {
-#pragma unroll
-        for (int i = 0; i < kAccN / 2; ++i) o[i] = fmaf(o[i], corr[(i % 4) / 2], pv[i]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kAccN / 2; ++i) o[i] += pv[i];
-      }
+      promote(o, pv, corr, rescale);
     }
   }
 
@@ -197,13 +203,7 @@ struct Fp8Consumer {
       fence_regs(pv);
       s.v_empty[vs.stage()].arrive_if(lane() == 0, 1);
       vs.advance();
-      if (rescale) {
-#pragma unroll
-        for (int i = 0; i < kAccN / 2; ++i) o[i] = fmaf(o[i], corr[(i % 4) / 2], pv[i]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kAccN / 2; ++i) o[i] += pv[i];
-      }
+      promote(o, pv, corr, rescale);
       if (last) break;
     }
   }
