@@ -128,6 +128,7 @@
 #ifndef TILEWISE_HOPPER_FP8_S_AHEAD
 #define TILEWISE_HOPPER_FP8_S_AHEAD 0
 #endif
+
 // Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
 // ping-pong barriers (overlapped schedule), bit 16 the V loads, bit 32 the K loads
 // (in a cluster, the multicast ones). Timing what is left shows which part bounds the loop.
