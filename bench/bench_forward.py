@@ -15,11 +15,12 @@ FlexAttention gets its best case: when the tile divides the latent the sequence 
 
 With --variants NAME=LIB,... (libraries from scripts/kernel_variants.py), the default library and each variant are
 timed alternately --variant-repeats times per row in this process, a column each ("a / b"), and a note gives each
-variant's largest output difference from the default's.
+variant's largest output difference from the default's. --variant-precision fp8_scaled times the FP8 kernel instead
+(each library on the same inputs, quantised once by the default library), for variants of hopper/fp8/.
 
 Usage: python3 bench/bench_forward.py [--lib build/libtilewise.so] [--rows 1,2] [--only w3x3x3,partial]
-       [--no-flex] [--no-dense] [--no-fp8] [--variants trim=/tmp/fv/trim/libtilewise.so] [--variant-repeats 2]
-       [--out table.md]
+       [--no-flex] [--no-dense] [--no-fp8] [--variants m192=/tmp/f8/m192/libtilewise.so] [--variant-repeats 2]
+       [--variant-precision bf16|fp8_scaled] [--out table.md]
 """
 from __future__ import annotations
 
@@ -231,6 +232,24 @@ def selected_rows(args, groups) -> list:
     return selected
 
 
+def quantized_inputs(plan_fp8, q, k, v, tl_ptr: int) -> tuple:
+    """(q8, k8, v8, scale tensors) from quantize_fp8 of a precision "fp8" plan: the inputs of "fp8_scaled" runs."""
+    q8, k8, v8 = (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device) for x in (q, k, v))
+    B, S, H, D = q.shape
+    scales = [torch.empty(n, dtype=torch.float32, device=q.device)
+              for n in (B * H * S, B * H * plan_fp8.fp8_key_blocks(), B * H * D)]
+    plan_fp8.quantize_fp8(q.data_ptr(), k.data_ptr(), v.data_ptr(), tl_ptr,
+                          [t.data_ptr() for t in (q8, k8, v8, *scales)], torch.cuda.current_stream().cuda_stream)
+    return q8, k8, v8, scales
+
+
+def run_fp8_scaled(plan, inputs, o, tl_ptr: int) -> None:
+    """One "fp8_scaled" run (the FP8 kernel and its V^T pack alone) on quantized_inputs' tensors."""
+    q8, k8, v8, scales = inputs
+    plan.run(q8.data_ptr(), k8.data_ptr(), v8.data_ptr(), o.data_ptr(), 0, tl_ptr,
+             torch.cuda.current_stream().cuda_stream, scales=[t.data_ptr() for t in scales])
+
+
 def fp8_columns(row: Row, q, k, v, o_bf16, text_len, run_kw: dict) -> tuple:
     """(ms of precision fp8 end to end, ms of the kernel on pre-quantised inputs, rel L2 of fp8's output from
     bf16's) for one row: plans of their own, the same inputs."""
@@ -245,24 +264,19 @@ def fp8_columns(row: Row, q, k, v, o_bf16, text_len, run_kw: dict) -> tuple:
     ms = bench(run_fp8)
     run_fp8()
     err = ((o.float() - o_bf16.float()).norm() / o_bf16.float().norm()).item()
-    # fp8_scaled on quantize_fp8's tensors: the kernel and its V^T pack without the quantisation passes.
-    q8, k8, v8 = (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device) for x in (q, k, v))
-    B, S, H, D = q.shape
-    scales = [torch.empty(n, dtype=torch.float32, device=q.device)
-              for n in (B * H * S, B * H * plans["fp8"].fp8_key_blocks(), B * H * D)]
-    plans["fp8"].quantize_fp8(q.data_ptr(), k.data_ptr(), v.data_ptr(), tl_ptr,
-                              [t.data_ptr() for t in (q8, k8, v8, *scales)], stream)
-    ptrs = [t.data_ptr() for t in scales]
-    ms_kernel = bench(lambda: plans["fp8_scaled"].run(q8.data_ptr(), k8.data_ptr(), v8.data_ptr(), o.data_ptr(), 0,
-                                                      tl_ptr, stream, scales=ptrs))
+    inputs = quantized_inputs(plans["fp8"], q, k, v, tl_ptr)
+    ms_kernel = bench(lambda: run_fp8_scaled(plans["fp8_scaled"], inputs, o, tl_ptr))
     del plans
     return ms, ms_kernel, err
 
 
 def main() -> None:
-    args, groups, dev = parse_args(__doc__, "skip the dense SDPA baselines (kernel variant runs)",
-                                   extra=lambda ap: ap.add_argument("--no-fp8", action="store_true",
-                                                                    help="skip the FP8 columns"))
+    def extra(ap):
+        ap.add_argument("--no-fp8", action="store_true", help="skip the FP8 columns")
+        ap.add_argument("--variant-precision", choices=("bf16", "fp8_scaled"), default="bf16",
+                        help="what --variants times: the bf16 kernel, or the FP8 kernel on inputs quantised once")
+
+    args, groups, dev = parse_args(__doc__, "skip the dense SDPA baselines (kernel variant runs)", extra=extra)
 
     flex = None if args.no_flex else compiled_flex()
     table = []
@@ -291,18 +305,32 @@ def main() -> None:
         run_tw()
         o_default = o.clone()
 
-        def measure(name, repeat):
-            vplan, vo = _capi.Plan(**run_kw), torch.empty_like(o)
-            stream = torch.cuda.current_stream().cuda_stream
+        fp8_variants = bool(args.variants) and args.variant_precision == "fp8_scaled"
+        if fp8_variants:  # the FP8 kernel's inputs, quantised once by the default library; its output as reference
+            # (the plans stay alive until the row's work on the stream is done: they own its workspace)
+            default_fp8 = {prec: _capi.Plan(precision=prec, **run_kw) for prec in ("fp8", "fp8_scaled")}
+            inputs = quantized_inputs(default_fp8["fp8"], q, k, v, tl_ptr)
+            run_fp8_scaled(default_fp8["fp8_scaled"], inputs, o_default, tl_ptr)
 
-            def vrun():
-                vplan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), vo.data_ptr(), 0, tl_ptr, stream)
+        def measure(name, repeat):
+            vo = torch.empty_like(o)
+            stream = torch.cuda.current_stream().cuda_stream
+            if fp8_variants:
+                vplan = _capi.Plan(precision="fp8_scaled", **run_kw)
+
+                def vrun():
+                    run_fp8_scaled(vplan, inputs, vo, tl_ptr)
+            else:
+                vplan = _capi.Plan(**run_kw)
+
+                def vrun():
+                    vplan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), vo.data_ptr(), 0, tl_ptr, stream)
 
             ms = bench(vrun)
             if repeat == 0 and name != "default":
                 vrun()
-                row.notes.append(f"variant {name}: max abs output difference from the default "
-                                 f"{max_abs_diff(vo, o_default):.3g}")
+                row.notes.append(f"variant {name} ({args.variant_precision}): max abs output difference from the "
+                                 f"default {max_abs_diff(vo, o_default):.3g}")
             return ms
 
         variant_ms = alternate_variants(args, measure)
