@@ -50,12 +50,6 @@ struct Barrier {
   __device__ __forceinline__ void arrive(uint32_t count) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(&word)), "r"(count) : "memory");
   }
-  /// arrive(count) by the threads for which `pred` holds, as a predicated instruction rather than a branch: a
-  /// branch on the lane is divergent to ptxas, which then serialises wgmmas in flight across it (C7518).
-  __device__ __forceinline__ void arrive_if(bool pred, uint32_t count) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [%0], %1;\n}\n"
-                 ::"r"(smem_addr(&word)), "r"(count), "r"(static_cast<int>(pred)) : "memory");
-  }
   /// Arrives on the barrier at the same offset in cluster CTA `rank`. Default (CTA-scope) semantics: cheap, and
   /// enough to say "this CTA's reads of a stage are done" (the reads are wgmma's, already waited for).
   __device__ __forceinline__ void arrive_remote(uint32_t rank) {

@@ -148,9 +148,7 @@ struct Fp8Consumer {
   /// mainloop with the next block's S issued behind this block's P V (TILEWISE_HOPPER_FP8_S_AHEAD): S_{j+1}'s
   /// latency runs under P V_j's, where the sequential loop waits for P V, promotes it and only then issues S_{j+1}.
   /// Registers: O and P V's accumulator (68 each at D 128), S (64) and P's operand (16) at once; no second P set,
-  /// since the softmax of S_{j+1} starts after P V_j has completed. Stage records and the V release go without a
-  /// branch on the lane (a broadcast load, a predicated arrive), as S_{j+1} is in flight across them (C7518).
-  /// What ptxas accepts (checked by compiling): the promotion after the join of the two paths, where it inserts a
+  /// since the softmax of S_{j+1} starts after P V_j has completed. What ptxas accepts (checked by compiling): the promotion after the join of the two paths, where it inserts a
   /// wait for S_{j+1} (so S_{j+1} overlaps P V, not the promotion); with the promotion copied into both paths, or
   /// the last block's moved past the loop, it serialises every wgmma (C7514).
   __device__ __forceinline__ void mainloop_s_ahead(const WorkItem& item, int32_t text_len, const float (&qf)[2],
@@ -163,9 +161,7 @@ struct Fp8Consumer {
     uint32_t pa[kPvSteps][4];
     auto acquire = [&](BlockInfo& bi) {
       s.k_full[ks.stage()].wait(ks.phase());
-      const uint4 w = ld_shared_v4(s.info + ks.stage());  // every lane, one address: a broadcast
-      bi = {__shfl_sync(0xffffffffu, w.x, 0), static_cast<int32_t>(__shfl_sync(0xffffffffu, w.y, 0)),
-            static_cast<int32_t>(__shfl_sync(0xffffffffu, w.z, 0)), static_cast<int32_t>(__shfl_sync(0xffffffffu, w.w, 0))};
+      bi = base.info(ks.stage());
     };
     BlockInfo bi;
     acquire(bi);
@@ -201,7 +197,7 @@ struct Fp8Consumer {
         wgmma_wait<0>();
       }
       fence_regs(pv);
-      s.v_empty[vs.stage()].arrive_if(lane() == 0, 1);
+      base.release(s.v_empty[vs.stage()], false);
       vs.advance();
       promote(o, pv, corr, rescale);
       if (last) break;
