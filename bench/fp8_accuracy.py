@@ -4,7 +4,8 @@
 One markdown table: per kind of input and per backend, the relative L2 error (over all outputs) of FP8 and of
 bf16 against float64 attention on the same bf16 inputs, and their ratio, with K smoothing (what tilewise does) and
 without it (the same run on e4m3 inputs whose K this script quantised from the unsmoothed keys, through the
-fp8_scaled path, so everything else is tilewise's own arithmetic).
+fp8_scaled path, so everything else is tilewise's own arithmetic). A second table gives the floors of the formats:
+the error when only Q and K are rounded (to e4m3, or to int8 as SageAttention does) and everything else is exact.
 
 Inputs (fresh each run; the seed is printed, --seed repeats a run):
 - random: q, k, v standard normal;
@@ -89,6 +90,46 @@ def measure(kind: str, device: str, rng) -> list:
     return [("yes", fp8, bf16), ("no", raw, bf16)]
 
 
+def rounded_qk(q: torch.Tensor, k: torch.Tensor, fmt: str, text_len: int) -> tuple:
+    """q and k (float64) after rounding to `fmt` with precision fp8's scales (§11.2: q per row, k smoothed by its mean
+    valid key and scaled per key block), dequantised: what attention sees when only Q K^T is rounded."""
+    q, k = q.double()[0], k.double()[0]                                 # [S, H, D]
+    blocks = torch.tensor(tilewise.fp8_key_blocks(latent=LATENT, tile=TILE, text_capacity=TEXT))
+    visible = torch.arange(k.shape[0]) < int(np.prod(LATENT)) + text_len
+    k = k - k[visible].mean(dim=0)                                     # softmax is unchanged by a shift of all keys
+    top = 448.0 if fmt == "e4m3" else 127.0
+
+    def rnd(x, amax):
+        scale = torch.where(amax > 0, amax / top, torch.ones(()))[..., None]
+        y = x / scale
+        y = y.to(torch.float8_e4m3fn).double() if fmt == "e4m3" else torch.round(y)
+        return y * scale
+
+    index = blocks[visible][:, None].expand(-1, k.shape[1])
+    kmax = torch.zeros(int(blocks.max()) + 1, k.shape[1], dtype=torch.float64).scatter_reduce_(
+        0, index, k[visible].abs().amax(dim=2), "amax")
+    return rnd(q, q.abs().amax(dim=2))[None], rnd(k, kmax[blocks])[None]
+
+
+def format_floors(seed: int) -> list:
+    """Table lines: the error of attention whose only rounding is Q and K to e4m3 (or int8, SageAttention's choice),
+    P and V exact, on the same inputs as the main table: the least any kernel with that Q K^T can reach."""
+    lines = ["", "What the formats allow (float64 attention of the same inputs, only Q and K rounded, with the scales "
+             "above; P, V and every sum exact):", "",
+             "| inputs | Q K rounded to | rel L2 | / bf16 path |", "|---|---|---|---|"]
+    kw = dict(latent=LATENT, tile=TILE, window=WINDOW, text_len=TEXT_LEN)
+    for kind in ("random", "DiT-like"):
+        rng = np.random.default_rng([seed, len(kind)])
+        q, k, v = (torch.from_numpy(x).bfloat16() for x in inputs(kind, rng))
+        exact = tilewise.sliding_tile_attention(*(t.double().numpy() for t in (q, k, v)), **kw)
+        bf16 = rel_l2(tilewise.sliding_tile_attention(q, k, v, **kw), exact)
+        for fmt in ("e4m3", "int8"):
+            qr, kr = rounded_qk(q, k, fmt, TEXT_LEN)
+            err = rel_l2(tilewise.sliding_tile_attention(qr.numpy(), kr.numpy(), v.double().numpy(), **kw), exact)
+            lines.append(f"| {kind} | {fmt} | {err:.4f} | {err / bf16:.1f}x |")
+    return lines
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -112,7 +153,7 @@ def main(argv=None) -> None:
                 f = "no kernel" if fp8 is None else f"{fp8:.4f}"
                 ratio = "-" if fp8 is None else f"{fp8 / bf16:.1f}x"
                 lines.append(f"| {kind} | {device} | {smoothing} | {f} | {bf16:.5f} | {ratio} |")
-    emit("\n".join(lines), args.out)
+    emit("\n".join(lines + format_floors(seed)), args.out)
 
 
 if __name__ == "__main__":

@@ -88,9 +88,14 @@
 #define TILEWISE_HOPPER_EXP_ON_FMA_D128 0
 #endif
 
-// Query rows per work item of the FP8 forward (fp8/): 128 = two consumer warpgroups, 192 = three.
-#ifndef TILEWISE_HOPPER_FP8_BLOCK_M
-#define TILEWISE_HOPPER_FP8_BLOCK_M 128
+// Query rows per work item of the FP8 forward (fp8/): 128 = two consumer warpgroups, 192 = three. At D 128 a third
+// warpgroup's chain covers part of P V's exposed latency: 192 measured 21.93 -> 20.0 ms on row 1 (FP8 v6 in
+// docs/performance.md). At D 64 CogVideoX's 128-token tiles leave it idle (11.45 -> 12.78 ms), so 128 there.
+#ifndef TILEWISE_HOPPER_FP8_BLOCK_M_D128
+#define TILEWISE_HOPPER_FP8_BLOCK_M_D128 192
+#endif
+#ifndef TILEWISE_HOPPER_FP8_BLOCK_M_D64_D96
+#define TILEWISE_HOPPER_FP8_BLOCK_M_D64_D96 128
 #endif
 // K and V^T pipeline depths of the FP8 forward: its stages are half the bf16 ones' bytes.
 #ifndef TILEWISE_HOPPER_FP8_STAGES
@@ -114,19 +119,14 @@
 #define TILEWISE_HOPPER_FP8_FOLD 1
 #endif
 
-// The FP8 forward's two warpgroups take turns issuing their GEMMs (the forward's scheduler barriers), so one's
-// softmax runs under the other's S and P V instead of both waiting on the tensor cores at once: with e4m3 the
-// GEMMs take half as long, and the softmax is no longer small beside them. Every warpgroup runs the whole loop
-// (one with no real rows too), as in the bf16 overlapped schedule.
+// The FP8 forward's warpgroups take turns issuing their GEMMs (the forward's scheduler barriers, in a ring of 2 or
+// 3), so one's softmax runs under the others' S and P V instead of all waiting on the tensor cores at once: with
+// e4m3 the GEMMs take half as long, and the softmax is no longer small beside them. Every warpgroup runs the whole
+// loop (one with no real rows too), as in the bf16 overlapped schedule. 0 = never, 1 = always, 2 (default) = where
+// the items have three warpgroups (D 128): the ring of three measured 1.5-2.3% faster there, the pair of two 2-3.5%
+// slower (FP8 v2 and v6 in docs/performance.md).
 #ifndef TILEWISE_HOPPER_FP8_PINGPONG
-#define TILEWISE_HOPPER_FP8_PINGPONG 0
-#endif
-
-// The FP8 forward's block loop: 1 = the next block's S issued right behind this block's P V, before P V is waited for
-// and promoted into O (Fp8Consumer::mainloop_s_ahead), 0 (default) = one GEMM at a time. The FP8 v5 ablations put
-// P V's whole latency on each warpgroup's critical path (docs/performance.md). Compiled, not yet run on a GPU.
-#ifndef TILEWISE_HOPPER_FP8_S_AHEAD
-#define TILEWISE_HOPPER_FP8_S_AHEAD 0
+#define TILEWISE_HOPPER_FP8_PINGPONG 2
 #endif
 
 // Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
@@ -179,7 +179,7 @@ struct KernelTraits {
   // Query rows per work item (the backward's dK/dV kernel: key rows).
   static constexpr int kBlockM =
       kBackward ? kOwnedRows
-                : (kFp8 ? TILEWISE_HOPPER_FP8_BLOCK_M
+                : (kFp8 ? (D == 128 ? TILEWISE_HOPPER_FP8_BLOCK_M_D128 : TILEWISE_HOPPER_FP8_BLOCK_M_D64_D96)
                         : (D == 128 ? TILEWISE_HOPPER_BLOCK_M_D128 : TILEWISE_HOPPER_BLOCK_M_D64_D96));
   static_assert(kBlockM == 128 || kBlockM == 192, "two or three consumer warpgroups of 64 rows");
   static constexpr int kConsumerWarpgroups = kBlockM / 64;

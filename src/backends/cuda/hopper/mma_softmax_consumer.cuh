@@ -89,8 +89,10 @@ struct Consumer {
   }
 
   __device__ __forceinline__ void scheduler_sync() const { named_barrier_sync(kSchedulerBarrier + wg, 256); }
+  /// Hands the turn to the next warpgroup of the ring (the other one of two).
   __device__ __forceinline__ void scheduler_arrive() const {
-    named_barrier_arrive(kSchedulerBarrier + (1 - wg), 256);
+    const int next = Traits::kConsumerWarpgroups == 2 ? 1 - wg : (wg + 1) % Traits::kConsumerWarpgroups;
+    named_barrier_arrive(kSchedulerBarrier + next, 256);
   }
   /// Issues one GEMM group; with kTurns in this warpgroup's turn, handing the turn to the other afterwards (the
   /// backward's and the FP8 forward's ping-pong switches).

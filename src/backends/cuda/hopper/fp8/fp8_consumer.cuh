@@ -6,7 +6,8 @@
 // the output's is per channel (V's scales), applied once in the epilogue with 1 / l. The row sums l come out of the
 // P V product itself (TILEWISE_HOPPER_FP8_ONES): 8 rows of ones under each V^T stage make 8 more accumulator
 // columns, each the sum of the e4m3 P the tensor cores used, rescaled with O for free.
-// One GEMM at a time per warpgroup (the bf16 forward's sequential schedule); the warpgroups overlap each other.
+// One GEMM at a time per warpgroup (the bf16 forward's sequential schedule); the warpgroups overlap each other,
+// three of them (192-row items at D 128) taking turns in a ring to issue their GEMMs (TILEWISE_HOPPER_FP8_PINGPONG).
 //
 // Each block's P V goes into a fresh accumulator, added to O in fp32 registers: FP8 wgmma accumulates with a few
 // bits fewer than fp32 (as DeepSeek-V3 reports for Hopper, and FP8 GEMMs promote every 128 products for it), and
@@ -30,7 +31,8 @@ struct Fp8Consumer {
   static constexpr bool kOnes = Traits::kOnesRows > 0;
   static constexpr int kAccN = D + Traits::kOnesRows;  // columns of the P V accumulator: O, then the row sums
   static constexpr uint32_t kOne = 0x38383838u;         // four e4m3 1.0
-  static constexpr bool kPingPong = TILEWISE_HOPPER_FP8_PINGPONG != 0 && Traits::kConsumerWarpgroups == 2;
+  static constexpr bool kPingPong =  // turns in a ring of the warpgroups (kernel_traits.cuh)
+      TILEWISE_HOPPER_FP8_PINGPONG == 1 || (TILEWISE_HOPPER_FP8_PINGPONG == 2 && Traits::kConsumerWarpgroups == 3);
   using Base = Consumer<Traits, kType>;  // the stage records, the releases, the idle walk
   using KPipe = typename Base::KPipe;
   using VPipe = typename Base::VPipe;
@@ -145,72 +147,13 @@ struct Fp8Consumer {
     }
   }
 
-  /// mainloop with the next block's S issued behind this block's P V (TILEWISE_HOPPER_FP8_S_AHEAD): S_{j+1}'s
-  /// latency runs under P V_j's, where the sequential loop waits for P V, promotes it and only then issues S_{j+1}.
-  /// Registers: O and P V's accumulator (68 each at D 128), S (64) and P's operand (16) at once; no second P set,
-  /// since the softmax of S_{j+1} starts after P V_j has completed. What ptxas accepts (checked by compiling): the promotion after the join of the two paths, where it inserts a
-  /// wait for S_{j+1} (so S_{j+1} overlaps P V, not the promotion); with the promotion copied into both paths, or
-  /// the last block's moved past the loop, it serialises every wgmma (C7514).
-  __device__ __forceinline__ void mainloop_s_ahead(const WorkItem& item, int32_t text_len, const float (&qf)[2],
-                                                   const float* k_scale, KPipe& ks, VPipe& vs,
-                                                   float (&o)[kAccN / 2], float (&m_run)[2],
-                                                   float (&l_run)[2]) const {
-    static_assert(!kPingPong && Traits::kCluster == 1, "one warpgroup's loop, no turns, no cluster");
-    float sc[kBlockN / 2], corr[2];
-    uint16_t pairs[Fp8Softmax::kPairs];
-    uint32_t pa[kPvSteps][4];
-    auto acquire = [&](BlockInfo& bi) {
-      s.k_full[ks.stage()].wait(ks.phase());
-      bi = base.info(ks.stage());
-    };
-    BlockInfo bi;
-    acquire(bi);
-    float kscale = __ldg(k_scale + key_block(bi));
-    wgmma_fence();
-    issue_s(sc, ks.stage());
-    wgmma_commit();
-    for (;;) {
-      wgmma_wait<0>();  // S_j (P V_{j-1} was waited for already)
-      fence_regs(sc);
-      base.release_s_operands(ks.stage(), bi, false);
-      ks.advance();
-      base.mask_scores(sc, bi, text_len, item);
-      const float factor[2] = {qf[0] * kscale, qf[1] * kscale};
-      Fp8Softmax::step<!kOnes, TILEWISE_HOPPER_FP8_EXP_ON_FMA, TILEWISE_HOPPER_FP8_FOLD != 0>(sc, factor, m_run,
-                                                                                               l_run, corr, pairs);
-      const bool rescale = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
-      Fp8Softmax::to_operand(pairs, pa);
-      const bool last = bi.flags & BlockInfo::kLast;
-      s.v_full[vs.stage()].wait(vs.phase());
-      float pv[kAccN / 2];  // this block's P V (and row sums), then added to O in fp32
-      wgmma_fence();
-      issue_pv(pv, pa, vs.stage());
-      wgmma_commit();
-      if (!last) {
-        acquire(bi);
-        kscale = __ldg(k_scale + key_block(bi));
-        wgmma_fence();
-        issue_s(sc, ks.stage());
-        wgmma_commit();
-        wgmma_wait<1>();  // P V_j (S_{j+1} may still run)
-      } else {
-        wgmma_wait<0>();
-      }
-      fence_regs(pv);
-      base.release(s.v_empty[vs.stage()], false);
-      vs.advance();
-      promote(o, pv, corr, rescale);
-      if (last) break;
-    }
-  }
-
   __device__ void run() const {
     uint32_t items = 0;
     KPipe ks;
     VPipe vs;
     WorkRing<typename Traits::Shared, 1> ring{s, 0};
     const Epilogue<Traits, kType> epilogue{p, s, wg, tid};
-    if (kPingPong && wg == 1) base.scheduler_arrive();  // warpgroup 0 issues first
+    if (kPingPong && wg == Traits::kConsumerWarpgroups - 1) base.scheduler_arrive();  // warpgroup 0 issues first
     for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < p.num_work;) {
       const WorkItem item = decode_work<Traits::kBlockM>(p, u);
       if (item.empty) continue;
@@ -228,8 +171,6 @@ struct Fp8Consumer {
       s.q_full->wait(items & 1);
       if (!kPingPong && 64 * wg >= query_rows<Traits::kBlockM>(p, item.q))
         base.mainloop_idle(false, ks, vs);
-      else if constexpr (TILEWISE_HOPPER_FP8_S_AHEAD != 0)
-        mainloop_s_ahead(item, text_len, qf, p.k_scale + bg * p.key_blocks, ks, vs, o, m_run, l_run);
       else
         mainloop(item, text_len, qf, p.k_scale + bg * p.key_blocks, ks, vs, o, m_run, l_run);
 
