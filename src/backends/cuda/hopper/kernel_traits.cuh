@@ -131,7 +131,9 @@
 
 // Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
 // ping-pong barriers (overlapped schedule), bit 16 the V loads, bit 32 the K loads
-// (in a cluster, the multicast ones). Timing what is left shows which part bounds the loop.
+// (in a cluster, the multicast ones). Timing what is left shows which part bounds the loop. The FP8 forward also
+// reads bit 64: P V with its A operand from shared memory (the Q buffer) instead of P's registers, and bit 128: no
+// promotion of P V into O.
 #ifndef TILEWISE_HOPPER_ABLATE
 #define TILEWISE_HOPPER_ABLATE 0
 #endif
