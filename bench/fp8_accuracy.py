@@ -52,14 +52,25 @@ def inputs(kind: str, rng) -> tuple:
     return q * (2 / s.std()), k, v
 
 
+def key_blocks(text_len: int) -> tuple:
+    """(each position's key block (§11.2), which positions are valid keys): text last, so video then valid text."""
+    blocks = torch.tensor(tilewise.fp8_key_blocks(latent=LATENT, tile=TILE, text_capacity=TEXT))
+    return blocks, torch.arange(blocks.numel()) < int(np.prod(LATENT)) + text_len
+
+
+def block_amax(x: torch.Tensor, text_len: int) -> torch.Tensor:
+    """[key blocks, H]: the largest |x| of each key block's valid keys per head, x: [S, H, D]."""
+    blocks, visible = key_blocks(text_len)
+    index = blocks[visible][:, None].expand(-1, x.shape[1])
+    return torch.zeros(int(blocks.max()) + 1, x.shape[1], dtype=x.dtype).scatter_reduce_(
+        0, index, x[visible].abs().amax(dim=2), "amax")
+
+
 def unsmoothed_k(k: torch.Tensor, text_len: int) -> tuple:
     """K quantised per key block as §11.2 says, but from the keys themselves, not keys minus their mean."""
-    blocks = torch.tensor(tilewise.fp8_key_blocks(latent=LATENT, tile=TILE, text_capacity=TEXT))
+    blocks, _ = key_blocks(text_len)
     x = k.float()[0]                                                   # [S, H, D]
-    visible = torch.arange(x.shape[0]) < int(np.prod(LATENT)) + text_len  # text last: video, then valid text
-    index = blocks[visible][:, None].expand(-1, x.shape[1])
-    amax = torch.zeros(int(blocks.max()) + 1, x.shape[1]).scatter_reduce_(0, index, x[visible].abs().amax(dim=2),
-                                                                           "amax")
+    amax = block_amax(x, text_len)
     scale = torch.where(amax > 0, amax / 448, torch.ones(()))
     inv = torch.where(amax > 0, 448 / amax, torch.ones(()))
     q8 = (x * inv[blocks][..., None]).clamp(-448, 448).to(torch.float8_e4m3fn)  # in range: no saturation needed
@@ -94,8 +105,7 @@ def rounded_qk(q: torch.Tensor, k: torch.Tensor, fmt: str, text_len: int) -> tup
     """q and k (float64) after rounding to `fmt` with precision fp8's scales (§11.2: q per row, k smoothed by its mean
     valid key and scaled per key block), dequantised: what attention sees when only Q K^T is rounded."""
     q, k = q.double()[0], k.double()[0]                                 # [S, H, D]
-    blocks = torch.tensor(tilewise.fp8_key_blocks(latent=LATENT, tile=TILE, text_capacity=TEXT))
-    visible = torch.arange(k.shape[0]) < int(np.prod(LATENT)) + text_len
+    blocks, visible = key_blocks(text_len)
     k = k - k[visible].mean(dim=0)                                     # softmax is unchanged by a shift of all keys
     top = 448.0 if fmt == "e4m3" else 127.0
 
@@ -105,10 +115,7 @@ def rounded_qk(q: torch.Tensor, k: torch.Tensor, fmt: str, text_len: int) -> tup
         y = y.to(torch.float8_e4m3fn).double() if fmt == "e4m3" else torch.round(y)
         return y * scale
 
-    index = blocks[visible][:, None].expand(-1, k.shape[1])
-    kmax = torch.zeros(int(blocks.max()) + 1, k.shape[1], dtype=torch.float64).scatter_reduce_(
-        0, index, k[visible].abs().amax(dim=2), "amax")
-    return rnd(q, q.abs().amax(dim=2))[None], rnd(k, kmax[blocks])[None]
+    return rnd(q, q.abs().amax(dim=2))[None], rnd(k, block_amax(k, text_len)[blocks])[None]
 
 
 def format_floors(seed: int) -> list:

@@ -25,9 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_backward import TilewiseRun  # noqa: E402
-from bench_forward import quantized_inputs, rows, run_fp8_scaled  # noqa: E402
-from bench_forward import _capi  # noqa: E402
-
+from bench_forward import _capi, quantized_inputs, rows, run_fp8_scaled  # noqa: E402
 
 
 def fields() -> str:

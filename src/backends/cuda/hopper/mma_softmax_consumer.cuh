@@ -89,7 +89,8 @@ struct Consumer {
   }
 
   __device__ __forceinline__ void scheduler_sync() const { named_barrier_sync(kSchedulerBarrier + wg, 256); }
-  /// Hands the turn to the next warpgroup of the ring (the other one of two).
+  /// Hands the turn to the next warpgroup of the ring (the other one of two; written apart so that the
+  /// two-warpgroup kernels keep the machine code they were measured with).
   __device__ __forceinline__ void scheduler_arrive() const {
     const int next = Traits::kConsumerWarpgroups == 2 ? 1 - wg : (wg + 1) % Traits::kConsumerWarpgroups;
     named_barrier_arrive(kSchedulerBarrier + next, 256);
