@@ -2,6 +2,7 @@
 """One forward launch of a benchmark problem, for ncu: a warm-up run, then the profiled run.
 
     ncu --launch-skip 1 --launch-count 1 -k regex:forward_kernel python3 scripts/profile_forward.py LIB [--heads 4]
+        [--precision fp8]
 """
 import argparse
 import os
@@ -24,6 +25,9 @@ ap.add_argument("--text-len", type=int, default=-1, help="valid text rows (devic
 ap.add_argument("--text-first", action="store_true", help="text tokens before the video (CogVideoX)")
 ap.add_argument("--runs", type=int, default=2)
 ap.add_argument("--cudnn", action="store_true", help="run PyTorch SDPA (cuDNN backend, dense) on the same shape instead")
+ap.add_argument("--precision", default="native", choices=("native", "fp8"),
+                help="fp8: the FP8 forward (its quantisation passes, V^T pack and fp8_forward_kernel, which -k "
+                     "regex:forward_kernel also matches)")
 a = ap.parse_args()
 _capi.lib(a.lib)
 latent = tuple(int(x) for x in a.latent.split("x"))
@@ -34,7 +38,7 @@ q, k, v = (torch.randn(1, S, a.heads, a.head_dim, device="cuda", dtype=torch.bfl
 o = torch.empty_like(q)
 plan = _capi.Plan(batch=1, q_heads=a.heads, kv_heads=a.heads, head_dim=a.head_dim, dtype="bf16", latent=latent,
                   tile=tile, text_capacity=a.text, text_position="first" if a.text_first else "last",
-                  pattern="sliding_tile", windows=[window], device="cuda")
+                  pattern="sliding_tile", windows=[window], device="cuda", precision=a.precision)
 text_len = torch.full((1,), a.text_len, device="cuda", dtype=torch.int32)
 tl = text_len.data_ptr() if a.text_len >= 0 else 0
 if a.cudnn:
