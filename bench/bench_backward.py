@@ -36,8 +36,8 @@ from tilewise import _capi  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_forward import (Row, _tiled_permutation, alternate_variants, bench, block_mask_from_mod,  # noqa: E402
-                           compiled_flex, flex_mask_mod, max_abs_diff, parse_args, selected_rows, variant_cells,
-                           variant_header)
+                           compiled_flex, flex_mask_mod, max_abs_diff, parse_args, plan_kwargs, selected_rows,
+                           variant_cells, variant_header)
 from report import emit  # noqa: E402
 
 
@@ -46,10 +46,7 @@ class TilewiseRun:
 
     def __init__(self, row: Row, q, k, v, dout, text_len, deterministic: bool):
         B, S, Hh, D = q.shape
-        self.plan = _capi.Plan(batch=B, q_heads=Hh, kv_heads=Hh, head_dim=D, dtype="bf16", latent=row.latent,
-                               tile=row.tile, text_capacity=row.text, text_position=row.text_position,
-                               pattern=row.pattern, windows=(row.window,), global_frames=(row.global_frames,),
-                               radius=(0,), device="cuda")
+        self.plan = _capi.Plan(**plan_kwargs(row, B))
         self.q, self.k, self.v, self.dout = q, k, v, dout
         self.o = torch.empty_like(q)
         self.lse = torch.empty(B, Hh, S, device=q.device, dtype=torch.float32)

@@ -73,6 +73,14 @@ def rows() -> list[Row]:
     return r
 
 
+def plan_kwargs(row: Row, batch: int = 1) -> dict:
+    """The _capi.Plan arguments of one benchmark row (bf16, one kv head per query head, on the GPU)."""
+    return dict(batch=batch, q_heads=row.heads, kv_heads=row.heads, head_dim=row.head_dim, dtype="bf16",
+                latent=row.latent, tile=row.tile, text_capacity=row.text, text_position=row.text_position,
+                pattern=row.pattern, windows=(row.window,), global_frames=(row.global_frames,), radius=(0,),
+                device="cuda")
+
+
 def bench(fn, warmup_ms: float = 1000, rep_ms: float = 2000) -> float:
     """Median ms at the card's sustained state. Under this load an H100 SXM sits at its 700 W cap and the clock
     swings between about 1.4 and 1.6 GHz with a period near a second (docs/performance.md, v4), so a short
@@ -288,10 +296,7 @@ def main() -> None:
         q, k, v = (torch.randn(B, S, Hh, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
         o = torch.empty_like(q)
         text_len = torch.full((B,), row.text_len, device=dev, dtype=torch.int32)
-        run_kw = dict(batch=B, q_heads=Hh, kv_heads=Hh, head_dim=D, dtype="bf16", latent=row.latent,
-                      tile=row.tile, text_capacity=row.text, text_position=row.text_position,
-                      pattern=row.pattern, windows=(row.window,), global_frames=(row.global_frames,),
-                      radius=(0,), device="cuda")
+        run_kw = plan_kwargs(row, B)
         plan = _capi.Plan(**run_kw)
         flops = plan.flops([row.text_len] * B if row.text else None)
         density = plan.density()

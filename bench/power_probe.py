@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_backward import TilewiseRun  # noqa: E402
-from bench_forward import _capi, quantized_inputs, rows, run_fp8_scaled  # noqa: E402
+from bench_forward import _capi, plan_kwargs, quantized_inputs, rows, run_fp8_scaled  # noqa: E402
 
 
 def fields() -> str:
@@ -109,10 +109,7 @@ def main() -> None:
     q, k, v, dout = (torch.randn(1, S, row.heads, row.head_dim, device=dev, dtype=torch.bfloat16) for _ in range(4))
     text_len = torch.full((1,), row.text_len, device=dev, dtype=torch.int32)
     tl_ptr = text_len.data_ptr() if row.text else 0
-    run_kw = dict(batch=1, q_heads=row.heads, kv_heads=row.heads, head_dim=row.head_dim, dtype="bf16",
-                  latent=row.latent, tile=row.tile, text_capacity=row.text, text_position=row.text_position,
-                  pattern=row.pattern, windows=(row.window,), global_frames=(row.global_frames,), radius=(0,),
-                  device="cuda")
+    run_kw = plan_kwargs(row)
     tw = TilewiseRun(row, q, k, v, dout, text_len, deterministic=False)
     o = torch.empty_like(q)
     fp8 = _capi.Plan(precision="fp8", **run_kw)
