@@ -5,7 +5,7 @@ time follows its energy, so the times of its parts add up even where the hardwar
 
 Usage (on the GPU machine, repo root):
   python3 bench/power_probe.py [--row "Hunyuan 30x48x80 w3x3x3"] [--seconds 5] \
-      [--fp8-variants no_sm=/tmp/f8/no_sm/libtilewise.so,...]
+      [--fp8-variants no_sm=/tmp/f8/no_sm/libtilewise.so,...] [--bwd-variants no_red=/tmp/bv/no_red/libtilewise.so,...]
 Prints one table: case, ms per call (CUDA events), median SM clock (MHz), median and p90 power (W), and the share of
 samples in which the driver reports the software power cap as a reason for the clock (clocks_event_reasons).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -99,6 +100,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--lib", default=None, help="path to libtilewise.so")
     ap.add_argument("--fp8-variants", default="", help="NAME=LIB,...: FP8 kernel variants probed like the default")
+    ap.add_argument("--bwd-variants", default="", help="NAME=LIB,...: backward variants (ablations) probed like the "
+                    "default: if an ablation's clock rises as its time falls, energy bounds the default")
+    ap.add_argument("--cases", default="", help="regular expression: probe only the cases whose names match it")
     args = ap.parse_args()
     _capi.lib(args.lib)
     default_lib = args.lib or _capi._find_library()
@@ -115,6 +119,11 @@ def main() -> None:
     fp8 = _capi.Plan(precision="fp8", **run_kw)
     inputs = quantized_inputs(fp8, q, k, v, tl_ptr)
     cases = [("tilewise bf16 forward", tw.forward), ("tilewise backward", tw.backward)]
+    for name, path in [tuple(x.split("=", 1)) for x in args.bwd_variants.split(",") if x]:
+        _capi.lib(path)  # each Plan keeps the library it was made with
+        variant = TilewiseRun(row, q, k, v, dout, text_len, deterministic=False)
+        variant.forward()  # o and lse for its backward (the ablations change the backward kernels only)
+        cases.append((f"tilewise backward ({name})", variant.backward))
     for name, path in [("default", default_lib)] + [tuple(x.split("=", 1)) for x in args.fp8_variants.split(",") if x]:
         _capi.lib(path)
         plan = _capi.Plan(precision="fp8_scaled", **run_kw)
@@ -126,7 +135,15 @@ def main() -> None:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             F.scaled_dot_product_attention(qt, kt, vt)
 
-    cases.append(("cuDNN dense forward", cudnn))
+    qg, kg, vg = (x.detach().requires_grad_() for x in (qt, kt, vt))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        og = F.scaled_dot_product_attention(qg, kg, vg)
+    dog = dout.transpose(1, 2)
+
+    def cudnn_backward():
+        torch.autograd.grad(og, (qg, kg, vg), dog, retain_graph=True)
+
+    cases += [("cuDNN dense forward", cudnn), ("cuDNN dense backward", cudnn_backward)]
     sampler = Sampler()
     time.sleep(0.5)
     idle = measure(sampler, lambda: torch.cuda._sleep(1000), 1.0)
@@ -134,6 +151,8 @@ def main() -> None:
           f"{idle['power']:.0f} W; limit {idle['limit']:.0f} W, max SM clock {idle['max_clock']:.0f} MHz", flush=True)
     print("| case | ms | SM MHz (median) | W (median) | W (p90) | samples power-capped |\n|---|---|---|---|---|---|")
     for name, fn in cases:
+        if args.cases and not re.search(args.cases, name):
+            continue
         r = measure(sampler, fn, args.seconds)
         print(f"| {name} | {r['ms']:.2f} | {r['clock']:.0f} | {r['power']:.0f} | {r['p90']:.0f} | "
               f"{100 * r['capped']:.0f}% of {r['samples']} |", flush=True)

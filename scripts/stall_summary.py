@@ -12,7 +12,10 @@ Two more sections when the "Instructions Executed" column is there:
   loop, 8 warps; 3,499,200 for a one-warp producer loop); each group gets its top reasons.
 - mbarrier waits: every SYNCS.PHASECHK try-wait with the samples of it and the two instructions after it (the
   branch of its retry loop), the barrier's shared-memory offset and the execution count, to see which role waits on
-  which barrier (v3.7: the consumers' waits were 2% of the samples, refuting a producer-bound hypothesis)."""
+  which barrier (v3.7: the consumers' waits were 2% of the samples, refuting a producer-bound hypothesis).
+- memory (when the source counters are there): shared-memory wavefronts by opcode with the excess over the ideal
+  (bank conflicts), the instructions with the most excess wavefronts, and local-memory traffic (spills) by how
+  often its instructions run, i.e. by role."""
 import argparse
 import collections
 import csv
@@ -93,6 +96,38 @@ def main():
         share = sum(total(x) for x in rows[i:i + 3])
         if share / samples >= 0.0005:
             print(f"{100 * share / samples:5.2f}%  {int(number(r[executed])):>12,d}  {r[src].strip()[:70]}")
+    memory(header, rows, src, executed)
+
+
+def memory(header, rows, src, executed):
+    """Shared-memory wavefronts (and their excess over the ideal: bank conflicts) and local-memory instructions."""
+    col = {h: i for i, h in enumerate(header)}
+    waves, ideal = col.get("L1 Wavefronts Shared"), col.get("L1 Wavefronts Shared Ideal")
+    if waves is None or ideal is None:
+        return
+    by_op = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
+    for r in rows:
+        op = re.sub(r"^@!?U?P\w+\s+", "", r[src].strip()).split(" ")[0]
+        w = number(r[waves])
+        if w:
+            by_op[op][0] += number(r[executed])
+            by_op[op][1] += w
+            by_op[op][2] += number(r[ideal])
+    print("# shared memory (LSU) by opcode: executed, wavefronts, ideal, wavefronts per instruction")
+    for op, (n, w, i) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:10]:
+        print(f"  {op:24s} {int(n):>14,d} {int(w):>14,d} {int(i):>14,d}  {w / (n or 1):5.2f}")
+    print("# most excess shared wavefronts (bank conflicts): excess, executed, SASS")
+    for r in sorted(rows, key=lambda r: number(r[ideal]) - number(r[waves]))[:8]:
+        excess = number(r[waves]) - number(r[ideal])
+        if excess > 0:
+            print(f"  {int(excess):>14,d} {int(number(r[executed])):>12,d}  {r[src].strip()[:70]}")
+    local = collections.Counter()
+    for r in rows:
+        if re.search(r"\b(LDL|STL)", r[src]):
+            local[number(r[executed])] += 1
+    print("# local memory (LDL/STL) instructions, grouped by execution count: count x instructions = total")
+    for count, n in sorted(local.items(), key=lambda kv: -kv[0] * kv[1])[:6]:
+        print(f"  {int(count):>12,d} x {n:4d} = {int(count * n):>14,d}")
 
 
 if __name__ == "__main__":

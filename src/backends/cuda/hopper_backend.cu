@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "backends/cuda/cuda_common.hpp"
+#include "backends/cuda/dkdv_order.hpp"
 #include "backends/cuda/fp8_quantize.hpp"
 #include "backends/cuda/hopper/forward.hpp"
 #include "backends/cuda/hopper/bwd/backward.hpp"
@@ -160,7 +161,9 @@ ViewMode view_mode(const Strides& s, int64_t heads, int64_t D) {
 
 class HopperBackend final : public Backend {
  public:
-  explicit HopperBackend(const Plan& plan) : tables_(plan, Device::cuda), dkdv_order_(heaviest_first(plan)) {
+  explicit HopperBackend(const Plan& plan)
+      : tables_(plan, Device::cuda),
+        dkdv_order_(dkdv_item_order(plan, static_cast<DkdvOrder>(TILEWISE_HOPPER_BWD_ITEM_ORDER))) {
     const Problem& p = plan.problem();
     const cudaDeviceProp& prop = tables_.device;
     require(prop.major == 9, "device", std::string(prop.name) + " (sm_" + str(prop.major) + str(prop.minor) + ")",
@@ -268,22 +271,6 @@ class HopperBackend final : public Backend {
     }
     f.bytes = w.used();
     return f;
-  }
-
-  /// The dK/dV kernel's video items, heaviest first: per (kv head, key tile), the query tiles that see it, summed
-  /// over the kv head's query heads (Plan::num_query_tiles: 8 to 80 at window 3x3x3 on 5x6x10 tiles), as entries
-  /// kv_head * tiles + tile. The dynamic scheduler then ends on light items instead of leaving CTAs idle behind
-  /// a heavy one. Ties keep raster order, so tiles that share query blocks in L2 still run side by side.
-  static std::vector<int32_t> heaviest_first(const Plan& plan) {
-    const Problem& p = plan.problem();
-    const int64_t tiles = plan.grid().num_tiles(), group = p.q_heads / p.kv_heads;
-    std::vector<int64_t> load(p.kv_heads * tiles, 0);
-    for (int64_t h = 0; h < p.q_heads; ++h)
-      for (int64_t kt = 0; kt < tiles; ++kt) load[h / group * tiles + kt] += plan.num_query_tiles(h, kt);
-    std::vector<int32_t> order(load.size());
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return load[a] > load[b]; });
-    return order;
   }
 
   /// The parameters every kernel shares: the semantics core's token map, the tile classes' boxes, the batch and
@@ -637,7 +624,7 @@ class HopperBackend final : public Backend {
   int32_t key_entries_ = 0;   // key blocks per (batch, head): tiles * key_slots_ + text blocks (block_entry)
   int fused_mode_ = 0;  // 0 two kernels, 1 atomic fused, 2 reduce kernel; deterministic runs take 0 (run_backward)
   static constexpr double kReduceMaxDensity = 0.9;  // the reduce kernel by default below this video density
-  DeviceArray<int32_t> dkdv_order_;  // the dK/dV kernel's video items, heaviest first (heaviest_first)
+  DeviceArray<int32_t> dkdv_order_;  // the dK/dV kernel's video items (dkdv_item_order)
   bool per_batch_ = false;
   int max_ctas_ = 1;  // CTAs of a persistent launch: the device's SMs less Problem::sm_margin, at least 1
   int query_rows_ = 128;  // query rows per work item of the kernel for this head dim

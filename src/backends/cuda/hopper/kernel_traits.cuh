@@ -131,9 +131,10 @@
 
 // Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
 // ping-pong barriers (overlapped schedule), bit 16 the V loads, bit 32 the K loads
-// (in a cluster, the multicast ones). Timing what is left shows which part bounds the loop. The FP8 forward also
-// reads bit 64: P V with its A operand from shared memory (the Q buffer) instead of P's registers, and bit 128: no
-// promotion of P V into O.
+// (in a cluster, the multicast ones). Timing what is left shows which part bounds the loop. An ablation must leave
+// every result it does not remove observable: the compiler deletes work whose result feeds nothing (FP8 v6.1 in
+// docs/performance.md: two ablations that also lost the exponentials and most of P V; check with cuobjdump). The
+// FP8 forward also reads bit 128: no promotion of P V into O, one element still added so that P V stays live.
 #ifndef TILEWISE_HOPPER_ABLATE
 #define TILEWISE_HOPPER_ABLATE 0
 #endif

@@ -121,6 +121,11 @@ __device__ __forceinline__ float exp2_fma(float x) {
 /// Stores to shared memory by a shared-window address: a C++ store through a pointer into the dynamic shared
 /// buffer compiles to a generic ST.E with a 64-bit address, which goes through the generic path of the load/store
 /// unit (the reduce kernel's dS^T and dQ staging stores: 7% of its consumers' stall samples, v3.7).
+/// x, with the compiler told that it is the same in every lane (a broadcast from lane 0, as CUTLASS does for warp
+/// indices): what is computed from it can stay in uniform registers. Used for the wgmma descriptors that depend on a
+/// pipeline stage: otherwise each wgmma's descriptor is built in vector registers and moved to uniform ones (two
+/// R2UR and two more instructions per wgmma; docs/performance.md backward v3.12).
+__device__ __forceinline__ uint32_t warp_uniform(uint32_t x) { return __shfl_sync(0xffffffffu, x, 0); }
 __device__ __forceinline__ void st_shared_u32(void* ptr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(smem_addr(ptr)), "r"(v) : "memory");
 }

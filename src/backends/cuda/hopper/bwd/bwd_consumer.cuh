@@ -83,6 +83,12 @@ struct BwdConsumer : Consumer<Traits, kType> {
   // reduce_item instead of dkdv_item in the reduce kernel: D 96 (measured at D 64 without gain, see bwd_params.cuh;
   // it compiles there too), not D 128 (see reduce_item)
   static constexpr bool kReduceOverlap = TILEWISE_HOPPER_BWD_REDUCE_OVERLAP != 0 && D == 96;
+  /// A descriptor word that depends on a pipeline stage or ring buffer, broadcast from lane 0 when
+  /// TILEWISE_HOPPER_BWD_UNIFORM_DESC (bwd_params.cuh) so that ptxas keeps the wgmma descriptors built from it in
+  /// uniform registers; the value is the same either way.
+  static __device__ __forceinline__ uint32_t uniform_desc(uint32_t x) {
+    return TILEWISE_HOPPER_BWD_UNIFORM_DESC ? warp_uniform(x) : x;
+  }
 
   /// d[64 x N] = A[64 rows of an owned buffer, K-major] * B[N rows of a stage from row `b_row`, K-major]^T.
   template <int N>
@@ -235,7 +241,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
         wgmma_fence();
         if (!(kAblate & 2)) this->issue_s(sc, ks.stage());
         if constexpr (kSplit) wgmma_commit();
-        if (!(kAblate & 2)) gemm_ss<kBlockN>(dp, o_lo, vk_lo + vs.stage() * kStageDesc);
+        if (!(kAblate & 2)) gemm_ss<kBlockN>(dp, o_lo, vk_lo + uniform_desc(vs.stage() * kStageDesc));
         wgmma_commit();
       });
       const KeyMask mask = KeyMask::of(p, bi, text_len, lane());
@@ -260,7 +266,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       pack_operand<kBlockN / 16>(sc, ds, kType == WgType::bf16);
       take_turn([&] {
         wgmma_fence();
-        if (!(kAblate & 4)) gemm_rs<kBlockN / 16>(dq, ds, km_lo + ks.stage() * kStageDesc);
+        if (!(kAblate & 4)) gemm_rs<kBlockN / 16>(dq, ds, km_lo + uniform_desc(ks.stage() * kStageDesc));
         wgmma_commit();
       });
       wgmma_wait<0>();
@@ -365,7 +371,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     // The dS panel's rows are 128 bytes (64 queries) whatever D is, so its descriptor has its own high word.
     const uint64_t a = make_desc(smem_addr(this->s.ds() + panel * Traits::kDsPanelBytes), Traits::kDsPanelBytes,
                                  8 * 128, 128);
-    const uint32_t a0 = static_cast<uint32_t>(a), a_hi = static_cast<uint32_t>(a >> 32);
+    const uint32_t a0 = uniform_desc(static_cast<uint32_t>(a)), a_hi = static_cast<uint32_t>(a >> 32);
     const uint32_t b0 = static_cast<uint32_t>(make_desc(smem_addr(this->s.q), Traits::kQPanelBytes, 8 * rb, rb));
     wgmma_fence();
     if (kAblate & 32) {  // measurement only: no dQ product
@@ -439,11 +445,17 @@ struct BwdConsumer : Consumer<Traits, kType> {
     if (m > 0) this->s.dq_empty[(m - 1) & 1].wait(((m - 1) >> 1) & 1);
     uint8_t* stage = this->s.dq_stage();
     const int warp = this->tid / 32;
+    // Odd rows take column group g ^ 2 (element pair i ^ 8) where even rows take g: no two rows of a half-warp
+    // then share a 16-byte chunk of the swizzle (TILEWISE_HOPPER_BWD_STAGE_PERMUTE, bwd_params.cuh).
+    constexpr bool kPermute =
+        TILEWISE_HOPPER_BWD_STAGE_PERMUTE == 2 || (TILEWISE_HOPPER_BWD_STAGE_PERMUTE == 1 && D < 128);
+    const bool odd = kPermute && ((lane() / 4) & 1);
 #pragma unroll
     for (int i = 0; i < D / 2; i += 2) {
-      const uint32_t r = 16 * warp + lane() / 4 + 8 * ((i % 4) / 2), c = 8 * (i / 4) + 2 * (lane() % 4);
-      st_shared_f2(stage + (c / 32) * Traits::kDqPanelBytes + swizzled_bytes(r * 128 + (c % 32) * 4, 128), dq[i],
-                   dq[i + 1]);
+      const int j = odd ? (i ^ 8) : i;
+      const uint32_t r = 16 * warp + lane() / 4 + 8 * ((i % 4) / 2), c = 8 * (j / 4) + 2 * (lane() % 4);
+      st_shared_f2(stage + (c / 32) * Traits::kDqPanelBytes + swizzled_bytes(r * 128 + (c % 32) * 4, 128),
+                   odd ? dq[i ^ 8] : dq[i], odd ? dq[(i ^ 8) + 1] : dq[i + 1]);
     }
     fence_proxy_async();
     this->s.dq_full->arrive();
@@ -479,15 +491,16 @@ struct BwdConsumer : Consumer<Traits, kType> {
       const int32_t head = item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift);
       const HeadParams& hp = p.heads[head];
       const D3 qbox = p.cls[bi.tile_class()].box;
+      const uint32_t k_st = uniform_desc(ks.stage() * kStageDesc), v_st = uniform_desc(vs.stage() * kStageDesc);
 #pragma unroll
       for (int half = 0; half < kHalves; ++half) {
         const uint32_t row_off = 64 * half * kRowDesc;
         float sc[32], dp[32];
         take_turn<!kFuseDq>([&] {
           wgmma_fence();
-          scores_t(sc, owned_k, this->k_lo + ks.stage() * kStageDesc + row_off);
+          scores_t(sc, owned_k, this->k_lo + k_st + row_off);
           if constexpr (kSplit) wgmma_commit();
-          dprobs_t(dp, owned_v, vk_lo + vs.stage() * kStageDesc + row_off);
+          dprobs_t(dp, owned_v, vk_lo + v_st + row_off);
           wgmma_commit();
         });
         // P^T of this thread's 32 entries, then dS^T = P^T (dP^T - D). The columns' statistics come two at a time
@@ -517,7 +530,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
           pack_operand<4>(sc, pa, kType == WgType::bf16);
           take_turn<!kFuseDq>([&] {
             wgmma_fence();
-            if (!(kAblate & 4)) gemm_rs<4>(dv, pa, this->v_lo + vs.stage() * kStageDesc + row_off);
+            if (!(kAblate & 4)) gemm_rs<4>(dv, pa, this->v_lo + v_st + row_off);
             wgmma_commit();
           });
           if constexpr (kEarlyStats) load_col_stats(col_stats, cols + Traits::kStreamRows);
@@ -528,7 +541,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
           pack_operand<4>(dp, da, kType == WgType::bf16);
           take_turn<!kFuseDq>([&] {
             wgmma_fence();
-            if (!(kAblate & 4)) gemm_rs<4>(dk, da, km_lo + ks.stage() * kStageDesc + row_off);
+            if (!(kAblate & 4)) gemm_rs<4>(dk, da, km_lo + k_st + row_off);
             wgmma_commit();
           });
         } else {
@@ -614,10 +627,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
       BlockInfo bi;
       if (!next_block(bi, last, ks, vs, release_block)) continue;
       float sc[32], dp[32];
+      const uint32_t k_st = uniform_desc(ks.stage() * kStageDesc), v_st = uniform_desc(vs.stage() * kStageDesc);
       wgmma_fence();
-      scores_t(sc, owned_k, this->k_lo + ks.stage() * kStageDesc);
+      scores_t(sc, owned_k, this->k_lo + k_st);
       wgmma_commit();
-      dprobs_t(dp, owned_v, vk_lo + vs.stage() * kStageDesc);
+      dprobs_t(dp, owned_v, vk_lo + v_st);
       wgmma_commit();
       const float* cols = this->s.stats(ks.stage()) + 2 * (lane() % 4);  // lse2[64], D[64], position[64]
       const int32_t head = item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift);
@@ -630,7 +644,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       uint32_t pa[4][4], da[4][4];
       pack_operand<4>(sc, pa, bf16);
       wgmma_fence();
-      gemm_rs<4>(dv, pa, this->v_lo + vs.stage() * kStageDesc);
+      gemm_rs<4>(dv, pa, this->v_lo + v_st);
       wgmma_commit();
       load_col_stats(cs, cols + Traits::kStreamRows);
       wgmma_wait<1>();  // dP^T (dV may still run)
@@ -639,7 +653,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       store_block_ds(dp, 0, blocks);
       pack_operand<4>(dp, da, bf16);
       wgmma_fence();
-      gemm_rs<4>(dk, da, km_lo + ks.stage() * kStageDesc);
+      gemm_rs<4>(dk, da, km_lo + k_st);
       wgmma_commit();
       fence_proxy_async();  // this block's dS^T, for the dQ product's async-proxy reads
       this->s.ds_full[blocks & 1].arrive();

@@ -40,6 +40,14 @@
 #ifndef TILEWISE_HOPPER_BWD_HEAVY_FIRST
 #define TILEWISE_HOPPER_BWD_HEAVY_FIRST 1
 #endif
+// Which order the host gives those items (HopperBackend::dkdv_item_order, docs/performance.md backward v3.12):
+// 0 (default) = every head's heaviest tiles first (v3.2); 1 = each kv head's tiles with the tile grid's largest axis
+// slowest and only the last kv head's heaviest first, which an L2 model preferred (18% -> 2% misses) but the H200
+// did not: row 1 +1.9% (L2 hit rate 82% -> 77%), Wan 21x45x80 -2.3%, the other rows within 0.5%; 2 = the same
+// with each kv head's tiles in raster order.
+#ifndef TILEWISE_HOPPER_BWD_ITEM_ORDER
+#define TILEWISE_HOPPER_BWD_ITEM_ORDER 0
+#endif
 // The fused kernel's dQ atomics: 1 (default since v3.4) = 16-byte (red.global.add.v4.f32, after one lane swap per
 // pair of column groups), 0 = 8-byte. The atomics cost that kernel 30 ms of 116 on row 1; half as many
 // instructions took 6 ms off (116.77 -> 110.53 ms, docs/performance.md v3.4): the rest is the L2's reduction traffic.
@@ -77,6 +85,24 @@
 // 121.0 ms alone, 116.3 with the deferred dK wait, against 121.9 (docs/performance.md backward v3.10).
 #ifndef TILEWISE_HOPPER_BWD_OWNED_K_D96
 #define TILEWISE_HOPPER_BWD_OWNED_K_D96 1
+#endif
+// The reduce kernel's fp32 dQ staging stores (BwdConsumer::stage_dq; docs/performance.md backward v3.12): the lanes
+// of odd accumulator rows may store column group g ^ 2 of a 32-column panel while the others store g, so that each
+// half-warp of an 8-byte store covers 8 distinct 16-byte chunks of the 128-byte swizzle: 2 wavefronts per store
+// instead of 4 (scripts/smem_store_patterns.cu), for 64 selects per thread and block. 1 (default) = at D 64 and 96
+// (CogVideoX -1.3%, Open-Sora-Plan -0.6%), not at D 128 (row 1 +1.7%: the kernel is energy-bound and the selects
+// cost more than the conflicts); 2 = every head dim; 0 = none. The same elements land in the same places either way.
+#ifndef TILEWISE_HOPPER_BWD_STAGE_PERMUTE
+#define TILEWISE_HOPPER_BWD_STAGE_PERMUTE 1
+#endif
+// The backward's wgmma descriptors that depend on a pipeline stage (or the dS ring buffer): 1 = their stage offset
+// broadcast from lane 0 (warp_uniform, ptx.cuh), so that ptxas builds every descriptor of a block in uniform registers;
+// 0 (default until measured) = as before, where the D 128 reduce kernel builds each wgmma's B descriptor in vector
+// registers and moves it with two R2UR: ~6 instructions per wgmma instead of 2 uniform ones (cuobjdump: the block
+// loop's R2UR 83 -> 11, its vector instructions -8.5%). The forward's ptxas output already keeps them uniform.
+// docs/performance.md backward v3.12 has the prediction.
+#ifndef TILEWISE_HOPPER_BWD_UNIFORM_DESC
+#define TILEWISE_HOPPER_BWD_UNIFORM_DESC 0
 #endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the

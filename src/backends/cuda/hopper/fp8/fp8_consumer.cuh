@@ -83,11 +83,7 @@ struct Fp8Consumer {
   __device__ __forceinline__ void issue_pv(float (&pv)[kAccN / 2], const uint32_t (&pa)[kPvSteps][4], int stage) const {
 #pragma unroll
     for (int j = 0; j < kPvSteps; ++j) {
-      const uint64_t b = vt_desc + ((stage * Traits::kVTileBytes + 32 * j) >> 4);
-      if constexpr (TILEWISE_HOPPER_ABLATE & 64)  // measurement only: A from the Q buffer, not P's registers
-        WgmmaFp8<kAccN>::ss(pv, q_desc + ((32 * j) >> 4), b, j > 0);
-      else
-        WgmmaFp8<kAccN>::rs(pv, pa[j], b, j > 0);
+      WgmmaFp8<kAccN>::rs(pv, pa[j], vt_desc + ((stage * Traits::kVTileBytes + 32 * j) >> 4), j > 0);
     }
   }
 
@@ -148,7 +144,10 @@ struct Fp8Consumer {
       fence_regs(pv);
       base.release(s.v_empty[vs.stage()], false);
       vs.advance();
-      if (!(TILEWISE_HOPPER_ABLATE & 128)) promote(o, pv, corr, rescale);
+      if (TILEWISE_HOPPER_ABLATE & 128)  // measurement only: no promotion, one element keeps P V (and P) live
+        o[0] += pv[0];
+      else
+        promote(o, pv, corr, rescale);
     }
   }
 

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""One backward of a benchmark problem inside an NVTX start/end range "bwd", for ncu: tilewise's (a warm-up forward and
+backward first) or, with --cudnn, PyTorch SDPA's cuDNN backward on the same shape, dense. Every kernel of the range
+is profiled, so the two backwards' kernels (their names, launch shapes, registers, shared memory, and the shared
+memory and tensor-pipe counters) can be set side by side without knowing cuDNN's kernel names:
+
+    ncu --nvtx --nvtx-include "bwd" --section LaunchStats ... python3 scripts/profile_backward.py LIB [--cudnn]
+
+A start/end range (no trailing "/" in the filter), not push/pop: autograd runs cuDNN's backward kernels from its own
+device thread, which a push/pop range of the main thread does not cover.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+from tilewise import _capi  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("lib")
+ap.add_argument("--latent", default="30x48x80")
+ap.add_argument("--tile", default="6x8x8")
+ap.add_argument("--window", default="3x3x3")
+ap.add_argument("--heads", type=int, default=4)
+ap.add_argument("--head-dim", type=int, default=128)
+ap.add_argument("--cudnn", action="store_true", help="PyTorch SDPA's cuDNN backward (dense) on the same shape")
+a = ap.parse_args()
+_capi.lib(a.lib)
+latent = tuple(int(x) for x in a.latent.split("x"))
+S = latent[0] * latent[1] * latent[2]
+q, k, v, do = (torch.randn(1, S, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+if a.cudnn:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    qg, kg, vg = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        o = F.scaled_dot_product_attention(qg, kg, vg)
+
+    def backward():
+        torch.autograd.grad(o, (qg, kg, vg), do.transpose(1, 2), retain_graph=True)
+else:
+    plan = _capi.Plan(batch=1, q_heads=a.heads, kv_heads=a.heads, head_dim=a.head_dim, dtype="bf16", latent=latent,
+                      tile=tuple(int(x) for x in a.tile.split("x")), text_capacity=0, text_position="last",
+                      pattern="sliding_tile", windows=[tuple(int(x) for x in a.window.split("x"))], device="cuda")
+    o = torch.empty_like(q)
+    lse = torch.empty(1, a.heads, S, device="cuda", dtype=torch.float32)
+    dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+    workspace = torch.empty(max(plan.backward_workspace_bytes(), 1), device="cuda", dtype=torch.uint8)
+    plan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), 0)
+
+    def backward():
+        plan.run_backward(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), o=o.data_ptr(), lse=lse.data_ptr(),
+                          dout=do.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(), text_len=0,
+                          workspace=workspace.data_ptr(), deterministic=False,
+                          stream=torch.cuda.current_stream().cuda_stream)
+backward()  # warm-up, outside the range
+torch.cuda.synchronize()
+rng = torch.cuda.nvtx.range_start("bwd")
+backward()
+torch.cuda.synchronize()
+torch.cuda.nvtx.range_end(rng)
+print("ok", "cudnn" if a.cudnn else "tilewise", S, a.heads)

@@ -1,0 +1,59 @@
+// The order of the dK/dV kernels' video work items (host planning, apart from the kernels and their scheduler,
+// which only read the array: FwdParams::video_order). Plain C++ on the Plan, so the CPU tests check it too.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#include "tilewise/tilewise.hpp"
+
+namespace tilewise::cuda {
+
+/// How the items are ordered (TILEWISE_HOPPER_BWD_ITEM_ORDER; docs/performance.md backward v3.2 and v3.12).
+enum class DkdvOrder {
+  heaviest_first = 0,  // every head's heaviest key tiles first, ties in raster order (the default)
+  largest_axis = 1,    // per kv head, the tile grid's largest axis slowest; the last kv head heaviest first
+  raster = 2,          // per kv head, raster order; the last kv head heaviest first
+};
+
+/// The dK/dV kernels' video items as entries kv_head * tiles + key tile, in `order`. A key tile's load is the
+/// number of query tiles that see it, summed over its kv head's query heads (Plan::num_query_tiles: 8 to 80 at
+/// window 3x3x3 on 5x6x10 tiles): ending on light items keeps the dynamic scheduler's tail short, and the
+/// per-head orders keep tiles whose windows overlap side by side (which the H200 did not reward on row 1).
+inline std::vector<int32_t> dkdv_item_order(const Plan& plan, DkdvOrder order) {
+  const Problem& p = plan.problem();
+  const TileGrid& g = plan.grid();
+  const int64_t tiles = g.num_tiles(), group = p.q_heads / p.kv_heads;
+  std::vector<int64_t> load(p.kv_heads * tiles, 0);
+  for (int64_t h = 0; h < p.q_heads; ++h)
+    for (int64_t kt = 0; kt < tiles; ++kt) load[h / group * tiles + kt] += plan.num_query_tiles(h, kt);
+  std::vector<int32_t> items(load.size());
+  std::iota(items.begin(), items.end(), 0);
+  if (order == DkdvOrder::heaviest_first) {
+    std::stable_sort(items.begin(), items.end(), [&](int32_t a, int32_t b) { return load[a] > load[b]; });
+    return items;
+  }
+  const int64_t ext[3] = {g.tiles.t, g.tiles.h, g.tiles.w};
+  std::array<int, 3> axes{0, 1, 2};  // slowest first
+  if (order == DkdvOrder::largest_axis)
+    std::stable_sort(axes.begin(), axes.end(), [&](int a, int b) { return ext[a] > ext[b]; });
+  std::vector<int64_t> rank(tiles);  // a tile's position in the per-head order
+  for (int64_t i = 0; i < tiles; ++i) {
+    const auto c = g.tile_coord(i);
+    const int64_t x[3] = {c.t, c.h, c.w};
+    rank[i] = (x[axes[0]] * ext[axes[1]] + x[axes[1]]) * ext[axes[2]] + x[axes[2]];
+  }
+  const int64_t last = p.kv_heads - 1;
+  std::sort(items.begin(), items.end(), [&](int32_t a, int32_t b) {
+    const int64_t ha = a / tiles, hb = b / tiles;
+    if (ha != hb) return ha < hb;
+    if (ha == last && load[a] != load[b]) return load[a] > load[b];
+    return rank[a % tiles] < rank[b % tiles];
+  });
+  return items;
+}
+
+}  // namespace tilewise::cuda

@@ -1,0 +1,133 @@
+// The dK/dV kernels' item order (src/backends/cuda/dkdv_order.hpp), host planning checked on the CPU: every order
+// is a permutation of the (kv head, key tile) entries, and each keeps its promise about loads and locality. The
+// loads come from the spec's window placement (semantics.md §3: a window of w tiles starts at
+// clamp(c - floor(w / 2), 0, n - w)), counted here by brute force, not from the core.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include "backends/cuda/dkdv_order.hpp"
+
+namespace {
+
+using tilewise::cuda::DkdvOrder;
+using tilewise::cuda::dkdv_item_order;
+
+struct OrderCase {
+  tilewise::Dim3 latent, tile;
+  int64_t q_heads, kv_heads;
+  std::vector<tilewise::Dim3> windows;  // per query head
+};
+
+tilewise::Plan make_plan(const OrderCase& s) {
+  tilewise::Problem p;
+  p.q_heads = s.q_heads;
+  p.kv_heads = s.kv_heads;
+  p.head_dim = 64;
+  p.dtype = tilewise::DType::f32;
+  p.latent = s.latent;
+  p.tile = s.tile;
+  return tilewise::Plan(p, tilewise::Pattern::sliding_tile(s.windows), tilewise::Device::cpu);
+}
+
+std::array<int64_t, 3> grid_of(const OrderCase& s) {
+  return {(s.latent.t + s.tile.t - 1) / s.tile.t, (s.latent.h + s.tile.h - 1) / s.tile.h,
+          (s.latent.w + s.tile.w - 1) / s.tile.w};
+}
+
+/// Query tiles whose window contains key tile k, summed over the kv head's query heads (brute force).
+std::vector<int64_t> loads(const OrderCase& s) {
+  const auto n = grid_of(s);
+  const int64_t tiles = n[0] * n[1] * n[2], group = s.q_heads / s.kv_heads;
+  auto sees = [&](int64_t q, int64_t k, int64_t extent, int64_t w) {
+    w = std::min(w, extent);
+    const int64_t start = std::clamp(q - w / 2, int64_t{0}, extent - w);
+    return start <= k && k < start + w;
+  };
+  std::vector<int64_t> load(s.kv_heads * tiles, 0);
+  for (int64_t h = 0; h < s.q_heads; ++h) {
+    const int64_t win[3] = {s.windows[h].t, s.windows[h].h, s.windows[h].w};
+    for (int64_t k = 0; k < tiles; ++k) {
+      const int64_t kc[3] = {k / (n[1] * n[2]), k / n[2] % n[1], k % n[2]};
+      for (int64_t q = 0; q < tiles; ++q) {
+        const int64_t qc[3] = {q / (n[1] * n[2]), q / n[2] % n[1], q % n[2]};
+        bool all = true;
+        for (int a = 0; a < 3; ++a) all = all && sees(qc[a], kc[a], n[a], win[a]);
+        load[h / group * tiles + k] += all;
+      }
+    }
+  }
+  return load;
+}
+
+const OrderCase kSetups[] = {
+    {{30, 48, 80}, {6, 8, 8}, 2, 2, {{3, 3, 3}, {3, 3, 3}}},                         // HunyuanVideo's 5x6x10 tiles
+    {{21, 45, 80}, {6, 8, 8}, 4, 2, {{3, 3, 3}, {1, 3, 5}, {3, 5, 5}, {2, 2, 2}}},  // partial tiles, GQA, per head
+};
+
+void expect_permutation(const std::vector<int32_t>& order, size_t n) {
+  std::vector<int32_t> sorted = order;
+  std::sort(sorted.begin(), sorted.end());
+  ASSERT_EQ(sorted.size(), n);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(sorted[i], static_cast<int32_t>(i));
+}
+
+TEST(DkdvOrder, HeaviestFirstSortsByLoadWithRasterTies) {
+  for (const OrderCase& s : kSetups) {
+    const std::vector<int64_t> load = loads(s);
+    const auto order = dkdv_item_order(make_plan(s), DkdvOrder::heaviest_first);
+    expect_permutation(order, load.size());
+    for (size_t i = 1; i < order.size(); ++i) {
+      const int64_t a = load[order[i - 1]], b = load[order[i]];
+      ASSERT_GE(a, b) << "position " << i;
+      if (a == b) ASSERT_LT(order[i - 1], order[i]) << "ties keep (kv head, tile) order, position " << i;
+    }
+    // row 1's window 3x3x3 on 5x6x10 tiles: the windows shift at the borders, so a key tile is seen by 8 (a
+    // corner) to 80 (t 2, h 2 or 3, w 2 or 7: 5 x 4 x 4) query tiles per head
+    if (s.kv_heads == s.q_heads) {
+      EXPECT_EQ(load[order.front()], 80);
+      EXPECT_EQ(load[order.back()], 8);
+    }
+  }
+}
+
+TEST(DkdvOrder, PerHeadOrdersKeepNeighboursTogetherAndEndHeavyFirst) {
+  for (const OrderCase& s : kSetups) {
+    const auto n = grid_of(s);
+    const int64_t tiles = n[0] * n[1] * n[2];
+    const std::vector<int64_t> load = loads(s);
+    for (DkdvOrder mode : {DkdvOrder::largest_axis, DkdvOrder::raster}) {
+      const auto order = dkdv_item_order(make_plan(s), mode);
+      expect_permutation(order, load.size());
+      // the axes from slowest to fastest: raster (t, h, w), or by extent, largest first (stable)
+      std::array<int, 3> axes{0, 1, 2};
+      if (mode == DkdvOrder::largest_axis)
+        std::stable_sort(axes.begin(), axes.end(), [&](int a, int b) { return n[a] > n[b]; });
+      auto rank = [&](int32_t e) {
+        const int64_t k = e % tiles, c[3] = {k / (n[1] * n[2]), k / n[2] % n[1], k % n[2]};
+        return (c[axes[0]] * n[axes[1]] + c[axes[1]]) * n[axes[2]] + c[axes[2]];
+      };
+      for (size_t i = 1; i < order.size(); ++i) {
+        const int64_t ha = order[i - 1] / tiles, hb = order[i] / tiles;
+        ASSERT_LE(ha, hb) << "kv heads in order, position " << i;
+        if (ha != hb) continue;
+        if (ha == s.kv_heads - 1) {  // the last kv head: heaviest first, ties in the per-head order
+          ASSERT_GE(load[order[i - 1]], load[order[i]]) << "position " << i;
+          if (load[order[i - 1]] == load[order[i]]) ASSERT_LT(rank(order[i - 1]), rank(order[i]));
+        } else {
+          ASSERT_LT(rank(order[i - 1]), rank(order[i])) << "position " << i;
+        }
+      }
+    }
+  }
+  // HunyuanVideo's grid (5, 6, 10): w slowest, then h, then t, so head 0 starts at tiles (0,0,0), (1,0,0), ...
+  const auto order = dkdv_item_order(make_plan(kSetups[0]), DkdvOrder::largest_axis);
+  EXPECT_EQ(order[0], 0);
+  EXPECT_EQ(order[1], 60);  // tile (t 1, h 0, w 0)
+  EXPECT_EQ(order[5], 10);  // tile (t 0, h 1, w 0)
+}
+
+}  // namespace
