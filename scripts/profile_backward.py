@@ -15,20 +15,14 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
-from tilewise import _capi  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+from profile_forward import _capi, dims, problem_args  # noqa: E402
 
-ap = argparse.ArgumentParser()
-ap.add_argument("lib")
-ap.add_argument("--latent", default="30x48x80")
-ap.add_argument("--tile", default="6x8x8")
-ap.add_argument("--window", default="3x3x3")
-ap.add_argument("--heads", type=int, default=4)
-ap.add_argument("--head-dim", type=int, default=128)
+ap = problem_args(argparse.ArgumentParser())
 ap.add_argument("--cudnn", action="store_true", help="PyTorch SDPA's cuDNN backward (dense) on the same shape")
 a = ap.parse_args()
 _capi.lib(a.lib)
-latent = tuple(int(x) for x in a.latent.split("x"))
+latent = dims(a.latent)
 S = latent[0] * latent[1] * latent[2]
 q, k, v, do = (torch.randn(1, S, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
 if a.cudnn:
@@ -42,8 +36,8 @@ if a.cudnn:
         torch.autograd.grad(o, (qg, kg, vg), do.transpose(1, 2), retain_graph=True)
 else:
     plan = _capi.Plan(batch=1, q_heads=a.heads, kv_heads=a.heads, head_dim=a.head_dim, dtype="bf16", latent=latent,
-                      tile=tuple(int(x) for x in a.tile.split("x")), text_capacity=0, text_position="last",
-                      pattern="sliding_tile", windows=[tuple(int(x) for x in a.window.split("x"))], device="cuda")
+                      tile=dims(a.tile), text_capacity=0, text_position="last", pattern="sliding_tile",
+                      windows=[dims(a.window)], device="cuda")
     o = torch.empty_like(q)
     lse = torch.empty(1, a.heads, S, device="cuda", dtype=torch.float32)
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))

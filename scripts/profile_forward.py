@@ -13,44 +13,58 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from tilewise import _capi  # noqa: E402
 
-ap = argparse.ArgumentParser()
-ap.add_argument("lib")
-ap.add_argument("--latent", default="30x48x80")
-ap.add_argument("--tile", default="6x8x8")
-ap.add_argument("--window", default="3x3x3")
-ap.add_argument("--heads", type=int, default=4)
-ap.add_argument("--head-dim", type=int, default=128)
-ap.add_argument("--text", type=int, default=0)
-ap.add_argument("--text-len", type=int, default=-1, help="valid text rows (device array); -1 = the capacity")
-ap.add_argument("--text-first", action="store_true", help="text tokens before the video (CogVideoX)")
-ap.add_argument("--runs", type=int, default=2)
-ap.add_argument("--cudnn", action="store_true", help="run PyTorch SDPA (cuDNN backend, dense) on the same shape instead")
-ap.add_argument("--precision", default="native", choices=("native", "fp8"),
-                help="fp8: the FP8 forward (its quantisation passes, V^T pack and fp8_forward_kernel, which -k "
-                     "regex:forward_kernel also matches)")
-a = ap.parse_args()
-_capi.lib(a.lib)
-latent = tuple(int(x) for x in a.latent.split("x"))
-tile = tuple(int(x) for x in a.tile.split("x"))
-window = tuple(int(x) for x in a.window.split("x"))
-S = latent[0] * latent[1] * latent[2] + a.text
-q, k, v = (torch.randn(1, S, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-o = torch.empty_like(q)
-plan = _capi.Plan(batch=1, q_heads=a.heads, kv_heads=a.heads, head_dim=a.head_dim, dtype="bf16", latent=latent,
-                  tile=tile, text_capacity=a.text, text_position="first" if a.text_first else "last",
-                  pattern="sliding_tile", windows=[window], device="cuda", precision=a.precision)
-text_len = torch.full((1,), a.text_len, device="cuda", dtype=torch.int32)
-tl = text_len.data_ptr() if a.text_len >= 0 else 0
-if a.cudnn:
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        for _ in range(a.runs):
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+def problem_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments that say which problem to profile (scripts/profile_backward.py takes them too)."""
+    ap.add_argument("lib")
+    ap.add_argument("--latent", default="30x48x80")
+    ap.add_argument("--tile", default="6x8x8")
+    ap.add_argument("--window", default="3x3x3")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=128)
+    return ap
+
+
+def dims(text: str) -> tuple:
+    return tuple(int(x) for x in text.split("x"))
+
+
+def main() -> None:
+    ap = problem_args(argparse.ArgumentParser())
+    ap.add_argument("--text", type=int, default=0)
+    ap.add_argument("--text-len", type=int, default=-1, help="valid text rows (device array); -1 = the capacity")
+    ap.add_argument("--text-first", action="store_true", help="text tokens before the video (CogVideoX)")
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--cudnn", action="store_true",
+                    help="run PyTorch SDPA (cuDNN backend, dense) on the same shape instead")
+    ap.add_argument("--precision", default="native", choices=("native", "fp8"),
+                    help="fp8: the FP8 forward (its quantisation passes, V^T pack and fp8_forward_kernel, which -k "
+                         "regex:forward_kernel also matches)")
+    a = ap.parse_args()
+    _capi.lib(a.lib)
+    latent, tile, window = dims(a.latent), dims(a.tile), dims(a.window)
+    S = latent[0] * latent[1] * latent[2] + a.text
+    q, k, v = (torch.randn(1, S, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    o = torch.empty_like(q)
+    plan = _capi.Plan(batch=1, q_heads=a.heads, kv_heads=a.heads, head_dim=a.head_dim, dtype="bf16", latent=latent,
+                      tile=tile, text_capacity=a.text, text_position="first" if a.text_first else "last",
+                      pattern="sliding_tile", windows=[window], device="cuda", precision=a.precision)
+    text_len = torch.full((1,), a.text_len, device="cuda", dtype=torch.int32)
+    tl = text_len.data_ptr() if a.text_len >= 0 else 0
+    if a.cudnn:
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            for _ in range(a.runs):
+                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        torch.cuda.synchronize()
+        print("ok cudnn", tuple(o.shape))
+        return
+    for _ in range(a.runs):
+        plan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), 0, tl)
     torch.cuda.synchronize()
-    print("ok cudnn", tuple(o.shape))
-    sys.exit(0)
-for _ in range(a.runs):
-    plan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), 0, tl)
-torch.cuda.synchronize()
-print("ok", tuple(o.shape), float(o.float().abs().mean()))
+    print("ok", tuple(o.shape), float(o.float().abs().mean()))
+
+
+if __name__ == "__main__":
+    main()
