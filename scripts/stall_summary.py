@@ -34,6 +34,12 @@ def read(path):
     return header, [r for r in body if len(r) == len(header)]
 
 
+def opcode(sass: str, modifiers: bool = False) -> str:
+    """The instruction's opcode without its predicate: "STS.64", or "STS" without the modifiers."""
+    op = re.sub(r"^@!?U?P\w+\s+", "", sass.strip()).split(" ")[0]
+    return op if modifiers else op.split(".")[0]
+
+
 def number(text: str) -> float:
     try:
         return float(text.replace(",", ""))
@@ -59,9 +65,7 @@ def main():
     samples = sum(total(r) for r in rows) or 1.0
     by_op, by_reason = collections.Counter(), collections.Counter()
     for r in rows:
-        sass = r[src].strip()
-        op = re.sub(r"^@!?U?P\w+\s+", "", sass).split(" ")[0].split(".")[0]
-        by_op[op] += total(r)
+        by_op[opcode(r[src])] += total(r)
         for i in reasons:
             by_reason[header[i]] += number(r[i])
     print(f"# {int(samples)} samples. Top instructions: share of samples, SASS, top two stall reasons")
@@ -107,12 +111,12 @@ def memory(header, rows, src, executed):
         return
     by_op = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
     for r in rows:
-        op = re.sub(r"^@!?U?P\w+\s+", "", r[src].strip()).split(" ")[0]
         w = number(r[waves])
         if w:
-            by_op[op][0] += number(r[executed])
-            by_op[op][1] += w
-            by_op[op][2] += number(r[ideal])
+            op = by_op[opcode(r[src], modifiers=True)]
+            op[0] += number(r[executed])
+            op[1] += w
+            op[2] += number(r[ideal])
     print("# shared memory (LSU) by opcode: executed, wavefronts, ideal, wavefronts per instruction")
     for op, (n, w, i) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:10]:
         print(f"  {op:24s} {int(n):>14,d} {int(w):>14,d} {int(i):>14,d}  {w / (n or 1):5.2f}")

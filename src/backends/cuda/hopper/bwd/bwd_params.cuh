@@ -40,11 +40,11 @@
 #ifndef TILEWISE_HOPPER_BWD_HEAVY_FIRST
 #define TILEWISE_HOPPER_BWD_HEAVY_FIRST 1
 #endif
-// Which order the host gives those items (HopperBackend::dkdv_item_order, docs/performance.md backward v3.12):
-// 0 (default) = every head's heaviest tiles first (v3.2); 1 = each kv head's tiles with the tile grid's largest axis
-// slowest and only the last kv head's heaviest first, which an L2 model preferred (18% -> 2% misses) but the H200
-// did not: row 1 +1.9% (L2 hit rate 82% -> 77%), Wan 21x45x80 -2.3%, the other rows within 0.5%; 2 = the same
-// with each kv head's tiles in raster order.
+// Which order the host gives those items (cuda::dkdv_item_order in backends/cuda/dkdv_order.hpp, as a DkdvOrder;
+// docs/performance.md backward v3.12): 0 (default) = every head's heaviest tiles first (v3.2); 1 = each kv head's
+// tiles with the tile grid's largest axis slowest and only the last kv head's heaviest first, which an L2 model
+// preferred (18% -> 2% misses) but the H200 did not: row 1 +1.9 to +2.1% (L2 hit rate 82% -> 77%), Wan 21x45x80
+// -2.3%, the other rows within 0.5%; 2 = the same with each kv head's tiles in raster order (row 1 +2.5%, Wan +1.4%).
 #ifndef TILEWISE_HOPPER_BWD_ITEM_ORDER
 #define TILEWISE_HOPPER_BWD_ITEM_ORDER 0
 #endif
