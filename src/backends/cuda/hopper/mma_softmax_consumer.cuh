@@ -166,7 +166,10 @@ struct Consumer {
   }
 
   __device__ __forceinline__ void issue_s(float (&sc)[kBlockN / 2], int stage) const {
-    const uint32_t k_stage = k_lo + stage * kStageDesc;
+    issue_s_at(sc, k_lo + stage * kStageDesc);
+  }
+  /// issue_s with the K stage's descriptor word given (the backward's dQ kernel passes it warp-uniform).
+  __device__ __forceinline__ void issue_s_at(float (&sc)[kBlockN / 2], uint32_t k_stage) const {
 #pragma unroll
     for (int panel = 0; panel < Traits::kPanels; ++panel)
 #pragma unroll

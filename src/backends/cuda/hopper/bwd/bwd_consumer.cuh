@@ -239,7 +239,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       float sc[kBlockN / 2], dp[kBlockN / 2];
       take_turn([&] {
         wgmma_fence();
-        if (!(kAblate & 2)) this->issue_s(sc, ks.stage());
+        if (!(kAblate & 2)) this->issue_s_at(sc, this->k_lo + uniform_desc(ks.stage() * kStageDesc));
         if constexpr (kSplit) wgmma_commit();
         if (!(kAblate & 2)) gemm_ss<kBlockN>(dp, o_lo, vk_lo + uniform_desc(vs.stage() * kStageDesc));
         wgmma_commit();
