@@ -14,6 +14,8 @@
 // Both are written straight from registers (bwd_epilogue): dq and dk scaled by the softmax scale.
 #pragma once
 
+#include <type_traits>
+
 #include "backends/cuda/hopper/bwd/bwd_preprocess.cuh"
 #include "backends/cuda/hopper/mma_softmax_consumer.cuh"
 
@@ -282,6 +284,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// no probability at all) and its frame (the attention tile's token-level mask).
   struct OwnedRows {
     bool seen[2];
+    bool all_seen;  // every owned row of this warp is seen (warp-uniform): P^T needs no row mask
     int32_t frame[2];
   };
   __device__ __forceinline__ OwnedRows owned_rows(const WorkItem& item) const {
@@ -294,6 +297,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       r.seen[rr] = owned_position(item, rr) >= 0 && (!item.q.text || item.q.row0 + row(rr) < text_len);
       r.frame[rr] = frame0 + row(rr) / (kbox.h * kbox.w);
     }
+    r.all_seen = TILEWISE_HOPPER_BWD_ALL_SEEN && __all_sync(0xffffffffu, r.seen[0] && r.seen[1]);
     return r;
   }
 
@@ -305,16 +309,24 @@ struct BwdConsumer : Consumer<Traits, kType> {
   __device__ __forceinline__ void probabilities_of_block(float (&sc)[32], Stat&& lse2_of, const OwnedRows& rows,
                                                          const BlockInfo& bi, bool frames, const HeadParams& hp,
                                                          const D3& qbox, int half) const {
+    auto exponentials = [&](auto masked) {
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const float2 lse2 = lse2_of(k);
+      for (int k = 0; k < 8; ++k) {
+        const float2 lse2 = lse2_of(k);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = 4 * k + e;
-        const float pr = fast_exp2(fmaf(sc[i], bp.scale_log2, -(e % 2 ? lse2.y : lse2.x)));
-        sc[i] = rows.seen[e / 2] ? pr : 0.f;
+        for (int e = 0; e < 4; ++e) {
+          const int i = 4 * k + e;
+          const float pr = fast_exp2(fmaf(sc[i], bp.scale_log2, -(e % 2 ? lse2.y : lse2.x)));
+          sc[i] = !masked || rows.seen[e / 2] ? pr : 0.f;
+        }
       }
-    }
+    };
+    // A warp whose owned rows are all seen (whole video tiles: every block of row 1) skips the row mask's 32
+    // selects (TILEWISE_HOPPER_BWD_ALL_SEEN, bwd_params.cuh); the branch is warp-uniform (a vote).
+    if (TILEWISE_HOPPER_BWD_ALL_SEEN && rows.all_seen)
+      exponentials(std::false_type{});
+    else
+      exponentials(std::true_type{});
     if (frames) {
 #pragma unroll
       for (int i = 0; i < 32; ++i) {

@@ -104,6 +104,13 @@
 #ifndef TILEWISE_HOPPER_BWD_UNIFORM_DESC
 #define TILEWISE_HOPPER_BWD_UNIFORM_DESC 0
 #endif
+// P^T's row mask (BwdConsumer::probabilities_of_block: 0 for owned key rows that are no real token or text past its
+// length): 1 = skipped by a warp whose owned rows are all seen, a warp-uniform branch decided once per item (every
+// block of row 1; 32 fewer selects per thread and block, ~5% of the D 128 reduce loop's vector instructions); 0
+// (default until measured) = the select on every block. docs/performance.md backward v3.12 has the prediction.
+#ifndef TILEWISE_HOPPER_BWD_ALL_SEEN
+#define TILEWISE_HOPPER_BWD_ALL_SEEN 0
+#endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the
 // dQ atomics, bit 32 the dQ product, bit 64 the barrier after it; in the reduce kernel bit 128 skips the dQ TMA
