@@ -270,6 +270,15 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
                : "memory");
 }
 
+/// Four 8x8 matrices of 16-bit elements to shared memory (stmatrix.x4), ldmatrix_x4's inverse: lane l gives the
+/// address of row l % 8 of matrix l / 8, and register i of every lane holds its pair of matrix i, which is how an
+/// accumulator fragment's packed pairs lie.
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]), "r"(r[1]),
+               "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi, bool bf16) {
   uint32_t r;
   if (bf16)

@@ -357,6 +357,17 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// buffer, in the 128-byte swizzled layout wgmma reads as an MN-major A operand.
   __device__ __forceinline__ void store_ds(const float (&ds)[32], int half) const {
     uint8_t* panel = this->s.ds() + half * Traits::kDsPanelBytes;
+    if constexpr (TILEWISE_HOPPER_BWD_DS_STMATRIX != 0) {
+      // Packed pair 4q + m is the 8x8 matrix of row half m % 2 and column group 2q + m / 2 (the accumulator's
+      // layout): four stmatrix.x4, lane l addressing row l % 8 of matrix l / 8, instead of 16 four-byte stores.
+      uint32_t packed[4][4];
+      pack_operand<4>(ds, packed, kType == WgType::bf16);
+      const int m = lane() / 8, r = 64 * this->wg + 16 * (this->tid / 32) + 8 * (m % 2) + lane() % 8;
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        stmatrix_x4(smem_addr(panel + swizzled_offset(r, 8 * (2 * q + m / 2), 128)), packed[q]);
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < 32; i += 2) {
       const int r = row((i % 4) / 2), c = accumulator_column(i, lane());

@@ -111,6 +111,11 @@
 #ifndef TILEWISE_HOPPER_BWD_ALL_SEEN
 #define TILEWISE_HOPPER_BWD_ALL_SEEN 0
 #endif
+// The fused kernels' dS^T stores (BwdConsumer::store_ds): 1 = four stmatrix.x4 per thread and block, 0 (default until
+// measured) = 16 four-byte stores; the same bytes and the same shared-memory wavefronts, 12 fewer instructions.
+#ifndef TILEWISE_HOPPER_BWD_DS_STMATRIX
+#define TILEWISE_HOPPER_BWD_DS_STMATRIX 0
+#endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the
 // dQ atomics, bit 32 the dQ product, bit 64 the barrier after it; in the reduce kernel bit 128 skips the dQ TMA
