@@ -362,7 +362,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       // layout): four stmatrix.x4, lane l addressing row l % 8 of matrix l / 8, instead of 16 four-byte stores.
       uint32_t packed[4][4];
       pack_operand<4>(ds, packed, kType == WgType::bf16);
-      const int m = lane() / 8, r = 64 * this->wg + 16 * (this->tid / 32) + 8 * (m % 2) + lane() % 8;
+      const int m = lane() / 8, r = row(m % 2) - lane() / 4 + lane() % 8;  // row l % 8 of matrix m's rows
 #pragma unroll
       for (int q = 0; q < 4; ++q)
         stmatrix_x4(smem_addr(panel + swizzled_offset(r, 8 * (2 * q + m / 2), 128)), packed[q]);
