@@ -81,6 +81,11 @@ def plan_kwargs(row: Row, batch: int = 1) -> dict:
                 device="cuda")
 
 
+def named_libraries(text: str) -> list:
+    """"NAME=LIB,..." (an argparse type): [(name, path to libtilewise.so)] of kernel variants."""
+    return [tuple(v.split("=", 1)) for v in text.split(",") if v]
+
+
 def bench(fn, warmup_ms: float = 1000, rep_ms: float = 2000) -> float:
     """Median ms at the card's sustained state. Under this load an H100 SXM sits at its 700 W cap and the clock
     swings between about 1.4 and 1.6 GHz with a period near a second (docs/performance.md, v4), so a short
@@ -178,13 +183,13 @@ def parse_args(doc: str, dense_help: str, extra=None) -> tuple:
     ap.add_argument("--no-dense", action="store_true", help=dense_help)
     ap.add_argument("--only", default=None, help="run only rows whose name contains one of these ','-separated strings")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
-    ap.add_argument("--variants", default="", help="NAME=LIB,...: kernel variants timed against the default library, "
-                    "alternated in this process (a column each)")
+    ap.add_argument("--variants", type=named_libraries, default=[],
+                    help="NAME=LIB,...: kernel variants timed against the default library, alternated in this "
+                         "process (a column each)")
     ap.add_argument("--variant-repeats", type=int, default=2, help="alternations of the default and the variants")
     if extra is not None:
         extra(ap)
     args = ap.parse_args()
-    args.variants = [tuple(v.split("=", 1)) for v in args.variants.split(",") if v]
     args.default_lib = args.lib or _capi._find_library()
     _capi.lib(args.lib)
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_backward import TilewiseRun  # noqa: E402
-from bench_forward import _capi, plan_kwargs, quantized_inputs, rows, run_fp8_scaled  # noqa: E402
+from bench_forward import _capi, named_libraries, plan_kwargs, quantized_inputs, rows, run_fp8_scaled  # noqa: E402
 
 
 def fields() -> str:
@@ -99,9 +99,11 @@ def main() -> None:
     ap.add_argument("--row", default="Hunyuan 30x48x80 w3x3x3")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--lib", default=None, help="path to libtilewise.so")
-    ap.add_argument("--fp8-variants", default="", help="NAME=LIB,...: FP8 kernel variants probed like the default")
-    ap.add_argument("--bwd-variants", default="", help="NAME=LIB,...: backward variants (ablations) probed like the "
-                    "default: if an ablation's clock rises as its time falls, energy bounds the default")
+    ap.add_argument("--fp8-variants", type=named_libraries, default=[],
+                    help="NAME=LIB,...: FP8 kernel variants probed like the default")
+    ap.add_argument("--bwd-variants", type=named_libraries, default=[],
+                    help="NAME=LIB,...: backward variants (ablations) probed like the default: if an ablation's clock "
+                         "rises as its time falls, energy bounds the default")
     ap.add_argument("--cases", default="", help="regular expression: probe only the cases whose names match it")
     args = ap.parse_args()
     _capi.lib(args.lib)
@@ -119,12 +121,12 @@ def main() -> None:
     fp8 = _capi.Plan(precision="fp8", **run_kw)
     inputs = quantized_inputs(fp8, q, k, v, tl_ptr)
     cases = [("tilewise bf16 forward", tw.forward), ("tilewise backward", tw.backward)]
-    for name, path in [tuple(x.split("=", 1)) for x in args.bwd_variants.split(",") if x]:
+    for name, path in args.bwd_variants:
         _capi.lib(path)  # each Plan keeps the library it was made with
         variant = TilewiseRun(row, q, k, v, dout, text_len, deterministic=False)
         variant.forward()  # o and lse for its backward (the ablations change the backward kernels only)
         cases.append((f"tilewise backward ({name})", variant.backward))
-    for name, path in [("default", default_lib)] + [tuple(x.split("=", 1)) for x in args.fp8_variants.split(",") if x]:
+    for name, path in [("default", default_lib)] + args.fp8_variants:
         _capi.lib(path)
         plan = _capi.Plan(precision="fp8_scaled", **run_kw)
         cases.append((f"FP8 kernel ({name})", lambda plan=plan: run_fp8_scaled(plan, inputs, o, tl_ptr)))
