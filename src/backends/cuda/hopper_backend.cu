@@ -212,16 +212,15 @@ class HopperBackend final : public Backend {
     bwd_classes_ = TileClasses(g, hopper::kBackwardOwnedRows);
     dkdv_classes_ = TileClasses(g, hopper::kBackwardOwnedRows, hopper::dkdv_stream_rows());
     stream_entries_ = static_cast<int32_t>(dkdv_classes_.key_entries(g, p.text_capacity));
-    // The arrangement of the backward's kernels: the reduce kernel (2) unless the plan is nearly dense, where the two
-    // kernels (0) were 2% faster (v3.7, one bench_backward run: the reduce kernel faster on 9 of 10 rows, by 11-12%
-    // at D 64 and 96, by 0.2-1.7% on the sparse D 128 rows; the whole grid 938 ms against 919; v3.8's run: 3.6-11%
-    // faster on every sparse row, the whole grid 929.92 against 928.49).
+    // The arrangement of the backward's kernels: the reduce kernel (2) at every density (v3.7 kept the two kernels (0)
+    // for nearly dense plans, 2% faster there then; since v3.13 the reduce kernel is faster on every benchmark row,
+    // the whole grid 841.51 ms against 943.94, docs/performance.md backward v3.13); deterministic runs take the two.
     // TILEWISE_BACKWARD_FUSED_DQ=0|1|2 in the environment picks one (measurements; 1: the atomic fused kernel).
     const char* fused = std::getenv("TILEWISE_BACKWARD_FUSED_DQ");
     if (fused != nullptr && *fused != '\0')
       fused_mode_ = std::string(fused) == "1" ? 1 : std::string(fused) == "2" ? 2 : 0;
     else
-      fused_mode_ = plan.video_density() < kReduceMaxDensity ? 2 : 0;
+      fused_mode_ = 2;
     if (fused_mode_ == 2) {  // the reduce kernel streams 64-row blocks whatever the dK/dV kernel's build has
       reduce_classes_ = TileClasses(g, hopper::kBackwardOwnedRows, 64);
       reduce_entries_ = static_cast<int32_t>(reduce_classes_.key_entries(g, p.text_capacity));
@@ -318,9 +317,9 @@ class HopperBackend final : public Backend {
     return b;
   }
 
-  /// Preprocess (D and the streamed blocks' statistics), then, by default (below kReduceMaxDensity, and not
-  /// `deterministic`), the reduce kernel: the fused kernel on 64-row streamed blocks whose dQ goes into a
-  /// [B, S, Hq, D] fp32 accumulator by TMA reductions (docs/performance.md, backward v3.6-v3.7), and a conversion.
+  /// Preprocess (D and the streamed blocks' statistics), then, by default (not `deterministic`), the reduce kernel:
+  /// the fused kernel on 64-row streamed blocks whose dQ goes into a [B, S, Hq, D] fp32 accumulator by TMA
+  /// reductions (docs/performance.md, backward v3.6-v3.7), and a conversion.
   /// Otherwise the dQ kernel and the dK/dV kernel (seven GEMMs per block pair; each gradient row is summed by one
   /// warpgroup in a fixed order, so bitwise reproducible). TILEWISE_BACKWARD_FUSED_DQ=1 at plan time selects the
   /// fused kernel with atomics (five GEMMs per pair), measured slower (backward v1).
@@ -623,7 +622,6 @@ class HopperBackend final : public Backend {
   int32_t key_slots_ = 1;     // key blocks per tile: the most key boxes of any tile class
   int32_t key_entries_ = 0;   // key blocks per (batch, head): tiles * key_slots_ + text blocks (block_entry)
   int fused_mode_ = 0;  // 0 two kernels, 1 atomic fused, 2 reduce kernel; deterministic runs take 0 (run_backward)
-  static constexpr double kReduceMaxDensity = 0.9;  // the reduce kernel by default below this video density
   DeviceArray<int32_t> dkdv_order_;  // the dK/dV kernel's video items (dkdv_item_order)
   bool per_batch_ = false;
   int max_ctas_ = 1;  // CTAs of a persistent launch: the device's SMs less Problem::sm_margin, at least 1

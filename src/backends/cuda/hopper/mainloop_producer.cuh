@@ -16,10 +16,12 @@ struct Producer {
 
   /// Announces one block (all panels) of a tensor on `bar`, and, when `issue`, loads it into `dst`: into this CTA
   /// only, or (`multicast`) into the same offsets of every CTA of the cluster, each completing on its own `bar`.
-  /// `video` holds a map per class.
+  /// `video` holds a map per class. `l2_policy`, when given, is the loads' L2 eviction policy (l2_policy_*, ptx.cuh;
+  /// not with multicast).
   __device__ __forceinline__ void load(const CUtensorMap* video, const CUtensorMap* text, const TensorView& view,
                                        const Block& b, int batch, int head, uint8_t* dst, Barrier* bar,
-                                       bool issue = true, bool multicast = false) const {
+                                       bool issue = true, bool multicast = false,
+                                       const uint64_t* l2_policy = nullptr) const {
     const int rows = b.text ? (b.query ? Traits::kBlockM : Traits::kStreamRows) : static_cast<int>(b.box(p).volume());
     const int panel_bytes = b.query ? Traits::kQPanelBytes : Traits::kPanelBytes;
     bar->arrive_expect_tx(static_cast<uint32_t>(rows * Traits::D * Traits::kInBytes));
@@ -35,6 +37,8 @@ struct Producer {
       uint8_t* d = dst + panel * panel_bytes;
       if (multicast)
         tma_load_multicast(d, map, bar, c0, c1, c2, c3, c4, (1u << kCluster) - 1);
+      else if (l2_policy)
+        tma_load_hinted(d, map, bar, c0, c1, c2, c3, c4, *l2_policy);
       else
         tma_load(d, map, bar, c0, c1, c2, c3, c4);
     }

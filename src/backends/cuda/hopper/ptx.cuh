@@ -155,6 +155,30 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, Barr
       : "memory");
 }
 
+/// An L2 eviction policy for the cache-hinted TMA forms below, applying to every access they make (fraction 1.0):
+/// evict_last keeps lines that other CTAs will read or reduce into again, evict_first lets lines read once go first.
+__device__ __forceinline__ uint64_t l2_policy_evict_last() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ uint64_t l2_policy_evict_first() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+/// tma_load with an L2 eviction policy (l2_policy_*).
+__device__ __forceinline__ void tma_load_hinted(void* dst, const CUtensorMap* map, Barrier* bar, int c0, int c1,
+                                                int c2, int c3, int c4, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%3, %4, %5, %6, %7}], [%2], %8;\n" ::
+          "r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(&bar->word)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4),
+      "l"(policy)
+      : "memory");
+}
+
 /// tma_load into the same offsets of every cluster CTA in `mask`, each completing on its own barrier there.
 __device__ __forceinline__ void tma_load_multicast(void* dst, const CUtensorMap* map, Barrier* bar, int c0, int c1,
                                                    int c2, int c3, int c4, uint16_t mask) {
@@ -183,6 +207,15 @@ __device__ __forceinline__ void tma_reduce_add(const CUtensorMap* map, const voi
       "cp.reduce.async.bulk.tensor.5d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5, %6}], [%1];\n" ::"l"(
           reinterpret_cast<uint64_t>(map)),
       "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
+      : "memory");
+}
+/// tma_reduce_add with an L2 eviction policy (l2_policy_*).
+__device__ __forceinline__ void tma_reduce_add_hinted(const CUtensorMap* map, const void* src, int c0, int c1, int c2,
+                                                      int c3, int c4, uint64_t policy) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.5d.global.shared::cta.add.tile.bulk_group.L2::cache_hint [%0, {%2, %3, %4, %5, %6}], [%1], %7;\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "l"(policy)
       : "memory");
 }
 __device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }

@@ -95,26 +95,36 @@
 #ifndef TILEWISE_HOPPER_BWD_STAGE_PERMUTE
 #define TILEWISE_HOPPER_BWD_STAGE_PERMUTE 1
 #endif
+// Three switches measured together (docs/performance.md backward v3.13): each alone moves row 1 by -1.9% to +1.9%,
+// the three together by -2.5% (CogVideoX -7.0%, Open-Sora-Plan -6.3%), since they change which values ptxas keeps in
+// registers; 1 (default) for all three, 0 keeps the older code for comparison.
 // The backward's wgmma descriptors that depend on a pipeline stage (or the dS ring buffer): 1 = their stage offset
 // broadcast from lane 0 (warp_uniform, ptx.cuh), so that ptxas builds every descriptor of a block in uniform registers;
-// 0 (default until measured) = as before, where the D 128 reduce kernel builds each wgmma's B descriptor in vector
-// registers and moves it with two R2UR: ~6 instructions per wgmma instead of 2 uniform ones (cuobjdump: the block
-// loop's R2UR 83 -> 11, its vector instructions -8.5%). The forward's ptxas output already keeps them uniform.
-// docs/performance.md backward v3.12 has the prediction.
+// 0 = the D 128 reduce kernel builds each wgmma's B descriptor in vector registers and moves it with two R2UR: ~6
+// instructions per wgmma instead of 2 uniform ones (cuobjdump: the block loop's R2UR 83 -> 11, its vector
+// instructions -8.5%). The forward's ptxas output already keeps them uniform.
 #ifndef TILEWISE_HOPPER_BWD_UNIFORM_DESC
-#define TILEWISE_HOPPER_BWD_UNIFORM_DESC 0
+#define TILEWISE_HOPPER_BWD_UNIFORM_DESC 1
 #endif
 // P^T's row mask (BwdConsumer::probabilities_of_block: 0 for owned key rows that are no real token or text past its
 // length): 1 = skipped by a warp whose owned rows are all seen, a warp-uniform branch decided once per item (every
-// block of row 1; 32 fewer selects per thread and block, ~5% of the D 128 reduce loop's vector instructions); 0
-// (default until measured) = the select on every block. docs/performance.md backward v3.12 has the prediction.
+// block of row 1; 32 fewer selects per thread and block, ~5% of the D 128 reduce loop's vector instructions); 0 = the
+// select on every block.
 #ifndef TILEWISE_HOPPER_BWD_ALL_SEEN
-#define TILEWISE_HOPPER_BWD_ALL_SEEN 0
+#define TILEWISE_HOPPER_BWD_ALL_SEEN 1
 #endif
-// The fused kernels' dS^T stores (BwdConsumer::store_ds): 1 = four stmatrix.x4 per thread and block, 0 (default until
-// measured) = 16 four-byte stores; the same bytes and the same shared-memory wavefronts, 12 fewer instructions.
+// The fused kernels' dS^T stores (BwdConsumer::store_ds): 1 = four stmatrix.x4 per thread and block, 0 = 16 four-byte
+// stores; the same bytes and the same shared-memory wavefronts, 12 fewer instructions.
 #ifndef TILEWISE_HOPPER_BWD_DS_STMATRIX
-#define TILEWISE_HOPPER_BWD_DS_STMATRIX 0
+#define TILEWISE_HOPPER_BWD_DS_STMATRIX 1
+#endif
+// L2 eviction policies (cache hints) of the dK/dV walk's TMA traffic, off by default (docs/performance.md backward
+// v3.13 has the prediction): bit 1 = the streamed Q, dO and statistics loads evict_last (each query block is streamed
+// by every key item that sees it: 81 items on row 1), bit 2 = the reduce kernel's dQ reductions evict_last (each dQ
+// block is reduced into as often), bit 4 = the owned K and V loads evict_first (read once per item). FlashAttention-3's
+// backward marks its Q, dO and LSE loads and its dK/dV reductions evict_last.
+#ifndef TILEWISE_HOPPER_BWD_L2_HINTS
+#define TILEWISE_HOPPER_BWD_L2_HINTS 0
 #endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the

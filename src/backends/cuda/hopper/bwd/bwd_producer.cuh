@@ -14,6 +14,20 @@
 
 namespace tilewise::hopper {
 
+/// The L2 eviction policies of one walker's loads (TILEWISE_HOPPER_BWD_L2_HINTS, bwd_params.cuh): a null policy
+/// where the bit is off, so that the plain TMA forms are issued (and no createpolicy).
+struct BwdL2Hints {
+  static constexpr int kBits = TILEWISE_HOPPER_BWD_L2_HINTS;
+  uint64_t last = 0, first = 0;
+  __device__ __forceinline__ BwdL2Hints() {
+    if constexpr ((kBits & 3) != 0) last = l2_policy_evict_last();
+    if constexpr ((kBits & 4) != 0) first = l2_policy_evict_first();
+  }
+  __device__ __forceinline__ const uint64_t* streamed() const { return (kBits & 1) ? &last : nullptr; }
+  __device__ __forceinline__ const uint64_t* owned() const { return (kBits & 4) ? &first : nullptr; }
+  static constexpr bool kReduceLast = (kBits & 2) != 0;
+};
+
 template <class Traits>
 struct BwdProducer {
   const BwdParams& p;
@@ -23,21 +37,23 @@ struct BwdProducer {
 
   /// Owned blocks of an item: both land on q_full (initialised for two arrivals), once the previous item's
   /// consumers have released them.
-  __device__ __forceinline__ void load_owned(const WorkItem& item, uint32_t& items) const {
+  __device__ __forceinline__ void load_owned(const WorkItem& item, uint32_t& items, const BwdL2Hints& hints) const {
     s.q_empty->wait((items & 1) ^ 1);
-    base().load(p.q_video, &p.q_text, p.q, item.q, item.batch, item.head, s.q, s.q_full);
-    base().load(p.o_video, &p.o_text, p.o, item.q, item.batch, item.head, s.o(), s.q_full);
+    base().load(p.q_video, &p.q_text, p.q, item.q, item.batch, item.head, s.q, s.q_full, true, false, hints.owned());
+    base().load(p.o_video, &p.o_text, p.o, item.q, item.batch, item.head, s.o(), s.q_full, true, false,
+                hints.owned());
     ++items;
   }
 
   // ---------------------------------------------------------------- dQ kernel
   __device__ void dq_keys() const {
     uint32_t items = 0;
+    const BwdL2Hints hints;
     WorkRing<typename Traits::Shared, 1> ring{s, 0};
     auto next_unit = [&] { return ring.produce(p.work_counter, p.num_work); };
     base().template for_each_unit<Traits::kKStages>(
         next_unit, s.k_empty, s.k_sync,
-        [&](const WorkItem& item, bool) { load_owned(item, items); },
+        [&](const WorkItem& item, bool) { load_owned(item, items, hints); },
         [&](const Block& kb, const UnitWork& uw, int32_t text_len, int stage, uint32_t parity, bool last) {
           s.k_empty[stage].wait(parity);
           s.info[stage] = describe(p, uw.item, kb, text_len, last);
@@ -111,12 +127,13 @@ struct BwdProducer {
 
   __device__ void dkdv_keys() const {
     uint32_t items = 0;
+    const BwdL2Hints hints;
     PipeState<Traits::kKStages> pipe;
     WorkRing<typename Traits::Shared, 1> ring{s, 0};
     for (int32_t u; (u = ring.produce(p.work_counter, p.num_work)) < p.num_work;) {
       const WorkItem item = decode_work<Traits::kBlockM, TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0>(p, u, p.kv_heads);
       if (item.empty) continue;
-      load_owned(item, items);
+      load_owned(item, items, hints);
       for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t gi, bool last, bool empty) {
         const int stage = pipe.stage();
         s.k_empty[stage].wait(pipe.phase() ^ 1);
@@ -130,13 +147,25 @@ struct BwdProducer {
           const int64_t entry = (int64_t{p.batch_base + item.batch} * p.q_heads + h) * p.stats_entries +
                                 stats_entry<Traits::kStreamRows>(p, qb);
           s.k_full[stage].expect_tx(Traits::kStatsBytes);
-          tma_load(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, static_cast<int32_t>(entry * kStatsRows), 0,
-                   0, 0);
-          base().load(p.k_video, &p.k_text, p.k, qb, item.batch, h, s.k(stage), &s.k_full[stage]);
+          const int32_t stats_row = static_cast<int32_t>(entry * kStatsRows);
+          if (hints.streamed())
+            tma_load_hinted(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, stats_row, 0, 0, 0, hints.last);
+          else
+            tma_load(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, stats_row, 0, 0, 0);
+          base().load(p.k_video, &p.k_text, p.k, qb, item.batch, h, s.k(stage), &s.k_full[stage], true, false,
+                      hints.streamed());
         }
         pipe.advance();
       });
     }
+  }
+
+  static __device__ __forceinline__ void reduce_add(const BwdL2Hints& hints, const CUtensorMap* map, const void* src,
+                                                    int c0, int c1, int c2, int c3, int c4) {
+    if constexpr (BwdL2Hints::kReduceLast)
+      tma_reduce_add_hinted(map, src, c0, c1, c2, c3, c4, hints.last);
+    else
+      tma_reduce_add(map, src, c0, c1, c2, c3, c4);
   }
 
   /// dkdvq_reduce (thread 64): walks the same items and streamed blocks as the loaders and, once the consumers
@@ -145,6 +174,7 @@ struct BwdProducer {
   /// buffer once they have read it. The reduction leaves the consumers' path entirely.
   __device__ void dq_reducer() const {
     if constexpr (Traits::kDqStaging) {
+      const BwdL2Hints hints;
       uint32_t m = 0;  // streamed blocks so far (the consumers number them alike)
       WorkRing<typename Traits::Shared, 1> ring{s, 0};
       for (int32_t u; (u = ring.consume()) < p.num_work;) {
@@ -160,10 +190,10 @@ struct BwdProducer {
             const int c0 = p.dq_view.c0(h, panel * 32);
             const uint8_t* src = s.dq_stage() + panel * Traits::kDqPanelBytes;
             if (qb.text)
-              tma_reduce_add(&p.dq_text, src, c0, qb.row0, 0, 0, c4);
+              reduce_add(hints, &p.dq_text, src, c0, qb.row0, 0, 0, c4);
             else
-              tma_reduce_add(&p.dq_video[qb.cls], src, c0, static_cast<int>(o.w), static_cast<int>(o.h),
-                             static_cast<int>(o.t), c4);
+              reduce_add(hints, &p.dq_video[qb.cls], src, c0, static_cast<int>(o.w), static_cast<int>(o.h),
+                         static_cast<int>(o.t), c4);
           }
           tma_store_commit();
           tma_store_wait_read();
@@ -176,6 +206,7 @@ struct BwdProducer {
   }
 
   __device__ void dkdv_values() const {
+    const BwdL2Hints hints;
     PipeState<Traits::kVStages> pipe;
     WorkRing<typename Traits::Shared, 1> ring{s, 0};
     for (int32_t u; (u = ring.consume()) < p.num_work;) {
@@ -188,7 +219,8 @@ struct BwdProducer {
           s.v_full[stage].arrive();
         } else {
           base().zero_tail(qb, s.v(stage));
-          base().load(p.v_video, &p.v_text, p.v, qb, item.batch, h, s.v(stage), &s.v_full[stage]);
+          base().load(p.v_video, &p.v_text, p.v, qb, item.batch, h, s.v(stage), &s.v_full[stage], true, false,
+                      hints.streamed());
         }
         pipe.advance();
       });
