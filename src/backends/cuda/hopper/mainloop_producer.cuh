@@ -37,10 +37,8 @@ struct Producer {
       uint8_t* d = dst + panel * panel_bytes;
       if (multicast)
         tma_load_multicast(d, map, bar, c0, c1, c2, c3, c4, (1u << kCluster) - 1);
-      else if (l2_policy)
-        tma_load_hinted(d, map, bar, c0, c1, c2, c3, c4, *l2_policy);
       else
-        tma_load(d, map, bar, c0, c1, c2, c3, c4);
+        tma_load(d, map, bar, c0, c1, c2, c3, c4, l2_policy);
     }
   }
 

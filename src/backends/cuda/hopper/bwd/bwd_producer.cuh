@@ -25,7 +25,7 @@ struct BwdL2Hints {
   }
   __device__ __forceinline__ const uint64_t* streamed() const { return (kBits & 1) ? &last : nullptr; }
   __device__ __forceinline__ const uint64_t* owned() const { return (kBits & 4) ? &first : nullptr; }
-  static constexpr bool kReduceLast = (kBits & 2) != 0;
+  __device__ __forceinline__ const uint64_t* reduced() const { return (kBits & 2) ? &last : nullptr; }
 };
 
 template <class Traits>
@@ -147,25 +147,14 @@ struct BwdProducer {
           const int64_t entry = (int64_t{p.batch_base + item.batch} * p.q_heads + h) * p.stats_entries +
                                 stats_entry<Traits::kStreamRows>(p, qb);
           s.k_full[stage].expect_tx(Traits::kStatsBytes);
-          const int32_t stats_row = static_cast<int32_t>(entry * kStatsRows);
-          if (hints.streamed())
-            tma_load_hinted(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, stats_row, 0, 0, 0, hints.last);
-          else
-            tma_load(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, stats_row, 0, 0, 0);
+          tma_load(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, static_cast<int32_t>(entry * kStatsRows), 0,
+                   0, 0, hints.streamed());
           base().load(p.k_video, &p.k_text, p.k, qb, item.batch, h, s.k(stage), &s.k_full[stage], true, false,
                       hints.streamed());
         }
         pipe.advance();
       });
     }
-  }
-
-  static __device__ __forceinline__ void reduce_add(const BwdL2Hints& hints, const CUtensorMap* map, const void* src,
-                                                    int c0, int c1, int c2, int c3, int c4) {
-    if constexpr (BwdL2Hints::kReduceLast)
-      tma_reduce_add_hinted(map, src, c0, c1, c2, c3, c4, hints.last);
-    else
-      tma_reduce_add(map, src, c0, c1, c2, c3, c4);
   }
 
   /// dkdvq_reduce (thread 64): walks the same items and streamed blocks as the loaders and, once the consumers
@@ -190,10 +179,10 @@ struct BwdProducer {
             const int c0 = p.dq_view.c0(h, panel * 32);
             const uint8_t* src = s.dq_stage() + panel * Traits::kDqPanelBytes;
             if (qb.text)
-              reduce_add(hints, &p.dq_text, src, c0, qb.row0, 0, 0, c4);
+              tma_reduce_add(&p.dq_text, src, c0, qb.row0, 0, 0, c4, hints.reduced());
             else
-              reduce_add(hints, &p.dq_video[qb.cls], src, c0, static_cast<int>(o.w), static_cast<int>(o.h),
-                         static_cast<int>(o.t), c4);
+              tma_reduce_add(&p.dq_video[qb.cls], src, c0, static_cast<int>(o.w), static_cast<int>(o.h),
+                             static_cast<int>(o.t), c4, hints.reduced());
           }
           tma_store_commit();
           tma_store_wait_read();
