@@ -188,7 +188,7 @@ def main() -> None:
                 row.notes.append(f"variant {name}: max abs gradient difference from the default {diff:.3g}")
             return ms
 
-        variant_ms = alternate_variants(args, measure)
+        variant_ms = alternate_variants(args, measure, row.name)
 
         ms_cudnn, dense_flops = float("nan"), float("nan")
         if not args.no_dense:

@@ -197,10 +197,11 @@ def parse_args(doc: str, dense_help: str, extra=None) -> tuple:
     return args, {int(g) for g in args.rows.split(",")}, torch.device("cuda")
 
 
-def alternate_variants(args, measure) -> dict:
+def alternate_variants(args, measure, label: str) -> dict:
     """{name: [ms per repeat]} of the default library and each --variants library, alternated --variant-repeats times
     in this process (same clocks, same inputs): measure(name, repeat) makes its plans while that library is loaded
-    (each _capi.Plan keeps the library it was made with) and returns ms. Empty without --variants."""
+    (each _capi.Plan keeps the library it was made with) and returns ms. Empty without --variants. Each time is also
+    printed as it is taken, after the row's name `label`, so that a run cut short by a time limit keeps them."""
     times: dict = {}
     if not args.variants:
         return times
@@ -208,6 +209,7 @@ def alternate_variants(args, measure) -> dict:
         for name, path in [("default", args.default_lib)] + args.variants:
             _capi.lib(path)
             times.setdefault(name, []).append(measure(name, repeat))
+            print(f"  {label}: {name} (repeat {repeat + 1}) {times[name][-1]:.2f} ms", flush=True)
     _capi.lib(args.default_lib)
     return times
 
@@ -343,7 +345,7 @@ def main() -> None:
                                  f"default {max_abs_diff(vo, o_default):.3g}")
             return ms
 
-        variant_ms = alternate_variants(args, measure)
+        variant_ms = alternate_variants(args, measure, row.name)
         qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, S, D] views for SDPA
         dense_flops = 4.0 * B * Hh * S * S * D
         res = {}
