@@ -168,24 +168,16 @@ __device__ __forceinline__ uint64_t l2_policy_evict_first() {
   return policy;
 }
 
-/// tma_load with an L2 eviction policy (l2_policy_*).
-__device__ __forceinline__ void tma_load_hinted(void* dst, const CUtensorMap* map, Barrier* bar, int c0, int c1,
-                                                int c2, int c3, int c4, uint64_t policy) {
+/// tma_load with the L2 eviction policy `*policy` (l2_policy_*), or without a hint where `policy` is null.
+__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, Barrier* bar, int c0, int c1, int c2,
+                                         int c3, int c4, const uint64_t* policy) {
+  if (!policy) return tma_load(dst, map, bar, c0, c1, c2, c3, c4);
   asm volatile(
       "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%3, %4, %5, %6, %7}], [%2], %8;\n" ::
           "r"(smem_addr(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(&bar->word)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4),
-      "l"(policy)
+      "l"(*policy)
       : "memory");
-}
-
-/// tma_load with the L2 eviction policy `*policy` (l2_policy_*), or without a hint where `policy` is null.
-__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, Barrier* bar, int c0, int c1, int c2,
-                                         int c3, int c4, const uint64_t* policy) {
-  if (policy)
-    tma_load_hinted(dst, map, bar, c0, c1, c2, c3, c4, *policy);
-  else
-    tma_load(dst, map, bar, c0, c1, c2, c3, c4);
 }
 
 /// tma_load into the same offsets of every cluster CTA in `mask`, each completing on its own barrier there.
@@ -218,22 +210,15 @@ __device__ __forceinline__ void tma_reduce_add(const CUtensorMap* map, const voi
       "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
       : "memory");
 }
-/// tma_reduce_add with an L2 eviction policy (l2_policy_*).
-__device__ __forceinline__ void tma_reduce_add_hinted(const CUtensorMap* map, const void* src, int c0, int c1, int c2,
-                                                      int c3, int c4, uint64_t policy) {
+/// tma_reduce_add with the L2 eviction policy `*policy` (l2_policy_*), or without a hint where `policy` is null.
+__device__ __forceinline__ void tma_reduce_add(const CUtensorMap* map, const void* src, int c0, int c1, int c2, int c3,
+                                               int c4, const uint64_t* policy) {
+  if (!policy) return tma_reduce_add(map, src, c0, c1, c2, c3, c4);
   asm volatile(
       "cp.reduce.async.bulk.tensor.5d.global.shared::cta.add.tile.bulk_group.L2::cache_hint [%0, {%2, %3, %4, %5, %6}], [%1], %7;\n" ::"l"(
           reinterpret_cast<uint64_t>(map)),
-      "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "l"(policy)
+      "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "l"(*policy)
       : "memory");
-}
-/// tma_reduce_add with the L2 eviction policy `*policy`, or without a hint where `policy` is null.
-__device__ __forceinline__ void tma_reduce_add(const CUtensorMap* map, const void* src, int c0, int c1, int c2, int c3,
-                                               int c4, const uint64_t* policy) {
-  if (policy)
-    tma_reduce_add_hinted(map, src, c0, c1, c2, c3, c4, *policy);
-  else
-    tma_reduce_add(map, src, c0, c1, c2, c3, c4);
 }
 __device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 /// Waits until every committed store has finished reading shared memory.
