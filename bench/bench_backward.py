@@ -14,7 +14,7 @@ plan is made: 0 the two kernels, 1 the atomic fused kernel, 2 the reduce kernel;
 density, else 0: docs/performance.md backward v3.7), timed in the same run as the default.
 
 --variants NAME=LIB,... as in bench_forward.py: the default library and each variant alternated in this process, a
-column each, and each variant's largest gradient difference from the default's in a note.
+column each, and each variant's largest gradient difference from the default's in a note (with "@VAR=VALUE" host switches, e.g. --variants clu=@TILEWISE_BACKWARD_CLUSTER=1).
 
 Usage: python3 bench/bench_backward.py [--lib build/libtilewise.so] [--rows 1,2] [--only w3x3x3,partial]
        [--no-flex] [--no-dense] [--deterministic] [--also-arrangement 0] [--variants k96=/tmp/v/k96/libtilewise.so]

@@ -15,7 +15,9 @@ FlexAttention gets its best case: when the tile divides the latent the sequence 
 
 With --variants NAME=LIB,... (libraries from scripts/kernel_variants.py), the default library and each variant are
 timed alternately --variant-repeats times per row in this process, a column each ("a / b"), and a note gives each
-variant's largest output difference from the default's. --variant-precision fp8_scaled times the FP8 kernel instead
+variant's largest output difference from the default's. A LIB may end in "@VAR=VALUE" settings of the environment,
+in force while that variant's plans are made (a host-side switch such as TILEWISE_BACKWARD_CLUSTER=1); an empty LIB
+is the default library ("clu=@TILEWISE_BACKWARD_CLUSTER=1"). --variant-precision fp8_scaled times the FP8 kernel instead
 (each library on the same inputs, quantised once by the default library), for variants of hopper/fp8/.
 
 Usage: python3 bench/bench_forward.py [--lib build/libtilewise.so] [--rows 1,2] [--only w3x3x3,partial]
@@ -25,6 +27,7 @@ Usage: python3 bench/bench_forward.py [--lib build/libtilewise.so] [--rows 1,2] 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -82,8 +85,30 @@ def plan_kwargs(row: Row, batch: int = 1) -> dict:
 
 
 def named_libraries(text: str) -> list:
-    """"NAME=LIB,..." (an argparse type): [(name, path to libtilewise.so)] of kernel variants."""
+    """"NAME=LIB,..." (an argparse type): [(name, path to libtilewise.so)] of kernel variants. A LIB may end in
+    "@VAR=VALUE" settings of the environment, in force while that variant's plans are made (a host-side switch of
+    the library such as TILEWISE_BACKWARD_CLUSTER); an empty LIB before them is the default library."""
     return [tuple(v.split("=", 1)) for v in text.split(",") if v]
+
+
+@contextlib.contextmanager
+def variant_environment(path: str, default_lib: str):
+    """Loads a --variants entry's library and sets its "@VAR=VALUE" settings (named_libraries) until the end."""
+    lib, *settings = path.split("@")
+    saved = {}
+    for setting in settings:
+        var, _, value = setting.partition("=")
+        saved[var] = os.environ.get(var)
+        os.environ[var] = value
+    _capi.lib(lib or default_lib)
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
 
 
 def bench(fn, warmup_ms: float = 1000, rep_ms: float = 2000) -> float:
@@ -184,7 +209,7 @@ def parse_args(doc: str, dense_help: str, extra=None) -> tuple:
     ap.add_argument("--only", default=None, help="run only rows whose name contains one of these ','-separated strings")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
     ap.add_argument("--variants", type=named_libraries, default=[],
-                    help="NAME=LIB,...: kernel variants timed against the default library, alternated in this "
+                    help="NAME=LIB[@VAR=VALUE...],...: kernel variants (and host switches) timed against the default library, alternated in this "
                          "process (a column each)")
     ap.add_argument("--variant-repeats", type=int, default=2, help="alternations of the default and the variants")
     if extra is not None:
@@ -207,8 +232,8 @@ def alternate_variants(args, measure, label: str) -> dict:
         return times
     for repeat in range(args.variant_repeats):
         for name, path in [("default", args.default_lib)] + args.variants:
-            _capi.lib(path)
-            times.setdefault(name, []).append(measure(name, repeat))
+            with variant_environment(path, args.default_lib):
+                times.setdefault(name, []).append(measure(name, repeat))
             print(f"  {label}: {name} (repeat {repeat + 1}) {times[name][-1]:.2f} ms", flush=True)
     _capi.lib(args.default_lib)
     return times

@@ -196,6 +196,31 @@ std::vector<NamedCase> small_cases() {
     add("block_list_unseen_key_tile", c, false);
   }
   {
+    // 6x8x8 tiles at D 128 have three owned 128-key blocks each: the units of the reduce kernel in clusters
+    // (TILEWISE_HOPPER_BWD_CLUSTER), whose CTAs share their streamed blocks. Per-head block lists with GQA, in which
+    // neither query head of kv head 0 lists the last key tile (its three CTAs stream nothing: zero gradients).
+    oracle::Case c = base({6, 16, 24}, {6, 8, 8}, 4, 2, 128);
+    c.kind = oracle::Kind::block_list;
+    oracle::Rng rng(11);
+    const int64_t n = c.num_tiles();
+    c.blocks.assign(4, std::vector<std::vector<int64_t>>(n));
+    for (int64_t h = 0; h < 4; ++h)
+      for (int64_t qt = 0; qt < n; ++qt)
+        for (int64_t kt = 0; kt < n; ++kt) {
+          const bool unseen = h < 2 && kt == n - 1;
+          if (!unseen && (kt == qt || kt == 0 || oracle::uniform(rng, 0, 2) == 0)) c.blocks[h][qt].push_back(kt);
+        }
+    add("tile_units_block_list_gqa_unseen", c, true);
+  }
+  {
+    // The same units with per-head windows, GQA, bhsd, and 100 text rows last: one text block, so two of its unit's
+    // three CTAs own no rows and only take part in the stream.
+    oracle::Case c = base({6, 16, 24}, {6, 8, 8}, 4, 2, 128);
+    c.storage = oracle::StorageKind::bhsd;
+    windows(c, {{1, 1, 1}, {1, 2, 3}, {1, 1, 2}, {1, 2, 1}});
+    add("tile_units_windows_gqa_bhsd_text_last", text(c, 100, false, {100, 37}), true);
+  }
+  {
     oracle::Case c = base({4, 16, 16}, {2, 8, 8}, 2, 2, 128);
     c.tiled = true;
     windows(c, {{1, 1, 2}});

@@ -224,6 +224,15 @@ class HopperBackend final : public Backend {
     if (fused_mode_ == 2) {  // the reduce kernel streams 64-row blocks whatever the dK/dV kernel's build has
       reduce_classes_ = TileClasses(g, hopper::kBackwardOwnedRows, 64);
       reduce_entries_ = static_cast<int32_t>(reduce_classes_.key_entries(g, p.text_capacity));
+      // In clusters where the build has them, every tile has as many owned slots as a cluster has CTAs (a 6x8x8
+      // tile: three 128-key blocks), so that a cluster's CTAs share their streamed blocks (tile_scheduler.cuh,
+      // decode_tile_unit), and TILEWISE_BACKWARD_CLUSTER=1 asks for it (being measured, docs/performance.md v3.14).
+      const char* cluster = std::getenv("TILEWISE_BACKWARD_CLUSTER");
+      const bool want_cluster = cluster != nullptr && std::string(cluster) == "1";
+      if (const int c = hopper::reduce_cluster_size(); want_cluster && c > 1 && reduce_classes_.slots == c) {
+        reduce_cluster_ctas_ = std::min(hopper::reduce_cluster_ctas(static_cast<int>(p.head_dim), p.dtype == DType::bf16),
+                                        max_ctas_ / c * c);
+      }
     }
 
     if (p.precision != Precision::native) {  // the FP8 forward (its own query blocks, the V^T blocks, scratch)
@@ -403,11 +412,18 @@ class HopperBackend final : public Backend {
       if (deterministic)
         check(hopper::launch_backward(dq, D, bf16, hopper::BwdKernel::dq, std::min(dq.num_work, max_ctas_), stream),
               "dQ kernel launch");
+      const bool cluster = reduce && reduce_cluster_ctas_ > 0;
       const hopper::BwdKernel kernel = deterministic ? hopper::BwdKernel::dkdv
+                                       : cluster     ? hopper::BwdKernel::dkdvq_reduce_cluster
                                        : reduce      ? hopper::BwdKernel::dkdvq_reduce
                                                      : hopper::BwdKernel::dkdvq;
-      check(hopper::launch_backward(dkv, D, bf16, kernel, std::min(dkv.num_work, max_ctas_), stream),
-            "dK/dV kernel launch");
+      int grid = std::min(dkv.num_work, max_ctas_);
+      if (cluster) {  // a cluster per unit: a tile's slots, or as many text blocks (tile_scheduler.cuh)
+        const int c = hopper::reduce_cluster_size();
+        const int64_t units = int64_t{dkv.batch} * dkv.kv_heads * (ceil_div<int64_t>(dkv.text_items, c) + g.num_tiles());
+        grid = static_cast<int>(std::min<int64_t>(c * units, reduce_cluster_ctas_));
+      }
+      check(hopper::launch_backward(dkv, D, bf16, kernel, grid, stream), "dK/dV kernel launch");
     }
     if (!deterministic)
       check(hopper::launch_dq_from_accumulator(ws.dq_accum, t.dq, p.q, p.batch, p.q_heads, p.seq_len, D,
@@ -618,6 +634,7 @@ class HopperBackend final : public Backend {
   TileClasses dkdv_classes_;     // the dK/dV kernel's: 128-row owned key blocks, streamed query blocks of its rows
   int32_t stream_entries_ = 0;   // the dK/dV kernel's streamed blocks per (batch, head) (block_entry over its boxes)
   TileClasses reduce_classes_;   // TILEWISE_BACKWARD_FUSED_DQ=2: the reduce kernel's (64-row streamed blocks)
+  int reduce_cluster_ctas_ = 0;  // > 0: the reduce kernel runs in clusters, on at most this many CTAs
   int32_t reduce_entries_ = 0;
   int32_t key_slots_ = 1;     // key blocks per tile: the most key boxes of any tile class
   int32_t key_entries_ = 0;   // key blocks per (batch, head): tiles * key_slots_ + text blocks (block_entry)

@@ -29,6 +29,17 @@
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128
 #define TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128 2
 #endif
+// The reduce kernel's pattern walk (docs/performance.md backward v3.14): 1 = one producer thread walks each item's
+// streamed blocks, loading Q (with its statistics) and dO and writing each block's dQ reduction into a ring of
+// records (ReductionRecord) for the thread that issues the reductions; 0 = three threads walk it (a Q loader, a dO
+// loader and the reducer), each computing every block's boxes and coordinates itself (~800 instructions per block
+// and walker, 156 of them local-memory accesses at the producer's 24 registers: v3.12's source counters). Correct,
+// but measured 6% slower at D 128 and 23-28% at D 96 / 64 (v3.14): one thread waiting for both stages and walking
+// in sequence is a longer chain per block than a block's time. 0 (default); the record ring is what a walk
+// precomputed at plan time would feed.
+#ifndef TILEWISE_HOPPER_BWD_SINGLE_WALK
+#define TILEWISE_HOPPER_BWD_SINGLE_WALK 0
+#endif
 // K and V pipeline depths at head dim 64 (96 has 3 + 3, the most that fits).
 #ifndef TILEWISE_HOPPER_STAGES_D64
 #define TILEWISE_HOPPER_STAGES_D64 3
@@ -56,6 +67,22 @@
 // Registers of the producer warpgroup (setmaxnreg); 0 = by schedule (below). The consumers get the rest.
 #ifndef TILEWISE_HOPPER_PRODUCER_REGS
 #define TILEWISE_HOPPER_PRODUCER_REGS 0
+#endif
+// The same for the backward reduce kernel by head dim (docs/performance.md backward v3.14). Its producer threads walk
+// the pattern at 24 registers and spill (~2 KB, 156 local accesses per block and walker in v3.12's counters), and one
+// walker doing the work of three measured 6-28% slower (TILEWISE_HOPPER_BWD_SINGLE_WALK), so the walk's latency is
+// close to a block's: more registers shorten it, and leave fewer for the consumers. Measured (v3.14): at D 64, 72
+// (consumers 216, 84 bytes of spills left) CogVideoX -1.3%: the default; at D 128, 40 (consumers 232, no spills)
+// row 1 +9.6% (and the device build serialised the f16 kernel's wgmmas), at D 96, 40 Open-Sora-Plan unchanged (more
+// serialises them): 24 stays there.
+#ifndef TILEWISE_HOPPER_BWD_REDUCE_PRODUCER_REGS_D128
+#define TILEWISE_HOPPER_BWD_REDUCE_PRODUCER_REGS_D128 24
+#endif
+#ifndef TILEWISE_HOPPER_BWD_REDUCE_PRODUCER_REGS_D96
+#define TILEWISE_HOPPER_BWD_REDUCE_PRODUCER_REGS_D96 24
+#endif
+#ifndef TILEWISE_HOPPER_BWD_REDUCE_PRODUCER_REGS_D64
+#define TILEWISE_HOPPER_BWD_REDUCE_PRODUCER_REGS_D64 72
 #endif
 
 // Overlapped schedule: wait for P_{j-1} V_{j-1} after the softmax of S_j (1), or before it (0: what ptxas made of
@@ -167,7 +194,9 @@ struct PipeState {
 /// ring, O in the 16-bit output dtype.
 /// kStreamRowsArg: rows of a streamed (K and V ring) block: kBlockN, or 64 in the two-kernel backward's dK/dV
 /// kernel (TILEWISE_HOPPER_BWD_STREAM_ROWS), whose stages then hold one 64-query half each.
-template <int kHeadDim, int kOwnedRows = 0, bool kDsBuffer = false, bool kFp8 = false, int kStreamRowsArg = kBlockN>
+/// kClusterArg: CTAs per cluster when not 0 (the backward's reduce kernel in clusters); 0 = the forward's switch.
+template <int kHeadDim, int kOwnedRows = 0, bool kDsBuffer = false, bool kFp8 = false, int kStreamRowsArg = kBlockN,
+          int kClusterArg = 0>
 struct KernelTraits {
   static constexpr int D = kHeadDim;
   static constexpr bool kBackward = kOwnedRows != 0;
@@ -221,9 +250,11 @@ struct KernelTraits {
                                  : kBackward && TILEWISE_HOPPER_BWD_V_STAGES > 0
                                      ? TILEWISE_HOPPER_BWD_V_STAGES
                                      : (D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD);
-  static constexpr int kCluster = D == 128 && !kBackward && !kFp8 ? TILEWISE_HOPPER_CLUSTER_D128 : 1;
+  static constexpr int kCluster = kClusterArg > 0                    ? kClusterArg
+                                  : D == 128 && !kBackward && !kFp8 ? TILEWISE_HOPPER_CLUSTER_D128
+                                                                    : 1;
   static constexpr int kExpOnFma = D == 128 ? TILEWISE_HOPPER_EXP_ON_FMA_D128 : TILEWISE_HOPPER_EXP_ON_FMA;
-  static_assert(kCluster == 1 || kCluster == 2, "clusters of 1 or 2 CTAs");
+  static_assert(kCluster == 1 || kCluster == 2 || (kCluster == 3 && kBackward), "clusters of 1 or 2 CTAs (3: backward)");
   static constexpr bool kOverlap = !kBackward && !kFp8 && kConsumerWarpgroups == 2 &&
                                    (TILEWISE_HOPPER_OVERLAP < 0 ? D != 64 : TILEWISE_HOPPER_OVERLAP != 0);
   // Register split between the producer warpgroup and each consumer warpgroup. The CTA is launched with
@@ -233,7 +264,11 @@ struct KernelTraits {
   // C7512) and gets 216; three sequential consumers get 160 each, which leaves 32 for the producer's pattern walk.
   static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
   static constexpr int kPool = kLaunchRegs * (1 + kConsumerWarpgroups);
+  static constexpr int kReduceProducerRegs = D == 128 ? TILEWISE_HOPPER_BWD_REDUCE_PRODUCER_REGS_D128
+                                             : D == 96 ? TILEWISE_HOPPER_BWD_REDUCE_PRODUCER_REGS_D96
+                                                       : TILEWISE_HOPPER_BWD_REDUCE_PRODUCER_REGS_D64;
   static constexpr int kProducerRegs = TILEWISE_HOPPER_PRODUCER_REGS > 0 ? TILEWISE_HOPPER_PRODUCER_REGS
+                                       : kDqStaging                 ? kReduceProducerRegs
                                        : kBackward                  ? 24
                                        : kConsumerWarpgroups == 3   ? 32
                                        : kOverlap                   ? 72
@@ -284,6 +319,10 @@ struct KernelTraits {
     // reach block m + 1 before the reduction has read block m - 1, and a single barrier's parity would then read a
     // phase two ahead as complete (the fuzz hung on it).
     Barrier* dq_empty;
+    // kRecords > 0 (TILEWISE_HOPPER_BWD_SINGLE_WALK): the ring of dQ reduction records and its barriers.
+    ReductionRecord* records;  // [kRecords]
+    Barrier* rec_full;         // [kRecords]
+    Barrier* rec_empty;        // [kRecords]
   };
 
   // The backward's dK/dV kernel streams, beside each query block, its rows' log2-domain LSE, D = rowsum(dO o) -
@@ -293,12 +332,17 @@ struct KernelTraits {
   static constexpr int kDsBytes = kDsBuffer ? 2 * kDsPanelBytes : 0;
   static constexpr int kDqPanelBytes = 64 * 128;  // fp32 staging: 64 rows x 32 columns
   static constexpr int kDqStageBytes = kDqStaging ? (D / 32) * kDqPanelBytes : 0;
+  // Reduction records in flight: the reducer runs at most about four blocks behind the loader (two stages, the dQ
+  // product a block later, the staging turn); no depth deadlocks (tests/test_bwd_reduce_protocol.cpp runs the
+  // protocol with rings of 1, 2 and 8), eight leaves the loader room to run ahead.
+  static constexpr int kRecords = kDqStaging && TILEWISE_HOPPER_BWD_SINGLE_WALK ? 8 : 0;
   static constexpr int kBufferBytes = kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages +
                                       kDsBytes + kDqStageBytes;  // Q, O, K, V, dS, dQ staging
   // An even count: `info` (below the barriers and `work`) stays 16-byte aligned.
-  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 8 : 0);
+  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 8 : 0) + 2 * kRecords;
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kBufferBytes + kKStages * kStatsBytes +
-                                    kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo);
+                                    kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo) +
+                                    kRecords * sizeof(ReductionRecord);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KB an sm_90 CTA can have");
   static_assert(kBufferBytes % 128 == 0 && kStatsBytes % 128 == 0, "TMA writes the statistics stages: 128-byte aligned");
 
@@ -324,6 +368,11 @@ struct KernelTraits {
     s.dq_empty = s.dq_full + 1;
     s.work = reinterpret_cast<int32_t*>(bars + kBarriers);
     s.info = reinterpret_cast<BlockInfo*>(bars + kBarriers + 2);  // 16-byte aligned: one 128-bit load each
+    if constexpr (kRecords > 0) {
+      s.rec_full = s.dq_empty + 2;
+      s.rec_empty = s.rec_full + kRecords;
+      s.records = reinterpret_cast<ReductionRecord*>(s.info + kKStages);
+    }
     return s;
   }
 };

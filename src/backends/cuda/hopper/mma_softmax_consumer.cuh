@@ -69,13 +69,19 @@ struct Consumer {
   /// Frees a pipeline stage once this warp's wgmma reading it has completed. One arrival per warp (not per
   /// warpgroup): each warp's lane 0 also read the stage's BlockInfo, and its own arrival is what orders that
   /// read before the producer's next write of the record (compute-sanitizer racecheck checks exactly this).
-  /// In a cluster, a stage's empty barrier counts the releases of both CTAs: in a shared unit this warp arrives on
-  /// its own CTA's and on the peer's (whose loader multicasts into this CTA's stage), otherwise twice on its own.
+  /// In a cluster, a stage's empty barrier counts the releases of all its CTAs: in a shared unit this warp arrives on
+  /// its own CTA's and on each peer's (whose loaders multicast into this CTA's stages), otherwise kCluster times on
+  /// its own.
   __device__ __forceinline__ void release(Barrier& empty, bool shared) const {
     if (lane() != 0) return;
     if (Traits::kCluster > 1 && shared) {
       empty.arrive();
-      empty.arrive_remote(rank ^ 1);
+      if constexpr (Traits::kCluster == 2) {
+        empty.arrive_remote(rank ^ 1);
+      } else {
+#pragma unroll
+        for (uint32_t r = 1; r < Traits::kCluster; ++r) empty.arrive_remote((rank + r) % Traits::kCluster);
+      }
     } else {
       empty.arrive(Traits::kCluster);
     }

@@ -8,6 +8,7 @@
 #pragma once
 
 #include "backends/cuda/hopper/params.cuh"
+#include "backends/cuda/hopper/ptx.cuh"
 
 namespace tilewise::hopper {
 
@@ -174,6 +175,49 @@ __device__ __forceinline__ UnitWork decode_unit(const FwdParams& p, int32_t u, u
   }
 }
 
+/// Units of clusters whose CTAs share a tile (the backward's reduce kernel in clusters, BwdKernel in
+/// bwd_params.cuh): unit u is one (batch, head) and either one tile, whose owned slot `rank` is this CTA's item
+/// (p.slots_per_tile == kCluster, which the host checks), or kCluster consecutive text blocks, block kCluster j +
+/// rank being this CTA's. All CTAs of a unit stream the same blocks, so each is read once and multicast; an item
+/// past the tile's boxes or the text is empty, but keeps the unit's (batch, head, tile), and its CTA still takes
+/// part in the stream. Units follow decode_work's order (text first, then the tiles in p.video_order's).
+template <int kCluster>
+__device__ __forceinline__ int32_t text_units(const FwdParams& p) {
+  return (p.text_items + kCluster - 1) / kCluster;
+}
+template <int kCluster>
+__device__ __forceinline__ int32_t num_tile_units(const FwdParams& p, int32_t heads) {
+  return p.batch * heads * (text_units<kCluster>(p) + p.map.grid.num_tiles());
+}
+template <int kCluster, int kBlockM, bool kOrdered>
+__device__ __forceinline__ WorkItem decode_tile_unit(const FwdParams& p, int32_t u, uint32_t rank, int32_t heads) {
+  const int32_t per_head = text_units<kCluster>(p), text_total = p.batch * heads * per_head;
+  if (u >= text_total)  // a tile: its slot `rank`
+    return decode_work<kBlockM, kOrdered>(
+        p, p.batch * heads * p.text_items + kCluster * (u - text_total) + static_cast<int32_t>(rank), heads);
+  const int32_t bh = u / per_head, j = kCluster * (u % per_head) + static_cast<int32_t>(rank);
+  if (j < p.text_items) return decode_work<kBlockM, kOrdered>(p, bh * p.text_items + j, heads);
+  WorkItem it;  // past the text
+  it.batch = bh / heads, it.head = bh % heads;
+  it.q.query = true, it.q.text = true, it.q.row0 = j * kBlockM;
+  it.empty = true;
+  return it;
+}
+
+/// The units a kernel's scheduler hands out, and this CTA's item of unit u: tile units (decode_tile_unit) in
+/// clusters, work items (decode_work) otherwise.
+template <int kCluster>
+__device__ __forceinline__ int32_t scheduled_units(const FwdParams& p, int32_t heads) {
+  return kCluster > 1 ? num_tile_units<kCluster>(p, heads) : p.num_work;
+}
+template <int kCluster, int kBlockM, bool kOrdered>
+__device__ __forceinline__ WorkItem scheduled_item(const FwdParams& p, int32_t u, uint32_t rank, int32_t heads) {
+  if constexpr (kCluster > 1)
+    return decode_tile_unit<kCluster, kBlockM, kOrdered>(p, u, rank, heads);
+  else
+    return decode_work<kBlockM, kOrdered>(p, u, heads);
+}
+
 /// The rule by which every role (both loaders, the consumers) restarts its pipes at stage 0, so that all agree:
 /// in a cluster, before a shared unit that follows an unshared one, whose CTAs walked different blocks and may
 /// have left their rings at different stages. Called once per unit, empty items included.
@@ -205,9 +249,11 @@ struct WorkRing {
     const uint32_t slot = n & 1;
     s.work_empty[slot].wait(((n >> 1) & 1) ^ 1);
     s.work[slot] = w;
-    if constexpr (kCluster > 1) st_cluster(&s.work[slot], 1, w);
+#pragma unroll
+    for (uint32_t peer = 1; peer < kCluster; ++peer) st_cluster(&s.work[slot], peer, w);
     s.work_full[slot].arrive();
-    if constexpr (kCluster > 1) s.work_full[slot].arrive_remote_release(1);
+#pragma unroll
+    for (uint32_t peer = 1; peer < kCluster; ++peer) s.work_full[slot].arrive_remote_release(peer);
     ++n;
     return w;
   }

@@ -9,14 +9,49 @@
 namespace tilewise::hopper {
 namespace {
 
+/// The reduce kernel in clusters exists at D 128 in builds with TILEWISE_HOPPER_BWD_CLUSTER > 1 (bwd_params.cuh).
+template <int D, BwdKernel K>
+constexpr bool kBuilt = K != BwdKernel::dkdvq_reduce_cluster || (D == 128 && bwd_cluster(K) > 1);
+
+/// A launch configuration of kernel K: `grid` CTAs in clusters of bwd_cluster(K).
+template <int D, BwdKernel K>
+struct LaunchConfig {
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute cluster{};
+  LaunchConfig(int grid, cudaStream_t stream) {
+    config.gridDim = dim3(static_cast<unsigned>(grid));
+    config.blockDim = dim3(BwdTraits<D, K>::kThreads);
+    config.dynamicSmemBytes = BwdTraits<D, K>::kSmemBytes;
+    config.stream = stream;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = bwd_cluster(K), cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+  }
+};
+
+template <int D, WgType T, BwdKernel K>
+cudaError_t set_smem() {
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      backward_kernel<D, T, K>, cudaFuncAttributeMaxDynamicSharedMemorySize, BwdTraits<D, K>::kSmemBytes);
+  return attr;
+}
+
 template <int D, WgType T, BwdKernel K>
 cudaError_t launch(const BwdParams& params, int grid, cudaStream_t stream) {
-  constexpr int smem = BwdTraits<D, K>::kSmemBytes;
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(backward_kernel<D, T, K>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (attr != cudaSuccess) return attr;
-  backward_kernel<D, T, K><<<grid, BwdTraits<D, K>::kThreads, smem, stream>>>(params);
-  return cudaGetLastError();
+  if constexpr (!kBuilt<D, K>) {
+    return cudaErrorInvalidValue;  // the host asks reduce_cluster_ctas first
+  } else {
+    if (const cudaError_t attr = set_smem<D, T, K>(); attr != cudaSuccess) return attr;
+    if constexpr (bwd_cluster(K) == 1) {
+      backward_kernel<D, T, K><<<grid, BwdTraits<D, K>::kThreads, BwdTraits<D, K>::kSmemBytes, stream>>>(params);
+    } else {
+      LaunchConfig<D, K> lc(grid, stream);
+      if (const cudaError_t e = cudaLaunchKernelEx(&lc.config, backward_kernel<D, T, K>, params); e != cudaSuccess)
+        return e;
+    }
+    return cudaGetLastError();
+  }
 }
 
 template <int D, WgType T>
@@ -26,13 +61,42 @@ cudaError_t launch(const BwdParams& params, BwdKernel kernel, int grid, cudaStre
     case BwdKernel::dkdv: return launch<D, T, BwdKernel::dkdv>(params, grid, stream);
     case BwdKernel::dkdvq: return launch<D, T, BwdKernel::dkdvq>(params, grid, stream);
     case BwdKernel::dkdvq_reduce: return launch<D, T, BwdKernel::dkdvq_reduce>(params, grid, stream);
+    case BwdKernel::dkdvq_reduce_cluster: return launch<D, T, BwdKernel::dkdvq_reduce_cluster>(params, grid, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+/// Resident CTAs of the reduce kernel in clusters (0 where this build has none). A template, so that a build without
+/// that kernel does not instantiate it.
+template <int D, BwdKernel K = BwdKernel::dkdvq_reduce_cluster>
+int cluster_ctas(bool bf16) {
+  if constexpr (!kBuilt<D, K>) {
+    (void)bf16;
+    return 0;
+  } else {
+    auto ctas = [](auto type) {
+      constexpr WgType T = decltype(type)::value;
+      if (set_smem<D, T, K>() != cudaSuccess) return 0;
+      LaunchConfig<D, K> lc(bwd_cluster(K), nullptr);
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, backward_kernel<D, T, K>, &lc.config) != cudaSuccess) {
+        (void)cudaGetLastError();  // not sticky: the plain reduce kernel runs instead
+        return 0;
+      }
+      return clusters * bwd_cluster(K);
+    };
+    return bf16 ? ctas(std::integral_constant<WgType, WgType::bf16>{})
+                : ctas(std::integral_constant<WgType, WgType::f16>{});
+  }
 }
 
 }  // namespace
 
 int dkdv_stream_rows() { return TILEWISE_HOPPER_BWD_STREAM_ROWS; }
+
+int reduce_cluster_size() { return bwd_cluster(BwdKernel::dkdvq_reduce_cluster); }
+
+int reduce_cluster_ctas(int head_dim, bool bf16) { return head_dim == 128 ? cluster_ctas<128>(bf16) : 0; }
 
 int backward_smem_bytes(int head_dim) {
   return with_head_dim(head_dim, 0,

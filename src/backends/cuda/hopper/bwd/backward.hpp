@@ -15,6 +15,11 @@ constexpr int kBackwardOwnedRows = 128;
 /// a macro of backward.cu alone, so that a kernel variant built with another value plans for it too): the host sizes
 /// the boxes, the statistics and the maps of that kernel's streamed side by it.
 int dkdv_stream_rows();
+/// CTAs per cluster of this build's reduce kernel in clusters (BwdKernel::dkdvq_reduce_cluster; 1: none built).
+int reduce_cluster_size();
+/// How many CTAs of the reduce kernel in clusters can be resident at once on the current device at head dim
+/// `head_dim` (a multiple of reduce_cluster_size()), or 0 where that kernel does not exist. Plan time only.
+int reduce_cluster_ctas(int head_dim, bool bf16);
 /// The row-statistics preprocess over the dK/dV kernel's streamed blocks of `stream_rows` rows (64 or 128;
 /// `params` holds their boxes and entries) of every (batch, query head).
 cudaError_t launch_backward_preprocess(const BwdParams& params, const PreprocessParams& pre, int head_dim, bool bf16,

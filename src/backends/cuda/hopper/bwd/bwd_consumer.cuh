@@ -47,8 +47,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
   // stage, MN-major): the owned second operand (K-major), the V stage K-major and the K stage MN-major.
   uint32_t o_lo, vk_lo, km_lo;
 
-  __device__ __forceinline__ BwdConsumer(const BwdParams& p_, const typename Traits::Shared& s_, int wg_, int tid_)
-      : Base(p_, s_, wg_, tid_, 0), bp(p_) {
+  __device__ __forceinline__ BwdConsumer(const BwdParams& p_, const typename Traits::Shared& s_, int wg_, int tid_,
+                                         uint32_t rank_)
+      : Base(p_, s_, wg_, tid_, rank_), bp(p_) {
     constexpr uint32_t rb = Traits::kRowBytes;
     o_lo = static_cast<uint32_t>(make_desc(smem_addr(s_.o()) + 64 * wg_ * rb, 16, 8 * rb, rb));
     vk_lo = static_cast<uint32_t>(make_desc(smem_addr(s_.v(0)), 16, 8 * rb, rb));
@@ -199,12 +200,14 @@ struct BwdConsumer : Consumer<Traits, kType> {
     release(bi);
     return false;
   }
-  /// Frees both stages (and the owned blocks after the item's last).
+  /// Frees both stages (and the owned blocks after the item's last); in a cluster, in every CTA (all units are
+  /// shared: decode_tile_unit).
   __device__ __forceinline__ void release_stages(const BlockInfo& bi, typename Base::KPipe& ks,
                                                  typename Base::VPipe& vs) const {
-    this->release_s_operands(ks.stage(), bi, false);
+    constexpr bool kShared = Traits::kCluster > 1;
+    this->release_s_operands(ks.stage(), bi, kShared);
     ks.advance();
-    this->release(this->s.v_empty[vs.stage()], false);
+    this->release(this->s.v_empty[vs.stage()], kShared);
     vs.advance();
   }
 
@@ -491,7 +494,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
   __device__ __forceinline__ void dkdv_item(const WorkItem& item, typename Base::KPipe& ks, typename Base::VPipe& vs,
                                             uint32_t& blocks) const {
     constexpr bool kFuseDq = kKernel != BwdKernel::dkdv;
-    constexpr bool kReduce = kKernel == BwdKernel::dkdvq_reduce;
+    constexpr bool kReduce = reduces_dq(kKernel);
     static_assert(!kReduce || kHalves == 1, "the reduce kernel streams 64-row blocks");
     const BwdParams& p = bp;
     // The reduce kernel frees the owned K only after the item's last dQ product (below), not with its last block.
@@ -723,32 +726,50 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
   }
 
-  /// The work loop of the three kernels (BwdKernel): items per query head (dQ) or per kv head (dK/dV).
+  /// A cluster's item with none of this CTA's rows (a spare slot of a smaller tile, text past its length): the
+  /// peers multicast the unit's blocks into this CTA's stages too, so it takes and frees each one (the owned blocks
+  /// were not loaded: no release of them).
+  __device__ __forceinline__ void passive_item(typename Base::KPipe& ks, typename Base::VPipe& vs) const {
+    for (bool last = false; !last;) {
+      BlockInfo bi = acquire(ks, vs);
+      last = bi.flags & BlockInfo::kLast;
+      bi.flags &= ~BlockInfo::kLast;
+      release_stages(bi, ks, vs);
+    }
+  }
+
+  /// The work loop of the three kernels (BwdKernel): items per query head (dQ) or per kv head (dK/dV), or in
+  /// clusters this CTA's items of the tiles' units.
   template <BwdKernel kKernel>
   __device__ void run() const {
+    constexpr int kCluster = Traits::kCluster;
     typename Base::KPipe ks;
     typename Base::VPipe vs;
-    WorkRing<typename Traits::Shared, 1> ring{this->s, 0};
+    WorkRing<typename Traits::Shared, kCluster> ring{this->s, this->rank};
     uint32_t items = 0, blocks = 0;  // blocks: dkdvq_reduce's streamed blocks (dkdv_item)
-    if (kPingPong && kKernel != BwdKernel::dkdvq && kKernel != BwdKernel::dkdvq_reduce && this->wg == 1)
+    if (kPingPong && kKernel != BwdKernel::dkdvq && !reduces_dq(kKernel) && this->wg == 1)
       this->scheduler_arrive();  // warpgroup 0 first
-    for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < bp.num_work;) {
+    const int32_t heads = kKernel == BwdKernel::dq ? bp.q_heads : bp.kv_heads;
+    const int32_t units = scheduled_units<kCluster>(bp, heads);
+    for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < units;) {
       constexpr bool kHeavyFirst = kKernel != BwdKernel::dq && TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0;
-      const WorkItem item = decode_work<Traits::kBlockM, kHeavyFirst>(
-          bp, u, kKernel == BwdKernel::dq ? bp.q_heads : bp.kv_heads);
-      if (item.empty) continue;
+      const WorkItem item = scheduled_item<kCluster, Traits::kBlockM, kHeavyFirst>(bp, u, this->rank, heads);
+      if (item.empty) {
+        if constexpr (kCluster > 1) passive_item(ks, vs);
+        continue;
+      }
       this->s.q_full->wait(items & 1);
       ++items;
       // A warpgroup none of whose rows are real (a small box) only releases the stages the producer counts on;
       // not in the fused kernel, whose dQ product needs both warpgroups (their unreal rows have zero dS).
-      if (kKernel != BwdKernel::dkdvq && kKernel != BwdKernel::dkdvq_reduce &&
+      if (kKernel != BwdKernel::dkdvq && !reduces_dq(kKernel) &&
           64 * this->wg >= query_rows<Traits::kBlockM>(bp, item.q)) {
         idle_item<kKernel>(ks, vs);
         continue;
       }
       if constexpr (kKernel == BwdKernel::dq)
         dq_item(item, ks, vs);
-      else if constexpr (kKernel == BwdKernel::dkdvq_reduce && kReduceOverlap)
+      else if constexpr (reduces_dq(kKernel) && kReduceOverlap)
         reduce_item(item, ks, vs, blocks);
       else
         dkdv_item<kKernel>(item, ks, vs, blocks);

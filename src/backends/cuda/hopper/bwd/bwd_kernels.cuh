@@ -13,10 +13,11 @@
 namespace tilewise::hopper {
 
 template <int kHeadDim, BwdKernel kKernel>
-using BwdTraits = KernelTraits<kHeadDim, 128, kKernel == BwdKernel::dkdvq || kKernel == BwdKernel::dkdvq_reduce, false,
-                               kKernel == BwdKernel::dkdv           ? TILEWISE_HOPPER_BWD_STREAM_ROWS
-                               : kKernel == BwdKernel::dkdvq_reduce ? 64
-                                                                    : kBlockN>;
+using BwdTraits = KernelTraits<kHeadDim, 128, kKernel == BwdKernel::dkdvq || reduces_dq(kKernel), false,
+                               kKernel == BwdKernel::dkdv ? TILEWISE_HOPPER_BWD_STREAM_ROWS
+                               : reduces_dq(kKernel)      ? 64
+                                                          : kBlockN,
+                               bwd_cluster(kKernel)>;
 
 template <int kHeadDim, WgType kType, BwdKernel kKernel>
 __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
@@ -38,21 +39,29 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
     for (int i = threadIdx.x; i < Traits::kBufferBytes / 16; i += Traits::kThreads) words[i] = make_uint4(0, 0, 0, 0);
     fence_proxy_async();
   }
+  constexpr int kCluster = Traits::kCluster;
   if (threadIdx.x == 0) {
     s.q_full->init(2);  // the two owned blocks, each announced by its own load
     s.q_empty->init(4 * Traits::kConsumerWarpgroups);
+    // In a cluster every CTA's consumers release each stage in all CTAs (the peers' loads multicast into it).
     for (int i = 0; i < Traits::kKStages; ++i) {
       s.k_full[i].init(1);
-      s.k_empty[i].init(4 * Traits::kConsumerWarpgroups);
+      s.k_empty[i].init(4 * Traits::kConsumerWarpgroups * kCluster);
     }
     for (int i = 0; i < Traits::kVStages; ++i) {
       s.v_full[i].init(1);
-      s.v_empty[i].init(4 * Traits::kConsumerWarpgroups);
+      s.v_empty[i].init(4 * Traits::kConsumerWarpgroups * kCluster);
     }
     for (int i = 0; i < 2; ++i) {
       s.work_full[i].init(1);
-      // the consumers, the V loader (and the dQ reducer)
-      s.work_empty[i].init(128 * Traits::kConsumerWarpgroups + (Traits::kDqStaging ? 2 : 1));
+      // the consumers, the V loader (and the dQ reducer) of every CTA, and the peers' K loaders (WorkRing: only the
+      // first CTA's counts)
+      s.work_empty[i].init((128 * Traits::kConsumerWarpgroups + BwdProducer<Traits>::kRingReaders) * kCluster +
+                           kCluster - 1);
+    }
+    for (int i = 0; i < Traits::kRecords; ++i) {
+      s.rec_full[i].init(1);
+      s.rec_empty[i].init(1);
     }
     if constexpr (Traits::kDqStaging) {
       for (int i = 0; i < 2; ++i) {
@@ -65,23 +74,27 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
     fence_barrier_init();
   }
   __syncthreads();
+  if constexpr (kCluster > 1) cluster_sync();  // the peers' barriers exist before anything arrives on them
+  const uint32_t rank = kCluster > 1 ? __shfl_sync(0xffffffffu, cluster_rank(), 0) : 0;
 
   if (wg == 0) {
     regs_decrease<Traits::kProducerRegs>();
-    const BwdProducer<Traits> producer{p, s};
+    const BwdProducer<Traits> producer{p, s, rank};
     if (tid == 0) {
       if constexpr (kDq) producer.dq_keys();
       else producer.dkdv_keys();
     } else if (tid == 32) {
       if constexpr (kDq) producer.dq_values();
-      else producer.dkdv_values();
+      else if constexpr (!BwdProducer<Traits>::kSingleWalk) producer.dkdv_values();
     } else if (tid == 64) {
       if constexpr (Traits::kDqStaging) producer.dq_reducer();
     }
   } else {
     regs_increase<Traits::kConsumerRegs>();
-    BwdConsumer<Traits, kType>(p, s, wg - 1, tid).template run<kKernel>();
+    BwdConsumer<Traits, kType>(p, s, wg - 1, tid, rank).template run<kKernel>();
   }
+  // No CTA leaves while a peer may still arrive on its barriers or multicast into its shared memory.
+  if constexpr (kCluster > 1) cluster_sync();
 }
 
 /// dq = scale * accumulator, in the input dtype with q's strides (eight elements per thread). The accumulator is

@@ -89,11 +89,12 @@
 // The reduce kernel's fp32 dQ staging stores (BwdConsumer::stage_dq; docs/performance.md backward v3.12): the lanes
 // of odd accumulator rows may store column group g ^ 2 of a 32-column panel while the others store g, so that each
 // half-warp of an 8-byte store covers 8 distinct 16-byte chunks of the 128-byte swizzle: 2 wavefronts per store
-// instead of 4 (scripts/smem_store_patterns.cu), for 64 selects per thread and block. 1 (default) = at D 64 and 96
-// (CogVideoX -1.3%, Open-Sora-Plan -0.6%), not at D 128 (row 1 +1.7%: the kernel is energy-bound and the selects
-// cost more than the conflicts); 2 = every head dim; 0 = none. The same elements land in the same places either way.
+// instead of 4 (scripts/smem_store_patterns.cu), for 64 selects per thread and block. 2 (default since v3.14) = every
+// head dim: at D 128 it measured +1.7% on row 1 in v3.12, but -0.4 to -0.6% on row 1, + text and Wan once the three
+// v3.13 switches had changed the D 128 kernel's registers (v3.14); 1 = at D 64 and 96 only (CogVideoX -1.3%,
+// Open-Sora-Plan -0.6% in v3.12); 0 = none. The same elements land in the same places either way.
 #ifndef TILEWISE_HOPPER_BWD_STAGE_PERMUTE
-#define TILEWISE_HOPPER_BWD_STAGE_PERMUTE 1
+#define TILEWISE_HOPPER_BWD_STAGE_PERMUTE 2
 #endif
 // Three switches measured together (docs/performance.md backward v3.13): each alone moves row 1 by -1.9% to +1.9%,
 // the three together by -2.5% (CogVideoX -7.0%, Open-Sora-Plan -6.3%), since they change which values ptxas keeps in
@@ -126,6 +127,17 @@
 #ifndef TILEWISE_HOPPER_BWD_L2_HINTS
 #define TILEWISE_HOPPER_BWD_L2_HINTS 0
 #endif
+// CTAs per cluster of the reduce kernel at D 128 (BwdKernel::dkdvq_reduce_cluster; docs/performance.md backward
+// v3.14): with 3, the three CTAs of a cluster own the three 128-key blocks of one 384-token tile (or three text
+// blocks of one head), which stream the same query blocks in the same order; each Q block (with its statistics) and
+// each dO block is then read from L2 once and multicast into all three, instead of three times. The host takes it
+// where every tile has three owned slots and TILEWISE_BACKWARD_CLUSTER=1 is set (hopper_backend.cu). Correct (the
+// backward GPU tests and the fuzz pass on it) but slower: the H200 holds only 39 clusters of three (117 of its 132
+// SMs), and sharing the loads cut the L2's read traffic by 58% without cutting DRAM traffic (row 1 78.5 -> 84.8 ms,
+// docs/performance.md backward v3.14). 0 (default) = not built; 3 builds it (kernel_variants.py).
+#ifndef TILEWISE_HOPPER_BWD_CLUSTER
+#define TILEWISE_HOPPER_BWD_CLUSTER 0
+#endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the
 // dQ atomics, bit 32 the dQ product, bit 64 the barrier after it; in the reduce kernel bit 128 skips the dQ TMA
@@ -138,7 +150,15 @@ namespace tilewise::hopper {
 
 /// The backward's kernels: dQ alone, dK/dV alone (these two are the default, deterministic arrangement), dK/dV
 /// with dQ added by atomics (the fused kernel), or on 64-row streamed blocks with dQ added by TMA reductions.
-enum class BwdKernel { dq, dkdv, dkdvq, dkdvq_reduce };
+/// dkdvq_reduce_cluster: the reduce kernel in clusters of TILEWISE_HOPPER_BWD_CLUSTER CTAs that share their streamed
+/// blocks (decode_tile_unit, tile_scheduler.cuh).
+enum class BwdKernel { dq, dkdv, dkdvq, dkdvq_reduce, dkdvq_reduce_cluster };
+/// Whether a kernel adds dQ through the staging buffer and TMA reductions (the reduce kernel, in clusters or not).
+constexpr bool reduces_dq(BwdKernel k) { return k == BwdKernel::dkdvq_reduce || k == BwdKernel::dkdvq_reduce_cluster; }
+/// CTAs per cluster of a kernel.
+constexpr int bwd_cluster(BwdKernel k) {
+  return k == BwdKernel::dkdvq_reduce_cluster && TILEWISE_HOPPER_BWD_CLUSTER > 1 ? TILEWISE_HOPPER_BWD_CLUSTER : 1;
+}
 
 struct BwdParams : FwdParams {
   // Gradients, written straight from registers with the element strides of the tensors they belong to.

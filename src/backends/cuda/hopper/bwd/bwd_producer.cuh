@@ -6,7 +6,10 @@
 //  * dK/dV kernel: per owned key block, each query head of its GQA group, and per head the query tiles that see
 //    the key tile (query_boxes or the transposed block list: the reverse question) and then every text row
 //    (padding rows too: text queries see every video key and every valid text key). Each streamed Q block comes
-//    with its rows' statistics (one descriptor TMA beside the K stage, BwdParams::stats_map).
+//    with its rows' statistics (one descriptor TMA beside the K stage, BwdParams::stats_map). In the reduce kernel
+//    thread 64 adds each block's dQ into the fp32 accumulator; it walks the blocks too, or reads thread 0's records
+//    (TILEWISE_HOPPER_BWD_SINGLE_WALK, thread 32 then idle). In clusters (BwdKernel::dkdvq_reduce_cluster) the CTAs
+//    of a unit walk the same blocks; one multicasts each Q block, another each dO block.
 #pragma once
 
 #include "backends/cuda/hopper/bwd/bwd_preprocess.cuh"
@@ -30,8 +33,11 @@ struct BwdL2Hints {
 
 template <class Traits>
 struct BwdProducer {
+  static constexpr int kCluster = Traits::kCluster;
+  static constexpr bool kHeavyFirst = TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0;
   const BwdParams& p;
   const typename Traits::Shared& s;
+  uint32_t rank;  // within the cluster (the reduce kernel in clusters: the tile slot this CTA owns)
 
   __device__ __forceinline__ Producer<Traits> base() const { return Producer<Traits>{p, s, 0}; }
 
@@ -125,93 +131,184 @@ struct BwdProducer {
     return bi;
   }
 
+  /// The dK/dV kernels' units (their work items, or in clusters the tiles' units) and this CTA's item of unit u.
+  __device__ __forceinline__ int32_t dkdv_units() const { return scheduled_units<kCluster>(p, p.kv_heads); }
+  __device__ __forceinline__ WorkItem dkdv_item(int32_t u) const {
+    return scheduled_item<kCluster, Traits::kBlockM, kHeavyFirst>(p, u, rank, p.kv_heads);
+  }
+  /// Whether this CTA issues a streamed load that all CTAs of its cluster receive (the first CTA the Q blocks and
+  /// their statistics, the last the dO blocks; every CTA announces the bytes on its own barrier).
+  static __device__ __forceinline__ bool issues(uint32_t rank, uint32_t issuer) { return kCluster == 1 || rank == issuer; }
+
+  /// Whether one thread walks the reduce kernel's streamed blocks for all three roles (kernel_traits.cuh,
+  /// TILEWISE_HOPPER_BWD_SINGLE_WALK): the Q loader then also loads dO and records each block's dQ reduction.
+  static constexpr bool kSingleWalk = Traits::kRecords > 0;
+  /// Producer threads besides the consumers that read the scheduler's ring (WorkRing): the dO loader (unless
+  /// kSingleWalk) and the dQ reducer (the reduce kernel).
+  static constexpr int kRingReaders = (kSingleWalk ? 0 : 1) + (Traits::kDqStaging ? 1 : 0);
+
+  /// Loads the Q block `qb` of query head h (and its statistics) into the next K stage, described to the consumers.
+  __device__ __forceinline__ void stream_queries(const WorkItem& item, const Block& qb, int32_t h, int32_t gi,
+                                                 bool last, bool empty, PipeState<Traits::kKStages>& pipe,
+                                                 const BwdL2Hints& hints) const {
+    const int stage = pipe.stage();
+    s.k_empty[stage].wait(pipe.phase() ^ 1);
+    s.info[stage] = describe_stream(item, qb, h, gi, last, empty);
+    if (empty || (TILEWISE_HOPPER_BWD_ABLATE & 8)) {
+      s.k_full[stage].arrive();
+    } else {
+      base().zero_tail(qb, s.k(stage));
+      // The statistics first, announced without an arrival, so the phase cannot complete before the Q load's
+      // arrive_expect_tx has counted its bytes too.
+      const int64_t entry = (int64_t{p.batch_base + item.batch} * p.q_heads + h) * p.stats_entries +
+                            stats_entry<Traits::kStreamRows>(p, qb);
+      s.k_full[stage].expect_tx(Traits::kStatsBytes);
+      const int32_t stats_row = static_cast<int32_t>(entry * kStatsRows);
+      if constexpr (kCluster == 1)
+        tma_load(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, stats_row, 0, 0, 0, hints.streamed());
+      else if (rank == 0)
+        tma_load_multicast(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, stats_row, 0, 0, 0,
+                           (1u << kCluster) - 1);
+      base().load(p.k_video, &p.k_text, p.k, qb, item.batch, h, s.k(stage), &s.k_full[stage], issues(rank, 0),
+                  kCluster > 1, hints.streamed());
+    }
+    pipe.advance();
+  }
+  /// Loads the dO block `qb` of query head h into the next V stage.
+  __device__ __forceinline__ void stream_output_grads(const WorkItem& item, const Block& qb, int32_t h, bool empty,
+                                                      PipeState<Traits::kVStages>& pipe,
+                                                      const BwdL2Hints& hints) const {
+    const int stage = pipe.stage();
+    s.v_empty[stage].wait(pipe.phase() ^ 1);
+    if (empty || (TILEWISE_HOPPER_BWD_ABLATE & 8)) {
+      s.v_full[stage].arrive();
+    } else {
+      base().zero_tail(qb, s.v(stage));
+      base().load(p.v_video, &p.v_text, p.v, qb, item.batch, h, s.v(stage), &s.v_full[stage],
+                  issues(rank, kCluster - 1), kCluster > 1, hints.streamed());
+    }
+    pipe.advance();
+  }
+  /// kSingleWalk: the reduction of streamed block `qb` (query head h) as record n of the ring, once the reducer has
+  /// read the record that was there (mbarrier arrive and wait order the record's store before its load).
+  __device__ __forceinline__ void record_reduction(const Block& qb, int32_t h, bool last, bool empty,
+                                                   uint32_t& n) const {
+    constexpr int R = Traits::kRecords;
+    const uint32_t slot = n % R;
+    s.rec_empty[slot].wait(((n / R) & 1) ^ 1);
+    ReductionRecord r{static_cast<uint32_t>(h) | (last ? ReductionRecord::kLast : 0u), 0, 0, 0};
+    if (empty) {
+      r.bits |= ReductionRecord::kEmpty;
+    } else if (qb.text) {
+      r.bits |= ReductionRecord::kText;
+      r.c1 = qb.row0;
+    } else {
+      const D3 o = qb.tma_origin(p);
+      r.bits |= static_cast<uint32_t>(qb.cls) << ReductionRecord::kClassShift;
+      r.c1 = static_cast<int32_t>(o.w), r.c2 = static_cast<int32_t>(o.h), r.c3 = static_cast<int32_t>(o.t);
+    }
+    s.records[slot] = r;
+    s.rec_full[slot].arrive();
+    ++n;
+  }
+
+  /// The Q loader (thread 0; with kSingleWalk also the dO loader and the reductions' recorder): takes units from
+  /// the scheduler (the cluster's first CTA) or from the ring (the others).
   __device__ void dkdv_keys() const {
-    uint32_t items = 0;
+    uint32_t items = 0, records = 0;
     const BwdL2Hints hints;
     PipeState<Traits::kKStages> pipe;
-    WorkRing<typename Traits::Shared, 1> ring{s, 0};
-    for (int32_t u; (u = ring.produce(p.work_counter, p.num_work)) < p.num_work;) {
-      const WorkItem item = decode_work<Traits::kBlockM, TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0>(p, u, p.kv_heads);
-      if (item.empty) continue;
-      load_owned(item, items, hints);
+    PipeState<Traits::kVStages> values;  // kSingleWalk
+    WorkRing<typename Traits::Shared, kCluster> ring{s, rank};
+    const int32_t units = dkdv_units();
+    for (int32_t u; (u = kCluster == 1 || rank == 0 ? ring.produce(p.work_counter, units) : ring.consume()) < units;) {
+      const WorkItem item = dkdv_item(u);
+      // In a cluster a CTA with an empty item still takes part in its unit's stream (decode_tile_unit).
+      if (item.empty && kCluster == 1) continue;
+      if (!item.empty) load_owned(item, items, hints);
       for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t gi, bool last, bool empty) {
-        const int stage = pipe.stage();
-        s.k_empty[stage].wait(pipe.phase() ^ 1);
-        s.info[stage] = describe_stream(item, qb, h, gi, last, empty);
-        if (empty || (TILEWISE_HOPPER_BWD_ABLATE & 8)) {
-          s.k_full[stage].arrive();
-        } else {
-          base().zero_tail(qb, s.k(stage));
-          // The statistics first, announced without an arrival, so the phase cannot complete before the Q load's
-          // arrive_expect_tx has counted its bytes too.
-          const int64_t entry = (int64_t{p.batch_base + item.batch} * p.q_heads + h) * p.stats_entries +
-                                stats_entry<Traits::kStreamRows>(p, qb);
-          s.k_full[stage].expect_tx(Traits::kStatsBytes);
-          tma_load(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, static_cast<int32_t>(entry * kStatsRows), 0,
-                   0, 0, hints.streamed());
-          base().load(p.k_video, &p.k_text, p.k, qb, item.batch, h, s.k(stage), &s.k_full[stage], true, false,
-                      hints.streamed());
+        stream_queries(item, qb, h, gi, last, empty, pipe, hints);
+        if constexpr (kSingleWalk) {
+          stream_output_grads(item, qb, h, empty, values, hints);
+          if (!item.empty) record_reduction(qb, h, last, empty, records);  // (its consumers stage no dQ)
         }
-        pipe.advance();
       });
     }
   }
 
-  /// dkdvq_reduce (thread 64): walks the same items and streamed blocks as the loaders and, once the consumers
-  /// have put a block's dQ into the staging buffer, adds it into the fp32 accumulator with TMA reductions (one per
-  /// 32-column panel, through the block's box: rows outside the latent or the text are clipped), then frees the
-  /// buffer once they have read it. The reduction leaves the consumers' path entirely.
+  /// The dQ reductions of streamed block m (query head h of batch element `batch`, its map and TMA coordinates),
+  /// once the consumers have put its dQ into the staging buffer: one TMA reduction per 32-column panel into the
+  /// fp32 accumulator, through the block's box (rows outside the latent or the text are clipped); the buffer is
+  /// freed once they have read it.
+  __device__ __forceinline__ void reduce_block(int32_t batch, int32_t h, const CUtensorMap* map, int c1, int c2,
+                                               int c3, uint32_t& m, const BwdL2Hints& hints) const {
+    s.dq_full->wait(m & 1);
+    const int c4 = p.dq_view.c4(batch, h);
+#pragma unroll
+    for (int panel = 0; panel < ((TILEWISE_HOPPER_BWD_ABLATE & 128) ? 0 : Traits::D / 32); ++panel)
+      tma_reduce_add(map, s.dq_stage() + panel * Traits::kDqPanelBytes, p.dq_view.c0(h, panel * 32), c1, c2, c3, c4,
+                     hints.reduced());
+    tma_store_commit();
+    tma_store_wait_read();
+    s.dq_empty[m & 1].arrive();
+    ++m;
+  }
+
+  /// dkdvq_reduce (thread 64): adds each streamed block's dQ into the fp32 accumulator (reduce_block), in the
+  /// order of the loaders' walk: from the Q loader's records (kSingleWalk), or by walking the same items and
+  /// blocks itself. The reduction leaves the consumers' path entirely.
   __device__ void dq_reducer() const {
     if constexpr (Traits::kDqStaging) {
       const BwdL2Hints hints;
       uint32_t m = 0;  // streamed blocks so far (the consumers number them alike)
-      WorkRing<typename Traits::Shared, 1> ring{s, 0};
-      for (int32_t u; (u = ring.consume()) < p.num_work;) {
-        const WorkItem item = decode_work<Traits::kBlockM, TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0>(p, u, p.kv_heads);
-        if (item.empty) continue;
-        for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
-          if (empty) return;
-          s.dq_full->wait(m & 1);
-          const int c4 = p.dq_view.c4(item.batch, h);
-          const D3 o = qb.tma_origin(p);
-#pragma unroll
-          for (int panel = 0; panel < ((TILEWISE_HOPPER_BWD_ABLATE & 128) ? 0 : Traits::D / 32); ++panel) {
-            const int c0 = p.dq_view.c0(h, panel * 32);
-            const uint8_t* src = s.dq_stage() + panel * Traits::kDqPanelBytes;
-            if (qb.text)
-              tma_reduce_add(&p.dq_text, src, c0, qb.row0, 0, 0, c4, hints.reduced());
-            else
-              tma_reduce_add(&p.dq_video[qb.cls], src, c0, static_cast<int>(o.w), static_cast<int>(o.h),
-                             static_cast<int>(o.t), c4, hints.reduced());
+      uint32_t n = 0;  // kSingleWalk: records read
+      WorkRing<typename Traits::Shared, kCluster> ring{s, rank};
+      const int32_t units = dkdv_units();
+      for (int32_t u; (u = ring.consume()) < units;) {
+        const WorkItem item = dkdv_item(u);
+        if (item.empty) continue;  // (in a cluster its consumers stage no dQ either)
+        if constexpr (kSingleWalk) {
+          constexpr int R = Traits::kRecords;
+          for (bool last = false; !last; ++n) {
+            s.rec_full[n % R].wait((n / R) & 1);
+            const uint4 w = ld_shared_v4(&s.records[n % R]);
+            s.rec_empty[n % R].arrive();
+            last = w.x & ReductionRecord::kLast;
+            if (w.x & ReductionRecord::kEmpty) continue;
+            const int32_t h = static_cast<int32_t>(w.x & ReductionRecord::kHeadMask);
+            const CUtensorMap* map = (w.x & ReductionRecord::kText)
+                                         ? &p.dq_text
+                                         : &p.dq_video[(w.x >> ReductionRecord::kClassShift) & (kTileClasses - 1)];
+            reduce_block(item.batch, h, map, static_cast<int>(w.y), static_cast<int>(w.z), static_cast<int>(w.w), m,
+                         hints);
           }
-          tma_store_commit();
-          tma_store_wait_read();
-          s.dq_empty[m & 1].arrive();
-          ++m;
-        });
+        } else {
+          for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
+            if (empty) return;
+            const D3 o = qb.tma_origin(p);
+            if (qb.text)
+              reduce_block(item.batch, h, &p.dq_text, qb.row0, 0, 0, m, hints);
+            else
+              reduce_block(item.batch, h, &p.dq_video[qb.cls], static_cast<int>(o.w), static_cast<int>(o.h),
+                           static_cast<int>(o.t), m, hints);
+          });
+        }
       }
       tma_store_wait_all();  // every reduction complete before the CTA retires
     }
   }
 
+  /// The dO loader (thread 32; not with kSingleWalk): walks the same units and blocks as the Q loader.
   __device__ void dkdv_values() const {
     const BwdL2Hints hints;
     PipeState<Traits::kVStages> pipe;
-    WorkRing<typename Traits::Shared, 1> ring{s, 0};
-    for (int32_t u; (u = ring.consume()) < p.num_work;) {
-      const WorkItem item = decode_work<Traits::kBlockM, TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0>(p, u, p.kv_heads);
-      if (item.empty) continue;
+    WorkRing<typename Traits::Shared, kCluster> ring{s, rank};
+    const int32_t units = dkdv_units();
+    for (int32_t u; (u = ring.consume()) < units;) {
+      const WorkItem item = dkdv_item(u);
+      if (item.empty && kCluster == 1) continue;
       for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
-        const int stage = pipe.stage();
-        s.v_empty[stage].wait(pipe.phase() ^ 1);
-        if (empty || (TILEWISE_HOPPER_BWD_ABLATE & 8)) {
-          s.v_full[stage].arrive();
-        } else {
-          base().zero_tail(qb, s.v(stage));
-          base().load(p.v_video, &p.v_text, p.v, qb, item.batch, h, s.v(stage), &s.v_full[stage], true, false,
-                      hints.streamed());
-        }
-        pipe.advance();
+        stream_output_grads(item, qb, h, empty, pipe, hints);
       });
     }
   }
