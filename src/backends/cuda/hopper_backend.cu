@@ -226,7 +226,8 @@ class HopperBackend final : public Backend {
       reduce_entries_ = static_cast<int32_t>(reduce_classes_.key_entries(g, p.text_capacity));
       // In clusters where the build has them, every tile has as many owned slots as a cluster has CTAs (a 6x8x8
       // tile: three 128-key blocks), so that a cluster's CTAs share their streamed blocks (tile_scheduler.cuh,
-      // decode_tile_unit), and TILEWISE_BACKWARD_CLUSTER=1 asks for it (being measured, docs/performance.md v3.14).
+      // decode_tile_unit), and TILEWISE_BACKWARD_CLUSTER=1 asks for it (measured 8% slower on the H200, where only
+      // 117 of the 132 SMs hold clusters of three: docs/performance.md backward v3.14).
       const char* cluster = std::getenv("TILEWISE_BACKWARD_CLUSTER");
       const bool want_cluster = cluster != nullptr && std::string(cluster) == "1";
       if (const int c = hopper::reduce_cluster_size(); want_cluster && c > 1 && reduce_classes_.slots == c) {

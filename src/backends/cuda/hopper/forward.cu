@@ -1,5 +1,6 @@
 // Instantiations of the Hopper forward kernel (head dims 64, 96, 128 x bf16, f16) and its launcher.
 #include "backends/cuda/hopper/forward.hpp"
+#include "backends/cuda/hopper/cluster_launch.hpp"
 #include "backends/cuda/hopper/fwd_kernel.cuh"
 
 #include <algorithm>
@@ -17,17 +18,8 @@ cudaError_t launch(const FwdParams& params, int grid, cudaStream_t stream) {
   // groups, whichever is fewer.
   constexpr int C = KernelTraits<D>::kCluster;
   grid = C * std::max(1, std::min((params.num_work + C - 1) / C, grid / C));
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(grid));
-  config.blockDim = dim3(KernelTraits<D>::kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = C, cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, forward_kernel<D, T>, params);
+  const ClusterLaunch lc(grid, KernelTraits<D>::kThreads, smem, C, stream);
+  return cudaLaunchKernelEx(&lc.config, forward_kernel<D, T>, params);
 }
 
 /// f(KernelTraits<D>{}) for a supported head dim D, else `unsupported`.

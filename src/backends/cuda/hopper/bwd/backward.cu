@@ -2,6 +2,7 @@
 // and their launchers.
 #include "backends/cuda/hopper/bwd/backward.hpp"
 #include "backends/cuda/hopper/bwd/bwd_kernels.cuh"
+#include "backends/cuda/hopper/cluster_launch.hpp"
 #include "backends/cuda/hopper/head_dims.hpp"
 
 #include <type_traits>
@@ -13,22 +14,11 @@ namespace {
 template <int D, BwdKernel K>
 constexpr bool kBuilt = K != BwdKernel::dkdvq_reduce_cluster || (D == 128 && bwd_cluster(K) > 1);
 
-/// A launch configuration of kernel K: `grid` CTAs in clusters of bwd_cluster(K).
+/// Kernel K's launch: `grid` CTAs in clusters of bwd_cluster(K).
 template <int D, BwdKernel K>
-struct LaunchConfig {
-  cudaLaunchConfig_t config{};
-  cudaLaunchAttribute cluster{};
-  LaunchConfig(int grid, cudaStream_t stream) {
-    config.gridDim = dim3(static_cast<unsigned>(grid));
-    config.blockDim = dim3(BwdTraits<D, K>::kThreads);
-    config.dynamicSmemBytes = BwdTraits<D, K>::kSmemBytes;
-    config.stream = stream;
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = bwd_cluster(K), cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
-  }
-};
+ClusterLaunch launch_config(int grid, cudaStream_t stream) {
+  return ClusterLaunch(grid, BwdTraits<D, K>::kThreads, BwdTraits<D, K>::kSmemBytes, bwd_cluster(K), stream);
+}
 
 template <int D, WgType T, BwdKernel K>
 cudaError_t set_smem() {
@@ -46,7 +36,7 @@ cudaError_t launch(const BwdParams& params, int grid, cudaStream_t stream) {
     if constexpr (bwd_cluster(K) == 1) {
       backward_kernel<D, T, K><<<grid, BwdTraits<D, K>::kThreads, BwdTraits<D, K>::kSmemBytes, stream>>>(params);
     } else {
-      LaunchConfig<D, K> lc(grid, stream);
+      const ClusterLaunch lc = launch_config<D, K>(grid, stream);
       if (const cudaError_t e = cudaLaunchKernelEx(&lc.config, backward_kernel<D, T, K>, params); e != cudaSuccess)
         return e;
     }
@@ -77,7 +67,7 @@ int cluster_ctas(bool bf16) {
     auto ctas = [](auto type) {
       constexpr WgType T = decltype(type)::value;
       if (set_smem<D, T, K>() != cudaSuccess) return 0;
-      LaunchConfig<D, K> lc(bwd_cluster(K), nullptr);
+      const ClusterLaunch lc = launch_config<D, K>(bwd_cluster(K), nullptr);
       int clusters = 0;
       if (cudaOccupancyMaxActiveClusters(&clusters, backward_kernel<D, T, K>, &lc.config) != cudaSuccess) {
         (void)cudaGetLastError();  // not sticky: the plain reduce kernel runs instead
