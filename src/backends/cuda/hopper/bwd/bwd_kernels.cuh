@@ -54,8 +54,8 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
     }
     for (int i = 0; i < 2; ++i) {
       s.work_full[i].init(1);
-      // the consumers, the V loader (and the dQ reducer) of every CTA, and the peers' K loaders (WorkRing: only the
-      // first CTA's counts)
+      // the consumers and the producer's other ring readers (the dO loader, the dQ reducer: kRingReaders) of every
+      // CTA, and the peers' K loaders (WorkRing: only the first CTA's counts)
       s.work_empty[i].init((128 * Traits::kConsumerWarpgroups + BwdProducer<Traits>::kRingReaders) * kCluster +
                            kCluster - 1);
     }
