@@ -26,20 +26,26 @@ grep -E "wgmma.mma_async instructions are serialized" "$OUT/build.log" | sed 's/
 # compute-sanitizer, every tool on each small case of a parameterised suite: sanitize_cases SUITE CASE...
 # SANITIZE_TOOLS picks the tools; SANITIZE_LIB runs them on another library (a bwd_variants one, e.g.
 # SANITIZE_LIB=/tmp/bwd-variants/name); SANITIZE_TIMEOUT the seconds per tool and case (300; racecheck on
-# partial_tile_classes_d128_text_first needs more than 270). The first hazard's lines are printed, since the logs
-# can be long.
+# partial_tile_classes_d128_text_first needs more than 270); SANITIZE_PARALLEL=1 runs every tool and case as a process
+# of its own at once (the GPU holds them all; racecheck's minutes per case then overlap: v3.13-v3.14 ran nine at once).
+# The first hazard's lines are printed, since the logs can be long.
+sanitize_one() {  # SUITE TOOL CASE
+  local log="$OUT/sanitize_${2}_$3.log"
+  LD_LIBRARY_PATH=${SANITIZE_LIB:-$PWD/$BUILD} timeout ${SANITIZE_TIMEOUT:-300} compute-sanitizer --tool $2 --error-exitcode 9 \
+    $BUILD/tilewise_tests --gtest_filter="Cases/$1.*/$3*" > "$log" 2>&1
+  local rc=$?
+  { echo "$2 $3 rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
+    grep -m1 -A2 -E "^========= (Error|Warning):" "$log" | cut -c1-200; }
+}
 sanitize_cases() {
-  local suite=$1 tool case log
+  local suite=$1 tool case
   shift
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
     for case in "$@"; do
-      log="$OUT/sanitize_${tool}_$case.log"
-      LD_LIBRARY_PATH=${SANITIZE_LIB:-$PWD/$BUILD} timeout ${SANITIZE_TIMEOUT:-300} compute-sanitizer --tool $tool --error-exitcode 9 \
-        $BUILD/tilewise_tests --gtest_filter="Cases/$suite.*/$case*" > "$log" 2>&1
-      echo "$tool $case rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
-      grep -m1 -A2 -E "^========= (Error|Warning):" "$log" | cut -c1-200
+      if [ -n "${SANITIZE_PARALLEL:-}" ]; then sanitize_one $suite $tool $case & else sanitize_one $suite $tool $case; fi
     done
   done
+  wait
 }
 # scripts/backward_check.cpp against this build's library (the backward's variants, checks and profiles use it)
 build_bwdcheck() {
