@@ -76,12 +76,8 @@ struct Consumer {
     if (lane() != 0) return;
     if (Traits::kCluster > 1 && shared) {
       empty.arrive();
-      if constexpr (Traits::kCluster == 2) {
-        empty.arrive_remote(rank ^ 1);
-      } else {
 #pragma unroll
-        for (uint32_t r = 1; r < Traits::kCluster; ++r) empty.arrive_remote((rank + r) % Traits::kCluster);
-      }
+      for (uint32_t r = 1; r < Traits::kCluster; ++r) empty.arrive_remote((rank + r) % Traits::kCluster);
     } else {
       empty.arrive(Traits::kCluster);
     }

@@ -138,7 +138,7 @@ struct BwdProducer {
   }
   /// Whether this CTA issues a streamed load that all CTAs of its cluster receive (the first CTA the Q blocks and
   /// their statistics, the last the dO blocks; every CTA announces the bytes on its own barrier).
-  static __device__ __forceinline__ bool issues(uint32_t rank, uint32_t issuer) { return kCluster == 1 || rank == issuer; }
+  __device__ __forceinline__ bool issues(uint32_t issuer) const { return kCluster == 1 || rank == issuer; }
 
   /// Whether one thread walks the reduce kernel's streamed blocks for all three roles (kernel_traits.cuh,
   /// TILEWISE_HOPPER_BWD_SINGLE_WALK): the Q loader then also loads dO and records each block's dQ reduction.
@@ -169,7 +169,7 @@ struct BwdProducer {
       else if (rank == 0)
         tma_load_multicast(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, stats_row, 0, 0, 0,
                            (1u << kCluster) - 1);
-      base().load(p.k_video, &p.k_text, p.k, qb, item.batch, h, s.k(stage), &s.k_full[stage], issues(rank, 0),
+      base().load(p.k_video, &p.k_text, p.k, qb, item.batch, h, s.k(stage), &s.k_full[stage], issues(0),
                   kCluster > 1, hints.streamed());
     }
     pipe.advance();
@@ -185,7 +185,7 @@ struct BwdProducer {
     } else {
       base().zero_tail(qb, s.v(stage));
       base().load(p.v_video, &p.v_text, p.v, qb, item.batch, h, s.v(stage), &s.v_full[stage],
-                  issues(rank, kCluster - 1), kCluster > 1, hints.streamed());
+                  issues(kCluster - 1), kCluster > 1, hints.streamed());
     }
     pipe.advance();
   }
