@@ -254,6 +254,11 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().nan_to_num(nan=float("inf")).max().item()
 
 
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in fp32."""
+    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
 def compiled_flex():
     """FlexAttention compiled for the benchmark rows."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -303,7 +308,7 @@ def fp8_columns(row: Row, q, k, v, o_bf16, text_len, run_kw: dict) -> tuple:
 
     ms = bench(run_fp8)
     run_fp8()
-    err = ((o.float() - o_bf16.float()).norm() / o_bf16.float().norm()).item()
+    err = rel_l2(o, o_bf16)
     inputs = quantized_inputs(plans["fp8"], q, k, v, tl_ptr)
     ms_kernel = bench(lambda: run_fp8_scaled(plans["fp8_scaled"], inputs, o, tl_ptr))
     del plans
@@ -366,8 +371,12 @@ def main() -> None:
             ms = bench(vrun)
             if repeat == 0 and name != "default":
                 vrun()
-                row.notes.append(f"variant {name} ({args.variant_precision}): max abs output difference from the "
-                                 f"default {max_abs_diff(vo, o_default):.3g}")
+                note = (f"variant {name} ({args.variant_precision}): max abs output difference from the "
+                        f"default {max_abs_diff(vo, o_default):.3g}")
+                if fp8_variants:  # a variant may change the FP8 arithmetic: its error next to the default's
+                    note += (f"; rel L2 vs the bf16 output {rel_l2(vo, o):.4f} (the default FP8's "
+                             f"{rel_l2(o_default, o):.4f})")
+                row.notes.append(note)
             return ms
 
         variant_ms = alternate_variants(args, measure, row.name)

@@ -138,18 +138,23 @@ def attention_table(args, device, dtype) -> str:
             # (with --copy-engine, also exchange="copy_engine": chunks 1 and 2, one SM left for its barrier kernel)
             variants = [(1, 0, "nccl")] if n == 1 else \
                 [(1, 0, "nccl"), (2, 0, "nccl")] + [(2, m, "nccl") for m in args.sm_margins if m > 0]
-            if n > 1 and args.copy_engine and device.type == "cuda":
+            # The copy-engine exchange on the whole world only (the group the model runs on and the tests exercise)
+            if n > 1 and n == world and args.copy_engine and device.type == "cuda":
                 variants += [(1, 1, "copy_engine"), (2, 1, "copy_engine")]
             for chunks, margin, exchange in variants:
+                # a row far past its time prints every rank's Python stacks (where a hang waits), as the model rows do
+                faulthandler.dump_traceback_later(args.row_timeout, exit=False)
+
                 def call():
                     with torch.no_grad():  # the copy-engine exchange serves calls without autograd
                         return twp.ulysses_attention(ql, kl, vl, group=group, seq_len=S, chunks=chunks,
                                                      load_balance=balance, sm_margin=margin, exchange=exchange, **kw)
                 t_all = timed(call, args.iters, device, group)
-                gathered = [torch.empty(1, twp.shard_sizes(S, n)[r], heads, D, device=device, dtype=dtype)
-                            for r in range(n)]
-                dist.all_gather(gathered, call().contiguous(), group=group)
-                results[chunks, margin, exchange] = (t_all, rel_l2(torch.cat(gathered, dim=1), ref))
+                results[chunks, margin, exchange] = (t_all, rel_l2(gather_rows(call(), S, n, group), ref))
+                faulthandler.cancel_dump_traceback_later()
+                if rank == 0:  # each measurement as it lands: a run cut short keeps what it measured
+                    print(f"  layer: {label}, {n} GPUs, chunks {chunks}, sm_margin {margin}, {exchange}: "
+                          f"{t_all * 1e3:.2f} ms, rel L2 {results[chunks, margin, exchange][1]:.3g}", flush=True)
             if n == 1:  # no all-to-all runs; the row says what the distributed path costs over the plain op
                 t_all, err = results[1, 0, "nccl"]
                 rows.append(f"| {label} | 1 ({backend_name(group)}) | 1 | {t_all * 1e3:.2f} | "
@@ -176,6 +181,19 @@ def attention_table(args, device, dtype) -> str:
     if profiles:
         text += "\n\nTime of one attention call by kernel class (torch.profiler):\n\n" + "\n".join(profiles)
     return text
+
+
+def gather_rows(x: torch.Tensor, S: int, n: int, group) -> torch.Tensor:
+    """The n ranks' shards of the sequence (dim 1, twp.shard_sizes(S, n) rows each) concatenated on every rank.
+    all_gather needs equal sizes: S need not divide by n (115456 rows on 3 GPUs), so each shard travels padded to
+    the largest. (Unequal sizes made gloo fail and NCCL wait forever: the 4-GPU run's n = 3.)"""
+    import tilewise.parallel as twp
+    sizes = twp.shard_sizes(S, n)
+    pad = x.new_zeros((x.shape[0], max(sizes), *x.shape[2:]))
+    pad[:, :x.shape[1]] = x
+    gathered = [torch.empty_like(pad) for _ in range(n)]
+    dist.all_gather(gathered, pad, group=group)
+    return torch.cat([g[:, :m] for g, m in zip(gathered, sizes)], dim=1)
 
 
 def backend_name(group) -> str:

@@ -252,6 +252,15 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
     results["autocast"] = {"out": float((a.float() - b.float()).abs().max()) if a.numel() else 0.0,
                            "bf16": a.dtype == torch.bfloat16}
 
+    # bench_parallel's gather of the layer's output shards, whose sizes differ when the world does not divide the
+    # sequence (unequal all_gather inputs hung NCCL on 4 GPUs): the whole sequence again, exactly
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from bench_parallel import gather_rows
+    S = 8 * world + 3
+    full = torch.randn(1, S, 2, 4, generator=gen, dtype=torch.float64)
+    lo, hi = twp.shard_range(S, rank, world)
+    results["gather_rows"] = {"out": float((gather_rows(full[:, lo:hi], S, world, dist.group.WORLD) - full).abs().max())}
+
     errors = {}
     x = torch.randn(1, 8, 3, 8, dtype=torch.float64)  # 3 heads: no multiple of 2 or 4
     y = torch.randn(1, 8, world, 8, dtype=torch.float64)
@@ -329,7 +338,7 @@ def reports(request, tmp_path_factory):
 
 
 CASE_NAMES = list(_cases(torch.Generator().manual_seed(0))) + list(_split_cases()) + \
-    [name + "_parts" for name in _parts_cases()] + ["seq_len_given", "autocast"]
+    [name + "_parts" for name in _parts_cases()] + ["seq_len_given", "autocast", "gather_rows"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
