@@ -9,10 +9,11 @@ window 3x3x3 (every head), and a calibrated-like per-head table with tilewise.pa
 Table 1, one attention layer, for every group size n = 1..N that divides the 24 heads (ranks 0..n-1 form the
 group; the others wait): seconds per call (median over --iters, max over the group's ranks), the share of it
 spent in the all-to-alls (the same collectives on the same shapes, timed alone), the speedup over n = 1 (the
-plain single-GPU op) and the largest difference from the n = 1 output (the chunks are gathered on rank 0). Each
-n is run with `chunks` = 1 (one all-to-all in, one out) and 2 (two head groups whose communication overlaps the
-other's attention), and with 2 and each `--sm-margins` value (SMs the attention leaves to NCCL's kernels, which the
-persistent kernel would otherwise keep waiting); all are printed, the fastest marked.
+plain single-GPU op) and the largest difference from the n = 1 output (the chunks joined by
+tilewise.parallel.gather). Each n is run with `chunks` = 1 (one all-to-all in, one out) and 2 (two head groups
+whose communication overlaps the other's attention), and with 2 and each `--sm-margins` value (SMs the attention
+leaves to NCCL's kernels, which the persistent kernel would otherwise keep waiting); all are printed, the fastest
+marked.
 
 Table 2, one full HunyuanVideo 13B transformer forward (random bf16 weights, diffusers' context parallelism with
 tilewise's processors, tilewise.diffusers.cp_plan): n = 1 (rank 0 alone) and n = N; the output of N compared with
@@ -150,7 +151,7 @@ def attention_table(args, device, dtype) -> str:
                         return twp.ulysses_attention(ql, kl, vl, group=group, seq_len=S, chunks=chunks,
                                                      load_balance=balance, sm_margin=margin, exchange=exchange, **kw)
                 t_all = timed(call, args.iters, device, group)
-                results[chunks, margin, exchange] = (t_all, rel_l2(gather_rows(call(), S, n, group), ref))
+                results[chunks, margin, exchange] = (t_all, rel_l2(twp.gather(call(), group, seq_len=S), ref))
                 faulthandler.cancel_dump_traceback_later()
                 if rank == 0:  # each measurement as it lands: a run cut short keeps what it measured
                     print(f"  layer: {label}, {n} GPUs, chunks {chunks}, sm_margin {margin}, {exchange}: "
@@ -181,19 +182,6 @@ def attention_table(args, device, dtype) -> str:
     if profiles:
         text += "\n\nTime of one attention call by kernel class (torch.profiler):\n\n" + "\n".join(profiles)
     return text
-
-
-def gather_rows(x: torch.Tensor, S: int, n: int, group) -> torch.Tensor:
-    """The n ranks' shards of the sequence (dim 1, twp.shard_sizes(S, n) rows each) concatenated on every rank.
-    all_gather needs equal sizes: S need not divide by n (115456 rows on 3 GPUs), so each shard travels padded to
-    the largest. (Unequal sizes made gloo fail and NCCL wait forever: the 4-GPU run's n = 3.)"""
-    import tilewise.parallel as twp
-    sizes = twp.shard_sizes(S, n)
-    pad = x.new_zeros((x.shape[0], max(sizes), *x.shape[2:]))
-    pad[:, :x.shape[1]] = x
-    gathered = [torch.empty_like(pad) for _ in range(n)]
-    dist.all_gather(gathered, pad, group=group)
-    return torch.cat([g[:, :m] for g, m in zip(gathered, sizes)], dim=1)
 
 
 def backend_name(group) -> str:

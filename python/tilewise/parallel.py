@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from tilewise import _api, _args, _capi, _copy_engine, _torch
 
-__all__ = ["ulysses_attention", "shard_range", "shard_sizes", "shard", "head_assignment", "head_costs"]
+__all__ = ["ulysses_attention", "shard_range", "shard_sizes", "shard", "gather", "head_assignment", "head_costs"]
 
 
 # --- sharding ---
@@ -67,6 +67,26 @@ def shard(x: torch.Tensor, group=None, *, dim: int = 1) -> torch.Tensor:
     rank, world = _group_rank(group), _group_size(group)
     lo, hi = shard_range(x.shape[dim], rank, world)
     return x.narrow(dim, lo, hi - lo)
+
+
+def gather(x: torch.Tensor, group=None, *, dim: int = 1, seq_len=None) -> torch.Tensor:
+    """The full tensor on every rank from the ranks' chunks along `dim` (shard's inverse; a collective of the group).
+    seq_len: the full length, if known (else the chunk lengths are gathered first). Chunks differ in length where
+    the group's size does not divide seq_len, and all_gather takes equal sizes (unequal ones make NCCL wait forever),
+    so each travels padded to the longest."""
+    P = _group_size(group)
+    sizes = _local_sizes(x.shape[dim], seq_len, P, group, x.device)
+    rank = _group_rank(group)
+    if x.shape[dim] != sizes[rank]:
+        raise ValueError(f"invalid x with {x.shape[dim]} positions along dim {dim} on rank {rank}: expected "
+                         f"{sizes[rank]} (shard_sizes({sum(sizes)}, {P}))")
+    shape = list(x.shape)
+    shape[dim] = max(sizes)
+    padded = x.new_zeros(shape)
+    padded.narrow(dim, 0, x.shape[dim]).copy_(x)
+    chunks = [torch.empty_like(padded) for _ in range(P)]
+    dist.all_gather(chunks, padded, group=group)
+    return torch.cat([c.narrow(dim, 0, n) for c, n in zip(chunks, sizes)], dim=dim)
 
 
 def _group_size(group) -> int:

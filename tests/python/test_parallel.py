@@ -252,14 +252,15 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
     results["autocast"] = {"out": float((a.float() - b.float()).abs().max()) if a.numel() else 0.0,
                            "bf16": a.dtype == torch.bfloat16}
 
-    # bench_parallel's gather of the layer's output shards, whose sizes differ when the world does not divide the
-    # sequence (unequal all_gather inputs hung NCCL on 4 GPUs): the whole sequence again, exactly
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    from bench_parallel import gather_rows
+    # gather, shard's inverse, where the world does not divide the sequence (chunks of unequal length: all_gather
+    # alone hung NCCL on 4 GPUs) and in bhsd (dim 2): the whole tensor again, exactly, with seq_len given or not
     S = 8 * world + 3
     full = torch.randn(1, S, 2, 4, generator=gen, dtype=torch.float64)
-    lo, hi = twp.shard_range(S, rank, world)
-    results["gather_rows"] = {"out": float((gather_rows(full[:, lo:hi], S, world, dist.group.WORLD) - full).abs().max())}
+    mine = twp.shard(full, dist.group.WORLD)
+    results["gather"] = {"out": float((twp.gather(mine, seq_len=S) - full).abs().max()),
+                         "out_sizes_gathered": float((twp.gather(mine) - full).abs().max()),
+                         "out_bhsd": float((twp.gather(mine.transpose(1, 2), dim=2, seq_len=S) -
+                                            full.transpose(1, 2)).abs().max())}
 
     errors = {}
     x = torch.randn(1, 8, 3, 8, dtype=torch.float64)  # 3 heads: no multiple of 2 or 4
@@ -279,6 +280,7 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
                                                   seq_len=8 * world, exchange="nvshmem"),
         "exchange_cpu": lambda: twp.ulysses_attention(y, y, y, latent=(1, 2, 4), tile=(1, 1, 1), window=(1, 1, 1),
                                                       seq_len=8 * world, exchange="copy_engine"),
+        "gather": lambda: twp.gather(y, seq_len=8 * world + 5),
     }.items():
         try:
             fn()
@@ -338,7 +340,7 @@ def reports(request, tmp_path_factory):
 
 
 CASE_NAMES = list(_cases(torch.Generator().manual_seed(0))) + list(_split_cases()) + \
-    [name + "_parts" for name in _parts_cases()] + ["seq_len_given", "autocast", "gather_rows"]
+    [name + "_parts" for name in _parts_cases()] + ["seq_len_given", "autocast", "gather"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
@@ -365,6 +367,8 @@ def test_errors_name_the_numbers(reports):
     assert "invalid sm_margin = -1: expected at least 0" in errors["sm_margin"]
     assert "invalid exchange = 'nvshmem': expected one of 'nccl', 'copy_engine'" in errors["exchange"]
     assert "invalid exchange = 'copy_engine' with q on cpu: expected CUDA tensors" in errors["exchange_cpu"]
+    assert f"invalid x with 8 positions along dim 1 on rank 0: expected {-(-(8 * world + 5) // world)} " \
+        f"(shard_sizes({8 * world + 5}, {world}))" in errors["gather"]
 
 
 def test_copies_per_call(reports):
