@@ -189,6 +189,23 @@ struct BwdProducer {
     }
     pipe.advance();
   }
+  /// Where the dQ reduction of streamed block `qb` goes, as f(text, tile class, c1, c2, c3): the text map at the
+  /// block's first row, or its class's video map at its box's TMA origin (w, h, t). The one answer for the reducer's
+  /// own walk and for the single walk's records; f is called in one branch per kind, so that `text` is a constant
+  /// in each (reduction_map folds).
+  template <class F>
+  __device__ __forceinline__ void with_reduction_target(const Block& qb, F&& f) const {
+    if (qb.text) {
+      f(true, 0u, qb.row0, 0, 0);
+    } else {
+      const D3 o = qb.tma_origin(p);
+      f(false, static_cast<uint32_t>(qb.cls), static_cast<int>(o.w), static_cast<int>(o.h), static_cast<int>(o.t));
+    }
+  }
+  __device__ __forceinline__ const CUtensorMap* reduction_map(bool text, uint32_t cls) const {
+    return text ? &p.dq_text : &p.dq_video[cls];
+  }
+
   /// kSingleWalk: the reduction of streamed block `qb` (query head h) as record n of the ring, once the reducer has
   /// read the record that was there (mbarrier arrive and wait order the record's store before its load).
   __device__ __forceinline__ void record_reduction(const Block& qb, int32_t h, bool last, bool empty,
@@ -197,16 +214,13 @@ struct BwdProducer {
     const uint32_t slot = n % R;
     s.rec_empty[slot].wait(((n / R) & 1) ^ 1);
     ReductionRecord r{static_cast<uint32_t>(h) | (last ? ReductionRecord::kLast : 0u), 0, 0, 0};
-    if (empty) {
+    if (empty)
       r.bits |= ReductionRecord::kEmpty;
-    } else if (qb.text) {
-      r.bits |= ReductionRecord::kText;
-      r.c1 = qb.row0;
-    } else {
-      const D3 o = qb.tma_origin(p);
-      r.bits |= static_cast<uint32_t>(qb.cls) << ReductionRecord::kClassShift;
-      r.c1 = static_cast<int32_t>(o.w), r.c2 = static_cast<int32_t>(o.h), r.c3 = static_cast<int32_t>(o.t);
-    }
+    else
+      with_reduction_target(qb, [&](bool text, uint32_t cls, int c1, int c2, int c3) {
+        r.bits |= text ? ReductionRecord::kText : cls << ReductionRecord::kClassShift;
+        r.c1 = c1, r.c2 = c2, r.c3 = c3;
+      });
     s.records[slot] = r;
     s.rec_full[slot].arrive();
     ++n;
@@ -276,21 +290,17 @@ struct BwdProducer {
             last = w.x & ReductionRecord::kLast;
             if (w.x & ReductionRecord::kEmpty) continue;
             const int32_t h = static_cast<int32_t>(w.x & ReductionRecord::kHeadMask);
-            const CUtensorMap* map = (w.x & ReductionRecord::kText)
-                                         ? &p.dq_text
-                                         : &p.dq_video[(w.x >> ReductionRecord::kClassShift) & (kTileClasses - 1)];
+            const CUtensorMap* map = reduction_map(w.x & ReductionRecord::kText,
+                                                   (w.x >> ReductionRecord::kClassShift) & (kTileClasses - 1));
             reduce_block(item.batch, h, map, static_cast<int>(w.y), static_cast<int>(w.z), static_cast<int>(w.w), m,
                          hints);
           }
         } else {
           for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
-            if (empty) return;
-            const D3 o = qb.tma_origin(p);
-            if (qb.text)
-              reduce_block(item.batch, h, &p.dq_text, qb.row0, 0, 0, m, hints);
-            else
-              reduce_block(item.batch, h, &p.dq_video[qb.cls], static_cast<int>(o.w), static_cast<int>(o.h),
-                           static_cast<int>(o.t), m, hints);
+            if (!empty)
+              with_reduction_target(qb, [&](bool text, uint32_t cls, int c1, int c2, int c3) {
+                reduce_block(item.batch, h, reduction_map(text, cls), c1, c2, c3, m, hints);
+              });
           });
         }
       }
