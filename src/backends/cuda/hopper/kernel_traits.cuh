@@ -155,6 +155,14 @@
 #ifndef TILEWISE_HOPPER_FP8_PINGPONG
 #define TILEWISE_HOPPER_FP8_PINGPONG 2
 #endif
+// The FP8 forward's softmax steps in turns around the ring of warpgroups (1; 0 = at once): one warpgroup's
+// exponentials at a time, while the others' S and P V run. Asked whether the warpgroups ran their softmax steps
+// together and then their GEMMs together (FP8 v6's ablations add up to the whole kernel); measured (FP8 v8 in
+// docs/performance.md): row 1 -1.2%, CogVideoX +1.1%, outputs bitwise equal, FP8 GPU tests 24/24. They were not in
+// phase. Off: not yet under the sanitizers (its named barriers 5-7), and the gain is small.
+#ifndef TILEWISE_HOPPER_FP8_SOFTMAX_TURNS
+#define TILEWISE_HOPPER_FP8_SOFTMAX_TURNS 0
+#endif
 
 // Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
 // ping-pong barriers (overlapped schedule), bit 16 the V loads, bit 32 the K loads
