@@ -90,13 +90,19 @@ struct Consumer {
     if ((bi.flags & BlockInfo::kLast) && lane() == 0) s.q_empty->arrive();
   }
 
-  __device__ __forceinline__ void scheduler_sync() const { named_barrier_sync(kSchedulerBarrier + wg, 256); }
-  /// Hands the turn to the next warpgroup of the ring (the other one of two; written apart so that the
-  /// two-warpgroup kernels keep the machine code they were measured with).
-  __device__ __forceinline__ void scheduler_arrive() const {
+  /// A ring of turns among the consumer warpgroups, on the named barriers kFirst + warpgroup: waits for this
+  /// warpgroup's turn, and hands it to the next warpgroup of the ring (the other one of two; written apart so that
+  /// the two-warpgroup kernels keep the machine code they were measured with).
+  template <uint32_t kFirst>
+  __device__ __forceinline__ void turn_sync() const { named_barrier_sync(kFirst + wg, 256); }
+  template <uint32_t kFirst>
+  __device__ __forceinline__ void turn_arrive() const {
     const int next = Traits::kConsumerWarpgroups == 2 ? 1 - wg : (wg + 1) % Traits::kConsumerWarpgroups;
-    named_barrier_arrive(kSchedulerBarrier + next, 256);
+    named_barrier_arrive(kFirst + next, 256);
   }
+  /// The ring of GEMM issues (the overlapped schedule, the backward's and the FP8 forward's ping-pong switches).
+  __device__ __forceinline__ void scheduler_sync() const { turn_sync<kSchedulerBarrier>(); }
+  __device__ __forceinline__ void scheduler_arrive() const { turn_arrive<kSchedulerBarrier>(); }
   /// Issues one GEMM group; with kTurns in this warpgroup's turn, handing the turn to the other afterwards (the
   /// backward's and the FP8 forward's ping-pong switches).
   template <bool kTurns, class F>

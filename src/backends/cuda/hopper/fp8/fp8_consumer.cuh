@@ -102,12 +102,6 @@ struct Fp8Consumer {
     }
   }
 
-  /// kSoftmaxTurns: waits for this warpgroup's softmax turn, and hands it to the next warpgroup of the ring.
-  __device__ __forceinline__ void softmax_turn_sync() const { named_barrier_sync(kSoftmaxBarrier + wg, 256); }
-  __device__ __forceinline__ void softmax_turn_arrive() const {
-    named_barrier_arrive(kSoftmaxBarrier + (wg + 1) % Traits::kConsumerWarpgroups, 256);
-  }
-
   /// Issues one GEMM group, in this warpgroup's turn when the warpgroups take turns (TILEWISE_HOPPER_FP8_PINGPONG).
   template <class F>
   __device__ __forceinline__ void take_turn(F&& issue) const {
@@ -135,13 +129,13 @@ struct Fp8Consumer {
       fence_regs(sc);
       base.release_s_operands(ks.stage(), bi, false);
       ks.advance();
-      if constexpr (kSoftmaxTurns) softmax_turn_sync();
+      if constexpr (kSoftmaxTurns) base.template turn_sync<kSoftmaxBarrier>();
       base.mask_scores(sc, bi, text_len, item);
       const float factor[2] = {qf[0] * kscale, qf[1] * kscale};
       if (!(TILEWISE_HOPPER_ABLATE & 1))  // measurement only (kernel_traits.cuh)
         Fp8Softmax::step<!kOnes, TILEWISE_HOPPER_FP8_EXP_ON_FMA, TILEWISE_HOPPER_FP8_FOLD != 0>(sc, factor, m_run,
                                                                                                  l_run, corr, pairs);
-      if constexpr (kSoftmaxTurns) softmax_turn_arrive();
+      if constexpr (kSoftmaxTurns) base.template turn_arrive<kSoftmaxBarrier>();
       const bool rescale = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
       Fp8Softmax::to_operand(pairs, pa);
       s.v_full[vs.stage()].wait(vs.phase());
@@ -169,7 +163,8 @@ struct Fp8Consumer {
     WorkRing<typename Traits::Shared, 1> ring{s, 0};
     const Epilogue<Traits, kType> epilogue{p, s, wg, tid};
     if (kPingPong && wg == Traits::kConsumerWarpgroups - 1) base.scheduler_arrive();  // warpgroup 0 issues first
-    if (kSoftmaxTurns && wg == Traits::kConsumerWarpgroups - 1) softmax_turn_arrive();  // and takes the first softmax
+    if (kSoftmaxTurns && wg == Traits::kConsumerWarpgroups - 1)  // and takes the first softmax turn
+      base.template turn_arrive<kSoftmaxBarrier>();
     for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < p.num_work;) {
       const WorkItem item = decode_work<Traits::kBlockM>(p, u);
       if (item.empty) continue;
