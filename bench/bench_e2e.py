@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 sys.path.insert(0, os.path.dirname(__file__))
-from report import emit  # noqa: E402
+from report import emit, rel_l2  # noqa: E402
 
 
 def timed(fn, iters: int) -> float:
@@ -184,13 +184,13 @@ def main() -> None:
             if args.cache_steps > 0:
                 t_cached, cached_out = with_first_block_cache(model, inputs, args.cache_steps, args.cache_threshold)
             tilewise.diffusers.disable(model)
-        rel = ((sparse_out.float() - dense_out.float()).norm() / dense_out.float().norm()).item()
+        rel = rel_l2(sparse_out, dense_out)
         a_dense, a_sparse = attention_alone(shape, masked, window, 5)
         share = layers * a_dense / t_dense
         rows.append((title, t_dense, t_sparse, t_dense / t_sparse, share, layers * a_dense, layers * a_sparse, rel))
         print(f"{title}: dense {t_dense:.2f} s, tilewise {t_sparse:.2f} s, {t_dense / t_sparse:.2f}x", flush=True)
         if t_cached is not None:
-            rel_c = ((cached_out.float() - dense_out.float()).norm() / dense_out.float().norm()).item()
+            rel_c = rel_l2(cached_out, dense_out)
             rows.append((f"{title}, + FirstBlockCache (threshold {args.cache_threshold}, s per step over "
                          f"{args.cache_steps} steps)", t_dense, t_cached, t_dense / t_cached, None, None, None, rel_c))
             print(f"{title} + FirstBlockCache: {t_cached:.2f} s per step, {t_dense / t_cached:.2f}x", flush=True)

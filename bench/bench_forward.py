@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from tilewise import _capi  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from report import emit  # noqa: E402
+from report import emit, rel_l2  # noqa: E402
 
 
 @dataclass
@@ -252,11 +252,6 @@ def variant_cells(times: dict, names: list) -> str:
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest |a - b| (inf where either is NaN)."""
     return (a.float() - b.float()).abs().nan_to_num(nan=float("inf")).max().item()
-
-
-def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref|| in fp32."""
-    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def compiled_flex():

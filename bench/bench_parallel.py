@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 sys.path.insert(0, os.path.dirname(__file__))
-from report import emit  # noqa: E402
+from report import emit, rel_l2  # noqa: E402
 
 CALIBRATED_LIKE = [(3, 3, 3)] * 12 + [(1, 3, 5), (1, 3, 5), (2, 2, 3), (2, 2, 3)] + [(3, 6, 5)] * 4 + \
     [(5, 3, 10), (5, 3, 10), (5, 6, 10), (5, 6, 10)]
@@ -100,11 +100,6 @@ def nccl_settings() -> str:
     """The NCCL variables of this run besides the multicast switch every multi-GPU run sets (tables say what ran)."""
     items = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("NCCL_") and k != "NCCL_NVLS_ENABLE")
     return ", ".join(items) if items else "NCCL defaults"
-
-
-def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref||, the spec's measure (its bf16 bound is 1e-2 against float64)."""
-    return float((x.float() - ref.float()).norm() / ref.float().norm())
 
 
 def attention_table(args, device, dtype) -> str:
