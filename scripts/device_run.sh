@@ -54,12 +54,13 @@ build_bwdcheck() {
 }
 # Small backward cases (tests/test_cuda_backward.cpp): partial tiles with text first at D 128 and with GQA at D 64
 # (the _small cases: their larger siblings do not finish under racecheck in 240-330 s), per-head windows with GQA in
-# bhsd, masked attention-tile blocks, the D 96 reduce kernel on partial frames (its deferred dK wait), a block list
+# bhsd (and with 6x8x8 tiles at D 128), masked attention-tile blocks, the D 96 reduce kernel on partial frames (its deferred dK wait), a block list
 # leaving a key tile unseen, fused padded views. Overridable (BACKWARD_SANITIZE_CASES=...): racecheck takes up to 2
 # minutes a case.
 BACKWARD_SANITIZE_CASES=${BACKWARD_SANITIZE_CASES:-"sta_per_head_windows_gqa_bhsd_text_last
   partial_tile_classes_d128_text_first_small partial_tile_classes_gqa_d64_text_last_small
-  attention_tile_tt2_masked_blocks_text attention_tile_partial_frames_d96 block_list_unseen_key_tile fused_padded_views"}
+  attention_tile_tt2_masked_blocks_text attention_tile_partial_frames_d96 block_list_unseen_key_tile fused_padded_views
+  tile_units_small_windows_gqa_bhsd_text_last"}
 
 for step in $steps; do
   case $step in

@@ -8,8 +8,6 @@
 //  - the staging buffer is written only when the reduction has read the block before, and the reduction reads
 //    each block's dQ, in order, exactly once;
 //  - a K/V stage is reloaded only after both warpgroups released it, and each holds the block its users expect;
-//  - with TILEWISE_HOPPER_BWD_SINGLE_WALK the loader records each block's reduction in a ring the reducer reads
-//    (BwdProducer::record_reduction): a record is overwritten only once read, and the reducer reads each block's;
 //  - nobody waits forever.
 // mbarriers are modelled as the hardware defines them: an expected arrival count, a count of completed phases, and
 // a parity wait that returns once the phase of that parity has completed (so a waiter two phases ahead passes).
@@ -46,10 +44,8 @@ enum class Protocol {
 };
 
 /// One random interleaving of the protocol over items of the given block counts, with a K/V ring of `stages`
-/// stages fed by a loader (which, with `records` > 0, also writes a ring of that many reduction records for the
-/// reducer); returns "" or what went wrong.
-std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19937_64& rng, int stages = 2,
-                     int records = 0) {
+/// stages fed by a loader; returns "" or what went wrong.
+std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19937_64& rng, int stages = 2) {
   std::array<MBarrier, 2> ds_full, ds_empty, dq_empty;
   MBarrier dq_full;
   for (auto& b : ds_full) b.expected = 2;  // both warpgroups' halves
@@ -62,9 +58,6 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
   bool staged_read = true;
   int total = 0;
   for (int n : items) total += n;
-  std::vector<MBarrier> rec_full(records), rec_empty(records);
-  std::vector<int> rec_block(records, -1);  // the block whose reduction each record slot holds
-  std::vector<bool> rec_read(records, true);
 
   // Each agent is a list of steps, each a guard (may it run now?) and an action (returns an error or "").
   struct Step {
@@ -164,28 +157,8 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
                            stage_full[b % stages].arrive();
                            return "";
                          }});
-    if (records == 0) continue;
-    agents[3].push_back({[&, b, records] { return rec_empty[b % records].ready(((b / records) & 1) ^ 1); },
-                         [&, b, records]() -> std::string {
-                           if (!rec_read[b % records])
-                             return "block " + std::to_string(b) + "'s record overwrote block " +
-                                    std::to_string(rec_block[b % records]) + "'s before the reducer read it";
-                           rec_block[b % records] = b, rec_read[b % records] = false;
-                           rec_full[b % records].arrive();
-                           return "";
-                         }});
   }
   for (int m = 0; m < total; ++m) {
-    if (records > 0)  // the record first, freed at once (dq_reducer)
-      agents[2].push_back({[&, m, records] { return rec_full[m % records].ready((m / records) & 1); },
-                           [&, m, records]() -> std::string {
-                             if (rec_block[m % records] != m || rec_read[m % records])
-                               return "the reducer's record " + std::to_string(m) + " held block " +
-                                      std::to_string(rec_block[m % records]);
-                             rec_read[m % records] = true;
-                             rec_empty[m % records].arrive();
-                             return "";
-                           }});
     agents[2].push_back({[&, m] { return dq_full.ready(m & 1); }, [&, m]() -> std::string {
                            if (staged != m || staged_read)
                              return "the reduction of block " + std::to_string(m) + " found block " +
@@ -238,18 +211,6 @@ TEST_F(ReduceKernelProtocol, EveryInterleavingKeepsTheBuffersConsistentAndEnds) 
         const std::string error = run_once(protocol, items, rng, stages);
         ASSERT_EQ(error, "") << "protocol " << static_cast<int>(protocol) << ", " << stages << " stages, run " << run
                              << ", " << items.size() << " items";
-      }
-}
-
-TEST_F(ReduceKernelProtocol, TheSingleWalkRecordRingKeepsItsRecordsAndEnds) {
-  // kernel_traits.cuh: Traits::kRecords = 8; rings of 1 and 2 too, since the claim is that no depth deadlocks.
-  for (Protocol protocol : {Protocol::two_dq_empty, Protocol::deferred})
-    for (int records : {1, 2, 8})
-      for (int run = 0; run < 800; ++run) {
-        const std::vector<int> items = random_items();
-        const std::string error = run_once(protocol, items, rng, 2, records);
-        ASSERT_EQ(error, "") << "protocol " << static_cast<int>(protocol) << ", " << records << " records, run "
-                             << run << ", " << items.size() << " items";
       }
 }
 

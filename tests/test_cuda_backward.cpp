@@ -221,6 +221,15 @@ std::vector<NamedCase> small_cases() {
     add("tile_units_windows_gqa_bhsd_text_last", text(c, 100, false, {100, 37}), true);
   }
   {
+    // The case above shrunk for racecheck (it ran past 455 s alone on a GPU; the 770-token D 128 case above took
+    // 169 s): 6x8x8 tiles at D 128 (three owned 128-key blocks, the second tile cut to 6x8x2), two query heads on one
+    // kv head with a window each, bhsd, 40 text rows last of which 37 are valid.
+    oracle::Case c = base({6, 8, 10}, {6, 8, 8}, 2, 1, 128);
+    c.storage = oracle::StorageKind::bhsd;
+    windows(c, {{1, 1, 1}, {1, 1, 2}});
+    add("tile_units_small_windows_gqa_bhsd_text_last", text(c, 40, false, {37}), true);
+  }
+  {
     oracle::Case c = base({4, 16, 16}, {2, 8, 8}, 2, 2, 128);
     c.tiled = true;
     windows(c, {{1, 1, 2}});

@@ -120,7 +120,7 @@ __global__ void fp8_softmax_blocks(const float* s, const float* factor, const ui
     const float f[2] = {factor[block * kRows + row], factor[block * kRows + row + 8]};
     for (int i = 0; i < Fp8Softmax::kValues; ++i) frag[i] = s[block * kRows * kKeys + at(i)];
     uint16_t pairs[Fp8Softmax::kPairs];
-    Fp8Softmax::step<true, 0, kFold>(frag, f, m, l, corr, pairs);
+    Fp8Softmax::step<true, kFold>(frag, f, m, l, corr, pairs);
     for (int j = 0; j < Fp8Softmax::kPairs; ++j) {
       codes_out[block * kRows * kKeys + at(2 * j)] = static_cast<uint8_t>(pairs[j] & 0xff);
       codes_out[block * kRows * kKeys + at(2 * j + 1)] = static_cast<uint8_t>(pairs[j] >> 8);

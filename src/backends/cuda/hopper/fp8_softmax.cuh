@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "backends/cuda/hopper/ptx.cuh"  // fast_exp2 (exact at integers, which every rescale factor is), exp2_fma
+#include "backends/cuda/hopper/ptx.cuh"  // fast_exp2 (exact at integers, which every rescale factor is)
 
 namespace tilewise::hopper {
 
@@ -35,13 +35,12 @@ struct Fp8Softmax {
   /// 448 * 2^(t - M) into `pairs` (pair j: fragment values 2j and 2j + 1, the first in the low byte), and, with
   /// kRowSum, l = l * corr + the sum of their values (without it the caller sums them otherwise: a column of ones
   /// in the P V product). corr[row] = 2^(M_old - M_new) is what O (and l) must be multiplied by (0 while a row has
-  /// seen no key; 1 when M stayed). kExpOnFma = N > 0: every N-th exponential of a row on the FMA pipe (exp2_fma)
-  /// instead of MUFU, whose 16 per clock per SM bound FP8's loop once its GEMMs take half the bf16 time.
+  /// seen no key; 1 when M stayed).
   /// kFold: the row maximum on the raw scores, scaled once (factor > 0, so max(s f) = fl(max(s) f) exactly: rounding
   /// is monotonic), and the code's value 448 * 2^(t - M) as 2^(fma(s, f, log2 448 - M)), one rounding fewer than the
   /// reference's t = fl(s f) and a product by 448 afterwards: a code can differ by one e4m3 step where the value
   /// lies within ~1e-6 of a rounding boundary (as ex2.approx's own error already allows).
-  template <bool kRowSum = true, int kExpOnFma = 0, bool kFold = false>
+  template <bool kRowSum = true, bool kFold = false>
   static __device__ __forceinline__ void step(const float (&s)[kValues], const float (&factor)[2], float (&m_run)[2],
                                               float (&l_run)[2], float (&corr)[2], uint16_t (&pairs)[kPairs]) {
     constexpr float kLog2Max = 8.80735492205760410f;  // log2(448)
@@ -68,14 +67,8 @@ struct Fp8Softmax {
         if ((j % 2) == rr) {  // values 2j, 2j + 1 are in row (2j % 4) / 2 = j % 2
           float p[2];
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int k = j - rr + e;  // the value's index among its row's 32 (2 per pair of the row)
-            const float x = kFold ? fmaf(t[2 * j + e], factor[rr], bias) : t[2 * j + e] - m_use;
-            if constexpr (kExpOnFma > 0)
-              p[e] = k % kExpOnFma == kExpOnFma - 1 ? exp2_fma(x) : fast_exp2(x);
-            else
-              p[e] = fast_exp2(x);
-          }
+          for (int e = 0; e < 2; ++e)
+            p[e] = fast_exp2(kFold ? fmaf(t[2 * j + e], factor[rr], bias) : t[2 * j + e] - m_use);
           pairs[j] = kFold ? e4m3x2(p[0], p[1]) : e4m3x2(448.f * p[0], 448.f * p[1]);
           if constexpr (kRowSum) sum += pair_sum(pairs[j]);
         }

@@ -12,11 +12,6 @@
 #ifndef TILEWISE_HOPPER_V_STAGES_D128
 #define TILEWISE_HOPPER_V_STAGES_D128 2
 #endif
-// Measurement only: the two-kernel backward's V-ring depth (dO in the dK/dV kernel, V in the dQ kernel); 0 = the
-// forward's. 1 times what the fused kernel's single dO stage costs by itself (docs/performance.md, v3.4).
-#ifndef TILEWISE_HOPPER_BWD_V_STAGES
-#define TILEWISE_HOPPER_BWD_V_STAGES 0
-#endif
 // K and V pipeline depths of the dK/dV kernel with 64-row streamed blocks (TILEWISE_HOPPER_BWD_STREAM_ROWS=64): its
 // stages are half the bytes, so 4 + 4 hold as many rows in flight as the 128-row kernel's 2 + 2 (192 KB at D 128).
 #ifndef TILEWISE_HOPPER_BWD_STREAM_STAGES
@@ -28,17 +23,6 @@
 // consumers sooner?
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128
 #define TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128 2
-#endif
-// The reduce kernel's pattern walk (docs/performance.md backward v3.14): 1 = one producer thread walks each item's
-// streamed blocks, loading Q (with its statistics) and dO and writing each block's dQ reduction into a ring of
-// records (ReductionRecord) for the thread that issues the reductions; 0 = three threads walk it (a Q loader, a dO
-// loader and the reducer), each computing every block's boxes and coordinates itself (~800 instructions per block
-// and walker, 156 of them local-memory accesses at the producer's 24 registers: v3.12's source counters). Correct,
-// but measured 6% slower at D 128 and 23-28% at D 96 / 64 (v3.14): one thread waiting for both stages and walking
-// in sequence is a longer chain per block than a block's time. 0 (default); the record ring is what a walk
-// precomputed at plan time would feed.
-#ifndef TILEWISE_HOPPER_BWD_SINGLE_WALK
-#define TILEWISE_HOPPER_BWD_SINGLE_WALK 0
 #endif
 // K and V pipeline depths at head dim 64 (96 has 3 + 3, the most that fits).
 #ifndef TILEWISE_HOPPER_STAGES_D64
@@ -70,7 +54,7 @@
 #endif
 // The same for the backward reduce kernel by head dim (docs/performance.md backward v3.14). Its producer threads walk
 // the pattern at 24 registers and spill (~2 KB, 156 local accesses per block and walker in v3.12's counters), and one
-// walker doing the work of three measured 6-28% slower (TILEWISE_HOPPER_BWD_SINGLE_WALK), so the walk's latency is
+// walker doing the work of three measured 6-28% slower (v3.14; since removed), so the walk's latency is
 // close to a block's: more registers shorten it, and leave fewer for the consumers. Measured (v3.14): at D 64, 72
 // (consumers 216, 84 bytes of spills left) CogVideoX -1.3%: the default; at D 128, 40 (consumers 232, no spills)
 // row 1 +9.6% (and the device build serialised the f16 kernel's wgmmas), at D 96, 40 Open-Sora-Plan unchanged (more
@@ -105,16 +89,6 @@
 #define TILEWISE_HOPPER_V_WAIT_AFTER_S 1
 #endif
 
-// Every N-th exponential of a softmax row is computed with FMAs (exp2_fma) instead of the MUFU unit; 0 = none.
-// At D 64 and 96 (TILEWISE_HOPPER_EXP_ON_FMA) and at D 128 (..._D128). Passes the GPU tests but measured slower
-// everywhere (docs/performance.md, v5.1: 1 in 4 made CogVideoX 4% and row 1 11% slower), so it is off.
-#ifndef TILEWISE_HOPPER_EXP_ON_FMA
-#define TILEWISE_HOPPER_EXP_ON_FMA 0
-#endif
-#ifndef TILEWISE_HOPPER_EXP_ON_FMA_D128
-#define TILEWISE_HOPPER_EXP_ON_FMA_D128 0
-#endif
-
 // Query rows per work item of the FP8 forward (fp8/): 128 = two consumer warpgroups, 192 = three. At D 128 a third
 // warpgroup's chain covers part of P V's exposed latency: 192 measured 21.93 -> 20.0 ms on row 1 (FP8 v6 in
 // docs/performance.md). At D 64 CogVideoX's 128-token tiles leave it idle (11.45 -> 12.78 ms), so 128 there.
@@ -134,10 +108,6 @@
 #ifndef TILEWISE_HOPPER_FP8_ONES
 #define TILEWISE_HOPPER_FP8_ONES 1
 #endif
-// The FP8 forward's exponentials: every N-th of a row on the FMA pipe (exp2_fma), 0 = all on MUFU.
-#ifndef TILEWISE_HOPPER_FP8_EXP_ON_FMA
-#define TILEWISE_HOPPER_FP8_EXP_ON_FMA 0
-#endif
 // The FP8 softmax with its per-score scalings folded (Fp8Softmax::step): the row maximum taken on the raw scores and
 // scaled once per row, and 448 * 2^(s f - M) computed as 2^(fma(s, f, log2 448 - M)): two instructions fewer per
 // score. Default since FP8 v4 (docs/performance.md: row-1 kernel 22.88 -> 21.66 ms, CogVideoX 12.38 -> 11.54, FP8
@@ -154,14 +124,6 @@
 // slower (FP8 v2 and v6 in docs/performance.md).
 #ifndef TILEWISE_HOPPER_FP8_PINGPONG
 #define TILEWISE_HOPPER_FP8_PINGPONG 2
-#endif
-// The FP8 forward's softmax steps in turns around the ring of warpgroups (1; 0 = at once): one warpgroup's
-// exponentials at a time, while the others' S and P V run. Asked whether the warpgroups ran their softmax steps
-// together and then their GEMMs together (FP8 v6's ablations add up to the whole kernel); measured (FP8 v8 in
-// docs/performance.md): row 1 -1.2%, CogVideoX +1.1%, outputs bitwise equal, FP8 GPU tests 24/24. They were not in
-// phase. Off: not yet under the sanitizers (its named barriers 5-7), and the gain is small.
-#ifndef TILEWISE_HOPPER_FP8_SOFTMAX_TURNS
-#define TILEWISE_HOPPER_FP8_SOFTMAX_TURNS 0
 #endif
 
 // Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
@@ -255,13 +217,10 @@ struct KernelTraits {
                                  : kDqStaging ? (D == 128 ? 2 : 4)
                                  : kStreamRows != kBlockN ? TILEWISE_HOPPER_BWD_STREAM_STAGES
                                  : kDsBuffer ? (D == 64 ? 3 : (D == 96 ? 2 : 1))
-                                 : kBackward && TILEWISE_HOPPER_BWD_V_STAGES > 0
-                                     ? TILEWISE_HOPPER_BWD_V_STAGES
-                                     : (D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD);
+                                             : (D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD);
   static constexpr int kCluster = kClusterArg > 0                    ? kClusterArg
                                   : D == 128 && !kBackward && !kFp8 ? TILEWISE_HOPPER_CLUSTER_D128
                                                                     : 1;
-  static constexpr int kExpOnFma = D == 128 ? TILEWISE_HOPPER_EXP_ON_FMA_D128 : TILEWISE_HOPPER_EXP_ON_FMA;
   static_assert(kCluster == 1 || kCluster == 2 || (kCluster == 3 && kBackward), "clusters of 1 or 2 CTAs (3: backward)");
   static constexpr bool kOverlap = !kBackward && !kFp8 && kConsumerWarpgroups == 2 &&
                                    (TILEWISE_HOPPER_OVERLAP < 0 ? D != 64 : TILEWISE_HOPPER_OVERLAP != 0);
@@ -327,10 +286,6 @@ struct KernelTraits {
     // reach block m + 1 before the reduction has read block m - 1, and a single barrier's parity would then read a
     // phase two ahead as complete (the fuzz hung on it).
     Barrier* dq_empty;
-    // kRecords > 0 (TILEWISE_HOPPER_BWD_SINGLE_WALK): the ring of dQ reduction records and its barriers.
-    ReductionRecord* records;  // [kRecords]
-    Barrier* rec_full;         // [kRecords]
-    Barrier* rec_empty;        // [kRecords]
   };
 
   // The backward's dK/dV kernel streams, beside each query block, its rows' log2-domain LSE, D = rowsum(dO o) -
@@ -340,17 +295,12 @@ struct KernelTraits {
   static constexpr int kDsBytes = kDsBuffer ? 2 * kDsPanelBytes : 0;
   static constexpr int kDqPanelBytes = 64 * 128;  // fp32 staging: 64 rows x 32 columns
   static constexpr int kDqStageBytes = kDqStaging ? (D / 32) * kDqPanelBytes : 0;
-  // Reduction records in flight: the reducer runs at most about four blocks behind the loader (two stages, the dQ
-  // product a block later, the staging turn); no depth deadlocks (tests/test_bwd_reduce_protocol.cpp runs the
-  // protocol with rings of 1, 2 and 8), eight leaves the loader room to run ahead.
-  static constexpr int kRecords = kDqStaging && TILEWISE_HOPPER_BWD_SINGLE_WALK ? 8 : 0;
   static constexpr int kBufferBytes = kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages +
                                       kDsBytes + kDqStageBytes;  // Q, O, K, V, dS, dQ staging
   // An even count: `info` (below the barriers and `work`) stays 16-byte aligned.
-  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 8 : 0) + 2 * kRecords;
+  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 8 : 0);
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kBufferBytes + kKStages * kStatsBytes +
-                                    kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo) +
-                                    kRecords * sizeof(ReductionRecord);
+                                    kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KB an sm_90 CTA can have");
   static_assert(kBufferBytes % 128 == 0 && kStatsBytes % 128 == 0, "TMA writes the statistics stages: 128-byte aligned");
 
@@ -376,11 +326,6 @@ struct KernelTraits {
     s.dq_empty = s.dq_full + 1;
     s.work = reinterpret_cast<int32_t*>(bars + kBarriers);
     s.info = reinterpret_cast<BlockInfo*>(bars + kBarriers + 2);  // 16-byte aligned: one 128-bit load each
-    if constexpr (kRecords > 0) {
-      s.rec_full = s.dq_empty + 2;
-      s.rec_empty = s.rec_full + kRecords;
-      s.records = reinterpret_cast<ReductionRecord*>(s.info + kKStages);
-    }
     return s;
   }
 };

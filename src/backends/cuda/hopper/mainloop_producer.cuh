@@ -16,12 +16,10 @@ struct Producer {
 
   /// Announces one block (all panels) of a tensor on `bar`, and, when `issue`, loads it into `dst`: into this CTA
   /// only, or (`multicast`) into the same offsets of every CTA of the cluster, each completing on its own `bar`.
-  /// `video` holds a map per class. `l2_policy`, when given, is the loads' L2 eviction policy (l2_policy_*, ptx.cuh;
-  /// not with multicast).
+  /// `video` holds a map per class.
   __device__ __forceinline__ void load(const CUtensorMap* video, const CUtensorMap* text, const TensorView& view,
                                        const Block& b, int batch, int head, uint8_t* dst, Barrier* bar,
-                                       bool issue = true, bool multicast = false,
-                                       const uint64_t* l2_policy = nullptr) const {
+                                       bool issue = true, bool multicast = false) const {
     const int rows = b.text ? (b.query ? Traits::kBlockM : Traits::kStreamRows) : static_cast<int>(b.box(p).volume());
     const int panel_bytes = b.query ? Traits::kQPanelBytes : Traits::kPanelBytes;
     bar->arrive_expect_tx(static_cast<uint32_t>(rows * Traits::D * Traits::kInBytes));
@@ -38,7 +36,7 @@ struct Producer {
       if (multicast)
         tma_load_multicast(d, map, bar, c0, c1, c2, c3, c4, (1u << kCluster) - 1);
       else
-        tma_load(d, map, bar, c0, c1, c2, c3, c4, l2_policy);
+        tma_load(d, map, bar, c0, c1, c2, c3, c4);
     }
   }
 

@@ -26,7 +26,6 @@ struct Consumer {
   static constexpr int D = Traits::D;
   static constexpr int kSteps = kBlockN / 16;  // k16 steps of the P V product
   static constexpr uint32_t kStageDesc = Traits::kTileBytes >> 4;  // descriptor units between two stages
-  static constexpr int kExpOnFma = Traits::kExpOnFma;
   const FwdParams& p;
   const typename Traits::Shared& s;
   int wg;    // consumer warpgroup: query rows [64 * wg, 64 * wg + 64) (warp-uniform, see fwd_kernel)
@@ -100,11 +99,11 @@ struct Consumer {
     const int next = Traits::kConsumerWarpgroups == 2 ? 1 - wg : (wg + 1) % Traits::kConsumerWarpgroups;
     named_barrier_arrive(kFirst + next, 256);
   }
-  /// The ring of GEMM issues (the overlapped schedule, the backward's and the FP8 forward's ping-pong switches).
+  /// The ring of GEMM issues (the overlapped schedule, the FP8 forward's ping-pong).
   __device__ __forceinline__ void scheduler_sync() const { turn_sync<kSchedulerBarrier>(); }
   __device__ __forceinline__ void scheduler_arrive() const { turn_arrive<kSchedulerBarrier>(); }
-  /// Issues one GEMM group; with kTurns in this warpgroup's turn, handing the turn to the other afterwards (the
-  /// backward's and the FP8 forward's ping-pong switches).
+  /// Issues one GEMM group; with kTurns in this warpgroup's turn, handing the turn to the other afterwards (the FP8
+  /// forward's ping-pong switch).
   template <bool kTurns, class F>
   __device__ __forceinline__ void take_turn(F&& issue) const {
     if constexpr (kTurns) scheduler_sync();
@@ -151,8 +150,7 @@ struct Consumer {
       for (int i = 0; i < kBlockN / 2; ++i)
         if ((i % 4) / 2 == rr) {
           const float x = fmaf(sc[i], p.scale_log2, -m_use);
-          const int j = 2 * (i / 4) + i % 2;  // the element's index among this row's 32
-          sc[i] = kExpOnFma > 0 && j % kExpOnFma == kExpOnFma - 1 ? exp2_fma(x) : fast_exp2(x);
+          sc[i] = fast_exp2(x);
           sum += sc[i];
         }
       l_run[rr] = l_run[rr] * corr[rr] + sum;

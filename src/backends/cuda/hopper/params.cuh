@@ -61,18 +61,6 @@ struct alignas(16) BlockInfo {
   int32_t t, h, w;  // video: the box origin (t, h, w) in the latent; text: t = first text row
 };
 
-/// The backward reduce kernel's record of one streamed block's dQ reduction, from the loader that walked the pattern
-/// to the thread that issues the reductions, so that only one thread walks it (TILEWISE_HOPPER_BWD_SINGLE_WALK).
-struct alignas(16) ReductionRecord {
-  static constexpr uint32_t kLast = 1u << 31;   // the item's last streamed block
-  static constexpr uint32_t kEmpty = 1u << 30;  // nothing streamed (an item with no blocks): no reduction
-  static constexpr uint32_t kText = 1u << 29;   // text rows: c1 is the first row
-  static constexpr int kClassShift = 24;        // bits 24-26: the tile class of a video block (its map)
-  static constexpr uint32_t kHeadMask = (1u << 24) - 1;
-  uint32_t bits;       // the query head (bits 0-23), the class, and the flags above
-  int32_t c1, c2, c3;  // the block's TMA coordinates (w, h, t), or (first row, 0, 0) for text
-};
-
 struct FwdParams {  // CUtensorMap members carry their own 64-byte alignment
   CUtensorMap q_video[kTileClasses], k_video[kTileClasses], v_video[kTileClasses], o_video[kTileClasses];
   CUtensorMap q_text, k_text, v_text, o_text;  // unused without text

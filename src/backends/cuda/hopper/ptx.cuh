@@ -105,19 +105,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-/// 2^x on the FMA pipe instead of the MUFU unit, which does 16 exponentials per clock per SM: at D 64 one
-/// 128 x 128 block's exponentials take as long as its GEMMs (FlashAttention-4 moves part of them to FMAs the same
-/// way). x is split into the nearest integer j (the 1.5 * 2^23 rounding trick) and f in [-0.5, 0.5]; 2^f is a
-/// cubic fitted for relative error (7.5e-5 at most, far below the bf16 rounding of P), and 2^j is built in the
-/// exponent bits. -inf gives 0 (x is clamped to -127, whose 2^j is +0) and NaN stays NaN, as with ex2.approx.
-__device__ __forceinline__ float exp2_fma(float x) {
-  x = x < -127.f ? -127.f : x;
-  const float t = x + 12582912.f;
-  const float f = x - (t - 12582912.f);
-  const float p = fmaf(fmaf(fmaf(0.05517167f, f, 0.24261115f), f, 0.69326099f), f, 0.99992807f);
-  return p * __int_as_float((__float_as_int(t) - 0x4B400000 + 127) << 23);
-}
-
 /// Stores to shared memory by a shared-window address: a C++ store through a pointer into the dynamic shared
 /// buffer compiles to a generic ST.E with a 64-bit address, which goes through the generic path of the load/store
 /// unit (the reduce kernel's dS^T and dQ staging stores: 7% of its consumers' stall samples, v3.7).
@@ -155,31 +142,6 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, Barr
       : "memory");
 }
 
-/// An L2 eviction policy for the cache-hinted TMA forms below, applying to every access they make (fraction 1.0):
-/// evict_last keeps lines that other CTAs will read or reduce into again, evict_first lets lines read once go first.
-__device__ __forceinline__ uint64_t l2_policy_evict_last() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-__device__ __forceinline__ uint64_t l2_policy_evict_first() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
-/// tma_load with the L2 eviction policy `*policy` (l2_policy_*), or without a hint where `policy` is null.
-__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, Barrier* bar, int c0, int c1, int c2,
-                                         int c3, int c4, const uint64_t* policy) {
-  if (!policy) return tma_load(dst, map, bar, c0, c1, c2, c3, c4);
-  asm volatile(
-      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%3, %4, %5, %6, %7}], [%2], %8;\n" ::
-          "r"(smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(&bar->word)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4),
-      "l"(*policy)
-      : "memory");
-}
-
 /// tma_load into the same offsets of every cluster CTA in `mask`, each completing on its own barrier there.
 __device__ __forceinline__ void tma_load_multicast(void* dst, const CUtensorMap* map, Barrier* bar, int c0, int c1,
                                                    int c2, int c3, int c4, uint16_t mask) {
@@ -208,16 +170,6 @@ __device__ __forceinline__ void tma_reduce_add(const CUtensorMap* map, const voi
       "cp.reduce.async.bulk.tensor.5d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5, %6}], [%1];\n" ::"l"(
           reinterpret_cast<uint64_t>(map)),
       "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
-      : "memory");
-}
-/// tma_reduce_add with the L2 eviction policy `*policy` (l2_policy_*), or without a hint where `policy` is null.
-__device__ __forceinline__ void tma_reduce_add(const CUtensorMap* map, const void* src, int c0, int c1, int c2, int c3,
-                                               int c4, const uint64_t* policy) {
-  if (!policy) return tma_reduce_add(map, src, c0, c1, c2, c3, c4);
-  asm volatile(
-      "cp.reduce.async.bulk.tensor.5d.global.shared::cta.add.tile.bulk_group.L2::cache_hint [%0, {%2, %3, %4, %5, %6}], [%1], %7;\n" ::"l"(
-          reinterpret_cast<uint64_t>(map)),
-      "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "l"(*policy)
       : "memory");
 }
 __device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }

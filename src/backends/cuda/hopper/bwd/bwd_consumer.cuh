@@ -56,17 +56,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     km_lo = static_cast<uint32_t>(make_desc(smem_addr(s_.k(0)), Traits::kPanelBytes, 8 * rb, rb));
   }
 
-  /// Turn-taking around one GEMM group (TILEWISE_HOPPER_BWD_PINGPONG): wait for this warpgroup's turn, issue,
-  /// hand the turn to the other. Every warpgroup takes the same number of turns per block (the idle one too).
-  /// Not in the fused kernel, whose warpgroups already meet twice per block.
-  template <bool kTurns = true, class F>
-  __device__ __forceinline__ void take_turn(F&& issue) const {
-    Base::template take_turn<kPingPong && kTurns>(issue);
-  }
-  static constexpr bool kPingPong = TILEWISE_HOPPER_BWD_PINGPONG != 0;
-  static constexpr bool kSplit = TILEWISE_HOPPER_BWD_SPLIT != 0;
   static constexpr int kAblate = TILEWISE_HOPPER_BWD_ABLATE;
-  static constexpr bool kDqV4 = TILEWISE_HOPPER_BWD_DQ_V4 != 0 && D % 16 == 0;
   static constexpr int kHalves = Traits::kStreamRows / 64;  // dK/dV: 64-query halves per streamed block
   // The reduce kernel's S^T and dP^T with the first k16 steps of the warpgroup's owned K or V rows in registers as
   // the A operand: the RS form reads half the shared-memory bytes of SS, which bound these m64n64 products (v3.9).
@@ -86,12 +76,10 @@ struct BwdConsumer : Consumer<Traits, kType> {
   // reduce_item instead of dkdv_item in the reduce kernel: D 96 (measured at D 64 without gain, see bwd_params.cuh;
   // it compiles there too), not D 128 (see reduce_item)
   static constexpr bool kReduceOverlap = TILEWISE_HOPPER_BWD_REDUCE_OVERLAP != 0 && D == 96;
-  /// A descriptor word that depends on a pipeline stage or ring buffer, broadcast from lane 0 when
-  /// TILEWISE_HOPPER_BWD_UNIFORM_DESC (bwd_params.cuh) so that ptxas keeps the wgmma descriptors built from it in
-  /// uniform registers; the value is the same either way.
-  static __device__ __forceinline__ uint32_t uniform_desc(uint32_t x) {
-    return TILEWISE_HOPPER_BWD_UNIFORM_DESC ? warp_uniform(x) : x;
-  }
+  /// A descriptor word that depends on a pipeline stage or ring buffer, broadcast from lane 0 so that ptxas keeps
+  /// the wgmma descriptors built from it in uniform registers (v3.12: otherwise ~6 vector instructions and two R2UR
+  /// per wgmma, since the stage index is a loop-carried value it cannot prove warp-uniform).
+  static __device__ __forceinline__ uint32_t uniform_desc(uint32_t x) { return warp_uniform(x); }
 
   /// d[64 x N] = A[64 rows of an owned buffer, K-major] * B[N rows of a stage from row `b_row`, K-major]^T.
   template <int N>
@@ -242,38 +230,27 @@ struct BwdConsumer : Consumer<Traits, kType> {
       const BlockInfo bi = acquire(ks, vs);
       last = bi.flags & BlockInfo::kLast;
       float sc[kBlockN / 2], dp[kBlockN / 2];
-      take_turn([&] {
-        wgmma_fence();
-        if (!(kAblate & 2)) this->issue_s_at(sc, this->k_lo + uniform_desc(ks.stage() * kStageDesc));
-        if constexpr (kSplit) wgmma_commit();
-        if (!(kAblate & 2)) gemm_ss<kBlockN>(dp, o_lo, vk_lo + uniform_desc(vs.stage() * kStageDesc));
-        wgmma_commit();
-      });
+      wgmma_fence();
+      if (!(kAblate & 2)) this->issue_s_at(sc, this->k_lo + uniform_desc(ks.stage() * kStageDesc));
+      wgmma_commit();
+      if (!(kAblate & 2)) gemm_ss<kBlockN>(dp, o_lo, vk_lo + uniform_desc(vs.stage() * kStageDesc));
+      wgmma_commit();
       const KeyMask mask = KeyMask::of(p, bi, text_len, lane());
       auto score_gradients = [&] {  // dS = P (dP - D), in place of P
 #pragma unroll
         for (int i = 0; i < kBlockN / 2; ++i) sc[i] *= dp[i] - delta[(i % 4) / 2];
       };
-      if constexpr (kSplit) {  // P while dP runs
-        wgmma_wait<1>();
-        fence_regs(sc);
-        if (!(kAblate & 1)) probabilities(sc, mask, item, bi, lse2);
-        wgmma_wait<0>();
-        fence_regs(dp);
-        if (!(kAblate & 1)) score_gradients();
-      } else {
-        wgmma_wait<0>();
-        fence_regs(sc);
-        fence_regs(dp);
-        if (!(kAblate & 1)) probabilities(sc, mask, item, bi, lse2), score_gradients();
-      }
+      wgmma_wait<1>();  // P while dP runs
+      fence_regs(sc);
+      if (!(kAblate & 1)) probabilities(sc, mask, item, bi, lse2);
+      wgmma_wait<0>();
+      fence_regs(dp);
+      if (!(kAblate & 1)) score_gradients();
       uint32_t ds[kBlockN / 16][4];
       pack_operand<kBlockN / 16>(sc, ds, kType == WgType::bf16);
-      take_turn([&] {
-        wgmma_fence();
-        if (!(kAblate & 4)) gemm_rs<kBlockN / 16>(dq, ds, km_lo + uniform_desc(ks.stage() * kStageDesc));
-        wgmma_commit();
-      });
+      wgmma_fence();
+      if (!(kAblate & 4)) gemm_rs<kBlockN / 16>(dq, ds, km_lo + uniform_desc(ks.stage() * kStageDesc));
+      wgmma_commit();
       wgmma_wait<0>();
       fence_regs(dq);
       release_stages(bi, ks, vs);
@@ -300,7 +277,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       r.seen[rr] = owned_position(item, rr) >= 0 && (!item.q.text || item.q.row0 + row(rr) < text_len);
       r.frame[rr] = frame0 + row(rr) / (kbox.h * kbox.w);
     }
-    r.all_seen = TILEWISE_HOPPER_BWD_ALL_SEEN && __all_sync(0xffffffffu, r.seen[0] && r.seen[1]);
+    r.all_seen = __all_sync(0xffffffffu, r.seen[0] && r.seen[1]);
     return r;
   }
 
@@ -325,8 +302,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
       }
     };
     // A warp whose owned rows are all seen (whole video tiles: every block of row 1) skips the row mask's 32
-    // selects (TILEWISE_HOPPER_BWD_ALL_SEEN, bwd_params.cuh); the branch is warp-uniform (a vote).
-    if (TILEWISE_HOPPER_BWD_ALL_SEEN && rows.all_seen)
+    // selects (~5% of the D 128 reduce loop's vector instructions, v3.12); the branch is warp-uniform (a vote).
+    if (rows.all_seen)
       exponentials(std::false_type{});
     else
       exponentials(std::true_type{});
@@ -360,22 +337,14 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// buffer, in the 128-byte swizzled layout wgmma reads as an MN-major A operand.
   __device__ __forceinline__ void store_ds(const float (&ds)[32], int half) const {
     uint8_t* panel = this->s.ds() + half * Traits::kDsPanelBytes;
-    if constexpr (TILEWISE_HOPPER_BWD_DS_STMATRIX != 0) {
-      // Packed pair 4q + m is the 8x8 matrix of row half m % 2 and column group 2q + m / 2 (the accumulator's
-      // layout): four stmatrix.x4, lane l addressing row l % 8 of matrix l / 8, instead of 16 four-byte stores.
-      uint32_t packed[4][4];
-      pack_operand<4>(ds, packed, kType == WgType::bf16);
-      const int m = lane() / 8, r = row(m % 2) - lane() / 4 + lane() % 8;  // row l % 8 of matrix m's rows
+    // Packed pair 4q + m is the 8x8 matrix of row half m % 2 and column group 2q + m / 2 (the accumulator's
+    // layout): four stmatrix.x4, lane l addressing row l % 8 of matrix l / 8, instead of 16 four-byte stores.
+    uint32_t packed[4][4];
+    pack_operand<4>(ds, packed, kType == WgType::bf16);
+    const int m = lane() / 8, r = row(m % 2) - lane() / 4 + lane() % 8;  // row l % 8 of matrix m's rows
 #pragma unroll
-      for (int q = 0; q < 4; ++q)
-        stmatrix_x4(smem_addr(panel + swizzled_offset(r, 8 * (2 * q + m / 2), 128)), packed[q]);
-      return;
-    }
-#pragma unroll
-    for (int i = 0; i < 32; i += 2) {
-      const int r = row((i % 4) / 2), c = accumulator_column(i, lane());
-      st_shared_u32(panel + swizzled_offset(r, c, 128), pack_half2(ds[i], ds[i + 1], kType == WgType::bf16));
-    }
+    for (int q = 0; q < 4; ++q)
+      stmatrix_x4(smem_addr(panel + swizzled_offset(r, 8 * (2 * q + m / 2), 128)), packed[q]);
   }
 
   /// The fused kernels' dS^T store: the atomic kernel's half panel, or the reduce kernel's ring buffer blocks % 2
@@ -427,25 +396,18 @@ struct BwdConsumer : Consumer<Traits, kType> {
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       float* dst = bp.dq_accum + (base + pos[rr]) * D;
-      if constexpr (kDqV4) {
-        // Pairs of 8-column groups k, k + 1: lanes 2m and 2m + 1 of a quad swap one column pair each, so that the
-        // even lane holds 4 adjacent columns of group k and the odd lane 4 of group k + 1 (one 16-byte atomic each).
-        const bool odd = lane() & 1;
-        const int c0 = 2 * (lane() % 4) - (odd ? 2 : 0);
+      // Pairs of 8-column groups k, k + 1: lanes 2m and 2m + 1 of a quad swap one column pair each, so that the
+      // even lane holds 4 adjacent columns of group k and the odd lane 4 of group k + 1 (one 16-byte atomic each).
+      const bool odd = lane() & 1;
+      const int c0 = 2 * (lane() % 4) - (odd ? 2 : 0);
 #pragma unroll
-        for (int i = 2 * rr; i < D / 2; i += 8) {
-          const float2 mine_k = make_float2(dq[i], dq[i + 1]), mine_k1 = make_float2(dq[i + 4], dq[i + 5]);
-          const float2 send = odd ? mine_k : mine_k1;
-          const float2 got = make_float2(__shfl_xor_sync(0xffffffffu, send.x, 1), __shfl_xor_sync(0xffffffffu, send.y, 1));
-          const float4 v = odd ? make_float4(got.x, got.y, mine_k1.x, mine_k1.y)
-                               : make_float4(mine_k.x, mine_k.y, got.x, got.y);
-          if (pos[rr] >= 0) atomicAdd(reinterpret_cast<float4*>(dst + 8 * (i / 4 + (odd ? 1 : 0)) + c0), v);
-        }
-      } else {
-        if (pos[rr] < 0) continue;
-#pragma unroll
-        for (int i = 2 * rr; i < D / 2; i += 4)
-          atomicAdd(reinterpret_cast<float2*>(dst + 8 * (i / 4) + 2 * (lane() % 4)), make_float2(dq[i], dq[i + 1]));
+      for (int i = 2 * rr; i < D / 2; i += 8) {
+        const float2 mine_k = make_float2(dq[i], dq[i + 1]), mine_k1 = make_float2(dq[i + 4], dq[i + 5]);
+        const float2 send = odd ? mine_k : mine_k1;
+        const float2 got = make_float2(__shfl_xor_sync(0xffffffffu, send.x, 1), __shfl_xor_sync(0xffffffffu, send.y, 1));
+        const float4 v = odd ? make_float4(got.x, got.y, mine_k1.x, mine_k1.y)
+                             : make_float4(mine_k.x, mine_k.y, got.x, got.y);
+        if (pos[rr] >= 0) atomicAdd(reinterpret_cast<float4*>(dst + 8 * (i / 4 + (odd ? 1 : 0)) + c0), v);
       }
     }
   }
@@ -522,13 +484,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
       for (int half = 0; half < kHalves; ++half) {
         const uint32_t row_off = 64 * half * kRowDesc;
         float sc[32], dp[32];
-        take_turn<!kFuseDq>([&] {
-          wgmma_fence();
-          scores_t(sc, owned_k, this->k_lo + k_st + row_off);
-          if constexpr (kSplit) wgmma_commit();
-          dprobs_t(dp, owned_v, vk_lo + v_st + row_off);
-          wgmma_commit();
-        });
+        wgmma_fence();
+        scores_t(sc, owned_k, this->k_lo + k_st + row_off);
+        wgmma_commit();
+        dprobs_t(dp, owned_v, vk_lo + v_st + row_off);
+        wgmma_commit();
         // P^T of this thread's 32 entries, then dS^T = P^T (dP^T - D). The columns' statistics come two at a time
         // from shared memory. In the reduce kernel they are loaded into registers before the GEMMs are waited for: a
         // shared-memory load issued behind the tensor core's operand reads took 100+ cycles, and the first
@@ -548,48 +508,24 @@ struct BwdConsumer : Consumer<Traits, kType> {
           score_gradients_of_block(dp, sc, [&](int k) { return col_stat(k, cols + Traits::kStreamRows); });
         };
         uint32_t pa[4][4], da[4][4];
-        if constexpr (kSplit) {  // P^T while dP^T runs; dV += P^T dO while dS^T is computed
-          if constexpr (kEarlyStats) load_col_stats(col_stats, cols);
-          wgmma_wait<1>();
-          fence_regs(sc);
-          if (!(kAblate & 1)) probabilities_t();
-          pack_operand<4>(sc, pa, kType == WgType::bf16);
-          take_turn<!kFuseDq>([&] {
-            wgmma_fence();
-            if (!(kAblate & 4)) gemm_rs<4>(dv, pa, this->v_lo + v_st + row_off);
-            wgmma_commit();
-          });
-          if constexpr (kEarlyStats) load_col_stats(col_stats, cols + Traits::kStreamRows);
-          wgmma_wait<1>();  // dP^T (the dV product may still run)
-          fence_regs(dp);
-          if (!(kAblate & 1)) score_gradients();
-          if constexpr (kFuseDq) store_block_ds(dp, half, blocks);
-          pack_operand<4>(dp, da, kType == WgType::bf16);
-          take_turn<!kFuseDq>([&] {
-            wgmma_fence();
-            if (!(kAblate & 4)) gemm_rs<4>(dk, da, km_lo + k_st + row_off);
-            wgmma_commit();
-          });
-        } else {
-          if constexpr (kEarlyStats) load_col_stats(col_stats, cols);
-          wgmma_wait<0>();
-          fence_regs(sc);
-          fence_regs(dp);
-          if (!(kAblate & 1)) {
-            probabilities_t();
-            if constexpr (kEarlyStats) load_col_stats(col_stats, cols + Traits::kStreamRows);
-            score_gradients();
-          }
-          if constexpr (kFuseDq) store_block_ds(dp, half, blocks);
-          pack_operand<4>(sc, pa, kType == WgType::bf16);
-          pack_operand<4>(dp, da, kType == WgType::bf16);
-          take_turn<!kFuseDq>([&] {
-            wgmma_fence();
-            if (!(kAblate & 4)) gemm_rs<4>(dv, pa, this->v_lo + vs.stage() * kStageDesc + row_off);
-            if (!(kAblate & 4)) gemm_rs<4>(dk, da, km_lo + ks.stage() * kStageDesc + row_off);
-            wgmma_commit();
-          });
-        }
+        // P^T while dP^T runs; dV += P^T dO while dS^T is computed
+        if constexpr (kEarlyStats) load_col_stats(col_stats, cols);
+        wgmma_wait<1>();
+        fence_regs(sc);
+        if (!(kAblate & 1)) probabilities_t();
+        pack_operand<4>(sc, pa, kType == WgType::bf16);
+        wgmma_fence();
+        if (!(kAblate & 4)) gemm_rs<4>(dv, pa, this->v_lo + v_st + row_off);
+        wgmma_commit();
+        if constexpr (kEarlyStats) load_col_stats(col_stats, cols + Traits::kStreamRows);
+        wgmma_wait<1>();  // dP^T (the dV product may still run)
+        fence_regs(dp);
+        if (!(kAblate & 1)) score_gradients();
+        if constexpr (kFuseDq) store_block_ds(dp, half, blocks);
+        pack_operand<4>(dp, da, kType == WgType::bf16);
+        wgmma_fence();
+        if (!(kAblate & 4)) gemm_rs<4>(dk, da, km_lo + k_st + row_off);
+        wgmma_commit();
         wgmma_wait<0>();
         fence_regs(dv);
         fence_regs(dk);
@@ -711,17 +647,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
     store(item, item.head, dv, 1.f, p.grad1, p.grad1_strides);
   }
 
-  /// An item none of whose rows are this warpgroup's: releases the stages the producer counts on and takes the
-  /// turns its GEMM groups would have taken.
-  template <BwdKernel kKernel>
+  /// An item none of whose rows are this warpgroup's: releases the stages the producer counts on.
   __device__ __forceinline__ void idle_item(typename Base::KPipe& ks, typename Base::VPipe& vs) const {
     for (bool last = false; !last;) {
       const BlockInfo bi = acquire(ks, vs);
       last = bi.flags & BlockInfo::kLast;
-      if constexpr (kPingPong) {
-        const int turns = kKernel == BwdKernel::dq ? 2 : (bi.flags & BlockInfo::kEmpty) ? 0 : kHalves * (kSplit ? 3 : 2);
-        for (int t = 0; t < turns; ++t) take_turn([] {});
-      }
       release_stages(bi, ks, vs);
     }
   }
@@ -747,8 +677,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
     typename Base::VPipe vs;
     WorkRing<typename Traits::Shared, kCluster> ring{this->s, this->rank};
     uint32_t items = 0, blocks = 0;  // blocks: dkdvq_reduce's streamed blocks (dkdv_item)
-    if (kPingPong && kKernel != BwdKernel::dkdvq && !reduces_dq(kKernel) && this->wg == 1)
-      this->scheduler_arrive();  // warpgroup 0 first
     const int32_t heads = kKernel == BwdKernel::dq ? bp.q_heads : bp.kv_heads;
     const int32_t units = scheduled_units<kCluster>(bp, heads);
     for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < units;) {
@@ -764,7 +692,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       // not in the fused kernel, whose dQ product needs both warpgroups (their unreal rows have zero dS).
       if (kKernel != BwdKernel::dkdvq && !reduces_dq(kKernel) &&
           64 * this->wg >= query_rows<Traits::kBlockM>(bp, item.q)) {
-        idle_item<kKernel>(ks, vs);
+        idle_item(ks, vs);
         continue;
       }
       if constexpr (kKernel == BwdKernel::dq)

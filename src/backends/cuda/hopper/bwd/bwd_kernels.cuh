@@ -59,10 +59,6 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
       s.work_empty[i].init((128 * Traits::kConsumerWarpgroups + BwdProducer<Traits>::kRingReaders) * kCluster +
                            kCluster - 1);
     }
-    for (int i = 0; i < Traits::kRecords; ++i) {
-      s.rec_full[i].init(1);
-      s.rec_empty[i].init(1);
-    }
     if constexpr (Traits::kDqStaging) {
       for (int i = 0; i < 2; ++i) {
         s.ds_full[i].init(128 * Traits::kConsumerWarpgroups);  // both warpgroups' halves of a block's dS^T
@@ -85,7 +81,7 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
       else producer.dkdv_keys();
     } else if (tid == 32) {
       if constexpr (kDq) producer.dq_values();
-      else if constexpr (!BwdProducer<Traits>::kSingleWalk) producer.dkdv_values();
+      else producer.dkdv_values();
     } else if (tid == 64) {
       if constexpr (Traits::kDqStaging) producer.dq_reducer();
     }

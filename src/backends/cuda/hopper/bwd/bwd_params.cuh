@@ -21,19 +21,11 @@
 #include "backends/cuda/hopper/params.cuh"
 #include "tilewise/tilewise.hpp"
 
-// Schedule of the two-kernel arrangement's consumers (docs/performance.md, "The backward"):
-//  * TILEWISE_HOPPER_BWD_PINGPONG: the warpgroups take turns issuing their GEMM groups (the forward's scheduler
-//    barriers), so one's elementwise work runs under the other's GEMMs instead of both waiting on the tensor
-//    cores at once.
-//  * TILEWISE_HOPPER_BWD_SPLIT (default on since v3.1: row 1 86.41 -> 85.08 ms): S and dP in separate commit
-//    groups, so P = exp2(...) is computed while dP still runs; in dK/dV, dV (which needs only P) is issued before
-//    dS is computed.
-#ifndef TILEWISE_HOPPER_BWD_PINGPONG
-#define TILEWISE_HOPPER_BWD_PINGPONG 0
-#endif
-#ifndef TILEWISE_HOPPER_BWD_SPLIT
-#define TILEWISE_HOPPER_BWD_SPLIT 1
-#endif
+// The consumers issue S and dP (S^T and dP^T) in separate commit groups, so that P is computed while dP still runs,
+// and in dK/dV issue dV (which needs only P) before dS is computed (v3.1: row 1 86.41 -> 85.08 ms). Measured and
+// removed in the eleventh session, with the other switches that had stayed off (docs/performance.md backward
+// v3.16 lists them and the commit that still has them): the warpgroups taking turns to issue their GEMMs, the
+// uniform-descriptor, all-seen and stmatrix switches' older code, 8-byte dQ atomics, L2 eviction hints.
 // The dK/dV kernels take their video items heaviest first (FwdParams::video_order, filled at plan time from
 // Plan::num_query_tiles). Default since v3.2 (row 1 84.52 -> 84.01 ms; 25/25 backward GPU tests and the fuzz on
 // the H200): a key tile's load varies 10x, so the light items fill the tail instead of a heavy one arriving last.
@@ -47,12 +39,6 @@
 // -2.3%, the other rows within 0.5%; 2 = the same with each kv head's tiles in raster order (row 1 +2.5%, Wan +1.4%).
 #ifndef TILEWISE_HOPPER_BWD_ITEM_ORDER
 #define TILEWISE_HOPPER_BWD_ITEM_ORDER 0
-#endif
-// The fused kernel's dQ atomics: 1 (default since v3.4) = 16-byte (red.global.add.v4.f32, after one lane swap per
-// pair of column groups), 0 = 8-byte. The atomics cost that kernel 30 ms of 116 on row 1; half as many
-// instructions took 6 ms off (116.77 -> 110.53 ms, docs/performance.md v3.4): the rest is the L2's reduction traffic.
-#ifndef TILEWISE_HOPPER_BWD_DQ_V4
-#define TILEWISE_HOPPER_BWD_DQ_V4 1
 #endif
 // Rows of the dK/dV kernel's streamed query blocks (and its K and V ring stages): 128 (the forward's key blocks,
 // two 64-query halves per stage), or 64 (boxes of at most 64 rows per tile class, one half per stage; the host asks
@@ -95,37 +81,6 @@
 // Open-Sora-Plan -0.6% in v3.12); 0 = none. The same elements land in the same places either way.
 #ifndef TILEWISE_HOPPER_BWD_STAGE_PERMUTE
 #define TILEWISE_HOPPER_BWD_STAGE_PERMUTE 2
-#endif
-// Three switches measured together (docs/performance.md backward v3.13): each alone moves row 1 by -1.9% to +1.9%,
-// the three together by -2.5% (CogVideoX -7.0%, Open-Sora-Plan -6.3%), since they change which values ptxas keeps in
-// registers; 1 (default) for all three, 0 keeps the older code for comparison.
-// The backward's wgmma descriptors that depend on a pipeline stage (or the dS ring buffer): 1 = their stage offset
-// broadcast from lane 0 (warp_uniform, ptx.cuh), so that ptxas builds every descriptor of a block in uniform registers;
-// 0 = the D 128 reduce kernel builds each wgmma's B descriptor in vector registers and moves it with two R2UR: ~6
-// instructions per wgmma instead of 2 uniform ones (cuobjdump: the block loop's R2UR 83 -> 11, its vector
-// instructions -8.5%). The forward's ptxas output already keeps them uniform.
-#ifndef TILEWISE_HOPPER_BWD_UNIFORM_DESC
-#define TILEWISE_HOPPER_BWD_UNIFORM_DESC 1
-#endif
-// P^T's row mask (BwdConsumer::probabilities_of_block: 0 for owned key rows that are no real token or text past its
-// length): 1 = skipped by a warp whose owned rows are all seen, a warp-uniform branch decided once per item (every
-// block of row 1; 32 fewer selects per thread and block, ~5% of the D 128 reduce loop's vector instructions); 0 = the
-// select on every block.
-#ifndef TILEWISE_HOPPER_BWD_ALL_SEEN
-#define TILEWISE_HOPPER_BWD_ALL_SEEN 1
-#endif
-// The fused kernels' dS^T stores (BwdConsumer::store_ds): 1 = four stmatrix.x4 per thread and block, 0 = 16 four-byte
-// stores; the same bytes and the same shared-memory wavefronts, 12 fewer instructions.
-#ifndef TILEWISE_HOPPER_BWD_DS_STMATRIX
-#define TILEWISE_HOPPER_BWD_DS_STMATRIX 1
-#endif
-// L2 eviction policies (cache hints) of the dK/dV walk's TMA traffic, off by default (docs/performance.md backward
-// v3.13 has the prediction): bit 1 = the streamed Q, dO and statistics loads evict_last (each query block is streamed
-// by every key item that sees it: 81 items on row 1), bit 2 = the reduce kernel's dQ reductions evict_last (each dQ
-// block is reduced into as often), bit 4 = the owned K and V loads evict_first (read once per item). FlashAttention-3's
-// backward marks its Q, dO and LSE loads and its dK/dV reductions evict_last.
-#ifndef TILEWISE_HOPPER_BWD_L2_HINTS
-#define TILEWISE_HOPPER_BWD_L2_HINTS 0
 #endif
 // CTAs per cluster of the reduce kernel at D 128 (BwdKernel::dkdvq_reduce_cluster; docs/performance.md backward
 // v3.14): with 3, the three CTAs of a cluster own the three 128-key blocks of one 384-token tile (or three text

@@ -7,8 +7,8 @@
 //    the key tile (query_boxes or the transposed block list: the reverse question) and then every text row
 //    (padding rows too: text queries see every video key and every valid text key). Each streamed Q block comes
 //    with its rows' statistics (one descriptor TMA beside the K stage, BwdParams::stats_map). In the reduce kernel
-//    thread 64 adds each block's dQ into the fp32 accumulator; it walks the blocks too, or reads thread 0's records
-//    (TILEWISE_HOPPER_BWD_SINGLE_WALK, thread 32 then idle). In clusters (BwdKernel::dkdvq_reduce_cluster) the CTAs
+//    thread 64 adds each block's dQ into the fp32 accumulator, walking the blocks too (one thread walking for all
+//    three roles measured 6-28% slower: docs/performance.md backward v3.14). In clusters (BwdKernel::dkdvq_reduce_cluster) the CTAs
 //    of a unit walk the same blocks; one multicasts each Q block, another each dO block.
 #pragma once
 
@@ -16,20 +16,6 @@
 #include "backends/cuda/hopper/mainloop_producer.cuh"
 
 namespace tilewise::hopper {
-
-/// The L2 eviction policies of one walker's loads (TILEWISE_HOPPER_BWD_L2_HINTS, bwd_params.cuh): a null policy
-/// where the bit is off, so that the plain TMA forms are issued (and no createpolicy).
-struct BwdL2Hints {
-  static constexpr int kBits = TILEWISE_HOPPER_BWD_L2_HINTS;
-  uint64_t last = 0, first = 0;
-  __device__ __forceinline__ BwdL2Hints() {
-    if constexpr ((kBits & 3) != 0) last = l2_policy_evict_last();
-    if constexpr ((kBits & 4) != 0) first = l2_policy_evict_first();
-  }
-  __device__ __forceinline__ const uint64_t* streamed() const { return (kBits & 1) ? &last : nullptr; }
-  __device__ __forceinline__ const uint64_t* owned() const { return (kBits & 4) ? &first : nullptr; }
-  __device__ __forceinline__ const uint64_t* reduced() const { return (kBits & 2) ? &last : nullptr; }
-};
 
 template <class Traits>
 struct BwdProducer {
@@ -43,23 +29,21 @@ struct BwdProducer {
 
   /// Owned blocks of an item: both land on q_full (initialised for two arrivals), once the previous item's
   /// consumers have released them.
-  __device__ __forceinline__ void load_owned(const WorkItem& item, uint32_t& items, const BwdL2Hints& hints) const {
+  __device__ __forceinline__ void load_owned(const WorkItem& item, uint32_t& items) const {
     s.q_empty->wait((items & 1) ^ 1);
-    base().load(p.q_video, &p.q_text, p.q, item.q, item.batch, item.head, s.q, s.q_full, true, false, hints.owned());
-    base().load(p.o_video, &p.o_text, p.o, item.q, item.batch, item.head, s.o(), s.q_full, true, false,
-                hints.owned());
+    base().load(p.q_video, &p.q_text, p.q, item.q, item.batch, item.head, s.q, s.q_full);
+    base().load(p.o_video, &p.o_text, p.o, item.q, item.batch, item.head, s.o(), s.q_full);
     ++items;
   }
 
   // ---------------------------------------------------------------- dQ kernel
   __device__ void dq_keys() const {
     uint32_t items = 0;
-    const BwdL2Hints hints;
     WorkRing<typename Traits::Shared, 1> ring{s, 0};
     auto next_unit = [&] { return ring.produce(p.work_counter, p.num_work); };
     base().template for_each_unit<Traits::kKStages>(
         next_unit, s.k_empty, s.k_sync,
-        [&](const WorkItem& item, bool) { load_owned(item, items, hints); },
+        [&](const WorkItem& item, bool) { load_owned(item, items); },
         [&](const Block& kb, const UnitWork& uw, int32_t text_len, int stage, uint32_t parity, bool last) {
           s.k_empty[stage].wait(parity);
           s.info[stage] = describe(p, uw.item, kb, text_len, last);
@@ -140,17 +124,13 @@ struct BwdProducer {
   /// their statistics, the last the dO blocks; every CTA announces the bytes on its own barrier).
   __device__ __forceinline__ bool issues(uint32_t issuer) const { return kCluster == 1 || rank == issuer; }
 
-  /// Whether one thread walks the reduce kernel's streamed blocks for all three roles (kernel_traits.cuh,
-  /// TILEWISE_HOPPER_BWD_SINGLE_WALK): the Q loader then also loads dO and records each block's dQ reduction.
-  static constexpr bool kSingleWalk = Traits::kRecords > 0;
-  /// Producer threads besides the consumers that read the scheduler's ring (WorkRing): the dO loader (unless
-  /// kSingleWalk) and the dQ reducer (the reduce kernel).
-  static constexpr int kRingReaders = (kSingleWalk ? 0 : 1) + (Traits::kDqStaging ? 1 : 0);
+  /// Producer threads besides the consumers that read the scheduler's ring (WorkRing): the dO loader and the dQ
+  /// reducer (the reduce kernel).
+  static constexpr int kRingReaders = 1 + (Traits::kDqStaging ? 1 : 0);
 
   /// Loads the Q block `qb` of query head h (and its statistics) into the next K stage, described to the consumers.
   __device__ __forceinline__ void stream_queries(const WorkItem& item, const Block& qb, int32_t h, int32_t gi,
-                                                 bool last, bool empty, PipeState<Traits::kKStages>& pipe,
-                                                 const BwdL2Hints& hints) const {
+                                                 bool last, bool empty, PipeState<Traits::kKStages>& pipe) const {
     const int stage = pipe.stage();
     s.k_empty[stage].wait(pipe.phase() ^ 1);
     s.info[stage] = describe_stream(item, qb, h, gi, last, empty);
@@ -165,19 +145,18 @@ struct BwdProducer {
       s.k_full[stage].expect_tx(Traits::kStatsBytes);
       const int32_t stats_row = static_cast<int32_t>(entry * kStatsRows);
       if constexpr (kCluster == 1)
-        tma_load(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, stats_row, 0, 0, 0, hints.streamed());
+        tma_load(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, stats_row, 0, 0, 0);
       else if (rank == 0)
         tma_load_multicast(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, stats_row, 0, 0, 0,
                            (1u << kCluster) - 1);
       base().load(p.k_video, &p.k_text, p.k, qb, item.batch, h, s.k(stage), &s.k_full[stage], issues(0),
-                  kCluster > 1, hints.streamed());
+                  kCluster > 1);
     }
     pipe.advance();
   }
   /// Loads the dO block `qb` of query head h into the next V stage.
   __device__ __forceinline__ void stream_output_grads(const WorkItem& item, const Block& qb, int32_t h, bool empty,
-                                                      PipeState<Traits::kVStages>& pipe,
-                                                      const BwdL2Hints& hints) const {
+                                                      PipeState<Traits::kVStages>& pipe) const {
     const int stage = pipe.stage();
     s.v_empty[stage].wait(pipe.phase() ^ 1);
     if (empty || (TILEWISE_HOPPER_BWD_ABLATE & 8)) {
@@ -185,14 +164,13 @@ struct BwdProducer {
     } else {
       base().zero_tail(qb, s.v(stage));
       base().load(p.v_video, &p.v_text, p.v, qb, item.batch, h, s.v(stage), &s.v_full[stage],
-                  issues(kCluster - 1), kCluster > 1, hints.streamed());
+                  issues(kCluster - 1), kCluster > 1);
     }
     pipe.advance();
   }
   /// Where the dQ reduction of streamed block `qb` goes, as f(text, tile class, c1, c2, c3): the text map at the
-  /// block's first row, or its class's video map at its box's TMA origin (w, h, t). The one answer for the reducer's
-  /// own walk and for the single walk's records; f is called in one branch per kind, so that `text` is a constant
-  /// in each (reduction_map folds).
+  /// block's first row, or its class's video map at its box's TMA origin (w, h, t); f is called in one branch per kind,
+  /// so that `text` is a constant in each (reduction_map folds).
   template <class F>
   __device__ __forceinline__ void with_reduction_target(const Block& qb, F&& f) const {
     if (qb.text) {
@@ -206,46 +184,19 @@ struct BwdProducer {
     return text ? &p.dq_text : &p.dq_video[cls];
   }
 
-  /// kSingleWalk: the reduction of streamed block `qb` (query head h) as record n of the ring, once the reducer has
-  /// read the record that was there (mbarrier arrive and wait order the record's store before its load).
-  __device__ __forceinline__ void record_reduction(const Block& qb, int32_t h, bool last, bool empty,
-                                                   uint32_t& n) const {
-    constexpr int R = Traits::kRecords;
-    const uint32_t slot = n % R;
-    s.rec_empty[slot].wait(((n / R) & 1) ^ 1);
-    ReductionRecord r{static_cast<uint32_t>(h) | (last ? ReductionRecord::kLast : 0u), 0, 0, 0};
-    if (empty)
-      r.bits |= ReductionRecord::kEmpty;
-    else
-      with_reduction_target(qb, [&](bool text, uint32_t cls, int c1, int c2, int c3) {
-        r.bits |= text ? ReductionRecord::kText : cls << ReductionRecord::kClassShift;
-        r.c1 = c1, r.c2 = c2, r.c3 = c3;
-      });
-    s.records[slot] = r;
-    s.rec_full[slot].arrive();
-    ++n;
-  }
-
-  /// The Q loader (thread 0; with kSingleWalk also the dO loader and the reductions' recorder): takes units from
-  /// the scheduler (the cluster's first CTA) or from the ring (the others).
+  /// The Q loader (thread 0): takes units from the scheduler (the cluster's first CTA) or from the ring (the others).
   __device__ void dkdv_keys() const {
-    uint32_t items = 0, records = 0;
-    const BwdL2Hints hints;
+    uint32_t items = 0;
     PipeState<Traits::kKStages> pipe;
-    PipeState<Traits::kVStages> values;  // kSingleWalk
     WorkRing<typename Traits::Shared, kCluster> ring{s, rank};
     const int32_t units = dkdv_units();
     for (int32_t u; (u = kCluster == 1 || rank == 0 ? ring.produce(p.work_counter, units) : ring.consume()) < units;) {
       const WorkItem item = dkdv_item(u);
       // In a cluster a CTA with an empty item still takes part in its unit's stream (decode_tile_unit).
       if (item.empty && kCluster == 1) continue;
-      if (!item.empty) load_owned(item, items, hints);
+      if (!item.empty) load_owned(item, items);
       for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t gi, bool last, bool empty) {
-        stream_queries(item, qb, h, gi, last, empty, pipe, hints);
-        if constexpr (kSingleWalk) {
-          stream_output_grads(item, qb, h, empty, values, hints);
-          if (!item.empty) record_reduction(qb, h, last, empty, records);  // (its consumers stage no dQ)
-        }
+        stream_queries(item, qb, h, gi, last, empty, pipe);
       });
     }
   }
@@ -255,13 +206,12 @@ struct BwdProducer {
   /// fp32 accumulator, through the block's box (rows outside the latent or the text are clipped); the buffer is
   /// freed once they have read it.
   __device__ __forceinline__ void reduce_block(int32_t batch, int32_t h, const CUtensorMap* map, int c1, int c2,
-                                               int c3, uint32_t& m, const BwdL2Hints& hints) const {
+                                               int c3, uint32_t& m) const {
     s.dq_full->wait(m & 1);
     const int c4 = p.dq_view.c4(batch, h);
 #pragma unroll
     for (int panel = 0; panel < ((TILEWISE_HOPPER_BWD_ABLATE & 128) ? 0 : Traits::D / 32); ++panel)
-      tma_reduce_add(map, s.dq_stage() + panel * Traits::kDqPanelBytes, p.dq_view.c0(h, panel * 32), c1, c2, c3, c4,
-                     hints.reduced());
+      tma_reduce_add(map, s.dq_stage() + panel * Traits::kDqPanelBytes, p.dq_view.c0(h, panel * 32), c1, c2, c3, c4);
     tma_store_commit();
     tma_store_wait_read();
     s.dq_empty[m & 1].arrive();
@@ -269,48 +219,28 @@ struct BwdProducer {
   }
 
   /// dkdvq_reduce (thread 64): adds each streamed block's dQ into the fp32 accumulator (reduce_block), in the
-  /// order of the loaders' walk: from the Q loader's records (kSingleWalk), or by walking the same items and
-  /// blocks itself. The reduction leaves the consumers' path entirely.
+  /// order of the loaders' walk, which it walks too. The reduction leaves the consumers' path entirely.
   __device__ void dq_reducer() const {
     if constexpr (Traits::kDqStaging) {
-      const BwdL2Hints hints;
       uint32_t m = 0;  // streamed blocks so far (the consumers number them alike)
-      uint32_t n = 0;  // kSingleWalk: records read
       WorkRing<typename Traits::Shared, kCluster> ring{s, rank};
       const int32_t units = dkdv_units();
       for (int32_t u; (u = ring.consume()) < units;) {
         const WorkItem item = dkdv_item(u);
         if (item.empty) continue;  // (in a cluster its consumers stage no dQ either)
-        if constexpr (kSingleWalk) {
-          constexpr int R = Traits::kRecords;
-          for (bool last = false; !last; ++n) {
-            s.rec_full[n % R].wait((n / R) & 1);
-            const uint4 w = ld_shared_v4(&s.records[n % R]);
-            s.rec_empty[n % R].arrive();
-            last = w.x & ReductionRecord::kLast;
-            if (w.x & ReductionRecord::kEmpty) continue;
-            const int32_t h = static_cast<int32_t>(w.x & ReductionRecord::kHeadMask);
-            const CUtensorMap* map = reduction_map(w.x & ReductionRecord::kText,
-                                                   (w.x >> ReductionRecord::kClassShift) & (kTileClasses - 1));
-            reduce_block(item.batch, h, map, static_cast<int>(w.y), static_cast<int>(w.z), static_cast<int>(w.w), m,
-                         hints);
-          }
-        } else {
-          for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
-            if (!empty)
-              with_reduction_target(qb, [&](bool text, uint32_t cls, int c1, int c2, int c3) {
-                reduce_block(item.batch, h, reduction_map(text, cls), c1, c2, c3, m, hints);
-              });
-          });
-        }
+        for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
+          if (!empty)
+            with_reduction_target(qb, [&](bool text, uint32_t cls, int c1, int c2, int c3) {
+              reduce_block(item.batch, h, reduction_map(text, cls), c1, c2, c3, m);
+            });
+        });
       }
       tma_store_wait_all();  // every reduction complete before the CTA retires
     }
   }
 
-  /// The dO loader (thread 32; not with kSingleWalk): walks the same units and blocks as the Q loader.
+  /// The dO loader (thread 32): walks the same units and blocks as the Q loader.
   __device__ void dkdv_values() const {
-    const BwdL2Hints hints;
     PipeState<Traits::kVStages> pipe;
     WorkRing<typename Traits::Shared, kCluster> ring{s, rank};
     const int32_t units = dkdv_units();
@@ -318,7 +248,7 @@ struct BwdProducer {
       const WorkItem item = dkdv_item(u);
       if (item.empty && kCluster == 1) continue;
       for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
-        stream_output_grads(item, qb, h, empty, pipe, hints);
+        stream_output_grads(item, qb, h, empty, pipe);
       });
     }
   }

@@ -22,8 +22,6 @@
 
 namespace tilewise::hopper {
 
-constexpr uint32_t kSoftmaxBarrier = 5;  // + warpgroup index: "your turn for the softmax" (SOFTMAX_TURNS)
-
 template <class Traits, WgType kType>
 struct Fp8Consumer {
   static constexpr int D = Traits::D;
@@ -35,7 +33,6 @@ struct Fp8Consumer {
   static constexpr uint32_t kOne = 0x38383838u;         // four e4m3 1.0
   static constexpr bool kPingPong =  // turns in a ring of the warpgroups (kernel_traits.cuh)
       TILEWISE_HOPPER_FP8_PINGPONG == 1 || (TILEWISE_HOPPER_FP8_PINGPONG == 2 && Traits::kConsumerWarpgroups == 3);
-  static constexpr bool kSoftmaxTurns = TILEWISE_HOPPER_FP8_SOFTMAX_TURNS != 0;  // (kernel_traits.cuh)
   using Base = Consumer<Traits, kType>;  // the stage records, the releases, the idle walk
   using KPipe = typename Base::KPipe;
   using VPipe = typename Base::VPipe;
@@ -129,13 +126,10 @@ struct Fp8Consumer {
       fence_regs(sc);
       base.release_s_operands(ks.stage(), bi, false);
       ks.advance();
-      if constexpr (kSoftmaxTurns) base.template turn_sync<kSoftmaxBarrier>();
       base.mask_scores(sc, bi, text_len, item);
       const float factor[2] = {qf[0] * kscale, qf[1] * kscale};
       if (!(TILEWISE_HOPPER_ABLATE & 1))  // measurement only (kernel_traits.cuh)
-        Fp8Softmax::step<!kOnes, TILEWISE_HOPPER_FP8_EXP_ON_FMA, TILEWISE_HOPPER_FP8_FOLD != 0>(sc, factor, m_run,
-                                                                                                 l_run, corr, pairs);
-      if constexpr (kSoftmaxTurns) base.template turn_arrive<kSoftmaxBarrier>();
+        Fp8Softmax::step<!kOnes, TILEWISE_HOPPER_FP8_FOLD != 0>(sc, factor, m_run, l_run, corr, pairs);
       const bool rescale = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
       Fp8Softmax::to_operand(pairs, pa);
       s.v_full[vs.stage()].wait(vs.phase());
@@ -163,8 +157,6 @@ struct Fp8Consumer {
     WorkRing<typename Traits::Shared, 1> ring{s, 0};
     const Epilogue<Traits, kType> epilogue{p, s, wg, tid};
     if (kPingPong && wg == Traits::kConsumerWarpgroups - 1) base.scheduler_arrive();  // warpgroup 0 issues first
-    if (kSoftmaxTurns && wg == Traits::kConsumerWarpgroups - 1)  // and takes the first softmax turn
-      base.template turn_arrive<kSoftmaxBarrier>();
     for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < p.num_work;) {
       const WorkItem item = decode_work<Traits::kBlockM>(p, u);
       if (item.empty) continue;
@@ -180,7 +172,7 @@ struct Fp8Consumer {
         qf[rr] = p.scale_log2 * (at >= 0 ? __ldg(p.q_scale + at) : 1.f);
       }
       s.q_full->wait(items & 1);
-      if (!kPingPong && !kSoftmaxTurns && 64 * wg >= query_rows<Traits::kBlockM>(p, item.q))
+      if (!kPingPong && 64 * wg >= query_rows<Traits::kBlockM>(p, item.q))
         base.mainloop_idle(false, ks, vs);
       else
         mainloop(item, text_len, qf, p.k_scale + bg * p.key_blocks, ks, vs, o, m_run, l_run);
