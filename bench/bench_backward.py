@@ -10,8 +10,8 @@ tilewise's forward + backward ms, and the max-abs differences of tilewise's dq/d
 both ran the same mask on the same dout).
 
 With --also-arrangement N, a column more: the backward in arrangement N (TILEWISE_BACKWARD_FUSED_DQ=N, read when a
-plan is made: 0 the two kernels, 1 the atomic fused kernel, 2 the reduce kernel; the default picks 2 below 90% video
-density, else 0: docs/performance.md backward v3.7), timed in the same run as the default.
+plan is made: 0 the two kernels, 2 the reduce kernel, the default at every density since v3.13), timed in the same
+run as the default.
 
 --variants NAME=LIB,... as in bench_forward.py: the default library and each variant alternated in this process, a
 column each, and each variant's largest gradient difference from the default's in a note (with "@VAR=VALUE" host switches, e.g. --variants clu=@TILEWISE_BACKWARD_CLUSTER=1).
@@ -152,7 +152,7 @@ def backward_arrangement(value: str):
 def main() -> None:
     def extra_args(ap):
         ap.add_argument("--deterministic", action="store_true", help="time tilewise's deterministic backward")
-        ap.add_argument("--also-arrangement", choices=["0", "1", "2"], default=None,
+        ap.add_argument("--also-arrangement", choices=["0", "2"], default=None,
                         help="also time this backward arrangement (TILEWISE_BACKWARD_FUSED_DQ) in a column")
 
     args, groups, dev = parse_args(__doc__, "skip the dense cuDNN SDPA baseline", extra_args)

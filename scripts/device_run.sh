@@ -5,8 +5,9 @@
 #        [bench_bwd] [sass] [bwd_variants] [variant_tests] [reduce_check] [leftovers] [bwd_profile]
 #        [bwd_stalls]
 #   bwd_variants: BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ..." (scripts/kernel_variants.py); a name starting with
-#   fused times the fused arrangement (TILEWISE_BACKWARD_FUSED_DQ=1), reduce the reduce kernel (=2; "reduce=" with
-#   no flags builds the default source), names no_* or *_no_* are ablations (times only); variant_tests: VARIANT=name
+#   two times the two-kernel arrangement (TILEWISE_BACKWARD_FUSED_DQ=0), the others the reduce kernel (the default;
+#   "reduce=" with no flags builds the default source), names no_* or *_no_* are ablations (times only);
+#   variant_tests: VARIANT=name
 #   sanitize: forward and backward cases; sanitize_bwd: the backward cases alone (a device call of their own)
 set -uo pipefail
 OUT=${OUT:-/tmp/tilewise-out}
@@ -111,9 +112,8 @@ for step in $steps; do
         name=${v%%=*}
         lib=$PWD/$BUILD; [ "$name" = base ] || lib=/tmp/bwd-variants/$name
         [ -f "$lib/libtilewise.so" ] || continue
-        # fused*: the fused five-GEMM arrangement with atomics, reduce*: the one with 64-row streamed blocks and TMA
-        # reductions (chosen at plan time from the environment)
-        case $name in fused*) arrangement=1 ;; reduce*) arrangement=2 ;; *) arrangement=0 ;; esac
+        # two*: the two-kernel arrangement, the others the reduce kernel (chosen at plan time from the environment)
+        case $name in two*) arrangement=0 ;; *) arrangement=2 ;; esac
         line=$(TILEWISE_BACKWARD_FUSED_DQ=$arrangement LD_LIBRARY_PATH=$lib timeout 60 $BUILD/bwdcheck bench1 2>&1 | tail -1)
         echo "$name: $line" | tee -a "$OUT/variants.log"
         case $name in no_*|*_no_*) continue ;; esac  # ablations: results are wrong, times only
@@ -137,7 +137,7 @@ for step in $steps; do
       echo "fuzz rc=$? $(grep -E '^problems' "$OUT/fuzz_$VARIANT.log")"
       ;;
     leftovers)
-      # The fused kernels' owned rows past a partial tile's box (docs/performance.md backward v3.9): the regression
+      # The reduce kernel's owned rows past a partial tile's box (docs/performance.md backward v3.9): the regression
       # test that fills shared memory with NaN patterns before each backward, five times.
       echo "== NaN-filled shared memory before the backward"
       LD_LIBRARY_PATH=$PWD/$BUILD timeout 200 $BUILD/tilewise_tests --gtest_filter='CudaBackwardLeftovers*' \
@@ -170,8 +170,6 @@ for step in $steps; do
         $BUILD/bwdcheck bench1 > "$OUT/bwd_profile.txt" 2>&1
       echo "rc=$?"; grep -E "backward_kernel|Duration|Throughput|Issue Slots Busy|Stall|Warp Cycles Per Issued" \
         "$OUT/bwd_profile.txt" | head -40
-      # the fused five-GEMM arrangement on the same row (it shares the dK/dV loop fixed in v3)
-      echo "fused: $(TILEWISE_BACKWARD_FUSED_DQ=1 timeout 60 $BUILD/bwdcheck bench1 2>&1 | tail -1)"
       ;;
     bwd_stalls)
       # Source-level warp stall sampling of one backward kernel launch on row 1, in a -lineinfo build of its own

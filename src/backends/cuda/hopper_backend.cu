@@ -215,12 +215,10 @@ class HopperBackend final : public Backend {
     // The arrangement of the backward's kernels: the reduce kernel (2) at every density (v3.7 kept the two kernels (0)
     // for nearly dense plans, 2% faster there then; since v3.13 the reduce kernel is faster on every benchmark row,
     // the whole grid 841.51 ms against 943.94, docs/performance.md backward v3.13); deterministic runs take the two.
-    // TILEWISE_BACKWARD_FUSED_DQ=0|1|2 in the environment picks one (measurements; 1: the atomic fused kernel).
+    // TILEWISE_BACKWARD_FUSED_DQ=0 in the environment takes the two kernels for every run (measurements; 2 or unset:
+    // the reduce kernel; 1 was an atomic fused kernel, removed in v3.16, and now means the reduce kernel too).
     const char* fused = std::getenv("TILEWISE_BACKWARD_FUSED_DQ");
-    if (fused != nullptr && *fused != '\0')
-      fused_mode_ = std::string(fused) == "1" ? 1 : std::string(fused) == "2" ? 2 : 0;
-    else
-      fused_mode_ = 2;
+    fused_mode_ = fused != nullptr && std::string(fused) == "0" ? 0 : 2;
     if (fused_mode_ == 2) {  // the reduce kernel streams 64-row blocks whatever the dK/dV kernel's build has
       reduce_classes_ = TileClasses(g, hopper::kBackwardOwnedRows, 64);
       reduce_entries_ = static_cast<int32_t>(reduce_classes_.key_entries(g, p.text_capacity));
@@ -331,12 +329,11 @@ class HopperBackend final : public Backend {
   /// the fused kernel on 64-row streamed blocks whose dQ goes into a [B, S, Hq, D] fp32 accumulator by TMA
   /// reductions (docs/performance.md, backward v3.6-v3.7), and a conversion.
   /// Otherwise the dQ kernel and the dK/dV kernel (seven GEMMs per block pair; each gradient row is summed by one
-  /// warpgroup in a fixed order, so bitwise reproducible). TILEWISE_BACKWARD_FUSED_DQ=1 at plan time selects the
-  /// fused kernel with atomics (five GEMMs per pair), measured slower (backward v1).
+  /// warpgroup in a fixed order, so bitwise reproducible).
   void run_backward(const Plan& plan, const GradTensors& t, void* stream_ptr, void* workspace,
                     bool deterministic) const override {
     deterministic = deterministic || fused_mode_ == 0;
-    const bool reduce = !deterministic && fused_mode_ == 2;
+    const bool reduce = !deterministic;
     // The dK/dV kernel's streamed blocks: its build's rows, or the reduce kernel's 64.
     const TileClasses& streamed_classes = reduce ? reduce_classes_ : dkdv_classes_;
     const int32_t streamed_entries = reduce ? reduce_entries_ : stream_entries_;
@@ -416,8 +413,7 @@ class HopperBackend final : public Backend {
       const bool cluster = reduce && reduce_cluster_ctas_ > 0;
       const hopper::BwdKernel kernel = deterministic ? hopper::BwdKernel::dkdv
                                        : cluster     ? hopper::BwdKernel::dkdvq_reduce_cluster
-                                       : reduce      ? hopper::BwdKernel::dkdvq_reduce
-                                                     : hopper::BwdKernel::dkdvq;
+                                                     : hopper::BwdKernel::dkdvq_reduce;
       int grid = std::min(dkv.num_work, max_ctas_);
       if (cluster) {  // a cluster per unit: a tile's slots, or as many text blocks (tile_scheduler.cuh)
         const int c = hopper::reduce_cluster_size();
@@ -639,7 +635,7 @@ class HopperBackend final : public Backend {
   int32_t reduce_entries_ = 0;
   int32_t key_slots_ = 1;     // key blocks per tile: the most key boxes of any tile class
   int32_t key_entries_ = 0;   // key blocks per (batch, head): tiles * key_slots_ + text blocks (block_entry)
-  int fused_mode_ = 0;  // 0 two kernels, 1 atomic fused, 2 reduce kernel; deterministic runs take 0 (run_backward)
+  int fused_mode_ = 0;  // 0 two kernels, 2 reduce kernel; deterministic runs take 0 (run_backward)
   DeviceArray<int32_t> dkdv_order_;  // the dK/dV kernel's video items (dkdv_item_order)
   bool per_batch_ = false;
   int max_ctas_ = 1;  // CTAs of a persistent launch: the device's SMs less Problem::sm_margin, at least 1

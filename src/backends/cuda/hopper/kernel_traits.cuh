@@ -159,7 +159,8 @@ struct PipeState {
 /// kOwnedRows: 0 for the forward (its query rows per work item come from the switches above); the backward's
 /// kernels own 128 rows per work item (two warpgroups of 240 registers: S, dP and a D-wide accumulator, or the
 /// dK and dV accumulators with half-width S and dP) and keep per-stage row statistics beside the K ring.
-/// kDsBuffer: the fused backward kernel's dS buffer (dS^T of a block pair, 32 KB) fits beside fewer stages.
+/// kDsBuffer: the backward's reduce kernel (64-row streamed blocks): a ring of two dS^T buffers and an fp32 dQ
+/// staging buffer beside fewer stages.
 /// kFp8: the FP8 forward (fp8/): Q and K e4m3 (one byte per element), V^T blocks of D rows x 128 keys in the V
 /// ring, O in the 16-bit output dtype.
 /// kStreamRowsArg: rows of a streamed (K and V ring) block: kBlockN, or 64 in the two-kernel backward's dK/dV
@@ -175,9 +176,10 @@ struct KernelTraits {
   static constexpr int kStreamRows = kStreamRowsArg;
   static_assert(kStreamRows == kBlockN || (kStreamRows == 64 && kBackward),
                 "streamed blocks of 128 rows, or 64 in the backward's dK/dV kernels");
-  // The fused backward with 64-row streamed blocks (BwdKernel::dkdvq_reduce): a ring of two dS^T buffers and an
-  // fp32 staging buffer from which a producer thread adds each block's dQ into global memory by TMA.
-  static constexpr bool kDqStaging = kDsBuffer && kStreamRows == 64;
+  // The reduce kernel (BwdKernel::dkdvq_reduce): a ring of two dS^T buffers and an fp32 staging buffer from which a
+  // producer thread adds each block's dQ into global memory by TMA.
+  static constexpr bool kDqStaging = kDsBuffer;
+  static_assert(!kDsBuffer || kStreamRows == 64, "the reduce kernel streams 64-row blocks");
   // Query rows per work item (the backward's dK/dV kernel: key rows).
   static constexpr int kBlockM =
       kBackward ? kOwnedRows
@@ -206,17 +208,14 @@ struct KernelTraits {
   static constexpr int kOnesRows = kFp8 && TILEWISE_HOPPER_FP8_ONES ? 8 : 0;
   static constexpr int kVTileBytes = kTileBytes + kOnesRows * kBlockN;  // a V stage (FP8: V^T, D x 128, + ones)
   static constexpr int kStagesSmallD = D == 64 ? TILEWISE_HOPPER_STAGES_D64 : 3;
-  // The fused backward fits its dS buffer beside the rings: at D 128 one dO stage (released before the dQ product,
-  // so its next load overlaps that), at D 96 two of each. Without it, the forward's depths.
+  // The reduce kernel fits its dS ring and dQ staging beside the rings. Without them, the forward's depths.
   static constexpr int kKStages = kFp8 ? TILEWISE_HOPPER_FP8_STAGES
                                  : kDqStaging ? (D == 128 ? TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128 : 4)
                                  : kStreamRows != kBlockN ? TILEWISE_HOPPER_BWD_STREAM_STAGES
-                                 : kDsBuffer ? (D == 64 ? 3 : 2)
                                              : (D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : kStagesSmallD);
   static constexpr int kVStages = kFp8 ? TILEWISE_HOPPER_FP8_STAGES
                                  : kDqStaging ? (D == 128 ? 2 : 4)
                                  : kStreamRows != kBlockN ? TILEWISE_HOPPER_BWD_STREAM_STAGES
-                                 : kDsBuffer ? (D == 64 ? 3 : (D == 96 ? 2 : 1))
                                              : (D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD);
   static constexpr int kCluster = kClusterArg > 0                    ? kClusterArg
                                   : D == 128 && !kBackward && !kFp8 ? TILEWISE_HOPPER_CLUSTER_D128

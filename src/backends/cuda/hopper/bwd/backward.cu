@@ -49,7 +49,6 @@ cudaError_t launch(const BwdParams& params, BwdKernel kernel, int grid, cudaStre
   switch (kernel) {
     case BwdKernel::dq: return launch<D, T, BwdKernel::dq>(params, grid, stream);
     case BwdKernel::dkdv: return launch<D, T, BwdKernel::dkdv>(params, grid, stream);
-    case BwdKernel::dkdvq: return launch<D, T, BwdKernel::dkdvq>(params, grid, stream);
     case BwdKernel::dkdvq_reduce: return launch<D, T, BwdKernel::dkdvq_reduce>(params, grid, stream);
     case BwdKernel::dkdvq_reduce_cluster: return launch<D, T, BwdKernel::dkdvq_reduce_cluster>(params, grid, stream);
   }
@@ -87,11 +86,6 @@ int dkdv_stream_rows() { return TILEWISE_HOPPER_BWD_STREAM_ROWS; }
 int reduce_cluster_size() { return bwd_cluster(BwdKernel::dkdvq_reduce_cluster); }
 
 int reduce_cluster_ctas(int head_dim, bool bf16) { return head_dim == 128 ? cluster_ctas<128>(bf16) : 0; }
-
-int backward_smem_bytes(int head_dim) {
-  return with_head_dim(head_dim, 0,
-                       [](auto d) { return BwdTraits<decltype(d)::value, BwdKernel::dkdvq>::kSmemBytes; });
-}
 
 cudaError_t launch_backward_preprocess(const BwdParams& params, const PreprocessParams& pre, int head_dim, bool bf16,
                                        int stream_rows, cudaStream_t stream) {

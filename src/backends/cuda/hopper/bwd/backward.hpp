@@ -7,8 +7,6 @@
 
 namespace tilewise::hopper {
 
-/// Dynamic shared memory of the backward kernels for a head dim (0 when unsupported).
-int backward_smem_bytes(int head_dim);
 /// Rows of an owned block (query block of the dQ kernel, key block of the dK/dV kernel).
 constexpr int kBackwardOwnedRows = 128;
 /// Rows of the dK/dV kernel's streamed query blocks as this build's kernels have them (TILEWISE_HOPPER_BWD_STREAM_ROWS,

@@ -30,8 +30,6 @@ __device__ __forceinline__ void pack_operand(const float (&x)[8 * kSteps], uint3
     for (int i = 0; i < 4; ++i) a[j][i] = pack_half2(x[8 * j + 2 * i], x[8 * j + 2 * i + 1], bf16);
 }
 
-constexpr uint32_t kDsBarrier = 4;  // named barrier of the two consumer warpgroups around the dS buffer
-
 
 template <class Traits, WgType kType>
 struct BwdConsumer : Consumer<Traits, kType> {
@@ -258,9 +256,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
     store(item, item.head, dq, p.grad0_scale, p.grad0, p.grad0_strides);
   }
 
-  // ---------------------------------------------------------------- dK, dV (and dQ, fused)
+  // ---------------------------------------------------------------- dK, dV (and dQ in the reduce kernel)
   /// What P^T needs of this thread's two owned key rows: whether any query sees the row (rows that are not real
-  /// tokens, so a fused dQ never sums over them, and text keys past the valid length, whose gradients are zero, get
+  /// tokens, so the reduce kernel's dQ never sums over them, and text keys past the valid length, whose gradients are zero, get
   /// no probability at all) and its frame (the attention tile's token-level mask).
   struct OwnedRows {
     bool seen[2];
@@ -347,15 +345,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
       stmatrix_x4(smem_addr(panel + swizzled_offset(r, 8 * (2 * q + m / 2), 128)), packed[q]);
   }
 
-  /// The fused kernels' dS^T store: the atomic kernel's half panel, or the reduce kernel's ring buffer blocks % 2
-  /// once that buffer's previous dQ product (two blocks ago) has read it.
-  __device__ __forceinline__ void store_block_ds(const float (&ds)[32], int half, uint32_t blocks) const {
-    if constexpr (Traits::kDqStaging) {
-      this->s.ds_empty[blocks & 1].wait(((blocks >> 1) & 1) ^ 1);
-      store_ds(ds, static_cast<int>(blocks & 1));
-    } else {
-      store_ds(ds, half);
-    }
+  /// The reduce kernel's dS^T store: into ring buffer blocks % 2 once that buffer's previous dQ product (two blocks
+  /// ago) has read it.
+  __device__ __forceinline__ void store_block_ds(const float (&ds)[32], uint32_t blocks) const {
+    this->s.ds_empty[blocks & 1].wait(((blocks >> 1) & 1) ^ 1);
+    store_ds(ds, static_cast<int>(blocks & 1));
   }
 
   /// dq = dS K for the 64 queries of dS panel `panel` (a 64-query half of a block pair, or a 64-row block of the
@@ -384,32 +378,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
     issue_dq_product(dq, panel);
     wgmma_wait<0>();
     fence_regs(dq);
-  }
-
-  /// Fused dQ: after both halves of a block pair, warpgroup w computes dQ of the block's queries [64 w, 64 w + 64)
-  /// (dq_product of its half's panel) and adds it to the fp32 accumulator with atomics.
-  __device__ __forceinline__ void add_dq(const int32_t (&pos)[2], int32_t batch, int32_t head) const {
-    float dq[D / 2];
-    dq_product(dq, this->wg);
-    if (kAblate & 16) return;  // measurement only: no atomics
-    const int64_t base = (int64_t{bp.batch_base + batch} * bp.q_heads + head) * bp.seq_len;
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float* dst = bp.dq_accum + (base + pos[rr]) * D;
-      // Pairs of 8-column groups k, k + 1: lanes 2m and 2m + 1 of a quad swap one column pair each, so that the
-      // even lane holds 4 adjacent columns of group k and the odd lane 4 of group k + 1 (one 16-byte atomic each).
-      const bool odd = lane() & 1;
-      const int c0 = 2 * (lane() % 4) - (odd ? 2 : 0);
-#pragma unroll
-      for (int i = 2 * rr; i < D / 2; i += 8) {
-        const float2 mine_k = make_float2(dq[i], dq[i + 1]), mine_k1 = make_float2(dq[i + 4], dq[i + 5]);
-        const float2 send = odd ? mine_k : mine_k1;
-        const float2 got = make_float2(__shfl_xor_sync(0xffffffffu, send.x, 1), __shfl_xor_sync(0xffffffffu, send.y, 1));
-        const float4 v = odd ? make_float4(got.x, got.y, mine_k1.x, mine_k1.y)
-                             : make_float4(mine_k.x, mine_k.y, got.x, got.y);
-        if (pos[rr] >= 0) atomicAdd(reinterpret_cast<float4*>(dst + 8 * (i / 4 + (odd ? 1 : 0)) + c0), v);
-      }
-    }
   }
 
   /// dkdvq_reduce: the dQ of this CTA's streamed block number m (its dS^T in ring buffer m % 2, written by both
@@ -449,13 +417,12 @@ struct BwdConsumer : Consumer<Traits, kType> {
     this->s.dq_full->arrive();
   }
 
-  /// The dK/dV kernels' item: dkdv (dK and dV), dkdvq (and dQ by atomics after each block pair, the warpgroups in
-  /// lockstep) or dkdvq_reduce (and dQ through the staging buffer, a block later; `blocks` counts this CTA's
-  /// streamed blocks across items, which numbers the dS ring and the staging buffer's turns).
+  /// The dK/dV kernels' item: dkdv (dK and dV) or dkdvq_reduce (and dQ through the staging buffer, a block later;
+  /// `blocks` counts this CTA's streamed blocks across items, which numbers the dS ring and the staging buffer's
+  /// turns).
   template <BwdKernel kKernel>
   __device__ __forceinline__ void dkdv_item(const WorkItem& item, typename Base::KPipe& ks, typename Base::VPipe& vs,
                                             uint32_t& blocks) const {
-    constexpr bool kFuseDq = kKernel != BwdKernel::dkdv;
     constexpr bool kReduce = reduces_dq(kKernel);
     static_assert(!kReduce || kHalves == 1, "the reduce kernel streams 64-row blocks");
     const BwdParams& p = bp;
@@ -521,7 +488,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
         wgmma_wait<1>();  // dP^T (the dV product may still run)
         fence_regs(dp);
         if (!(kAblate & 1)) score_gradients();
-        if constexpr (kFuseDq) store_block_ds(dp, half, blocks);
+        if constexpr (kReduce) store_block_ds(dp, blocks);
         pack_operand<4>(dp, da, kType == WgType::bf16);
         wgmma_fence();
         if (!(kAblate & 4)) gemm_rs<4>(dk, da, km_lo + k_st + row_off);
@@ -538,18 +505,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
         release_block(bi);
         if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
         pending = blocks++;
-      } else if constexpr (kFuseDq) {
-        // The positions of this warpgroup's dQ rows, read before the stage (and its statistics) is released.
-        int32_t pos[2];
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) pos[rr] = __float_as_int(stats[2 * Traits::kStreamRows + row(rr)]);
-        // Both warpgroups' dS^T panels are written (each fenced for the async proxy) before either reads them.
-        fence_proxy_async();
-        named_barrier_sync(kDsBarrier, 256);
-        release_stages(bi, ks, vs);  // Q and dO are no longer read: the next loads overlap the dQ product
-        add_dq(pos, item.batch, head);
-        // Both dQ products have read dS before the next block rewrites it (bit 64: measurement only, racy).
-        if (!(kAblate & 64)) named_barrier_sync(kDsBarrier, 256);
       } else {
         release_stages(bi, ks, vs);
       }
@@ -612,7 +567,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       wgmma_wait<1>();  // dP^T (dV may still run)
       fence_regs(dp);
       score_gradients_of_block(dp, sc, [&](int k) { return cs[k]; });
-      store_block_ds(dp, 0, blocks);
+      store_block_ds(dp, blocks);
       pack_operand<4>(dp, da, bf16);
       wgmma_fence();
       gemm_rs<4>(dk, da, km_lo + k_st);
@@ -689,9 +644,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
       this->s.q_full->wait(items & 1);
       ++items;
       // A warpgroup none of whose rows are real (a small box) only releases the stages the producer counts on;
-      // not in the fused kernel, whose dQ product needs both warpgroups (their unreal rows have zero dS).
-      if (kKernel != BwdKernel::dkdvq && !reduces_dq(kKernel) &&
-          64 * this->wg >= query_rows<Traits::kBlockM>(bp, item.q)) {
+      // not in the reduce kernel, whose dQ products need both warpgroups (their unreal rows have zero dS).
+      if (!reduces_dq(kKernel) && 64 * this->wg >= query_rows<Traits::kBlockM>(bp, item.q)) {
         idle_item(ks, vs);
         continue;
       }

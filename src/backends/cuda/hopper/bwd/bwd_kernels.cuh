@@ -1,7 +1,7 @@
 // The Hopper backward kernels, composed like the forward (fwd_kernel.cuh): one producer warpgroup (two TMA loader
 // threads) and two consumer warpgroups around the same K and V rings, persistent CTAs fed by the dynamic
 // scheduler. The dQ kernel owns query blocks and streams key blocks; the dK/dV kernels own key blocks and stream
-// query blocks (bwd_params.cuh has the roles). Plus the last step of the fused arrangement: dq from its fp32
+// query blocks (bwd_params.cuh has the roles). Plus the reduce kernel's last step: dq from its fp32
 // accumulator.
 #pragma once
 
@@ -13,7 +13,7 @@
 namespace tilewise::hopper {
 
 template <int kHeadDim, BwdKernel kKernel>
-using BwdTraits = KernelTraits<kHeadDim, 128, kKernel == BwdKernel::dkdvq || reduces_dq(kKernel), false,
+using BwdTraits = KernelTraits<kHeadDim, 128, reduces_dq(kKernel), false,
                                kKernel == BwdKernel::dkdv ? TILEWISE_HOPPER_BWD_STREAM_ROWS
                                : reduces_dq(kKernel)      ? 64
                                                           : kBlockN,
@@ -28,13 +28,13 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
   const typename Traits::Shared s = Traits::carve(smem_raw);
   const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0), tid = threadIdx.x % 128;
 
-  // Rows past every box are never written by TMA: zero them once (see the forward). The fused kernels always: their
+  // Rows past every box are never written by TMA: zero them once (see the forward). The reduce kernel always: its
   // dQ product sums over all 128 owned key rows, and the owned K and V rows past a small box (a partial tile's)
   // are never loaded when another class's box fills all 128 (zero_init off), so a CTA whose first items have small
   // boxes would multiply whatever the previous kernel left in shared memory into dQ: with NaN bit patterns there,
   // 0 * NaN poisons the whole block's dq (v3.9: 1616 rows of a GPU test's dq, and every dq under racecheck in v3.8).
   // Stale rows of an earlier item are harmless: real, finite values, multiplied by dS = 0.
-  if (p.zero_init || Traits::kDsBytes > 0) {  // kDsBytes: the fused kernels
+  if (p.zero_init || Traits::kDsBytes > 0) {  // kDsBytes: the reduce kernel
     uint4* words = reinterpret_cast<uint4*>(s.q);
     for (int i = threadIdx.x; i < Traits::kBufferBytes / 16; i += Traits::kThreads) words[i] = make_uint4(0, 0, 0, 0);
     fence_proxy_async();
@@ -94,8 +94,8 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
 }
 
 /// dq = scale * accumulator, in the input dtype with q's strides (eight elements per thread). The accumulator is
-/// [B, Hq, S, D] (the atomic fused kernel's) or, seq_major, [B, S, Hq, D] (the reduce kernel's, which its TMA maps
-/// address like q).
+/// [B, S, Hq, D] with seq_major (the reduce kernel's, which its TMA maps address like q), or [B, Hq, S, D] (the
+/// layout of the atomic fused kernel removed in v3.16, kept since this conversion's machine code was measured so).
 template <class T>
 __global__ void dq_from_accumulator(const float* accum, T* dq, Strides sq, int32_t heads, int64_t seq_len, int head_dim,
                                     float scale, int64_t total, bool seq_major) {

@@ -2,12 +2,12 @@
 // key-block cursor, masks, pipelines), so their parameters extend the forward's, whose four tensor roles they
 // fill differently:
 //
-// Three arrangements (chosen at plan time, hopper_backend.cu): by default, below 90% video density and when not
-// deterministic, the fused kernel on 64-row streamed blocks whose dQ a producer thread adds into an fp32 accumulator
-// by TMA reduction (dkdvq_reduce: no lockstep between the warpgroups; faster on 9 of 10 benchmark rows, 11-12% at
-// D 64 and 96, docs/performance.md backward v3.7); otherwise the dQ kernel (S, dP and dS are recomputed: seven GEMMs
-// per block pair, no atomics, bitwise reproducible) and the dK/dV kernel; with TILEWISE_BACKWARD_FUSED_DQ=1 one
-// fused kernel adding dQ = dS K with atomics (five GEMMs per pair), measured slower.
+// Two arrangements (chosen at plan time, hopper_backend.cu): by default the fused kernel on 64-row streamed blocks
+// whose dQ a producer thread adds into an fp32 accumulator by TMA reduction (dkdvq_reduce, "the reduce kernel": five
+// GEMMs per block, no lockstep between the warpgroups; docs/performance.md backward v3.7 and v3.13); deterministic
+// runs take the dQ kernel (S, dP and dS are recomputed: seven GEMMs per block pair, no atomics, bitwise
+// reproducible) and the dK/dV kernel. A third, one fused kernel adding dQ = dS K with per-lane atomics in lockstep,
+// measured slower (v1-v3.6) and was removed in v3.16.
 //
 //   role (FwdParams maps)    | dQ kernel (per query block) | dK/dV kernel (per key block, all GQA query heads)
 //   q: owned, first operand  | Q                           | K
@@ -94,20 +94,19 @@
 #define TILEWISE_HOPPER_BWD_CLUSTER 0
 #endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
-// accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the fused kernel (dkdvq) bit 16 skips the
-// dQ atomics, bit 32 the dQ product, bit 64 the barrier after it; in the reduce kernel bit 128 skips the dQ TMA
-// reductions. Timing what is left shows what bounds a loop.
+// accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the reduce kernel bit 32 skips the dQ
+// product, bit 128 the dQ TMA reductions. Timing what is left shows what bounds a loop.
 #ifndef TILEWISE_HOPPER_BWD_ABLATE
 #define TILEWISE_HOPPER_BWD_ABLATE 0
 #endif
 
 namespace tilewise::hopper {
 
-/// The backward's kernels: dQ alone, dK/dV alone (these two are the default, deterministic arrangement), dK/dV
-/// with dQ added by atomics (the fused kernel), or on 64-row streamed blocks with dQ added by TMA reductions.
+/// The backward's kernels: dQ alone and dK/dV alone (the deterministic arrangement), or dK/dV on 64-row streamed
+/// blocks with dQ added by TMA reductions (the reduce kernel, the default).
 /// dkdvq_reduce_cluster: the reduce kernel in clusters of TILEWISE_HOPPER_BWD_CLUSTER CTAs that share their streamed
 /// blocks (decode_tile_unit, tile_scheduler.cuh).
-enum class BwdKernel { dq, dkdv, dkdvq, dkdvq_reduce, dkdvq_reduce_cluster };
+enum class BwdKernel { dq, dkdv, dkdvq_reduce, dkdvq_reduce_cluster };
 /// Whether a kernel adds dQ through the staging buffer and TMA reductions (the reduce kernel, in clusters or not).
 constexpr bool reduces_dq(BwdKernel k) { return k == BwdKernel::dkdvq_reduce || k == BwdKernel::dkdvq_reduce_cluster; }
 /// CTAs per cluster of a kernel.
