@@ -1,6 +1,7 @@
 // Quick device check of the backward during development: random problems, the forward on cuda-reference (o, lse),
 // then the backward on cuda (the Hopper kernels) and on cuda-reference (fp32, independent code), compared by
-// relative L2 per gradient, with deterministic false (the reduce kernel) and true (the two kernels). Build: g++ -std=c++20 -O2 -Iinclude scripts/backward_check.cpp -Lbuild-device -ltilewise
+// relative L2 per gradient, with deterministic false (the reduce kernel) and true (the two kernels).
+// Build: g++ -std=c++20 -O2 -Iinclude scripts/backward_check.cpp -Lbuild-device -ltilewise
 //   -lcudart -Wl,-rpath,build-device (with CUDA's include and lib paths).
 // Usage: bwdcheck [SEED] (the checks) | bench1 (row 1's times) | bench (rows 1, 1 + text, w5x6x10) | arrangements
 //   (row 1's backward, two kernels and reduce kernel alternated in one process).

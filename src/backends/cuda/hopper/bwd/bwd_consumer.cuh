@@ -30,7 +30,6 @@ __device__ __forceinline__ void pack_operand(const float (&x)[8 * kSteps], uint3
     for (int i = 0; i < 4; ++i) a[j][i] = pack_half2(x[8 * j + 2 * i], x[8 * j + 2 * i + 1], bf16);
 }
 
-
 template <class Traits, WgType kType>
 struct BwdConsumer : Consumer<Traits, kType> {
   using Base = Consumer<Traits, kType>;
@@ -258,8 +257,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
 
   // ---------------------------------------------------------------- dK, dV (and dQ in the reduce kernel)
   /// What P^T needs of this thread's two owned key rows: whether any query sees the row (rows that are not real
-  /// tokens, so the reduce kernel's dQ never sums over them, and text keys past the valid length, whose gradients are zero, get
-  /// no probability at all) and its frame (the attention tile's token-level mask).
+  /// tokens, so the reduce kernel's dQ never sums over them, and text keys past the valid length, whose gradients
+  /// are zero, get no probability at all) and its frame (the attention tile's token-level mask).
   struct OwnedRows {
     bool seen[2];
     bool all_seen;  // every owned row of this warp is seen (warp-uniform): P^T needs no row mask
@@ -331,10 +330,10 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
   }
 
-  /// dS^T of this warpgroup's 64 owned rows for one half (64 streamed queries) into that half's panel of the dS
-  /// buffer, in the 128-byte swizzled layout wgmma reads as an MN-major A operand.
-  __device__ __forceinline__ void store_ds(const float (&ds)[32], int half) const {
-    uint8_t* panel = this->s.ds() + half * Traits::kDsPanelBytes;
+  /// dS^T of this warpgroup's 64 owned rows for a 64-row streamed block into panel `buffer` of the dS ring, in the
+  /// 128-byte swizzled layout wgmma reads as an MN-major A operand.
+  __device__ __forceinline__ void store_ds(const float (&ds)[32], int buffer) const {
+    uint8_t* panel = this->s.ds() + buffer * Traits::kDsPanelBytes;
     // Packed pair 4q + m is the 8x8 matrix of row half m % 2 and column group 2q + m / 2 (the accumulator's
     // layout): four stmatrix.x4, lane l addressing row l % 8 of matrix l / 8, instead of 16 four-byte stores.
     uint32_t packed[4][4];
@@ -352,9 +351,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
     store_ds(ds, static_cast<int>(blocks & 1));
   }
 
-  /// dq = dS K for the 64 queries of dS panel `panel` (a 64-query half of a block pair, or a 64-row block of the
-  /// reduce kernel's ring) over all 128 owned keys (A: the panel, MN-major; B: the owned K, MN-major), issued as
-  /// one commit group (dq_product: and waited for).
+  /// dq = dS K for the 64 queries of dS panel `panel` (a 64-row block of the reduce kernel's ring) over all 128
+  /// owned keys (A: the panel, MN-major; B: the owned K, MN-major), issued as one commit group (dq_product: and
+  /// waited for).
   __device__ __forceinline__ void issue_dq_product(float (&dq)[D / 2], int panel) const {
     constexpr uint32_t rb = Traits::kRowBytes;
     // The dS panel's rows are 128 bytes (64 queries) whatever D is, so its descriptor has its own high word.

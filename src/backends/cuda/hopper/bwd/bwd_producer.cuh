@@ -8,8 +8,9 @@
 //    (padding rows too: text queries see every video key and every valid text key). Each streamed Q block comes
 //    with its rows' statistics (one descriptor TMA beside the K stage, BwdParams::stats_map). In the reduce kernel
 //    thread 64 adds each block's dQ into the fp32 accumulator, walking the blocks too (one thread walking for all
-//    three roles measured 6-28% slower: docs/performance.md backward v3.14). In clusters (BwdKernel::dkdvq_reduce_cluster) the CTAs
-//    of a unit walk the same blocks; one multicasts each Q block, another each dO block.
+//    three roles measured 6-28% slower: docs/performance.md backward v3.14). In clusters
+//    (BwdKernel::dkdvq_reduce_cluster) the CTAs of a unit walk the same blocks; one multicasts each Q block, another
+//    each dO block.
 #pragma once
 
 #include "backends/cuda/hopper/bwd/bwd_preprocess.cuh"
