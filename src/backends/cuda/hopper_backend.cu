@@ -218,8 +218,8 @@ class HopperBackend final : public Backend {
     // TILEWISE_BACKWARD_FUSED_DQ=0 in the environment takes the two kernels for every run (measurements; 2 or unset:
     // the reduce kernel; 1 was an atomic fused kernel, removed in v3.16, and now means the reduce kernel too).
     const char* fused = std::getenv("TILEWISE_BACKWARD_FUSED_DQ");
-    fused_mode_ = fused != nullptr && std::string(fused) == "0" ? 0 : 2;
-    if (fused_mode_ == 2) {  // the reduce kernel streams 64-row blocks whatever the dK/dV kernel's build has
+    reduce_kernel_ = fused == nullptr || std::string(fused) != "0";
+    if (reduce_kernel_) {  // the reduce kernel streams 64-row blocks whatever the dK/dV kernel's build has
       reduce_classes_ = TileClasses(g, hopper::kBackwardOwnedRows, 64);
       reduce_entries_ = static_cast<int32_t>(reduce_classes_.key_entries(g, p.text_capacity));
       // In clusters where the build has them, every tile has as many owned slots as a cluster has CTAs (a 6x8x8
@@ -320,7 +320,7 @@ class HopperBackend final : public Backend {
     b.delta = w.take<float>(p.batch * p.q_heads * p.seq_len);
     const int64_t entry_words = std::max(int64_t{stream_entries_} * dkdv_classes_.key_rows, int64_t{reduce_entries_} * 64);
     b.stats = w.take<float>(p.batch * p.q_heads * entry_words * hopper::kStatsRows);
-    b.dq_accum = fused_mode_ ? w.take<float>(p.batch * p.q_heads * p.seq_len * p.head_dim) : nullptr;
+    b.dq_accum = reduce_kernel_ ? w.take<float>(p.batch * p.q_heads * p.seq_len * p.head_dim) : nullptr;
     b.bytes = w.used();
     return b;
   }
@@ -332,7 +332,7 @@ class HopperBackend final : public Backend {
   /// warpgroup in a fixed order, so bitwise reproducible).
   void run_backward(const Plan& plan, const GradTensors& t, void* stream_ptr, void* workspace,
                     bool deterministic) const override {
-    deterministic = deterministic || fused_mode_ == 0;
+    deterministic = deterministic || !reduce_kernel_;
     const bool reduce = !deterministic;
     // The dK/dV kernel's streamed blocks: its build's rows, or the reduce kernel's 64.
     const TileClasses& streamed_classes = reduce ? reduce_classes_ : dkdv_classes_;
@@ -635,7 +635,7 @@ class HopperBackend final : public Backend {
   int32_t reduce_entries_ = 0;
   int32_t key_slots_ = 1;     // key blocks per tile: the most key boxes of any tile class
   int32_t key_entries_ = 0;   // key blocks per (batch, head): tiles * key_slots_ + text blocks (block_entry)
-  int fused_mode_ = 0;  // 0 two kernels, 2 reduce kernel; deterministic runs take 0 (run_backward)
+  bool reduce_kernel_ = true;  // false: the two kernels for every run (TILEWISE_BACKWARD_FUSED_DQ=0), as deterministic ones
   DeviceArray<int32_t> dkdv_order_;  // the dK/dV kernel's video items (dkdv_item_order)
   bool per_batch_ = false;
   int max_ctas_ = 1;  // CTAs of a persistent launch: the device's SMs less Problem::sm_margin, at least 1

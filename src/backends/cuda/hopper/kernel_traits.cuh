@@ -159,14 +159,14 @@ struct PipeState {
 /// kOwnedRows: 0 for the forward (its query rows per work item come from the switches above); the backward's
 /// kernels own 128 rows per work item (two warpgroups of 240 registers: S, dP and a D-wide accumulator, or the
 /// dK and dV accumulators with half-width S and dP) and keep per-stage row statistics beside the K ring.
-/// kDsBuffer: the backward's reduce kernel (64-row streamed blocks): a ring of two dS^T buffers and an fp32 dQ
+/// kDqStagingArg: the backward's reduce kernel (64-row streamed blocks): a ring of two dS^T buffers and an fp32 dQ
 /// staging buffer beside fewer stages.
 /// kFp8: the FP8 forward (fp8/): Q and K e4m3 (one byte per element), V^T blocks of D rows x 128 keys in the V
 /// ring, O in the 16-bit output dtype.
 /// kStreamRowsArg: rows of a streamed (K and V ring) block: kBlockN, or 64 in the two-kernel backward's dK/dV
 /// kernel (TILEWISE_HOPPER_BWD_STREAM_ROWS), whose stages then hold one 64-query half each.
 /// kClusterArg: CTAs per cluster when not 0 (the backward's reduce kernel in clusters); 0 = the forward's switch.
-template <int kHeadDim, int kOwnedRows = 0, bool kDsBuffer = false, bool kFp8 = false, int kStreamRowsArg = kBlockN,
+template <int kHeadDim, int kOwnedRows = 0, bool kDqStagingArg = false, bool kFp8 = false, int kStreamRowsArg = kBlockN,
           int kClusterArg = 0>
 struct KernelTraits {
   static constexpr int D = kHeadDim;
@@ -178,8 +178,8 @@ struct KernelTraits {
                 "streamed blocks of 128 rows, or 64 in the backward's dK/dV kernels");
   // The reduce kernel (BwdKernel::dkdvq_reduce): a ring of two dS^T buffers and an fp32 staging buffer from which a
   // producer thread adds each block's dQ into global memory by TMA.
-  static constexpr bool kDqStaging = kDsBuffer;
-  static_assert(!kDsBuffer || kStreamRows == 64, "the reduce kernel streams 64-row blocks");
+  static constexpr bool kDqStaging = kDqStagingArg;
+  static_assert(!kDqStaging || kStreamRows == 64, "the reduce kernel streams 64-row blocks");
   // Query rows per work item (the backward's dK/dV kernel: key rows).
   static constexpr int kBlockM =
       kBackward ? kOwnedRows
@@ -291,7 +291,7 @@ struct KernelTraits {
   // dLSE and sequence position: one TMA of 3 x 128 words per stage.
   static constexpr int kStatsBytes = kBackward ? 3 * kStreamRows * 4 : 0;
   static constexpr int kDsPanelBytes = kBlockM * 128;  // 64 queries (128 bytes) per owned row
-  static constexpr int kDsBytes = kDsBuffer ? 2 * kDsPanelBytes : 0;
+  static constexpr int kDsBytes = kDqStaging ? 2 * kDsPanelBytes : 0;
   static constexpr int kDqPanelBytes = 64 * 128;  // fp32 staging: 64 rows x 32 columns
   static constexpr int kDqStageBytes = kDqStaging ? (D / 32) * kDqPanelBytes : 0;
   static constexpr int kBufferBytes = kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages +
