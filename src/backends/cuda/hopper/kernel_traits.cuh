@@ -289,7 +289,7 @@ struct KernelTraits {
 
   // The backward's dK/dV kernel streams, beside each query block, its rows' log2-domain LSE, D = rowsum(dO o) -
   // dLSE and sequence position: one TMA of 3 x 128 words per stage.
-  static constexpr int kStatsBytes = kBackward ? 3 * kStreamRows * 4 : 0;
+  static constexpr int kStatsBytes = kBackward ? 2 * kStreamRows * 4 : 0;  // kStatsRows (bwd_preprocess.cuh)
   static constexpr int kDsPanelBytes = kBlockM * 128;  // 64 queries (128 bytes) per owned row
   static constexpr int kDsBytes = kDqStaging ? 2 * kDsPanelBytes : 0;
   static constexpr int kDqPanelBytes = 64 * 128;  // fp32 staging: 64 rows x 32 columns

@@ -440,7 +440,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     for (bool last = false; !last;) {
       BlockInfo bi;
       if (!next_block(bi, last, ks, vs, release_block)) continue;
-      const float* stats = this->s.stats(ks.stage());  // lse2[kStreamRows], D[kStreamRows], position[kStreamRows]
+      const float* stats = this->s.stats(ks.stage());  // lse2[kStreamRows], D[kStreamRows]
       const bool frames = bi.flags & BlockInfo::kFrames;
       const int32_t head = item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift);
       const HeadParams& hp = p.heads[head];
@@ -549,7 +549,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       wgmma_commit();
       dprobs_t(dp, owned_v, vk_lo + v_st);
       wgmma_commit();
-      const float* cols = this->s.stats(ks.stage()) + 2 * (lane() % 4);  // lse2[64], D[64], position[64]
+      const float* cols = this->s.stats(ks.stage()) + 2 * (lane() % 4);  // lse2[64], D[64]
       const int32_t head = item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift);
       float2 cs[8];  // lse2, then D, of this thread's columns: loaded before the waits (v3.7)
       load_col_stats(cs, cols);

@@ -1,8 +1,8 @@
 // The backward's preprocess: the row statistic D_i = dO_i . o_i - dLSE_i, once per query row, written twice: in
 // sequence order (`delta`, read by the dQ kernel for its owned rows) and per streamed block beside the row's LSE
-// in base 2 and its sequence position (`stats`, which the dK/dV kernel's producer loads with one TMA per
-// block). Rows of a streamed block that are not real tokens get LSE +inf, D 0 and position -1, so their
-// probabilities and dS are exactly zero and no dQ is added for them.
+// in base 2 (`stats`, which the dK/dV kernels' producer loads with one TMA per block). Rows of a streamed block that
+// are not real tokens get LSE +inf and D 0, so their probabilities and dS are exactly zero (the reduce kernel's TMA
+// reductions clip them: its dQ needs no row positions).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,8 +14,9 @@
 namespace tilewise::hopper {
 
 /// One streamed block's statistics are kStatsRows rows of as many floats as the block has rows (kBlockN, or the
-/// dK/dV kernel's KernelTraits::kStreamRows): the rows' LSE in base 2, D, and sequence position (-1: no token).
-constexpr int kStatsRows = 3;  // rows per entry in BwdParams::stats_map
+/// dK/dV kernel's KernelTraits::kStreamRows): the rows' LSE in base 2, and D. (A third row of sequence positions
+/// served the atomic fused kernel's dQ until v3.16.)
+constexpr int kStatsRows = 2;  // rows per entry in BwdParams::stats_map
 
 struct PreprocessParams {
   const void* o = nullptr;
@@ -70,7 +71,6 @@ __global__ void __launch_bounds__(kRows) bwd_preprocess(const __grid_constant__ 
   float* out = pre.stats + (int64_t{bh} * p.stats_entries + entry) * (kStatsRows * kRows);
   out[r] = lse2;
   out[kRows + r] = d;
-  out[2 * kRows + r] = __int_as_float(real ? static_cast<int32_t>(pos) : -1);
 }
 
 }  // namespace tilewise::hopper

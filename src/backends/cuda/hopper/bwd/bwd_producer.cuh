@@ -21,6 +21,7 @@ namespace tilewise::hopper {
 template <class Traits>
 struct BwdProducer {
   static constexpr int kCluster = Traits::kCluster;
+  static_assert(Traits::kStatsBytes == kStatsRows * Traits::kStreamRows * 4, "a stage holds one statistics entry");
   static constexpr bool kHeavyFirst = TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0;
   const BwdParams& p;
   const typename Traits::Shared& s;
