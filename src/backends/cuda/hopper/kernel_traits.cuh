@@ -24,6 +24,10 @@
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128
 #define TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128 2
 #endif
+// And its V-ring (dO blocks) depth at D 128. With two rows of statistics per stage, 3 + 3 fits (by ~200 bytes).
+#ifndef TILEWISE_HOPPER_BWD_REDUCE_V_STAGES_D128
+#define TILEWISE_HOPPER_BWD_REDUCE_V_STAGES_D128 2
+#endif
 // K and V pipeline depths at head dim 64 (96 has 3 + 3, the most that fits).
 #ifndef TILEWISE_HOPPER_STAGES_D64
 #define TILEWISE_HOPPER_STAGES_D64 3
@@ -214,7 +218,7 @@ struct KernelTraits {
                                  : kStreamRows != kBlockN ? TILEWISE_HOPPER_BWD_STREAM_STAGES
                                              : (D >= 128 ? TILEWISE_HOPPER_K_STAGES_D128 : kStagesSmallD);
   static constexpr int kVStages = kFp8 ? TILEWISE_HOPPER_FP8_STAGES
-                                 : kDqStaging ? (D == 128 ? 2 : 4)
+                                 : kDqStaging ? (D == 128 ? TILEWISE_HOPPER_BWD_REDUCE_V_STAGES_D128 : 4)
                                  : kStreamRows != kBlockN ? TILEWISE_HOPPER_BWD_STREAM_STAGES
                                              : (D >= 128 ? TILEWISE_HOPPER_V_STAGES_D128 : kStagesSmallD);
   static constexpr int kCluster = kClusterArg > 0                    ? kClusterArg
