@@ -424,7 +424,7 @@ class HopperBackend final : public Backend {
     }
     if (!deterministic)
       check(hopper::launch_dq_from_accumulator(ws.dq_accum, t.dq, p.q, p.batch, p.q_heads, p.seq_len, D,
-                                               static_cast<float>(p.scale), bf16, reduce, stream),
+                                               static_cast<float>(p.scale), bf16, stream),
             "dq conversion launch");
   }
 

@@ -117,17 +117,15 @@ cudaError_t launch_backward(const BwdParams& params, int head_dim, bool bf16, Bw
 
 cudaError_t launch_dq_from_accumulator(const float* accum, void* dq, const Strides& q_strides, int64_t batch,
                                        int64_t heads, int64_t seq_len, int head_dim, float scale, bool bf16,
-                                       bool seq_major, cudaStream_t stream) {
+                                       cudaStream_t stream) {
   const int64_t total = batch * heads * seq_len * head_dim;
   const unsigned blocks = static_cast<unsigned>((total / 8 + 255) / 256);
   if (bf16)
     dq_from_accumulator<<<blocks, 256, 0, stream>>>(accum, static_cast<__nv_bfloat16*>(dq), q_strides,
-                                                    static_cast<int32_t>(heads), seq_len, head_dim, scale, total,
-                                                    seq_major);
+                                                    static_cast<int32_t>(heads), seq_len, head_dim, scale, total);
   else
     dq_from_accumulator<<<blocks, 256, 0, stream>>>(accum, static_cast<__half*>(dq), q_strides,
-                                                    static_cast<int32_t>(heads), seq_len, head_dim, scale, total,
-                                                    seq_major);
+                                                    static_cast<int32_t>(heads), seq_len, head_dim, scale, total);
   return cudaGetLastError();
 }
 

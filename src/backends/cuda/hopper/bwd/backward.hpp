@@ -25,10 +25,9 @@ cudaError_t launch_backward_preprocess(const BwdParams& params, const Preprocess
 /// One of the backward kernels (BwdKernel), persistent on `grid` CTAs.
 cudaError_t launch_backward(const BwdParams& params, int head_dim, bool bf16, BwdKernel kernel, int grid,
                             cudaStream_t stream);
-/// dq = scale * accumulator ([B, Hq, S, D] fp32, or [B, S, Hq, D] when seq_major), in the input dtype with q's
-/// strides.
+/// dq = scale * accumulator ([B, S, Hq, D] fp32), in the input dtype with q's strides.
 cudaError_t launch_dq_from_accumulator(const float* accum, void* dq, const Strides& q_strides, int64_t batch,
                                        int64_t heads, int64_t seq_len, int head_dim, float scale, bool bf16,
-                                       bool seq_major, cudaStream_t stream);
+                                       cudaStream_t stream);
 
 }  // namespace tilewise::hopper

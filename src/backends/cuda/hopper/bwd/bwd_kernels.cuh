@@ -93,17 +93,15 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
   if constexpr (kCluster > 1) cluster_sync();
 }
 
-/// dq = scale * accumulator, in the input dtype with q's strides (eight elements per thread). The accumulator is
-/// [B, S, Hq, D] with seq_major (the reduce kernel's, which its TMA maps address like q), or [B, Hq, S, D] (the
-/// layout of the atomic fused kernel removed in v3.16, kept since this conversion's machine code was measured so).
+/// dq = scale * accumulator, in the input dtype with q's strides (eight elements per thread). The accumulator is the
+/// reduce kernel's [B, S, Hq, D], which its TMA maps address like q.
 template <class T>
 __global__ void dq_from_accumulator(const float* accum, T* dq, Strides sq, int32_t heads, int64_t seq_len, int head_dim,
-                                    float scale, int64_t total, bool seq_major) {
+                                    float scale, int64_t total) {
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;  // an accumulator element
   if (i >= total) return;
   const int64_t d = i % head_dim, row = i / head_dim;
-  const int64_t pos = seq_major ? (row / heads) % seq_len : row % seq_len;
-  const int64_t h = seq_major ? row % heads : (row / seq_len) % heads, b = row / (seq_len * heads);
+  const int64_t pos = (row / heads) % seq_len, h = row % heads, b = row / (seq_len * heads);
   const float4 x = *reinterpret_cast<const float4*>(accum + i), y = *reinterpret_cast<const float4*>(accum + i + 4);
   uint4 out;
   const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
