@@ -194,6 +194,10 @@ std::vector<NamedCase> small_cases() {
     for (int64_t qt = 0; qt < n; ++qt) c.blocks[0][qt] = qt == n - 1 ? std::vector<int64_t>{0, 1} : std::vector<int64_t>{qt, (qt + 3) % (n - 1)};
     for (auto& keys : c.blocks[0]) std::sort(keys.begin(), keys.end()), keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
     add("block_list_unseen_key_tile", c, false);
+    // The same at D 64, where the reduce kernel issues a block's GEMMs before reading its record, so an item with no
+    // streamed block is recognised up front (streams_any).
+    c.head_dim = 64;
+    add("block_list_unseen_key_tile_gqa_d64", c, true);
   }
   {
     // 6x8x8 tiles at D 128 have three owned 128-key blocks each: the units of the reduce kernel in clusters

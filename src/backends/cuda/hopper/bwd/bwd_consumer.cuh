@@ -16,6 +16,7 @@
 
 #include <type_traits>
 
+#include "backends/cuda/hopper/bwd/bwd_blocks.cuh"
 #include "backends/cuda/hopper/bwd/bwd_preprocess.cuh"
 #include "backends/cuda/hopper/mma_softmax_consumer.cuh"
 
@@ -73,6 +74,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
   // reduce_item instead of dkdv_item in the reduce kernel: D 96 (measured at D 64 without gain, see bwd_params.cuh;
   // it compiles there too), not D 128 (see reduce_item)
   static constexpr bool kReduceOverlap = TILEWISE_HOPPER_BWD_REDUCE_OVERLAP != 0 && D == 96;
+  // dkdv_item's S^T and dP^T issued before the block's record is read (TILEWISE_HOPPER_BWD_ISSUE_FIRST, a mask of
+  // head dims: 1 D 64, 2 D 96, 4 D 128).
+  static constexpr bool kIssueGemmsFirst = (TILEWISE_HOPPER_BWD_ISSUE_FIRST & (D == 64 ? 1 : D == 96 ? 2 : 4)) != 0;
   /// A descriptor word that depends on a pipeline stage or ring buffer, broadcast from lane 0 so that ptxas keeps
   /// the wgmma descriptors built from it in uniform registers (v3.12: otherwise ~6 vector instructions and two R2UR
   /// per wgmma, since the stage index is a loop-carried value it cannot prove warp-uniform).
@@ -173,6 +177,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
     const BlockInfo bi = this->info(ks.stage());
     this->s.v_full[vs.stage()].wait(vs.phase());
     return bi;
+  }
+  /// Waits for the K and V stages the pipes point at (their record is read later).
+  __device__ __forceinline__ void wait_stages(const typename Base::KPipe& ks, const typename Base::VPipe& vs) const {
+    this->s.k_full[ks.stage()].wait(ks.phase());
+    this->s.v_full[vs.stage()].wait(vs.phase());
   }
   /// The dK/dV loops' next streamed block into `bi` (and whether it is the item's last); an empty one (the only
   /// block of an item with none) is freed at once with `release`, and then the answer is false.
@@ -437,53 +446,77 @@ struct BwdConsumer : Consumer<Traits, kType> {
     OwnedK owned_k;  // the A operands of S^T and dP^T held in registers (kOwnedKSteps, kOwnedVSteps)
     OwnedV owned_v;
     start_item(dk, dv, owned_k, owned_v);
+    // kIssueFirst: an item with no streamed block (its one record is empty) is freed here, so that the loop below
+    // may issue a block's first GEMMs before it has read the block's record.
+    constexpr bool kIssueFirst = kReduce && kIssueGemmsFirst;
+    if (kIssueFirst && !streams_any(p, item)) {
+      BlockInfo bi;
+      bool last;
+      next_block(bi, last, ks, vs, release_block);
+    } else
     for (bool last = false; !last;) {
       BlockInfo bi;
-      if (!next_block(bi, last, ks, vs, release_block)) continue;
+      if constexpr (kIssueFirst)
+        wait_stages(ks, vs);
+      else if (!next_block(bi, last, ks, vs, release_block))
+        continue;
       const float* stats = this->s.stats(ks.stage());  // lse2[kStreamRows], D[kStreamRows]
-      const bool frames = bi.flags & BlockInfo::kFrames;
-      const int32_t head = item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift);
-      const HeadParams& hp = p.heads[head];
-      const D3 qbox = p.cls[bi.tile_class()].box;
+      // What the record implies for the masks: in the reduce kernel worked out after the GEMMs are issued (with
+      // kIssueFirst the record itself is read then), in the dK/dV kernel before.
+      bool frames;
+      const HeadParams* hp;
+      D3 qbox;
+      auto read_record = [&] {
+        frames = bi.flags & BlockInfo::kFrames;
+        hp = &p.heads[item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift)];
+        qbox = p.cls[bi.tile_class()].box;
+      };
+      if constexpr (!kReduce) read_record();
       const uint32_t k_st = uniform_desc(ks.stage() * kStageDesc), v_st = uniform_desc(vs.stage() * kStageDesc);
 #pragma unroll
       for (int half = 0; half < kHalves; ++half) {
         const uint32_t row_off = 64 * half * kRowDesc;
         float sc[32], dp[32];
+        constexpr bool kEarlyStats = kReduce;
+        const float* cols = stats + 64 * half + 2 * (lane() % 4);
+        float2 col_stats[8];  // kEarlyStats: lse2 of this thread's columns, then their D
+        if constexpr (kEarlyStats) load_col_stats(col_stats, cols);
         wgmma_fence();
         scores_t(sc, owned_k, this->k_lo + k_st + row_off);
         wgmma_commit();
         dprobs_t(dp, owned_v, vk_lo + v_st + row_off);
         wgmma_commit();
+        if constexpr (kIssueFirst) {  // (kHalves == 1)
+          bi = this->info(ks.stage());
+          last = bi.flags & BlockInfo::kLast;
+        }
+        if constexpr (kReduce) read_record();
         // P^T of this thread's 32 entries, then dS^T = P^T (dP^T - D). The columns' statistics come two at a time
-        // from shared memory. In the reduce kernel they are loaded into registers before the GEMMs are waited for: a
-        // shared-memory load issued behind the tensor core's operand reads took 100+ cycles, and the first
-        // exponential waited for it (v3.7: 15% of its consumers' stall samples; the kernel 76.2 -> 74.8 ms). The
-        // dK/dV kernel, two halves a block, then spills them in its loop and loses 10% (45.5 -> 50.0 ms): it loads
-        // each pair where it is used.
-        constexpr bool kEarlyStats = kReduce;
-        const float* cols = stats + 64 * half + 2 * (lane() % 4);
-        float2 col_stats[8];  // kEarlyStats: lse2 of this thread's columns, then their D
+        // from shared memory. The reduce kernel loads them into registers before the wgmmas that precede their use
+        // are issued (lse2 before S^T and dP^T, D before dV): a shared-memory load issued behind the tensor core's
+        // operand reads took 100+ cycles, and the first exponential waited for it (v3.7: loaded before the waits,
+        // 76.2 -> 74.8 ms; v3.17: before the issues, row 1 -3.6%, Open-Sora-Plan D 96 -1%). The dK/dV kernel, two
+        // halves a block, then spills them in its loop and loses 10% (45.5 -> 50.0 ms): it loads each pair where it
+        // is used.
         auto col_stat = [&](int k, const float* late) {
           return kEarlyStats ? col_stats[k] : ld_shared_f2(late + 8 * k);
         };
         auto probabilities_t = [&] {
-          probabilities_of_block(sc, [&](int k) { return col_stat(k, cols); }, rows, bi, frames, hp, qbox, half);
+          probabilities_of_block(sc, [&](int k) { return col_stat(k, cols); }, rows, bi, frames, *hp, qbox, half);
         };
         auto score_gradients = [&] {
           score_gradients_of_block(dp, sc, [&](int k) { return col_stat(k, cols + Traits::kStreamRows); });
         };
         uint32_t pa[4][4], da[4][4];
         // P^T while dP^T runs; dV += P^T dO while dS^T is computed
-        if constexpr (kEarlyStats) load_col_stats(col_stats, cols);
         wgmma_wait<1>();
         fence_regs(sc);
         if (!(kAblate & 1)) probabilities_t();
+        if constexpr (kEarlyStats) load_col_stats(col_stats, cols + Traits::kStreamRows);
         pack_operand<4>(sc, pa, kType == WgType::bf16);
         wgmma_fence();
         if (!(kAblate & 4)) gemm_rs<4>(dv, pa, this->v_lo + v_st + row_off);
         wgmma_commit();
-        if constexpr (kEarlyStats) load_col_stats(col_stats, cols + Traits::kStreamRows);
         wgmma_wait<1>();  // dP^T (the dV product may still run)
         fence_regs(dp);
         if (!(kAblate & 1)) score_gradients();
@@ -492,15 +525,20 @@ struct BwdConsumer : Consumer<Traits, kType> {
         wgmma_fence();
         if (!(kAblate & 4)) gemm_rs<4>(dk, da, km_lo + k_st + row_off);
         wgmma_commit();
+        // This block's dS^T is in ring buffer blocks % 2, fenced for the dQ product's async-proxy reads (dK takes its
+        // operand from registers, so the buffer is complete once stored): announced while dK runs (v3.17; after dK's
+        // wait it cost row 1 1.2% more).
+        if constexpr (kReduce) {
+          fence_proxy_async();
+          this->s.ds_full[blocks & 1].arrive();
+        }
         wgmma_wait<0>();
         fence_regs(dv);
         fence_regs(dk);
       }
       if constexpr (kReduce) {
-        // This block's dS^T is in ring buffer blocks % 2 (fenced for the async proxy); the previous block's dQ, if
-        // it is this warpgroup's turn, is computed now, when the other warpgroup has long written its half.
-        fence_proxy_async();
-        this->s.ds_full[blocks & 1].arrive();
+        // The previous block's dQ, if it is this warpgroup's turn, is computed now, when the other warpgroup has long
+        // written its half.
         release_block(bi);
         if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
         pending = blocks++;
@@ -544,25 +582,25 @@ struct BwdConsumer : Consumer<Traits, kType> {
       if (!next_block(bi, last, ks, vs, release_block)) continue;
       float sc[32], dp[32];
       const uint32_t k_st = uniform_desc(ks.stage() * kStageDesc), v_st = uniform_desc(vs.stage() * kStageDesc);
+      const float* cols = this->s.stats(ks.stage()) + 2 * (lane() % 4);  // lse2[64], D[64]
+      float2 cs[8];  // lse2, then D, of this thread's columns: loaded before the issues (dkdv_item says why)
+      load_col_stats(cs, cols);
       wgmma_fence();
       scores_t(sc, owned_k, this->k_lo + k_st);
       wgmma_commit();
       dprobs_t(dp, owned_v, vk_lo + v_st);
       wgmma_commit();
-      const float* cols = this->s.stats(ks.stage()) + 2 * (lane() % 4);  // lse2[64], D[64]
       const int32_t head = item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift);
-      float2 cs[8];  // lse2, then D, of this thread's columns: loaded before the waits (v3.7)
-      load_col_stats(cs, cols);
       wgmma_wait<1>();
       fence_regs(sc);
       probabilities_of_block(sc, [&](int k) { return cs[k]; }, rows, bi, bi.flags & BlockInfo::kFrames, p.heads[head],
                              p.cls[bi.tile_class()].box, 0);
       uint32_t pa[4][4], da[4][4];
+      load_col_stats(cs, cols + Traits::kStreamRows);
       pack_operand<4>(sc, pa, bf16);
       wgmma_fence();
       gemm_rs<4>(dv, pa, this->v_lo + v_st);
       wgmma_commit();
-      load_col_stats(cs, cols + Traits::kStreamRows);
       wgmma_wait<1>();  // dP^T (dV may still run)
       fence_regs(dp);
       score_gradients_of_block(dp, sc, [&](int k) { return cs[k]; });

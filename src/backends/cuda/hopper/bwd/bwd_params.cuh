@@ -57,6 +57,15 @@
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_OVERLAP
 #define TILEWISE_HOPPER_BWD_REDUCE_OVERLAP 1
 #endif
+// Where dkdv_item (the reduce kernel at D 64 and 128) issues a block's S^T and dP^T, as a mask of head dims (1: D 64,
+// 2: D 96, which reduce_item runs instead, 4: D 128): as soon as the block's stages are full, its record (BlockInfo)
+// read while they run (an item with no streamed block is known beforehand: streams_any), or only once the record has
+// been read. The eleventh session's stall sampling put 14% of the D 128 consumers' samples between the stage wait and
+// the first wgmma; issuing first measured +1.0% on row 1, +1.3% on Wan, -0.9% on CogVideoX D 64 alone and -2.8% there
+// with the two orders v3.17 made the default (docs/performance.md backward v3.17).
+#ifndef TILEWISE_HOPPER_BWD_ISSUE_FIRST
+#define TILEWISE_HOPPER_BWD_ISSUE_FIRST 1
+#endif
 // The reduce kernel's S^T = K Q^T and dP^T = V dO^T at D 64 (docs/performance.md backward v3.9): 1 (default) = the
 // owned K and V rows of a warpgroup held in registers as the A operand (RS wgmma; loaded once per item with ldmatrix,
 // 16 registers each), so that per block only the streamed Q and dO are read from shared memory; 0 = both operands

@@ -13,6 +13,7 @@
 //    each dO block.
 #pragma once
 
+#include "backends/cuda/hopper/bwd/bwd_blocks.cuh"
 #include "backends/cuda/hopper/bwd/bwd_preprocess.cuh"
 #include "backends/cuda/hopper/mainloop_producer.cuh"
 
@@ -61,21 +62,12 @@ struct BwdProducer {
   __device__ void dq_values() const { base().run_values(); }
 
   // ---------------------------------------------------------------- dK/dV kernel
-  /// Whether query head h streams any block past the owned key block of `item`.
-  __device__ __forceinline__ bool streams(const WorkItem& item, int32_t h) const {
-    if (p.map.seq.text_capacity > 0 || item.q.text || p.kind != PatternKind::block_list) return true;
-    const int32_t i = h * p.map.grid.num_tiles() + p.map.grid.tile_index(item.q.tile);
-    return p.query_offsets[i + 1] > p.query_offsets[i];  // a block list may leave a key tile unseen
-  }
-
   /// f(block, query head, index of the head in its group, last) for every streamed block of an owned key block,
   /// or f(_, _, _, true) once with `empty` set when there is none (the consumers then write zero gradients).
   template <class F>
   __device__ __forceinline__ void for_each_stream_block(const WorkItem& item, F&& f) const {
     const Grid& g = p.map.grid;
-    int32_t last_head = -1;
-    for (int32_t gi = 0; gi < p.kv_group; ++gi)
-      if (streams(item, item.head * p.kv_group + gi)) last_head = gi;
+    const int32_t last_head = last_streaming_head(p, item);
     if (last_head < 0) {
       f(Block{}, 0, 0, true, true);
       return;
