@@ -527,7 +527,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
         wgmma_commit();
         // This block's dS^T is in ring buffer blocks % 2, fenced for the dQ product's async-proxy reads (dK takes its
         // operand from registers, so the buffer is complete once stored): announced while dK runs (v3.17; after dK's
-        // wait it cost row 1 1.2% more).
+        // wait it cost row 1 0.9% more).
         if constexpr (kReduce) {
           fence_proxy_async();
           this->s.ds_full[blocks & 1].arrive();
