@@ -24,7 +24,8 @@
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128
 #define TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128 2
 #endif
-// And its V-ring (dO blocks) depth at D 128. With two rows of statistics per stage, 3 + 3 fits (by ~200 bytes).
+// And its V-ring (dO blocks) depth at D 128. With two rows of statistics per stage 3 + 3 fits (by ~200 bytes), but
+// measured 0.2-0.8% slower than 2 + 2 (docs/performance.md backward v3.17: 2328 bytes of spills).
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_V_STAGES_D128
 #define TILEWISE_HOPPER_BWD_REDUCE_V_STAGES_D128 2
 #endif

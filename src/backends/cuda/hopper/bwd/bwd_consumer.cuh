@@ -453,97 +453,98 @@ struct BwdConsumer : Consumer<Traits, kType> {
       BlockInfo bi;
       bool last;
       next_block(bi, last, ks, vs, release_block);
-    } else
-    for (bool last = false; !last;) {
-      BlockInfo bi;
-      if constexpr (kIssueFirst)
-        wait_stages(ks, vs);
-      else if (!next_block(bi, last, ks, vs, release_block))
-        continue;
-      const float* stats = this->s.stats(ks.stage());  // lse2[kStreamRows], D[kStreamRows]
-      // What the record implies for the masks: in the reduce kernel worked out after the GEMMs are issued (with
-      // kIssueFirst the record itself is read then), in the dK/dV kernel before.
-      bool frames;
-      const HeadParams* hp;
-      D3 qbox;
-      auto read_record = [&] {
-        frames = bi.flags & BlockInfo::kFrames;
-        hp = &p.heads[item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift)];
-        qbox = p.cls[bi.tile_class()].box;
-      };
-      if constexpr (!kReduce) read_record();
-      const uint32_t k_st = uniform_desc(ks.stage() * kStageDesc), v_st = uniform_desc(vs.stage() * kStageDesc);
-#pragma unroll
-      for (int half = 0; half < kHalves; ++half) {
-        const uint32_t row_off = 64 * half * kRowDesc;
-        float sc[32], dp[32];
-        constexpr bool kEarlyStats = kReduce;
-        const float* cols = stats + 64 * half + 2 * (lane() % 4);
-        float2 col_stats[8];  // kEarlyStats: lse2 of this thread's columns, then their D
-        if constexpr (kEarlyStats) load_col_stats(col_stats, cols);
-        wgmma_fence();
-        scores_t(sc, owned_k, this->k_lo + k_st + row_off);
-        wgmma_commit();
-        dprobs_t(dp, owned_v, vk_lo + v_st + row_off);
-        wgmma_commit();
-        if constexpr (kIssueFirst) {  // (kHalves == 1)
-          bi = this->info(ks.stage());
-          last = bi.flags & BlockInfo::kLast;
+    } else {
+      for (bool last = false; !last;) {
+        BlockInfo bi;
+        if constexpr (kIssueFirst)
+          wait_stages(ks, vs);
+        else if (!next_block(bi, last, ks, vs, release_block))
+          continue;
+        const float* stats = this->s.stats(ks.stage());  // lse2[kStreamRows], D[kStreamRows]
+        // What the record implies for the masks: in the reduce kernel worked out after the GEMMs are issued (with
+        // kIssueFirst the record itself is read then), in the dK/dV kernel before.
+        bool frames;
+        const HeadParams* hp;
+        D3 qbox;
+        auto read_record = [&] {
+          frames = bi.flags & BlockInfo::kFrames;
+          hp = &p.heads[item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift)];
+          qbox = p.cls[bi.tile_class()].box;
+        };
+        if constexpr (!kReduce) read_record();
+        const uint32_t k_st = uniform_desc(ks.stage() * kStageDesc), v_st = uniform_desc(vs.stage() * kStageDesc);
+  #pragma unroll
+        for (int half = 0; half < kHalves; ++half) {
+          const uint32_t row_off = 64 * half * kRowDesc;
+          float sc[32], dp[32];
+          constexpr bool kEarlyStats = kReduce;
+          const float* cols = stats + 64 * half + 2 * (lane() % 4);
+          float2 col_stats[8];  // kEarlyStats: lse2 of this thread's columns, then their D
+          if constexpr (kEarlyStats) load_col_stats(col_stats, cols);
+          wgmma_fence();
+          scores_t(sc, owned_k, this->k_lo + k_st + row_off);
+          wgmma_commit();
+          dprobs_t(dp, owned_v, vk_lo + v_st + row_off);
+          wgmma_commit();
+          if constexpr (kIssueFirst) {  // (kHalves == 1)
+            bi = this->info(ks.stage());
+            last = bi.flags & BlockInfo::kLast;
+          }
+          if constexpr (kReduce) read_record();
+          // P^T of this thread's 32 entries, then dS^T = P^T (dP^T - D). The columns' statistics come two at a time
+          // from shared memory. The reduce kernel loads them into registers before the wgmmas that precede their use
+          // are issued (lse2 before S^T and dP^T, D before dV): a shared-memory load issued behind the tensor core's
+          // operand reads took 100+ cycles, and the first exponential waited for it (v3.7: loaded before the waits,
+          // 76.2 -> 74.8 ms; v3.17: before the issues, row 1 -3.6%, Open-Sora-Plan D 96 -1%). The dK/dV kernel, two
+          // halves a block, then spills them in its loop and loses 10% (45.5 -> 50.0 ms): it loads each pair where it
+          // is used.
+          auto col_stat = [&](int k, const float* late) {
+            return kEarlyStats ? col_stats[k] : ld_shared_f2(late + 8 * k);
+          };
+          auto probabilities_t = [&] {
+            probabilities_of_block(sc, [&](int k) { return col_stat(k, cols); }, rows, bi, frames, *hp, qbox, half);
+          };
+          auto score_gradients = [&] {
+            score_gradients_of_block(dp, sc, [&](int k) { return col_stat(k, cols + Traits::kStreamRows); });
+          };
+          uint32_t pa[4][4], da[4][4];
+          // P^T while dP^T runs; dV += P^T dO while dS^T is computed
+          wgmma_wait<1>();
+          fence_regs(sc);
+          if (!(kAblate & 1)) probabilities_t();
+          if constexpr (kEarlyStats) load_col_stats(col_stats, cols + Traits::kStreamRows);
+          pack_operand<4>(sc, pa, kType == WgType::bf16);
+          wgmma_fence();
+          if (!(kAblate & 4)) gemm_rs<4>(dv, pa, this->v_lo + v_st + row_off);
+          wgmma_commit();
+          wgmma_wait<1>();  // dP^T (the dV product may still run)
+          fence_regs(dp);
+          if (!(kAblate & 1)) score_gradients();
+          if constexpr (kReduce) store_block_ds(dp, blocks);
+          pack_operand<4>(dp, da, kType == WgType::bf16);
+          wgmma_fence();
+          if (!(kAblate & 4)) gemm_rs<4>(dk, da, km_lo + k_st + row_off);
+          wgmma_commit();
+          // This block's dS^T is in ring buffer blocks % 2, fenced for the dQ product's async-proxy reads (dK takes its
+          // operand from registers, so the buffer is complete once stored): announced while dK runs (v3.17; after dK's
+          // wait it cost row 1 0.9% more).
+          if constexpr (kReduce) {
+            fence_proxy_async();
+            this->s.ds_full[blocks & 1].arrive();
+          }
+          wgmma_wait<0>();
+          fence_regs(dv);
+          fence_regs(dk);
         }
-        if constexpr (kReduce) read_record();
-        // P^T of this thread's 32 entries, then dS^T = P^T (dP^T - D). The columns' statistics come two at a time
-        // from shared memory. The reduce kernel loads them into registers before the wgmmas that precede their use
-        // are issued (lse2 before S^T and dP^T, D before dV): a shared-memory load issued behind the tensor core's
-        // operand reads took 100+ cycles, and the first exponential waited for it (v3.7: loaded before the waits,
-        // 76.2 -> 74.8 ms; v3.17: before the issues, row 1 -3.6%, Open-Sora-Plan D 96 -1%). The dK/dV kernel, two
-        // halves a block, then spills them in its loop and loses 10% (45.5 -> 50.0 ms): it loads each pair where it
-        // is used.
-        auto col_stat = [&](int k, const float* late) {
-          return kEarlyStats ? col_stats[k] : ld_shared_f2(late + 8 * k);
-        };
-        auto probabilities_t = [&] {
-          probabilities_of_block(sc, [&](int k) { return col_stat(k, cols); }, rows, bi, frames, *hp, qbox, half);
-        };
-        auto score_gradients = [&] {
-          score_gradients_of_block(dp, sc, [&](int k) { return col_stat(k, cols + Traits::kStreamRows); });
-        };
-        uint32_t pa[4][4], da[4][4];
-        // P^T while dP^T runs; dV += P^T dO while dS^T is computed
-        wgmma_wait<1>();
-        fence_regs(sc);
-        if (!(kAblate & 1)) probabilities_t();
-        if constexpr (kEarlyStats) load_col_stats(col_stats, cols + Traits::kStreamRows);
-        pack_operand<4>(sc, pa, kType == WgType::bf16);
-        wgmma_fence();
-        if (!(kAblate & 4)) gemm_rs<4>(dv, pa, this->v_lo + v_st + row_off);
-        wgmma_commit();
-        wgmma_wait<1>();  // dP^T (the dV product may still run)
-        fence_regs(dp);
-        if (!(kAblate & 1)) score_gradients();
-        if constexpr (kReduce) store_block_ds(dp, blocks);
-        pack_operand<4>(dp, da, kType == WgType::bf16);
-        wgmma_fence();
-        if (!(kAblate & 4)) gemm_rs<4>(dk, da, km_lo + k_st + row_off);
-        wgmma_commit();
-        // This block's dS^T is in ring buffer blocks % 2, fenced for the dQ product's async-proxy reads (dK takes its
-        // operand from registers, so the buffer is complete once stored): announced while dK runs (v3.17; after dK's
-        // wait it cost row 1 0.9% more).
         if constexpr (kReduce) {
-          fence_proxy_async();
-          this->s.ds_full[blocks & 1].arrive();
+          // The previous block's dQ, if it is this warpgroup's turn, is computed now, when the other warpgroup has long
+          // written its half.
+          release_block(bi);
+          if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
+          pending = blocks++;
+        } else {
+          release_stages(bi, ks, vs);
         }
-        wgmma_wait<0>();
-        fence_regs(dv);
-        fence_regs(dk);
-      }
-      if constexpr (kReduce) {
-        // The previous block's dQ, if it is this warpgroup's turn, is computed now, when the other warpgroup has long
-        // written its half.
-        release_block(bi);
-        if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
-        pending = blocks++;
-      } else {
-        release_stages(bi, ks, vs);
       }
     }
     if constexpr (kReduce) {  // the item's last dQ, then the owned K and V are free (release_s_operands' arrival)
