@@ -3,7 +3,7 @@
 // relative L2 per gradient, with deterministic false (the reduce kernel) and true (the two kernels).
 // Build: g++ -std=c++20 -O2 -Iinclude scripts/backward_check.cpp -Lbuild-device -ltilewise
 //   -lcudart -Wl,-rpath,build-device (with CUDA's include and lib paths).
-// Usage: bwdcheck [SEED] (the checks) | bench1 (row 1's times) | bench (rows 1, 1 + text, w5x6x10) | arrangements
+// Usage: bwdcheck [SEED] (the checks) | bench1 (row 1's times) | bench_grid (w5x6x10's) | bench (rows 1, 1 + text, w5x6x10) | arrangements
 //   (row 1's backward, two kernels and reduce kernel alternated in one process).
 #include <cuda_runtime.h>
 
@@ -132,6 +132,10 @@ static void bench(Dim3 window, int64_t text, int32_t text_len, bool arrangements
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "bench1") == 0) {  // row 1 alone (for ncu and variant sweeps)
     bench({3, 3, 3}, 0, 0);
+    return 0;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "bench_grid") == 0) {  // the whole-grid window alone (for ncu)
+    bench({5, 6, 10}, 0, 0);
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "arrangements") == 0) {  // row 1, two kernels against the reduce kernel
