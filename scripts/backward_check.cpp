@@ -3,13 +3,14 @@
 // relative L2 per gradient, with deterministic false (the reduce kernel) and true (the two kernels).
 // Build: g++ -std=c++20 -O2 -Iinclude scripts/backward_check.cpp -Lbuild-device -ltilewise
 //   -lcudart -Wl,-rpath,build-device (with CUDA's include and lib paths).
-// Usage: bwdcheck [SEED] (the checks) | bench1 (row 1's times) | bench_grid (w5x6x10's) | bench (rows 1, 1 + text, w5x6x10) | arrangements
+// Usage: bwdcheck [SEED] (the checks) | bench1 [HEADS] (row 1's times) | bench_grid [HEADS] (w5x6x10's) | bench (rows 1, 1 + text, w5x6x10) | arrangements
 //   (row 1's backward, two kernels and reduce kernel alternated in one process).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -90,9 +91,9 @@ static float median_ms(F&& f) {
 /// Times the forward and backward of the Hopper kernels on HunyuanVideo 720p (30x48x80, 24 heads, D128, 6x8x8).
 /// arrangements: instead, row 1's backward in each arrangement (TILEWISE_BACKWARD_FUSED_DQ, read when a plan is made)
 /// alternated three times in this one process, so that they are compared under the same clocks and power limit.
-static void bench(Dim3 window, int64_t text, int32_t text_len, bool arrangements = false) {
+static void bench(Dim3 window, int64_t text, int32_t text_len, bool arrangements = false, int64_t heads = 24) {
   Problem p;
-  p.batch = 1, p.q_heads = 24, p.kv_heads = 24, p.head_dim = 128, p.dtype = DType::bf16;
+  p.batch = 1, p.q_heads = heads, p.kv_heads = heads, p.head_dim = 128, p.dtype = DType::bf16;
   p.latent = {30, 48, 80}, p.tile = {6, 8, 8}, p.text_capacity = text;
   Plan plan(p, Pattern::sliding_tile(window), Device::cuda);
   const Problem& n = plan.problem();
@@ -130,12 +131,19 @@ static void bench(Dim3 window, int64_t text, int32_t text_len, bool arrangements
 }
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::strcmp(argv[1], "bench1") == 0) {  // row 1 alone (for ncu and variant sweeps)
-    bench({3, 3, 3}, 0, 0);
+  // bench1 / bench_grid [HEADS]: row 1 or the whole-grid window alone (for ncu and variant sweeps), 24 heads unless
+  // HEADS says otherwise (how the cycles per block depend on the heads running at once: performance.md v3.18)
+  const int64_t heads = argc > 2 ? std::atoll(argv[2]) : 24;
+  if (heads < 1 || heads > 1024) {
+    std::fprintf(stderr, "bwdcheck: HEADS is %lld, expected 1 to 1024\n", static_cast<long long>(heads));
+    return 2;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "bench1") == 0) {
+    bench({3, 3, 3}, 0, 0, false, heads);
     return 0;
   }
-  if (argc > 1 && std::strcmp(argv[1], "bench_grid") == 0) {  // the whole-grid window alone (for ncu)
-    bench({5, 6, 10}, 0, 0);
+  if (argc > 1 && std::strcmp(argv[1], "bench_grid") == 0) {
+    bench({5, 6, 10}, 0, 0, false, heads);
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "arrangements") == 0) {  // row 1, two kernels against the reduce kernel
