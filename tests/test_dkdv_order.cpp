@@ -130,4 +130,26 @@ TEST(DkdvOrder, PerHeadOrdersKeepNeighboursTogetherAndEndHeavyFirst) {
   EXPECT_EQ(order[5], 10);  // tile (t 0, h 1, w 0)
 }
 
+TEST(DkdvOrder, HeadGroupsRunInTurnHeaviestFirstInEach) {
+  for (const OrderCase& s : kSetups) {
+    const auto n = grid_of(s);
+    const int64_t tiles = n[0] * n[1] * n[2];
+    const std::vector<int64_t> load = loads(s);
+    for (const int64_t group : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{64}}) {
+      const auto order = dkdv_item_order(make_plan(s), DkdvOrder::head_groups, group);
+      expect_permutation(order, load.size());
+      for (size_t i = 1; i < order.size(); ++i) {
+        const int64_t ga = order[i - 1] / tiles / group, gb = order[i] / tiles / group;
+        ASSERT_LE(ga, gb) << "groups in order, position " << i;
+        if (ga != gb) continue;
+        ASSERT_GE(load[order[i - 1]], load[order[i]]) << "heaviest first within a group, position " << i;
+        if (load[order[i - 1]] == load[order[i]]) ASSERT_LT(order[i - 1], order[i]) << "ties in (kv head, tile) order";
+      }
+    }
+    // one group holding every kv head is the heaviest-first order itself
+    EXPECT_EQ(dkdv_item_order(make_plan(s), DkdvOrder::head_groups, s.kv_heads),
+              dkdv_item_order(make_plan(s), DkdvOrder::heaviest_first));
+  }
+}
+
 }  // namespace

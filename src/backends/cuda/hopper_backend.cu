@@ -163,7 +163,8 @@ class HopperBackend final : public Backend {
  public:
   explicit HopperBackend(const Plan& plan)
       : tables_(plan, Device::cuda),
-        dkdv_order_(dkdv_item_order(plan, static_cast<DkdvOrder>(TILEWISE_HOPPER_BWD_ITEM_ORDER))) {
+        dkdv_order_(dkdv_item_order(plan, static_cast<DkdvOrder>(TILEWISE_HOPPER_BWD_ITEM_ORDER),
+                                    TILEWISE_HOPPER_BWD_HEAD_GROUP)) {
     const Problem& p = plan.problem();
     const cudaDeviceProp& prop = tables_.device;
     require(prop.major == 9, "device", std::string(prop.name) + " (sm_" + str(prop.major) + str(prop.minor) + ")",

@@ -36,9 +36,14 @@
 // docs/performance.md backward v3.12): 0 (default) = every head's heaviest tiles first (v3.2); 1 = each kv head's
 // tiles with the tile grid's largest axis slowest and only the last kv head's heaviest first, which an L2 model
 // preferred (18% -> 2% misses) but the H200 did not: row 1 +1.9 to +2.1% (L2 hit rate 82% -> 77%), Wan 21x45x80
-// -2.3%, the other rows within 0.5%; 2 = the same with each kv head's tiles in raster order (row 1 +2.5%, Wan +1.4%).
+// -2.3%, the other rows within 0.5%; 2 = the same with each kv head's tiles in raster order (row 1 +2.5%, Wan +1.4%);
+// 3 = heaviest first within groups of TILEWISE_HOPPER_BWD_HEAD_GROUP kv heads, one group after the other (v3.18:
+// not yet measured; row 1 took 3.1% more cycles per block than the whole grid with 24 heads, 0.7% with 4).
 #ifndef TILEWISE_HOPPER_BWD_ITEM_ORDER
 #define TILEWISE_HOPPER_BWD_ITEM_ORDER 0
+#endif
+#ifndef TILEWISE_HOPPER_BWD_HEAD_GROUP
+#define TILEWISE_HOPPER_BWD_HEAD_GROUP 4
 #endif
 // Rows of the dK/dV kernel's streamed query blocks (and its K and V ring stages): 128 (the forward's key blocks,
 // two 64-query halves per stage), or 64 (boxes of at most 64 rows per tile class, one half per stage; the host asks
