@@ -36,12 +36,8 @@ inline std::vector<int32_t> dkdv_item_order(const Plan& plan, DkdvOrder order, i
     for (int64_t kt = 0; kt < tiles; ++kt) load[h / group * tiles + kt] += plan.num_query_tiles(h, kt);
   std::vector<int32_t> items(load.size());
   std::iota(items.begin(), items.end(), 0);
-  if (order == DkdvOrder::heaviest_first) {
-    std::stable_sort(items.begin(), items.end(), [&](int32_t a, int32_t b) { return load[a] > load[b]; });
-    return items;
-  }
-  if (order == DkdvOrder::head_groups) {
-    const int64_t size = std::max<int64_t>(head_group, 1);
+  if (order == DkdvOrder::heaviest_first || order == DkdvOrder::head_groups) {  // heaviest_first: one group of all
+    const int64_t size = order == DkdvOrder::heaviest_first ? p.kv_heads : std::max<int64_t>(head_group, 1);
     std::stable_sort(items.begin(), items.end(), [&](int32_t a, int32_t b) {
       const int64_t ga = a / tiles / size, gb = b / tiles / size;
       return ga != gb ? ga < gb : load[a] > load[b];
