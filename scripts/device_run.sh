@@ -3,7 +3,7 @@
 # compute-sanitizer on small problems, the backward fuzz, and the benchmark tables last. Logs go under $OUT.
 # Usage (from the repo root): scripts/device_run.sh [build] [test] [sanitize] [sanitize_bwd] [sanitize_fp8] [fuzz] [bench]
 #        [bench_bwd] [sass] [bwd_variants] [variant_tests] [reduce_check] [leftovers] [bwd_profile]
-#        [bwd_stalls]
+#        [bwd_stalls] [bwd_heads]
 #   bwd_variants: BWD_VARIANTS="name=-DMACRO=1,-DOTHER=2 ..." (scripts/kernel_variants.py); a name starting with
 #   two times the two-kernel arrangement (TILEWISE_BACKWARD_FUSED_DQ=0), the others the reduce kernel (the default;
 #   "reduce=" with no flags builds the default source), names no_* or *_no_* are ablations (times only);
@@ -122,6 +122,22 @@ for step in $steps; do
         TILEWISE_BACKWARD_FUSED_DQ=$arrangement LD_LIBRARY_PATH=$lib timeout 90 ncu --clock-control none --kernel-name regex:'backward_kernel|bwd_preprocess' \
           --launch-count 3 --metrics gpu__time_duration.sum $BUILD/bwdcheck bench1 > "$OUT/ncu_$name.log" 2>&1
         echo "  ncu: $(grep -E 'gpu__time_duration.sum' "$OUT/ncu_$name.log" | awk '{print $(NF)}' | tr '\n' ' ') (preprocess, dQ, dK/dV; ms or us)"
+      done
+      ;;
+    bwd_heads)
+      # Row 1 and the whole grid under ncu at the base clock for several head counts (BWD_HEADS, "4 8 24"): active
+      # SM-cycles (per streamed block: divide by 145,800 x heads for row 1, 1,620,000 x heads for the whole grid),
+      # the L2 hit rate and the DRAM bytes of the reduce kernel: how row 1's extra cycles per block grow with the
+      # heads in flight (docs/performance.md backward v3.18).
+      echo "== backward cycles, L2 and DRAM by head count"
+      build_bwdcheck || exit 1
+      for h in ${BWD_HEADS:-4 8 24}; do
+        for mode in bench1 bench_grid; do
+          timeout 240 ncu --clock-control base --kernel-name regex:backward_kernel --launch-count 1 --csv \
+            --metrics sm__cycles_active.sum,lts__t_sector_hit_rate.pct,dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+            $BUILD/bwdcheck $mode $h > "$OUT/heads_${mode}_$h.csv" 2>&1
+          echo "$mode heads $h: $(grep -E '^"' "$OUT/heads_${mode}_$h.csv" | awk -F'","' 'NR>1{printf "%s=%s ", $(NF-2), $NF}' | tr -d '"')"
+        done
       done
       ;;
     variant_tests)
