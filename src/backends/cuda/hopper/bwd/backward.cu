@@ -89,13 +89,17 @@ int reduce_cluster_ctas(int head_dim, bool bf16) { return head_dim == 128 ? clus
 
 cudaError_t launch_backward_preprocess(const BwdParams& params, const PreprocessParams& pre, int head_dim, bool bf16,
                                        int stream_rows, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(params.stats_entries), static_cast<unsigned>(pre.batch * params.q_heads));
+  PreprocessParams ordered = pre;
+  ordered.order = cuda::RowPassOrder::of(params.stats_entries, int64_t{pre.batch} * params.q_heads, pre.so.head,
+                                         pre.so.seq);
+  if (ordered.order.ctas() > cuda::kMaxGridX) return cudaErrorInvalidValue;
+  const unsigned grid = static_cast<unsigned>(ordered.order.ctas());
   auto run = [&](auto rows) {
     constexpr int kRows = decltype(rows)::value;
     if (bf16)
-      bwd_preprocess<__nv_bfloat16, kRows><<<grid, kRows, 0, stream>>>(params, pre, head_dim);
+      bwd_preprocess<__nv_bfloat16, kRows><<<grid, kRows, 0, stream>>>(params, ordered, head_dim);
     else
-      bwd_preprocess<__half, kRows><<<grid, kRows, 0, stream>>>(params, pre, head_dim);
+      bwd_preprocess<__half, kRows><<<grid, kRows, 0, stream>>>(params, ordered, head_dim);
   };
   if (stream_rows == 64)
     run(std::integral_constant<int, 64>{});

@@ -10,6 +10,7 @@
 
 #include "backends/cuda/hopper/bwd/bwd_params.cuh"
 #include "backends/cuda/hopper/tile_scheduler.cuh"
+#include "backends/cuda/row_pass_order.hpp"
 
 namespace tilewise::hopper {
 
@@ -27,6 +28,8 @@ struct PreprocessParams {
   float* delta = nullptr;       // [B, Hq, S]
   float* stats = nullptr;       // [B, Hq, stats_entries, 3 x the streamed rows]
   int32_t batch = 1;            // every batch element (one launch)
+  // The CTAs' order over (stats entry, batch x head), set by launch_backward_preprocess from o's strides.
+  cuda::RowPassOrder order;
 };
 
 /// The statistics entry (within a (batch, head)) of a streamed block of kRows rows: video entries per (tile, slot),
@@ -49,12 +52,13 @@ __device__ __forceinline__ float dot_rows(const T* a, const T* b, int D) {
   return sum;
 }
 
-/// One CTA of kRows threads per (stats entry, batch x head): thread r is row r of the entry's block (kRows: the dK/dV
-/// kernel's streamed rows; p.cls holds its boxes).
+/// One CTA of kRows threads per (stats entry, batch x head), in PreprocessParams::order: thread r is row r of the
+/// entry's block (kRows: the dK/dV kernel's streamed rows; p.cls holds its boxes).
 template <class T, int kRows>
 __global__ void __launch_bounds__(kRows) bwd_preprocess(const __grid_constant__ BwdParams p, PreprocessParams pre,
                                                         int head_dim) {
-  const int32_t entry = blockIdx.x, bh = blockIdx.y, r = threadIdx.x;
+  const int32_t entry = static_cast<int32_t>(pre.order.chunk(blockIdx.x));
+  const int32_t bh = static_cast<int32_t>(pre.order.head(blockIdx.x)), r = threadIdx.x;
   const int64_t at = block_row_position<kRows>(p, entry, p.stream_slots, r);
   const bool real = at >= 0;
   const int64_t pos = real ? at : 0;
