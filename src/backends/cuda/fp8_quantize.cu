@@ -30,6 +30,7 @@
 
 #include "backends/cuda/cuda_common.hpp"
 #include "backends/cuda/hopper/fp8/fp8_params.cuh"  // quantize_e4m3; clamped_text_len, as the kernels clamp
+#include "backends/cuda/row_pass_order.hpp"
 #include "tilewise/fp8.hpp"
 
 namespace tilewise::cuda {
@@ -169,16 +170,17 @@ __device__ __forceinline__ void atomic_max_nonneg(float* at, float x) {
   atomicMax(reinterpret_cast<int*>(at), __float_as_int(x));
 }
 
-/// Pass 1: grid (blocks * parts, B * Hkv). Rows r of a block are its tile's tokens in raster order inside the tile
+/// Pass 1: one CTA per (block part, b * Hkv + g) in `order` (blocks * parts chunks). Rows r of a block are its tile's tokens in raster order inside the tile
 /// (or its text positions), so a part's positions come without a search; part `part` takes rows
 /// [part * kPartRows, ...). The CTA's partial sums and value maxima go out with one atomic per channel; its key
 /// minima and maxima to the part's own slot (no atomics).
 template <class T, bool kWide>
-__global__ void __launch_bounds__(kThreads) key_statistics(QuantizeParams p) {
+__global__ void __launch_bounds__(kThreads) key_statistics(QuantizeParams p, RowPassOrder order) {
   const int D = p.head_dim;
-  const int64_t bg = blockIdx.y;
-  const int32_t b = static_cast<int32_t>(bg / p.kv_heads), g = static_cast<int32_t>(bg % p.kv_heads);
-  const int32_t block = static_cast<int32_t>(blockIdx.x / p.parts), part = static_cast<int32_t>(blockIdx.x % p.parts);
+  const int32_t head = order.head(blockIdx.x), x = order.chunk(blockIdx.x);
+  const int64_t bg = head;
+  const int32_t b = head / p.kv_heads, g = head % p.kv_heads;
+  const int32_t block = x / p.parts, part = x % p.parts;
   const TileGridT<int32_t>& grid = p.map.grid;
   const int32_t tiles = grid.num_tiles();
   Dim3T<int32_t> origin{}, extent{1, 1, 1};
@@ -308,14 +310,15 @@ __global__ void __launch_bounds__(kThreads) finish_statistics(QuantizeParams p) 
   }
 }
 
-/// Pass 3: grid (chunks of kWarps * kKeyRowsPerWarp positions, B * Hkv); every position.
+/// Pass 3: one CTA per (chunk of kWarps * kKeyRowsPerWarp positions, b * Hkv + g) in `order`; every position.
 template <class T, bool kWide>
-__global__ void __launch_bounds__(kThreads) quantize_keys_values(QuantizeParams p) {
+__global__ void __launch_bounds__(kThreads) quantize_keys_values(QuantizeParams p, RowPassOrder order) {
   const RowLanes ln(p.head_dim);
   if (!ln.active) return;  // no shuffles below
   const int D = p.head_dim, c0 = ln.chunk * kVec;
-  const int64_t bg = blockIdx.y, b = bg / p.kv_heads, g = bg % p.kv_heads;
-  const int64_t first = (int64_t{blockIdx.x} * kWarps + threadIdx.x / 32) * kKeyRowsPerWarp;
+  const int32_t head = order.head(blockIdx.x);
+  const int64_t bg = head, b = head / p.kv_heads, g = head % p.kv_heads;
+  const int64_t first = (int64_t{order.chunk(blockIdx.x)} * kWarps + threadIdx.x / 32) * kKeyRowsPerWarp;
   const int64_t end = first + kKeyRowsPerWarp < p.seq_len ? first + kKeyRowsPerWarp : p.seq_len;
   const bool values = p.v8 != nullptr;
   float mu[kVec], vinv[kVec];
@@ -356,13 +359,15 @@ __global__ void __launch_bounds__(kThreads) quantize_keys_values(QuantizeParams 
   }
 }
 
-/// Pass 4: grid (B * Hq * chunks of kWarps * kQueryRowsPerWarp rows); per row its maximum, scale and e4m3 values.
+/// Pass 4: one CTA per (chunk of kWarps * kQueryRowsPerWarp rows, b * Hq + h) in `order`; per row its maximum,
+/// scale and e4m3 values.
 template <class T, bool kWide>
-__global__ void __launch_bounds__(kThreads) quantize_queries(QuantizeParams p, int64_t chunks) {
+__global__ void __launch_bounds__(kThreads) quantize_queries(QuantizeParams p, RowPassOrder order) {
   const RowLanes ln(p.head_dim);
   const int D = p.head_dim, c0 = ln.chunk * kVec;
-  const int64_t bh = blockIdx.x / chunks, chunk = blockIdx.x % chunks;  // bh = b * Hq + h
-  const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
+  const int32_t head = order.head(blockIdx.x);  // b * Hq + h
+  const int64_t bh = head, chunk = order.chunk(blockIdx.x);
+  const int64_t b = head / p.q_heads, h = head % p.q_heads;
   const int64_t bg = b * p.kv_heads + h / (p.q_heads / p.kv_heads);
   const int64_t first = (chunk * kWarps + threadIdx.x / 32) * kQueryRowsPerWarp;
   const int64_t end = first + kQueryRowsPerWarp < p.seq_len ? first + kQueryRowsPerWarp : p.seq_len;
@@ -408,18 +413,23 @@ __global__ void __launch_bounds__(kThreads) quantize_queries(QuantizeParams p, i
 
 unsigned blocks_for(int64_t items, int64_t per_block) { return static_cast<unsigned>(ceil_div(items, per_block)); }
 
+/// The passes' CTAs visit (chunk, head) pairs in RowPassOrder: every head of a chunk together where the tensor
+/// keeps a token's heads side by side (whole rows per DRAM page), so the grids are 1-D.
 template <class T, bool kWide>
 void launch_all(const QuantizeParams& p, cudaStream_t stream) {
   const int64_t bg = int64_t{p.batch} * p.kv_heads;
-  const dim3 blocks(static_cast<unsigned>(int64_t{p.blocks} * p.parts), static_cast<unsigned>(bg));
-  key_statistics<T, kWide><<<blocks, kThreads, 0, stream>>>(p);
+  // (A grid past the limit launches as 0 CTAs, which fails the launch and run_passes' check.)
+  const auto grid = [](const RowPassOrder& o) { return o.ctas() > kMaxGridX ? 0u : static_cast<unsigned>(o.ctas()); };
+  const RowPassOrder blocks = RowPassOrder::of(int64_t{p.blocks} * p.parts, bg, p.ks.head, p.ks.seq);
+  const RowPassOrder positions =
+      RowPassOrder::of(ceil_div<int64_t>(p.seq_len, kWarps * kKeyRowsPerWarp), bg, p.ks.head, p.ks.seq);
+  const RowPassOrder queries = RowPassOrder::of(ceil_div<int64_t>(p.seq_len, kWarps * kQueryRowsPerWarp),
+                                                int64_t{p.batch} * p.q_heads, p.qs.head, p.qs.seq);
+  key_statistics<T, kWide><<<grid(blocks), kThreads, 0, stream>>>(p, blocks);
   const int64_t finish_warps = bg * p.blocks + ceil_div<int64_t>(bg * p.head_dim, 32);
   finish_statistics<<<blocks_for(finish_warps, kWarps), kThreads, 0, stream>>>(p);
-  const dim3 positions(blocks_for(p.seq_len, kWarps * kKeyRowsPerWarp), static_cast<unsigned>(bg));
-  quantize_keys_values<T, kWide><<<positions, kThreads, 0, stream>>>(p);
-  const int64_t chunks = ceil_div<int64_t>(p.seq_len, kWarps * kQueryRowsPerWarp);
-  quantize_queries<T, kWide><<<static_cast<unsigned>(int64_t{p.batch} * p.q_heads * chunks), kThreads, 0, stream>>>(
-      p, chunks);
+  quantize_keys_values<T, kWide><<<grid(positions), kThreads, 0, stream>>>(p, positions);
+  quantize_queries<T, kWide><<<grid(queries), kThreads, 0, stream>>>(p, queries);
 }
 
 /// Whether every tensor allows the 16-byte loads and 8-byte stores: 16-byte aligned inputs, 8-byte aligned outputs,

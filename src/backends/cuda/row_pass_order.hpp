@@ -27,11 +27,11 @@ struct RowPassOrder {
   /// CTAs of the 1-D grid, one per pair. A launch checks it against kMaxGridX, so that chunk() and head() may
   /// divide in 32 bits (a 64-bit division is a few dozen instructions in a kernel).
   TW_HD int64_t ctas() const { return chunks * heads; }
-  TW_HD int64_t chunk(uint32_t cta) const {
-    return heads_inner ? cta / static_cast<uint32_t>(heads) : cta % static_cast<uint32_t>(chunks);
+  TW_HD int32_t chunk(uint32_t cta) const {
+    return static_cast<int32_t>(heads_inner ? cta / static_cast<uint32_t>(heads) : cta % static_cast<uint32_t>(chunks));
   }
-  TW_HD int64_t head(uint32_t cta) const {
-    return heads_inner ? cta % static_cast<uint32_t>(heads) : cta / static_cast<uint32_t>(chunks);
+  TW_HD int32_t head(uint32_t cta) const {
+    return static_cast<int32_t>(heads_inner ? cta % static_cast<uint32_t>(heads) : cta / static_cast<uint32_t>(chunks));
   }
 };
 
