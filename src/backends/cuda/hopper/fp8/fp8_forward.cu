@@ -6,6 +6,7 @@
 #include "backends/cuda/hopper/fp8/fp8_producer.cuh"
 #include "backends/cuda/hopper/fwd_kernel.cuh"
 #include "backends/cuda/hopper/head_dims.hpp"
+#include "backends/cuda/row_pass_order.hpp"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -25,17 +26,18 @@ __global__ void __launch_bounds__(Fp8Traits<kHeadDim>::kThreads, 1)
   forward_cta<Traits, Fp8Producer<Traits>, Fp8Consumer<Traits, kType>>(p);
 }
 
-/// The V^T blocks (Fp8Params::vt_map): grid (vt_entries, B * Hkv), kBlockN threads. The block's key rows come into
+/// The V^T blocks (Fp8Params::vt_map): one CTA of kBlockN threads per (vt entry, b * Hkv + g) in `order`. The block's key rows come into
 /// shared memory as e4m3 (V's codes, or V in the 16-bit dtype T quantised with the channels' inverse scales, as
 /// quantize_fp8 would), a 16-byte load per thread (a row is D / 8 or D / 16 loads side by side: coalesced), zero
 /// where the row is no token or a text padding key (P is 0 there, and 0 x NaN would not be); then thread d < D
 /// writes V^T row d, its 128 keys in P's register order (vt_key_of_column).
 template <class T>
 __global__ void __launch_bounds__(kBlockN) vt_pack(const __grid_constant__ Fp8Params p, const void* v, Strides vs,
-                                                   const float* v_inv, uint8_t* vt, int head_dim) {
+                                                   const float* v_inv, uint8_t* vt, int head_dim,
+                                                   cuda::RowPassOrder order) {
   __shared__ uint8_t rows[kBlockN][128 + 16];  // [key][channel]; the padding keeps 16-byte rows apart in banks
   constexpr int kPerLoad = 16 / sizeof(T);     // elements per 16-byte load
-  const int32_t entry = blockIdx.x, bg = blockIdx.y;
+  const int32_t entry = order.chunk(blockIdx.x), bg = order.head(blockIdx.x);
   const int32_t b = bg / p.kv_heads, g = bg % p.kv_heads;
   const int loads_per_row = head_dim / kPerLoad, rows_per_pass = kBlockN / loads_per_row;
   const int32_t text_len = clamped_text_len(p.text_len, b, static_cast<int32_t>(p.map.seq.text_capacity));
@@ -97,8 +99,13 @@ int fp8_query_block_rows(int head_dim) {
 
 cudaError_t launch_vt_pack(const Fp8Params& params, const void* v, const Strides& v_strides, VtSource source,
                            const float* v_inv, uint8_t* vt, int head_dim, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(params.vt_entries), static_cast<unsigned>(params.batch * params.kv_heads));
-  auto pack = [&](auto kernel) { kernel<<<grid, kBlockN, 0, stream>>>(params, v, v_strides, v_inv, vt, head_dim); };
+  const cuda::RowPassOrder order = cuda::RowPassOrder::of(params.vt_entries, int64_t{params.batch} * params.kv_heads,
+                                                          v_strides.head, v_strides.seq);
+  if (order.ctas() > cuda::kMaxGridX) return cudaErrorInvalidValue;
+  const unsigned grid = static_cast<unsigned>(order.ctas());
+  auto pack = [&](auto kernel) {
+    kernel<<<grid, kBlockN, 0, stream>>>(params, v, v_strides, v_inv, vt, head_dim, order);
+  };
   switch (source) {
     case VtSource::e4m3: pack(vt_pack<uint8_t>); break;
     case VtSource::bf16: pack(vt_pack<__nv_bfloat16>); break;
