@@ -12,6 +12,12 @@
 
 #include "tilewise/geometry.hpp"  // TW_HD
 
+// Measurement switch (kernel_variants.py, one source at a time): 0 runs every pass heads outer, as before the order
+// existed, for A/B timings in one process. To be removed once measured.
+#ifndef TILEWISE_ROW_PASS_HEADS_INNER
+#define TILEWISE_ROW_PASS_HEADS_INNER 1
+#endif
+
 namespace tilewise::cuda {
 
 struct RowPassOrder {
@@ -22,7 +28,7 @@ struct RowPassOrder {
   /// The order for a tensor whose head stride and sequence stride (elements) are these: heads inner when a
   /// token's heads are closer together than its neighbouring tokens.
   static RowPassOrder of(int64_t chunks, int64_t heads, int64_t head_stride, int64_t seq_stride) {
-    return {chunks, heads, head_stride < seq_stride};
+    return {chunks, heads, TILEWISE_ROW_PASS_HEADS_INNER != 0 && head_stride < seq_stride};
   }
   /// CTAs of the 1-D grid, one per pair. A launch checks it against kMaxGridX, so that chunk() and head() may
   /// divide in 32 bits (a 64-bit division is a few dozen instructions in a kernel).
