@@ -21,6 +21,12 @@ TEST(RowPassOrder, ChoosesHeadsInnerForSequenceMajorLayouts) {
   EXPECT_FALSE(RowPassOrder::of(10, 24, 1000 * 128, 128).heads_inner);
 }
 
+TEST(RowPassOrder, GridPastTheLimitIsZeroSoTheLaunchFails) {
+  EXPECT_EQ(RowPassOrder::of(1000, 24, 128, 3072).grid(), 24000u);
+  EXPECT_EQ((RowPassOrder{int64_t{1} << 20, int64_t{1} << 11, true}.grid()), 0u);  // 2^31 CTAs
+  EXPECT_EQ((RowPassOrder{(int64_t{1} << 31) - 1, 1, true}.grid()), 0x7fffffffu);
+}
+
 TEST(RowPassOrder, EveryPairOnceInBothOrders) {
   std::mt19937 rng(std::random_device{}());
   for (int trial = 0; trial < 50; ++trial) {

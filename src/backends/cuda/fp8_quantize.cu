@@ -170,10 +170,10 @@ __device__ __forceinline__ void atomic_max_nonneg(float* at, float x) {
   atomicMax(reinterpret_cast<int*>(at), __float_as_int(x));
 }
 
-/// Pass 1: one CTA per (block part, b * Hkv + g) in `order` (blocks * parts chunks). Rows r of a block are its tile's tokens in raster order inside the tile
-/// (or its text positions), so a part's positions come without a search; part `part` takes rows
-/// [part * kPartRows, ...). The CTA's partial sums and value maxima go out with one atomic per channel; its key
-/// minima and maxima to the part's own slot (no atomics).
+/// Pass 1: one CTA per (block part, b * Hkv + g) in `order` (blocks * parts chunks). Rows r of a block are its
+/// tile's tokens in raster order inside the tile (or its text positions), so a part's positions come without a
+/// search; part `part` takes rows [part * kPartRows, ...). The CTA's partial sums and value maxima go out with one
+/// atomic per channel; its key minima and maxima to the part's own slot (no atomics).
 template <class T, bool kWide>
 __global__ void __launch_bounds__(kThreads) key_statistics(QuantizeParams p, RowPassOrder order) {
   const int D = p.head_dim;
@@ -418,18 +418,16 @@ unsigned blocks_for(int64_t items, int64_t per_block) { return static_cast<unsig
 template <class T, bool kWide>
 void launch_all(const QuantizeParams& p, cudaStream_t stream) {
   const int64_t bg = int64_t{p.batch} * p.kv_heads;
-  // (A grid past the limit launches as 0 CTAs, which fails the launch and run_passes' check.)
-  const auto grid = [](const RowPassOrder& o) { return o.ctas() > kMaxGridX ? 0u : static_cast<unsigned>(o.ctas()); };
   const RowPassOrder blocks = RowPassOrder::of(int64_t{p.blocks} * p.parts, bg, p.ks.head, p.ks.seq);
   const RowPassOrder positions =
       RowPassOrder::of(ceil_div<int64_t>(p.seq_len, kWarps * kKeyRowsPerWarp), bg, p.ks.head, p.ks.seq);
   const RowPassOrder queries = RowPassOrder::of(ceil_div<int64_t>(p.seq_len, kWarps * kQueryRowsPerWarp),
                                                 int64_t{p.batch} * p.q_heads, p.qs.head, p.qs.seq);
-  key_statistics<T, kWide><<<grid(blocks), kThreads, 0, stream>>>(p, blocks);
+  key_statistics<T, kWide><<<blocks.grid(), kThreads, 0, stream>>>(p, blocks);
   const int64_t finish_warps = bg * p.blocks + ceil_div<int64_t>(bg * p.head_dim, 32);
   finish_statistics<<<blocks_for(finish_warps, kWarps), kThreads, 0, stream>>>(p);
-  quantize_keys_values<T, kWide><<<grid(positions), kThreads, 0, stream>>>(p, positions);
-  quantize_queries<T, kWide><<<grid(queries), kThreads, 0, stream>>>(p, queries);
+  quantize_keys_values<T, kWide><<<positions.grid(), kThreads, 0, stream>>>(p, positions);
+  quantize_queries<T, kWide><<<queries.grid(), kThreads, 0, stream>>>(p, queries);
 }
 
 /// Whether every tensor allows the 16-byte loads and 8-byte stores: 16-byte aligned inputs, 8-byte aligned outputs,

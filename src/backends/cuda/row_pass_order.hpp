@@ -20,6 +20,9 @@
 
 namespace tilewise::cuda {
 
+/// The largest 1-D grid (gridDim.x).
+constexpr int64_t kMaxGridX = 0x7fffffff;
+
 struct RowPassOrder {
   int64_t chunks = 1;  // chunks of rows per head
   int64_t heads = 1;   // (batch, head) pairs
@@ -30,9 +33,12 @@ struct RowPassOrder {
   static RowPassOrder of(int64_t chunks, int64_t heads, int64_t head_stride, int64_t seq_stride) {
     return {chunks, heads, TILEWISE_ROW_PASS_HEADS_INNER != 0 && head_stride < seq_stride};
   }
-  /// CTAs of the 1-D grid, one per pair. A launch checks it against kMaxGridX, so that chunk() and head() may
-  /// divide in 32 bits (a 64-bit division is a few dozen instructions in a kernel).
+  /// CTAs of the 1-D grid, one per pair. Launches take grid(), at most kMaxGridX, so chunk() and head() may divide
+  /// in 32 bits (a 64-bit division is a few dozen instructions in a kernel).
   TW_HD int64_t ctas() const { return chunks * heads; }
+  /// gridDim.x for the launch: the CTAs, or 0 past the limit, which fails the launch (cudaErrorInvalidConfiguration,
+  /// as every launcher's error check reports) instead of wrapping around.
+  unsigned grid() const { return ctas() > kMaxGridX ? 0u : static_cast<unsigned>(ctas()); }
   TW_HD int32_t chunk(uint32_t cta) const {
     return static_cast<int32_t>(heads_inner ? cta / static_cast<uint32_t>(heads) : cta % static_cast<uint32_t>(chunks));
   }
@@ -40,8 +46,5 @@ struct RowPassOrder {
     return static_cast<int32_t>(heads_inner ? cta % static_cast<uint32_t>(heads) : cta / static_cast<uint32_t>(chunks));
   }
 };
-
-/// The largest 1-D grid (gridDim.x).
-constexpr int64_t kMaxGridX = 0x7fffffff;
 
 }  // namespace tilewise::cuda

@@ -92,8 +92,7 @@ cudaError_t launch_backward_preprocess(const BwdParams& params, const Preprocess
   PreprocessParams ordered = pre;
   ordered.order = cuda::RowPassOrder::of(params.stats_entries, int64_t{pre.batch} * params.q_heads, pre.so.head,
                                          pre.so.seq);
-  if (ordered.order.ctas() > cuda::kMaxGridX) return cudaErrorInvalidValue;
-  const unsigned grid = static_cast<unsigned>(ordered.order.ctas());
+  const unsigned grid = ordered.order.grid();
   auto run = [&](auto rows) {
     constexpr int kRows = decltype(rows)::value;
     if (bf16)

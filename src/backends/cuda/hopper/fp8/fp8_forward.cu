@@ -26,11 +26,11 @@ __global__ void __launch_bounds__(Fp8Traits<kHeadDim>::kThreads, 1)
   forward_cta<Traits, Fp8Producer<Traits>, Fp8Consumer<Traits, kType>>(p);
 }
 
-/// The V^T blocks (Fp8Params::vt_map): one CTA of kBlockN threads per (vt entry, b * Hkv + g) in `order`. The block's key rows come into
-/// shared memory as e4m3 (V's codes, or V in the 16-bit dtype T quantised with the channels' inverse scales, as
-/// quantize_fp8 would), a 16-byte load per thread (a row is D / 8 or D / 16 loads side by side: coalesced), zero
-/// where the row is no token or a text padding key (P is 0 there, and 0 x NaN would not be); then thread d < D
-/// writes V^T row d, its 128 keys in P's register order (vt_key_of_column).
+/// The V^T blocks (Fp8Params::vt_map): one CTA of kBlockN threads per (vt entry, b * Hkv + g) in `order`. The
+/// block's key rows come into shared memory as e4m3 (V's codes, or V in the 16-bit dtype T quantised with the
+/// channels' inverse scales, as quantize_fp8 would), a 16-byte load per thread (a row is D / 8 or D / 16 loads side
+/// by side: coalesced), zero where the row is no token or a text padding key (P is 0 there, and 0 x NaN would not
+/// be); then thread d < D writes V^T row d, its 128 keys in P's register order (vt_key_of_column).
 template <class T>
 __global__ void __launch_bounds__(kBlockN) vt_pack(const __grid_constant__ Fp8Params p, const void* v, Strides vs,
                                                    const float* v_inv, uint8_t* vt, int head_dim,
@@ -101,8 +101,7 @@ cudaError_t launch_vt_pack(const Fp8Params& params, const void* v, const Strides
                            const float* v_inv, uint8_t* vt, int head_dim, cudaStream_t stream) {
   const cuda::RowPassOrder order = cuda::RowPassOrder::of(params.vt_entries, int64_t{params.batch} * params.kv_heads,
                                                           v_strides.head, v_strides.seq);
-  if (order.ctas() > cuda::kMaxGridX) return cudaErrorInvalidValue;
-  const unsigned grid = static_cast<unsigned>(order.ctas());
+  const unsigned grid = order.grid();
   auto pack = [&](auto kernel) {
     kernel<<<grid, kBlockN, 0, stream>>>(params, v, v_strides, v_inv, vt, head_dim, order);
   };
