@@ -124,22 +124,40 @@ static void bench(Dim3 window, int64_t text, int32_t text_len, bool arrangements
   const float det = median_ms([&] { plan.run_backward(g, nullptr, ws.d, true); });
   const int32_t tlh = text_len;
   const double flops = plan.flops(text ? &tlh : nullptr);
+  // The reduce kernel's streamed blocks (64 queries x 128 owned keys) and items (128 owned keys) per head
+  const double blocks = flops / (4.0 * n.head_dim) / (64.0 * 128.0) / n.q_heads, items = n.seq_len / 128.0;
   std::printf("bench w%ldx%ldx%ld text %ld: forward %.2f ms (%.0f TFLOP/s), backward %.2f ms (%.0f TFLOP/s eff.), "
-              "deterministic %.2f ms  %s\n",
+              "deterministic %.2f ms, %.0f blocks per head, %.1f per item  %s\n",
               (long)window.t, (long)window.h, (long)window.w, (long)text, fwd, flops / fwd / 1e9, bwd,
-              2.5 * flops / bwd / 1e9, det, cudaGetErrorString(cudaDeviceSynchronize()));
+              2.5 * flops / bwd / 1e9, det, blocks, blocks / items, cudaGetErrorString(cudaDeviceSynchronize()));
 }
 
 int main(int argc, char** argv) {
   // bench1 / bench_grid [HEADS]: row 1 or the whole-grid window alone (for ncu and variant sweeps), 24 heads unless
-  // HEADS says otherwise (how the cycles per block depend on the heads running at once: performance.md v3.18)
-  const int64_t heads = argc > 2 ? std::atoll(argv[2]) : 24;
+  // HEADS says otherwise (how the cycles per block depend on the heads running at once: performance.md v3.18).
+  // bench_window T H W [HEADS]: any window on row 1's problem (cycles per block against blocks per item: v3.19).
+  const bool window_mode = argc > 1 && std::strcmp(argv[1], "bench_window") == 0;
+  if (window_mode && argc < 5) {
+    std::fprintf(stderr, "bwdcheck: bench_window needs T H W [HEADS], got %d arguments\n", argc - 2);
+    return 2;
+  }
+  const int heads_arg = window_mode ? 5 : 2;
+  const int64_t heads = argc > heads_arg ? std::atoll(argv[heads_arg]) : 24;
   if (heads < 1 || heads > 1024) {
     std::fprintf(stderr, "bwdcheck: HEADS is %lld, expected 1 to 1024\n", static_cast<long long>(heads));
     return 2;
   }
   if (argc > 1 && std::strcmp(argv[1], "bench1") == 0) {
     bench({3, 3, 3}, 0, 0, false, heads);
+    return 0;
+  }
+  if (window_mode) {
+    const Dim3 w{std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4])};
+    if (w.t < 1 || w.h < 1 || w.w < 1) {
+      std::fprintf(stderr, "bwdcheck: window %s x %s x %s, expected positive sizes\n", argv[2], argv[3], argv[4]);
+      return 2;
+    }
+    bench(w, 0, 0, false, heads);
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "bench_grid") == 0) {

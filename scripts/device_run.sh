@@ -190,8 +190,10 @@ for step in $steps; do
     bwd_stalls)
       # Source-level warp stall sampling of one backward kernel launch on row 1, in a -lineinfo build of its own
       # (build-prof): TILEWISE_BACKWARD_FUSED_DQ picks the arrangement (2: the reduce kernel), BWD_SKIP the launch
-      # of `backward_kernel` (1: the second; in the two-kernel arrangement the dQ and dK/dV kernels alternate).
-      echo "== backward stall sampling, row 1 (TILEWISE_BACKWARD_FUSED_DQ=${TILEWISE_BACKWARD_FUSED_DQ:-0})"
+      # of `backward_kernel` (1: the second; in the two-kernel arrangement the dQ and dK/dV kernels alternate),
+      # BWDCHECK_ARGS the problem (bench1: row 1; "bench_window 1 1 1 8": six blocks per item, where the item
+      # boundary takes half the time, docs/performance.md backward v3.19).
+      echo "== backward stall sampling, ${BWDCHECK_ARGS:-bench1} (TILEWISE_BACKWARD_FUSED_DQ=${TILEWISE_BACKWARD_FUSED_DQ:-0})"
       if [ ! -f build-prof/libtilewise.so ]; then
         cmake -S . -B build-prof -DTILEWISE_TESTS=OFF -DCMAKE_CUDA_FLAGS="-lineinfo" > "$OUT/cmake-prof.log" 2>&1 &&
           cmake --build build-prof -j16 --target tilewise_lib > "$OUT/build-prof.log" 2>&1 ||
@@ -199,7 +201,7 @@ for step in $steps; do
       fi
       BUILD=build-prof build_bwdcheck || exit 1
       timeout 400 ncu --launch-skip ${BWD_SKIP:-1} --launch-count 1 -k regex:backward_kernel --set full \
-        --import-source yes -f -o /tmp/bwd-prof build-prof/bwdcheck bench1 > "$OUT/ncu_stalls.log" 2>&1
+        --import-source yes -f -o /tmp/bwd-prof build-prof/bwdcheck ${BWDCHECK_ARGS:-bench1} > "$OUT/ncu_stalls.log" 2>&1
       echo "ncu rc=$?"; tail -2 "$OUT/ncu_stalls.log"
       ncu -i /tmp/bwd-prof.ncu-rep --page details > "$OUT/bwd_details.txt" 2>&1
       ncu -i /tmp/bwd-prof.ncu-rep --page source --csv --print-source sass > "$OUT/bwd_source.csv" 2>/dev/null

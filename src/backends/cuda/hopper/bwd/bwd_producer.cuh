@@ -34,6 +34,12 @@ struct BwdProducer {
   /// consumers have released them.
   __device__ __forceinline__ void load_owned(const WorkItem& item, uint32_t& items) const {
     s.q_empty->wait((items & 1) ^ 1);
+    if ((TILEWISE_HOPPER_BWD_ABLATE & 256) && items > 0) {  // measurement only: no reload (bwd_params.cuh)
+      s.q_full->arrive();
+      s.q_full->arrive();
+      ++items;
+      return;
+    }
     base().load(p.q_video, &p.q_text, p.q, item.q, item.batch, item.head, s.q, s.q_full);
     base().load(p.o_video, &p.o_text, p.o, item.q, item.batch, item.head, s.o(), s.q_full);
     ++items;
