@@ -5,18 +5,12 @@
 // chunks at a time reads 2 * D bytes of every token, a DRAM page (1-2 KB) opened per few hundred bytes used; running
 // every head of a chunk together reads whole token rows. In [B, H, S, D] a head's rows are contiguous and the
 // chunks of one head go together. (The backward's preprocess read row 1's O and dO at 1.6 TB/s with heads outer:
-// docs/performance.md backward v3.18.)
+// docs/performance.md backward v3.18; 0.78 ms heads inner, v3.19.)
 #pragma once
 
 #include <cstdint>
 
 #include "tilewise/geometry.hpp"  // TW_HD
-
-// Measurement switch (kernel_variants.py, one source at a time): 0 runs every pass heads outer, as before the order
-// existed, for A/B timings in one process. To be removed once measured.
-#ifndef TILEWISE_ROW_PASS_HEADS_INNER
-#define TILEWISE_ROW_PASS_HEADS_INNER 1
-#endif
 
 namespace tilewise::cuda {
 
@@ -31,7 +25,7 @@ struct RowPassOrder {
   /// The order for a tensor whose head stride and sequence stride (elements) are these: heads inner when a
   /// token's heads are closer together than its neighbouring tokens.
   static RowPassOrder of(int64_t chunks, int64_t heads, int64_t head_stride, int64_t seq_stride) {
-    return {chunks, heads, TILEWISE_ROW_PASS_HEADS_INNER != 0 && head_stride < seq_stride};
+    return {chunks, heads, head_stride < seq_stride};
   }
   /// CTAs of the 1-D grid, one per pair. Launches take grid(), at most kMaxGridX, so chunk() and head() may divide
   /// in 32 bits (a 64-bit division is a few dozen instructions in a kernel).

@@ -151,15 +151,22 @@ struct BwdConsumer : Consumer<Traits, kType> {
   __device__ __forceinline__ int64_t owned_position(const WorkItem& item, int rr) const {
     return Epilogue<Traits, kType>{this->p, this->s, this->wg, this->tid}.position(item.q, row(rr));
   }
+  /// Both owned rows' positions, once per item: each takes ~100 instructions of divisions and indexed parameter
+  /// loads in a chain, which the stores at an item's end repeated per gradient (v3.19: 16% of the samples at six
+  /// blocks per item). 32 bits: the host keeps sequences below 2^31 tokens (hopper_backend.cu).
+  __device__ __forceinline__ void owned_positions(const WorkItem& item, int32_t (&pos)[2]) const {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) pos[rr] = static_cast<int32_t>(owned_position(item, rr));
+  }
 
-  /// Writes this thread's part of a D-wide accumulator of the owned rows to `base` (element strides `st`, head
-  /// `head`), times `scale`, straight from registers.
-  __device__ __forceinline__ void store(const WorkItem& item, int32_t head, const float (&acc)[D / 2], float scale,
-                                        void* base, const Strides& st) const {
+  /// Writes this thread's part of a D-wide accumulator of the owned rows (at `positions`, owned_positions) to `base`
+  /// (element strides `st`, head `head`), times `scale`, straight from registers.
+  __device__ __forceinline__ void store(const WorkItem& item, const int32_t (&positions)[2], int32_t head,
+                                        const float (&acc)[D / 2], float scale, void* base, const Strides& st) const {
     const int64_t b = this->p.batch_base + item.batch;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      const int64_t pos = owned_position(item, rr);
+      const int64_t pos = positions[rr];
       if (pos < 0) continue;
       uint16_t* dst = static_cast<uint16_t*>(base) + b * st.batch + pos * st.seq + head * st.head;
 #pragma unroll
@@ -222,9 +229,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
     const BwdParams& p = bp;
     const int32_t text_len = text_len_of(p, item.batch);
     float lse2[2], delta[2];
+    int32_t positions[2];
+    owned_positions(item, positions);
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      const int64_t pos = owned_position(item, rr);
+      const int64_t pos = positions[rr];
       const int64_t stat = (int64_t{p.batch_base + item.batch} * p.q_heads + item.head) * p.seq_len + pos;
       lse2[rr] = pos < 0 ? INFINITY : p.lse[stat] * p.scale_log2_lse;
       delta[rr] = pos < 0 ? 0.f : p.delta[stat];
@@ -261,7 +270,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       fence_regs(dq);
       release_stages(bi, ks, vs);
     }
-    store(item, item.head, dq, p.grad0_scale, p.grad0, p.grad0_strides);
+    store(item, positions, item.head, dq, p.grad0_scale, p.grad0, p.grad0_strides);
   }
 
   // ---------------------------------------------------------------- dK, dV (and dQ in the reduce kernel)
@@ -272,15 +281,17 @@ struct BwdConsumer : Consumer<Traits, kType> {
     bool seen[2];
     bool all_seen;  // every owned row of this warp is seen (warp-uniform): P^T needs no row mask
     int32_t frame[2];
+    int32_t pos[2];  // sequence positions (-1: not a real token), for the stores at the item's end
   };
   __device__ __forceinline__ OwnedRows owned_rows(const WorkItem& item) const {
     const int32_t text_len = text_len_of(bp, item.batch);
     const D3 kbox = item.q.box(bp);
     const int32_t frame0 = item.q.text ? 0 : item.q.origin(bp).t;
     OwnedRows r;
+    owned_positions(item, r.pos);
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      r.seen[rr] = owned_position(item, rr) >= 0 && (!item.q.text || item.q.row0 + row(rr) < text_len);
+      r.seen[rr] = r.pos[rr] >= 0 && (!item.q.text || item.q.row0 + row(rr) < text_len);
       r.frame[rr] = frame0 + row(rr) / (kbox.h * kbox.w);
     }
     r.all_seen = __all_sync(0xffffffffu, r.seen[0] && r.seen[1]);
@@ -548,11 +559,12 @@ struct BwdConsumer : Consumer<Traits, kType> {
       }
     }
     if constexpr (kReduce) {  // the item's last dQ, then the owned K and V are free (release_s_operands' arrival)
+      if ((kAblate & 512) && lane() == 0) this->s.q_empty->arrive();  // measurement only: before (bwd_params.cuh)
       if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
-      if (lane() == 0) this->s.q_empty->arrive();
+      if (!(kAblate & 512) && lane() == 0) this->s.q_empty->arrive();
     }
-    store(item, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
-    store(item, item.head, dv, 1.f, p.grad1, p.grad1_strides);
+    store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
+    store(item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
   }
 
   /// The reduce kernel's item with the dK wait deferred (TILEWISE_HOPPER_BWD_REDUCE_OVERLAP=1; dkdv_item otherwise):
@@ -636,8 +648,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
     if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
     if (lane() == 0) this->s.q_empty->arrive();  // the owned K and V are free
-    store(item, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
-    store(item, item.head, dv, 1.f, p.grad1, p.grad1_strides);
+    store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
+    store(item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
   }
 
   /// An item none of whose rows are this warpgroup's: releases the stages the producer counts on.
