@@ -3,7 +3,8 @@
 // relative L2 per gradient, with deterministic false (the reduce kernel) and true (the two kernels).
 // Build: g++ -std=c++20 -O2 -Iinclude scripts/backward_check.cpp -Lbuild-device -ltilewise
 //   -lcudart -Wl,-rpath,build-device (with CUDA's include and lib paths).
-// Usage: bwdcheck [SEED] (the checks) | bench1 [HEADS] (row 1's times) | bench_grid [HEADS] (w5x6x10's) | bench (rows 1, 1 + text, w5x6x10) | arrangements
+// Usage: bwdcheck [SEED] (the checks) | bench1 [HEADS] (row 1's times) | bench_grid [HEADS] (w5x6x10's) |
+//   bench_window T H W [HEADS] (any window on row 1's problem) | bench (rows 1, 1 + text, w5x6x10) | arrangements
 //   (row 1's backward, two kernels and reduce kernel alternated in one process).
 #include <cuda_runtime.h>
 
