@@ -290,6 +290,12 @@ struct KernelTraits {
     // reach block m + 1 before the reduction has read block m - 1, and a single barrier's parity would then read a
     // phase two ahead as complete (the fuzz hung on it).
     Barrier* dq_empty;
+    // Backward only: the dK/dV kernels' owned-row records (RowRecord, bwd_params.cuh), two items' worth, written by
+    // the producer's fourth warp (BwdProducer::row_records) while the consumers run the previous item.
+    uint8_t* row_records;
+    Barrier* rows_full;   // [2]: the record of the slot's item is written (the builder warp's 32 lanes)
+    Barrier* rows_empty;  // [2]: its consumers are done with it (one arrival per consumer warp)
+    __device__ __forceinline__ uint8_t* row_record(uint32_t slot) const { return row_records + slot * kRowRecordBytes; }
   };
 
   // The backward's dK/dV kernel streams, beside each query block, its rows' log2-domain LSE, D = rowsum(dO o) -
@@ -302,9 +308,11 @@ struct KernelTraits {
   static constexpr int kBufferBytes = kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages +
                                       kDsBytes + kDqStageBytes;  // Q, O, K, V, dS, dQ staging
   // An even count: `info` (below the barriers and `work`) stays 16-byte aligned.
-  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 8 : 0);
+  // Backward: one 8-byte record per owned row and item slot (position, frame and whether any query sees the row)
+  static constexpr int kRowRecordBytes = kBackward ? kBlockM * 8 : 0;
+  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 8 : 0) + (kBackward ? 4 : 0);
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kBufferBytes + kKStages * kStatsBytes +
-                                    kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo);
+                                    kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo) + 2 * kRowRecordBytes;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KB an sm_90 CTA can have");
   static_assert(kBufferBytes % 128 == 0 && kStatsBytes % 128 == 0, "TMA writes the statistics stages: 128-byte aligned");
 
@@ -328,8 +336,11 @@ struct KernelTraits {
     s.ds_empty = s.ds_full + 2;
     s.dq_full = s.ds_empty + 2;
     s.dq_empty = s.dq_full + 1;
+    s.rows_full = s.v_sync + 1 + (kDqStaging ? 8 : 0);  // past the dQ barriers, which only the reduce kernel has
+    s.rows_empty = s.rows_full + 2;
     s.work = reinterpret_cast<int32_t*>(bars + kBarriers);
     s.info = reinterpret_cast<BlockInfo*>(bars + kBarriers + 2);  // 16-byte aligned: one 128-bit load each
+    s.row_records = reinterpret_cast<uint8_t*>(s.info + kKStages);
     return s;
   }
 };

@@ -55,6 +55,15 @@ struct BwdConsumer : Consumer<Traits, kType> {
   }
 
   static constexpr int kAblate = TILEWISE_HOPPER_BWD_ABLATE;
+  // The dK/dV items' owned rows come from the producer's record warp (uses_row_records; the dQ kernel has none).
+  static constexpr bool kRecords = uses_row_records(BwdKernel::dkdv, Traits::kCluster);
+  /// The item's row record is read: this warp's arrival on its slot's rows_empty (after every lane's reads).
+  __device__ __forceinline__ void release_rows(uint32_t record) const {
+    if constexpr (kRecords) {
+      __syncwarp();
+      if (lane() == 0) this->s.rows_empty[record & 1].arrive();
+    }
+  }
   static constexpr int kHalves = Traits::kStreamRows / 64;  // dK/dV: 64-query halves per streamed block
   // The reduce kernel's S^T and dP^T with the first k16 steps of the warpgroup's owned K or V rows in registers as
   // the A operand: the RS form reads half the shared-memory bytes of SS, which bound these m64n64 products (v3.9).
@@ -283,7 +292,23 @@ struct BwdConsumer : Consumer<Traits, kType> {
     int32_t frame[2];
     int32_t pos[2];  // sequence positions (-1: not a real token), for the stores at the item's end
   };
-  __device__ __forceinline__ OwnedRows owned_rows(const WorkItem& item) const {
+  /// With row records (kRecords) item number `record`'s slot is read (the producer's record warp wrote it; released
+  /// with release_rows once the item is done); otherwise every thread works its two rows out.
+  __device__ __forceinline__ OwnedRows owned_rows(const WorkItem& item, uint32_t record) const {
+    if constexpr (kRecords) {
+      OwnedRows r;
+      this->s.rows_full[record & 1].wait((record >> 1) & 1);
+      const RowRecord* rec = reinterpret_cast<const RowRecord*>(this->s.row_record(record & 1));
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const RowRecord x = rec[row(rr)];
+        r.pos[rr] = x.pos;
+        r.seen[rr] = x.frame_unseen >= 0;
+        r.frame[rr] = x.frame_unseen & ~RowRecord::kUnseen;
+      }
+      r.all_seen = __all_sync(0xffffffffu, r.seen[0] && r.seen[1]);
+      return r;
+    }
     const int32_t text_len = text_len_of(bp, item.batch);
     const D3 kbox = item.q.box(bp);
     const int32_t frame0 = item.q.text ? 0 : item.q.origin(bp).t;
@@ -440,8 +465,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// `blocks` counts this CTA's streamed blocks across items, which numbers the dS ring and the staging buffer's
   /// turns).
   template <BwdKernel kKernel>
-  __device__ __forceinline__ void dkdv_item(const WorkItem& item, typename Base::KPipe& ks, typename Base::VPipe& vs,
-                                            uint32_t& blocks) const {
+  __device__ __forceinline__ void dkdv_item(const WorkItem& item, uint32_t record, typename Base::KPipe& ks,
+                                            typename Base::VPipe& vs, uint32_t& blocks) const {
     constexpr bool kReduce = reduces_dq(kKernel);
     static_assert(!kReduce || kHalves == 1, "the reduce kernel streams 64-row blocks");
     const BwdParams& p = bp;
@@ -452,7 +477,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       release_stages(kept, ks, vs);
     };
     int64_t pending = -1;  // kReduce: the block whose dQ is still to be computed
-    const OwnedRows rows = owned_rows(item);
+    const OwnedRows rows = owned_rows(item, record);
     float dk[D / 2], dv[D / 2];
     OwnedK owned_k;  // the A operands of S^T and dP^T held in registers (kOwnedKSteps, kOwnedVSteps)
     OwnedV owned_v;
@@ -565,6 +590,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
     store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
     store(item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
+    release_rows(record);
   }
 
   /// The reduce kernel's item with the dK wait deferred (TILEWISE_HOPPER_BWD_REDUCE_OVERLAP=1; dkdv_item otherwise):
@@ -576,11 +602,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// Tried and dropped: the next block's S^T and dP^T issued before the dK wait. ptxas serialises it (C7518) unless
   /// no lane-dependent branch (stage releases, block records) and no "maybe in flight" wgmma remain around it; made
   /// to compile at D 128 with dK's dS^T read from the ring (v3.11), it was 5% slower (docs/performance.md).
-  __device__ __forceinline__ void reduce_item(const WorkItem& item, typename Base::KPipe& ks, typename Base::VPipe& vs,
-                                              uint32_t& blocks) const {
+  __device__ __forceinline__ void reduce_item(const WorkItem& item, uint32_t record, typename Base::KPipe& ks,
+                                              typename Base::VPipe& vs, uint32_t& blocks) const {
     const BwdParams& p = bp;
     constexpr bool bf16 = kType == WgType::bf16;
-    const OwnedRows rows = owned_rows(item);
+    const OwnedRows rows = owned_rows(item, record);
     auto release_block = [&](BlockInfo bi) {  // the owned K is freed after the item's last dQ product
       bi.flags &= ~BlockInfo::kLast;
       release_stages(bi, ks, vs);
@@ -650,6 +676,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     if (lane() == 0) this->s.q_empty->arrive();  // the owned K and V are free
     store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
     store(item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
+    release_rows(record);
   }
 
   /// An item none of whose rows are this warpgroup's: releases the stages the producer counts on.
@@ -695,16 +722,18 @@ struct BwdConsumer : Consumer<Traits, kType> {
       ++items;
       // A warpgroup none of whose rows are real (a small box) only releases the stages the producer counts on;
       // not in the reduce kernel, whose dQ products need both warpgroups (their unreal rows have zero dS).
+      const uint32_t record = items - 1;  // the item's row record (dK/dV kernels)
       if (!reduces_dq(kKernel) && 64 * this->wg >= query_rows<Traits::kBlockM>(bp, item.q)) {
         idle_item(ks, vs);
+        if constexpr (kKernel != BwdKernel::dq) release_rows(record);  // (its rows unread: every warp arrives)
         continue;
       }
       if constexpr (kKernel == BwdKernel::dq)
         dq_item(item, ks, vs);
       else if constexpr (reduces_dq(kKernel) && kReduceOverlap)
-        reduce_item(item, ks, vs, blocks);
+        reduce_item(item, record, ks, vs, blocks);
       else
-        dkdv_item<kKernel>(item, ks, vs, blocks);
+        dkdv_item<kKernel>(item, record, ks, vs, blocks);
     }
   }
 };

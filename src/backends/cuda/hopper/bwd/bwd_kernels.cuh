@@ -40,6 +40,7 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
     fence_proxy_async();
   }
   constexpr int kCluster = Traits::kCluster;
+  constexpr bool kRecords = uses_row_records(kKernel, kCluster);
   if (threadIdx.x == 0) {
     s.q_full->init(2);  // the two owned blocks, each announced by its own load
     s.q_empty->init(4 * Traits::kConsumerWarpgroups);
@@ -54,10 +55,18 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
     }
     for (int i = 0; i < 2; ++i) {
       s.work_full[i].init(1);
-      // the consumers and the producer's other ring readers (the dO loader, the dQ reducer: kRingReaders) of every
+      // the consumers and the producer's other ring readers (the dO loader, the dQ reducer: kRingReaders; the record
+      // warp's lane 0) of every
       // CTA, and the peers' K loaders (WorkRing: only the first CTA's counts)
-      s.work_empty[i].init((128 * Traits::kConsumerWarpgroups + BwdProducer<Traits>::kRingReaders) * kCluster +
+      s.work_empty[i].init((128 * Traits::kConsumerWarpgroups + BwdProducer<Traits>::kRingReaders + kRecords) *
+                               kCluster +
                            kCluster - 1);
+    }
+    if constexpr (kRecords) {
+      for (int i = 0; i < 2; ++i) {
+        s.rows_full[i].init(32);                                // every lane of the record warp, after its writes
+        s.rows_empty[i].init(4 * Traits::kConsumerWarpgroups);  // each consumer warp once its rows are read
+      }
     }
     if constexpr (Traits::kDqStaging) {
       for (int i = 0; i < 2; ++i) {
@@ -84,6 +93,8 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
       else producer.dkdv_values();
     } else if (tid == 64) {
       if constexpr (Traits::kDqStaging) producer.dq_reducer();
+    } else if (tid >= 96) {
+      if constexpr (kRecords) producer.row_records();
     }
   } else {
     regs_increase<Traits::kConsumerRegs>();

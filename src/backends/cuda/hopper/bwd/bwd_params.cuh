@@ -18,6 +18,8 @@
 // Owned blocks are the tile class's query box (`qbox`, up to 128 rows), streamed ones its key box (`box`).
 #pragma once
 
+#include <cstdint>
+
 #include "backends/cuda/hopper/params.cuh"
 #include "tilewise/tilewise.hpp"
 
@@ -107,6 +109,15 @@
 #ifndef TILEWISE_HOPPER_BWD_CLUSTER
 #define TILEWISE_HOPPER_BWD_CLUSTER 0
 #endif
+// Where the dK/dV consumers find their owned rows' positions, frames and whether any query sees them
+// (docs/performance.md backward v3.20): 1 (default) = in a record that the producer's fourth warp (idle before)
+// writes into shared memory per item while the previous item runs (BwdProducer::row_records), so that the consumers'
+// item start is one shared load per row instead of chains of divisions and indexed parameter loads (v3.19's stall
+// sampling: the item boundary is ~19k cycles, most of it the consumers' once-per-item code); 0 = computed by every
+// consumer thread at the item's start (v3.19). Clusters keep 0.
+#ifndef TILEWISE_HOPPER_BWD_ROW_RECORD
+#define TILEWISE_HOPPER_BWD_ROW_RECORD 1
+#endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the reduce kernel bit 32 skips the dQ
 // product, bit 128 the dQ TMA reductions. Timing what is left shows what bounds a loop. At the dK/dV kernels' item
@@ -126,6 +137,20 @@ namespace tilewise::hopper {
 enum class BwdKernel { dq, dkdv, dkdvq_reduce, dkdvq_reduce_cluster };
 /// Whether a kernel adds dQ through the staging buffer and TMA reductions (the reduce kernel, in clusters or not).
 constexpr bool reduces_dq(BwdKernel k) { return k == BwdKernel::dkdvq_reduce || k == BwdKernel::dkdvq_reduce_cluster; }
+/// An owned row of a dK/dV item, as the producer's record warp writes it (Shared::row_record): its sequence
+/// position (-1: not a real token) and its frame, whose top bit says that no query sees the row (text past the
+/// valid length, or not a real token). Frames and positions are below 2^30 on CUDA (hopper_backend.cu).
+struct RowRecord {
+  int32_t pos;
+  int32_t frame_unseen;
+  static constexpr int32_t kUnseen = INT32_MIN;
+};
+/// Whether a kernel's items come with row records (TILEWISE_HOPPER_BWD_ROW_RECORD): the dK/dV kernels outside
+/// clusters.
+constexpr bool uses_row_records(BwdKernel k, int cluster) {
+  return TILEWISE_HOPPER_BWD_ROW_RECORD != 0 && k != BwdKernel::dq && cluster == 1;
+}
+
 /// CTAs per cluster of a kernel.
 constexpr int bwd_cluster(BwdKernel k) {
   return k == BwdKernel::dkdvq_reduce_cluster && TILEWISE_HOPPER_BWD_CLUSTER > 1 ? TILEWISE_HOPPER_BWD_CLUSTER : 1;

@@ -15,6 +15,7 @@
 
 #include "backends/cuda/hopper/bwd/bwd_blocks.cuh"
 #include "backends/cuda/hopper/bwd/bwd_preprocess.cuh"
+#include "backends/cuda/hopper/epilogue.cuh"
 #include "backends/cuda/hopper/mainloop_producer.cuh"
 
 namespace tilewise::hopper {
@@ -236,6 +237,38 @@ struct BwdProducer {
         });
       }
       tma_store_wait_all();  // every reduction complete before the CTA retires
+    }
+  }
+
+  /// The record warp (the producer warpgroup's fourth warp, TILEWISE_HOPPER_BWD_ROW_RECORD): per item, each owned
+  /// row's RowRecord into the item's slot (two slots: items alternate), what every consumer thread otherwise works
+  /// out at the item's start through divisions and indexed parameter loads (docs/performance.md backward v3.19-v3.20).
+  /// Lane 0 reads the scheduler's ring; the lanes take rows lane, lane + 32, ...; each lane arrives on rows_full once
+  /// its rows are written. It runs as soon as the Q loader has put the item into the ring, while the consumers still
+  /// run the previous item's last blocks.
+  __device__ void row_records() const {
+    const int lane = threadIdx.x % 32;
+    WorkRing<typename Traits::Shared, kCluster> ring{s, rank};
+    const int32_t units = dkdv_units();
+    uint32_t items = 0;
+    for (int32_t u; (u = __shfl_sync(0xffffffffu, lane == 0 ? ring.consume() : 0, 0)) < units;) {
+      const WorkItem item = dkdv_item(u);
+      if (item.empty) continue;  // (as the consumers skip it)
+      const uint32_t slot = items & 1;
+      s.rows_empty[slot].wait(((items >> 1) & 1) ^ 1);
+      const int32_t text_len = text_len_of(p, item.batch);
+      const D3 kbox = item.q.box(p);
+      const int32_t frame0 = item.q.text ? 0 : static_cast<int32_t>(item.q.origin(p).t);
+      const Epilogue<Traits, WgType::bf16> at{p, s, 0, 0};  // (positions do not depend on the dtype)
+      RowRecord* rec = reinterpret_cast<RowRecord*>(s.row_record(slot));
+      for (int r = lane; r < Traits::kBlockM; r += 32) {
+        const int64_t pos = at.position(item.q, r);
+        const bool seen = pos >= 0 && (!item.q.text || item.q.row0 + r < text_len);
+        const int32_t frame = frame0 + r / (kbox.h * kbox.w);
+        rec[r] = RowRecord{static_cast<int32_t>(pos), seen ? frame : (frame | RowRecord::kUnseen)};
+      }
+      s.rows_full[slot].arrive();
+      ++items;
     }
   }
 
