@@ -56,11 +56,9 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
     for (int i = 0; i < 2; ++i) {
       s.work_full[i].init(1);
       // the consumers and the producer's other ring readers (the dO loader, the dQ reducer: kRingReaders; the record
-      // warp's lane 0) of every
-      // CTA, and the peers' K loaders (WorkRing: only the first CTA's counts)
-      s.work_empty[i].init((128 * Traits::kConsumerWarpgroups + BwdProducer<Traits>::kRingReaders + kRecords) *
-                               kCluster +
-                           kCluster - 1);
+      // warp's lane 0) of every CTA, and the peers' K loaders (WorkRing: only the first CTA's counts)
+      constexpr int kReaders = 128 * Traits::kConsumerWarpgroups + BwdProducer<Traits>::kRingReaders + kRecords;
+      s.work_empty[i].init(kReaders * kCluster + kCluster - 1);
     }
     if constexpr (kRecords) {
       for (int i = 0; i < 2; ++i) {
