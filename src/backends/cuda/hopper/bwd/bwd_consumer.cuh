@@ -56,7 +56,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
 
   static constexpr int kAblate = TILEWISE_HOPPER_BWD_ABLATE;
   // The dK/dV items' owned rows come from the producer's record warp (uses_row_records; the dQ kernel has none).
-  static constexpr bool kRecords = uses_row_records(BwdKernel::dkdv, Traits::kCluster);
+  static constexpr bool kRecords = uses_row_records(BwdKernel::dkdv, Traits::kCluster, D);
   /// The item's row record is read: this warp's arrival on its slot's rows_empty (after every lane's reads).
   __device__ __forceinline__ void release_rows(uint32_t record) const {
     if constexpr (kRecords) {

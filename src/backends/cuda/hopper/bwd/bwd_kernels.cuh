@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
     fence_proxy_async();
   }
   constexpr int kCluster = Traits::kCluster;
-  constexpr bool kRecords = uses_row_records(kKernel, kCluster);
+  constexpr bool kRecords = uses_row_records(kKernel, kCluster, Traits::D);
   if (threadIdx.x == 0) {
     s.q_full->init(2);  // the two owned blocks, each announced by its own load
     s.q_empty->init(4 * Traits::kConsumerWarpgroups);

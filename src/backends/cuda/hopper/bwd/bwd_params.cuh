@@ -114,7 +114,7 @@
 // writes into shared memory per item while the previous item runs (BwdProducer::row_records), so that the consumers'
 // item start is one shared load per row instead of chains of divisions and indexed parameter loads (v3.19's stall
 // sampling: the item boundary is ~19k cycles, most of it the consumers' once-per-item code); 0 = computed by every
-// consumer thread at the item's start (v3.19). Clusters keep 0.
+// consumer thread at the item's start (v3.19). Clusters and D 96 keep 0 (uses_row_records).
 #ifndef TILEWISE_HOPPER_BWD_ROW_RECORD
 #define TILEWISE_HOPPER_BWD_ROW_RECORD 1
 #endif
@@ -146,9 +146,10 @@ struct RowRecord {
   static constexpr int32_t kUnseen = INT32_MIN;
 };
 /// Whether a kernel's items come with row records (TILEWISE_HOPPER_BWD_ROW_RECORD): the dK/dV kernels outside
-/// clusters.
-constexpr bool uses_row_records(BwdKernel k, int cluster) {
-  return TILEWISE_HOPPER_BWD_ROW_RECORD != 0 && k != BwdKernel::dq && cluster == 1;
+/// clusters, at D 64 and 128. D 96 keeps v3.19's per-thread rows: with records its reduce kernel measured 0.8% slower
+/// on Open-Sora-Plan (v3.20: 107.13 / 107.32 ms against 106.33 / 106.42; D 128 and 64 gained 2.5-3.2%).
+constexpr bool uses_row_records(BwdKernel k, int cluster, int head_dim) {
+  return TILEWISE_HOPPER_BWD_ROW_RECORD != 0 && k != BwdKernel::dq && cluster == 1 && head_dim != 96;
 }
 
 /// CTAs per cluster of a kernel.
