@@ -57,6 +57,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
   static constexpr int kAblate = TILEWISE_HOPPER_BWD_ABLATE;
   // The dK/dV items' owned rows come from the producer's record warp (uses_row_records; the dQ kernel has none).
   static constexpr bool kRecords = uses_row_records(BwdKernel::dkdv, Traits::kCluster, D);
+  static constexpr bool kReleaseRowsAtRead = kRecords && TILEWISE_HOPPER_BWD_ROWS_RELEASE_AT_READ != 0;
   /// The item's row record is read: this warp's arrival on its slot's rows_empty (after every lane's reads).
   __device__ __forceinline__ void release_rows(uint32_t record) const {
     if constexpr (kRecords) {
@@ -187,6 +188,13 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
   }
 
+  /// The statistics (lse2, D) of the streamed block in the stages the pipes point at: the K stage's, or the V stage's
+  /// where the dO loader brings them (stats_with_output_grads; the same index, both pipes advancing together).
+  __device__ __forceinline__ const float* block_stats(const typename Base::KPipe& ks,
+                                                      const typename Base::VPipe& vs) const {
+    return this->s.stats(stats_with_output_grads(Traits::kCluster, Traits::kKStages, Traits::kVStages) ? vs.stage()
+                                                                                                        : ks.stage());
+  }
   /// Waits for the K and V stages the pipes point at; returns the K stage's record.
   __device__ __forceinline__ BlockInfo acquire(const typename Base::KPipe& ks, const typename Base::VPipe& vs) const {
     this->s.k_full[ks.stage()].wait(ks.phase());
@@ -307,6 +315,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
         r.frame[rr] = x.frame_unseen & ~RowRecord::kUnseen;
       }
       r.all_seen = __all_sync(0xffffffffu, r.seen[0] && r.seen[1]);
+      if constexpr (kReleaseRowsAtRead) release_rows(record);
       return r;
     }
     const int32_t text_len = text_len_of(bp, item.batch);
@@ -496,7 +505,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
           wait_stages(ks, vs);
         else if (!next_block(bi, last, ks, vs, release_block))
           continue;
-        const float* stats = this->s.stats(ks.stage());  // lse2[kStreamRows], D[kStreamRows]
+        const float* stats = block_stats(ks, vs);  // lse2[kStreamRows], D[kStreamRows]
         // What the record implies for the masks: in the reduce kernel worked out after the GEMMs are issued (with
         // kIssueFirst the record itself is read then), in the dK/dV kernel before.
         bool frames;
@@ -590,7 +599,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
     store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
     store(item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
-    release_rows(record);
+    if constexpr (!kReleaseRowsAtRead) release_rows(record);
   }
 
   /// The reduce kernel's item with the dK wait deferred (TILEWISE_HOPPER_BWD_REDUCE_OVERLAP=1; dkdv_item otherwise):
@@ -621,7 +630,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       if (!next_block(bi, last, ks, vs, release_block)) continue;
       float sc[32], dp[32];
       const uint32_t k_st = uniform_desc(ks.stage() * kStageDesc), v_st = uniform_desc(vs.stage() * kStageDesc);
-      const float* cols = this->s.stats(ks.stage()) + 2 * (lane() % 4);  // lse2[64], D[64]
+      const float* cols = block_stats(ks, vs) + 2 * (lane() % 4);  // lse2[64], D[64]
       float2 cs[8];  // lse2, then D, of this thread's columns: loaded before the issues (dkdv_item says why)
       load_col_stats(cs, cols);
       wgmma_fence();
@@ -676,7 +685,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     if (lane() == 0) this->s.q_empty->arrive();  // the owned K and V are free
     store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
     store(item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
-    release_rows(record);
+    if constexpr (!kReleaseRowsAtRead) release_rows(record);
   }
 
   /// An item none of whose rows are this warpgroup's: releases the stages the producer counts on.

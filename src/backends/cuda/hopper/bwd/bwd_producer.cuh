@@ -6,7 +6,8 @@
 //  * dK/dV kernel: per owned key block, each query head of its GQA group, and per head the query tiles that see
 //    the key tile (query_boxes or the transposed block list: the reverse question) and then every text row
 //    (padding rows too: text queries see every video key and every valid text key). Each streamed Q block comes
-//    with its rows' statistics (one descriptor TMA beside the K stage, BwdParams::stats_map). In the reduce kernel
+//    with its rows' statistics (one descriptor TMA beside the K stage, BwdParams::stats_map; or beside the dO block
+//    on the V stage: TILEWISE_HOPPER_BWD_STATS_WITH_DO). In the reduce kernel
 //    thread 64 adds each block's dQ into the fp32 accumulator, walking the blocks too (one thread walking for all
 //    three roles measured 6-28% slower: docs/performance.md backward v3.14). In clusters
 //    (BwdKernel::dkdvq_reduce_cluster) the CTAs of a unit walk the same blocks; one multicasts each Q block, another
@@ -25,6 +26,7 @@ struct BwdProducer {
   static constexpr int kCluster = Traits::kCluster;
   static_assert(Traits::kStatsBytes == kStatsRows * Traits::kStreamRows * 4, "a stage holds one statistics entry");
   static constexpr bool kHeavyFirst = TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0;
+  static constexpr bool kStatsWithDo = stats_with_output_grads(kCluster, Traits::kKStages, Traits::kVStages);
   const BwdParams& p;
   const typename Traits::Shared& s;
   uint32_t rank;  // within the cluster (the reduce kernel in clusters: the tile slot this CTA owns)
@@ -139,21 +141,25 @@ struct BwdProducer {
       s.k_full[stage].arrive();
     } else {
       base().zero_tail(qb, s.k(stage));
-      // The statistics first, announced without an arrival, so the phase cannot complete before the Q load's
-      // arrive_expect_tx has counted its bytes too.
-      const int64_t entry = (int64_t{p.batch_base + item.batch} * p.q_heads + h) * p.stats_entries +
-                            stats_entry<Traits::kStreamRows>(p, qb);
-      s.k_full[stage].expect_tx(Traits::kStatsBytes);
-      const int32_t stats_row = static_cast<int32_t>(entry * kStatsRows);
-      if constexpr (kCluster == 1)
-        tma_load(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, stats_row, 0, 0, 0);
-      else if (rank == 0)
-        tma_load_multicast(s.stats(stage), &p.stats_map, &s.k_full[stage], 0, stats_row, 0, 0, 0,
-                           (1u << kCluster) - 1);
+      if constexpr (!kStatsWithDo) load_stats(item, qb, h, stage, &s.k_full[stage]);
       base().load(p.k_video, &p.k_text, p.k, qb, item.batch, h, s.k(stage), &s.k_full[stage], issues(0),
                   kCluster > 1);
     }
     pipe.advance();
+  }
+  /// The statistics of streamed block `qb` (query head h) into statistics stage `stage`, on barrier `full`. Issued
+  /// before the block's own load and announced without an arrival, so that the phase cannot complete before that
+  /// load's arrive_expect_tx has counted its bytes too.
+  __device__ __forceinline__ void load_stats(const WorkItem& item, const Block& qb, int32_t h, int stage,
+                                             Barrier* full) const {
+    const int64_t entry = (int64_t{p.batch_base + item.batch} * p.q_heads + h) * p.stats_entries +
+                          stats_entry<Traits::kStreamRows>(p, qb);
+    full->expect_tx(Traits::kStatsBytes);
+    const int32_t stats_row = static_cast<int32_t>(entry * kStatsRows);
+    if constexpr (kCluster == 1)
+      tma_load(s.stats(stage), &p.stats_map, full, 0, stats_row, 0, 0, 0);
+    else if (rank == 0)
+      tma_load_multicast(s.stats(stage), &p.stats_map, full, 0, stats_row, 0, 0, 0, (1u << kCluster) - 1);
   }
   /// Loads the dO block `qb` of query head h into the next V stage.
   __device__ __forceinline__ void stream_output_grads(const WorkItem& item, const Block& qb, int32_t h, bool empty,
@@ -164,6 +170,7 @@ struct BwdProducer {
       s.v_full[stage].arrive();
     } else {
       base().zero_tail(qb, s.v(stage));
+      if constexpr (kStatsWithDo) load_stats(item, qb, h, stage, &s.v_full[stage]);
       base().load(p.v_video, &p.v_text, p.v, qb, item.batch, h, s.v(stage), &s.v_full[stage],
                   issues(kCluster - 1), kCluster > 1);
     }
