@@ -57,7 +57,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
   static constexpr int kAblate = TILEWISE_HOPPER_BWD_ABLATE;
   // The dK/dV items' owned rows come from the producer's record warp (uses_row_records; the dQ kernel has none).
   static constexpr bool kRecords = uses_row_records(BwdKernel::dkdv, Traits::kCluster, D);
-  static constexpr bool kReleaseRowsAtRead = kRecords && TILEWISE_HOPPER_BWD_ROWS_RELEASE_AT_READ != 0;
   /// The item's row record is read: this warp's arrival on its slot's rows_empty (after every lane's reads).
   __device__ __forceinline__ void release_rows(uint32_t record) const {
     if constexpr (kRecords) {
@@ -192,8 +191,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// where the dO loader brings them (stats_with_output_grads; the same index, both pipes advancing together).
   __device__ __forceinline__ const float* block_stats(const typename Base::KPipe& ks,
                                                       const typename Base::VPipe& vs) const {
-    return this->s.stats(stats_with_output_grads(Traits::kCluster, Traits::kKStages, Traits::kVStages) ? vs.stage()
-                                                                                                        : ks.stage());
+    constexpr bool kWithDo = stats_with_output_grads(Traits::kCluster, Traits::kKStages, Traits::kVStages, D);
+    return this->s.stats(kWithDo ? vs.stage() : ks.stage());
   }
   /// Waits for the K and V stages the pipes point at; returns the K stage's record.
   __device__ __forceinline__ BlockInfo acquire(const typename Base::KPipe& ks, const typename Base::VPipe& vs) const {
@@ -315,7 +314,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
         r.frame[rr] = x.frame_unseen & ~RowRecord::kUnseen;
       }
       r.all_seen = __all_sync(0xffffffffu, r.seen[0] && r.seen[1]);
-      if constexpr (kReleaseRowsAtRead) release_rows(record);
       return r;
     }
     const int32_t text_len = text_len_of(bp, item.batch);
@@ -599,7 +597,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
     store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
     store(item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
-    if constexpr (!kReleaseRowsAtRead) release_rows(record);
+    release_rows(record);
   }
 
   /// The reduce kernel's item with the dK wait deferred (TILEWISE_HOPPER_BWD_REDUCE_OVERLAP=1; dkdv_item otherwise):
@@ -685,7 +683,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     if (lane() == 0) this->s.q_empty->arrive();  // the owned K and V are free
     store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
     store(item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
-    if constexpr (!kReleaseRowsAtRead) release_rows(record);
+    release_rows(record);
   }
 
   /// An item none of whose rows are this warpgroup's: releases the stages the producer counts on.

@@ -118,19 +118,14 @@
 #ifndef TILEWISE_HOPPER_BWD_ROW_RECORD
 #define TILEWISE_HOPPER_BWD_ROW_RECORD 1
 #endif
-// When the consumers free an item's row record: 0 (default) at the item's end, 1 as soon as they have read it (their
-// rows are in registers then), so that the record warp may write the item after next one item earlier (v3.20: with
-// six blocks per item, the 1x1x1 window, the records measured 9% more cycles while the 3x3x3 one gained 3%).
-#ifndef TILEWISE_HOPPER_BWD_ROWS_RELEASE_AT_READ
-#define TILEWISE_HOPPER_BWD_ROWS_RELEASE_AT_READ 0
-#endif
-// Which loader of the dK/dV kernels brings a streamed block's statistics (lse2 and D, one TMA): 0 (default) the Q
-// loader, with the Q block on the K stage; 1 the dO loader, with the dO block on the V stage (stats_with_output_grads).
-// Why (docs/performance.md backward v3.20): the Q loader is the producer with the least slack (721 instructions per
-// block at 24 registers; k_empty retried 1.7 times per block against the dO loader's v_empty 31), and the consumers
-// wait for both stages before they read the statistics anyway.
+// Which loader of the dK/dV kernels brings a streamed block's statistics (lse2 and D, one TMA): 0 the Q loader, with
+// the Q block on the K stage; 1 the dO loader, with the dO block on the V stage (stats_with_output_grads); -1
+// (default) by head dim: the dO loader at D 64 only. The Q loader is the producer with the least slack (v3.19: 721
+// instructions per block at 24 registers, k_empty retried 1.7 times per block against the dO loader's v_empty 31), and
+// the consumers wait for both stages before they read the statistics anyway. Measured (v3.20, one process): CogVideoX
+// D 64 -0.9%; row 1 equal, + text, Wan, Open-Sora-Plan D 96 +0.2 to +0.4%.
 #ifndef TILEWISE_HOPPER_BWD_STATS_WITH_DO
-#define TILEWISE_HOPPER_BWD_STATS_WITH_DO 0
+#define TILEWISE_HOPPER_BWD_STATS_WITH_DO -1
 #endif
 // Measurement only (results are wrong): bit 1 skips the elementwise work, bit 2 the S and dP GEMMs, bit 4 the
 // accumulating GEMMs (dQ, or dV and dK), bit 8 the streamed loads; in the reduce kernel bit 32 skips the dQ
@@ -169,8 +164,9 @@ constexpr bool uses_row_records(BwdKernel k, int cluster, int head_dim) {
 /// Whether the dK/dV kernels' dO loader brings each streamed block's statistics (TILEWISE_HOPPER_BWD_STATS_WITH_DO)
 /// onto the V stage instead of the Q loader onto the K stage: outside clusters, where both rings have one depth (both
 /// pipes then advance together, one stage each per streamed block, so the block's K and V stages share an index).
-constexpr bool stats_with_output_grads(int cluster, int k_stages, int v_stages) {
-  return TILEWISE_HOPPER_BWD_STATS_WITH_DO != 0 && cluster == 1 && k_stages == v_stages;
+constexpr bool stats_with_output_grads(int cluster, int k_stages, int v_stages, int head_dim) {
+  const bool by_dim = TILEWISE_HOPPER_BWD_STATS_WITH_DO < 0 ? head_dim == 64 : TILEWISE_HOPPER_BWD_STATS_WITH_DO != 0;
+  return by_dim && cluster == 1 && k_stages == v_stages;
 }
 
 /// CTAs per cluster of a kernel.

@@ -6,8 +6,8 @@
 //  * dK/dV kernel: per owned key block, each query head of its GQA group, and per head the query tiles that see
 //    the key tile (query_boxes or the transposed block list: the reverse question) and then every text row
 //    (padding rows too: text queries see every video key and every valid text key). Each streamed Q block comes
-//    with its rows' statistics (one descriptor TMA beside the K stage, BwdParams::stats_map; or beside the dO block
-//    on the V stage: TILEWISE_HOPPER_BWD_STATS_WITH_DO). In the reduce kernel
+//    with its rows' statistics (one descriptor TMA beside the K stage, BwdParams::stats_map; at D 64 beside the dO
+//    block on the V stage: TILEWISE_HOPPER_BWD_STATS_WITH_DO). In the reduce kernel
 //    thread 64 adds each block's dQ into the fp32 accumulator, walking the blocks too (one thread walking for all
 //    three roles measured 6-28% slower: docs/performance.md backward v3.14). In clusters
 //    (BwdKernel::dkdvq_reduce_cluster) the CTAs of a unit walk the same blocks; one multicasts each Q block, another
@@ -26,7 +26,7 @@ struct BwdProducer {
   static constexpr int kCluster = Traits::kCluster;
   static_assert(Traits::kStatsBytes == kStatsRows * Traits::kStreamRows * 4, "a stage holds one statistics entry");
   static constexpr bool kHeavyFirst = TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0;
-  static constexpr bool kStatsWithDo = stats_with_output_grads(kCluster, Traits::kKStages, Traits::kVStages);
+  static constexpr bool kStatsWithDo = stats_with_output_grads(kCluster, Traits::kKStages, Traits::kVStages, Traits::D);
   const BwdParams& p;
   const typename Traits::Shared& s;
   uint32_t rank;  // within the cluster (the reduce kernel in clusters: the tile slot this CTA owns)
