@@ -356,7 +356,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       exponentials(std::false_type{});
     else
       exponentials(std::true_type{});
-    if (frames) {
+    if (frames && !(kAblate & 2048)) {
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         const int c = 64 * half + accumulator_column(i, lane());

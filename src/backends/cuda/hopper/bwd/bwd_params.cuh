@@ -132,7 +132,9 @@
 // product, bit 128 the dQ TMA reductions. Timing what is left shows what bounds a loop. At the dK/dV kernels' item
 // boundary (docs/performance.md backward v3.19): bit 256 loads the owned K and V of a CTA's first item only (later
 // items reuse what is there), bit 512 frees them before the item's last dQ product (dkdv_item: D 64 and 128).
-// (Skipping the dK and dV stores is no ablation: ptxas then drops some of their wgmmas.)
+// (Skipping the dK and dV stores is no ablation: ptxas then drops some of their wgmmas.) Bit 2048 leaves the
+// attention tile's frame pass out of the dK/dV loops (wrong only for attention-tile masked blocks; v3.20: the pass is
+// 449 of the D 128 reduce block loop's 1201 instructions, not executed on sliding-tile blocks).
 #ifndef TILEWISE_HOPPER_BWD_ABLATE
 #define TILEWISE_HOPPER_BWD_ABLATE 0
 #endif
