@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Where a warp-specialised kernel's machine code and spills are, by role, without a GPU: the check behind v3.20's
 finding that the backward's speed followed the consumers' spills (docs/performance.md backward v3.20: the row records
-took the D 128 reduce kernel's consumer spills from 36 instructions to 0 and row 1 3.2% faster; two lines that put 13
-back cost 3-4%).
+took the D 128 reduce kernel's consumer spills from 41 instructions to 0 and row 1 3.2% faster; two lines that put 13
+back into its block loop cost 3-4%).
 
     python3 scripts/sass_roles.py OBJ_OR_LIB [--kernels REGEX] [--cuda-bin DIR]
 
