@@ -164,6 +164,12 @@ std::vector<NamedCase> small_cases() {
     add("attention_tile_partial_frames_d96", attention_tile(c, {{1, 0}, {2, 2}}), true);
   }
   {
+    // D 64 has two reduce kernels: with the frame pass (attention-tile plans, this case) and without (the others)
+    oracle::Case c = base({7, 16, 16}, {2, 8, 8}, 2, 1, 64);
+    attention_tile(c, {{1, 0}, {0, 1}});
+    add("attention_tile_tt2_masked_blocks_gqa_d64", text(c, 16, true), true);
+  }
+  {
     oracle::Case c = base({4, 16, 16}, {2, 8, 8}, 2, 2, 128);
     add("dense_text_last", text(c, 50, false, {50, 3}), false);
   }

@@ -20,24 +20,25 @@ ClusterLaunch launch_config(int grid, cudaStream_t stream) {
   return ClusterLaunch(grid, BwdTraits<D, K>::kThreads, BwdTraits<D, K>::kSmemBytes, bwd_cluster(K), stream);
 }
 
-template <int D, WgType T, BwdKernel K>
+template <int D, WgType T, BwdKernel K, bool F>
 cudaError_t set_smem() {
   static const cudaError_t attr = cudaFuncSetAttribute(
-      backward_kernel<D, T, K>, cudaFuncAttributeMaxDynamicSharedMemorySize, BwdTraits<D, K>::kSmemBytes);
+      backward_kernel<D, T, K, F>, cudaFuncAttributeMaxDynamicSharedMemorySize, BwdTraits<D, K>::kSmemBytes);
   return attr;
 }
 
-template <int D, WgType T, BwdKernel K>
+/// Kernel K, with the attention tile's frame pass (F) or without it (frame_free_kernel).
+template <int D, WgType T, BwdKernel K, bool F = true>
 cudaError_t launch(const BwdParams& params, int grid, cudaStream_t stream) {
   if constexpr (!kBuilt<D, K>) {
     return cudaErrorInvalidValue;  // the host asks reduce_cluster_ctas first
   } else {
-    if (const cudaError_t attr = set_smem<D, T, K>(); attr != cudaSuccess) return attr;
+    if (const cudaError_t attr = set_smem<D, T, K, F>(); attr != cudaSuccess) return attr;
     if constexpr (bwd_cluster(K) == 1) {
-      backward_kernel<D, T, K><<<grid, BwdTraits<D, K>::kThreads, BwdTraits<D, K>::kSmemBytes, stream>>>(params);
+      backward_kernel<D, T, K, F><<<grid, BwdTraits<D, K>::kThreads, BwdTraits<D, K>::kSmemBytes, stream>>>(params);
     } else {
       const ClusterLaunch lc = launch_config<D, K>(grid, stream);
-      if (const cudaError_t e = cudaLaunchKernelEx(&lc.config, backward_kernel<D, T, K>, params); e != cudaSuccess)
+      if (const cudaError_t e = cudaLaunchKernelEx(&lc.config, backward_kernel<D, T, K, F>, params); e != cudaSuccess)
         return e;
     }
     return cudaGetLastError();
@@ -49,7 +50,14 @@ cudaError_t launch(const BwdParams& params, BwdKernel kernel, int grid, cudaStre
   switch (kernel) {
     case BwdKernel::dq: return launch<D, T, BwdKernel::dq>(params, grid, stream);
     case BwdKernel::dkdv: return launch<D, T, BwdKernel::dkdv>(params, grid, stream);
-    case BwdKernel::dkdvq_reduce: return launch<D, T, BwdKernel::dkdvq_reduce>(params, grid, stream);
+    case BwdKernel::dkdvq_reduce:
+      // Only the attention tile flags frame-masked blocks (BwdProducer::describe_stream): every other pattern runs
+      // the kernel without the frame pass where one is built.
+      if constexpr (frame_free_kernel(D, BwdKernel::dkdvq_reduce)) {
+        if (params.kind != PatternKind::attention_tile)
+          return launch<D, T, BwdKernel::dkdvq_reduce, false>(params, grid, stream);
+      }
+      return launch<D, T, BwdKernel::dkdvq_reduce>(params, grid, stream);
     case BwdKernel::dkdvq_reduce_cluster: return launch<D, T, BwdKernel::dkdvq_reduce_cluster>(params, grid, stream);
   }
   return cudaErrorInvalidValue;

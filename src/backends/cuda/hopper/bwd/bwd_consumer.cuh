@@ -31,7 +31,9 @@ __device__ __forceinline__ void pack_operand(const float (&x)[8 * kSteps], uint3
     for (int i = 0; i < 4; ++i) a[j][i] = pack_half2(x[8 * j + 2 * i], x[8 * j + 2 * i + 1], bf16);
 }
 
-template <class Traits, WgType kType>
+/// kFrameMask: whether the dK/dV loops test the attention tile's frames per pair on the blocks flagged
+/// BlockInfo::kFrames; false for plans that have none (frame_free_kernel).
+template <class Traits, WgType kType, bool kFrameMask = true>
 struct BwdConsumer : Consumer<Traits, kType> {
   using Base = Consumer<Traits, kType>;
   using Base::desc;
@@ -356,7 +358,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       exponentials(std::false_type{});
     else
       exponentials(std::true_type{});
-    if (frames && !(kAblate & 2048)) {
+    if (frames) {
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         const int c = 64 * half + accumulator_column(i, lane());
@@ -510,7 +512,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
         const HeadParams* hp;
         D3 qbox;
         auto read_record = [&] {
-          frames = bi.flags & BlockInfo::kFrames;
+          frames = kFrameMask && (bi.flags & BlockInfo::kFrames);
           hp = &p.heads[item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift)];
           qbox = p.cls[bi.tile_class()].box;
         };
@@ -639,7 +641,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
       const int32_t head = item.head * p.kv_group + static_cast<int32_t>(bi.flags >> BlockInfo::kHeadShift);
       wgmma_wait<1>();
       fence_regs(sc);
-      probabilities_of_block(sc, [&](int k) { return cs[k]; }, rows, bi, bi.flags & BlockInfo::kFrames, p.heads[head],
+      probabilities_of_block(sc, [&](int k) { return cs[k]; }, rows, bi,
+                             kFrameMask && (bi.flags & BlockInfo::kFrames), p.heads[head],
                              p.cls[bi.tile_class()].box, 0);
       uint32_t pa[4][4], da[4][4];
       load_col_stats(cs, cols + Traits::kStreamRows);

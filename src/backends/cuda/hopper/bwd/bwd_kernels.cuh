@@ -19,7 +19,9 @@ using BwdTraits = KernelTraits<kHeadDim, 128, reduces_dq(kKernel), false,
                                                           : kBlockN,
                                bwd_cluster(kKernel)>;
 
-template <int kHeadDim, WgType kType, BwdKernel kKernel>
+/// kFrameMask = false: the kernel without the attention tile's frame pass (frame_free_kernel), for plans with no
+/// frame-masked block.
+template <int kHeadDim, WgType kType, BwdKernel kKernel, bool kFrameMask = true>
 __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
     backward_kernel(const __grid_constant__ BwdParams p) {
   constexpr bool kDq = kKernel == BwdKernel::dq;
@@ -96,7 +98,7 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
     }
   } else {
     regs_increase<Traits::kConsumerRegs>();
-    BwdConsumer<Traits, kType>(p, s, wg - 1, tid, rank).template run<kKernel>();
+    BwdConsumer<Traits, kType, kFrameMask>(p, s, wg - 1, tid, rank).template run<kKernel>();
   }
   // No CTA leaves while a peer may still arrive on its barriers or multicast into its shared memory.
   if constexpr (kCluster > 1) cluster_sync();

@@ -132,9 +132,7 @@
 // product, bit 128 the dQ TMA reductions. Timing what is left shows what bounds a loop. At the dK/dV kernels' item
 // boundary (docs/performance.md backward v3.19): bit 256 loads the owned K and V of a CTA's first item only (later
 // items reuse what is there), bit 512 frees them before the item's last dQ product (dkdv_item: D 64 and 128).
-// (Skipping the dK and dV stores is no ablation: ptxas then drops some of their wgmmas.) Bit 2048 leaves the
-// attention tile's frame pass out of the dK/dV loops (wrong only for attention-tile masked blocks; v3.20: the pass is
-// 449 of the D 128 reduce block loop's 1201 instructions, not executed on sliding-tile blocks).
+// (Skipping the dK and dV stores is no ablation: ptxas then drops some of their wgmmas.)
 #ifndef TILEWISE_HOPPER_BWD_ABLATE
 #define TILEWISE_HOPPER_BWD_ABLATE 0
 #endif
@@ -170,6 +168,12 @@ constexpr bool stats_with_output_grads(int cluster, int k_stages, int v_stages, 
   const bool by_dim = TILEWISE_HOPPER_BWD_STATS_WITH_DO < 0 ? head_dim == 64 : TILEWISE_HOPPER_BWD_STATS_WITH_DO != 0;
   return by_dim && cluster == 1 && k_stages == v_stages;
 }
+
+/// Whether kernel k at head dim `head_dim` is also built without the attention tile's frame pass (BwdConsumer's
+/// kFrameMask = false), for plans with no frame-masked block: at D 64 the pass's presence alone cost CogVideoX's
+/// backward 4.9%, though none of its blocks runs it; at D 128 it cost nothing (v3.20, call 5), so D 96 and 128 keep one
+/// kernel each.
+constexpr bool frame_free_kernel(int head_dim, BwdKernel k) { return head_dim == 64 && k == BwdKernel::dkdvq_reduce; }
 
 /// CTAs per cluster of a kernel.
 constexpr int bwd_cluster(BwdKernel k) {
