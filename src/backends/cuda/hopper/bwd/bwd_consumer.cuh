@@ -318,15 +318,13 @@ struct BwdConsumer : Consumer<Traits, kType> {
       r.all_seen = __all_sync(0xffffffffu, r.seen[0] && r.seen[1]);
       return r;
     }
-    const int32_t text_len = text_len_of(bp, item.batch);
-    const D3 kbox = item.q.box(bp);
-    const int32_t frame0 = item.q.text ? 0 : item.q.origin(bp).t;
+    const OwnedRowsGeometry geo(bp, item);
     OwnedRows r;
     owned_positions(item, r.pos);
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      r.seen[rr] = r.pos[rr] >= 0 && (!item.q.text || item.q.row0 + row(rr) < text_len);
-      r.frame[rr] = frame0 + row(rr) / (kbox.h * kbox.w);
+      r.seen[rr] = geo.seen(item, row(rr), r.pos[rr]);
+      r.frame[rr] = geo.frame(row(rr));
     }
     r.all_seen = __all_sync(0xffffffffu, r.seen[0] && r.seen[1]);
     return r;

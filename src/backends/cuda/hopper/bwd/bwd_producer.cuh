@@ -263,16 +263,13 @@ struct BwdProducer {
       if (item.empty) continue;  // (as the consumers skip it)
       const uint32_t slot = items & 1;
       s.rows_empty[slot].wait(((items >> 1) & 1) ^ 1);
-      const int32_t text_len = text_len_of(p, item.batch);
-      const D3 kbox = item.q.box(p);
-      const int32_t frame0 = item.q.text ? 0 : static_cast<int32_t>(item.q.origin(p).t);
+      const OwnedRowsGeometry geo(p, item);
       const Epilogue<Traits, WgType::bf16> at{p, s, 0, 0};  // (positions do not depend on the dtype)
       RowRecord* rec = reinterpret_cast<RowRecord*>(s.row_record(slot));
       for (int r = lane; r < Traits::kBlockM; r += 32) {
         const int64_t pos = at.position(item.q, r);
-        const bool seen = pos >= 0 && (!item.q.text || item.q.row0 + r < text_len);
-        const int32_t frame = frame0 + r / (kbox.h * kbox.w);
-        rec[r] = RowRecord{static_cast<int32_t>(pos), seen ? frame : (frame | RowRecord::kUnseen)};
+        const int32_t frame = geo.frame(r);
+        rec[r] = RowRecord{static_cast<int32_t>(pos), geo.seen(item, r, pos) ? frame : (frame | RowRecord::kUnseen)};
       }
       s.rows_full[slot].arrive();
       ++items;
