@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "core/numeric.hpp"
+#include "tilewise/query_runs.hpp"
 #include "tilewise/tilewise.hpp"
 
 #ifdef TILEWISE_WITH_CUDA
@@ -172,6 +174,30 @@ Problem base(Dim3 latent, Dim3 tile, int64_t heads, int64_t kv_heads, int64_t D,
   return p;
 }
 
+/// CogVideoX-like cases (1x8x16 tiles cut along h and w): 640 + 320 token runs per frame with window (., 2, 3) on 3
+/// tile rows, 900 with (., 3, 3); D 64 and 96 cut them into 128-row blocks, D 128 into 192-row ones.
+std::vector<Case> query_run_cases() {
+  std::vector<Case> c;
+  {
+    Problem p = base({3, 24, 40}, {1, 8, 16}, 4, 2, 64, 40);
+    p.batch = 2;
+    p.text_position = TextPosition::first;
+    c.push_back({"query_runs_gqa_d64_text_first", p, Pattern::sliding_tile({3, 2, 3}), {40, 17}});
+  }
+  {
+    Problem p = base({2, 24, 40}, {1, 8, 16}, 2, 2, 128, 16);
+    p.dtype = DType::f16;
+    c.push_back({"query_runs_f16_d128_text_last", p, Pattern::sliding_tile({2, 2, 3}), {}});
+  }
+  {
+    Problem p = base({2, 20, 45}, {1, 8, 16}, 2, 1, 96);
+    p.layout = Layout::bhsd;
+    c.push_back({"query_runs_bhsd_gqa_d96", p, Pattern::sliding_tile({1, 3, 3}), {}});
+  }
+  c.push_back({"query_runs_dense_cut_tiles", base({2, 10, 30}, {1, 4, 8}, 2, 2, 64, 8), Pattern::dense(), {}});
+  return c;
+}
+
 std::vector<Case> small_cases() {
   std::vector<Case> c;
   c.push_back({"sta_even_grid", base({8, 32, 40}, {2, 8, 8}, 2, 2, 128), Pattern::sliding_tile({3, 3, 3}), {}});
@@ -265,6 +291,10 @@ std::vector<Case> small_cases() {
       }
     c.push_back({"block_list", p, Pattern::block_list(off, tiles), {}});
   }
+  // Query runs (query_runs.hpp): windows spanning the tile grid's columns, so whole token rows share their keys and
+  // the plan takes 1-D run blocks (the last of a run overlapping the one before); CudaQueryRuns below checks that
+  // they are taken and change no bit.
+  for (const Case& r : query_run_cases()) c.push_back(r);
   return c;
 }
 
@@ -293,6 +323,33 @@ TEST_P(CudaSmall, MatchesCpuReference) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, CudaSmall, ::testing::Range(0, static_cast<int>(small_cases().size())),
                          [](const auto& info) { return small_cases()[info.param].name; });
+
+/// The run blocks compute every row exactly as the tiles' blocks do (the same keys in the same order, each row's
+/// softmax its own): with TILEWISE_QUERY_RUNS=0 the outputs are bitwise the same. The cases qualify for runs by the
+/// core's answer (fewer run blocks than the tiles' query blocks; whether the backend took them shows in
+/// bench_forward.py --variants tiles=@TILEWISE_QUERY_RUNS=0).
+TEST(CudaQueryRuns, RunBlocksChangeNoBitAgainstTheTilesBlocks) {
+  for (const Case& c : query_run_cases()) {
+    const TileGrid g(c.problem.latent, c.problem.tile);
+    const int64_t blocks = run_blocks(query_runs(c.pattern.kind, c.pattern.heads[0], g), c.problem.head_dim == 128 ? 192 : 128);
+    EXPECT_GT(blocks, 0) << c.name;
+    EXPECT_LT(blocks, g.num_tiles()) << c.name << ": no fewer blocks than the tiles'";
+  }
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device: GPU test skipped";
+  for (const Case& c : query_run_cases()) {
+    SCOPED_TRACE(c.name);
+    const uint32_t seed = std::random_device{}();
+    SCOPED_TRACE("seed " + std::to_string(seed));
+    const Plan runs(c.problem, c.pattern, Device::cuda);
+    ::setenv("TILEWISE_QUERY_RUNS", "0", 1);
+    const Plan tiles(c.problem, c.pattern, Device::cuda);
+    ::unsetenv("TILEWISE_QUERY_RUNS");
+    const Buffers in = random_inputs(runs, c.text_len, seed);
+    const Result a = DeviceRun(runs, in).run(), b = DeviceRun(tiles, in).run();
+    EXPECT_EQ(0, std::memcmp(a.o.data(), b.o.data(), a.o.size() * 2)) << "O differs from the tiles' blocks";
+    EXPECT_EQ(0, std::memcmp(a.lse.data(), b.lse.data(), a.lse.size() * sizeof(float))) << "LSE differs";
+  }
+}
 
 TEST(CudaFullSize, HunyuanShapesMatchGpuReference) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device: GPU test skipped";

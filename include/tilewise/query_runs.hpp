@@ -2,7 +2,8 @@
 // window spans a whole axis of the tile grid, whole token rows share their keys, and query blocks cut from a run
 // (1-D row ranges, as text blocks are) carry no padding where the tiles' boxes do: CogVideoX's 1x8x16 tiles on
 // 13x30x45 fill 12 blocks of 128 rows per frame with 1350 tokens, its two runs per frame (720 and 630 tokens) 11
-// (docs/performance.md, "Query runs"). Host-side planning only; the kernels do not use it yet.
+// (docs/performance.md, "Query runs"). The Hopper forward takes run blocks where they are fewer (hopper_backend.cu,
+// forward_run_blocks); the backward and the FP8 forward keep the tiles' blocks.
 #pragma once
 
 #include <cstdint>
@@ -29,10 +30,8 @@ struct RunSignature {
   KeyBoxes boxes;
   std::vector<bool> frames;  // attention tile: the key frames the query frame may see; empty otherwise
   bool operator==(const RunSignature& o) const {
-    auto same = [](const AxisRange& a, const AxisRange& b) { return a.begin == b.begin && a.end == b.end; };
-    return boxes.num_t == o.boxes.num_t && same(boxes.t0, o.boxes.t0) &&
-           (boxes.num_t == 1 || same(boxes.t1, o.boxes.t1)) && same(boxes.h, o.boxes.h) && same(boxes.w, o.boxes.w) &&
-           frames == o.frames;
+    return boxes.num_t == o.boxes.num_t && boxes.t0 == o.boxes.t0 && (boxes.num_t == 1 || boxes.t1 == o.boxes.t1) &&
+           boxes.h == o.boxes.h && boxes.w == o.boxes.w && frames == o.frames;
   }
 };
 

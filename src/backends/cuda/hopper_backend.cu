@@ -17,6 +17,7 @@
 #include "backends/cuda/hopper/forward.hpp"
 #include "backends/cuda/hopper/bwd/backward.hpp"
 #include "backends/cuda/hopper/fp8/fp8_forward.hpp"
+#include "tilewise/query_runs.hpp"
 
 namespace tilewise {
 namespace cuda {
@@ -153,6 +154,37 @@ ElementFormat e4m3_format(const Problem& p) {
   return {CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.head_dim % 128 == 0 ? 128 : (p.head_dim % 64 == 0 ? 64 : 32)};
 }
 
+/// The forward's query run blocks (include/tilewise/query_runs.hpp) as FwdParams::runs wants them: per block its first
+/// raster video row and the index of the tile whose key walk it takes; empty where the plan keeps the tiles' blocks:
+/// tiled token order (a run is raster rows), patterns other than sliding tile and dense (the attention tile's frame
+/// masks read a row's frame from its tile box, masks.cuh; block lists are per-tile tables), local heads with
+/// different patterns, a run shorter than a block, or no fewer blocks than `tile_items`. TILEWISE_QUERY_RUNS=0 in
+/// the environment keeps the tiles' blocks (measurements).
+std::vector<int32_t> forward_run_blocks(const Plan& plan, int rows, int64_t tile_items) {
+  const Problem& p = plan.problem();
+  const char* env = std::getenv("TILEWISE_QUERY_RUNS");
+  const PatternKind kind = plan.pattern().kind;
+  if ((env != nullptr && std::string(env) == "0") || p.order != TokenOrder::raster ||
+      (kind != PatternKind::sliding_tile && kind != PatternKind::dense))
+    return {};
+  const HeadParams& first = plan.head(0);
+  for (int64_t h = 1; h < p.q_heads; ++h) {
+    const HeadParams& o = plan.head(h);
+    if (!(o.window == first.window)) return {};
+  }
+  const std::vector<QueryRun> runs = query_runs(kind, first, plan.grid());
+  const int64_t blocks = run_blocks(runs, rows);
+  if (blocks < 0 || blocks >= tile_items) return {};
+  std::vector<int32_t> table;
+  table.reserve(static_cast<size_t>(2 * blocks));
+  for (const QueryRun& run : runs)
+    for (int64_t i = 0; i * rows < run.size(); ++i) {
+      table.push_back(static_cast<int32_t>(run_block_begin(run, i, rows)));
+      table.push_back(static_cast<int32_t>(plan.grid().tile_index(run.tile)));
+    }
+  return table;
+}
+
 ViewMode view_mode(const Strides& s, int64_t heads, int64_t D) {
   if (s.head == D) return ViewMode::head_in_dim0;
   if (s.batch == heads * s.head) return ViewMode::head_batch_merged;
@@ -198,6 +230,10 @@ class HopperBackend final : public Backend {
     query_rows_ = hopper::query_block_rows(static_cast<int>(p.head_dim));
     classes_ = TileClasses(g, query_rows_);
     video_items_ = static_cast<int32_t>(g.num_tiles() * classes_.slots);
+    if (const std::vector<int32_t> runs = forward_run_blocks(plan, query_rows_, video_items_); !runs.empty()) {
+      run_blocks_ = DeviceArray<int32_t>(runs);
+      video_items_ = static_cast<int32_t>(runs.size() / 2);
+    }
     text_items_ = static_cast<int32_t>(ceil_div<int64_t>(p.text_capacity, query_rows_));
     const int64_t launch_batch = per_batch_ ? 1 : p.batch;
     const int64_t work = launch_batch * p.q_heads * (int64_t{video_items_} + text_items_);
@@ -443,21 +479,22 @@ class HopperBackend final : public Backend {
     require_device_tensors(t, 16);  // TMA needs 16-byte aligned base addresses
     if (p.precision != Precision::native) return run_fp8(plan, t, static_cast<cudaStream_t>(stream), workspace);
 
-    hopper::FwdParams prm{};
+    hopper::FwdRunParams prm{};
     const TileGrid& g = plan.grid();
     fill_common(plan, classes_, t.text_len, prm);
     prm.lse = t.lse;
     prm.video_items = video_items_;
     prm.text_items = text_items_;
     prm.num_work = prm.batch * prm.q_heads * (video_items_ + text_items_);
+    prm.runs = run_blocks_.get();
     prm.work_counter = workspace ? static_cast<int32_t*>(workspace) : work_counter_.mutable_get();
     const int grid = std::min<int>(prm.num_work, max_ctas_);
     for (int64_t b = 0; b < (per_batch_ ? p.batch : 1); ++b) {
       prm.batch_base = static_cast<int32_t>(b);
-      encode(plan, t.q, p.q, p.q_heads, b, prm.q_video, prm.q_text, prm.q, true);
+      encode(plan, t.q, p.q, p.q_heads, b, prm.q_video, prm.q_text, prm.q, true, prm.runs ? &prm.q_rows : nullptr);
       encode(plan, t.k, p.k, p.kv_heads, b, prm.k_video, prm.k_text, prm.k, false);
       encode(plan, t.v, p.v, p.kv_heads, b, prm.v_video, prm.v_text, prm.v, false);
-      encode(plan, t.o, p.o, p.q_heads, b, prm.o_video, prm.o_text, prm.o, true);
+      encode(plan, t.o, p.o, p.q_heads, b, prm.o_video, prm.o_text, prm.o, true, prm.runs ? &prm.o_rows : nullptr);
       // The scheduler's counter restarts on the stream: a memset node under graph capture, no host sync.
       // (So one plan must not run concurrently on two streams with its own counter: pass a workspace per stream.)
       check(cudaMemsetAsync(prm.work_counter, 0, sizeof(int32_t), static_cast<cudaStream_t>(stream)), "cudaMemsetAsync");
@@ -538,15 +575,17 @@ class HopperBackend final : public Backend {
 
   /// Tensor maps of one tensor: video (D', W', H', T', X), one per tile class (its query or key box), and text
   /// (D', L, 1, 1, X), where the physical video view is the latent for raster order and (tiles * tt, th, tw) for
-  /// tiled order. Q and O (`query`) move in query blocks, K and V in key blocks.
+  /// tiled order. Q and O (`query`) move in query blocks, K and V in key blocks. `rows`: also the video tokens as
+  /// rows (D', N, 1, 1, X; query run blocks, raster order only).
   void encode(const Plan& plan, const void* base, const Strides& s, int64_t heads, int64_t batch, CUtensorMap* video,
-              CUtensorMap& text, hopper::TensorView& view, bool query) const {
-    encode(plan, classes_, query_rows_, base, s, heads, batch, video, text, view, native_format(plan.problem()), query);
+              CUtensorMap& text, hopper::TensorView& view, bool query, CUtensorMap* rows = nullptr) const {
+    encode(plan, classes_, query_rows_, base, s, heads, batch, video, text, view, native_format(plan.problem()), query,
+           rows);
   }
   /// The same for any kernel's tile classes, owned (query) block rows and element format.
   void encode(const Plan& plan, const TileClasses& classes, int owned_rows, const void* base, const Strides& s,
               int64_t heads, int64_t batch, CUtensorMap* video, CUtensorMap& text, hopper::TensorView& view,
-              const ElementFormat& format, bool query) const {
+              const ElementFormat& format, bool query, CUtensorMap* rows = nullptr) const {
     const Problem& p = plan.problem();
     const TileGrid& g = plan.grid();
     const int64_t D = p.head_dim, esize = format.esize;
@@ -586,6 +625,15 @@ class HopperBackend final : public Backend {
         const cuuint32_t box[5] = {(cuuint32_t)panel_cols, (cuuint32_t)b.w, (cuuint32_t)b.h, (cuuint32_t)b.t, 1};
         encode_one(video[c], dtype, v0, dims, strides, box, ones, swizzle);
       }
+    }
+    if (rows != nullptr) {
+      const char* v0 = ptr + plan.token_map().seq.video_offset() * s.seq * esize;
+      const cuuint64_t n = static_cast<cuuint64_t>(g.num_tokens());
+      const cuuint64_t dims[5] = {dim0, n, 1, 1, dim4};
+      const cuuint64_t strides[4] = {(cuuint64_t)(s.seq * esize), (cuuint64_t)(s.seq * n * esize),
+                                     (cuuint64_t)(s.seq * n * esize), (cuuint64_t)(stride4 * esize)};
+      const cuuint32_t box[5] = {(cuuint32_t)panel_cols, (cuuint32_t)owned_rows, 1, 1, 1};
+      encode_one(*rows, dtype, v0, dims, strides, box, ones, swizzle);
     }
     if (p.text_capacity > 0) {
       const char* t0 = ptr + plan.token_map().seq.text_offset() * s.seq * esize;
@@ -642,6 +690,7 @@ class HopperBackend final : public Backend {
   int max_ctas_ = 1;  // CTAs of a persistent launch: the device's SMs less Problem::sm_margin, at least 1
   int query_rows_ = 128;  // query rows per work item of the kernel for this head dim
   int32_t video_items_ = 0, text_items_ = 0;
+  DeviceArray<int32_t> run_blocks_;  // the forward's query run blocks (forward_run_blocks), or none: tiles' blocks
   // The FP8 forward (precision fp8 / fp8_scaled only): its query rows and tile classes, and the scratch used when
   // run() is given no workspace (allocated with the plan).
   int fp8_rows_ = 128;

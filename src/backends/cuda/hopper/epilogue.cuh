@@ -20,8 +20,9 @@ struct Epilogue {
 
   /// Sequence position of block row `r`, or -1 when the row is not a real token.
   __device__ __forceinline__ int64_t position(const Block& q, int r) const {
-    if (r >= query_rows<Traits::kBlockM>(p, q)) return -1;
+    if (r >= query_rows<Traits::kBlockM, Traits::kQueryRuns>(p, q)) return -1;
     if (q.text) return p.map.seq.text_offset() + q.row0 + r;
+    if (Traits::kQueryRuns && q.run()) return p.map.seq.video_offset() + q.row0 + r;  // raster order (the host takes runs only there)
     const D3 b = q.box(p);
     const D3 o = q.origin(p), L = p.map.grid.latent;
     const D3 c{o.t + r / (b.h * b.w), o.h + (r / b.w) % b.h, o.w + r % b.w};
@@ -96,6 +97,8 @@ struct Epilogue {
         const uint8_t* src = s.o() + panel * Traits::kOPanelBytes;
         if (b.text)
           tma_store(&p.o_text, src, c0, b.row0, 0, 0, c4);
+        else if (Traits::kQueryRuns && b.run())
+          tma_store(&with_runs(p).o_rows, src, c0, b.row0, 0, 0, c4);
         else
           tma_store(&p.o_video[b.cls], src, c0, static_cast<int>(org.w), static_cast<int>(org.h), static_cast<int>(org.t), c4);
       }

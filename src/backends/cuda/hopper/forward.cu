@@ -8,18 +8,18 @@
 namespace tilewise::hopper {
 namespace {
 
-template <int D, WgType T>
-cudaError_t launch(const FwdParams& params, int grid, cudaStream_t stream) {
+template <int D, WgType T, bool kRuns>
+cudaError_t launch(const FwdRunParams& params, int grid, cudaStream_t stream) {
   constexpr int smem = KernelTraits<D>::kSmemBytes;
   static const cudaError_t attr =
-      cudaFuncSetAttribute(forward_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      cudaFuncSetAttribute(forward_kernel<D, T, kRuns>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr != cudaSuccess) return attr;
   // A cluster of C CTAs takes C work items at a time (tile_scheduler.cuh): C times as many CTAs as units or SM
   // groups, whichever is fewer.
   constexpr int C = KernelTraits<D>::kCluster;
   grid = C * std::max(1, std::min((params.num_work + C - 1) / C, grid / C));
   const ClusterLaunch lc(grid, KernelTraits<D>::kThreads, smem, C, stream);
-  return cudaLaunchKernelEx(&lc.config, forward_kernel<D, T>, params);
+  return cudaLaunchKernelEx(&lc.config, forward_kernel<D, T, kRuns>, static_cast<const ForwardParams<kRuns>&>(params));
 }
 
 /// f(KernelTraits<D>{}) for a supported head dim D, else `unsupported`.
@@ -38,10 +38,12 @@ int forward_smem_bytes(int head_dim) {
   return with_traits(head_dim, 0, [](auto traits) { return decltype(traits)::kSmemBytes; });
 }
 
-cudaError_t launch_forward(const FwdParams& params, int head_dim, bool bf16, int grid, cudaStream_t stream) {
+cudaError_t launch_forward(const FwdRunParams& params, int head_dim, bool bf16, int grid, cudaStream_t stream) {
   return with_traits(head_dim, cudaErrorInvalidValue, [&](auto traits) {
     constexpr int D = decltype(traits)::D;
-    return bf16 ? launch<D, WgType::bf16>(params, grid, stream) : launch<D, WgType::f16>(params, grid, stream);
+    if (params.runs != nullptr)  // the query runs' kernel (FwdRunParams::runs)
+      return bf16 ? launch<D, WgType::bf16, true>(params, grid, stream) : launch<D, WgType::f16, true>(params, grid, stream);
+    return bf16 ? launch<D, WgType::bf16, false>(params, grid, stream) : launch<D, WgType::f16, false>(params, grid, stream);
   });
 }
 

@@ -2,6 +2,8 @@
 // three consumer warpgroups (wgmma + online softmax + epilogue) around a multi-stage shared-memory pipeline.
 #pragma once
 
+#include <type_traits>
+
 #include "backends/cuda/hopper/kernel_traits.cuh"
 #include "backends/cuda/hopper/mainloop_producer.cuh"
 #include "backends/cuda/hopper/mma_softmax_consumer.cuh"
@@ -82,10 +84,14 @@ __device__ __forceinline__ void forward_cta(const Params& p) {
   if constexpr (Traits::kCluster > 1) cluster_sync();
 }
 
-template <int kHeadDim, WgType kType>
+/// kRuns: the video items are query run blocks (FwdRunParams::runs set); otherwise the tiles' blocks, with the
+/// parameters they always had (FwdParams: the tiles' kernel keeps its machine code).
+template <bool kRuns>
+using ForwardParams = std::conditional_t<kRuns, FwdRunParams, FwdParams>;
+template <int kHeadDim, WgType kType, bool kRuns>
 __global__ void __launch_bounds__(KernelTraits<kHeadDim>::kThreads, 1)
-    forward_kernel(const __grid_constant__ FwdParams p) {
-  using Traits = KernelTraits<kHeadDim>;
+    forward_kernel(const __grid_constant__ ForwardParams<kRuns> p) {
+  using Traits = KernelTraits<kHeadDim, 0, false, false, kBlockN, 0, kRuns>;
   forward_cta<Traits, Producer<Traits>, Consumer<Traits, kType>>(p);
 }
 

@@ -171,11 +171,16 @@ struct PipeState {
 /// kStreamRowsArg: rows of a streamed (K and V ring) block: kBlockN, or 64 in the two-kernel backward's dK/dV
 /// kernel (TILEWISE_HOPPER_BWD_STREAM_ROWS), whose stages then hold one 64-query half each.
 /// kClusterArg: CTAs per cluster when not 0 (the backward's reduce kernel in clusters); 0 = the forward's switch.
+/// kQueryRuns: the bf16 / f16 forward whose video items are query run blocks (FwdRunParams::runs), a kernel of its
+/// own beside the tiles' one, which keeps its machine code (the decode of a run block in every role, and the row
+/// maps, cost the D 128 kernel ~650 instructions and 112 bytes more of spills).
 template <int kHeadDim, int kOwnedRows = 0, bool kDqStagingArg = false, bool kFp8 = false, int kStreamRowsArg = kBlockN,
-          int kClusterArg = 0>
+          int kClusterArg = 0, bool kQueryRunsArg = false>
 struct KernelTraits {
   static constexpr int D = kHeadDim;
   static constexpr bool kBackward = kOwnedRows != 0;
+  static constexpr bool kQueryRuns = kQueryRunsArg;
+  static_assert(!kQueryRuns || (!kBackward && !kFp8), "query runs are the bf16 / f16 forward's");
   static_assert(!(kFp8 && kBackward), "FP8 is forward only");
   static constexpr int kInBytes = kFp8 ? 1 : 2;  // bytes per element of the loaded Q and K (and V)
   static constexpr int kStreamRows = kStreamRowsArg;

@@ -20,6 +20,9 @@ struct Producer {
   __device__ __forceinline__ void load(const CUtensorMap* video, const CUtensorMap* text, const TensorView& view,
                                        const Block& b, int batch, int head, uint8_t* dst, Barrier* bar,
                                        bool issue = true, bool multicast = false) const {
+    if constexpr (Traits::kQueryRuns) {
+      if (b.run()) return load_rows(with_runs(p).q_rows, view, b, batch, head, dst, bar, issue, multicast);
+    }
     const int rows = b.text ? (b.query ? Traits::kBlockM : Traits::kStreamRows) : static_cast<int>(b.box(p).volume());
     const int panel_bytes = b.query ? Traits::kQPanelBytes : Traits::kPanelBytes;
     bar->arrive_expect_tx(static_cast<uint32_t>(rows * Traits::D * Traits::kInBytes));
@@ -37,6 +40,23 @@ struct Producer {
         tma_load_multicast(d, map, bar, c0, c1, c2, c3, c4, (1u << kCluster) - 1);
       else
         tma_load(d, map, bar, c0, c1, c2, c3, c4);
+    }
+  }
+
+  /// load() of a query run block (Traits::kQueryRuns): kBlockM rows of the row map from row0.
+  __device__ __forceinline__ void load_rows(const CUtensorMap& map, const TensorView& view, const Block& b, int batch,
+                                            int head, uint8_t* dst, Barrier* bar, bool issue, bool multicast) const {
+    bar->arrive_expect_tx(static_cast<uint32_t>(Traits::kBlockM * Traits::D * Traits::kInBytes));
+    if (!issue) return;  // the peer CTA multicasts it
+    const int c4 = view.c4(batch, head);
+#pragma unroll
+    for (int panel = 0; panel < Traits::kPanels; ++panel) {
+      const int c0 = view.c0(head, panel * Traits::kPanelCols);
+      uint8_t* d = dst + panel * Traits::kQPanelBytes;
+      if (multicast)
+        tma_load_multicast(d, &map, bar, c0, b.row0, 0, 0, c4, (1u << kCluster) - 1);
+      else
+        tma_load(d, &map, bar, c0, b.row0, 0, 0, c4);
     }
   }
 
@@ -63,7 +83,7 @@ struct Producer {
     StageAlignment<kCluster> alignment;
     uint32_t syncs = 0;
     for (int32_t u; (u = next_unit()) < num_units<kCluster>(p);) {
-      const UnitWork uw = decode_unit<kCluster, Traits::kBlockM>(p, u, rank);
+      const UnitWork uw = decode_unit<kCluster, Traits::kBlockM, Traits::kQueryRuns>(p, u, rank);
       if (alignment.restart_before(uw)) {
         // This CTA's empty barriers have not seen the peer's releases since the last shared unit: wait until
         // this CTA's own stages are all free, meet the peer, and only then multicast into either.

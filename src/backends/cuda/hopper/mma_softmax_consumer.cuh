@@ -318,7 +318,7 @@ struct Consumer {
     // The shuffle tells the compiler the unit (and all decoded from it) is warp-uniform: branches on it must not
     // look divergent around wgmma (ptxas would serialise every wgmma, C7520).
     for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < num_units<Traits::kCluster>(p);) {
-      const UnitWork uw = decode_unit<Traits::kCluster, Traits::kBlockM>(p, u, rank);
+      const UnitWork uw = decode_unit<Traits::kCluster, Traits::kBlockM, Traits::kQueryRuns>(p, u, rank);
       if (alignment.restart_before(uw)) ks.restart(), vs.restart();
       const WorkItem& item = uw.item;
       if (item.empty) continue;
@@ -333,7 +333,7 @@ struct Consumer {
         mainloop_overlapped(item, text_len, uw.shared, ks, vs, o, m_run, l_run);
       } else {
         // The sequential warpgroups run independently, so one with no real rows can skip its GEMMs.
-        if (64 * wg >= query_rows<Traits::kBlockM>(p, item.q))
+        if (64 * wg >= query_rows<Traits::kBlockM, Traits::kQueryRuns>(p, item.q))
           mainloop_idle(uw.shared, ks, vs);
         else
           mainloop_sequential(item, text_len, uw.shared, ks, vs, o, m_run, l_run);

@@ -97,4 +97,20 @@ struct FwdParams {  // CUtensorMap members carry their own 64-byte alignment
   const int32_t* video_order = nullptr;
 };
 
+/// The bf16 / f16 forward's parameters: FwdParams and its query runs (include/tilewise/query_runs.hpp). A struct
+/// of its own, so that the other kernels' parameters (BwdParams, Fp8Params) and machine code stay as they were; code
+/// shared with them reads these fields only where Traits::kQueryRuns says the kernel is the forward's
+/// (`with_runs`).
+struct FwdRunParams : FwdParams {
+  // When set, the video items are run blocks: [video_items] pairs (first raster video row, index of the tile that
+  // stands for the run's key walk), whose Q and O move through the row maps (the video tokens as rows, raster
+  // order); null: the tiles' blocks.
+  const int32_t* runs = nullptr;
+  CUtensorMap q_rows, o_rows;
+};
+/// `p` as the forward's parameters (valid only in a kernel launched with FwdRunParams: Traits::kQueryRuns).
+__device__ __forceinline__ const FwdRunParams& with_runs(const FwdParams& p) {
+  return static_cast<const FwdRunParams&>(p);
+}
+
 }  // namespace tilewise::hopper

@@ -18,8 +18,9 @@ __device__ __forceinline__ int32_t tile_class(const FwdParams& p, D3 c) {
   return ((c.t == n.t - 1 ? 4 : 0) | (c.h == n.h - 1 ? 2 : 0) | (c.w == n.w - 1 ? 1 : 0)) & p.partial_axes;
 }
 
-/// One block of tokens: video (box `sub` of tile `tile`, in the key or query box shape of the tile's class) or
-/// text (rows [row0, row0 + kBlockN), or + kBlockM for a query block).
+/// One block of tokens: video (box `sub` of tile `tile`, in the key or query box shape of the tile's class), text
+/// (rows [row0, row0 + kBlockN), or + kBlockM for a query block), or a query run block (run(): raster video rows
+/// [row0, row0 + kBlockM), all seeing the key tiles of `tile`; FwdRunParams::runs).
 struct Block {
   bool text = false;
   bool query = false;  // a work item's query block (its class's qbox), not a key block (box)
@@ -28,6 +29,10 @@ struct Block {
   D3 sub{};
   int32_t row0 = 0;
 
+  // A run block is marked by sub.t < 0 (it is no sub-block of its tile) rather than by a member of its own: the
+  // other kernels keep Block's layout, and with it their machine code (their producers hold blocks in local memory).
+  static constexpr int32_t kRunSub = -1;
+  __device__ __forceinline__ bool run() const { return sub.t < 0; }
   __device__ __forceinline__ const D3& box(const FwdParams& p) const {
     return query ? p.cls[cls].qbox : p.cls[cls].box;
   }
@@ -85,8 +90,9 @@ __device__ __forceinline__ int64_t block_row_position(const FwdParams& p, int32_
 
 /// Rows of a query block that can be real tokens: rows past them are neither loaded nor stored (rows inside the
 /// box but outside the latent are, and are clipped by TMA).
-template <int kBlockM>
+template <int kBlockM, bool kRuns = false>
 __device__ __forceinline__ int32_t query_rows(const FwdParams& p, const Block& q) {
+  if (kRuns && q.run()) return kBlockM;
   if (!q.text) return q.box(p).volume();
   const int32_t left = static_cast<int32_t>(p.map.seq.text_capacity) - q.row0;
   return left < kBlockM ? left : kBlockM;
@@ -105,8 +111,8 @@ struct WorkItem {
 /// tiles in L2. A query block has kBlockM rows.
 /// `heads`: the heads of the items (the backward's dK/dV items are per kv head), q_heads for the forward.
 /// kOrdered: the video items follow p.video_order (heaviest first; the dK/dV kernels), a compile-time choice so
-/// that the other kernels keep their code as it was.
-template <int kBlockM, bool kOrdered = false>
+/// that the other kernels keep their code as it was; kRuns likewise: the video items may be run blocks (p.runs).
+template <int kBlockM, bool kOrdered = false, bool kRuns = false>
 __device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w, int32_t heads) {
   WorkItem it;
   it.q.query = true;
@@ -122,6 +128,15 @@ __device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w, i
   it.batch = w / (heads * p.video_items);
   it.head = (w / p.video_items) % heads;
   int32_t index = w % p.video_items;
+  if constexpr (kRuns) {
+    if (const int32_t* runs = with_runs(p).runs; runs != nullptr) {  // a run block: its rows, the tile of its keys
+      it.q.sub = {Block::kRunSub, 0, 0};
+      it.q.row0 = runs[2 * index];
+      it.q.tile = p.map.grid.tile_coord(runs[2 * index + 1]);
+      it.q.cls = tile_class(p, it.q.tile);
+      return it;
+    }
+  }
   if constexpr (kOrdered) {
     if (p.video_order) {  // the (head, tile) at this rank of the heaviest-first order; a tile's blocks stay together
       const int32_t tiles = p.map.grid.num_tiles();
@@ -138,9 +153,9 @@ __device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w, i
   it.empty = r >= s.volume();  // a class with fewer blocks than the most any class needs
   return it;
 }
-template <int kBlockM>
+template <int kBlockM, bool kRuns = false>
 __device__ __forceinline__ WorkItem decode_work(const FwdParams& p, int32_t w) {
-  return decode_work<kBlockM>(p, w, p.q_heads);
+  return decode_work<kBlockM, false, kRuns>(p, w, p.q_heads);
 }
 
 /// One scheduled unit of work for one CTA of a cluster: its item (possibly empty), and whether every CTA of the
@@ -162,15 +177,16 @@ template <int kCluster>
 __device__ __forceinline__ int32_t num_units(const FwdParams& p) {
   return (p.num_work + kCluster - 1) / kCluster;
 }
-template <int kCluster, int kBlockM>
+template <int kCluster, int kBlockM, bool kRuns = false>
 __device__ __forceinline__ UnitWork decode_unit(const FwdParams& p, int32_t u, uint32_t rank) {
   if constexpr (kCluster == 1) {
-    return {decode_work<kBlockM>(p, u), false};
+    return {decode_work<kBlockM, kRuns>(p, u), false};
   } else {
     WorkItem none;
     none.empty = true;
     const int32_t w = kCluster * u;
-    const WorkItem a = decode_work<kBlockM>(p, w), b = w + 1 < p.num_work ? decode_work<kBlockM>(p, w + 1) : none;
+    const WorkItem a = decode_work<kBlockM, kRuns>(p, w),
+                   b = w + 1 < p.num_work ? decode_work<kBlockM, kRuns>(p, w + 1) : none;
     return {rank == 0 ? a : b, !a.empty && !b.empty && same_key_blocks(a, b)};
   }
 }
