@@ -135,6 +135,34 @@ struct TileClasses {
   }
 };
 
+/// Whether the query runs' keys go as key-run blocks (hopper/run_keys.cuh): every run's key tiles span the tile
+/// grid's columns (so each frame's keys are one range of whole token rows) and no run walks more key blocks so than
+/// through its key tiles' boxes. TILEWISE_KEY_RUNS=0 in the environment keeps the boxes (measurements).
+bool forward_key_runs(const Plan& plan, const TileClasses& classes) {
+  const char* env = std::getenv("TILEWISE_KEY_RUNS");
+  if (env != nullptr && std::string(env) == "0") return false;
+  const TileGrid& g = plan.grid();
+  const PatternKind kind = plan.pattern().kind;
+  const HeadParams& head = plan.head(0);
+  for (const QueryRun& run : query_runs(kind, head, g)) {
+    const KeyBoxes b = key_boxes(kind, head, g, run.tile);
+    if (b.num_t != 1 || b.w.begin != 0 || b.w.end != g.tiles.w) return false;
+    const int64_t frames = std::min(b.t0.end * g.tile.t, g.latent.t) - b.t0.begin * g.tile.t;
+    const int64_t rows = std::min(b.h.end * g.tile.h, g.latent.h) - b.h.begin * g.tile.h;
+    const int64_t range = rows * g.latent.w, n = hopper::kBlockN;
+    const int64_t run_blocks = rows == g.latent.h ? ceil_div(frames * range, n) : frames * ceil_div(range, n);
+    int64_t box_blocks = 0;
+    for (int64_t i = 0; i < b.num_tiles(); ++i) {
+      const Dim3 c = b.tile(i);
+      const int cls = ((c.t == g.tiles.t - 1 ? 4 : 0) | (c.h == g.tiles.h - 1 ? 2 : 0) | (c.w == g.tiles.w - 1 ? 1 : 0)) &
+                      classes.partial_axes;
+      box_blocks += classes.cls[cls].subs.volume();
+    }
+    if (run_blocks > box_blocks) return false;
+  }
+  return true;
+}
+
 enum class ViewMode { head_in_dim0, head_batch_merged, per_batch };
 
 /// How a tensor's elements are laid out for TMA: the element type, its bytes, and the columns of one swizzled
@@ -233,6 +261,7 @@ class HopperBackend final : public Backend {
     if (const std::vector<int32_t> runs = forward_run_blocks(plan, query_rows_, video_items_); !runs.empty()) {
       run_blocks_ = DeviceArray<int32_t>(runs);
       video_items_ = static_cast<int32_t>(runs.size() / 2);
+      key_runs_ = forward_key_runs(plan, classes_);
     }
     text_items_ = static_cast<int32_t>(ceil_div<int64_t>(p.text_capacity, query_rows_));
     const int64_t launch_batch = per_batch_ ? 1 : p.batch;
@@ -487,13 +516,14 @@ class HopperBackend final : public Backend {
     prm.text_items = text_items_;
     prm.num_work = prm.batch * prm.q_heads * (video_items_ + text_items_);
     prm.runs = run_blocks_.get();
+    prm.key_runs = key_runs_;
     prm.work_counter = workspace ? static_cast<int32_t*>(workspace) : work_counter_.mutable_get();
     const int grid = std::min<int>(prm.num_work, max_ctas_);
     for (int64_t b = 0; b < (per_batch_ ? p.batch : 1); ++b) {
       prm.batch_base = static_cast<int32_t>(b);
       encode(plan, t.q, p.q, p.q_heads, b, prm.q_video, prm.q_text, prm.q, true, prm.runs ? &prm.q_rows : nullptr);
-      encode(plan, t.k, p.k, p.kv_heads, b, prm.k_video, prm.k_text, prm.k, false);
-      encode(plan, t.v, p.v, p.kv_heads, b, prm.v_video, prm.v_text, prm.v, false);
+      encode(plan, t.k, p.k, p.kv_heads, b, prm.k_video, prm.k_text, prm.k, false, key_runs_ ? &prm.k_rows : nullptr);
+      encode(plan, t.v, p.v, p.kv_heads, b, prm.v_video, prm.v_text, prm.v, false, key_runs_ ? &prm.v_rows : nullptr);
       encode(plan, t.o, p.o, p.q_heads, b, prm.o_video, prm.o_text, prm.o, true, prm.runs ? &prm.o_rows : nullptr);
       // The scheduler's counter restarts on the stream: a memset node under graph capture, no host sync.
       // (So one plan must not run concurrently on two streams with its own counter: pass a workspace per stream.)
@@ -632,7 +662,7 @@ class HopperBackend final : public Backend {
       const cuuint64_t dims[5] = {dim0, n, 1, 1, dim4};
       const cuuint64_t strides[4] = {(cuuint64_t)(s.seq * esize), (cuuint64_t)(s.seq * n * esize),
                                      (cuuint64_t)(s.seq * n * esize), (cuuint64_t)(stride4 * esize)};
-      const cuuint32_t box[5] = {(cuuint32_t)panel_cols, (cuuint32_t)owned_rows, 1, 1, 1};
+      const cuuint32_t box[5] = {(cuuint32_t)panel_cols, (cuuint32_t)(query ? owned_rows : classes.key_rows), 1, 1, 1};
       encode_one(*rows, dtype, v0, dims, strides, box, ones, swizzle);
     }
     if (p.text_capacity > 0) {
@@ -691,6 +721,7 @@ class HopperBackend final : public Backend {
   int query_rows_ = 128;  // query rows per work item of the kernel for this head dim
   int32_t video_items_ = 0, text_items_ = 0;
   DeviceArray<int32_t> run_blocks_;  // the forward's query run blocks (forward_run_blocks), or none: tiles' blocks
+  bool key_runs_ = false;            // and their keys as key-run blocks (forward_key_runs)
   // The FP8 forward (precision fp8 / fp8_scaled only): its query rows and tile classes, and the scratch used when
   // run() is given no workspace (allocated with the plan).
   int fp8_rows_ = 128;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "backends/cuda/hopper/kernel_traits.cuh"
+#include "backends/cuda/hopper/run_keys.cuh"
 #include "backends/cuda/hopper/tile_scheduler.cuh"
 
 namespace tilewise::hopper {
@@ -19,9 +20,11 @@ struct Producer {
   /// `video` holds a map per class.
   __device__ __forceinline__ void load(const CUtensorMap* video, const CUtensorMap* text, const TensorView& view,
                                        const Block& b, int batch, int head, uint8_t* dst, Barrier* bar,
-                                       bool issue = true, bool multicast = false) const {
-    if constexpr (Traits::kQueryRuns) {
-      if (b.run()) return load_rows(with_runs(p).q_rows, view, b, batch, head, dst, bar, issue, multicast);
+                                       bool issue = true, bool multicast = false,
+                                       const CUtensorMap* rows_map = nullptr) const {
+    if constexpr (Traits::kQueryRuns) {  // a run block: Q's, or K's / V's (rows_map)
+      if (b.run()) return load_rows(b.query ? with_runs(p).q_rows : *rows_map, view, b, batch, head, dst, bar, issue,
+                                    multicast);
     }
     const int rows = b.text ? (b.query ? Traits::kBlockM : Traits::kStreamRows) : static_cast<int>(b.box(p).volume());
     const int panel_bytes = b.query ? Traits::kQPanelBytes : Traits::kPanelBytes;
@@ -43,16 +46,18 @@ struct Producer {
     }
   }
 
-  /// load() of a query run block (Traits::kQueryRuns): kBlockM rows of the row map from row0.
+  /// load() of a run block (Traits::kQueryRuns): kBlockM (query) or kBlockN (key) rows of the row map from row0.
   __device__ __forceinline__ void load_rows(const CUtensorMap& map, const TensorView& view, const Block& b, int batch,
                                             int head, uint8_t* dst, Barrier* bar, bool issue, bool multicast) const {
-    bar->arrive_expect_tx(static_cast<uint32_t>(Traits::kBlockM * Traits::D * Traits::kInBytes));
+    const int rows = b.query ? Traits::kBlockM : kBlockN;
+    const int panel_bytes = b.query ? Traits::kQPanelBytes : Traits::kPanelBytes;
+    bar->arrive_expect_tx(static_cast<uint32_t>(rows * Traits::D * Traits::kInBytes));
     if (!issue) return;  // the peer CTA multicasts it
     const int c4 = view.c4(batch, head);
 #pragma unroll
     for (int panel = 0; panel < Traits::kPanels; ++panel) {
       const int c0 = view.c0(head, panel * Traits::kPanelCols);
-      uint8_t* d = dst + panel * Traits::kQPanelBytes;
+      uint8_t* d = dst + panel * panel_bytes;
       if (multicast)
         tma_load_multicast(d, &map, bar, c0, b.row0, 0, 0, c4, (1u << kCluster) - 1);
       else
@@ -60,9 +65,20 @@ struct Producer {
     }
   }
 
+  /// The row map of K (or V) in the query-run forward (its key-run blocks); none elsewhere.
+  __device__ __forceinline__ const CUtensorMap* rows_map(bool values) const {
+    if constexpr (Traits::kQueryRuns)
+      return values ? &with_runs(p).v_rows : &with_runs(p).k_rows;
+    else
+      return nullptr;
+  }
+
   /// Zeroes V rows [volume, volume + tail) of a stage, which a larger box loaded earlier may have filled: P is
   /// zero there, but 0 * NaN would not be. Generic stores, so the proxy fence orders them before the wgmma reads.
   __device__ __forceinline__ void zero_tail(const Block& b, uint8_t* dst) const {
+    if constexpr (Traits::kQueryRuns) {
+      if (b.run()) return;  // a key-run block loads kBlockN rows (other tokens' past its end: P is 0 there)
+    }
     const TileClass& c = p.cls[b.cls];
     if (b.text || c.tail == 0) return;
     const int first = c.box.volume() * Traits::kRowBytes / 16, count = c.tail * Traits::kRowBytes / 16;
@@ -95,7 +111,7 @@ struct Producer {
       if (uw.item.empty) continue;
       f(uw.item, uw.shared);
       const int32_t text_len = text_len_of(p, uw.item.batch);
-      KeyBlockCursor cursor(p, uw.item, text_len);
+      std::conditional_t<Traits::kQueryRuns, RunKeyBlockCursor, KeyBlockCursor> cursor(p, uw.item, text_len);
       // Every work item has at least one key block (the plan guarantees an allowed key).
       for (Block kb; cursor.next(kb); pipe.advance())
         g(kb, uw, text_len, pipe.stage(), pipe.phase() ^ 1, cursor.done());
@@ -122,13 +138,16 @@ struct Producer {
         [&](const Block& kb, const UnitWork& uw, int32_t text_len, int stage, uint32_t parity, bool last) {
           s.k_empty[stage].wait(parity);
           // The consumers read the record after k_full completes; the arrive below releases this store.
-          s.info[stage] = describe(p, uw.item, kb, text_len, last);
+          if constexpr (Traits::kQueryRuns)
+            s.info[stage] = kb.run() ? describe_key_run(kb, last) : describe(p, uw.item, kb, text_len, last);
+          else
+            s.info[stage] = describe(p, uw.item, kb, text_len, last);
           if (TILEWISE_HOPPER_ABLATE & 32) {
             s.k_full[stage].arrive();
             return;
           }
           load(p.k_video, &p.k_text, p.k, kb, uw.item.batch, uw.item.head / p.kv_group, s.k(stage),
-               &s.k_full[stage], !uw.shared || rank == 0, uw.shared);
+               &s.k_full[stage], !uw.shared || rank == 0, uw.shared, rows_map(false));
         });
   }
 
@@ -147,7 +166,7 @@ struct Producer {
             return;
           }
           load(p.v_video, &p.v_text, p.v, kb, uw.item.batch, uw.item.head / p.kv_group, s.v(stage),
-               &s.v_full[stage], !uw.shared || rank == kCluster - 1, uw.shared);
+               &s.v_full[stage], !uw.shared || rank == kCluster - 1, uw.shared, rows_map(true));
         });
   }
 };

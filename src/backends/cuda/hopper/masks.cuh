@@ -18,13 +18,16 @@ struct KeyMask {
   bool frames = false;  // attention tile block mixing allowed and forbidden frame pairs (token-level mask)
   uint32_t valid[4] = {~0u, ~0u, ~0u, ~0u};  // bit c % 32 of word c / 32: column c is a real key
 
-  /// The mask of a block the producer flagged (rare: ragged border blocks, text padding, frame-straddling).
+  /// The mask of a block the producer flagged (rare: ragged border blocks, text padding, frame-straddling). kRuns:
+  /// the query-run forward, whose key-run blocks (BlockInfo::kRows) have bi.h real rows.
+  template <bool kRuns = false>
   static __device__ __forceinline__ KeyMask of(const FwdParams& p, const BlockInfo& bi, int32_t text_len, int lane) {
     KeyMask m;
     if (!(bi.flags & BlockInfo::kMasked)) return m;
     m.active = true;
-    if (bi.flags & BlockInfo::kText) {
-      const int32_t n = text_len - bi.t;  // columns [0, n) are valid text keys
+    const bool rows = kRuns && (bi.flags & BlockInfo::kRows);
+    if (rows || (bi.flags & BlockInfo::kText)) {
+      const int32_t n = rows ? bi.h : text_len - bi.t;  // columns [0, n) are valid keys
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int32_t k = n - 32 * j;

@@ -114,7 +114,7 @@ struct Consumer {
   /// Sets the scores of keys this block's rows may not see to -inf, for blocks the producer flagged (masks.cuh).
   __device__ __forceinline__ void mask_scores(float (&sc)[kBlockN / 2], const BlockInfo& bi, int32_t text_len,
                                               const WorkItem& item) const {
-    const KeyMask mask = KeyMask::of(p, bi, text_len, lane());
+    const KeyMask mask = KeyMask::of<Traits::kQueryRuns>(p, bi, text_len, lane());
     if (mask.active) {
       mask.apply(sc, lane());
       if (mask.frames) mask_frames(sc, p, item, bi, lane(), [&](int rr) { return row(rr); });

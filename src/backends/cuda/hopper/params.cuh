@@ -52,6 +52,7 @@ struct alignas(16) BlockInfo {
   static constexpr uint32_t kLast = 1;    // the work item's last key block
   static constexpr uint32_t kMasked = 2;  // some columns are not real, allowed keys (ragged, text padding, frames)
   static constexpr uint32_t kText = 4;    // a block of text keys starting at row t
+  static constexpr uint32_t kRows = 32;   // the query-run forward: a key-run block, raster rows from t, h real ones
   static constexpr uint32_t kFrames = 8;  // an attention-tile block mixing allowed and forbidden frame pairs
   static constexpr uint32_t kEmpty = 16;  // backward: a placeholder stage with nothing loaded (an item with no blocks)
   static constexpr int kClassShift = 8;   // bits 8-10: the tile class of a video block (its box)
@@ -106,7 +107,10 @@ struct FwdRunParams : FwdParams {
   // stands for the run's key walk), whose Q and O move through the row maps (the video tokens as rows, raster
   // order); null: the tiles' blocks.
   const int32_t* runs = nullptr;
-  CUtensorMap q_rows, o_rows;
+  // With runs, also their keys as key-run blocks (run_keys.cuh: every run's key tiles span the tile grid's columns),
+  // K and V through row maps like Q's.
+  bool key_runs = false;
+  CUtensorMap q_rows, o_rows, k_rows, v_rows;
 };
 /// `p` as the forward's parameters (valid only in a kernel launched with FwdRunParams: Traits::kQueryRuns).
 __device__ __forceinline__ const FwdRunParams& with_runs(const FwdParams& p) {
