@@ -53,7 +53,9 @@ class RunKeyBlockCursor {
   __device__ __forceinline__ bool done() const { return rows_ ? rows_done_ && tiles_.done() : tiles_.done(); }
 
   __device__ __forceinline__ bool next(Block& b) {
-    if (!rows_ || rows_done_) return tiles_.next(b);  // (with key runs: the tiles' cursor has only text left)
+    // (with key runs the tiles' cursor has only text left; it sets text and row0 alone, and Block::run() is false
+    // for text blocks, so a previous run block's mark left in sub does not matter)
+    if (!rows_ || rows_done_) return tiles_.next(b);
     const int32_t end = first_ + length_;
     b = key_run_block(pos_, imin<int32_t>(kBlockN, end - pos_));
     pos_ += kBlockN;

@@ -31,8 +31,9 @@ struct Block {
 
   // A run block is marked by sub.t < 0 (it is no sub-block of its tile) rather than by a member of its own: the
   // other kernels keep Block's layout, and with it their machine code (their producers hold blocks in local memory).
+  // A text block is never one (the key cursors set only text and row0 for it, leaving sub as it was).
   static constexpr int32_t kRunSub = -1;
-  __device__ __forceinline__ bool run() const { return sub.t < 0; }
+  __device__ __forceinline__ bool run() const { return !text && sub.t < 0; }
   __device__ __forceinline__ const D3& box(const FwdParams& p) const {
     return query ? p.cls[cls].qbox : p.cls[cls].box;
   }
