@@ -129,6 +129,12 @@ struct TileClasses {
       if (exists(c)) cls[c].tail = static_cast<int32_t>(max_volume - cls[c].box.volume());
   }
   bool exists(int c) const { return !(c & ~partial_axes); }
+  /// The class of tile c: hopper::tile_class's formula (tile_scheduler.cuh). The kernels keep their own copy: routed
+  /// through one shared function, their machine code changed (ptxas), and they are measured as they are.
+  int class_of(const TileGrid& g, const Dim3& c) const {
+    return ((c.t == g.tiles.t - 1 ? 4 : 0) | (c.h == g.tiles.h - 1 ? 2 : 0) | (c.w == g.tiles.w - 1 ? 1 : 0)) &
+           partial_axes;
+  }
   /// Key blocks per (batch, head) as block_entry numbers them: key_slots per tile, then the text blocks.
   int64_t key_entries(const TileGrid& g, int64_t text_capacity) const {
     return g.num_tiles() * key_slots + ceil_div<int64_t>(text_capacity, key_rows);
@@ -138,13 +144,13 @@ struct TileClasses {
 /// Whether the query runs' keys go as key-run blocks (hopper/run_keys.cuh): every run's key tiles span the tile
 /// grid's columns (so each frame's keys are one range of whole token rows) and no run walks more key blocks so than
 /// through its key tiles' boxes. TILEWISE_KEY_RUNS=0 in the environment keeps the boxes (measurements).
-bool forward_key_runs(const Plan& plan, const TileClasses& classes) {
+bool forward_key_runs(const Plan& plan, const std::vector<QueryRun>& runs, const TileClasses& classes) {
   const char* env = std::getenv("TILEWISE_KEY_RUNS");
   if (env != nullptr && std::string(env) == "0") return false;
   const TileGrid& g = plan.grid();
   const PatternKind kind = plan.pattern().kind;
   const HeadParams& head = plan.head(0);
-  for (const QueryRun& run : query_runs(kind, head, g)) {
+  for (const QueryRun& run : runs) {
     const KeyBoxes b = key_boxes(kind, head, g, run.tile);
     if (b.num_t != 1 || b.w.begin != 0 || b.w.end != g.tiles.w) return false;
     const int64_t frames = std::min(b.t0.end * g.tile.t, g.latent.t) - b.t0.begin * g.tile.t;
@@ -153,10 +159,7 @@ bool forward_key_runs(const Plan& plan, const TileClasses& classes) {
     const int64_t run_blocks = rows == g.latent.h ? ceil_div(frames * range, n) : frames * ceil_div(range, n);
     int64_t box_blocks = 0;
     for (int64_t i = 0; i < b.num_tiles(); ++i) {
-      const Dim3 c = b.tile(i);
-      const int cls = ((c.t == g.tiles.t - 1 ? 4 : 0) | (c.h == g.tiles.h - 1 ? 2 : 0) | (c.w == g.tiles.w - 1 ? 1 : 0)) &
-                      classes.partial_axes;
-      box_blocks += classes.cls[cls].subs.volume();
+      box_blocks += classes.cls[classes.class_of(g, b.tile(i))].subs.volume();
     }
     if (run_blocks > box_blocks) return false;
   }
@@ -182,13 +185,10 @@ ElementFormat e4m3_format(const Problem& p) {
   return {CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.head_dim % 128 == 0 ? 128 : (p.head_dim % 64 == 0 ? 64 : 32)};
 }
 
-/// The forward's query run blocks (include/tilewise/query_runs.hpp) as FwdParams::runs wants them: per block its first
-/// raster video row and the index of the tile whose key walk it takes; empty where the plan keeps the tiles' blocks:
-/// tiled token order (a run is raster rows), patterns other than sliding tile and dense (the attention tile's frame
-/// masks read a row's frame from its tile box, masks.cuh; block lists are per-tile tables), local heads with
-/// different patterns, a run shorter than a block, or no fewer blocks than `tile_items`. TILEWISE_QUERY_RUNS=0 in
-/// the environment keeps the tiles' blocks (measurements).
-std::vector<int32_t> forward_run_blocks(const Plan& plan, int rows, int64_t tile_items) {
+/// The forward's query runs (query_runs.hpp) where the plan may take them: raster order, sliding tile or dense, one
+/// window for every local head; none otherwise, or with TILEWISE_QUERY_RUNS=0 in the environment (measurements).
+/// (The attention tile's frame masks read a row's frame from its tile box, masks.cuh; block lists are per-tile tables.)
+std::vector<QueryRun> forward_query_runs(const Plan& plan) {
   const Problem& p = plan.problem();
   const char* env = std::getenv("TILEWISE_QUERY_RUNS");
   const PatternKind kind = plan.pattern().kind;
@@ -200,13 +200,20 @@ std::vector<int32_t> forward_run_blocks(const Plan& plan, int rows, int64_t tile
     const HeadParams& o = plan.head(h);
     if (!(o.window == first.window)) return {};
   }
-  const std::vector<QueryRun> runs = query_runs(kind, first, plan.grid());
-  const int64_t blocks = run_blocks(runs, rows);
+  return query_runs(kind, first, plan.grid());
+}
+
+/// `runs` as FwdRunParams::runs wants them: per block of `rows` rows its first raster video row and the index of the
+/// tile whose key walk it takes; empty where the runs make no fewer blocks than `tile_items` (or a run is shorter
+/// than a block).
+std::vector<int32_t> forward_run_blocks(const Plan& plan, const std::vector<QueryRun>& runs, int rows,
+                                        int64_t tile_items) {
+  const int64_t blocks = runs.empty() ? -1 : run_blocks(runs, rows);
   if (blocks < 0 || blocks >= tile_items) return {};
   std::vector<int32_t> table;
   table.reserve(static_cast<size_t>(2 * blocks));
   for (const QueryRun& run : runs)
-    for (int64_t i = 0; i * rows < run.size(); ++i) {
+    for (int64_t i = 0; i < ceil_div<int64_t>(run.size(), rows); ++i) {
       table.push_back(static_cast<int32_t>(run_block_begin(run, i, rows)));
       table.push_back(static_cast<int32_t>(plan.grid().tile_index(run.tile)));
     }
@@ -258,10 +265,11 @@ class HopperBackend final : public Backend {
     query_rows_ = hopper::query_block_rows(static_cast<int>(p.head_dim));
     classes_ = TileClasses(g, query_rows_);
     video_items_ = static_cast<int32_t>(g.num_tiles() * classes_.slots);
-    if (const std::vector<int32_t> runs = forward_run_blocks(plan, query_rows_, video_items_); !runs.empty()) {
-      run_blocks_ = DeviceArray<int32_t>(runs);
-      video_items_ = static_cast<int32_t>(runs.size() / 2);
-      key_runs_ = forward_key_runs(plan, classes_);
+    const std::vector<QueryRun> runs = forward_query_runs(plan);
+    if (const std::vector<int32_t> table = forward_run_blocks(plan, runs, query_rows_, video_items_); !table.empty()) {
+      run_blocks_ = DeviceArray<int32_t>(table);
+      video_items_ = static_cast<int32_t>(table.size() / 2);
+      key_runs_ = forward_key_runs(plan, runs, classes_);
     }
     text_items_ = static_cast<int32_t>(ceil_div<int64_t>(p.text_capacity, query_rows_));
     const int64_t launch_batch = per_batch_ ? 1 : p.batch;

@@ -35,6 +35,12 @@ struct Producer {
     const CUtensorMap* map = b.text ? text : video + b.cls;
     const int c1 = b.text ? b.row0 : static_cast<int>(o.w), c2 = b.text ? 0 : static_cast<int>(o.h),
               c3 = b.text ? 0 : static_cast<int>(o.t);
+    load_panels(map, view, head, dst, panel_bytes, bar, c1, c2, c3, c4, multicast);
+  }
+  /// The TMA loads of one block, a panel of kPanelCols columns at a time, from `map` at (c1, c2, c3, c4).
+  __device__ __forceinline__ void load_panels(const CUtensorMap* map, const TensorView& view, int head, uint8_t* dst,
+                                              int panel_bytes, Barrier* bar, int c1, int c2, int c3, int c4,
+                                              bool multicast) const {
 #pragma unroll
     for (int panel = 0; panel < Traits::kPanels; ++panel) {
       const int c0 = view.c0(head, panel * Traits::kPanelCols);
@@ -53,16 +59,7 @@ struct Producer {
     const int panel_bytes = b.query ? Traits::kQPanelBytes : Traits::kPanelBytes;
     bar->arrive_expect_tx(static_cast<uint32_t>(rows * Traits::D * Traits::kInBytes));
     if (!issue) return;  // the peer CTA multicasts it
-    const int c4 = view.c4(batch, head);
-#pragma unroll
-    for (int panel = 0; panel < Traits::kPanels; ++panel) {
-      const int c0 = view.c0(head, panel * Traits::kPanelCols);
-      uint8_t* d = dst + panel * panel_bytes;
-      if (multicast)
-        tma_load_multicast(d, &map, bar, c0, b.row0, 0, 0, c4, (1u << kCluster) - 1);
-      else
-        tma_load(d, &map, bar, c0, b.row0, 0, 0, c4);
-    }
+    load_panels(&map, view, head, dst, panel_bytes, bar, b.row0, 0, 0, view.c4(batch, head), multicast);
   }
 
   /// The row map of K (or V) in the query-run forward (its key-run blocks); none elsewhere.
