@@ -29,6 +29,8 @@ struct KeyBoxesT {
   AxisRangeT<I> t0, t1;  // t1 only when num_t == 2
   AxisRangeT<I> h, w;
 
+  friend constexpr bool operator==(const KeyBoxesT&, const KeyBoxesT&) = default;
+
   TW_HD constexpr I num_tiles() const { return (t0.size() + (num_t == 2 ? t1.size() : 0)) * h.size() * w.size(); }
   TW_HD constexpr bool contains(Dim3T<I> c) const {
     return (t0.contains(c.t) || (num_t == 2 && t1.contains(c.t))) && h.contains(c.h) && w.contains(c.w);

@@ -29,10 +29,7 @@ namespace detail {
 struct RunSignature {
   KeyBoxes boxes;
   std::vector<bool> frames;  // attention tile: the key frames the query frame may see; empty otherwise
-  bool operator==(const RunSignature& o) const {
-    return boxes.num_t == o.boxes.num_t && boxes.t0 == o.boxes.t0 && (boxes.num_t == 1 || boxes.t1 == o.boxes.t1) &&
-           boxes.h == o.boxes.h && boxes.w == o.boxes.w && frames == o.frames;
-  }
+  bool operator==(const RunSignature&) const = default;  // (key_boxes leaves t1 empty when num_t is 1)
 };
 
 inline RunSignature run_signature(PatternKind kind, const HeadParams& p, const TileGrid& g, Dim3 token) {

@@ -22,7 +22,8 @@ struct Epilogue {
   __device__ __forceinline__ int64_t position(const Block& q, int r) const {
     if (r >= query_rows<Traits::kBlockM, Traits::kQueryRuns>(p, q)) return -1;
     if (q.text) return p.map.seq.text_offset() + q.row0 + r;
-    if (Traits::kQueryRuns && q.run()) return p.map.seq.video_offset() + q.row0 + r;  // raster order (the host takes runs only there)
+    // A run block's rows are raster video rows (the host takes runs in raster order only).
+    if (Traits::kQueryRuns && q.run()) return p.map.seq.video_offset() + q.row0 + r;
     const D3 b = q.box(p);
     const D3 o = q.origin(p), L = p.map.grid.latent;
     const D3 c{o.t + r / (b.h * b.w), o.h + (r / b.w) % b.h, o.w + r % b.w};

@@ -4,6 +4,7 @@
 #include "backends/cuda/hopper/fwd_kernel.cuh"
 
 #include <algorithm>
+#include <type_traits>
 
 namespace tilewise::hopper {
 namespace {
@@ -41,9 +42,12 @@ int forward_smem_bytes(int head_dim) {
 cudaError_t launch_forward(const FwdRunParams& params, int head_dim, bool bf16, int grid, cudaStream_t stream) {
   return with_traits(head_dim, cudaErrorInvalidValue, [&](auto traits) {
     constexpr int D = decltype(traits)::D;
-    if (params.runs != nullptr)  // the query runs' kernel (FwdRunParams::runs)
-      return bf16 ? launch<D, WgType::bf16, true>(params, grid, stream) : launch<D, WgType::f16, true>(params, grid, stream);
-    return bf16 ? launch<D, WgType::bf16, false>(params, grid, stream) : launch<D, WgType::f16, false>(params, grid, stream);
+    auto go = [&](auto runs) {  // runs: the query runs' kernel (FwdRunParams::runs set)
+      constexpr bool kRuns = decltype(runs)::value;
+      return bf16 ? launch<D, WgType::bf16, kRuns>(params, grid, stream)
+                  : launch<D, WgType::f16, kRuns>(params, grid, stream);
+    };
+    return params.runs != nullptr ? go(std::true_type{}) : go(std::false_type{});
   });
 }
 
