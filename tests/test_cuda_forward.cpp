@@ -186,6 +186,13 @@ std::vector<Case> query_run_cases() {
     c.push_back({"query_runs_cogvideox_d64_text_first", p, Pattern::sliding_tile({3, 3, 3}), {}});
   }
   {
+    // Per-head windows that group the tokens alike (they differ along t only, as calibrated ones may): one run
+    // table, each head's own key walk.
+    Problem p = base({3, 30, 45}, {1, 8, 16}, 4, 4, 64, 20);
+    c.push_back({"query_runs_per_head_windows_d64_text_last", p,
+                 Pattern::sliding_tile(std::vector<Dim3>{{1, 3, 3}, {2, 3, 3}, {3, 3, 3}, {1, 3, 3}}), {}});
+  }
+  {
     Problem p = base({3, 24, 40}, {1, 8, 16}, 4, 2, 64, 40);
     p.batch = 2;
     p.text_position = TextPosition::first;

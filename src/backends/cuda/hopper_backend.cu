@@ -141,15 +141,11 @@ struct TileClasses {
   }
 };
 
-/// Whether the query runs' keys go as key-run blocks (hopper/run_keys.cuh): every run's key tiles span the tile
-/// grid's columns (so each frame's keys are one range of whole token rows) and no run walks more key blocks so than
-/// through its key tiles' boxes. TILEWISE_KEY_RUNS=0 in the environment keeps the boxes (measurements).
-bool forward_key_runs(const Plan& plan, const std::vector<QueryRun>& runs, const TileClasses& classes) {
-  const char* env = std::getenv("TILEWISE_KEY_RUNS");
-  if (env != nullptr && std::string(env) == "0") return false;
+/// Whether one head's keys of `runs` go as key-run blocks (forward_key_runs).
+bool key_runs_fit(const Plan& plan, const HeadParams& head, const std::vector<QueryRun>& runs,
+                  const TileClasses& classes) {
   const TileGrid& g = plan.grid();
   const PatternKind kind = plan.pattern().kind;
-  const HeadParams& head = plan.head(0);
   for (const QueryRun& run : runs) {
     const KeyBoxes b = key_boxes(kind, head, g, run.tile);
     if (b.num_t != 1 || b.w.begin != 0 || b.w.end != g.tiles.w) return false;
@@ -163,6 +159,19 @@ bool forward_key_runs(const Plan& plan, const std::vector<QueryRun>& runs, const
     }
     if (run_blocks > box_blocks) return false;
   }
+  return true;
+}
+
+/// Whether the query runs' keys go as key-run blocks (hopper/run_keys.cuh): every local head's key tiles of every run
+/// span the tile grid's columns (so each frame's keys are one range of whole token rows) and no run walks more key
+/// blocks so than through its key tiles' boxes. TILEWISE_KEY_RUNS=0 in the environment keeps the boxes
+/// (measurements).
+bool forward_key_runs(const Plan& plan, const std::vector<QueryRun>& runs, const TileClasses& classes) {
+  const char* env = std::getenv("TILEWISE_KEY_RUNS");
+  if (env != nullptr && std::string(env) == "0") return false;
+  for (int64_t h = 0; h < plan.problem().q_heads; ++h)
+    if ((h == 0 || !(plan.head(h).window == plan.head(0).window)) && !key_runs_fit(plan, plan.head(h), runs, classes))
+      return false;
   return true;
 }
 
@@ -185,9 +194,11 @@ ElementFormat e4m3_format(const Problem& p) {
   return {CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.head_dim % 128 == 0 ? 128 : (p.head_dim % 64 == 0 ? 64 : 32)};
 }
 
-/// The forward's query runs (query_runs.hpp) where the plan may take them: raster order, sliding tile or dense, one
-/// window for every local head; none otherwise, or with TILEWISE_QUERY_RUNS=0 in the environment (measurements).
-/// (The attention tile's frame masks read a row's frame from its tile box, masks.cuh; block lists are per-tile tables.)
+/// The forward's query runs (query_runs.hpp) where the plan may take them: raster order, sliding tile or dense, and
+/// the same runs for every local head (one run table serves all; each head's key walk is its own, so per-head windows
+/// that group the tokens alike, e.g. calibrated ones differing along t, keep the runs); none otherwise, or with
+/// TILEWISE_QUERY_RUNS=0 in the environment (measurements). (The attention tile's frame masks read a row's frame
+/// from its tile box, masks.cuh; block lists are per-tile tables.)
 std::vector<QueryRun> forward_query_runs(const Plan& plan) {
   const Problem& p = plan.problem();
   const char* env = std::getenv("TILEWISE_QUERY_RUNS");
@@ -195,12 +206,14 @@ std::vector<QueryRun> forward_query_runs(const Plan& plan) {
   if ((env != nullptr && std::string(env) == "0") || p.order != TokenOrder::raster ||
       (kind != PatternKind::sliding_tile && kind != PatternKind::dense))
     return {};
-  const HeadParams& first = plan.head(0);
+  const std::vector<QueryRun> runs = query_runs(kind, plan.head(0), plan.grid());
+  auto same = [](const QueryRun& a, const QueryRun& b) { return a.begin == b.begin && a.end == b.end && a.tile == b.tile; };
   for (int64_t h = 1; h < p.q_heads; ++h) {
-    const HeadParams& o = plan.head(h);
-    if (!(o.window == first.window)) return {};
+    if (plan.head(h).window == plan.head(0).window) continue;
+    const std::vector<QueryRun> other = query_runs(kind, plan.head(h), plan.grid());
+    if (!std::equal(runs.begin(), runs.end(), other.begin(), other.end(), same)) return {};
   }
-  return query_runs(kind, first, plan.grid());
+  return runs;
 }
 
 /// `runs` as FwdRunParams::runs wants them: per block of `rows` rows its first raster video row and the index of the
