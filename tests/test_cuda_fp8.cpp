@@ -427,4 +427,27 @@ TEST_F(CudaFp8Forward, ScaledWithQuantizeFp8IsFp8) {
 #endif
 }
 
+/// The FP8 kernel divides latent positions by multiplies (Fp8Params' DivisorU32), exact below 2^16 per axis: a longer
+/// axis is refused by name at plan time, on the GPU only (the CPU reference has no such limit).
+TEST_F(CudaFp8Forward, LatentAxisOf65536IsRefusedByName) {
+  SKIP_WITHOUT_GPU();
+  tilewise::Problem p;
+  p.batch = 1;
+  p.q_heads = p.kv_heads = 1;
+  p.head_dim = 64;
+  p.dtype = DType::bf16;
+  p.latent = {1, 1, 65536};
+  p.tile = {1, 1, 64};
+  p.precision = tilewise::Precision::fp8;  // zero strides: contiguous
+  try {
+    tilewise::Plan(p, tilewise::Pattern::dense(), tilewise::Device::cuda);
+    ADD_FAILURE() << "no error for a latent axis of 65536 positions in precision fp8";
+  } catch (const tilewise::Error& e) {
+    EXPECT_EQ(e.argument(), "latent");
+    EXPECT_NE(std::string(e.what()).find("fewer than 65536"), std::string::npos) << e.what();
+  }
+  p.latent = {1, 1, 65535 - 63};  // below the limit, with whole tiles: accepted
+  EXPECT_NO_THROW(tilewise::Plan(p, tilewise::Pattern::dense(), tilewise::Device::cuda));
+}
+
 }  // namespace

@@ -324,6 +324,11 @@ class HopperBackend final : public Backend {
     if (p.precision != Precision::native) {  // the FP8 forward (its own query blocks, the V^T blocks, scratch)
       fp8_rows_ = hopper::fp8_query_block_rows(static_cast<int>(p.head_dim));
       fp8_classes_ = TileClasses(g, fp8_rows_);
+      // Fp8Params' DivisorU32 divides positions by tile extents exactly while both stay below 2^16.
+      require(std::max({p.latent.t, p.latent.h, p.latent.w}) < (int64_t{1} << 16), "latent", str(p.latent),
+              "axes of fewer than 65536 positions for precision fp8 on cuda");
+      require(std::max({p.tile.t, p.tile.h, p.tile.w}) < (int64_t{1} << 16), "tile", str(p.tile),
+              "extents of fewer than 65536 positions for precision fp8 on cuda");
       require(p.batch * p.kv_heads * key_entries_ < (int64_t{1} << 31), "problem size",
               p.batch * p.kv_heads * key_entries_, "fewer than 2^31 key blocks for precision fp8 on cuda");
       const int64_t fp8_work = launch_batch * p.q_heads *
@@ -580,6 +585,9 @@ class HopperBackend final : public Backend {
     prm.key_blocks = static_cast<int32_t>(plan.fp8_key_blocks());
     prm.vt_slots = key_slots_;
     prm.vt_entries = key_entries_;
+    prm.tile_t = hopper::DivisorU32::of(static_cast<uint32_t>(g.tile.t));
+    prm.tile_h = hopper::DivisorU32::of(static_cast<uint32_t>(g.tile.h));
+    prm.tile_w = hopper::DivisorU32::of(static_cast<uint32_t>(g.tile.w));
     prm.q_scale = scaled ? t.q_scale : qz.q_scale;
     prm.k_scale = scaled ? t.k_scale : qz.k_scale;
     prm.v_scale = scaled ? t.v_scale : qz.v_scale;

@@ -40,7 +40,9 @@ struct Fp8Softmax {
   /// is monotonic), and the code's value 448 * 2^(t - M) as 2^(fma(s, f, log2 448 - M)), one rounding fewer than the
   /// reference's t = fl(s f) and a product by 448 afterwards: a code can differ by one e4m3 step where the value
   /// lies within ~1e-6 of a rounding boundary (as ex2.approx's own error already allows).
-  template <bool kRowSum = true, bool kFold = false>
+  /// kAblate: measurement only (kernel_traits.cuh's TILEWISE_HOPPER_ABLATE bits 256: no exponentials, 512: no e4m3
+  /// conversions; both keep every value live).
+  template <bool kRowSum = true, bool kFold = false, int kAblate = 0>
   static __device__ __forceinline__ void step(const float (&s)[kValues], const float (&factor)[2], float (&m_run)[2],
                                               float (&l_run)[2], float (&corr)[2], uint16_t (&pairs)[kPairs]) {
     constexpr float kLog2Max = 8.80735492205760410f;  // log2(448)
@@ -67,9 +69,14 @@ struct Fp8Softmax {
         if ((j % 2) == rr) {  // values 2j, 2j + 1 are in row (2j % 4) / 2 = j % 2
           float p[2];
 #pragma unroll
-          for (int e = 0; e < 2; ++e)
-            p[e] = fast_exp2(kFold ? fmaf(t[2 * j + e], factor[rr], bias) : t[2 * j + e] - m_use);
-          pairs[j] = kFold ? e4m3x2(p[0], p[1]) : e4m3x2(448.f * p[0], 448.f * p[1]);
+          for (int e = 0; e < 2; ++e) {
+            const float x = kFold ? fmaf(t[2 * j + e], factor[rr], bias) : t[2 * j + e] - m_use;
+            p[e] = (kAblate & 256) ? x : fast_exp2(x);
+          }
+          if constexpr (kAblate & 512)
+            pairs[j] = static_cast<uint16_t>(__byte_perm(__float_as_uint(p[0]), __float_as_uint(p[1]), 0x0073));
+          else
+            pairs[j] = kFold ? e4m3x2(p[0], p[1]) : e4m3x2(448.f * p[0], 448.f * p[1]);
           if constexpr (kRowSum) sum += pair_sum(pairs[j]);
         }
       if constexpr (kRowSum) {

@@ -121,14 +121,9 @@
 #define TILEWISE_HOPPER_FP8_FOLD 1
 #endif
 
-// The FP8 forward's warpgroups take turns issuing their GEMMs (the forward's scheduler barriers, in a ring of 2 or
-// 3), so one's softmax runs under the others' S and P V instead of all waiting on the tensor cores at once: with
-// e4m3 the GEMMs take half as long, and the softmax is no longer small beside them. Every warpgroup runs the whole
-// loop (one with no real rows too), as in the bf16 overlapped schedule. 0 = never, 1 = always, 2 (default) = where
-// the items have three warpgroups (D 128): the ring of three measured 1.5-2.3% faster there, the pair of two 2-3.5%
-// slower (FP8 v2 and v6 in docs/performance.md).
-#ifndef TILEWISE_HOPPER_FP8_PINGPONG
-#define TILEWISE_HOPPER_FP8_PINGPONG 2
+// Measurement only: 1 records the FP8 consumers' timeline (fp8_consumer.cuh, scripts/fp8_trace.py).
+#ifndef TILEWISE_HOPPER_FP8_TRACE
+#define TILEWISE_HOPPER_FP8_TRACE 0
 #endif
 
 // Measurement only (results are wrong): bit 1 skips the softmax, bit 2 the P V GEMM, bit 4 the S GEMM, bit 8 the
@@ -136,7 +131,8 @@
 // (in a cluster, the multicast ones). Timing what is left shows which part bounds the loop. An ablation must leave
 // every result it does not remove observable: the compiler deletes work whose result feeds nothing (FP8 v6.1 in
 // docs/performance.md: two ablations that also lost the exponentials and most of P V; check with cuobjdump). The
-// FP8 forward also reads bit 128: no promotion of P V into O, one element still added so that P V stays live.
+// FP8 forward also reads bit 128: no promotion of P V into O, one element still added so that P V stays live; 256: no
+// exponentials (each exponent taken as its value); 512: no e4m3 conversions (each pair's bytes picked from its floats).
 #ifndef TILEWISE_HOPPER_ABLATE
 #define TILEWISE_HOPPER_ABLATE 0
 #endif

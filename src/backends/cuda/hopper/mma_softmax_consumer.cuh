@@ -99,17 +99,9 @@ struct Consumer {
     const int next = Traits::kConsumerWarpgroups == 2 ? 1 - wg : (wg + 1) % Traits::kConsumerWarpgroups;
     named_barrier_arrive(kFirst + next, 256);
   }
-  /// The ring of GEMM issues (the overlapped schedule, the FP8 forward's ping-pong).
+  /// The ring of GEMM issues (the overlapped schedule).
   __device__ __forceinline__ void scheduler_sync() const { turn_sync<kSchedulerBarrier>(); }
   __device__ __forceinline__ void scheduler_arrive() const { turn_arrive<kSchedulerBarrier>(); }
-  /// Issues one GEMM group; with kTurns in this warpgroup's turn, handing the turn to the other afterwards (the FP8
-  /// forward's ping-pong switch).
-  template <bool kTurns, class F>
-  __device__ __forceinline__ void take_turn(F&& issue) const {
-    if constexpr (kTurns) scheduler_sync();
-    issue();
-    if constexpr (kTurns) scheduler_arrive();
-  }
 
   /// Sets the scores of keys this block's rows may not see to -inf, for blocks the producer flagged (masks.cuh).
   __device__ __forceinline__ void mask_scores(float (&sc)[kBlockN / 2], const BlockInfo& bi, int32_t text_len,

@@ -6,8 +6,10 @@
 // the output's is per channel (V's scales), applied once in the epilogue with 1 / l. The row sums l come out of the
 // P V product itself (TILEWISE_HOPPER_FP8_ONES): 8 rows of ones under each V^T stage make 8 more accumulator
 // columns, each the sum of the e4m3 P the tensor cores used, rescaled with O for free.
-// One GEMM at a time per warpgroup (the bf16 forward's sequential schedule); the warpgroups overlap each other,
-// three of them (192-row items at D 128) taking turns in a ring to issue their GEMMs (TILEWISE_HOPPER_FP8_PINGPONG).
+// One GEMM at a time per warpgroup (the bf16 forward's sequential schedule); the warpgroups overlap each other
+// (three of them: 192-row items at D 128), each issuing its GEMMs when it is ready. A ring of turns (each warpgroup
+// issuing in turn, as the bf16 forward's ping-pong does) was 1.5% faster before the key block's index left the chain,
+// and 7.7% slower after it (performance.md, FP8 v6 and v9): it is gone.
 //
 // Each block's P V goes into a fresh accumulator, added to O in fp32 registers: FP8 wgmma accumulates with a few
 // bits fewer than fp32 (as DeepSeek-V3 reports for Hopper, and FP8 GEMMs promote every 128 products for it), and
@@ -22,6 +24,23 @@
 
 namespace tilewise::hopper {
 
+#if TILEWISE_HOPPER_FP8_TRACE
+// Measurement only (scripts/fp8_trace.py): the SM clock at each step of CTA 0's first blocks, per consumer
+// warpgroup, read back by tw_debug_fp8_trace (fp8_forward.cu). The stall sampling and the ablations (performance.md,
+// FP8 v5-v8) say how much each part costs, not when each warpgroup waits for what; this timeline does.
+inline constexpr int kFp8TraceBlocks = 1024, kFp8TraceEvents = 10;
+__device__ unsigned long long fp8_trace[4][kFp8TraceBlocks][kFp8TraceEvents];
+#define TILEWISE_FP8_STAMP(e)                                                   \
+  do {                                                                          \
+    if (blockIdx.x == 0 && tid == 0 && trace_n < kFp8TraceBlocks)               \
+      fp8_trace[wg][trace_n][e] = static_cast<unsigned long long>(clock64());   \
+  } while (0)
+#else
+#define TILEWISE_FP8_STAMP(e) \
+  do {                        \
+  } while (0)
+#endif
+
 template <class Traits, WgType kType>
 struct Fp8Consumer {
   static constexpr int D = Traits::D;
@@ -31,8 +50,6 @@ struct Fp8Consumer {
   static constexpr bool kOnes = Traits::kOnesRows > 0;
   static constexpr int kAccN = D + Traits::kOnesRows;  // columns of the P V accumulator: O, then the row sums
   static constexpr uint32_t kOne = 0x38383838u;         // four e4m3 1.0
-  static constexpr bool kPingPong =  // turns in a ring of the warpgroups (kernel_traits.cuh)
-      TILEWISE_HOPPER_FP8_PINGPONG == 1 || (TILEWISE_HOPPER_FP8_PINGPONG == 2 && Traits::kConsumerWarpgroups == 3);
   using Base = Consumer<Traits, kType>;  // the stage records, the releases, the idle walk
   using KPipe = typename Base::KPipe;
   using VPipe = typename Base::VPipe;
@@ -41,6 +58,9 @@ struct Fp8Consumer {
   int wg, tid;
   Base base;
   uint64_t q_desc, k_desc, vt_desc;  // this warpgroup's Q rows, stage 0 of K and of V^T
+#if TILEWISE_HOPPER_FP8_TRACE
+  mutable int trace_n = 0;  // this warpgroup's blocks so far
+#endif
 
   __device__ __forceinline__ Fp8Consumer(const Fp8Params& p_, const typename Traits::Shared& s_, int wg_, int tid_,
                                          uint32_t rank)
@@ -67,7 +87,8 @@ struct Fp8Consumer {
   __device__ __forceinline__ int32_t key_block(const BlockInfo& bi) const {
     const Grid& g = p.map.grid;
     if (bi.flags & BlockInfo::kText) return g.num_tiles() + bi.t / kBlockN;
-    return g.tile_index(g.tile_of(D3{bi.t, bi.h, bi.w}));
+    return g.tile_index(D3{static_cast<int32_t>(p.tile_t.div(bi.t)), static_cast<int32_t>(p.tile_h.div(bi.h)),
+                           static_cast<int32_t>(p.tile_w.div(bi.w))});  // g.tile_of without its divisions
   }
 
   __device__ __forceinline__ void issue_s(float (&sc)[kBlockN / 2], int stage) const {
@@ -99,12 +120,6 @@ struct Fp8Consumer {
     }
   }
 
-  /// Issues one GEMM group, in this warpgroup's turn when the warpgroups take turns (TILEWISE_HOPPER_FP8_PINGPONG).
-  template <class F>
-  __device__ __forceinline__ void take_turn(F&& issue) const {
-    base.template take_turn<kPingPong>(issue);
-  }
-
   /// All key blocks of one work item. qf: the softmax scale (log2 domain) times each of this thread's rows' q scale.
   __device__ __forceinline__ void mainloop(const WorkItem& item, int32_t text_len, const float (&qf)[2],
                                            const float* k_scale, KPipe& ks, VPipe& vs, float (&o)[kAccN / 2],
@@ -113,40 +128,57 @@ struct Fp8Consumer {
     uint16_t pairs[Fp8Softmax::kPairs];
     uint32_t pa[kPvSteps][4];
     for (bool last = false; !last;) {
+      TILEWISE_FP8_STAMP(0);
       s.k_full[ks.stage()].wait(ks.phase());
       const BlockInfo bi = base.info(ks.stage());
       last = bi.flags & BlockInfo::kLast;
-      const float kscale = __ldg(k_scale + key_block(bi));  // in flight while S is computed
-      take_turn([&] {
+      TILEWISE_FP8_STAMP(1);
+      {
         wgmma_fence();
         if (!(TILEWISE_HOPPER_ABLATE & 4)) issue_s(sc, ks.stage());
         wgmma_commit();
-      });
+      }
+      // The key block's scale, found and loaded while S runs: before S was issued, the index's three divisions
+      // (now multiplies) cost each block 500-970 cycles of the chain (scripts/fp8_trace.py; performance.md FP8 v9).
+      const float kscale = __ldg(k_scale + key_block(bi));
+      TILEWISE_FP8_STAMP(2);
       wgmma_wait<0>();
       fence_regs(sc);
+      TILEWISE_FP8_STAMP(3);
       base.release_s_operands(ks.stage(), bi, false);
       ks.advance();
       base.mask_scores(sc, bi, text_len, item);
       const float factor[2] = {qf[0] * kscale, qf[1] * kscale};
       if (!(TILEWISE_HOPPER_ABLATE & 1))  // measurement only (kernel_traits.cuh)
-        Fp8Softmax::step<!kOnes, TILEWISE_HOPPER_FP8_FOLD != 0>(sc, factor, m_run, l_run, corr, pairs);
+        Fp8Softmax::step<!kOnes, TILEWISE_HOPPER_FP8_FOLD != 0, TILEWISE_HOPPER_ABLATE>(sc, factor, m_run, l_run, corr,
+                                                                                       pairs);
       const bool rescale = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
       Fp8Softmax::to_operand(pairs, pa);
+      TILEWISE_FP8_STAMP(4);
       s.v_full[vs.stage()].wait(vs.phase());
+      TILEWISE_FP8_STAMP(5);
       float pv[kAccN / 2];  // this block's P V (and row sums), then added to O in fp32
-      take_turn([&] {
+      {
         wgmma_fence();
         if (!(TILEWISE_HOPPER_ABLATE & 2)) issue_pv(pv, pa, vs.stage());
         wgmma_commit();
-      });
+      }
+      TILEWISE_FP8_STAMP(6);
       wgmma_wait<0>();
       fence_regs(pv);
+      TILEWISE_FP8_STAMP(7);
       base.release(s.v_empty[vs.stage()], false);
       vs.advance();
       if (TILEWISE_HOPPER_ABLATE & 128)  // measurement only: no promotion, one element keeps P V (and P) live
         o[0] += pv[0];
       else
         promote(o, pv, corr, rescale);
+      TILEWISE_FP8_STAMP(8);
+#if TILEWISE_HOPPER_FP8_TRACE
+      if (blockIdx.x == 0 && tid == 0 && trace_n < kFp8TraceBlocks)
+        fp8_trace[wg][trace_n][9] = (uint64_t{last} << 32) | (uint64_t(item.head) << 16) | uint32_t(item.q.row0 & 0xffff);
+      ++trace_n;
+#endif
     }
   }
 
@@ -156,7 +188,6 @@ struct Fp8Consumer {
     VPipe vs;
     WorkRing<typename Traits::Shared, 1> ring{s, 0};
     const Epilogue<Traits, kType> epilogue{p, s, wg, tid};
-    if (kPingPong && wg == Traits::kConsumerWarpgroups - 1) base.scheduler_arrive();  // warpgroup 0 issues first
     for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < p.num_work;) {
       const WorkItem item = decode_work<Traits::kBlockM>(p, u);
       if (item.empty) continue;
@@ -172,7 +203,7 @@ struct Fp8Consumer {
         qf[rr] = p.scale_log2 * (at >= 0 ? __ldg(p.q_scale + at) : 1.f);
       }
       s.q_full->wait(items & 1);
-      if (!kPingPong && 64 * wg >= query_rows<Traits::kBlockM>(p, item.q))
+      if (64 * wg >= query_rows<Traits::kBlockM>(p, item.q))
         base.mainloop_idle(false, ks, vs);
       else
         mainloop(item, text_len, qf, p.k_scale + bg * p.key_blocks, ks, vs, o, m_run, l_run);

@@ -122,3 +122,11 @@ cudaError_t launch_fp8_forward(const Fp8Params& params, int head_dim, bool bf16,
 }
 
 }  // namespace tilewise::hopper
+
+#if TILEWISE_HOPPER_FP8_TRACE
+/// The timeline of the last FP8 forward (fp8_consumer.cuh's fp8_trace) into `out` (host memory, `bytes` long).
+extern "C" __attribute__((visibility("default"))) int tw_debug_fp8_trace(void* out, size_t bytes) {
+  bytes = std::min(bytes, sizeof(tilewise::hopper::fp8_trace));
+  return static_cast<int>(cudaMemcpyFromSymbol(out, tilewise::hopper::fp8_trace, bytes));
+}
+#endif

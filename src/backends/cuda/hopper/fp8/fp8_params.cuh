@@ -14,6 +14,16 @@
 
 namespace tilewise::hopper {
 
+/// n / d as a multiply: with m = ceil(2^32 / d), floor(n m / 2^32) = floor(n / d) exactly while n d < 2^32 (here a
+/// position on a latent axis and a tile's extent on it: the plan requires both below 2^16). Made on the host: the
+/// FP8 consumers find each key block's scale on their critical path, where three integer divisions took 500-970
+/// cycles per block (scripts/fp8_trace.py).
+struct DivisorU32 {
+  uint64_t m = uint64_t{1} << 32;
+  static constexpr DivisorU32 of(uint32_t d) { return {0xffffffffull / d + 1}; }
+  __host__ __device__ __forceinline__ uint32_t div(uint32_t n) const { return static_cast<uint32_t>((n * m) >> 32); }
+};
+
 struct Fp8Params : FwdParams {
   // V^T of every key block, (128 keys, D, blocks) with one box per block: D rows of kBlockN e4m3 keys, blocks
   // ordered (batch, kv head, entry) with `entry` as block_entry (tile_scheduler.cuh) numbers them (vt_slots per
@@ -27,6 +37,7 @@ struct Fp8Params : FwdParams {
   int32_t key_blocks = 1;  // fp8::key_blocks
   int32_t vt_slots = 1;    // V^T entries per tile: the most key boxes any tile class needs
   int32_t vt_entries = 1;  // V^T entries per (batch, kv head): tiles * vt_slots, then one per 128 text rows
+  DivisorU32 tile_t, tile_h, tile_w;  // the tile's extents (map.grid.tile), for key_block's divisions
 };
 
 /// fl32(x * inv) rounded to e4m3 by the hardware: to nearest, ties to even, saturating (semantics.md §11.1). The
