@@ -111,12 +111,9 @@ def main() -> None:
                 cur = y
         return tot
 
-    def union_len(intervals, a, b):
-        return covered(a, b, intervals)
-
     all_gemm = [iv for w in wgs for iv in gemm[w]]
-    print(f"\nwindow {hi - lo} cycles: some GEMM issued and not yet waited for {union_len(all_gemm, lo, hi) / (hi - lo):.1%}"
-          f" of it; some softmax running {union_len([iv for w in wgs for iv in soft[w]], lo, hi) / (hi - lo):.1%}")
+    print(f"\nwindow {hi - lo} cycles: some GEMM issued and not yet waited for {covered(lo, hi, all_gemm) / (hi - lo):.1%}"
+          f" of it; some softmax running {covered(lo, hi, [iv for w in wgs for iv in soft[w]]) / (hi - lo):.1%}")
     for w in wgs:
         tot = others_gemm = others_soft = 0
         for a, b in soft[w]:
