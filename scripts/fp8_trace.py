@@ -12,7 +12,6 @@ Usage: python3 scripts/fp8_trace.py --lib /tmp/f8/trace/libtilewise.so [--row "3
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import os
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from bench_forward import plan_kwargs, quantized_inputs, rows, run_fp8_scaled  # noqa: E402
+from timeline import arguments, bench_row, covered  # noqa: E402  (scripts/, this script's folder)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from tilewise import _capi  # noqa: E402
@@ -45,17 +45,9 @@ def read_trace(lib_path: str) -> list:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lib", required=True)
-    ap.add_argument("--row", default="30x48x80 w3x3x3")
-    ap.add_argument("--skip", type=int, default=32, help="blocks left out of the statistics at the start")
-    ap.add_argument("--json", help="write the raw stamps here")
-    args = ap.parse_args()
+    args = arguments(__doc__, skip=32)
     _capi.lib(args.lib)
-    cands = [r for r in rows() if args.row in r.name]
-    if len(cands) > 1:  # "30x48x80 w3x3x3" names a row and its "+text" sibling
-        cands = [r for r in cands if ("+text" in r.name) == ("+text" in args.row)]
-    row = cands[0]
+    row = bench_row(rows(), args.row)
     T, H, W = row.latent
     S = T * H * W + row.text
     q, k, v = (torch.randn(1, S, row.heads, row.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -78,7 +70,7 @@ def main() -> None:
         json.dump(trace, open(args.json, "w"))
 
     wgs = [w for w in range(WGS) if trace[w][0][8]]
-    print(f"| warpgroup | blocks | cycles per block (median) | " + " | ".join(s[0] for s in STEPS) + " | loop back |")
+    print("| warpgroup | blocks | cycles per block (median) | " + " | ".join(s[0] for s in STEPS) + " | loop back |")
     print("|---" * (len(STEPS) + 4) + "|")
     for w in wgs:
         blocks = [b for b in trace[w] if b[8]][args.skip:]
@@ -101,15 +93,6 @@ def main() -> None:
     hi = min(max(b[8] for b in trace[w] if b[8]) for w in wgs)
     gemm = {w: [(b[1], b[3]) for b in trace[w] if b[8]] + [(b[5], b[7]) for b in trace[w] if b[8]] for w in wgs}
     soft = {w: [(b[3], b[4]) for b in trace[w] if b[8]] for w in wgs}
-
-    def covered(a, b, intervals):
-        pts = sorted((max(a, x), min(b, y)) for x, y in intervals if y > a and x < b)
-        tot, cur = 0, a
-        for x, y in pts:
-            if y > cur:
-                tot += y - max(x, cur)
-                cur = y
-        return tot
 
     all_gemm = [iv for w in wgs for iv in gemm[w]]
     print(f"\nwindow {hi - lo} cycles: some GEMM issued and not yet waited for {covered(lo, hi, all_gemm) / (hi - lo):.1%}"

@@ -18,6 +18,7 @@
 
 #include "backends/cuda/hopper/bwd/bwd_blocks.cuh"
 #include "backends/cuda/hopper/bwd/bwd_preprocess.cuh"
+#include "backends/cuda/hopper/bwd/bwd_trace.cuh"
 #include "backends/cuda/hopper/mma_softmax_consumer.cuh"
 
 namespace tilewise::hopper {
@@ -46,10 +47,15 @@ struct BwdConsumer : Consumer<Traits, kType> {
   // Descriptor words beside the forward's (q_lo: owned first operand, K-major; k_lo: K stage, K-major; v_lo: V
   // stage, MN-major): the owned second operand (K-major), the V stage K-major and the K stage MN-major.
   uint32_t o_lo, vk_lo, km_lo;
+  mutable BwdTracer trace;  // measurement only (bwd_trace.cuh): the reduce kernel's block loop at D 64 and 128
 
   __device__ __forceinline__ BwdConsumer(const BwdParams& p_, const typename Traits::Shared& s_, int wg_, int tid_,
                                          uint32_t rank_)
       : Base(p_, s_, wg_, tid_, rank_), bp(p_) {
+#if TILEWISE_HOPPER_BWD_TRACE
+    // every lane of the warpgroup's first warp (a warp-uniform condition: no registers of the block loop's own)
+    trace.start(kTraceWg0 + wg_, __shfl_sync(0xffffffffu, tid_ < 32, 0));
+#endif
     constexpr uint32_t rb = Traits::kRowBytes;
     o_lo = static_cast<uint32_t>(make_desc(smem_addr(s_.o()) + 64 * wg_ * rb, 16, 8 * rb, rb));
     vk_lo = static_cast<uint32_t>(make_desc(smem_addr(s_.v(0)), 16, 8 * rb, rb));
@@ -439,8 +445,10 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// tests/test_bwd_reduce_protocol.cpp: a change to it changes the model too.
   __device__ __forceinline__ void dq_to_staging(uint32_t m) const {
     this->s.ds_full[m & 1].wait((m >> 1) & 1);
+    trace.stamp(m, 9);
     float dq[D / 2];
     dq_product(dq, static_cast<int>(m & 1));
+    trace.stamp(m, 10);
     stage_dq(m, dq);
   }
   /// The second half of dq_to_staging: block m's dQ product has completed (into `dq`); free its dS^T buffer and
@@ -450,6 +458,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     // The reduction has read the previous block's dQ (the other warpgroup's): block m - 1 is its barrier's
     // ((m - 1) / 2)-th phase. This warpgroup's own block m - 2 waited for m - 3, so it is at most one phase ahead.
     if (m > 0) this->s.dq_empty[(m - 1) & 1].wait(((m - 1) >> 1) & 1);
+    trace.stamp(m, 11);
     uint8_t* stage = this->s.dq_stage();
     const int warp = this->tid / 32;
     // Odd rows take column group g ^ 2 (element pair i ^ 8) where even rows take g: no two rows of a half-warp
@@ -458,7 +467,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
         TILEWISE_HOPPER_BWD_STAGE_PERMUTE == 2 || (TILEWISE_HOPPER_BWD_STAGE_PERMUTE == 1 && D < 128);
     const bool odd = kPermute && ((lane() / 4) & 1);
 #pragma unroll
-    for (int i = 0; i < D / 2; i += 2) {
+    for (int i = 0; i < ((kAblate & 1024) ? 2 : D / 2); i += 2) {  // (measurement only: one store, dq stays live)
       const int j = odd ? (i ^ 8) : i;
       const uint32_t r = 16 * warp + lane() / 4 + 8 * ((i % 4) / 2), c = 8 * (j / 4) + 2 * (lane() % 4);
       st_shared_f2(stage + (c / 32) * Traits::kDqPanelBytes + swizzled_bytes(r * 128 + (c % 32) * 4, 128),
@@ -466,6 +475,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
     fence_proxy_async();
     this->s.dq_full->arrive();
+    trace.stamp(m, 12);
   }
 
   /// The dK/dV kernels' item: dkdv (dK and dV) or dkdvq_reduce (and dQ through the staging buffer, a block later;
@@ -485,10 +495,12 @@ struct BwdConsumer : Consumer<Traits, kType> {
     };
     int64_t pending = -1;  // kReduce: the block whose dQ is still to be computed
     const OwnedRows rows = owned_rows(item, record);
+    if constexpr (kReduce) trace.stamp_item(record, 2);
     float dk[D / 2], dv[D / 2];
     OwnedK owned_k;  // the A operands of S^T and dP^T held in registers (kOwnedKSteps, kOwnedVSteps)
     OwnedV owned_v;
     start_item(dk, dv, owned_k, owned_v);
+    if constexpr (kReduce) trace.stamp_item(record, 3), trace.put_item(record, 4, blocks);
     // kIssueFirst: an item with no streamed block (its one record is empty) is freed here, so that the loop below
     // may issue a block's first GEMMs before it has read the block's record.
     constexpr bool kIssueFirst = kReduce && kIssueGemmsFirst;
@@ -499,10 +511,12 @@ struct BwdConsumer : Consumer<Traits, kType> {
     } else {
       for (bool last = false; !last;) {
         BlockInfo bi;
+        if constexpr (kReduce) trace.stamp(0);
         if constexpr (kIssueFirst)
           wait_stages(ks, vs);
         else if (!next_block(bi, last, ks, vs, release_block))
           continue;
+        if constexpr (kReduce) trace.stamp(1);
         const float* stats = block_stats(ks, vs);  // lse2[kStreamRows], D[kStreamRows]
         // What the record implies for the masks: in the reduce kernel worked out after the GEMMs are issued (with
         // kIssueFirst the record itself is read then), in the dK/dV kernel before.
@@ -529,6 +543,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
           wgmma_commit();
           dprobs_t(dp, owned_v, vk_lo + v_st + row_off);
           wgmma_commit();
+          if constexpr (kReduce) trace.stamp(2);
           if constexpr (kIssueFirst) {  // (kHalves == 1)
             bi = this->info(ks.stage());
             last = bi.flags & BlockInfo::kLast;
@@ -554,16 +569,19 @@ struct BwdConsumer : Consumer<Traits, kType> {
           // P^T while dP^T runs; dV += P^T dO while dS^T is computed
           wgmma_wait<1>();
           fence_regs(sc);
+          if constexpr (kReduce) trace.stamp(3);
           if (!(kAblate & 1)) probabilities_t();
           if constexpr (kEarlyStats) load_col_stats(col_stats, cols + Traits::kStreamRows);
+          if constexpr (kReduce) trace.stamp(4);
           pack_operand<4>(sc, pa, kType == WgType::bf16);
           wgmma_fence();
           if (!(kAblate & 4)) gemm_rs<4>(dv, pa, this->v_lo + v_st + row_off);
           wgmma_commit();
           wgmma_wait<1>();  // dP^T (the dV product may still run)
           fence_regs(dp);
+          if constexpr (kReduce) trace.stamp(5);
           if (!(kAblate & 1)) score_gradients();
-          if constexpr (kReduce) store_block_ds(dp, blocks);
+          if constexpr (kReduce) store_block_ds(dp, blocks), trace.stamp(6);
           pack_operand<4>(dp, da, kType == WgType::bf16);
           wgmma_fence();
           if (!(kAblate & 4)) gemm_rs<4>(dk, da, km_lo + k_st + row_off);
@@ -578,12 +596,17 @@ struct BwdConsumer : Consumer<Traits, kType> {
           wgmma_wait<0>();
           fence_regs(dv);
           fence_regs(dk);
+          if constexpr (kReduce) trace.stamp(7);
         }
         if constexpr (kReduce) {
           // The previous block's dQ, if it is this warpgroup's turn, is computed now, when the other warpgroup has long
           // written its half.
           release_block(bi);
-          if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
+          trace.stamp(8);
+          const bool turn = pending >= 0 && (pending & 1) == this->wg;
+          if (turn) dq_to_staging(static_cast<uint32_t>(pending));
+          trace.put(13, (record << 8) | (uint32_t{turn} << 1) | uint32_t{last});
+          trace.next_block();
           pending = blocks++;
         } else {
           release_stages(bi, ks, vs);
@@ -591,13 +614,16 @@ struct BwdConsumer : Consumer<Traits, kType> {
       }
     }
     if constexpr (kReduce) {  // the item's last dQ, then the owned K and V are free (release_s_operands' arrival)
+      trace.stamp_item(record, 5);
       if ((kAblate & 512) && lane() == 0) this->s.q_empty->arrive();  // measurement only: before (bwd_params.cuh)
       if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
       if (!(kAblate & 512) && lane() == 0) this->s.q_empty->arrive();
+      trace.stamp_item(record, 6);
     }
     store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
     store(item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
     release_rows(record);
+    if constexpr (kReduce) trace.stamp_item(record, 7);
   }
 
   /// The reduce kernel's item with the dK wait deferred (TILEWISE_HOPPER_BWD_REDUCE_OVERLAP=1; dkdv_item otherwise):
@@ -719,7 +745,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     uint32_t items = 0, blocks = 0;  // blocks: dkdvq_reduce's streamed blocks (dkdv_item)
     const int32_t heads = kKernel == BwdKernel::dq ? bp.q_heads : bp.kv_heads;
     const int32_t units = scheduled_units<kCluster>(bp, heads);
-    for (int32_t u; (u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < units;) {
+    for (int32_t u; (trace.stamp_item(items, 0), u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < units;) {
       constexpr bool kHeavyFirst = kKernel != BwdKernel::dq && TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0;
       const WorkItem item = scheduled_item<kCluster, Traits::kBlockM, kHeavyFirst>(bp, u, this->rank, heads);
       if (item.empty) {
@@ -727,6 +753,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
         continue;
       }
       this->s.q_full->wait(items & 1);
+      trace.stamp_item(items, 1);
       ++items;
       // A warpgroup none of whose rows are real (a small box) only releases the stages the producer counts on;
       // not in the reduce kernel, whose dQ products need both warpgroups (their unreal rows have zero dS).

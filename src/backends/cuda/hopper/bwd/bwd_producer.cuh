@@ -16,6 +16,7 @@
 
 #include "backends/cuda/hopper/bwd/bwd_blocks.cuh"
 #include "backends/cuda/hopper/bwd/bwd_preprocess.cuh"
+#include "backends/cuda/hopper/bwd/bwd_trace.cuh"
 #include "backends/cuda/hopper/epilogue.cuh"
 #include "backends/cuda/hopper/mainloop_producer.cuh"
 
@@ -30,6 +31,7 @@ struct BwdProducer {
   const BwdParams& p;
   const typename Traits::Shared& s;
   uint32_t rank;  // within the cluster (the reduce kernel in clusters: the tile slot this CTA owns)
+  mutable BwdTracer trace{};  // measurement only (bwd_trace.cuh): each producer thread's own
 
   __device__ __forceinline__ Producer<Traits> base() const { return Producer<Traits>{p, s, 0}; }
 
@@ -37,6 +39,7 @@ struct BwdProducer {
   /// consumers have released them.
   __device__ __forceinline__ void load_owned(const WorkItem& item, uint32_t& items) const {
     s.q_empty->wait((items & 1) ^ 1);
+    trace.stamp_item(2);
     if ((TILEWISE_HOPPER_BWD_ABLATE & 256) && items > 0) {  // measurement only: no reload (bwd_params.cuh)
       s.q_full->arrive();
       s.q_full->arrive();
@@ -45,6 +48,7 @@ struct BwdProducer {
     }
     base().load(p.q_video, &p.q_text, p.q, item.q, item.batch, item.head, s.q, s.q_full);
     base().load(p.o_video, &p.o_text, p.o, item.q, item.batch, item.head, s.o(), s.q_full);
+    trace.stamp_item(3);
     ++items;
   }
 
@@ -135,16 +139,21 @@ struct BwdProducer {
   __device__ __forceinline__ void stream_queries(const WorkItem& item, const Block& qb, int32_t h, int32_t gi,
                                                  bool last, bool empty, PipeState<Traits::kKStages>& pipe) const {
     const int stage = pipe.stage();
+    trace.stamp(0);
     s.k_empty[stage].wait(pipe.phase() ^ 1);
+    trace.stamp(1);
     s.info[stage] = describe_stream(item, qb, h, gi, last, empty);
     if (empty || (TILEWISE_HOPPER_BWD_ABLATE & 8)) {
       s.k_full[stage].arrive();
     } else {
       base().zero_tail(qb, s.k(stage));
+      trace.stamp(2);
       if constexpr (!kStatsWithDo) load_stats(item, qb, h, stage, &s.k_full[stage]);
       base().load(p.k_video, &p.k_text, p.k, qb, item.batch, h, s.k(stage), &s.k_full[stage], issues(0),
                   kCluster > 1);
     }
+    trace.stamp(3);
+    trace.next_block();
     pipe.advance();
   }
   /// The statistics of streamed block `qb` (query head h) into statistics stage `stage`, on barrier `full`. Issued
@@ -165,15 +174,20 @@ struct BwdProducer {
   __device__ __forceinline__ void stream_output_grads(const WorkItem& item, const Block& qb, int32_t h, bool empty,
                                                       PipeState<Traits::kVStages>& pipe) const {
     const int stage = pipe.stage();
+    trace.stamp(0);
     s.v_empty[stage].wait(pipe.phase() ^ 1);
+    trace.stamp(1);
     if (empty || (TILEWISE_HOPPER_BWD_ABLATE & 8)) {
       s.v_full[stage].arrive();
     } else {
       base().zero_tail(qb, s.v(stage));
+      trace.stamp(2);
       if constexpr (kStatsWithDo) load_stats(item, qb, h, stage, &s.v_full[stage]);
       base().load(p.v_video, &p.v_text, p.v, qb, item.batch, h, s.v(stage), &s.v_full[stage],
                   issues(kCluster - 1), kCluster > 1);
     }
+    trace.stamp(3);
+    trace.next_block();
     pipe.advance();
   }
   /// Where the dQ reduction of streamed block `qb` goes, as f(text, tile class, c1, c2, c3): the text map at the
@@ -198,7 +212,10 @@ struct BwdProducer {
     PipeState<Traits::kKStages> pipe;
     WorkRing<typename Traits::Shared, kCluster> ring{s, rank};
     const int32_t units = dkdv_units();
-    for (int32_t u; (u = kCluster == 1 || rank == 0 ? ring.produce(p.work_counter, units) : ring.consume()) < units;) {
+    trace.start(kTraceQLoader, true);
+    for (int32_t u; (trace.stamp_item(0), u = kCluster == 1 || rank == 0 ? ring.produce(p.work_counter, units)
+                                                                   : ring.consume()) < units;) {
+      trace.stamp_item(1);
       const WorkItem item = dkdv_item(u);
       // In a cluster a CTA with an empty item still takes part in its unit's stream (decode_tile_unit).
       if (item.empty && kCluster == 1) continue;
@@ -206,6 +223,7 @@ struct BwdProducer {
       for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t gi, bool last, bool empty) {
         stream_queries(item, qb, h, gi, last, empty, pipe);
       });
+      trace.next_item();
     }
   }
 
@@ -215,14 +233,19 @@ struct BwdProducer {
   /// freed once they have read it.
   __device__ __forceinline__ void reduce_block(int32_t batch, int32_t h, const CUtensorMap* map, int c1, int c2,
                                                int c3, uint32_t& m) const {
+    trace.stamp(0);
     s.dq_full->wait(m & 1);
+    trace.stamp(1);
     const int c4 = p.dq_view.c4(batch, h);
 #pragma unroll
     for (int panel = 0; panel < ((TILEWISE_HOPPER_BWD_ABLATE & 128) ? 0 : Traits::D / 32); ++panel)
       tma_reduce_add(map, s.dq_stage() + panel * Traits::kDqPanelBytes, p.dq_view.c0(h, panel * 32), c1, c2, c3, c4);
     tma_store_commit();
+    trace.stamp(2);
     tma_store_wait_read();
     s.dq_empty[m & 1].arrive();
+    trace.stamp(3);
+    trace.next_block();
     ++m;
   }
 
@@ -231,6 +254,7 @@ struct BwdProducer {
   __device__ void dq_reducer() const {
     if constexpr (Traits::kDqStaging) {
       uint32_t m = 0;  // streamed blocks so far (the consumers number them alike)
+      trace.start(kTraceReducer, true);
       WorkRing<typename Traits::Shared, kCluster> ring{s, rank};
       const int32_t units = dkdv_units();
       for (int32_t u; (u = ring.consume()) < units;) {
@@ -281,6 +305,7 @@ struct BwdProducer {
     PipeState<Traits::kVStages> pipe;
     WorkRing<typename Traits::Shared, kCluster> ring{s, rank};
     const int32_t units = dkdv_units();
+    trace.start(kTraceDoLoader, true);
     for (int32_t u; (u = ring.consume()) < units;) {
       const WorkItem item = dkdv_item(u);
       if (item.empty && kCluster == 1) continue;
