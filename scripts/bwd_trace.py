@@ -44,8 +44,8 @@ STEPS = [("stage wait", 0, 1), ("issue", 1, 2), ("S^T wait", 2, 3), ("P^T", 3, 4
          ("dS^T", 5, 6), ("dV dK wait", 6, 7), ("release", 7, 8)]
 DQ_STEPS = [("dS^T wait", 9), ("dQ GEMM", 10), ("staging wait", 11), ("staging", 12)]
 # Producer events per block: Q loader 0 before k_empty's wait, 1 after, 2 record written (tail zeroed), 3 loads
-# issued; dO loader likewise with v_empty; dQ reducer 0 before dq_full's wait, 1 after (and after the loads it waits
-# for, TILEWISE_HOPPER_BWD_REDUCE_BEHIND_LOADS), 2 reductions issued, 3 read out of the staging buffer.
+# issued; dO loader likewise with v_empty; dQ reducer 0 before dq_full's wait, 1 after, 2 reductions issued, 3 read
+# out of the staging buffer.
 # Consumer item events: 0 before the ring, 1 owned K and V landed, 2 row record read, 3 accumulators zeroed,
 # 4 the item's first block number, 5 after its last block, 6 its last dQ done and the owned blocks freed,
 # 7 dK and dV stored. Q loader item events: 0 before the ring, 1 item taken, 2 owned blocks free, 3 their loads issued.
@@ -122,9 +122,11 @@ def analyse(blocks: list, items: list, skip: int) -> None:
         turns = [i for i in idx if blocks[w][i][13] & 2 and i > 0]
         turn = summary([d(blocks[w][i][8], blocks[w][i + 1][0]) for i in turns])
         no_turn = summary([d(blocks[w][i][8], blocks[w][i + 1][0]) for i in idx if not blocks[w][i][13] & 2])
-        prev = 9  # block m's dQ events sit in slot m = i - 1
-        dq = [summary([d(blocks[w][i][8] if e == prev else blocks[w][i - 1][e - 1], blocks[w][i - 1][e])
-                       for i in turns]) for _, e in DQ_STEPS]
+        def dq_steps(i: int) -> list:  # block i's turn computes block i - 1's dQ, whose events sit in slot i - 1
+            m = blocks[w][i - 1]
+            return [d(a, m[e]) for a, (_, e) in zip([blocks[w][i][8], m[9], m[10], m[11]], DQ_STEPS)]
+
+        dq = [summary(list(col)) for col in zip(*[dq_steps(i) for i in turns])] if turns else ["-"] * len(DQ_STEPS)
         after = summary([d(blocks[w][i - 1][12], blocks[w][i + 1][0]) for i in turns])
         print(f"| {w} | {summary(period)} | " + " | ".join(cells) + f" | {turn} (none: {no_turn}) | " +
               " | ".join(dq) + f" | {after} |")
@@ -132,10 +134,9 @@ def analyse(blocks: list, items: list, skip: int) -> None:
     # The tensor cores' possible idle time: no warpgroup between a GEMM's issue and its wait's return.
     lo = max(blocks[w][skip][0] for w in (0, 1))
     hi = min(blocks[w][n_wg[w] - 1][8] for w in (0, 1))
-    base = lo
 
-    def rel(x: int) -> int:
-        return d(base, x)
+    def rel(x: int) -> int:  # cycles since the window's start
+        return d(lo, x)
 
     gemm = []
     for w in (0, 1):
