@@ -22,26 +22,30 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from bench_forward import plan_kwargs, quantized_inputs, rows, run_fp8_scaled  # noqa: E402
-from timeline import arguments, bench_row, covered  # noqa: E402  (scripts/, this script's folder)
+from timeline import arguments, bench_row, covered, unwrap32  # noqa: E402  (scripts/, this script's folder)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from tilewise import _capi  # noqa: E402
 
-WGS, BLOCKS, EVENTS = 4, 1024, 10  # fp8_consumer.cuh's fp8_trace
+WGS, BLOCKS, EVENTS = 4, 1024, 10  # fp8_consumer.cuh's Fp8TraceTable (32-bit stamps)
 STEPS = [  # (name, from event, to event)
     ("K wait", 0, 1), ("S turn+issue", 1, 2), ("S wait", 2, 3), ("softmax", 3, 4), ("V wait", 4, 5),
     ("PV turn+issue", 5, 6), ("PV wait", 6, 7), ("promote", 7, 8)]
 
 
 def read_trace(lib_path: str) -> list:
+    """The stamps per warpgroup and block, events 0-8 unwrapped onto one line of cycles (timeline.unwrap32); event 9
+    packs the block's last flag (bit 31), head (bits 16-30) and query row (bits 0-15)."""
     L = ctypes.CDLL(lib_path)
     L.tw_debug_fp8_trace.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    buf = (ctypes.c_uint64 * (WGS * BLOCKS * EVENTS))()
+    buf = (ctypes.c_uint32 * (WGS * BLOCKS * EVENTS))()
     rc = L.tw_debug_fp8_trace(buf, ctypes.sizeof(buf))
     if rc:
         raise SystemExit(f"tw_debug_fp8_trace: CUDA error {rc}")
-    return [[list(buf[(w * BLOCKS + n) * EVENTS:(w * BLOCKS + n + 1) * EVENTS]) for n in range(BLOCKS)]
-            for w in range(WGS)]
+    raw = [[list(buf[(w * BLOCKS + n) * EVENTS:(w * BLOCKS + n + 1) * EVENTS]) for n in range(BLOCKS)]
+           for w in range(WGS)]
+    ref = next((b[0] for w in raw for b in w if b[0]), 0)
+    return [[unwrap32(b[:9], ref) + b[9:] for b in w] for w in raw]
 
 
 def main() -> None:

@@ -4,6 +4,13 @@ from __future__ import annotations
 import argparse
 
 
+def unwrap32(stamps: list, ref: int) -> list:
+    """32-bit clock stamps (clock_trace.cuh) as cycles on one line through `ref` (a stamp of the same run): each
+    becomes the value nearest to `ref` that equals it modulo 2^32, which holds for stamps within 2^31 cycles (~1 s)
+    of it. Zero (never written) stays zero."""
+    return [ref + (x - ref + (1 << 31)) % (1 << 32) - (1 << 31) if x else 0 for x in stamps]
+
+
 def covered(a: int, b: int, intervals: list) -> int:
     """Cycles of [a, b) inside the union of `intervals` ((start, end) pairs)."""
     pts = sorted((max(a, x), min(b, y)) for x, y in intervals if y > a and x < b)

@@ -147,15 +147,6 @@ cudaError_t launch_dq_from_accumulator(const float* accum, void* dq, const Strid
 /// The timeline of the last backward (bwd_trace.cuh's table) into `out` (host memory, `bytes` long); `clear` zeroes
 /// the table afterwards, so that the next run's stamps are told apart from older ones.
 extern "C" __attribute__((visibility("default"))) int tw_debug_bwd_trace(void* out, size_t bytes, int clear) {
-  bytes = std::min(bytes, sizeof(tilewise::hopper::bwd_trace));
-  if (out != nullptr && bytes > 0) {
-    if (const cudaError_t e = cudaMemcpyFromSymbol(out, tilewise::hopper::bwd_trace, bytes); e != cudaSuccess)
-      return static_cast<int>(e);
-  }
-  if (!clear) return 0;
-  void* table = nullptr;
-  if (const cudaError_t e = cudaGetSymbolAddress(&table, tilewise::hopper::bwd_trace); e != cudaSuccess)
-    return static_cast<int>(e);
-  return static_cast<int>(cudaMemset(table, 0, sizeof(tilewise::hopper::bwd_trace)));
+  return tilewise::hopper::read_clock_table(tilewise::hopper::bwd_trace, out, bytes, clear != 0);
 }
 #endif

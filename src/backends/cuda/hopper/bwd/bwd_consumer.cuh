@@ -181,6 +181,13 @@ struct BwdConsumer : Consumer<Traits, kType> {
   __device__ __forceinline__ void store(const WorkItem& item, const int32_t (&positions)[2], int32_t head,
                                         const float (&acc)[D / 2], float scale, void* base, const Strides& st) const {
     const int64_t b = this->p.batch_base + item.batch;
+    if ((kAblate & 2048) && bp.grad0_scale != -12345.f) return;  // measurement only: no stores (the test keeps the wgmmas)
+    if constexpr (kWideStores) {
+      // 16-byte stores need a 16-byte aligned row start: the base and every stride a multiple of 8 elements
+      // (uniform across the CTA, so the branch never splits a quad's shuffles).
+      const bool wide = ((reinterpret_cast<uintptr_t>(base) & 15) | ((st.batch | st.seq | st.head) & 7)) == 0;
+      if (wide) return store_wide(b, positions, head, acc, scale, static_cast<uint16_t*>(base), st);
+    }
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int64_t pos = positions[rr];
@@ -191,6 +198,47 @@ struct BwdConsumer : Consumer<Traits, kType> {
         const int col = 8 * (i / 4) + 2 * (lane() % 4);
         *reinterpret_cast<uint32_t*>(dst + col) =
             pack_half2(acc[i] * scale, acc[i + 1] * scale, kType == WgType::bf16);
+      }
+    }
+  }
+  static constexpr bool kWideStores = (TILEWISE_HOPPER_BWD_WIDE_STORES & (D == 64 ? 1 : D == 96 ? 2 : 4)) != 0;
+  /// store() by 16-byte stores. A quad (lanes 4r..4r+3, one accumulator row) holds a row's 8-column group g as
+  /// four words, word q (columns 8g + 2q, 8g + 2q + 1) in lane q. Over four groups 4c..4c+3 the quad transposes
+  /// that 4 x 4 matrix of words in two butterfly rounds (shuffles with lane ^ 1, then lane ^ 2; in each a lane
+  /// swaps the two words whose index differs from its own in that bit), after which lane q holds all of group
+  /// 4c + q: 16 contiguous bytes at column 32c + 8q.
+  __device__ __forceinline__ void store_wide(int64_t b, const int32_t (&positions)[2], int32_t head,
+                                             const float (&acc)[D / 2], float scale, uint16_t* base,
+                                             const Strides& st) const {
+    static_assert(D % 32 == 0, "whole 32-column chunks");
+    const int q = lane() % 4;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int64_t pos = positions[rr];  // the same in all four lanes of the quad
+      uint16_t* dst = base + b * st.batch + pos * st.seq + head * st.head;
+#pragma unroll
+      for (int c = 0; c < D / 32; ++c) {
+        uint32_t w[4];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          const int i = 4 * (4 * c + t) + 2 * rr;
+          w[t] = pack_half2(acc[i] * scale, acc[i + 1] * scale, kType == WgType::bf16);
+        }
+#pragma unroll
+        for (int bit = 1; bit <= 2; bit <<= 1) {
+          const bool hi = q & bit;  // this lane replaces its words whose index lacks `bit` (hi) or has it (!hi)
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            if (t & bit) continue;  // the pair (t, t | bit)
+            const uint32_t sent = hi ? w[t] : w[t | bit];
+            const uint32_t got = __shfl_xor_sync(0xffffffffu, sent, bit);
+            if (hi)
+              w[t] = got;
+            else
+              w[t | bit] = got;
+          }
+        }
+        if (pos >= 0) *reinterpret_cast<uint4*>(dst + 32 * c + 8 * q) = make_uint4(w[0], w[1], w[2], w[3]);
       }
     }
   }

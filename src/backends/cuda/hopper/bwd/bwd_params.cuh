@@ -98,6 +98,15 @@
 #ifndef TILEWISE_HOPPER_BWD_STAGE_PERMUTE
 #define TILEWISE_HOPPER_BWD_STAGE_PERMUTE 2
 #endif
+// The gradients' stores from registers (BwdConsumer::store: dK and dV at each dK/dV item's end, dQ in the dQ
+// kernel), a mask of head dims (1 D 64, 2 D 96, 4 D 128): the four lanes of a quad exchange their 4-byte words (two
+// shuffle rounds) so that each stores 16 contiguous bytes of a row, a quarter of the store instructions and of the
+// 128-byte lines each touches, where the tensor's base and strides allow 16-byte stores (else the 4-byte stores).
+// 4 (default, v3.23): row 1 -0.4 to -0.7%, Wan -0.2 to -0.4% (all of the stores, ablation bit 2048: -1.2%); at D 64
+// CogVideoX measured +1.9% and at D 96 Open-Sora-Plan +0.6%, so those keep the 4-byte stores.
+#ifndef TILEWISE_HOPPER_BWD_WIDE_STORES
+#define TILEWISE_HOPPER_BWD_WIDE_STORES 4
+#endif
 // CTAs per cluster of the reduce kernel at D 128 (BwdKernel::dkdvq_reduce_cluster; docs/performance.md backward
 // v3.14): with 3, the three CTAs of a cluster own the three 128-key blocks of one 384-token tile (or three text
 // blocks of one head), which stream the same query blocks in the same order; each Q block (with its statistics) and
@@ -133,7 +142,8 @@
 // Timing what is left shows what bounds a loop. At the dK/dV kernels' item boundary (docs/performance.md backward
 // v3.19): bit 256 loads the owned K and V of a CTA's first item only (later items reuse what is there), bit 512
 // frees them before the item's last dQ product (dkdv_item: D 64 and 128).
-// (Skipping the dK and dV stores is no ablation: ptxas then drops some of their wgmmas.)
+// (Skipping the dK and dV stores outright is no ablation: ptxas then drops some of their wgmmas. Bit 2048 stores
+// them only where a run-time test that never holds says so, which keeps the wgmmas: what the stores cost.)
 #ifndef TILEWISE_HOPPER_BWD_ABLATE
 #define TILEWISE_HOPPER_BWD_ABLATE 0
 #endif

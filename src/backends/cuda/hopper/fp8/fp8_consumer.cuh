@@ -18,28 +18,32 @@
 // window; summed per block, both keep fp32's precision across blocks.
 #pragma once
 
+#include "backends/cuda/hopper/clock_trace.cuh"
 #include "backends/cuda/hopper/fp8/fp8_params.cuh"
 #include "backends/cuda/hopper/fp8_softmax.cuh"
 #include "backends/cuda/hopper/mma_softmax_consumer.cuh"
 
 namespace tilewise::hopper {
 
+// Measurement only (scripts/fp8_trace.py, clock_trace.cuh): the SM clock at each step of CTA 0's first blocks, per
+// consumer warpgroup, read back by tw_debug_fp8_trace (fp8_forward.cu).
 #if TILEWISE_HOPPER_FP8_TRACE
-// Measurement only (scripts/fp8_trace.py): the SM clock at each step of CTA 0's first blocks, per consumer
-// warpgroup, read back by tw_debug_fp8_trace (fp8_forward.cu). The stall sampling and the ablations (performance.md,
-// FP8 v5-v8) say how much each part costs, not when each warpgroup waits for what; this timeline does.
-inline constexpr int kFp8TraceBlocks = 1024, kFp8TraceEvents = 10;
-__device__ unsigned long long fp8_trace[4][kFp8TraceBlocks][kFp8TraceEvents];
-#define TILEWISE_FP8_STAMP(e)                                                   \
-  do {                                                                          \
-    if (blockIdx.x == 0 && tid == 0 && trace_n < kFp8TraceBlocks)               \
-      fp8_trace[wg][trace_n][e] = static_cast<unsigned long long>(clock64());   \
-  } while (0)
+inline constexpr int kFp8TraceWarpgroups = 4, kFp8TraceBlocks = 1024, kFp8TraceEvents = 10;
+struct Fp8TraceTable {
+  uint32_t block[kFp8TraceWarpgroups][kFp8TraceBlocks][kFp8TraceEvents];
+};
+__device__ Fp8TraceTable fp8_trace;
+struct Fp8TraceSlots {
+  static constexpr unsigned kCta = 0;
+  static __device__ __forceinline__ uint32_t* slot(int wg, uint32_t block, int e) {
+    return block < kFp8TraceBlocks ? &fp8_trace.block[wg][block][e] : nullptr;
+  }
+  static __device__ __forceinline__ uint32_t* item_slot(int, uint32_t, int) { return nullptr; }
+};
 #else
-#define TILEWISE_FP8_STAMP(e) \
-  do {                        \
-  } while (0)
+struct Fp8TraceSlots;
 #endif
+using Fp8Tracer = ClockTracer<Fp8TraceSlots, TILEWISE_HOPPER_FP8_TRACE != 0>;
 
 template <class Traits, WgType kType>
 struct Fp8Consumer {
@@ -58,9 +62,7 @@ struct Fp8Consumer {
   int wg, tid;
   Base base;
   uint64_t q_desc, k_desc, vt_desc;  // this warpgroup's Q rows, stage 0 of K and of V^T
-#if TILEWISE_HOPPER_FP8_TRACE
-  mutable int trace_n = 0;  // this warpgroup's blocks so far
-#endif
+  mutable Fp8Tracer trace;  // measurement only: this warpgroup's first thread (TILEWISE_HOPPER_FP8_TRACE)
 
   __device__ __forceinline__ Fp8Consumer(const Fp8Params& p_, const typename Traits::Shared& s_, int wg_, int tid_,
                                          uint32_t rank)
@@ -69,6 +71,7 @@ struct Fp8Consumer {
     q_desc = make_desc(smem_addr(s.q) + 64 * wg * rb, 16, 8 * rb, rb);
     k_desc = make_desc(smem_addr(s.k(0)), 16, 8 * rb, rb);
     vt_desc = make_desc(smem_addr(s.v(0)), 16, 8 * kBlockN, kBlockN);  // rows of 128 keys, 128-byte swizzle
+    trace.start(wg, tid == 0);
   }
 
   __device__ __forceinline__ int lane() const { return tid % 32; }
@@ -128,11 +131,11 @@ struct Fp8Consumer {
     uint16_t pairs[Fp8Softmax::kPairs];
     uint32_t pa[kPvSteps][4];
     for (bool last = false; !last;) {
-      TILEWISE_FP8_STAMP(0);
+      trace.stamp(0);
       s.k_full[ks.stage()].wait(ks.phase());
       const BlockInfo bi = base.info(ks.stage());
       last = bi.flags & BlockInfo::kLast;
-      TILEWISE_FP8_STAMP(1);
+      trace.stamp(1);
       {
         wgmma_fence();
         if (!(TILEWISE_HOPPER_ABLATE & 4)) issue_s(sc, ks.stage());
@@ -141,10 +144,10 @@ struct Fp8Consumer {
       // The key block's scale, found and loaded while S runs: before S was issued, the index's three divisions
       // (now multiplies) cost each block 500-970 cycles of the chain (scripts/fp8_trace.py; performance.md FP8 v9).
       const float kscale = __ldg(k_scale + key_block(bi));
-      TILEWISE_FP8_STAMP(2);
+      trace.stamp(2);
       wgmma_wait<0>();
       fence_regs(sc);
-      TILEWISE_FP8_STAMP(3);
+      trace.stamp(3);
       base.release_s_operands(ks.stage(), bi, false);
       ks.advance();
       base.mask_scores(sc, bi, text_len, item);
@@ -154,31 +157,29 @@ struct Fp8Consumer {
                                                                                        pairs);
       const bool rescale = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
       Fp8Softmax::to_operand(pairs, pa);
-      TILEWISE_FP8_STAMP(4);
+      trace.stamp(4);
       s.v_full[vs.stage()].wait(vs.phase());
-      TILEWISE_FP8_STAMP(5);
+      trace.stamp(5);
       float pv[kAccN / 2];  // this block's P V (and row sums), then added to O in fp32
       {
         wgmma_fence();
         if (!(TILEWISE_HOPPER_ABLATE & 2)) issue_pv(pv, pa, vs.stage());
         wgmma_commit();
       }
-      TILEWISE_FP8_STAMP(6);
+      trace.stamp(6);
       wgmma_wait<0>();
       fence_regs(pv);
-      TILEWISE_FP8_STAMP(7);
+      trace.stamp(7);
       base.release(s.v_empty[vs.stage()], false);
       vs.advance();
       if (TILEWISE_HOPPER_ABLATE & 128)  // measurement only: no promotion, one element keeps P V (and P) live
         o[0] += pv[0];
       else
         promote(o, pv, corr, rescale);
-      TILEWISE_FP8_STAMP(8);
-#if TILEWISE_HOPPER_FP8_TRACE
-      if (blockIdx.x == 0 && tid == 0 && trace_n < kFp8TraceBlocks)
-        fp8_trace[wg][trace_n][9] = (uint64_t{last} << 32) | (uint64_t(item.head) << 16) | uint32_t(item.q.row0 & 0xffff);
-      ++trace_n;
-#endif
+      trace.stamp(8);
+      trace.put(9, (uint32_t{last} << 31) | (static_cast<uint32_t>(item.head & 0x7fff) << 16) |
+                       static_cast<uint32_t>(item.q.row0 & 0xffff));
+      trace.next_block();
     }
   }
 

@@ -126,7 +126,6 @@ cudaError_t launch_fp8_forward(const Fp8Params& params, int head_dim, bool bf16,
 #if TILEWISE_HOPPER_FP8_TRACE
 /// The timeline of the last FP8 forward (fp8_consumer.cuh's fp8_trace) into `out` (host memory, `bytes` long).
 extern "C" __attribute__((visibility("default"))) int tw_debug_fp8_trace(void* out, size_t bytes) {
-  bytes = std::min(bytes, sizeof(tilewise::hopper::fp8_trace));
-  return static_cast<int>(cudaMemcpyFromSymbol(out, tilewise::hopper::fp8_trace, bytes));
+  return tilewise::hopper::read_clock_table(tilewise::hopper::fp8_trace, out, bytes, false);
 }
 #endif
