@@ -74,10 +74,10 @@ int cluster_ctas(bool bf16) {
   } else {
     auto ctas = [](auto type) {
       constexpr WgType T = decltype(type)::value;
-      if (set_smem<D, T, K>() != cudaSuccess) return 0;
+      if (set_smem<D, T, K, true>() != cudaSuccess) return 0;
       const ClusterLaunch lc = launch_config<D, K>(bwd_cluster(K), nullptr);
       int clusters = 0;
-      if (cudaOccupancyMaxActiveClusters(&clusters, backward_kernel<D, T, K>, &lc.config) != cudaSuccess) {
+      if (cudaOccupancyMaxActiveClusters(&clusters, backward_kernel<D, T, K, true>, &lc.config) != cudaSuccess) {
         (void)cudaGetLastError();  // not sticky: the plain reduce kernel runs instead
         return 0;
       }

@@ -114,7 +114,8 @@
 // where every tile has three owned slots and TILEWISE_BACKWARD_CLUSTER=1 is set (hopper_backend.cu). Correct (the
 // backward GPU tests and the fuzz pass on it) but slower: the H200 holds only 39 clusters of three (117 of its 132
 // SMs), and sharing the loads cut the L2's read traffic by 58% without cutting DRAM traffic (row 1 78.5 -> 84.8 ms,
-// docs/performance.md backward v3.14). 0 (default) = not built; 3 builds it (kernel_variants.py).
+// docs/performance.md backward v3.14; v3.23: 73.8 -> 81.9 ms, and 78.3 with the reductions left to the first CTA, ablation
+// bit 4096). 0 (default) = not built; 3 builds it (kernel_variants.py).
 #ifndef TILEWISE_HOPPER_BWD_CLUSTER
 #define TILEWISE_HOPPER_BWD_CLUSTER 0
 #endif
@@ -141,7 +142,9 @@
 // product, bit 128 the dQ TMA reductions, bit 1024 the dQ staging stores but one per thread (v3.22: -8.5% on row 1).
 // Timing what is left shows what bounds a loop. At the dK/dV kernels' item boundary (docs/performance.md backward
 // v3.19): bit 256 loads the owned K and V of a CTA's first item only (later items reuse what is there), bit 512
-// frees them before the item's last dQ product (dkdv_item: D 64 and 128).
+// frees them before the item's last dQ product (dkdv_item: D 64 and 128). In clusters (TILEWISE_HOPPER_BWD_CLUSTER),
+// bit 4096 leaves the dQ reductions to the cluster's first CTA: what summing the partials in distributed shared
+// memory could save at most (v3.23).
 // (Skipping the dK and dV stores outright is no ablation: ptxas then drops some of their wgmmas. Bit 2048 stores
 // them only where a run-time test that never holds says so, which keeps the wgmmas: what the stores cost.)
 #ifndef TILEWISE_HOPPER_BWD_ABLATE
