@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from bench_backward import TilewiseRun  # noqa: E402
 from bench_forward import rows  # noqa: E402
-from timeline import arguments, bench_row, covered  # noqa: E402  (scripts/, this script's folder)
+from timeline import arguments, bench_row, covered, unwrap32  # noqa: E402  (scripts/, this script's folder)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from tilewise import _capi  # noqa: E402
@@ -69,6 +69,15 @@ def read_trace(lib: ctypes.CDLL, clear: bool) -> tuple[list, list]:
     return blocks, items
 
 
+def linear(blocks: list, items: list) -> tuple[list, list]:
+    """The stamps unwrapped onto one line of cycles (timeline.unwrap32, as fp8_trace.py reads its own), so that stamps
+    of different roles can be compared across a wrap of the 32-bit clock (the window's ends below); the consumers'
+    flags (block event 13) and the items' first block numbers (item event 4) are not stamps."""
+    ref = next((b[0] for b in blocks[0] if b[0]), 0)
+    return ([[unwrap32(b[:13], ref) + b[13:] for b in role] for role in blocks],
+            [[unwrap32(it[:4], ref) + it[4:5] + unwrap32(it[5:], ref) for it in role] for role in items])
+
+
 def summary(values: list) -> str:
     return f"{statistics.median(values):.0f} / {statistics.mean(values):.0f}" if values else "-"
 
@@ -104,6 +113,7 @@ def main() -> None:
 
 def analyse(blocks: list, items: list, skip: int) -> None:
     """Prints the tables and the timeline of one traced run."""
+    blocks, items = linear(blocks, items)
     def count(r: int) -> int:
         return max((n + 1 for n in range(BLOCKS) if blocks[r][n][8] or blocks[r][n][0]), default=0)
 
