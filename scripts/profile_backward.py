@@ -8,6 +8,11 @@ memory and tensor-pipe counters) can be set side by side without knowing cuDNN's
 
 A start/end range (no trailing "/" in the filter), not push/pop: autograd runs cuDNN's backward kernels from its own
 device thread, which a push/pop range of the main thread does not cover.
+
+With --passes N (no ncu): N backwards under torch.profiler, then one table of the device time of each kernel and
+memset per backward (mean over the N), e.g. the preprocess, the main kernel and the dQ conversion side by side:
+
+    python3 scripts/profile_backward.py LIB --heads 24 --passes 20
 """
 import argparse
 import os
@@ -20,6 +25,7 @@ from profile_forward import _capi, dims, problem_args  # noqa: E402
 
 ap = problem_args(argparse.ArgumentParser())
 ap.add_argument("--cudnn", action="store_true", help="PyTorch SDPA's cuDNN backward (dense) on the same shape")
+ap.add_argument("--passes", type=int, default=0, help="N backwards under torch.profiler: device ms per kernel")
 a = ap.parse_args()
 _capi.lib(a.lib)
 latent = dims(a.latent)
@@ -51,6 +57,19 @@ else:
                           stream=torch.cuda.current_stream().cuda_stream)
 backward()  # warm-up, outside the range
 torch.cuda.synchronize()
+if a.passes:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.passes):
+            backward()
+        torch.cuda.synchronize()
+    rows = [(e.device_time_total / a.passes / 1e3, e.count // a.passes, e.key) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    print(f"| pass ({S} tokens, {a.heads} heads) | per backward | ms |\n|---|---|---|")
+    for ms, count, key in sorted(rows, reverse=True):
+        print(f"| {key[:90]} | {count} | {ms:.3f} |")
+    print(f"| total | | {sum(r[0] for r in rows):.3f} |")
+    sys.exit(0)
 rng = torch.cuda.nvtx.range_start("bwd")
 backward()
 torch.cuda.synchronize()

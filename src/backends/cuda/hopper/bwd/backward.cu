@@ -102,20 +102,19 @@ cudaError_t launch_backward_preprocess(const BwdParams& params, const Preprocess
   ordered.order = cuda::RowPassOrder::of(params.stats_entries, int64_t{pre.batch} * params.q_heads, pre.so.head,
                                          pre.so.seq);
   const unsigned grid = ordered.order.grid();
-  auto run = [&](auto rows) {
-    constexpr int kRows = decltype(rows)::value;
+  auto run = [&](auto rows, auto d) {
+    constexpr int kRows = decltype(rows)::value, D = decltype(d)::value;
     if (bf16)
-      bwd_preprocess<__nv_bfloat16, kRows><<<grid, kRows, 0, stream>>>(params, ordered, head_dim);
+      bwd_preprocess<__nv_bfloat16, kRows, D><<<grid, kPreprocessThreads, 0, stream>>>(params, ordered);
     else
-      bwd_preprocess<__half, kRows><<<grid, kRows, 0, stream>>>(params, ordered, head_dim);
+      bwd_preprocess<__half, kRows, D><<<grid, kPreprocessThreads, 0, stream>>>(params, ordered);
+    return cudaGetLastError();
   };
-  if (stream_rows == 64)
-    run(std::integral_constant<int, 64>{});
-  else if (stream_rows == kBlockN)
-    run(std::integral_constant<int, kBlockN>{});
-  else
+  return with_head_dim(head_dim, cudaErrorInvalidValue, [&](auto d) {
+    if (stream_rows == 64) return run(std::integral_constant<int, 64>{}, d);
+    if (stream_rows == kBlockN) return run(std::integral_constant<int, kBlockN>{}, d);
     return cudaErrorInvalidValue;
-  return cudaGetLastError();
+  });
 }
 
 cudaError_t launch_backward(const BwdParams& params, int head_dim, bool bf16, BwdKernel kernel, int grid,
