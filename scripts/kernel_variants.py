@@ -23,7 +23,8 @@ def main() -> None:
         source, args = args[1], args[2:]
     build, outdir, specs = os.path.abspath(args[0]), os.path.abspath(args[1]), args[2:]
     commands = json.load(open(os.path.join(build, "compile_commands.json")))
-    entry = next(c for c in commands if c["file"].endswith(source))
+    # the library's own compile of the source (CMakeLists.txt also compiles some sources for its measurement builds)
+    entry = next(c for c in commands if c["file"].endswith(source) and "tilewise_lib.dir" in c["command"])
     compile_args = shlex.split(entry["command"])
     obj = compile_args[compile_args.index("-o") + 1]
     link = open(os.path.join(build, "CMakeFiles", "tilewise_lib.dir", "link.txt")).read().split()

@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from profile_forward import _capi, dims, problem_args  # noqa: E402
+from profile_forward import _capi, dims, print_passes, problem_args  # noqa: E402
 
 ap = problem_args(argparse.ArgumentParser())
 ap.add_argument("--cudnn", action="store_true", help="PyTorch SDPA's cuDNN backward (dense) on the same shape")
@@ -58,17 +58,7 @@ else:
 backward()  # warm-up, outside the range
 torch.cuda.synchronize()
 if a.passes:
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(a.passes):
-            backward()
-        torch.cuda.synchronize()
-    rows = [(e.device_time_total / a.passes / 1e3, e.count // a.passes, e.key) for e in prof.key_averages()
-            if e.device_time_total > 0]
-    print(f"| pass ({S} tokens, {a.heads} heads) | per backward | ms |\n|---|---|---|")
-    for ms, count, key in sorted(rows, reverse=True):
-        print(f"| {key[:90]} | {count} | {ms:.3f} |")
-    print(f"| total | | {sum(r[0] for r in rows):.3f} |")
+    print_passes(backward, a.passes, f"{S} tokens, {a.heads} heads")
     sys.exit(0)
 rng = torch.cuda.nvtx.range_start("bwd")
 backward()

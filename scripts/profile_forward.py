@@ -25,6 +25,23 @@ def problem_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return ap
 
 
+def print_passes(fn, passes: int, title: str) -> None:
+    """Runs fn `passes` times under torch.profiler and prints one table: the device time of each kernel and memset
+    per run (mean over the runs), largest first, e.g. the FP8 forward's quantisation passes beside its kernel or the
+    backward's preprocess, main kernel and dQ conversion."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(passes):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.device_time_total / passes / 1e3, e.count // passes, e.key) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    print(f"| pass ({title}) | per run | ms |\n|---|---|---|")
+    for ms, count, key in sorted(rows, reverse=True):
+        print(f"| {key[:90]} | {count} | {ms:.3f} |")
+    print(f"| total | | {sum(r[0] for r in rows):.3f} |")
+
+
 def dims(text: str) -> tuple:
     return tuple(int(x) for x in text.split("x"))
 
@@ -37,6 +54,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--cudnn", action="store_true",
                     help="run PyTorch SDPA (cuDNN backend, dense) on the same shape instead")
+    ap.add_argument("--passes", type=int, default=0,
+                    help="N forwards under torch.profiler (no ncu): device ms per kernel and memset")
     ap.add_argument("--precision", default="native", choices=("native", "fp8"),
                     help="fp8: the FP8 forward (its quantisation passes, V^T pack and fp8_forward_kernel, which -k "
                          "regex:forward_kernel also matches)")
@@ -60,9 +79,15 @@ def main() -> None:
         torch.cuda.synchronize()
         print("ok cudnn", tuple(o.shape))
         return
-    for _ in range(a.runs):
+    def forward():
         plan.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), 0, tl)
+
+    for _ in range(a.runs):
+        forward()
     torch.cuda.synchronize()
+    if a.passes:
+        print_passes(forward, a.passes, f"{S} tokens, {a.heads} heads, {a.precision}")
+        return
     print("ok", tuple(o.shape), float(o.float().abs().mean()))
 
 
