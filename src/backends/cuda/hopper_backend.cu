@@ -455,9 +455,7 @@ class HopperBackend final : public Backend {
     // numbers its statistics by).
     hopper::BwdParams streamed = prm;
     fill_common(plan, streamed_classes, t.text_len, streamed);
-    hopper::PreprocessParams pre{};
-    pre.o = t.o, pre.dout = t.dout, pre.so = p.o, pre.lse = t.lse, pre.dlse = t.dlse;
-    pre.delta = ws.delta, pre.stats = ws.stats, pre.batch = static_cast<int32_t>(p.batch);
+    hopper::PreprocessParams pre{t.o, t.dout, p.o, t.lse, t.dlse, ws.delta, ws.stats, static_cast<int32_t>(p.batch)};
     const bool bf16 = p.dtype == DType::bf16;
     const int D = static_cast<int>(p.head_dim);
     check(hopper::launch_backward_preprocess(streamed, pre, D, bf16, static_cast<int>(streamed_classes.key_rows),
