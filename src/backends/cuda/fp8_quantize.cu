@@ -107,18 +107,20 @@ int64_t parts_of(const Plan& plan) {  // text blocks (<= 128 rows) always fit in
   return ceil_div<int64_t>(plan.grid().tile.volume(), kPartRows);
 }
 
-/// A lane's place in the row layout: `rows` rows per warp instruction, `lanes` lanes per row (a power of two),
-/// this lane's row `group` and its channels [8 * chunk, 8 * chunk + 8) when `active`.
+/// A lane's place in the row layout: kLanes lanes per row (lanes_for(D), a power of two, so that the reductions
+/// across a row's lanes unroll), R = 32 / kLanes rows per warp instruction, this lane's row `group` and its channels
+/// [8 * chunk, 8 * chunk + 8) when `active`.
+template <int kLanes>
 struct RowLanes {
-  int lanes, rows, group, chunk;
+  static constexpr int lanes = kLanes, rows = 32 / kLanes;
+  int group, chunk;
   bool active;
   __device__ explicit RowLanes(int head_dim)
-      : lanes(head_dim <= 32 ? 4 : (head_dim <= 64 ? 8 : 16)),
-        rows(32 / lanes),
-        group(static_cast<int>(threadIdx.x % 32) / lanes),
-        chunk(static_cast<int>(threadIdx.x % 32) % lanes),
+      : group(static_cast<int>(threadIdx.x % 32) / kLanes),
+        chunk(static_cast<int>(threadIdx.x % 32) % kLanes),
         active(chunk * kVec < head_dim) {}
 };
+constexpr int lanes_for(int head_dim) { return head_dim <= 32 ? 4 : (head_dim <= 64 ? 8 : 16); }
 
 /// Eight 16-bit values, two per word (the lower channel in the lower half).
 struct Raw8 {
@@ -160,12 +162,17 @@ __device__ __forceinline__ void store8(uint8_t* at, uint32_t lo, uint32_t hi) {
   }
 }
 
-/// Eight e4m3 codes, code(j) for channel j, packed for store8 (code j in byte j % 4 of word j / 4).
-template <class Code>
-__device__ __forceinline__ uint2 pack8(Code code) {
-  uint32_t word[2] = {0u, 0u};
+/// Eight e4m3 codes, of value(j) * inv(j) for channel j, packed for store8 (code j in byte j % 4 of word j / 4): four
+/// conversion instructions, two values each.
+template <class Value, class Inv>
+__device__ __forceinline__ uint2 quantize8(Value value, Inv inv) {
+  uint32_t word[2];
 #pragma unroll
-  for (int j = 0; j < kVec; ++j) word[j / 4] |= uint32_t{code(j)} << (8 * (j % 4));
+  for (int h = 0; h < 2; ++h) {
+    const int j = 4 * h;
+    word[h] = hopper::quantize_e4m3x2(value(j), value(j + 1), inv(j), inv(j + 1)) |
+              (hopper::quantize_e4m3x2(value(j + 2), value(j + 3), inv(j + 2), inv(j + 3)) << 16);
+  }
   return make_uint2(word[0], word[1]);
 }
 
@@ -187,9 +194,10 @@ __device__ __forceinline__ void atomic_max_nonneg(float* at, float x) {
 
 /// Pass 1: one CTA per (block part, b * Hkv + g) in `order` (blocks * parts chunks). Rows r of a block are its
 /// tile's tokens in raster order inside the tile (or its text positions), so a part's positions come without a
-/// search; part `part` takes rows [part * kPartRows, ...). The CTA's partial sums and value maxima go out with one
-/// atomic per channel; its key minima and maxima to the part's own slot (no atomics).
-template <class T, bool kWide>
+/// search; part `part` takes rows [part * kPartRows, ...), whose positions the CTA works out once into shared memory
+/// (each one three divisions, which every lane of a row repeated per row before). The CTA's partial sums and value
+/// maxima go out with one atomic per channel; its key minima and maxima to the part's own slot (no atomics).
+template <class T, bool kWide, int kLanes>
 __global__ void __launch_bounds__(kThreads) key_statistics(QuantizeParams p, RowPassOrder order) {
   const int D = p.head_dim;
   const int32_t head = order.head(blockIdx.x), x = order.chunk(blockIdx.x);
@@ -216,14 +224,18 @@ __global__ void __launch_bounds__(kThreads) key_statistics(QuantizeParams p, Row
     for (int d = threadIdx.x; d < D; d += kThreads) out[d] = infinity(), out[D + d] = -infinity();
     return;
   }
-  const auto position = [&](int32_t r) -> int64_t {
-    if (block >= tiles) return text0 + r;
-    const Dim3T<int32_t> at{origin.t + r / (extent.h * extent.w), origin.h + (r / extent.w) % extent.h,
-                            origin.w + r % extent.w};
-    return p.map.video_position(at);
-  };
+  // Positions below 2^31: the map is 32-bit (params_of).
+  __shared__ int32_t position[kPartRows];
+  for (int32_t r = begin + static_cast<int32_t>(threadIdx.x); r < end; r += kThreads) {
+    int64_t at = text0 + r;
+    if (block < tiles)
+      at = p.map.video_position(Dim3T<int32_t>{origin.t + r / (extent.h * extent.w),
+                                               origin.h + (r / extent.w) % extent.h, origin.w + r % extent.w});
+    position[r - begin] = static_cast<int32_t>(at);
+  }
+  __syncthreads();
 
-  const RowLanes ln(D);
+  const RowLanes<kLanes> ln(D);
   const int warp = threadIdx.x / 32, c0 = ln.chunk * kVec, step = kWarps * ln.rows;
   double sum[kVec];
   float lo[kVec], hi[kVec], vmax[kVec];
@@ -237,7 +249,7 @@ __global__ void __launch_bounds__(kThreads) key_statistics(QuantizeParams p, Row
       for (int u = 0; u < kStatsUnroll; ++u) {
         const int32_t r = r0 + u * step;
         if (r >= end) continue;
-        const int64_t s = position(r);
+        const int64_t s = position[r - begin];
         kx[u] = load8<kWide>(p.k, kbase + s * p.ks.seq);
         vx[u] = load8<kWide>(p.v, vbase + s * p.vs.seq);
       }
@@ -256,6 +268,7 @@ __global__ void __launch_bounds__(kThreads) key_statistics(QuantizeParams p, Row
     }
   }
   // The warp's row groups (lanes `lanes` apart hold the same channels; idle lanes hold the neutral values).
+#pragma unroll
   for (int off = ln.lanes; off < 32; off *= 2) {
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
@@ -325,49 +338,52 @@ __global__ void __launch_bounds__(kThreads) finish_statistics(QuantizeParams p) 
   }
 }
 
-/// Pass 3: one CTA per (chunk of kWarps * kKeyRowsPerWarp positions, b * Hkv + g) in `order`; every position.
-template <class T, bool kWide>
+/// Pass 3: one CTA per (chunk of kWarps * kKeyRowsPerWarp positions, b * Hkv + g) in `order`; every position. The
+/// warp looks up its positions' K inverse scales once (fp8::key_block: divisions that every lane of a row repeated
+/// per row before) into shared memory. kValues: V is quantised too (quantize_fp8; the forward's V^T pre-pass
+/// quantises V itself), a template parameter so that the forward's pass holds no V registers.
+template <class T, bool kWide, int kLanes, bool kValues>
 __global__ void __launch_bounds__(kThreads) quantize_keys_values(QuantizeParams p, RowPassOrder order) {
-  const RowLanes ln(p.head_dim);
-  if (!ln.active) return;  // no shuffles below
-  const int D = p.head_dim, c0 = ln.chunk * kVec;
+  const RowLanes<kLanes> ln(p.head_dim);
+  const int D = p.head_dim, c0 = ln.chunk * kVec, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int32_t head = order.head(blockIdx.x);
   const int64_t bg = head, b = head / p.kv_heads, g = head % p.kv_heads;
-  const int64_t first = (int64_t{order.chunk(blockIdx.x)} * kWarps + threadIdx.x / 32) * kKeyRowsPerWarp;
+  const int64_t first = (int64_t{order.chunk(blockIdx.x)} * kWarps + warp) * kKeyRowsPerWarp;
   const int64_t end = first + kKeyRowsPerWarp < p.seq_len ? first + kKeyRowsPerWarp : p.seq_len;
-  const bool values = p.v8 != nullptr;
+  __shared__ float row_kinv[kWarps][kKeyRowsPerWarp];
+  const float* kinv_of = p.kinv + bg * p.blocks;
+  for (int i = lane; i < kKeyRowsPerWarp; i += 32)
+    if (first + i < end) row_kinv[warp][i] = kinv_of[fp8::key_block(p.map, first + i)];
+  __syncwarp();
+  if (!ln.active) return;  // (no shuffles below)
   float mu[kVec], vinv[kVec];
   {
     const float4* m = reinterpret_cast<const float4*>(p.mu + bg * D + c0);
     const float4 m0 = m[0], m1 = m[1];
     mu[0] = m0.x, mu[1] = m0.y, mu[2] = m0.z, mu[3] = m0.w, mu[4] = m1.x, mu[5] = m1.y, mu[6] = m1.z, mu[7] = m1.w;
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) vinv[j] = values ? p.vinv[bg * D + c0 + j] : 1.f;
+    for (int j = 0; j < kVec; ++j) vinv[j] = kValues ? p.vinv[bg * D + c0 + j] : 1.f;
   }
-  const float* kinv_of = p.kinv + bg * p.blocks;
   const int64_t kbase = b * p.ks.batch + g * p.ks.head + c0, vbase = b * p.vs.batch + g * p.vs.head + c0;
   const int64_t k8base = b * p.k8s.batch + g * p.k8s.head + c0, v8base = b * p.v8s.batch + g * p.v8s.head + c0;
   for (int64_t s0 = first + ln.group; s0 < end; s0 += kUnroll * ln.rows) {
     Raw8 kx[kUnroll], vx[kUnroll];
-    float kinv[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {  // every load of the trip first
       const int64_t s = s0 + u * ln.rows;
       if (s >= end) continue;
-      kinv[u] = kinv_of[fp8::key_block(p.map, s)];
       kx[u] = load8<kWide>(p.k, kbase + s * p.ks.seq);
-      if (values) vx[u] = load8<kWide>(p.v, vbase + s * p.vs.seq);
+      if constexpr (kValues) vx[u] = load8<kWide>(p.v, vbase + s * p.vs.seq);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t s = s0 + u * ln.rows;
       if (s >= end) continue;
-      const float inv = kinv[u];
-      const uint2 kc =
-          pack8([&](int j) { return hopper::quantize_e4m3(__fsub_rn(value<T>(kx[u], j), mu[j]), inv); });
+      const float inv = row_kinv[warp][s - first];
+      const uint2 kc = quantize8([&](int j) { return __fsub_rn(value<T>(kx[u], j), mu[j]); }, [&](int) { return inv; });
       store8<kWide>(p.k8 + k8base + s * p.k8s.seq, kc.x, kc.y);
-      if (values) {
-        const uint2 vc = pack8([&](int j) { return hopper::quantize_e4m3(value<T>(vx[u], j), vinv[j]); });
+      if constexpr (kValues) {
+        const uint2 vc = quantize8([&](int j) { return value<T>(vx[u], j); }, [&](int j) { return vinv[j]; });
         store8<kWide>(p.v8 + v8base + s * p.v8s.seq, vc.x, vc.y);
       }
     }
@@ -376,9 +392,9 @@ __global__ void __launch_bounds__(kThreads) quantize_keys_values(QuantizeParams 
 
 /// Pass 4: one CTA per (chunk of kWarps * kQueryRowsPerWarp rows, b * Hq + h) in `order`; per row its maximum,
 /// scale and e4m3 values.
-template <class T, bool kWide>
+template <class T, bool kWide, int kLanes>
 __global__ void __launch_bounds__(kThreads) quantize_queries(QuantizeParams p, RowPassOrder order) {
-  const RowLanes ln(p.head_dim);
+  const RowLanes<kLanes> ln(p.head_dim);
   const int D = p.head_dim, c0 = ln.chunk * kVec;
   const int32_t head = order.head(blockIdx.x);  // b * Hq + h
   const int64_t bh = head, chunk = order.chunk(blockIdx.x);
@@ -404,21 +420,20 @@ __global__ void __launch_bounds__(kThreads) quantize_queries(QuantizeParams p, R
       const bool ok = ln.active && i < end;
       float amax = 0.f;
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const float a = ok ? fabsf(value<T>(x[u], j)) : 0.f;
-        amax = a > amax ? a : amax;  // NaN dropped, as std::max drops it
-      }
+      for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, ok ? fabsf(value<T>(x[u], j)) : 0.f);  // NaN dropped, as
+#pragma unroll                                                                               // std::max drops it
       for (int o = ln.lanes / 2; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
       const float inv = fp8::inv_scale_of(amax);
       if (ok) {
         if (ln.chunk == 0) p.q_scale[bh * p.seq_len + i] = fp8::scale_of(amax);
-        const uint2 qc = pack8([&](int j) { return hopper::quantize_e4m3(value<T>(x[u], j), inv); });
+        const uint2 qc = quantize8([&](int j) { return value<T>(x[u], j); }, [&](int) { return inv; });
         store8<kWide>(p.q8 + q8base + i * p.q8s.seq, qc.x, qc.y);
       }
       if (shift) {  // what smoothing took out of the scores, for the LSE (semantics.md §11.4)
         float dot = 0.f;
 #pragma unroll
         for (int j = 0; j < kVec; ++j) dot += ok ? value<T>(x[u], j) * mu[j] : 0.f;
+#pragma unroll
         for (int o = ln.lanes / 2; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
         if (ok && ln.chunk == 0) p.lse_shift[bh * p.seq_len + i] = p.scale * dot;
       }
@@ -430,7 +445,7 @@ unsigned blocks_for(int64_t items, int64_t per_block) { return static_cast<unsig
 
 /// The passes' CTAs visit (chunk, head) pairs in RowPassOrder: every head of a chunk together where the tensor
 /// keeps a token's heads side by side (whole rows per DRAM page), so the grids are 1-D.
-template <class T, bool kWide>
+template <class T, bool kWide, int kLanes>
 void launch_all(const QuantizeParams& p, cudaStream_t stream) {
   const int64_t bg = int64_t{p.batch} * p.kv_heads;
   const RowPassOrder blocks = RowPassOrder::of(int64_t{p.blocks} * p.parts, bg, p.ks.head, p.ks.seq);
@@ -438,11 +453,27 @@ void launch_all(const QuantizeParams& p, cudaStream_t stream) {
       RowPassOrder::of(ceil_div<int64_t>(p.seq_len, kWarps * kKeyRowsPerWarp), bg, p.ks.head, p.ks.seq);
   const RowPassOrder queries = RowPassOrder::of(ceil_div<int64_t>(p.seq_len, kWarps * kQueryRowsPerWarp),
                                                 int64_t{p.batch} * p.q_heads, p.qs.head, p.qs.seq);
-  key_statistics<T, kWide><<<blocks.grid(), kThreads, 0, stream>>>(p, blocks);
+  key_statistics<T, kWide, kLanes><<<blocks.grid(), kThreads, 0, stream>>>(p, blocks);
   const int64_t finish_warps = bg * p.blocks + ceil_div<int64_t>(bg * p.head_dim, 32);
   finish_statistics<<<blocks_for(finish_warps, kWarps), kThreads, 0, stream>>>(p);
-  quantize_keys_values<T, kWide><<<positions.grid(), kThreads, 0, stream>>>(p, positions);
-  quantize_queries<T, kWide><<<queries.grid(), kThreads, 0, stream>>>(p, queries);
+  if (p.v8 != nullptr)
+    quantize_keys_values<T, kWide, kLanes, true><<<positions.grid(), kThreads, 0, stream>>>(p, positions);
+  else
+    quantize_keys_values<T, kWide, kLanes, false><<<positions.grid(), kThreads, 0, stream>>>(p, positions);
+  quantize_queries<T, kWide, kLanes><<<queries.grid(), kThreads, 0, stream>>>(p, queries);
+}
+/// launch_all for p's dtype, access width and lanes per row.
+template <class T>
+void launch_all(const QuantizeParams& p, bool wide, cudaStream_t stream) {
+  auto with_lanes = [&](auto wide_c) {
+    constexpr bool kWide = decltype(wide_c)::value;
+    switch (lanes_for(p.head_dim)) {
+      case 4: return launch_all<T, kWide, 4>(p, stream);
+      case 8: return launch_all<T, kWide, 8>(p, stream);
+      default: return launch_all<T, kWide, 16>(p, stream);
+    }
+  };
+  wide ? with_lanes(std::true_type{}) : with_lanes(std::false_type{});
 }
 
 /// Whether every tensor allows the 16-byte loads and 8-byte stores: 16-byte aligned inputs, 8-byte aligned outputs,
@@ -475,9 +506,9 @@ void run_passes(const Plan& plan, QuantizeParams prm, float* stats, cudaStream_t
   check(cudaMemsetAsync(prm.v_scale, 0, sizeof(float) * p.batch * p.kv_heads * p.head_dim, stream), "cudaMemsetAsync");
   const bool wide = wide_accesses(prm);
   if (p.dtype == DType::bf16)
-    wide ? launch_all<__nv_bfloat16, true>(prm, stream) : launch_all<__nv_bfloat16, false>(prm, stream);
+    launch_all<__nv_bfloat16>(prm, wide, stream);
   else
-    wide ? launch_all<__half, true>(prm, stream) : launch_all<__half, false>(prm, stream);
+    launch_all<__half>(prm, wide, stream);
   const cudaError_t launched = cudaGetLastError();
   if (own_scratch) check(cudaFreeAsync(prm.sums, stream), "cudaFreeAsync (quantize_fp8)");
   check(launched, "quantize_fp8 launch");

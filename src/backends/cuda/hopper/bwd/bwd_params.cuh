@@ -144,7 +144,8 @@
 // v3.19): bit 256 loads the owned K and V of a CTA's first item only (later items reuse what is there), bit 512
 // frees them before the item's last dQ product (dkdv_item: D 64 and 128). In clusters (TILEWISE_HOPPER_BWD_CLUSTER),
 // bit 4096 leaves the dQ reductions to the cluster's first CTA: what summing the partials in distributed shared
-// memory could save at most (v3.23).
+// memory could save at most (v3.23). Bit 8192 replaces every exponential of P^T by its argument (v3.25: what MUFU
+// costs the chain; row 1 -1.0%, so the exponentials are not what it waits for).
 // (Skipping the dK and dV stores outright is no ablation: ptxas then drops some of their wgmmas. Bit 2048 stores
 // them only where a run-time test that never holds says so, which keeps the wgmmas: what the stores cost.)
 #ifndef TILEWISE_HOPPER_BWD_ABLATE

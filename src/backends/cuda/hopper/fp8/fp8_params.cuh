@@ -45,6 +45,10 @@ struct Fp8Params : FwdParams {
 __device__ __forceinline__ uint8_t quantize_e4m3(float x, float inv) {
   return __nv_cvt_float_to_fp8(__fmul_rn(x, inv), __NV_SATFINITE, __NV_E4M3);
 }
+/// quantize_e4m3 of two values by one conversion instruction (the same rounding): x's code in the low byte.
+__device__ __forceinline__ uint32_t quantize_e4m3x2(float x, float y, float inv_x, float inv_y) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(__fmul_rn(x, inv_x), __fmul_rn(y, inv_y)), __NV_SATFINITE, __NV_E4M3);
+}
 
 /// The logical key (0..127) of a block that V^T column `c` holds: within each 16 keys, column 4q + e holds key
 /// 2q + e (e < 2) or 8 + 2q + e - 2, the order in which an S accumulator fragment gives a thread its keys
