@@ -145,7 +145,8 @@
 // frees them before the item's last dQ product (dkdv_item: D 64 and 128). In clusters (TILEWISE_HOPPER_BWD_CLUSTER),
 // bit 4096 leaves the dQ reductions to the cluster's first CTA: what summing the partials in distributed shared
 // memory could save at most (v3.23). Bit 8192 replaces every exponential of P^T by its argument (v3.25: what MUFU
-// costs the chain; row 1 -1.0%, so the exponentials are not what it waits for).
+// costs the chain; row 1 -1.0%, so the exponentials are not what it waits for). Bit 16384 (hopper_backend.cu) skips
+// the dQ accumulator's zeroing and dq's conversion: what folding both into the main kernel could save at most.
 // (Skipping the dK and dV stores outright is no ablation: ptxas then drops some of their wgmmas. Bit 2048 stores
 // them only where a run-time test that never holds says so, which keeps the wgmmas: what the stores cost.)
 #ifndef TILEWISE_HOPPER_BWD_ABLATE
