@@ -41,25 +41,13 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kVec = 8;                    // contiguous channels per lane
 constexpr int kMaxDim = 128;               // D <= 128
 constexpr int kPartRows = 1024;            // pass 1: key block rows per CTA (larger blocks take several parts)
-// The passes' depths, overridable at build time for a sweep (scripts/kernel_variants.py --source fp8_quantize.cu;
-// docs/performance.md "FP8: where the end-to-end time goes outside the kernel": they move row 1's bytes at 1.2-1.8
-// TB/s, and how many rows each lane has in flight against how many trips each warp makes is the first question).
-#ifndef TILEWISE_FP8_STATS_UNROLL
-#define TILEWISE_FP8_STATS_UNROLL 2
-#endif
-#ifndef TILEWISE_FP8_PASS_UNROLL
-#define TILEWISE_FP8_PASS_UNROLL 4
-#endif
-#ifndef TILEWISE_FP8_KEY_ROWS_PER_WARP
-#define TILEWISE_FP8_KEY_ROWS_PER_WARP 64
-#endif
-#ifndef TILEWISE_FP8_QUERY_ROWS_PER_WARP
-#define TILEWISE_FP8_QUERY_ROWS_PER_WARP 32
-#endif
-constexpr int kStatsUnroll = TILEWISE_FP8_STATS_UNROLL;             // pass 1: rows per lane in flight
-constexpr int kKeyRowsPerWarp = TILEWISE_FP8_KEY_ROWS_PER_WARP;     // pass 3: positions per warp
-constexpr int kQueryRowsPerWarp = TILEWISE_FP8_QUERY_ROWS_PER_WARP; // pass 4: query rows per warp
-constexpr int kUnroll = TILEWISE_FP8_PASS_UNROLL;                   // passes 3 and 4: rows per lane in flight
+// The passes' depths: rows per lane in flight and rows per warp. Deeper measured slower in every pass before their
+// rework (these against 4 or 8 / 8 / 128 / 64; docs/performance.md "FP8: the quantisation passes reworked"): they
+// were bound by instructions, not by latency per trip.
+constexpr int kStatsUnroll = 2;       // pass 1: rows per lane in flight
+constexpr int kKeyRowsPerWarp = 64;   // pass 3: positions per warp
+constexpr int kQueryRowsPerWarp = 32; // pass 4: query rows per warp
+constexpr int kUnroll = 4;            // passes 3 and 4: rows per lane in flight
 
 struct QuantizeParams {
   const void* q;
