@@ -368,7 +368,8 @@ __global__ void __launch_bounds__(kThreads) quantize_keys_values(QuantizeParams 
       const int64_t s = s0 + u * ln.rows;
       if (s >= end) continue;
       const float inv = row_kinv[warp][s - first];
-      const uint2 kc = quantize8([&](int j) { return __fsub_rn(value<T>(kx[u], j), mu[j]); }, [&](int) { return inv; });
+      const uint2 kc =
+          quantize8([&](int j) { return __fsub_rn(value<T>(kx[u], j), mu[j]); }, [&](int) { return inv; });
       store8<kWide>(p.k8 + k8base + s * p.k8s.seq, kc.x, kc.y);
       if constexpr (kValues) {
         const uint2 vc = quantize8([&](int j) { return value<T>(vx[u], j); }, [&](int j) { return vinv[j]; });
@@ -406,10 +407,10 @@ __global__ void __launch_bounds__(kThreads) quantize_queries(QuantizeParams p, R
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = base + u * ln.rows + ln.group;
       const bool ok = ln.active && i < end;
-      float amax = 0.f;
+      float amax = 0.f;  // (fmaxf drops NaN, as std::max does)
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, ok ? fabsf(value<T>(x[u], j)) : 0.f);  // NaN dropped, as
-#pragma unroll                                                                               // std::max drops it
+      for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, ok ? fabsf(value<T>(x[u], j)) : 0.f);
+#pragma unroll
       for (int o = ln.lanes / 2; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
       const float inv = fp8::inv_scale_of(amax);
       if (ok) {
