@@ -11,8 +11,10 @@ that miss, and the makespan over the ideal (the tail the order leaves).
 
     python3 scripts/l2_order_model.py [--l2-mb 50]
 
-On row 1 (5x6x10 tiles, 24 heads) it gives 17.8% misses for v3.2's order (every head's heaviest tiles first) and
-1.8% for the default since v3.12, with the same tail; ncu measured 18% L2 misses on v3.2's order (4 heads).
+On row 1 (5x6x10 tiles, 24 heads) it gives 17.8% misses for v3.2's order (every head's heaviest tiles first, the
+default) and 1.8% for v3.12's locality order, with the same tail; ncu measured 18% and 23% (v3.12, 4 heads) and
+18.5% and 22.5% (v3.25, 24 heads): the model misses what makes the locality order worse, so it does not choose
+orders (docs/performance.md backward v3.25).
 """
 import argparse
 import collections
