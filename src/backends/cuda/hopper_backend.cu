@@ -451,8 +451,8 @@ class HopperBackend final : public Backend {
     const size_t accum_bytes = sizeof(float) * p.batch * p.q_heads * p.seq_len * p.head_dim;
     // (Ablation bit 16384, measurement only: neither the accumulator's zeroing nor dq's conversion, what doing
     // both inside the main kernel could save at most.)
-    const bool passes = !deterministic && !(TILEWISE_HOPPER_BWD_ABLATE & 16384);
-    if (passes) check(cudaMemsetAsync(ws.dq_accum, 0, accum_bytes, stream), "cudaMemsetAsync");
+    const bool dq_passes = !deterministic && !(TILEWISE_HOPPER_BWD_ABLATE & 16384);
+    if (dq_passes) check(cudaMemsetAsync(ws.dq_accum, 0, accum_bytes, stream), "cudaMemsetAsync");
 
     // The dK/dV kernel's parameters start from these with its own boxes (its streamed blocks, which the preprocess
     // numbers its statistics by).
@@ -517,7 +517,7 @@ class HopperBackend final : public Backend {
       }
       check(hopper::launch_backward(dkv, D, bf16, kernel, grid, stream), "dK/dV kernel launch");
     }
-    if (passes)
+    if (dq_passes)
       check(hopper::launch_dq_from_accumulator(ws.dq_accum, t.dq, p.q, p.batch, p.q_heads, p.seq_len, D,
                                                static_cast<float>(p.scale), bf16, stream),
             "dq conversion launch");
