@@ -3,9 +3,10 @@
 and ablations of src/backends/cuda/hopper/kernel_traits.cuh and bwd/bwd_params.cuh) and relinks the library beside
 the others, all variants in parallel, so a sweep costs one compile of that file instead of a build each.
 
-    python3 scripts/kernel_variants.py [--source hopper/forward.cu] BUILD OUTDIR name=-DMACRO=1,-DOTHER=2 ...
+    python3 scripts/kernel_variants.py [--source hopper/forward.cu ...] BUILD OUTDIR name=-DMACRO=1,-DOTHER=2 ...
 
---source: the file to recompile (a suffix of its path; default the backward's hopper/bwd/backward.cu). BUILD is a
+--source: a file to recompile (a suffix of its path; repeatable, e.g. a kernel and its host planning for a switch
+both read; default the backward's hopper/bwd/backward.cu). BUILD is a
 configured and built CMake build (CMAKE_EXPORT_COMPILE_COMMANDS=ON); each variant lands in OUTDIR/name/libtilewise.so.
 Prints one line per variant (compile seconds and its spills, or the error's tail)."""
 import json
@@ -18,32 +19,37 @@ import time
 
 def main() -> None:
     args = sys.argv[1:]
-    source = "hopper/bwd/backward.cu"
-    if args[:1] == ["--source"]:
-        source, args = args[1], args[2:]
+    sources = []
+    while args[:1] == ["--source"]:
+        sources, args = sources + [args[1]], args[2:]
+    sources = sources or ["hopper/bwd/backward.cu"]
     build, outdir, specs = os.path.abspath(args[0]), os.path.abspath(args[1]), args[2:]
     commands = json.load(open(os.path.join(build, "compile_commands.json")))
-    # the library's own compile of the source (CMakeLists.txt also compiles some sources for its measurement builds)
-    entry = next(c for c in commands if c["file"].endswith(source) and "tilewise_lib.dir" in c["command"])
-    compile_args = shlex.split(entry["command"])
-    obj = compile_args[compile_args.index("-o") + 1]
+    # the library's own compile of each source (CMakeLists.txt also compiles some sources for its measurement builds)
+    entries = [next(c for c in commands if c["file"].endswith(source) and "tilewise_lib.dir" in c["command"])
+               for source in sources]
     link = open(os.path.join(build, "CMakeFiles", "tilewise_lib.dir", "link.txt")).read().split()
     jobs = {}
     for spec in specs:
         name, _, flags = spec.partition("=")
         os.makedirs(os.path.join(outdir, name), exist_ok=True)
-        vobj = os.path.join(outdir, name, os.path.basename(source) + ".o")
-        args = list(compile_args)
-        args[args.index("-o") + 1] = vobj
-        args[1:1] = [f for f in flags.split(",") if f]
-        jobs[name] = (subprocess.Popen(args, cwd=entry["directory"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True), vobj, time.time())
-    for name, (proc, vobj, t0) in jobs.items():
-        out, _ = proc.communicate()
-        if proc.returncode:
+        procs, objs = [], {}
+        for source, entry in zip(sources, entries):
+            compile_args = shlex.split(entry["command"])
+            vobj = os.path.join(outdir, name, os.path.basename(source) + ".o")
+            objs[compile_args[compile_args.index("-o") + 1]] = vobj
+            compile_args[compile_args.index("-o") + 1] = vobj
+            compile_args[1:1] = [f for f in flags.split(",") if f]
+            procs.append(subprocess.Popen(compile_args, cwd=entry["directory"], stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        jobs[name] = (procs, objs, time.time())
+    for name, (procs, objs, t0) in jobs.items():
+        outs = [proc.communicate()[0] for proc in procs]
+        out = "".join(outs)
+        if any(proc.returncode for proc in procs):
             print(f"{name}: compile failed\n{out[-2000:]}")
             continue
-        args = [vobj if a == obj else a for a in link]
+        args = [objs.get(a, a) for a in link]
         args[args.index("-o") + 1] = os.path.join(outdir, name, "libtilewise.so")
         res = subprocess.run(args, cwd=build, capture_output=True, text=True)
         status = f"built in {time.time() - t0:.0f} s" if res.returncode == 0 else "link failed\n" + res.stderr[-1500:]

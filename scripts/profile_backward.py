@@ -26,11 +26,15 @@ from profile_forward import _capi, dims, print_passes, problem_args  # noqa: E40
 ap = problem_args(argparse.ArgumentParser())
 ap.add_argument("--cudnn", action="store_true", help="PyTorch SDPA's cuDNN backward (dense) on the same shape")
 ap.add_argument("--passes", type=int, default=0, help="N backwards under torch.profiler: device ms per kernel")
+ap.add_argument("--layout", choices=("bshd", "bhsd"), default="bshd", help="the tensors' layout (tilewise's backward)")
 a = ap.parse_args()
+if a.cudnn and a.layout != "bshd":
+    ap.error(f"--layout {a.layout} with --cudnn: expected bshd (the cuDNN comparison transposes bshd tensors)")
 _capi.lib(a.lib)
 latent = dims(a.latent)
 S = latent[0] * latent[1] * latent[2]
-q, k, v, do = (torch.randn(1, S, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+shape = (1, a.heads, S, a.head_dim) if a.layout == "bhsd" else (1, S, a.heads, a.head_dim)
+q, k, v, do = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
 if a.cudnn:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -43,7 +47,7 @@ if a.cudnn:
 else:
     plan = _capi.Plan(batch=1, q_heads=a.heads, kv_heads=a.heads, head_dim=a.head_dim, dtype="bf16", latent=latent,
                       tile=dims(a.tile), text_capacity=0, text_position="last", pattern="sliding_tile",
-                      windows=[dims(a.window)], device="cuda")
+                      windows=[dims(a.window)], layout=a.layout, device="cuda")
     o = torch.empty_like(q)
     lse = torch.empty(1, a.heads, S, device="cuda", dtype=torch.float32)
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))

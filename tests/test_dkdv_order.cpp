@@ -15,6 +15,7 @@ namespace {
 
 using tilewise::cuda::DkdvOrder;
 using tilewise::cuda::dkdv_item_order;
+using tilewise::cuda::sweep_suits;
 
 struct OrderCase {
   tilewise::Dim3 latent, tile;
@@ -99,13 +100,14 @@ TEST(DkdvOrder, PerHeadOrdersKeepNeighboursTogetherAndEndHeavyFirst) {
     const auto n = grid_of(s);
     const int64_t tiles = n[0] * n[1] * n[2];
     const std::vector<int64_t> load = loads(s);
-    for (DkdvOrder mode : {DkdvOrder::largest_axis, DkdvOrder::raster}) {
+    for (DkdvOrder mode : {DkdvOrder::largest_axis, DkdvOrder::raster, DkdvOrder::sweep}) {
       const auto order = dkdv_item_order(make_plan(s), mode);
       expect_permutation(order, load.size());
-      // the axes from slowest to fastest: raster (t, h, w), or by extent, largest first (stable)
+      // the axes from slowest to fastest: raster (t, h, w), by extent, largest first (stable), or the sweep's w, h, t
       std::array<int, 3> axes{0, 1, 2};
       if (mode == DkdvOrder::largest_axis)
         std::stable_sort(axes.begin(), axes.end(), [&](int a, int b) { return n[a] > n[b]; });
+      if (mode == DkdvOrder::sweep) axes = {2, 1, 0};
       auto rank = [&](int32_t e) {
         const int64_t k = e % tiles, c[3] = {k / (n[1] * n[2]), k / n[2] % n[1], k % n[2]};
         return (c[axes[0]] * n[axes[1]] + c[axes[1]]) * n[axes[2]] + c[axes[2]];
@@ -128,6 +130,62 @@ TEST(DkdvOrder, PerHeadOrdersKeepNeighboursTogetherAndEndHeavyFirst) {
   EXPECT_EQ(order[0], 0);
   EXPECT_EQ(order[1], 60);  // tile (t 1, h 0, w 0)
   EXPECT_EQ(order[5], 10);  // tile (t 0, h 1, w 0)
+}
+
+/// The most query tile columns (along w) that see one key tile, over every head (brute force, as `loads`).
+int64_t widest_reverse_columns(int64_t columns, const std::vector<tilewise::Dim3>& windows) {
+  int64_t widest = 0;
+  for (const tilewise::Dim3& win : windows) {
+    const int64_t w = std::min(win.w, columns);
+    for (int64_t k = 0; k < columns; ++k) {
+      int64_t first = columns, last = -1;
+      for (int64_t q = 0; q < columns; ++q) {
+        const int64_t start = std::clamp(q - w / 2, int64_t{0}, columns - w);
+        if (start <= k && k < start + w) first = std::min(first, q), last = std::max(last, q);
+      }
+      widest = std::max(widest, last - first + 1);
+    }
+  }
+  return widest;
+}
+
+TEST(DkdvOrder, SweepOnlyWhereEveryKeyTileIsSeenFromAtMostFourColumns) {
+  struct SweepCase {
+    OrderCase s;
+    bool sweep;
+  };
+  const SweepCase cases[] = {
+      {kSetups[0], true},                                                // row 1: 3 of 10 columns, 4 at the edges
+      {{{30, 48, 80}, {6, 8, 8}, 1, 1, {{3, 5, 5}}}, false},            // window 5: 7 columns (measured +7%)
+      {kSetups[1], false},                                               // one head's w window is 5
+      {{{21, 45, 80}, {6, 8, 8}, 2, 1, {{3, 3, 3}, {2, 2, 2}}}, true},  // Wan, GQA
+      {{{30, 48, 80}, {6, 8, 8}, 1, 1, {{3, 3, 1}}}, true},             // one column
+      {{{30, 48, 80}, {6, 8, 8}, 1, 1, {{3, 3, 4}}}, false},            // window 4: 6 columns
+      {{{13, 30, 45}, {1, 8, 16}, 1, 1, {{13, 3, 3}}}, false},          // CogVideoX: 3 of 3 columns
+      {{{30, 48, 32}, {6, 8, 8}, 1, 1, {{3, 3, 3}}}, false},            // 4 of 4 columns
+      {{{30, 48, 48}, {6, 8, 8}, 1, 1, {{3, 3, 3}}}, true},             // 4 of 6 columns
+  };
+  for (const SweepCase& c : cases) {
+    const int64_t columns = grid_of(c.s)[2];
+    const int64_t widest = widest_reverse_columns(columns, c.s.windows);
+    EXPECT_EQ(widest <= 4 && widest < columns, c.sweep) << "the oracle's case, " << widest << " of " << columns;
+    EXPECT_EQ(sweep_suits(make_plan(c.s)), c.sweep) << widest << " of " << columns << " columns";
+  }
+  // The other patterns: every key tile of the attention tile and of dense is seen from every column; block lists
+  // are not boxes.
+  tilewise::Problem p;
+  p.head_dim = 64;
+  p.dtype = tilewise::DType::f32;
+  p.latent = {24, 45, 80};
+  p.tile = {1, 8, 16};
+  EXPECT_FALSE(sweep_suits(tilewise::Plan(p, tilewise::Pattern::attention_tile(3), tilewise::Device::cpu)));
+  EXPECT_FALSE(sweep_suits(tilewise::Plan(p, tilewise::Pattern::dense(), tilewise::Device::cpu)));
+  p.latent = {1, 1, 8};
+  p.tile = {1, 1, 1};
+  std::vector<int64_t> offsets{0};
+  std::vector<int32_t> tiles;
+  for (int32_t q = 0; q < 8; ++q) tiles.push_back(q), offsets.push_back(static_cast<int64_t>(tiles.size()));
+  EXPECT_FALSE(sweep_suits(tilewise::Plan(p, tilewise::Pattern::block_list(offsets, tiles), tilewise::Device::cpu)));
 }
 
 TEST(DkdvOrder, HeadGroupsRunInTurnHeaviestFirstInEach) {

@@ -8,6 +8,7 @@
 #include <numeric>
 #include <vector>
 
+#include "tilewise/pattern.hpp"
 #include "tilewise/tilewise.hpp"
 
 namespace tilewise::cuda {
@@ -18,7 +19,29 @@ enum class DkdvOrder {
   largest_axis = 1,    // per kv head, the tile grid's largest axis slowest; the last kv head heaviest first
   raster = 2,          // per kv head, raster order; the last kv head heaviest first
   head_groups = 3,     // kv heads in groups of `head_group`, one group after the other, heaviest first in each
+  sweep = 4,           // per kv head, w slowest, then h, t fastest, the last kv head heaviest first; the kernels
+                       // then walk each item's query tiles w slowest too (FwdParams::walk_width_slowest)
 };
+
+/// Whether the dK/dV kernels take the sweep (DkdvOrder::sweep with the w-slowest walk): where no key tile is seen
+/// from more than four query tile columns and the grid has more columns than that (the reverse question, per head:
+/// query_boxes). A window of three columns gives three inside the grid and four next to its edges, where the
+/// windows shift. The ~44 key tiles in flight on an H200 then advance along w, and each item visits its query
+/// columns in turn, so the key columns that see a query column visit it one after another. Measured (docs/
+/// performance.md backward v3.26): Wan 21x45x80 -3.2 to -4.2%, HunyuanVideo 33x45x80 -2.8%, row 1 30x48x80 and
+/// + text within noise; wider sets lose (window 5: seven columns, +7%; the attention tile: every column, +12%).
+inline bool sweep_suits(const Plan& plan) {
+  const Problem& p = plan.problem();
+  const TileGrid& g = plan.grid();
+  if (plan.pattern().kind == PatternKind::block_list) return false;
+  int64_t columns = 0;
+  for (int64_t h = 0; h < p.q_heads; ++h)
+    for (int64_t kt = 0; kt < g.num_tiles(); ++kt) {
+      const KeyBoxes seen_from = query_boxes<int64_t>(plan.pattern().kind, plan.head(h), g, g.tile_coord(kt));
+      columns = std::max(columns, seen_from.w.size());
+    }
+  return columns <= 4 && columns < g.tiles.w;
+}
 
 /// The dK/dV kernels' video items as entries kv_head * tiles + key tile, in `order`. A key tile's load is the
 /// number of query tiles that see it, summed over its kv head's query heads (Plan::num_query_tiles: 8 to 80 at
@@ -48,6 +71,7 @@ inline std::vector<int32_t> dkdv_item_order(const Plan& plan, DkdvOrder order, i
   std::array<int, 3> axes{0, 1, 2};  // slowest first
   if (order == DkdvOrder::largest_axis)
     std::stable_sort(axes.begin(), axes.end(), [&](int a, int b) { return ext[a] > ext[b]; });
+  if (order == DkdvOrder::sweep) axes = {2, 1, 0};
   std::vector<int64_t> rank(tiles);  // a tile's position in the per-head order
   for (int64_t i = 0; i < tiles; ++i) {
     const auto c = g.tile_coord(i);

@@ -239,12 +239,22 @@ ViewMode view_mode(const Strides& s, int64_t heads, int64_t D) {
   return ViewMode::per_batch;
 }
 
+/// Whether the dK/dV kernels take the sweep (cuda::sweep_suits); TILEWISE_BACKWARD_SWEEP=0 or 1 in the environment
+/// turns it off or on for every plan (measurements: bench_backward.py --variants raster=@TILEWISE_BACKWARD_SWEEP=0).
+bool backward_sweep(const Plan& plan) {
+  const char* env = std::getenv("TILEWISE_BACKWARD_SWEEP");
+  if (env != nullptr && (std::string(env) == "0" || std::string(env) == "1")) return std::string(env) == "1";
+  return sweep_suits(plan);
+}
+
 class HopperBackend final : public Backend {
  public:
   explicit HopperBackend(const Plan& plan)
       : tables_(plan, Device::cuda),
-        dkdv_order_(dkdv_item_order(plan, static_cast<DkdvOrder>(TILEWISE_HOPPER_BWD_ITEM_ORDER),
-                                    TILEWISE_HOPPER_BWD_HEAD_GROUP)) {
+        sweep_(backward_sweep(plan)),
+        dkdv_order_(dkdv_item_order(
+            plan, sweep_ ? DkdvOrder::sweep : static_cast<DkdvOrder>(TILEWISE_HOPPER_BWD_ITEM_ORDER),
+            TILEWISE_HOPPER_BWD_HEAD_GROUP)) {
     const Problem& p = plan.problem();
     const cudaDeviceProp& prop = tables_.device;
     require(prop.major == 9, "device", std::string(prop.name) + " (sm_" + str(prop.major) + str(prop.minor) + ")",
@@ -498,6 +508,7 @@ class HopperBackend final : public Backend {
       dkv.grad1 = t.dv;
       dkv.grad1_strides = p.v;
       dkv.video_order = dkdv_order_.get();
+      dkv.walk_width_slowest = sweep_;
       dkv.num_work = dkv.batch * dkv.kv_heads * (dkv.video_items + dkv.text_items);
       dkv.work_counter = ws.counters + 1;
 
@@ -747,6 +758,7 @@ class HopperBackend final : public Backend {
   int32_t key_slots_ = 1;     // key blocks per tile: the most key boxes of any tile class
   int32_t key_entries_ = 0;   // key blocks per (batch, head): tiles * key_slots_ + text blocks (block_entry)
   bool reduce_kernel_ = true;  // false: the two kernels for every run (TILEWISE_BACKWARD_FUSED_DQ=0), as deterministic ones
+  bool sweep_ = false;               // the dK/dV kernels' sweep: its item order and walk (backward_sweep)
   DeviceArray<int32_t> dkdv_order_;  // the dK/dV kernel's video items (dkdv_item_order)
   bool per_batch_ = false;
   int max_ctas_ = 1;  // CTAs of a persistent launch: the device's SMs less Problem::sm_margin, at least 1

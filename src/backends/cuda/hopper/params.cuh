@@ -96,6 +96,9 @@ struct FwdParams {  // CUtensorMap members carry their own 64-byte alignment
   // (the dK/dV kernels: a key tile's load is the query tiles that see it, 8 to 80 on 5x6x10 tiles); null: head by
   // head, tiles in raster order. Last, so the forward's parameters keep their offsets.
   const int32_t* video_order = nullptr;
+  // The dK/dV kernels' walks (KeyBlockCursorT<kRows, true>): each item's query tiles w slowest instead of in raster
+  // order, with the sweep order of the items (cuda::sweep_suits). Never read by the forward.
+  int32_t walk_width_slowest = 0;
 };
 
 /// The bf16 / f16 forward's parameters: FwdParams and its query runs (include/tilewise/query_runs.hpp). A struct

@@ -316,7 +316,12 @@ __device__ __forceinline__ BlockInfo describe(const FwdParams& p, const WorkItem
 /// The key blocks of one work item, in order: the video key tiles of the query's pattern (each split into its
 /// live sub-blocks, the boxes of p.cls), then the valid text rows (`text_len`, from text_len_of) in blocks of kRows:
 /// kBlockN, or the dK/dV kernel's streamed rows (KernelTraits::kStreamRows, with boxes of as many rows in p.cls).
-template <int kRows = kBlockN>
+/// A box's tiles are walked in raster order (t slowest, w fastest), or, with kWalkChoice where the parameters'
+/// walk_width_slowest is set, w slowest and t fastest: the dK/dV kernels' walk under the sweep item order
+/// (cuda::sweep_suits), where the key tiles in flight advance along w, so that the key columns that see a query
+/// column visit it one after another. (The flag is read from the parameters where it is used: the loaders that walk
+/// run at 24 registers.)
+template <int kRows = kBlockN, bool kWalkChoice = false>
 class KeyBlockCursorT {
  public:
   /// The forward's walk: the key blocks of query block `w`, then the valid text keys.
@@ -405,6 +410,21 @@ class KeyBlockCursorT {
     if (list_) {
       ++list_pos_;
       load_list_tile();
+      return;
+    }
+    if (kWalkChoice && p_.walk_width_slowest) {
+      if (++tile_.t < (range_ == 0 ? boxes_.t0.end : boxes_.t1.end)) return next_tile();
+      if (range_ == 0 && boxes_.num_t == 2) {
+        range_ = 1;
+        tile_.t = boxes_.t1.begin;
+        return next_tile();
+      }
+      range_ = 0;
+      tile_.t = boxes_.t0.begin;
+      if (++tile_.h < boxes_.h.end) return next_tile();
+      tile_.h = boxes_.h.begin;
+      if (++tile_.w < boxes_.w.end) return next_tile();
+      video_done_ = true;
       return;
     }
     if (++tile_.w < boxes_.w.end) return next_tile();

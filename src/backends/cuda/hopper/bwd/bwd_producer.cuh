@@ -87,7 +87,7 @@ struct BwdProducer {
     }
     for (int32_t gi = 0; gi <= last_head; ++gi) {
       const int32_t h = item.head * p.kv_group + gi;
-      KeyBlockCursorT<Traits::kStreamRows> cursor(p, static_cast<int32_t>(p.map.seq.text_capacity));
+      KeyBlockCursorT<Traits::kStreamRows, true> cursor(p, static_cast<int32_t>(p.map.seq.text_capacity));
       if (item.q.text || p.kind == PatternKind::dense) {
         cursor.start_boxes(KeyBlockCursor::all_tiles(g));
       } else if (p.kind == PatternKind::block_list) {

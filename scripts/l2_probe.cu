@@ -1,0 +1,167 @@
+// What the H200's L2 keeps of a working set swept over and over, for the three ways the backward touches memory:
+// plain loads (the streamed Q and dO), fp32 reductions from registers (red.global), and bulk reductions from shared
+// memory (cp.reduce.async.bulk, as the reduce kernel adds its dQ partials). The persistent CTAs take 32 KB blocks of
+// a W MB buffer in order from an atomic counter, round after round, so every round touches every line once in the
+// same order: an LRU cache holding W keeps it all after the first round, one smaller misses it all. DRAM bytes per
+// launch (ncu) over the rounds give the share each access type keeps; the knee in W is the L2's capacity for it.
+// docs/performance.md backward v3.26 asks this: row 1's dQ accumulator moves ~44 GB of DRAM traffic under every item
+// order, where an LRU model of the L2's 50 MB predicts a few GB for the best ones.
+//
+// Build and run on the device (ncu for the DRAM bytes; the program itself prints each launch's time):
+//   nvcc -O3 -arch=sm_90a -o /tmp/l2_probe scripts/l2_probe.cu
+//   ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct -k regex:sweep \
+//     /tmp/l2_probe [--rounds 10] [--sms N] [--sizes 8,16,24,32,40,48,64]
+// --sms N: only the CTAs on SMs below N work (the others leave at once), to see whether the L2 holds more for SMs
+// of one part of the chip (H100-class L2s are two partitions).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kBlockFloats = 8192;  // one 32 KB block: the reduce kernel's 64 x 128 fp32 dQ partial
+enum Mode { kRead = 0, kRed = 1, kBulkRed = 2 };
+const char* const kModeNames[] = {"read", "red", "bulk_red"};
+
+#define CHECK(x)                                                                                      \
+  do {                                                                                                \
+    cudaError_t e_ = (x);                                                                             \
+    if (e_ != cudaSuccess) {                                                                          \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));        \
+      std::exit(1);                                                                                   \
+    }                                                                                                 \
+  } while (0)
+
+__device__ __forceinline__ uint32_t smid() {
+  uint32_t id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+
+template <int kMode>
+__global__ void __launch_bounds__(kThreads) sweep(float* buf, int64_t blocks, int64_t rounds, uint32_t active_sms,
+                                                  unsigned long long* counter, float* sink) {
+  __shared__ alignas(128) float ones[kBlockFloats];
+  __shared__ long long next;
+  if (smid() >= active_sms) return;
+  if constexpr (kMode == kBulkRed) {
+    for (int i = threadIdx.x; i < kBlockFloats; i += kThreads) ones[i] = 1.f;
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncthreads();
+  float acc = 0.f;
+  for (;;) {
+    if (threadIdx.x == 0) next = static_cast<long long>(atomicAdd(counter, 1ull));
+    __syncthreads();
+    const long long i = next;
+    __syncthreads();
+    if (i >= blocks * rounds) break;
+    float4* block = reinterpret_cast<float4*>(buf + (i % blocks) * kBlockFloats);
+    if constexpr (kMode == kRead) {
+      float4 v[kBlockFloats / 4 / kThreads];
+#pragma unroll
+      for (int k = 0; k < kBlockFloats / 4 / kThreads; ++k) v[k] = __ldcg(block + k * kThreads + threadIdx.x);
+#pragma unroll
+      for (int k = 0; k < kBlockFloats / 4 / kThreads; ++k) acc += v[k].x + v[k].y + v[k].z + v[k].w;
+    } else if constexpr (kMode == kRed) {
+#pragma unroll
+      for (int k = 0; k < kBlockFloats / 4 / kThreads; ++k)
+        atomicAdd(block + k * kThreads + threadIdx.x, make_float4(1.f, 1.f, 1.f, 1.f));
+    } else if (threadIdx.x == 0) {
+      asm volatile(
+          "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+          "cp.async.bulk.commit_group;\n"
+          "cp.async.bulk.wait_group.read 4;\n" ::"l"(block),
+          "r"(static_cast<uint32_t>(__cvta_generic_to_shared(ones))), "r"(kBlockFloats * 4)
+          : "memory");
+    }
+  }
+  if constexpr (kMode == kBulkRed) {
+    if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  }
+  if (acc == -1.f) *sink = acc;  // keeps the loads; never true for the zeros read
+}
+
+std::vector<int> parse_list(const char* s) {
+  std::vector<int> out;
+  for (const char* p = s; *p;) {
+    out.push_back(std::atoi(p));
+    while (*p && *p != ',') ++p;
+    if (*p == ',') ++p;
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int64_t rounds = 10;
+  std::vector<int> sizes{8, 16, 24, 32, 40, 48, 64};
+  cudaDeviceProp prop{};
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  uint32_t sms = static_cast<uint32_t>(prop.multiProcessorCount);
+  for (int a = 1; a < argc; ++a) {
+    const std::string arg = argv[a];
+    if (arg == "--rounds" && a + 1 < argc) {
+      rounds = std::atoll(argv[++a]);
+    } else if (arg == "--sms" && a + 1 < argc) {
+      sms = static_cast<uint32_t>(std::atoi(argv[++a]));
+    } else if (arg == "--sizes" && a + 1 < argc) {
+      sizes = parse_list(argv[++a]);
+    } else {
+      std::fprintf(stderr, "invalid argument = %s: expected --rounds N, --sms N or --sizes MB,MB,...\n", arg.c_str());
+      return 2;
+    }
+  }
+  if (rounds < 1 || sms < 1 || sizes.empty()) {
+    std::fprintf(stderr, "invalid --rounds %lld / --sms %u / --sizes: expected rounds >= 1, sms >= 1, sizes\n",
+                 static_cast<long long>(rounds), sms);
+    return 2;
+  }
+  int largest = 0;
+  for (int mb : sizes) {
+    if (mb < 1) {
+      std::fprintf(stderr, "invalid --sizes entry = %d: expected megabytes >= 1\n", mb);
+      return 2;
+    }
+    largest = std::max(largest, mb);
+  }
+  float *buf, *sink;
+  unsigned long long* counter;
+  CHECK(cudaMalloc(&buf, static_cast<size_t>(largest) << 20));
+  CHECK(cudaMalloc(&sink, sizeof(float)));
+  CHECK(cudaMalloc(&counter, sizeof(unsigned long long)));
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  std::printf("%s: %d SMs, L2 %d MB; %lld rounds per launch, CTAs working on SMs below %u\n", prop.name,
+              prop.multiProcessorCount, prop.l2CacheSize >> 20, static_cast<long long>(rounds), sms);
+  std::printf("| mode | MB | ms per round | GB/s |\n|---|---|---|---|\n");
+  for (int mode = kRead; mode <= kBulkRed; ++mode) {
+    for (int mb : sizes) {
+      const int64_t blocks = (static_cast<int64_t>(mb) << 20) / (kBlockFloats * 4);
+      CHECK(cudaMemset(buf, 0, static_cast<size_t>(mb) << 20));
+      CHECK(cudaMemset(counter, 0, sizeof(unsigned long long)));
+      CHECK(cudaEventRecord(start));
+      const dim3 grid(prop.multiProcessorCount), block(kThreads);
+      if (mode == kRead) sweep<kRead><<<grid, block>>>(buf, blocks, rounds, sms, counter, sink);
+      if (mode == kRed) sweep<kRed><<<grid, block>>>(buf, blocks, rounds, sms, counter, sink);
+      if (mode == kBulkRed) sweep<kBulkRed><<<grid, block>>>(buf, blocks, rounds, sms, counter, sink);
+      CHECK(cudaGetLastError());
+      CHECK(cudaEventRecord(stop));
+      CHECK(cudaEventSynchronize(stop));
+      float ms = 0.f;
+      CHECK(cudaEventElapsedTime(&ms, start, stop));
+      const double bytes = static_cast<double>(mb) * (1 << 20) * rounds;
+      std::printf("| %s | %d | %.4f | %.0f |\n", kModeNames[mode], mb, ms / rounds, bytes / (ms * 1e-3) / 1e9);
+    }
+  }
+  return 0;
+}
