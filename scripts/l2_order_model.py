@@ -14,7 +14,10 @@ that miss, and the makespan over the ideal (the tail the order leaves).
 On row 1 (5x6x10 tiles, 24 heads) it gives 17.8% misses for v3.2's order (every head's heaviest tiles first, the
 default) and 1.8% for v3.12's locality order, with the same tail; ncu measured 18% and 23% (v3.12, 4 heads) and
 18.5% and 22.5% (v3.25, 24 heads): the model misses what makes the locality order worse, so it does not choose
-orders (docs/performance.md backward v3.25).
+orders (docs/performance.md backward v3.25). The sweep (v3.26: per head w slowest, each item's query tiles w
+slowest too) it puts at 1.9% on row 1 and 1.4% on Wan at 50 MB (7.5% and 2.5% at 25 MB); measured, row 1's misses
+stayed at 17% and its time unchanged while Wan gained 3-4%. scripts/l2_probe.cu measures what the L2 keeps per
+access type, to give this model its capacities before it is trusted again.
 """
 import argparse
 import collections
@@ -42,8 +45,11 @@ def simulate(grid, heads, order, l2_mb, ctas=132, key_blocks=3, query_blocks=6):
         return tuple(k[a] for a in axes)
 
     items = [(h, k) for h in range(heads) for k in tiles]
+    sweep = order.startswith("sweep")
     if order == "heaviest-first (v3.2)":
         items.sort(key=lambda it: (-load[it[1]], it[0], it[1]))
+    elif sweep:  # v3.26: per head w slowest, then h, t fastest; the last head heaviest first
+        items.sort(key=lambda it: (it[0], -load[it[1]] if it[0] == heads - 1 else 0, it[1][2], it[1][1], it[1][0]))
     else:  # v3.12: per head in locality order, the last head heaviest first
         items.sort(key=lambda it: (it[0], -load[it[1]] if it[0] == heads - 1 else 0, locality(it[1])))
     work = [(h, k) for h, k in items for _ in range(key_blocks)]
@@ -52,7 +58,8 @@ def simulate(grid, heads, order, l2_mb, ctas=132, key_blocks=3, query_blocks=6):
     streams = {}
 
     def stream(h, k):  # a function, not a generator expression: h must not be read late, after the next item
-        for q in seen_by[k]:
+        # raster order, or under the sweep w slowest (KeyBlockCursorT's walk_width_slowest)
+        for q in sorted(seen_by[k], key=lambda q: (q[2], q[1], q[0])) if sweep else seen_by[k]:
             for b in range(query_blocks):
                 yield h, q, b
 
@@ -88,7 +95,7 @@ def main():
             "Wan2.1 21x45x80": ((4, 6, 10), 40)}
     print("| row | order | streamed blocks missing L2 | tail over ideal |\n|---|---|---|---|")
     for name, (grid, heads) in rows.items():
-        for order in ("heaviest-first (v3.2)", "locality, last head heaviest first (v3.12)"):
+        for order in ("heaviest-first (v3.2)", "locality, last head heaviest first (v3.12)", "sweep (v3.26)"):
             miss, tail = simulate(grid, heads, order, args.l2_mb)
             print(f"| {name} | {order} | {100 * miss:.1f}% | +{100 * tail:.2f}% |")
 
