@@ -8,7 +8,7 @@
 // order, where an LRU model of the L2's 50 MB predicts a few GB for the best ones.
 //
 // Build and run on the device (ncu for the DRAM bytes; the program itself prints each launch's time):
-//   nvcc -O3 -arch=sm_90a -o /tmp/l2_probe scripts/l2_probe.cu
+//   nvcc -O3 -gencode=arch=compute_90a,code=sm_90a -o /tmp/l2_probe scripts/l2_probe.cu
 //   ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct -k regex:sweep \
 //     /tmp/l2_probe [--rounds 10] [--sms N] [--sizes 8,16,24,32,40,48,64]
 // --sms N: only the CTAs on SMs below N work (the others leave at once), to see whether the L2 holds more for SMs
