@@ -34,13 +34,12 @@ inline bool sweep_suits(const Plan& plan) {
   const Problem& p = plan.problem();
   const TileGrid& g = plan.grid();
   if (plan.pattern().kind == PatternKind::block_list) return false;
-  int64_t columns = 0;
   for (int64_t h = 0; h < p.q_heads; ++h)
     for (int64_t kt = 0; kt < g.num_tiles(); ++kt) {
-      const KeyBoxes seen_from = query_boxes<int64_t>(plan.pattern().kind, plan.head(h), g, g.tile_coord(kt));
-      columns = std::max(columns, seen_from.w.size());
+      const int64_t columns = query_boxes<int64_t>(plan.pattern().kind, plan.head(h), g, g.tile_coord(kt)).w.size();
+      if (columns > 4 || columns >= g.tiles.w) return false;
     }
-  return columns <= 4 && columns < g.tiles.w;
+  return true;
 }
 
 /// The dK/dV kernels' video items as entries kv_head * tiles + key tile, in `order`. A key tile's load is the
