@@ -12,7 +12,12 @@
 //   ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct -k regex:sweep \
 //     /tmp/l2_probe [--rounds 10] [--sms N] [--sizes 8,16,24,32,40,48,64]
 // --sms N: only the CTAs on SMs below N work (the others leave at once), to see whether the L2 holds more for SMs
-// of one part of the chip (H100-class L2s are two partitions).
+// of one part of the chip (H100-class L2s are two partitions). --sm-bit K:V (repeatable, all must hold): only SMs whose
+// id has bit K equal to V, e.g. --sm-bit 3:0 for the SMs with (smid / 8) even. --modes read,red,bulk_red picks the
+// access types (all three by default).
+// Measured on the H200 (docs/performance.md backward v3.27): plain loads from all SMs keep ~28 MB of the 60 MB (the
+// first misses at 30 MB, nothing kept at 48 MB); with the SMs below 66 the same. Reductions keep their lines resident
+// up to 48 MB (93% hits) but write dirty lines back to DRAM beyond ~25 MB (26 MB: 2 MB per round, 32 MB: ~20 MB).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -45,12 +50,19 @@ __device__ __forceinline__ uint32_t smid() {
   return id;
 }
 
+/// Which SMs take part: an id below `below`, and for every bit k set in `bits`, bit k of the id equal to its bit in
+/// `values`.
+struct SmFilter {
+  uint32_t below, bits = 0, values = 0;
+  __host__ __device__ bool active(uint32_t id) const { return id < below && ((id ^ values) & bits) == 0; }
+};
+
 template <int kMode>
-__global__ void __launch_bounds__(kThreads) sweep(float* buf, int64_t blocks, int64_t rounds, uint32_t active_sms,
+__global__ void __launch_bounds__(kThreads) sweep(float* buf, int64_t blocks, int64_t rounds, SmFilter filter,
                                                   unsigned long long* counter, float* sink) {
   __shared__ alignas(128) float ones[kBlockFloats];
   __shared__ long long next;
-  if (smid() >= active_sms) return;
+  if (!filter.active(smid())) return;
   if constexpr (kMode == kBulkRed) {
     for (int i = threadIdx.x; i < kBlockFloats; i += kThreads) ones[i] = 1.f;
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -107,6 +119,8 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   CHECK(cudaGetDeviceProperties(&prop, 0));
   uint32_t sms = static_cast<uint32_t>(prop.multiProcessorCount);
+  SmFilter filter{sms};
+  bool modes[3] = {true, true, true};
   for (int a = 1; a < argc; ++a) {
     const std::string arg = argv[a];
     if (arg == "--rounds" && a + 1 < argc) {
@@ -115,11 +129,34 @@ int main(int argc, char** argv) {
       sms = static_cast<uint32_t>(std::atoi(argv[++a]));
     } else if (arg == "--sizes" && a + 1 < argc) {
       sizes = parse_list(argv[++a]);
+    } else if (arg == "--sm-bit" && a + 1 < argc) {
+      const std::vector<int> kv = parse_list(argv[++a]);  // "K:V" parses as K (the ':' ends the number) ...
+      const char* colon = std::strchr(argv[a], ':');
+      const int k = kv.empty() ? -1 : kv[0], v = colon ? std::atoi(colon + 1) : -1;
+      if (k < 0 || k > 31 || (v != 0 && v != 1)) {
+        std::fprintf(stderr, "invalid --sm-bit = %s: expected K:V with K in 0..31 and V 0 or 1\n", argv[a]);
+        return 2;
+      }
+      filter.bits |= 1u << k;
+      filter.values = (filter.values & ~(1u << k)) | (static_cast<uint32_t>(v) << k);
+    } else if (arg == "--modes" && a + 1 < argc) {
+      const std::string list = std::string(",") + argv[++a] + ",";
+      for (int m = kRead; m <= kBulkRed; ++m) modes[m] = list.find(std::string(",") + kModeNames[m] + ",") != std::string::npos;
+      if (!modes[kRead] && !modes[kRed] && !modes[kBulkRed]) {
+        std::fprintf(stderr, "invalid --modes = %s: expected a list of read, red, bulk_red\n", argv[a]);
+        return 2;
+      }
     } else {
-      std::fprintf(stderr, "invalid argument = %s: expected --rounds N, --sms N or --sizes MB,MB,...\n", arg.c_str());
+      std::fprintf(stderr,
+                   "invalid argument = %s: expected --rounds N, --sms N, --sizes MB,MB,..., --sm-bit K:V or --modes "
+                   "read,red,bulk_red\n",
+                   arg.c_str());
       return 2;
     }
   }
+  filter.below = sms;
+  int active = 0;
+  for (uint32_t id = 0; id < static_cast<uint32_t>(prop.multiProcessorCount); ++id) active += filter.active(id);
   if (rounds < 1 || sms < 1 || sizes.empty()) {
     std::fprintf(stderr, "invalid --rounds %lld / --sms %u / --sizes: expected rounds >= 1, sms >= 1, sizes\n",
                  static_cast<long long>(rounds), sms);
@@ -141,19 +178,21 @@ int main(int argc, char** argv) {
   cudaEvent_t start, stop;
   CHECK(cudaEventCreate(&start));
   CHECK(cudaEventCreate(&stop));
-  std::printf("%s: %d SMs, L2 %d MB; %lld rounds per launch, CTAs working on SMs below %u\n", prop.name,
-              prop.multiProcessorCount, prop.l2CacheSize >> 20, static_cast<long long>(rounds), sms);
+  std::printf("%s: %d SMs, L2 %d MB; %lld rounds per launch, CTAs working on %d SMs (below %u, bits 0x%x = 0x%x)\n",
+              prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, static_cast<long long>(rounds), active, sms,
+              filter.bits, filter.values);
   std::printf("| mode | MB | ms per round | GB/s |\n|---|---|---|---|\n");
   for (int mode = kRead; mode <= kBulkRed; ++mode) {
+    if (!modes[mode]) continue;
     for (int mb : sizes) {
       const int64_t blocks = (static_cast<int64_t>(mb) << 20) / (kBlockFloats * 4);
       CHECK(cudaMemset(buf, 0, static_cast<size_t>(mb) << 20));
       CHECK(cudaMemset(counter, 0, sizeof(unsigned long long)));
       CHECK(cudaEventRecord(start));
       const dim3 grid(prop.multiProcessorCount), block(kThreads);
-      if (mode == kRead) sweep<kRead><<<grid, block>>>(buf, blocks, rounds, sms, counter, sink);
-      if (mode == kRed) sweep<kRed><<<grid, block>>>(buf, blocks, rounds, sms, counter, sink);
-      if (mode == kBulkRed) sweep<kBulkRed><<<grid, block>>>(buf, blocks, rounds, sms, counter, sink);
+      if (mode == kRead) sweep<kRead><<<grid, block>>>(buf, blocks, rounds, filter, counter, sink);
+      if (mode == kRed) sweep<kRed><<<grid, block>>>(buf, blocks, rounds, filter, counter, sink);
+      if (mode == kBulkRed) sweep<kBulkRed><<<grid, block>>>(buf, blocks, rounds, filter, counter, sink);
       CHECK(cudaGetLastError());
       CHECK(cudaEventRecord(stop));
       CHECK(cudaEventSynchronize(stop));
