@@ -156,9 +156,13 @@ struct BwdConsumer : Consumer<Traits, kType> {
                                            uint32_t a_lo) const {
     if (kOwnedKSteps > 0 || !(kAblate & 2)) gemm_owned<64, kOwnedKSteps>(sc, owned_k, a_lo, b_lo);
   }
-  /// kCarriedOwned: the descriptor word of the owned K in slot `kslot` (Shared::owned_k).
+  /// kCarriedOwned: what a descriptor word of the owned K gains in slot `kslot` (Shared::owned_k), and the S^T
+  /// operand's word there.
+  static __device__ __forceinline__ uint32_t owned_slot_desc(uint32_t kslot) {
+    return kslot * static_cast<uint32_t>(Traits::kOwnedSlot1 >> 4);
+  }
   __device__ __forceinline__ uint32_t owned_k_desc(uint32_t kslot) const {
-    return kCarried ? uniform_desc(this->q_lo + kslot * static_cast<uint32_t>(Traits::kOwnedSlot1 >> 4)) : this->q_lo;
+    return kCarried ? uniform_desc(this->q_lo + owned_slot_desc(kslot)) : this->q_lo;
   }
   __device__ __forceinline__ void dprobs_t(float (&dp)[32], const OwnedV& owned_v, uint32_t b_lo) const {
     if (kOwnedVSteps > 0 || !(kAblate & 2)) gemm_owned<64, kOwnedVSteps>(dp, owned_v, o_lo, b_lo);
@@ -484,7 +488,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
                                  8 * 128, 128);
     const uint32_t a0 = uniform_desc(static_cast<uint32_t>(a)), a_hi = static_cast<uint32_t>(a >> 32);
     uint32_t b0 = static_cast<uint32_t>(make_desc(smem_addr(this->s.q), Traits::kQPanelBytes, 8 * rb, rb));
-    if constexpr (kCarried) b0 = uniform_desc(b0 + kslot * static_cast<uint32_t>(Traits::kOwnedSlot1 >> 4));
+    if constexpr (kCarried) b0 = uniform_desc(b0 + owned_slot_desc(kslot));
     wgmma_fence();
     if (kAblate & 32) {  // measurement only: no dQ product
 #pragma unroll
@@ -574,13 +578,22 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }();
     const uint32_t kslot = kCarried ? (record & 1) : 0;  // the slot of this item's owned K
     const uint32_t owned_k_lo = owned_k_desc(kslot);
+    // kCarried: the pending block's dQ if it is this warpgroup's turn, from its item's slot (this item's, or the
+    // other when it is the item before's last block, which frees that slot); whether it was the turn.
+    auto carried_turn = [&] {
+      const bool turn = pending >= 0 && (pending & 1) == this->wg;
+      if constexpr (kCarried) {
+        if (turn) {
+          dq_to_staging(static_cast<uint32_t>(pending), kslot ^ uint32_t{carry.last});
+          if (carry.last) release_owned_k(kslot ^ 1);
+        }
+      }
+      return turn;
+    };
     // kCarried: an item that streams nothing settles the carried turn and frees both owned buffers at once.
     auto settle_empty_item = [&] {
       if constexpr (kCarried) {
-        if (pending >= 0 && (pending & 1) == this->wg) {  // (a carried pending is the item before's last block)
-          dq_to_staging(static_cast<uint32_t>(pending), kslot ^ 1);
-          release_owned_k(kslot ^ 1);
-        }
+        carried_turn();  // (a pending block here is the item before's last)
         pending = -1;
         release_owned_v();
         release_owned_k(kslot);
@@ -702,13 +715,13 @@ struct BwdConsumer : Consumer<Traits, kType> {
           // written its half.
           release_block(bi);
           trace.stamp(8);
-          const bool turn = pending >= 0 && (pending & 1) == this->wg;
+          bool turn;
           if constexpr (kCarried) {
-            if (turn) dq_to_staging(static_cast<uint32_t>(pending), kslot ^ uint32_t{carry.last});
-            if (turn && carry.last) release_owned_k(kslot ^ 1);  // the item before's last block, carried here
+            turn = carried_turn();
             if (last && (blocks & 1) != this->wg) release_owned_k(kslot);  // this warpgroup's last read of it
             carry.last = last;
           } else {
+            turn = pending >= 0 && (pending & 1) == this->wg;
             if (turn) dq_to_staging(static_cast<uint32_t>(pending));
           }
           trace.put(13, (record << 8) | (uint32_t{turn} << 1) | uint32_t{last});
