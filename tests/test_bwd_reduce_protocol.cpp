@@ -11,7 +11,9 @@
 //  - the owned K and V an item's products read are that item's (S^T and every dQ product read the owned K, dP^T the
 //    owned V), and neither is reloaded before both warpgroups released it: with one owned buffer each (q_full and
 //    q_empty, released after the item's last dQ turn) or with two owned-K slots and the last dQ turn carried into
-//    the next item (owned_slots = 2: k_full / k_empty per slot, the owned V freed after each warpgroup's last dP^T);
+//    the next item (Owned::carried: k_full / k_empty per slot, the owned V freed after each warpgroup's last dP^T);
+//  - each item reads its own row record (the record warp's rows_full / rows_empty: two slots released at the item's
+//    end, or with Owned::carried one slot released at its start);
 //  - nobody waits forever.
 // mbarriers are modelled as the hardware defines them: an expected arrival count, a count of completed phases, and
 // a parity wait that returns once the phase of that parity has completed (so a waiter two phases ahead passes).
@@ -86,6 +88,14 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
   std::array<int, 2> k_item{-1, -1}, k_releases{2, 2};  // the item each K slot holds; releases since its load
   int v_item = -1, v_releases = 2;
   auto k_slot = [&](int i) { return carried ? i & 1 : 0; };
+  // The owned rows' records (the producer's record warp): two slots released at the item's end, or with the carried
+  // protocol one slot, released as soon as the warpgroups have copied it at the item's start.
+  const int record_slots = carried ? 1 : 2;
+  std::array<MBarrier, 2> rows_full, rows_empty;
+  for (auto& b : rows_empty) b.expected = 2;
+  std::array<int, 2> record_item{-1, -1}, record_releases{2, 2};
+  auto record_slot = [&](int i) { return i % record_slots; };
+  auto record_parity = [&](int i) { return static_cast<uint32_t>((i / record_slots) & 1); };
   auto check_k = [&](int i, const char* what) -> std::string {
     if (k_item[k_slot(i)] != i)
       return std::string(what) + " of item " + std::to_string(i) + " read the owned K of item " +
@@ -98,7 +108,7 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
     std::function<bool()> guard;
     std::function<std::string()> act;
   };
-  std::array<std::vector<Step>, 4> agents;  // warpgroup 0, warpgroup 1, the reducer, the K/V loader
+  std::array<std::vector<Step>, 5> agents;  // warpgroup 0, warpgroup 1, the reducer, the K/V loader, the records
   auto always = [] { return true; };
   const bool overlapped = protocol == Protocol::deferred || protocol == Protocol::ahead;
 
@@ -168,10 +178,26 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
                      return std::string();
                    }});
     };
+    auto release_record = [&](int i) {
+      s.push_back({always, [&, i] {
+                     ++record_releases[record_slot(i)];
+                     rows_empty[record_slot(i)].arrive();
+                     return std::string();
+                   }});
+    };
     int block = 0, pending = -1;
     for (int item = 0; item < static_cast<int>(items.size()); ++item) {
       const int n = items[item];
       if (!carried) pending = -1;
+      // The item's row record: written, and this item's.
+      s.push_back({[&, item] { return rows_full[record_slot(item)].ready(record_parity(item)); },
+                   [&, item]() -> std::string {
+                     if (record_item[record_slot(item)] != item)
+                       return "item " + std::to_string(item) + " read the row record of item " +
+                              std::to_string(record_item[record_slot(item)]);
+                     return "";
+                   }});
+      if (carried) release_record(item);
       // The item's owned blocks: loaded, and the right ones.
       s.push_back({[&, item] {
                      return carried ? k_full[item & 1].ready((item >> 1) & 1) && v_full.ready(item & 1)
@@ -198,6 +224,7 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
                        }});
         }
         release_k(item);
+        if (!carried) release_record(item);
         continue;
       }
       for (int i = 0; i < n; ++i, ++block) {
@@ -245,6 +272,7 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
       if (!carried) {
         if (pending >= 0 && pending % 2 == w) dq_to_staging(pending);
         release_k(item);  // q_empty
+        release_record(item);  // after the stores, which read the positions (copied into registers)
       }
     }
     if (carried && pending >= 0 && pending % 2 == w) {  // the last item's last dQ, after every item
@@ -308,18 +336,34 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
                          }});
   }
 
-  std::array<size_t, 4> next{0, 0, 0, 0};
+  for (int i = 0; i < static_cast<int>(items.size()); ++i) {  // the record warp: a slot once both released it
+    agents[4].push_back({[&, i] { return rows_empty[record_slot(i)].ready(record_parity(i) ^ 1); },
+                         [&, i]() -> std::string {
+                           const int slot = record_slot(i);
+                           if (record_releases[slot] != 2)
+                             return "item " + std::to_string(i) + "'s row record overwrote item " +
+                                    std::to_string(record_item[slot]) + "'s before both warpgroups released it";
+                           record_item[slot] = i, record_releases[slot] = 0;
+                           rows_full[slot].arrive();
+                           return "";
+                         }});
+  }
+
+  std::array<size_t, 5> next{0, 0, 0, 0, 0};
   for (;;) {
     std::vector<int> runnable;
-    for (int a = 0; a < 4; ++a)
+    for (int a = 0; a < 5; ++a)
       if (next[a] < agents[a].size() && agents[a][next[a]].guard()) runnable.push_back(a);
     if (runnable.empty()) break;
     const int a = runnable[std::uniform_int_distribution<size_t>(0, runnable.size() - 1)(rng)];
     if (std::string e = agents[a][next[a]++].act(); !e.empty()) return e;
   }
-  for (int a = 0; a < 4; ++a)
+  for (int a = 0; a < 5; ++a)
     if (next[a] < agents[a].size())
-      return std::string(a == 3 ? "the loader" : a == 2 ? "the reducer" : "warpgroup " + std::to_string(a)) +
+      return std::string(a == 4   ? "the record warp"
+                         : a == 3 ? "the loader"
+                         : a == 2 ? "the reducer"
+                                  : "warpgroup " + std::to_string(a)) +
              " waits forever (step " +
              std::to_string(next[a]) + " of " + std::to_string(agents[a].size()) + ")";
   return "";
@@ -344,7 +388,7 @@ TEST_F(ReduceKernelProtocol, EveryInterleavingKeepsTheBuffersConsistentAndEnds) 
   for (Protocol protocol : {Protocol::two_dq_empty, Protocol::deferred, Protocol::ahead})
     for (int stages : {2, 4})
       for (int run = 0; run < 1500; ++run) {
-        const std::vector<int> items = random_items();
+        const std::vector<int> items = random_items(run % 2 == 1);
         const std::string error = run_once(protocol, items, rng, stages);
         ASSERT_EQ(error, "") << "protocol " << static_cast<int>(protocol) << ", " << stages << " stages, run " << run
                              << ", " << items.size() << " items";
