@@ -733,7 +733,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
       }
     }
     if constexpr (kCarried) {
-      // (the item's last dQ turn is carried into the next item)
+      // The item's last dQ turn is carried into the next item: the timeline's two stamps around it (bwd_trace.py's
+      // "last dQ + owned freed") mark an empty step.
+      trace.stamp_item(record, 5), trace.stamp_item(record, 6);
     } else if constexpr (kReduce) {  // the item's last dQ, then the owned K and V are free (release_s_operands' arrival)
       trace.stamp_item(record, 5);
       if ((kAblate & 512) && lane() == 0) this->s.q_empty->arrive();  // measurement only: before (bwd_params.cuh)
