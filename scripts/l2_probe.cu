@@ -119,7 +119,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   CHECK(cudaGetDeviceProperties(&prop, 0));
   uint32_t sms = static_cast<uint32_t>(prop.multiProcessorCount);
-  SmFilter filter{sms};
+  SmFilter filter{};  // (below: --sms, set after the arguments)
   bool modes[3] = {true, true, true};
   for (int a = 1; a < argc; ++a) {
     const std::string arg = argv[a];
@@ -130,10 +130,9 @@ int main(int argc, char** argv) {
     } else if (arg == "--sizes" && a + 1 < argc) {
       sizes = parse_list(argv[++a]);
     } else if (arg == "--sm-bit" && a + 1 < argc) {
-      const std::vector<int> kv = parse_list(argv[++a]);  // "K:V" parses as K (the ':' ends the number) ...
-      const char* colon = std::strchr(argv[a], ':');
-      const int k = kv.empty() ? -1 : kv[0], v = colon ? std::atoi(colon + 1) : -1;
-      if (k < 0 || k > 31 || (v != 0 && v != 1)) {
+      int k = -1, v = -1;
+      char rest = 0;
+      if (std::sscanf(argv[++a], "%d:%d%c", &k, &v, &rest) != 2 || k < 0 || k > 31 || (v != 0 && v != 1)) {
         std::fprintf(stderr, "invalid --sm-bit = %s: expected K:V with K in 0..31 and V 0 or 1\n", argv[a]);
         return 2;
       }
