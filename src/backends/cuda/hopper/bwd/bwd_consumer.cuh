@@ -648,7 +648,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
           float2 col_stats[8];  // kEarlyStats: lse2 of this thread's columns, then their D
           if constexpr (kEarlyStats) load_col_stats(col_stats, cols);
           wgmma_fence();
-          scores_t(sc, owned_k, this->k_lo + k_st + row_off, kCarried ? owned_k_lo : this->q_lo);
+          scores_t(sc, owned_k, this->k_lo + k_st + row_off, owned_k_lo);
           wgmma_commit();
           dprobs_t(dp, owned_v, vk_lo + v_st + row_off);
           wgmma_commit();
