@@ -29,13 +29,6 @@
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_V_STAGES_D128
 #define TILEWISE_HOPPER_BWD_REDUCE_V_STAGES_D128 2
 #endif
-// The reduce kernel's owned K at D 128 in two slots (items alternate), the owned V freed after each warpgroup's last
-// dP^T of an item, and the item's last dQ turn carried into the next item's first block (docs/performance.md
-// backward v3.27; the protocol is modelled in tests/test_bwd_reduce_protocol.cpp, Owned::carried): the next item's
-// owned blocks load while this item ends. 1 = on, 0 = one owned K and V buffer, freed after the item's last dQ turn.
-#ifndef TILEWISE_HOPPER_BWD_CARRIED_OWNED
-#define TILEWISE_HOPPER_BWD_CARRIED_OWNED 0
-#endif
 // K and V pipeline depths at head dim 64 (96 has 3 + 3, the most that fits).
 #ifndef TILEWISE_HOPPER_STAGES_D64
 #define TILEWISE_HOPPER_STAGES_D64 3
@@ -263,14 +256,12 @@ struct KernelTraits {
   struct Shared {
     uint8_t* q;
     __device__ __forceinline__ uint8_t* o() const { return q + kQTileBytes; }
-    /// The owned K of an item in slot `slot` (kCarriedOwned: items alternate between q and the last buffer).
-    __device__ __forceinline__ uint8_t* owned_k(uint32_t slot) const { return q + (slot ? kOwnedSlot1 : 0); }
     __device__ __forceinline__ uint8_t* k(int stage) const { return q + kQTileBytes + kOTileBytes + kTileBytes * stage; }
     __device__ __forceinline__ uint8_t* v(int stage) const {
       return q + kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * stage;
     }
     Barrier* q_full;
-    Barrier* q_empty;  // the consumers' last S GEMM of an item has read Q (kCarriedOwned: the owned V alone)
+    Barrier* q_empty;  // the consumers' last S GEMM of an item has read Q
     Barrier* k_full;   // [kKStages]
     Barrier* k_empty;  // [kKStages]
     Barrier* v_full;   // [kVStages]
@@ -300,23 +291,12 @@ struct KernelTraits {
     // reach block m + 1 before the reduction has read block m - 1, and a single barrier's parity would then read a
     // phase two ahead as complete (the fuzz hung on it).
     Barrier* dq_empty;
-    // Backward only: the dK/dV kernels' owned-row records (RowRecord, bwd_params.cuh), kRecordSlots items' worth,
-    // written by the producer's fourth warp (BwdProducer::row_records) while the consumers run the previous item
-    // (with one slot, once they have copied the slot into registers at their item's start).
+    // Backward only: the dK/dV kernels' owned-row records (RowRecord, bwd_params.cuh), two items' worth, written by
+    // the producer's fourth warp (BwdProducer::row_records) while the consumers run the previous item.
     uint8_t* row_records;
     Barrier* rows_full;   // [2]: the record of the slot's item is written (the builder warp's 32 lanes)
     Barrier* rows_empty;  // [2]: its consumers are done with it (one arrival per consumer warp)
     __device__ __forceinline__ uint8_t* row_record(uint32_t slot) const { return row_records + slot * kRowRecordBytes; }
-    // kCarriedOwned, [2] each, past the row barriers (which every backward kernel has): the owned K of the slot's item
-    // has landed; both warpgroups have read it for the last time. (Functions, not members: the struct's size is part
-    // of every kernel's register allocation.)
-    __device__ __forceinline__ Barrier* kslot_full() const { return rows_empty + 2; }
-    __device__ __forceinline__ Barrier* kslot_empty() const { return rows_empty + 4; }
-    /// Item number n's record slot, and the parity its barriers wait for.
-    static __device__ __forceinline__ uint32_t record_slot(uint32_t n) { return kRecordSlots == 2 ? n & 1 : 0; }
-    static __device__ __forceinline__ uint32_t record_parity(uint32_t n) {
-      return kRecordSlots == 2 ? (n >> 1) & 1 : n & 1;
-    }
   };
 
   // The backward's dK/dV kernel streams, beside each query block, its rows' log2-domain LSE, D = rowsum(dO o) -
@@ -326,34 +306,19 @@ struct KernelTraits {
   static constexpr int kDsBytes = kDqStaging ? 2 * kDsPanelBytes : 0;
   static constexpr int kDqPanelBytes = 64 * 128;  // fp32 staging: 64 rows x 32 columns
   static constexpr int kDqStageBytes = kDqStaging ? (D / 32) * kDqPanelBytes : 0;
-  // TILEWISE_HOPPER_BWD_CARRIED_OWNED: the reduce kernel at D 128 outside clusters keeps two owned-K slots, the
-  // second after every other buffer (offsets of the rest unchanged); the bytes come from the alignment slack (the
-  // dynamic shared memory is declared 1024-byte aligned, and carve checks it) and one of the two row-record slots.
-  static constexpr bool kCarriedOwned =
-      TILEWISE_HOPPER_BWD_CARRIED_OWNED != 0 && kDqStaging && D == 128 && kClusterArg <= 1;
   static constexpr int kBufferBytes = kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages +
-                                      kDsBytes + kDqStageBytes +
-                                      (kCarriedOwned ? kQTileBytes : 0);  // Q, O, K, V, dS, dQ staging, 2nd Q
-  static constexpr int kOwnedSlot1 = kBufferBytes - kQTileBytes;  // kCarriedOwned: the second owned-K slot
-  static constexpr int kAlignSlack = kCarriedOwned ? 0 : 1024;
-  static constexpr int kRecordSlots = kCarriedOwned ? 1 : 2;
+                                      kDsBytes + kDqStageBytes;  // Q, O, K, V, dS, dQ staging
   // An even count: `info` (below the barriers and `work`) stays 16-byte aligned.
   // Backward: one 8-byte record per owned row and item slot (position, frame and whether any query sees the row)
   static constexpr int kRowRecordBytes = kBackward ? kBlockM * 8 : 0;
-  static constexpr int kBarriers =
-      2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 8 : 0) + (kBackward ? 4 : 0) + (kCarriedOwned ? 4 : 0);
-  static constexpr int kSmemBytes = kAlignSlack + kBufferBytes + kKStages * kStatsBytes + kBarriers * 8 + 16 +
-                                    kKStages * sizeof(BlockInfo) + kRecordSlots * kRowRecordBytes;
+  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 8 : 0) + (kBackward ? 4 : 0);
+  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kBufferBytes + kKStages * kStatsBytes +
+                                    kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo) + 2 * kRowRecordBytes;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KB an sm_90 CTA can have");
   static_assert(kBufferBytes % 128 == 0 && kStatsBytes % 128 == 0, "TMA writes the statistics stages: 128-byte aligned");
 
   /// Carves the dynamic shared memory: tiles first (1024-byte aligned, as the 128-byte swizzle requires).
   static __device__ __forceinline__ Shared carve(uint8_t* raw) {
-    // Without the slack the declared alignment must hold (the kernel's extern array is __align__(1024)): checked, since
-    // a misaligned swizzled buffer would be read wrong, not fail.
-    if constexpr (kAlignSlack == 0) {
-      if ((reinterpret_cast<uintptr_t>(raw) & 1023) != 0) __trap();
-    }
     uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
     Shared s;
     s.q = base;

@@ -65,20 +65,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
   static constexpr int kAblate = TILEWISE_HOPPER_BWD_ABLATE;
   // The dK/dV items' owned rows come from the producer's record warp (uses_row_records; the dQ kernel has none).
   static constexpr bool kRecords = uses_row_records(BwdKernel::dkdv, Traits::kCluster, D);
-  static constexpr bool kCarried = Traits::kCarriedOwned;  // two owned-K slots, the last dQ turn carried (dkdv_item)
-  /// kCarried: the block whose dQ is still to be computed, and whether it is its item's last block (then its owned K
-  /// is in the other slot than the current item's, items alternating, and its turn frees that slot).
-  struct Carry {
-    int32_t pending = -1;  // (32 bits: the block loop is at ptxas's register limit, v3.27)
-    bool last = false;
-  };
-  struct NoCarry {};  // (without kCarried: an unused Carry still moved the dK/dV kernel's register allocation)
-  using CarryState = std::conditional_t<kCarried, Carry, NoCarry>;
   /// The item's row record is read: this warp's arrival on its slot's rows_empty (after every lane's reads).
   __device__ __forceinline__ void release_rows(uint32_t record) const {
     if constexpr (kRecords) {
       __syncwarp();
-      if (lane() == 0) this->s.rows_empty[Traits::Shared::record_slot(record)].arrive();
+      if (lane() == 0) this->s.rows_empty[record & 1].arrive();
     }
   }
   static constexpr int kHalves = Traits::kStreamRows / 64;  // dK/dV: 64-query halves per streamed block
@@ -151,18 +142,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// S^T = K Q^T and dP^T = V dO^T of a 64-row streamed block at `b_lo`: the owned rows' first kOwnedKSteps
   /// (kOwnedVSteps) k16 steps from registers (loaded by load_owned at the item's start), the rest from shared memory.
   /// (The ablation that skips the S and dP GEMMs applies to the shared-memory form only.)
-  /// (`a_lo`: the owned K's descriptor word, owned_k_desc.)
-  __device__ __forceinline__ void scores_t(float (&sc)[32], const OwnedK& owned_k, uint32_t b_lo,
-                                           uint32_t a_lo) const {
-    if (kOwnedKSteps > 0 || !(kAblate & 2)) gemm_owned<64, kOwnedKSteps>(sc, owned_k, a_lo, b_lo);
-  }
-  /// kCarriedOwned: what a descriptor word of the owned K gains in slot `kslot` (Shared::owned_k), and the S^T
-  /// operand's word there.
-  static __device__ __forceinline__ uint32_t owned_slot_desc(uint32_t kslot) {
-    return kslot * static_cast<uint32_t>(Traits::kOwnedSlot1 >> 4);
-  }
-  __device__ __forceinline__ uint32_t owned_k_desc(uint32_t kslot) const {
-    return kCarried ? uniform_desc(this->q_lo + owned_slot_desc(kslot)) : this->q_lo;
+  __device__ __forceinline__ void scores_t(float (&sc)[32], const OwnedK& owned_k, uint32_t b_lo) const {
+    if (kOwnedKSteps > 0 || !(kAblate & 2)) gemm_owned<64, kOwnedKSteps>(sc, owned_k, this->q_lo, b_lo);
   }
   __device__ __forceinline__ void dprobs_t(float (&dp)[32], const OwnedV& owned_v, uint32_t b_lo) const {
     if (kOwnedVSteps > 0 || !(kAblate & 2)) gemm_owned<64, kOwnedVSteps>(dp, owned_v, o_lo, b_lo);
@@ -170,10 +151,10 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// An item's start in the dK/dV loops: dK and dV zeroed, and the owned K and V steps that S^T and dP^T take
   /// from registers loaded.
   __device__ __forceinline__ void start_item(float (&dk)[D / 2], float (&dv)[D / 2], OwnedK& owned_k,
-                                             OwnedV& owned_v, uint32_t kslot = 0) const {
+                                             OwnedV& owned_v) const {
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = 0.f, dv[i] = 0.f;
-    load_owned<kOwnedKSteps>(owned_k, this->s.owned_k(kslot));
+    load_owned<kOwnedKSteps>(owned_k, this->s.q);
     load_owned<kOwnedVSteps>(owned_v, this->s.o());
   }
   /// d[64 x D] += A (registers, kSteps k16 steps) * B[16 kSteps rows of a stage, MN-major].
@@ -379,9 +360,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
   __device__ __forceinline__ OwnedRows owned_rows(const WorkItem& item, uint32_t record) const {
     if constexpr (kRecords) {
       OwnedRows r;
-      this->s.rows_full[Traits::Shared::record_slot(record)].wait(Traits::Shared::record_parity(record));
-      const RowRecord* rec =
-          reinterpret_cast<const RowRecord*>(this->s.row_record(Traits::Shared::record_slot(record)));
+      this->s.rows_full[record & 1].wait((record >> 1) & 1);
+      const RowRecord* rec = reinterpret_cast<const RowRecord*>(this->s.row_record(record & 1));
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
         const RowRecord x = rec[row(rr)];
@@ -481,14 +461,13 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// dq = dS K for the 64 queries of dS panel `panel` (a 64-row block of the reduce kernel's ring) over all 128
   /// owned keys (A: the panel, MN-major; B: the owned K, MN-major), issued as one commit group (dq_product: and
   /// waited for).
-  __device__ __forceinline__ void issue_dq_product(float (&dq)[D / 2], int panel, uint32_t kslot = 0) const {
+  __device__ __forceinline__ void issue_dq_product(float (&dq)[D / 2], int panel) const {
     constexpr uint32_t rb = Traits::kRowBytes;
     // The dS panel's rows are 128 bytes (64 queries) whatever D is, so its descriptor has its own high word.
     const uint64_t a = make_desc(smem_addr(this->s.ds() + panel * Traits::kDsPanelBytes), Traits::kDsPanelBytes,
                                  8 * 128, 128);
     const uint32_t a0 = uniform_desc(static_cast<uint32_t>(a)), a_hi = static_cast<uint32_t>(a >> 32);
-    uint32_t b0 = static_cast<uint32_t>(make_desc(smem_addr(this->s.q), Traits::kQPanelBytes, 8 * rb, rb));
-    if constexpr (kCarried) b0 = uniform_desc(b0 + owned_slot_desc(kslot));
+    const uint32_t b0 = static_cast<uint32_t>(make_desc(smem_addr(this->s.q), Traits::kQPanelBytes, 8 * rb, rb));
     wgmma_fence();
     if (kAblate & 32) {  // measurement only: no dQ product
 #pragma unroll
@@ -501,8 +480,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
     wgmma_commit();
   }
-  __device__ __forceinline__ void dq_product(float (&dq)[D / 2], int panel, uint32_t kslot = 0) const {
-    issue_dq_product(dq, panel, kslot);
+  __device__ __forceinline__ void dq_product(float (&dq)[D / 2], int panel) const {
+    issue_dq_product(dq, panel);
     wgmma_wait<0>();
     fence_regs(dq);
   }
@@ -513,11 +492,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// turns (m % 2), each a block after its dS^T was written, so neither waits for the other in the steady state.
   /// The barrier protocol (with dkdv_item and BwdProducer::dq_reducer) is modelled in
   /// tests/test_bwd_reduce_protocol.cpp: a change to it changes the model too.
-  __device__ __forceinline__ void dq_to_staging(uint32_t m, uint32_t kslot = 0) const {
+  __device__ __forceinline__ void dq_to_staging(uint32_t m) const {
     this->s.ds_full[m & 1].wait((m >> 1) & 1);
     trace.stamp(m, 9);
     float dq[D / 2];
-    dq_product(dq, static_cast<int>(m & 1), kslot);
+    dq_product(dq, static_cast<int>(m & 1));
     trace.stamp(m, 10);
     stage_dq(m, dq);
   }
@@ -551,15 +530,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// The dK/dV kernels' item: dkdv (dK and dV) or dkdvq_reduce (and dQ through the staging buffer, a block later;
   /// `blocks` counts this CTA's streamed blocks across items, which numbers the dS ring and the staging buffer's
   /// turns).
-  ///
-  /// kCarriedOwned (the reduce kernel at D 128): the item's owned K is in slot record % 2, and the item's last dQ
-  /// turn is not taken at its end but carried (`carry`) into the next item's first block like any other block's: the
-  /// warpgroup whose turn it is frees the slot after it, the other one after its own last block (its last S^T and
-  /// dQ turn on the slot); each frees the owned V after its last dP^T. An item that streams nothing settles the
-  /// carried turn and frees both at once. The protocol: tests/test_bwd_reduce_protocol.cpp, Owned::carried.
   template <BwdKernel kKernel>
   __device__ __forceinline__ void dkdv_item(const WorkItem& item, uint32_t record, typename Base::KPipe& ks,
-                                            typename Base::VPipe& vs, uint32_t& blocks, CarryState& carry) const {
+                                            typename Base::VPipe& vs, uint32_t& blocks) const {
     constexpr bool kReduce = reduces_dq(kKernel);
     static_assert(!kReduce || kHalves == 1, "the reduce kernel streams 64-row blocks");
     const BwdParams& p = bp;
@@ -569,43 +542,13 @@ struct BwdConsumer : Consumer<Traits, kType> {
       if constexpr (kReduce) kept.flags &= ~BlockInfo::kLast;
       release_stages(kept, ks, vs);
     };
-    int64_t item_pending = -1;  // kReduce: the block whose dQ is still to be computed (kCarried: across items)
-    auto& pending = [&]() -> auto& {
-      if constexpr (kCarried)
-        return carry.pending;
-      else
-        return item_pending;
-    }();
-    const uint32_t kslot = kCarried ? (record & 1) : 0;  // the slot of this item's owned K
-    const uint32_t owned_k_lo = owned_k_desc(kslot);
-    // kCarried: the pending block's dQ if it is this warpgroup's turn, from its item's slot (this item's, or the
-    // other when it is the item before's last block, which frees that slot); whether it was the turn.
-    auto carried_turn = [&] {
-      const bool turn = pending >= 0 && (pending & 1) == this->wg;
-      if constexpr (kCarried) {
-        if (turn) {
-          dq_to_staging(static_cast<uint32_t>(pending), kslot ^ uint32_t{carry.last});
-          if (carry.last) release_owned_k(kslot ^ 1);
-        }
-      }
-      return turn;
-    };
-    // kCarried: an item that streams nothing settles the carried turn and frees both owned buffers at once.
-    auto settle_empty_item = [&] {
-      if constexpr (kCarried) {
-        carried_turn();  // (a pending block here is the item before's last)
-        pending = -1;
-        release_owned_v();
-        release_owned_k(kslot);
-      }
-    };
+    int64_t pending = -1;  // kReduce: the block whose dQ is still to be computed
     const OwnedRows rows = owned_rows(item, record);
-    if constexpr (kCarried) release_rows(record);  // (one record slot: copied into registers, free for the next item)
     if constexpr (kReduce) trace.stamp_item(record, 2);
     float dk[D / 2], dv[D / 2];
     OwnedK owned_k;  // the A operands of S^T and dP^T held in registers (kOwnedKSteps, kOwnedVSteps)
     OwnedV owned_v;
-    start_item(dk, dv, owned_k, owned_v, kslot);
+    start_item(dk, dv, owned_k, owned_v);
     if constexpr (kReduce) trace.stamp_item(record, 3), trace.put_item(record, 4, blocks);
     // kIssueFirst: an item with no streamed block (its one record is empty) is freed here, so that the loop below
     // may issue a block's first GEMMs before it has read the block's record.
@@ -614,17 +557,14 @@ struct BwdConsumer : Consumer<Traits, kType> {
       BlockInfo bi;
       bool last;
       next_block(bi, last, ks, vs, release_block);
-      settle_empty_item();
     } else {
       for (bool last = false; !last;) {
         BlockInfo bi;
         if constexpr (kReduce) trace.stamp(0);
-        if constexpr (kIssueFirst) {
+        if constexpr (kIssueFirst)
           wait_stages(ks, vs);
-        } else if (!next_block(bi, last, ks, vs, release_block)) {
-          settle_empty_item();  // (an empty record is an item's only one)
+        else if (!next_block(bi, last, ks, vs, release_block))
           continue;
-        }
         if constexpr (kReduce) trace.stamp(1);
         const float* stats = block_stats(ks, vs);  // lse2[kStreamRows], D[kStreamRows]
         // What the record implies for the masks: in the reduce kernel worked out after the GEMMs are issued (with
@@ -648,7 +588,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
           float2 col_stats[8];  // kEarlyStats: lse2 of this thread's columns, then their D
           if constexpr (kEarlyStats) load_col_stats(col_stats, cols);
           wgmma_fence();
-          scores_t(sc, owned_k, this->k_lo + k_st + row_off, owned_k_lo);
+          scores_t(sc, owned_k, this->k_lo + k_st + row_off);
           wgmma_commit();
           dprobs_t(dp, owned_v, vk_lo + v_st + row_off);
           wgmma_commit();
@@ -688,9 +628,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
           wgmma_commit();
           wgmma_wait<1>();  // dP^T (the dV product may still run)
           fence_regs(dp);
-          if constexpr (kCarried) {
-            if (last) release_owned_v();  // the item's last read of the owned V has completed
-          }
           if constexpr (kReduce) trace.stamp(5);
           if (!(kAblate & 1)) score_gradients();
           if constexpr (kReduce) store_block_ds(dp, blocks), trace.stamp(6);
@@ -715,15 +652,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
           // written its half.
           release_block(bi);
           trace.stamp(8);
-          bool turn;
-          if constexpr (kCarried) {
-            turn = carried_turn();
-            if (last && (blocks & 1) != this->wg) release_owned_k(kslot);  // this warpgroup's last read of it
-            carry.last = last;
-          } else {
-            turn = pending >= 0 && (pending & 1) == this->wg;
-            if (turn) dq_to_staging(static_cast<uint32_t>(pending));
-          }
+          const bool turn = pending >= 0 && (pending & 1) == this->wg;
+          if (turn) dq_to_staging(static_cast<uint32_t>(pending));
           trace.put(13, (record << 8) | (uint32_t{turn} << 1) | uint32_t{last});
           trace.next_block();
           pending = blocks++;
@@ -732,11 +662,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
         }
       }
     }
-    if constexpr (kCarried) {
-      // The item's last dQ turn is carried into the next item: the timeline's two stamps around it (bwd_trace.py's
-      // "last dQ + owned freed") mark an empty step.
-      trace.stamp_item(record, 5), trace.stamp_item(record, 6);
-    } else if constexpr (kReduce) {  // the item's last dQ, then the owned K and V are free (release_s_operands' arrival)
+    if constexpr (kReduce) {  // the item's last dQ, then the owned K and V are free (release_s_operands' arrival)
       trace.stamp_item(record, 5);
       if ((kAblate & 512) && lane() == 0) this->s.q_empty->arrive();  // measurement only: before (bwd_params.cuh)
       if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
@@ -745,18 +671,8 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
     store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
     store(item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
-    if constexpr (!kCarried) release_rows(record);
+    release_rows(record);
     if constexpr (kReduce) trace.stamp_item(record, 7);
-  }
-  /// kCarriedOwned: after the warps' last reads of the owned V (dP^T waited for) or of owned-K slot `kslot` (S^T and
-  /// the dQ products waited for), one arrival per warp.
-  __device__ __forceinline__ void release_owned_v() const {
-    __syncwarp();
-    if (lane() == 0) this->s.q_empty->arrive();
-  }
-  __device__ __forceinline__ void release_owned_k(uint32_t kslot) const {
-    __syncwarp();
-    if (lane() == 0) this->s.kslot_empty()[kslot].arrive();
   }
 
   /// The reduce kernel's item with the dK wait deferred (TILEWISE_HOPPER_BWD_REDUCE_OVERLAP=1; dkdv_item otherwise):
@@ -791,7 +707,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       float2 cs[8];  // lse2, then D, of this thread's columns: loaded before the issues (dkdv_item says why)
       load_col_stats(cs, cols);
       wgmma_fence();
-      scores_t(sc, owned_k, this->k_lo + k_st, this->q_lo);
+      scores_t(sc, owned_k, this->k_lo + k_st);
       wgmma_commit();
       dprobs_t(dp, owned_v, vk_lo + v_st);
       wgmma_commit();
@@ -876,7 +792,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
     typename Base::VPipe vs;
     WorkRing<typename Traits::Shared, kCluster> ring{this->s, this->rank};
     uint32_t items = 0, blocks = 0;  // blocks: dkdvq_reduce's streamed blocks (dkdv_item)
-    CarryState carry;                // kCarried: the dQ turn carried from an item into the next
     const int32_t heads = kKernel == BwdKernel::dq ? bp.q_heads : bp.kv_heads;
     const int32_t units = scheduled_units<kCluster>(bp, heads);
     for (int32_t u; (trace.stamp_item(items, 0), u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < units;) {
@@ -886,7 +801,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
         if constexpr (kCluster > 1) passive_item(ks, vs);
         continue;
       }
-      if constexpr (kCarried) this->s.kslot_full()[items & 1].wait((items >> 1) & 1);
       this->s.q_full->wait(items & 1);
       trace.stamp_item(items, 1);
       ++items;
@@ -903,11 +817,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       else if constexpr (reduces_dq(kKernel) && kReduceOverlap)
         reduce_item(item, record, ks, vs, blocks);
       else
-        dkdv_item<kKernel>(item, record, ks, vs, blocks, carry);
-    }
-    if constexpr (kCarried) {  // the last item's last dQ (its slot need not be freed: nothing loads after it)
-      if (carry.pending >= 0 && (carry.pending & 1) == this->wg)
-        dq_to_staging(static_cast<uint32_t>(carry.pending), (items - 1) & 1);  // the last item's slot
+        dkdv_item<kKernel>(item, record, ks, vs, blocks);
     }
   }
 };

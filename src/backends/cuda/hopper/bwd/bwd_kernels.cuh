@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
     backward_kernel(const __grid_constant__ BwdParams p) {
   constexpr bool kDq = kKernel == BwdKernel::dq;
   using Traits = BwdTraits<kHeadDim, kKernel>;
-  extern __shared__ __align__(1024) uint8_t smem_raw[];  // (Traits::carve: aligned as declared, or a slack)
+  extern __shared__ uint8_t smem_raw[];
   const typename Traits::Shared s = Traits::carve(smem_raw);
   const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0), tid = threadIdx.x % 128;
 
@@ -44,16 +44,8 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
   constexpr int kCluster = Traits::kCluster;
   constexpr bool kRecords = uses_row_records(kKernel, kCluster, Traits::D);
   if (threadIdx.x == 0) {
-    // The two owned blocks, each announced by its own load; with kCarriedOwned the owned V alone (released by each
-    // consumer warp after its item's last dP^T), the owned K on kslot_full / kslot_empty.
-    s.q_full->init(Traits::kCarriedOwned ? 1 : 2);
+    s.q_full->init(2);  // the two owned blocks, each announced by its own load
     s.q_empty->init(4 * Traits::kConsumerWarpgroups);
-    if constexpr (Traits::kCarriedOwned) {
-      for (int i = 0; i < 2; ++i) {
-        s.kslot_full()[i].init(1);
-        s.kslot_empty()[i].init(4 * Traits::kConsumerWarpgroups);
-      }
-    }
     // In a cluster every CTA's consumers release each stage in all CTAs (the peers' loads multicast into it).
     for (int i = 0; i < Traits::kKStages; ++i) {
       s.k_full[i].init(1);

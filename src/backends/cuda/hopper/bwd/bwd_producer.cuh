@@ -54,24 +54,6 @@ struct BwdProducer {
     ++items;
   }
 
-  /// kCarriedOwned (the reduce kernel at D 128): the Q loader loads an item's owned K into slot items % 2 once both
-  /// warpgroups have read that slot's previous item's for the last time (the item two before; its last dQ turn is
-  /// carried into the next item), i.e. while the item before this one still runs; the dO loader loads the owned V
-  /// once both warpgroups' last dP^T of the item before is done (load_owned_v).
-  __device__ __forceinline__ void load_owned_k(const WorkItem& item, uint32_t& items) const {
-    const uint32_t slot = items & 1;
-    s.kslot_empty()[slot].wait(((items >> 1) & 1) ^ 1);
-    trace.stamp_item(2);
-    base().load(p.q_video, &p.q_text, p.q, item.q, item.batch, item.head, s.owned_k(slot), &s.kslot_full()[slot]);
-    trace.stamp_item(3);
-    ++items;
-  }
-  __device__ __forceinline__ void load_owned_v(const WorkItem& item, uint32_t& items) const {
-    s.q_empty->wait((items & 1) ^ 1);
-    base().load(p.o_video, &p.o_text, p.o, item.q, item.batch, item.head, s.o(), s.q_full);
-    ++items;
-  }
-
   // ---------------------------------------------------------------- dQ kernel
   __device__ void dq_keys() const {
     uint32_t items = 0;
@@ -241,12 +223,7 @@ struct BwdProducer {
       if (item.empty && kCluster == 1) continue;
       // Owned blocks first: the item's first streamed block before them measured slower twice (v3.19 +1.3%; v3.23
       // +1.5% on row 1, +3.3% on Wan, +5% on Open-Sora-Plan).
-      if (!item.empty) {
-        if constexpr (Traits::kCarriedOwned)
-          load_owned_k(item, items);
-        else
-          load_owned(item, items);
-      }
+      if (!item.empty) load_owned(item, items);
       for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t gi, bool last, bool empty) {
         stream_queries(item, qb, h, gi, last, empty, pipe);
       });
@@ -314,8 +291,8 @@ struct BwdProducer {
     for (int32_t u; (u = __shfl_sync(0xffffffffu, lane == 0 ? ring.consume() : 0, 0)) < units;) {
       const WorkItem item = dkdv_item(u);
       if (item.empty) continue;  // (as the consumers skip it)
-      const uint32_t slot = Traits::Shared::record_slot(items);
-      s.rows_empty[slot].wait(Traits::Shared::record_parity(items) ^ 1);
+      const uint32_t slot = items & 1;
+      s.rows_empty[slot].wait(((items >> 1) & 1) ^ 1);
       const OwnedRowsGeometry geo(p, item);
       const Epilogue<Traits, WgType::bf16> at{p, s, 0, 0};  // (positions do not depend on the dtype)
       RowRecord* rec = reinterpret_cast<RowRecord*>(s.row_record(slot));
@@ -334,12 +311,10 @@ struct BwdProducer {
     PipeState<Traits::kVStages> pipe;
     WorkRing<typename Traits::Shared, kCluster> ring{s, rank};
     const int32_t units = dkdv_units();
-    uint32_t items = 0;  // kCarriedOwned: items whose owned V this thread loaded
     trace.start(kTraceDoLoader, true);
     for (int32_t u; (u = ring.consume()) < units;) {
       const WorkItem item = dkdv_item(u);
       if (item.empty && kCluster == 1) continue;
-      if constexpr (Traits::kCarriedOwned) load_owned_v(item, items);
       for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
         stream_output_grads(item, qb, h, empty, pipe);
       });
