@@ -667,6 +667,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
       if ((kAblate & 512) && lane() == 0) this->s.q_empty->arrive();  // measurement only: before (bwd_params.cuh)
       if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
       if (!(kAblate & 512) && lane() == 0) this->s.q_empty->arrive();
+      // (TILEWISE_HOPPER_BWD_STORES_AFTER_LAST_DQ) the stores wait for the item's release, phase `record` of q_empty
+      if constexpr ((TILEWISE_HOPPER_BWD_STORES_AFTER_LAST_DQ & (D == 64 ? 1 : D == 96 ? 2 : 4)) != 0)
+        this->s.q_empty->wait(record & 1);
       trace.stamp_item(record, 6);
     }
     store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);

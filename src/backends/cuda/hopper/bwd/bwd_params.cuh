@@ -110,6 +110,14 @@
 #ifndef TILEWISE_HOPPER_BWD_WIDE_STORES
 #define TILEWISE_HOPPER_BWD_WIDE_STORES 4
 #endif
+// Whether the reduce kernel's dK/dV stores at an item's end wait until both warpgroups have freed the owned blocks
+// (q_empty, after the item's last dQ turn), a mask of head dims as above. v3.28's timeline: that turn's staging took
+// 2.9k cycles against 0.8k inside the loop, and its wait for the staging buffer 3.8k, while the other warpgroup's
+// global stores were in flight, and q_empty (so the next item's owned loads) waits for that turn. 4 (default, v3.28):
+// 33x45x80 -0.8%, Wan -0.7%, + text -0.3%, row 1 equal (one process); D 64 and 96 run reduce_item, without it.
+#ifndef TILEWISE_HOPPER_BWD_STORES_AFTER_LAST_DQ
+#define TILEWISE_HOPPER_BWD_STORES_AFTER_LAST_DQ 4
+#endif
 // CTAs per cluster of the reduce kernel at D 128 (BwdKernel::dkdvq_reduce_cluster; docs/performance.md backward
 // v3.14): with 3, the three CTAs of a cluster own the three 128-key blocks of one 384-token tile (or three text
 // blocks of one head), which stream the same query blocks in the same order; each Q block (with its statistics) and
