@@ -194,6 +194,28 @@ def analyse(blocks: list, items: list, skip: int) -> None:
             print(f"| {w} | {len(nblocks)} | " + " | ".join(summary(cols[p[0]]) for p in parts) +
                   f" | {statistics.mean(nblocks):.1f} |")
 
+    # The item's last dQ turn (dkdv_item's end, by the warpgroup whose turn it is): what q_empty, and so the next
+    # item's owned loads, wait for. Block m's turn needs the reducer to have read block m - 1's staging out.
+    print("\nthe item's last dQ turn (its warpgroup), cycles, median / mean; the reducer on the block before it:")
+    print("| warpgroup | turns | loop end -> dS^T there | dQ GEMM | staging wait | staging | -> owned freed | "
+          "block m-1: staged -> reducer's wait done | -> reductions issued | -> read out |")
+    print("|---" * 10 + "|")
+    for w in (0, 1):
+        cols = [[] for _ in range(8)]
+        for i in range(ITEMS - 1):
+            it, nx = items[w][i], items[w][i + 1]
+            m = nx[4] - 1
+            if not (it[5] and it[6]) or nx[4] == 0 or m < 1 or m >= BLOCKS or m % 2 != w:
+                continue
+            lb, prev, red = blocks[w][m], blocks[1 - w][m - 1], blocks[4][m - 1]
+            if not (lb[9] and lb[12] and prev[12] and red[3]):
+                continue
+            for c, x in enumerate([d(it[5], lb[9]), d(lb[9], lb[10]), d(lb[10], lb[11]), d(lb[11], lb[12]),
+                                   d(lb[12], it[6]), d(prev[12], red[1]), d(red[1], red[2]), d(red[2], red[3])]):
+                cols[c].append(x)
+        if cols[0]:
+            print(f"| {w} | {len(cols[0])} | " + " | ".join(summary(c) for c in cols) + " |")
+
     # Producer threads.
     print("\nproducer threads, cycles per block, median / mean:")
     for r, name, steps in [(2, "Q loader", [("k_empty wait", 0, 1), ("describe", 1, 2), ("TMA issue", 2, 3)]),
