@@ -118,6 +118,13 @@
 #ifndef TILEWISE_HOPPER_BWD_STORES_AFTER_LAST_DQ
 #define TILEWISE_HOPPER_BWD_STORES_AFTER_LAST_DQ 4
 #endif
+// Measurement (docs/performance.md backward v3.28, next steps): 1 = the dQ reducer issues a block's four panel
+// reductions one at a time, each once the one before has been read out of the staging buffer, so that the loaders'
+// TMA loads queue behind at most one 8 KB panel (if the SM's TMA unit serves its operations in order); 0 = all four
+// at once (default). scripts/tma_queue_probe.cu asks first whether loads wait behind reductions at all.
+#ifndef TILEWISE_HOPPER_BWD_REDUCE_PACED
+#define TILEWISE_HOPPER_BWD_REDUCE_PACED 0
+#endif
 // CTAs per cluster of the reduce kernel at D 128 (BwdKernel::dkdvq_reduce_cluster; docs/performance.md backward
 // v3.14): with 3, the three CTAs of a cluster own the three 128-key blocks of one 384-token tile (or three text
 // blocks of one head), which stream the same query blocks in the same order; each Q block (with its statistics) and
