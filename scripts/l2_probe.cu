@@ -30,21 +30,14 @@
 #include <string>
 #include <vector>
 
+#include "cuda_check.cuh"
+
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kBlockFloats = 8192;  // one 32 KB block: the reduce kernel's 64 x 128 fp32 dQ partial
 enum Mode { kRead = 0, kRed = 1, kBulkRed = 2 };
 const char* const kModeNames[] = {"read", "red", "bulk_red"};
-
-#define CHECK(x)                                                                                      \
-  do {                                                                                                \
-    cudaError_t e_ = (x);                                                                             \
-    if (e_ != cudaSuccess) {                                                                          \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));        \
-      std::exit(1);                                                                                   \
-    }                                                                                                 \
-  } while (0)
 
 __device__ __forceinline__ uint32_t smid() {
   uint32_t id;

@@ -25,6 +25,8 @@
 #include <string>
 #include <vector>
 
+#include "cuda_check.cuh"
+
 namespace {
 
 constexpr int kLoadBytes = 16 * 1024;   // a streamed block: 64 rows x 128 bf16
@@ -32,15 +34,6 @@ constexpr int kReduceBytes = 32 * 1024;  // a dQ partial: 64 rows x 128 fp32
 constexpr int kInFlight = 5;             // bulk reductions in flight per CTA
 constexpr int kSmemBytes = kLoadBytes + kReduceBytes;
 constexpr int64_t kL2Bytes = 4 << 20, kDramBytes = int64_t{2} << 30, kAccBytes = 8 << 20;
-
-#define CHECK(x)                                                                                      \
-  do {                                                                                                \
-    cudaError_t e_ = (x);                                                                             \
-    if (e_ != cudaSuccess) {                                                                          \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));        \
-      std::exit(1);                                                                                   \
-    }                                                                                                 \
-  } while (0)
 
 enum Mode { kAlone = 0, kSame = 1, kOthers = 2 };
 const char* const kModeNames[] = {"alone", "same", "others"};
