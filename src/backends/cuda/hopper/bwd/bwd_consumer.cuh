@@ -91,9 +91,12 @@ struct BwdConsumer : Consumer<Traits, kType> {
   // reduce_item instead of dkdv_item in the reduce kernel: D 96 (measured at D 64 without gain, see bwd_params.cuh;
   // it compiles there too), not D 128 (see reduce_item)
   static constexpr bool kReduceOverlap = TILEWISE_HOPPER_BWD_REDUCE_OVERLAP != 0 && D == 96;
-  // dkdv_item's S^T and dP^T issued before the block's record is read (TILEWISE_HOPPER_BWD_ISSUE_FIRST, a mask of
-  // head dims: 1 D 64, 2 D 96, 4 D 128).
-  static constexpr bool kIssueGemmsFirst = (TILEWISE_HOPPER_BWD_ISSUE_FIRST & (D == 64 ? 1 : D == 96 ? 2 : 4)) != 0;
+  /// Whether a switch given as a mask of head dims (1 D 64, 2 D 96, 4 D 128) holds for this kernel's.
+  static constexpr bool for_head_dim(int mask) { return (mask & (D == 64 ? 1 : D == 96 ? 2 : 4)) != 0; }
+  // dkdv_item's S^T and dP^T issued before the block's record is read (TILEWISE_HOPPER_BWD_ISSUE_FIRST)
+  static constexpr bool kIssueGemmsFirst = for_head_dim(TILEWISE_HOPPER_BWD_ISSUE_FIRST);
+  // dkdv_item's dK/dV stores after the item's last dQ turn is staged (TILEWISE_HOPPER_BWD_STORES_AFTER_LAST_DQ)
+  static constexpr bool kStoresAfterLastDq = for_head_dim(TILEWISE_HOPPER_BWD_STORES_AFTER_LAST_DQ);
   /// A descriptor word that depends on a pipeline stage or ring buffer, broadcast from lane 0 so that ptxas keeps
   /// the wgmma descriptors built from it in uniform registers (v3.12: otherwise ~6 vector instructions and two R2UR
   /// per wgmma, since the stage index is a loop-carried value it cannot prove warp-uniform).
@@ -201,7 +204,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       }
     }
   }
-  static constexpr bool kWideStores = (TILEWISE_HOPPER_BWD_WIDE_STORES & (D == 64 ? 1 : D == 96 ? 2 : 4)) != 0;
+  static constexpr bool kWideStores = for_head_dim(TILEWISE_HOPPER_BWD_WIDE_STORES);
   /// store() by 16-byte stores. A quad (lanes 4r..4r+3, one accumulator row) holds a row's 8-column group g as
   /// four words, word q (columns 8g + 2q, 8g + 2q + 1) in lane q. Over four groups 4c..4c+3 the quad transposes
   /// that 4 x 4 matrix of words in two butterfly rounds (shuffles with lane ^ 1, then lane ^ 2; in each a lane
@@ -667,9 +670,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
       if ((kAblate & 512) && lane() == 0) this->s.q_empty->arrive();  // measurement only: before (bwd_params.cuh)
       if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
       if (!(kAblate & 512) && lane() == 0) this->s.q_empty->arrive();
-      // (TILEWISE_HOPPER_BWD_STORES_AFTER_LAST_DQ) the stores wait for the item's release, phase `record` of q_empty
-      if constexpr ((TILEWISE_HOPPER_BWD_STORES_AFTER_LAST_DQ & (D == 64 ? 1 : D == 96 ? 2 : 4)) != 0)
-        this->s.q_empty->wait(record & 1);
+      // kStoresAfterLastDq: the stores wait for the item's release (phase `record` of q_empty), so that they do not
+      // slow the last dQ turn's staging, which the release and the next item's owned loads wait for
+      if constexpr (kStoresAfterLastDq) this->s.q_empty->wait(record & 1);
       trace.stamp_item(record, 6);
     }
     store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);

@@ -114,7 +114,7 @@
 // (q_empty, after the item's last dQ turn), a mask of head dims as above. v3.28's timeline: that turn's staging took
 // 2.9k cycles against 0.8k inside the loop, and its wait for the staging buffer 3.8k, while the other warpgroup's
 // global stores were in flight, and q_empty (so the next item's owned loads) waits for that turn. 4 (default, v3.28):
-// 33x45x80 -0.8%, Wan -0.7%, + text -0.3%, row 1 equal (one process); D 64 and 96 run reduce_item, without it.
+// 33x45x80 -0.8%, Wan -0.7%, + text -0.3%, row 1 equal (one process); not measured at D 64 (D 96 runs reduce_item).
 #ifndef TILEWISE_HOPPER_BWD_STORES_AFTER_LAST_DQ
 #define TILEWISE_HOPPER_BWD_STORES_AFTER_LAST_DQ 4
 #endif
