@@ -206,6 +206,9 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
       if (owned_early) release_owned();
       if (pending >= 0 && pending % 2 == w) dq_to_staging(pending);
       if (!owned_early) release_owned();  // q_empty
+      // The dK/dV stores wait until both warpgroups have released the item (kStoresAfterLastDq: q_empty's phase
+      // `item`, which the loader waits for too).
+      s.push_back({[&, item] { return q_empty.ready(item & 1); }, [] { return std::string(); }});
       release_record(item);  // after the stores, which read the positions (copied into registers)
     }
   }
