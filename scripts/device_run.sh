@@ -9,25 +9,41 @@
 #   "reduce=" with no flags builds the default source), names no_* or *_no_* are ablations (times only);
 #   variant_tests: VARIANT=name
 #   sanitize: forward and backward cases; sanitize_bwd: the backward cases alone (a device call of their own)
+# PACKED=1: run what scripts/pack_for_device.sh built on the developer's machine (build-carry/pack/libs.tgz, named in
+# the call's carry): no build here (55-100 s saved), BUILD=build-carry, the variants in build-carry/bv.
 set -uo pipefail
 OUT=${OUT:-/tmp/tilewise-out}
 mkdir -p "$OUT"
 CUTLASS=${CUTLASS:-$PWD/.venv/lib/python3.11/site-packages/cutlass_library/source/include}
 [ -f "$CUTLASS/cute/tensor.hpp" ] && CUTLASS_FLAG=-DTILEWISE_CUTLASS_DIR="$CUTLASS" || CUTLASS_FLAG=  # optional
-BUILD=${BUILD:-build-device}  # a second job at once (scripts/device_pair.sh) takes its own
+if [ -n "${PACKED:-}" ]; then
+  BUILD=${BUILD:-build-carry}
+  VARIANTS=$PWD/$BUILD/bv  # (bwd_variants, variant_tests: built with the pack)
+else
+  BUILD=${BUILD:-build-device}  # a second job at once (scripts/device_pair.sh) takes its own
+  VARIANTS=/tmp/bwd-variants
+fi
 steps=${*:-test sanitize bench}
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv > "$OUT/gpu.txt" 2>&1
-cmake -S . -B $BUILD $CUTLASS_FLAG -DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMANDS=ON > "$OUT/cmake.log" 2>&1 &&
-  cmake --build $BUILD -j16 > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+if [ -n "${PACKED:-}" ]; then
+  tar xzf $BUILD/pack/libs.tgz || { echo "PACKED=1: no $BUILD/pack/libs.tgz (scripts/pack_for_device.sh, carry it)"; exit 1; }
+  # the programs' RUNPATH is the packing machine's build folder
+  export LD_LIBRARY_PATH=$PWD/$BUILD${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  : > "$OUT/build.log"
+else
+  cmake -S . -B $BUILD $CUTLASS_FLAG -DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMANDS=ON > "$OUT/cmake.log" 2>&1 &&
+    cmake --build $BUILD -j16 > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+fi
 grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c | head -5
 # ptxas serialises every wgmma of a kernel when it cannot pipeline them (C7510-C7520): a silent 2x slowdown
 grep -E "wgmma.mma_async instructions are serialized" "$OUT/build.log" | sed 's/^/WARNING: /' | sort -u | head -3
 
 # compute-sanitizer, every tool on each small case of a parameterised suite: sanitize_cases SUITE CASE...
 # SANITIZE_TOOLS picks the tools; SANITIZE_LIB runs them on another library (a bwd_variants one, e.g.
-# SANITIZE_LIB=/tmp/bwd-variants/name); SANITIZE_TIMEOUT the seconds per tool and case (300; racecheck on
-# partial_tile_classes_d128_text_first needs more than 270); SANITIZE_PARALLEL=1 runs every tool and case as a process
+# SANITIZE_LIB=/tmp/bwd-variants/name, or $PWD/build-carry/bv/name with PACKED=1); SANITIZE_TIMEOUT the seconds per
+# tool and case (300; racecheck on partial_tile_classes_d128_text_first needs more than 270); SANITIZE_PARALLEL=1 runs
+# every tool and case as a process
 # of its own at once (the GPU holds them all; racecheck's minutes per case then overlap: v3.13-v3.14 ran nine at once).
 # The first hazard's lines are printed, since the logs can be long.
 sanitize_one() {  # SUITE TOOL CASE
@@ -107,10 +123,11 @@ for step in $steps; do
       # Backward schedules and ablations (bwd_params.cuh) on row 1: each variant recompiles backward.cu only.
       echo "== backward variants, row 1 (HunyuanVideo 30x48x80, w3x3x3)"
       build_bwdcheck || exit 1
-      python3 scripts/kernel_variants.py $BUILD /tmp/bwd-variants ${BWD_VARIANTS:-} | tee "$OUT/variants_build.log"
+      [ -n "${PACKED:-}" ] ||
+        python3 scripts/kernel_variants.py $BUILD $VARIANTS ${BWD_VARIANTS:-} | tee "$OUT/variants_build.log"
       for v in base ${BWD_VARIANTS:-}; do
         name=${v%%=*}
-        lib=$PWD/$BUILD; [ "$name" = base ] || lib=/tmp/bwd-variants/$name
+        lib=$PWD/$BUILD; [ "$name" = base ] || lib=$VARIANTS/$name
         [ -f "$lib/libtilewise.so" ] || continue
         # two*: the two-kernel arrangement, the others the reduce kernel (chosen at plan time from the environment)
         case $name in two*) arrangement=0 ;; *) arrangement=2 ;; esac
@@ -143,7 +160,7 @@ for step in $steps; do
     variant_tests)
       # The backward GPU tests and the fuzz on one variant's library from bwd_variants (VARIANT=name): a schedule
       # that is to become the default passes them first.
-      lib=/tmp/bwd-variants/${VARIANT:?set VARIANT to a bwd_variants name}
+      lib=$VARIANTS/${VARIANT:?set VARIANT to a bwd_variants name}
       echo "== backward GPU tests and fuzz on variant $VARIANT"
       LD_LIBRARY_PATH=$lib timeout 300 $BUILD/tilewise_tests --gtest_filter='*Cuda*Backward*:*Backward*Cuda*' \
         > "$OUT/tests_$VARIANT.log" 2>&1
