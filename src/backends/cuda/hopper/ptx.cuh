@@ -119,6 +119,11 @@ __device__ __forceinline__ void st_shared_u32(void* ptr, uint32_t v) {
 __device__ __forceinline__ void st_shared_f2(void* ptr, float x, float y) {
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(smem_addr(ptr)), "f"(x), "f"(y) : "memory");
 }
+__device__ __forceinline__ void st_shared_v4(void* ptr, uint4 v) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_addr(ptr)), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
+}
 
 /// Two adjacent floats from shared memory (an 8-byte load; volatile so it stays after the barrier wait before it).
 __device__ __forceinline__ float2 ld_shared_f2(const float* ptr) {
@@ -171,6 +176,13 @@ __device__ __forceinline__ void tma_reduce_add(const CUtensorMap* map, const voi
           reinterpret_cast<uint64_t>(map)),
       "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
       : "memory");
+}
+/// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared to global memory as one bulk
+/// operation of the async proxy (no tensor map). Completes like tma_store (commit, wait_group).
+__device__ __forceinline__ void bulk_store(void* dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(reinterpret_cast<uint64_t>(dst)),
+               "r"(smem_addr(src)), "r"(bytes)
+               : "memory");
 }
 __device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 /// Waits until every committed store has finished reading shared memory.

@@ -205,11 +205,36 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
   }
   static constexpr bool kWideStores = for_head_dim(TILEWISE_HOPPER_BWD_WIDE_STORES);
-  /// store() by 16-byte stores. A quad (lanes 4r..4r+3, one accumulator row) holds a row's 8-column group g as
-  /// four words, word q (columns 8g + 2q, 8g + 2q + 1) in lane q. Over four groups 4c..4c+3 the quad transposes
-  /// that 4 x 4 matrix of words in two butterfly rounds (shuffles with lane ^ 1, then lane ^ 2; in each a lane
-  /// swaps the two words whose index differs from its own in that bit), after which lane q holds all of group
-  /// 4c + q: 16 contiguous bytes at column 32c + 8q.
+  /// The quad transpose behind the 16-byte stores: a quad (lanes 4r..4r+3, one accumulator row) holds a row's
+  /// 8-column group g as four words, word q (columns 8g + 2q, 8g + 2q + 1) in lane q. Over four groups 4c..4c+3 the
+  /// quad transposes that 4 x 4 matrix of words in two butterfly rounds (shuffles with lane ^ 1, then lane ^ 2; in
+  /// each a lane swaps the two words whose index differs from its own in that bit), after which lane q holds all of
+  /// group 4c + q: the 16 contiguous bytes at column 32c + 8q of row rr (packed, times `scale`), returned.
+  __device__ __forceinline__ uint4 quad_chunk(const float (&acc)[D / 2], float scale, int rr, int c) const {
+    const int q = lane() % 4;
+    uint32_t w[4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const int i = 4 * (4 * c + t) + 2 * rr;
+      w[t] = pack_half2(acc[i] * scale, acc[i + 1] * scale, kType == WgType::bf16);
+    }
+#pragma unroll
+    for (int bit = 1; bit <= 2; bit <<= 1) {
+      const bool hi = q & bit;  // this lane replaces its words whose index lacks `bit` (hi) or has it (!hi)
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        if (t & bit) continue;  // the pair (t, t | bit)
+        const uint32_t sent = hi ? w[t] : w[t | bit];
+        const uint32_t got = __shfl_xor_sync(0xffffffffu, sent, bit);
+        if (hi)
+          w[t] = got;
+        else
+          w[t | bit] = got;
+      }
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  /// store() by 16-byte stores of quad_chunk's rows.
   __device__ __forceinline__ void store_wide(int64_t b, const int32_t (&positions)[2], int32_t head,
                                              const float (&acc)[D / 2], float scale, uint16_t* base,
                                              const Strides& st) const {
@@ -221,30 +246,60 @@ struct BwdConsumer : Consumer<Traits, kType> {
       uint16_t* dst = base + b * st.batch + pos * st.seq + head * st.head;
 #pragma unroll
       for (int c = 0; c < D / 32; ++c) {
-        uint32_t w[4];
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-          const int i = 4 * (4 * c + t) + 2 * rr;
-          w[t] = pack_half2(acc[i] * scale, acc[i + 1] * scale, kType == WgType::bf16);
-        }
-#pragma unroll
-        for (int bit = 1; bit <= 2; bit <<= 1) {
-          const bool hi = q & bit;  // this lane replaces its words whose index lacks `bit` (hi) or has it (!hi)
-#pragma unroll
-          for (int t = 0; t < 4; ++t) {
-            if (t & bit) continue;  // the pair (t, t | bit)
-            const uint32_t sent = hi ? w[t] : w[t | bit];
-            const uint32_t got = __shfl_xor_sync(0xffffffffu, sent, bit);
-            if (hi)
-              w[t] = got;
-            else
-              w[t | bit] = got;
-          }
-        }
-        if (pos >= 0) *reinterpret_cast<uint4*>(dst + 32 * c + 8 * q) = make_uint4(w[0], w[1], w[2], w[3]);
+        const uint4 v = quad_chunk(acc, scale, rr, c);
+        if (pos >= 0) *reinterpret_cast<uint4*>(dst + 32 * c + 8 * q) = v;
       }
     }
   }
+  /// kTmaStores: the named barriers of the consumer warps (kStagedRowsBarrier + warp; 0 is __syncthreads', and the
+  /// backward uses no other)
+  static constexpr uint32_t kStagedRowsBarrier = 2;
+  /// kTmaStores: where this thread's row rr of dK (`value` false) or dV is staged for its bulk copy. dK: each warp
+  /// stages its 16 owned rows (256 bytes each at D 128) in the bytes of the dS^T ring that it rewrites itself in the
+  /// next item's blocks (its 16 keys of this warpgroup's half of both panels), so that before those writes only its
+  /// own lanes' copies must have been read (dkdv_item's start). dV: in this warpgroup's half of the dQ staging buffer,
+  /// once the reducer has read the item's last turn out; its next writer, the next item's first dQ turn, comes after
+  /// both warpgroups' first dS^T (ds_full), and so after their item-start waits for these copies.
+  __device__ __forceinline__ uint8_t* staged_row(bool value, int rr) const {
+    static_assert(D * 2 * 8 == 16 * 128, "a warp's 8 rows of a panel are its 16 keys' 128-byte dS^T rows");
+    const int warp = this->tid / 32, j = lane() / 4;
+    return value ? this->s.dq_stage() + 128 * D * this->wg + (16 * warp + 8 * rr + j) * (D * 2)
+                 : this->s.ds() + rr * Traits::kDsPanelBytes + (64 * this->wg + 16 * warp) * 128 + j * (D * 2);
+  }
+  /// store() through shared memory and bulk copies (kTmaStores; `value`: dV, else dK): the consumers stage their rows
+  /// and go on while the async proxy writes them out, each quad's first lane copying its two rows. The 16-byte rows
+  /// need the alignment store_wide needs, else store() writes them.
+  __device__ __forceinline__ void store_staged(bool value, const WorkItem& item, const int32_t (&positions)[2],
+                                               int32_t head, const float (&acc)[D / 2], float scale, void* base,
+                                               const Strides& st) const {
+    const bool aligned = ((reinterpret_cast<uintptr_t>(base) & 15) | ((st.batch | st.seq | st.head) & 7)) == 0;
+    if (!aligned) return store(item, positions, head, acc, scale, base, st);
+    const int q = lane() % 4;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+#pragma unroll
+      for (int c = 0; c < D / 32; ++c)
+        st_shared_v4(staged_row(value, rr) + (32 * c + 8 * q) * 2, quad_chunk(acc, scale, rr, c));
+    }
+    fence_proxy_async();
+    // The quad's first lane copies what its three others wrote: a barrier of this warp (a named one: __syncwarp here
+    // moved ptxas's register allocation and put 6 STL and 9 LDL into the block loop)
+    named_barrier_sync(kStagedRowsBarrier + 4 * this->wg + this->tid / 32, 32);
+    if (q == 0) {
+      const int64_t b = this->p.batch_base + item.batch;
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        if (positions[rr] < 0) continue;
+        bulk_store(static_cast<uint16_t*>(base) + b * st.batch + positions[rr] * st.seq + head * st.head,
+                   staged_row(value, rr), D * 2);
+      }
+      tma_store_commit();
+    }
+  }
+  // dkdv_item's dK / dV stores through shared memory and bulk copies (TILEWISE_HOPPER_BWD_TMA_STORES): the reduce
+  // kernel at D 128 outside clusters, after the item's last dQ turn (kStoresAfterLastDq: the ring is free then)
+  static constexpr bool kTmaStores = Traits::kDqStaging && Traits::kCluster == 1 && D == 128 && kStoresAfterLastDq &&
+                                     for_head_dim(TILEWISE_HOPPER_BWD_TMA_STORES);
 
   /// The statistics (lse2, D) of the streamed block in the stages the pipes point at: the K stage's, or the V stage's
   /// where the dO loader brings them (stats_with_output_grads; the same index, both pipes advancing together).
@@ -546,6 +601,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
       release_stages(kept, ks, vs);
     };
     int64_t pending = -1;  // kReduce: the block whose dQ is still to be computed
+    // kTmaStores: the item before's staged dK / dV rows read out of this warp's bytes. Only the copying lanes wait; no
+    // other lane of the warp rewrites those bytes before the first block's dS^T store, behind the S^T and dP^T wgmmas,
+    // which no lane passes before all have issued them. (A __syncwarp here moved ptxas's register allocation and put
+    // 5 STL and 8 LDL into the block loop.)
+    if constexpr (kReduce && kTmaStores) tma_store_wait_read();
     const OwnedRows rows = owned_rows(item, record);
     if constexpr (kReduce) trace.stamp_item(record, 2);
     float dk[D / 2], dv[D / 2];
@@ -675,8 +735,15 @@ struct BwdConsumer : Consumer<Traits, kType> {
       if constexpr (kStoresAfterLastDq) this->s.q_empty->wait(record & 1);
       trace.stamp_item(record, 6);
     }
-    store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
-    store(item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
+    if constexpr (kReduce && kTmaStores) {
+      store_staged(false, item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
+      // dV into the staging buffer, once the reducer has read the last dQ turn staged there out
+      if (blocks > 0) this->s.dq_empty[(blocks - 1) & 1].wait(((blocks - 1) >> 1) & 1);
+      store_staged(true, item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
+    } else {
+      store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
+      store(item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
+    }
     release_rows(record);
     if constexpr (kReduce) trace.stamp_item(record, 7);
   }
@@ -825,6 +892,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       else
         dkdv_item<kKernel>(item, record, ks, vs, blocks);
     }
+    if constexpr (kTmaStores) tma_store_wait_all();  // (kTmaStores: the last item's copies, before the CTA ends)
   }
 };
 

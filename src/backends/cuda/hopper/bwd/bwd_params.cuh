@@ -125,6 +125,14 @@
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_PACED
 #define TILEWISE_HOPPER_BWD_REDUCE_PACED 0
 #endif
+// Measurement (docs/performance.md backward v3.28, next steps; written and compiled, not yet run): 4 = the D 128
+// reduce kernel's dK rows staged in the dS^T ring and its dV rows in the dQ staging buffer (both free once the item's
+// last dQ turn is done and read out) and written out by bulk copies of the async proxy, so that the consumers need not
+// wait for the stores (BwdConsumer::store_staged); 0 = from registers (default). Since the stores moved after the
+// last dQ turn the boundary ends with them: the next item's owned blocks land ~6k cycles before they are done.
+#ifndef TILEWISE_HOPPER_BWD_TMA_STORES
+#define TILEWISE_HOPPER_BWD_TMA_STORES 0
+#endif
 // CTAs per cluster of the reduce kernel at D 128 (BwdKernel::dkdvq_reduce_cluster; docs/performance.md backward
 // v3.14): with 3, the three CTAs of a cluster own the three 128-key blocks of one 384-token tile (or three text
 // blocks of one head), which stream the same query blocks in the same order; each Q block (with its statistics) and
