@@ -43,8 +43,8 @@ grep -E "wgmma.mma_async instructions are serialized" "$OUT/build.log" | sed 's/
 # SANITIZE_TOOLS picks the tools; SANITIZE_LIB runs them on another library (a bwd_variants one, e.g.
 # SANITIZE_LIB=/tmp/bwd-variants/name, or $PWD/build-carry/bv/name with PACKED=1); SANITIZE_TIMEOUT the seconds per
 # tool and case (300; racecheck on partial_tile_classes_d128_text_first needs more than 270); SANITIZE_PARALLEL=1 runs
-# every tool and case as a process
-# of its own at once (the GPU holds them all; racecheck's minutes per case then overlap: v3.13-v3.14 ran nine at once).
+# every tool and case as a process of its own at once (the GPU holds them all; racecheck's minutes per case then
+# overlap: v3.13-v3.14 ran nine at once).
 # The first hazard's lines are printed, since the logs can be long.
 sanitize_one() {  # SUITE TOOL CASE
   local log="$OUT/sanitize_${2}_$3.log"
