@@ -179,6 +179,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
     for (int rr = 0; rr < 2; ++rr) pos[rr] = static_cast<int32_t>(owned_position(item, rr));
   }
 
+  /// Whether every row of a 16-bit tensor at `base` with element strides `st` starts 16-byte aligned (the base and
+  /// every stride a multiple of 8 elements): what 16-byte stores and bulk copies of rows need. Uniform across the CTA.
+  static __device__ __forceinline__ bool rows_16b_aligned(const void* base, const Strides& st) {
+    return ((reinterpret_cast<uintptr_t>(base) & 15) | ((st.batch | st.seq | st.head) & 7)) == 0;
+  }
   /// Writes this thread's part of a D-wide accumulator of the owned rows (at `positions`, owned_positions) to `base`
   /// (element strides `st`, head `head`), times `scale`, straight from registers.
   __device__ __forceinline__ void store(const WorkItem& item, const int32_t (&positions)[2], int32_t head,
@@ -186,10 +191,9 @@ struct BwdConsumer : Consumer<Traits, kType> {
     const int64_t b = this->p.batch_base + item.batch;
     if ((kAblate & 2048) && bp.grad0_scale != -12345.f) return;  // measurement only: no stores (the test keeps the wgmmas)
     if constexpr (kWideStores) {
-      // 16-byte stores need a 16-byte aligned row start: the base and every stride a multiple of 8 elements
-      // (uniform across the CTA, so the branch never splits a quad's shuffles).
-      const bool wide = ((reinterpret_cast<uintptr_t>(base) & 15) | ((st.batch | st.seq | st.head) & 7)) == 0;
-      if (wide) return store_wide(b, positions, head, acc, scale, static_cast<uint16_t*>(base), st);
+      // (uniform across the CTA, so the branch never splits a quad's shuffles)
+      if (rows_16b_aligned(base, st))
+        return store_wide(b, positions, head, acc, scale, static_cast<uint16_t*>(base), st);
     }
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
@@ -267,13 +271,12 @@ struct BwdConsumer : Consumer<Traits, kType> {
                  : this->s.ds() + rr * Traits::kDsPanelBytes + (64 * this->wg + 16 * warp) * 128 + j * (D * 2);
   }
   /// store() through shared memory and bulk copies (kTmaStores; `value`: dV, else dK): the consumers stage their rows
-  /// and go on while the async proxy writes them out, each quad's first lane copying its two rows. The 16-byte rows
-  /// need the alignment store_wide needs, else store() writes them.
+  /// and go on while the async proxy writes them out, each quad's first lane copying its two rows. Rows not
+  /// 16-byte aligned (rows_16b_aligned) are left to store().
   __device__ __forceinline__ void store_staged(bool value, const WorkItem& item, const int32_t (&positions)[2],
                                                int32_t head, const float (&acc)[D / 2], float scale, void* base,
                                                const Strides& st) const {
-    const bool aligned = ((reinterpret_cast<uintptr_t>(base) & 15) | ((st.batch | st.seq | st.head) & 7)) == 0;
-    if (!aligned) return store(item, positions, head, acc, scale, base, st);
+    if (!rows_16b_aligned(base, st)) return store(item, positions, head, acc, scale, base, st);
     const int q = lane() % 4;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
