@@ -18,11 +18,10 @@
 #define TILEWISE_HOPPER_BWD_STREAM_STAGES 4
 #endif
 // The reduce kernel's (BwdKernel::dkdvq_reduce) K-ring depth at D 128 (Q blocks of 64 rows and their statistics):
-// 2 + 2 leave about 32 KB of the 227 beside the dS^T ring and the dQ staging buffer, room for one more K stage
-// (3 + 3 does not fit, by about 550 bytes). An experiment (docs/performance.md, backward v3.6): does a deeper K ring feed the
-// consumers sooner?
+// 3 (default since v3.29: 33x45x80 -0.8%, Wan -0.4%, row 1 and + text equal, in one process in two calls) fits beside
+// two dO stages, the dS^T ring and the dQ staging buffer; 3 + 3 fits too but spills (v3.17).
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128
-#define TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128 2
+#define TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128 3
 #endif
 // And its V-ring (dO blocks) depth at D 128. With two rows of statistics per stage 3 + 3 fits (by ~200 bytes), but
 // measured 0.2-0.8% slower than 2 + 2 (docs/performance.md backward v3.17: 2328 bytes of spills).

@@ -625,7 +625,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
       next_block(bi, last, ks, vs, release_block);
     } else {
       for (bool last = false; !last;) {
-        BlockInfo bi;
+        BlockInfo bi{};  // (with kIssueFirst read after the GEMMs are issued)
         if constexpr (kReduce) trace.stamp(0);
         if constexpr (kIssueFirst)
           wait_stages(ks, vs);
@@ -672,7 +672,10 @@ struct BwdConsumer : Consumer<Traits, kType> {
           // halves a block, then spills them in its loop and loses 10% (45.5 -> 50.0 ms): it loads each pair where it
           // is used.
           auto col_stat = [&](int k, const float* late) {
-            return kEarlyStats ? col_stats[k] : ld_shared_f2(late + 8 * k);
+            if constexpr (kEarlyStats)
+              return col_stats[k];
+            else
+              return ld_shared_f2(late + 8 * k);
           };
           auto probabilities_t = [&] {
             probabilities_of_block(sc, [&](int k) { return col_stat(k, cols); }, rows, bi, frames, *hp, qbox, half);

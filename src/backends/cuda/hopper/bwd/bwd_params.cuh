@@ -118,20 +118,13 @@
 #ifndef TILEWISE_HOPPER_BWD_STORES_AFTER_LAST_DQ
 #define TILEWISE_HOPPER_BWD_STORES_AFTER_LAST_DQ 4
 #endif
-// Measurement (docs/performance.md backward v3.28, next steps): 1 = the dQ reducer issues a block's four panel
-// reductions one at a time, each once the one before has been read out of the staging buffer, so that the loaders'
-// TMA loads queue behind at most one 8 KB panel (if the SM's TMA unit serves its operations in order); 0 = all four
-// at once (default). scripts/tma_queue_probe.cu asks first whether loads wait behind reductions at all.
-#ifndef TILEWISE_HOPPER_BWD_REDUCE_PACED
-#define TILEWISE_HOPPER_BWD_REDUCE_PACED 0
-#endif
-// Measurement (docs/performance.md backward v3.28, next steps; written and compiled, not yet run): 4 = the D 128
-// reduce kernel's dK rows staged in the dS^T ring and its dV rows in the dQ staging buffer (both free once the item's
-// last dQ turn is done and read out) and written out by bulk copies of the async proxy, so that the consumers need not
-// wait for the stores (BwdConsumer::store_staged); 0 = from registers (default). Since the stores moved after the
-// last dQ turn the boundary ends with them: the next item's owned blocks land ~6k cycles before they are done.
+// The reduce kernel's dK / dV stores at an item's end (BwdConsumer::store_staged), a mask of head dims as above: 4
+// (default, v3.29) = at D 128 the dK rows are staged in the dS^T ring and the dV rows in the dQ staging buffer (both
+// free once the item's last dQ turn is done and read out) and written out by bulk copies of the async proxy, so that
+// the consumers do not wait for the stores (one process: 33x45x80 -0.6 to -0.7%, Wan -0.5 to -0.9%, row 1 and + text
+// equal; docs/performance.md backward v3.29); 0 = from registers (BwdConsumer::store).
 #ifndef TILEWISE_HOPPER_BWD_TMA_STORES
-#define TILEWISE_HOPPER_BWD_TMA_STORES 0
+#define TILEWISE_HOPPER_BWD_TMA_STORES 4
 #endif
 // CTAs per cluster of the reduce kernel at D 128 (BwdKernel::dkdvq_reduce_cluster; docs/performance.md backward
 // v3.14): with 3, the three CTAs of a cluster own the three 128-key blocks of one 384-token tile (or three text

@@ -241,14 +241,11 @@ struct BwdProducer {
     s.dq_full->wait(m & 1);
     trace.stamp(1);
     const int c4 = p.dq_view.c4(batch, h);
-#pragma unroll
     // (measurement only: bit 128 no reductions; bit 4096 in clusters, the cluster's first CTA's alone)
     const bool skip = (TILEWISE_HOPPER_BWD_ABLATE & 128) || ((TILEWISE_HOPPER_BWD_ABLATE & 4096) && rank != 0);
-    for (int panel = 0; panel < (skip ? 0 : Traits::D / 32); ++panel) {
-      // (TILEWISE_HOPPER_BWD_REDUCE_PACED, measurement: each panel issued once the one before has been read)
-      if (TILEWISE_HOPPER_BWD_REDUCE_PACED && panel > 0) tma_store_commit(), tma_store_wait_read();
+#pragma unroll
+    for (int panel = 0; panel < (skip ? 0 : Traits::D / 32); ++panel)
       tma_reduce_add(map, s.dq_stage() + panel * Traits::kDqPanelBytes, p.dq_view.c0(h, panel * 32), c1, c2, c3, c4);
-    }
     tma_store_commit();
     trace.stamp(2);
     tma_store_wait_read();
