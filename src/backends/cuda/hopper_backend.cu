@@ -319,6 +319,7 @@ class HopperBackend final : public Backend {
     if (reduce_kernel_) {  // the reduce kernel streams 64-row blocks whatever the dK/dV kernel's build has
       reduce_classes_ = TileClasses(g, hopper::kBackwardOwnedRows, 64);
       reduce_entries_ = static_cast<int32_t>(reduce_classes_.key_entries(g, p.text_capacity));
+      dq_block_order_ = hopper::dq_block_order();  // (the build's: TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER, a measurement)
       // In clusters where the build has them, every tile has as many owned slots as a cluster has CTAs (a 6x8x8
       // tile: three 128-key blocks), so that a cluster's CTAs share their streamed blocks (tile_scheduler.cuh,
       // decode_tile_unit), and TILEWISE_BACKWARD_CLUSTER=1 asks for it (measured 8% slower on the H200, where only
@@ -406,6 +407,11 @@ class HopperBackend final : public Backend {
   /// Backward scratch: the two scheduler counters, D in sequence order, and the per-block statistics.
   size_t backward_workspace_bytes(const Plan& plan) const override { return backward_layout(plan, nullptr).used(); }
 
+  /// The reduce kernel's dQ accumulator: [B, S, Hq, D], or in block order per (batch, head) its streamed blocks'
+  /// entries of 64 rows (spare rows of cut tiles' boxes and of spare slots included).
+  int64_t dq_accum_floats(const Problem& p) const {
+    return p.batch * p.q_heads * (dq_block_order_ ? int64_t{reduce_entries_} * 64 : p.seq_len) * p.head_dim;
+  }
   struct BackwardScratch {
     int32_t* counters;
     float* delta;
@@ -422,7 +428,7 @@ class HopperBackend final : public Backend {
     b.delta = w.take<float>(p.batch * p.q_heads * p.seq_len);
     const int64_t entry_words = std::max(int64_t{stream_entries_} * dkdv_classes_.key_rows, int64_t{reduce_entries_} * 64);
     b.stats = w.take<float>(p.batch * p.q_heads * entry_words * hopper::kStatsRows);
-    b.dq_accum = reduce_kernel_ ? w.take<float>(p.batch * p.q_heads * p.seq_len * p.head_dim) : nullptr;
+    b.dq_accum = reduce_kernel_ ? w.take<float>(dq_accum_floats(p)) : nullptr;
     b.bytes = w.used();
     return b;
   }
@@ -458,7 +464,7 @@ class HopperBackend final : public Backend {
     prm.stream_slots = streamed_classes.key_slots;
     prm.stats_entries = streamed_entries;
     prm.dq_accum = ws.dq_accum;
-    const size_t accum_bytes = sizeof(float) * p.batch * p.q_heads * p.seq_len * p.head_dim;
+    const size_t accum_bytes = sizeof(float) * static_cast<size_t>(dq_accum_floats(p));
     // (Ablation bit 16384, measurement only: neither the accumulator's zeroing nor dq's conversion, what doing
     // both inside the main kernel could save at most.)
     const bool dq_passes = !deterministic && !(TILEWISE_HOPPER_BWD_ABLATE & 16384);
@@ -497,7 +503,7 @@ class HopperBackend final : public Backend {
       encode(plan, streamed_classes, rows, t.v, p.v, p.kv_heads, b, dkv.o_video, dkv.o_text, dkv.o, format, true);
       encode(plan, streamed_classes, rows, t.q, p.q, p.q_heads, b, dkv.k_video, dkv.k_text, dkv.k, format, false);
       encode(plan, streamed_classes, rows, t.dout, p.o, p.q_heads, b, dkv.v_video, dkv.v_text, dkv.v, format, false);
-      if (reduce) {  // the accumulator, [B, S, Hq, D] fp32, through the streamed blocks' boxes (32-column panels)
+      if (reduce && !dq_block_order_) {  // the accumulator, [B, S, Hq, D] fp32, through the streamed blocks' boxes
         const Strides acc{p.seq_len * p.q_heads * p.head_dim, p.q_heads * p.head_dim, p.head_dim, 1};
         encode(plan, streamed_classes, rows, ws.dq_accum, acc, p.q_heads, b, dkv.dq_video, dkv.dq_text, dkv.dq_view,
                ElementFormat{CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, 32}, false);
@@ -528,7 +534,11 @@ class HopperBackend final : public Backend {
       }
       check(hopper::launch_backward(dkv, D, bf16, kernel, grid, stream), "dK/dV kernel launch");
     }
-    if (dq_passes)
+    if (dq_passes && dq_block_order_)
+      check(hopper::launch_dq_from_block_accumulator(streamed, ws.dq_accum, t.dq, p.q, p.batch, D,
+                                                     static_cast<float>(p.scale), bf16, stream),
+            "dq conversion launch");
+    else if (dq_passes)
       check(hopper::launch_dq_from_accumulator(ws.dq_accum, t.dq, p.q, p.batch, p.q_heads, p.seq_len, D,
                                                static_cast<float>(p.scale), bf16, stream),
             "dq conversion launch");
@@ -758,6 +768,7 @@ class HopperBackend final : public Backend {
   int32_t key_slots_ = 1;     // key blocks per tile: the most key boxes of any tile class
   int32_t key_entries_ = 0;   // key blocks per (batch, head): tiles * key_slots_ + text blocks (block_entry)
   bool reduce_kernel_ = true;  // false: the two kernels for every run (TILEWISE_BACKWARD_FUSED_DQ=0), as deterministic ones
+  bool dq_block_order_ = false;  // the reduce kernel's dQ accumulator in block order (hopper::dq_block_order)
   bool sweep_ = false;               // the dK/dV kernels' sweep: its item order and walk (backward_sweep)
   DeviceArray<int32_t> dkdv_order_;  // the dK/dV kernel's video items (dkdv_item_order)
   bool per_batch_ = false;

@@ -140,6 +140,26 @@ cudaError_t launch_dq_from_accumulator(const float* accum, void* dq, const Strid
   return cudaGetLastError();
 }
 
+bool dq_block_order() { return TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER != 0; }
+
+cudaError_t launch_dq_from_block_accumulator(const BwdParams& params, const float* accum, void* dq,
+                                             const Strides& q_strides, int64_t batch, int head_dim, float scale,
+                                             bool bf16, cudaStream_t stream) {
+  const int64_t ctas = int64_t{params.stats_entries} * batch * params.q_heads;
+  if (ctas <= 0 || ctas >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
+  return with_head_dim(head_dim, cudaErrorInvalidValue, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    const unsigned grid = static_cast<unsigned>(ctas);
+    if (bf16)
+      dq_from_block_accumulator<__nv_bfloat16, D>
+          <<<grid, 128, 0, stream>>>(params, accum, static_cast<__nv_bfloat16*>(dq), q_strides, scale);
+    else
+      dq_from_block_accumulator<__half, D><<<grid, 128, 0, stream>>>(params, accum, static_cast<__half*>(dq),
+                                                                      q_strides, scale);
+    return cudaGetLastError();
+  });
+}
+
 }  // namespace tilewise::hopper
 
 #if TILEWISE_HOPPER_BWD_TRACE

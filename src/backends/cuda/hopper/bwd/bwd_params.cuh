@@ -126,6 +126,15 @@
 #ifndef TILEWISE_HOPPER_BWD_TMA_STORES
 #define TILEWISE_HOPPER_BWD_TMA_STORES 4
 #endif
+// Measurement (docs/performance.md backward v3.29; built, not yet run): 1 = the reduce kernel's dQ accumulator in
+// block order: per (batch, query head, streamed block entry as the statistics number them) 64 x D fp32 in the dQ
+// staging buffer's layout (32-column panels of 128-byte rows, 128-byte swizzle), so that the reducer adds a block by
+// one bulk reduction of the staging buffer's bytes (no tensor map, no clipping) instead of a tensor reduction per
+// 32-column panel; dq_from_block_accumulator converts it. 0 = [B, S, Hq, D] (default). A macro of backward.cu: the
+// host asks the build (hopper::dq_block_order), so that a kernel variant plans its own layout.
+#ifndef TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER
+#define TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER 0
+#endif
 // CTAs per cluster of the reduce kernel at D 128 (BwdKernel::dkdvq_reduce_cluster; docs/performance.md backward
 // v3.14): with 3, the three CTAs of a cluster own the three 128-key blocks of one 384-token tile (or three text
 // blocks of one head), which stream the same query blocks in the same order; each Q block (with its statistics) and

@@ -231,21 +231,16 @@ struct BwdProducer {
     }
   }
 
-  /// The dQ reductions of streamed block m (query head h of batch element `batch`, its map and TMA coordinates),
-  /// once the consumers have put its dQ into the staging buffer: one TMA reduction per 32-column panel into the
-  /// fp32 accumulator, through the block's box (rows outside the latent or the text are clipped); the buffer is
-  /// freed once they have read it.
-  __device__ __forceinline__ void reduce_block(int32_t batch, int32_t h, const CUtensorMap* map, int c1, int c2,
-                                               int c3, uint32_t& m) const {
+  /// The dQ reduction of streamed block m, once the consumers have put its dQ into the staging buffer: `issue` adds
+  /// it into the fp32 accumulator; the buffer is freed once the reduction has read it.
+  template <class Issue>
+  __device__ __forceinline__ void reduce_block(uint32_t& m, Issue&& issue) const {
     trace.stamp(0);
     s.dq_full->wait(m & 1);
     trace.stamp(1);
-    const int c4 = p.dq_view.c4(batch, h);
     // (measurement only: bit 128 no reductions; bit 4096 in clusters, the cluster's first CTA's alone)
     const bool skip = (TILEWISE_HOPPER_BWD_ABLATE & 128) || ((TILEWISE_HOPPER_BWD_ABLATE & 4096) && rank != 0);
-#pragma unroll
-    for (int panel = 0; panel < (skip ? 0 : Traits::D / 32); ++panel)
-      tma_reduce_add(map, s.dq_stage() + panel * Traits::kDqPanelBytes, p.dq_view.c0(h, panel * 32), c1, c2, c3, c4);
+    if (!skip) issue();
     tma_store_commit();
     trace.stamp(2);
     tma_store_wait_read();
@@ -256,7 +251,10 @@ struct BwdProducer {
   }
 
   /// dkdvq_reduce (thread 64): adds each streamed block's dQ into the fp32 accumulator (reduce_block), in the
-  /// order of the loaders' walk, which it walks too. The reduction leaves the consumers' path entirely.
+  /// order of the loaders' walk, which it walks too. The reduction leaves the consumers' path entirely. The
+  /// accumulator is [B, S, Hq, D], reached through the block's box by one tensor reduction per 32-column panel (rows
+  /// outside the latent or the text clipped), or with TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER in block order (one bulk
+  /// reduction of the staging buffer's bytes as they are: no tensor map, no clipping).
   __device__ void dq_reducer() const {
     if constexpr (Traits::kDqStaging) {
       uint32_t m = 0;  // streamed blocks so far (the consumers number them alike)
@@ -267,10 +265,24 @@ struct BwdProducer {
         const WorkItem item = dkdv_item(u);
         if (item.empty) continue;  // (in a cluster its consumers stage no dQ either)
         for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
-          if (!empty)
+          if (empty) return;
+          if constexpr (TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER != 0) {
+            const int64_t entry = (int64_t{p.batch_base + item.batch} * p.q_heads + h) * p.stats_entries +
+                                  stats_entry<Traits::kStreamRows>(p, qb);
+            float* to = p.dq_accum + entry * (Traits::kStreamRows * Traits::D);
+            reduce_block(m, [&] { bulk_reduce_add_f32(to, s.dq_stage(), Traits::kDqStageBytes); });
+          } else {
             with_reduction_target(qb, [&](bool text, uint32_t cls, int c1, int c2, int c3) {
-              reduce_block(item.batch, h, reduction_map(text, cls), c1, c2, c3, m);
+              const CUtensorMap* map = reduction_map(text, cls);
+              reduce_block(m, [&] {
+                const int c4 = p.dq_view.c4(item.batch, h);
+#pragma unroll
+                for (int panel = 0; panel < Traits::D / 32; ++panel)
+                  tma_reduce_add(map, s.dq_stage() + panel * Traits::kDqPanelBytes, p.dq_view.c0(h, panel * 32), c1,
+                                 c2, c3, c4);
+              });
             });
+          }
         });
       }
       tma_store_wait_all();  // every reduction complete before the CTA retires
