@@ -1,4 +1,4 @@
-// CHECK(call): the standalone probes' CUDA error check (scripts/l2_probe.cu, scripts/tma_queue_probe.cu): prints where
+// CHECK(call): the standalone probes' CUDA error check (scripts/l2_probe.cu, scripts/tma_probe.cuh): prints where
 // and which call failed, with CUDA's message, and exits.
 #pragma once
 #include <cuda_runtime.h>

@@ -29,7 +29,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda_check.cuh"
+#include "tma_probe.cuh"
 
 namespace {
 
@@ -39,10 +39,6 @@ constexpr int kPanelBytes = 8 * 1024;     // one 32-column panel of it
 constexpr int kHeads = 24, kD = 128;
 constexpr int64_t kL2Bytes = 4 << 20;
 constexpr int kSmemBytes = 1024 + kLoadBytes + kPartialBytes;  // (1024: the swizzle's alignment)
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 struct Args {
   const uint8_t* src;
@@ -64,7 +60,7 @@ __global__ void __launch_bounds__(64) probe(const __grid_constant__ CUtensorMap 
   __shared__ alignas(8) unsigned long long bar;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int i = threadIdx.x; i < kPartialBytes / 4; i += blockDim.x) reinterpret_cast<float*>(partial)[i] = 1.f;
-  if (threadIdx.x == 0) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(&bar)));
+  if (threadIdx.x == 0) mbarrier_init(&bar);
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
   unsigned long long* out = a.cycles + static_cast<int64_t>(blockIdx.x) * a.blocks * 3;
@@ -104,26 +100,11 @@ __global__ void __launch_bounds__(64) probe(const __grid_constant__ CUtensorMap 
     for (int n = 0; *reinterpret_cast<volatile uint32_t*>(a.stop) < gridDim.x; ++n) {
       const uint8_t* from = a.src + ((static_cast<int64_t>(blockIdx.x) * 7919 + n * 131) % l2_blocks) * kLoadBytes;
       const long long t0 = clock64();
-      asm volatile(
-          "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
-          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%2], [%3], %1, [%0];\n" ::"r"(
-              smem_addr(&bar)),
-          "r"(kLoadBytes), "r"(smem_addr(buf)), "l"(from)
-          : "memory");
-      asm volatile(
-          "{\n.reg .pred done;\nWAIT_%=:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-          "@!done bra WAIT_%=;\n}\n" ::"r"(smem_addr(&bar)),
-          "r"(static_cast<uint32_t>(n & 1))
-          : "memory");
+      bulk_load(&bar, buf, from, kLoadBytes);
+      mbarrier_wait(&bar, static_cast<uint32_t>(n & 1));
       if (n < a.blocks) out[n * 3 + 2] = static_cast<unsigned long long>(clock64() - t0);
     }
   }
-}
-
-unsigned long long percentile(std::vector<unsigned long long> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
 }
 
 using PFN_encodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -166,17 +147,11 @@ int main(int argc, char** argv) {
   CHECK(cudaGetDeviceProperties(&prop, 0));
   const int ctas = prop.multiProcessorCount;
   const int64_t acc_blocks = std::max<int64_t>(1, (acc_mb << 20) / (int64_t{kPartialBytes} * kHeads));
-  uint8_t* src;
-  float* acc;
-  uint32_t* stop;
-  unsigned long long* cycles;
-  CHECK(cudaMalloc(&src, kL2Bytes));
-  CHECK(cudaMemset(src, 0, kL2Bytes));
-  CHECK(cudaMalloc(&acc, acc_blocks * kHeads * kPartialBytes));
-  CHECK(cudaMemset(acc, 0, acc_blocks * kHeads * kPartialBytes));
-  CHECK(cudaMalloc(&stop, sizeof(uint32_t)));
+  const uint8_t* src = device_zeros<uint8_t>(kL2Bytes);
+  float* acc = device_zeros<float>(acc_blocks * kHeads * kPartialBytes / 4);
+  uint32_t* stop = device_zeros<uint32_t>(1);
   const size_t n_cycles = static_cast<size_t>(ctas) * blocks * 3;
-  CHECK(cudaMalloc(&cycles, n_cycles * sizeof(unsigned long long)));
+  unsigned long long* cycles = device_zeros<unsigned long long>(n_cycles);
 
   // The tensor form's map: [blocks][h 8][w 8][heads][D] fp32, a box of 32 columns x one head x 8 x 8 rows
   void* fn = nullptr;

@@ -25,7 +25,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda_check.cuh"
+#include "tma_probe.cuh"
 
 namespace {
 
@@ -37,10 +37,6 @@ constexpr int64_t kL2Bytes = 4 << 20, kDramBytes = int64_t{2} << 30, kAccBytes =
 
 enum Mode { kAlone = 0, kSame = 1, kOthers = 2 };
 const char* const kModeNames[] = {"alone", "same", "others"};
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 __device__ __forceinline__ bool timed_sm(int mode) {
   // In `others`, the even blocks load (timed) and the odd ones reduce; otherwise every block is timed.
@@ -55,8 +51,7 @@ __global__ void __launch_bounds__(64) probe(const uint8_t* src, int64_t src_byte
   __shared__ alignas(8) unsigned long long bar;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int i = threadIdx.x; i < kReduceBytes / 4; i += blockDim.x) partial[i] = 1.f;
-  if (threadIdx.x == 0)
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(&bar)));
+  if (threadIdx.x == 0) mbarrier_init(&bar);
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
   const bool timed = timed_sm(mode);
@@ -67,18 +62,9 @@ __global__ void __launch_bounds__(64) probe(const uint8_t* src, int64_t src_byte
     for (int n = 0; n < loads; ++n) {
       const uint8_t* from = src + ((static_cast<int64_t>(blockIdx.x) * 7919 + n * 131) % blocks) * kLoadBytes;
       const long long t0 = clock64();
-      asm volatile(
-          "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
-          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%2], [%3], %1, [%0];\n" ::"r"(
-              smem_addr(&bar)),
-          "r"(kLoadBytes), "r"(smem_addr(buf)), "l"(from)
-          : "memory");
+      bulk_load(&bar, buf, from, kLoadBytes);
       const long long t1 = clock64();
-      asm volatile(
-          "{\n.reg .pred done;\nWAIT_%=:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-          "@!done bra WAIT_%=;\n}\n" ::"r"(smem_addr(&bar)),
-          "r"(static_cast<uint32_t>(n & 1))
-          : "memory");
+      mbarrier_wait(&bar, static_cast<uint32_t>(n & 1));
       const long long t2 = clock64();
       cycles[(static_cast<int64_t>(blockIdx.x) * loads + n) * 2] = static_cast<unsigned long long>(t2 - t0);
       cycles[(static_cast<int64_t>(blockIdx.x) * loads + n) * 2 + 1] = static_cast<unsigned long long>(t1 - t0);
@@ -100,12 +86,6 @@ __global__ void __launch_bounds__(64) probe(const uint8_t* src, int64_t src_byte
     }
     asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
   }
-}
-
-unsigned long long percentile(std::vector<unsigned long long> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
 }
 
 }  // namespace
@@ -137,17 +117,11 @@ int main(int argc, char** argv) {
   CHECK(cudaGetDeviceProperties(&prop, 0));
   const int ctas = prop.multiProcessorCount;  // one per SM (64 threads and ~48 KB of shared memory each)
   const int64_t src_bytes = dram ? kDramBytes : kL2Bytes;
-  uint8_t* src;
-  float* acc;
-  uint32_t* stop;
-  unsigned long long* cycles;
-  CHECK(cudaMalloc(&src, src_bytes));
-  CHECK(cudaMemset(src, 0, src_bytes));
-  CHECK(cudaMalloc(&acc, kAccBytes));
-  CHECK(cudaMemset(acc, 0, kAccBytes));
-  CHECK(cudaMalloc(&stop, sizeof(uint32_t)));
+  const uint8_t* src = device_zeros<uint8_t>(src_bytes);
+  float* acc = device_zeros<float>(kAccBytes / 4);
+  uint32_t* stop = device_zeros<uint32_t>(1);
   const size_t n_cycles = static_cast<size_t>(ctas) * loads * 2;
-  CHECK(cudaMalloc(&cycles, n_cycles * sizeof(unsigned long long)));
+  unsigned long long* cycles = device_zeros<unsigned long long>(n_cycles);
   std::vector<unsigned long long> host(n_cycles);
   CHECK(cudaFuncSetAttribute(probe, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   std::printf("%s: %d SMs; %d loads of %d KB per timed SM from %s; reductions of %d KB, %d in flight per CTA\n",
