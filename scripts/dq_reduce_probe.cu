@@ -198,8 +198,9 @@ int main(int argc, char** argv) {
           if (c[2] != 0) load.push_back(c[2]);
           busy += static_cast<double>(c[0] + c[1]);
         }
-      std::printf("| %s | %s | %llu | %llu | %llu | %llu | %llu | %llu | %.1f |\n", tensor ? "tensor (4 panels)" : "bulk",
-                  loads ? "yes" : "no", percentile(issue, 0.5), percentile(issue, 0.9), percentile(read, 0.5),
+      std::printf("| %s | %s | %llu | %llu | %llu | %llu | %llu | %llu | %.1f |\n",
+                  tensor ? "tensor (4 panels)" : "bulk", loads ? "yes" : "no", percentile(issue, 0.5),
+                  percentile(issue, 0.9), percentile(read, 0.5),
                   percentile(read, 0.9), percentile(load, 0.5), percentile(load, 0.9),
                   kPartialBytes * static_cast<double>(issue.size()) / busy);
     }

@@ -1,6 +1,6 @@
 // What the TMA probes share (scripts/tma_queue_probe.cu, scripts/dq_reduce_probe.cu): one bulk load on an mbarrier,
-// its wait, zeroed device buffers, and the percentiles of their timings. Standalone programs: the library's ptx.cuh is not included, so
-// that each probe builds with one nvcc command and shows every instruction it times.
+// its wait, zeroed device buffers, and the percentiles of their timings. Standalone programs: the library's ptx.cuh
+// is not included, so that each probe builds with one nvcc command and shows every instruction it times.
 #pragma once
 #include <algorithm>
 #include <cstdint>

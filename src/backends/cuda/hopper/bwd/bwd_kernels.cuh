@@ -121,8 +121,8 @@ __global__ void dq_from_accumulator(const float* accum, T* dq, Strides sq, int32
   *reinterpret_cast<uint4*>(dq + b * sq.batch + pos * sq.seq + h * sq.head + d) = out;
 }
 
-/// dq = scale * accumulator from the reduce kernel's accumulator in block order (TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER): one
-/// CTA per (batch x head, streamed block entry), whose 64 x D fp32 are the dQ staging buffer's bytes (32-column
+/// dq = scale * accumulator from the reduce kernel's accumulator in block order (TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER):
+/// one CTA per (batch x head, streamed block entry), whose 64 x D fp32 are the dQ staging buffer's bytes (32-column
 /// panels of 128-byte rows, the 128-byte swizzle: a row's 16-byte chunk c of a panel sits at chunk c ^ (row % 8)).
 /// Rows that are no token (block_row_position: past the box, the latent or the text) are skipped.
 template <class T, int kHeadDim>
@@ -132,7 +132,8 @@ __global__ void __launch_bounds__(128) dq_from_block_accumulator(const __grid_co
   const int32_t entry = static_cast<int32_t>(blockIdx.x % static_cast<uint32_t>(p.stats_entries));
   const int64_t bh = blockIdx.x / static_cast<uint32_t>(p.stats_entries);
   __shared__ int64_t row_at[kRows];
-  for (int r = threadIdx.x; r < kRows; r += blockDim.x) row_at[r] = block_row_position<kRows>(p, entry, p.stream_slots, r);
+  for (int r = threadIdx.x; r < kRows; r += blockDim.x)
+    row_at[r] = block_row_position<kRows>(p, entry, p.stream_slots, r);
   __syncthreads();
   const float* block = accum + (bh * p.stats_entries + entry) * (kRows * kHeadDim);
   T* out = dq + bh / p.q_heads * sq.batch + bh % p.q_heads * sq.head;
@@ -141,7 +142,8 @@ __global__ void __launch_bounds__(128) dq_from_block_accumulator(const __grid_co
     const int r = i / kChunks, c = i % kChunks;
     const int64_t pos = row_at[r];
     if (pos < 0) continue;
-    const float4 x = *reinterpret_cast<const float4*>(block + (c / 8) * (kRows * 32) + r * 32 + ((c % 8) ^ (r % 8)) * 4);
+    const float* chunk = block + (c / 8) * (kRows * 32) + r * 32 + ((c % 8) ^ (r % 8)) * 4;
+    const float4 x = *reinterpret_cast<const float4*>(chunk);
     uint2 y;
     y.x = pack_half2(x.x * scale, x.y * scale, bf16), y.y = pack_half2(x.z * scale, x.w * scale, bf16);
     *reinterpret_cast<uint2*>(out + pos * sq.seq + 4 * c) = y;

@@ -158,13 +158,18 @@ struct BwdProducer {
     trace.next_block();
     pipe.advance();
   }
+  /// Streamed block `qb` of query head h among every (batch, head)'s streamed blocks, as the preprocess numbers its
+  /// statistics (and a block-order dQ accumulator its blocks).
+  __device__ __forceinline__ int64_t stream_entry(const WorkItem& item, const Block& qb, int32_t h) const {
+    return (int64_t{p.batch_base + item.batch} * p.q_heads + h) * p.stats_entries +
+           stats_entry<Traits::kStreamRows>(p, qb);
+  }
   /// The statistics of streamed block `qb` (query head h) into statistics stage `stage`, on barrier `full`. Issued
   /// before the block's own load and announced without an arrival, so that the phase cannot complete before that
   /// load's arrive_expect_tx has counted its bytes too.
   __device__ __forceinline__ void load_stats(const WorkItem& item, const Block& qb, int32_t h, int stage,
                                              Barrier* full) const {
-    const int64_t entry = (int64_t{p.batch_base + item.batch} * p.q_heads + h) * p.stats_entries +
-                          stats_entry<Traits::kStreamRows>(p, qb);
+    const int64_t entry = stream_entry(item, qb, h);
     full->expect_tx(Traits::kStatsBytes);
     const int32_t stats_row = static_cast<int32_t>(entry * kStatsRows);
     if constexpr (kCluster == 1)
@@ -267,9 +272,7 @@ struct BwdProducer {
         for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
           if (empty) return;
           if constexpr (TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER != 0) {
-            const int64_t entry = (int64_t{p.batch_base + item.batch} * p.q_heads + h) * p.stats_entries +
-                                  stats_entry<Traits::kStreamRows>(p, qb);
-            float* to = p.dq_accum + entry * (Traits::kStreamRows * Traits::D);
+            float* to = p.dq_accum + stream_entry(item, qb, h) * (Traits::kStreamRows * Traits::D);
             reduce_block(m, [&] { bulk_reduce_add_f32(to, s.dq_stage(), Traits::kDqStageBytes); });
           } else {
             with_reduction_target(qb, [&](bool text, uint32_t cls, int c1, int c2, int c3) {
