@@ -305,6 +305,12 @@ struct KernelTraits {
   static constexpr int kDsBytes = kDqStaging ? 2 * kDsPanelBytes : 0;
   static constexpr int kDqPanelBytes = 64 * 128;  // fp32 staging: 64 rows x 32 columns
   static constexpr int kDqStageBytes = kDqStaging ? (D / 32) * kDqPanelBytes : 0;
+  /// Byte offset of fp32 element (row, col) of a streamed block's dQ in the staging buffer (and in a block-order
+  /// accumulator's entry, which holds its bytes as they are): 32-column panels of 128-byte rows, in the 128-byte
+  /// swizzle the TMA reduction reads.
+  static __device__ __forceinline__ uint32_t dq_stage_bytes(uint32_t row, uint32_t col) {
+    return (col / 32) * kDqPanelBytes + swizzled_bytes(row * 128 + (col % 32) * 4, 128);
+  }
   static constexpr int kBufferBytes = kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages +
                                       kDsBytes + kDqStageBytes;  // Q, O, K, V, dS, dQ staging
   // An even count: `info` (below the barriers and `work`) stays 16-byte aligned.

@@ -580,7 +580,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     for (int i = 0; i < ((kAblate & 1024) ? 2 : D / 2); i += 2) {  // (measurement only: one store, dq stays live)
       const int j = odd ? (i ^ 8) : i;
       const uint32_t r = 16 * warp + lane() / 4 + 8 * ((i % 4) / 2), c = 8 * (j / 4) + 2 * (lane() % 4);
-      st_shared_f2(stage + (c / 32) * Traits::kDqPanelBytes + swizzled_bytes(r * 128 + (c % 32) * 4, 128),
+      st_shared_f2(stage + Traits::dq_stage_bytes(r, c),
                    odd ? dq[i ^ 8] : dq[i], odd ? dq[(i ^ 8) + 1] : dq[i + 1]);
     }
     fence_proxy_async();

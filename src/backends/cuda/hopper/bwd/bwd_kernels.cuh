@@ -122,13 +122,14 @@ __global__ void dq_from_accumulator(const float* accum, T* dq, Strides sq, int32
 }
 
 /// dq = scale * accumulator from the reduce kernel's accumulator in block order (TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER):
-/// one CTA per (batch x head, streamed block entry), whose 64 x D fp32 are the dQ staging buffer's bytes (32-column
-/// panels of 128-byte rows, the 128-byte swizzle: a row's 16-byte chunk c of a panel sits at chunk c ^ (row % 8)).
+/// one CTA per (batch x head, streamed block entry), whose 64 x D fp32 are the dQ staging buffer's bytes
+/// (KernelTraits::dq_stage_bytes).
 /// Rows that are no token (block_row_position: past the box, the latent or the text) are skipped.
 template <class T, int kHeadDim>
 __global__ void __launch_bounds__(128) dq_from_block_accumulator(const __grid_constant__ BwdParams p,
                                                                  const float* accum, T* dq, Strides sq, float scale) {
-  constexpr int kRows = 64, kChunks = kHeadDim / 4;  // a row's 16-byte chunks
+  using Staged = BwdTraits<kHeadDim, BwdKernel::dkdvq_reduce>;  // the layout its blocks were staged in
+  constexpr int kRows = Staged::kStreamRows, kChunks = kHeadDim / 4;  // a row's 16-byte chunks
   const int32_t entry = static_cast<int32_t>(blockIdx.x % static_cast<uint32_t>(p.stats_entries));
   const int64_t bh = blockIdx.x / static_cast<uint32_t>(p.stats_entries);
   __shared__ int64_t row_at[kRows];
@@ -142,8 +143,8 @@ __global__ void __launch_bounds__(128) dq_from_block_accumulator(const __grid_co
     const int r = i / kChunks, c = i % kChunks;
     const int64_t pos = row_at[r];
     if (pos < 0) continue;
-    const float* chunk = block + (c / 8) * (kRows * 32) + r * 32 + ((c % 8) ^ (r % 8)) * 4;
-    const float4 x = *reinterpret_cast<const float4*>(chunk);
+    const uint32_t at = Staged::dq_stage_bytes(r, 4 * c);
+    const float4 x = *reinterpret_cast<const float4*>(reinterpret_cast<const uint8_t*>(block) + at);
     uint2 y;
     y.x = pack_half2(x.x * scale, x.y * scale, bf16), y.y = pack_half2(x.z * scale, x.w * scale, bf16);
     *reinterpret_cast<uint2*>(out + pos * sq.seq + 4 * c) = y;
