@@ -319,7 +319,7 @@ class HopperBackend final : public Backend {
     if (reduce_kernel_) {  // the reduce kernel streams 64-row blocks whatever the dK/dV kernel's build has
       reduce_classes_ = TileClasses(g, hopper::kBackwardOwnedRows, 64);
       reduce_entries_ = static_cast<int32_t>(reduce_classes_.key_entries(g, p.text_capacity));
-      dq_block_order_ = hopper::dq_block_order();  // (the build's: TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER, a measurement)
+      dq_block_order_ = hopper::dq_block_order(static_cast<int>(p.head_dim));  // (the build's, by head dim)
       // In clusters where the build has them, every tile has as many owned slots as a cluster has CTAs (a 6x8x8
       // tile: three 128-key blocks), so that a cluster's CTAs share their streamed blocks (tile_scheduler.cuh,
       // decode_tile_unit), and TILEWISE_BACKWARD_CLUSTER=1 asks for it (measured 8% slower on the H200, where only

@@ -18,10 +18,12 @@
 #define TILEWISE_HOPPER_BWD_STREAM_STAGES 4
 #endif
 // The reduce kernel's (BwdKernel::dkdvq_reduce) K-ring depth at D 128 (Q blocks of 64 rows and their statistics):
-// 3 (default since v3.29: 33x45x80 -0.8%, Wan -0.4%, row 1 and + text equal, in one process in two calls) fits beside
-// two dO stages, the dS^T ring and the dQ staging buffer; 3 + 3 fits too but spills (v3.17).
+// 2 (default again since v3.30). 3 fits beside two dO stages, the dS^T ring and the dQ staging buffer (3 + 3 fits too
+// but spills, v3.17); it was the default in v3.29, when a Q block's load queued behind the tensor-form dQ reductions
+// in the SM's TMA unit (33x45x80 -0.8%, Wan -0.4%, the whole grid +0.6%); with the block-order dQ accumulator's bulk
+// reductions the loads queue less, and 2 is equal on the sparse rows and 1.5% faster on the whole grid (v3.30).
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128
-#define TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128 3
+#define TILEWISE_HOPPER_BWD_REDUCE_K_STAGES_D128 2
 #endif
 // And its V-ring (dO blocks) depth at D 128. With two rows of statistics per stage 3 + 3 fits (by ~200 bytes), but
 // measured 0.2-0.8% slower than 2 + 2 (docs/performance.md backward v3.17: 2328 bytes of spills).

@@ -140,7 +140,9 @@ cudaError_t launch_dq_from_accumulator(const float* accum, void* dq, const Strid
   return cudaGetLastError();
 }
 
-bool dq_block_order() { return TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER != 0; }
+bool dq_block_order(int head_dim) {
+  return with_head_dim(head_dim, false, [](auto d) { return dq_block_order_at(decltype(d)::value); });
+}
 
 cudaError_t launch_dq_from_block_accumulator(const BwdParams& params, const float* accum, void* dq,
                                              const Strides& q_strides, int64_t batch, int head_dim, float scale,

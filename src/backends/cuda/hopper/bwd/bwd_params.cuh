@@ -126,14 +126,17 @@
 #ifndef TILEWISE_HOPPER_BWD_TMA_STORES
 #define TILEWISE_HOPPER_BWD_TMA_STORES 4
 #endif
-// Measurement (docs/performance.md backward v3.29; built, not yet run): 1 = the reduce kernel's dQ accumulator in
-// block order: per (batch, query head, streamed block entry as the statistics number them) 64 x D fp32 in the dQ
-// staging buffer's layout (32-column panels of 128-byte rows, 128-byte swizzle), so that the reducer adds a block by
-// one bulk reduction of the staging buffer's bytes (no tensor map, no clipping) instead of a tensor reduction per
-// 32-column panel; dq_from_block_accumulator converts it. 0 = [B, S, Hq, D] (default). A macro of backward.cu: the
-// host asks the build (hopper::dq_block_order), so that a kernel variant plans its own layout.
+// The reduce kernel's dQ accumulator in block order, per head dim (a bit mask: 1 = D 64, 2 = D 96, 4 = D 128): per
+// (batch, query head, streamed block entry as the statistics number them) 64 x D fp32 in the dQ staging buffer's
+// layout (32-column panels of 128-byte rows, 128-byte swizzle), so that the reducer adds a block by one bulk reduction
+// of the staging buffer's bytes (no tensor map, no clipping) instead of a tensor reduction per 32-column panel;
+// dq_from_block_accumulator converts it. A clear bit keeps [B, S, Hq, D] through the blocks' boxes. The bulk form
+// lets the loads queue less behind the reductions in the SM's TMA unit (1.5k against 4.3k cycles per 16 KB load in
+// scripts/dq_reduce_probe.cu): row 1 -0.8%, the whole grid -2.6%, Wan -2.1%, Open-Sora-Plan (D 96) -0.5%, but
+// CogVideoX (D 64) +1.0% (docs/performance.md backward v3.30), hence 6 by default. A macro of backward.cu: the host
+// asks the build (hopper::dq_block_order).
 #ifndef TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER
-#define TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER 0
+#define TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER 6
 #endif
 // CTAs per cluster of the reduce kernel at D 128 (BwdKernel::dkdvq_reduce_cluster; docs/performance.md backward
 // v3.14): with 3, the three CTAs of a cluster own the three 128-key blocks of one 384-token tile (or three text
@@ -188,6 +191,8 @@ namespace tilewise::hopper {
 /// dkdvq_reduce_cluster: the reduce kernel in clusters of TILEWISE_HOPPER_BWD_CLUSTER CTAs that share their streamed
 /// blocks (decode_tile_unit, tile_scheduler.cuh).
 enum class BwdKernel { dq, dkdv, dkdvq_reduce, dkdvq_reduce_cluster };
+/// Whether the reduce kernel at head dim `d` keeps its dQ accumulator in block order (TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER).
+constexpr bool dq_block_order_at(int d) { return ((TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER >> (d / 32 - 2)) & 1) != 0; }
 /// Whether a kernel adds dQ through the staging buffer and TMA reductions (the reduce kernel, in clusters or not).
 constexpr bool reduces_dq(BwdKernel k) { return k == BwdKernel::dkdvq_reduce || k == BwdKernel::dkdvq_reduce_cluster; }
 /// An owned row of a dK/dV item, as the producer's record warp writes it (Shared::row_record): its sequence

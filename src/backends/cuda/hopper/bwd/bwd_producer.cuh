@@ -258,7 +258,7 @@ struct BwdProducer {
   /// dkdvq_reduce (thread 64): adds each streamed block's dQ into the fp32 accumulator (reduce_block), in the
   /// order of the loaders' walk, which it walks too. The reduction leaves the consumers' path entirely. The
   /// accumulator is [B, S, Hq, D], reached through the block's box by one tensor reduction per 32-column panel (rows
-  /// outside the latent or the text clipped), or with TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER in block order (one bulk
+  /// outside the latent or the text clipped), or where dq_block_order_at(D) in block order (one bulk
   /// reduction of the staging buffer's bytes as they are: no tensor map, no clipping).
   __device__ void dq_reducer() const {
     if constexpr (Traits::kDqStaging) {
@@ -271,7 +271,7 @@ struct BwdProducer {
         if (item.empty) continue;  // (in a cluster its consumers stage no dQ either)
         for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
           if (empty) return;
-          if constexpr (TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER != 0) {
+          if constexpr (dq_block_order_at(Traits::D)) {
             float* to = p.dq_accum + stream_entry(item, qb, h) * (Traits::kStreamRows * Traits::D);
             reduce_block(m, [&] { bulk_reduce_add_f32(to, s.dq_stage(), Traits::kDqStageBytes); });
           } else {
