@@ -33,7 +33,7 @@ cudaError_t launch_dq_from_accumulator(const float* accum, void* dq, const Strid
 /// (TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER, a macro of backward.cu alone, like TILEWISE_HOPPER_BWD_STREAM_ROWS): the host
 /// sizes and converts it accordingly.
 bool dq_block_order(int head_dim);
-/// dq = scale * accumulator in block order (dq_block_order(); `params` holds the streamed blocks' boxes and
+/// dq = scale * accumulator in block order (dq_block_order(head_dim); `params` holds the streamed blocks' boxes and
 /// entries, batch the launch's batch elements), in the input dtype with q's strides.
 cudaError_t launch_dq_from_block_accumulator(const BwdParams& params, const float* accum, void* dq,
                                              const Strides& q_strides, int64_t batch, int head_dim, float scale,

@@ -191,7 +191,8 @@ namespace tilewise::hopper {
 /// dkdvq_reduce_cluster: the reduce kernel in clusters of TILEWISE_HOPPER_BWD_CLUSTER CTAs that share their streamed
 /// blocks (decode_tile_unit, tile_scheduler.cuh).
 enum class BwdKernel { dq, dkdv, dkdvq_reduce, dkdvq_reduce_cluster };
-/// Whether the reduce kernel at head dim `d` keeps its dQ accumulator in block order (TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER).
+/// Whether the reduce kernel at head dim `d` keeps its dQ accumulator in block order
+/// (TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER).
 constexpr bool dq_block_order_at(int d) { return ((TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER >> (d / 32 - 2)) & 1) != 0; }
 /// Whether a kernel adds dQ through the staging buffer and TMA reductions (the reduce kernel, in clusters or not).
 constexpr bool reduces_dq(BwdKernel k) { return k == BwdKernel::dkdvq_reduce || k == BwdKernel::dkdvq_reduce_cluster; }
