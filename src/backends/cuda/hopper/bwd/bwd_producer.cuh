@@ -258,10 +258,12 @@ struct BwdProducer {
   /// reduce_block with three half-block slots (TILEWISE_HOPPER_BWD_DQ_HALF_RING): block m's halves g = 2m and
   /// 2m + 1, each in slot g % 3 (dq_full[g % 3], phase g / 3), added by a bulk reduction of its 16 KB into the
   /// entry `to`'s half as soon as it is staged; each slot freed (dq_empty[g % 6]) once its reduction has read it.
-  __device__ __forceinline__ void reduce_halves(uint32_t& m, float* to) const {
+  __device__ __forceinline__ void reduce_halves(uint32_t& m, float* to, bool skip_text) const {
     constexpr uint32_t kHalfBytes = Traits::kDqSlotBytes;
-    // (measurement only: bit 128 no reductions; bit 4096 in clusters, the cluster's first CTA's alone)
-    const bool skip = (TILEWISE_HOPPER_BWD_ABLATE & 128) || ((TILEWISE_HOPPER_BWD_ABLATE & 4096) && rank != 0);
+    // (measurement only: bit 128 no reductions; bit 4096 in clusters, the cluster's first CTA's alone; bit 32768
+    // not the text query blocks')
+    const bool skip = (TILEWISE_HOPPER_BWD_ABLATE & 128) || ((TILEWISE_HOPPER_BWD_ABLATE & 4096) && rank != 0) ||
+                      skip_text;
     trace.stamp(0);
 #pragma unroll
     for (uint32_t h = 0; h < 2; ++h) {
@@ -297,17 +299,21 @@ struct BwdProducer {
         if (item.empty) continue;  // (in a cluster its consumers stage no dQ either)
         for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
           if (empty) return;
+          const bool skip_text = (TILEWISE_HOPPER_BWD_ABLATE & 32768) && qb.text;  // (measurement only)
           if constexpr (Traits::kDqSlots == 3) {
             static_assert(dq_block_order_at(Traits::D), "half-block slots need the block-order accumulator");
-            reduce_halves(m, p.dq_accum + stream_entry(item, qb, h) * (Traits::kStreamRows * Traits::D));
+            reduce_halves(m, p.dq_accum + stream_entry(item, qb, h) * (Traits::kStreamRows * Traits::D), skip_text);
           } else if constexpr (dq_block_order_at(Traits::D)) {
             float* to = p.dq_accum + stream_entry(item, qb, h) * (Traits::kStreamRows * Traits::D);
-            reduce_block(m, [&] { bulk_reduce_add_f32(to, s.dq_stage(), Traits::kDqStageBytes); });
+            reduce_block(m, [&] {
+              if (!skip_text) bulk_reduce_add_f32(to, s.dq_stage(), Traits::kDqStageBytes);
+            });
           } else {
             with_reduction_target(qb, [&](bool text, uint32_t cls, int c1, int c2, int c3) {
               const CUtensorMap* map = reduction_map(text, cls);
               reduce_block(m, [&] {
                 const int c4 = p.dq_view.c4(item.batch, h);
+                if (skip_text) return;
 #pragma unroll
                 for (int panel = 0; panel < Traits::D / 32; ++panel)
                   tma_reduce_add(map, s.dq_stage() + panel * Traits::kDqPanelBytes, p.dq_view.c0(h, panel * 32), c1,
