@@ -768,7 +768,7 @@ class HopperBackend final : public Backend {
   int32_t key_slots_ = 1;     // key blocks per tile: the most key boxes of any tile class
   int32_t key_entries_ = 0;   // key blocks per (batch, head): tiles * key_slots_ + text blocks (block_entry)
   bool reduce_kernel_ = true;  // false: the two kernels for every run (TILEWISE_BACKWARD_FUSED_DQ=0), as deterministic ones
-  bool dq_block_order_ = false;  // the reduce kernel's dQ accumulator in block order (hopper::dq_block_order())
+  bool dq_block_order_ = false;  // the reduce kernel's dQ accumulator in block order (hopper::dq_block_order(D))
   bool sweep_ = false;               // the dK/dV kernels' sweep: its item order and walk (backward_sweep)
   DeviceArray<int32_t> dkdv_order_;  // the dK/dV kernel's video items (dkdv_item_order)
   bool per_batch_ = false;

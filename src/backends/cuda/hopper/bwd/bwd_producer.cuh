@@ -236,6 +236,11 @@ struct BwdProducer {
     }
   }
 
+  /// Measurement only (TILEWISE_HOPPER_BWD_ABLATE): bit 128 issues no dQ reductions; bit 4096 in clusters, the
+  /// cluster's first CTA's alone.
+  __device__ __forceinline__ bool reductions_ablated() const {
+    return (TILEWISE_HOPPER_BWD_ABLATE & 128) || ((TILEWISE_HOPPER_BWD_ABLATE & 4096) && rank != 0);
+  }
   /// The dQ reduction of streamed block m, once the consumers have put its dQ into the staging buffer: `issue` adds
   /// it into the fp32 accumulator; the buffer is freed once the reduction has read it.
   template <class Issue>
@@ -243,9 +248,7 @@ struct BwdProducer {
     trace.stamp(0);
     s.dq_full->wait(m & 1);
     trace.stamp(1);
-    // (measurement only: bit 128 no reductions; bit 4096 in clusters, the cluster's first CTA's alone)
-    const bool skip = (TILEWISE_HOPPER_BWD_ABLATE & 128) || ((TILEWISE_HOPPER_BWD_ABLATE & 4096) && rank != 0);
-    if (!skip) issue();
+    if (!reductions_ablated()) issue();
     tma_store_commit();
     trace.stamp(2);
     tma_store_wait_read();
@@ -260,10 +263,7 @@ struct BwdProducer {
   /// entry `to`'s half as soon as it is staged; each slot freed (dq_empty[g % 6]) once its reduction has read it.
   __device__ __forceinline__ void reduce_halves(uint32_t& m, float* to, bool skip_text) const {
     constexpr uint32_t kHalfBytes = Traits::kDqSlotBytes;
-    // (measurement only: bit 128 no reductions; bit 4096 in clusters, the cluster's first CTA's alone; bit 32768
-    // not the text query blocks')
-    const bool skip = (TILEWISE_HOPPER_BWD_ABLATE & 128) || ((TILEWISE_HOPPER_BWD_ABLATE & 4096) && rank != 0) ||
-                      skip_text;
+    const bool skip = reductions_ablated() || skip_text;  // (skip_text: ablation bit 32768)
     trace.stamp(0);
 #pragma unroll
     for (uint32_t h = 0; h < 2; ++h) {
@@ -312,8 +312,8 @@ struct BwdProducer {
             with_reduction_target(qb, [&](bool text, uint32_t cls, int c1, int c2, int c3) {
               const CUtensorMap* map = reduction_map(text, cls);
               reduce_block(m, [&] {
-                const int c4 = p.dq_view.c4(item.batch, h);
                 if (skip_text) return;
+                const int c4 = p.dq_view.c4(item.batch, h);
 #pragma unroll
                 for (int panel = 0; panel < Traits::D / 32; ++panel)
                   tma_reduce_add(map, s.dq_stage() + panel * Traits::kDqPanelBytes, p.dq_view.c0(h, panel * 32), c1,
