@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from tilewise import _capi  # noqa: E402
 
 ROLES, BLOCKS, EVENTS = 5, 2048, 16  # bwd_trace.cuh's BwdTraceTable
-ITEM_ROLES, ITEMS, ITEM_EVENTS = 3, 256, 8
+ITEM_ROLES, ITEMS, ITEM_EVENTS = 3, 256, 10
 FLOOR_CYCLES = 4 * 2 * 64 * 128 * 128 * 1.25 / 4096
 # Consumer events per block (bwd_consumer.cuh's dkdv_item): 0 top, 1 stages full, 2 S^T and dP^T issued, 3 S^T done,
 # 4 P^T done (D loaded), 5 dP^T done (dV issued before), 6 dS^T stored, 7 dV and dK done, 8 stages released;
@@ -48,7 +48,8 @@ DQ_STEPS = [("dS^T wait", 9), ("dQ GEMM", 10), ("staging wait", 11), ("staging",
 # out of the staging buffer.
 # Consumer item events: 0 before the ring, 1 owned K and V landed, 2 row record read, 3 accumulators zeroed,
 # 4 the item's first block number, 5 after its last block, 6 its last dQ done and the owned blocks freed,
-# 7 dK and dV stored. Q loader item events: 0 before the ring, 1 item taken, 2 owned blocks free, 3 their loads issued.
+# 7 dK and dV stored, 8 (D 128's staged stores) dK staged and its copies issued, 9 the last dQ turn read out of the
+# staging buffer (dV's wait). Q loader item events: 0 before the ring, 1 item taken, 2 owned blocks free, 3 their loads issued.
 
 
 def d(a: int, b: int) -> int:
@@ -165,7 +166,7 @@ def analyse(blocks: list, items: list, skip: int) -> None:
     # Item boundaries (consumers): from an item's last block's GEMMs to the next item's first issue.
     print("\nitem boundary, cycles, median / mean over the traced items (consumer warpgroups):")
     parts = [(name, None) for name in ("last block done -> loop end", "last dQ + owned freed", "dK dV stores",
-                                       "next ring", "owned K V wait", "row record", "zero + ldmatrix",
+                                       "of which dK", "dV wait", "next ring", "owned K V wait", "row record", "zero + ldmatrix",
                                        "first stage wait", "first issue", "total")]
     print("| warpgroup | items | " + " | ".join(p[0] for p in parts) + " | blocks per item |")
     print("|---" * (len(parts) + 3) + "|")
@@ -184,11 +185,14 @@ def analyse(blocks: list, items: list, skip: int) -> None:
                 continue
             nblocks.append(nfirst - first)
             for name, x in [("last block done -> loop end", d(lb[7], it[5])), ("last dQ + owned freed", d(it[5], it[6])),
-                            ("dK dV stores", d(it[6], it[7])), ("next ring", d(it[7], nx[0])),
+                            ("dK dV stores", d(it[6], it[7])),
+                            ("of which dK", d(it[6], it[8]) if it[8] else None),
+                            ("dV wait", d(it[8], it[9]) if it[8] and it[9] else None), ("next ring", d(it[7], nx[0])),
                             ("owned K V wait", d(nx[0], nx[1])), ("row record", d(nx[1], nx[2])),
                             ("zero + ldmatrix", d(nx[2], nx[3])), ("first stage wait", d(fb[0], fb[1])),
                             ("first issue", d(nx[3], fb[2]))]:
-                cols[name].append(x)
+                if x is not None:
+                    cols[name].append(x)
             cols["total"].append(d(lb[7], fb[2]))
         if nblocks:
             print(f"| {w} | {len(nblocks)} | " + " | ".join(summary(cols[p[0]]) for p in parts) +
@@ -198,20 +202,22 @@ def analyse(blocks: list, items: list, skip: int) -> None:
     # item's owned loads, wait for. Block m's turn needs the reducer to have read block m - 1's staging out.
     print("\nthe item's last dQ turn (its warpgroup), cycles, median / mean; the reducer on the block before it:")
     print("| warpgroup | turns | loop end -> dS^T there | dQ GEMM | staging wait | staging | -> owned freed | "
-          "block m-1: staged -> reducer's wait done | -> reductions issued | -> read out |")
-    print("|---" * 10 + "|")
+          "block m-1: staged -> reducer's wait done | -> reductions issued | -> read out | block m (the last): "
+          "staged -> reducer's wait done | -> issued | -> read out |")
+    print("|---" * 13 + "|")
     for w in (0, 1):
-        cols = [[] for _ in range(8)]
+        cols = [[] for _ in range(11)]
         for i in range(ITEMS - 1):
             it, nx = items[w][i], items[w][i + 1]
             m = nx[4] - 1
             if not (it[5] and it[6]) or nx[4] == 0 or m < 1 or m >= BLOCKS or m % 2 != w:
                 continue
-            lb, prev, red = blocks[w][m], blocks[1 - w][m - 1], blocks[4][m - 1]
-            if not (lb[9] and lb[12] and prev[12] and red[3]):
+            lb, prev, red, last = blocks[w][m], blocks[1 - w][m - 1], blocks[4][m - 1], blocks[4][m]
+            if not (lb[9] and lb[12] and prev[12] and red[3] and last[3]):
                 continue
             for c, x in enumerate([d(it[5], lb[9]), d(lb[9], lb[10]), d(lb[10], lb[11]), d(lb[11], lb[12]),
-                                   d(lb[12], it[6]), d(prev[12], red[1]), d(red[1], red[2]), d(red[2], red[3])]):
+                                   d(lb[12], it[6]), d(prev[12], red[1]), d(red[1], red[2]), d(red[2], red[3]),
+                                   d(lb[12], last[1]), d(last[1], last[2]), d(last[2], last[3])]):
                 cols[c].append(x)
         if cols[0]:
             print(f"| {w} | {len(cols[0])} | " + " | ".join(summary(c) for c in cols) + " |")
@@ -249,7 +255,8 @@ def analyse(blocks: list, items: list, skip: int) -> None:
             if items[w][i][4] == b0:
                 for e, nm in [(0, "item:ring"), (1, "item:ownedKV"), (2, "item:rows"), (3, "item:zeroed")]:
                     ev.append((rel(items[w][i][e]), w, b0, nm))
-                for e, nm in [(5, "item:loop end"), (6, "item:last dq"), (7, "item:stored")]:
+                for e, nm in [(5, "item:loop end"), (6, "item:last dq"), (8, "item:dK staged"), (9, "item:dV free"),
+                              (7, "item:stored")]:
                     if i > 0:
                         ev.append((rel(items[w][i - 1][e]), w, b0 - 1, nm))
     ev.sort()

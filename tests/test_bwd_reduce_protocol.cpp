@@ -6,11 +6,11 @@
 //  - a dQ product reads a dS^T ring buffer only once both halves of *its* block are there, and no half is
 //    overwritten before that product has read it;
 //  - the staging buffer is written only when the reduction has read the block before, and the reduction reads
-//    each block's dQ, in order, exactly once (with three half-block slots, TILEWISE_HOPPER_BWD_DQ_HALF_RING: each
-//    slot written only once the reduction has read the half before there, and not overwritten under its reduction);
-//  - at D 128 an item's dV rows, staged in the staging buffer's first two half-blocks for their bulk copies
-//    (BwdConsumer::store_staged), go there only once the reduction has read the dQ before, and are copied out
-//    before the next dQ written there;
+//    each block's dQ, in order, exactly once;
+//  - at D 128 an item's dV rows, staged in the staging buffer for their bulk copies (BwdConsumer::store_staged), go
+//    there only once the reduction has read the dQ before, and are copied out before the next dQ written there; its
+//    dK rows, staged in each warpgroup's half of the dS^T ring, go there only once every dQ product has read the
+//    ring, and are copied out before the warpgroup's next dS^T written there;
 //  - a K/V stage is reloaded only after both warpgroups released it, and each holds the block its users expect;
 //  - the owned K and V an item's products read are that item's (S^T and every dQ product read the owned K, dP^T the
 //    owned V), and they are not reloaded before both warpgroups released them (q_full and q_empty, released after
@@ -47,8 +47,6 @@ struct MBarrier {
 
 enum class Protocol {
   two_dq_empty,  // dkdv_item (TILEWISE_HOPPER_BWD_REDUCE_OVERLAP=0)
-  half_ring,     // dkdv_item with three half-block staging slots (TILEWISE_HOPPER_BWD_DQ_HALF_RING)
-  half_ring_three_empty,  // the same with one read-out barrier per slot (g % 3): a waiter can be two phases behind
   one_dq_empty,  // the kernel before the fix
   deferred,      // reduce_item<1>: the dQ product issued before the block's stages are freed, staged after
   ahead,         // reduce_item<2>: and the next block's stages acquired before this block's are freed
@@ -70,19 +68,11 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
   std::array<int, 2> ds_last_read{-1, -1};  // the last block whose dQ product read each ring buffer
   int staged = -1;                           // block whose dQ the staging buffer holds
   bool staged_read = true;
-  // half_ring: the half-block slots, their barriers (full: slot g % 3, phase g / 3; empty: g % 6, phase g / 6), the
-  // half each holds and whether the reduction has read it
-  const bool halves = protocol == Protocol::half_ring || protocol == Protocol::half_ring_three_empty;
-  const int empties = protocol == Protocol::half_ring_three_empty ? 3 : 6;  // read-out barriers: half g's is g % empties
-  std::array<MBarrier, 3> slot_full;
-  std::array<MBarrier, 6> slot_empty;
-  std::array<int, 3> slot_half{-1, -1, -1};
-  std::array<bool, 3> slot_read{true, true, true};
-  // The dK/dV kernel's bulk stores at D 128 (two_dq_empty, half_ring): warpgroup w's dV rows occupy the staging
-  // buffer's half-block w from their staging at the item's end until the warpgroup's next item start has waited for
-  // their copies.
-  const bool dv_staged = protocol == Protocol::two_dq_empty || halves;
-  std::array<bool, 2> dv_busy{false, false};
+  // The dK/dV kernel's bulk stores at D 128 (two_dq_empty): warpgroup w's dV rows occupy the staging buffer, and its
+  // dK rows its half of the dS^T ring, from their staging at the item's end until the warpgroup's next item start has
+  // waited for their copies.
+  const bool dv_staged = protocol == Protocol::two_dq_empty;
+  std::array<bool, 2> dv_busy{false, false}, dk_busy{false, false};
   int total = 0;
   for (int n : items) total += n;
   std::vector<int> item_of(total);  // each block's item
@@ -137,22 +127,6 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
                      ds_empty[m & 1].arrive();
                      return "";
                    }});
-      if (halves) {  // stage_dq_half: half g into slot g % 3 once half g - 3 was read out
-        for (int g = 2 * m; g < 2 * m + 2; ++g)
-          s.push_back({[&, g] { return g < 3 || slot_empty[(g - 3) % empties].ready(((g - 3) / empties) & 1); },
-                       [&, g]() -> std::string {
-                         const int slot = g % 3;
-                         if (!slot_read[slot])
-                           return "dQ half " + std::to_string(g) + " overwrote half " + std::to_string(slot_half[slot]) +
-                                  " before the reduction read it";
-                         if (slot < 2 && dv_busy[slot])
-                           return "dQ half " + std::to_string(g) + " overwrote dV rows not yet copied out";
-                         slot_half[slot] = g, slot_read[slot] = false;
-                         slot_full[slot].arrive();
-                         return "";
-                       }});
-        return;
-      }
       auto free_for_m = [&, m, protocol] {
         if (protocol == Protocol::one_dq_empty) return dq_empty[0].ready((m & 1) ^ 1);
         return m == 0 || dq_empty[(m - 1) & 1].ready(((m - 1) >> 1) & 1);
@@ -205,8 +179,8 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
     for (int item = 0; item < static_cast<int>(items.size()); ++item) {
       const int n = items[item];
       int pending = -1;
-      // The item before's dV copies read out of the staging buffer (dkdv_item's start: tma_store_wait_read)
-      if (dv_staged) s.push_back({always, [&, w] { return dv_busy[w] = false, std::string(); }});
+      // The item before's copies read out of the staging buffer and the ring (dkdv_item's start: tma_store_wait_read)
+      if (dv_staged) s.push_back({always, [&, w] { return dv_busy[w] = dk_busy[w] = false, std::string(); }});
       // The item's row record: written, and this item's.
       s.push_back({[&, item] { return rows_full[item & 1].ready((item >> 1) & 1); }, [&, item]() -> std::string {
                      if (record_item[item & 1] != item)
@@ -226,6 +200,8 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
                        if (b >= 2 && ds_last_read[b & 1] != b - 2)
                          return "block " + std::to_string(b) + " overwrote block " + std::to_string(b - 2) +
                                 "'s dS^T before its dQ product read it";
+                       if (dk_busy[w])
+                         return "block " + std::to_string(b) + "'s dS^T overwrote dK rows not yet copied out";
                        ds_half[b & 1][w] = b;
                        return "";
                      }});
@@ -248,23 +224,26 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
       if (!owned_early) release_owned();  // q_empty
       // The dK/dV stores wait until both warpgroups have released the item (kStoresAfterLastDq: q_empty's phase
       // `item`, which the loader waits for too).
-      auto stage_dv = [&, w, blocks = block] {  // dV into half-block w once the reduction read the last dQ turn
-        s.push_back({[&, blocks] {
-                       if (blocks == 0) return true;
-                       if (!halves) return dq_empty[(blocks - 1) & 1].ready(((blocks - 1) >> 1) & 1);
-                       const int g = 2 * blocks - 1;
-                       return slot_empty[g % empties].ready((g / empties) & 1);
-                     },
+      auto stage_rows = [&, w, blocks = block] {  // dK, then dV once the reduction read the last dQ turn
+        // dK into this warpgroup's half of the dS^T ring: the dQ products of the blocks there have read it (the
+        // other warpgroup may have gone on to the next item and written its own half since)
+        s.push_back({always, [&, w]() -> std::string {
+                         for (int k = 0; k < 2; ++k)
+                           if (ds_last_read[k] < ds_half[k][w])
+                             return "warpgroup " + std::to_string(w) + "'s dK rows overwrote dS^T not yet read";
+                         dk_busy[w] = true;
+                         return "";
+                       }});
+        s.push_back({[&, blocks] { return blocks == 0 || dq_empty[(blocks - 1) & 1].ready(((blocks - 1) >> 1) & 1); },
                      [&, w]() -> std::string {
-                       if (halves ? !slot_read[w] : !staged_read)
-                         return "warpgroup " + std::to_string(w) + "'s dV rows overwrote dQ not yet read";
+                       if (!staged_read) return "warpgroup " + std::to_string(w) + "'s dV rows overwrote dQ not yet read";
                        dv_busy[w] = true;
                        return "";
                      }});
       };
-      if (dv_staged && stores_early) stage_dv();
+      if (dv_staged && stores_early) stage_rows();
       s.push_back({[&, item] { return q_empty.ready(item & 1); }, [] { return std::string(); }});
-      if (dv_staged && !stores_early) stage_dv();
+      if (dv_staged && !stores_early) stage_rows();
       release_record(item);  // after the stores, which read the positions (copied into registers)
     }
   }
@@ -294,24 +273,7 @@ std::string run_once(Protocol protocol, const std::vector<int>& items, std::mt19
                            return "";
                          }});
   }
-  for (int m = 0; halves && m < total; ++m) {  // reduce_halves: both halves issued as staged, then read out in order
-    for (int g = 2 * m; g < 2 * m + 2; ++g)
-      agents[2].push_back({[&, g] { return slot_full[g % 3].ready((g / 3) & 1); }, [&, g]() -> std::string {
-                             if (slot_half[g % 3] != g || slot_read[g % 3])
-                               return "the reduction of half " + std::to_string(g) + " found half " +
-                                      std::to_string(slot_half[g % 3]) + (slot_read[g % 3] ? " (already read)" : "");
-                             return "";
-                           }});
-    for (int g = 2 * m; g < 2 * m + 2; ++g)
-      agents[2].push_back({always, [&, g]() -> std::string {
-                             if (slot_half[g % 3] != g)
-                               return "half " + std::to_string(g) + " was overwritten under its reduction";
-                             slot_read[g % 3] = true;
-                             slot_empty[g % empties].arrive();
-                             return "";
-                           }});
-  }
-  for (int m = 0; !halves && m < total; ++m) {
+  for (int m = 0; m < total; ++m) {
     agents[2].push_back({[&, m] { return dq_full.ready(m & 1); }, [&, m]() -> std::string {
                            if (staged != m || staged_read)
                              return "the reduction of block " + std::to_string(m) + " found block " +
@@ -374,9 +336,7 @@ class ReduceKernelProtocol : public ::testing::Test {
 };
 
 TEST_F(ReduceKernelProtocol, EveryInterleavingKeepsTheBuffersConsistentAndEnds) {
-  // (half_ring_three_empty too: safe while the stores wait for the item's release, as they do)
-  for (Protocol protocol : {Protocol::two_dq_empty, Protocol::half_ring, Protocol::half_ring_three_empty,
-                            Protocol::deferred, Protocol::ahead})
+  for (Protocol protocol : {Protocol::two_dq_empty, Protocol::deferred, Protocol::ahead})
     for (int stages : {2, 3, 4})  // (the D 128 kernel: three Q stages beside two dO stages since v3.29)
       for (int run = 0; run < 1500; ++run) {
         const std::vector<int> items = random_items(run % 2 == 1);
@@ -395,23 +355,14 @@ TEST_F(ReduceKernelProtocol, TheModelFindsOwnedBlocksFreedBeforeTheLastDq) {
   EXPECT_GT(failures, 0) << "3000 interleavings of the early release found nothing";
 }
 
-TEST_F(ReduceKernelProtocol, HalfSlotsKeepTheirBuffersWhateverTheStoresOrder) {
-  // Six read-out barriers (half g's on g % 6) do not lean on the stores waiting for the item's release.
-  for (int run = 0; run < 1500; ++run) {
-    const std::vector<int> items = random_items(run % 2 == 1);
-    ASSERT_EQ(run_once(Protocol::half_ring, items, rng, 2, false, /*stores_early=*/true), "") << "run " << run;
-  }
-}
-
-TEST_F(ReduceKernelProtocol, TheModelFindsHalfSlotsWithOneReadOutBarrierEach) {
-  // Three half-block slots with one read-out barrier each (half g's on g % 3) are safe only while the dV rows wait for
-  // the item's release: staged before it, a warpgroup whose last turn was the block before last can pass the wait for
-  // the last half on the phase of its own half three before, and put its dV rows on a half not yet read.
+TEST_F(ReduceKernelProtocol, TheModelFindsDkRowsStagedBeforeTheRelease) {
+  // The dK rows go into the dS^T ring, which the other warpgroup's last dQ product may still be reading until both
+  // have released the item (q_empty): staged before that wait, they can overwrite it.
   std::string error;
   for (int run = 0; run < 3000 && error.empty(); ++run)
-    error = run_once(Protocol::half_ring_three_empty, {3, 1, 2, 1, 4}, rng, 2, false, /*stores_early=*/true);
-  EXPECT_NE(error.find("dV rows"), std::string::npos)
-      << "3000 interleavings of the half slots with three read-out barriers found not this race but: " << error;
+    error = run_once(Protocol::two_dq_empty, random_items(run % 2 == 1), rng, 2, false, /*stores_early=*/true);
+  EXPECT_NE(error.find("dK rows"), std::string::npos)
+      << "3000 interleavings of the dK rows staged before the release found not this race but: " << error;
 }
 
 TEST_F(ReduceKernelProtocol, TheModelFindsTheSingleBarrierRace) {

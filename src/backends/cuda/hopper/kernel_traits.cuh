@@ -30,16 +30,6 @@
 #ifndef TILEWISE_HOPPER_BWD_REDUCE_V_STAGES_D128
 #define TILEWISE_HOPPER_BWD_REDUCE_V_STAGES_D128 2
 #endif
-// Measurement (docs/performance.md backward v3.30; built, not yet run): 1 = the reduce kernel's dQ staging at D 128
-// as a ring of three 16 KB half-block slots (columns 0-63 and 64-127 of a block's dQ: panels 0-1 and 2-3 of the
-// staging layout, contiguous in a block-order accumulator entry) instead of one 32 KB buffer, so that a dQ turn's
-// first half is written once the reducer has read the half three before (not the whole block before), and the
-// reducer reads a half while the other is staged. A second 32 KB buffer does not fit beside two Q stages (v3.21:
-// 1296 bytes over); the third half-slot does (16 KB). Needs the block-order accumulator at D 128
-// (TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER); the barrier protocol is modelled in tests/test_bwd_reduce_protocol.cpp.
-#ifndef TILEWISE_HOPPER_BWD_DQ_HALF_RING
-#define TILEWISE_HOPPER_BWD_DQ_HALF_RING 0
-#endif
 // K and V pipeline depths at head dim 64 (96 has 3 + 3, the most that fits).
 #ifndef TILEWISE_HOPPER_STAGES_D64
 #define TILEWISE_HOPPER_STAGES_D64 3
@@ -295,15 +285,12 @@ struct KernelTraits {
     // kDqStaging only: one streamed block's dQ in fp32 (64 rows x D, 32-column panels of 128-byte rows, swizzled as
     // the TMA reduction reads it), and the barriers around the dS^T ring and the staging buffer.
     __device__ __forceinline__ uint8_t* dq_stage() const { return ds() + kDsBytes; }
-    /// Slot i of the staging buffer (kDqSlots; slot 0 is the whole buffer where there is one).
-    __device__ __forceinline__ uint8_t* dq_slot(uint32_t i) const { return dq_stage() + i * kDqSlotBytes; }
     Barrier* ds_full;   // [2]: both warpgroups have written their half of the buffer's dS^T
     Barrier* ds_empty;  // [2]: the buffer's dQ product has read it
-    Barrier* dq_full;   // [kDqSlots]: the slot holds a block's dQ (a half of it with three slots)
+    Barrier* dq_full;   // the staging buffer holds a block's dQ
     // [2]: the reduction has read block m's dQ (m % 2). Two, because the warpgroups take the blocks in turns: one can
     // reach block m + 1 before the reduction has read block m - 1, and a single barrier's parity would then read a
-    // phase two ahead as complete (the fuzz hung on it). With three half-block slots, [6]: half g's read-out on
-    // g % 6, so that a waiter for half g is never two of that barrier's phases behind (bwd_consumer.cuh, stage_dq).
+    // phase two ahead as complete (the fuzz hung on it).
     Barrier* dq_empty;
     // Backward only: the dK/dV kernels' owned-row records (RowRecord, bwd_params.cuh), two items' worth, written by
     // the producer's fourth warp (BwdProducer::row_records) while the consumers run the previous item.
@@ -320,9 +307,6 @@ struct KernelTraits {
   static constexpr int kDsBytes = kDqStaging ? 2 * kDsPanelBytes : 0;
   static constexpr int kDqPanelBytes = 64 * 128;  // fp32 staging: 64 rows x 32 columns
   static constexpr int kDqStageBytes = kDqStaging ? (D / 32) * kDqPanelBytes : 0;  // one block's dQ
-  // The staging buffer's slots (TILEWISE_HOPPER_BWD_DQ_HALF_RING): one of a block, or at D 128 three of half a block
-  static constexpr int kDqSlots = kDqStaging && D == 128 && TILEWISE_HOPPER_BWD_DQ_HALF_RING ? 3 : 1;
-  static constexpr int kDqSlotBytes = kDqSlots == 1 ? kDqStageBytes : kDqStageBytes / 2;
   /// Byte offset of fp32 element (row, col) of a streamed block's dQ in the staging buffer (and in a block-order
   /// accumulator's entry, which holds its bytes as they are): 32-column panels of 128-byte rows, in the 128-byte
   /// swizzle the TMA reduction reads.
@@ -330,13 +314,11 @@ struct KernelTraits {
     return (col / 32) * kDqPanelBytes + swizzled_bytes(row * 128 + (col % 32) * 4, 128);
   }
   static constexpr int kBufferBytes = kQTileBytes + kOTileBytes + kTileBytes * kKStages + kVTileBytes * kVStages +
-                                      kDsBytes + kDqSlots * kDqSlotBytes;  // Q, O, K, V, dS, dQ staging
+                                      kDsBytes + kDqStageBytes;  // Q, O, K, V, dS, dQ staging
   // An even count: `info` (below the barriers and `work`) stays 16-byte aligned.
   // Backward: one 8-byte record per owned row and item slot (position, frame and whether any query sees the row)
   static constexpr int kRowRecordBytes = kBackward ? kBlockM * 8 : 0;
-  // (kDqStaging: ds_full, ds_empty [2 each], dq_full [kDqSlots], dq_empty [2 kDqSlots], and one for an even count)
-  static constexpr int kDqBarriers = kDqStaging ? 4 + 3 * kDqSlots + 1 : 0;
-  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + kDqBarriers + (kBackward ? 4 : 0);
+  static constexpr int kBarriers = 2 + 2 * kKStages + 2 * kVStages + 6 + (kDqStaging ? 8 : 0) + (kBackward ? 4 : 0);
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kBufferBytes + kKStages * kStatsBytes +
                                     kBarriers * 8 + 16 + kKStages * sizeof(BlockInfo) + 2 * kRowRecordBytes;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the 227 KB an sm_90 CTA can have");
@@ -361,8 +343,8 @@ struct KernelTraits {
     s.ds_full = s.v_sync + 1;
     s.ds_empty = s.ds_full + 2;
     s.dq_full = s.ds_empty + 2;
-    s.dq_empty = s.dq_full + kDqSlots;
-    s.rows_full = s.v_sync + 1 + kDqBarriers;  // past the dQ barriers, which only the reduce kernel has
+    s.dq_empty = s.dq_full + 1;
+    s.rows_full = s.v_sync + 1 + (kDqStaging ? 8 : 0);  // past the dQ barriers, which only the reduce kernel has
     s.rows_empty = s.rows_full + 2;
     s.work = reinterpret_cast<int32_t*>(bars + kBarriers);
     s.info = reinterpret_cast<BlockInfo*>(bars + kBarriers + 2);  // 16-byte aligned: one 128-bit load each

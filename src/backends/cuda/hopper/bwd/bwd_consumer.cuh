@@ -565,37 +565,11 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// write `dq` into the staging buffer once the reduction has read the previous block's.
   __device__ __forceinline__ void stage_dq(uint32_t m, const float (&dq)[D / 2]) const {
     this->s.ds_empty[m & 1].arrive();
-    if constexpr (Traits::kDqSlots == 1) {
-      // The reduction has read the previous block's dQ (the other warpgroup's): block m - 1 is its barrier's
-      // ((m - 1) / 2)-th phase. This warpgroup's own block m - 2 waited for m - 3, so it is at most one phase ahead.
-      if (m > 0) this->s.dq_empty[(m - 1) & 1].wait(((m - 1) >> 1) & 1);
-      trace.stamp(m, 11);
-      stage_dq_columns<0, D / 2>(this->s.dq_stage(), dq);
-      this->s.dq_full->arrive();
-    } else {
-      // Three half-block slots: half g = 2m + h goes into slot g % 3 once the reducer has read half g - 3 there
-      // (read-outs on dq_empty[g % 6], phase g / 6). The reducer reads the halves in order and this warpgroup's
-      // previous half waited for the read-out of g - 4 at least (g - 6 for h = 0, its turn before), so the barrier of
-      // g - 3 has completed the phase of g - 9: the wait is at most one phase behind.
-      stage_dq_half<0>(m, dq);
-      trace.stamp(m, 11);  // (here: the first half's wait and stores)
-      stage_dq_half<1>(m, dq);
-    }
-    trace.stamp(m, 12);
-  }
-  /// Half kH of block m's dQ (columns 64 kH to 64 kH + 63) into its half-block slot (kDqSlots == 3; stage_dq).
-  template <uint32_t kH>
-  __device__ __forceinline__ void stage_dq_half(uint32_t m, const float (&dq)[D / 2]) const {
-    const uint32_t g = 2 * m + kH;
-    if (g >= 3) this->s.dq_empty[(g - 3) % 6].wait(((g - 3) / 6) & 1);
-    // (the slot holds the staging layout's bytes of half kH: panels 2 kH and 2 kH + 1)
-    stage_dq_columns<kH * D / 4, D / 4>(this->s.dq_slot(g % 3) - kH * Traits::kDqSlotBytes, dq);
-    this->s.dq_full[g % 3].arrive();
-  }
-  /// Elements [kFirst, kFirst + kCount) of this thread's dQ accumulator into `stage` (the staging layout,
-  /// Traits::dq_stage_bytes), fenced for the async proxy's reads.
-  template <int kFirst, int kCount>
-  __device__ __forceinline__ void stage_dq_columns(uint8_t* stage, const float (&dq)[D / 2]) const {
+    // The reduction has read the previous block's dQ (the other warpgroup's): block m - 1 is its barrier's
+    // ((m - 1) / 2)-th phase. This warpgroup's own block m - 2 waited for m - 3, so it is at most one phase ahead.
+    if (m > 0) this->s.dq_empty[(m - 1) & 1].wait(((m - 1) >> 1) & 1);
+    trace.stamp(m, 11);
+    uint8_t* stage = this->s.dq_stage();
     const int warp = this->tid / 32;
     // Odd rows take column group g ^ 2 (element pair i ^ 8) where even rows take g: no two rows of a half-warp
     // then share a 16-byte chunk of the swizzle (TILEWISE_HOPPER_BWD_STAGE_PERMUTE, bwd_params.cuh).
@@ -603,13 +577,15 @@ struct BwdConsumer : Consumer<Traits, kType> {
         TILEWISE_HOPPER_BWD_STAGE_PERMUTE == 2 || (TILEWISE_HOPPER_BWD_STAGE_PERMUTE == 1 && D < 128);
     const bool odd = kPermute && ((lane() / 4) & 1);
 #pragma unroll
-    for (int i = kFirst; i < kFirst + ((kAblate & 1024) ? 2 : kCount); i += 2) {  // (measurement: one store)
+    for (int i = 0; i < ((kAblate & 1024) ? 2 : D / 2); i += 2) {  // (measurement only: one store, dq stays live)
       const int j = odd ? (i ^ 8) : i;
       const uint32_t r = 16 * warp + lane() / 4 + 8 * ((i % 4) / 2), c = 8 * (j / 4) + 2 * (lane() % 4);
       st_shared_f2(stage + Traits::dq_stage_bytes(r, c),
                    odd ? dq[i ^ 8] : dq[i], odd ? dq[(i ^ 8) + 1] : dq[i + 1]);
     }
     fence_proxy_async();
+    this->s.dq_full->arrive();
+    trace.stamp(m, 12);
   }
 
   /// The dK/dV kernels' item: dkdv (dK and dV) or dkdvq_reduce (and dQ through the staging buffer, a block later;
@@ -767,15 +743,10 @@ struct BwdConsumer : Consumer<Traits, kType> {
     }
     if constexpr (kReduce && kTmaStores) {
       store_staged(false, item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
-      // dV into the staging buffer, once the reducer has read the last dQ turn staged there out (with half-block
-      // slots: the turn's second half, the last the reducer reads; each warpgroup's last turn waited for a read-out
-      // five halves or fewer before it, so this wait is at most one phase behind)
-      if constexpr (Traits::kDqSlots == 1) {
-        if (blocks > 0) this->s.dq_empty[(blocks - 1) & 1].wait(((blocks - 1) >> 1) & 1);
-      } else if (blocks > 0) {
-        const uint32_t g = 2 * blocks - 1;
-        this->s.dq_empty[g % 6].wait((g / 6) & 1);
-      }
+      trace.stamp_item(record, 8);
+      // dV into the staging buffer, once the reducer has read the last dQ turn staged there out
+      if (blocks > 0) this->s.dq_empty[(blocks - 1) & 1].wait(((blocks - 1) >> 1) & 1);
+      trace.stamp_item(record, 9);
       store_staged(true, item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
     } else {
       store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);

@@ -73,8 +73,8 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim, kKernel>::kThreads, 1)
         s.ds_full[i].init(128 * Traits::kConsumerWarpgroups);  // both warpgroups' halves of a block's dS^T
         s.ds_empty[i].init(128);                               // the one warpgroup whose turn the dQ product is
       }
-      for (int i = 0; i < Traits::kDqSlots; ++i) s.dq_full[i].init(128);  // the warpgroup whose turn it is
-      for (int i = 0; i < 2 * Traits::kDqSlots; ++i) s.dq_empty[i].init(1);  // the reducer
+      s.dq_full->init(128);
+      for (int i = 0; i < 2; ++i) s.dq_empty[i].init(1);
     }
     fence_barrier_init();
   }

@@ -178,9 +178,7 @@
 // memory could save at most (v3.23). Bit 8192 replaces every exponential of P^T by its argument (v3.25: what MUFU
 // costs the chain; row 1 -1.0%, so the exponentials are not what it waits for). Bit 16384 (hopper_backend.cu) skips
 // the dQ accumulator's zeroing and dq's conversion: what folding both into the main kernel could save at most.
-// Bit 32768 skips the dQ reductions of text query blocks alone (v3.30, built, not yet run): every item of a head
-// adds into the same few text entries, so if + text's time beyond its blocks' share (~2% on row 1, ~0.4% on the whole
-// grid) is those lines' contention in the L2, this takes it away. (Skipping the dK and dV stores outright is no ablation: ptxas then drops some of their wgmmas. Bit 2048 stores
+// (Skipping the dK and dV stores outright is no ablation: ptxas then drops some of their wgmmas. Bit 2048 stores
 // them only where a run-time test that never holds says so, which keeps the wgmmas: what the stores cost.)
 #ifndef TILEWISE_HOPPER_BWD_ABLATE
 #define TILEWISE_HOPPER_BWD_ABLATE 0

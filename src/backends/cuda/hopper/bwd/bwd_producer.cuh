@@ -258,31 +258,6 @@ struct BwdProducer {
     ++m;
   }
 
-  /// reduce_block with three half-block slots (TILEWISE_HOPPER_BWD_DQ_HALF_RING): block m's halves g = 2m and
-  /// 2m + 1, each in slot g % 3 (dq_full[g % 3], phase g / 3), added by a bulk reduction of its 16 KB into the
-  /// entry `to`'s half as soon as it is staged; each slot freed (dq_empty[g % 6]) once its reduction has read it.
-  __device__ __forceinline__ void reduce_halves(uint32_t& m, float* to, bool skip_text) const {
-    constexpr uint32_t kHalfBytes = Traits::kDqSlotBytes;
-    const bool skip = reductions_ablated() || skip_text;  // (skip_text: ablation bit 32768)
-    trace.stamp(0);
-#pragma unroll
-    for (uint32_t h = 0; h < 2; ++h) {
-      const uint32_t g = 2 * m + h;
-      s.dq_full[g % 3].wait((g / 3) & 1);
-      if (h == 0) trace.stamp(1);
-      if (!skip) bulk_reduce_add_f32(to + h * (kHalfBytes / 4), s.dq_slot(g % 3), kHalfBytes);
-      tma_store_commit();
-    }
-    trace.stamp(2);
-    tma_store_wait_read<1>();  // the first half read out
-    s.dq_empty[(2 * m) % 6].arrive();
-    tma_store_wait_read();
-    s.dq_empty[(2 * m + 1) % 6].arrive();
-    trace.stamp(3);
-    trace.next_block();
-    ++m;
-  }
-
   /// dkdvq_reduce (thread 64): adds each streamed block's dQ into the fp32 accumulator (reduce_block), in the
   /// order of the loaders' walk, which it walks too. The reduction leaves the consumers' path entirely. The
   /// accumulator is [B, S, Hq, D], reached through the block's box by one tensor reduction per 32-column panel (rows
@@ -299,20 +274,13 @@ struct BwdProducer {
         if (item.empty) continue;  // (in a cluster its consumers stage no dQ either)
         for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
           if (empty) return;
-          const bool skip_text = (TILEWISE_HOPPER_BWD_ABLATE & 32768) && qb.text;  // (measurement only)
-          if constexpr (Traits::kDqSlots == 3) {
-            static_assert(dq_block_order_at(Traits::D), "half-block slots need the block-order accumulator");
-            reduce_halves(m, p.dq_accum + stream_entry(item, qb, h) * (Traits::kStreamRows * Traits::D), skip_text);
-          } else if constexpr (dq_block_order_at(Traits::D)) {
+          if constexpr (dq_block_order_at(Traits::D)) {
             float* to = p.dq_accum + stream_entry(item, qb, h) * (Traits::kStreamRows * Traits::D);
-            reduce_block(m, [&] {
-              if (!skip_text) bulk_reduce_add_f32(to, s.dq_stage(), Traits::kDqStageBytes);
-            });
+            reduce_block(m, [&] { bulk_reduce_add_f32(to, s.dq_stage(), Traits::kDqStageBytes); });
           } else {
             with_reduction_target(qb, [&](bool text, uint32_t cls, int c1, int c2, int c3) {
               const CUtensorMap* map = reduction_map(text, cls);
               reduce_block(m, [&] {
-                if (skip_text) return;
                 const int c4 = p.dq_view.c4(item.batch, h);
 #pragma unroll
                 for (int panel = 0; panel < Traits::D / 32; ++panel)
