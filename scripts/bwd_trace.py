@@ -49,7 +49,8 @@ DQ_STEPS = [("dS^T wait", 9), ("dQ GEMM", 10), ("staging wait", 11), ("staging",
 # Consumer item events: 0 before the ring, 1 owned K and V landed, 2 row record read, 3 accumulators zeroed,
 # 4 the item's first block number, 5 after its last block, 6 its last dQ done and the owned blocks freed,
 # 7 dK and dV stored, 8 (D 128's staged stores) dK staged and its copies issued, 9 the last dQ turn read out of the
-# staging buffer (dV's wait). Q loader item events: 0 before the ring, 1 item taken, 2 owned blocks free, 3 their loads issued.
+# staging buffer (dV's wait). Q loader item events: 0 before the ring, 1 item taken, 2 owned blocks free, 3 their
+# loads issued.
 
 
 def d(a: int, b: int) -> int:
@@ -166,8 +167,8 @@ def analyse(blocks: list, items: list, skip: int) -> None:
     # Item boundaries (consumers): from an item's last block's GEMMs to the next item's first issue.
     print("\nitem boundary, cycles, median / mean over the traced items (consumer warpgroups):")
     parts = [(name, None) for name in ("last block done -> loop end", "last dQ + owned freed", "dK dV stores",
-                                       "of which dK", "dV wait", "next ring", "owned K V wait", "row record", "zero + ldmatrix",
-                                       "first stage wait", "first issue", "total")]
+                                       "of which dK", "dV wait", "next ring", "owned K V wait", "row record",
+                                       "zero + ldmatrix", "first stage wait", "first issue", "total")]
     print("| warpgroup | items | " + " | ".join(p[0] for p in parts) + " | blocks per item |")
     print("|---" * (len(parts) + 3) + "|")
     for w in (0, 1):
