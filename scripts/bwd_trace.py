@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from tilewise import _capi  # noqa: E402
 
 ROLES, BLOCKS, EVENTS = 5, 2048, 16  # bwd_trace.cuh's BwdTraceTable
-ITEM_ROLES, ITEMS, ITEM_EVENTS = 3, 256, 10
+ITEM_ROLES, ITEMS, ITEM_EVENTS = 3, 256, 14
 FLOOR_CYCLES = 4 * 2 * 64 * 128 * 128 * 1.25 / 4096
 # Consumer events per block (bwd_consumer.cuh's dkdv_item): 0 top, 1 stages full, 2 S^T and dP^T issued, 3 S^T done,
 # 4 P^T done (D loaded), 5 dP^T done (dV issued before), 6 dS^T stored, 7 dV and dK done, 8 stages released;
@@ -49,8 +49,9 @@ DQ_STEPS = [("dS^T wait", 9), ("dQ GEMM", 10), ("staging wait", 11), ("staging",
 # Consumer item events: 0 before the ring, 1 owned K and V landed, 2 row record read, 3 accumulators zeroed,
 # 4 the item's first block number, 5 after its last block, 6 its last dQ done and the owned blocks freed,
 # 7 dK and dV stored, 8 (D 128's staged stores) dK staged and its copies issued, 9 the last dQ turn read out of the
-# staging buffer (dV's wait). Q loader item events: 0 before the ring, 1 item taken, 2 owned blocks free, 3 their
-# loads issued.
+# staging buffer (dV's wait); inside each gradient's staged stores, 10 (dK) / 12 (dV) its rows' shared stores
+# issued, 11 / 13 the fence and the warp's barrier passed (the copies follow). Q loader item events: 0 before the
+# ring, 1 item taken, 2 owned blocks free, 3 their loads issued.
 
 
 def d(a: int, b: int) -> int:
@@ -163,6 +164,21 @@ def analyse(blocks: list, items: list, skip: int) -> None:
     busy = covered(0, window, gemm)
     print(f"\nwindow {window} cycles ({n_wg[0]} blocks): some GEMM in flight {busy / window:.1%}, none "
           f"{1 - busy / window:.1%}; floor / period {FLOOR_CYCLES * (n_wg[0] - skip) / window:.1%}")
+
+    # The staged stores split (D 128): per gradient, the shared stores' issue, the fence and barrier, the copies.
+    split = [("dK stores issued", 6, 10), ("dK fence + barrier", 10, 11), ("dK copies", 11, 8),
+             ("dV stores issued", 9, 12), ("dV fence + barrier", 12, 13), ("dV copies", 13, 7)]
+    split_rows = []
+    for w in (0, 1):
+        its = [items[w][i] for i in range(ITEMS) if all(items[w][i][e] for e in (6, 7, 8, 9, 10, 11, 12, 13))]
+        if its:
+            split_rows.append(f"| {w} | {len(its)} | " +
+                              " | ".join(summary([d(it[a], it[b]) for it in its]) for _, a, b in split) + " |")
+    if split_rows:
+        print("\nthe staged dK / dV stores split, cycles, median / mean:")
+        print("| warpgroup | items | " + " | ".join(name for name, _, _ in split) + " |")
+        print("|---" * (len(split) + 2) + "|")
+        print("\n".join(split_rows))
 
     # Item boundaries (consumers): from an item's last block's GEMMs to the next item's first issue.
     print("\nitem boundary, cycles, median / mean over the traced items (consumer warpgroups):")

@@ -264,71 +264,33 @@ struct BwdConsumer : Consumer<Traits, kType> {
   /// own lanes' copies must have been read (dkdv_item's start). dV: in this warpgroup's half of the dQ staging buffer,
   /// once the reducer has read the item's last turn out; its next writer, the next item's first dQ turn, comes after
   /// both warpgroups' first dS^T (ds_full), and so after their item-start waits for these copies.
-  __device__ __forceinline__ uint8_t* staged_row(bool value, int rr, int j) const {
+  __device__ __forceinline__ uint8_t* staged_row(bool value, int rr) const {
     static_assert(D * 2 * 8 == 16 * 128, "a warp's 8 rows of a panel are its 16 keys' 128-byte dS^T rows");
-    const int warp = this->tid / 32;
+    const int warp = this->tid / 32, j = lane() / 4;
     return value ? this->s.dq_stage() + 128 * D * this->wg + (16 * warp + 8 * rr + j) * (D * 2)
                  : this->s.ds() + rr * Traits::kDsPanelBytes + (64 * this->wg + 16 * warp) * 128 + j * (D * 2);
-  }
-  __device__ __forceinline__ uint8_t* staged_row(bool value, int rr) const { return staged_row(value, rr, lane() / 4); }
-  static constexpr int kStsmRotation = TILEWISE_HOPPER_BWD_STSM_STAGING;  // 0: the quad transpose; 2, 3: row bits
-  static_assert(kStsmRotation == 0 || kStsmRotation == 2 || kStsmRotation == 3, "TILEWISE_HOPPER_BWD_STSM_STAGING");
-  /// store_staged's rows by stmatrix (kStsmRotation): the packed pairs of row half rr are 16 8x8 matrices, one per
-  /// 16-byte group g of the 8 rows; stmatrix instruction c stores the four matrices 4c..4c+3. Every row j writes its
-  /// group (4c + k) ^ x_j in matrix k's place (x_j: j's low kStsmRotation bits), so the 8 rows of a matrix, 256 bytes
-  /// apart, fall in distinct 16-byte bank groups (or pairs of rows in one), and each lane moves its words to match:
-  /// word n <- word n ^ x_j, a swap per set bit of x_j.
-  __device__ __forceinline__ void stage_rows_stsm(bool value, const float (&acc)[D / 2], float scale) const {
-    constexpr int kGroups = D / 8;
-    constexpr int kMask = (1 << kStsmRotation) - 1;
-    const int x = (lane() / 4) & kMask, lr = lane() % 8, lm = lane() / 8;
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      uint32_t w[kGroups];
-#pragma unroll
-      for (int g = 0; g < kGroups; ++g)
-        w[g] = pack_half2(acc[4 * g + 2 * rr] * scale, acc[4 * g + 2 * rr + 1] * scale, kType == WgType::bf16);
-#pragma unroll
-      for (int bit = 1; bit <= kMask; bit <<= 1) {
-        const bool swap = x & bit;
-#pragma unroll
-        for (int n = 0; n < kGroups; ++n) {
-          if (n & bit) continue;
-          const uint32_t a = w[n], b = w[n | bit];
-          w[n] = swap ? b : a;
-          w[n | bit] = swap ? a : b;
-        }
-      }
-      uint8_t* row_base = staged_row(value, rr, lr);
-#pragma unroll
-      for (int c = 0; c < kGroups / 4; ++c) {
-        const uint32_t r[4] = {w[4 * c], w[4 * c + 1], w[4 * c + 2], w[4 * c + 3]};
-        stmatrix_x4(smem_addr(row_base + 16 * ((4 * c + lm) ^ (lr & kMask))), r);
-      }
-    }
   }
   /// store() through shared memory and bulk copies (kTmaStores; `value`: dV, else dK): the consumers stage their rows
   /// and go on while the async proxy writes them out, each quad's first lane copying its two rows. Rows not
   /// 16-byte aligned (rows_16b_aligned) are left to store().
-  __device__ __forceinline__ void store_staged(bool value, const WorkItem& item, const int32_t (&positions)[2],
-                                               int32_t head, const float (&acc)[D / 2], float scale, void* base,
-                                               const Strides& st) const {
+  /// (`record`: the item's, for the trace's stamps inside: events 10 and 11 for dK, 12 and 13 for dV)
+  __device__ __forceinline__ void store_staged(bool value, const WorkItem& item, uint32_t record,
+                                               const int32_t (&positions)[2], int32_t head, const float (&acc)[D / 2],
+                                               float scale, void* base, const Strides& st) const {
     if (!rows_16b_aligned(base, st)) return store(item, positions, head, acc, scale, base, st);
     const int q = lane() % 4;
-    if constexpr (kStsmRotation > 0) {
-      stage_rows_stsm(value, acc, scale);
-    } else {
 #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
+    for (int rr = 0; rr < 2; ++rr) {
 #pragma unroll
-        for (int c = 0; c < D / 32; ++c)
-          st_shared_v4(staged_row(value, rr) + (32 * c + 8 * q) * 2, quad_chunk(acc, scale, rr, c));
-      }
+      for (int c = 0; c < D / 32; ++c)
+        st_shared_v4(staged_row(value, rr) + (32 * c + 8 * q) * 2, quad_chunk(acc, scale, rr, c));
     }
+    trace.stamp_item(record, value ? 12 : 10);
     fence_proxy_async();
     // The quad's first lane copies what its three others wrote: a barrier of this warp (a named one: __syncwarp here
     // moved ptxas's register allocation and put 6 STL and 9 LDL into the block loop)
     named_barrier_sync(kStagedRowsBarrier + 4 * this->wg + this->tid / 32, 32);
+    trace.stamp_item(record, value ? 13 : 11);
     if (q == 0) {
       const int64_t b = this->p.batch_base + item.batch;
 #pragma unroll
@@ -344,7 +306,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
   // kernel at D 128 outside clusters, after the item's last dQ turn (kStoresAfterLastDq: the ring is free then)
   static constexpr bool kTmaStores = Traits::kDqStaging && Traits::kCluster == 1 && D == 128 && kStoresAfterLastDq &&
                                      for_head_dim(TILEWISE_HOPPER_BWD_TMA_STORES);
-  static constexpr bool kRolledStores = TILEWISE_HOPPER_BWD_ROLLED_STORES != 0;
 
   /// The statistics (lse2, D) of the streamed block in the stages the pipes point at: the K stage's, or the V stage's
   /// where the dO loader brings them (stats_with_output_grads; the same index, both pipes advancing together).
@@ -661,17 +622,12 @@ struct BwdConsumer : Consumer<Traits, kType> {
     // kIssueFirst: an item with no streamed block (its one record is empty) is freed here, so that the loop below
     // may issue a block's first GEMMs before it has read the block's record.
     constexpr bool kIssueFirst = kReduce && kIssueGemmsFirst;
-    constexpr bool kLastDqInLoop = kReduce && TILEWISE_HOPPER_BWD_LAST_DQ_IN_LOOP != 0;
-    static_assert(!kLastDqInLoop || !(kAblate & 512), "ablation bit 512 frees the owned blocks before the last dQ");
     if (kIssueFirst && !streams_any(p, item)) {
       BlockInfo bi;
       bool last;
       next_block(bi, last, ks, vs, release_block);
     } else {
-      // kLastDqInLoop: one more turn after the last block (`tail`) computes the item's last dQ
-      for (bool last = false, tail = false; kLastDqInLoop ? !tail : !last;) {
-        if constexpr (kLastDqInLoop) tail = last;
-        if (!tail) {
+      for (bool last = false; !last;) {
         BlockInfo bi{};  // (with kIssueFirst read after the GEMMs are issued)
         if constexpr (kReduce) trace.stamp(0);
         if constexpr (kIssueFirst)
@@ -764,59 +720,37 @@ struct BwdConsumer : Consumer<Traits, kType> {
           if constexpr (kReduce) trace.stamp(7);
         }
         if constexpr (kReduce) {
-          release_block(bi);
-          trace.stamp(8);
-        } else {
-          release_stages(bi, ks, vs);
-        }
-        }
-        if constexpr (kReduce) {
           // The previous block's dQ, if it is this warpgroup's turn, is computed now, when the other warpgroup has long
           // written its half.
-          if (tail) trace.stamp_item(record, 5);
+          release_block(bi);
+          trace.stamp(8);
           const bool turn = pending >= 0 && (pending & 1) == this->wg;
           if (turn) dq_to_staging(static_cast<uint32_t>(pending));
-          if (!tail) {
-            trace.put(13, (record << 8) | (uint32_t{turn} << 1) | uint32_t{last});
-            trace.next_block();
-            pending = blocks++;
-          }
+          trace.put(13, (record << 8) | (uint32_t{turn} << 1) | uint32_t{last});
+          trace.next_block();
+          pending = blocks++;
+        } else {
+          release_stages(bi, ks, vs);
         }
       }
     }
     if constexpr (kReduce) {  // the item's last dQ, then the owned K and V are free (release_s_operands' arrival)
-      if (!kLastDqInLoop) trace.stamp_item(record, 5);
+      trace.stamp_item(record, 5);
       if ((kAblate & 512) && lane() == 0) this->s.q_empty->arrive();  // measurement only: before (bwd_params.cuh)
-      if (!kLastDqInLoop && pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
+      if (pending >= 0 && (pending & 1) == this->wg) dq_to_staging(static_cast<uint32_t>(pending));
       if (!(kAblate & 512) && lane() == 0) this->s.q_empty->arrive();
       // kStoresAfterLastDq: the stores wait for the item's release (phase `record` of q_empty), so that they do not
       // slow the last dQ turn's staging, which the release and the next item's owned loads wait for
       if constexpr (kStoresAfterLastDq) this->s.q_empty->wait(record & 1);
       trace.stamp_item(record, 6);
     }
-    if constexpr (kReduce && kTmaStores && kRolledStores) {
-      // dK, then dV through the same code (kRolledStores): dV is moved into dK's registers between the turns
-#pragma unroll 1
-      for (int g = 0; g < 2; ++g) {
-        if (g) {
-          if (blocks > 0) this->s.dq_empty[(blocks - 1) & 1].wait(((blocks - 1) >> 1) & 1);
-          trace.stamp_item(record, 9);
-        }
-        store_staged(g != 0, item, rows.pos, item.head, dk, g ? 1.f : p.grad0_scale, g ? p.grad1 : p.grad0,
-                     g ? p.grad1_strides : p.grad0_strides);
-        if (!g) {
-          trace.stamp_item(record, 8);
-#pragma unroll
-          for (int i = 0; i < D / 2; ++i) dk[i] = dv[i];
-        }
-      }
-    } else if constexpr (kReduce && kTmaStores) {
-      store_staged(false, item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
+    if constexpr (kReduce && kTmaStores) {
+      store_staged(false, item, record, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
       trace.stamp_item(record, 8);
       // dV into the staging buffer, once the reducer has read the last dQ turn staged there out
       if (blocks > 0) this->s.dq_empty[(blocks - 1) & 1].wait(((blocks - 1) >> 1) & 1);
       trace.stamp_item(record, 9);
-      store_staged(true, item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
+      store_staged(true, item, record, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);
     } else {
       store(item, rows.pos, item.head, dk, p.grad0_scale, p.grad0, p.grad0_strides);
       store(item, rows.pos, item.head, dv, 1.f, p.grad1, p.grad1_strides);

@@ -126,22 +126,6 @@
 #ifndef TILEWISE_HOPPER_BWD_TMA_STORES
 #define TILEWISE_HOPPER_BWD_TMA_STORES 4
 #endif
-// The item-end code of the reduce kernel's D 128 consumers (v3.32 experiments, default 0 = v3.31's code; v3.31's
-// stall sampling found that code, run once per item, waiting for instruction fetch, `no_inst`): ROLLED_STORES = 1
-// stages and copies dK and dV through one copy of the code (a loop of two turns, dV moved into dK's registers between
-// them) so that dV's turn runs warm; STSM_STAGING = 2 or 3 stages the rows by stmatrix (no quad transpose), each
-// row's 16-byte groups rotated by its low 2 or 3 row bits so that the 256-byte rows do not hit the same banks (2: two
-// rows per bank group, 3: none); LAST_DQ_IN_LOOP = 1 computes the item's last dQ turn in one more turn of the block
-// loop instead of a second inlined copy of dq_to_staging after it.
-#ifndef TILEWISE_HOPPER_BWD_ROLLED_STORES
-#define TILEWISE_HOPPER_BWD_ROLLED_STORES 0
-#endif
-#ifndef TILEWISE_HOPPER_BWD_STSM_STAGING
-#define TILEWISE_HOPPER_BWD_STSM_STAGING 0
-#endif
-#ifndef TILEWISE_HOPPER_BWD_LAST_DQ_IN_LOOP
-#define TILEWISE_HOPPER_BWD_LAST_DQ_IN_LOOP 0
-#endif
 // The reduce kernel's dQ accumulator in block order, per head dim (a bit mask: 1 = D 64, 2 = D 96, 4 = D 128): per
 // (batch, query head, streamed block entry as the statistics number them) 64 x D fp32 in the dQ staging buffer's
 // layout (32-column panels of 128-byte rows, 128-byte swizzle), so that the reducer adds a block by one bulk reduction

@@ -26,7 +26,7 @@ enum BwdTraceRole : int { kTraceWg0 = 0, kTraceQLoader = 2, kTraceDoLoader = 3, 
 
 #if TILEWISE_HOPPER_BWD_TRACE
 inline constexpr int kBwdTraceRoles = 5, kBwdTraceBlocks = 2048, kBwdTraceEvents = 16;
-inline constexpr int kBwdTraceItems = 256, kBwdTraceItemEvents = 10;
+inline constexpr int kBwdTraceItems = 256, kBwdTraceItemEvents = 14;
 /// Stamps per role and block (events: scripts/bwd_trace.py names them), and per role and item (the consumer
 /// warpgroups and the Q loader).
 struct BwdTraceTable {
