@@ -120,7 +120,7 @@ for step in $steps; do
       echo "rc=$?"; grep -E "^FAIL|^stopping" "$OUT/fuzz.log" | head -20; sed -n '/^| tensor/,$p' "$OUT/fuzz.log"
       ;;
     bwd_variants)
-      # Backward schedules and ablations (bwd_params.cuh) on row 1: each variant recompiles backward.cu only.
+      # Backward schedules and ablations (bwd_params.cuh) on row 1: each variant recompiles the backward's sources only.
       echo "== backward variants, row 1 (HunyuanVideo 30x48x80, w3x3x3)"
       build_bwdcheck || exit 1
       [ -n "${PACKED:-}" ] ||

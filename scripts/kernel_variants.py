@@ -6,7 +6,7 @@ the others, all variants in parallel, so a sweep costs one compile of that file 
     python3 scripts/kernel_variants.py [--source hopper/forward.cu ...] BUILD OUTDIR name=-DMACRO=1,-DOTHER=2 ...
 
 --source: a file to recompile (a suffix of its path; repeatable, e.g. a kernel and its host planning for a switch
-both read; default the backward's hopper/bwd/backward.cu). BUILD is a
+both read; default the backward's four, hopper/bwd/backward.cu and backward_d64/96/128.cu). BUILD is a
 configured and built CMake build (CMAKE_EXPORT_COMPILE_COMMANDS=ON); each variant lands in OUTDIR/name/libtilewise.so.
 Prints one line per variant (compile seconds and its spills, or the error's tail)."""
 import json
@@ -22,7 +22,8 @@ def main() -> None:
     sources = []
     while args[:1] == ["--source"]:
         sources, args = sources + [args[1]], args[2:]
-    sources = sources or ["hopper/bwd/backward.cu"]
+    # the backward's translation units (backward.cu and one per head dim: its macros are read by all of them)
+    sources = sources or ["hopper/bwd/backward.cu"] + [f"hopper/bwd/backward_d{d}.cu" for d in (64, 96, 128)]
     build, outdir, specs = os.path.abspath(args[0]), os.path.abspath(args[1]), args[2:]
     commands = json.load(open(os.path.join(build, "compile_commands.json")))
     # the library's own compile of each source (CMakeLists.txt also compiles some sources for its measurement builds)

@@ -33,7 +33,8 @@ struct BwdTraceTable {
   uint32_t block[kBwdTraceRoles][kBwdTraceBlocks][kBwdTraceEvents];
   uint32_t item[3][kBwdTraceItems][kBwdTraceItemEvents];
 };
-__device__ BwdTraceTable bwd_trace;
+// (static: each head dim's translation unit has its own, backward_at.hpp; tw_debug_bwd_trace reads them all)
+static __device__ BwdTraceTable bwd_trace;
 struct BwdTraceSlots {
   static constexpr unsigned kCta = TILEWISE_HOPPER_BWD_TRACE_CTA;
   static __device__ __forceinline__ uint32_t* slot(int role, uint32_t block, int e) {
