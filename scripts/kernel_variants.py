@@ -22,10 +22,14 @@ def main() -> None:
     sources = []
     while args[:1] == ["--source"]:
         sources, args = sources + [args[1]], args[2:]
-    # the backward's translation units (backward.cu and one per head dim: its macros are read by all of them)
-    sources = sources or ["hopper/bwd/backward.cu"] + [f"hopper/bwd/backward_d{d}.cu" for d in (64, 96, 128)]
     build, outdir, specs = os.path.abspath(args[0]), os.path.abspath(args[1]), args[2:]
     commands = json.load(open(os.path.join(build, "compile_commands.json")))
+    # by default the backward's translation units (backward.cu and one per head dim, backward_d*.cu: the switches
+    # are read by all of them), as the build lists them
+    sources = sources or sorted({os.path.relpath(c["file"], os.path.join(os.path.dirname(c["file"]), "..", ".."))
+                                 for c in commands if "tilewise_lib.dir" in c["command"] and
+                                 os.path.basename(c["file"]).startswith("backward") and
+                                 os.path.dirname(c["file"]).endswith(os.path.join("hopper", "bwd"))})
     # the library's own compile of each source (CMakeLists.txt also compiles some sources for its measurement builds)
     entries = [next(c for c in commands if c["file"].endswith(source) and "tilewise_lib.dir" in c["command"])
                for source in sources]
