@@ -6,11 +6,12 @@ the others, all variants in parallel, so a sweep costs one compile of that file 
     python3 scripts/kernel_variants.py [--source hopper/forward.cu ...] BUILD OUTDIR name=-DMACRO=1,-DOTHER=2 ...
 
 --source: a file to recompile (a suffix of its path; repeatable, e.g. a kernel and its host planning for a switch
-both read; default the backward's four, hopper/bwd/backward.cu and backward_d64/96/128.cu). BUILD is a
+both read; default the backward's hopper/bwd/backward.cu and backward_d*.cu). BUILD is a
 configured and built CMake build (CMAKE_EXPORT_COMPILE_COMMANDS=ON); each variant lands in OUTDIR/name/libtilewise.so.
 Prints one line per variant (compile seconds and its spills, or the error's tail)."""
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -24,24 +25,22 @@ def main() -> None:
         sources, args = sources + [args[1]], args[2:]
     build, outdir, specs = os.path.abspath(args[0]), os.path.abspath(args[1]), args[2:]
     commands = json.load(open(os.path.join(build, "compile_commands.json")))
-    # by default the backward's translation units (backward.cu and one per head dim, backward_d*.cu: the switches
-    # are read by all of them), as the build lists them
-    sources = sources or sorted({os.path.relpath(c["file"], os.path.join(os.path.dirname(c["file"]), "..", ".."))
-                                 for c in commands if "tilewise_lib.dir" in c["command"] and
-                                 os.path.basename(c["file"]).startswith("backward") and
-                                 os.path.dirname(c["file"]).endswith(os.path.join("hopper", "bwd"))})
-    # the library's own compile of each source (CMakeLists.txt also compiles some sources for its measurement builds)
-    entries = [next(c for c in commands if c["file"].endswith(source) and "tilewise_lib.dir" in c["command"])
-               for source in sources]
+    # the library's own compile of each source (CMakeLists.txt also compiles some sources for its measurement builds);
+    # by default the backward's translation units, backward.cu and backward_d*.cu (the switches are read by all)
+    library = [c for c in commands if "tilewise_lib.dir" in c["command"]]
+    if sources:
+        entries = [next(c for c in library if c["file"].endswith(source)) for source in sources]
+    else:
+        entries = [c for c in library if re.search(r"hopper/bwd/backward(_d\d+)?\.cu$", c["file"])]
     link = open(os.path.join(build, "CMakeFiles", "tilewise_lib.dir", "link.txt")).read().split()
     jobs = {}
     for spec in specs:
         name, _, flags = spec.partition("=")
         os.makedirs(os.path.join(outdir, name), exist_ok=True)
         procs, objs = [], {}
-        for source, entry in zip(sources, entries):
+        for entry in entries:
             compile_args = shlex.split(entry["command"])
-            vobj = os.path.join(outdir, name, os.path.basename(source) + ".o")
+            vobj = os.path.join(outdir, name, os.path.basename(entry["file"]) + ".o")
             objs[compile_args[compile_args.index("-o") + 1]] = vobj
             compile_args[compile_args.index("-o") + 1] = vobj
             compile_args[1:1] = [f for f in flags.split(",") if f]
