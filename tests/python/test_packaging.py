@@ -135,3 +135,16 @@ int main(void) {
     version, density = out.stdout.split()
     # window 1x1x1 on a 2x2x2 tile grid: each query tile sees its own tile only, 1/8 of the pairs
     assert version == VERSION and float(density) == pytest.approx(1 / 8)
+
+
+def test_library_exports_no_gnu_unique_symbols():
+    """Two copies of the library in one process must not share state: GCC's STB_GNU_UNIQUE symbols (the statics of
+    inline and template functions) are unified across libraries even with -Bsymbolic, which once made a second copy's
+    backward launches fail (CMakeLists.txt: -fno-gnu-unique)."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm (binutils) on this machine")
+    path = _capi._find_library()
+    out = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True, check=True).stdout
+    unique = [line for line in out.splitlines() if line.split()[1:2] == ["u"]]
+    assert not unique, f"{path} exports {len(unique)} GNU-unique symbols, e.g. {unique[:3]}"

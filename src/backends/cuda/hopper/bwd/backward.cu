@@ -12,6 +12,8 @@ namespace tilewise::hopper {
 
 int dkdv_stream_rows() { return TILEWISE_HOPPER_BWD_STREAM_ROWS; }
 
+bool preprocess_zeroes_dq() { return TILEWISE_HOPPER_BWD_ZERO_IN_PREPROCESS != 0; }
+
 int reduce_cluster_size() { return bwd_cluster(BwdKernel::dkdvq_reduce_cluster); }
 
 int reduce_cluster_ctas(int head_dim, bool bf16) { return head_dim == 128 ? reduce_cluster_ctas_at<128>(bf16) : 0; }
@@ -72,10 +74,10 @@ cudaError_t launch_dq_from_block_accumulator(const BwdParams& params, const floa
     const unsigned grid = static_cast<unsigned>(ctas);
     if (bf16)
       dq_from_block_accumulator<__nv_bfloat16, D>
-          <<<grid, 128, 0, stream>>>(params, accum, static_cast<__nv_bfloat16*>(dq), q_strides, scale);
+          <<<grid, kDqConvertThreads, 0, stream>>>(params, accum, static_cast<__nv_bfloat16*>(dq), q_strides, scale);
     else
-      dq_from_block_accumulator<__half, D><<<grid, 128, 0, stream>>>(params, accum, static_cast<__half*>(dq),
-                                                                      q_strides, scale);
+      dq_from_block_accumulator<__half, D><<<grid, kDqConvertThreads, 0, stream>>>(
+          params, accum, static_cast<__half*>(dq), q_strides, scale);
     return cudaGetLastError();
   });
 }
