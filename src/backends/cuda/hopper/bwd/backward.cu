@@ -12,8 +12,6 @@ namespace tilewise::hopper {
 
 int dkdv_stream_rows() { return TILEWISE_HOPPER_BWD_STREAM_ROWS; }
 
-bool preprocess_zeroes_dq() { return TILEWISE_HOPPER_BWD_ZERO_IN_PREPROCESS != 0; }
-
 int reduce_cluster_size() { return bwd_cluster(BwdKernel::dkdvq_reduce_cluster); }
 
 int reduce_cluster_ctas(int head_dim, bool bf16) { return head_dim == 128 ? reduce_cluster_ctas_at<128>(bf16) : 0; }

@@ -13,9 +13,6 @@ constexpr int kBackwardOwnedRows = 128;
 /// a macro of backward.cu alone, so that a kernel variant built with another value plans for it too): the host sizes
 /// the boxes, the statistics and the maps of that kernel's streamed side by it.
 int dkdv_stream_rows();
-/// Whether this build's preprocess zeroes the block-order dQ accumulator (PreprocessParams::dq_zero) in place of a
-/// memset (TILEWISE_HOPPER_BWD_ZERO_IN_PREPROCESS, a macro of backward.cu alone).
-bool preprocess_zeroes_dq();
 /// CTAs per cluster of this build's reduce kernel in clusters (BwdKernel::dkdvq_reduce_cluster; 1: none built).
 int reduce_cluster_size();
 /// How many CTAs of the reduce kernel in clusters can be resident at once on the current device at head dim

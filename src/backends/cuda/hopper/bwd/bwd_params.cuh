@@ -138,15 +138,6 @@
 #ifndef TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER
 #define TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER 6
 #endif
-// Who zeroes the block-order dQ accumulator (TILEWISE_HOPPER_BWD_DQ_BLOCK_ORDER) before the reduce kernel adds into
-// it: 0 a cudaMemsetAsync of the whole accumulator; 1 the preprocess, each CTA its own statistics entry's 64 x D block
-// (the same rows it reads O and dO for), stored while those loads are in flight: one pass over DRAM fewer per
-// backward (docs/performance.md backward v3.33). v3.24's first preprocess zeroed too, but then it worked out each
-// row's position in every lane, which was its cost. A macro of backward.cu: the host asks the build
-// (hopper::preprocess_zeroes_dq).
-#ifndef TILEWISE_HOPPER_BWD_ZERO_IN_PREPROCESS
-#define TILEWISE_HOPPER_BWD_ZERO_IN_PREPROCESS 0
-#endif
 // CTAs per cluster of the reduce kernel at D 128 (BwdKernel::dkdvq_reduce_cluster; docs/performance.md backward
 // v3.14): with 3, the three CTAs of a cluster own the three 128-key blocks of one 384-token tile (or three text
 // blocks of one head), which stream the same query blocks in the same order; each Q block (with its statistics) and

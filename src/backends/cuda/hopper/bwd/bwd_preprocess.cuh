@@ -28,9 +28,6 @@ struct PreprocessParams {
   float* delta = nullptr;       // [B, Hq, S]
   float* stats = nullptr;       // [B, Hq, stats_entries, kStatsRows x the streamed rows]
   int32_t batch = 1;            // every batch element (one launch)
-  // The reduce kernel's dQ accumulator in block order ([B, Hq, stats_entries, kRows x D] fp32), which each CTA zeroes
-  // its entry's block of (TILEWISE_HOPPER_BWD_ZERO_IN_PREPROCESS), or null (zeroed otherwise, or none).
-  float* dq_zero = nullptr;
   // The CTAs' order over (stats entry, batch x head), set by launch_backward_preprocess from o's strides.
   cuda::RowPassOrder order;
 };
@@ -88,14 +85,6 @@ __global__ void __launch_bounds__(kPreprocessThreads) bwd_preprocess(const __gri
         y[s] = *reinterpret_cast<const uint4*>(dout + at[s] * pre.so.seq);
       }
     }
-  }
-  if (pre.dq_zero) {  // stored while the loads above are in flight
-    constexpr int kVectors = kRows * kHeadDim / 4;
-    static_assert(kVectors % kPreprocessThreads == 0, "the block's 16-byte vectors split evenly over the threads");
-    float4* block = reinterpret_cast<float4*>(pre.dq_zero + (int64_t{bh} * p.stats_entries + entry) * (kRows * kHeadDim));
-#pragma unroll
-    for (int i = 0; i < kVectors / kPreprocessThreads; ++i)
-      block[i * kPreprocessThreads + threadIdx.x] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
   float* out = pre.stats + (int64_t{bh} * p.stats_entries + entry) * (kStatsRows * kRows);
 #pragma unroll
