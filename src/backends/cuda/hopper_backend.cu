@@ -516,6 +516,7 @@ class HopperBackend final : public Backend {
       dkv.grad1_strides = p.v;
       dkv.video_order = dkdv_order_.get();
       dkv.walk_width_slowest = sweep_;
+      if (TILEWISE_HOPPER_BWD_ABLATE & 32768) dkv.text_items = 0;  // measurement only (bwd_params.cuh)
       dkv.num_work = dkv.batch * dkv.kv_heads * (dkv.video_items + dkv.text_items);
       dkv.work_counter = ws.counters + 1;
 

@@ -24,10 +24,23 @@ template <class Slots, bool kOn>
 struct ClockTracer {
   int role = 0;
   uint32_t n = 0, items = 0;
-  bool on = false;
-  __device__ __forceinline__ void start(int role_, bool thread) {
+  bool on = false, thread = false, followed = false;
+  /// With Slots::kUnit >= 0 the traced CTA is the one whose first work unit is kUnit (e.g. a text item, which the
+  /// dynamic scheduler hands to any CTA), not CTA kCta: each role calls unit() with the units it takes.
+  static constexpr bool kByUnit = [] {
+    if constexpr (requires { Slots::kUnit; }) return Slots::kUnit >= 0;
+    return false;
+  }();
+  __device__ __forceinline__ void start(int role_, bool thread_) {
     role = role_;
-    on = thread && blockIdx.x == Slots::kCta;
+    thread = thread_;
+    on = !kByUnit && thread && blockIdx.x == Slots::kCta;
+  }
+  __device__ __forceinline__ void unit(int32_t u) {
+    if constexpr (kByUnit) {
+      if (!followed) on = thread && u == Slots::kUnit;
+      followed = true;
+    }
   }
   __device__ __forceinline__ void put(uint32_t block, int e, uint32_t v) const {
     if (on)
@@ -50,6 +63,7 @@ struct ClockTracer {
 template <class Slots>
 struct ClockTracer<Slots, false> {
   __device__ __forceinline__ void start(int, bool) {}
+  __device__ __forceinline__ void unit(int32_t) {}
   __device__ __forceinline__ void put(uint32_t, int, uint32_t) const {}
   __device__ __forceinline__ void put_item(uint32_t, int, uint32_t) const {}
   __device__ __forceinline__ void stamp(uint32_t, int) const {}

@@ -879,6 +879,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     const int32_t heads = kKernel == BwdKernel::dq ? bp.q_heads : bp.kv_heads;
     const int32_t units = scheduled_units<kCluster>(bp, heads);
     for (int32_t u; (trace.stamp_item(items, 0), u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < units;) {
+      trace.unit(u);
       constexpr bool kHeavyFirst = kKernel != BwdKernel::dq && TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0;
       const WorkItem item = scheduled_item<kCluster, Traits::kBlockM, kHeavyFirst>(bp, u, this->rank, heads);
       if (item.empty) {

@@ -177,7 +177,9 @@
 // bit 4096 leaves the dQ reductions to the cluster's first CTA: what summing the partials in distributed shared
 // memory could save at most (v3.23). Bit 8192 replaces every exponential of P^T by its argument (v3.25: what MUFU
 // costs the chain; row 1 -1.0%, so the exponentials are not what it waits for). Bit 16384 (hopper_backend.cu) skips
-// the dQ accumulator's zeroing and dq's conversion: what folding both into the main kernel could save at most.
+// the dQ accumulator's zeroing and dq's conversion: what folding both into the main kernel could save at most. Bit
+// 32768 (hopper_backend.cu) schedules no text key items in the reduce kernel (their dK, dV and dQ parts missing):
+// what those items cost (docs/performance.md backward v3.33).
 // (Skipping the dK and dV stores outright is no ablation: ptxas then drops some of their wgmmas. Bit 2048 stores
 // them only where a run-time test that never holds says so, which keeps the wgmmas: what the stores cost.)
 #ifndef TILEWISE_HOPPER_BWD_ABLATE

@@ -222,6 +222,7 @@ struct BwdProducer {
     trace.start(kTraceQLoader, true);
     for (int32_t u; (trace.stamp_item(0), u = kCluster == 1 || rank == 0 ? ring.produce(p.work_counter, units)
                                                                    : ring.consume()) < units;) {
+      trace.unit(u);
       trace.stamp_item(1);
       const WorkItem item = dkdv_item(u);
       // In a cluster a CTA with an empty item still takes part in its unit's stream (decode_tile_unit).
@@ -270,6 +271,7 @@ struct BwdProducer {
       WorkRing<typename Traits::Shared, kCluster> ring{s, rank};
       const int32_t units = dkdv_units();
       for (int32_t u; (u = ring.consume()) < units;) {
+        trace.unit(u);
         const WorkItem item = dkdv_item(u);
         if (item.empty) continue;  // (in a cluster its consumers stage no dQ either)
         for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {
@@ -331,6 +333,7 @@ struct BwdProducer {
     const int32_t units = dkdv_units();
     trace.start(kTraceDoLoader, true);
     for (int32_t u; (u = ring.consume()) < units;) {
+      trace.unit(u);
       const WorkItem item = dkdv_item(u);
       if (item.empty && kCluster == 1) continue;
       for_each_stream_block(item, [&](const Block& qb, int32_t h, int32_t, bool, bool empty) {

@@ -18,6 +18,11 @@
 #ifndef TILEWISE_HOPPER_BWD_TRACE_CTA
 #define TILEWISE_HOPPER_BWD_TRACE_CTA 0
 #endif
+// >= 0: trace the CTA whose first work unit is this one instead (ClockTracer::unit), e.g. 0, a text key item where
+// the row has text (heaviest first), which the dynamic scheduler gives to whichever CTA asks first.
+#ifndef TILEWISE_HOPPER_BWD_TRACE_UNIT
+#define TILEWISE_HOPPER_BWD_TRACE_UNIT -1
+#endif
 
 namespace tilewise::hopper {
 
@@ -37,6 +42,7 @@ struct BwdTraceTable {
 static __device__ BwdTraceTable bwd_trace;
 struct BwdTraceSlots {
   static constexpr unsigned kCta = TILEWISE_HOPPER_BWD_TRACE_CTA;
+  static constexpr int kUnit = TILEWISE_HOPPER_BWD_TRACE_UNIT;
   static __device__ __forceinline__ uint32_t* slot(int role, uint32_t block, int e) {
     return block < kBwdTraceBlocks ? &bwd_trace.block[role][block][e] : nullptr;
   }
