@@ -24,9 +24,11 @@ template <class Slots, bool kOn>
 struct ClockTracer {
   int role = 0;
   uint32_t n = 0, items = 0;
-  bool on = false, thread = false, followed = false;
-  /// With Slots::kUnit >= 0 the traced CTA is the one whose first work unit is kUnit (e.g. a text item, which the
-  /// dynamic scheduler hands to any CTA), not CTA kCta: each role calls unit() with the units it takes.
+  bool on = false, thread = false;
+  /// With Slots::kUnit >= 0 the traced CTA is the one that takes work unit kUnit (e.g. a text item, which the
+  /// dynamic scheduler hands to any CTA), from that unit on, not CTA kCta: each role calls unit() with the units it
+  /// takes, and the table's blocks and items count from that unit's (block_base, item_base: the role's counts then).
+  uint32_t block_base = 0, item_base = 0;
   static constexpr bool kByUnit = [] {
     if constexpr (requires { Slots::kUnit; }) return Slots::kUnit >= 0;
     return false;
@@ -36,19 +38,22 @@ struct ClockTracer {
     thread = thread_;
     on = !kByUnit && thread && blockIdx.x == Slots::kCta;
   }
-  __device__ __forceinline__ void unit(int32_t u) {
+  /// `items_so_far`: the role's item count where it numbers its items itself (the consumers), else its own.
+  __device__ __forceinline__ void unit(int32_t u, uint32_t items_so_far = ~0u) {
     if constexpr (kByUnit) {
-      if (!followed) on = thread && u == Slots::kUnit;
-      followed = true;
+      if (on || !thread || u != Slots::kUnit) return;
+      on = true;
+      block_base = n;
+      item_base = items_so_far == ~0u ? items : items_so_far;
     }
   }
   __device__ __forceinline__ void put(uint32_t block, int e, uint32_t v) const {
     if (on)
-      if (uint32_t* at = Slots::slot(role, block, e)) *at = v;
+      if (uint32_t* at = Slots::slot(role, block - block_base, e)) *at = v;
   }
   __device__ __forceinline__ void put_item(uint32_t item, int e, uint32_t v) const {
     if (on)
-      if (uint32_t* at = Slots::item_slot(role, item, e)) *at = v;
+      if (uint32_t* at = Slots::item_slot(role, item - item_base, e)) *at = v;
   }
   __device__ __forceinline__ void stamp(uint32_t block, int e) const { put(block, e, static_cast<uint32_t>(clock())); }
   __device__ __forceinline__ void stamp_item(uint32_t item, int e) const {
@@ -63,7 +68,8 @@ struct ClockTracer {
 template <class Slots>
 struct ClockTracer<Slots, false> {
   __device__ __forceinline__ void start(int, bool) {}
-  __device__ __forceinline__ void unit(int32_t) {}
+  static constexpr uint32_t block_base = 0;
+  __device__ __forceinline__ void unit(int32_t, uint32_t = 0) {}
   __device__ __forceinline__ void put(uint32_t, int, uint32_t) const {}
   __device__ __forceinline__ void put_item(uint32_t, int, uint32_t) const {}
   __device__ __forceinline__ void stamp(uint32_t, int) const {}

@@ -618,7 +618,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     OwnedK owned_k;  // the A operands of S^T and dP^T held in registers (kOwnedKSteps, kOwnedVSteps)
     OwnedV owned_v;
     start_item(dk, dv, owned_k, owned_v);
-    if constexpr (kReduce) trace.stamp_item(record, 3), trace.put_item(record, 4, blocks);
+    if constexpr (kReduce) trace.stamp_item(record, 3), trace.put_item(record, 4, blocks - trace.block_base);
     // kIssueFirst: an item with no streamed block (its one record is empty) is freed here, so that the loop below
     // may issue a block's first GEMMs before it has read the block's record.
     constexpr bool kIssueFirst = kReduce && kIssueGemmsFirst;
@@ -879,7 +879,7 @@ struct BwdConsumer : Consumer<Traits, kType> {
     const int32_t heads = kKernel == BwdKernel::dq ? bp.q_heads : bp.kv_heads;
     const int32_t units = scheduled_units<kCluster>(bp, heads);
     for (int32_t u; (trace.stamp_item(items, 0), u = __shfl_sync(0xffffffffu, ring.consume(), 0)) < units;) {
-      trace.unit(u);
+      trace.unit(u, items);
       constexpr bool kHeavyFirst = kKernel != BwdKernel::dq && TILEWISE_HOPPER_BWD_HEAVY_FIRST != 0;
       const WorkItem item = scheduled_item<kCluster, Traits::kBlockM, kHeavyFirst>(bp, u, this->rank, heads);
       if (item.empty) {

@@ -18,8 +18,8 @@
 #ifndef TILEWISE_HOPPER_BWD_TRACE_CTA
 #define TILEWISE_HOPPER_BWD_TRACE_CTA 0
 #endif
-// >= 0: trace the CTA whose first work unit is this one instead (ClockTracer::unit), e.g. 0, a text key item where
-// the row has text (heaviest first), which the dynamic scheduler gives to whichever CTA asks first.
+// >= 0: trace the CTA that takes this work unit instead, from that unit on (ClockTracer::unit), e.g. 0, a text key
+// item where the row has text (heaviest first), which the dynamic scheduler gives to whichever CTA asks first.
 #ifndef TILEWISE_HOPPER_BWD_TRACE_UNIT
 #define TILEWISE_HOPPER_BWD_TRACE_UNIT -1
 #endif
