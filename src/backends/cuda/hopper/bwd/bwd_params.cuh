@@ -179,7 +179,9 @@
 // costs the chain; row 1 -1.0%, so the exponentials are not what it waits for). Bit 16384 (hopper_backend.cu) skips
 // the dQ accumulator's zeroing and dq's conversion: what folding both into the main kernel could save at most. Bit
 // 32768 (hopper_backend.cu) schedules no text key items in the reduce kernel (their dK, dV and dQ parts missing):
-// what those items cost (docs/performance.md backward v3.33).
+// what those items cost (docs/performance.md backward v3.33). Bit 65536: a video item's text query blocks load no
+// bytes and add no dQ (block-order accumulators: D 96, 128), their GEMMs and softmax kept: what their memory side
+// costs the video items (v3.33: their blocks ran 5.6% slower on + text than on row 1).
 // (Skipping the dK and dV stores outright is no ablation: ptxas then drops some of their wgmmas. Bit 2048 stores
 // them only where a run-time test that never holds says so, which keeps the wgmmas: what the stores cost.)
 #ifndef TILEWISE_HOPPER_BWD_ABLATE

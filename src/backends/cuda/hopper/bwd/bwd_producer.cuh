@@ -145,6 +145,7 @@ struct BwdProducer {
     s.k_empty[stage].wait(pipe.phase() ^ 1);
     trace.stamp(1);
     s.info[stage] = describe_stream(item, qb, h, gi, last, empty);
+    if constexpr ((TILEWISE_HOPPER_BWD_ABLATE & 65536) != 0) empty = empty || text_block_ablated(item, qb);
     if (empty || (TILEWISE_HOPPER_BWD_ABLATE & 8)) {
       s.k_full[stage].arrive();
     } else {
@@ -184,6 +185,7 @@ struct BwdProducer {
     trace.stamp(0);
     s.v_empty[stage].wait(pipe.phase() ^ 1);
     trace.stamp(1);
+    if constexpr ((TILEWISE_HOPPER_BWD_ABLATE & 65536) != 0) empty = empty || text_block_ablated(item, qb);
     if (empty || (TILEWISE_HOPPER_BWD_ABLATE & 8)) {
       s.v_full[stage].arrive();
     } else {
@@ -237,6 +239,11 @@ struct BwdProducer {
     }
   }
 
+  /// Measurement only (TILEWISE_HOPPER_BWD_ABLATE bit 65536): a video item's text query blocks stream no bytes and
+  /// reduce no dQ (their stages arrive as bit 8's do; the consumers compute on what the stages held).
+  __device__ __forceinline__ bool text_block_ablated(const WorkItem& item, const Block& qb) const {
+    return (TILEWISE_HOPPER_BWD_ABLATE & 65536) && qb.text && !item.q.text;
+  }
   /// Measurement only (TILEWISE_HOPPER_BWD_ABLATE): bit 128 issues no dQ reductions; bit 4096 in clusters, the
   /// cluster's first CTA's alone.
   __device__ __forceinline__ bool reductions_ablated() const {
@@ -278,7 +285,12 @@ struct BwdProducer {
           if (empty) return;
           if constexpr (dq_block_order_at(Traits::D)) {
             float* to = p.dq_accum + stream_entry(item, qb, h) * (Traits::kStreamRows * Traits::D);
-            reduce_block(m, [&] { bulk_reduce_add_f32(to, s.dq_stage(), Traits::kDqStageBytes); });
+            reduce_block(m, [&] {
+              if constexpr ((TILEWISE_HOPPER_BWD_ABLATE & 65536) != 0) {  // (the default's code stays as it was)
+                if (text_block_ablated(item, qb)) return;
+              }
+              bulk_reduce_add_f32(to, s.dq_stage(), Traits::kDqStageBytes);
+            });
           } else {
             with_reduction_target(qb, [&](bool text, uint32_t cls, int c1, int c2, int c3) {
               const CUtensorMap* map = reduction_map(text, cls);
