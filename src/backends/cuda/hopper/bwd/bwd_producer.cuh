@@ -145,7 +145,7 @@ struct BwdProducer {
     s.k_empty[stage].wait(pipe.phase() ^ 1);
     trace.stamp(1);
     s.info[stage] = describe_stream(item, qb, h, gi, last, empty);
-    if constexpr ((TILEWISE_HOPPER_BWD_ABLATE & 65536) != 0) empty = empty || text_block_ablated(item, qb);
+    if constexpr ((TILEWISE_HOPPER_BWD_ABLATE & 65536) != 0) empty = empty || video_item_text_block(item, qb);
     if (empty || (TILEWISE_HOPPER_BWD_ABLATE & 8)) {
       s.k_full[stage].arrive();
     } else {
@@ -185,7 +185,7 @@ struct BwdProducer {
     trace.stamp(0);
     s.v_empty[stage].wait(pipe.phase() ^ 1);
     trace.stamp(1);
-    if constexpr ((TILEWISE_HOPPER_BWD_ABLATE & 65536) != 0) empty = empty || text_block_ablated(item, qb);
+    if constexpr ((TILEWISE_HOPPER_BWD_ABLATE & 65536) != 0) empty = empty || video_item_text_block(item, qb);
     if (empty || (TILEWISE_HOPPER_BWD_ABLATE & 8)) {
       s.v_full[stage].arrive();
     } else {
@@ -239,10 +239,11 @@ struct BwdProducer {
     }
   }
 
-  /// Measurement only (TILEWISE_HOPPER_BWD_ABLATE bit 65536): a video item's text query blocks stream no bytes and
-  /// reduce no dQ (their stages arrive as bit 8's do; the consumers compute on what the stages held).
-  __device__ __forceinline__ bool text_block_ablated(const WorkItem& item, const Block& qb) const {
-    return (TILEWISE_HOPPER_BWD_ABLATE & 65536) && qb.text && !item.q.text;
+  /// A video item's text query block: what ablation bit 65536 (measurement only) streams no bytes for and reduces no
+  /// dQ of (their stages arrive as bit 8's do; the consumers compute on what the stages held). Its callers test the
+  /// bit with `if constexpr`: a run-time test that folds to false still changed the default's machine code.
+  static __device__ __forceinline__ bool video_item_text_block(const WorkItem& item, const Block& qb) {
+    return qb.text && !item.q.text;
   }
   /// Measurement only (TILEWISE_HOPPER_BWD_ABLATE): bit 128 issues no dQ reductions; bit 4096 in clusters, the
   /// cluster's first CTA's alone.
@@ -286,8 +287,8 @@ struct BwdProducer {
           if constexpr (dq_block_order_at(Traits::D)) {
             float* to = p.dq_accum + stream_entry(item, qb, h) * (Traits::kStreamRows * Traits::D);
             reduce_block(m, [&] {
-              if constexpr ((TILEWISE_HOPPER_BWD_ABLATE & 65536) != 0) {  // (the default's code stays as it was)
-                if (text_block_ablated(item, qb)) return;
+              if constexpr ((TILEWISE_HOPPER_BWD_ABLATE & 65536) != 0) {
+                if (video_item_text_block(item, qb)) return;
               }
               bulk_reduce_add_f32(to, s.dq_stage(), Traits::kDqStageBytes);
             });
