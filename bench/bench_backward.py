@@ -36,8 +36,8 @@ from tilewise import _capi  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_forward import (Row, _tiled_permutation, alternate_variants, bench, block_mask_from_mod,  # noqa: E402
-                           compiled_flex, flex_mask_mod, max_abs_diff, parse_args, plan_kwargs, selected_rows,
-                           variant_cells, variant_header)
+                           compiled_flex, flex_mask_mod, max_abs_diff, parse_args, plan_kwargs, row_inputs,
+                           selected_rows, variant_cells, variant_header)
 from report import emit  # noqa: E402
 
 
@@ -162,7 +162,7 @@ def main() -> None:
     for row in selected_rows(args, groups):
         S = math.prod(row.latent) + row.text
         B, Hh, D = 1, row.heads, row.head_dim
-        q, k, v, dout = (torch.randn(B, S, Hh, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+        q, k, v, dout = row_inputs(row, B, S, 4, dev)
         text_len = torch.full((B,), row.text_len, device=dev, dtype=torch.int32)
         tw = TilewiseRun(row, q, k, v, dout, text_len, args.deterministic)
         flops = 2.5 * tw.plan.flops([row.text_len] * B if row.text else None)

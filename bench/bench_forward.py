@@ -58,6 +58,7 @@ class Row:
     text: int = 0
     text_len: int = 0
     text_position: str = "last"
+    layout: str = "bshd"  # the tensors' memory: [B, S, H, D] rows or [B, H, S, D] (each head's sequence contiguous)
     notes: list = field(default_factory=list)
 
 
@@ -67,6 +68,8 @@ def rows() -> list[Row]:
         for text, tl in [(0, 0), (256, 226)]:
             r.append(Row(1, f"Hunyuan 30x48x80 w{'x'.join(map(str, win))}" + (" +text" if text else ""),
                          (30, 48, 80), 24, 128, (6, 8, 8), window=win, text=text, text_len=tl))
+    # row 1 on [B, H, S, D] tensors (the other rows are [B, S, H, D]): every pass reads and writes other strides
+    r.append(Row(1, "Hunyuan 30x48x80 w3x3x3 bhsd", (30, 48, 80), 24, 128, (6, 8, 8), layout="bhsd"))
     r.append(Row(2, "Hunyuan 33x45x80 w3x3x3 (partial)", (33, 45, 80), 24, 128, (6, 8, 8)))
     r.append(Row(3, "Wan2.1-14B 21x45x80 w3x3x3", (21, 45, 80), 40, 128, (6, 8, 8)))
     r.append(Row(4, "OpenSoraPlan 24x45x80 attn-tile g3 D96", (24, 45, 80), 24, 96, (1, 8, 16),
@@ -81,7 +84,15 @@ def plan_kwargs(row: Row, batch: int = 1) -> dict:
     return dict(batch=batch, q_heads=row.heads, kv_heads=row.heads, head_dim=row.head_dim, dtype="bf16",
                 latent=row.latent, tile=row.tile, text_capacity=row.text, text_position=row.text_position,
                 pattern=row.pattern, windows=(row.window,), global_frames=(row.global_frames,), radius=(0,),
-                device="cuda")
+                layout=row.layout, device="cuda")
+
+
+def row_inputs(row: Row, batch: int, seq: int, count: int, device) -> list:
+    """`count` random bf16 tensors of shape [B, S, H, D] in the row's memory layout (for [B, H, S, D] rows, views of
+    contiguous [B, H, S, D] tensors), so that o and the gradients made by empty_like share it."""
+    shape = (batch, row.heads, seq, row.head_dim) if row.layout == "bhsd" else (batch, seq, row.heads, row.head_dim)
+    xs = [torch.randn(*shape, device=device, dtype=torch.bfloat16) for _ in range(count)]
+    return [x.transpose(1, 2) for x in xs] if row.layout == "bhsd" else xs
 
 
 def named_libraries(text: str) -> list:
@@ -325,7 +336,7 @@ def main() -> None:
         nv = T * H * W
         S = nv + row.text
         B, Hh, D = 1, row.heads, row.head_dim
-        q, k, v = (torch.randn(B, S, Hh, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = row_inputs(row, B, S, 3, dev)
         o = torch.empty_like(q)
         text_len = torch.full((B,), row.text_len, device=dev, dtype=torch.int32)
         run_kw = plan_kwargs(row, B)

@@ -26,7 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_backward import TilewiseRun  # noqa: E402
-from bench_forward import _capi, named_libraries, plan_kwargs, quantized_inputs, rows, run_fp8_scaled  # noqa: E402
+from bench_forward import (_capi, named_libraries, plan_kwargs, quantized_inputs, row_inputs, rows,  # noqa: E402
+                           run_fp8_scaled)
 
 
 def fields() -> str:
@@ -112,7 +113,7 @@ def main() -> None:
     torch.manual_seed(0)
     dev = torch.device("cuda")
     S = row.latent[0] * row.latent[1] * row.latent[2] + row.text
-    q, k, v, dout = (torch.randn(1, S, row.heads, row.head_dim, device=dev, dtype=torch.bfloat16) for _ in range(4))
+    q, k, v, dout = row_inputs(row, 1, S, 4, dev)
     text_len = torch.full((1,), row.text_len, device=dev, dtype=torch.int32)
     tl_ptr = text_len.data_ptr() if row.text else 0
     run_kw = plan_kwargs(row)

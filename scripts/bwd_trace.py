@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from bench_backward import TilewiseRun  # noqa: E402
-from bench_forward import rows  # noqa: E402
+from bench_forward import row_inputs, rows  # noqa: E402
 from timeline import arguments, bench_row, covered, unwrap32  # noqa: E402  (scripts/, this script's folder)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
@@ -92,8 +92,7 @@ def main() -> None:
     row = bench_row(rows(), args.row)
     T, H, W = row.latent
     S = T * H * W + row.text
-    q, k, v, dout = (torch.randn(1, S, row.heads, row.head_dim, device="cuda", dtype=torch.bfloat16)
-                     for _ in range(4))
+    q, k, v, dout = row_inputs(row, 1, S, 4, "cuda")
     text_len = torch.full((1,), row.text_len, device="cuda", dtype=torch.int32)
     run = TilewiseRun(row, q, k, v, dout, text_len, deterministic=False)
     run.forward()

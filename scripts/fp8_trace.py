@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-from bench_forward import plan_kwargs, quantized_inputs, rows, run_fp8_scaled  # noqa: E402
+from bench_forward import plan_kwargs, quantized_inputs, row_inputs, rows, run_fp8_scaled  # noqa: E402
 from timeline import arguments, bench_row, covered, unwrap32  # noqa: E402  (scripts/, this script's folder)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
@@ -54,7 +54,7 @@ def main() -> None:
     row = bench_row(rows(), args.row)
     T, H, W = row.latent
     S = T * H * W + row.text
-    q, k, v = (torch.randn(1, S, row.heads, row.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = row_inputs(row, 1, S, 3, "cuda")
     text_len = torch.full((1,), row.text_len, device="cuda", dtype=torch.int32)
     tl_ptr = text_len.data_ptr() if row.text else 0
     kw = plan_kwargs(row)

@@ -166,7 +166,7 @@ def test_other_families_train_step(family):
     model, inputs = build(family)
     preset = PRESETS["tiny"].replace(family=family, window=(1, 1, 1), tile=(1, 4, 4))
     run = Run.__new__(Run)  # no output folder: only what student() and autocast() read
-    run.preset, run.device, run.world = preset, torch.device("cpu"), 1
+    run.preset, run.device, run.dtype, run.world = preset, torch.device("cpu"), torch.float32, 1
     run.parallel, run.sequence_parallel = "ddp", 1
     latents = inputs["hidden_states"] if family == "hunyuan" else inputs["hidden_states"].transpose(1, 2)
     batch = {"text": inputs["encoder_hidden_states"]}
@@ -184,6 +184,22 @@ def test_other_families_train_step(family):
     assert loss > 0 and all(p.grad is not None for n, p in s.named_parameters() if "to_q" in n)
 
 
+def test_evdit_float64_reference_run(tmp_path):
+    """--dtype float64 (the reference runs of test_train_ddp.py): every stage trains, samples and evaluates in
+    float64 (weights, moments, losses), through the same code as float32."""
+    out = tmp_path / "evdit64"
+    assert cli.main(["evdit", "--preset", "tiny", "--device", "cpu", "--out", str(out), "--quiet", "--steps", "2",
+                     "--eval-samples", "1", "--dtype", "float64"]) == 0
+    stages = _summary(out)
+    assert list(stages) == ["mlcd", "search", "kd"]
+    weights, _ = load_tensors(out / "kd.safetensors")
+    assert weights and all(t.dtype == torch.float64 for t in weights.values() if t.is_floating_point())
+    ckpt, _ = load_tensors(out / "checkpoints" / "kd.safetensors")
+    moments = [t for k, t in ckpt.items() if k.startswith("optim/") and t.is_floating_point() and t.ndim > 0]
+    assert moments and all(t.dtype == torch.float64 for t in moments)
+    assert all(v == v for v in json.loads((out / "eval.json").read_text())["rel_error"].values())  # no NaN
+
+
 @pytest.mark.parametrize("args, message", [
     (["sta", "--preset", "nope", "--device", "cpu", "--out", "X"], "invalid choice: 'nope'"),
     (["sta", "--preset", "tiny", "--device", "cpu", "--out", "X", "--window", "3x3"], "invalid --window = '3x3'"),
@@ -193,6 +209,9 @@ def test_other_families_train_step(family):
     (["sta", "--preset", "tiny", "--device", "cpu", "--out", "X", "--sequence-parallel", "2"],
      "invalid --sequence-parallel = 2: expected a divisor of the number of processes, 1"),
     (["sta", "--preset", "tiny", "--device", "cpu", "--out", "X", "--parallel", "zero"], "invalid choice: 'zero'"),
+    (["sta", "--preset", "tiny", "--device", "cuda", "--out", "X", "--dtype", "float64"],
+     "invalid --dtype = float64 with --device cuda: float64 runs on the CPU only"),
+    (["sta", "--preset", "tiny", "--device", "cpu", "--out", "X", "--dtype", "half"], "invalid choice: 'half'"),
     (["evdit", "--preset", "tiny", "--device", "cpu", "--out", "X", "--distill-lr", "0"],
      "invalid --distill-lr = 0.0: expected a number > 0"),
     (["evdit", "--preset", "tiny", "--device", "cpu", "--out", "X", "--stages", "kd", "--steps", "2"],

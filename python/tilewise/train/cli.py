@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
                     help="under torchrun: N ranks share each sample, each holding 1/N of its sequence (diffusers' "
                          "context parallelism, tilewise's Ulysses attention); the world size must be a multiple")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                    help="master weights and losses (float64: CPU only, a reference run for tests)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     return ap
 
@@ -153,6 +155,9 @@ def run(argv: Sequence[str], stream=None) -> int:
         parse_stages(args.stages)
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise UsageError(f"invalid --device = {args.device!r}: expected cpu or cuda")
+    if args.dtype == "float64" and args.device != "cpu":
+        raise UsageError(f"invalid --dtype = float64 with --device {args.device}: float64 runs on the CPU only "
+                         "(tilewise's CUDA kernels take bf16 / fp16)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.sequence_parallel < 1 or world % args.sequence_parallel:
         raise UsageError(f"invalid --sequence-parallel = {args.sequence_parallel}: expected a divisor of the number "
@@ -165,7 +170,8 @@ def run(argv: Sequence[str], stream=None) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"tilewise train: {msg}", file=stream))
     try:
         r = Run(args.out, device, preset, resume=args.resume, process_group=group, progress=not args.quiet,
-                stream=stream, log=log, parallel=args.parallel, sequence_parallel=args.sequence_parallel)
+                stream=stream, log=log, parallel=args.parallel, sequence_parallel=args.sequence_parallel,
+                dtype=args.dtype)
         if args.recipe == "sta":
             from tilewise.train.sta import train_sta
             train_sta(r, data_dir=args.data, model_dir=args.model, strategy_file=args.strategy)

@@ -30,7 +30,7 @@ def batch_source(run: Run, ds, salt: int):
     """data(skip) for Run.train: batches on the run's device, this rank's shard of each global batch."""
     def data(skip: int):
         for b in data_mod.batches(ds, run.preset.batch, run.preset.seed + salt, run.dp_rank, run.dp_world, skip):
-            yield {k: v.to(run.device) for k, v in b.items()}
+            yield run.to_run(b)
     return data
 
 
@@ -68,8 +68,9 @@ def student(model, run: Run, *, lora_rank: int, strategy=None, timesteps=None):
     """The trained copy: LoRA or full, tilewise enabled with `strategy` (None: dense), gradient checkpointing,
     train mode; wrapped in DDP over the run's process group when there is one."""
     s = copy.deepcopy(unwrap(model))
-    if any(p.dtype != torch.float32 for p in s.parameters()):
-        raise ValueError("student: expected a float32 model (fp32 master weights; autocast gives bf16 on CUDA)")
+    if any(p.dtype != run.dtype for p in s.parameters()):
+        raise ValueError(f"student: expected a {str(run.dtype).removeprefix('torch.')} model (the run's master "
+                         "weights; autocast gives bf16 on CUDA)")
     if lora_rank and not any("lora_" in n for n, _ in s.named_parameters()):
         add_lora(s, lora_rank, run.preset.seed)
     elif not lora_rank:
@@ -192,7 +193,9 @@ def attention_distance(student_out: dict, teacher_out: dict) -> torch.Tensor:
     for i, s in student_out.items():
         t = teacher_out[i]
         s, t = (s if isinstance(s, tuple) else (s,)), (t if isinstance(t, tuple) else (t,))
-        terms += [F.mse_loss(a.float(), b.float()) for a, b in zip(s, t) if a is not None and b is not None]
+        # (at least float32: bf16 under CUDA autocast; a float64 run's stay float64)
+        terms += [F.mse_loss(*(x.to(torch.promote_types(x.dtype, torch.float32)) for x in (a, b)))
+                  for a, b in zip(s, t) if a is not None and b is not None]
     if not terms:
         raise RuntimeError("attention distillation: no attention output was recorded")
     return torch.stack(terms).mean()
@@ -211,9 +214,9 @@ class Distillation:
         """(student velocity, teacher velocity, w_attn x their attention-output distance or 0)."""
         with self.run.autocast():
             with torch.no_grad():
-                v_t = models.call(self.teacher, x, sigma, batch).float()
+                v_t = models.call(self.teacher, x, sigma, batch).to(self.run.dtype)
             a_t = self.t_hooks.take()
-            v_s = models.call(self.student, x, sigma, batch).float()
+            v_s = models.call(self.student, x, sigma, batch).to(self.run.dtype)
             a_s = self.s_hooks.take()
         if not w_attn:
             return v_s, v_t, 0.0
@@ -254,7 +257,7 @@ def pretrain(run: Run, model, ds):
         sigma = run.batch_rand(g, x0.shape[:1])
         with run.autocast():
             v = models.call(s, flow.noised(x0, noise, sigma), sigma, batch)
-        return F.mse_loss(v.float(), flow.flow_matching_target(x0, noise))
+        return F.mse_loss(v.to(run.dtype), flow.flow_matching_target(x0, noise))
 
     run.train("pretrain", steps=p.pretrain_steps, params=params, loss_fn=loss_fn, data=batch_source(run, ds, 1))
     run.save_model("pretrain", s, {"stage": "pretrain"})
@@ -263,7 +266,7 @@ def pretrain(run: Run, model, ds):
 
 def base_model(run: Run, model_dir, ds):
     """The teacher's starting point: the preset's model (or --model), pretrained densely when the preset asks."""
-    m = models.build_model(run.preset, model_dir).to(run.device)
+    m = models.build_model(run.preset, model_dir).to(run.device, run.dtype)
     if run.preset.pretrain_steps > 0:
         m = pretrain(run, m, ds)
     return m.eval()
@@ -280,7 +283,7 @@ def load_stage_model(run: Run, stage: str, like) -> Optional[torch.nn.Module]:
     if any("lora_" in k for k in state) and not any("lora_" in n for n, _ in m.named_parameters()):
         add_lora(m, int(meta.get("lora_rank", "0")) or _lora_rank(state))
     m.load_state_dict(state)
-    return m.to(run.device).eval()
+    return m.to(run.device, run.dtype).eval()
 
 
 def _lora_rank(state: dict) -> int:
@@ -299,8 +302,8 @@ def proxy_error(run: Run, ds, reference, ref_sigmas, candidates: dict) -> dict:
     g = run.generator(99)
     ref_err = {name: [] for name in candidates}
     for i in range(p.eval_samples):
-        b = {k: v[None].to(run.device) for k, v in ds[i % len(ds)].items()}
-        noise = torch.randn(b["latents"].shape, generator=g, device=run.device)
+        b = run.to_run({k: v[None] for k, v in ds[i % len(ds)].items()})
+        noise = run.randn(g, b["latents"].shape)
         x_ref = flow.sample(reference, noise, b, ref_sigmas, run.autocast)
         for name, (model, sig) in candidates.items():
             x = flow.sample(model, noise, b, sig, run.autocast)
@@ -315,13 +318,13 @@ def heldout_flow_loss(run: Run, ds, named_models: dict, samples: int) -> dict:
     g = run.generator(98)
     out = {name: 0.0 for name in named_models}
     for i in range(samples):
-        b = {k: v[None].expand(8, *v.shape).to(run.device) for k, v in ds[len(ds) - 1 - i % len(ds)].items()}
+        b = run.to_run({k: v[None].expand(8, *v.shape) for k, v in ds[len(ds) - 1 - i % len(ds)].items()})
         x0 = b["latents"]
-        noise = torch.randn(x0.shape, generator=g, device=run.device)
+        noise = run.randn(g, x0.shape)
         sigma = (torch.arange(8, device=run.device) + 0.5) / 8
         x = flow.noised(x0, noise, sigma)
         for name, m in named_models.items():
             with run.autocast():
-                v = models.call(m, x, sigma, b).float()
+                v = models.call(m, x, sigma, b).to(run.dtype)
             out[name] += float(F.mse_loss(v, flow.flow_matching_target(x0, noise))) / samples
     return out

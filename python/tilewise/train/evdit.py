@@ -51,7 +51,7 @@ def mlcd(run: Run, base, teacher, ds):
     module = unwrap(student)  # the EMA target's forward: the student's module with the EMA weights swapped in
 
     def f(model, x, s, boundary, batch):
-        return flow.consistency(models.call(model, x, s, batch).float(), x, s, boundary)
+        return flow.consistency(models.call(model, x, s, batch).to(x.dtype), x, s, boundary)
 
     def loss_fn(step, batch):
         x0 = batch["latents"]
@@ -62,7 +62,7 @@ def mlcd(run: Run, base, teacher, ds):
         boundary = sig[end]
         x_n = flow.noised(x0, noise, s_n)
         with torch.no_grad(), run.autocast():
-            v_t = models.call(teacher, x_n, s_n, batch).float()
+            v_t = models.call(teacher, x_n, s_n, batch).to(run.dtype)
             x_next = x_n + (s_next - s_n).view(-1, 1, 1, 1, 1) * v_t
             with _swapped(params, ema):  # the EMA student: the same module with the EMA weights in place
                 target = f(module, x_next, s_next, boundary, batch)
@@ -115,8 +115,8 @@ def search(run: Run, model, ds) -> Strategy:
         g = run.generator(4)
         for i in range(p.search_samples):
             sample_index[0] = i
-            b = {k: v[None].to(run.device) for k, v in ds[i % len(ds)].items()}
-            flow.sample(model, torch.randn(b["latents"].shape, generator=g, device=run.device), b, sig, run.autocast)
+            b = run.to_run({k: v[None] for k, v in ds[i % len(ds)].items()})
+            flow.sample(model, run.randn(g, b["latents"].shape), b, sig, run.autocast)
     finally:
         twd.disable(model)
     result = search_frame_patterns(captures, radius=p.radius, metric="rel_mse")

@@ -36,7 +36,7 @@ def sample(model, noise, batch, sigmas: torch.Tensor, autocast=None):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         with autocast():
             v = models.call(model, x, torch.full((B,), s, device=x.device), batch)
-        x = x + (s_next - s) * v.float()
+        x = x + (s_next - s) * v.to(x.dtype)
     return x
 
 

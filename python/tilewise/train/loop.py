@@ -113,10 +113,13 @@ class Run:
     `train`). So the run follows the single-process one up to float rounding."""
 
     PARALLEL = ("ddp", "fsdp")
+    # the master weights' and the losses' precision: float32, or float64 on the CPU for reference runs (a parallel
+    # run then follows the single-process one up to float64 rounding: tests/python/test_train_ddp.py)
+    DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
     def __init__(self, out, device: str, preset, *, resume: bool = False, process_group=None, progress: bool = True,
                  stream=None, log: Optional[Callable[[str], None]] = None, parallel: str = "ddp",
-                 sequence_parallel: int = 1):
+                 sequence_parallel: int = 1, dtype: str = "float32"):
         if parallel not in self.PARALLEL:
             raise ValueError(f"invalid parallel = {parallel!r}: expected one of {', '.join(self.PARALLEL)}")
         self.parallel = parallel
@@ -126,6 +129,10 @@ class Run:
             raise ValueError(f"invalid device = {device!r}: torch sees no CUDA GPU here; use --device cpu")
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"invalid device = {device!r}: expected cpu or cuda")
+        if dtype not in self.DTYPES or (dtype == "float64" and self.device.type != "cpu"):
+            raise ValueError(f"invalid dtype = {dtype!r}: expected float32, or float64 on the CPU (a reference run: "
+                             "tilewise's CUDA kernels take bf16 / fp16)")
+        self.dtype = self.DTYPES[dtype]
         self.group = process_group
         if process_group is not None:
             import torch.distributed as dist
@@ -189,10 +196,18 @@ class Run:
         return draw((self.dp_world * b, *shape[1:]))[self.dp_rank * b:(self.dp_rank + 1) * b]
 
     def batch_randn(self, g: torch.Generator, shape) -> torch.Tensor:
-        return self._rank_rows(lambda s: torch.randn(s, generator=g, device=self.device), shape)
+        return self._rank_rows(lambda s: self.randn(g, s), shape)
 
     def batch_rand(self, g: torch.Generator, shape) -> torch.Tensor:
-        return self._rank_rows(lambda s: torch.rand(s, generator=g, device=self.device), shape)
+        return self._rank_rows(lambda s: torch.rand(s, generator=g, device=self.device, dtype=self.dtype), shape)
+
+    def randn(self, g: torch.Generator, shape) -> torch.Tensor:
+        """A draw outside the global batch's sharding (every rank the same), in the run's precision."""
+        return torch.randn(shape, generator=g, device=self.device, dtype=self.dtype)
+
+    def to_run(self, sample: dict) -> dict:
+        """A sample or batch on the run's device, its floating tensors in the run's precision."""
+        return {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in sample.items()}
 
     def batch_randint(self, g: torch.Generator, high: int, shape) -> torch.Tensor:
         return self._rank_rows(lambda s: torch.randint(0, high, s, generator=g, device=self.device), shape)

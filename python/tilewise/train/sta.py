@@ -35,8 +35,8 @@ def windows(run: Run, teacher, ds, strategy_file: Optional[str]) -> Strategy:
         return Strategy.coerce(str(saved))
     elif p.calibrate:
         sig = flow.schedule(p.teacher_steps, p.shift)
-        b = {k: v[None].to(run.device) for k, v in ds[0].items()}
-        noise = torch.randn(b["latents"].shape, generator=run.generator(5), device=run.device)
+        b = run.to_run({k: v[None] for k, v in ds[0].items()})
+        noise = run.randn(run.generator(5), b["latents"].shape)
         with cal.capture(teacher, candidates=[tuple(c) for c in p.calibrate], tile=tuple(p.tile),
                          timesteps=sig[:-1] * 1000) as cap:
             flow.sample(teacher, noise, b, sig, run.autocast)
