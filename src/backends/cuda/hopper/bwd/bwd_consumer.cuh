@@ -291,28 +291,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
     // moved ptxas's register allocation and put 6 STL and 9 LDL into the block loop)
     named_barrier_sync(kStagedRowsBarrier + 4 * this->wg + this->tid / 32, 32);
     trace.stamp_item(record, value ? 13 : 11);
-    if constexpr (kRunCopies) {
-      // the warp's eight staged rows rr (quads j = 0..7, contiguous in shared memory) are one run of positions
-      if (st.seq == D) {
-        bool run[2];
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          const int32_t first = __shfl_sync(0xffffffffu, positions[rr], 0);
-          run[rr] = __all_sync(0xffffffffu, first >= 0 && positions[rr] == first + static_cast<int32_t>(lane() / 4));
-        }
-        if (run[0] && run[1]) {
-          if (lane() == 0) {
-            const int64_t b = this->p.batch_base + item.batch;
-#pragma unroll
-            for (int rr = 0; rr < 2; ++rr)
-              bulk_store(static_cast<uint16_t*>(base) + b * st.batch + positions[rr] * st.seq + head * st.head,
-                         staged_row(value, rr), 8 * D * 2);
-            tma_store_commit();
-          }
-          return;
-        }
-      }
-    }
     if (q == 0) {
       const int64_t b = this->p.batch_base + item.batch;
 #pragma unroll
@@ -328,7 +306,6 @@ struct BwdConsumer : Consumer<Traits, kType> {
   // kernel at D 128 outside clusters, after the item's last dQ turn (kStoresAfterLastDq: the ring is free then)
   static constexpr bool kTmaStores = Traits::kDqStaging && Traits::kCluster == 1 && D == 128 && kStoresAfterLastDq &&
                                      for_head_dim(TILEWISE_HOPPER_BWD_TMA_STORES);
-  static constexpr bool kRunCopies = for_head_dim(TILEWISE_HOPPER_BWD_RUN_COPIES);
 
   /// The statistics (lse2, D) of the streamed block in the stages the pipes point at: the K stage's, or the V stage's
   /// where the dO loader brings them (stats_with_output_grads; the same index, both pipes advancing together).

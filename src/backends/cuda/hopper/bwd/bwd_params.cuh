@@ -126,12 +126,6 @@
 #ifndef TILEWISE_HOPPER_BWD_TMA_STORES
 #define TILEWISE_HOPPER_BWD_TMA_STORES 4
 #endif
-// With the bulk-copy stores above, where a tensor's consecutive positions are consecutive rows (sequence stride D:
-// [B, H, S, D]): a warp whose eight staged rows of a gradient are eight consecutive positions (a tile's w-run) copies
-// them as one 2 KB bulk copy instead of eight 256-byte ones, a mask of head dims as above; 0 = a copy per row.
-#ifndef TILEWISE_HOPPER_BWD_RUN_COPIES
-#define TILEWISE_HOPPER_BWD_RUN_COPIES 0
-#endif
 // The reduce kernel's dQ accumulator in block order, per head dim (a bit mask: 1 = D 64, 2 = D 96, 4 = D 128): per
 // (batch, query head, streamed block entry as the statistics number them) 64 x D fp32 in the dQ staging buffer's
 // layout (32-column panels of 128-byte rows, 128-byte swizzle), so that the reducer adds a block by one bulk reduction
