@@ -51,7 +51,7 @@ def mlcd(run: Run, base, teacher, ds):
     module = unwrap(student)  # the EMA target's forward: the student's module with the EMA weights swapped in
 
     def f(model, x, s, boundary, batch):
-        return flow.consistency(models.call(model, x, s, batch).to(x.dtype), x, s, boundary)
+        return flow.consistency(models.call(model, x, s, batch).to(run.dtype), x, s, boundary)
 
     def loss_fn(step, batch):
         x0 = batch["latents"]
