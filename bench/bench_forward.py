@@ -76,6 +76,8 @@ def rows() -> list[Row]:
                  pattern="attention_tile", global_frames=3))
     r.append(Row(5, "CogVideoX 13x30x45 w13x3x3 text-first D64", (13, 30, 45), 48, 64, (1, 8, 16),
                  window=(13, 3, 3), text=226, text_len=226, text_position="first"))
+    # row 1's geometry and sparsity at head dim 64: the D 64 path's rate against D 128's on the same pattern
+    r.append(Row(5, "Hunyuan 30x48x80 w3x3x3 D64", (30, 48, 80), 24, 64, (6, 8, 8)))
     return r
 
 

@@ -175,7 +175,7 @@ Problem base(Dim3 latent, Dim3 tile, int64_t heads, int64_t kv_heads, int64_t D,
 }
 
 /// CogVideoX-like cases (1x8x16 tiles cut along h and w): 640 + 320 token runs per frame with window (., 2, 3) on 3
-/// tile rows, 900 with (., 3, 3); D 64 and 96 cut them into 128-row blocks, D 128 into 192-row ones. Their keys go as
+/// tile rows, 900 with (., 3, 3); D 96 cuts them into 128-row blocks, D 64 and 128 into 192-row ones. Their keys go as
 /// key-run blocks (run_keys.cuh): ranges of whole token rows, cut short (a masked last block) in the D 96, dense and
 /// CogVideoX cases (900 -> 7 x 128 + 4; 600; 1080 and 990 per frame).
 std::vector<Case> query_run_cases() {

@@ -41,9 +41,16 @@
 #ifndef TILEWISE_HOPPER_BLOCK_M_D128
 #define TILEWISE_HOPPER_BLOCK_M_D128 192
 #endif
-// The same at head dims 64 and 96.
-#ifndef TILEWISE_HOPPER_BLOCK_M_D64_D96
-#define TILEWISE_HOPPER_BLOCK_M_D64_D96 128
+// The same at head dim 64: 192 since the thirty-first session (docs/performance.md, "FP8: does the SM overlap the
+// softmax with the products?", call 8): at D 64 in bf16 the exponentials take as many cycles per block as the
+// products, and three warpgroups in turn hide them far better than two (HunyuanVideo w3x3x3 at D 64 -12.9%,
+// CogVideoX -9.7%, whose query runs are kBlockM raster rows); and at head dim 96, 128 (its two warpgroups overlap,
+// v5).
+#ifndef TILEWISE_HOPPER_BLOCK_M_D64
+#define TILEWISE_HOPPER_BLOCK_M_D64 192
+#endif
+#ifndef TILEWISE_HOPPER_BLOCK_M_D96
+#define TILEWISE_HOPPER_BLOCK_M_D96 128
 #endif
 
 // Consumer schedule with two warpgroups: 1 = FA3-style overlap (ping-pong + intra-warpgroup), 0 = sequential,
@@ -191,7 +198,8 @@ struct KernelTraits {
   static constexpr int kBlockM =
       kBackward ? kOwnedRows
                 : (kFp8 ? (D == 128 ? TILEWISE_HOPPER_FP8_BLOCK_M_D128 : TILEWISE_HOPPER_FP8_BLOCK_M_D64_D96)
-                        : (D == 128 ? TILEWISE_HOPPER_BLOCK_M_D128 : TILEWISE_HOPPER_BLOCK_M_D64_D96));
+                        : (D == 128 ? TILEWISE_HOPPER_BLOCK_M_D128
+                                      : (D == 64 ? TILEWISE_HOPPER_BLOCK_M_D64 : TILEWISE_HOPPER_BLOCK_M_D96)));
   static_assert(kBlockM == 128 || kBlockM == 192, "two or three consumer warpgroups of 64 rows");
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
