@@ -1,5 +1,5 @@
-// CHECK(call): the standalone probes' CUDA error check (scripts/l2_probe.cu, scripts/tma_probe.cuh): prints where
-// and which call failed, with CUDA's message, and exits.
+// CHECK(call): the standalone probes' CUDA error check (scripts/l2_probe.cu, scripts/tma_probe.cuh,
+// scripts/mufu_tensor_probe.cu): prints where and which call failed, with CUDA's message, and exits.
 #pragma once
 #include <cuda_runtime.h>
 

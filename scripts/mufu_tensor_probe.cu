@@ -43,6 +43,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_check.cuh"
 #include "fp8_softmax.cuh"
 #include "ptx.cuh"
 #include "wgmma_ops.cuh"
@@ -50,15 +51,6 @@
 using namespace tilewise::hopper;
 
 namespace {
-
-#define PROBE_CHECK(x)                                                                          \
-  do {                                                                                         \
-    cudaError_t e_ = (x);                                                                      \
-    if (e_ != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #x, cudaGetErrorString(e_), __FILE__, __LINE__); \
-      std::exit(1);                                                                            \
-    }                                                                                          \
-  } while (0)
 
 enum Role : int {
   kIdle = 0, kTensor = 1, kSoftmax = 2, kFull = 3, kPipelined = 4, kPromoted = 5, kOnes = 6, kOnesN8 = 7, kSumsAlu = 8
@@ -129,6 +121,17 @@ __device__ __forceinline__ void softmax(const float (&sc)[64], float (&m_run)[2]
   Fp8Softmax::to_operand(pairs, pa);
 }
 
+// One block's S (issued, waited for), then its softmax and P fragments: the kernel's chain up to P V.
+__device__ __forceinline__ void s_then_softmax(float (&sc)[64], const Operands& d, float (&m_run)[2],
+                                               float (&l_run)[2], uint32_t (&pa)[4][4], float (&corr)[2]) {
+  wgmma_fence();
+  issue_s(sc, d);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(sc);
+  softmax(sc, m_run, l_run, pa, corr);
+}
+
 // Which roles a kernel runs: the one loop (T, X and F, two warpgroups), or one role alone: F on three warpgroups
 // (the one loop needs more than their 168 registers each, and ptxas then serialises the wgmmas, C7512), P (two S
 // accumulators: 250 registers), G, O, N, A.
@@ -158,12 +161,7 @@ __device__ __forceinline__ float run_role(int role, int blocks, const Operands& 
     for (int i = 0; i < 68; ++i) o[i] = acc[i] = 0.f;
     if (kKernel == kPromotedOnly) m_run[0] = m_run[1] = 0.f;  // (fewer live values: l_run is not returned here)
     for (int b = 0; b < blocks; ++b) {
-      wgmma_fence();
-      issue_s(sc, d);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(sc);
-      softmax(sc, m_run, l_run, pa, corr);
+      s_then_softmax(sc, d, m_run, l_run, pa, corr);
       const bool rescale = __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
       if (kKernel == kOnesOnly) {
         wgmma_fence();
@@ -201,12 +199,7 @@ __device__ __forceinline__ float run_role(int role, int blocks, const Operands& 
     // FFF's block with the row sums added another way: their own m64n8 product, or on the ALUs.
     float l8[4] = {0.f, 0.f, 0.f, 0.f};
     for (int b = 0; b < blocks; ++b) {
-      wgmma_fence();
-      issue_s(sc, d);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(sc);
-      softmax(sc, m_run, l_run, pa, corr);
+      s_then_softmax(sc, d, m_run, l_run, pa, corr);
       if (kKernel == kSumsAluOnly) sums_alu(l_run, corr, pa);
       wgmma_fence();
       issue_pv(pv, pa, d);
@@ -315,7 +308,7 @@ struct Config {
 template <int kWarpgroups, int kKernel>
 void launch_as(const Args& a, int sms) {
   static bool attr = [] {
-    PROBE_CHECK(cudaFuncSetAttribute(probe<kWarpgroups, kKernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CHECK(cudaFuncSetAttribute(probe<kWarpgroups, kKernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      kSmemBytes));
     return true;
   }();
@@ -365,11 +358,11 @@ int main(int argc, char** argv) {
     }
   }
   int sms = 0;
-  PROBE_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   unsigned long long* cycles;
   float* sink;
-  PROBE_CHECK(cudaMalloc(&cycles, 4 * sms * sizeof(unsigned long long)));
-  PROBE_CHECK(cudaMalloc(&sink, size_t(sms) * 384 * sizeof(float)));
+  CHECK(cudaMalloc(&cycles, 4 * sms * sizeof(unsigned long long)));
+  CHECK(cudaMalloc(&sink, size_t(sms) * 384 * sizeof(float)));
 
   // Two warpgroups (the one-loop kernel has registers to spare there), the work in units of n blocks:
   const std::vector<Config> configs = {
@@ -388,8 +381,8 @@ int main(int argc, char** argv) {
   };
 
   cudaEvent_t e0, e1;
-  PROBE_CHECK(cudaEventCreate(&e0));
-  PROBE_CHECK(cudaEventCreate(&e1));
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
   std::vector<double> ms_of(configs.size()), mhz_of(configs.size());
   std::vector<std::array<double, 3>> wg_mcycles(configs.size());
   for (size_t c = 0; c < configs.size(); ++c) {
@@ -404,15 +397,15 @@ int main(int argc, char** argv) {
     a.sink = sink;
     std::vector<double> ms, mhz, wg_cycles[3];
     for (int r = 0; r < repeats + 1; ++r) {
-      PROBE_CHECK(cudaEventRecord(e0));
+      CHECK(cudaEventRecord(e0));
       launch(cf, a, sms);
-      PROBE_CHECK(cudaEventRecord(e1));
-      PROBE_CHECK(cudaEventSynchronize(e1));
-      PROBE_CHECK(cudaGetLastError());
+      CHECK(cudaEventRecord(e1));
+      CHECK(cudaEventSynchronize(e1));
+      CHECK(cudaGetLastError());
       float t = 0.f;
-      PROBE_CHECK(cudaEventElapsedTime(&t, e0, e1));
+      CHECK(cudaEventElapsedTime(&t, e0, e1));
       unsigned long long cyc[4] = {};
-      PROBE_CHECK(cudaMemcpy(cyc, cycles, sizeof(cyc), cudaMemcpyDeviceToHost));
+      CHECK(cudaMemcpy(cyc, cycles, sizeof(cyc), cudaMemcpyDeviceToHost));
       if (r == 0) continue;  // warm-up
       ms.push_back(t);
       mhz.push_back(cyc[0] / (t * 1e3));

@@ -44,8 +44,8 @@
 // The same at head dim 64: 192 since the thirty-first session (docs/performance.md, "FP8: does the SM overlap the
 // softmax with the products?", call 8): at D 64 in bf16 the exponentials take as many cycles per block as the
 // products, and three warpgroups in turn hide them far better than two (HunyuanVideo w3x3x3 at D 64 -12.9%,
-// CogVideoX -9.7%, whose query runs are kBlockM raster rows); and at head dim 96, 128 (its two warpgroups overlap,
-// v5).
+// CogVideoX -9.7%, whose query runs are kBlockM raster rows; +2.0% where 128-token tiles take no runs and leave the
+// third warpgroup idle); and at head dim 96, 128 (its two warpgroups overlap, v5).
 #ifndef TILEWISE_HOPPER_BLOCK_M_D64
 #define TILEWISE_HOPPER_BLOCK_M_D64 192
 #endif
