@@ -255,6 +255,14 @@ std::vector<Case> small_cases() {
     p.batch = 2;
     c.push_back({"partial_tile_classes_all_axes_gqa_d64_text", p, Pattern::sliding_tile({2, 2, 2}), {33, 0}});
   }
+  // Head dim 64 chooses its query rows per plan (cuda::choose_query_rows): whole 6x8x8 tiles take 192-row items
+  // (two 3x8x8 query blocks, three busy warpgroups; 4800 padded rows against 4736 at 128), the 2x8x8 tiles of the
+  // D 64 cases above 128-row ones (a 192-row item would idle its third warpgroup).
+  {
+    Problem p = base({12, 16, 24}, {6, 8, 8}, 4, 2, 64, 72);
+    p.text_position = TextPosition::first;
+    c.push_back({"whole_tiles_d64_192_rows_gqa_text_first", p, Pattern::sliding_tile({2, 2, 3}), {61}});
+  }
   {
     Problem p = base({9, 13, 12}, {6, 8, 8}, 2, 2, 96);
     p.dtype = DType::f16;

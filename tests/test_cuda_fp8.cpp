@@ -322,6 +322,29 @@ TEST_F(CudaFp8Forward, PartialTilesLongTextGqaHeadDims) {
 #endif
 }
 
+/// Head dim 64 chooses its query rows per plan (cuda::choose_query_rows): whole 6x8x8 tiles take 192-row items
+/// (three busy warpgroups), 2x8x8 tiles 128-row ones; text first and last, GQA, both layouts.
+TEST_F(CudaFp8Forward, HeadDim64QueryRowsByPlan) {
+#ifdef TILEWISE_WITH_CUDA
+  for (bool whole_tiles_of_384 : {true, false}) {
+    Case c;
+    c.kind = Kind::sliding_tile;
+    c.heads = {{2, 2, 3, 0, 0}, {3, 1, 2, 0, 0}, {1, 1, 1, 0, 0}, {3, 3, 3, 0, 0}};
+    c.latent = whole_tiles_of_384 ? tilewise::Dim3{12, 16, 24} : tilewise::Dim3{4, 16, 24};
+    c.tile = whole_tiles_of_384 ? tilewise::Dim3{6, 8, 8} : tilewise::Dim3{2, 8, 8};
+    c.q_heads = 4, c.kv_heads = 2, c.head_dim = 64;
+    c.batch = 2;
+    c.text = 72;
+    c.text_len = {72, 19};
+    c.text_first = whole_tiles_of_384;
+    c.dtype = whole_tiles_of_384 ? DType::bf16 : DType::f16;
+    c.storage = whole_tiles_of_384 ? oracle::StorageKind::bshd : oracle::StorageKind::bhsd;
+    expect_fp8_matches_cpu(c, oracle::random_inputs(c, rng));
+    if (HasFailure()) return;
+  }
+#endif
+}
+
 /// The accuracy of §11.5 on the GPU against float64 attention, next to the CPU reference's on the same inputs:
 /// standard normal bf16 inputs (<= 0.08, as the CPU reference is held to) and DiT-like ones as
 /// bench/fp8_accuracy.py makes them (Student-t q and k with 4 channels 20-50 times larger, a mean key 3 times the

@@ -17,6 +17,7 @@
 #include "backends/cuda/hopper/forward.hpp"
 #include "backends/cuda/hopper/bwd/backward.hpp"
 #include "backends/cuda/hopper/fp8/fp8_forward.hpp"
+#include "backends/cuda/query_rows.hpp"
 #include "tilewise/query_runs.hpp"
 
 namespace tilewise {
@@ -129,6 +130,17 @@ struct TileClasses {
       if (exists(c)) cls[c].tail = static_cast<int32_t>(max_volume - cls[c].box.volume());
   }
   bool exists(int c) const { return !(c & ~partial_axes); }
+  /// Rows of the tiles' query blocks, padding included: each class's tiles times its query boxes times `rows`.
+  int64_t padded_query_rows(const TileGrid& g, int64_t rows) const {
+    int64_t total = 0;
+    for (int c = 0; c < hopper::kTileClasses; ++c) {
+      if (!exists(c)) continue;
+      const int64_t tiles = (c & 4 ? 1 : g.latent.t / g.tile.t) * (c & 2 ? 1 : g.latent.h / g.tile.h) *
+                            (c & 1 ? 1 : g.latent.w / g.tile.w);
+      total += tiles * int64_t{cls[c].qsubs.t} * cls[c].qsubs.h * cls[c].qsubs.w * rows;
+    }
+    return total;
+  }
   /// The class of tile c: hopper::tile_class's formula (tile_scheduler.cuh). The kernels keep their own copy: routed
   /// through one shared function, their machine code changed (ptxas), and they are measured as they are.
   int class_of(const TileGrid& g, const Dim3& c) const {
@@ -285,10 +297,16 @@ class HopperBackend final : public Backend {
                  view_mode(p.v, p.kv_heads, p.head_dim) == ViewMode::per_batch;
     max_ctas_ = static_cast<int>(std::max<int64_t>(1, prop.multiProcessorCount - p.sm_margin));
     const TileGrid& g = plan.grid();
-    query_rows_ = hopper::query_block_rows(static_cast<int>(p.head_dim));
+    const std::vector<QueryRun> runs = forward_query_runs(plan);
+    const int head_dim = static_cast<int>(p.head_dim);
+    query_rows_ = choose_query_rows(hopper::forward_query_rows(head_dim), [&](int rows) {
+      const TileClasses c(g, rows);
+      const std::vector<int32_t> table = forward_run_blocks(plan, runs, rows, g.num_tiles() * c.slots);
+      return (table.empty() ? c.padded_query_rows(g, rows) : static_cast<int64_t>(table.size() / 2) * rows) +
+             ceil_div<int64_t>(p.text_capacity, rows) * rows;
+    });
     classes_ = TileClasses(g, query_rows_);
     video_items_ = static_cast<int32_t>(g.num_tiles() * classes_.slots);
-    const std::vector<QueryRun> runs = forward_query_runs(plan);
     if (const std::vector<int32_t> table = forward_run_blocks(plan, runs, query_rows_, video_items_); !table.empty()) {
       run_blocks_ = DeviceArray<int32_t>(table);
       video_items_ = static_cast<int32_t>(table.size() / 2);
@@ -333,7 +351,9 @@ class HopperBackend final : public Backend {
     }
 
     if (p.precision != Precision::native) {  // the FP8 forward (its own query blocks, the V^T blocks, scratch)
-      fp8_rows_ = hopper::fp8_query_block_rows(static_cast<int>(p.head_dim));
+      fp8_rows_ = choose_query_rows(hopper::fp8_forward_query_rows(head_dim), [&](int rows) {
+        return TileClasses(g, rows).padded_query_rows(g, rows) + ceil_div<int64_t>(p.text_capacity, rows) * rows;
+      });
       fp8_classes_ = TileClasses(g, fp8_rows_);
       // Fp8Params' DivisorU32 divides positions by tile extents exactly while both stay below 2^16.
       require(std::max({p.latent.t, p.latent.h, p.latent.w}) < (int64_t{1} << 16), "latent", str(p.latent),
@@ -580,7 +600,7 @@ class HopperBackend final : public Backend {
       // The scheduler's counter restarts on the stream: a memset node under graph capture, no host sync.
       // (So one plan must not run concurrently on two streams with its own counter: pass a workspace per stream.)
       check(cudaMemsetAsync(prm.work_counter, 0, sizeof(int32_t), static_cast<cudaStream_t>(stream)), "cudaMemsetAsync");
-      check(hopper::launch_forward(prm, static_cast<int>(p.head_dim), p.dtype == DType::bf16, grid,
+      check(hopper::launch_forward(prm, static_cast<int>(p.head_dim), query_rows_, p.dtype == DType::bf16, grid,
                                    static_cast<cudaStream_t>(stream)),
             "forward kernel launch");
     }
@@ -642,7 +662,8 @@ class HopperBackend final : public Backend {
       encode(plan, fp8_classes_, fp8_rows_, t.o, p.o, p.q_heads, b, prm.o_video, prm.o_text, prm.o, out, true);
       prm.v_video[0] = prm.vt_map;  // unused (V^T comes through vt_map); prefetched by the V loader
       check(cudaMemsetAsync(prm.work_counter, 0, sizeof(int32_t), stream), "cudaMemsetAsync");
-      check(hopper::launch_fp8_forward(prm, static_cast<int>(p.head_dim), p.dtype == DType::bf16, max_ctas_, stream),
+      check(hopper::launch_fp8_forward(prm, static_cast<int>(p.head_dim), fp8_rows_, p.dtype == DType::bf16,
+                                       max_ctas_, stream),
             "FP8 forward kernel launch");
     }
   }
@@ -775,7 +796,7 @@ class HopperBackend final : public Backend {
   DeviceArray<int32_t> dkdv_order_;  // the dK/dV kernel's video items (dkdv_item_order)
   bool per_batch_ = false;
   int max_ctas_ = 1;  // CTAs of a persistent launch: the device's SMs less Problem::sm_margin, at least 1
-  int query_rows_ = 128;  // query rows per work item of the kernel for this head dim
+  int query_rows_ = 128;  // query rows per work item of the forward kernel for this plan (choose_query_rows)
   int32_t video_items_ = 0, text_items_ = 0;
   DeviceArray<int32_t> run_blocks_;  // the forward's query run blocks (forward_run_blocks), or none: tiles' blocks
   bool key_runs_ = false;            // and their keys as key-run blocks (forward_key_runs)

@@ -88,10 +88,13 @@ __device__ __forceinline__ void forward_cta(const Params& p) {
 /// parameters they always had (FwdParams: the tiles' kernel keeps its machine code).
 template <bool kRuns>
 using ForwardParams = std::conditional_t<kRuns, FwdRunParams, FwdParams>;
-template <int kHeadDim, WgType kType, bool kRuns>
-__global__ void __launch_bounds__(KernelTraits<kHeadDim>::kThreads, 1)
+/// The bf16 / f16 forward's traits: kRows query rows per work item (one of forward_rows_built(D, false)).
+template <int kHeadDim, bool kRuns, int kRows>
+using FwdTraits = KernelTraits<kHeadDim, 0, false, false, kBlockN, 0, kRuns, kRows>;
+template <int kHeadDim, WgType kType, bool kRuns, int kRows>
+__global__ void __launch_bounds__(FwdTraits<kHeadDim, kRuns, kRows>::kThreads, 1)
     forward_kernel(const __grid_constant__ ForwardParams<kRuns> p) {
-  using Traits = KernelTraits<kHeadDim, 0, false, false, kBlockN, 0, kRuns>;
+  using Traits = FwdTraits<kHeadDim, kRuns, kRows>;
   forward_cta<Traits, Producer<Traits>, Consumer<Traits, kType>>(p);
 }
 

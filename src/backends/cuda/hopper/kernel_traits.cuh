@@ -41,14 +41,12 @@
 #ifndef TILEWISE_HOPPER_BLOCK_M_D128
 #define TILEWISE_HOPPER_BLOCK_M_D128 192
 #endif
-// The same at head dim 64: 192 since the thirty-first session (docs/performance.md, "FP8: does the SM overlap the
-// softmax with the products?", call 8): at D 64 in bf16 the exponentials take as many cycles per block as the
-// products, and three warpgroups in turn hide them far better than two (HunyuanVideo w3x3x3 at D 64 -12.9%,
-// CogVideoX -9.7%, whose query runs are kBlockM raster rows; +2.0% where 128-token tiles take no runs and leave the
-// third warpgroup idle); and at head dim 96, 128 (its two warpgroups overlap, v5).
-#ifndef TILEWISE_HOPPER_BLOCK_M_D64
-#define TILEWISE_HOPPER_BLOCK_M_D64 192
-#endif
+// At head dim 64 both 128 and 192 are built, bf16 / f16 and FP8 alike, and the plan chooses (forward_rows_built,
+// cuda::choose_query_rows): at D 64 the exponentials take as many cycles per block as the products, and three
+// warpgroups in turn hide them far better than two where their rows are filled (HunyuanVideo w3x3x3 at D 64 -12.9%
+// in bf16 and -22.8% in FP8, CogVideoX's query runs -9.7%), while 128-token tiles without runs leave the third
+// warpgroup idle (+2.0% in bf16, +5.5% in FP8; docs/performance.md, "FP8: does the SM overlap the softmax with the
+// products?", calls 8-10). At head dim 96, 128 (its two warpgroups overlap, v5).
 #ifndef TILEWISE_HOPPER_BLOCK_M_D96
 #define TILEWISE_HOPPER_BLOCK_M_D96 128
 #endif
@@ -104,13 +102,25 @@
 
 // Query rows per work item of the FP8 forward (fp8/): 128 = two consumer warpgroups, 192 = three. At D 128 a third
 // warpgroup's chain covers part of P V's exposed latency: 192 measured 21.93 -> 20.0 ms on row 1 (FP8 v6 in
-// docs/performance.md). At D 64 CogVideoX's 128-token tiles leave it idle (11.45 -> 12.78 ms), so 128 there.
+// docs/performance.md). At D 64 both are built and the plan chooses (above); at D 96, 128.
 #ifndef TILEWISE_HOPPER_FP8_BLOCK_M_D128
 #define TILEWISE_HOPPER_FP8_BLOCK_M_D128 192
 #endif
-#ifndef TILEWISE_HOPPER_FP8_BLOCK_M_D64_D96
-#define TILEWISE_HOPPER_FP8_BLOCK_M_D64_D96 128
+#ifndef TILEWISE_HOPPER_FP8_BLOCK_M_D96
+#define TILEWISE_HOPPER_FP8_BLOCK_M_D96 128
 #endif
+
+/// The query rows per work item built for the forward kernels at head dim D (FP8 ones when `fp8`), as a set: bit 0
+/// for 128 rows, bit 1 for 192. The host chooses among them per plan (cuda::choose_query_rows); the first of the set
+/// is what KernelTraits takes when given no rows.
+constexpr int forward_rows_built(int D, bool fp8) {
+  const int rows = D == 64    ? 0
+                   : D == 128 ? (fp8 ? TILEWISE_HOPPER_FP8_BLOCK_M_D128 : TILEWISE_HOPPER_BLOCK_M_D128)
+                              : (fp8 ? TILEWISE_HOPPER_FP8_BLOCK_M_D96 : TILEWISE_HOPPER_BLOCK_M_D96);
+  return rows == 0 ? 3 : rows == 128 ? 1 : rows == 192 ? 2 : 0;
+}
+/// The rows of the first entry of a forward_rows_built set.
+constexpr int first_rows_built(int set) { return set & 1 ? 128 : 192; }
 // K and V^T pipeline depths of the FP8 forward: its stages are half the bf16 ones' bytes.
 #ifndef TILEWISE_HOPPER_FP8_STAGES
 #define TILEWISE_HOPPER_FP8_STAGES 4
@@ -178,8 +188,9 @@ struct PipeState {
 /// kQueryRuns: the bf16 / f16 forward whose video items are query run blocks (FwdRunParams::runs), a kernel of its
 /// own beside the tiles' one, which keeps its machine code (the decode of a run block in every role, and the row
 /// maps, cost the D 128 kernel ~650 instructions and 112 bytes more of spills).
+/// kQueryRowsArg: the forward's query rows per work item, one of forward_rows_built(D, kFp8); 0 = the first of them.
 template <int kHeadDim, int kOwnedRows = 0, bool kDqStagingArg = false, bool kFp8 = false, int kStreamRowsArg = kBlockN,
-          int kClusterArg = 0, bool kQueryRunsArg = false>
+          int kClusterArg = 0, bool kQueryRunsArg = false, int kQueryRowsArg = 0>
 struct KernelTraits {
   static constexpr int D = kHeadDim;
   static constexpr bool kBackward = kOwnedRows != 0;
@@ -195,12 +206,12 @@ struct KernelTraits {
   static constexpr bool kDqStaging = kDqStagingArg;
   static_assert(!kDqStaging || kStreamRows == 64, "the reduce kernel streams 64-row blocks");
   // Query rows per work item (the backward's dK/dV kernel: key rows).
-  static constexpr int kBlockM =
-      kBackward ? kOwnedRows
-                : (kFp8 ? (D == 128 ? TILEWISE_HOPPER_FP8_BLOCK_M_D128 : TILEWISE_HOPPER_FP8_BLOCK_M_D64_D96)
-                        : (D == 128 ? TILEWISE_HOPPER_BLOCK_M_D128
-                                      : (D == 64 ? TILEWISE_HOPPER_BLOCK_M_D64 : TILEWISE_HOPPER_BLOCK_M_D96)));
+  static constexpr int kBlockM = kBackward       ? kOwnedRows
+                                 : kQueryRowsArg ? kQueryRowsArg
+                                                 : first_rows_built(forward_rows_built(D, kFp8));
   static_assert(kBlockM == 128 || kBlockM == 192, "two or three consumer warpgroups of 64 rows");
+  static_assert(kBackward || (forward_rows_built(D, kFp8) & (kBlockM == 128 ? 1 : 2)) != 0,
+                "a forward's query rows among those built for its head dim (forward_rows_built)");
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
   // Head dims that are multiples of 64 use 64-column panels with the 128-byte swizzle; 96 uses 32-column panels

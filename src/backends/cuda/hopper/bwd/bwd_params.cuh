@@ -181,7 +181,9 @@
 // 32768 (hopper_backend.cu) schedules no text key items in the reduce kernel (their dK, dV and dQ parts missing):
 // what those items cost (docs/performance.md backward v3.33). Bit 65536: a video item's text query blocks load no
 // bytes and add no dQ (block-order accumulators: D 96, 128), their GEMMs and softmax kept: what their memory side
-// costs the video items (v3.33: their blocks ran 5.6% slower on + text than on row 1).
+// costs the video items (v3.33: their blocks ran 5.6% slower on + text than on row 1). Bit 131072: every block-order
+// dQ reduction of a CTA into one 64-row slot of its own (132 x 32 KB at D 128, resident in the L2): the reductions'
+// L2 work without the accumulator's DRAM traffic (docs/performance.md, backward v3.35).
 // (Skipping the dK and dV stores outright is no ablation: ptxas then drops some of their wgmmas. Bit 2048 stores
 // them only where a run-time test that never holds says so, which keeps the wgmmas: what the stores cost.)
 #ifndef TILEWISE_HOPPER_BWD_ABLATE

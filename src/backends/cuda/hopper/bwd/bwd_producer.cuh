@@ -286,6 +286,8 @@ struct BwdProducer {
           if (empty) return;
           if constexpr (dq_block_order_at(Traits::D)) {
             float* to = p.dq_accum + stream_entry(item, qb, h) * (Traits::kStreamRows * Traits::D);
+            if constexpr ((TILEWISE_HOPPER_BWD_ABLATE & 131072) != 0)  // measurement only (bwd_params.cuh)
+              to = p.dq_accum + int64_t{blockIdx.x} * (Traits::kStreamRows * Traits::D);
             reduce_block(m, [&] {
               if constexpr ((TILEWISE_HOPPER_BWD_ABLATE & 65536) != 0) {
                 if (video_item_text_block(item, qb)) return;

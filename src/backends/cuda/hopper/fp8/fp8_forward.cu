@@ -13,16 +13,18 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 namespace tilewise::hopper {
 
-template <int kHeadDim>
-using Fp8Traits = KernelTraits<kHeadDim, 0, false, true>;
+/// The FP8 forward's traits: kRows query rows per work item (one of forward_rows_built(D, true)).
+template <int kHeadDim, int kRows>
+using Fp8Traits = KernelTraits<kHeadDim, 0, false, true, kBlockN, 0, false, kRows>;
 
-template <int kHeadDim, WgType kType>
-__global__ void __launch_bounds__(Fp8Traits<kHeadDim>::kThreads, 1)
+template <int kHeadDim, WgType kType, int kRows>
+__global__ void __launch_bounds__(Fp8Traits<kHeadDim, kRows>::kThreads, 1)
     fp8_forward_kernel(const __grid_constant__ Fp8Params p) {
-  using Traits = Fp8Traits<kHeadDim>;
+  using Traits = Fp8Traits<kHeadDim, kRows>;
   forward_cta<Traits, Fp8Producer<Traits>, Fp8Consumer<Traits, kType>>(p);
 }
 
@@ -102,20 +104,21 @@ __global__ void __launch_bounds__(kBlockN) vt_pack(const __grid_constant__ Fp8Pa
 
 namespace {
 
-template <int D, WgType T>
+template <int D, WgType T, int R>
 cudaError_t launch(const Fp8Params& params, int grid, cudaStream_t stream) {
-  constexpr int smem = Fp8Traits<D>::kSmemBytes;
+  constexpr int smem = Fp8Traits<D, R>::kSmemBytes;
   static const cudaError_t attr =
-      cudaFuncSetAttribute(fp8_forward_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      cudaFuncSetAttribute(fp8_forward_kernel<D, T, R>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr != cudaSuccess) return attr;
-  fp8_forward_kernel<D, T><<<grid, Fp8Traits<D>::kThreads, smem, stream>>>(params);
+  fp8_forward_kernel<D, T, R><<<grid, Fp8Traits<D, R>::kThreads, smem, stream>>>(params);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-int fp8_query_block_rows(int head_dim) {
-  return with_head_dim(head_dim, 0, [](auto d) { return Fp8Traits<decltype(d)::value>::kBlockM; });
+std::vector<int> fp8_forward_query_rows(int head_dim) {
+  return with_head_dim(head_dim, std::vector<int>{},
+                       [](auto d) { return query_rows_of(forward_rows_built(decltype(d)::value, true)); });
 }
 
 cudaError_t launch_vt_pack(const Fp8Params& params, const void* v, const Strides& v_strides, VtSource source,
@@ -138,11 +141,15 @@ cudaError_t launch_vt_pack(const Fp8Params& params, const void* v, const Strides
   });
 }
 
-cudaError_t launch_fp8_forward(const Fp8Params& params, int head_dim, bool bf16, int grid, cudaStream_t stream) {
+cudaError_t launch_fp8_forward(const Fp8Params& params, int head_dim, int rows, bool bf16, int grid,
+                               cudaStream_t stream) {
+  grid = std::max(1, std::min(grid, params.num_work));
   return with_head_dim(head_dim, cudaErrorInvalidValue, [&](auto d) {
     constexpr int D = decltype(d)::value;
-    return bf16 ? launch<D, WgType::bf16>(params, std::max(1, std::min(grid, params.num_work)), stream)
-                : launch<D, WgType::f16>(params, std::max(1, std::min(grid, params.num_work)), stream);
+    return with_query_rows<forward_rows_built(D, true)>(rows, cudaErrorInvalidValue, [&](auto r) {
+      constexpr int R = decltype(r)::value;
+      return bf16 ? launch<D, WgType::bf16, R>(params, grid, stream) : launch<D, WgType::f16, R>(params, grid, stream);
+    });
   });
 }
 
