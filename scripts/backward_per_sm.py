@@ -17,16 +17,19 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from tilewise import _capi  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+from bench_forward import variant_environment  # noqa: E402
+
 
 def config(text: str):
-    """NAME=LIB[@VAR=VALUE...][:SM_MARGIN]"""
+    """NAME=LIB[@VAR=VALUE...][:SM_MARGIN] -> (name, LIB[@VAR=VALUE...] as bench_forward's --variants take it,
+    sm_margin)."""
     name, rest = text.split("=", 1)
     margin = 0
     if ":" in rest:
         rest, m = rest.rsplit(":", 1)
         margin = int(m)
-    lib, *env = rest.split("@")
-    return name, lib, dict(e.split("=", 1) for e in env), margin
+    return name, rest, margin
 
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,20 +45,11 @@ latent = dims(a.latent)
 S = latent[0] * latent[1] * latent[2]
 q, k, v, do = (torch.randn(1, S, a.heads, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
 runs = {}
-for name, lib, env, margin in a.config:
-    _capi.lib(lib)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
+for name, lib, margin in a.config:
+    with variant_environment(lib, lib.split("@")[0]):  # (the library and its settings while the plan is made)
         plan = _capi.Plan(batch=1, q_heads=a.heads, kv_heads=a.heads, head_dim=128, dtype="bf16", latent=latent,
                           tile=dims(a.tile), text_capacity=0, text_position="last", pattern="sliding_tile",
                           windows=[dims(a.window)], device="cuda", sm_margin=margin)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     o = torch.empty_like(q)
     lse = torch.empty(1, a.heads, S, device="cuda", dtype=torch.float32)
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
@@ -73,6 +67,6 @@ for _ in range(a.repeats):
         times[name].append(do_bench(fn, warmup=200, rep=1000))
 first = next(iter(runs))
 print(f"| config | SMs left free | ms ({a.repeats} repeats) | max abs dq difference from {first} |\n|---|---|---|---|")
-for name, lib, env, margin in a.config:
+for name, _, margin in a.config:
     diff = (runs[name][1].float() - runs[first][1].float()).abs().max().item()
     print(f"| {name} | {margin} | {' / '.join(f'{t:.2f}' for t in times[name])} | {diff:.3g} |")
