@@ -210,4 +210,36 @@ TEST(DkdvOrder, HeadGroupsRunInTurnHeaviestFirstInEach) {
   }
 }
 
+/// The sweep's centred order (docs/performance.md backward v3.36), against the brute-force loads: the last kv head
+/// ends the order heaviest first; before it every item comes in the order of the start computed here from the column
+/// sums: the middle of its column's turn (the columns of all kv heads one after another, each taking its loads over
+/// `in_flight`), less half its load.
+TEST(DkdvOrder, SweepCentredStartsEachItemHalfItsLoadBeforeItsColumnsMiddle) {
+  for (const OrderCase& s : kSetups) {
+    const auto n = grid_of(s);
+    const int64_t tiles = n[0] * n[1] * n[2];
+    const std::vector<int64_t> load = loads(s);
+    auto w_of = [&](int32_t e) { return e % tiles % n[2]; };
+    for (const double in_flight : {1.0, 44.0, 1000.0}) {
+      const auto centred = dkdv_item_order(make_plan(s), DkdvOrder::sweep_centred, 4, in_flight);
+      expect_permutation(centred, load.size());
+      const size_t first_last = centred.size() - static_cast<size_t>(tiles);
+      for (size_t i = 0; i < centred.size(); ++i)
+        ASSERT_EQ(centred[i] / tiles == s.kv_heads - 1, i >= first_last) << "the last kv head last, position " << i;
+      for (size_t i = first_last + 1; i < centred.size(); ++i) ASSERT_GE(load[centred[i - 1]], load[centred[i]]);
+      std::vector<double> turn(s.kv_heads * n[2], 0.0);
+      for (size_t e = 0; e < load.size(); ++e)
+        turn[e / tiles * n[2] + w_of(static_cast<int32_t>(e))] += static_cast<double>(load[e]) / in_flight;
+      auto start = [&](int32_t e) {
+        const int64_t c = e / tiles * n[2] + w_of(e);
+        double before = 0;
+        for (int64_t j = 0; j < c; ++j) before += turn[j];
+        return before + turn[c] / 2 - load[e] / 2.0;
+      };
+      for (size_t i = 1; i + tiles < centred.size(); ++i)
+        ASSERT_LE(start(centred[i - 1]), start(centred[i]) + 1e-9) << "in_flight " << in_flight << ", position " << i;
+    }
+  }
+}
+
 }  // namespace

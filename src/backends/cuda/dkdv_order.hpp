@@ -21,15 +21,23 @@ enum class DkdvOrder {
   head_groups = 3,     // kv heads in groups of `head_group`, one group after the other, heaviest first in each
   sweep = 4,           // per kv head, w slowest, then h, t fastest, the last kv head heaviest first; the kernels
                        // then walk each item's query tiles w slowest too (FwdParams::walk_width_slowest)
+  sweep_centred = 5,   // the sweep, each key tile started half its load before its column's middle (below): the
+                       // sweep's default
 };
 
-/// Whether the dK/dV kernels take the sweep (DkdvOrder::sweep with the w-slowest walk): where no key tile is seen
+/// Whether `order` is one of the sweep's orders, whose items the kernels walk w slowest.
+inline bool is_sweep(DkdvOrder order) {
+  return order == DkdvOrder::sweep || order == DkdvOrder::sweep_centred;
+}
+
+/// Whether the dK/dV kernels take the sweep (its orders with the w-slowest walk): where no key tile is seen
 /// from more than four query tile columns and the grid has more columns than that (the reverse question, per head:
 /// query_boxes). A window of three columns gives three inside the grid and four next to its edges, where the
 /// windows shift. The ~44 key tiles in flight on an H200 then advance along w, and each item visits its query
 /// columns in turn, so the key columns that see a query column visit it one after another. Measured (docs/
 /// performance.md backward v3.26): Wan 21x45x80 -3.2 to -4.2%, HunyuanVideo 33x45x80 -2.8%, row 1 30x48x80 and
-/// + text within noise; wider sets lose (window 5: seven columns, +7%; the attention tile: every column, +12%).
+/// + text within noise until its items were centred (v3.36: -3.4% and -2.0% more); wider sets lose (window 5: seven
+/// columns, +7%; the attention tile: every column, +12%).
 inline bool sweep_suits(const Plan& plan) {
   const Problem& p = plan.problem();
   const TileGrid& g = plan.grid();
@@ -49,7 +57,16 @@ inline bool sweep_suits(const Plan& plan) {
 /// head_groups keeps heaviest first but runs few kv heads at once (`head_group` of them), so that the ~44 key
 /// tiles in flight on an H200 share more of their query tiles in L2: with 4 heads row 1 took 0.7% more cycles per
 /// block than the whole grid, with 24 heads 3.1% (docs/performance.md backward v3.18).
-inline std::vector<int32_t> dkdv_item_order(const Plan& plan, DkdvOrder order, int64_t head_group = 4) {
+///
+/// sweep_centred (docs/performance.md backward v3.36) narrows the sweep's front: a key tile's item visits its query
+/// columns w-1, w, w+1 in turn over a run as long as its load, and loads within one column of row 1's 5x6x10 tiles
+/// differ 5x (the windows' shift at the borders), so in raster order a heavy item started with its column is still on
+/// it columns later. Instead every item starts half its load before the middle of its column's turn, the turns
+/// following one another at the rate the GPU takes loads (`in_flight` items at once, each through one query tile per
+/// step), so that the items of one column visit its middle query column together (row 1: DRAM 62 -> 48 GB, -3.4%;
+/// starting each column's heavy items first instead gave -1.7%).
+inline std::vector<int32_t> dkdv_item_order(const Plan& plan, DkdvOrder order, int64_t head_group = 4,
+                                            double in_flight = 44) {
   const Problem& p = plan.problem();
   const TileGrid& g = plan.grid();
   const int64_t tiles = g.num_tiles(), group = p.q_heads / p.kv_heads;
@@ -70,19 +87,41 @@ inline std::vector<int32_t> dkdv_item_order(const Plan& plan, DkdvOrder order, i
   std::array<int, 3> axes{0, 1, 2};  // slowest first
   if (order == DkdvOrder::largest_axis)
     std::stable_sort(axes.begin(), axes.end(), [&](int a, int b) { return ext[a] > ext[b]; });
-  if (order == DkdvOrder::sweep) axes = {2, 1, 0};
+  if (is_sweep(order)) axes = {2, 1, 0};
   std::vector<int64_t> rank(tiles);  // a tile's position in the per-head order
   for (int64_t i = 0; i < tiles; ++i) {
     const auto c = g.tile_coord(i);
     const int64_t x[3] = {c.t, c.h, c.w};
     rank[i] = (x[axes[0]] * ext[axes[1]] + x[axes[1]]) * ext[axes[2]] + x[axes[2]];
   }
+  // sweep_centred: each item's start on a time line of load units, the kv heads' column turns one after another
+  std::vector<double> start(load.size(), 0.0);
+  if (order == DkdvOrder::sweep_centred) {
+    std::vector<int64_t> column(p.kv_heads * g.tiles.w, 0);
+    for (size_t e = 0; e < load.size(); ++e) column[e / tiles * g.tiles.w + g.tile_coord(e % tiles).w] += load[e];
+    std::vector<double> middle(column.size());
+    double t = 0;
+    for (size_t c = 0; c < column.size(); ++c) {
+      const double turn = static_cast<double>(column[c]) / std::max(in_flight, 1.0);
+      middle[c] = t + turn / 2, t += turn;
+    }
+    for (size_t e = 0; e < load.size(); ++e)
+      start[e] = middle[e / tiles * g.tiles.w + g.tile_coord(e % tiles).w] - static_cast<double>(load[e]) / 2;
+  }
   const int64_t last = p.kv_heads - 1;
   std::sort(items.begin(), items.end(), [&](int32_t a, int32_t b) {
     const int64_t ha = a / tiles, hb = b / tiles;
-    if (ha != hb) return ha < hb;
-    if (ha == last && load[a] != load[b]) return load[a] > load[b];
-    return rank[a % tiles] < rank[b % tiles];
+    if ((ha == last) != (hb == last)) return hb == last;  // the last kv head after every other
+    if (ha == last) {
+      if (load[a] != load[b]) return load[a] > load[b];
+      return rank[a % tiles] < rank[b % tiles];
+    }
+    if (order == DkdvOrder::sweep_centred) {
+      if (start[a] != start[b]) return start[a] < start[b];
+    } else if (ha != hb) {
+      return ha < hb;
+    }
+    return ha != hb ? ha < hb : rank[a % tiles] < rank[b % tiles];
   });
   return items;
 }

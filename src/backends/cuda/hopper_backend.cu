@@ -259,14 +259,28 @@ bool backward_sweep(const Plan& plan) {
   return sweep_suits(plan);
 }
 
+/// The dK/dV kernels' item order: the sweep where it is taken, centred (TILEWISE_BACKWARD_SWEEP_ORDER=4 in the
+/// environment takes the plain sweep instead, for measurements), else TILEWISE_HOPPER_BWD_ITEM_ORDER's. `sms`: the
+/// SMs the kernels run on, each owning one 128-key block of a key tile at a time, which sets the centred timeline.
+std::vector<int32_t> backward_item_order(const Plan& plan, bool sweep, int64_t sms) {
+  DkdvOrder order = static_cast<DkdvOrder>(TILEWISE_HOPPER_BWD_ITEM_ORDER);
+  if (sweep) {
+    const char* env = std::getenv("TILEWISE_BACKWARD_SWEEP_ORDER");
+    order = env != nullptr && std::string(env) == "4" ? DkdvOrder::sweep : DkdvOrder::sweep_centred;
+  }
+  const double in_flight =
+      static_cast<double>(sms) * hopper::kBlockN / static_cast<double>(plan.problem().tile.volume());
+  return dkdv_item_order(plan, order, TILEWISE_HOPPER_BWD_HEAD_GROUP, in_flight);
+}
+
 class HopperBackend final : public Backend {
  public:
   explicit HopperBackend(const Plan& plan)
       : tables_(plan, Device::cuda),
         sweep_(backward_sweep(plan)),
-        dkdv_order_(dkdv_item_order(
-            plan, sweep_ ? DkdvOrder::sweep : static_cast<DkdvOrder>(TILEWISE_HOPPER_BWD_ITEM_ORDER),
-            TILEWISE_HOPPER_BWD_HEAD_GROUP)) {
+        dkdv_order_(backward_item_order(plan, sweep_,
+                                        std::max<int64_t>(1, tables_.device.multiProcessorCount -
+                                                                 plan.problem().sm_margin))) {
     const Problem& p = plan.problem();
     const cudaDeviceProp& prop = tables_.device;
     require(prop.major == 9, "device", std::string(prop.name) + " (sm_" + str(prop.major) + str(prop.minor) + ")",

@@ -42,8 +42,9 @@
 // 3 = heaviest first within groups of TILEWISE_HOPPER_BWD_HEAD_GROUP kv heads, one group after the other (v3.18:
 // not yet measured; row 1 took 3.1% more cycles per block than the whole grid with 24 heads, 0.7% with 4).
 // Plans that suit the sweep (cuda::sweep_suits: no key tile seen from more than four query tile columns) take
-// DkdvOrder::sweep instead, with the kernels walking each item's query tiles w slowest (FwdParams::
-// walk_width_slowest; docs/performance.md backward v3.26: Wan -3.2 to -4.2%, 33x45x80 -2.8%, row 1 equal).
+// DkdvOrder::sweep_centred instead, with the kernels walking each item's query tiles w slowest (FwdParams::
+// walk_width_slowest; docs/performance.md backward v3.26: Wan -3.2 to -4.2%, 33x45x80 -2.8%, row 1 equal; v3.36,
+// its items centred on their columns: row 1 -3.4% more).
 #ifndef TILEWISE_HOPPER_BWD_ITEM_ORDER
 #define TILEWISE_HOPPER_BWD_ITEM_ORDER 0
 #endif
